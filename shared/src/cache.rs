@@ -1,0 +1,248 @@
+//! Activation caches: the handoff from `collect-acts` to every later stage.
+//!
+//! Layout of a cache folder (format `scae-acts`, version 1; see FORMATS.md):
+//! - `manifest.json`: the model (id, hash, sizes), ctx_len, prepend_bos, dtype, data source,
+//!   number of sequences, the shard list with each shard's clean CE.
+//! - `shard-00000.safetensors`, ...: tensors named exactly like TransformerLens hooks
+//!   (`blocks.0.hook_resid_pre`, `blocks.L.ln1.hook_scale`, ..., `blocks.L.attn.hook_pattern`)
+//!   with a leading sequence axis, plus `tokens` (int64, `(n, ctx_len)`).
+//!   `safetensors.torch.load_file` opens a shard as a dict that indexes like a TL cache.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::cli::StoreDType;
+use crate::error::{Error, IoContext, Result};
+use crate::model::{ForwardOutput, ModelConfig};
+
+/// `format` field of a cache manifest.
+pub const FORMAT: &str = "scae-acts";
+/// Current cache layout version.
+pub const VERSION: u32 = 1;
+/// File name of the manifest inside a cache folder.
+pub const MANIFEST: &str = "manifest.json";
+
+/// The model a cache was computed with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub id: String,
+    pub hash: String,
+    pub architecture: String,
+    pub n_layers: usize,
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub d_head: usize,
+    pub d_mlp: usize,
+    pub d_vocab: usize,
+    pub n_ctx: usize,
+    pub parallel_attn_mlp: bool,
+}
+
+impl ModelInfo {
+    /// Describe `cfg` loaded from `id` with weights hash `hash`.
+    pub fn new(id: &str, hash: &str, cfg: &ModelConfig) -> ModelInfo {
+        ModelInfo {
+            id: id.to_string(),
+            hash: hash.to_string(),
+            architecture: cfg.arch.hf_name().to_string(),
+            n_layers: cfg.n_layers,
+            d_model: cfg.d_model,
+            n_heads: cfg.n_heads,
+            d_head: cfg.d_head,
+            d_mlp: cfg.d_mlp,
+            d_vocab: cfg.d_vocab,
+            n_ctx: cfg.n_ctx,
+            parallel_attn_mlp: cfg.parallel_attn_mlp,
+        }
+    }
+}
+
+/// Where the tokens came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataInfo {
+    /// The `--data` or `--tokens` path as given.
+    pub source: String,
+    /// `text` or `tokens`.
+    pub kind: String,
+    /// Column read from parquet/jsonl, if any.
+    pub column: Option<String>,
+    pub pack: bool,
+    pub docs_read: u64,
+    pub docs_skipped_short: u64,
+}
+
+/// One shard file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardInfo {
+    pub file: String,
+    pub n_seqs: usize,
+    /// Mean next-token CE of the clean model over the shard's `n_seqs·(ctx_len-1)` predictions.
+    pub clean_ce: f64,
+}
+
+/// `manifest.json` of a cache folder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    pub model: ModelInfo,
+    pub ctx_len: usize,
+    pub prepend_bos: bool,
+    pub dtype: StoreDType,
+    pub data: DataInfo,
+    pub n_seqs: usize,
+    pub hooks: Vec<String>,
+    pub shards: Vec<ShardInfo>,
+    /// Mean clean CE over all shards (weighted by sequences).
+    pub clean_ce: f64,
+    /// Tool and version that wrote the cache.
+    pub created_by: String,
+}
+
+impl Manifest {
+    /// Read and check `dir/manifest.json` (format and version).
+    pub fn read(dir: &Path) -> Result<Manifest> {
+        let path = dir.join(MANIFEST);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            Error::input(&path, format!("cannot read cache manifest: {e}; hint: make one with collect-acts"))
+        })?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::input(&path, format!("not valid JSON: {e}")))?;
+        let format = v.get("format").and_then(|f| f.as_str()).unwrap_or("");
+        let version = v.get("version").and_then(|f| f.as_u64()).unwrap_or(0);
+        if format != FORMAT || version != VERSION as u64 {
+            return Err(Error::input(
+                &path,
+                format!(
+                    "format {format} v{version}, expected {FORMAT} v{VERSION}; hint: rebuild the cache with collect-acts"
+                ),
+            ));
+        }
+        serde_json::from_value(v).map_err(|e| Error::input(&path, format!("malformed manifest: {e}")))
+    }
+}
+
+/// Accumulates forward outputs and writes them as shards of about `shard_seqs` sequences.
+pub struct ShardWriter {
+    dir: PathBuf,
+    hooks: Vec<String>,
+    dtype: StoreDType,
+    shard_seqs: usize,
+    pending: Vec<HashMap<String, Tensor>>,
+    pending_seqs: usize,
+    pending_ce: Vec<Tensor>,
+    pub shards: Vec<ShardInfo>,
+}
+
+impl ShardWriter {
+    /// Write into `dir` (a staging folder) the hooks of `cfg`, cast to `dtype`.
+    pub fn new(dir: &Path, cfg: &ModelConfig, dtype: StoreDType, shard_seqs: usize) -> ShardWriter {
+        ShardWriter {
+            dir: dir.to_path_buf(),
+            hooks: cfg.hook_names(),
+            dtype,
+            shard_seqs: shard_seqs.max(1),
+            pending: Vec::new(),
+            pending_seqs: 0,
+            pending_ce: Vec::new(),
+            shards: Vec::new(),
+        }
+    }
+
+    /// The hook names written, in order.
+    pub fn hooks(&self) -> &[String] {
+        &self.hooks
+    }
+
+    /// Add one batch: its tokens `(batch, ctx)` and the forward pass (run with hooks).
+    pub fn push(&mut self, tokens: &Tensor, out: &ForwardOutput) -> Result<()> {
+        let dtype = self.dtype.dtype();
+        let mut map = HashMap::new();
+        map.insert("blocks.0.hook_resid_pre".to_string(), out.resid_pre0.to_dtype(dtype)?);
+        for (l, layer) in out.layers.iter().enumerate() {
+            for (suffix, t) in layer.named() {
+                map.insert(format!("blocks.{l}.{suffix}"), t.to_dtype(dtype)?);
+            }
+        }
+        map.insert("tokens".to_string(), tokens.to_dtype(DType::I64)?);
+        self.pending_seqs += tokens.dim(0)?;
+        self.pending.push(map);
+        self.pending_ce.push(out.ce.clone());
+        if self.pending_seqs >= self.shard_seqs {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Write whatever is pending as a shard.
+    pub fn flush(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let mut names = self.hooks.clone();
+        names.push("tokens".into());
+        let mut tensors: Vec<(String, Tensor)> = Vec::with_capacity(names.len());
+        for name in names {
+            let parts: Vec<&Tensor> = self.pending.iter().map(|m| &m[&name]).collect();
+            let t = Tensor::cat(&parts, 0)?.to_device(&Device::Cpu)?;
+            tensors.push((name, t));
+        }
+        let ce = Tensor::cat(&self.pending_ce, 0)?.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?;
+        let file = format!("shard-{:05}.safetensors", self.shards.len());
+        let path = self.dir.join(&file);
+        let tmp = crate::io::tmp_path(&path);
+        let meta: HashMap<String, String> = [
+            ("format".to_string(), format!("{FORMAT}-shard")),
+            ("version".to_string(), VERSION.to_string()),
+            ("dtype".to_string(), self.dtype.name().to_string()),
+        ]
+        .into();
+        safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta), &tmp)
+            .map_err(|e| Error::input(&tmp, format!("cannot write shard: {e}")))?;
+        std::fs::rename(&tmp, &path).at(&path)?;
+        self.shards.push(ShardInfo { file, n_seqs: self.pending_seqs, clean_ce: ce });
+        self.pending.clear();
+        self.pending_ce.clear();
+        self.pending_seqs = 0;
+        Ok(())
+    }
+}
+
+/// An opened cache folder.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+impl Cache {
+    /// Open `dir` and check its manifest and that every shard file exists.
+    pub fn open(dir: &Path) -> Result<Cache> {
+        if !dir.is_dir() {
+            return Err(Error::input(dir, "--acts: no such cache folder; hint: make one with collect-acts"));
+        }
+        let manifest = Manifest::read(dir)?;
+        for s in &manifest.shards {
+            if !dir.join(&s.file).is_file() {
+                return Err(Error::input(dir.join(MANIFEST), format!("lists shard {}, which is missing", s.file)));
+            }
+        }
+        Ok(Cache { dir: dir.to_path_buf(), manifest })
+    }
+
+    /// Load shard `i` as `name -> tensor` on `device` (floating tensors in f32).
+    pub fn load_shard(&self, i: usize, device: &Device) -> Result<HashMap<String, Tensor>> {
+        let path = self.dir.join(&self.manifest.shards[i].file);
+        let map = candle_core::safetensors::load(&path, device)
+            .map_err(|e| Error::input(&path, format!("not a readable cache shard: {e}")))?;
+        map.into_iter()
+            .map(|(k, t)| {
+                let t = if t.dtype().is_float() { t.to_dtype(DType::F32)? } else { t };
+                Ok((k, t))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,98 @@
+//! Pieces every tool's command line shares: `--device`, `--seed`, `--threads`, the cache
+//! dtype, and the `main` wrapper that prints one error line and picks the exit code.
+
+use std::process::ExitCode;
+
+use candle_core::{DType, Device};
+
+/// Options every compute tool accepts (flatten into the tool's args with `#[command(flatten)]`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Common {
+    /// Where to compute: `cpu`, or `cuda` / `cuda:N` (needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu", value_parser = parse_device_name)]
+    pub device: String,
+    /// Random seed for everything that draws numbers.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// CPU threads (default: all cores; `RAYON_NUM_THREADS` also works).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl Common {
+    /// Apply `--threads` and open `--device`.
+    pub fn setup(&self) -> crate::Result<Device> {
+        if let Some(n) = self.threads {
+            // Both candle's GEMM and rayon read this before their first use.
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        }
+        open_device(&self.device)
+    }
+}
+
+fn parse_device_name(s: &str) -> Result<String, String> {
+    let ok = s == "cpu" || s == "cuda" || s.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
+    if ok { Ok(s.to_string()) } else { Err(format!("expected cpu, cuda or cuda:N, found `{s}`")) }
+}
+
+/// Open a device by name (`cpu`, `cuda`, `cuda:N`).
+pub fn open_device(name: &str) -> crate::Result<Device> {
+    if name == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = name.strip_prefix("cuda:").and_then(|n| n.parse().ok()).unwrap_or(0);
+    if !candle_core::utils::cuda_is_available() {
+        return Err(crate::Error::Usage(format!(
+            "--device {name}: this binary was built without CUDA\nhint: build it with scripts/build-cuda.sh"
+        )));
+    }
+    Device::new_cuda(ordinal).map_err(|e| crate::Error::Usage(format!("--device {name}: cannot open GPU: {e}")))
+}
+
+/// Floating-point storage types of cached tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreDType {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl StoreDType {
+    /// The candle dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            StoreDType::F32 => DType::F32,
+            StoreDType::Bf16 => DType::BF16,
+            StoreDType::F16 => DType::F16,
+        }
+    }
+
+    /// The name used in flags and manifests.
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreDType::F32 => "f32",
+            StoreDType::Bf16 => "bf16",
+            StoreDType::F16 => "f16",
+        }
+    }
+}
+
+/// Run a tool's body: print `tool: <error chain>` on failure and exit 1; exit 0 quietly when
+/// stdout was closed early (a broken pipe, e.g. `| head`).
+pub fn run_main(tool: &str, body: impl FnOnce() -> anyhow::Result<()>) -> ExitCode {
+    match body() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let broken_pipe = e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            });
+            if broken_pipe {
+                return ExitCode::SUCCESS;
+            }
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("{tool}: {}", chain.join(": "));
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! Writing outputs so that a crash never leaves something that looks finished.
+//!
+//! Files are written to `<path>.tmp` and renamed. Output folders are built in a staging
+//! folder `<dir>.tmp` beside the target and renamed into place by [`StagedDir::commit`];
+//! dropping an uncommitted stage deletes it.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, IoContext, Result};
+
+/// Write `bytes` to `path` via `<path>.tmp` and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = tmp_path(path);
+    std::fs::write(&tmp, bytes).at(&tmp)?;
+    std::fs::rename(&tmp, path).at(path)
+}
+
+/// `<path>.tmp`.
+pub fn tmp_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".tmp");
+    PathBuf::from(s)
+}
+
+/// An output folder under construction.
+#[derive(Debug)]
+pub struct StagedDir {
+    target: PathBuf,
+    stage: PathBuf,
+    committed: bool,
+}
+
+impl StagedDir {
+    /// Check that `target` may be written (absent, an empty folder, or `overwrite`) and create
+    /// the staging folder beside it. `flag` names the option in messages (e.g. `--out`).
+    pub fn create(target: &Path, overwrite: bool, flag: &str) -> Result<StagedDir> {
+        if target.exists() {
+            if !target.is_dir() {
+                return Err(Error::input(target, format!("{flag}: expected a folder, found a file")));
+            }
+            let non_empty = std::fs::read_dir(target).at(target)?.next().is_some();
+            if non_empty && !overwrite {
+                return Err(Error::input(
+                    target,
+                    format!("{flag}: folder exists and is not empty; hint: pass --overwrite to replace it"),
+                ));
+            }
+        }
+        let stage = tmp_path(target.strip_suffix_slash().as_path());
+        if stage.exists() {
+            // A stage left by a crashed run: it never became an output, so it is ours to remove.
+            std::fs::remove_dir_all(&stage).at(&stage)?;
+        }
+        std::fs::create_dir_all(&stage)
+            .map_err(|e| Error::input(target, format!("{flag}: cannot create output folder: {e}")))?;
+        Ok(StagedDir { target: target.to_path_buf(), stage, committed: false })
+    }
+
+    /// Where files go until [`commit`](Self::commit).
+    pub fn path(&self) -> &Path {
+        &self.stage
+    }
+
+    /// Move the finished folder into place (replacing an old one).
+    pub fn commit(mut self) -> Result<PathBuf> {
+        if self.target.exists() {
+            std::fs::remove_dir_all(&self.target).at(&self.target)?;
+        }
+        std::fs::rename(&self.stage, &self.target).at(&self.target)?;
+        self.committed = true;
+        Ok(self.target.clone())
+    }
+}
+
+impl Drop for StagedDir {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.stage);
+        }
+    }
+}
+
+trait StripSlash {
+    fn strip_suffix_slash(&self) -> PathBuf;
+}
+
+impl StripSlash for Path {
+    fn strip_suffix_slash(&self) -> PathBuf {
+        self.components().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staged_dir_is_removed_unless_committed() {
+        let base = std::env::temp_dir().join(format!("scae-io-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        let target = base.join("out");
+        {
+            let s = StagedDir::create(&target, false, "--out").unwrap();
+            std::fs::write(s.path().join("a"), b"x").unwrap();
+        }
+        assert!(!target.exists() && !tmp_path(&target).exists());
+        let s = StagedDir::create(&target, false, "--out").unwrap();
+        std::fs::write(s.path().join("a"), b"x").unwrap();
+        s.commit().unwrap();
+        assert!(target.join("a").is_file());
+        let err = StagedDir::create(&target, false, "--out").unwrap_err().to_string();
+        assert!(err.contains("not empty"), "{err}");
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+}

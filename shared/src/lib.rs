@@ -1,0 +1,17 @@
+//! scae: Sparsely Connected Autoencoder suites in Rust.
+//!
+//! The library behind the pipeline tools (`collect-acts`, ...): the language model runtime
+//! with TransformerLens-exact hook values ([`model`]), text and token sources ([`data`]),
+//! activation caches ([`cache`]), and the helpers every tool shares ([`cli`], [`io`]).
+//! File formats are documented in `shared/FORMATS.md`.
+
+pub mod cache;
+pub mod cli;
+pub mod data;
+pub mod error;
+pub mod hub;
+pub mod io;
+pub mod model;
+pub mod tokenize;
+
+pub use error::{Error, Result};

@@ -1,0 +1,328 @@
+//! The clean forward pass, with TransformerLens hook values (SPEC §1.4).
+//!
+//! Every LayerNorm is `LNPre` (weights folded by [`super::weights`]): center over d_model,
+//! divide by `sqrt(mean(x_c²) + eps)`. The hooks returned are exactly the tensors TL's
+//! `run_with_cache` records under the same names, with the same shapes.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::config::{Activation, ModelConfig};
+use super::weights::Weights;
+use crate::error::Result;
+
+/// Hook values of one layer (TL names in the comments).
+#[derive(Debug, Clone)]
+pub struct LayerHooks {
+    pub ln1_scale: Tensor,      // blocks.L.ln1.hook_scale       (batch, pos, 1)
+    pub ln2_scale: Tensor,      // blocks.L.ln2.hook_scale       (batch, pos, 1)
+    pub ln1_normalized: Tensor, // blocks.L.ln1.hook_normalized  (batch, pos, d_model)
+    pub ln2_normalized: Tensor, // blocks.L.ln2.hook_normalized  (batch, pos, d_model)
+    pub attn_out: Tensor,       // blocks.L.hook_attn_out        (batch, pos, d_model)
+    pub mlp_out: Tensor,        // blocks.L.hook_mlp_out         (batch, pos, d_model)
+    pub pattern: Tensor,        // blocks.L.attn.hook_pattern    (batch, head, q, k)
+}
+
+impl LayerHooks {
+    /// `(suffix, tensor)` pairs in the reference buffer's order (SPEC §2).
+    pub fn named(&self) -> [(&'static str, &Tensor); 7] {
+        [
+            ("ln1.hook_scale", &self.ln1_scale),
+            ("ln2.hook_scale", &self.ln2_scale),
+            ("ln1.hook_normalized", &self.ln1_normalized),
+            ("ln2.hook_normalized", &self.ln2_normalized),
+            ("hook_attn_out", &self.attn_out),
+            ("hook_mlp_out", &self.mlp_out),
+            ("attn.hook_pattern", &self.pattern),
+        ]
+    }
+}
+
+/// What one forward pass produced.
+#[derive(Debug, Clone)]
+pub struct ForwardOutput {
+    /// `blocks.0.hook_resid_pre` (batch, pos, d_model).
+    pub resid_pre0: Tensor,
+    /// One entry per layer; empty unless hooks were requested.
+    pub layers: Vec<LayerHooks>,
+    /// Logits (batch, pos, d_vocab), if requested.
+    pub logits: Option<Tensor>,
+    /// Next-token cross-entropy per position (batch, pos-1); TL's `loss_per_token`.
+    pub ce: Tensor,
+}
+
+/// Per-block weights in the layouts the forward pass multiplies with.
+#[derive(Debug, Clone)]
+struct FlatBlock {
+    w_q: Tensor, // (d_model, n_heads*d_head); column i*d_head+h is TL W_Q[i,:,h]
+    b_q: Tensor, // (n_heads*d_head)
+    w_k: Tensor,
+    b_k: Tensor,
+    w_v: Tensor,
+    b_v: Tensor,
+    w_o: Tensor, // (n_heads*d_head, d_model)
+}
+
+/// A loaded, processed model ready to run.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    pub cfg: ModelConfig,
+    pub weights: Weights,
+    flat: Vec<FlatBlock>,
+    /// Rotary (cos, sin) tables (n_ctx, rotary_dim), for GPT-NeoX.
+    rotary: Option<(Tensor, Tensor)>,
+    device: Device,
+}
+
+/// `LNPre`: returns `(scale (.., 1), normalized (.., d))` for `x (.., d)`.
+pub fn ln_pre(x: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let scale = (centered.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
+    let normalized = centered.broadcast_div(&scale)?;
+    Ok((scale, normalized))
+}
+
+/// Multiply `x (.., k)` by `w (k, n)` and add `b (n)`, flattening the leading axes.
+fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = dims[dims.len() - 1];
+    let rows = x.elem_count() / k;
+    let mut y = x.reshape((rows, k))?.matmul(w)?;
+    if let Some(b) = b {
+        y = y.broadcast_add(b)?;
+    }
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("non-empty shape") = w.dim(1)?;
+    Ok(y.reshape(out_dims)?)
+}
+
+/// TL's GPT-NeoX rotary tables: `θ_j = p / base^(j/(r/2))`, duplicated as `[θ, θ]` (half split).
+fn rotary_tables(n_ctx: usize, rotary_dim: usize, base: f64, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = rotary_dim / 2;
+    let mut cos = Vec::with_capacity(n_ctx * rotary_dim);
+    let mut sin = Vec::with_capacity(n_ctx * rotary_dim);
+    for p in 0..n_ctx {
+        for j in 0..rotary_dim {
+            // TL computes these in f32.
+            let freq = (base as f32).powf((j % half) as f32 / half as f32);
+            let angle = p as f32 / freq;
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (n_ctx, rotary_dim), device)?,
+        Tensor::from_vec(sin, (n_ctx, rotary_dim), device)?,
+    ))
+}
+
+impl Runtime {
+    /// Wrap processed weights for running on `device`.
+    pub fn new(cfg: ModelConfig, weights: Weights, device: &Device) -> Result<Runtime> {
+        let weights = weights.to_device(device)?;
+        let (d, hd) = (cfg.d_model, cfg.n_heads * cfg.d_head);
+        let flat_w = |w: &Tensor| -> Result<Tensor> { Ok(w.permute((1, 0, 2))?.reshape((d, hd))?.contiguous()?) };
+        let flat = weights
+            .blocks
+            .iter()
+            .map(|b| {
+                Ok(FlatBlock {
+                    w_q: flat_w(&b.w_q)?,
+                    b_q: b.b_q.flatten_all()?,
+                    w_k: flat_w(&b.w_k)?,
+                    b_k: b.b_k.flatten_all()?,
+                    w_v: flat_w(&b.w_v)?,
+                    b_v: b.b_v.flatten_all()?,
+                    w_o: b.w_o.reshape((hd, d))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let rotary = match cfg.rotary_dim {
+            Some(r) if r > 0 => Some(rotary_tables(cfg.n_ctx, r, cfg.rotary_base, device)?),
+            _ => None,
+        };
+        Ok(Runtime { cfg, weights, flat, rotary, device: device.clone() })
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// `blocks.0.hook_resid_pre` for `tokens (batch, pos)` (u32).
+    pub fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
+        let (b, s) = tokens.dims2()?;
+        let mut x = self.weights.w_e.index_select(&tokens.flatten_all()?, 0)?.reshape((b, s, self.cfg.d_model))?;
+        if let Some(w_pos) = &self.weights.w_pos {
+            x = x.broadcast_add(&w_pos.narrow(0, 0, s)?)?;
+        }
+        Ok(x)
+    }
+
+    /// Additive attention mask (q, k): 0 where allowed, -inf elsewhere.
+    fn mask(&self, s: usize, window: Option<usize>) -> Result<Tensor> {
+        let mut m = vec![0f32; s * s];
+        for q in 0..s {
+            for p in 0..s {
+                let allowed = p <= q && window.is_none_or(|w| q - p < w);
+                if !allowed {
+                    m[q * s + p] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        Ok(Tensor::from_vec(m, (s, s), &self.device)?)
+    }
+
+    fn apply_rotary(&self, x: &Tensor) -> Result<Tensor> {
+        // x: (batch, head, pos, d_head)
+        let Some((cos, sin)) = &self.rotary else { return Ok(x.clone()) };
+        let (_, _, s, dh) = x.dims4()?;
+        let r = cos.dim(1)?;
+        let half = r / 2;
+        let (cos, sin) = (cos.narrow(0, 0, s)?, sin.narrow(0, 0, s)?);
+        let x_rot = x.narrow(3, 0, r)?;
+        let flipped = Tensor::cat(&[x_rot.narrow(3, half, half)?.neg()?, x_rot.narrow(3, 0, half)?], 3)?;
+        let rotated = (x_rot.broadcast_mul(&cos)? + flipped.broadcast_mul(&sin)?)?;
+        if r == dh {
+            Ok(rotated)
+        } else {
+            Ok(Tensor::cat(&[rotated, x.narrow(3, r, dh - r)?], 3)?)
+        }
+    }
+
+    /// Attention of layer `l` on `x̂ (batch, pos, d)`; returns `(pattern, attn_out)`.
+    fn attention(&self, l: usize, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, s, _) = x.dims3()?;
+        let (h, dh) = (self.cfg.n_heads, self.cfg.d_head);
+        let fb = &self.flat[l];
+        let heads = |w: &Tensor, bias: &Tensor| -> Result<Tensor> {
+            Ok(linear(x, w, Some(bias))?.reshape((b, s, h, dh))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = self.apply_rotary(&heads(&fb.w_q, &fb.b_q)?)?;
+        let k = self.apply_rotary(&heads(&fb.w_k, &fb.b_k)?)?;
+        let v = heads(&fb.w_v, &fb.b_v)?;
+        let scores = (q.matmul(&k.t()?.contiguous()?)? / self.cfg.attn_scale)?;
+        let scores = scores.broadcast_add(&self.mask(s, self.cfg.windows[l])?)?;
+        let pattern = candle_nn::ops::softmax_last_dim(&scores)?;
+        let z = pattern.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h * dh))?;
+        let out = linear(&z, &fb.w_o, Some(&self.weights.blocks[l].b_o))?;
+        Ok((pattern, out))
+    }
+
+    fn mlp(&self, l: usize, x: &Tensor) -> Result<Tensor> {
+        let bw = &self.weights.blocks[l];
+        let pre = linear(x, &bw.w_in, Some(&bw.b_in))?;
+        let post = match self.cfg.act {
+            Activation::Gelu => pre.gelu_erf()?,
+            Activation::GeluNew => pre.gelu()?,
+            Activation::Relu => pre.relu()?,
+        };
+        linear(&post, &bw.w_out, Some(&bw.b_out))
+    }
+
+    /// Logits `(batch, pos, d_vocab)` from a final residual stream: `LNPre(r) W_U + b_U`.
+    pub fn unembed(&self, resid: &Tensor) -> Result<Tensor> {
+        let (_, normalized) = ln_pre(resid, self.cfg.ln_eps)?;
+        linear(&normalized, &self.weights.w_u, Some(&self.weights.b_u))
+    }
+
+    /// Next-token CE per position `(batch, pos-1)` of a final residual stream, computed one
+    /// sequence at a time so the logits never exist for the whole batch.
+    pub fn ce_from_resid(&self, resid: &Tensor, tokens: &Tensor) -> Result<Tensor> {
+        let b = resid.dim(0)?;
+        let rows = (0..b)
+            .map(|i| token_ce(&self.unembed(&resid.narrow(0, i, 1)?)?, &tokens.narrow(0, i, 1)?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&rows, 0)?)
+    }
+
+    /// Run the model on `tokens (batch, pos)` (u32). With `hooks`, record every cached hook;
+    /// with `logits`, keep the logits.
+    pub fn forward(&self, tokens: &Tensor, hooks: bool, logits: bool) -> Result<ForwardOutput> {
+        let tokens = tokens.to_dtype(DType::U32)?.to_device(&self.device)?;
+        let resid_pre0 = self.embed(&tokens)?;
+        let eps = self.cfg.ln_eps;
+        let mut resid = resid_pre0.clone();
+        let mut layers = Vec::new();
+        for l in 0..self.cfg.n_layers {
+            let (ln1_scale, ln1_normalized) = ln_pre(&resid, eps)?;
+            let (pattern, attn_out) = self.attention(l, &ln1_normalized)?;
+            let (ln2_scale, ln2_normalized, next) = if self.cfg.parallel_attn_mlp {
+                let (sc, n) = ln_pre(&resid, eps)?;
+                let mlp_out = self.mlp(l, &n)?;
+                let next = ((&resid + &attn_out)? + &mlp_out)?;
+                (sc, n, (next, mlp_out))
+            } else {
+                let mid = (&resid + &attn_out)?;
+                let (sc, n) = ln_pre(&mid, eps)?;
+                let mlp_out = self.mlp(l, &n)?;
+                let next = (mid + &mlp_out)?;
+                (sc, n, (next, mlp_out))
+            };
+            let (next, mlp_out) = next;
+            resid = next;
+            if hooks {
+                layers.push(LayerHooks {
+                    ln1_scale,
+                    ln2_scale,
+                    ln1_normalized,
+                    ln2_normalized,
+                    attn_out,
+                    mlp_out,
+                    pattern,
+                });
+            }
+        }
+        let (ce, logits) = if logits {
+            let lg = self.unembed(&resid)?;
+            (token_ce(&lg, &tokens)?, Some(lg))
+        } else {
+            (self.ce_from_resid(&resid, &tokens)?, None)
+        };
+        Ok(ForwardOutput { resid_pre0, layers, logits, ce })
+    }
+}
+
+/// `-log softmax(logits[:, :-1])[tokens[:, 1:]]`, shape (batch, pos-1). Composed from
+/// differentiable ops so training can backpropagate through it.
+pub fn token_ce(logits: &Tensor, tokens: &Tensor) -> Result<Tensor> {
+    let (b, s, v) = logits.dims3()?;
+    let pred = logits.narrow(1, 0, s - 1)?.reshape((b * (s - 1), v))?;
+    let log_probs = candle_nn::ops::log_softmax(&pred, D::Minus1)?;
+    let targets = tokens.narrow(1, 1, s - 1)?.to_dtype(DType::U32)?.reshape((b * (s - 1), 1))?;
+    let picked = log_probs.gather(&targets.contiguous()?, 1)?;
+    Ok(picked.neg()?.reshape((b, s - 1))?)
+}
+
+impl Weights {
+    /// Move every tensor to `device`.
+    pub fn to_device(&self, device: &Device) -> Result<Weights> {
+        let mv = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(device)?) };
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| {
+                Ok(super::weights::BlockWeights {
+                    w_q: mv(&b.w_q)?,
+                    b_q: mv(&b.b_q)?,
+                    w_k: mv(&b.w_k)?,
+                    b_k: mv(&b.b_k)?,
+                    w_v: mv(&b.w_v)?,
+                    b_v: mv(&b.b_v)?,
+                    w_o: mv(&b.w_o)?,
+                    b_o: mv(&b.b_o)?,
+                    w_in: mv(&b.w_in)?,
+                    b_in: mv(&b.b_in)?,
+                    w_out: mv(&b.w_out)?,
+                    b_out: mv(&b.b_out)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Weights {
+            w_e: mv(&self.w_e)?,
+            w_pos: self.w_pos.as_ref().map(mv).transpose()?,
+            blocks,
+            w_u: mv(&self.w_u)?,
+            b_u: mv(&self.b_u)?,
+        })
+    }
+}

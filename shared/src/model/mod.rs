@@ -1,0 +1,76 @@
+//! The language model side: HF config and weights, TL processing, the hooked forward pass.
+//!
+//! [`Model::load`] takes a local HF folder (see [`crate::hub::resolve_model`] for hub ids),
+//! reads `config.json`, the weights and the tokenizer, and hashes config and weights so that
+//! caches and suites can be tied to the exact model that made them.
+
+mod config;
+mod forward;
+mod weights;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+pub use config::{Activation, Arch, ModelConfig};
+pub use forward::{ln_pre, token_ce, ForwardOutput, LayerHooks, Runtime};
+pub use weights::{weight_files, BlockWeights, Weights};
+
+use candle_core::Device;
+
+use crate::error::{Error, IoContext, Result};
+use crate::tokenize::TextTokenizer;
+
+/// A model ready to run, with where it came from.
+pub struct Model {
+    /// What the user passed as `--model` (a folder or a hub id).
+    pub id: String,
+    /// The folder it was read from.
+    pub dir: PathBuf,
+    /// `blake3:<hex>` over `config.json` and the weight files, in read order.
+    pub hash: String,
+    pub runtime: Runtime,
+}
+
+impl Model {
+    /// Load config and weights from the folder `dir`; `id` is recorded as the model's name.
+    pub fn load(id: &str, dir: &Path, device: &Device) -> Result<Model> {
+        let config_path = dir.join("config.json");
+        if !config_path.is_file() {
+            return Err(Error::input(dir, "not a model folder: config.json is missing"));
+        }
+        let cfg = ModelConfig::from_file(&config_path)?;
+        let weights = Weights::load(dir, &cfg)?;
+        let mut files = vec![config_path];
+        files.extend(weight_files(dir)?);
+        let hash = hash_files(&files)?;
+        let runtime = Runtime::new(cfg, weights, device)?;
+        Ok(Model { id: id.to_string(), dir: dir.to_path_buf(), hash, runtime })
+    }
+
+    /// The model's configuration.
+    pub fn cfg(&self) -> &ModelConfig {
+        &self.runtime.cfg
+    }
+
+    /// The tokenizer from the same folder.
+    pub fn tokenizer(&self) -> Result<TextTokenizer> {
+        TextTokenizer::from_dir(&self.dir, self.cfg())
+    }
+}
+
+/// `blake3:<hex>` of the concatenated contents of `files`.
+pub fn hash_files(files: &[PathBuf]) -> Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for f in files {
+        let mut file = std::fs::File::open(f).at(f)?;
+        loop {
+            let n = file.read(&mut buf).at(f)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+    }
+    Ok(format!("blake3:{}", hasher.finalize().to_hex()))
+}
