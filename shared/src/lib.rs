@@ -7,6 +7,7 @@
 
 pub mod cache;
 pub mod cli;
+pub mod collect;
 pub mod data;
 pub mod error;
 pub mod hub;
