@@ -134,6 +134,8 @@ pub struct ShardWriter {
     pending: Vec<HashMap<String, Tensor>>,
     pending_seqs: usize,
     pending_ce: Vec<Tensor>,
+    /// The shard being written in the background, so disk I/O overlaps the next batches.
+    writing: Option<std::thread::JoinHandle<Result<()>>>,
     pub shards: Vec<ShardInfo>,
 }
 
@@ -148,6 +150,7 @@ impl ShardWriter {
             pending: Vec::new(),
             pending_seqs: 0,
             pending_ce: Vec::new(),
+            writing: None,
             shards: Vec::new(),
         }
     }
@@ -177,8 +180,22 @@ impl ShardWriter {
         Ok(())
     }
 
-    /// Write whatever is pending as a shard.
-    pub fn flush(&mut self) -> Result<()> {
+    /// Wait for the shard being written, if any.
+    fn join_writer(&mut self) -> Result<()> {
+        match self.writing.take() {
+            Some(h) => h.join().map_err(|_| Error::Usage("the shard writer thread panicked".into()))?,
+            None => Ok(()),
+        }
+    }
+
+    /// Write whatever is pending as a shard and wait until every shard is on disk.
+    pub fn finish(&mut self) -> Result<()> {
+        self.flush()?;
+        self.join_writer()
+    }
+
+    /// Start writing whatever is pending as a shard (in the background).
+    fn flush(&mut self) -> Result<()> {
         if self.pending.is_empty() {
             return Ok(());
         }
@@ -193,16 +210,19 @@ impl ShardWriter {
         let ce = Tensor::cat(&self.pending_ce, 0)?.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?;
         let file = format!("shard-{:05}.safetensors", self.shards.len());
         let path = self.dir.join(&file);
-        let tmp = crate::io::tmp_path(&path);
         let meta: HashMap<String, String> = [
             ("format".to_string(), format!("{FORMAT}-shard")),
             ("version".to_string(), VERSION.to_string()),
             ("dtype".to_string(), self.dtype.name().to_string()),
         ]
         .into();
-        safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta), &tmp)
-            .map_err(|e| Error::input(&tmp, format!("cannot write shard: {e}")))?;
-        std::fs::rename(&tmp, &path).at(&path)?;
+        self.join_writer()?;
+        self.writing = Some(std::thread::spawn(move || {
+            let tmp = crate::io::tmp_path(&path);
+            safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta), &tmp)
+                .map_err(|e| Error::input(&tmp, format!("cannot write shard: {e}")))?;
+            std::fs::rename(&tmp, &path).at(&path)
+        }));
         self.shards.push(ShardInfo { file, n_seqs: self.pending_seqs, clean_ce: ce });
         self.pending.clear();
         self.pending_ce.clear();

@@ -113,7 +113,7 @@ fn run(args: Args) -> Result<()> {
         writer.push(&tokens, &out)?;
         bar.inc(tokens.elem_count() as u64);
     }
-    writer.flush()?;
+    writer.finish()?;
     bar.finish_and_clear();
     let n_seqs = source.produced();
     if n_seqs == 0 {
