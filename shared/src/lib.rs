@@ -8,11 +8,14 @@
 pub mod cache;
 pub mod cli;
 pub mod collect;
+pub mod connections;
 pub mod data;
 pub mod error;
 pub mod hub;
 pub mod io;
 pub mod model;
+pub mod suite;
+pub mod table;
 pub mod tokenize;
 
 pub use error::{Error, Result};

@@ -1,0 +1,265 @@
+//! Connection sets: for every downstream feature, the upstream features it listens to.
+//!
+//! Two on-disk forms, chosen by extension (FORMATS.md):
+//! - `connections.parquet` (format `scae-connections`, version 1): one row per edge with
+//!   columns `down_module` (utf8), `down_feature` (uint32), `up_module` (utf8),
+//!   `up_feature` (uint32) and optionally `score` (float32). Rows are grouped by downstream
+//!   module (suite order) and feature; within a feature they keep the file's order.
+//! - the reference's layout, `*.safetensors`: one int64 tensor `<down>.<up>` of shape
+//!   `[F_down, C]` per module pair, `-1` padded.
+//!
+//! Validation: unknown modules, features out of range, duplicate edges and edges from a
+//! module that does not precede its target are errors; except that the reference layout's
+//! same-layer attn->mlp pairs on parallel (Pythia) models are dropped with a warning, because
+//! the reference writes them although its pruned pass ignores them (SPEC B1).
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow_array::{ArrayRef, Float32Array, StringArray, UInt32Array};
+
+use crate::error::{Error, IoContext, Result};
+use crate::suite::Module;
+
+/// `format` key of a connections parquet file.
+pub const FORMAT: &str = "scae-connections";
+/// Current version.
+pub const VERSION: u32 = 1;
+
+/// One edge into a downstream feature.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Edge {
+    /// Index of the upstream module in suite order.
+    pub up: usize,
+    pub feature: u32,
+    /// The edge's score, NaN when unknown.
+    pub score: f32,
+}
+
+/// `edges[down module][down feature]` -> the edges into that feature.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Connections {
+    pub modules: Vec<Module>,
+    pub n_features: usize,
+    pub edges: Vec<Vec<Vec<Edge>>>,
+}
+
+impl Connections {
+    /// An empty set (C = 0) for `modules`.
+    pub fn empty(modules: &[Module], n_features: usize) -> Connections {
+        Connections {
+            modules: modules.to_vec(),
+            n_features,
+            edges: modules.iter().map(|_| vec![Vec::new(); n_features]).collect(),
+        }
+    }
+
+    /// Total number of edges.
+    pub fn n_edges(&self) -> usize {
+        self.edges.iter().flatten().map(Vec::len).sum()
+    }
+
+    /// Read either form (by extension), checking it against the suite's modules, F and the
+    /// model's block type.
+    pub fn load(path: &Path, modules: &[Module], n_features: usize, parallel: bool) -> Result<Connections> {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("parquet") => read_parquet(path, modules, n_features, parallel),
+            Some("safetensors") => read_reference(path, modules, n_features, parallel),
+            _ => Err(Error::input(path, "--connections: expected a .parquet or .safetensors file")),
+        }
+    }
+
+    /// Write the parquet form via `<path>.tmp`.
+    pub fn write_parquet(&self, path: &Path, extra_meta: &[(&str, String)]) -> Result<()> {
+        let (mut dm, mut df, mut um, mut uf, mut sc) = (vec![], vec![], vec![], vec![], vec![]);
+        for (d, feats) in self.edges.iter().enumerate() {
+            let dname = self.modules[d].name();
+            for (i, es) in feats.iter().enumerate() {
+                for e in es {
+                    dm.push(dname.clone());
+                    df.push(i as u32);
+                    um.push(self.modules[e.up].name());
+                    uf.push(e.feature);
+                    sc.push(e.score);
+                }
+            }
+        }
+        let cols: Vec<(&str, ArrayRef)> = vec![
+            ("down_module", Arc::new(StringArray::from(dm))),
+            ("down_feature", Arc::new(UInt32Array::from(df))),
+            ("up_module", Arc::new(StringArray::from(um))),
+            ("up_feature", Arc::new(UInt32Array::from(uf))),
+            ("score", Arc::new(Float32Array::from(sc))),
+        ];
+        let mut meta = vec![("format", FORMAT.to_string()), ("version", VERSION.to_string())];
+        meta.extend(extra_meta.iter().map(|(k, v)| (*k, v.clone())));
+        crate::table::write_parquet(path, cols, &meta)
+    }
+
+    /// Write the reference's layout: int64 `<down>.<up>` `[F, width]`, -1 padded, one tensor
+    /// per preceding pair (all -1 when no edge), `width` = the most edges of any feature.
+    pub fn write_reference(&self, path: &Path, parallel: bool) -> Result<()> {
+        let width = self.edges.iter().flatten().map(Vec::len).max().unwrap_or(0).max(1);
+        let mut tensors: Vec<(String, Vec<u8>)> = Vec::new();
+        for (d, dm) in self.modules.iter().enumerate() {
+            for (u, um) in self.modules.iter().enumerate() {
+                if !um.precedes(dm, parallel) {
+                    continue;
+                }
+                let mut t = vec![-1i64; self.n_features * width];
+                for (i, es) in self.edges[d].iter().enumerate() {
+                    for (slot, e) in es.iter().filter(|e| e.up == u).enumerate() {
+                        t[i * width + slot] = e.feature as i64;
+                    }
+                }
+                tensors.push((format!("{dm}.{um}"), t.iter().flat_map(|v| v.to_le_bytes()).collect()));
+            }
+        }
+        let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+            .iter()
+            .map(|(n, b)| {
+                let v = safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![self.n_features, width], b)
+                    .expect("sizes agree");
+                (n.clone(), v)
+            })
+            .collect();
+        let tmp = crate::io::tmp_path(path);
+        safetensors::serialize_to_file(views, None, &tmp).map_err(|e| Error::input(&tmp, format!("cannot write: {e}")))?;
+        std::fs::rename(&tmp, path).at(path)
+    }
+}
+
+struct Builder<'a> {
+    path: &'a Path,
+    modules: &'a [Module],
+    n_features: usize,
+    parallel: bool,
+    by_name: HashMap<String, usize>,
+    conns: Connections,
+    seen: HashSet<(usize, u32, usize, u32)>,
+}
+
+impl<'a> Builder<'a> {
+    fn new(path: &'a Path, modules: &'a [Module], n_features: usize, parallel: bool) -> Self {
+        Builder {
+            path,
+            modules,
+            n_features,
+            parallel,
+            by_name: modules.iter().enumerate().map(|(i, m)| (m.name(), i)).collect(),
+            conns: Connections::empty(modules, n_features),
+            seen: HashSet::new(),
+        }
+    }
+
+    fn module(&self, name: &str, what: &str) -> Result<usize> {
+        self.by_name.get(name).copied().ok_or_else(|| {
+            let known: Vec<String> = self.modules.iter().map(Module::name).collect();
+            Error::input(self.path, format!("{what} `{name}`: not a module of the suite (modules: {})", known.join(", ")))
+        })
+    }
+
+    fn feature(&self, f: i64, what: &str) -> Result<u32> {
+        if f < 0 || f as usize >= self.n_features {
+            return Err(Error::input(
+                self.path,
+                format!("{what} {f}: out of range, the suite has {} features", self.n_features),
+            ));
+        }
+        Ok(f as u32)
+    }
+
+    fn add(&mut self, d: usize, i: u32, u: usize, j: u32, score: f32) -> Result<()> {
+        let (dm, um) = (self.modules[d], self.modules[u]);
+        if !um.precedes(&dm, self.parallel) {
+            let why = if self.parallel { " (parallel attn/MLP blocks: only earlier layers feed a module)" } else { "" };
+            return Err(Error::input(self.path, format!("edge {um}:{j} -> {dm}:{i}: {um} does not precede {dm}{why}")));
+        }
+        if !self.seen.insert((d, i, u, j)) {
+            return Err(Error::input(self.path, format!("duplicate edge {um}:{j} -> {dm}:{i}")));
+        }
+        self.conns.edges[d][i as usize].push(Edge { up: u, feature: j, score });
+        Ok(())
+    }
+}
+
+fn read_parquet(path: &Path, modules: &[Module], n_features: usize, parallel: bool) -> Result<Connections> {
+    let batches = crate::table::read_parquet(path)?;
+    let mut b = Builder::new(path, modules, n_features, parallel);
+    for batch in &batches {
+        let col = |name: &str| -> Result<&ArrayRef> {
+            batch.column_by_name(name).ok_or_else(|| Error::input(path, format!("missing column `{name}`")))
+        };
+        let dm = crate::table::strings(path, "down_module", col("down_module")?)?;
+        let um = crate::table::strings(path, "up_module", col("up_module")?)?;
+        let df = crate::table::ints(path, "down_feature", col("down_feature")?)?;
+        let uf = crate::table::ints(path, "up_feature", col("up_feature")?)?;
+        let score = match batch.column_by_name("score") {
+            Some(c) => crate::table::floats(path, "score", c)?,
+            None => vec![f32::NAN; batch.num_rows()],
+        };
+        for r in 0..batch.num_rows() {
+            let d = b.module(&dm[r], "down_module")?;
+            let u = b.module(&um[r], "up_module")?;
+            let i = b.feature(df[r], "down_feature")?;
+            let j = b.feature(uf[r], "up_feature")?;
+            b.add(d, i, u, j, score[r])?;
+        }
+    }
+    Ok(b.conns)
+}
+
+fn read_reference(path: &Path, modules: &[Module], n_features: usize, parallel: bool) -> Result<Connections> {
+    let bytes = std::fs::read(path).at(path)?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::input(path, format!("not a readable safetensors file: {e}")))?;
+    let mut b = Builder::new(path, modules, n_features, parallel);
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    // Suite order of (down, up) so that per-feature edge order follows the reference's.
+    names.sort_by_key(|n| {
+        let (d, u) = n.split_once('.').unwrap_or((n, ""));
+        (Module::parse(d).map(|m| m.index()), Module::parse(u).map(|m| m.index()))
+    });
+    let mut dropped = 0usize;
+    for name in names {
+        let (dname, uname) = name
+            .split_once('.')
+            .ok_or_else(|| Error::input(path, format!("tensor `{name}`: expected a name `<down>.<up>`, e.g. `mlp_1.attn_0`")))?;
+        let d = b.module(dname, "down module")?;
+        let u = b.module(uname, "up module")?;
+        let view = st.tensor(&name).expect("listed tensor");
+        let shape = view.shape();
+        if shape.len() != 2 || shape[0] != n_features {
+            return Err(Error::input(path, format!("tensor `{name}`: expected shape [{n_features}, C], found {shape:?}")));
+        }
+        let vals: Vec<i64> = match view.dtype() {
+            safetensors::Dtype::I64 => view.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8"))).collect(),
+            safetensors::Dtype::I32 => view.data().chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4")) as i64).collect(),
+            other => return Err(Error::input(path, format!("tensor `{name}`: expected int64, found {other:?}"))),
+        };
+        let (dm, um) = (modules[d], modules[u]);
+        let same_layer_parallel = parallel && um.layer == dm.layer && um.kind == crate::suite::Kind::Attn && dm.kind == crate::suite::Kind::Mlp;
+        let width = shape[1];
+        for i in 0..n_features {
+            for &v in &vals[i * width..(i + 1) * width] {
+                if v == -1 {
+                    continue;
+                }
+                let j = b.feature(v, &format!("tensor `{name}`: feature"))?;
+                if same_layer_parallel {
+                    dropped += 1;
+                    continue;
+                }
+                b.add(d, i as u32, u, j, f32::NAN)?;
+            }
+        }
+    }
+    if dropped > 0 {
+        eprintln!(
+            "warning: {}: dropped {dropped} same-layer attn->mlp edges, which a parallel-block model's pruned pass does not use (SPEC B1)",
+            path.display()
+        );
+    }
+    Ok(b.conns)
+}

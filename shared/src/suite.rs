@@ -1,0 +1,295 @@
+//! The SCAE suite: one TopK autoencoder per module (`attn_L`: SAE on `hook_attn_out`,
+//! `mlp_L`: transcoder `ln2.hook_normalized -> hook_mlp_out`), in the order
+//! `attn_0, mlp_0, attn_1, ...` (SPEC §3).
+//!
+//! On disk (format `scae-suite`, version 1; FORMATS.md): a folder with `suite.safetensors`
+//! holding the reference's state-dict keys (`aes.<module>.encoder.weight [F, D]`,
+//! `aes.<module>.encoder.bias [F]`, `aes.<module>.decoder.weight [D, F]`, `aes.<module>.b_dec
+//! [D]`) and `config.json` (k, n_features, d_model, modules, model id, producing arguments).
+//! A bare `.safetensors` with `k` and `n_features` in its metadata is accepted too.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// `format` of a suite's config.json.
+pub const FORMAT: &str = "scae-suite";
+/// Current suite layout version.
+pub const VERSION: u32 = 1;
+
+/// The kind of a module: which hook it reconstructs and which LN scale it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Attn,
+    Mlp,
+}
+
+/// A module of the suite, e.g. `attn_3` or `mlp_0`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Module {
+    pub layer: usize,
+    pub kind: Kind,
+}
+
+impl Module {
+    /// Every module of an `n_layers` model in suite order.
+    pub fn all(n_layers: usize) -> Vec<Module> {
+        (0..n_layers).flat_map(|l| [Module { layer: l, kind: Kind::Attn }, Module { layer: l, kind: Kind::Mlp }]).collect()
+    }
+
+    /// `attn_L` / `mlp_L`.
+    pub fn name(&self) -> String {
+        match self.kind {
+            Kind::Attn => format!("attn_{}", self.layer),
+            Kind::Mlp => format!("mlp_{}", self.layer),
+        }
+    }
+
+    /// Parse `attn_L` / `mlp_L`.
+    pub fn parse(s: &str) -> Option<Module> {
+        let (kind, layer) = s.split_once('_')?;
+        let kind = match kind {
+            "attn" => Kind::Attn,
+            "mlp" => Kind::Mlp,
+            _ => return None,
+        };
+        Some(Module { layer: layer.parse().ok()?, kind })
+    }
+
+    /// Position in suite order.
+    pub fn index(&self) -> usize {
+        2 * self.layer + usize::from(self.kind == Kind::Mlp)
+    }
+
+    /// Whether `self` feeds `down` in the pruned pass. Sequential blocks: earlier layers, and
+    /// attn_L -> mlp_L. Parallel blocks (GPT-NeoX): earlier layers only (SPEC §3, B1).
+    pub fn precedes(&self, down: &Module, parallel: bool) -> bool {
+        self.layer < down.layer
+            || (!parallel && self.layer == down.layer && self.kind == Kind::Attn && down.kind == Kind::Mlp)
+    }
+
+    /// The cache hook this module reconstructs.
+    pub fn target_hook(&self) -> String {
+        match self.kind {
+            Kind::Attn => format!("blocks.{}.hook_attn_out", self.layer),
+            Kind::Mlp => format!("blocks.{}.hook_mlp_out", self.layer),
+        }
+    }
+}
+
+impl std::fmt::Display for Module {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+/// One TopK autoencoder's parameters (trainable).
+#[derive(Debug, Clone)]
+pub struct Autoencoder {
+    pub w_enc: Var, // (n_features, d_model)
+    pub b_enc: Var, // (n_features)
+    pub w_dec: Var, // (d_model, n_features)
+    pub b_dec: Var, // (d_model)
+}
+
+/// `config.json` of a suite folder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SuiteConfig {
+    pub format: String,
+    pub version: u32,
+    pub k: usize,
+    pub n_features: usize,
+    pub d_model: usize,
+    pub modules: Vec<String>,
+    /// Model the suite was trained for (id and hash as in the cache manifest), if known.
+    pub model_id: Option<String>,
+    pub model_hash: Option<String>,
+    /// `n_features / d_model`, for reference tooling.
+    pub expansion: usize,
+    /// Tool and arguments that produced the suite.
+    pub created_by: String,
+    #[serde(default)]
+    pub args: serde_json::Value,
+}
+
+/// A suite of autoencoders sharing `k` and `n_features`.
+#[derive(Debug, Clone)]
+pub struct Suite {
+    pub k: usize,
+    pub n_features: usize,
+    pub d_model: usize,
+    pub modules: Vec<Module>,
+    pub aes: Vec<Autoencoder>,
+    pub model_id: Option<String>,
+    pub model_hash: Option<String>,
+}
+
+fn key(m: &Module, p: &str) -> String {
+    format!("aes.{}.{p}", m.name())
+}
+
+impl Suite {
+    /// Load a suite folder (`suite.safetensors` + `config.json`) or a bare `.safetensors`.
+    pub fn load(path: &Path, device: &Device) -> Result<Suite> {
+        let (weights, cfg): (PathBuf, Option<SuiteConfig>) = if path.is_dir() {
+            let cfg_path = path.join("config.json");
+            let text = std::fs::read_to_string(&cfg_path)
+                .map_err(|e| Error::input(&cfg_path, format!("cannot read suite config: {e}")))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::input(&cfg_path, format!("not valid JSON: {e}")))?;
+            let (fmt, ver) = (v["format"].as_str().unwrap_or(""), v["version"].as_u64().unwrap_or(0));
+            if fmt != FORMAT || ver != VERSION as u64 {
+                return Err(Error::input(
+                    &cfg_path,
+                    format!("format {fmt} v{ver}, expected {FORMAT} v{VERSION}; hint: suites are written by train-suite and finetune"),
+                ));
+            }
+            let cfg: SuiteConfig =
+                serde_json::from_value(v).map_err(|e| Error::input(&cfg_path, format!("malformed suite config: {e}")))?;
+            (path.join("suite.safetensors"), Some(cfg))
+        } else if path.is_file() {
+            (path.to_path_buf(), None)
+        } else {
+            return Err(Error::input(path, "--suite: no such folder or file"));
+        };
+        let bytes = std::fs::read(&weights).map_err(|e| Error::input(&weights, format!("cannot read: {e}")))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| Error::input(&weights, format!("not a readable safetensors file: {e}")))?;
+        let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+            .map_err(|e| Error::input(&weights, format!("not a readable safetensors file: {e}")))?;
+        let meta_usize = |k: &str| -> Option<usize> { meta.metadata().as_ref()?.get(k)?.parse().ok() };
+        let (k, n_features, model_id, model_hash) = match &cfg {
+            Some(c) => (c.k, c.n_features, c.model_id.clone(), c.model_hash.clone()),
+            None => (
+                meta_usize("k").ok_or_else(|| Error::input(&weights, "metadata: missing `k` (a positive integer)"))?,
+                meta_usize("n_features")
+                    .ok_or_else(|| Error::input(&weights, "metadata: missing `n_features` (a positive integer)"))?,
+                None,
+                None,
+            ),
+        };
+        Suite::from_tensors(&weights, tensors, k, n_features, model_id, model_hash)
+    }
+
+    /// Build from a state dict; `source` names the file in errors.
+    pub fn from_tensors(
+        source: &Path,
+        mut t: HashMap<String, Tensor>,
+        k: usize,
+        n_features: usize,
+        model_id: Option<String>,
+        model_hash: Option<String>,
+    ) -> Result<Suite> {
+        let mut n_layers = 0;
+        while t.contains_key(&format!("aes.attn_{n_layers}.encoder.weight")) {
+            n_layers += 1;
+        }
+        if n_layers == 0 {
+            return Err(Error::input(source, "no tensor `aes.attn_0.encoder.weight`: not a suite"));
+        }
+        let d_model = t[&format!("aes.attn_0.encoder.weight")].dim(1)?;
+        if k == 0 || k > n_features {
+            return Err(Error::input(source, format!("k {k}: expected 1..=n_features ({n_features})")));
+        }
+        let modules = Module::all(n_layers);
+        let mut aes = Vec::new();
+        for m in &modules {
+            let mut take = |p: &str, shape: &[usize]| -> Result<Var> {
+                let name = key(m, p);
+                let x = t.remove(&name).ok_or_else(|| Error::input(source, format!("missing tensor `{name}`")))?;
+                if x.dims() != shape {
+                    return Err(Error::input(
+                        source,
+                        format!("tensor `{name}`: expected shape {shape:?}, found {:?}", x.dims()),
+                    ));
+                }
+                Ok(Var::from_tensor(&x.to_dtype(DType::F32)?)?)
+            };
+            aes.push(Autoencoder {
+                w_enc: take("encoder.weight", &[n_features, d_model])?,
+                b_enc: take("encoder.bias", &[n_features])?,
+                w_dec: take("decoder.weight", &[d_model, n_features])?,
+                b_dec: take("b_dec", &[d_model])?,
+            });
+        }
+        Ok(Suite { k, n_features, d_model, modules, aes, model_id, model_hash })
+    }
+
+    /// The module with this name, if the suite has it.
+    pub fn find(&self, name: &str) -> Option<usize> {
+        Module::parse(name).and_then(|m| self.modules.iter().position(|x| *x == m))
+    }
+
+    /// Every parameter with its state-dict key, in suite order (b_dec, encoder.weight,
+    /// encoder.bias, decoder.weight per module, as PyTorch's `parameters()`).
+    pub fn named_vars(&self) -> Vec<(String, &Var)> {
+        let mut out = Vec::new();
+        for (m, ae) in self.modules.iter().zip(&self.aes) {
+            out.push((key(m, "b_dec"), &ae.b_dec));
+            out.push((key(m, "encoder.weight"), &ae.w_enc));
+            out.push((key(m, "encoder.bias"), &ae.b_enc));
+            out.push((key(m, "decoder.weight"), &ae.w_dec));
+        }
+        out
+    }
+
+    /// Write `dir/suite.safetensors` and `dir/config.json` (each via tmp + rename).
+    pub fn save(&self, dir: &Path, created_by: &str, args: serde_json::Value) -> Result<()> {
+        let tensors: Vec<(String, Tensor)> = self
+            .named_vars()
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.as_tensor().to_device(&Device::Cpu)?.contiguous()?)))
+            .collect::<Result<_>>()?;
+        let meta: HashMap<String, String> = [
+            ("format".to_string(), FORMAT.to_string()),
+            ("version".to_string(), VERSION.to_string()),
+            ("k".to_string(), self.k.to_string()),
+            ("n_features".to_string(), self.n_features.to_string()),
+        ]
+        .into();
+        let path = dir.join("suite.safetensors");
+        let tmp = crate::io::tmp_path(&path);
+        safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta), &tmp)
+            .map_err(|e| Error::input(&tmp, format!("cannot write suite: {e}")))?;
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+        let cfg = SuiteConfig {
+            format: FORMAT.into(),
+            version: VERSION,
+            k: self.k,
+            n_features: self.n_features,
+            d_model: self.d_model,
+            modules: self.modules.iter().map(Module::name).collect(),
+            model_id: self.model_id.clone(),
+            model_hash: self.model_hash.clone(),
+            expansion: self.n_features / self.d_model.max(1),
+            created_by: created_by.to_string(),
+            args,
+        };
+        let json = serde_json::to_string_pretty(&cfg).expect("config serializes");
+        crate::io::write_atomic(&dir.join("config.json"), json.as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_names_and_precedence() {
+        let m = Module::all(2);
+        let names: Vec<String> = m.iter().map(Module::name).collect();
+        assert_eq!(names, ["attn_0", "mlp_0", "attn_1", "mlp_1"]);
+        assert_eq!(Module::parse("mlp_1"), Some(m[3]));
+        assert_eq!(Module::parse("mlp_x"), None);
+        // sequential: attn_0 -> mlp_0 allowed; parallel: not.
+        assert!(m[0].precedes(&m[1], false));
+        assert!(!m[0].precedes(&m[1], true));
+        assert!(m[1].precedes(&m[2], true));
+        assert!(!m[2].precedes(&m[1], false));
+        assert!(!m[1].precedes(&m[1], false));
+    }
+}

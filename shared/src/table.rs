@@ -1,0 +1,124 @@
+//! Small helpers for parquet tables (edges, connections): write with key-value metadata via
+//! `<path>.tmp`, read whole, and pull typed columns with errors that name the column.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow_array::cast::AsArray;
+use arrow_array::{Array, ArrayRef, RecordBatch};
+use arrow_schema::DataType;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::WriterProperties;
+
+use crate::error::{Error, IoContext, Result};
+
+/// Write `columns` as one parquet file with `meta` in its key-value metadata.
+pub fn write_parquet(path: &Path, columns: Vec<(&str, ArrayRef)>, meta: &[(&str, String)]) -> Result<()> {
+    let batch = RecordBatch::try_from_iter(columns).map_err(|e| Error::Usage(format!("building table: {e}")))?;
+    let kv: Vec<KeyValue> = meta.iter().map(|(k, v)| KeyValue::new(k.to_string(), v.clone())).collect();
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .set_key_value_metadata(Some(kv))
+        .build();
+    let tmp = crate::io::tmp_path(path);
+    let file = std::fs::File::create(&tmp).at(&tmp)?;
+    let fail = |e: parquet::errors::ParquetError| Error::input(&tmp, format!("cannot write parquet: {e}"));
+    let mut w = ArrowWriter::try_new(file, batch.schema(), Some(props)).map_err(fail)?;
+    w.write(&batch).map_err(fail)?;
+    w.close().map_err(fail)?;
+    std::fs::rename(&tmp, path).at(path)
+}
+
+/// Read every record batch of a parquet file.
+pub fn read_parquet(path: &Path) -> Result<Vec<RecordBatch>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::input(path, format!("cannot open: {e}")))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| Error::input(path, format!("not a readable parquet file: {e}")))?
+        .with_batch_size(65536)
+        .build()
+        .map_err(|e| Error::input(path, format!("not a readable parquet file: {e}")))?;
+    reader.map(|b| b.map_err(|e| Error::input(path, format!("corrupt parquet data: {e}")))).collect()
+}
+
+/// The key-value metadata of a parquet file.
+pub fn parquet_metadata(path: &Path) -> Result<Vec<(String, String)>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::input(path, format!("cannot open: {e}")))?;
+    let b = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| Error::input(path, format!("not a readable parquet file: {e}")))?;
+    let kv = b.metadata().file_metadata().key_value_metadata().cloned().unwrap_or_default();
+    Ok(kv.into_iter().map(|k| (k.key, k.value.unwrap_or_default())).collect())
+}
+
+fn no_nulls(path: &Path, name: &str, c: &ArrayRef) -> Result<()> {
+    if c.null_count() > 0 {
+        return Err(Error::input(path, format!("column `{name}`: {} null values, expected none", c.null_count())));
+    }
+    Ok(())
+}
+
+/// A utf8 column as strings.
+pub fn strings(path: &Path, name: &str, c: &ArrayRef) -> Result<Vec<String>> {
+    no_nulls(path, name, c)?;
+    match c.data_type() {
+        DataType::Utf8 => Ok(c.as_string::<i32>().iter().map(|s| s.unwrap_or("").to_string()).collect()),
+        DataType::LargeUtf8 => Ok(c.as_string::<i64>().iter().map(|s| s.unwrap_or("").to_string()).collect()),
+        DataType::Utf8View => Ok(c.as_string_view().iter().map(|s| s.unwrap_or("").to_string()).collect()),
+        DataType::Dictionary(_, _) => {
+            let casted = arrow_cast_dict(c).map_err(|e| Error::input(path, format!("column `{name}`: {e}")))?;
+            strings(path, name, &casted)
+        }
+        other => Err(Error::input(path, format!("column `{name}`: expected strings, found {other}"))),
+    }
+}
+
+/// Pandas writes categorical columns as dictionaries; decode them to plain strings.
+fn arrow_cast_dict(c: &ArrayRef) -> std::result::Result<ArrayRef, String> {
+    let dict = c.as_any_dictionary_opt().ok_or("expected a dictionary")?;
+    let strs = strings_plain(dict.values())?;
+    let out: Vec<String> = dict.normalized_keys().iter().map(|&k| strs[k].clone()).collect();
+    Ok(Arc::new(arrow_array::StringArray::from(out)))
+}
+
+fn strings_plain(c: &ArrayRef) -> std::result::Result<Vec<String>, String> {
+    match c.data_type() {
+        DataType::Utf8 => Ok(c.as_string::<i32>().iter().map(|s| s.unwrap_or("").to_string()).collect()),
+        DataType::LargeUtf8 => Ok(c.as_string::<i64>().iter().map(|s| s.unwrap_or("").to_string()).collect()),
+        other => Err(format!("expected strings, found {other}")),
+    }
+}
+
+/// An integer column (any width, signed or not) as i64.
+pub fn ints(path: &Path, name: &str, c: &ArrayRef) -> Result<Vec<i64>> {
+    use arrow_array::types::*;
+    no_nulls(path, name, c)?;
+    macro_rules! conv {
+        ($t:ty) => {
+            c.as_primitive::<$t>().values().iter().map(|&v| v as i64).collect()
+        };
+    }
+    Ok(match c.data_type() {
+        DataType::Int8 => conv!(Int8Type),
+        DataType::Int16 => conv!(Int16Type),
+        DataType::Int32 => conv!(Int32Type),
+        DataType::Int64 => conv!(Int64Type),
+        DataType::UInt8 => conv!(UInt8Type),
+        DataType::UInt16 => conv!(UInt16Type),
+        DataType::UInt32 => conv!(UInt32Type),
+        DataType::UInt64 => c.as_primitive::<UInt64Type>().values().iter().map(|&v| v.min(i64::MAX as u64) as i64).collect(),
+        other => return Err(Error::input(path, format!("column `{name}`: expected integers, found {other}"))),
+    })
+}
+
+/// A float column as f32 (nulls become NaN).
+pub fn floats(path: &Path, name: &str, c: &ArrayRef) -> Result<Vec<f32>> {
+    use arrow_array::types::*;
+    let out: Vec<f32> = match c.data_type() {
+        DataType::Float32 => c.as_primitive::<Float32Type>().iter().map(|v| v.unwrap_or(f32::NAN)).collect(),
+        DataType::Float64 => c.as_primitive::<Float64Type>().iter().map(|v| v.map(|x| x as f32).unwrap_or(f32::NAN)).collect(),
+        other => return Err(Error::input(path, format!("column `{name}`: expected floats, found {other}"))),
+    };
+    Ok(out)
+}
