@@ -14,6 +14,8 @@ pub mod error;
 pub mod hub;
 pub mod io;
 pub mod model;
+pub mod pruned;
+pub mod sparse_ops;
 pub mod suite;
 pub mod table;
 pub mod tokenize;

@@ -70,6 +70,7 @@ pub struct Runtime {
     flat: Vec<FlatBlock>,
     /// Rotary (cos, sin) tables (n_ctx, rotary_dim), for GPT-NeoX.
     rotary: Option<(Tensor, Tensor)>,
+    w_ov_sum: Vec<Tensor>,
     device: Device,
 }
 
@@ -140,7 +141,18 @@ impl Runtime {
             Some(r) if r > 0 => Some(rotary_tables(cfg.n_ctx, r, cfg.rotary_base, device)?),
             _ => None,
         };
-        Ok(Runtime { cfg, weights, flat, rotary, device: device.clone() })
+        let w_ov_sum = flat.iter().map(|fb| Ok(fb.w_v.matmul(&fb.w_o)?)).collect::<Result<Vec<_>>>()?;
+        Ok(Runtime { cfg, weights, flat, rotary, w_ov_sum, device: device.clone() })
+    }
+
+    /// `(W_V (d_model, H·d_head), W_O (H·d_head, d_model))` of `layer`, flattened over heads.
+    pub fn flat_vo(&self, layer: usize) -> (&Tensor, &Tensor) {
+        (&self.flat[layer].w_v, &self.flat[layer].w_o)
+    }
+
+    /// `Σ_h W_OV[h] = Σ_h W_V[h] W_O[h]` of `layer`, `(d_model, d_model)`.
+    pub fn w_ov_sum(&self, layer: usize) -> &Tensor {
+        &self.w_ov_sum[layer]
     }
 
     /// The device the weights live on.

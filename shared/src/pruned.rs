@@ -1,0 +1,345 @@
+//! The pruned forward pass of a suite (SPEC §4), its losses (SPEC §6) and a dense-masked
+//! oracle for tests.
+//!
+//! Each downstream module's pre-activation is built from cached clean-run quantities (layer-0
+//! residual, LN scales, attention patterns) plus the contributions of its connected upstream
+//! features, then ReLU + top-k. With all connections ([`Wiring::All`]) the upstream sum is just
+//! the upstream reconstructions pushed through the encoder (dense d_model-space products); with
+//! a connection set ([`Wiring::Sparse`]) the per-edge virtual weights `w[i,c] = E[i]·W_dec[:,j]`
+//! (attention: `Σ` over a d_head factorisation of `W_OV`) are formed only for the F·C edges and
+//! applied through [`crate::sparse_ops::EdgeMatmul`] — no `F×F` or `heads×F×F` matrix exists.
+//! Gradients flow to every suite parameter through candle autograd.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::connections::Connections;
+use crate::error::{Error, Result};
+use crate::model::Runtime;
+use crate::sparse_ops::{topk_indices, EdgeIndex, EdgeMatmul, SparseDecode};
+use crate::suite::{Kind, Module, Suite};
+
+/// One batch of cached clean-run tensors (all f32, on the compute device).
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub tokens: Tensor,         // (batch, pos) u32
+    pub resid_pre0: Tensor,     // (batch, pos, d_model)
+    pub ln1_scale: Vec<Tensor>, // per layer (batch, pos, 1)
+    pub ln2_scale: Vec<Tensor>, // per layer (batch, pos, 1)
+    pub pattern: Vec<Tensor>,   // per layer (batch, head, q, k)
+    pub attn_out: Vec<Tensor>,  // per layer (batch, pos, d_model)
+    pub mlp_out: Vec<Tensor>,   // per layer (batch, pos, d_model)
+}
+
+impl Batch {
+    /// Take a batch out of a cache shard map (`Cache::load_shard`), sequences `start..start+n`.
+    pub fn from_shard(map: &std::collections::HashMap<String, Tensor>, n_layers: usize, start: usize, n: usize, device: &Device) -> Result<Batch> {
+        let get = |k: &str| -> Result<Tensor> {
+            let t = map.get(k).ok_or_else(|| Error::Usage(format!("cache shard lacks `{k}`")))?;
+            Ok(t.narrow(0, start, n)?.to_device(device)?.contiguous()?)
+        };
+        let per_layer = |suffix: &str| -> Result<Vec<Tensor>> { (0..n_layers).map(|l| get(&format!("blocks.{l}.{suffix}"))).collect() };
+        Ok(Batch {
+            tokens: get("tokens")?.to_dtype(DType::U32)?,
+            resid_pre0: get("blocks.0.hook_resid_pre")?,
+            ln1_scale: per_layer("ln1.hook_scale")?,
+            ln2_scale: per_layer("ln2.hook_scale")?,
+            pattern: per_layer("attn.hook_pattern")?,
+            attn_out: per_layer("hook_attn_out")?,
+            mlp_out: per_layer("hook_mlp_out")?,
+        })
+    }
+
+    /// Build from a clean forward pass run with hooks.
+    pub fn from_forward(tokens: &Tensor, out: &crate::model::ForwardOutput) -> Result<Batch> {
+        Ok(Batch {
+            tokens: tokens.to_dtype(DType::U32)?,
+            resid_pre0: out.resid_pre0.clone(),
+            ln1_scale: out.layers.iter().map(|l| l.ln1_scale.clone()).collect(),
+            ln2_scale: out.layers.iter().map(|l| l.ln2_scale.clone()).collect(),
+            pattern: out.layers.iter().map(|l| l.pattern.clone()).collect(),
+            attn_out: out.layers.iter().map(|l| l.attn_out.clone()).collect(),
+            mlp_out: out.layers.iter().map(|l| l.mlp_out.clone()).collect(),
+        })
+    }
+
+    /// The hook a module reconstructs.
+    pub fn target(&self, m: &Module) -> &Tensor {
+        match m.kind {
+            Kind::Attn => &self.attn_out[m.layer],
+            Kind::Mlp => &self.mlp_out[m.layer],
+        }
+    }
+}
+
+/// Which upstream features feed each downstream feature.
+#[derive(Debug, Clone, Copy)]
+pub enum Wiring<'a> {
+    /// Every preceding module's every feature (the reference's `connections=None`).
+    All,
+    /// Only the listed edges.
+    Sparse(&'a Connections),
+}
+
+/// Options of the pass.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PassOptions {
+    /// Use the consistent attention b_dec term (mixed by the pattern with key-position
+    /// scales) instead of the reference's query-position form (SPEC B3).
+    pub consistent_attn_bias: bool,
+}
+
+/// Per-downstream-module wiring, built once per connection set.
+#[derive(Debug, Clone)]
+struct DownPlan {
+    /// Preceding modules (suite indices) in suite order.
+    ups: Vec<usize>,
+    /// Edge index over the concatenation of `ups`' features (Sparse wiring only).
+    index: Option<Arc<EdgeIndex>>,
+    /// `index.gather_cols()` as a tensor (F·C) u32.
+    cols: Option<Tensor>,
+}
+
+/// A suite wired for a model: the plan of every module.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub parallel: bool,
+    downs: Vec<DownPlan>,
+    sparse: bool,
+}
+
+impl Plan {
+    /// Wire `suite` for a model with (`parallel`) or without parallel blocks.
+    pub fn new(suite: &Suite, wiring: Wiring, parallel: bool, device: &Device) -> Result<Plan> {
+        let f = suite.n_features;
+        let mut downs = Vec::new();
+        for (d, dm) in suite.modules.iter().enumerate() {
+            let ups: Vec<usize> = (0..suite.modules.len()).filter(|&u| suite.modules[u].precedes(dm, parallel)).collect();
+            let (index, cols) = match wiring {
+                Wiring::All => (None, None),
+                Wiring::Sparse(conns) => {
+                    let pos = |u: usize| ups.iter().position(|&x| x == u);
+                    let mut lists = Vec::with_capacity(f);
+                    for edges in &conns.edges[d] {
+                        let mut l = Vec::with_capacity(edges.len());
+                        for e in edges {
+                            let p = pos(e.up).ok_or_else(|| {
+                                Error::Usage(format!("edge {}:{} -> {dm} from a module that does not precede it", suite.modules[e.up], e.feature))
+                            })?;
+                            l.push((p * f) as u32 + e.feature);
+                        }
+                        lists.push(l);
+                    }
+                    let width = lists.iter().map(Vec::len).max().unwrap_or(0).max(1);
+                    let ix = EdgeIndex::new(&lists, width, ups.len() * f);
+                    let cols = Tensor::from_vec(ix.gather_cols(), ix.slot_col.len(), device)?;
+                    (Some(Arc::new(ix)), Some(cols))
+                }
+            };
+            downs.push(DownPlan { ups, index, cols });
+        }
+        let sparse = matches!(wiring, Wiring::Sparse(_));
+        Ok(Plan { parallel, downs, sparse })
+    }
+}
+
+/// Features and reconstructions of every module.
+#[derive(Debug, Clone)]
+pub struct PassOutput {
+    /// `(batch·pos, n_features)`: ReLU'd top-k values scattered into zeros.
+    pub feats: Vec<Tensor>,
+    /// `(batch, pos, d_model)`: `f W_decᵀ + b_dec`.
+    pub recon: Vec<Tensor>,
+    /// The top-k indices of each module, `(batch·pos)·k` row-major.
+    pub topk: Vec<Vec<u32>>,
+}
+
+/// Σ_h P_h (x W_V[h]) W_O[h] for `x (B, S, D)`: attention mixing with the cached pattern.
+fn attn_mix(rt: &Runtime, layer: usize, x: &Tensor, pattern: &Tensor) -> Result<Tensor> {
+    let (b, s, d) = x.dims3()?;
+    let (h, dh) = (rt.cfg.n_heads, rt.cfg.d_head);
+    let (w_v, w_o) = rt.flat_vo(layer);
+    let v = x.reshape((b * s, d))?.matmul(w_v)?.reshape((b, s, h, dh))?.transpose(1, 2)?.contiguous()?;
+    let z = pattern.matmul(&v)?.transpose(1, 2)?.reshape((b * s, h * dh))?;
+    Ok(z.matmul(w_o)?.reshape((b, s, d))?)
+}
+
+/// Run the pruned pass of `suite` on `batch`.
+pub fn forward(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, opts: PassOptions) -> Result<PassOutput> {
+    let (b, s, dm) = batch.resid_pre0.dims3()?;
+    let (n, f, k) = (b * s, suite.n_features, suite.k);
+    let r0 = &batch.resid_pre0;
+    let mut feats: Vec<Tensor> = Vec::with_capacity(suite.modules.len());
+    let mut recon: Vec<Tensor> = Vec::with_capacity(suite.modules.len());
+    let mut recon_nobias: Vec<Tensor> = Vec::with_capacity(suite.modules.len());
+    let mut topk = Vec::with_capacity(suite.modules.len());
+    for (d, module) in suite.modules.iter().enumerate() {
+        let ae = &suite.aes[d];
+        let enc = ae.w_enc.as_tensor();
+        let enc_t = enc.t()?;
+        let plan_d = &plan.downs[d];
+        let ups = &plan_d.ups;
+        let mut ub = Tensor::zeros(dm, DType::F32, r0.device())?;
+        for &u in ups {
+            ub = (ub + suite.aes[u].b_dec.as_tensor())?;
+        }
+        let l = module.layer;
+        let mut pre = match module.kind {
+            Kind::Mlp => {
+                let scale = &batch.ln2_scale[l];
+                let mut x = r0.clone();
+                if plan.sparse {
+                    x = x.broadcast_add(&ub)?;
+                } else {
+                    for &u in ups {
+                        x = (x + &recon[u])?;
+                    }
+                }
+                let x = x.broadcast_div(scale)?;
+                let mut a = x.reshape((n, dm))?.matmul(&enc_t)?;
+                if plan.sparse && !ups.is_empty() {
+                    let y = edge_contrib(suite, rt, plan_d, &feats, d, None, s)?; // (B, 1, S, F)
+                    a = (a + y.reshape((n, f))?.broadcast_div(&scale.reshape((n, 1))?)?)?;
+                }
+                a
+            }
+            Kind::Attn => {
+                let scale = &batch.ln1_scale[l];
+                let pattern = &batch.pattern[l];
+                let mut x = r0.clone();
+                if !plan.sparse {
+                    for &u in ups {
+                        x = (x + &recon_nobias[u])?;
+                    }
+                }
+                if opts.consistent_attn_bias {
+                    x = x.broadcast_add(&ub)?;
+                }
+                let mixed = attn_mix(rt, l, &x.broadcast_div(scale)?, pattern)?;
+                let mut a = mixed.reshape((n, dm))?.matmul(&enc_t)?;
+                if plan.sparse && !ups.is_empty() {
+                    let y = edge_contrib(suite, rt, plan_d, &feats, d, Some(l), s)?; // (B, H, S, F)
+                    let y = y.broadcast_div(&scale.reshape((b, 1, s, 1))?)?;
+                    let mixed = pattern.matmul(&y)?.sum(1)?; // (B, S, F)
+                    a = (a + mixed.reshape((n, f))?)?;
+                }
+                let b_o = &rt.weights.blocks[l].b_o;
+                a = a.broadcast_add(&b_o.unsqueeze(0)?.matmul(&enc_t)?.squeeze(0)?)?;
+                if !opts.consistent_attn_bias && !ups.is_empty() {
+                    // Reference form (B3): (ub / s1[q]) (Σ_h W_OV[h]) Eᵀ.
+                    let projected = ub.unsqueeze(0)?.matmul(rt.w_ov_sum(l))?; // (1, D)
+                    let per_tok = projected.broadcast_div(&scale.reshape((n, 1))?)?; // (N, D)
+                    a = (a + per_tok.matmul(&enc_t)?)?;
+                }
+                a
+            }
+        };
+        // + b_enc − E b_dec (the encoder subtracts the module's own b_dec)
+        let own = enc.matmul(&ae.b_dec.as_tensor().unsqueeze(1)?)?.squeeze(1)?;
+        pre = pre.broadcast_add(&(ae.b_enc.as_tensor() - own)?)?;
+        let (feat, idx) = topk_relu(&pre, k)?;
+        let w_dec_t = ae.w_dec.as_tensor().t()?.contiguous()?;
+        let rec_nb = feat.apply_op2(&w_dec_t, SparseDecode)?;
+        let rec = rec_nb.broadcast_add(ae.b_dec.as_tensor())?.reshape((b, s, dm))?;
+        recon_nobias.push(rec_nb.reshape((b, s, dm))?);
+        recon.push(rec);
+        feats.push(feat);
+        topk.push(idx);
+    }
+    Ok(PassOutput { feats, recon, topk })
+}
+
+/// `f = scatter(topk_idx(a), ReLU(gather(a, idx)))`: gradients reach the selected positive
+/// values only. Returns the features `(N, F)` and the indices.
+pub fn topk_relu(pre: &Tensor, k: usize) -> Result<(Tensor, Vec<u32>)> {
+    let (n, f) = pre.dims2()?;
+    let values = pre.detach().to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+    let idx = topk_indices(&values, f, k);
+    let idx_t = Tensor::from_vec(idx.clone(), (n, k), pre.device())?;
+    let vals = pre.gather(&idx_t, D::Minus1)?.relu()?;
+    let feat = pre.zeros_like()?.scatter(&idx_t, &vals, D::Minus1)?;
+    Ok((feat, idx))
+}
+
+/// The sparse upstream contribution `(B, H, S, F)` (H = 1 for mlp targets).
+fn edge_contrib(suite: &Suite, rt: &Runtime, plan_d: &DownPlan, feats: &[Tensor], d: usize, attn_layer: Option<usize>, seq_len: usize) -> Result<Tensor> {
+    let index = plan_d.index.as_ref().expect("sparse plan");
+    let cols = plan_d.cols.as_ref().expect("sparse plan");
+    let f = suite.n_features;
+    let enc = suite.aes[d].w_enc.as_tensor();
+    let x = Tensor::cat(&plan_d.ups.iter().map(|&u| &feats[u]).collect::<Vec<_>>(), 1)?;
+    let dec_t = Tensor::cat(&plan_d.ups.iter().map(|&u| suite.aes[u].w_dec.as_tensor().t()).collect::<candle_core::Result<Vec<_>>>()?, 0)?.contiguous()?;
+    let width = index.width;
+    let (w, heads) = match attn_layer {
+        None => {
+            // w[i,c] = E[i] · W_dec^{u}[:, j]
+            let g = dec_t.index_select(cols, 0)?.reshape((f, width, suite.d_model))?;
+            (g.broadcast_mul(&enc.unsqueeze(1)?)?.sum(2)?.unsqueeze(2)?, 1)
+        }
+        Some(l) => {
+            // w_h[i,c] = (W_O[h] E[i]ᵀ) · (W_dec[:,j]ᵀ W_V[h]), a d_head dot product per head.
+            let (h, dh) = (rt.cfg.n_heads, rt.cfg.d_head);
+            let (w_v, w_o) = rt.flat_vo(l);
+            let ev = enc.matmul(&w_o.t()?)?.reshape((f, 1, h, dh))?;
+            let dv = dec_t.matmul(w_v)?.index_select(cols, 0)?.reshape((f, width, h, dh))?;
+            (dv.broadcast_mul(&ev)?.sum(3)?, h)
+        }
+    };
+    let op = EdgeMatmul { index: index.clone(), heads, seq_len };
+    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, op)?)
+}
+
+/// The reference's FVU: `Σ var_b(T−R) / Σ var_b(T)` with the unbiased variance over the batch
+/// axis only, per (position, dim) (SPEC §6, B12).
+pub fn fvu_ref(target: &Tensor, recon: &Tensor) -> Result<Tensor> {
+    let var_b = |x: &Tensor| -> Result<Tensor> {
+        let nb = x.dim(0)?;
+        let c = x.broadcast_sub(&x.mean_keepdim(0)?)?;
+        Ok((c.sqr()?.sum_all()? / (nb as f64 - 1.0).max(1.0))?)
+    };
+    Ok((var_b(&(target - recon)?)? / var_b(target)?)?)
+}
+
+/// FVU with the variance over all tokens: `Σ_{t,d} (T−R − mean)² / Σ_{t,d} (T − mean)²`.
+pub fn fvu_all(target: &Tensor, recon: &Tensor) -> Result<Tensor> {
+    let d = target.dim(D::Minus1)?;
+    let flat = |x: &Tensor| -> Result<Tensor> {
+        let x = x.reshape(((), d))?;
+        Ok(x.broadcast_sub(&x.mean_keepdim(0)?)?.sqr()?.sum_all()?)
+    };
+    Ok((flat(&(target - recon)?)? / flat(target)?)?)
+}
+
+/// `Σ_m FVU_m` (reference definition), the MSE-mode training loss.
+pub fn mse_loss(suite: &Suite, batch: &Batch, out: &PassOutput) -> Result<Tensor> {
+    let mut total: Option<Tensor> = None;
+    for (m, r) in suite.modules.iter().zip(&out.recon) {
+        let v = fvu_ref(batch.target(m), r)?;
+        total = Some(match total {
+            Some(t) => (t + v)?,
+            None => v,
+        });
+    }
+    total.ok_or_else(|| Error::Usage("empty suite".into()))
+}
+
+/// The residual stream the suite implies: `Σ_m R_m + hook_resid_pre[0]`.
+pub fn spliced_resid(batch: &Batch, out: &PassOutput) -> Result<Tensor> {
+    let mut resid = out.recon[0].clone();
+    for r in &out.recon[1..] {
+        resid = (resid + r)?;
+    }
+    Ok((resid + &batch.resid_pre0)?)
+}
+
+/// CE with the suite spliced in (per token, `(batch, pos-1)`): final LN and unembed of
+/// [`spliced_resid`], next-token targets.
+pub fn ce_per_token(rt: &Runtime, batch: &Batch, out: &PassOutput) -> Result<Tensor> {
+    rt.ce_from_resid(&spliced_resid(batch, out)?, &batch.tokens)
+}
+
+/// The reference's CE loss: mean over batch·(pos−1).
+pub fn ce_loss(rt: &Runtime, batch: &Batch, out: &PassOutput) -> Result<Tensor> {
+    Ok(ce_per_token(rt, batch, out)?.mean_all()?)
+}
