@@ -29,6 +29,9 @@ pub const MANIFEST: &str = "manifest.json";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelInfo {
     pub id: String,
+    /// The folder the model was read from (absolute), so later stages can reload it.
+    #[serde(default)]
+    pub path: Option<String>,
     pub hash: String,
     pub architecture: String,
     pub n_layers: usize,
@@ -43,9 +46,10 @@ pub struct ModelInfo {
 
 impl ModelInfo {
     /// Describe `cfg` loaded from `id` with weights hash `hash`.
-    pub fn new(id: &str, hash: &str, cfg: &ModelConfig) -> ModelInfo {
+    pub fn new(id: &str, dir: &Path, hash: &str, cfg: &ModelConfig) -> ModelInfo {
         ModelInfo {
             id: id.to_string(),
+            path: std::fs::canonicalize(dir).ok().map(|p| p.display().to_string()),
             hash: hash.to_string(),
             architecture: cfg.arch.hf_name().to_string(),
             n_layers: cfg.n_layers,
@@ -251,6 +255,60 @@ impl Cache {
             }
         }
         Ok(Cache { dir: dir.to_path_buf(), manifest })
+    }
+
+    /// Load the model the cache was made with (or `model_override`), checking its hash.
+    pub fn load_model(&self, model_override: Option<&str>, device: &Device) -> Result<crate::model::Model> {
+        let info = &self.manifest.model;
+        let manifest = self.dir.join(MANIFEST);
+        let spec = match (model_override, &info.path) {
+            (Some(m), _) => m.to_string(),
+            (None, Some(p)) if Path::new(p).is_dir() => p.clone(),
+            (None, _) => info.id.clone(),
+        };
+        let dir = crate::hub::resolve_model(&spec)?;
+        let model = crate::model::Model::load(&info.id, &dir, device)?;
+        if model.hash != info.hash {
+            return Err(Error::input(
+                &manifest,
+                format!(
+                    "made with model {} ({}), but {} has hash {}; hint: pass --model with the cache's model",
+                    info.id,
+                    info.hash,
+                    dir.display(),
+                    model.hash
+                ),
+            ));
+        }
+        Ok(model)
+    }
+
+    /// Call `f` on consecutive batches of at most `batch_size` sequences, over the first
+    /// `limit` sequences (all when `None`), loading one shard at a time.
+    pub fn for_each_batch(
+        &self,
+        batch_size: usize,
+        limit: Option<usize>,
+        device: &Device,
+        mut f: impl FnMut(crate::pruned::Batch) -> Result<()>,
+    ) -> Result<usize> {
+        let n_layers = self.manifest.model.n_layers;
+        let limit = limit.unwrap_or(usize::MAX);
+        let mut done = 0;
+        for (i, shard) in self.manifest.shards.iter().enumerate() {
+            if done >= limit {
+                break;
+            }
+            let map = self.load_shard(i, device)?;
+            let mut start = 0;
+            while start < shard.n_seqs && done < limit {
+                let n = batch_size.min(shard.n_seqs - start).min(limit - done);
+                f(crate::pruned::Batch::from_shard(&map, n_layers, start, n, device)?)?;
+                start += n;
+                done += n;
+            }
+        }
+        Ok(done)
     }
 
     /// Load shard `i` as `name -> tensor` on `device` (floating tensors in f32).

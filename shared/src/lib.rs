@@ -16,6 +16,7 @@ pub mod hub;
 pub mod io;
 pub mod model;
 pub mod pruned;
+pub mod scores;
 pub mod sparse_ops;
 pub mod suite;
 pub mod table;

@@ -120,3 +120,69 @@ fn gpt_neox_pruned_pass_matches_reference() {
 fn gpt2_pruned_pass_matches_reference() {
     run_family("tiny-gpt2");
 }
+
+/// Average contributions (up to the documented factor per module kind) and top-C selection
+/// against the reference's `get_avg_contribs` / `get_top_connections`.
+fn run_scores(name: &'static str) {
+    use scae::scores::ScoreStats;
+    let c = case(name);
+    let rt = &c.model.runtime;
+    let cfg = c.model.cfg();
+    let parallel = cfg.parallel_attn_mlp;
+    let dev = Device::Cpu;
+    let plan = Plan::new(&c.suite, Wiring::All, parallel, &dev).unwrap();
+    let full = pruned::forward(&c.suite, rt, &plan, &c.batch, PassOptions::default()).unwrap();
+    let mut stats = ScoreStats::new(&c.suite, cfg.n_heads, parallel);
+    stats.accumulate(&c.suite, &c.batch, &full).unwrap();
+    let (b, s, _) = c.batch.resid_pre0.dims3().unwrap();
+    let n_c: usize = 6;
+    let mut worst = 0f32;
+    let mut pairs = 0;
+    for (d, dm) in c.suite.modules.iter().enumerate() {
+        for (u, um) in c.suite.modules.iter().enumerate() {
+            if !um.precedes(dm, parallel) {
+                continue;
+            }
+            pairs += 1;
+            let ours = stats.pair_scores(&c.suite, rt, d, u).unwrap();
+            // reference = ours × B·S (mlp, plain sum) or ours / (H·S) (attn, ÷ B·H·S²)
+            let factor = match dm.kind {
+                scae::suite::Kind::Mlp => (b * s) as f64,
+                scae::suite::Kind::Attn => 1.0 / (cfg.n_heads * s) as f64,
+            };
+            let ours = (ours * factor).unwrap();
+            let want = &c.golden[&format!("avg.{dm}.{um}")];
+            let rel = diff(&ours, want) / max_abs(want).max(1e-12);
+            assert!(rel <= 1e-4, "{name} avg.{dm}.{um}: relative diff {rel}");
+            worst = worst.max(rel);
+        }
+        // top-C across all upstream modules, compared slot by slot with the reference layout.
+        let top = stats.top_edges(&c.suite, rt, d, n_c).unwrap();
+        for (u, um) in c.suite.modules.iter().enumerate() {
+            let Some(want) = c.golden.get(&format!("topc.{dm}.{um}")) else { continue };
+            let want = want.to_vec2::<i64>().unwrap();
+            for (i, row) in want.iter().enumerate() {
+                let mut got: Vec<i64> = top[i].iter().filter(|e| e.up == u).map(|e| e.feature as i64).collect();
+                got.resize(n_c, -1);
+                assert_eq!(&got, row, "{name} topc.{dm}.{um} row {i}");
+            }
+        }
+    }
+    assert!(pairs > 0);
+    eprintln!("{name}: avg contributions over {pairs} pairs, max relative diff {worst:.2e}; top-C identical");
+}
+
+#[test]
+fn gpt_neo_edge_scores_match_reference() {
+    run_scores("tiny-neo");
+}
+
+#[test]
+fn gpt_neox_edge_scores_match_reference() {
+    run_scores("tiny-pythia");
+}
+
+#[test]
+fn gpt2_edge_scores_match_reference() {
+    run_scores("tiny-gpt2");
+}

@@ -128,7 +128,7 @@ fn run(args: Args) -> Result<()> {
     let manifest = Manifest {
         format: FORMAT.into(),
         version: VERSION,
-        model: ModelInfo::new(&args.model, &model.hash, &cfg),
+        model: ModelInfo::new(&args.model, &dir, &model.hash, &cfg),
         ctx_len,
         prepend_bos,
         dtype: args.dtype,

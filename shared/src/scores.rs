@@ -1,0 +1,183 @@
+//! Edge scores: the average signed contribution of every upstream feature to every downstream
+//! feature's pre-activation, under the suite's full pass (all connections), and top-C selection.
+//!
+//! Definition (scae; SPEC §5 up to a positive factor per downstream module): for a downstream
+//! feature `i` of module d (layer L) and an upstream feature `g` of a module u that precedes d,
+//! `score(g -> i)` is the mean over all cached tokens of g's term in i's pre-activation:
+//! - mlp d: `V[i,g] · mean_t f_u[t,g] / s2_L[t]` with `V = E_d W_dec^u` (the reference sums
+//!   over tokens instead: its value is ours × tokens-per-batch);
+//! - attn d: `Σ_h V_h[i,g] · mean_{b,q} Σ_p P[b,h,q,p] f_u[b,p,g] / s1_L[b,p]` with
+//!   `V_h = E_d W_OV[h]ᵀ W_dec^u` (the reference divides by B·H·S² instead of B·S: its value is
+//!   ours / (H·S)).
+//!
+//! Only the token statistics depend on the data, so one pass over the cache accumulates them
+//! (`F` numbers per (layer, up module), `H·F` for attention) and the `F×F` scores are formed one
+//! module pair at a time afterwards, so memory stays bounded.
+//!
+//! Selection order (documented tie rule): by |score| descending, then upstream module in suite
+//! order, then upstream feature index ascending. Exact zeros are never selected.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::connections::{Connections, Edge};
+use crate::error::Result;
+use crate::model::Runtime;
+use crate::pruned::{Batch, PassOutput};
+use crate::suite::{Kind, Suite};
+
+/// Token statistics for edge scores, accumulated batch by batch.
+#[derive(Debug, Clone)]
+pub struct ScoreStats {
+    pub n_tokens: u64,
+    n_features: usize,
+    n_heads: usize,
+    /// `[layer][up]`: Σ_t f_u[t,g]/s2_L[t]   (F values), for mlp downs.
+    mlp: Vec<Vec<Option<Vec<f64>>>>,
+    /// `[layer][up]`: Σ_{b,p} colsum_h[b,p] f_u[b,p,g]/s1_L[b,p]   (H·F values), for attn downs.
+    attn: Vec<Vec<Option<Vec<f64>>>>,
+    parallel: bool,
+}
+
+impl ScoreStats {
+    /// Empty statistics for `suite` on a model with `n_heads` heads.
+    pub fn new(suite: &Suite, n_heads: usize, parallel: bool) -> ScoreStats {
+        let n_layers = suite.modules.len() / 2;
+        let m = suite.modules.len();
+        ScoreStats {
+            n_tokens: 0,
+            n_features: suite.n_features,
+            n_heads,
+            mlp: vec![vec![None; m]; n_layers],
+            attn: vec![vec![None; m]; n_layers],
+            parallel,
+        }
+    }
+
+    /// Add one batch, given the features of the full pass on it.
+    pub fn accumulate(&mut self, suite: &Suite, batch: &Batch, out: &PassOutput) -> Result<()> {
+        let (b, s, _) = batch.resid_pre0.dims3()?;
+        let n = b * s;
+        let (f, h) = (self.n_features, self.n_heads);
+        self.n_tokens += n as u64;
+        for d in &suite.modules {
+            let l = d.layer;
+            for (u, um) in suite.modules.iter().enumerate() {
+                if !um.precedes(d, self.parallel) {
+                    continue;
+                }
+                let feats = &out.feats[u]; // (N, F)
+                match d.kind {
+                    Kind::Mlp => {
+                        let w = batch.ln2_scale[l].reshape((1, n))?.recip()?;
+                        let sum = w.matmul(&feats.detach())?.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                        add_into(&mut self.mlp[l][u], &sum, f);
+                    }
+                    Kind::Attn => {
+                        // colsum[b,h,p] = Σ_q P[b,h,q,p]; weight[h, (b,p)] = colsum / s1[b,p]
+                        let colsum = batch.pattern[l].sum(2)?; // (B, H, S)
+                        let w = colsum.broadcast_div(&batch.ln1_scale[l].reshape((b, 1, s))?)?;
+                        let w = w.transpose(0, 1)?.reshape((h, n))?.contiguous()?;
+                        let sum = w.matmul(&feats.detach())?.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                        add_into(&mut self.attn[l][u], &sum, h * f);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The `F_down × F_up` score matrix of the pair (d, u) (module indices), on the CPU.
+    pub fn pair_scores(&self, suite: &Suite, rt: &Runtime, d: usize, u: usize) -> Result<Tensor> {
+        let dm = &suite.modules[d];
+        let (f, h, dh) = (self.n_features, self.n_heads, rt.cfg.d_head);
+        let dev = Device::Cpu;
+        let enc = suite.aes[d].w_enc.as_tensor().to_device(&dev)?;
+        let dec = suite.aes[u].w_dec.as_tensor().to_device(&dev)?;
+        let norm = 1.0 / self.n_tokens.max(1) as f64;
+        let stat = |v: &Option<Vec<f64>>, len: usize| -> Result<Tensor> {
+            let vals: Vec<f32> = match v {
+                Some(v) => v.iter().map(|x| (x * norm) as f32).collect(),
+                None => vec![0.0; len],
+            };
+            Ok(Tensor::from_vec(vals, len, &dev)?)
+        };
+        match dm.kind {
+            Kind::Mlp => {
+                let m = stat(&self.mlp[dm.layer][u], f)?;
+                Ok(enc.matmul(&dec)?.broadcast_mul(&m.unsqueeze(0)?)?)
+            }
+            Kind::Attn => {
+                // Σ_h (E W_O[h]ᵀ)(W_dec[:,g]ᵀ W_V[h])·z_h[g] as one (F, H·dh) x (H·dh, F) product.
+                let z = stat(&self.attn[dm.layer][u], h * f)?.reshape((h, f))?;
+                let (w_v, w_o) = rt.flat_vo(dm.layer);
+                let (w_v, w_o) = (w_v.to_device(&dev)?, w_o.to_device(&dev)?);
+                let ev = enc.matmul(&w_o.t()?)?; // (F_down, H·dh)
+                let dv = dec.t()?.matmul(&w_v)?.reshape((f, h, dh))?; // (F_up, H, dh)
+                let dvz = dv.broadcast_mul(&z.t()?.unsqueeze(2)?)?.reshape((f, h * dh))?;
+                Ok(ev.matmul(&dvz.t()?)?)
+            }
+        }
+    }
+
+    /// For every feature of down module `d`, its `keep` highest-|score| edges across all
+    /// preceding modules, in selection order (see the module docs). Exact zeros are skipped.
+    pub fn top_edges(&self, suite: &Suite, rt: &Runtime, d: usize, keep: usize) -> Result<Vec<Vec<Edge>>> {
+        let f = self.n_features;
+        let mut best: Vec<Vec<Edge>> = vec![Vec::new(); f];
+        for u in 0..suite.modules.len() {
+            if !suite.modules[u].precedes(&suite.modules[d], self.parallel) {
+                continue;
+            }
+            let scores = self.pair_scores(suite, rt, d, u)?.flatten_all()?.to_vec1::<f32>()?;
+            for (i, cand) in best.iter_mut().enumerate() {
+                let row = &scores[i * f..(i + 1) * f];
+                cand.extend(row.iter().enumerate().filter(|(_, v)| **v != 0.0).map(|(g, &v)| Edge { up: u, feature: g as u32, score: v }));
+                if cand.len() > keep {
+                    cand.select_nth_unstable_by(keep, edge_order);
+                    cand.truncate(keep);
+                }
+            }
+        }
+        for cand in &mut best {
+            cand.sort_by(edge_order);
+        }
+        Ok(best)
+    }
+}
+
+fn add_into(acc: &mut Option<Vec<f64>>, v: &[f64], len: usize) {
+    let a = acc.get_or_insert_with(|| vec![0.0; len]);
+    a.iter_mut().zip(v).for_each(|(x, y)| *x += y);
+}
+
+/// Selection order: |score| descending, then upstream module, then upstream feature.
+pub fn edge_order(a: &Edge, b: &Edge) -> std::cmp::Ordering {
+    b.score.abs().total_cmp(&a.score.abs()).then(a.up.cmp(&b.up)).then(a.feature.cmp(&b.feature))
+}
+
+/// The first `c` edges of every feature (inputs already in selection order, e.g. from
+/// [`ScoreStats::top_edges`] or an edges file).
+pub fn select_top_c(edges: &Connections, c: usize) -> Connections {
+    let mut out = edges.clone();
+    for feats in &mut out.edges {
+        for es in feats.iter_mut() {
+            es.retain(|e| e.score != 0.0);
+            es.sort_by(edge_order);
+            es.truncate(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selection_order_breaks_ties_by_module_then_feature() {
+        let e = |up, feature, score| Edge { up, feature, score };
+        let mut v = vec![e(2, 0, 0.5), e(0, 3, -0.5), e(0, 1, 0.5), e(1, 0, 0.9)];
+        v.sort_by(edge_order);
+        assert_eq!(v, vec![e(1, 0, 0.9), e(0, 1, 0.5), e(0, 3, -0.5), e(2, 0, 0.5)]);
+    }
+}
