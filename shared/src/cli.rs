@@ -96,3 +96,30 @@ pub fn run_main(tool: &str, body: impl FnOnce() -> anyhow::Result<()>) -> ExitCo
         }
     }
 }
+
+/// Options of the pruned pass that every tool running it shares.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PassArgs {
+    /// Use the consistent attention b_dec term (mixed by the pattern with key-position LN
+    /// scales) instead of the reference's (SPEC B3; default: the reference's, for parity).
+    #[arg(long)]
+    pub consistent_attn_bias: bool,
+}
+
+impl PassArgs {
+    /// The pass options these flags select.
+    pub fn options(&self) -> crate::pruned::PassOptions {
+        crate::pruned::PassOptions { consistent_attn_bias: self.consistent_attn_bias }
+    }
+}
+
+/// A progress bar on stderr counting tokens (hidden when stderr is not a terminal).
+pub fn token_bar(total_tokens: Option<u64>, what: &str) -> indicatif::ProgressBar {
+    let bar = match total_tokens {
+        Some(t) => indicatif::ProgressBar::new(t),
+        None => indicatif::ProgressBar::new_spinner(),
+    };
+    let template = format!("{{spinner}} {what} {{elapsed_precise}} [{{wide_bar}}] {{human_pos}}/{{human_len}} tokens ({{per_sec}}, eta {{eta}})");
+    bar.set_style(indicatif::ProgressStyle::with_template(&template).expect("valid template"));
+    bar
+}

@@ -24,6 +24,8 @@ use crate::suite::Module;
 
 /// `format` key of a connections parquet file.
 pub const FORMAT: &str = "scae-connections";
+/// `format` key of an edges parquet file (same columns, more edges per feature).
+pub const EDGES_FORMAT: &str = "scae-edges";
 /// Current version.
 pub const VERSION: u32 = 1;
 
@@ -70,8 +72,9 @@ impl Connections {
         }
     }
 
-    /// Write the parquet form via `<path>.tmp`.
-    pub fn write_parquet(&self, path: &Path, extra_meta: &[(&str, String)]) -> Result<()> {
+    /// Write the parquet form via `<path>.tmp`, with `format` (connections or edges) and
+    /// `extra_meta` in its key-value metadata.
+    pub fn write_parquet(&self, path: &Path, format: &str, extra_meta: &[(&str, String)]) -> Result<()> {
         let (mut dm, mut df, mut um, mut uf, mut sc) = (vec![], vec![], vec![], vec![], vec![]);
         for (d, feats) in self.edges.iter().enumerate() {
             let dname = self.modules[d].name();
@@ -92,7 +95,13 @@ impl Connections {
             ("up_feature", Arc::new(UInt32Array::from(uf))),
             ("score", Arc::new(Float32Array::from(sc))),
         ];
-        let mut meta = vec![("format", FORMAT.to_string()), ("version", VERSION.to_string())];
+        let modules: Vec<String> = self.modules.iter().map(Module::name).collect();
+        let mut meta = vec![
+            ("format", format.to_string()),
+            ("version", VERSION.to_string()),
+            ("n_features", self.n_features.to_string()),
+            ("modules", modules.join(",")),
+        ];
         meta.extend(extra_meta.iter().map(|(k, v)| (*k, v.clone())));
         crate::table::write_parquet(path, cols, &meta)
     }
@@ -185,6 +194,12 @@ impl<'a> Builder<'a> {
 }
 
 fn read_parquet(path: &Path, modules: &[Module], n_features: usize, parallel: bool) -> Result<Connections> {
+    // Files from other tools (pandas) carry no scae metadata; ours must be a version we read.
+    for (k, v) in crate::table::parquet_metadata(path)? {
+        if k == "version" && v != VERSION.to_string() {
+            return Err(Error::input(path, format!("version {v}, expected {VERSION}; hint: rewrite it with score-edges / select-edges")));
+        }
+    }
     let batches = crate::table::read_parquet(path)?;
     let mut b = Builder::new(path, modules, n_features, parallel);
     for batch in &batches {

@@ -13,6 +13,7 @@ pub mod data;
 pub mod dense_oracle;
 pub mod error;
 pub mod hub;
+pub mod inputs;
 pub mod io;
 pub mod model;
 pub mod pruned;

@@ -1,0 +1,125 @@
+//! `score-edges`: average signed contribution of every upstream feature to every downstream
+//! feature under the suite's full pass, written as `edges.parquet` (top M per feature) and,
+//! with `--top-c`, `connections.parquet` (top C per feature across all upstream modules).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use clap::Parser;
+use scae::connections::{Connections, EDGES_FORMAT, FORMAT};
+use scae::inputs::Inputs;
+use scae::io::StagedDir;
+use scae::pruned::{self, Plan, Wiring};
+use scae::scores::{select_top_c, ScoreStats};
+
+/// Score every edge of a suite on an activation cache and pick top-C connections.
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    after_help = "Example:\n  score-edges --acts acts/ --suite suite/ --top-c 16 --out edges/\n\nScores: mean over tokens of the edge's signed term in the downstream pre-activation\n(SPEC §5 up to a positive factor per module). Ties: |score| desc, upstream module, feature."
+)]
+struct Args {
+    /// Activation cache folder (from collect-acts).
+    #[arg(long)]
+    acts: PathBuf,
+    /// Suite folder (suite.safetensors + config.json) or a bare .safetensors.
+    #[arg(long)]
+    suite: PathBuf,
+    /// Output folder: edges.parquet, connections.parquet (with --top-c), scores.json.
+    #[arg(long)]
+    out: PathBuf,
+    /// Use only the first N cached sequences (default: all).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    n_seqs: Option<u64>,
+    /// Also write connections.parquet with the top C edges of every feature.
+    #[arg(long)]
+    top_c: Option<usize>,
+    /// Edges kept per downstream feature in edges.parquet (at least --top-c).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    keep: u64,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    batch_size: u64,
+    /// Model folder or hub id (default: the one recorded in the cache manifest).
+    #[arg(long)]
+    model: Option<String>,
+    /// Replace an existing, non-empty --out folder.
+    #[arg(long)]
+    overwrite: bool,
+    #[command(flatten)]
+    pass: scae::cli::PassArgs,
+    #[command(flatten)]
+    common: scae::cli::Common,
+}
+
+fn main() -> ExitCode {
+    scae::cli::run_main("score-edges", || run(Args::parse()))
+}
+
+fn run(args: Args) -> Result<()> {
+    let device = args.common.setup()?;
+    let keep = args.keep as usize;
+    if let Some(c) = args.top_c {
+        if c > keep {
+            bail!("--top-c {c}: above --keep {keep}; hint: raise --keep");
+        }
+    }
+    let inputs = Inputs::open(&args.acts, &args.suite, args.model.as_deref(), &device)?;
+    let suite = &inputs.suite;
+    let rt = &inputs.model.runtime;
+    let parallel = inputs.parallel();
+    let stage = StagedDir::create(&args.out, args.overwrite, "--out")?;
+    let plan = Plan::new(suite, Wiring::All, parallel, &device)?;
+    let mut stats = ScoreStats::new(suite, rt.cfg.n_heads, parallel);
+    let limit = args.n_seqs.map(|n| n as usize);
+    let ctx = inputs.cache.manifest.ctx_len;
+    let total = limit.unwrap_or(inputs.cache.manifest.n_seqs).min(inputs.cache.manifest.n_seqs);
+    let bar = scae::cli::token_bar(Some((total * ctx) as u64), "scoring");
+    let n_seqs = inputs.cache.for_each_batch(args.batch_size as usize, limit, &device, |batch| {
+        let out = pruned::forward(suite, rt, &plan, &batch, args.pass.options())?;
+        stats.accumulate(suite, &batch, &out)?;
+        bar.inc(batch.tokens.elem_count() as u64);
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    let mut edges = Connections::empty(&suite.modules, suite.n_features);
+    for d in 0..suite.modules.len() {
+        edges.edges[d] = stats.top_edges(suite, rt, d, keep)?;
+    }
+    let meta = vec![
+        ("parallel_attn_mlp", parallel.to_string()),
+        ("n_tokens", stats.n_tokens.to_string()),
+        ("keep", keep.to_string()),
+        ("acts", args.acts.display().to_string()),
+        ("suite", args.suite.display().to_string()),
+        ("consistent_attn_bias", args.pass.consistent_attn_bias.to_string()),
+    ];
+    edges.write_parquet(&stage.path().join("edges.parquet"), EDGES_FORMAT, &meta)?;
+    let mut n_conn = None;
+    if let Some(c) = args.top_c {
+        let conns = select_top_c(&edges, c);
+        let mut m = meta.clone();
+        m.push(("c", c.to_string()));
+        conns.write_parquet(&stage.path().join("connections.parquet"), FORMAT, &m)?;
+        n_conn = Some(conns.n_edges());
+    }
+    let summary = serde_json::json!({
+        "format": "scae-scores", "version": 1,
+        "n_seqs": n_seqs, "n_tokens": stats.n_tokens, "keep": keep, "top_c": args.top_c,
+        "n_edges": edges.n_edges(), "n_connections": n_conn,
+        "normalization": "mean over tokens of the edge's signed term in the downstream pre-activation",
+        "tie_order": "|score| descending, then upstream module (suite order), then upstream feature",
+        "acts": args.acts, "suite": args.suite,
+    });
+    scae::io::write_atomic(&stage.path().join("scores.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    let out = stage.commit()?;
+    println!(
+        "score-edges: {} tokens, {} edges kept{} -> {}",
+        stats.n_tokens,
+        edges.n_edges(),
+        n_conn.map(|n| format!(", {n} connections (C={})", args.top_c.unwrap_or(0))).unwrap_or_default(),
+        out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,56 @@
+//! `select-edges`: top-C connections from an existing `edges.parquet`, so sweeping C does not
+//! recompute scores.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{anyhow, Result};
+use clap::Parser;
+use scae::connections::{Connections, FORMAT};
+use scae::scores::select_top_c;
+use scae::suite::Module;
+
+/// Keep the top C edges of every downstream feature of an edges file.
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    after_help = "Example:\n  select-edges --edges edges/edges.parquet --c 16 --out connections.parquet\n\nOrder: |score| descending, then upstream module (suite order), then upstream feature;\nzero scores are never selected."
+)]
+struct Args {
+    /// edges.parquet written by score-edges.
+    #[arg(long)]
+    edges: PathBuf,
+    /// Connections kept per downstream feature (across all upstream modules).
+    #[arg(long)]
+    c: usize,
+    /// Output connections.parquet.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn main() -> ExitCode {
+    scae::cli::run_main("select-edges", || run(Args::parse()))
+}
+
+fn run(args: Args) -> Result<()> {
+    let meta: std::collections::HashMap<String, String> = scae::table::parquet_metadata(&args.edges)?.into_iter().collect();
+    let path = args.edges.display();
+    let get = |k: &str| meta.get(k).ok_or_else(|| anyhow!("{path}: metadata lacks `{k}`; hint: edges files are written by score-edges"));
+    let n_features: usize = get("n_features")?.parse().map_err(|_| anyhow!("{path}: metadata `n_features` is not an integer"))?;
+    let modules: Vec<Module> = get("modules")?
+        .split(',')
+        .map(|m| Module::parse(m).ok_or_else(|| anyhow!("{path}: metadata `modules`: `{m}` is not a module name")))
+        .collect::<Result<_>>()?;
+    let parallel = get("parallel_attn_mlp")? == "true";
+    let keep: Option<usize> = meta.get("keep").and_then(|k| k.parse().ok());
+    if let Some(k) = keep.filter(|&k| args.c > k) {
+        eprintln!("select-edges: warning: --c {} is above the {k} edges per feature kept in {path}; features get at most {k}", args.c);
+    }
+    let edges = Connections::load(&args.edges, &modules, n_features, parallel)?;
+    let conns = select_top_c(&edges, args.c);
+    let mut m: Vec<(&str, String)> = vec![("parallel_attn_mlp", parallel.to_string()), ("c", args.c.to_string())];
+    m.push(("edges", path.to_string()));
+    conns.write_parquet(&args.out, FORMAT, &m)?;
+    println!("select-edges: {} connections (C={}) -> {}", conns.n_edges(), args.c, args.out.display());
+    Ok(())
+}
