@@ -1,1 +1,57 @@
-//! e2e
+//! Helpers for the end-to-end tests: where the tool binaries and fixtures are, scratch folders,
+//! running a tool.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The repository's `tests/fixtures` folder.
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// The folder holding the tool binaries of the current build profile.
+pub fn bin_dir() -> PathBuf {
+    // .../target/<profile>/deps/<test-exe> -> .../target/<profile>
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf()
+}
+
+/// Run tool `name` with `args`; panics with a hint when the binary was not built.
+pub fn tool(name: &str, args: &[&str]) -> Output {
+    let bin = bin_dir().join(name);
+    assert!(bin.is_file(), "{} is missing; run `cargo build --release --workspace` (make test does)", bin.display());
+    Command::new(&bin).args(args).output().expect("run tool")
+}
+
+/// Run a tool and require success; returns stdout.
+pub fn tool_ok(name: &str, args: &[&str]) -> String {
+    let o = tool(name, args);
+    assert!(o.status.success(), "{name} {args:?} failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+/// Run a tool that must fail with exit code 1 and a message containing every needle.
+pub fn tool_fails(name: &str, args: &[&str], needles: &[&str]) -> String {
+    let o = tool(name, args);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(1), "{name} {args:?}: expected exit 1, stderr: {err}");
+    assert!(err.starts_with(&format!("{name}: ")), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    for n in needles {
+        assert!(err.contains(n), "expected `{n}` in: {err}");
+    }
+    err
+}
+
+/// A fresh scratch folder for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("scae-e2e-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("scratch folder");
+    d
+}
+
+/// A path as &str.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}

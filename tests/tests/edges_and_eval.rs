@@ -1,0 +1,201 @@
+//! score-edges, select-edges and evaluate on a cache of the golden tokens, against the
+//! reference's outputs (tests/fixtures/gen_suite.py) and against each other.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::{ArrayRef, RecordBatch, StringArray, UInt32Array};
+use candle_core::{Device, Tensor};
+use e2e::{fixtures, s, scratch, tool_fails, tool_ok};
+
+/// A cache of the suite golden's tokens (3 x 12) for model `name`.
+fn golden_cache(dir: &Path, name: &str) -> PathBuf {
+    let acts = dir.join("acts");
+    let g = fixtures().join(format!("golden/suite-{name}.safetensors"));
+    let m = fixtures().join("models").join(name);
+    tool_ok("collect-acts", &["--model", s(&m), "--tokens", s(&g), "--ctx-len", "12", "--no-prepend-bos", "--out", s(&acts)]);
+    acts
+}
+
+fn suite(name: &str) -> PathBuf {
+    fixtures().join("suites").join(name).join("suite.safetensors")
+}
+
+fn golden(name: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixtures().join(format!("golden/suite-{name}.safetensors")), &Device::Cpu).unwrap()
+}
+
+/// (down, up) -> per down feature, the upstream features in file order.
+fn read_edges(path: &Path) -> HashMap<(String, String), Vec<Vec<i64>>> {
+    let batches = scae::table::read_parquet(path).unwrap();
+    let mut out: HashMap<(String, String), Vec<Vec<i64>>> = HashMap::new();
+    for b in &batches {
+        let dm = scae::table::strings(path, "down_module", b.column_by_name("down_module").unwrap()).unwrap();
+        let um = scae::table::strings(path, "up_module", b.column_by_name("up_module").unwrap()).unwrap();
+        let df = scae::table::ints(path, "down_feature", b.column_by_name("down_feature").unwrap()).unwrap();
+        let uf = scae::table::ints(path, "up_feature", b.column_by_name("up_feature").unwrap()).unwrap();
+        for r in 0..b.num_rows() {
+            let rows = out.entry((dm[r].clone(), um[r].clone())).or_insert_with(|| vec![vec![]; 32]);
+            rows[df[r] as usize].push(uf[r]);
+        }
+    }
+    out
+}
+
+#[test]
+fn score_edges_top_c_equals_the_reference_selection() {
+    for name in ["tiny-neo", "tiny-pythia", "tiny-gpt2"] {
+        let tmp = scratch(&format!("score-{name}"));
+        let acts = golden_cache(&tmp, name);
+        let out = tmp.join("edges");
+        tool_ok("score-edges", &["--acts", s(&acts), "--suite", s(&suite(name)), "--top-c", "6", "--keep", "10", "--out", s(&out)]);
+        let got = read_edges(&out.join("connections.parquet"));
+        let g = golden(name);
+        let mut compared = 0;
+        for (key, want) in g.iter().filter(|(k, _)| k.starts_with("topc.")) {
+            let parts: Vec<&str> = key.split('.').collect();
+            let want = want.to_vec2::<i64>().unwrap();
+            let rows = got.get(&(parts[1].to_string(), parts[2].to_string())).cloned().unwrap_or_else(|| vec![vec![]; 32]);
+            for (i, w) in want.iter().enumerate() {
+                let mut r = rows[i].clone();
+                r.resize(6, -1);
+                assert_eq!(&r, w, "{name} {key} row {i}");
+                compared += 1;
+            }
+        }
+        assert!(compared > 0);
+        // select-edges from the kept edges reproduces score-edges' own top-C for a smaller C.
+        tool_ok("score-edges", &["--acts", s(&acts), "--suite", s(&suite(name)), "--top-c", "3", "--keep", "10", "--out", s(&tmp.join("e3"))]);
+        tool_ok("select-edges", &["--edges", s(&out.join("edges.parquet")), "--c", "3", "--out", s(&tmp.join("c3.parquet"))]);
+        assert_eq!(read_edges(&tmp.join("c3.parquet")), read_edges(&tmp.join("e3/connections.parquet")), "{name}");
+    }
+}
+
+#[test]
+fn evaluate_matches_reference_losses_and_features() {
+    for name in ["tiny-neo", "tiny-pythia", "tiny-gpt2"] {
+        let tmp = scratch(&format!("eval-{name}"));
+        let acts = golden_cache(&tmp, name);
+        let conns = fixtures().join("suites").join(name).join("connections-ref.safetensors");
+        let out = tmp.join("eval");
+        tool_ok("evaluate", &["--acts", s(&acts), "--suite", s(&suite(name)), "--connections", s(&conns), "--dump", "--out", s(&out)]);
+        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
+        let g = golden(name);
+        let scalar = |k: &str| g[k].flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
+        let ce = report["ce"].as_f64().unwrap();
+        assert!((ce - scalar("loss.ce")).abs() < 1e-4, "{name}: ce {ce} vs reference {}", scalar("loss.ce"));
+        let fvu_ref_sum: f64 = report["modules"].as_object().unwrap().values().map(|m| m["fvu_ref"].as_f64().unwrap()).sum();
+        assert!((fvu_ref_sum - scalar("loss.mse")).abs() < 1e-4, "{name}: Σ fvu_ref {fvu_ref_sum} vs {}", scalar("loss.mse"));
+        let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(acts.join("manifest.json")).unwrap()).unwrap();
+        let clean = report["clean_ce"].as_f64().unwrap();
+        assert!((clean - manifest["clean_ce"].as_f64().unwrap()).abs() < 1e-5);
+        assert!((report["ce_diff"].as_f64().unwrap() - (ce - clean)).abs() < 1e-12);
+        // Dumped features equal the reference's; FVU over all tokens and L0 recomputed naively.
+        let dump = candle_core::safetensors::load(out.join("features.safetensors"), &Device::Cpu).unwrap();
+        let shard = candle_core::safetensors::load(acts.join("shard-00000.safetensors"), &Device::Cpu).unwrap();
+        for (m, r) in report["modules"].as_object().unwrap() {
+            let f = &dump[&format!("feats.{m}")];
+            let want = g[&format!("pruned.feats.{m}")].reshape(f.shape()).unwrap();
+            let d = (f - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-4, "{name} feats.{m}: {d}");
+            let fv = f.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let l0 = fv.iter().filter(|v| **v != 0.0).count() as f64 / 36.0;
+            assert!((r["l0"].as_f64().unwrap() - l0).abs() < 1e-9);
+            let hook = if m.starts_with("attn") { "hook_attn_out" } else { "hook_mlp_out" };
+            let t = shard[&format!("blocks.{}.{hook}", &m[m.len() - 1..])].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let rc = dump[&format!("recon.{m}")].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let dm = 16;
+            let (mut num, mut den) = (0f64, 0f64);
+            for dd in 0..dm {
+                let col = |v: &[f32]| -> Vec<f64> { (0..36).map(|t| v[t * dm + dd] as f64).collect() };
+                let tc = col(&t);
+                let ec: Vec<f64> = tc.iter().zip(col(&rc)).map(|(a, b)| a - b).collect();
+                let var = |x: &[f64]| {
+                    let mu = x.iter().sum::<f64>() / x.len() as f64;
+                    x.iter().map(|v| (v - mu).powi(2)).sum::<f64>()
+                };
+                num += var(&ec);
+                den += var(&tc);
+            }
+            assert!((r["fvu"].as_f64().unwrap() - num / den).abs() < 1e-4, "{name} fvu {m}");
+        }
+    }
+}
+
+fn write_conn_parquet(path: &Path, rows: &[(&str, u32, &str, u32)]) {
+    let cols: Vec<(&str, ArrayRef)> = vec![
+        ("down_module", Arc::new(StringArray::from(rows.iter().map(|r| r.0).collect::<Vec<_>>()))),
+        ("down_feature", Arc::new(UInt32Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>()))),
+        ("up_module", Arc::new(StringArray::from(rows.iter().map(|r| r.2).collect::<Vec<_>>()))),
+        ("up_feature", Arc::new(UInt32Array::from(rows.iter().map(|r| r.3).collect::<Vec<_>>()))),
+    ];
+    let batch = RecordBatch::try_from_iter(cols).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(path).unwrap(), batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+}
+
+#[test]
+fn bad_connections_and_mismatched_inputs_are_clear_errors() {
+    let tmp = scratch("bad-conns");
+    let acts = golden_cache(&tmp, "tiny-pythia");
+    let su = suite("tiny-pythia");
+    let eval = |c: &Path, needles: &[&str]| {
+        let out = tmp.join("eval");
+        tool_fails("evaluate", &["--acts", s(&acts), "--suite", s(&su), "--connections", s(c), "--out", s(&out)], needles);
+        assert!(!out.exists() && !tmp.join("eval.tmp").exists());
+    };
+    let c = tmp.join("c.parquet");
+    write_conn_parquet(&c, &[("mlp_1", 0, "attn_9", 0)]);
+    eval(&c, &["c.parquet", "up_module `attn_9`: not a module of the suite"]);
+    write_conn_parquet(&c, &[("mlp_1", 40, "attn_0", 0)]);
+    eval(&c, &["down_feature 40: out of range, the suite has 32 features"]);
+    write_conn_parquet(&c, &[("mlp_1", 1, "attn_0", 2), ("mlp_1", 1, "attn_0", 2)]);
+    eval(&c, &["duplicate edge attn_0:2 -> mlp_1:1"]);
+    // Pythia has parallel blocks: attn_1 does not feed mlp_1.
+    write_conn_parquet(&c, &[("mlp_1", 1, "attn_1", 2)]);
+    eval(&c, &["attn_1 does not precede mlp_1", "parallel"]);
+    write_conn_parquet(&c, &[("attn_0", 1, "mlp_1", 2)]);
+    eval(&c, &["mlp_1 does not precede attn_0"]);
+    std::fs::write(tmp.join("c.txt"), "x").unwrap();
+    eval(&tmp.join("c.txt"), &["expected a .parquet or .safetensors file"]);
+    // A suite whose d_model disagrees with the cache.
+    let t = Tensor::zeros((32, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let mut bad: HashMap<String, Tensor> = HashMap::new();
+    for m in ["attn_0", "mlp_0", "attn_1", "mlp_1"] {
+        bad.insert(format!("aes.{m}.encoder.weight"), t.clone());
+        bad.insert(format!("aes.{m}.encoder.bias"), Tensor::zeros(32, candle_core::DType::F32, &Device::Cpu).unwrap());
+        bad.insert(format!("aes.{m}.decoder.weight"), t.t().unwrap().contiguous().unwrap());
+        bad.insert(format!("aes.{m}.b_dec"), Tensor::zeros(8, candle_core::DType::F32, &Device::Cpu).unwrap());
+    }
+    let bad_path = tmp.join("bad.safetensors");
+    let meta: HashMap<String, String> = [("k".to_string(), "4".to_string()), ("n_features".to_string(), "32".to_string())].into();
+    safetensors::serialize_to_file(bad.iter().map(|(k, v)| (k.as_str(), v)), Some(meta), &bad_path).unwrap();
+    tool_fails("score-edges", &["--acts", s(&acts), "--suite", s(&bad_path), "--out", s(&tmp.join("o"))], &["bad.safetensors", "d_model 8 (cache: 16)", "manifest.json"]);
+    tool_fails("score-edges", &["--acts", s(&acts), "--suite", s(&su), "--top-c", "9", "--keep", "4", "--out", s(&tmp.join("o"))], &["--top-c 9", "--keep 4"]);
+    tool_fails("evaluate", &["--acts", s(&tmp.join("nope")), "--suite", s(&su), "--out", s(&tmp.join("o"))], &["no such cache folder"]);
+    tool_fails("select-edges", &["--edges", s(&c), "--c", "2", "--out", s(&tmp.join("x.parquet"))], &["metadata lacks `n_features`"]);
+}
+
+#[test]
+fn reference_layout_round_trips_and_pythia_same_layer_edges_are_dropped() {
+    let tmp = scratch("reflayout");
+    let su = scae::suite::Suite::load(&suite("tiny-pythia"), &Device::Cpu).unwrap();
+    let path = fixtures().join("suites/tiny-pythia/connections-ref.safetensors");
+    let conns = scae::connections::Connections::load(&path, &su.modules, 32, true).unwrap();
+    // The reference file lists attn_L -> mlp_L edges; none survive on a parallel model.
+    assert!(conns.edges[1].iter().all(|es| es.is_empty()), "mlp_0 gets no upstream input on Pythia");
+    let out = tmp.join("rt.safetensors");
+    conns.write_reference(&out, true).unwrap();
+    let strip = |c: &scae::connections::Connections| -> Vec<Vec<Vec<(usize, u32)>>> {
+        c.edges.iter().map(|d| d.iter().map(|es| es.iter().map(|e| (e.up, e.feature)).collect()).collect()).collect()
+    };
+    let again = scae::connections::Connections::load(&out, &su.modules, 32, true).unwrap();
+    assert!(strip(&again) == strip(&conns), "reference layout does not round-trip");
+    let pq = tmp.join("rt.parquet");
+    conns.write_parquet(&pq, scae::connections::FORMAT, &[]).unwrap();
+    let from_pq = scae::connections::Connections::load(&pq, &su.modules, 32, true).unwrap();
+    assert!(strip(&from_pq) == strip(&conns), "parquet does not round-trip");
+    assert_eq!(conns.n_edges(), 32 * 6 + strip(&conns)[3].iter().map(Vec::len).sum::<usize>());
+}
