@@ -1,0 +1,48 @@
+//! Benchmark helper (not a test): time one pruned forward + backward step (MSE loss) of a
+//! suite with a connection set, as `bench/bench_pruned.py` does for the reference.
+//!
+//! `bench_pruned MODEL_DIR SUITE.safetensors CONNECTIONS.safetensors TOKENS.safetensors STEPS [dense]`
+//! prints one JSON line: median milliseconds per step (and per forward).
+use std::time::Instant;
+
+use candle_core::Device;
+use scae::connections::Connections;
+use scae::pruned::{self, Batch, PassOptions, Plan, Wiring};
+
+fn main() -> anyhow::Result<()> {
+    let a: Vec<String> = std::env::args().collect();
+    let dev = Device::Cpu;
+    let model = scae::model::Model::load("bench", std::path::Path::new(&a[1]), &dev)?;
+    let suite = scae::suite::Suite::load(std::path::Path::new(&a[2]), &dev)?;
+    let parallel = model.cfg().parallel_attn_mlp;
+    let conns = Connections::load(std::path::Path::new(&a[3]), &suite.modules, suite.n_features, parallel)?;
+    let toks = candle_core::safetensors::load(&a[4], &dev)?["tokens"].clone();
+    let steps: usize = a[5].parse()?;
+    let dense = a.get(6).is_some_and(|s| s == "dense");
+    let out = model.runtime.forward(&toks, true, false)?;
+    let batch = Batch::from_forward(&toks, &out)?;
+    let plan = Plan::new(&suite, Wiring::Sparse(&conns), parallel, &dev)?;
+    let (mut step_ms, mut fwd_ms) = (Vec::new(), Vec::new());
+    for i in 0..steps + 1 {
+        let t = Instant::now();
+        let o = if dense {
+            scae::dense_oracle::forward(&suite, &model.runtime, parallel, Some(&conns), &batch, PassOptions::default())?
+        } else {
+            pruned::forward(&suite, &model.runtime, &plan, &batch, PassOptions::default())?
+        };
+        let loss = pruned::mse_loss(&suite, &batch, &o)?;
+        let f = t.elapsed().as_secs_f64() * 1e3;
+        let _grads = loss.backward()?;
+        let s = t.elapsed().as_secs_f64() * 1e3;
+        if i > 0 {
+            step_ms.push(s);
+            fwd_ms.push(f);
+        }
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    println!("{{\"step_ms\": {:.2}, \"fwd_ms\": {:.2}, \"edges\": {}}}", med(&mut step_ms), med(&mut fwd_ms), conns.n_edges());
+    Ok(())
+}
