@@ -18,14 +18,29 @@ fn main() -> anyhow::Result<()> {
     let conns = Connections::load(std::path::Path::new(&a[3]), &suite.modules, suite.n_features, parallel)?;
     let toks = candle_core::safetensors::load(&a[4], &dev)?["tokens"].clone();
     let steps: usize = a[5].parse()?;
-    let dense = a.get(6).is_some_and(|s| s == "dense");
+    let mode = a.get(6).map(String::as_str).unwrap_or("engine");
     let out = model.runtime.forward(&toks, true, false)?;
     let batch = Batch::from_forward(&toks, &out)?;
     let plan = Plan::new(&suite, Wiring::Sparse(&conns), parallel, &dev)?;
     let (mut step_ms, mut fwd_ms) = (Vec::new(), Vec::new());
+    let fb = scae::engine::FlatBatch::new(&batch, &suite)?;
     for i in 0..steps + 1 {
         let t = Instant::now();
-        let o = if dense {
+        if mode == "engine" {
+            // The fast path: forward, loss gradient, hand-written backward.
+            let eng = scae::engine::Engine::new(&suite, &model.runtime, &plan, PassOptions::default())?;
+            let state = eng.forward(&fb)?;
+            let f = t.elapsed().as_secs_f64() * 1e3;
+            let (_, g) = scae::engine::mse_loss_and_grad(&fb, &state, suite.d_model);
+            let grads = eng.backward(&fb, &state, g)?;
+            let _t = scae::engine::grads_to_tensors(&suite, &grads, &dev)?;
+            if i > 0 {
+                step_ms.push(t.elapsed().as_secs_f64() * 1e3);
+                fwd_ms.push(f);
+            }
+            continue;
+        }
+        let o = if mode == "dense" {
             scae::dense_oracle::forward(&suite, &model.runtime, parallel, Some(&conns), &batch, PassOptions::default())?
         } else {
             pruned::forward(&suite, &model.runtime, &plan, &batch, PassOptions::default())?

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod collect;
 pub mod connections;
 pub mod data;
+pub mod engine;
 pub mod dense_oracle;
 pub mod error;
 pub mod hub;

@@ -92,11 +92,11 @@ pub struct PassOptions {
 
 /// Per-downstream-module wiring, built once per connection set.
 #[derive(Debug, Clone)]
-struct DownPlan {
+pub struct DownPlan {
     /// Preceding modules (suite indices) in suite order.
-    ups: Vec<usize>,
+    pub ups: Vec<usize>,
     /// Edge index over the concatenation of `ups`' features (Sparse wiring only).
-    index: Option<Arc<EdgeIndex>>,
+    pub index: Option<Arc<EdgeIndex>>,
     /// `index.gather_cols()` as a tensor (F·C) u32.
     cols: Option<Tensor>,
 }
@@ -106,10 +106,16 @@ struct DownPlan {
 pub struct Plan {
     pub parallel: bool,
     downs: Vec<DownPlan>,
-    sparse: bool,
+    /// Whether a connection set restricts the edges (else all connections).
+    pub sparse: bool,
 }
 
 impl Plan {
+    /// The wiring of module `d`.
+    pub fn down(&self, d: usize) -> &DownPlan {
+        &self.downs[d]
+    }
+
     /// Wire `suite` for a model with (`parallel`) or without parallel blocks.
     pub fn new(suite: &Suite, wiring: Wiring, parallel: bool, device: &Device) -> Result<Plan> {
         let f = suite.n_features;

@@ -111,3 +111,71 @@ fn sparse_pass_matches_dense_masked_oracle() {
         compare(&format!("{name} C=8 consistent-b3"), &suite, &model, &batch, Some(&conns), PassOptions { consistent_attn_bias: true });
     }
 }
+
+/// The fast engine (hand-written backward) against the autograd pass: features,
+/// reconstructions, both losses and every parameter gradient.
+fn compare_engine(name: &str, suite: &Suite, model: &Model, batch: &Batch, conns: Option<&Connections>, opts: PassOptions) {
+    use scae::engine::{self, Engine, FlatBatch};
+    let rt = &model.runtime;
+    let parallel = model.cfg().parallel_attn_mlp;
+    let dev = Device::Cpu;
+    let wiring = match conns {
+        Some(c) => Wiring::Sparse(c),
+        None => Wiring::All,
+    };
+    let plan = Plan::new(suite, wiring, parallel, &dev).unwrap();
+    let auto = pruned::forward(suite, rt, &plan, batch, opts).unwrap();
+    let eng = Engine::new(suite, rt, &plan, opts).unwrap();
+    let fb = FlatBatch::new(batch, suite).unwrap();
+    let state = eng.forward(&fb).unwrap();
+    let n = fb.b * fb.s;
+    for (i, m) in suite.modules.iter().enumerate() {
+        let dense = engine::dense_features(&state.modules[i], n, suite.n_features, suite.k, &dev).unwrap();
+        let d = max_abs(&(&dense - &auto.feats[i]).unwrap());
+        assert!(d <= 1e-4, "{name}: engine feats {m} differ by {d}");
+        let rec = Tensor::from_vec(state.modules[i].recon.clone(), auto.recon[i].shape(), &dev).unwrap();
+        let d = max_abs(&(&rec - &auto.recon[i]).unwrap());
+        assert!(d <= 1e-4, "{name}: engine recon {m} differ by {d}");
+    }
+    for loss_kind in ["mse", "ce"] {
+        let (auto_loss, (eng_loss, g_recon)) = if loss_kind == "mse" {
+            (pruned::mse_loss(suite, batch, &auto).unwrap(), engine::mse_loss_and_grad(&fb, &state, suite.d_model))
+        } else {
+            (pruned::ce_loss(rt, batch, &auto).unwrap(), engine::ce_loss_and_grad(rt, &fb, &state, suite.d_model).unwrap())
+        };
+        let al = auto_loss.to_scalar::<f32>().unwrap() as f64;
+        assert!((al - eng_loss).abs() <= 1e-4 * al.abs().max(1.0), "{name}: {loss_kind} loss {al} vs engine {eng_loss}");
+        let ga = auto_loss.backward().unwrap();
+        let grads = eng.backward(&fb, &state, g_recon).unwrap();
+        let tensors = engine::grads_to_tensors(suite, &grads, &dev).unwrap();
+        for ((key, var), got) in suite.named_vars().into_iter().zip(&tensors) {
+            let zero = var.as_tensor().zeros_like().unwrap();
+            let want = ga.get(var.as_tensor()).unwrap_or(&zero);
+            let scale = max_abs(want).max(1e-6);
+            let rel = max_abs(&(got - want).unwrap()) / scale;
+            assert!(rel <= 1e-4, "{name}: engine {loss_kind} grad {key}: relative diff {rel} (scale {scale})");
+        }
+    }
+}
+
+#[test]
+fn engine_matches_autograd_pass() {
+    let dev = Device::Cpu;
+    for name in ["tiny-neo", "tiny-pythia", "tiny-gpt2"] {
+        let model = Model::load(name, &fixtures().join("models").join(name), &dev).unwrap();
+        let suite = Suite::load(&fixtures().join("suites").join(name).join("suite.safetensors"), &dev).unwrap();
+        let g = candle_core::safetensors::load(fixtures().join(format!("golden/suite-{name}.safetensors")), &dev).unwrap();
+        let tokens = &g["tokens"];
+        let out = model.runtime.forward(tokens, true, false).unwrap();
+        let batch = Batch::from_forward(tokens, &out).unwrap();
+        let parallel = model.cfg().parallel_attn_mlp;
+        let consistent = PassOptions { consistent_attn_bias: true };
+        compare_engine(&format!("{name} all"), &suite, &model, &batch, None, PassOptions::default());
+        compare_engine(&format!("{name} all consistent-b3"), &suite, &model, &batch, None, consistent);
+        for (c, seed) in [(0usize, 11u64), (3, 12), (40, 13)] {
+            let conns = random_connections(&suite, parallel, c, seed);
+            compare_engine(&format!("{name} C={c}"), &suite, &model, &batch, Some(&conns), PassOptions::default());
+            compare_engine(&format!("{name} C={c} consistent-b3"), &suite, &model, &batch, Some(&conns), consistent);
+        }
+    }
+}

@@ -1,0 +1,1023 @@
+//! The fast CPU pruned pass: forward and hand-written backward over flat `f32` buffers.
+//!
+//! Computes exactly what [`crate::pruned::forward`] computes (that version, built from candle
+//! ops with autograd, is checked against the reference; this one is checked against it), but:
+//! - features are kept sparse (`k` indices and values per token), so decoding, the edge terms
+//!   and every backward step cost `k` (or `k·C`) per token instead of `F`;
+//! - gradients are computed only where they exist: top-k selects `k` entries per row, so the
+//!   gradient of each pre-activation row has `k` non-zeros, and constants (cached scales,
+//!   patterns, model weights) get no gradient work at all.
+//!
+//! Per downstream module d the pre-activation is `a = Z Eᵀ + b_enc − E b_dec + edges`, where
+//! `Z (N, D)` gathers every d_model-space term (layer-0 residual, upstream decoder biases, with
+//! all connections the upstream reconstructions, and for attention the mixing by the cached
+//! pattern and `b_O`), and `edges` is the sparse sum over connected upstream features
+//! (SPEC §4, Appendix). The only dense products are `Z Eᵀ` (the embedding term, `N·D·F`),
+//! per-step weight products of size `F·D·D`, and the attention mixing of edge terms
+//! (`B·H·S²·F`).
+
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::model::Runtime;
+use crate::pruned::{Batch, PassOptions, Plan};
+use crate::sparse_ops::{topk_indices, EdgeIndex};
+use crate::suite::{Kind, Suite};
+
+/// `C (m, n) = [C +] A (m, k) · B (k, n)` with explicit (row, column) strides for A and B;
+/// C is row-major contiguous.
+#[allow(clippy::too_many_arguments)]
+fn sgemm(m: usize, n: usize, k: usize, a: &[f32], a_rs: usize, a_cs: usize, b: &[f32], b_rs: usize, b_cs: usize, c: &mut [f32], acc: bool, par: bool) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !acc {
+            c[..m * n].iter_mut().for_each(|x| *x = 0.0);
+        }
+        return;
+    }
+    debug_assert!(c.len() >= m * n);
+    debug_assert!(a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
+    debug_assert!(b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
+    let parallelism = if par { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+    // SAFETY: the asserts above bound every index the kernel touches; C does not alias A or B.
+    unsafe {
+        gemm::gemm(
+            m, n, k,
+            c.as_mut_ptr(), 1, n as isize, acc,
+            a.as_ptr(), a_cs as isize, a_rs as isize,
+            b.as_ptr(), b_cs as isize, b_rs as isize,
+            1.0, 1.0, false, false, false,
+            parallelism,
+        );
+    }
+}
+
+fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+fn add_into(a: &mut [f32], b: &[f32]) {
+    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+}
+
+fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    y.iter_mut().zip(x).for_each(|(o, v)| *o += alpha * v);
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Sum per-thread accumulators.
+fn reduce_sum(len: usize) -> (impl Fn() -> Vec<f32> + Sync + Send, impl Fn(Vec<f32>, Vec<f32>) -> Vec<f32> + Sync + Send) {
+    (move || vec![0f32; len], |mut a: Vec<f32>, b: Vec<f32>| {
+        add_into(&mut a, &b);
+        a
+    })
+}
+
+/// One module's parameters as flat buffers.
+struct Params {
+    enc: Vec<f32>,     // (F, D)
+    b_enc: Vec<f32>,   // (F)
+    dec_t: Vec<f32>,   // (F, D) = W_decᵀ
+    b_dec: Vec<f32>,   // (D)
+}
+
+/// Model constants of one layer.
+struct LayerConsts {
+    w_v: Vec<f32>,     // (D, H·dh)
+    w_o: Vec<f32>,     // (H·dh, D)
+    b_o: Vec<f32>,     // (D)
+    w_ov_sum: Vec<f32>, // (D, D)
+}
+
+/// Cached clean-run tensors of a batch as flat buffers.
+pub struct FlatBatch {
+    pub b: usize,
+    pub s: usize,
+    pub r0: Vec<f32>,          // (N, D)
+    pub s1: Vec<Vec<f32>>,     // per layer (N)
+    pub s2: Vec<Vec<f32>>,     // per layer (N)
+    pub pattern: Vec<Vec<f32>>, // per layer (B, H, S, S)
+    pub targets: Vec<Vec<f32>>, // per module (N, D)
+    pub tokens: Vec<u32>,       // (N)
+}
+
+impl FlatBatch {
+    /// Flatten a [`Batch`] for `suite`'s modules.
+    pub fn new(batch: &Batch, suite: &Suite) -> Result<FlatBatch> {
+        let (b, s, _) = batch.resid_pre0.dims3()?;
+        Ok(FlatBatch {
+            b,
+            s,
+            r0: to_vec(&batch.resid_pre0)?,
+            s1: batch.ln1_scale.iter().map(to_vec).collect::<Result<_>>()?,
+            s2: batch.ln2_scale.iter().map(to_vec).collect::<Result<_>>()?,
+            pattern: batch.pattern.iter().map(to_vec).collect::<Result<_>>()?,
+            targets: suite.modules.iter().map(|m| to_vec(batch.target(m))).collect::<Result<_>>()?,
+            tokens: batch.tokens.to_device(&Device::Cpu)?.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?,
+        })
+    }
+}
+
+/// What the forward pass keeps for the backward pass, per module.
+pub struct ModuleState {
+    /// Top-k indices `(N, K)` and ReLU'd values `(N, K)`.
+    pub idx: Vec<u32>,
+    pub val: Vec<f32>,
+    /// Reconstruction `(N, D)` including `b_dec`.
+    pub recon: Vec<f32>,
+    /// The d_model-space encoder input `Z (N, D)`.
+    z: Vec<f32>,
+    /// Edge weights `(F, C, H)` (sparse wiring).
+    w: Vec<f32>,
+    /// Attention targets, sparse wiring: `E W_Oᵀ (F, H·dh)` and per up `W_decᵀ W_V (F, H·dh)`.
+    ev: Vec<f32>,
+    dv: Vec<Vec<f32>>,
+}
+
+/// Forward state of a whole suite.
+pub struct State {
+    pub modules: Vec<ModuleState>,
+}
+
+/// Gradients of one module's parameters (shapes as the suite's).
+#[derive(Debug, Clone)]
+pub struct ModuleGrads {
+    pub w_enc: Vec<f32>, // (F, D)
+    pub b_enc: Vec<f32>, // (F)
+    pub w_dec: Vec<f32>, // (D, F)
+    pub b_dec: Vec<f32>, // (D)
+}
+
+/// The fast pruned pass of a suite for one model and wiring.
+pub struct Engine<'a> {
+    suite: &'a Suite,
+    plan: &'a Plan,
+    opts: PassOptions,
+    params: Vec<Params>,
+    layers: Vec<LayerConsts>,
+    n_heads: usize,
+    d_head: usize,
+    d: usize,
+    f: usize,
+    k: usize,
+}
+
+impl<'a> Engine<'a> {
+    /// Snapshot the suite's parameters and the model's constants.
+    pub fn new(suite: &'a Suite, rt: &Runtime, plan: &'a Plan, opts: PassOptions) -> Result<Engine<'a>> {
+        let params = suite
+            .aes
+            .iter()
+            .map(|ae| {
+                Ok(Params {
+                    enc: to_vec(ae.w_enc.as_tensor())?,
+                    b_enc: to_vec(ae.b_enc.as_tensor())?,
+                    dec_t: to_vec(&ae.w_dec.as_tensor().t()?.contiguous()?)?,
+                    b_dec: to_vec(ae.b_dec.as_tensor())?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let layers = (0..rt.cfg.n_layers)
+            .map(|l| {
+                let (w_v, w_o) = rt.flat_vo(l);
+                Ok(LayerConsts {
+                    w_v: to_vec(w_v)?,
+                    w_o: to_vec(w_o)?,
+                    b_o: to_vec(&rt.weights.blocks[l].b_o)?,
+                    w_ov_sum: to_vec(rt.w_ov_sum(l))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if plan.sparse && suite.modules.iter().enumerate().any(|(d, _)| plan.down(d).index.is_none()) {
+            return Err(Error::Usage("sparse plan without edge index".into()));
+        }
+        Ok(Engine {
+            suite,
+            plan,
+            opts,
+            params,
+            layers,
+            n_heads: rt.cfg.n_heads,
+            d_head: rt.cfg.d_head,
+            d: suite.d_model,
+            f: suite.n_features,
+            k: suite.k,
+        })
+    }
+
+    /// `M = mix(X W_V)` then `out = M W_O`: attention mixing of `x (N, D)` with the cached
+    /// pattern of `layer`; returns `(N, D)`.
+    fn attn_mix(&self, fb: &FlatBatch, layer: usize, x: &[f32]) -> Vec<f32> {
+        let (b, s, d, h, dh) = (fb.b, fb.s, self.d, self.n_heads, self.d_head);
+        let hd = h * dh;
+        let n = b * s;
+        let lc = &self.layers[layer];
+        let mut v = vec![0f32; n * hd];
+        sgemm(n, hd, d, x, d, 1, &lc.w_v, hd, 1, &mut v, false, true);
+        let mut m = vec![0f32; n * hd];
+        let p = &fb.pattern[layer];
+        m.par_chunks_mut(s * hd).enumerate().for_each(|(bi, mb)| {
+            for hh in 0..h {
+                // M[b, :, h, :] = P[b, h] (S, S) · V[b, :, h, :] (S, dh)
+                let pb = &p[(bi * h + hh) * s * s..(bi * h + hh + 1) * s * s];
+                let vb = &v[bi * s * hd + hh * dh..];
+                let mut out = vec![0f32; s * dh];
+                sgemm(s, dh, s, pb, s, 1, vb, hd, 1, &mut out, false, false);
+                for q in 0..s {
+                    mb[q * hd + hh * dh..q * hd + (hh + 1) * dh].copy_from_slice(&out[q * dh..(q + 1) * dh]);
+                }
+            }
+        });
+        let mut out = vec![0f32; n * d];
+        sgemm(n, d, hd, &m, hd, 1, &lc.w_o, d, 1, &mut out, false, true);
+        out
+    }
+
+    /// Transpose of [`attn_mix`](Self::attn_mix): `gX` from `g_out (N, D)`.
+    fn attn_mix_back(&self, fb: &FlatBatch, layer: usize, g_out: &[f32]) -> Vec<f32> {
+        let (b, s, d, h, dh) = (fb.b, fb.s, self.d, self.n_heads, self.d_head);
+        let hd = h * dh;
+        let n = b * s;
+        let lc = &self.layers[layer];
+        // gM = g_out W_Oᵀ
+        let mut gm = vec![0f32; n * hd];
+        sgemm(n, hd, d, g_out, d, 1, &lc.w_o, 1, d, &mut gm, false, true);
+        let p = &fb.pattern[layer];
+        let mut gv = vec![0f32; n * hd];
+        gv.par_chunks_mut(s * hd).enumerate().for_each(|(bi, gvb)| {
+            for hh in 0..h {
+                // gV[b, :, h, :] = P[b, h]ᵀ · gM[b, :, h, :]
+                let pb = &p[(bi * h + hh) * s * s..(bi * h + hh + 1) * s * s];
+                let gmb = &gm[bi * s * hd + hh * dh..];
+                let mut out = vec![0f32; s * dh];
+                sgemm(s, dh, s, pb, 1, s, gmb, hd, 1, &mut out, false, false);
+                for p_ in 0..s {
+                    gvb[p_ * hd + hh * dh..p_ * hd + (hh + 1) * dh].copy_from_slice(&out[p_ * dh..(p_ + 1) * dh]);
+                }
+            }
+        });
+        // gX = gV W_Vᵀ
+        let mut gx = vec![0f32; n * d];
+        sgemm(n, d, hd, &gv, hd, 1, &lc.w_v, 1, hd, &mut gx, false, true);
+        gx
+    }
+
+    /// Run the pruned pass on a batch.
+    pub fn forward(&self, fb: &FlatBatch) -> Result<State> {
+        let (b, s, d, f, k) = (fb.b, fb.s, self.d, self.f, self.k);
+        let n = b * s;
+        let mut states: Vec<ModuleState> = Vec::with_capacity(self.suite.modules.len());
+        for (di, module) in self.suite.modules.iter().enumerate() {
+            let pd = &self.params[di];
+            let plan_d = self.plan.down(di);
+            let ups = &plan_d.ups;
+            let l = module.layer;
+            let mut ub = vec![0f32; d];
+            for &u in ups {
+                add_into(&mut ub, &self.params[u].b_dec);
+            }
+            // Z: the d_model-space encoder input.
+            let z = match module.kind {
+                Kind::Mlp => {
+                    let sc = &fb.s2[l];
+                    let mut z = fb.r0.clone();
+                    if self.plan.sparse {
+                        z.par_chunks_mut(d).for_each(|row| add_into(row, &ub));
+                    } else {
+                        for &u in ups {
+                            add_into(&mut z, &states[u].recon);
+                        }
+                    }
+                    z.par_chunks_mut(d).zip(sc.par_iter()).for_each(|(row, &sv)| row.iter_mut().for_each(|x| *x /= sv));
+                    z
+                }
+                Kind::Attn => {
+                    let sc = &fb.s1[l];
+                    let mut x = fb.r0.clone();
+                    if !self.plan.sparse {
+                        for &u in ups {
+                            add_into(&mut x, &states[u].recon);
+                            for row in x.chunks_mut(d) {
+                                axpy(-1.0, &self.params[u].b_dec, row);
+                            }
+                        }
+                    }
+                    if self.opts.consistent_attn_bias {
+                        x.par_chunks_mut(d).for_each(|row| add_into(row, &ub));
+                    }
+                    x.par_chunks_mut(d).zip(sc.par_iter()).for_each(|(row, &sv)| row.iter_mut().for_each(|v| *v /= sv));
+                    let mut z = self.attn_mix(fb, l, &x);
+                    let b_o = &self.layers[l].b_o;
+                    let mut c = vec![0f32; d];
+                    if !self.opts.consistent_attn_bias && !ups.is_empty() {
+                        sgemm(1, d, d, &ub, d, 1, &self.layers[l].w_ov_sum, d, 1, &mut c, false, false);
+                    }
+                    z.par_chunks_mut(d).zip(sc.par_iter()).for_each(|(row, &sv)| {
+                        add_into(row, b_o);
+                        axpy(1.0 / sv, &c, row);
+                    });
+                    z
+                }
+            };
+            // a = Z Eᵀ + b_enc − E b_dec
+            let mut a = vec![0f32; n * f];
+            sgemm(n, f, d, &z, d, 1, &pd.enc, 1, d, &mut a, false, true);
+            let bias: Vec<f32> = (0..f).map(|i| pd.b_enc[i] - dot(&pd.enc[i * d..(i + 1) * d], &pd.b_dec)).collect();
+            a.par_chunks_mut(f).for_each(|row| add_into(row, &bias));
+            // Sparse edge terms.
+            let (mut w, mut ev, mut dv) = (Vec::new(), Vec::new(), Vec::new());
+            if self.plan.sparse && !ups.is_empty() {
+                let index = plan_d.index.as_ref().expect("sparse plan");
+                match module.kind {
+                    Kind::Mlp => {
+                        w = self.mlp_edge_weights(di, index);
+                        self.mlp_edges_forward(fb, di, index, &w, &states, &mut a);
+                    }
+                    Kind::Attn => {
+                        let (w_, ev_, dv_) = self.attn_edge_weights(di, l, index);
+                        w = w_;
+                        ev = ev_;
+                        dv = dv_;
+                        self.attn_edges_forward(fb, di, l, index, &w, &states, &mut a);
+                    }
+                }
+            }
+            // top-k, ReLU, decode
+            let idx = topk_indices(&a, f, k);
+            let val: Vec<f32> = idx.iter().enumerate().map(|(j, &i)| a[(j / k) * f + i as usize].max(0.0)).collect();
+            let mut recon = vec![0f32; n * d];
+            recon.par_chunks_mut(d).enumerate().for_each(|(t, r)| {
+                r.copy_from_slice(&pd.b_dec);
+                for kk in 0..k {
+                    let v = val[t * k + kk];
+                    if v != 0.0 {
+                        let i = idx[t * k + kk] as usize;
+                        axpy(v, &pd.dec_t[i * d..(i + 1) * d], r);
+                    }
+                }
+            });
+            states.push(ModuleState { idx, val, recon, z, w, ev, dv });
+        }
+        Ok(State { modules: states })
+    }
+
+    /// `w[i,c] = E[i] · W_dec^{u}[:, j]` for every slot.
+    fn mlp_edge_weights(&self, di: usize, index: &EdgeIndex) -> Vec<f32> {
+        let (d, f) = (self.d, self.f);
+        let ups = &self.plan.down(di).ups;
+        let enc = &self.params[di].enc;
+        let width = index.width;
+        let mut w = vec![0f32; f * width];
+        w.par_chunks_mut(width).enumerate().for_each(|(i, wrow)| {
+            for (c, wv) in wrow.iter_mut().enumerate() {
+                let col = index.slot_col[i * width + c];
+                if col != crate::sparse_ops::EMPTY {
+                    let (pu, j) = (col as usize / f, col as usize % f);
+                    *wv = dot(&enc[i * d..(i + 1) * d], &self.params[ups[pu]].dec_t[j * d..(j + 1) * d]);
+                }
+            }
+        });
+        w
+    }
+
+    /// Attention edge weights `w_h[i,c] = (E W_Oᵀ)[i, h] · (W_decᵀ W_V)[j, h]` (d_head dots),
+    /// with the two factors.
+    fn attn_edge_weights(&self, di: usize, layer: usize, index: &EdgeIndex) -> (Vec<f32>, Vec<f32>, Vec<Vec<f32>>) {
+        let (d, f, h, dh) = (self.d, self.f, self.n_heads, self.d_head);
+        let hd = h * dh;
+        let lc = &self.layers[layer];
+        let ups = &self.plan.down(di).ups;
+        let mut ev = vec![0f32; f * hd];
+        sgemm(f, hd, d, &self.params[di].enc, d, 1, &lc.w_o, 1, d, &mut ev, false, true);
+        let dv: Vec<Vec<f32>> = ups
+            .iter()
+            .map(|&u| {
+                let mut o = vec![0f32; f * hd];
+                sgemm(f, hd, d, &self.params[u].dec_t, d, 1, &lc.w_v, hd, 1, &mut o, false, true);
+                o
+            })
+            .collect();
+        let width = index.width;
+        let mut w = vec![0f32; f * width * h];
+        w.par_chunks_mut(width * h).enumerate().for_each(|(i, wrow)| {
+            for c in 0..width {
+                let col = index.slot_col[i * width + c];
+                if col == crate::sparse_ops::EMPTY {
+                    continue;
+                }
+                let (pu, j) = (col as usize / f, col as usize % f);
+                for hh in 0..h {
+                    wrow[c * h + hh] = dot(&ev[i * hd + hh * dh..i * hd + (hh + 1) * dh], &dv[pu][j * hd + hh * dh..j * hd + (hh + 1) * dh]);
+                }
+            }
+        });
+        (w, ev, dv)
+    }
+
+    fn mlp_edges_forward(&self, fb: &FlatBatch, di: usize, index: &EdgeIndex, w: &[f32], states: &[ModuleState], a: &mut [f32]) {
+        let (f, k) = (self.f, self.k);
+        let ups = &self.plan.down(di).ups;
+        let sc = &fb.s2[self.suite.modules[di].layer];
+        let width = index.width;
+        a.par_chunks_mut(f).enumerate().for_each(|(t, arow)| {
+            let inv = 1.0 / sc[t];
+            for (pu, &u) in ups.iter().enumerate() {
+                let st = &states[u];
+                for kk in 0..k {
+                    let v = st.val[t * k + kk];
+                    if v == 0.0 {
+                        continue;
+                    }
+                    let col = pu * f + st.idx[t * k + kk] as usize;
+                    for &slot in slots(index, col) {
+                        arow[slot as usize / width] += w[slot as usize] * v * inv;
+                    }
+                }
+            }
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attn_edges_forward(&self, fb: &FlatBatch, di: usize, layer: usize, index: &EdgeIndex, w: &[f32], states: &[ModuleState], a: &mut [f32]) {
+        let (s, f, k, h) = (fb.s, self.f, self.k, self.n_heads);
+        let ups = &self.plan.down(di).ups;
+        let sc = &fb.s1[layer];
+        let p = &fb.pattern[layer];
+        let width = index.width;
+        a.par_chunks_mut(s * f).enumerate().for_each(|(bi, ab)| {
+            // Y_h[p, i] = Σ_edges w_h · f_u[p, j] / s1[p]
+            let mut y = vec![0f32; h * s * f];
+            for pp in 0..s {
+                let t = bi * s + pp;
+                let inv = 1.0 / sc[t];
+                for (pu, &u) in ups.iter().enumerate() {
+                    let st = &states[u];
+                    for kk in 0..k {
+                        let v = st.val[t * k + kk];
+                        if v == 0.0 {
+                            continue;
+                        }
+                        let col = pu * f + st.idx[t * k + kk] as usize;
+                        for &slot in slots(index, col) {
+                            let i = slot as usize / width;
+                            for hh in 0..h {
+                                y[(hh * s + pp) * f + i] += w[slot as usize * h + hh] * v * inv;
+                            }
+                        }
+                    }
+                }
+            }
+            for hh in 0..h {
+                let pb = &p[(bi * h + hh) * s * s..(bi * h + hh + 1) * s * s];
+                sgemm(s, f, s, pb, s, 1, &y[hh * s * f..(hh + 1) * s * f], f, 1, ab, true, false);
+            }
+        });
+    }
+
+    /// Backpropagate `g_recon[m] (N, D)` (the loss gradient w.r.t. every reconstruction)
+    /// through the pass; returns the gradient of every parameter.
+    pub fn backward(&self, fb: &FlatBatch, state: &State, mut g_recon: Vec<Vec<f32>>) -> Result<Vec<ModuleGrads>> {
+        let (b, s, d, f, k) = (fb.b, fb.s, self.d, self.f, self.k);
+        let n = b * s;
+        let n_mod = self.suite.modules.len();
+        // Gradient w.r.t. reconstructions without b_dec (attention inputs under all connections).
+        let mut g_recon_nb: Vec<Vec<f32>> = vec![Vec::new(); n_mod];
+        // Gradient w.r.t. each module's selected feature values (N, K).
+        let mut g_val: Vec<Vec<f32>> = (0..n_mod).map(|_| vec![0f32; n * k]).collect();
+        let mut grads: Vec<Option<ModuleGrads>> = vec![None; n_mod];
+        let mut g_bdec_extra: Vec<Vec<f32>> = vec![vec![0f32; d]; n_mod];
+        for di in (0..n_mod).rev() {
+            let module = self.suite.modules[di];
+            let l = module.layer;
+            let pd = &self.params[di];
+            let st = &state.modules[di];
+            let plan_d = self.plan.down(di);
+            let ups = &plan_d.ups;
+            // Decode: recon = Σ val·dec_t[idx] + b_dec. b_dec gets the gradient of the
+            // reconstruction with bias only; the decoder gets both.
+            let mut g_rec = std::mem::take(&mut g_recon[di]);
+            let mut g_bdec: Vec<f32> = vec![0f32; d];
+            for row in g_rec.chunks(d) {
+                add_into(&mut g_bdec, row);
+            }
+            if !g_recon_nb[di].is_empty() {
+                add_into(&mut g_rec, &g_recon_nb[di]);
+            }
+            let gv = &mut g_val[di];
+            let (rz, rr) = reduce_sum(f * d);
+            let g_dec_t = gv
+                .par_chunks_mut(k)
+                .enumerate()
+                .fold(rz, |mut acc, (t, gvr)| {
+                    let gr = &g_rec[t * d..(t + 1) * d];
+                    for kk in 0..k {
+                        let v = st.val[t * k + kk];
+                        if v != 0.0 {
+                            let i = st.idx[t * k + kk] as usize;
+                            gvr[kk] += dot(gr, &pd.dec_t[i * d..(i + 1) * d]);
+                            axpy(v, gr, &mut acc[i * d..(i + 1) * d]);
+                        }
+                    }
+                    acc
+                })
+                .reduce(|| vec![0f32; f * d], rr);
+            // Through ReLU + top-k: sparse gradient of the pre-activation, (t, kk) -> g.
+            let g_pre: Vec<f32> = (0..n * k).map(|j| if st.val[j] > 0.0 { gv[j] } else { 0.0 }).collect();
+            // a = Z Eᵀ + b_enc − E b_dec^d
+            let mut g_benc = vec![0f32; f];
+            for (j, &g) in g_pre.iter().enumerate() {
+                if g != 0.0 {
+                    g_benc[st.idx[j] as usize] += g;
+                }
+            }
+            // gE += g_preᵀ Z, gZ = g_pre E  (sparse: k per row)
+            let (rz, rr) = reduce_sum(f * d);
+            let mut g_z = vec![0f32; n * d];
+            let mut g_enc = g_z
+                .par_chunks_mut(d)
+                .enumerate()
+                .fold(rz, |mut acc, (t, gzr)| {
+                    let zr = &st.z[t * d..(t + 1) * d];
+                    for kk in 0..k {
+                        let g = g_pre[t * k + kk];
+                        if g != 0.0 {
+                            let i = st.idx[t * k + kk] as usize;
+                            axpy(g, &pd.enc[i * d..(i + 1) * d], gzr);
+                            axpy(g, zr, &mut acc[i * d..(i + 1) * d]);
+                        }
+                    }
+                    acc
+                })
+                .reduce(|| vec![0f32; f * d], rr);
+            // − E b_dec: gE[i] −= g_benc[i] b_dec; g b_dec −= Σ_i g_benc[i] E[i]
+            for i in 0..f {
+                if g_benc[i] != 0.0 {
+                    axpy(-g_benc[i], &pd.b_dec, &mut g_enc[i * d..(i + 1) * d]);
+                    axpy(-g_benc[i], &pd.enc[i * d..(i + 1) * d], &mut g_bdec);
+                }
+            }
+            let mut g_dec_t = g_dec_t;
+            // Z's inputs.
+            let mut g_ub = vec![0f32; d];
+            match module.kind {
+                Kind::Mlp => {
+                    let sc = &fb.s2[l];
+                    let gx: Vec<f32> = g_z.chunks(d).zip(sc).flat_map(|(r, &sv)| r.iter().map(move |x| x / sv)).collect();
+                    if self.plan.sparse {
+                        for row in gx.chunks(d) {
+                            add_into(&mut g_ub, row);
+                        }
+                    } else {
+                        for &u in ups {
+                            add_into(&mut g_recon[u], &gx);
+                        }
+                    }
+                }
+                Kind::Attn => {
+                    let sc = &fb.s1[l];
+                    if !self.opts.consistent_attn_bias && !ups.is_empty() {
+                        // Z[t] += (ub W_OVsum) / s1[t]
+                        let mut gc = vec![0f32; d];
+                        for (row, &sv) in g_z.chunks(d).zip(sc) {
+                            axpy(1.0 / sv, row, &mut gc);
+                        }
+                        let mut gub = vec![0f32; d];
+                        sgemm(1, d, d, &gc, d, 1, &self.layers[l].w_ov_sum, 1, d, &mut gub, false, false);
+                        add_into(&mut g_ub, &gub);
+                    }
+                    if !self.plan.sparse || self.opts.consistent_attn_bias {
+                        let gx = self.attn_mix_back(fb, l, &g_z);
+                        let gx: Vec<f32> = gx.chunks(d).zip(sc).flat_map(|(r, &sv)| r.iter().map(move |x| x / sv)).collect();
+                        if self.opts.consistent_attn_bias {
+                            for row in gx.chunks(d) {
+                                add_into(&mut g_ub, row);
+                            }
+                        }
+                        if !self.plan.sparse {
+                            for &u in ups {
+                                if g_recon_nb[u].is_empty() {
+                                    g_recon_nb[u] = vec![0f32; n * d];
+                                }
+                                add_into(&mut g_recon_nb[u], &gx);
+                            }
+                        }
+                    }
+                }
+            }
+            for &u in ups {
+                add_into(&mut g_bdec_extra[u], &g_ub);
+            }
+            // Sparse edges.
+            if self.plan.sparse && !ups.is_empty() {
+                let index = plan_d.index.as_ref().expect("sparse plan");
+                let (before, _) = g_val.split_at_mut(di);
+                match module.kind {
+                    Kind::Mlp => {
+                        let gw = self.mlp_edges_backward(fb, di, index, &st.w, &g_pre, st, state, before);
+                        self.mlp_edge_weights_backward(di, index, &gw, &mut g_enc, &mut grads);
+                    }
+                    Kind::Attn => {
+                        let gw = self.attn_edges_backward(fb, di, l, index, &st.w, &g_pre, st, state, before);
+                        self.attn_edge_weights_backward(di, l, index, &gw, st, &mut g_enc, &mut grads);
+                    }
+                }
+            }
+            // Assemble this module's gradients (W_dec from its transpose).
+            let mut g_wdec = vec![0f32; d * f];
+            if let Some(prev) = &grads[di] {
+                // contributions from downstream edge weights arrived as W_dec (D, F)
+                g_wdec.copy_from_slice(&prev.w_dec);
+            }
+            for i in 0..f {
+                for dd in 0..d {
+                    g_wdec[dd * f + i] += g_dec_t[i * d + dd];
+                }
+            }
+            g_dec_t.clear();
+            grads[di] = Some(ModuleGrads { w_enc: g_enc, b_enc: g_benc, w_dec: g_wdec, b_dec: g_bdec });
+        }
+        let mut out: Vec<ModuleGrads> = grads.into_iter().map(|g| g.expect("every module visited")).collect();
+        for (g, extra) in out.iter_mut().zip(&g_bdec_extra) {
+            add_into(&mut g.b_dec, extra);
+        }
+        Ok(out)
+    }
+
+    /// Edge-term backward for an mlp target: returns `g w (F·C)`, adds into upstream `g_val`.
+    #[allow(clippy::too_many_arguments)]
+    fn mlp_edges_backward(&self, fb: &FlatBatch, di: usize, index: &EdgeIndex, w: &[f32], g_pre: &[f32], st: &ModuleState, state: &State, g_val_up: &mut [Vec<f32>]) -> Vec<f32> {
+        let (n, f, k) = (fb.b * fb.s, self.f, self.k);
+        let ups = &self.plan.down(di).ups;
+        let sc = &fb.s2[self.suite.modules[di].layer];
+        let width = index.width;
+        // Per token: (g val of every up at t). Collect per-up row slices mutably in parallel by
+        // computing into a scratch (N, |U|·K) buffer, then scattering.
+        let mut scratch = vec![0f32; n * ups.len() * k];
+        let (rz, rr) = reduce_sum(w.len());
+        let gw = scratch
+            .par_chunks_mut(ups.len() * k)
+            .enumerate()
+            .fold_with((vec![0f32; f], rz()), |(mut dense, mut gw), (t, srow)| {
+                for kk in 0..k {
+                    dense[st.idx[t * k + kk] as usize] = g_pre[t * k + kk];
+                }
+                let inv = 1.0 / sc[t];
+                for (pu, &u) in ups.iter().enumerate() {
+                    let su = &state.modules[u];
+                    for kk in 0..k {
+                        let v = su.val[t * k + kk];
+                        if v == 0.0 {
+                            continue;
+                        }
+                        let col = pu * f + su.idx[t * k + kk] as usize;
+                        let mut acc = 0f32;
+                        for &slot in slots(index, col) {
+                            let g = dense[slot as usize / width];
+                            if g != 0.0 {
+                                gw[slot as usize] += g * v * inv;
+                                acc += g * w[slot as usize];
+                            }
+                        }
+                        srow[pu * k + kk] = acc * inv;
+                    }
+                }
+                for kk in 0..k {
+                    dense[st.idx[t * k + kk] as usize] = 0.0;
+                }
+                (dense, gw)
+            })
+            .map(|(_, gw)| gw)
+            .reduce(|| vec![0f32; w.len()], rr);
+        for (pu, &u) in ups.iter().enumerate() {
+            let gvu = &mut g_val_up[u];
+            for t in 0..n {
+                for kk in 0..k {
+                    gvu[t * k + kk] += scratch[(t * ups.len() + pu) * k + kk];
+                }
+            }
+        }
+        gw
+    }
+
+    fn mlp_edge_weights_backward(&self, di: usize, index: &EdgeIndex, gw: &[f32], g_enc: &mut [f32], grads: &mut [Option<ModuleGrads>]) {
+        let (d, f) = (self.d, self.f);
+        let ups = &self.plan.down(di).ups;
+        let enc = &self.params[di].enc;
+        let width = index.width;
+        let mut g_dec_t_up: Vec<Vec<f32>> = ups.iter().map(|_| vec![0f32; f * d]).collect();
+        for i in 0..f {
+            for c in 0..width {
+                let slot = i * width + c;
+                let col = index.slot_col[slot];
+                if col == crate::sparse_ops::EMPTY || gw[slot] == 0.0 {
+                    continue;
+                }
+                let (pu, j) = (col as usize / f, col as usize % f);
+                let dec = &self.params[ups[pu]].dec_t[j * d..(j + 1) * d];
+                axpy(gw[slot], dec, &mut g_enc[i * d..(i + 1) * d]);
+                axpy(gw[slot], &enc[i * d..(i + 1) * d], &mut g_dec_t_up[pu][j * d..(j + 1) * d]);
+            }
+        }
+        self.add_dec_t_grads(ups, g_dec_t_up, grads);
+    }
+
+    /// Add gradients w.r.t. upstream `W_decᵀ` into their (not yet assembled) W_dec grads.
+    fn add_dec_t_grads(&self, ups: &[usize], g_dec_t_up: Vec<Vec<f32>>, grads: &mut [Option<ModuleGrads>]) {
+        let (d, f) = (self.d, self.f);
+        for (pu, &u) in ups.iter().enumerate() {
+            let entry = grads[u].get_or_insert_with(|| ModuleGrads { w_enc: vec![], b_enc: vec![], w_dec: vec![0f32; d * f], b_dec: vec![] });
+            let gd = &g_dec_t_up[pu];
+            for i in 0..f {
+                for dd in 0..d {
+                    entry.w_dec[dd * f + i] += gd[i * d + dd];
+                }
+            }
+        }
+    }
+
+    /// Edge-term backward for an attention target.
+    #[allow(clippy::too_many_arguments)]
+    fn attn_edges_backward(&self, fb: &FlatBatch, di: usize, layer: usize, index: &EdgeIndex, w: &[f32], g_pre: &[f32], st: &ModuleState, state: &State, g_val_up: &mut [Vec<f32>]) -> Vec<f32> {
+        let (s, f, k, h) = (fb.s, self.f, self.k, self.n_heads);
+        let n = fb.b * s;
+        let ups = &self.plan.down(di).ups;
+        let sc = &fb.s1[layer];
+        let p = &fb.pattern[layer];
+        let width = index.width;
+        let mut scratch = vec![0f32; n * ups.len() * k];
+        let (rz, rr) = reduce_sum(w.len());
+        let gw = scratch
+            .par_chunks_mut(s * ups.len() * k)
+            .enumerate()
+            .fold(rz, |mut gw, (bi, sb)| {
+                // gY_h[p, i] = Σ_{q ≥ p} P[h, q, p] g_pre[q, i] is needed only for the (p, i)
+                // that an active upstream feature at p connects to. g_pre has k entries per row:
+                // index it by column (feature i -> its (q, g) entries, q ascending).
+                let mut col_ptr = vec![0u32; f + 1];
+                for q in 0..s {
+                    for kk in 0..k {
+                        if g_pre[(bi * s + q) * k + kk] != 0.0 {
+                            col_ptr[st.idx[(bi * s + q) * k + kk] as usize + 1] += 1;
+                        }
+                    }
+                }
+                for i in 0..f {
+                    col_ptr[i + 1] += col_ptr[i];
+                }
+                let mut fill = col_ptr.clone();
+                let mut entries = vec![(0u32, 0f32); col_ptr[f] as usize];
+                for q in 0..s {
+                    for kk in 0..k {
+                        let g = g_pre[(bi * s + q) * k + kk];
+                        if g != 0.0 {
+                            let i = st.idx[(bi * s + q) * k + kk] as usize;
+                            entries[fill[i] as usize] = (q as u32, g);
+                            fill[i] += 1;
+                        }
+                    }
+                }
+                // Per key position, a cache of gY_h[p, i] for the i touched at p.
+                let mut stamp = vec![u32::MAX; f];
+                let mut cache = vec![0f32; f * h];
+                let pb = &p[bi * h * s * s..(bi + 1) * h * s * s];
+                for pp in 0..s {
+                    let t = bi * s + pp;
+                    let inv = 1.0 / sc[t];
+                    for (pu, &u) in ups.iter().enumerate() {
+                        let su = &state.modules[u];
+                        for kk in 0..k {
+                            let v = su.val[t * k + kk];
+                            if v == 0.0 {
+                                continue;
+                            }
+                            let col = pu * f + su.idx[t * k + kk] as usize;
+                            let mut acc = 0f32;
+                            for &slot in slots(index, col) {
+                                let i = slot as usize / width;
+                                if stamp[i] != pp as u32 {
+                                    stamp[i] = pp as u32;
+                                    let gyi = &mut cache[i * h..(i + 1) * h];
+                                    gyi.iter_mut().for_each(|x| *x = 0.0);
+                                    for &(q, g) in &entries[col_ptr[i] as usize..col_ptr[i + 1] as usize] {
+                                        let q = q as usize;
+                                        if q < pp {
+                                            continue;
+                                        }
+                                        for (hh, gy) in gyi.iter_mut().enumerate() {
+                                            *gy += pb[(hh * s + q) * s + pp] * g;
+                                        }
+                                    }
+                                }
+                                let gyi = &cache[i * h..(i + 1) * h];
+                                for (hh, &g) in gyi.iter().enumerate() {
+                                    gw[slot as usize * h + hh] += g * v * inv;
+                                    acc += g * w[slot as usize * h + hh];
+                                }
+                            }
+                            sb[(pp * ups.len() + pu) * k + kk] = acc * inv;
+                        }
+                    }
+                }
+                gw
+            })
+            .reduce(|| vec![0f32; w.len()], rr);
+        for (pu, &u) in ups.iter().enumerate() {
+            let gvu = &mut g_val_up[u];
+            for t in 0..n {
+                for kk in 0..k {
+                    gvu[t * k + kk] += scratch[(t * ups.len() + pu) * k + kk];
+                }
+            }
+        }
+        gw
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attn_edge_weights_backward(&self, di: usize, layer: usize, index: &EdgeIndex, gw: &[f32], st: &ModuleState, g_enc: &mut [f32], grads: &mut [Option<ModuleGrads>]) {
+        let (d, f, h, dh) = (self.d, self.f, self.n_heads, self.d_head);
+        let hd = h * dh;
+        let ups = &self.plan.down(di).ups;
+        let lc = &self.layers[layer];
+        let width = index.width;
+        let mut g_ev = vec![0f32; f * hd];
+        let mut g_dv: Vec<Vec<f32>> = ups.iter().map(|_| vec![0f32; f * hd]).collect();
+        for i in 0..f {
+            for c in 0..width {
+                let slot = i * width + c;
+                let col = index.slot_col[slot];
+                if col == crate::sparse_ops::EMPTY {
+                    continue;
+                }
+                let (pu, j) = (col as usize / f, col as usize % f);
+                for hh in 0..h {
+                    let g = gw[slot * h + hh];
+                    if g == 0.0 {
+                        continue;
+                    }
+                    let r = hh * dh..(hh + 1) * dh;
+                    let (evr, dvr) = (i * hd + r.start..i * hd + r.end, j * hd + r.start..j * hd + r.end);
+                    axpy(g, &st.dv[pu][dvr.clone()], &mut g_ev[evr.clone()]);
+                    axpy(g, &st.ev[evr], &mut g_dv[pu][dvr]);
+                }
+            }
+        }
+        // ev = E W_Oᵀ -> gE += g_ev W_O ; dv_u = W_decᵀ_u W_V -> g W_decᵀ_u += g_dv W_Vᵀ
+        sgemm(f, d, hd, &g_ev, hd, 1, &lc.w_o, d, 1, g_enc, true, true);
+        let g_dec_t_up: Vec<Vec<f32>> = g_dv
+            .iter()
+            .map(|gdv| {
+                let mut o = vec![0f32; f * d];
+                sgemm(f, d, hd, gdv, hd, 1, &lc.w_v, 1, hd, &mut o, false, true);
+                o
+            })
+            .collect();
+        self.add_dec_t_grads(ups, g_dec_t_up, grads);
+    }
+}
+
+fn slots(index: &EdgeIndex, col: usize) -> &[u32] {
+    &index.rev_slots[index.rev_ptr[col] as usize..index.rev_ptr[col + 1] as usize]
+}
+
+/// The reference FVU loss `Σ_m FVU_m` and its gradient w.r.t. every reconstruction.
+pub fn mse_loss_and_grad(fb: &FlatBatch, state: &State, d: usize) -> (f64, Vec<Vec<f32>>) {
+    let (b, s) = (fb.b, fb.s);
+    let mut total = 0f64;
+    let mut grads = Vec::new();
+    for (m, st) in state.modules.iter().enumerate() {
+        let t = &fb.targets[m];
+        let e: Vec<f32> = t.iter().zip(&st.recon).map(|(a, r)| a - r).collect();
+        // batch-axis means per (pos, dim)
+        let sd = s * d;
+        let mean = |x: &[f32]| -> Vec<f64> {
+            let mut mu = vec![0f64; sd];
+            for bi in 0..b {
+                for (j, v) in x[bi * sd..(bi + 1) * sd].iter().enumerate() {
+                    mu[j] += *v as f64;
+                }
+            }
+            mu.iter_mut().for_each(|v| *v /= b as f64);
+            mu
+        };
+        let (me, mt) = (mean(&e), mean(t));
+        let (mut num, mut den) = (0f64, 0f64);
+        for bi in 0..b {
+            for j in 0..sd {
+                num += (e[bi * sd + j] as f64 - me[j]).powi(2);
+                den += (t[bi * sd + j] as f64 - mt[j]).powi(2);
+            }
+        }
+        // FVU = num/den (the (B-1) factors cancel); dFVU/dR = -2 (e - ē) / den
+        total += num / den;
+        let g: Vec<f32> = (0..b * sd).map(|x| (-2.0 * (e[x] as f64 - me[x % sd]) / den) as f32).collect();
+        grads.push(g);
+    }
+    (total, grads)
+}
+
+/// CE with the suite spliced in and its gradient w.r.t. every reconstruction (all equal: the
+/// residual is their sum). Returns (mean CE over batch·(pos−1), per-token CE, gradient).
+pub fn ce_loss_and_grad(rt: &Runtime, fb: &FlatBatch, state: &State, d: usize) -> Result<(f64, Vec<Vec<f32>>)> {
+    let (b, s) = (fb.b, fb.s);
+    let n = b * s;
+    let mut resid = fb.r0.clone();
+    for st in &state.modules {
+        add_into(&mut resid, &st.recon);
+    }
+    let w_u = to_vec(&rt.weights.w_u)?; // (D, V)
+    let b_u = to_vec(&rt.weights.b_u)?;
+    let v = b_u.len();
+    let eps = rt.cfg.ln_eps as f32;
+    let count = (b * (s - 1)) as f64;
+    let mut g_resid = vec![0f32; n * d];
+    // Rows in chunks so the logits never exist for the whole batch.
+    let chunk = 64usize;
+    let losses: Vec<f64> = g_resid
+        .par_chunks_mut(chunk * d)
+        .enumerate()
+        .map(|(ci, gchunk)| {
+            let rows = gchunk.len() / d;
+            let t0 = ci * chunk;
+            let mut normed = vec![0f32; rows * d];
+            let mut sig = vec![0f32; rows];
+            for r in 0..rows {
+                let x = &resid[(t0 + r) * d..(t0 + r + 1) * d];
+                let mu = x.iter().sum::<f32>() / d as f32;
+                let var = x.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / d as f32;
+                let sd = (var + eps).sqrt();
+                sig[r] = sd;
+                for j in 0..d {
+                    normed[r * d + j] = (x[j] - mu) / sd;
+                }
+            }
+            let mut logits = vec![0f32; rows * v];
+            sgemm(rows, v, d, &normed, d, 1, &w_u, v, 1, &mut logits, false, false);
+            let mut loss = 0f64;
+            let mut glog = vec![0f32; rows * v];
+            for r in 0..rows {
+                let t = t0 + r;
+                if t % s == s - 1 {
+                    continue; // the last position has no target
+                }
+                let target = fb.tokens[t + 1] as usize;
+                let row = &mut logits[r * v..(r + 1) * v];
+                row.iter_mut().zip(&b_u).for_each(|(x, bb)| *x += bb);
+                let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let z: f64 = row.iter().map(|x| ((x - mx) as f64).exp()).sum();
+                let lse = mx as f64 + z.ln();
+                loss += lse - row[target] as f64;
+                let g = &mut glog[r * v..(r + 1) * v];
+                for j in 0..v {
+                    g[j] = ((((row[j] as f64) - lse).exp()) / count) as f32;
+                }
+                g[target] -= (1.0 / count) as f32;
+            }
+            // g_normed = glog W_Uᵀ; LNPre backward: gx = (gn − mean(gn) − n·mean(gn·n)) / σ
+            let mut gn = vec![0f32; rows * d];
+            sgemm(rows, d, v, &glog, v, 1, &w_u, 1, v, &mut gn, false, false);
+            for r in 0..rows {
+                let gnr = &gn[r * d..(r + 1) * d];
+                let nr = &normed[r * d..(r + 1) * d];
+                let mg = gnr.iter().sum::<f32>() / d as f32;
+                let mgn = gnr.iter().zip(nr).map(|(a, b)| a * b).sum::<f32>() / d as f32;
+                for j in 0..d {
+                    gchunk[r * d + j] = (gnr[j] - mg - nr[j] * mgn) / sig[r];
+                }
+            }
+            loss
+        })
+        .collect();
+    let loss = losses.iter().sum::<f64>() / count;
+    let grads = state.modules.iter().map(|_| g_resid.clone()).collect();
+    Ok((loss, grads))
+}
+
+/// Gradients as candle tensors shaped like the suite's variables (in `named_vars` order).
+pub fn grads_to_tensors(suite: &Suite, grads: &[ModuleGrads], device: &Device) -> Result<Vec<Tensor>> {
+    let (d, f) = (suite.d_model, suite.n_features);
+    let mut out = Vec::new();
+    for g in grads {
+        out.push(Tensor::from_vec(g.b_dec.clone(), d, device)?);
+        out.push(Tensor::from_vec(g.w_enc.clone(), (f, d), device)?);
+        out.push(Tensor::from_vec(g.b_enc.clone(), f, device)?);
+        out.push(Tensor::from_vec(g.w_dec.clone(), (d, f), device)?);
+    }
+    Ok(out)
+}
+
+/// Features of a module as a dense `(N, F)` tensor (for inspection and tests).
+pub fn dense_features(state: &ModuleState, n: usize, f: usize, k: usize, device: &Device) -> Result<Tensor> {
+    let mut dense = vec![0f32; n * f];
+    for t in 0..n {
+        for kk in 0..k {
+            dense[t * f + state.idx[t * k + kk] as usize] = state.val[t * k + kk];
+        }
+    }
+    Ok(Tensor::from_vec(dense, (n, f), device)?)
+}
