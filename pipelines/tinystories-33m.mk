@@ -9,3 +9,5 @@ CTX ?= 128
 N_SEQS ?= 8192
 # The reference's finetuning scripts pass prepend_bos=False.
 BOS ?= 0
+# Suite to score and evaluate (a folder or bare .safetensors); required until train-suite lands.
+SUITE ?=
