@@ -71,6 +71,12 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
+/// Rows per rayon job for folds with large per-job accumulators: a few jobs per thread, so
+/// only a few accumulators are allocated and summed.
+fn fold_len(rows: usize) -> usize {
+    (rows / (4 * rayon::current_num_threads())).max(1)
+}
+
 /// Sum per-thread accumulators.
 fn reduce_sum(len: usize) -> (impl Fn() -> Vec<f32> + Sync + Send, impl Fn(Vec<f32>, Vec<f32>) -> Vec<f32> + Sync + Send) {
     (move || vec![0f32; len], |mut a: Vec<f32>, b: Vec<f32>| {
@@ -475,7 +481,7 @@ impl<'a> Engine<'a> {
             }
             for hh in 0..h {
                 let pb = &p[(bi * h + hh) * s * s..(bi * h + hh + 1) * s * s];
-                sgemm(s, f, s, pb, s, 1, &y[hh * s * f..(hh + 1) * s * f], f, 1, ab, true, false);
+                causal_mix(s, f, pb, &y[hh * s * f..(hh + 1) * s * f], ab);
             }
         });
     }
@@ -514,6 +520,7 @@ impl<'a> Engine<'a> {
             let g_dec_t = gv
                 .par_chunks_mut(k)
                 .enumerate()
+                .with_min_len(fold_len(n))
                 .fold(rz, |mut acc, (t, gvr)| {
                     let gr = &g_rec[t * d..(t + 1) * d];
                     for kk in 0..k {
@@ -542,6 +549,7 @@ impl<'a> Engine<'a> {
             let mut g_enc = g_z
                 .par_chunks_mut(d)
                 .enumerate()
+                .with_min_len(fold_len(n))
                 .fold(rz, |mut acc, (t, gzr)| {
                     let zr = &st.z[t * d..(t + 1) * d];
                     for kk in 0..k {
@@ -663,6 +671,7 @@ impl<'a> Engine<'a> {
         let gw = scratch
             .par_chunks_mut(ups.len() * k)
             .enumerate()
+            .with_min_len(fold_len(n))
             .fold_with((vec![0f32; f], rz()), |(mut dense, mut gw), (t, srow)| {
                 for kk in 0..k {
                     dense[st.idx[t * k + kk] as usize] = g_pre[t * k + kk];
@@ -878,6 +887,20 @@ impl<'a> Engine<'a> {
             })
             .collect();
         self.add_dec_t_grads(ups, g_dec_t_up, grads);
+    }
+}
+
+/// `out (S, F) += P (S, S) · Y (S, F)` for a causal pattern (P[q, p] = 0 for p > q): only the
+/// blocks on or below the diagonal are multiplied.
+fn causal_mix(s: usize, f: usize, p: &[f32], y: &[f32], out: &mut [f32]) {
+    const BLOCK: usize = 32;
+    let mut q0 = 0;
+    while q0 < s {
+        let qn = BLOCK.min(s - q0);
+        // keys 0 ..= last query of this block
+        let kn = q0 + qn;
+        sgemm(qn, f, kn, &p[q0 * s..], s, 1, y, f, 1, &mut out[q0 * f..(q0 + qn) * f], true, false);
+        q0 += qn;
     }
 }
 
