@@ -71,6 +71,7 @@ $(CONN): $(EDGES)/.done | build
 ## eval: evaluate SUITE with the connections (CE, FVU, L0, dead features).
 eval: $(EVAL)/.done
 $(EVAL)/.done: $(CONN) | build
+	mkdir -p $(dir $(EVAL))
 	$(BIN)/evaluate --acts $(ACTS) --suite $(SUITE) --connections $(CONN) $(THREADS_FLAG) \
 	    --out $(EVAL) --overwrite > $(EVAL).md.tmp
 	mv $(EVAL).md.tmp $(EVAL)/table.md
