@@ -311,6 +311,29 @@ impl Cache {
         Ok(done)
     }
 
+    /// The sequence order of epoch `epoch`: cache order, or with `shuffle` each shard's
+    /// sequences permuted by a generator seeded from (`seed`, `epoch`, shard), shards kept in
+    /// order so that one shard is resident at a time.
+    pub fn epoch_order(&self, epoch: u64, shuffle: bool, seed: u64) -> Vec<usize> {
+        let mut order = Vec::with_capacity(self.manifest.n_seqs);
+        let mut start = 0;
+        for (si, sh) in self.manifest.shards.iter().enumerate() {
+            let mut idx: Vec<usize> = (start..start + sh.n_seqs).collect();
+            if shuffle {
+                let mut state = seed ^ (epoch.wrapping_mul(0x9E3779B97F4A7C15)) ^ ((si as u64 + 1).wrapping_mul(0xD1B54A32D192ED03));
+                for i in (1..idx.len()).rev() {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    idx.swap(i, (state % (i as u64 + 1)) as usize);
+                }
+            }
+            order.extend(idx);
+            start += sh.n_seqs;
+        }
+        order
+    }
+
     /// Load shard `i` as `name -> tensor` on `device` (floating tensors in f32).
     pub fn load_shard(&self, i: usize, device: &Device) -> Result<HashMap<String, Tensor>> {
         let path = self.dir.join(&self.manifest.shards[i].file);
@@ -322,5 +345,51 @@ impl Cache {
                 Ok((k, t))
             })
             .collect()
+    }
+}
+
+/// Random access to cached sequences, keeping the last shard loaded.
+pub struct CacheReader<'a> {
+    cache: &'a Cache,
+    device: Device,
+    starts: Vec<usize>,
+    loaded: Option<(usize, HashMap<String, Tensor>)>,
+}
+
+impl<'a> CacheReader<'a> {
+    /// A reader of `cache` producing tensors on `device`.
+    pub fn new(cache: &'a Cache, device: &Device) -> CacheReader<'a> {
+        let mut starts = Vec::new();
+        let mut s = 0;
+        for sh in &cache.manifest.shards {
+            starts.push(s);
+            s += sh.n_seqs;
+        }
+        CacheReader { cache, device: device.clone(), starts, loaded: None }
+    }
+
+    /// The batch made of sequences `seqs` (global indices), in that order.
+    pub fn batch(&mut self, seqs: &[usize]) -> Result<crate::pruned::Batch> {
+        let n_layers = self.cache.manifest.model.n_layers;
+        let mut parts = Vec::new();
+        let mut i = 0;
+        while i < seqs.len() {
+            let shard = self.starts.partition_point(|&s| s <= seqs[i]) - 1;
+            let local = seqs[i] - self.starts[shard];
+            // extend a run of consecutive sequences in the same shard
+            let mut len = 1;
+            let shard_len = self.cache.manifest.shards[shard].n_seqs;
+            while i + len < seqs.len() && seqs[i + len] == seqs[i] + len && local + len < shard_len {
+                len += 1;
+            }
+            if self.loaded.as_ref().map(|(s, _)| *s) != Some(shard) {
+                self.loaded = None;
+                self.loaded = Some((shard, self.cache.load_shard(shard, &self.device)?));
+            }
+            let map = &self.loaded.as_ref().expect("loaded").1;
+            parts.push(crate::pruned::Batch::from_shard(map, n_layers, local, len, &self.device)?);
+            i += len;
+        }
+        crate::pruned::Batch::concat(&parts)
     }
 }

@@ -71,18 +71,33 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-/// Rows per rayon job for folds with large per-job accumulators: a few jobs per thread, so
-/// only a few accumulators are allocated and summed.
-fn fold_len(rows: usize) -> usize {
-    (rows / (4 * rayon::current_num_threads())).max(1)
-}
+/// Blocks of a deterministic parallel fold.
+const BLOCKS: usize = 16;
 
-/// Sum per-thread accumulators.
-fn reduce_sum(len: usize) -> (impl Fn() -> Vec<f32> + Sync + Send, impl Fn(Vec<f32>, Vec<f32>) -> Vec<f32> + Sync + Send) {
-    (move || vec![0f32; len], |mut a: Vec<f32>, b: Vec<f32>| {
-        add_into(&mut a, &b);
-        a
-    })
+/// Deterministic parallel fold over rows: `out` (rows of `row_len`) is cut into at most
+/// [`BLOCKS`] blocks of whole rows; `body(first_row, block, acc)` fills its block and adds into
+/// its own accumulator of `acc_len`; the accumulators are summed in block order. The result
+/// does not depend on the thread count or scheduling, so runs are bit-reproducible.
+fn fold_rows<F>(out: &mut [f32], row_len: usize, acc_len: usize, body: F) -> Vec<f32>
+where
+    F: Fn(usize, &mut [f32], &mut [f32]) + Sync,
+{
+    let n_rows = out.len() / row_len.max(1);
+    let per = n_rows.div_ceil(BLOCKS).max(1);
+    let accs: Vec<Vec<f32>> = out
+        .par_chunks_mut(per * row_len)
+        .enumerate()
+        .map(|(b, chunk)| {
+            let mut acc = vec![0f32; acc_len];
+            body(b * per, chunk, &mut acc);
+            acc
+        })
+        .collect();
+    let mut total = vec![0f32; acc_len];
+    for a in &accs {
+        add_into(&mut total, a);
+    }
+    total
 }
 
 /// One module's parameters as flat buffers.
@@ -516,12 +531,9 @@ impl<'a> Engine<'a> {
                 add_into(&mut g_rec, &g_recon_nb[di]);
             }
             let gv = &mut g_val[di];
-            let (rz, rr) = reduce_sum(f * d);
-            let g_dec_t = gv
-                .par_chunks_mut(k)
-                .enumerate()
-                .with_min_len(fold_len(n))
-                .fold(rz, |mut acc, (t, gvr)| {
+            let g_dec_t = fold_rows(gv, k, f * d, |first, block, acc| {
+                for (r, gvr) in block.chunks_mut(k).enumerate() {
+                    let t = first + r;
                     let gr = &g_rec[t * d..(t + 1) * d];
                     for kk in 0..k {
                         let v = st.val[t * k + kk];
@@ -531,9 +543,8 @@ impl<'a> Engine<'a> {
                             axpy(v, gr, &mut acc[i * d..(i + 1) * d]);
                         }
                     }
-                    acc
-                })
-                .reduce(|| vec![0f32; f * d], rr);
+                }
+            });
             // Through ReLU + top-k: sparse gradient of the pre-activation, (t, kk) -> g.
             let g_pre: Vec<f32> = (0..n * k).map(|j| if st.val[j] > 0.0 { gv[j] } else { 0.0 }).collect();
             // a = Z Eᵀ + b_enc − E b_dec^d
@@ -544,13 +555,10 @@ impl<'a> Engine<'a> {
                 }
             }
             // gE += g_preᵀ Z, gZ = g_pre E  (sparse: k per row)
-            let (rz, rr) = reduce_sum(f * d);
             let mut g_z = vec![0f32; n * d];
-            let mut g_enc = g_z
-                .par_chunks_mut(d)
-                .enumerate()
-                .with_min_len(fold_len(n))
-                .fold(rz, |mut acc, (t, gzr)| {
+            let mut g_enc = fold_rows(&mut g_z, d, f * d, |first, block, acc| {
+                for (r, gzr) in block.chunks_mut(d).enumerate() {
+                    let t = first + r;
                     let zr = &st.z[t * d..(t + 1) * d];
                     for kk in 0..k {
                         let g = g_pre[t * k + kk];
@@ -560,9 +568,8 @@ impl<'a> Engine<'a> {
                             axpy(g, zr, &mut acc[i * d..(i + 1) * d]);
                         }
                     }
-                    acc
-                })
-                .reduce(|| vec![0f32; f * d], rr);
+                }
+            });
             // − E b_dec: gE[i] −= g_benc[i] b_dec; g b_dec −= Σ_i g_benc[i] E[i]
             for i in 0..f {
                 if g_benc[i] != 0.0 {
@@ -667,12 +674,11 @@ impl<'a> Engine<'a> {
         // Per token: (g val of every up at t). Collect per-up row slices mutably in parallel by
         // computing into a scratch (N, |U|·K) buffer, then scattering.
         let mut scratch = vec![0f32; n * ups.len() * k];
-        let (rz, rr) = reduce_sum(w.len());
-        let gw = scratch
-            .par_chunks_mut(ups.len() * k)
-            .enumerate()
-            .with_min_len(fold_len(n))
-            .fold_with((vec![0f32; f], rz()), |(mut dense, mut gw), (t, srow)| {
+        let row_len = ups.len() * k;
+        let gw = fold_rows(&mut scratch, row_len, w.len(), |first, block, gw| {
+            let mut dense = vec![0f32; f];
+            for (r, srow) in block.chunks_mut(row_len).enumerate() {
+                let t = first + r;
                 for kk in 0..k {
                     dense[st.idx[t * k + kk] as usize] = g_pre[t * k + kk];
                 }
@@ -699,10 +705,8 @@ impl<'a> Engine<'a> {
                 for kk in 0..k {
                     dense[st.idx[t * k + kk] as usize] = 0.0;
                 }
-                (dense, gw)
-            })
-            .map(|(_, gw)| gw)
-            .reduce(|| vec![0f32; w.len()], rr);
+            }
+        });
         for (pu, &u) in ups.iter().enumerate() {
             let gvu = &mut g_val_up[u];
             for t in 0..n {
@@ -760,11 +764,10 @@ impl<'a> Engine<'a> {
         let p = &fb.pattern[layer];
         let width = index.width;
         let mut scratch = vec![0f32; n * ups.len() * k];
-        let (rz, rr) = reduce_sum(w.len());
-        let gw = scratch
-            .par_chunks_mut(s * ups.len() * k)
-            .enumerate()
-            .fold(rz, |mut gw, (bi, sb)| {
+        let seq_len = s * ups.len() * k;
+        let gw = fold_rows(&mut scratch, seq_len, w.len(), |first, block, gw| {
+            for (r, sb) in block.chunks_mut(seq_len).enumerate() {
+                let bi = first + r;
                 // gY_h[p, i] = Σ_{q ≥ p} P[h, q, p] g_pre[q, i] is needed only for the (p, i)
                 // that an active upstream feature at p connects to. g_pre has k entries per row:
                 // index it by column (feature i -> its (q, g) entries, q ascending).
@@ -833,9 +836,8 @@ impl<'a> Engine<'a> {
                         }
                     }
                 }
-                gw
-            })
-            .reduce(|| vec![0f32; w.len()], rr);
+            }
+        });
         for (pu, &u) in ups.iter().enumerate() {
             let gvu = &mut g_val_up[u];
             for t in 0..n {
@@ -910,14 +912,20 @@ fn slots(index: &EdgeIndex, col: usize) -> &[u32] {
 
 /// The reference FVU loss `Σ_m FVU_m` and its gradient w.r.t. every reconstruction.
 pub fn mse_loss_and_grad(fb: &FlatBatch, state: &State, d: usize) -> (f64, Vec<Vec<f32>>) {
+    let (fvus, grads) = mse_per_module(fb, state, d);
+    (fvus.iter().sum(), grads)
+}
+
+/// Each module's reference FVU (`Σ var_b(T−R) / Σ var_b(T)`, unbiased variance over the batch
+/// axis per (position, dim)) and its gradient w.r.t. the module's reconstruction.
+pub fn mse_per_module(fb: &FlatBatch, state: &State, d: usize) -> (Vec<f64>, Vec<Vec<f32>>) {
     let (b, s) = (fb.b, fb.s);
-    let mut total = 0f64;
+    let sd = s * d;
+    let mut fvus = Vec::new();
     let mut grads = Vec::new();
     for (m, st) in state.modules.iter().enumerate() {
         let t = &fb.targets[m];
         let e: Vec<f32> = t.iter().zip(&st.recon).map(|(a, r)| a - r).collect();
-        // batch-axis means per (pos, dim)
-        let sd = s * d;
         let mean = |x: &[f32]| -> Vec<f64> {
             let mut mu = vec![0f64; sd];
             for bi in 0..b {
@@ -936,12 +944,11 @@ pub fn mse_loss_and_grad(fb: &FlatBatch, state: &State, d: usize) -> (f64, Vec<V
                 den += (t[bi * sd + j] as f64 - mt[j]).powi(2);
             }
         }
-        // FVU = num/den (the (B-1) factors cancel); dFVU/dR = -2 (e - ē) / den
-        total += num / den;
-        let g: Vec<f32> = (0..b * sd).map(|x| (-2.0 * (e[x] as f64 - me[x % sd]) / den) as f32).collect();
-        grads.push(g);
+        // FVU = num/den (the (B−1) factors cancel); dFVU/dR = −2 (e − ē) / den
+        fvus.push(num / den);
+        grads.push((0..b * sd).map(|x| (-2.0 * (e[x] as f64 - me[x % sd]) / den) as f32).collect());
     }
-    (total, grads)
+    (fvus, grads)
 }
 
 /// CE with the suite spliced in and its gradient w.r.t. every reconstruction (all equal: the

@@ -23,5 +23,6 @@ pub mod sparse_ops;
 pub mod suite;
 pub mod table;
 pub mod tokenize;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -51,6 +51,27 @@ impl Batch {
         })
     }
 
+    /// Concatenate batches along the sequence axis.
+    pub fn concat(parts: &[Batch]) -> Result<Batch> {
+        if parts.len() == 1 {
+            return Ok(parts[0].clone());
+        }
+        let cat = |f: &dyn Fn(&Batch) -> &Tensor| -> Result<Tensor> { Ok(Tensor::cat(&parts.iter().map(f).collect::<Vec<_>>(), 0)?) };
+        let n_layers = parts[0].ln1_scale.len();
+        let per_layer = |f: &dyn Fn(&Batch, usize) -> &Tensor| -> Result<Vec<Tensor>> {
+            (0..n_layers).map(|l| Ok(Tensor::cat(&parts.iter().map(|p| f(p, l)).collect::<Vec<_>>(), 0)?)).collect()
+        };
+        Ok(Batch {
+            tokens: cat(&|b| &b.tokens)?,
+            resid_pre0: cat(&|b| &b.resid_pre0)?,
+            ln1_scale: per_layer(&|b, l| &b.ln1_scale[l])?,
+            ln2_scale: per_layer(&|b, l| &b.ln2_scale[l])?,
+            pattern: per_layer(&|b, l| &b.pattern[l])?,
+            attn_out: per_layer(&|b, l| &b.attn_out[l])?,
+            mlp_out: per_layer(&|b, l| &b.mlp_out[l])?,
+        })
+    }
+
     /// Build from a clean forward pass run with hooks.
     pub fn from_forward(tokens: &Tensor, out: &crate::model::ForwardOutput) -> Result<Batch> {
         Ok(Batch {

@@ -55,3 +55,18 @@ pub fn scratch(name: &str) -> PathBuf {
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
+
+/// A cache (made by collect-acts in `dir/acts`) of the suite golden's tokens (3 x 12) for the
+/// fixture model `name`.
+pub fn golden_cache(dir: &Path, name: &str) -> PathBuf {
+    let acts = dir.join("acts");
+    let g = fixtures().join(format!("golden/suite-{name}.safetensors"));
+    let m = fixtures().join("models").join(name);
+    tool_ok("collect-acts", &["--model", s(&m), "--tokens", s(&g), "--ctx-len", "12", "--no-prepend-bos", "--out", s(&acts)]);
+    acts
+}
+
+/// The fixture suite of model `name` (bare safetensors with k and n_features metadata).
+pub fn fixture_suite(name: &str) -> PathBuf {
+    fixtures().join("suites").join(name).join("suite.safetensors")
+}

@@ -7,19 +7,10 @@ use std::sync::Arc;
 
 use arrow_array::{ArrayRef, RecordBatch, StringArray, UInt32Array};
 use candle_core::{Device, Tensor};
-use e2e::{fixtures, s, scratch, tool_fails, tool_ok};
-
-/// A cache of the suite golden's tokens (3 x 12) for model `name`.
-fn golden_cache(dir: &Path, name: &str) -> PathBuf {
-    let acts = dir.join("acts");
-    let g = fixtures().join(format!("golden/suite-{name}.safetensors"));
-    let m = fixtures().join("models").join(name);
-    tool_ok("collect-acts", &["--model", s(&m), "--tokens", s(&g), "--ctx-len", "12", "--no-prepend-bos", "--out", s(&acts)]);
-    acts
-}
+use e2e::{fixtures, golden_cache, s, scratch, tool_fails, tool_ok};
 
 fn suite(name: &str) -> PathBuf {
-    fixtures().join("suites").join(name).join("suite.safetensors")
+    e2e::fixture_suite(name)
 }
 
 fn golden(name: &str) -> HashMap<String, Tensor> {

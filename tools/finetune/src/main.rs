@@ -1,0 +1,338 @@
+//! `finetune`: train a suite through the pruned forward pass (SPEC §6) on local reconstruction
+//! (FVU), downstream CE, or both, with checkpoints and bit-identical resume.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use scae::cache::CacheReader;
+use scae::engine::{self, Engine, FlatBatch};
+use scae::inputs::Inputs;
+use scae::pruned::{Plan, Wiring};
+use scae::suite::Kind;
+use scae::train::{self, DeadTracker, Optimizer, OptimizerKind, Params, RunState};
+
+/// Which loss to train on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Loss {
+    /// Σ over modules of the reference's FVU (batch-axis variance).
+    Mse,
+    /// Next-token CE with the suite spliced in.
+    Ce,
+    /// mse + ce_weight · ce.
+    #[value(name = "mse+ce")]
+    MseCe,
+}
+
+/// Finetune a suite through the pruned pass.
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    after_help = "Example:\n  finetune --acts acts/ --suite suite/ --connections edges/connections.parquet \\\n      --loss mse --steps 1000 --batch-size 16 --checkpoint-every 100 --out ft/\n\nResume an interrupted run with the same arguments plus --resume."
+)]
+struct Args {
+    /// Activation cache folder (from collect-acts).
+    #[arg(long)]
+    acts: PathBuf,
+    /// Suite to start from (folder or bare .safetensors).
+    #[arg(long)]
+    suite: PathBuf,
+    /// Connection set (.parquet or the reference's .safetensors); none = all connections.
+    #[arg(long)]
+    connections: Option<PathBuf>,
+    /// Output folder: suite.safetensors, config.json, metrics.jsonl, checkpoint/.
+    #[arg(long)]
+    out: PathBuf,
+    /// Training loss.
+    #[arg(long, value_enum, default_value = "mse")]
+    loss: Loss,
+    /// Weight of CE in `--loss mse+ce`.
+    #[arg(long, default_value_t = 1.0)]
+    ce_weight: f64,
+    /// Optimizer (Adam: betas 0.9, 0.999, eps 1e-8, as the reference).
+    #[arg(long, value_enum, default_value = "adam")]
+    optimizer: OptimizerKind,
+    /// Base learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Use --lr as is instead of the reference's lr / sqrt(F / 2^14).
+    #[arg(long)]
+    no_scale_lr: bool,
+    /// Warmup length as a proportion of the steps.
+    #[arg(long, default_value_t = 0.0)]
+    warmup: f64,
+    /// Proportion of the steps after which the lr decays linearly to 0 (reference: 0.8).
+    #[arg(long, default_value_t = 0.8)]
+    decay_start: f64,
+    /// Per-autoencoder gradient-norm clip, or `none`.
+    #[arg(long, default_value = "1.0")]
+    clip_grad: String,
+    /// Introduce module m's loss term only from step (2·layer + [0 attn, 1 mlp]) · N.
+    #[arg(long)]
+    stagger_steps: Option<u64>,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    batch_size: u64,
+    /// Number of steps.
+    #[arg(long, conflicts_with = "tokens", value_parser = clap::value_parser!(u64).range(1..))]
+    steps: Option<u64>,
+    /// Train on this many tokens (steps = tokens / (batch_size · ctx_len)).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    tokens: Option<u64>,
+    /// Shuffle sequences within each cache shard every epoch (default: cache order, as the
+    /// reference).
+    #[arg(long)]
+    shuffle: bool,
+    /// AuxK weight (MSE mode). Finetuning reproduces the reference with AuxK off, its default.
+    #[arg(long, default_value_t = 0.0)]
+    auxk_alpha: f64,
+    /// A feature is dead after this many tokens without a non-zero value.
+    #[arg(long, default_value_t = 10_000_000)]
+    dead_threshold: u64,
+    /// Compute dtype (f32 only on CPU for now).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Write a checkpoint every N steps (and at the end).
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    /// Continue from `--out`/checkpoint with the same arguments.
+    #[arg(long)]
+    resume: bool,
+    /// Stop after this many steps of this run, keeping the checkpoint (for tests of resume).
+    #[arg(long, hide = true)]
+    halt_after: Option<u64>,
+    /// Model folder or hub id (default: the one recorded in the cache manifest).
+    #[arg(long)]
+    model: Option<String>,
+    /// Replace an existing, non-empty --out folder (without --resume).
+    #[arg(long)]
+    overwrite: bool,
+    #[command(flatten)]
+    pass: scae::cli::PassArgs,
+    #[command(flatten)]
+    common: scae::cli::Common,
+}
+
+fn main() -> ExitCode {
+    scae::cli::run_main("finetune", || run(Args::parse()))
+}
+
+fn stagger_scale(kind: Kind, layer: usize, step: u64, stagger: Option<u64>) -> f32 {
+    match stagger {
+        Some(n) if step < (2 * layer as u64 + u64::from(kind == Kind::Mlp)) * n => 0.0,
+        _ => 1.0,
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let device = args.common.setup()?;
+    if args.dtype != "f32" {
+        bail!("--dtype {}: only f32 is supported by the CPU engine (bf16 comes with the GPU path)", args.dtype);
+    }
+    if args.auxk_alpha != 0.0 {
+        bail!("--auxk-alpha {}: AuxK in finetuning is not implemented yet (the reference's default is 0)", args.auxk_alpha);
+    }
+    if !matches!(device, candle_core::Device::Cpu) {
+        bail!("--device {}: finetune runs on the CPU engine for now", args.common.device);
+    }
+    let clip: Option<f64> = match args.clip_grad.as_str() {
+        "none" => None,
+        s => Some(s.parse().ok().filter(|v: &f64| *v > 0.0).with_context(|| format!("--clip-grad {s}: expected a positive number or `none`"))?),
+    };
+    if !(0.0..=1.0).contains(&args.warmup) || !(0.0..=1.0).contains(&args.decay_start) || args.warmup > args.decay_start {
+        bail!("--warmup {} / --decay-start {}: expected 0 <= warmup <= decay-start <= 1", args.warmup, args.decay_start);
+    }
+    let inputs = Inputs::open(&args.acts, &args.suite, args.model.as_deref(), &device)?;
+    let conns = args.connections.as_ref().map(|p| inputs.connections(p)).transpose()?;
+    let suite = &inputs.suite;
+    let rt = &inputs.model.runtime;
+    let manifest = &inputs.cache.manifest;
+    let batch_size = args.batch_size as usize;
+    if batch_size > manifest.n_seqs {
+        bail!("--batch-size {batch_size}: the cache {} has only {} sequences", args.acts.display(), manifest.n_seqs);
+    }
+    if batch_size < 2 && args.loss != Loss::Ce {
+        bail!("--batch-size 1: the reference's FVU needs a variance over at least 2 sequences");
+    }
+    let steps = match (args.steps, args.tokens) {
+        (Some(s), _) => s,
+        (None, Some(t)) => (t / (args.batch_size * manifest.ctx_len as u64)).max(1),
+        (None, None) => bail!("one of --steps or --tokens is required"),
+    };
+    let lr = if args.no_scale_lr { args.lr } else { train::scaled_lr(args.lr, suite.n_features) };
+    let wiring = match &conns {
+        Some(c) => Wiring::Sparse(c),
+        None => Wiring::All,
+    };
+    let plan = Plan::new(suite, wiring, inputs.parallel(), &device)?;
+    let digest = train::digest(&serde_json::json!({
+        "acts": args.acts, "suite": args.suite, "connections": args.connections, "loss": format!("{:?}", args.loss),
+        "ce_weight": args.ce_weight, "optimizer": format!("{:?}", args.optimizer), "lr": args.lr, "no_scale_lr": args.no_scale_lr,
+        "warmup": args.warmup, "decay_start": args.decay_start, "clip": args.clip_grad, "stagger": args.stagger_steps,
+        "batch_size": args.batch_size, "steps": steps, "shuffle": args.shuffle, "seed": args.common.seed,
+        "dead_threshold": args.dead_threshold, "consistent_attn_bias": args.pass.consistent_attn_bias,
+    }));
+
+    // Output folder: fresh (empty or --overwrite) or, with --resume, the one holding the checkpoint.
+    if args.resume {
+        if !args.out.join("checkpoint").is_dir() {
+            bail!("{}: no checkpoint to resume from; hint: run without --resume", args.out.display());
+        }
+    } else {
+        if args.out.exists() {
+            if !args.out.is_dir() {
+                bail!("{}: --out: expected a folder, found a file", args.out.display());
+            }
+            let non_empty = std::fs::read_dir(&args.out)?.next().is_some();
+            if non_empty && !args.overwrite {
+                bail!("{}: --out: folder exists and is not empty; hint: pass --overwrite, or --resume to continue", args.out.display());
+            }
+            std::fs::remove_dir_all(&args.out).with_context(|| format!("{}: cannot clear --out", args.out.display()))?;
+        }
+        std::fs::create_dir_all(&args.out).with_context(|| format!("{}: --out: cannot create output folder", args.out.display()))?;
+    }
+
+    let mut params = Params::from_suite(suite)?;
+    let mut opt = Optimizer::new(args.optimizer, &params);
+    let mut dead = DeadTracker::new(suite.modules.len(), suite.n_features, args.dead_threshold);
+    let (mut step, mut seqs_seen) = (0u64, 0u64);
+    let metrics_path = args.out.join("metrics.jsonl");
+    if args.resume {
+        let st = train::load_checkpoint(&args.out, suite, &mut opt, &mut dead, "finetune", &digest)?;
+        params = Params::from_suite(suite)?;
+        step = st.step;
+        seqs_seen = st.seqs_seen;
+        // Keep the metrics of the steps the checkpoint covers.
+        if let Ok(text) = std::fs::read_to_string(&metrics_path) {
+            let kept: String = text
+                .lines()
+                .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s < step))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            scae::io::write_atomic(&metrics_path, kept.as_bytes())?;
+        }
+        eprintln!("finetune: resuming at step {step} of {steps}");
+    }
+    let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).with_context(|| metrics_path.display().to_string())?;
+    let mut reader = CacheReader::new(&inputs.cache, &device);
+    let n_seqs = manifest.n_seqs as u64;
+    let mut order_epoch = u64::MAX;
+    let mut order: Vec<usize> = Vec::new();
+    let ctx = manifest.ctx_len;
+    let bar = scae::cli::token_bar(Some(steps * (batch_size * ctx) as u64), "finetuning");
+    bar.set_position(step * (batch_size * ctx) as u64);
+    let start_time = Instant::now();
+    let start_step = step;
+    let mut last_ckpt: Option<u64> = if args.resume { Some(step) } else { None };
+    while step < steps {
+        // Next batch in data order (wrapping over epochs).
+        let mut seqs = Vec::with_capacity(batch_size);
+        for j in 0..batch_size as u64 {
+            let g = seqs_seen + j;
+            let epoch = g / n_seqs;
+            if epoch != order_epoch {
+                order = inputs.cache.epoch_order(epoch, args.shuffle, args.common.seed);
+                order_epoch = epoch;
+            }
+            seqs.push(order[(g % n_seqs) as usize]);
+        }
+        let batch = reader.batch(&seqs)?;
+        let fb = FlatBatch::new(&batch, suite)?;
+        let eng = Engine::new(suite, rt, &plan, args.pass.options())?;
+        let state = eng.forward(&fb)?;
+        let n_tok = (fb.b * fb.s) as u64;
+        let scales: Vec<f32> = suite.modules.iter().map(|m| stagger_scale(m.kind, m.layer, step, args.stagger_steps)).collect();
+        for (m, st) in state.modules.iter().enumerate() {
+            if scales[m] != 0.0 {
+                dead.update(m, n_tok, &st.idx, &st.val);
+            }
+        }
+        let mut record = serde_json::Map::new();
+        let d = suite.d_model;
+        let mut loss = 0f64;
+        let mut g_recon: Vec<Vec<f32>> = vec![vec![0f32; fb.b * fb.s * d]; suite.modules.len()];
+        if args.loss != Loss::Ce {
+            let (fvus, grads) = engine::mse_per_module(&fb, &state, d);
+            let mut fvu_rec = serde_json::Map::new();
+            for (m, (fvu, g)) in fvus.iter().zip(grads).enumerate() {
+                loss += scales[m] as f64 * fvu;
+                fvu_rec.insert(suite.modules[m].name(), serde_json::json!(fvu));
+                g_recon[m].iter_mut().zip(&g).for_each(|(a, b)| *a += scales[m] * b);
+            }
+            record.insert("fvu".into(), fvu_rec.into());
+        }
+        if args.loss != Loss::Mse {
+            let w = if args.loss == Loss::MseCe { args.ce_weight } else { 1.0 };
+            let (ce, g) = engine::ce_loss_and_grad(rt, &fb, &state, d)?;
+            loss += w * ce;
+            for gr in g_recon.iter_mut() {
+                gr.iter_mut().zip(&g[0]).for_each(|(a, b)| *a += w as f32 * b);
+            }
+            let clean = rt.forward(&batch.tokens, false, false)?.ce.mean_all()?.to_scalar::<f32>()? as f64;
+            record.insert("ce".into(), serde_json::json!(ce));
+            record.insert("ce_diff".into(), serde_json::json!(ce - clean));
+        }
+        if !loss.is_finite() {
+            let keep = match last_ckpt {
+                Some(s) => format!("the last good checkpoint ({}, step {s}) is kept", args.out.join("checkpoint").display()),
+                None => "no checkpoint was written".to_string(),
+            };
+            bail!("step {step}: loss is {loss}; stopping ({keep}); hint: lower --lr");
+        }
+        let grads = eng.backward(&fb, &state, g_recon)?;
+        let mut grads = train::grads_layout(grads);
+        if let Some(c) = clip {
+            grads.iter_mut().for_each(|g| train::clip_module(g, c));
+        }
+        let lr_t = lr * train::lr_factor(step, steps, args.warmup, args.decay_start);
+        opt.step(&mut params, &grads, lr_t);
+        params.store(suite)?;
+        step += 1;
+        seqs_seen += batch_size as u64;
+        let dead_counts: serde_json::Map<String, serde_json::Value> =
+            suite.modules.iter().enumerate().map(|(m, name)| (name.name(), serde_json::json!(dead.n_dead(m)))).collect();
+        record.insert("step".into(), serde_json::json!(step - 1));
+        record.insert("loss".into(), serde_json::json!(loss));
+        record.insert("lr".into(), serde_json::json!(lr_t));
+        record.insert("dead".into(), dead_counts.into());
+        writeln!(metrics, "{}", serde_json::Value::Object(record))?;
+        bar.inc(n_tok);
+        bar.set_message(format!("loss {loss:.4}"));
+        let halt = args.halt_after.is_some_and(|h| step - start_step >= h);
+        if args.checkpoint_every.is_some_and(|n| step % n == 0) || step == steps || halt {
+            metrics.flush()?;
+            let rs = RunState {
+                format: train::CHECKPOINT_FORMAT.into(),
+                version: train::CHECKPOINT_VERSION,
+                tool: "finetune".into(),
+                step,
+                seqs_seen,
+                opt_t: opt.t,
+                args_digest: digest.clone(),
+            };
+            if args.checkpoint_every.is_some() || halt {
+                train::save_checkpoint(&args.out, suite, &opt, &dead, &rs)?;
+                last_ckpt = Some(step);
+            }
+        }
+        if halt && step < steps {
+            bar.finish_and_clear();
+            eprintln!("finetune: halted after step {step} (checkpoint kept); continue with --resume");
+            return Ok(());
+        }
+    }
+    bar.finish_and_clear();
+    metrics.flush()?;
+    let cli: Vec<String> = std::env::args().collect();
+    let mut out_suite = suite.clone();
+    out_suite.model_id = Some(manifest.model.id.clone());
+    out_suite.model_hash = Some(manifest.model.hash.clone());
+    out_suite.save(&args.out, &format!("finetune {}", env!("CARGO_PKG_VERSION")), serde_json::json!({"argv": cli, "steps": steps, "lr": lr}))?;
+    let secs = start_time.elapsed().as_secs_f64();
+    let done = (step - start_step) * (batch_size * ctx) as u64;
+    println!("finetune: {steps} steps -> {} ({:.0} tokens/s)", args.out.display(), done as f64 / secs.max(1e-9));
+    Ok(())
+}
