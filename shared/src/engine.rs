@@ -55,6 +55,11 @@ fn sgemm(m: usize, n: usize, k: usize, a: &[f32], a_rs: usize, a_cs: usize, b: &
     }
 }
 
+/// `C (m, n) = A (m, k) · B (n, k)ᵀ`, all row-major (e.g. activations times an encoder).
+pub fn gemm_nt(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    sgemm(m, n, k, a, k, 1, b, 1, k, c, false, true);
+}
+
 fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }

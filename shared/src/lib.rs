@@ -18,6 +18,7 @@ pub mod inputs;
 pub mod io;
 pub mod model;
 pub mod pruned;
+pub mod sae;
 pub mod scores;
 pub mod sparse_ops;
 pub mod suite;
