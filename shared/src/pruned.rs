@@ -27,6 +27,7 @@ pub struct Batch {
     pub resid_pre0: Tensor,     // (batch, pos, d_model)
     pub ln1_scale: Vec<Tensor>, // per layer (batch, pos, 1)
     pub ln2_scale: Vec<Tensor>, // per layer (batch, pos, 1)
+    pub ln2_normalized: Vec<Tensor>, // per layer (batch, pos, d_model): transcoder inputs
     pub pattern: Vec<Tensor>,   // per layer (batch, head, q, k)
     pub attn_out: Vec<Tensor>,  // per layer (batch, pos, d_model)
     pub mlp_out: Vec<Tensor>,   // per layer (batch, pos, d_model)
@@ -45,6 +46,7 @@ impl Batch {
             resid_pre0: get("blocks.0.hook_resid_pre")?,
             ln1_scale: per_layer("ln1.hook_scale")?,
             ln2_scale: per_layer("ln2.hook_scale")?,
+            ln2_normalized: per_layer("ln2.hook_normalized")?,
             pattern: per_layer("attn.hook_pattern")?,
             attn_out: per_layer("hook_attn_out")?,
             mlp_out: per_layer("hook_mlp_out")?,
@@ -66,6 +68,7 @@ impl Batch {
             resid_pre0: cat(&|b| &b.resid_pre0)?,
             ln1_scale: per_layer(&|b, l| &b.ln1_scale[l])?,
             ln2_scale: per_layer(&|b, l| &b.ln2_scale[l])?,
+            ln2_normalized: per_layer(&|b, l| &b.ln2_normalized[l])?,
             pattern: per_layer(&|b, l| &b.pattern[l])?,
             attn_out: per_layer(&|b, l| &b.attn_out[l])?,
             mlp_out: per_layer(&|b, l| &b.mlp_out[l])?,
@@ -79,6 +82,7 @@ impl Batch {
             resid_pre0: out.resid_pre0.clone(),
             ln1_scale: out.layers.iter().map(|l| l.ln1_scale.clone()).collect(),
             ln2_scale: out.layers.iter().map(|l| l.ln2_scale.clone()).collect(),
+            ln2_normalized: out.layers.iter().map(|l| l.ln2_normalized.clone()).collect(),
             pattern: out.layers.iter().map(|l| l.pattern.clone()).collect(),
             attn_out: out.layers.iter().map(|l| l.attn_out.clone()).collect(),
             mlp_out: out.layers.iter().map(|l| l.mlp_out.clone()).collect(),

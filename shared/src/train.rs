@@ -333,3 +333,51 @@ mod tests {
         assert_eq!(small[0][0], 0.1);
     }
 }
+
+/// Prepare a training output folder: with `resume`, it must hold a checkpoint; otherwise it
+/// must be absent or empty (or `overwrite`), and is created. On resume, metrics lines of steps
+/// at or after the checkpoint's step are dropped by [`trim_metrics`].
+pub fn prepare_run_dir(out: &Path, resume: bool, overwrite: bool) -> Result<()> {
+    if resume {
+        if !out.join("checkpoint").join("state.json").is_file() {
+            return Err(Error::input(out, "--resume: no checkpoint to resume from; hint: run without --resume"));
+        }
+        return Ok(());
+    }
+    if out.exists() {
+        if !out.is_dir() {
+            return Err(Error::input(out, "--out: expected a folder, found a file"));
+        }
+        let non_empty = std::fs::read_dir(out).at(out)?.next().is_some();
+        if non_empty && !overwrite {
+            return Err(Error::input(out, "--out: folder exists and is not empty; hint: pass --overwrite, or --resume to continue"));
+        }
+        std::fs::remove_dir_all(out).at(out)?;
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::input(out, format!("--out: cannot create output folder: {e}")))
+}
+
+/// Keep only the metrics lines of steps before `step` (after a resume).
+pub fn trim_metrics(path: &Path, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let kept: String = text
+        .lines()
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s < step))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    crate::io::write_atomic(path, kept.as_bytes())
+}
+
+/// A suite holding `params` (layout of [`Params`]).
+pub fn suite_from_params(params: &Params, modules: &[crate::suite::Module], k: usize, d: usize, f: usize) -> Result<Suite> {
+    let dev = Device::Cpu;
+    let mut map = std::collections::HashMap::new();
+    for (m, p) in modules.iter().zip(&params.modules) {
+        let name = m.name();
+        map.insert(format!("aes.{name}.encoder.weight"), Tensor::from_vec(p[0].clone(), (f, d), &dev)?);
+        map.insert(format!("aes.{name}.encoder.bias"), Tensor::from_vec(p[1].clone(), f, &dev)?);
+        map.insert(format!("aes.{name}.decoder.weight"), Tensor::from_vec(p[2].clone(), (d, f), &dev)?);
+        map.insert(format!("aes.{name}.b_dec"), Tensor::from_vec(p[3].clone(), d, &dev)?);
+    }
+    Suite::from_tensors(Path::new("(training)"), map, k, f, None, None)
+}

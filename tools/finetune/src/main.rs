@@ -176,24 +176,7 @@ fn run(args: Args) -> Result<()> {
         "dead_threshold": args.dead_threshold, "consistent_attn_bias": args.pass.consistent_attn_bias,
     }));
 
-    // Output folder: fresh (empty or --overwrite) or, with --resume, the one holding the checkpoint.
-    if args.resume {
-        if !args.out.join("checkpoint").is_dir() {
-            bail!("{}: no checkpoint to resume from; hint: run without --resume", args.out.display());
-        }
-    } else {
-        if args.out.exists() {
-            if !args.out.is_dir() {
-                bail!("{}: --out: expected a folder, found a file", args.out.display());
-            }
-            let non_empty = std::fs::read_dir(&args.out)?.next().is_some();
-            if non_empty && !args.overwrite {
-                bail!("{}: --out: folder exists and is not empty; hint: pass --overwrite, or --resume to continue", args.out.display());
-            }
-            std::fs::remove_dir_all(&args.out).with_context(|| format!("{}: cannot clear --out", args.out.display()))?;
-        }
-        std::fs::create_dir_all(&args.out).with_context(|| format!("{}: --out: cannot create output folder", args.out.display()))?;
-    }
+    train::prepare_run_dir(&args.out, args.resume, args.overwrite)?;
 
     let mut params = Params::from_suite(suite)?;
     let mut opt = Optimizer::new(args.optimizer, &params);
@@ -205,15 +188,7 @@ fn run(args: Args) -> Result<()> {
         params = Params::from_suite(suite)?;
         step = st.step;
         seqs_seen = st.seqs_seen;
-        // Keep the metrics of the steps the checkpoint covers.
-        if let Ok(text) = std::fs::read_to_string(&metrics_path) {
-            let kept: String = text
-                .lines()
-                .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s < step))
-                .map(|l| format!("{l}\n"))
-                .collect();
-            scae::io::write_atomic(&metrics_path, kept.as_bytes())?;
-        }
+        train::trim_metrics(&metrics_path, step)?;
         eprintln!("finetune: resuming at step {step} of {steps}");
     }
     let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).with_context(|| metrics_path.display().to_string())?;

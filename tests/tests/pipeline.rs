@@ -1,0 +1,91 @@
+//! The whole chain on a tiny configuration: collect-acts -> train-suite -> score-edges ->
+//! select-edges -> finetune -> evaluate, with consistency checks between the outputs; and
+//! bit-identical resume of train-suite.
+
+use std::path::Path;
+
+use candle_core::Device;
+use e2e::{fixtures, s, scratch, tool_fails, tool_ok};
+
+fn json(p: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn losses(p: &Path) -> Vec<f64> {
+    std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap()).collect()
+}
+
+fn tiny_cache(tmp: &Path) -> std::path::PathBuf {
+    let acts = tmp.join("acts");
+    let model = fixtures().join("models/tiny-neo");
+    let data = fixtures().join("../../pipelines/data/stories.txt");
+    tool_ok("collect-acts", &["--model", s(&model), "--data", s(&data), "--ctx-len", "16", "--n-seqs", "64", "--out", s(&acts)]);
+    acts
+}
+
+#[test]
+fn whole_chain_runs_and_finetuning_lowers_its_loss() {
+    let tmp = scratch("chain");
+    let acts = tiny_cache(&tmp);
+    let suite = tmp.join("suite");
+    tool_ok("train-suite", &["--acts", s(&acts), "--out", s(&suite), "--expansion", "2", "--k", "4", "--steps", "60", "--batch-size", "8", "--lr", "1e-2", "--dead-threshold", "5000"]);
+    let cfg = json(&suite.join("config.json"));
+    assert_eq!(cfg["n_features"], 32);
+    assert_eq!(cfg["k"], 4);
+    assert_eq!(cfg["model_hash"], json(&acts.join("manifest.json"))["model"]["hash"]);
+    // Pretraining lowers the FVU it optimizes.
+    let l = losses(&suite.join("metrics.jsonl"));
+    assert_eq!(l.len(), 60);
+    assert!(l[59] < 0.5 * l[0], "train-suite loss {} -> {}", l[0], l[59]);
+    let edges = tmp.join("edges");
+    tool_ok("score-edges", &["--acts", s(&acts), "--suite", s(&suite), "--keep", "16", "--top-c", "4", "--out", s(&edges)]);
+    tool_ok("select-edges", &["--edges", s(&edges.join("edges.parquet")), "--c", "4", "--out", s(&tmp.join("c4.parquet"))]);
+    let conns = tmp.join("c4.parquet");
+    let ft = tmp.join("ft");
+    tool_ok("finetune", &["--acts", s(&acts), "--suite", s(&suite), "--connections", s(&conns), "--out", s(&ft), "--steps", "30", "--batch-size", "8", "--lr", "2e-3"]);
+    let l = losses(&ft.join("metrics.jsonl"));
+    let first: f64 = l[..5].iter().sum::<f64>() / 5.0;
+    let last: f64 = l[25..].iter().sum::<f64>() / 5.0;
+    assert!(last < first, "finetune loss {first} -> {last}");
+    // Evaluate before and after: the finetuned suite reconstructs better through the pruned pass.
+    tool_ok("evaluate", &["--acts", s(&acts), "--suite", s(&suite), "--connections", s(&conns), "--out", s(&tmp.join("e0"))]);
+    tool_ok("evaluate", &["--acts", s(&acts), "--suite", s(&ft), "--connections", s(&conns), "--out", s(&tmp.join("e1"))]);
+    let (e0, e1) = (json(&tmp.join("e0/eval.json")), json(&tmp.join("e1/eval.json")));
+    let mean_ref = |e: &serde_json::Value| -> f64 { e["modules"].as_object().unwrap().values().map(|m| m["fvu_ref"].as_f64().unwrap()).sum() };
+    assert!(mean_ref(&e1) < mean_ref(&e0), "pruned-pass FVU before {} after {}", mean_ref(&e0), mean_ref(&e1));
+    assert_eq!(e0["clean_ce"], e1["clean_ce"]);
+    assert_eq!(e1["n_connections"].as_u64().unwrap() as usize, 4 * 32 * 3); // every non-first module, C=4
+    // The finetuned suite keeps the cache's model hash.
+    assert_eq!(json(&ft.join("config.json"))["model_hash"], cfg["model_hash"]);
+    let _ = Device::Cpu;
+}
+
+#[test]
+fn train_suite_resume_is_bit_identical() {
+    let tmp = scratch("ts-resume");
+    let acts = tiny_cache(&tmp);
+    let args = |out: &Path| -> Vec<String> {
+        ["--acts", s(&acts), "--out", s(out), "--expansion", "2", "--k", "4", "--steps", "8", "--batch-size", "8", "--lr", "1e-2", "--dead-threshold", "300", "--shuffle"]
+            .map(String::from)
+            .to_vec()
+    };
+    let run = |out: &Path, extra: &[&str]| {
+        let mut a = args(out);
+        a.extend(extra.iter().map(|x| x.to_string()));
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        tool_ok("train-suite", &refs);
+    };
+    let (a, b) = (tmp.join("a"), tmp.join("b"));
+    run(&a, &[]);
+    run(&b, &["--checkpoint-every", "3", "--halt-after", "5"]);
+    assert!(!b.join("suite.safetensors").exists());
+    run(&b, &["--checkpoint-every", "3", "--resume"]);
+    let load = |p: &Path| candle_core::safetensors::load(p.join("suite.safetensors"), &Device::Cpu).unwrap();
+    let (sa, sb) = (load(&a), load(&b));
+    assert_eq!(sa.len(), 16);
+    for (k, t) in &sa {
+        assert_eq!(t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), sb[k].flatten_all().unwrap().to_vec1::<f32>().unwrap(), "{k}");
+    }
+    assert_eq!(losses(&a.join("metrics.jsonl")), losses(&b.join("metrics.jsonl")));
+    tool_fails("train-suite", &["--acts", s(&acts), "--out", s(&tmp.join("c")), "--k", "99", "--expansion", "2", "--steps", "1"], &["--k 99", "32 features"]);
+}

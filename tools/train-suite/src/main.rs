@@ -1,0 +1,251 @@
+//! `train-suite`: pretrain a suite with standard TopK training (SPEC §8): every module from
+//! one pass over an activation cache — `attn_L` an SAE on `hook_attn_out`, `mlp_L` a
+//! transcoder `ln2.hook_normalized -> hook_mlp_out`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::Parser;
+use scae::cache::{Cache, CacheReader};
+use scae::sae::{self, SplitMix, UpdateConfig};
+use scae::suite::{Kind, Module};
+use scae::train::{self, DeadTracker, Optimizer, OptimizerKind, Params, RunState};
+
+/// Pretrain a TopK suite on an activation cache.
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    after_help = "Example:\n  train-suite --acts acts/ --expansion 4 --k 32 --steps 2000 --batch-size 16 --out suite/\n\nlr = --lr / sqrt(F / 2^14), Adam, linear decay from --decay-start, per-module clipping,\nunit-norm decoder columns, b_dec = geometric median of the first batch, AuxK on dead latents."
+)]
+struct Args {
+    /// Activation cache folder (from collect-acts).
+    #[arg(long)]
+    acts: PathBuf,
+    /// Output folder: suite.safetensors, config.json, metrics.jsonl, checkpoint/.
+    #[arg(long)]
+    out: PathBuf,
+    /// Features per module = expansion × d_model.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..))]
+    expansion: u64,
+    /// Active features per token.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
+    k: u64,
+    /// Base learning rate (scaled by 1/sqrt(F / 2^14)).
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f64,
+    /// Number of steps.
+    #[arg(long, conflicts_with = "tokens", value_parser = clap::value_parser!(u64).range(1..))]
+    steps: Option<u64>,
+    /// Train on this many tokens (steps = tokens / (batch_size · ctx_len)).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    tokens: Option<u64>,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    batch_size: u64,
+    /// AuxK weight (0 disables it).
+    #[arg(long, default_value_t = 1.0 / 32.0)]
+    auxk_alpha: f64,
+    /// A latent is dead after this many tokens without a non-zero value.
+    #[arg(long, default_value_t = 10_000_000)]
+    dead_threshold: u64,
+    /// Warmup length as a proportion of the steps.
+    #[arg(long, default_value_t = 0.0)]
+    warmup: f64,
+    /// Proportion of the steps after which the lr decays linearly to 0.
+    #[arg(long, default_value_t = 0.8)]
+    decay_start: f64,
+    /// Per-module gradient-norm clip, or `none`.
+    #[arg(long, default_value = "1.0")]
+    clip_grad: String,
+    /// Shuffle sequences within each cache shard every epoch.
+    #[arg(long)]
+    shuffle: bool,
+    /// Write a checkpoint every N steps.
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    /// Continue from `--out`/checkpoint with the same arguments.
+    #[arg(long)]
+    resume: bool,
+    /// Stop after this many steps of this run, keeping the checkpoint (for tests of resume).
+    #[arg(long, hide = true)]
+    halt_after: Option<u64>,
+    /// Replace an existing, non-empty --out folder (without --resume).
+    #[arg(long)]
+    overwrite: bool,
+    #[command(flatten)]
+    common: scae::cli::Common,
+}
+
+fn main() -> ExitCode {
+    scae::cli::run_main("train-suite", || run(Args::parse()))
+}
+
+fn flat(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+fn run(args: Args) -> Result<()> {
+    let device = args.common.setup()?;
+    let cache = Cache::open(&args.acts)?;
+    let m = &cache.manifest;
+    let (d, n_layers) = (m.model.d_model, m.model.n_layers);
+    let f = (args.expansion as usize) * d;
+    let k = args.k as usize;
+    if k > f {
+        bail!("--k {k}: above the {f} features per module (expansion {} × d_model {d})", args.expansion);
+    }
+    let batch_size = args.batch_size as usize;
+    if batch_size > m.n_seqs {
+        bail!("--batch-size {batch_size}: the cache {} has only {} sequences", args.acts.display(), m.n_seqs);
+    }
+    let steps = match (args.steps, args.tokens) {
+        (Some(s), _) => s,
+        (None, Some(t)) => (t / (args.batch_size * m.ctx_len as u64)).max(1),
+        (None, None) => bail!("one of --steps or --tokens is required"),
+    };
+    let clip: Option<f64> = match args.clip_grad.as_str() {
+        "none" => None,
+        s => Some(s.parse().ok().filter(|v: &f64| *v > 0.0).with_context(|| format!("--clip-grad {s}: expected a positive number or `none`"))?),
+    };
+    if !(0.0..=1.0).contains(&args.warmup) || !(0.0..=1.0).contains(&args.decay_start) || args.warmup > args.decay_start {
+        bail!("--warmup {} / --decay-start {}: expected 0 <= warmup <= decay-start <= 1", args.warmup, args.decay_start);
+    }
+    let lr = train::scaled_lr(args.lr, f);
+    let modules = Module::all(n_layers);
+    let digest = train::digest(&serde_json::json!({
+        "acts": args.acts, "expansion": args.expansion, "k": k, "lr": args.lr, "steps": steps, "batch_size": args.batch_size,
+        "auxk_alpha": args.auxk_alpha, "dead_threshold": args.dead_threshold, "warmup": args.warmup,
+        "decay_start": args.decay_start, "clip": args.clip_grad, "shuffle": args.shuffle, "seed": args.common.seed,
+    }));
+    train::prepare_run_dir(&args.out, args.resume, args.overwrite)?;
+    let mut reader = CacheReader::new(&cache, &device);
+    let n_seqs = m.n_seqs as u64;
+    let mut order_epoch = u64::MAX;
+    let mut order: Vec<usize> = Vec::new();
+    let mut next_batch = |seqs_seen: u64| -> Result<scae::pruned::Batch> {
+        let mut seqs = Vec::with_capacity(batch_size);
+        for j in 0..batch_size as u64 {
+            let g = seqs_seen + j;
+            let epoch = g / n_seqs;
+            if epoch != order_epoch {
+                order = cache.epoch_order(epoch, args.shuffle, args.common.seed);
+                order_epoch = epoch;
+            }
+            seqs.push(order[(g % n_seqs) as usize]);
+        }
+        Ok(reader.batch(&seqs)?)
+    };
+    // Each module's (input, target).
+    let module_data = |b: &scae::pruned::Batch| -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
+        modules
+            .iter()
+            .map(|md| match md.kind {
+                Kind::Attn => {
+                    let x = flat(&b.attn_out[md.layer])?;
+                    Ok((x.clone(), x))
+                }
+                Kind::Mlp => Ok((flat(&b.ln2_normalized[md.layer])?, flat(&b.mlp_out[md.layer])?)),
+            })
+            .collect()
+    };
+
+    let mut rng = SplitMix(args.common.seed);
+    let mut params = Params { modules: modules.iter().map(|_| sae::init_params(d, f, &mut rng)).collect() };
+    let mut opt = Optimizer::new(OptimizerKind::Adam, &params);
+    let mut dead = DeadTracker::new(modules.len(), f, args.dead_threshold);
+    let (mut step, mut seqs_seen) = (0u64, 0u64);
+    let metrics_path = args.out.join("metrics.jsonl");
+    if args.resume {
+        let suite = train::suite_from_params(&params, &modules, k, d, f)?;
+        let st = train::load_checkpoint(&args.out, &suite, &mut opt, &mut dead, "train-suite", &digest)?;
+        params = Params::from_suite(&suite)?;
+        step = st.step;
+        seqs_seen = st.seqs_seen;
+        train::trim_metrics(&metrics_path, step)?;
+        eprintln!("train-suite: resuming at step {step} of {steps}");
+    } else {
+        // b_dec = geometric median of the first batch's targets (up to 4096 tokens).
+        let first = module_data(&next_batch(0)?)?;
+        for (p, (_, y)) in params.modules.iter_mut().zip(&first) {
+            let take = (4096 * d).min(y.len());
+            p[3] = sae::geometric_median(&y[..take], d);
+        }
+    }
+    let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).with_context(|| metrics_path.display().to_string())?;
+    let cfg = UpdateConfig { d, f, k, auxk_alpha: args.auxk_alpha, clip };
+    let ctx = m.ctx_len;
+    let bar = scae::cli::token_bar(Some(steps * (batch_size * ctx) as u64), "training");
+    bar.set_position(step * (batch_size * ctx) as u64);
+    let (start, start_step) = (Instant::now(), step);
+    while step < steps {
+        let data = module_data(&next_batch(seqs_seen)?)?;
+        let refs: Vec<(&[f32], &[f32])> = data.iter().map(|(x, y)| (x.as_slice(), y.as_slice())).collect();
+        let masks: Vec<Vec<bool>> = (0..modules.len()).map(|mi| dead.dead(mi)).collect();
+        let lr_t = lr * train::lr_factor(step, steps, args.warmup, args.decay_start);
+        let out = sae::update(&mut params, &mut opt, &refs, &masks, cfg, lr_t);
+        let n_tok = (batch_size * ctx) as u64;
+        let mut fvu = serde_json::Map::new();
+        let mut auxk = serde_json::Map::new();
+        let mut dead_rec = serde_json::Map::new();
+        let mut total = 0f64;
+        for (mi, (fv, ax, idx, val)) in out.iter().enumerate() {
+            dead.update(mi, n_tok, idx, val);
+            total += fv + args.auxk_alpha * ax;
+            fvu.insert(modules[mi].name(), serde_json::json!(fv));
+            auxk.insert(modules[mi].name(), serde_json::json!(ax));
+            dead_rec.insert(modules[mi].name(), serde_json::json!(dead.n_dead(mi)));
+        }
+        if !total.is_finite() {
+            bail!("step {step}: loss is {total}; stopping; hint: lower --lr");
+        }
+        let rec = serde_json::json!({"step": step, "loss": total, "lr": lr_t, "fvu": fvu, "auxk": auxk, "dead": dead_rec});
+        writeln!(metrics, "{rec}")?;
+        step += 1;
+        seqs_seen += batch_size as u64;
+        bar.inc(n_tok);
+        let halt = args.halt_after.is_some_and(|h| step - start_step >= h);
+        if args.checkpoint_every.is_some_and(|n| step % n == 0) || halt {
+            metrics.flush()?;
+            let suite = train::suite_from_params(&params, &modules, k, d, f)?;
+            let rs = RunState {
+                format: train::CHECKPOINT_FORMAT.into(),
+                version: train::CHECKPOINT_VERSION,
+                tool: "train-suite".into(),
+                step,
+                seqs_seen,
+                opt_t: opt.t,
+                args_digest: digest.clone(),
+            };
+            train::save_checkpoint(&args.out, &suite, &opt, &dead, &rs)?;
+        }
+        if halt && step < steps {
+            bar.finish_and_clear();
+            eprintln!("train-suite: halted after step {step} (checkpoint kept); continue with --resume");
+            return Ok(());
+        }
+    }
+    bar.finish_and_clear();
+    metrics.flush()?;
+    // The saved decoder has unit-norm columns, as every forward pass saw it.
+    for p in params.modules.iter_mut() {
+        sae::normalize_decoder(&mut p[2], d, f);
+    }
+    let mut suite = train::suite_from_params(&params, &modules, k, d, f)?;
+    suite.model_id = Some(m.model.id.clone());
+    suite.model_hash = Some(m.model.hash.clone());
+    let argv: Vec<String> = std::env::args().collect();
+    suite.save(&args.out, &format!("train-suite {}", env!("CARGO_PKG_VERSION")), serde_json::json!({"argv": argv, "steps": steps, "lr": lr}))?;
+    let secs = start.elapsed().as_secs_f64();
+    let last: Vec<String> = std::fs::read_to_string(&metrics_path)?.lines().last().map(|l| l.to_string()).into_iter().collect();
+    println!(
+        "train-suite: {steps} steps, F {f}, k {k} -> {} ({:.0} tokens/s); last: {}",
+        args.out.display(),
+        ((step - start_step) * (batch_size * ctx) as u64) as f64 / secs.max(1e-9),
+        last.first().map(String::as_str).unwrap_or("")
+    );
+    Ok(())
+}
