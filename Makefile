@@ -18,8 +18,24 @@ DTYPE ?= f32
 BATCH ?= 16
 # CPU threads (empty: all cores).
 THREADS ?=
+# Features per module = EXPANSION x d_model (train-suite).
+EXPANSION ?= 4
+# Active features per token (train-suite).
+K ?= 32
+# Pretraining steps (train-suite).
+SUITE_STEPS ?= 1000
+# Pretraining base learning rate.
+SUITE_LR ?= 2e-4
+# Start from this suite instead of pretraining one (folder or bare .safetensors).
+SUITE ?=
 # Connections kept per downstream feature.
 C ?= 16
+# Finetuning loss: mse, ce or mse+ce.
+LOSS ?= mse
+# Finetuning steps.
+STEPS ?= 200
+# Finetuning base learning rate.
+LR ?= 1e-3
 # Edges kept per downstream feature in edges.parquet (select-edges can pick any C up to this).
 KEEP ?= 64
 # Command that turns edges.parquet into connections.parquet; called as
@@ -32,17 +48,24 @@ THREADS_FLAG := $(if $(THREADS),--threads $(THREADS),)
 BOS_FLAG := $(if $(filter 1,$(BOS)),--prepend-bos,--no-prepend-bos)
 # Output paths are keyed on every parameter of their stage and the stages before it.
 ACTS := $(OUT)/acts/$(MODEL_NAME)-ctx$(CTX)-n$(N_SEQS)-bos$(BOS)-$(DTYPE)
-SUITE_KEY := $(shell printf '%s' '$(SUITE)' | cksum | cut -d' ' -f1)
+# The suite: pretrained here unless SUITE names one.
+TRAINED := $(ACTS:$(OUT)/acts/%=$(OUT)/suite/%)-x$(EXPANSION)-k$(K)-s$(SUITE_STEPS)-lr$(SUITE_LR)
+SUITE_PATH := $(if $(SUITE),$(SUITE),$(TRAINED))
+SUITE_DEP := $(if $(SUITE),,$(TRAINED)/.done)
+SUITE_KEY := $(shell printf '%s' '$(SUITE_PATH)' | cksum | cut -d' ' -f1)
 EDGES := $(ACTS:$(OUT)/acts/%=$(OUT)/edges/%)-suite$(SUITE_KEY)-keep$(KEEP)
 SELECT_KEY := $(shell printf '%s' '$(SELECT)' | cksum | cut -d' ' -f1)
 CONN := $(EDGES)-c$(C)-sel$(SELECT_KEY).parquet
-EVAL := $(EDGES:$(OUT)/edges/%=$(OUT)/eval/%)-c$(C)-sel$(SELECT_KEY)
+FT := $(EDGES:$(OUT)/edges/%=$(OUT)/finetune/%)-c$(C)-sel$(SELECT_KEY)-$(LOSS)-s$(STEPS)-lr$(LR)
+EVAL0 := $(EDGES:$(OUT)/edges/%=$(OUT)/eval/%)-c$(C)-sel$(SELECT_KEY)-before
+EVAL := $(FT:$(OUT)/finetune/%=$(OUT)/eval/%)
 
-.PHONY: all build acts edges connections eval test clean help
+.PHONY: all build acts suite edges connections finetune eval test clean help
 
-## all: activations -> edge scores -> connections (C) -> evaluation of SUITE with them.
-all: eval
-	@cat $(EVAL)/table.md
+## all: activations -> suite -> edge scores -> connections (C) -> finetune -> evaluation.
+all: eval $(EVAL0)/.done
+	@echo "## before finetuning (C=$(C))" && cat $(EVAL0)/table.md
+	@echo "## after finetuning ($(LOSS), $(STEPS) steps)" && cat $(EVAL)/table.md
 
 ## build: compile the tools (release).
 build:
@@ -56,10 +79,17 @@ $(ACTS)/.done: | build
 	    --out $(ACTS) --overwrite
 	touch $@
 
-## edges: score every edge of SUITE on the cache.
+## suite: pretrain a TopK suite on the cache (skipped when SUITE is set).
+suite: $(SUITE_DEP)
+$(TRAINED)/.done: $(ACTS)/.done | build
+	$(BIN)/train-suite --acts $(ACTS) --expansion $(EXPANSION) --k $(K) --steps $(SUITE_STEPS) \
+	    --lr $(SUITE_LR) --batch-size $(BATCH) $(THREADS_FLAG) --out $(TRAINED) --overwrite
+	touch $@
+
+## edges: score every edge of the suite on the cache.
 edges: $(EDGES)/.done
-$(EDGES)/.done: $(ACTS)/.done | build
-	$(BIN)/score-edges --acts $(ACTS) --suite $(SUITE) --keep $(KEEP) $(THREADS_FLAG) \
+$(EDGES)/.done: $(ACTS)/.done $(SUITE_DEP) | build
+	$(BIN)/score-edges --acts $(ACTS) --suite $(SUITE_PATH) --keep $(KEEP) $(THREADS_FLAG) \
 	    --out $(EDGES) --overwrite
 	touch $@
 
@@ -68,13 +98,27 @@ connections: $(CONN)
 $(CONN): $(EDGES)/.done | build
 	$(SELECT) --edges $(EDGES)/edges.parquet --c $(C) --out $@
 
-## eval: evaluate SUITE with the connections (CE, FVU, L0, dead features).
+## finetune: finetune the suite through the pruned pass with the connections.
+finetune: $(FT)/.done
+$(FT)/.done: $(CONN) | build
+	$(BIN)/finetune --acts $(ACTS) --suite $(SUITE_PATH) --connections $(CONN) --loss $(LOSS) \
+	    --steps $(STEPS) --lr $(LR) --batch-size $(BATCH) $(THREADS_FLAG) --out $(FT) --overwrite
+	touch $@
+
+## eval: evaluate the finetuned suite with the connections (CE, FVU, L0, dead features).
 eval: $(EVAL)/.done
-$(EVAL)/.done: $(CONN) | build
+$(EVAL)/.done: $(FT)/.done | build
 	mkdir -p $(dir $(EVAL))
-	$(BIN)/evaluate --acts $(ACTS) --suite $(SUITE) --connections $(CONN) $(THREADS_FLAG) \
+	$(BIN)/evaluate --acts $(ACTS) --suite $(FT) --connections $(CONN) $(THREADS_FLAG) \
 	    --out $(EVAL) --overwrite > $(EVAL).md.tmp
 	mv $(EVAL).md.tmp $(EVAL)/table.md
+	touch $@
+
+$(EVAL0)/.done: $(CONN) | build
+	mkdir -p $(dir $(EVAL0))
+	$(BIN)/evaluate --acts $(ACTS) --suite $(SUITE_PATH) --connections $(CONN) $(THREADS_FLAG) \
+	    --out $(EVAL0) --overwrite > $(EVAL0).md.tmp
+	mv $(EVAL0).md.tmp $(EVAL0)/table.md
 	touch $@
 
 ## test: build, then run every test in release mode (the CI command).
@@ -90,4 +134,4 @@ help:
 	@grep -E '^## ' $(firstword $(MAKEFILE_LIST)) | sed 's/^## /  /'
 	@echo
 	@echo "Variables (PIPELINE=$(PIPELINE)):"
-	@$(foreach v,MODEL DATA CTX N_SEQS BOS DTYPE BATCH THREADS SUITE C KEEP SELECT OUT,echo "  $(v) = $($(v))";)
+	@$(foreach v,MODEL DATA CTX N_SEQS BOS DTYPE BATCH THREADS EXPANSION K SUITE_STEPS SUITE_LR SUITE C KEEP SELECT LOSS STEPS LR OUT,echo "  $(v) = $($(v))";)

@@ -9,5 +9,7 @@ CTX ?= 128
 N_SEQS ?= 8192
 # The reference's finetuning scripts pass prepend_bos=False.
 BOS ?= 0
-# Suite to score and evaluate (a folder or bare .safetensors); required until train-suite lands.
-SUITE ?=
+# Reference settings: expansion 4, k 64, finetuning lr 1e-3 (decay from 0.8 of the steps).
+EXPANSION ?= 4
+K ?= 64
+LR ?= 1e-3

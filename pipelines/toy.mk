@@ -9,6 +9,10 @@ CTX ?= 16
 N_SEQS ?= 256
 # Prepend BOS to each sequence (1) or not (0).
 BOS ?= 1
-# Suite to score and evaluate (train-suite is not implemented yet): the fixture suite of the
-# tiny GPT-Neo (random weights, so its numbers only show that the pipeline runs).
-SUITE ?= tests/fixtures/suites/tiny-neo/suite.safetensors
+# Suite sizes and training for the toy run (seconds on 2 cores).
+EXPANSION ?= 4
+K ?= 8
+SUITE_STEPS ?= 300
+SUITE_LR ?= 1e-2
+STEPS ?= 100
+LR ?= 2e-3
