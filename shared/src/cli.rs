@@ -123,3 +123,51 @@ pub fn token_bar(total_tokens: Option<u64>, what: &str) -> indicatif::ProgressBa
     bar.set_style(indicatif::ProgressStyle::with_template(&template).expect("valid template"));
     bar
 }
+
+/// Where token sequences come from when a tool runs the model itself (collect-acts, and the
+/// training tools' streaming mode).
+#[derive(Debug, Clone, clap::Args)]
+pub struct DataArgs {
+    /// Text dataset: .parquet (HF style), .jsonl, .jsonl.zst (as the Pile) or .txt (one
+    /// document per line).
+    #[arg(long, conflicts_with = "tokens")]
+    pub data: Option<std::path::PathBuf>,
+    /// Pre-tokenized data: a .parquet list-of-integers column or a .safetensors file with a
+    /// `tokens` tensor (n_seqs, ctx); each row is treated as one document.
+    #[arg(long)]
+    pub tokens: Option<std::path::PathBuf>,
+    /// Column (parquet) or field (jsonl) holding the text.
+    #[arg(long, default_value = "text")]
+    pub text_column: String,
+    /// Parquet column holding token ids (default: `tokens`, else `input_ids`).
+    #[arg(long)]
+    pub tokens_column: Option<String>,
+    /// Tokens per sequence (at most the model's n_ctx).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(2..))]
+    pub ctx_len: u64,
+    /// Put the BOS token first in every sequence (TransformerLens' default).
+    #[arg(long, overrides_with = "no_prepend_bos")]
+    pub prepend_bos: bool,
+    /// Do not prepend BOS (the reference's finetuning scripts).
+    #[arg(long, overrides_with = "prepend_bos")]
+    pub no_prepend_bos: bool,
+    /// Concatenate documents separated by EOS instead of skipping those shorter than ctx_len.
+    #[arg(long)]
+    pub pack: bool,
+}
+
+impl DataArgs {
+    /// The source these flags name, if any.
+    pub fn spec(&self) -> Option<crate::collect::SourceSpec> {
+        match (&self.data, &self.tokens) {
+            (Some(p), _) => Some(crate::collect::SourceSpec::Text { path: p.clone(), column: self.text_column.clone() }),
+            (None, Some(p)) => Some(crate::collect::SourceSpec::Tokens { path: p.clone(), column: self.tokens_column.clone() }),
+            (None, None) => None,
+        }
+    }
+
+    /// Sequence options (BOS prepended unless --no-prepend-bos).
+    pub fn options(&self) -> crate::data::SequenceOptions {
+        crate::data::SequenceOptions { ctx_len: self.ctx_len as usize, prepend_bos: !self.no_prepend_bos, pack: self.pack }
+    }
+}

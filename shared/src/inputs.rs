@@ -11,9 +11,10 @@ use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::suite::Suite;
 
-/// A cache, the model that made it, and a suite checked against both.
+/// A cache (or none, when activations are computed on the fly), the model, and a suite
+/// checked against both.
 pub struct Inputs {
-    pub cache: Cache,
+    pub cache: Option<Cache>,
     pub model: Model,
     pub suite: Suite,
 }
@@ -41,7 +42,34 @@ impl Inputs {
             }
         }
         let model = cache.load_model(model_override, device)?;
-        Ok(Inputs { cache, model, suite })
+        Ok(Inputs { cache: Some(cache), model, suite })
+    }
+
+    /// Open a model (folder or hub id) and a suite for streaming: activations are computed
+    /// from data by the tool. Fails when the suite does not fit the model.
+    pub fn open_streaming(model_spec: &str, suite_path: &Path, device: &Device) -> Result<Inputs> {
+        let suite = Suite::load(suite_path, device)?;
+        let dir = crate::hub::resolve_model(model_spec)?;
+        let model = Model::load(model_spec, &dir, device)?;
+        let cfg = model.cfg();
+        let mismatch = |what: String| Error::input(suite_path, format!("{what}; it does not belong to --model {model_spec}"));
+        if suite.d_model != cfg.d_model {
+            return Err(mismatch(format!("d_model {} (model: {})", suite.d_model, cfg.d_model)));
+        }
+        if suite.modules.len() != 2 * cfg.n_layers {
+            return Err(mismatch(format!("{} layers (model: {})", suite.modules.len() / 2, cfg.n_layers)));
+        }
+        if let Some(h) = &suite.model_hash {
+            if *h != model.hash {
+                return Err(mismatch(format!("trained for model hash {h} (model: {})", model.hash)));
+            }
+        }
+        Ok(Inputs { cache: None, model, suite })
+    }
+
+    /// The cache (tools that require `--acts` open with it).
+    pub fn cache(&self) -> &Cache {
+        self.cache.as_ref().expect("opened with a cache")
     }
 
     /// Whether the model has parallel attn/MLP blocks.

@@ -21,6 +21,7 @@ pub mod pruned;
 pub mod sae;
 pub mod scores;
 pub mod sparse_ops;
+pub mod stream;
 pub mod suite;
 pub mod table;
 pub mod tokenize;

@@ -89,3 +89,33 @@ fn train_suite_resume_is_bit_identical() {
     assert_eq!(losses(&a.join("metrics.jsonl")), losses(&b.join("metrics.jsonl")));
     tool_fails("train-suite", &["--acts", s(&acts), "--out", s(&tmp.join("c")), "--k", "99", "--expansion", "2", "--steps", "1"], &["--k 99", "32 features"]);
 }
+
+#[test]
+fn streaming_mode_equals_going_through_a_cache() {
+    let tmp = scratch("stream");
+    let model = fixtures().join("models/tiny-neo");
+    let data = fixtures().join("../../pipelines/data/stories.txt");
+    let acts = tmp.join("acts");
+    tool_ok("collect-acts", &["--model", s(&model), "--data", s(&data), "--ctx-len", "16", "--n-seqs", "32", "--batch-size", "8", "--out", s(&acts)]);
+    let stream = ["--model", s(&model), "--data", s(&data), "--ctx-len", "16"];
+    let common = ["--expansion", "2", "--k", "4", "--steps", "4", "--batch-size", "8", "--lr", "1e-2"];
+    let (a, b) = (tmp.join("ts-cache"), tmp.join("ts-stream"));
+    tool_ok("train-suite", &[&["--acts", s(&acts), "--out", s(&a)][..], &common].concat());
+    tool_ok("train-suite", &[&stream[..], &["--out", s(&b)], &common].concat());
+    let load = |p: &Path| candle_core::safetensors::load(p.join("suite.safetensors"), &Device::Cpu).unwrap();
+    let same = |x: &Path, y: &Path| {
+        let (sx, sy) = (load(x), load(y));
+        for (k, t) in &sx {
+            let d = (t - &sy[k]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(d <= 1e-6, "{k}: cache vs streaming differ by {d}");
+        }
+    };
+    same(&a, &b);
+    // finetune from that suite, both ways; the streaming run is also interrupted and resumed.
+    let ft = ["--suite", s(&a), "--steps", "4", "--batch-size", "8", "--lr", "1e-2"];
+    let (c, d) = (tmp.join("ft-cache"), tmp.join("ft-stream"));
+    tool_ok("finetune", &[&["--acts", s(&acts), "--out", s(&c)][..], &ft].concat());
+    tool_ok("finetune", &[&stream[..], &["--out", s(&d), "--checkpoint-every", "1", "--halt-after", "3"], &ft].concat());
+    tool_ok("finetune", &[&stream[..], &["--out", s(&d), "--checkpoint-every", "1", "--resume"], &ft].concat());
+    same(&c, &d);
+}

@@ -11,7 +11,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use scae::cache::{DataInfo, Manifest, ModelInfo, ShardWriter, FORMAT, MANIFEST, VERSION};
 use scae::cli::{Common, StoreDType};
 use scae::collect::{BatchSource, SourceSpec};
-use scae::data::SequenceOptions;
 use scae::io::StagedDir;
 use scae::model::Model;
 
@@ -27,32 +26,8 @@ struct Args {
     /// HF cache when online).
     #[arg(long)]
     model: String,
-    /// Text dataset: .parquet (HF style), .jsonl, .jsonl.zst (as the Pile) or .txt (one
-    /// document per line).
-    #[arg(long, required_unless_present = "tokens", conflicts_with = "tokens")]
-    data: Option<PathBuf>,
-    /// Pre-tokenized data: a .parquet list-of-integers column or a .safetensors file with a
-    /// `tokens` tensor (n_seqs, ctx); each row is treated as one document.
-    #[arg(long)]
-    tokens: Option<PathBuf>,
-    /// Column (parquet) or field (jsonl) holding the text.
-    #[arg(long, default_value = "text")]
-    text_column: String,
-    /// Parquet column holding token ids (default: `tokens`, else `input_ids`).
-    #[arg(long)]
-    tokens_column: Option<String>,
-    /// Tokens per sequence (at most the model's n_ctx).
-    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(2..))]
-    ctx_len: u64,
-    /// Put the BOS token first in every sequence (TransformerLens' default).
-    #[arg(long, overrides_with = "no_prepend_bos")]
-    prepend_bos: bool,
-    /// Do not prepend BOS (the reference's finetuning scripts).
-    #[arg(long, overrides_with = "prepend_bos")]
-    no_prepend_bos: bool,
-    /// Concatenate documents separated by EOS instead of skipping those shorter than ctx_len.
-    #[arg(long)]
-    pack: bool,
+    #[command(flatten)]
+    data: scae::cli::DataArgs,
     /// Number of sequences to cache (default: all the data gives).
     #[arg(long, conflicts_with = "n_tokens", value_parser = clap::value_parser!(u64).range(1..))]
     n_seqs: Option<u64>,
@@ -87,18 +62,14 @@ fn run(args: Args) -> Result<()> {
     let dir = scae::hub::resolve_model(&args.model)?;
     let model = Model::load(&args.model, &dir, &device)?;
     let cfg = model.cfg().clone();
-    let ctx_len = args.ctx_len as usize;
+    let ctx_len = args.data.ctx_len as usize;
     if ctx_len > cfg.n_ctx {
         bail!("--ctx-len {ctx_len}: above the model's n_ctx {} ({})", cfg.n_ctx, dir.join("config.json").display());
     }
     let tokenizer = model.tokenizer()?;
-    let spec = match (&args.data, &args.tokens) {
-        (Some(p), _) => SourceSpec::Text { path: p.clone(), column: args.text_column.clone() },
-        (None, Some(p)) => SourceSpec::Tokens { path: p.clone(), column: args.tokens_column.clone() },
-        (None, None) => bail!("one of --data or --tokens is required"),
-    };
-    let prepend_bos = !args.no_prepend_bos;
-    let opts = SequenceOptions { ctx_len, prepend_bos, pack: args.pack };
+    let Some(spec) = args.data.spec() else { bail!("one of --data or --tokens is required") };
+    let opts = args.data.options();
+    let prepend_bos = opts.prepend_bos;
     let limit = args.n_seqs.map(|n| n as usize).or(args.n_tokens.map(|t| (t as usize).div_ceil(ctx_len)));
     let batch = args.batch_size as usize;
     let mut source = BatchSource::open(&spec, &tokenizer, opts, batch, limit, cfg.d_vocab)?;
@@ -134,12 +105,12 @@ fn run(args: Args) -> Result<()> {
         dtype: args.dtype,
         data: DataInfo {
             source: spec.path().display().to_string(),
-            kind: if args.data.is_some() { "text" } else { "tokens" }.into(),
+            kind: if args.data.data.is_some() { "text" } else { "tokens" }.into(),
             column: match &spec {
                 SourceSpec::Text { column, .. } => Some(column.clone()),
                 SourceSpec::Tokens { column, .. } => column.clone(),
             },
-            pack: args.pack,
+            pack: opts.pack,
             docs_read: stats.docs_read,
             docs_skipped_short: stats.docs_skipped_short,
         },

@@ -104,9 +104,9 @@ fn run(args: Args) -> Result<()> {
     let (mut ce_sum, mut clean_sum, mut n_pred, mut n_tok, mut n_batches) = (0f64, 0f64, 0u64, 0u64, 0u64);
     let mut dump: HashMap<String, Vec<Tensor>> = HashMap::new();
     let limit = args.n_seqs.map(|n| n as usize);
-    let m = &inputs.cache.manifest;
+    let m = &inputs.cache().manifest;
     let bar = scae::cli::token_bar(Some((limit.unwrap_or(m.n_seqs).min(m.n_seqs) * m.ctx_len) as u64), "evaluating");
-    let n_seqs = inputs.cache.for_each_batch(args.batch_size as usize, limit, &device, |batch| {
+    let n_seqs = inputs.cache().for_each_batch(args.batch_size as usize, limit, &device, |batch| {
         let out = pruned::forward(suite, rt, &plan, &batch, args.pass.options())?;
         let (b, s, _) = batch.resid_pre0.dims3()?;
         let ce = pruned::ce_per_token(rt, &batch, &out)?;

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use scae::cache::CacheReader;
+use scae::stream::TrainData;
 use scae::engine::{self, Engine, FlatBatch};
 use scae::inputs::Inputs;
 use scae::pruned::{Plan, Wiring};
@@ -34,9 +34,9 @@ enum Loss {
     after_help = "Example:\n  finetune --acts acts/ --suite suite/ --connections edges/connections.parquet \\\n      --loss mse --steps 1000 --batch-size 16 --checkpoint-every 100 --out ft/\n\nResume an interrupted run with the same arguments plus --resume."
 )]
 struct Args {
-    /// Activation cache folder (from collect-acts).
-    #[arg(long)]
-    acts: PathBuf,
+    /// Activation cache folder (from collect-acts). Or stream: --model with --data/--tokens.
+    #[arg(long, required_unless_present_any = ["data", "tokens"])]
+    acts: Option<PathBuf>,
     /// Suite to start from (folder or bare .safetensors).
     #[arg(long)]
     suite: PathBuf,
@@ -104,9 +104,13 @@ struct Args {
     /// Stop after this many steps of this run, keeping the checkpoint (for tests of resume).
     #[arg(long, hide = true)]
     halt_after: Option<u64>,
-    /// Model folder or hub id (default: the one recorded in the cache manifest).
+    /// Model folder or hub id: with --acts, overrides the one recorded in the cache manifest;
+    /// with --data/--tokens, the model whose activations are computed on the fly.
     #[arg(long)]
     model: Option<String>,
+    /// Streaming mode: compute activations batch by batch instead of reading --acts.
+    #[command(flatten)]
+    data: scae::cli::DataArgs,
     /// Replace an existing, non-empty --out folder (without --resume).
     #[arg(long)]
     overwrite: bool,
@@ -145,21 +149,39 @@ fn run(args: Args) -> Result<()> {
     if !(0.0..=1.0).contains(&args.warmup) || !(0.0..=1.0).contains(&args.decay_start) || args.warmup > args.decay_start {
         bail!("--warmup {} / --decay-start {}: expected 0 <= warmup <= decay-start <= 1", args.warmup, args.decay_start);
     }
-    let inputs = Inputs::open(&args.acts, &args.suite, args.model.as_deref(), &device)?;
+    let inputs = match (&args.acts, &args.model) {
+        (Some(acts), _) => Inputs::open(acts, &args.suite, args.model.as_deref(), &device)?,
+        (None, Some(m)) => Inputs::open_streaming(m, &args.suite, &device)?,
+        (None, None) => bail!("--data/--tokens need --model (the model to run)"),
+    };
+    let tokenizer = if inputs.cache.is_none() { Some(inputs.model.tokenizer()?) } else { None };
+    let mut source = match (&inputs.cache, &tokenizer) {
+        (Some(c), _) => TrainData::from_cache(c, args.shuffle, args.common.seed, &device),
+        (None, Some(tok)) => {
+            let spec = args.data.spec().context("--data or --tokens is required without --acts")?;
+            if args.shuffle {
+                bail!("--shuffle: streaming reads the data in file order; shuffle the file instead");
+            }
+            TrainData::streaming(&inputs.model, tok, spec, args.data.options(), &device)?
+        }
+        (None, None) => unreachable!("a tokenizer exists without a cache"),
+    };
     let conns = args.connections.as_ref().map(|p| inputs.connections(p)).transpose()?;
     let suite = &inputs.suite;
     let rt = &inputs.model.runtime;
-    let manifest = &inputs.cache.manifest;
     let batch_size = args.batch_size as usize;
-    if batch_size > manifest.n_seqs {
-        bail!("--batch-size {batch_size}: the cache {} has only {} sequences", args.acts.display(), manifest.n_seqs);
+    if let Some(c) = &inputs.cache {
+        if batch_size > c.manifest.n_seqs {
+            bail!("--batch-size {batch_size}: the cache {} has only {} sequences", c.dir.display(), c.manifest.n_seqs);
+        }
     }
+    let ctx = source.ctx_len();
     if batch_size < 2 && args.loss != Loss::Ce {
         bail!("--batch-size 1: the reference's FVU needs a variance over at least 2 sequences");
     }
     let steps = match (args.steps, args.tokens) {
         (Some(s), _) => s,
-        (None, Some(t)) => (t / (args.batch_size * manifest.ctx_len as u64)).max(1),
+        (None, Some(t)) => (t / (args.batch_size * ctx as u64)).max(1),
         (None, None) => bail!("one of --steps or --tokens is required"),
     };
     let lr = if args.no_scale_lr { args.lr } else { train::scaled_lr(args.lr, suite.n_features) };
@@ -169,7 +191,7 @@ fn run(args: Args) -> Result<()> {
     };
     let plan = Plan::new(suite, wiring, inputs.parallel(), &device)?;
     let digest = train::digest(&serde_json::json!({
-        "acts": args.acts, "suite": args.suite, "connections": args.connections, "loss": format!("{:?}", args.loss),
+        "acts": args.acts, "data": args.data.data, "tokens": args.data.tokens, "ctx_len": ctx, "suite": args.suite, "connections": args.connections, "loss": format!("{:?}", args.loss),
         "ce_weight": args.ce_weight, "optimizer": format!("{:?}", args.optimizer), "lr": args.lr, "no_scale_lr": args.no_scale_lr,
         "warmup": args.warmup, "decay_start": args.decay_start, "clip": args.clip_grad, "stagger": args.stagger_steps,
         "batch_size": args.batch_size, "steps": steps, "shuffle": args.shuffle, "seed": args.common.seed,
@@ -192,11 +214,6 @@ fn run(args: Args) -> Result<()> {
         eprintln!("finetune: resuming at step {step} of {steps}");
     }
     let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).with_context(|| metrics_path.display().to_string())?;
-    let mut reader = CacheReader::new(&inputs.cache, &device);
-    let n_seqs = manifest.n_seqs as u64;
-    let mut order_epoch = u64::MAX;
-    let mut order: Vec<usize> = Vec::new();
-    let ctx = manifest.ctx_len;
     let bar = scae::cli::token_bar(Some(steps * (batch_size * ctx) as u64), "finetuning");
     bar.set_position(step * (batch_size * ctx) as u64);
     let start_time = Instant::now();
@@ -204,17 +221,7 @@ fn run(args: Args) -> Result<()> {
     let mut last_ckpt: Option<u64> = if args.resume { Some(step) } else { None };
     while step < steps {
         // Next batch in data order (wrapping over epochs).
-        let mut seqs = Vec::with_capacity(batch_size);
-        for j in 0..batch_size as u64 {
-            let g = seqs_seen + j;
-            let epoch = g / n_seqs;
-            if epoch != order_epoch {
-                order = inputs.cache.epoch_order(epoch, args.shuffle, args.common.seed);
-                order_epoch = epoch;
-            }
-            seqs.push(order[(g % n_seqs) as usize]);
-        }
-        let batch = reader.batch(&seqs)?;
+        let batch = source.batch(seqs_seen, batch_size)?;
         let fb = FlatBatch::new(&batch, suite)?;
         let eng = Engine::new(suite, rt, &plan, args.pass.options())?;
         let state = eng.forward(&fb)?;
@@ -303,8 +310,8 @@ fn run(args: Args) -> Result<()> {
     metrics.flush()?;
     let cli: Vec<String> = std::env::args().collect();
     let mut out_suite = suite.clone();
-    out_suite.model_id = Some(manifest.model.id.clone());
-    out_suite.model_hash = Some(manifest.model.hash.clone());
+    out_suite.model_id = Some(inputs.model.id.clone());
+    out_suite.model_hash = Some(inputs.model.hash.clone());
     out_suite.save(&args.out, &format!("finetune {}", env!("CARGO_PKG_VERSION")), serde_json::json!({"argv": cli, "steps": steps, "lr": lr}))?;
     let secs = start_time.elapsed().as_secs_f64();
     let done = (step - start_step) * (batch_size * ctx) as u64;

@@ -73,10 +73,10 @@ fn run(args: Args) -> Result<()> {
     let plan = Plan::new(suite, Wiring::All, parallel, &device)?;
     let mut stats = ScoreStats::new(suite, rt.cfg.n_heads, parallel);
     let limit = args.n_seqs.map(|n| n as usize);
-    let ctx = inputs.cache.manifest.ctx_len;
-    let total = limit.unwrap_or(inputs.cache.manifest.n_seqs).min(inputs.cache.manifest.n_seqs);
+    let ctx = inputs.cache().manifest.ctx_len;
+    let total = limit.unwrap_or(inputs.cache().manifest.n_seqs).min(inputs.cache().manifest.n_seqs);
     let bar = scae::cli::token_bar(Some((total * ctx) as u64), "scoring");
-    let n_seqs = inputs.cache.for_each_batch(args.batch_size as usize, limit, &device, |batch| {
+    let n_seqs = inputs.cache().for_each_batch(args.batch_size as usize, limit, &device, |batch| {
         let out = pruned::forward(suite, rt, &plan, &batch, args.pass.options())?;
         stats.accumulate(suite, &batch, &out)?;
         bar.inc(batch.tokens.elem_count() as u64);

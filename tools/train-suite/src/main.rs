@@ -10,7 +10,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
-use scae::cache::{Cache, CacheReader};
+use scae::cache::Cache;
+use scae::model::Model;
+use scae::stream::TrainData;
 use scae::sae::{self, SplitMix, UpdateConfig};
 use scae::suite::{Kind, Module};
 use scae::train::{self, DeadTracker, Optimizer, OptimizerKind, Params, RunState};
@@ -22,9 +24,14 @@ use scae::train::{self, DeadTracker, Optimizer, OptimizerKind, Params, RunState}
     after_help = "Example:\n  train-suite --acts acts/ --expansion 4 --k 32 --steps 2000 --batch-size 16 --out suite/\n\nlr = --lr / sqrt(F / 2^14), Adam, linear decay from --decay-start, per-module clipping,\nunit-norm decoder columns, b_dec = geometric median of the first batch, AuxK on dead latents."
 )]
 struct Args {
-    /// Activation cache folder (from collect-acts).
+    /// Activation cache folder (from collect-acts). Or stream: --model with --data/--tokens.
+    #[arg(long, required_unless_present_any = ["data", "tokens"])]
+    acts: Option<PathBuf>,
+    /// Streaming mode: the model whose activations are computed batch by batch.
     #[arg(long)]
-    acts: PathBuf,
+    model: Option<String>,
+    #[command(flatten)]
+    data: scae::cli::DataArgs,
     /// Output folder: suite.safetensors, config.json, metrics.jsonl, checkpoint/.
     #[arg(long)]
     out: PathBuf,
@@ -90,21 +97,44 @@ fn flat(t: &Tensor) -> Result<Vec<f32>> {
 
 fn run(args: Args) -> Result<()> {
     let device = args.common.setup()?;
-    let cache = Cache::open(&args.acts)?;
-    let m = &cache.manifest;
-    let (d, n_layers) = (m.model.d_model, m.model.n_layers);
+    let cache = args.acts.as_ref().map(|a| Cache::open(a)).transpose()?;
+    let model = match (&cache, &args.model) {
+        (Some(_), _) => None,
+        (None, Some(spec)) => Some(Model::load(spec, &scae::hub::resolve_model(spec)?, &device)?),
+        (None, None) => bail!("--data/--tokens need --model (the model to run)"),
+    };
+    let tokenizer = model.as_ref().map(|m| m.tokenizer()).transpose()?;
+    let (d, n_layers, model_id, model_hash) = match (&cache, &model) {
+        (Some(c), _) => (c.manifest.model.d_model, c.manifest.model.n_layers, c.manifest.model.id.clone(), c.manifest.model.hash.clone()),
+        (None, Some(m)) => (m.cfg().d_model, m.cfg().n_layers, m.id.clone(), m.hash.clone()),
+        (None, None) => unreachable!(),
+    };
+    let mut source = match (&cache, &model, &tokenizer) {
+        (Some(c), _, _) => TrainData::from_cache(c, args.shuffle, args.common.seed, &device),
+        (None, Some(m), Some(tok)) => {
+            let spec = args.data.spec().context("--data or --tokens is required without --acts")?;
+            if args.shuffle {
+                bail!("--shuffle: streaming reads the data in file order; shuffle the file instead");
+            }
+            TrainData::streaming(m, tok, spec, args.data.options(), &device)?
+        }
+        _ => unreachable!(),
+    };
+    let ctx = source.ctx_len();
     let f = (args.expansion as usize) * d;
     let k = args.k as usize;
     if k > f {
         bail!("--k {k}: above the {f} features per module (expansion {} × d_model {d})", args.expansion);
     }
     let batch_size = args.batch_size as usize;
-    if batch_size > m.n_seqs {
-        bail!("--batch-size {batch_size}: the cache {} has only {} sequences", args.acts.display(), m.n_seqs);
+    if let Some(c) = &cache {
+        if batch_size > c.manifest.n_seqs {
+            bail!("--batch-size {batch_size}: the cache {} has only {} sequences", c.dir.display(), c.manifest.n_seqs);
+        }
     }
     let steps = match (args.steps, args.tokens) {
         (Some(s), _) => s,
-        (None, Some(t)) => (t / (args.batch_size * m.ctx_len as u64)).max(1),
+        (None, Some(t)) => (t / (args.batch_size * ctx as u64)).max(1),
         (None, None) => bail!("one of --steps or --tokens is required"),
     };
     let clip: Option<f64> = match args.clip_grad.as_str() {
@@ -117,28 +147,12 @@ fn run(args: Args) -> Result<()> {
     let lr = train::scaled_lr(args.lr, f);
     let modules = Module::all(n_layers);
     let digest = train::digest(&serde_json::json!({
-        "acts": args.acts, "expansion": args.expansion, "k": k, "lr": args.lr, "steps": steps, "batch_size": args.batch_size,
+        "acts": args.acts, "data": args.data.data, "tokens": args.data.tokens, "ctx_len": ctx, "expansion": args.expansion, "k": k, "lr": args.lr, "steps": steps, "batch_size": args.batch_size,
         "auxk_alpha": args.auxk_alpha, "dead_threshold": args.dead_threshold, "warmup": args.warmup,
         "decay_start": args.decay_start, "clip": args.clip_grad, "shuffle": args.shuffle, "seed": args.common.seed,
     }));
     train::prepare_run_dir(&args.out, args.resume, args.overwrite)?;
-    let mut reader = CacheReader::new(&cache, &device);
-    let n_seqs = m.n_seqs as u64;
-    let mut order_epoch = u64::MAX;
-    let mut order: Vec<usize> = Vec::new();
-    let mut next_batch = |seqs_seen: u64| -> Result<scae::pruned::Batch> {
-        let mut seqs = Vec::with_capacity(batch_size);
-        for j in 0..batch_size as u64 {
-            let g = seqs_seen + j;
-            let epoch = g / n_seqs;
-            if epoch != order_epoch {
-                order = cache.epoch_order(epoch, args.shuffle, args.common.seed);
-                order_epoch = epoch;
-            }
-            seqs.push(order[(g % n_seqs) as usize]);
-        }
-        Ok(reader.batch(&seqs)?)
-    };
+    let mut next_batch = |seqs_seen: u64| -> Result<scae::pruned::Batch> { Ok(source.batch(seqs_seen, batch_size)?) };
     // Each module's (input, target).
     let module_data = |b: &scae::pruned::Batch| -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
         modules
@@ -177,7 +191,6 @@ fn run(args: Args) -> Result<()> {
     }
     let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).with_context(|| metrics_path.display().to_string())?;
     let cfg = UpdateConfig { d, f, k, auxk_alpha: args.auxk_alpha, clip };
-    let ctx = m.ctx_len;
     let bar = scae::cli::token_bar(Some(steps * (batch_size * ctx) as u64), "training");
     bar.set_position(step * (batch_size * ctx) as u64);
     let (start, start_step) = (Instant::now(), step);
@@ -235,8 +248,8 @@ fn run(args: Args) -> Result<()> {
         sae::normalize_decoder(&mut p[2], d, f);
     }
     let mut suite = train::suite_from_params(&params, &modules, k, d, f)?;
-    suite.model_id = Some(m.model.id.clone());
-    suite.model_hash = Some(m.model.hash.clone());
+    suite.model_id = Some(model_id);
+    suite.model_hash = Some(model_hash);
     let argv: Vec<String> = std::env::args().collect();
     suite.save(&args.out, &format!("train-suite {}", env!("CARGO_PKG_VERSION")), serde_json::json!({"argv": argv, "steps": steps, "lr": lr}))?;
     let secs = start.elapsed().as_secs_f64();
