@@ -164,6 +164,21 @@ pub struct ModuleState {
     /// Attention targets, sparse wiring: `E W_Oᵀ (F, H·dh)` and per up `W_decᵀ W_V (F, H·dh)`.
     ev: Vec<f32>,
     dv: Vec<Vec<f32>>,
+    /// AuxK (with dead latents): the `k_aux` largest ReLU'd pre-activations among dead latents,
+    /// `(N, k_aux)`, the number of dead latents, and the loss gradient w.r.t. their
+    /// reconstruction of the residual `(N, D)` (set by [`Engine::auxk_loss_and_grad`]).
+    pub aux_idx: Vec<u32>,
+    pub aux_val: Vec<f32>,
+    pub k_aux: usize,
+    pub n_dead: usize,
+    aux_g: Vec<f32>,
+}
+
+/// The gradient of a module's pre-activation: `kb` (index, value) entries per token.
+struct PreGrad {
+    idx: Vec<u32>,
+    g: Vec<f32>,
+    kb: usize,
 }
 
 /// Forward state of a whole suite.
@@ -296,6 +311,12 @@ impl<'a> Engine<'a> {
 
     /// Run the pruned pass on a batch.
     pub fn forward(&self, fb: &FlatBatch) -> Result<State> {
+        self.forward_with_dead(fb, None)
+    }
+
+    /// Run the pruned pass; with `dead` masks (per module), also select each module's AuxK
+    /// latents: the `min(D/2, n_dead)` largest ReLU'd pre-top-k activations among dead ones.
+    pub fn forward_with_dead(&self, fb: &FlatBatch, dead: Option<&[Vec<bool>]>) -> Result<State> {
         let (b, s, d, f, k) = (fb.b, fb.s, self.d, self.f, self.k);
         let n = b * s;
         let mut states: Vec<ModuleState> = Vec::with_capacity(self.suite.modules.len());
@@ -388,7 +409,20 @@ impl<'a> Engine<'a> {
                     }
                 }
             });
-            states.push(ModuleState { idx, val, recon, z, w, ev, dv });
+            let (mut aux_idx, mut aux_val, mut k_aux, mut n_dead) = (Vec::new(), Vec::new(), 0, 0);
+            if let Some(mask) = dead.map(|m| &m[di]) {
+                n_dead = mask.iter().filter(|&&x| x).count();
+                if n_dead > 0 {
+                    k_aux = (d / 2).min(n_dead).max(1);
+                    let masked: Vec<f32> = a
+                        .par_chunks(f)
+                        .flat_map_iter(|r| r.iter().zip(mask).map(|(v, &dd)| if dd { v.max(0.0) } else { f32::NEG_INFINITY }))
+                        .collect();
+                    aux_idx = topk_indices(&masked, f, k_aux);
+                    aux_val = aux_idx.iter().enumerate().map(|(j, &i)| masked[(j / k_aux) * f + i as usize].max(0.0)).collect();
+                }
+            }
+            states.push(ModuleState { idx, val, recon, z, w, ev, dv, aux_idx, aux_val, k_aux, n_dead, aux_g: Vec::new() });
         }
         Ok(State { modules: states })
     }
@@ -506,6 +540,47 @@ impl<'a> Engine<'a> {
         });
     }
 
+    /// AuxK of every module with dead latents (the definition of [`crate::sae`]: the AuxK
+    /// latents reconstruct the detached residual `r = T − R` without bias;
+    /// `AuxK = scale · Σ (ê − r)² / Σ (r − r̄)²`, `scale = min(n_dead / (D/2), 1)`), storing
+    /// `alpha ×` its gradient for [`backward`](Self::backward). Returns AuxK per module (0 when
+    /// no latent is dead).
+    pub fn auxk_loss_and_grad(&self, fb: &FlatBatch, state: &mut State, alpha: f64) -> Vec<f64> {
+        let d = self.d;
+        let n = fb.b * fb.s;
+        let mut out = Vec::with_capacity(state.modules.len());
+        for (m, st) in state.modules.iter_mut().enumerate() {
+            if st.k_aux == 0 {
+                out.push(0.0);
+                continue;
+            }
+            let ka = st.k_aux;
+            let dec_t = &self.params[m].dec_t;
+            let mut ehat = vec![0f32; n * d];
+            ehat.par_chunks_mut(d).enumerate().for_each(|(t, row)| {
+                for j in 0..ka {
+                    let v = st.aux_val[t * ka + j];
+                    if v != 0.0 {
+                        let i = st.aux_idx[t * ka + j] as usize;
+                        axpy(v, &dec_t[i * d..(i + 1) * d], row);
+                    }
+                }
+            });
+            let r: Vec<f32> = fb.targets[m].iter().zip(&st.recon).map(|(t, x)| t - x).collect();
+            let mut mean = vec![0f64; d];
+            for row in r.chunks(d) {
+                mean.iter_mut().zip(row).for_each(|(a, v)| *a += *v as f64 / n as f64);
+            }
+            let den: f64 = r.chunks(d).map(|row| row.iter().zip(&mean).map(|(v, mu)| (*v as f64 - mu).powi(2)).sum::<f64>()).sum::<f64>().max(1e-30);
+            let num: f64 = ehat.iter().zip(&r).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+            let scale = (st.n_dead as f64 / (d / 2).max(1) as f64).min(1.0);
+            out.push(scale * num / den);
+            let coef = alpha * scale * 2.0 / den;
+            st.aux_g = ehat.iter().zip(&r).map(|(a, b)| (coef * (a - b) as f64) as f32).collect();
+        }
+        out
+    }
+
     /// Backpropagate `g_recon[m] (N, D)` (the loss gradient w.r.t. every reconstruction)
     /// through the pass; returns the gradient of every parameter.
     pub fn backward(&self, fb: &FlatBatch, state: &State, mut g_recon: Vec<Vec<f32>>) -> Result<Vec<ModuleGrads>> {
@@ -536,7 +611,7 @@ impl<'a> Engine<'a> {
                 add_into(&mut g_rec, &g_recon_nb[di]);
             }
             let gv = &mut g_val[di];
-            let g_dec_t = fold_rows(gv, k, f * d, |first, block, acc| {
+            let mut g_dec_t = fold_rows(gv, k, f * d, |first, block, acc| {
                 for (r, gvr) in block.chunks_mut(k).enumerate() {
                     let t = first + r;
                     let gr = &g_rec[t * d..(t + 1) * d];
@@ -550,13 +625,37 @@ impl<'a> Engine<'a> {
                     }
                 }
             });
-            // Through ReLU + top-k: sparse gradient of the pre-activation, (t, kk) -> g.
-            let g_pre: Vec<f32> = (0..n * k).map(|j| if st.val[j] > 0.0 { gv[j] } else { 0.0 }).collect();
+            // Through ReLU + top-k: sparse gradient of the pre-activation, (t, kk) -> g; with
+            // AuxK, k_aux more entries per token (dead latents).
+            let pg = if st.aux_g.is_empty() {
+                PreGrad { idx: st.idx.clone(), g: (0..n * k).map(|j| if st.val[j] > 0.0 { gv[j] } else { 0.0 }).collect(), kb: k }
+            } else {
+                let ka = st.k_aux;
+                let kb = k + ka;
+                let (mut idx, mut g) = (vec![0u32; n * kb], vec![0f32; n * kb]);
+                for t in 0..n {
+                    for kk in 0..k {
+                        idx[t * kb + kk] = st.idx[t * k + kk];
+                        g[t * kb + kk] = if st.val[t * k + kk] > 0.0 { gv[t * k + kk] } else { 0.0 };
+                    }
+                    let ag = &st.aux_g[t * d..(t + 1) * d];
+                    for j in 0..ka {
+                        let (i, v) = (st.aux_idx[t * ka + j] as usize, st.aux_val[t * ka + j]);
+                        idx[t * kb + k + j] = i as u32;
+                        if v > 0.0 {
+                            g[t * kb + k + j] = dot(ag, &pd.dec_t[i * d..(i + 1) * d]);
+                            axpy(v, ag, &mut g_dec_t[i * d..(i + 1) * d]);
+                        }
+                    }
+                }
+                PreGrad { idx, g, kb }
+            };
+            let mut g_dec_t = g_dec_t;
             // a = Z Eᵀ + b_enc − E b_dec^d
             let mut g_benc = vec![0f32; f];
-            for (j, &g) in g_pre.iter().enumerate() {
+            for (j, &g) in pg.g.iter().enumerate() {
                 if g != 0.0 {
-                    g_benc[st.idx[j] as usize] += g;
+                    g_benc[pg.idx[j] as usize] += g;
                 }
             }
             // gE += g_preᵀ Z, gZ = g_pre E  (sparse: k per row)
@@ -565,10 +664,10 @@ impl<'a> Engine<'a> {
                 for (r, gzr) in block.chunks_mut(d).enumerate() {
                     let t = first + r;
                     let zr = &st.z[t * d..(t + 1) * d];
-                    for kk in 0..k {
-                        let g = g_pre[t * k + kk];
+                    for kk in 0..pg.kb {
+                        let g = pg.g[t * pg.kb + kk];
                         if g != 0.0 {
-                            let i = st.idx[t * k + kk] as usize;
+                            let i = pg.idx[t * pg.kb + kk] as usize;
                             axpy(g, &pd.enc[i * d..(i + 1) * d], gzr);
                             axpy(g, zr, &mut acc[i * d..(i + 1) * d]);
                         }
@@ -582,7 +681,6 @@ impl<'a> Engine<'a> {
                     axpy(-g_benc[i], &pd.enc[i * d..(i + 1) * d], &mut g_bdec);
                 }
             }
-            let mut g_dec_t = g_dec_t;
             // Z's inputs.
             let mut g_ub = vec![0f32; d];
             match module.kind {
@@ -639,11 +737,11 @@ impl<'a> Engine<'a> {
                 let (before, _) = g_val.split_at_mut(di);
                 match module.kind {
                     Kind::Mlp => {
-                        let gw = self.mlp_edges_backward(fb, di, index, &st.w, &g_pre, st, state, before);
+                        let gw = self.mlp_edges_backward(fb, di, index, &st.w, &pg, state, before);
                         self.mlp_edge_weights_backward(di, index, &gw, &mut g_enc, &mut grads);
                     }
                     Kind::Attn => {
-                        let gw = self.attn_edges_backward(fb, di, l, index, &st.w, &g_pre, st, state, before);
+                        let gw = self.attn_edges_backward(fb, di, l, index, &st.w, &pg, state, before);
                         self.attn_edge_weights_backward(di, l, index, &gw, st, &mut g_enc, &mut grads);
                     }
                 }
@@ -671,7 +769,7 @@ impl<'a> Engine<'a> {
 
     /// Edge-term backward for an mlp target: returns `g w (F·C)`, adds into upstream `g_val`.
     #[allow(clippy::too_many_arguments)]
-    fn mlp_edges_backward(&self, fb: &FlatBatch, di: usize, index: &EdgeIndex, w: &[f32], g_pre: &[f32], st: &ModuleState, state: &State, g_val_up: &mut [Vec<f32>]) -> Vec<f32> {
+    fn mlp_edges_backward(&self, fb: &FlatBatch, di: usize, index: &EdgeIndex, w: &[f32], pg: &PreGrad, state: &State, g_val_up: &mut [Vec<f32>]) -> Vec<f32> {
         let (n, f, k) = (fb.b * fb.s, self.f, self.k);
         let ups = &self.plan.down(di).ups;
         let sc = &fb.s2[self.suite.modules[di].layer];
@@ -684,8 +782,8 @@ impl<'a> Engine<'a> {
             let mut dense = vec![0f32; f];
             for (r, srow) in block.chunks_mut(row_len).enumerate() {
                 let t = first + r;
-                for kk in 0..k {
-                    dense[st.idx[t * k + kk] as usize] = g_pre[t * k + kk];
+                for kk in 0..pg.kb {
+                    dense[pg.idx[t * pg.kb + kk] as usize] += pg.g[t * pg.kb + kk];
                 }
                 let inv = 1.0 / sc[t];
                 for (pu, &u) in ups.iter().enumerate() {
@@ -707,8 +805,8 @@ impl<'a> Engine<'a> {
                         srow[pu * k + kk] = acc * inv;
                     }
                 }
-                for kk in 0..k {
-                    dense[st.idx[t * k + kk] as usize] = 0.0;
+                for kk in 0..pg.kb {
+                    dense[pg.idx[t * pg.kb + kk] as usize] = 0.0;
                 }
             }
         });
@@ -761,7 +859,7 @@ impl<'a> Engine<'a> {
 
     /// Edge-term backward for an attention target.
     #[allow(clippy::too_many_arguments)]
-    fn attn_edges_backward(&self, fb: &FlatBatch, di: usize, layer: usize, index: &EdgeIndex, w: &[f32], g_pre: &[f32], st: &ModuleState, state: &State, g_val_up: &mut [Vec<f32>]) -> Vec<f32> {
+    fn attn_edges_backward(&self, fb: &FlatBatch, di: usize, layer: usize, index: &EdgeIndex, w: &[f32], pg: &PreGrad, state: &State, g_val_up: &mut [Vec<f32>]) -> Vec<f32> {
         let (s, f, k, h) = (fb.s, self.f, self.k, self.n_heads);
         let n = fb.b * s;
         let ups = &self.plan.down(di).ups;
@@ -776,11 +874,12 @@ impl<'a> Engine<'a> {
                 // gY_h[p, i] = Σ_{q ≥ p} P[h, q, p] g_pre[q, i] is needed only for the (p, i)
                 // that an active upstream feature at p connects to. g_pre has k entries per row:
                 // index it by column (feature i -> its (q, g) entries, q ascending).
+                let kb = pg.kb;
                 let mut col_ptr = vec![0u32; f + 1];
                 for q in 0..s {
-                    for kk in 0..k {
-                        if g_pre[(bi * s + q) * k + kk] != 0.0 {
-                            col_ptr[st.idx[(bi * s + q) * k + kk] as usize + 1] += 1;
+                    for kk in 0..kb {
+                        if pg.g[(bi * s + q) * kb + kk] != 0.0 {
+                            col_ptr[pg.idx[(bi * s + q) * kb + kk] as usize + 1] += 1;
                         }
                     }
                 }
@@ -790,10 +889,10 @@ impl<'a> Engine<'a> {
                 let mut fill = col_ptr.clone();
                 let mut entries = vec![(0u32, 0f32); col_ptr[f] as usize];
                 for q in 0..s {
-                    for kk in 0..k {
-                        let g = g_pre[(bi * s + q) * k + kk];
+                    for kk in 0..kb {
+                        let g = pg.g[(bi * s + q) * kb + kk];
                         if g != 0.0 {
-                            let i = st.idx[(bi * s + q) * k + kk] as usize;
+                            let i = pg.idx[(bi * s + q) * kb + kk] as usize;
                             entries[fill[i] as usize] = (q as u32, g);
                             fill[i] += 1;
                         }

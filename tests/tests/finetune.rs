@@ -108,6 +108,13 @@ fn bad_runs_stop_with_clear_errors() {
     assert!(out.join("checkpoint/state.json").exists());
     tool_fails("finetune", &["--acts", s(&acts), "--suite", s(&suite), "--out", s(&tmp.join("x")), "--steps", "1", "--batch-size", "9"], &["--batch-size 9", "only 3 sequences"]);
     tool_fails("finetune", &["--acts", s(&acts), "--suite", s(&suite), "--out", s(&tmp.join("y")), "--steps", "1", "--resume", "--batch-size", "2"], &["no checkpoint to resume from"]);
+    tool_fails("finetune", &["--acts", s(&acts), "--suite", s(&suite), "--out", s(&tmp.join("z")), "--steps", "1", "--batch-size", "3", "--loss", "ce", "--auxk-alpha", "0.1"], &["--auxk-alpha", "mse"]);
+    // AuxK in MSE mode: every latent is dead after 10 tokens, so every module reports AuxK.
+    let aux = tmp.join("aux");
+    tool_ok("finetune", &["--acts", s(&acts), "--suite", s(&suite), "--out", s(&aux), "--steps", "3", "--batch-size", "3", "--auxk-alpha", "0.1", "--dead-threshold", "10"]);
+    let last: serde_json::Value = serde_json::from_str(std::fs::read_to_string(aux.join("metrics.jsonl")).unwrap().lines().last().unwrap()).unwrap();
+    assert_eq!(last["auxk"].as_object().unwrap().len(), 4);
+    assert!(last["auxk"].as_object().unwrap().values().all(|v| v.as_f64().unwrap() > 0.0));
     // resuming with other arguments is refused
     tool_fails("finetune", &["--acts", s(&acts), "--suite", s(&suite), "--out", s(&out), "--steps", "20", "--batch-size", "2", "--resume"], &["different arguments"]);
 }

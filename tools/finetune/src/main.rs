@@ -86,7 +86,8 @@ struct Args {
     /// reference).
     #[arg(long)]
     shuffle: bool,
-    /// AuxK weight (MSE mode). Finetuning reproduces the reference with AuxK off, its default.
+    /// AuxK weight (mse losses): dead latents' largest pre-top-k activations reconstruct the
+    /// residual (dead as of the previous step). 0 (the reference's default) reproduces it.
     #[arg(long, default_value_t = 0.0)]
     auxk_alpha: f64,
     /// A feature is dead after this many tokens without a non-zero value.
@@ -136,8 +137,8 @@ fn run(args: Args) -> Result<()> {
     if args.dtype != "f32" {
         bail!("--dtype {}: only f32 is supported by the CPU engine (bf16 comes with the GPU path)", args.dtype);
     }
-    if args.auxk_alpha != 0.0 {
-        bail!("--auxk-alpha {}: AuxK in finetuning is not implemented yet (the reference's default is 0)", args.auxk_alpha);
+    if args.auxk_alpha < 0.0 || (args.auxk_alpha > 0.0 && args.loss == Loss::Ce) {
+        bail!("--auxk-alpha {}: expected >= 0, and only with an mse loss (the reference's CE-mode AuxK is a no-op)", args.auxk_alpha);
     }
     if !matches!(device, candle_core::Device::Cpu) {
         bail!("--device {}: finetune runs on the CPU engine for now", args.common.device);
@@ -224,9 +225,16 @@ fn run(args: Args) -> Result<()> {
         let batch = source.batch(seqs_seen, batch_size)?;
         let fb = FlatBatch::new(&batch, suite)?;
         let eng = Engine::new(suite, rt, &plan, args.pass.options())?;
-        let state = eng.forward(&fb)?;
-        let n_tok = (fb.b * fb.s) as u64;
         let scales: Vec<f32> = suite.modules.iter().map(|m| stagger_scale(m.kind, m.layer, step, args.stagger_steps)).collect();
+        let mut state = if args.auxk_alpha > 0.0 {
+            let masks: Vec<Vec<bool>> = (0..suite.modules.len())
+                .map(|m| if scales[m] != 0.0 { dead.dead(m) } else { vec![false; suite.n_features] })
+                .collect();
+            eng.forward_with_dead(&fb, Some(&masks))?
+        } else {
+            eng.forward(&fb)?
+        };
+        let n_tok = (fb.b * fb.s) as u64;
         for (m, st) in state.modules.iter().enumerate() {
             if scales[m] != 0.0 {
                 dead.update(m, n_tok, &st.idx, &st.val);
@@ -245,6 +253,13 @@ fn run(args: Args) -> Result<()> {
                 g_recon[m].iter_mut().zip(&g).for_each(|(a, b)| *a += scales[m] * b);
             }
             record.insert("fvu".into(), fvu_rec.into());
+            if args.auxk_alpha > 0.0 {
+                let aux = eng.auxk_loss_and_grad(&fb, &mut state, args.auxk_alpha);
+                loss += args.auxk_alpha * aux.iter().sum::<f64>();
+                let rec: serde_json::Map<String, serde_json::Value> =
+                    suite.modules.iter().zip(&aux).map(|(m, a)| (m.name(), serde_json::json!(a))).collect();
+                record.insert("auxk".into(), rec.into());
+            }
         }
         if args.loss != Loss::Mse {
             let w = if args.loss == Loss::MseCe { args.ce_weight } else { 1.0 };
