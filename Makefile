@@ -60,7 +60,12 @@ FT := $(EDGES:$(OUT)/edges/%=$(OUT)/finetune/%)-c$(C)-sel$(SELECT_KEY)-$(LOSS)-s
 EVAL0 := $(EDGES:$(OUT)/edges/%=$(OUT)/eval/%)-c$(C)-sel$(SELECT_KEY)-before
 EVAL := $(FT:$(OUT)/finetune/%=$(OUT)/eval/%)
 
-.PHONY: all build acts suite edges connections finetune eval test clean help
+# C values of `make sweep`.
+CS ?= 0 4 16 64
+SWEEP := $(EDGES:$(OUT)/edges/%=$(OUT)/sweep/%)-$(LOSS)-s$(STEPS)-lr$(LR)
+EVAL_ALL := $(EDGES:$(OUT)/edges/%=$(OUT)/eval/%)-all-before
+
+.PHONY: all build acts suite edges connections finetune eval sweep print-eval test clean help
 
 ## all: activations -> suite -> edge scores -> connections (C) -> finetune -> evaluation.
 all: eval $(EVAL0)/.done
@@ -119,6 +124,23 @@ $(EVAL0)/.done: $(CONN) | build
 	$(BIN)/evaluate --acts $(ACTS) --suite $(SUITE_PATH) --connections $(CONN) $(THREADS_FLAG) \
 	    --out $(EVAL0) --overwrite > $(EVAL0).md.tmp
 	mv $(EVAL0).md.tmp $(EVAL0)/table.md
+	touch $@
+
+## sweep: finetune and evaluate for every C in CS, then compare (table + plot).
+sweep: $(EVAL_ALL)/.done $(EVAL0)/.done
+	@for c in $(CS); do $(MAKE) --no-print-directory eval C=$$c; done
+	$(BIN)/evaluate --compare $(EVAL_ALL) $(EVAL0) \
+	    $(foreach c,$(CS),$$($(MAKE) --no-print-directory -s print-eval C=$(c))) --out $(SWEEP)
+	@echo "plot: $(SWEEP)/compare.png"
+
+# The evaluation folder of the current C (used by sweep).
+print-eval:
+	@echo $(EVAL)
+
+$(EVAL_ALL)/.done: $(EDGES)/.done | build
+	mkdir -p $(dir $(EVAL_ALL))
+	$(BIN)/evaluate --acts $(ACTS) --suite $(SUITE_PATH) $(THREADS_FLAG) --out $(EVAL_ALL) --overwrite > $(EVAL_ALL).md.tmp
+	mv $(EVAL_ALL).md.tmp $(EVAL_ALL)/table.md
 	touch $@
 
 ## test: build, then run every test in release mode (the CI command).

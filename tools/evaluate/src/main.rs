@@ -20,11 +20,15 @@ use scae::pruned::{self, Plan, Wiring};
 )]
 struct Args {
     /// Activation cache folder (from collect-acts).
-    #[arg(long)]
-    acts: PathBuf,
+    #[arg(long, required_unless_present = "compare")]
+    acts: Option<PathBuf>,
     /// Suite folder (suite.safetensors + config.json) or a bare .safetensors.
-    #[arg(long)]
-    suite: PathBuf,
+    #[arg(long, required_unless_present = "compare")]
+    suite: Option<PathBuf>,
+    /// Compare earlier runs (their --out folders): print a markdown table and write
+    /// compare.md, compare.png and compare.svg (CE diff and mean FVU vs C) into --out.
+    #[arg(long, num_args = 1.., conflicts_with_all = ["acts", "suite", "connections", "dump"])]
+    compare: Vec<PathBuf>,
     /// Connection set: connections.parquet, or the reference's .safetensors layout.
     #[arg(long)]
     connections: Option<PathBuf>,
@@ -83,14 +87,49 @@ fn total_variance(sum: &[f64], sq: &[f64], n: f64) -> f64 {
     sum.iter().zip(sq).map(|(s, q)| q - s * s / n).sum()
 }
 
+mod report;
+
+/// `--compare`: table and plot of earlier runs.
+fn compare(args: &Args) -> Result<()> {
+    let mut runs = args.compare.iter().map(|d| report::load_run(d)).collect::<Result<Vec<_>>>()?;
+    report::sort_runs(&mut runs);
+    let table = report::table(&runs);
+    std::fs::create_dir_all(&args.out).map_err(|e| anyhow::anyhow!("{}: --out: cannot create output folder: {e}", args.out.display()))?;
+    scae::io::write_atomic(&args.out.join("compare.md"), table.as_bytes())?;
+    report::plot(&runs, &args.out.join("compare"))?;
+    print!("{table}");
+    println!("plot: {} and .svg", args.out.join("compare.png").display());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     scae::cli::run_main("evaluate", || run(Args::parse()))
 }
 
 fn run(args: Args) -> Result<()> {
+    if !args.compare.is_empty() {
+        return compare(&args);
+    }
+    let (Some(acts), Some(suite_path)) = (args.acts.clone(), args.suite.clone()) else {
+        anyhow::bail!("--acts and --suite are required (or --compare)");
+    };
     let device = args.common.setup()?;
-    let inputs = Inputs::open(&args.acts, &args.suite, args.model.as_deref(), &device)?;
+    let inputs = Inputs::open(&acts, &suite_path, args.model.as_deref(), &device)?;
     let conns = args.connections.as_ref().map(|p| inputs.connections(p)).transpose()?;
+    // C as recorded by score-edges/select-edges, else the most edges of any feature.
+    let c_value: Option<u64> = match (&args.connections, &conns) {
+        (Some(p), Some(c)) => {
+            let meta = if p.extension().is_some_and(|e| e == "parquet") { scae::table::parquet_metadata(p)? } else { Vec::new() };
+            Some(meta.iter().find(|(k, _)| k == "c").and_then(|(_, v)| v.parse().ok()).unwrap_or_else(|| {
+                c.edges.iter().flatten().map(Vec::len).max().unwrap_or(0) as u64
+            }))
+        }
+        _ => None,
+    };
+    let suite_created_by: Option<String> = std::fs::read_to_string(suite_path.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["created_by"].as_str().map(String::from));
     let suite = &inputs.suite;
     let rt = &inputs.model.runtime;
     let wiring = match &conns {
@@ -101,7 +140,7 @@ fn run(args: Args) -> Result<()> {
     let stage = StagedDir::create(&args.out, args.overwrite, "--out")?;
     let n_mod = suite.modules.len();
     let mut stats = vec![ModuleStats { fired: vec![false; suite.n_features], ..Default::default() }; n_mod];
-    let (mut ce_sum, mut clean_sum, mut n_pred, mut n_tok, mut n_batches) = (0f64, 0f64, 0u64, 0u64, 0u64);
+    let (mut ce_sum, mut clean_sum, mut zero_sum, mut n_pred, mut n_tok, mut n_batches) = (0f64, 0f64, 0f64, 0u64, 0u64, 0u64);
     let mut dump: HashMap<String, Vec<Tensor>> = HashMap::new();
     let limit = args.n_seqs.map(|n| n as usize);
     let m = &inputs.cache().manifest;
@@ -113,6 +152,9 @@ fn run(args: Args) -> Result<()> {
         ce_sum += ce.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
         let clean = rt.forward(&batch.tokens, false, false)?.ce;
         clean_sum += clean.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        // Zero ablation: the residual stream replaced by layer 0's input alone.
+        let zero = rt.ce_from_resid(&batch.resid_pre0, &batch.tokens)?;
+        zero_sum += zero.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
         n_pred += (b * (s - 1)) as u64;
         n_tok += (b * s) as u64;
         n_batches += 1;
@@ -140,7 +182,8 @@ fn run(args: Args) -> Result<()> {
         Ok(())
     })?;
     bar.finish_and_clear();
-    let (ce, clean_ce) = (ce_sum / n_pred as f64, clean_sum / n_pred as f64);
+    let (ce, clean_ce, ce_zero) = (ce_sum / n_pred as f64, clean_sum / n_pred as f64, zero_sum / n_pred as f64);
+    let ce_recovered = (ce_zero - ce) / (ce_zero - clean_ce);
     let mut per_module = serde_json::Map::new();
     let (mut mean_fvu, mut mean_l0, mut mean_dead) = (0.0, 0.0, 0.0);
     for (module, st) in suite.modules.iter().zip(&stats) {
@@ -158,10 +201,12 @@ fn run(args: Args) -> Result<()> {
     }
     let report = serde_json::json!({
         "format": "scae-eval", "version": 1,
-        "acts": args.acts, "suite": args.suite, "connections": args.connections,
+        "acts": acts, "suite": suite_path, "connections": args.connections,
         "n_connections": conns.as_ref().map(|c| c.n_edges()),
+        "c": c_value,
+        "suite_created_by": suite_created_by,
         "n_seqs": n_seqs, "n_tokens": n_tok,
-        "clean_ce": clean_ce, "ce": ce, "ce_diff": ce - clean_ce,
+        "clean_ce": clean_ce, "ce": ce, "ce_diff": ce - clean_ce, "ce_zero": ce_zero, "ce_recovered": ce_recovered,
         "mean_fvu": mean_fvu, "mean_l0": mean_l0, "dead_fraction": mean_dead,
         "consistent_attn_bias": args.pass.consistent_attn_bias,
         "modules": per_module,
@@ -187,6 +232,10 @@ fn run(args: Args) -> Result<()> {
             100.0 * r["dead_fraction"].as_f64().unwrap_or(f64::NAN)
         );
     }
-    println!("clean CE {clean_ce:.4}, CE with suite {ce:.4}, CE diff {:.4} ({n_tok} tokens) -> {}", ce - clean_ce, out.display());
+    println!(
+        "clean CE {clean_ce:.4}, CE with suite {ce:.4}, CE diff {:.4}, CE recovered {ce_recovered:.3} (zero-ablation CE {ce_zero:.4}; {n_tok} tokens) -> {}",
+        ce - clean_ce,
+        out.display()
+    );
     Ok(())
 }

@@ -1,0 +1,176 @@
+//! `evaluate --compare`: a markdown table and a plot (PNG and SVG) of several evaluation runs,
+//! e.g. a sweep over C.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use plotters::prelude::*;
+
+/// One evaluation run (an `evaluate --out` folder).
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub dir: PathBuf,
+    pub c: Option<u64>,
+    pub finetuned: bool,
+    pub ce: f64,
+    pub ce_diff: f64,
+    pub ce_recovered: f64,
+    pub mean_fvu: f64,
+    pub mean_l0: f64,
+    pub dead: f64,
+}
+
+/// Read `dir/eval.json`.
+pub fn load_run(dir: &Path) -> Result<Run> {
+    let path = dir.join("eval.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read; hint: make it with evaluate --out", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+    if v["format"] != "scae-eval" {
+        bail!("{}: format {}, expected scae-eval; hint: written by evaluate", path.display(), v["format"]);
+    }
+    let num = |k: &str| -> Result<f64> { v[k].as_f64().with_context(|| format!("{}: field `{k}`: expected a number", path.display())) };
+    Ok(Run {
+        dir: dir.to_path_buf(),
+        c: v["c"].as_u64(),
+        finetuned: v["suite_created_by"].as_str().is_some_and(|s| s.starts_with("finetune")),
+        ce: num("ce")?,
+        ce_diff: num("ce_diff")?,
+        ce_recovered: num("ce_recovered")?,
+        mean_fvu: num("mean_fvu")?,
+        mean_l0: num("mean_l0")?,
+        dead: num("dead_fraction")?,
+    })
+}
+
+fn label(r: &Run) -> String {
+    let c = r.c.map(|c| c.to_string()).unwrap_or_else(|| "all".into());
+    format!("{c} ({})", if r.finetuned { "finetuned" } else { "not finetuned" })
+}
+
+/// The comparison as a markdown table, sorted by suite kind and C.
+pub fn table(runs: &[Run]) -> String {
+    let mut out = String::from("| C | suite | CE | CE diff | CE recovered | mean FVU | L0 | dead % | run |\n|---|---|---|---|---|---|---|---|---|\n");
+    for r in runs {
+        out.push_str(&format!(
+            "| {} | {} | {:.4} | {:.4} | {:.3} | {:.4} | {:.1} | {:.1} | {} |\n",
+            r.c.map(|c| c.to_string()).unwrap_or_else(|| "all".into()),
+            if r.finetuned { "finetuned" } else { "not finetuned" },
+            r.ce,
+            r.ce_diff,
+            r.ce_recovered,
+            r.mean_fvu,
+            r.mean_l0,
+            100.0 * r.dead,
+            r.dir.display()
+        ));
+    }
+    out
+}
+
+/// Sort runs: finetuned after not, then by C (all connections last).
+pub fn sort_runs(runs: &mut [Run]) {
+    runs.sort_by_key(|r| (r.finetuned, r.c.unwrap_or(u64::MAX)));
+}
+
+/// Find a TrueType font for plot labels; without one, plots are drawn without text.
+fn register_font() -> bool {
+    const CANDIDATES: [&str; 4] = [
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "/usr/share/fonts/TTF/DejaVuSans.ttf",
+        "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+        "/System/Library/Fonts/Supplemental/Arial.ttf",
+    ];
+    for c in CANDIDATES {
+        if let Ok(bytes) = std::fs::read(c) {
+            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+            if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+fn draw<DB: DrawingBackend>(root: DrawingArea<DB, plotters::coord::Shift>, runs: &[Run], text: bool) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
+    let panels = root.split_evenly((1, 2));
+    let metrics: [(&str, fn(&Run) -> f64); 2] = [("CE diff", |r| r.ce_diff), ("mean FVU", |r| r.mean_fvu)];
+    let max_c = runs.iter().filter_map(|r| r.c).max().unwrap_or(1).max(1) as f64;
+    for (panel, (name, get)) in panels.iter().zip(metrics) {
+        let vals: Vec<f64> = runs.iter().map(get).collect();
+        let (lo, hi) = vals.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+        let pad = ((hi - lo).abs() * 0.1).max(1e-3);
+        let mut builder = ChartBuilder::on(panel);
+        builder.margin(15);
+        if text {
+            builder.caption(format!("{name} vs C"), ("sans-serif", 20)).x_label_area_size(35).y_label_area_size(55);
+        }
+        let mut chart = builder.build_cartesian_2d(0f64..max_c * 1.05, (lo - pad)..(hi + pad)).map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
+        let mut mesh = chart.configure_mesh();
+        if text {
+            mesh.x_desc("C (connections per feature)").y_desc(name);
+        } else {
+            mesh.disable_x_mesh().disable_y_mesh();
+        }
+        mesh.draw().map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
+        for (finetuned, color) in [(true, RED), (false, BLUE)] {
+            let mut pts: Vec<(f64, f64)> = runs.iter().filter(|r| r.finetuned == finetuned && r.c.is_some()).map(|r| (r.c.unwrap_or(0) as f64, get(r))).collect();
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            if pts.is_empty() {
+                continue;
+            }
+            let series = chart.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2))).map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
+            if text {
+                series.label(if finetuned { "finetuned" } else { "not finetuned" }).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+            }
+            chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled()))).map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
+        }
+        // Reference lines: runs with all connections.
+        for r in runs.iter().filter(|r| r.c.is_none()) {
+            let color = if r.finetuned { RED.mix(0.5) } else { BLACK.mix(0.6) };
+            let y = get(r);
+            let series = chart
+                .draw_series(DashedLineSeries::new(vec![(0.0, y), (max_c * 1.05, y)], 6, 4, color.stroke_width(1)))
+                .map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
+            if text {
+                let l = format!("all connections, {}", if r.finetuned { "finetuned" } else { "not finetuned" });
+                series.label(l).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+            }
+        }
+        if text {
+            chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
+        }
+    }
+    root.present().map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
+    Ok(())
+}
+
+/// Write the comparison plot as `stem.svg` and `stem.png` (each via `.tmp` + rename).
+pub fn plot(runs: &[Run], stem: &Path) -> Result<()> {
+    let text = register_font();
+    if !text {
+        eprintln!("evaluate: warning: no TrueType font found (DejaVuSans); plots have no labels");
+    }
+    let (w, h) = (1100u32, 450u32);
+    let svg = stem.with_extension("svg");
+    let mut svg_text = String::new();
+    draw(SVGBackend::with_string(&mut svg_text, (w, h)).into_drawing_area(), runs, text)?;
+    scae::io::write_atomic(&svg, svg_text.as_bytes())?;
+    let mut buf = vec![0u8; (w * h * 3) as usize];
+    draw(BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area(), runs, text)?;
+    let png_path = stem.with_extension("png");
+    let mut bytes = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut bytes, w, h);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut wr = enc.write_header().context("encoding PNG")?;
+        wr.write_image_data(&buf).context("encoding PNG")?;
+    }
+    scae::io::write_atomic(&png_path, &bytes)?;
+    let _ = label;
+    Ok(())
+}
