@@ -14,8 +14,10 @@ include pipelines/$(PIPELINE).mk
 OUT ?= out
 # Activation cache storage type (f32, bf16, f16).
 DTYPE ?= f32
-# Sequences per forward pass.
+# Sequences per forward pass / training step.
 BATCH ?= 16
+# Concatenate documents with EOS (1) instead of skipping those shorter than CTX (0).
+PACK ?= 0
 # CPU threads (empty: all cores).
 THREADS ?=
 # Features per module = EXPANSION x d_model (train-suite).
@@ -46,8 +48,9 @@ BIN := target/release
 MODEL_NAME := $(notdir $(MODEL))
 THREADS_FLAG := $(if $(THREADS),--threads $(THREADS),)
 BOS_FLAG := $(if $(filter 1,$(BOS)),--prepend-bos,--no-prepend-bos)
+PACK_FLAG := $(if $(filter 1,$(PACK)),--pack,)
 # Output paths are keyed on every parameter of their stage and the stages before it.
-ACTS := $(OUT)/acts/$(MODEL_NAME)-ctx$(CTX)-n$(N_SEQS)-bos$(BOS)-$(DTYPE)
+ACTS := $(OUT)/acts/$(MODEL_NAME)-ctx$(CTX)-n$(N_SEQS)-bos$(BOS)-pack$(PACK)-$(DTYPE)
 # The suite: pretrained here unless SUITE names one.
 TRAINED := $(ACTS:$(OUT)/acts/%=$(OUT)/suite/%)-x$(EXPANSION)-k$(K)-s$(SUITE_STEPS)-lr$(SUITE_LR)
 SUITE_PATH := $(if $(SUITE),$(SUITE),$(TRAINED))
@@ -65,7 +68,7 @@ CS ?= 0 4 16 64
 SWEEP := $(EDGES:$(OUT)/edges/%=$(OUT)/sweep/%)-$(LOSS)-s$(STEPS)-lr$(LR)
 EVAL_ALL := $(EDGES:$(OUT)/edges/%=$(OUT)/eval/%)-all-before
 
-.PHONY: all build acts suite edges connections finetune eval sweep print-eval test clean help
+.PHONY: all build toy acts suite edges connections finetune eval sweep print-eval test clean help
 
 ## all: activations -> suite -> edge scores -> connections (C) -> finetune -> evaluation.
 all: eval $(EVAL0)/.done
@@ -76,10 +79,21 @@ all: eval $(EVAL0)/.done
 build:
 	cargo build --release --workspace
 
+# The toy model and corpus (the toy preset's MODEL and DATA).
+TOY := $(OUT)/toy
+$(TOY)/.done: | build
+	$(BIN)/toy-lm $(THREADS_FLAG) --out $(TOY) --overwrite
+	touch $@
+$(TOY)/model $(TOY)/corpus.txt: $(TOY)/.done
+TOY_DEP := $(if $(filter $(TOY)/%,$(MODEL) $(DATA)),$(TOY)/.done,)
+
+## toy: write the toy corpus and train the toy language model.
+toy: $(TOY)/.done
+
 ## acts: cache activations of MODEL on DATA.
 acts: $(ACTS)/.done
-$(ACTS)/.done: | build
-	$(BIN)/collect-acts --model $(MODEL) --data $(DATA) --ctx-len $(CTX) $(BOS_FLAG) \
+$(ACTS)/.done: $(TOY_DEP) | build
+	$(BIN)/collect-acts --model $(MODEL) --data $(DATA) --ctx-len $(CTX) $(BOS_FLAG) $(PACK_FLAG) \
 	    --n-seqs $(N_SEQS) --batch-size $(BATCH) --dtype $(DTYPE) $(THREADS_FLAG) \
 	    --out $(ACTS) --overwrite
 	touch $@
@@ -156,4 +170,4 @@ help:
 	@grep -E '^## ' $(firstword $(MAKEFILE_LIST)) | sed 's/^## /  /'
 	@echo
 	@echo "Variables (PIPELINE=$(PIPELINE)):"
-	@$(foreach v,MODEL DATA CTX N_SEQS BOS DTYPE BATCH THREADS EXPANSION K SUITE_STEPS SUITE_LR SUITE C KEEP SELECT LOSS STEPS LR OUT,echo "  $(v) = $($(v))";)
+	@$(foreach v,PIPELINE MODEL DATA CTX N_SEQS BOS PACK DTYPE BATCH THREADS EXPANSION K SUITE_STEPS SUITE_LR SUITE C KEEP SELECT LOSS STEPS LR OUT,echo "  $(v) = $($(v))";)

@@ -1,18 +1,21 @@
-# Preset: the built-in toy setup; runs offline in seconds.
-# Model: a tiny random GPT-Neo fixture (replaced by a trained toy LM with the toy-lm stage).
-MODEL ?= tests/fixtures/models/tiny-neo
-# Data: 400 one-line toy stories shipped with the repo.
-DATA ?= pipelines/data/stories.txt
-# Tokens per sequence (the fixture model's n_ctx is 32).
-CTX ?= 16
+# Preset: the built-in toy setup, offline. `toy-lm` writes a synthetic story corpus and trains
+# a tiny GPT-Neo on it (about two minutes on 2 cores, once); every later stage takes seconds.
+# Model: the trained toy GPT-Neo (d_model 64, 2 layers, word-level vocabulary).
+MODEL ?= $(OUT)/toy/model
+# Data: the toy corpus (one story per line).
+DATA ?= $(OUT)/toy/corpus.txt
+# Tokens per sequence (the toy model's n_ctx is 128).
+CTX ?= 64
 # Sequences to cache.
-N_SEQS ?= 256
+N_SEQS ?= 512
 # Prepend BOS to each sequence (1) or not (0).
 BOS ?= 1
-# Suite sizes and training for the toy run (seconds on 2 cores).
+# Stories are shorter than CTX: concatenate them with EOS.
+PACK ?= 1
+# Suite sizes and training for the toy run.
 EXPANSION ?= 4
 K ?= 8
-SUITE_STEPS ?= 300
+SUITE_STEPS ?= 400
 SUITE_LR ?= 1e-2
-STEPS ?= 100
+STEPS ?= 200
 LR ?= 2e-3
