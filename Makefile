@@ -38,6 +38,8 @@ LOSS ?= mse
 STEPS ?= 200
 # Finetuning base learning rate.
 LR ?= 1e-3
+# Proportion of finetuning steps after which the lr decays linearly to 0.
+DECAY ?= 0.8
 # Edges kept per downstream feature in edges.parquet (select-edges can pick any C up to this).
 KEEP ?= 64
 # Command that turns edges.parquet into connections.parquet; called as
@@ -59,13 +61,13 @@ SUITE_KEY := $(shell printf '%s' '$(SUITE_PATH)' | cksum | cut -d' ' -f1)
 EDGES := $(ACTS:$(OUT)/acts/%=$(OUT)/edges/%)-suite$(SUITE_KEY)-keep$(KEEP)
 SELECT_KEY := $(shell printf '%s' '$(SELECT)' | cksum | cut -d' ' -f1)
 CONN := $(EDGES)-c$(C)-sel$(SELECT_KEY).parquet
-FT := $(EDGES:$(OUT)/edges/%=$(OUT)/finetune/%)-c$(C)-sel$(SELECT_KEY)-$(LOSS)-s$(STEPS)-lr$(LR)
+FT := $(EDGES:$(OUT)/edges/%=$(OUT)/finetune/%)-c$(C)-sel$(SELECT_KEY)-$(LOSS)-s$(STEPS)-lr$(LR)-d$(DECAY)
 EVAL0 := $(EDGES:$(OUT)/edges/%=$(OUT)/eval/%)-c$(C)-sel$(SELECT_KEY)-before
 EVAL := $(FT:$(OUT)/finetune/%=$(OUT)/eval/%)
 
 # C values of `make sweep`.
 CS ?= 0 4 16 64
-SWEEP := $(EDGES:$(OUT)/edges/%=$(OUT)/sweep/%)-$(LOSS)-s$(STEPS)-lr$(LR)
+SWEEP := $(EDGES:$(OUT)/edges/%=$(OUT)/sweep/%)-$(LOSS)-s$(STEPS)-lr$(LR)-d$(DECAY)
 EVAL_ALL := $(EDGES:$(OUT)/edges/%=$(OUT)/eval/%)-all-before
 
 .PHONY: all build toy acts suite edges connections finetune eval sweep print-eval test clean help
@@ -121,7 +123,8 @@ $(CONN): $(EDGES)/.done | build
 finetune: $(FT)/.done
 $(FT)/.done: $(CONN) | build
 	$(BIN)/finetune --acts $(ACTS) --suite $(SUITE_PATH) --connections $(CONN) --loss $(LOSS) \
-	    --steps $(STEPS) --lr $(LR) --batch-size $(BATCH) $(THREADS_FLAG) --out $(FT) --overwrite
+	    --steps $(STEPS) --lr $(LR) --decay-start $(DECAY) --batch-size $(BATCH) $(THREADS_FLAG) \
+	    --out $(FT) --overwrite
 	touch $@
 
 ## eval: evaluate the finetuned suite with the connections (CE, FVU, L0, dead features).
@@ -170,4 +173,4 @@ help:
 	@grep -E '^## ' $(firstword $(MAKEFILE_LIST)) | sed 's/^## /  /'
 	@echo
 	@echo "Variables (PIPELINE=$(PIPELINE)):"
-	@$(foreach v,PIPELINE MODEL DATA CTX N_SEQS BOS PACK DTYPE BATCH THREADS EXPANSION K SUITE_STEPS SUITE_LR SUITE C KEEP SELECT LOSS STEPS LR OUT,echo "  $(v) = $($(v))";)
+	@$(foreach v,PIPELINE MODEL DATA CTX N_SEQS BOS PACK DTYPE BATCH THREADS EXPANSION K SUITE_STEPS SUITE_LR SUITE C KEEP SELECT LOSS STEPS LR DECAY CS OUT,echo "  $(v) = $($(v))";)
