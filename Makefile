@@ -148,7 +148,6 @@ sweep: $(EVAL_ALL)/.done $(EVAL0)/.done
 	@for c in $(CS); do $(MAKE) --no-print-directory eval C=$$c; done
 	$(BIN)/evaluate --compare $(EVAL_ALL) $(EVAL0) \
 	    $(foreach c,$(CS),$$($(MAKE) --no-print-directory -s print-eval C=$(c))) --out $(SWEEP)
-	@echo "plot: $(SWEEP)/compare.png"
 
 # The evaluation folder of the current C (used by sweep).
 print-eval:

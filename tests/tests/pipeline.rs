@@ -55,6 +55,17 @@ fn whole_chain_runs_and_finetuning_lowers_its_loss() {
     assert!(mean_ref(&e1) < mean_ref(&e0), "pruned-pass FVU before {} after {}", mean_ref(&e0), mean_ref(&e1));
     assert_eq!(e0["clean_ce"], e1["clean_ce"]);
     assert_eq!(e1["n_connections"].as_u64().unwrap() as usize, 4 * 32 * 3); // every non-first module, C=4
+    // CE recovered is consistent with the three CEs it is made of.
+    let rec = (e1["ce_zero"].as_f64().unwrap() - e1["ce"].as_f64().unwrap()) / (e1["ce_zero"].as_f64().unwrap() - e1["clean_ce"].as_f64().unwrap());
+    assert!((rec - e1["ce_recovered"].as_f64().unwrap()).abs() < 1e-9);
+    // The comparison report: one row per run, a PNG and an SVG.
+    let report = tmp.join("report");
+    let table = tool_ok("evaluate", &["--compare", s(&tmp.join("e0")), s(&tmp.join("e1")), "--out", s(&report)]);
+    assert_eq!(table.lines().filter(|l| l.starts_with("| 4 |")).count(), 2, "{table}");
+    assert!(table.contains("| 4 | finetuned |") && table.contains("| 4 | not finetuned |"), "{table}");
+    assert_eq!(&std::fs::read(report.join("compare.png")).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
+    assert!(std::fs::read_to_string(report.join("compare.svg")).unwrap().contains("<svg"));
+    tool_fails("evaluate", &["--compare", s(&tmp.join("nope")), "--out", s(&report)], &["eval.json", "cannot read"]);
     // The finetuned suite keeps the cache's model hash.
     assert_eq!(json(&ft.join("config.json"))["model_hash"], cfg["model_hash"]);
     let _ = Device::Cpu;
