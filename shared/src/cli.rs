@@ -171,3 +171,47 @@ impl DataArgs {
         crate::data::SequenceOptions { ctx_len: self.ctx_len as usize, prepend_bos: !self.no_prepend_bos, pack: self.pack }
     }
 }
+
+/// Schedule, clipping and checkpoint options of the training tools.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Warmup length as a proportion of the steps.
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup: f64,
+    /// Proportion of the steps after which the lr decays linearly to 0 (reference: 0.8).
+    #[arg(long, default_value_t = 0.8)]
+    pub decay_start: f64,
+    /// Per-module gradient-norm clip, or `none`.
+    #[arg(long, default_value = "1.0")]
+    pub clip_grad: String,
+    /// Write a checkpoint every N steps.
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// Continue from `--out`/checkpoint with the same arguments.
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop after this many steps of this run, keeping the checkpoint (for tests of resume).
+    #[arg(long, hide = true)]
+    pub halt_after: Option<u64>,
+    /// Replace an existing, non-empty --out folder (without --resume).
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+impl RunArgs {
+    /// `--clip-grad` as a norm, `None` for `none`; checks the schedule proportions too.
+    pub fn clip(&self) -> crate::Result<Option<f64>> {
+        if !(0.0..=1.0).contains(&self.warmup) || !(0.0..=1.0).contains(&self.decay_start) || self.warmup > self.decay_start {
+            return Err(crate::Error::Usage(format!(
+                "--warmup {} / --decay-start {}: expected 0 <= warmup <= decay-start <= 1",
+                self.warmup, self.decay_start
+            )));
+        }
+        match self.clip_grad.as_str() {
+            "none" => Ok(None),
+            s => s.parse().ok().filter(|v: &f64| *v > 0.0).map(Some).ok_or_else(|| {
+                crate::Error::Usage(format!("--clip-grad {s}: expected a positive number or `none`"))
+            }),
+        }
+    }
+}

@@ -61,15 +61,6 @@ struct Args {
     /// Use --lr as is instead of the reference's lr / sqrt(F / 2^14).
     #[arg(long)]
     no_scale_lr: bool,
-    /// Warmup length as a proportion of the steps.
-    #[arg(long, default_value_t = 0.0)]
-    warmup: f64,
-    /// Proportion of the steps after which the lr decays linearly to 0 (reference: 0.8).
-    #[arg(long, default_value_t = 0.8)]
-    decay_start: f64,
-    /// Per-autoencoder gradient-norm clip, or `none`.
-    #[arg(long, default_value = "1.0")]
-    clip_grad: String,
     /// Introduce module m's loss term only from step (2·layer + [0 attn, 1 mlp]) · N.
     #[arg(long)]
     stagger_steps: Option<u64>,
@@ -96,15 +87,6 @@ struct Args {
     /// Compute dtype (f32 only on CPU for now).
     #[arg(long, default_value = "f32")]
     dtype: String,
-    /// Write a checkpoint every N steps (and at the end).
-    #[arg(long)]
-    checkpoint_every: Option<u64>,
-    /// Continue from `--out`/checkpoint with the same arguments.
-    #[arg(long)]
-    resume: bool,
-    /// Stop after this many steps of this run, keeping the checkpoint (for tests of resume).
-    #[arg(long, hide = true)]
-    halt_after: Option<u64>,
     /// Model folder or hub id: with --acts, overrides the one recorded in the cache manifest;
     /// with --data/--tokens, the model whose activations are computed on the fly.
     #[arg(long)]
@@ -112,11 +94,10 @@ struct Args {
     /// Streaming mode: compute activations batch by batch instead of reading --acts.
     #[command(flatten)]
     data: scae::cli::DataArgs,
-    /// Replace an existing, non-empty --out folder (without --resume).
-    #[arg(long)]
-    overwrite: bool,
     #[command(flatten)]
     pass: scae::cli::PassArgs,
+    #[command(flatten)]
+    run: scae::cli::RunArgs,
     #[command(flatten)]
     common: scae::cli::Common,
 }
@@ -143,13 +124,7 @@ fn run(args: Args) -> Result<()> {
     if !matches!(device, candle_core::Device::Cpu) {
         bail!("--device {}: finetune runs on the CPU engine for now", args.common.device);
     }
-    let clip: Option<f64> = match args.clip_grad.as_str() {
-        "none" => None,
-        s => Some(s.parse().ok().filter(|v: &f64| *v > 0.0).with_context(|| format!("--clip-grad {s}: expected a positive number or `none`"))?),
-    };
-    if !(0.0..=1.0).contains(&args.warmup) || !(0.0..=1.0).contains(&args.decay_start) || args.warmup > args.decay_start {
-        bail!("--warmup {} / --decay-start {}: expected 0 <= warmup <= decay-start <= 1", args.warmup, args.decay_start);
-    }
+    let clip = args.run.clip()?;
     let inputs = match (&args.acts, &args.model) {
         (Some(acts), _) => Inputs::open(acts, &args.suite, args.model.as_deref(), &device)?,
         (None, Some(m)) => Inputs::open_streaming(m, &args.suite, &device)?,
@@ -194,19 +169,19 @@ fn run(args: Args) -> Result<()> {
     let digest = train::digest(&serde_json::json!({
         "acts": args.acts, "data": args.data.data, "tokens": args.data.tokens, "ctx_len": ctx, "suite": args.suite, "connections": args.connections, "loss": format!("{:?}", args.loss),
         "ce_weight": args.ce_weight, "optimizer": format!("{:?}", args.optimizer), "lr": args.lr, "no_scale_lr": args.no_scale_lr,
-        "warmup": args.warmup, "decay_start": args.decay_start, "clip": args.clip_grad, "stagger": args.stagger_steps,
+        "warmup": args.run.warmup, "decay_start": args.run.decay_start, "clip": args.run.clip_grad, "stagger": args.stagger_steps,
         "batch_size": args.batch_size, "steps": steps, "shuffle": args.shuffle, "seed": args.common.seed,
         "dead_threshold": args.dead_threshold, "consistent_attn_bias": args.pass.consistent_attn_bias,
     }));
 
-    train::prepare_run_dir(&args.out, args.resume, args.overwrite)?;
+    train::prepare_run_dir(&args.out, args.run.resume, args.run.overwrite)?;
 
     let mut params = Params::from_suite(suite)?;
     let mut opt = Optimizer::new(args.optimizer, &params);
     let mut dead = DeadTracker::new(suite.modules.len(), suite.n_features, args.dead_threshold);
     let (mut step, mut seqs_seen) = (0u64, 0u64);
     let metrics_path = args.out.join("metrics.jsonl");
-    if args.resume {
+    if args.run.resume {
         let st = train::load_checkpoint(&args.out, suite, &mut opt, &mut dead, "finetune", &digest)?;
         params = Params::from_suite(suite)?;
         step = st.step;
@@ -219,7 +194,7 @@ fn run(args: Args) -> Result<()> {
     bar.set_position(step * (batch_size * ctx) as u64);
     let start_time = Instant::now();
     let start_step = step;
-    let mut last_ckpt: Option<u64> = if args.resume { Some(step) } else { None };
+    let mut last_ckpt: Option<u64> = if args.run.resume { Some(step) } else { None };
     while step < steps {
         // Next batch in data order (wrapping over epochs).
         let batch = source.batch(seqs_seen, batch_size)?;
@@ -284,7 +259,7 @@ fn run(args: Args) -> Result<()> {
         if let Some(c) = clip {
             grads.iter_mut().for_each(|g| train::clip_module(g, c));
         }
-        let lr_t = lr * train::lr_factor(step, steps, args.warmup, args.decay_start);
+        let lr_t = lr * train::lr_factor(step, steps, args.run.warmup, args.run.decay_start);
         opt.step(&mut params, &grads, lr_t);
         params.store(suite)?;
         step += 1;
@@ -298,8 +273,8 @@ fn run(args: Args) -> Result<()> {
         writeln!(metrics, "{}", serde_json::Value::Object(record))?;
         bar.inc(n_tok);
         bar.set_message(format!("loss {loss:.4}"));
-        let halt = args.halt_after.is_some_and(|h| step - start_step >= h);
-        if args.checkpoint_every.is_some_and(|n| step % n == 0) || step == steps || halt {
+        let halt = args.run.halt_after.is_some_and(|h| step - start_step >= h);
+        if args.run.checkpoint_every.is_some_and(|n| step % n == 0) || step == steps || halt {
             metrics.flush()?;
             let rs = RunState {
                 format: train::CHECKPOINT_FORMAT.into(),
@@ -310,7 +285,7 @@ fn run(args: Args) -> Result<()> {
                 opt_t: opt.t,
                 args_digest: digest.clone(),
             };
-            if args.checkpoint_every.is_some() || halt {
+            if args.run.checkpoint_every.is_some() || halt {
                 train::save_checkpoint(&args.out, suite, &opt, &dead, &rs)?;
                 last_ckpt = Some(step);
             }

@@ -59,30 +59,11 @@ struct Args {
     /// A latent is dead after this many tokens without a non-zero value.
     #[arg(long, default_value_t = 10_000_000)]
     dead_threshold: u64,
-    /// Warmup length as a proportion of the steps.
-    #[arg(long, default_value_t = 0.0)]
-    warmup: f64,
-    /// Proportion of the steps after which the lr decays linearly to 0.
-    #[arg(long, default_value_t = 0.8)]
-    decay_start: f64,
-    /// Per-module gradient-norm clip, or `none`.
-    #[arg(long, default_value = "1.0")]
-    clip_grad: String,
     /// Shuffle sequences within each cache shard every epoch.
     #[arg(long)]
     shuffle: bool,
-    /// Write a checkpoint every N steps.
-    #[arg(long)]
-    checkpoint_every: Option<u64>,
-    /// Continue from `--out`/checkpoint with the same arguments.
-    #[arg(long)]
-    resume: bool,
-    /// Stop after this many steps of this run, keeping the checkpoint (for tests of resume).
-    #[arg(long, hide = true)]
-    halt_after: Option<u64>,
-    /// Replace an existing, non-empty --out folder (without --resume).
-    #[arg(long)]
-    overwrite: bool,
+    #[command(flatten)]
+    run: scae::cli::RunArgs,
     #[command(flatten)]
     common: scae::cli::Common,
 }
@@ -137,21 +118,15 @@ fn run(args: Args) -> Result<()> {
         (None, Some(t)) => (t / (args.batch_size * ctx as u64)).max(1),
         (None, None) => bail!("one of --steps or --tokens is required"),
     };
-    let clip: Option<f64> = match args.clip_grad.as_str() {
-        "none" => None,
-        s => Some(s.parse().ok().filter(|v: &f64| *v > 0.0).with_context(|| format!("--clip-grad {s}: expected a positive number or `none`"))?),
-    };
-    if !(0.0..=1.0).contains(&args.warmup) || !(0.0..=1.0).contains(&args.decay_start) || args.warmup > args.decay_start {
-        bail!("--warmup {} / --decay-start {}: expected 0 <= warmup <= decay-start <= 1", args.warmup, args.decay_start);
-    }
+    let clip = args.run.clip()?;
     let lr = train::scaled_lr(args.lr, f);
     let modules = Module::all(n_layers);
     let digest = train::digest(&serde_json::json!({
         "acts": args.acts, "data": args.data.data, "tokens": args.data.tokens, "ctx_len": ctx, "expansion": args.expansion, "k": k, "lr": args.lr, "steps": steps, "batch_size": args.batch_size,
-        "auxk_alpha": args.auxk_alpha, "dead_threshold": args.dead_threshold, "warmup": args.warmup,
-        "decay_start": args.decay_start, "clip": args.clip_grad, "shuffle": args.shuffle, "seed": args.common.seed,
+        "auxk_alpha": args.auxk_alpha, "dead_threshold": args.dead_threshold, "warmup": args.run.warmup,
+        "decay_start": args.run.decay_start, "clip": args.run.clip_grad, "shuffle": args.shuffle, "seed": args.common.seed,
     }));
-    train::prepare_run_dir(&args.out, args.resume, args.overwrite)?;
+    train::prepare_run_dir(&args.out, args.run.resume, args.run.overwrite)?;
     let mut next_batch = |seqs_seen: u64| -> Result<scae::pruned::Batch> { Ok(source.batch(seqs_seen, batch_size)?) };
     // Each module's (input, target).
     let module_data = |b: &scae::pruned::Batch| -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
@@ -173,7 +148,7 @@ fn run(args: Args) -> Result<()> {
     let mut dead = DeadTracker::new(modules.len(), f, args.dead_threshold);
     let (mut step, mut seqs_seen) = (0u64, 0u64);
     let metrics_path = args.out.join("metrics.jsonl");
-    if args.resume {
+    if args.run.resume {
         let suite = train::suite_from_params(&params, &modules, k, d, f)?;
         let st = train::load_checkpoint(&args.out, &suite, &mut opt, &mut dead, "train-suite", &digest)?;
         params = Params::from_suite(&suite)?;
@@ -198,7 +173,7 @@ fn run(args: Args) -> Result<()> {
         let data = module_data(&next_batch(seqs_seen)?)?;
         let refs: Vec<(&[f32], &[f32])> = data.iter().map(|(x, y)| (x.as_slice(), y.as_slice())).collect();
         let masks: Vec<Vec<bool>> = (0..modules.len()).map(|mi| dead.dead(mi)).collect();
-        let lr_t = lr * train::lr_factor(step, steps, args.warmup, args.decay_start);
+        let lr_t = lr * train::lr_factor(step, steps, args.run.warmup, args.run.decay_start);
         let out = sae::update(&mut params, &mut opt, &refs, &masks, cfg, lr_t);
         let n_tok = (batch_size * ctx) as u64;
         let mut fvu = serde_json::Map::new();
@@ -220,8 +195,8 @@ fn run(args: Args) -> Result<()> {
         step += 1;
         seqs_seen += batch_size as u64;
         bar.inc(n_tok);
-        let halt = args.halt_after.is_some_and(|h| step - start_step >= h);
-        if args.checkpoint_every.is_some_and(|n| step % n == 0) || halt {
+        let halt = args.run.halt_after.is_some_and(|h| step - start_step >= h);
+        if args.run.checkpoint_every.is_some_and(|n| step % n == 0) || halt {
             metrics.flush()?;
             let suite = train::suite_from_params(&params, &modules, k, d, f)?;
             let rs = RunState {
