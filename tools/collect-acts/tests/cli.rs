@@ -360,3 +360,36 @@ fn output_folder_is_protected() {
     // A file where the folder should be.
     expect_failure(&["--model", p(&m), "--tokens", p(&g), "--ctx-len", "8", "--out", p(&tmp.join("file"))], &tmp.join("file"), &["expected a folder, found a file"]);
 }
+
+#[test]
+fn parquet_token_lists_are_read_as_documents() {
+    use arrow_array::builder::{Int64Builder, ListBuilder};
+    let tmp = scratch("tok-parquet");
+    let golden = load(&fixtures().join("golden/tiny-neo.safetensors"))["tokens"].to_vec2::<i64>().unwrap();
+    let mut b = ListBuilder::new(Int64Builder::new());
+    for row in &golden {
+        for &t in row {
+            b.values().append_value(t);
+        }
+        b.append(true);
+    }
+    let arr: arrow_array::ArrayRef = Arc::new(b.finish());
+    let batch = arrow_array::RecordBatch::try_from_iter([("input_ids", arr)]).unwrap();
+    let path = tmp.join("t.parquet");
+    let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    let out = tmp.join("acts");
+    let o = run(&["--model", p(&model("tiny-neo")), "--tokens", p(&path), "--ctx-len", "12", "--no-prepend-bos", "--out", p(&out)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(cached_tokens(&out), golden);
+    // a column of the wrong type is refused
+    let strs: arrow_array::ArrayRef = Arc::new(arrow_array::StringArray::from(vec!["a", "b"]));
+    let batch = arrow_array::RecordBatch::try_from_iter([("input_ids", strs)]).unwrap();
+    let bad = tmp.join("bad.parquet");
+    let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&bad).unwrap(), batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    let out2 = tmp.join("acts2");
+    expect_failure(&["--model", p(&model("tiny-neo")), "--tokens", p(&bad), "--ctx-len", "4", "--out", p(&out2)], &out2, &["column `input_ids`: expected lists of integers"]);
+}
