@@ -207,9 +207,18 @@ pub struct Engine<'a> {
     d: usize,
     f: usize,
     k: usize,
+    /// Force the dense (`Some(true)`) or sparse (`Some(false)`) attention edge gradient;
+    /// `None` picks by cost.
+    dense_attn_grad: Option<bool>,
 }
 
 impl<'a> Engine<'a> {
+    /// Force the dense or sparse computation of attention edge gradients (both exact; the
+    /// default picks the cheaper one). For tests and benchmarks.
+    pub fn force_dense_attn_grad(&mut self, dense: Option<bool>) {
+        self.dense_attn_grad = dense;
+    }
+
     /// Snapshot the suite's parameters and the model's constants.
     pub fn new(suite: &'a Suite, rt: &Runtime, plan: &'a Plan, opts: PassOptions) -> Result<Engine<'a>> {
         let params = suite
@@ -249,6 +258,7 @@ impl<'a> Engine<'a> {
             d: suite.d_model,
             f: suite.n_features,
             k: suite.k,
+            dense_attn_grad: None,
         })
     }
 
@@ -898,10 +908,30 @@ impl<'a> Engine<'a> {
                         }
                     }
                 }
-                // Per key position, a cache of gY_h[p, i] for the i touched at p.
+                let pb = &p[bi * h * s * s..(bi + 1) * h * s * s];
+                // Small F: all of gY_h = P_hᵀ gA by causal block products is cheaper than the
+                // per-(p, i) sums below (ratio ≈ k·C·kb·32 / F²).
+                let dense_gy = if self.dense_attn_grad.unwrap_or(k * width * kb * 32 > f * f) {
+                    let mut ga = vec![0f32; s * f];
+                    for q in 0..s {
+                        for kk in 0..kb {
+                            let g = pg.g[(bi * s + q) * kb + kk];
+                            if g != 0.0 {
+                                ga[q * f + pg.idx[(bi * s + q) * kb + kk] as usize] += g;
+                            }
+                        }
+                    }
+                    let mut gy = vec![0f32; h * s * f];
+                    for hh in 0..h {
+                        causal_mix_t(s, f, &pb[hh * s * s..(hh + 1) * s * s], &ga, &mut gy[hh * s * f..(hh + 1) * s * f]);
+                    }
+                    Some(gy)
+                } else {
+                    None
+                };
+                // Otherwise, per key position, a cache of gY_h[p, i] for the i touched at p.
                 let mut stamp = vec![u32::MAX; f];
                 let mut cache = vec![0f32; f * h];
-                let pb = &p[bi * h * s * s..(bi + 1) * h * s * s];
                 for pp in 0..s {
                     let t = bi * s + pp;
                     let inv = 1.0 / sc[t];
@@ -916,6 +946,14 @@ impl<'a> Engine<'a> {
                             let mut acc = 0f32;
                             for &slot in slots(index, col) {
                                 let i = slot as usize / width;
+                                if let Some(gy) = &dense_gy {
+                                    for hh in 0..h {
+                                        let g = gy[(hh * s + pp) * f + i];
+                                        gw[slot as usize * h + hh] += g * v * inv;
+                                        acc += g * w[slot as usize * h + hh];
+                                    }
+                                    continue;
+                                }
                                 if stamp[i] != pp as u32 {
                                     stamp[i] = pp as u32;
                                     let gyi = &mut cache[i * h..(i + 1) * h];
@@ -1007,6 +1045,19 @@ fn causal_mix(s: usize, f: usize, p: &[f32], y: &[f32], out: &mut [f32]) {
         let kn = q0 + qn;
         sgemm(qn, f, kn, &p[q0 * s..], s, 1, y, f, 1, &mut out[q0 * f..(q0 + qn) * f], true, false);
         q0 += qn;
+    }
+}
+
+/// `out (S, F) = Pᵀ (S, S) · G (S, F)` for a causal pattern: `out[p] = Σ_{q ≥ p} P[q, p] G[q]`,
+/// by blocks of key positions (only the blocks on or below the diagonal of P).
+fn causal_mix_t(s: usize, f: usize, p: &[f32], g: &[f32], out: &mut [f32]) {
+    const BLOCK: usize = 32;
+    let mut p0 = 0;
+    while p0 < s {
+        let pn = BLOCK.min(s - p0);
+        // out[p0..p0+pn] = Σ_{q=p0}^{S-1} P[q, p] G[q]: lhs (pn × (S−p0)), element (r, c) = P[(p0+c)·S + p0 + r]
+        sgemm(pn, f, s - p0, &p[p0 * s + p0..], 1, s, &g[p0 * f..], f, 1, &mut out[p0 * f..(p0 + pn) * f], false, false);
+        p0 += pn;
     }
 }
 

@@ -125,7 +125,9 @@ fn compare_engine(name: &str, suite: &Suite, model: &Model, batch: &Batch, conns
     };
     let plan = Plan::new(suite, wiring, parallel, &dev).unwrap();
     let auto = pruned::forward(suite, rt, &plan, batch, opts).unwrap();
-    let eng = Engine::new(suite, rt, &plan, opts).unwrap();
+    for dense in [false, true] {
+    let mut eng = Engine::new(suite, rt, &plan, opts).unwrap();
+    eng.force_dense_attn_grad(Some(dense));
     let fb = FlatBatch::new(batch, suite).unwrap();
     let state = eng.forward(&fb).unwrap();
     let n = fb.b * fb.s;
@@ -153,8 +155,9 @@ fn compare_engine(name: &str, suite: &Suite, model: &Model, batch: &Batch, conns
             let want = ga.get(var.as_tensor()).unwrap_or(&zero);
             let scale = max_abs(want).max(1e-6);
             let rel = max_abs(&(got - want).unwrap()) / scale;
-            assert!(rel <= 1e-4, "{name}: engine {loss_kind} grad {key}: relative diff {rel} (scale {scale})");
+            assert!(rel <= 1e-4, "{name}: engine {loss_kind} grad {key} (dense attention grad {dense}): relative diff {rel} (scale {scale})");
         }
+    }
     }
 }
 
