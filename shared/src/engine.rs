@@ -76,6 +76,64 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
+/// `out (F, D)`: `out[i] = Σ coef(j) · rows[j / width]` over the flat positions `j` with
+/// `idx[j] == i` and `coef(j) != 0`. A column index of the sparse (token, slot) entries makes
+/// the sum parallel over features, without per-thread accumulators, and deterministic.
+fn by_feature(idx: &[u32], width: usize, f: usize, d: usize, coef: impl Fn(usize) -> f32 + Sync, rows: &[f32]) -> Vec<f32> {
+    let mut ptr = vec![0u32; f + 1];
+    for (j, &i) in idx.iter().enumerate() {
+        if coef(j) != 0.0 {
+            ptr[i as usize + 1] += 1;
+        }
+    }
+    for i in 0..f {
+        ptr[i + 1] += ptr[i];
+    }
+    let mut fill = ptr.clone();
+    let mut entries = vec![0u32; ptr[f] as usize];
+    for (j, &i) in idx.iter().enumerate() {
+        if coef(j) != 0.0 {
+            entries[fill[i as usize] as usize] = j as u32;
+            fill[i as usize] += 1;
+        }
+    }
+    let mut out = vec![0f32; f * d];
+    out.par_chunks_mut(d).enumerate().for_each(|(i, o)| {
+        for &j in &entries[ptr[i] as usize..ptr[i + 1] as usize] {
+            let t = j as usize / width;
+            axpy(coef(j as usize), &rows[t * d..(t + 1) * d], o);
+        }
+    });
+    out
+}
+
+/// Add gradients w.r.t. upstream modules' `W_decᵀ` (F, D) into their running totals.
+fn add_dec_t_grads(ups: &[usize], g_dec_t_up: Vec<Vec<f32>>, g_dec_t_in: &mut [Vec<f32>]) {
+    for (g, &u) in g_dec_t_up.into_iter().zip(ups) {
+        if g_dec_t_in[u].is_empty() {
+            g_dec_t_in[u] = g;
+        } else {
+            add_into(&mut g_dec_t_in[u], &g);
+        }
+    }
+}
+
+/// `(F, D)` row-major to `(D, F)` row-major, in cache-sized tiles.
+fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const T: usize = 32;
+    let mut out = vec![0f32; rows * cols];
+    for r0 in (0..rows).step_by(T) {
+        for c0 in (0..cols).step_by(T) {
+            for r in r0..(r0 + T).min(rows) {
+                for c in c0..(c0 + T).min(cols) {
+                    out[c * rows + r] = src[r * cols + c];
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Blocks of a deterministic parallel fold.
 const BLOCKS: usize = 16;
 
@@ -602,6 +660,8 @@ impl<'a> Engine<'a> {
         // Gradient w.r.t. each module's selected feature values (N, K).
         let mut g_val: Vec<Vec<f32>> = (0..n_mod).map(|_| vec![0f32; n * k]).collect();
         let mut grads: Vec<Option<ModuleGrads>> = vec![None; n_mod];
+        // Gradients w.r.t. W_decᵀ (F, D) that downstream edge weights send to each module.
+        let mut g_dec_t_in: Vec<Vec<f32>> = vec![Vec::new(); n_mod];
         let mut g_bdec_extra: Vec<Vec<f32>> = vec![vec![0f32; d]; n_mod];
         for di in (0..n_mod).rev() {
             let module = self.suite.modules[di];
@@ -621,20 +681,16 @@ impl<'a> Engine<'a> {
                 add_into(&mut g_rec, &g_recon_nb[di]);
             }
             let gv = &mut g_val[di];
-            let mut g_dec_t = fold_rows(gv, k, f * d, |first, block, acc| {
-                for (r, gvr) in block.chunks_mut(k).enumerate() {
-                    let t = first + r;
-                    let gr = &g_rec[t * d..(t + 1) * d];
-                    for kk in 0..k {
-                        let v = st.val[t * k + kk];
-                        if v != 0.0 {
-                            let i = st.idx[t * k + kk] as usize;
-                            gvr[kk] += dot(gr, &pd.dec_t[i * d..(i + 1) * d]);
-                            axpy(v, gr, &mut acc[i * d..(i + 1) * d]);
-                        }
+            gv.par_chunks_mut(k).enumerate().for_each(|(t, gvr)| {
+                let gr = &g_rec[t * d..(t + 1) * d];
+                for kk in 0..k {
+                    if st.val[t * k + kk] != 0.0 {
+                        let i = st.idx[t * k + kk] as usize;
+                        gvr[kk] += dot(gr, &pd.dec_t[i * d..(i + 1) * d]);
                     }
                 }
             });
+            let mut g_dec_t = by_feature(&st.idx, k, f, d, |j| st.val[j], &g_rec);
             // Through ReLU + top-k: sparse gradient of the pre-activation, (t, kk) -> g; with
             // AuxK, k_aux more entries per token (dead latents).
             let pg = if st.aux_g.is_empty() {
@@ -670,20 +726,16 @@ impl<'a> Engine<'a> {
             }
             // gE += g_preᵀ Z, gZ = g_pre E  (sparse: k per row)
             let mut g_z = vec![0f32; n * d];
-            let mut g_enc = fold_rows(&mut g_z, d, f * d, |first, block, acc| {
-                for (r, gzr) in block.chunks_mut(d).enumerate() {
-                    let t = first + r;
-                    let zr = &st.z[t * d..(t + 1) * d];
-                    for kk in 0..pg.kb {
-                        let g = pg.g[t * pg.kb + kk];
-                        if g != 0.0 {
-                            let i = pg.idx[t * pg.kb + kk] as usize;
-                            axpy(g, &pd.enc[i * d..(i + 1) * d], gzr);
-                            axpy(g, zr, &mut acc[i * d..(i + 1) * d]);
-                        }
+            g_z.par_chunks_mut(d).enumerate().for_each(|(t, gzr)| {
+                for kk in 0..pg.kb {
+                    let g = pg.g[t * pg.kb + kk];
+                    if g != 0.0 {
+                        let i = pg.idx[t * pg.kb + kk] as usize;
+                        axpy(g, &pd.enc[i * d..(i + 1) * d], gzr);
                     }
                 }
             });
+            let mut g_enc = by_feature(&pg.idx, pg.kb, f, d, |j| pg.g[j], &st.z);
             // − E b_dec: gE[i] −= g_benc[i] b_dec; g b_dec −= Σ_i g_benc[i] E[i]
             for i in 0..f {
                 if g_benc[i] != 0.0 {
@@ -748,26 +800,19 @@ impl<'a> Engine<'a> {
                 match module.kind {
                     Kind::Mlp => {
                         let gw = self.mlp_edges_backward(fb, di, index, &st.w, &pg, state, before);
-                        self.mlp_edge_weights_backward(di, index, &gw, &mut g_enc, &mut grads);
+                        self.mlp_edge_weights_backward(di, index, &gw, &mut g_enc, &mut g_dec_t_in);
                     }
                     Kind::Attn => {
                         let gw = self.attn_edges_backward(fb, di, l, index, &st.w, &pg, state, before);
-                        self.attn_edge_weights_backward(di, l, index, &gw, st, &mut g_enc, &mut grads);
+                        self.attn_edge_weights_backward(di, l, index, &gw, st, &mut g_enc, &mut g_dec_t_in);
                     }
                 }
             }
             // Assemble this module's gradients (W_dec from its transpose).
-            let mut g_wdec = vec![0f32; d * f];
-            if let Some(prev) = &grads[di] {
-                // contributions from downstream edge weights arrived as W_dec (D, F)
-                g_wdec.copy_from_slice(&prev.w_dec);
+            if !g_dec_t_in[di].is_empty() {
+                add_into(&mut g_dec_t, &g_dec_t_in[di]);
             }
-            for i in 0..f {
-                for dd in 0..d {
-                    g_wdec[dd * f + i] += g_dec_t[i * d + dd];
-                }
-            }
-            g_dec_t.clear();
+            let g_wdec = transpose(&g_dec_t, f, d);
             grads[di] = Some(ModuleGrads { w_enc: g_enc, b_enc: g_benc, w_dec: g_wdec, b_dec: g_bdec });
         }
         let mut out: Vec<ModuleGrads> = grads.into_iter().map(|g| g.expect("every module visited")).collect();
@@ -831,7 +876,7 @@ impl<'a> Engine<'a> {
         gw
     }
 
-    fn mlp_edge_weights_backward(&self, di: usize, index: &EdgeIndex, gw: &[f32], g_enc: &mut [f32], grads: &mut [Option<ModuleGrads>]) {
+    fn mlp_edge_weights_backward(&self, di: usize, index: &EdgeIndex, gw: &[f32], g_enc: &mut [f32], g_dec_t_in: &mut [Vec<f32>]) {
         let (d, f) = (self.d, self.f);
         let ups = &self.plan.down(di).ups;
         let enc = &self.params[di].enc;
@@ -850,21 +895,7 @@ impl<'a> Engine<'a> {
                 axpy(gw[slot], &enc[i * d..(i + 1) * d], &mut g_dec_t_up[pu][j * d..(j + 1) * d]);
             }
         }
-        self.add_dec_t_grads(ups, g_dec_t_up, grads);
-    }
-
-    /// Add gradients w.r.t. upstream `W_decᵀ` into their (not yet assembled) W_dec grads.
-    fn add_dec_t_grads(&self, ups: &[usize], g_dec_t_up: Vec<Vec<f32>>, grads: &mut [Option<ModuleGrads>]) {
-        let (d, f) = (self.d, self.f);
-        for (pu, &u) in ups.iter().enumerate() {
-            let entry = grads[u].get_or_insert_with(|| ModuleGrads { w_enc: vec![], b_enc: vec![], w_dec: vec![0f32; d * f], b_dec: vec![] });
-            let gd = &g_dec_t_up[pu];
-            for i in 0..f {
-                for dd in 0..d {
-                    entry.w_dec[dd * f + i] += gd[i * d + dd];
-                }
-            }
-        }
+        add_dec_t_grads(ups, g_dec_t_up, g_dec_t_in);
     }
 
     /// Edge-term backward for an attention target.
@@ -992,7 +1023,7 @@ impl<'a> Engine<'a> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn attn_edge_weights_backward(&self, di: usize, layer: usize, index: &EdgeIndex, gw: &[f32], st: &ModuleState, g_enc: &mut [f32], grads: &mut [Option<ModuleGrads>]) {
+    fn attn_edge_weights_backward(&self, di: usize, layer: usize, index: &EdgeIndex, gw: &[f32], st: &ModuleState, g_enc: &mut [f32], g_dec_t_in: &mut [Vec<f32>]) {
         let (d, f, h, dh) = (self.d, self.f, self.n_heads, self.d_head);
         let hd = h * dh;
         let ups = &self.plan.down(di).ups;
@@ -1030,7 +1061,7 @@ impl<'a> Engine<'a> {
                 o
             })
             .collect();
-        self.add_dec_t_grads(ups, g_dec_t_up, grads);
+        add_dec_t_grads(ups, g_dec_t_up, g_dec_t_in);
     }
 }
 

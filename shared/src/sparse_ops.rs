@@ -229,22 +229,31 @@ impl CustomOp2 for SparseDecode {
 }
 
 /// Indices of the `k` largest entries of each row of `a (rows, cols)`, ties toward the lower
-/// index, in descending order of value.
+/// index, in descending order of value. The k-th largest value is found on a copy of the row
+/// (no index indirection), then the row is scanned once for the entries above it and, in index
+/// order, the ties at it.
 pub fn topk_indices(a: &[f32], cols: usize, k: usize) -> Vec<u32> {
     let rows = a.len() / cols;
     let mut out = vec![0u32; rows * k];
     out.par_chunks_mut(k).enumerate().for_each_init(
-        || Vec::with_capacity(cols),
-        |idx: &mut Vec<u32>, (r, o)| {
+        || (Vec::with_capacity(cols), Vec::with_capacity(k)),
+        |(vals, picks): &mut (Vec<f32>, Vec<u32>), (r, o)| {
             let row = &a[r * cols..(r + 1) * cols];
-            idx.clear();
-            idx.extend(0..cols as u32);
-            let cmp = |x: &u32, y: &u32| row[*y as usize].total_cmp(&row[*x as usize]).then(x.cmp(y));
-            if k < cols {
-                idx.select_nth_unstable_by(k - 1, cmp);
+            vals.clear();
+            vals.extend_from_slice(row);
+            let th = *vals.select_nth_unstable_by(k - 1, |x, y| y.total_cmp(x)).1;
+            picks.clear();
+            picks.extend((0..cols as u32).filter(|&i| row[i as usize].total_cmp(&th).is_gt()));
+            for i in 0..cols as u32 {
+                if picks.len() == k {
+                    break;
+                }
+                if row[i as usize].total_cmp(&th).is_eq() {
+                    picks.push(i);
+                }
             }
-            idx[..k].sort_unstable_by(cmp);
-            o.copy_from_slice(&idx[..k]);
+            picks.sort_unstable_by(|x, y| row[*y as usize].total_cmp(&row[*x as usize]).then(x.cmp(y)));
+            o.copy_from_slice(picks);
         },
     );
     out
@@ -254,6 +263,26 @@ pub fn topk_indices(a: &[f32], cols: usize, k: usize) -> Vec<u32> {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// The fast top-k against a full sort on random rows with many ties.
+    #[test]
+    fn topk_matches_a_full_sort() {
+        let (rows, cols, k) = (50, 37, 9);
+        let mut state = 12345u64;
+        let a: Vec<f32> = (0..rows * cols)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> 33) % 7) as f32 - 3.0
+            })
+            .collect();
+        let got = topk_indices(&a, cols, k);
+        for r in 0..rows {
+            let row = &a[r * cols..(r + 1) * cols];
+            let mut idx: Vec<u32> = (0..cols as u32).collect();
+            idx.sort_by(|x, y| row[*y as usize].total_cmp(&row[*x as usize]).then(x.cmp(y)));
+            assert_eq!(&got[r * k..(r + 1) * k], &idx[..k], "row {r}");
+        }
+    }
 
     #[test]
     fn topk_breaks_ties_toward_lower_index() {
