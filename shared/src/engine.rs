@@ -118,6 +118,40 @@ fn add_dec_t_grads(ups: &[usize], g_dec_t_up: Vec<Vec<f32>>, g_dec_t_in: &mut [V
     }
 }
 
+/// Optional phase timing (`SCAE_PROFILE=1`): totals per phase printed to stderr after each
+/// forward and backward; one environment lookup per pass when off.
+struct Profile {
+    on: bool,
+    last: std::time::Instant,
+    totals: Vec<(&'static str, f64)>,
+}
+
+impl Profile {
+    fn new() -> Profile {
+        Profile { on: std::env::var_os("SCAE_PROFILE").is_some(), last: std::time::Instant::now(), totals: Vec::new() }
+    }
+
+    /// Charge the time since the last mark to `phase`.
+    fn mark(&mut self, phase: &'static str) {
+        if !self.on {
+            return;
+        }
+        let dt = self.last.elapsed().as_secs_f64() * 1e3;
+        self.last = std::time::Instant::now();
+        match self.totals.iter_mut().find(|(p, _)| *p == phase) {
+            Some((_, t)) => *t += dt,
+            None => self.totals.push((phase, dt)),
+        }
+    }
+
+    fn report(&self, what: &str) {
+        if self.on {
+            let parts: Vec<String> = self.totals.iter().map(|(p, t)| format!("{p} {t:.1}")).collect();
+            eprintln!("scae profile {what} (ms): {}", parts.join(", "));
+        }
+    }
+}
+
 /// `(F, D)` row-major to `(D, F)` row-major, in cache-sized tiles.
 fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     const T: usize = 32;
@@ -385,6 +419,7 @@ impl<'a> Engine<'a> {
     /// Run the pruned pass; with `dead` masks (per module), also select each module's AuxK
     /// latents: the `min(D/2, n_dead)` largest ReLU'd pre-top-k activations among dead ones.
     pub fn forward_with_dead(&self, fb: &FlatBatch, dead: Option<&[Vec<bool>]>) -> Result<State> {
+        let mut prof = Profile::new();
         let (b, s, d, f, k) = (fb.b, fb.s, self.d, self.f, self.k);
         let n = b * s;
         let mut states: Vec<ModuleState> = Vec::with_capacity(self.suite.modules.len());
@@ -442,9 +477,11 @@ impl<'a> Engine<'a> {
             };
             // a = Z Eᵀ + b_enc − E b_dec
             let mut a = vec![0f32; n * f];
+            prof.mark("Z");
             sgemm(n, f, d, &z, d, 1, &pd.enc, 1, d, &mut a, false, true);
             let bias: Vec<f32> = (0..f).map(|i| pd.b_enc[i] - dot(&pd.enc[i * d..(i + 1) * d], &pd.b_dec)).collect();
             a.par_chunks_mut(f).for_each(|row| add_into(row, &bias));
+            prof.mark("Z·Eᵀ");
             // Sparse edge terms.
             let (mut w, mut ev, mut dv) = (Vec::new(), Vec::new(), Vec::new());
             if self.plan.sparse && !ups.is_empty() {
@@ -464,7 +501,9 @@ impl<'a> Engine<'a> {
                 }
             }
             // top-k, ReLU, decode
+            prof.mark("edges");
             let idx = topk_indices(&a, f, k);
+            prof.mark("top-k");
             let val: Vec<f32> = idx.iter().enumerate().map(|(j, &i)| a[(j / k) * f + i as usize].max(0.0)).collect();
             let mut recon = vec![0f32; n * d];
             recon.par_chunks_mut(d).enumerate().for_each(|(t, r)| {
@@ -491,7 +530,9 @@ impl<'a> Engine<'a> {
                 }
             }
             states.push(ModuleState { idx, val, recon, z, w, ev, dv, aux_idx, aux_val, k_aux, n_dead, aux_g: Vec::new() });
+            prof.mark("decode, AuxK");
         }
+        prof.report("forward");
         Ok(State { modules: states })
     }
 
@@ -652,6 +693,7 @@ impl<'a> Engine<'a> {
     /// Backpropagate `g_recon[m] (N, D)` (the loss gradient w.r.t. every reconstruction)
     /// through the pass; returns the gradient of every parameter.
     pub fn backward(&self, fb: &FlatBatch, state: &State, mut g_recon: Vec<Vec<f32>>) -> Result<Vec<ModuleGrads>> {
+        let mut prof = Profile::new();
         let (b, s, d, f, k) = (fb.b, fb.s, self.d, self.f, self.k);
         let n = b * s;
         let n_mod = self.suite.modules.len();
@@ -793,6 +835,7 @@ impl<'a> Engine<'a> {
             for &u in ups {
                 add_into(&mut g_bdec_extra[u], &g_ub);
             }
+            prof.mark("decode, dense");
             // Sparse edges.
             if self.plan.sparse && !ups.is_empty() {
                 let index = plan_d.index.as_ref().expect("sparse plan");
@@ -808,6 +851,7 @@ impl<'a> Engine<'a> {
                     }
                 }
             }
+            prof.mark("edges");
             // Assemble this module's gradients (W_dec from its transpose).
             if !g_dec_t_in[di].is_empty() {
                 add_into(&mut g_dec_t, &g_dec_t_in[di]);
@@ -815,6 +859,8 @@ impl<'a> Engine<'a> {
             let g_wdec = transpose(&g_dec_t, f, d);
             grads[di] = Some(ModuleGrads { w_enc: g_enc, b_enc: g_benc, w_dec: g_wdec, b_dec: g_bdec });
         }
+        prof.mark("assemble");
+        prof.report("backward");
         let mut out: Vec<ModuleGrads> = grads.into_iter().map(|g| g.expect("every module visited")).collect();
         for (g, extra) in out.iter_mut().zip(&g_bdec_extra) {
             add_into(&mut g.b_dec, extra);
