@@ -216,7 +216,7 @@ fn list_row_ids(col: &ArrayRef, i: usize) -> std::result::Result<Vec<u32>, Strin
         DataType::FixedSizeList(_, _) => col.as_fixed_size_list().value(i),
         other => return Err(format!("expected lists of integers, found {other}")),
     };
-    let as_i64 = arrow_cast_i64(&values)?;
+    let as_i64 = crate::table::int_values(&values).map_err(|e| format!("token ids: {e}"))?;
     as_i64
         .into_iter()
         .map(|v| match v {
@@ -225,27 +225,6 @@ fn list_row_ids(col: &ArrayRef, i: usize) -> std::result::Result<Vec<u32>, Strin
             None => Err(format!("row {i}: null token id")),
         })
         .collect()
-}
-
-fn arrow_cast_i64(values: &ArrayRef) -> std::result::Result<Vec<Option<i64>>, String> {
-    use arrow_array::cast::AsArray;
-    use arrow_array::types::*;
-    macro_rules! conv {
-        ($t:ty) => {
-            values.as_primitive::<$t>().iter().map(|v| v.map(|x| x as i64)).collect()
-        };
-    }
-    Ok(match values.data_type() {
-        DataType::Int8 => conv!(Int8Type),
-        DataType::Int16 => conv!(Int16Type),
-        DataType::Int32 => conv!(Int32Type),
-        DataType::Int64 => conv!(Int64Type),
-        DataType::UInt8 => conv!(UInt8Type),
-        DataType::UInt16 => conv!(UInt16Type),
-        DataType::UInt32 => conv!(UInt32Type),
-        DataType::UInt64 => conv!(UInt64Type),
-        other => return Err(format!("expected integer token ids, found {other}")),
-    })
 }
 
 fn safetensors_tokens(path: &Path) -> Result<DocStream> {

@@ -90,13 +90,13 @@ fn strings_plain(c: &ArrayRef) -> std::result::Result<Vec<String>, String> {
     }
 }
 
-/// An integer column (any width, signed or not) as i64.
-pub fn ints(path: &Path, name: &str, c: &ArrayRef) -> Result<Vec<i64>> {
+/// An integer array (any width, signed or not) as i64 values (`None` for nulls; u64 values
+/// above i64::MAX saturate).
+pub fn int_values(c: &ArrayRef) -> std::result::Result<Vec<Option<i64>>, String> {
     use arrow_array::types::*;
-    no_nulls(path, name, c)?;
     macro_rules! conv {
         ($t:ty) => {
-            c.as_primitive::<$t>().values().iter().map(|&v| v as i64).collect()
+            c.as_primitive::<$t>().iter().map(|v| v.map(|x| x as i64)).collect()
         };
     }
     Ok(match c.data_type() {
@@ -107,9 +107,16 @@ pub fn ints(path: &Path, name: &str, c: &ArrayRef) -> Result<Vec<i64>> {
         DataType::UInt8 => conv!(UInt8Type),
         DataType::UInt16 => conv!(UInt16Type),
         DataType::UInt32 => conv!(UInt32Type),
-        DataType::UInt64 => c.as_primitive::<UInt64Type>().values().iter().map(|&v| v.min(i64::MAX as u64) as i64).collect(),
-        other => return Err(Error::input(path, format!("column `{name}`: expected integers, found {other}"))),
+        DataType::UInt64 => c.as_primitive::<UInt64Type>().iter().map(|v| v.map(|x| x.min(i64::MAX as u64) as i64)).collect(),
+        other => return Err(format!("expected integers, found {other}")),
     })
+}
+
+/// An integer column (any width, signed or not) as i64; nulls are an error.
+pub fn ints(path: &Path, name: &str, c: &ArrayRef) -> Result<Vec<i64>> {
+    no_nulls(path, name, c)?;
+    let vals = int_values(c).map_err(|e| Error::input(path, format!("column `{name}`: {e}")))?;
+    Ok(vals.into_iter().map(|v| v.unwrap_or(0)).collect())
 }
 
 /// A float column as f32 (nulls become NaN).
