@@ -128,7 +128,18 @@ where
             }
             chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled()))).map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
         }
-        // Reference lines: runs with all connections.
+        // Reference lines: runs with all connections, and a lone unfinetuned run at some C.
+        let unfinetuned_at_c: Vec<&Run> = runs.iter().filter(|r| !r.finetuned && r.c.is_some()).collect();
+        if let [r] = unfinetuned_at_c[..] {
+            let y = get(r);
+            let color = BLUE.mix(0.5);
+            let series = chart
+                .draw_series(DashedLineSeries::new(vec![(0.0, y), (max_c * 1.05, y)], 3, 3, color.stroke_width(1)))
+                .map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
+            if text {
+                series.label(format!("not finetuned, C={}", r.c.unwrap_or(0))).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+            }
+        }
         for r in runs.iter().filter(|r| r.c.is_none()) {
             let color = if r.finetuned { RED.mix(0.5) } else { BLACK.mix(0.6) };
             let y = get(r);
