@@ -264,15 +264,23 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    /// The fast top-k against a full sort on random rows with many ties.
+    /// The fast top-k against a full sort on random rows with many ties (short rows: direct
+    /// selection; long rows: the sampled lower bound, including rows where it fails).
     #[test]
     fn topk_matches_a_full_sort() {
-        let (rows, cols, k) = (50, 37, 9);
+        for (rows, cols, k) in [(50, 37, 9), (40, 1024, 32), (20, 512, 3)] {
+            check_topk(rows, cols, k);
+        }
+    }
+
+    fn check_topk(rows: usize, cols: usize, k: usize) {
         let mut state = 12345u64;
         let a: Vec<f32> = (0..rows * cols)
             .map(|_| {
                 state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((state >> 33) % 7) as f32 - 3.0
+                let v = ((state >> 33) % 7) as f32 - 3.0;
+                // some rows almost constant (the sampled bound then keeps everything)
+                if (state >> 20) % 5 == 0 { 0.0 } else { v * ((state >> 40) % 1000) as f32 }
             })
             .collect();
         let got = topk_indices(&a, cols, k);
