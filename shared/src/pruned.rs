@@ -124,6 +124,14 @@ pub struct DownPlan {
     pub index: Option<Arc<EdgeIndex>>,
     /// `index.gather_cols()` as a tensor (F·C) u32.
     cols: Option<Tensor>,
+    /// 1 for used slots, 0 for empty ones, `(F, C, 1)` (composed path).
+    slot_mask: Option<Tensor>,
+    /// Copy of [`Plan::composed`].
+    composed: bool,
+}
+
+fn plan_composed(p: &DownPlan) -> bool {
+    p.composed
 }
 
 /// A suite wired for a model: the plan of every module.
@@ -133,9 +141,18 @@ pub struct Plan {
     downs: Vec<DownPlan>,
     /// Whether a connection set restricts the edges (else all connections).
     pub sparse: bool,
+    /// Use composed candle ops instead of the CPU custom ops (any device; the default off the
+    /// CPU).
+    pub composed: bool,
 }
 
 impl Plan {
+    /// Use the composed ops (the GPU path) on any device, e.g. to test them on the CPU.
+    pub fn force_composed(&mut self, composed: bool) {
+        self.composed = composed;
+        self.downs.iter_mut().for_each(|d| d.composed = composed);
+    }
+
     /// The wiring of module `d`.
     pub fn down(&self, d: usize) -> &DownPlan {
         &self.downs[d]
@@ -147,8 +164,8 @@ impl Plan {
         let mut downs = Vec::new();
         for (d, dm) in suite.modules.iter().enumerate() {
             let ups: Vec<usize> = (0..suite.modules.len()).filter(|&u| suite.modules[u].precedes(dm, parallel)).collect();
-            let (index, cols) = match wiring {
-                Wiring::All => (None, None),
+            let index = match wiring {
+                Wiring::All => (None, None, None),
                 Wiring::Sparse(conns) => {
                     let pos = |u: usize| ups.iter().position(|&x| x == u);
                     let mut lists = Vec::with_capacity(f);
@@ -165,13 +182,16 @@ impl Plan {
                     let width = lists.iter().map(Vec::len).max().unwrap_or(0).max(1);
                     let ix = EdgeIndex::new(&lists, width, ups.len() * f);
                     let cols = Tensor::from_vec(ix.gather_cols(), ix.slot_col.len(), device)?;
-                    (Some(Arc::new(ix)), Some(cols))
+                    let mask: Vec<f32> = ix.slot_col.iter().map(|&c| if c == crate::sparse_ops::EMPTY { 0.0 } else { 1.0 }).collect();
+                    let mask = Tensor::from_vec(mask, (f, width, 1), device)?;
+                    (Some(Arc::new(ix)), Some(cols), Some(mask))
                 }
             };
-            downs.push(DownPlan { ups, index, cols });
+            let (index, cols, slot_mask) = index;
+            downs.push(DownPlan { ups, index, cols, slot_mask, composed: !device.is_cpu() });
         }
         let sparse = matches!(wiring, Wiring::Sparse(_));
-        Ok(Plan { parallel, downs, sparse })
+        Ok(Plan { parallel, downs, sparse, composed: !device.is_cpu() })
     }
 }
 
@@ -269,9 +289,9 @@ pub fn forward(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, opts: Pa
         // + b_enc − E b_dec (the encoder subtracts the module's own b_dec)
         let own = enc.matmul(&ae.b_dec.as_tensor().unsqueeze(1)?)?.squeeze(1)?;
         pre = pre.broadcast_add(&(ae.b_enc.as_tensor() - own)?)?;
-        let (feat, idx) = topk_relu(&pre, k)?;
+        let (feat, idx) = if plan.composed { topk_relu_device(&pre, k)? } else { topk_relu(&pre, k)? };
         let w_dec_t = ae.w_dec.as_tensor().t()?.contiguous()?;
-        let rec_nb = feat.apply_op2(&w_dec_t, SparseDecode)?;
+        let rec_nb = if plan.composed { feat.matmul(&w_dec_t)? } else { feat.apply_op2(&w_dec_t, SparseDecode)? };
         let rec = rec_nb.broadcast_add(ae.b_dec.as_tensor())?.reshape((b, s, dm))?;
         recon_nobias.push(rec_nb.reshape((b, s, dm))?);
         recon.push(rec);
@@ -291,6 +311,16 @@ pub fn topk_relu(pre: &Tensor, k: usize) -> Result<(Tensor, Vec<u32>)> {
     let vals = pre.gather(&idx_t, D::Minus1)?.relu()?;
     let feat = pre.zeros_like()?.scatter(&idx_t, &vals, D::Minus1)?;
     Ok((feat, idx))
+}
+
+/// [`topk_relu`] without leaving the device: indices from a descending arg-sort (candle's
+/// CUDA sort handles rows up to 8192 features; ties are not guaranteed toward the lower
+/// index there). The returned index list is empty.
+pub fn topk_relu_device(pre: &Tensor, k: usize) -> Result<(Tensor, Vec<u32>)> {
+    let idx_t = pre.detach().arg_sort_last_dim(false)?.narrow(D::Minus1, 0, k)?.contiguous()?;
+    let vals = pre.gather(&idx_t, D::Minus1)?.relu()?;
+    let feat = pre.zeros_like()?.scatter(&idx_t, &vals, D::Minus1)?;
+    Ok((feat, Vec::new()))
 }
 
 /// The sparse upstream contribution `(B, H, S, F)` (H = 1 for mlp targets).
@@ -317,6 +347,16 @@ fn edge_contrib(suite: &Suite, rt: &Runtime, plan_d: &DownPlan, feats: &[Tensor]
             (dv.broadcast_mul(&ev)?.sum(3)?, h)
         }
     };
+    if plan_composed(plan_d) {
+        // Composed (any device): gather each slot's upstream column, weight it, sum the slots.
+        let n = x.dim(0)?;
+        let mask = plan_d.slot_mask.as_ref().expect("sparse plan");
+        let w = w.broadcast_mul(mask)?; // empty slots contribute nothing
+        let g = x.index_select(cols, 1)?.reshape((n, f, width, 1))?; // (N, F, C, 1)
+        let y = g.broadcast_mul(&w.unsqueeze(0)?)?.sum(2)?; // (N, F, H)
+        let b = n / seq_len;
+        return Ok(y.reshape((b, seq_len, f, heads))?.permute((0, 3, 1, 2))?.contiguous()?);
+    }
     let op = EdgeMatmul { index: index.clone(), heads, seq_len };
     Ok(x.contiguous()?.apply_op2(&w.contiguous()?, op)?)
 }

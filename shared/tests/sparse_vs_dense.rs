@@ -65,8 +65,13 @@ fn compare(name: &str, suite: &Suite, model: &Model, batch: &Batch, conns: Optio
         None => Wiring::All,
     };
     let plan = Plan::new(suite, wiring, parallel, &dev).unwrap();
-    let fast = pruned::forward(suite, rt, &plan, batch, opts).unwrap();
     let slow = dense_oracle::forward(suite, rt, parallel, conns, batch, opts).unwrap();
+    // Both the CPU custom ops and the composed ops of the GPU path.
+    for composed in [false, true] {
+    let mut plan = plan.clone();
+    plan.force_composed(composed);
+    let name = &format!("{name} composed={composed}");
+    let fast = pruned::forward(suite, rt, &plan, batch, opts).unwrap();
     for (i, m) in suite.modules.iter().enumerate() {
         let d = max_abs(&(&fast.feats[i] - &slow.feats[i]).unwrap());
         assert!(d <= 1e-4, "{name}: feats {m} differ by {d}");
@@ -88,6 +93,7 @@ fn compare(name: &str, suite: &Suite, model: &Model, batch: &Batch, conns: Optio
             let rel = max_abs(&(a - b).unwrap()) / scale;
             assert!(rel <= 1e-4, "{name}: {loss_kind} grad {key}: relative diff {rel}");
         }
+    }
     }
 }
 
