@@ -52,11 +52,23 @@ make_stub
 export CARGO_TARGET_DIR="$ROOT/target/cuda"
 for attempt in 1 2 3 4; do
     if cargo build --release --workspace --features cuda 2> "$SDK/build.log"; then
-        echo "build-cuda: binaries in $CARGO_TARGET_DIR/release/ (collect-acts, train-suite, score-edges, select-edges, finetune, evaluate, toy-lm)" >&2
-        echo "build-cuda: on the GPU machine set LD_LIBRARY_PATH to PyTorch's nvidia/cu13/lib (cublas, curand, nvrtc)" >&2
+        # ~60 MB each (CUDA kernels inside): xz copies to carry to a GPU machine (~9 MB each).
+        mkdir -p "$CARGO_TARGET_DIR/carry"
+        for tool in collect-acts evaluate score-edges train-suite finetune; do
+            xz -T0 -6 -c "$CARGO_TARGET_DIR/release/$tool" > "$CARGO_TARGET_DIR/carry/$tool.xz"
+        done
+        echo "build-cuda: binaries in $CARGO_TARGET_DIR/release/; compressed copies to carry in $CARGO_TARGET_DIR/carry/ ($(du -sh "$CARGO_TARGET_DIR/carry" | cut -f1))" >&2
+        echo "build-cuda: on the GPU machine, scripts/gpu-check.sh unpacks them and points LD_LIBRARY_PATH at PyTorch's nvidia/cu13/lib" >&2
         exit 0
     fi
-    missing=$(grep -o "undefined reference to \`cu[A-Za-z0-9_]*'" "$SDK/build.log" | sed "s/.*\`\(.*\)'/\1/" | sort -u)
+    # Driver symbols the compiled crates reference (cudarc links libcuda directly), plus any
+    # the linker reported.
+    missing=$( { for lib in "$CARGO_TARGET_DIR"/release/deps/lib{cudarc,candle_core,candle_nn}-*.rlib; do
+                     [ -e "$lib" ] || continue
+                     nm -u "$lib" 2>/dev/null | awk '$2 ~ /^cu[A-Z]/ { print $2 }' || true
+                 done
+                 { grep -oE "undefined (symbol: |reference to .)cu[A-Za-z0-9_]+" "$SDK/build.log" || true; } | grep -oE "cu[A-Za-z0-9_]+$" || true
+               } | sort -u | comm -23 - <(sort -u "$SDK/stub/symbols.txt") || true )
     if [ -z "$missing" ]; then
         tail -n 40 "$SDK/build.log" >&2
         echo "build-cuda: build failed (log: $SDK/build.log)" >&2
