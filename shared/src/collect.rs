@@ -74,20 +74,13 @@ impl<'a> BatchSource<'a> {
         let mut rows: Vec<u32> = Vec::with_capacity(want * self.ctx_len);
         let mut n = 0;
         while n < want {
-            let Some(row) = self.seq.next_row()? else { break };
-            if let Some(&bad) = row.iter().find(|&&t| t as usize >= self.d_vocab) {
-                return Err(Error::input(
-                    &self.path,
-                    format!("token id {bad} is outside the model's vocabulary (d_vocab {})", self.d_vocab),
-                ));
-            }
+            let Some(row) = self.next_row()? else { break };
             rows.extend(row);
             n += 1;
         }
         if n == 0 {
             return Ok(None);
         }
-        self.produced += n;
         Ok(Some(Tensor::from_vec(rows, (n, self.ctx_len), device)?))
     }
 

@@ -107,6 +107,18 @@ fn by_feature(idx: &[u32], width: usize, f: usize, d: usize, coef: impl Fn(usize
     out
 }
 
+/// Add `scratch (N, |U|, K)` — the gradient of every upstream module's selected values that
+/// one downstream module's edges produced — into the per-module totals `g_val_up[u] (N, K)`.
+fn add_up_value_grads(ups: &[usize], scratch: &[f32], n: usize, k: usize, g_val_up: &mut [Vec<f32>]) {
+    for (pu, &u) in ups.iter().enumerate() {
+        let gvu = &mut g_val_up[u];
+        for t in 0..n {
+            let src = &scratch[(t * ups.len() + pu) * k..(t * ups.len() + pu + 1) * k];
+            add_into(&mut gvu[t * k..(t + 1) * k], src);
+        }
+    }
+}
+
 /// Add gradients w.r.t. upstream modules' `W_decᵀ` (F, D) into their running totals.
 fn add_dec_t_grads(ups: &[usize], g_dec_t_up: Vec<Vec<f32>>, g_dec_t_in: &mut [Vec<f32>]) {
     for (g, &u) in g_dec_t_up.into_iter().zip(ups) {
@@ -911,14 +923,7 @@ impl<'a> Engine<'a> {
                 }
             }
         });
-        for (pu, &u) in ups.iter().enumerate() {
-            let gvu = &mut g_val_up[u];
-            for t in 0..n {
-                for kk in 0..k {
-                    gvu[t * k + kk] += scratch[(t * ups.len() + pu) * k + kk];
-                }
-            }
-        }
+        add_up_value_grads(ups, &scratch, n, k, g_val_up);
         gw
     }
 
@@ -1057,14 +1062,7 @@ impl<'a> Engine<'a> {
                 }
             }
         });
-        for (pu, &u) in ups.iter().enumerate() {
-            let gvu = &mut g_val_up[u];
-            for t in 0..n {
-                for kk in 0..k {
-                    gvu[t * k + kk] += scratch[(t * ups.len() + pu) * k + kk];
-                }
-            }
-        }
+        add_up_value_grads(ups, &scratch, n, k, g_val_up);
         gw
     }
 

@@ -130,9 +130,6 @@ pub struct DownPlan {
     composed: bool,
 }
 
-fn plan_composed(p: &DownPlan) -> bool {
-    p.composed
-}
 
 /// A suite wired for a model: the plan of every module.
 #[derive(Debug, Clone)]
@@ -347,7 +344,7 @@ fn edge_contrib(suite: &Suite, rt: &Runtime, plan_d: &DownPlan, feats: &[Tensor]
             (dv.broadcast_mul(&ev)?.sum(3)?, h)
         }
     };
-    if plan_composed(plan_d) {
+    if plan_d.composed {
         // Composed (any device): gather each slot's upstream column, weight it, sum the slots.
         let n = x.dim(0)?;
         let mask = plan_d.slot_mask.as_ref().expect("sparse plan");

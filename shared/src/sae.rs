@@ -211,35 +211,12 @@ pub fn step(p: &ModuleParams, x: &[f32], y: &[f32], d: usize, f: usize, k: usize
     let mut g_dec_t = vec![0f32; f * d];
     let mut g_pre_sparse: Vec<(usize, u32, f32)> = Vec::new(); // (t, i, g)
     let mut g_bdec = vec![0f32; d];
-    for t in 0..n {
-        let gy = &g_y[t * d..(t + 1) * d];
+    for gy in g_y.chunks(d) {
         g_bdec.iter_mut().zip(gy).for_each(|(a, b)| *a += b);
-        for kk in 0..k {
-            let v = val[t * k + kk];
-            if v > 0.0 {
-                let i = idx[t * k + kk] as usize;
-                let row = &dec_t[i * d..(i + 1) * d];
-                let g: f32 = gy.iter().zip(row).map(|(a, b)| a * b).sum();
-                g_dec_t[i * d..(i + 1) * d].iter_mut().zip(gy).for_each(|(o, gg)| *o += v * gg);
-                g_pre_sparse.push((t, i as u32, g));
-            }
-        }
     }
+    decode_backward(&g_y, &idx, &val, &dec_t, d, &mut g_dec_t, &mut g_pre_sparse);
     if let Some((aidx, aval, g_e)) = &aux {
-        let k_aux = aidx.len() / n;
-        for t in 0..n {
-            let ge = &g_e[t * d..(t + 1) * d];
-            for kk in 0..k_aux {
-                let v = aval[t * k_aux + kk];
-                if v > 0.0 {
-                    let i = aidx[t * k_aux + kk] as usize;
-                    let row = &dec_t[i * d..(i + 1) * d];
-                    let g: f32 = ge.iter().zip(row).map(|(a, b)| a * b).sum();
-                    g_dec_t[i * d..(i + 1) * d].iter_mut().zip(ge).for_each(|(o, gg)| *o += v * gg);
-                    g_pre_sparse.push((t, i as u32, g));
-                }
-            }
-        }
+        decode_backward(g_e, aidx, aval, &dec_t, d, &mut g_dec_t, &mut g_pre_sparse);
     }
     let mut g_enc = vec![0f32; f * d];
     let mut g_benc = vec![0f32; f];
@@ -258,6 +235,25 @@ pub fn step(p: &ModuleParams, x: &[f32], y: &[f32], d: usize, f: usize, k: usize
         }
     }
     StepOut { fvu, auxk, grads: [g_enc, g_benc, g_dec, g_bdec], idx, val }
+}
+
+/// Backward of `y = Σ_j val[t, j] · dec_t[idx[t, j]]` given `g_y (n, d)`: adds into the decoder
+/// gradient and records the gradient of every positive value as a `(t, latent, g)` triple.
+fn decode_backward(g_y: &[f32], idx: &[u32], val: &[f32], dec_t: &[f32], d: usize, g_dec_t: &mut [f32], g_pre: &mut Vec<(usize, u32, f32)>) {
+    let n = g_y.len() / d;
+    let width = idx.len() / n.max(1);
+    for t in 0..n {
+        let gy = &g_y[t * d..(t + 1) * d];
+        for j in 0..width {
+            let v = val[t * width + j];
+            if v > 0.0 {
+                let i = idx[t * width + j] as usize;
+                let g: f32 = gy.iter().zip(&dec_t[i * d..(i + 1) * d]).map(|(a, b)| a * b).sum();
+                g_dec_t[i * d..(i + 1) * d].iter_mut().zip(gy).for_each(|(o, gg)| *o += v * gg);
+                g_pre.push((t, i as u32, g));
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -15,6 +15,17 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
 
+/// The fixture model, its suite and a batch of the suite golden's tokens.
+fn fixture_case(name: &str) -> (Model, Suite, Batch) {
+    let dev = Device::Cpu;
+    let model = Model::load(name, &fixtures().join("models").join(name), &dev).unwrap();
+    let suite = Suite::load(&fixtures().join("suites").join(name).join("suite.safetensors"), &dev).unwrap();
+    let g = candle_core::safetensors::load(fixtures().join(format!("golden/suite-{name}.safetensors")), &dev).unwrap();
+    let out = model.runtime.forward(&g["tokens"], true, false).unwrap();
+    let batch = Batch::from_forward(&g["tokens"], &out).unwrap();
+    (model, suite, batch)
+}
+
 /// xorshift64*: deterministic test randomness without a dependency.
 struct Rng(u64);
 impl Rng {
@@ -99,14 +110,8 @@ fn compare(name: &str, suite: &Suite, model: &Model, batch: &Batch, conns: Optio
 
 #[test]
 fn sparse_pass_matches_dense_masked_oracle() {
-    let dev = Device::Cpu;
     for name in ["tiny-neo", "tiny-pythia", "tiny-gpt2"] {
-        let model = Model::load(name, &fixtures().join("models").join(name), &dev).unwrap();
-        let suite = Suite::load(&fixtures().join("suites").join(name).join("suite.safetensors"), &dev).unwrap();
-        let g = candle_core::safetensors::load(fixtures().join(format!("golden/suite-{name}.safetensors")), &dev).unwrap();
-        let tokens = &g["tokens"];
-        let out = model.runtime.forward(tokens, true, false).unwrap();
-        let batch = Batch::from_forward(tokens, &out).unwrap();
+        let (model, suite, batch) = fixture_case(name);
         let parallel = model.cfg().parallel_attn_mlp;
         compare(&format!("{name} all"), &suite, &model, &batch, None, PassOptions::default());
         for (c, seed) in [(0usize, 1u64), (1, 2), (5, 3), (40, 4)] {
@@ -169,14 +174,8 @@ fn compare_engine(name: &str, suite: &Suite, model: &Model, batch: &Batch, conns
 
 #[test]
 fn engine_matches_autograd_pass() {
-    let dev = Device::Cpu;
     for name in ["tiny-neo", "tiny-pythia", "tiny-gpt2"] {
-        let model = Model::load(name, &fixtures().join("models").join(name), &dev).unwrap();
-        let suite = Suite::load(&fixtures().join("suites").join(name).join("suite.safetensors"), &dev).unwrap();
-        let g = candle_core::safetensors::load(fixtures().join(format!("golden/suite-{name}.safetensors")), &dev).unwrap();
-        let tokens = &g["tokens"];
-        let out = model.runtime.forward(tokens, true, false).unwrap();
-        let batch = Batch::from_forward(tokens, &out).unwrap();
+        let (model, suite, batch) = fixture_case(name);
         let parallel = model.cfg().parallel_attn_mlp;
         let consistent = PassOptions { consistent_attn_bias: true };
         compare_engine(&format!("{name} all"), &suite, &model, &batch, None, PassOptions::default());
@@ -198,11 +197,7 @@ fn engine_auxk_gradient_matches_finite_differences() {
     use scae::train::Params;
     let dev = Device::Cpu;
     let name = "tiny-neo";
-    let model = Model::load(name, &fixtures().join("models").join(name), &dev).unwrap();
-    let suite = Suite::load(&fixtures().join("suites").join(name).join("suite.safetensors"), &dev).unwrap();
-    let g = candle_core::safetensors::load(fixtures().join(format!("golden/suite-{name}.safetensors")), &dev).unwrap();
-    let out = model.runtime.forward(&g["tokens"], true, false).unwrap();
-    let batch = Batch::from_forward(&g["tokens"], &out).unwrap();
+    let (model, suite, batch) = fixture_case(name);
     let conns = random_connections(&suite, false, 5, 21);
     let plan = Plan::new(&suite, Wiring::Sparse(&conns), false, &dev).unwrap();
     let fb = FlatBatch::new(&batch, &suite).unwrap();
