@@ -12,6 +12,7 @@ pub mod connections;
 pub mod data;
 pub mod engine;
 pub mod dense_oracle;
+pub mod devtrain;
 pub mod error;
 pub mod hub;
 pub mod inputs;

@@ -89,6 +89,19 @@ impl Batch {
         })
     }
 
+    /// The pass inputs (layer-0 residual, LN scales, patterns) in `dtype`; tokens, transcoder
+    /// inputs and targets stay as they are. [`forward`] computes in the dtype of `resid_pre0`.
+    pub fn with_pass_dtype(&self, dtype: DType) -> Result<Batch> {
+        let cast = |v: &[Tensor]| -> Result<Vec<Tensor>> { v.iter().map(|t| Ok(t.to_dtype(dtype)?)).collect() };
+        Ok(Batch {
+            resid_pre0: self.resid_pre0.to_dtype(dtype)?,
+            ln1_scale: cast(&self.ln1_scale)?,
+            ln2_scale: cast(&self.ln2_scale)?,
+            pattern: cast(&self.pattern)?,
+            ..self.clone()
+        })
+    }
+
     /// The hook a module reconstructs.
     pub fn target(&self, m: &Module) -> &Tensor {
         match m.kind {
@@ -126,8 +139,6 @@ pub struct DownPlan {
     cols: Option<Tensor>,
     /// 1 for used slots, 0 for empty ones, `(F, C, 1)` (composed path).
     slot_mask: Option<Tensor>,
-    /// Copy of [`Plan::composed`].
-    composed: bool,
 }
 
 
@@ -147,7 +158,6 @@ impl Plan {
     /// Use the composed ops (the GPU path) on any device, e.g. to test them on the CPU.
     pub fn force_composed(&mut self, composed: bool) {
         self.composed = composed;
-        self.downs.iter_mut().for_each(|d| d.composed = composed);
     }
 
     /// The wiring of module `d`.
@@ -185,7 +195,7 @@ impl Plan {
                 }
             };
             let (index, cols, slot_mask) = index;
-            downs.push(DownPlan { ups, index, cols, slot_mask, composed: !device.is_cpu() });
+            downs.push(DownPlan { ups, index, cols, slot_mask });
         }
         let sparse = matches!(wiring, Wiring::Sparse(_));
         Ok(Plan { parallel, downs, sparse, composed: !device.is_cpu() })
@@ -203,34 +213,65 @@ pub struct PassOutput {
     pub topk: Vec<Vec<u32>>,
 }
 
+/// The tensors the pass reads, in its compute dtype: per module `[w_enc, b_enc, w_dec, b_dec]`
+/// (casts of the suite's variables, so gradients reach them) and per layer the attention's
+/// `(W_V, W_O, Σ_h W_OV[h], b_O)`.
+struct Weights {
+    aes: Vec<[Tensor; 4]>,
+    attn: Vec<[Tensor; 4]>,
+}
+
+impl Weights {
+    fn new(suite: &Suite, rt: &Runtime, dtype: DType) -> Result<Weights> {
+        let cast = |t: &Tensor| -> Result<Tensor> { Ok(if t.dtype() == dtype { t.clone() } else { t.to_dtype(dtype)? }) };
+        let aes = suite
+            .aes
+            .iter()
+            .map(|ae| Ok([cast(ae.w_enc.as_tensor())?, cast(ae.b_enc.as_tensor())?, cast(ae.w_dec.as_tensor())?, cast(ae.b_dec.as_tensor())?]))
+            .collect::<Result<Vec<_>>>()?;
+        let attn = (0..rt.cfg.n_layers)
+            .map(|l| {
+                let (w_v, w_o) = rt.flat_vo(l);
+                Ok([cast(w_v)?, cast(w_o)?, cast(rt.w_ov_sum(l))?, cast(&rt.weights.blocks[l].b_o)?])
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Weights { aes, attn })
+    }
+}
+
 /// Σ_h P_h (x W_V[h]) W_O[h] for `x (B, S, D)`: attention mixing with the cached pattern.
-fn attn_mix(rt: &Runtime, layer: usize, x: &Tensor, pattern: &Tensor) -> Result<Tensor> {
+fn attn_mix(rt: &Runtime, attn: &[Tensor; 4], x: &Tensor, pattern: &Tensor) -> Result<Tensor> {
     let (b, s, d) = x.dims3()?;
     let (h, dh) = (rt.cfg.n_heads, rt.cfg.d_head);
-    let (w_v, w_o) = rt.flat_vo(layer);
+    let [w_v, w_o, _, _] = attn;
     let v = x.reshape((b * s, d))?.matmul(w_v)?.reshape((b, s, h, dh))?.transpose(1, 2)?.contiguous()?;
     let z = pattern.matmul(&v)?.transpose(1, 2)?.reshape((b * s, h * dh))?;
     Ok(z.matmul(w_o)?.reshape((b, s, d))?)
 }
 
-/// Run the pruned pass of `suite` on `batch`.
+/// Run the pruned pass of `suite` on `batch`, in the dtype of `batch.resid_pre0` (f32, or
+/// bf16/f16 through the composed ops with the suite's f32 variables cast on the way in —
+/// see [`Batch::with_pass_dtype`]).
 pub fn forward(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, opts: PassOptions) -> Result<PassOutput> {
     let (b, s, dm) = batch.resid_pre0.dims3()?;
     let (n, f, k) = (b * s, suite.n_features, suite.k);
     let r0 = &batch.resid_pre0;
+    let dtype = r0.dtype();
+    // The CPU custom ops are f32 only.
+    let composed = plan.composed || dtype != DType::F32;
+    let w = Weights::new(suite, rt, dtype)?;
     let mut feats: Vec<Tensor> = Vec::with_capacity(suite.modules.len());
     let mut recon: Vec<Tensor> = Vec::with_capacity(suite.modules.len());
     let mut recon_nobias: Vec<Tensor> = Vec::with_capacity(suite.modules.len());
     let mut topk = Vec::with_capacity(suite.modules.len());
     for (d, module) in suite.modules.iter().enumerate() {
-        let ae = &suite.aes[d];
-        let enc = ae.w_enc.as_tensor();
+        let [enc, b_enc, w_dec, b_dec] = &w.aes[d];
         let enc_t = enc.t()?;
         let plan_d = &plan.downs[d];
         let ups = &plan_d.ups;
-        let mut ub = Tensor::zeros(dm, DType::F32, r0.device())?;
+        let mut ub = Tensor::zeros(dm, dtype, r0.device())?;
         for &u in ups {
-            ub = (ub + suite.aes[u].b_dec.as_tensor())?;
+            ub = (ub + &w.aes[u][3])?;
         }
         let l = module.layer;
         let mut pre = match module.kind {
@@ -247,7 +288,7 @@ pub fn forward(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, opts: Pa
                 let x = x.broadcast_div(scale)?;
                 let mut a = x.reshape((n, dm))?.matmul(&enc_t)?;
                 if plan.sparse && !ups.is_empty() {
-                    let y = edge_contrib(suite, rt, plan_d, &feats, d, None, s)?; // (B, 1, S, F)
+                    let y = edge_contrib(suite, rt, &w, plan_d, composed, &feats, d, None, s)?; // (B, 1, S, F)
                     a = (a + y.reshape((n, f))?.broadcast_div(&scale.reshape((n, 1))?)?)?;
                 }
                 a
@@ -264,19 +305,19 @@ pub fn forward(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, opts: Pa
                 if opts.consistent_attn_bias {
                     x = x.broadcast_add(&ub)?;
                 }
-                let mixed = attn_mix(rt, l, &x.broadcast_div(scale)?, pattern)?;
+                let mixed = attn_mix(rt, &w.attn[l], &x.broadcast_div(scale)?, pattern)?;
                 let mut a = mixed.reshape((n, dm))?.matmul(&enc_t)?;
                 if plan.sparse && !ups.is_empty() {
-                    let y = edge_contrib(suite, rt, plan_d, &feats, d, Some(l), s)?; // (B, H, S, F)
+                    let y = edge_contrib(suite, rt, &w, plan_d, composed, &feats, d, Some(l), s)?; // (B, H, S, F)
                     let y = y.broadcast_div(&scale.reshape((b, 1, s, 1))?)?;
                     let mixed = pattern.matmul(&y)?.sum(1)?; // (B, S, F)
                     a = (a + mixed.reshape((n, f))?)?;
                 }
-                let b_o = &rt.weights.blocks[l].b_o;
+                let b_o = &w.attn[l][3];
                 a = a.broadcast_add(&b_o.unsqueeze(0)?.matmul(&enc_t)?.squeeze(0)?)?;
                 if !opts.consistent_attn_bias && !ups.is_empty() {
                     // Reference form (B3): (ub / s1[q]) (Σ_h W_OV[h]) Eᵀ.
-                    let projected = ub.unsqueeze(0)?.matmul(rt.w_ov_sum(l))?; // (1, D)
+                    let projected = ub.unsqueeze(0)?.matmul(&w.attn[l][2])?; // (1, D)
                     let per_tok = projected.broadcast_div(&scale.reshape((n, 1))?)?; // (N, D)
                     a = (a + per_tok.matmul(&enc_t)?)?;
                 }
@@ -284,12 +325,12 @@ pub fn forward(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, opts: Pa
             }
         };
         // + b_enc − E b_dec (the encoder subtracts the module's own b_dec)
-        let own = enc.matmul(&ae.b_dec.as_tensor().unsqueeze(1)?)?.squeeze(1)?;
-        pre = pre.broadcast_add(&(ae.b_enc.as_tensor() - own)?)?;
-        let (feat, idx) = if plan.composed { topk_relu_device(&pre, k)? } else { topk_relu(&pre, k)? };
-        let w_dec_t = ae.w_dec.as_tensor().t()?.contiguous()?;
-        let rec_nb = if plan.composed { feat.matmul(&w_dec_t)? } else { feat.apply_op2(&w_dec_t, SparseDecode)? };
-        let rec = rec_nb.broadcast_add(ae.b_dec.as_tensor())?.reshape((b, s, dm))?;
+        let own = enc.matmul(&b_dec.unsqueeze(1)?)?.squeeze(1)?;
+        pre = pre.broadcast_add(&(b_enc - own)?)?;
+        let (feat, idx) = if composed { topk_relu_device(&pre, k)? } else { topk_relu(&pre, k)? };
+        let w_dec_t = w_dec.t()?.contiguous()?;
+        let rec_nb = if composed { feat.matmul(&w_dec_t)? } else { feat.apply_op2(&w_dec_t, SparseDecode)? };
+        let rec = rec_nb.broadcast_add(b_dec)?.reshape((b, s, dm))?;
         recon_nobias.push(rec_nb.reshape((b, s, dm))?);
         recon.push(rec);
         feats.push(feat);
@@ -321,13 +362,14 @@ pub fn topk_relu_device(pre: &Tensor, k: usize) -> Result<(Tensor, Vec<u32>)> {
 }
 
 /// The sparse upstream contribution `(B, H, S, F)` (H = 1 for mlp targets).
-fn edge_contrib(suite: &Suite, rt: &Runtime, plan_d: &DownPlan, feats: &[Tensor], d: usize, attn_layer: Option<usize>, seq_len: usize) -> Result<Tensor> {
+#[allow(clippy::too_many_arguments)]
+fn edge_contrib(suite: &Suite, rt: &Runtime, wt: &Weights, plan_d: &DownPlan, composed: bool, feats: &[Tensor], d: usize, attn_layer: Option<usize>, seq_len: usize) -> Result<Tensor> {
     let index = plan_d.index.as_ref().expect("sparse plan");
     let cols = plan_d.cols.as_ref().expect("sparse plan");
     let f = suite.n_features;
-    let enc = suite.aes[d].w_enc.as_tensor();
+    let enc = &wt.aes[d][0];
     let x = Tensor::cat(&plan_d.ups.iter().map(|&u| &feats[u]).collect::<Vec<_>>(), 1)?;
-    let dec_t = Tensor::cat(&plan_d.ups.iter().map(|&u| suite.aes[u].w_dec.as_tensor().t()).collect::<candle_core::Result<Vec<_>>>()?, 0)?.contiguous()?;
+    let dec_t = Tensor::cat(&plan_d.ups.iter().map(|&u| wt.aes[u][2].t()).collect::<candle_core::Result<Vec<_>>>()?, 0)?.contiguous()?;
     let width = index.width;
     let (w, heads) = match attn_layer {
         None => {
@@ -338,17 +380,17 @@ fn edge_contrib(suite: &Suite, rt: &Runtime, plan_d: &DownPlan, feats: &[Tensor]
         Some(l) => {
             // w_h[i,c] = (W_O[h] E[i]ᵀ) · (W_dec[:,j]ᵀ W_V[h]), a d_head dot product per head.
             let (h, dh) = (rt.cfg.n_heads, rt.cfg.d_head);
-            let (w_v, w_o) = rt.flat_vo(l);
+            let [w_v, w_o, _, _] = &wt.attn[l];
             let ev = enc.matmul(&w_o.t()?)?.reshape((f, 1, h, dh))?;
             let dv = dec_t.matmul(w_v)?.index_select(cols, 0)?.reshape((f, width, h, dh))?;
             (dv.broadcast_mul(&ev)?.sum(3)?, h)
         }
     };
-    if plan_d.composed {
+    if composed {
         // Composed (any device): gather each slot's upstream column, weight it, sum the slots.
         let n = x.dim(0)?;
-        let mask = plan_d.slot_mask.as_ref().expect("sparse plan");
-        let w = w.broadcast_mul(mask)?; // empty slots contribute nothing
+        let mask = plan_d.slot_mask.as_ref().expect("sparse plan").to_dtype(w.dtype())?;
+        let w = w.broadcast_mul(&mask)?; // empty slots contribute nothing
         let g = x.index_select(cols, 1)?.reshape((n, f, width, 1))?; // (N, F, C, 1)
         let y = g.broadcast_mul(&w.unsqueeze(0)?)?.sum(2)?; // (N, F, H)
         let b = n / seq_len;
@@ -361,6 +403,7 @@ fn edge_contrib(suite: &Suite, rt: &Runtime, plan_d: &DownPlan, feats: &[Tensor]
 /// The reference's FVU: `Σ var_b(T−R) / Σ var_b(T)` with the unbiased variance over the batch
 /// axis only, per (position, dim) (SPEC §6, B12).
 pub fn fvu_ref(target: &Tensor, recon: &Tensor) -> Result<Tensor> {
+    let (target, recon) = (&target.to_dtype(DType::F32)?, &recon.to_dtype(DType::F32)?);
     let var_b = |x: &Tensor| -> Result<Tensor> {
         let nb = x.dim(0)?;
         let c = x.broadcast_sub(&x.mean_keepdim(0)?)?;
@@ -371,6 +414,7 @@ pub fn fvu_ref(target: &Tensor, recon: &Tensor) -> Result<Tensor> {
 
 /// FVU with the variance over all tokens: `Σ_{t,d} (T−R − mean)² / Σ_{t,d} (T − mean)²`.
 pub fn fvu_all(target: &Tensor, recon: &Tensor) -> Result<Tensor> {
+    let (target, recon) = (&target.to_dtype(DType::F32)?, &recon.to_dtype(DType::F32)?);
     let d = target.dim(D::Minus1)?;
     let flat = |x: &Tensor| -> Result<Tensor> {
         let x = x.reshape(((), d))?;
@@ -394,11 +438,12 @@ pub fn mse_loss(suite: &Suite, batch: &Batch, out: &PassOutput) -> Result<Tensor
 
 /// The residual stream the suite implies: `Σ_m R_m + hook_resid_pre[0]`.
 pub fn spliced_resid(batch: &Batch, out: &PassOutput) -> Result<Tensor> {
-    let mut resid = out.recon[0].clone();
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+    let mut resid = f32(&out.recon[0])?;
     for r in &out.recon[1..] {
-        resid = (resid + r)?;
+        resid = (resid + f32(r)?)?;
     }
-    Ok((resid + &batch.resid_pre0)?)
+    Ok((resid + f32(&batch.resid_pre0)?)?)
 }
 
 /// CE with the suite spliced in (per token, `(batch, pos-1)`): final LN and unembed of

@@ -176,6 +176,13 @@ impl DeadTracker {
         }
     }
 
+    /// Add a batch of `n_tokens` in which the features marked in `fired` had a non-zero value.
+    pub fn update_fired(&mut self, module: usize, n_tokens: u64, fired: &[bool]) {
+        for (s, &f) in self.since[module].iter_mut().zip(fired) {
+            *s = if f { 0 } else { *s + n_tokens };
+        }
+    }
+
     /// Features of `module` dead now (`since > threshold`).
     pub fn dead(&self, module: usize) -> Vec<bool> {
         self.since[module].iter().map(|&s| s > self.threshold).collect()

@@ -24,19 +24,32 @@ fn first_step_gradients_match_the_reference() {
         let conns = fixtures().join("suites").join(name).join("connections-ref.safetensors");
         let golden = load(&fixtures().join(format!("golden/suite-{name}.safetensors")));
         let before = load(&fixture_suite(name));
-        for loss in ["mse", "ce"] {
-            let out = tmp.join(format!("ft-{loss}"));
-            tool_ok("finetune", &[
-                "--acts", s(&acts), "--suite", s(&fixture_suite(name)), "--connections", s(&conns), "--out", s(&out),
-                "--loss", loss, "--optimizer", "sgd", "--clip-grad", "none", "--lr", "1", "--no-scale-lr",
-                "--steps", "1", "--batch-size", "3",
-            ]);
-            let after = load(&out.join("suite.safetensors"));
-            for (key, old) in &before {
-                let grad = (old - &after[key]).unwrap(); // SGD, lr 1: θ − θ' = ∇
-                let want = &golden[&format!("grad.{loss}.{key}")];
-                let rel = max_abs(&(&grad - want).unwrap()) / max_abs(want).max(1e-8);
-                assert!(rel <= 1e-4, "{name} {loss} {key}: relative diff {rel}");
+        // The CPU engine and the autograd (GPU) path in f32 match to 1e-4 per tensor. bf16 mixed
+        // precision (8 mantissa bits, and top-k choices that may flip) is held to the direction
+        // of the whole gradient: cosine similarity with the reference's.
+        for (backend, dtype) in [("engine", "f32"), ("autograd", "f32"), ("autograd", "bf16")] {
+            for loss in ["mse", "ce"] {
+                let out = tmp.join(format!("ft-{loss}-{backend}-{dtype}"));
+                tool_ok("finetune", &[
+                    "--acts", s(&acts), "--suite", s(&fixture_suite(name)), "--connections", s(&conns), "--out", s(&out),
+                    "--loss", loss, "--optimizer", "sgd", "--clip-grad", "none", "--lr", "1", "--no-scale-lr",
+                    "--steps", "1", "--batch-size", "3", "--backend", backend, "--dtype", dtype,
+                ]);
+                let after = load(&out.join("suite.safetensors"));
+                let (mut dot, mut n1, mut n2) = (0f64, 0f64, 0f64);
+                for (key, old) in &before {
+                    let grad = (old - &after[key]).unwrap(); // SGD, lr 1: θ − θ' = ∇
+                    let want = &golden[&format!("grad.{loss}.{key}")];
+                    let rel = max_abs(&(&grad - want).unwrap()) / max_abs(want).max(1e-8);
+                    assert!(dtype == "bf16" || rel <= 1e-4, "{name} {backend} {loss} {key}: relative diff {rel}");
+                    let (a, b) = (grad.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                    for (x, y) in a.iter().zip(&b) {
+                        (dot, n1, n2) = (dot + (*x as f64) * (*y as f64), n1 + (*x as f64).powi(2), n2 + (*y as f64).powi(2));
+                    }
+                }
+                let cos = dot / (n1.sqrt() * n2.sqrt()).max(1e-30);
+                eprintln!("{name} {backend} {dtype} {loss}: gradient cosine {cos:.6}");
+                assert!(cos >= 0.98, "{name} {backend} {dtype} {loss}: gradient cosine {cos}");
             }
         }
     }
@@ -54,13 +67,14 @@ fn resumed_run_ends_bit_identical() {
     let tmp = scratch("ft-resume");
     let acts = golden_cache(&tmp, "tiny-gpt2");
     let conns = fixtures().join("suites/tiny-gpt2/connections-ref.safetensors");
-    for loss in ["mse", "mse+ce"] {
-        let a = tmp.join(format!("a-{loss}"));
-        let b = tmp.join(format!("b-{loss}"));
-        run_ft(&acts, &a, &["--loss", loss, "--connections", s(&conns), "--warmup", "0.2"]);
-        run_ft(&acts, &b, &["--loss", loss, "--connections", s(&conns), "--warmup", "0.2", "--checkpoint-every", "2", "--halt-after", "3"]);
+    for (loss, backend) in [("mse", "engine"), ("mse+ce", "engine"), ("mse+ce", "autograd")] {
+        let a = tmp.join(format!("a-{loss}-{backend}"));
+        let b = tmp.join(format!("b-{loss}-{backend}"));
+        let common = ["--loss", loss, "--connections", s(&conns), "--warmup", "0.2", "--backend", backend];
+        run_ft(&acts, &a, &common);
+        run_ft(&acts, &b, &[&common[..], &["--checkpoint-every", "2", "--halt-after", "3"]].concat());
         assert!(!b.join("suite.safetensors").exists() && b.join("checkpoint/state.json").exists());
-        run_ft(&acts, &b, &["--loss", loss, "--connections", s(&conns), "--warmup", "0.2", "--checkpoint-every", "2", "--resume"]);
+        run_ft(&acts, &b, &[&common[..], &["--checkpoint-every", "2", "--resume"]].concat());
         let (sa, sb) = (load(&a.join("suite.safetensors")), load(&b.join("suite.safetensors")));
         for (k, ta) in &sa {
             let same = ta.flatten_all().unwrap().to_vec1::<f32>().unwrap() == sb[k].flatten_all().unwrap().to_vec1::<f32>().unwrap();

@@ -9,6 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use scae::stream::TrainData;
+use scae::devtrain::{DeviceOptimizer, LossSpec};
 use scae::engine::{self, Engine, FlatBatch};
 use scae::inputs::Inputs;
 use scae::pruned::{Plan, Wiring};
@@ -25,6 +26,25 @@ enum Loss {
     /// mse + ce_weight · ce.
     #[value(name = "mse+ce")]
     MseCe,
+}
+
+/// How the step is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Backend {
+    /// The CPU engine for f32 on the CPU, autograd otherwise.
+    Auto,
+    /// The hand-written CPU engine (f32, CPU only; the fastest on a CPU).
+    Engine,
+    /// candle autograd with the optimizer on the device (any device and dtype).
+    Autograd,
+}
+
+/// Compute dtype of the pruned pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ComputeDType {
+    F32,
+    /// Mixed precision: the pass in bf16; parameters, gradients, optimizer and losses in f32.
+    Bf16,
 }
 
 /// Finetune a suite through the pruned pass.
@@ -84,9 +104,12 @@ struct Args {
     /// A feature is dead after this many tokens without a non-zero value.
     #[arg(long, default_value_t = 10_000_000)]
     dead_threshold: u64,
-    /// Compute dtype (f32 only on CPU for now).
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    /// Compute dtype of the pruned pass (bf16: mixed precision, f32 master weights).
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: ComputeDType,
+    /// Step implementation.
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: Backend,
     /// Model folder or hub id: with --acts, overrides the one recorded in the cache manifest;
     /// with --data/--tokens, the model whose activations are computed on the fly.
     #[arg(long)]
@@ -115,15 +138,24 @@ fn stagger_scale(kind: Kind, layer: usize, step: u64, stagger: Option<u64>) -> f
 
 fn run(args: Args) -> Result<()> {
     let device = args.common.setup()?;
-    if args.dtype != "f32" {
-        bail!("--dtype {}: only f32 is supported by the CPU engine (bf16 comes with the GPU path)", args.dtype);
-    }
     if args.auxk_alpha < 0.0 || (args.auxk_alpha > 0.0 && args.loss == Loss::Ce) {
         bail!("--auxk-alpha {}: expected >= 0, and only with an mse loss (the reference's CE-mode AuxK is a no-op)", args.auxk_alpha);
     }
-    if !matches!(device, candle_core::Device::Cpu) {
-        bail!("--device {}: finetune runs on the CPU engine for now", args.common.device);
+    let use_engine = match args.backend {
+        Backend::Engine if !device.is_cpu() || args.dtype != ComputeDType::F32 => {
+            bail!("--backend engine: the CPU engine runs f32 on the CPU only (found --device {}, --dtype {:?}); use --backend autograd", args.common.device, args.dtype)
+        }
+        Backend::Engine => true,
+        Backend::Autograd => false,
+        Backend::Auto => device.is_cpu() && args.dtype == ComputeDType::F32,
+    };
+    if !use_engine && args.auxk_alpha > 0.0 {
+        bail!("--auxk-alpha {}: AuxK runs on the CPU engine only so far (f32, --device cpu)", args.auxk_alpha);
     }
+    let pass_dtype = match args.dtype {
+        ComputeDType::F32 => candle_core::DType::F32,
+        ComputeDType::Bf16 => candle_core::DType::BF16,
+    };
     let clip = args.run.clip()?;
     let inputs = match (&args.acts, &args.model) {
         (Some(acts), _) => Inputs::open(acts, &args.suite, args.model.as_deref(), &device)?,
@@ -165,13 +197,19 @@ fn run(args: Args) -> Result<()> {
         Some(c) => Wiring::Sparse(c),
         None => Wiring::All,
     };
-    let plan = Plan::new(suite, wiring, inputs.parallel(), &device)?;
+    let mut plan = Plan::new(suite, wiring, inputs.parallel(), &device)?;
+    if !use_engine {
+        // The device-agnostic ops everywhere: on the CPU this runs exactly the GPU path's ops
+        // (and deterministically, unlike the CPU custom ops' parallel backward).
+        plan.force_composed(true);
+    }
     let digest = train::digest(&serde_json::json!({
         "acts": args.acts, "data": args.data.data, "tokens": args.data.tokens, "ctx_len": ctx, "suite": args.suite, "connections": args.connections, "loss": format!("{:?}", args.loss),
         "ce_weight": args.ce_weight, "optimizer": format!("{:?}", args.optimizer), "lr": args.lr, "no_scale_lr": args.no_scale_lr,
         "warmup": args.run.warmup, "decay_start": args.run.decay_start, "clip": args.run.clip_grad, "stagger": args.stagger_steps,
         "batch_size": args.batch_size, "steps": steps, "shuffle": args.shuffle, "seed": args.common.seed,
         "dead_threshold": args.dead_threshold, "consistent_attn_bias": args.pass.consistent_attn_bias,
+        "dtype": format!("{:?}", args.dtype),
     }));
 
     train::prepare_run_dir(&args.out, args.run.resume, args.run.overwrite)?;
@@ -189,6 +227,8 @@ fn run(args: Args) -> Result<()> {
         train::trim_metrics(&metrics_path, step)?;
         eprintln!("finetune: resuming at step {step} of {steps}");
     }
+    let vars = scae::devtrain::module_vars(suite);
+    let mut dopt = if use_engine { None } else { Some(DeviceOptimizer::from_host(&opt, &vars)?) };
     let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).with_context(|| metrics_path.display().to_string())?;
     let bar = scae::cli::token_bar(Some(steps * (batch_size * ctx) as u64), "finetuning");
     bar.set_position(step * (batch_size * ctx) as u64);
@@ -198,70 +238,105 @@ fn run(args: Args) -> Result<()> {
     while step < steps {
         // Next batch in data order (wrapping over epochs).
         let batch = source.batch(seqs_seen, batch_size)?;
-        let fb = FlatBatch::new(&batch, suite)?;
-        let eng = Engine::new(suite, rt, &plan, args.pass.options())?;
         let scales: Vec<f32> = suite.modules.iter().map(|m| stagger_scale(m.kind, m.layer, step, args.stagger_steps)).collect();
-        let mut state = if args.auxk_alpha > 0.0 {
-            let masks: Vec<Vec<bool>> = (0..suite.modules.len())
-                .map(|m| if scales[m] != 0.0 { dead.dead(m) } else { vec![false; suite.n_features] })
-                .collect();
-            eng.forward_with_dead(&fb, Some(&masks))?
-        } else {
-            eng.forward(&fb)?
-        };
-        let n_tok = (fb.b * fb.s) as u64;
-        for (m, st) in state.modules.iter().enumerate() {
-            if scales[m] != 0.0 {
-                dead.update(m, n_tok, &st.idx, &st.val);
-            }
-        }
+        let n_tok = (batch_size * ctx) as u64;
         let mut record = serde_json::Map::new();
-        let d = suite.d_model;
-        let mut loss = 0f64;
-        let mut g_recon: Vec<Vec<f32>> = vec![vec![0f32; fb.b * fb.s * d]; suite.modules.len()];
-        if args.loss != Loss::Ce {
-            let (fvus, grads) = engine::mse_per_module(&fb, &state, d);
-            let mut fvu_rec = serde_json::Map::new();
-            for (m, (fvu, g)) in fvus.iter().zip(grads).enumerate() {
-                loss += scales[m] as f64 * fvu;
-                fvu_rec.insert(suite.modules[m].name(), serde_json::json!(fvu));
-                g_recon[m].iter_mut().zip(&g).for_each(|(a, b)| *a += scales[m] * b);
+        let ce_weight = match args.loss {
+            Loss::Mse => None,
+            Loss::Ce => Some(1.0),
+            Loss::MseCe => Some(args.ce_weight),
+        };
+        let lr_t = lr * train::lr_factor(step, steps, args.run.warmup, args.run.decay_start);
+        let check = |loss: f64| -> Result<()> {
+            if loss.is_finite() {
+                return Ok(());
             }
-            record.insert("fvu".into(), fvu_rec.into());
-            if args.auxk_alpha > 0.0 {
-                let aux = eng.auxk_loss_and_grad(&fb, &mut state, args.auxk_alpha);
-                loss += args.auxk_alpha * aux.iter().sum::<f64>();
-                let rec: serde_json::Map<String, serde_json::Value> =
-                    suite.modules.iter().zip(&aux).map(|(m, a)| (m.name(), serde_json::json!(a))).collect();
-                record.insert("auxk".into(), rec.into());
-            }
-        }
-        if args.loss != Loss::Mse {
-            let w = if args.loss == Loss::MseCe { args.ce_weight } else { 1.0 };
-            let (ce, g) = engine::ce_loss_and_grad(rt, &fb, &state, d)?;
-            loss += w * ce;
-            for gr in g_recon.iter_mut() {
-                gr.iter_mut().zip(&g[0]).for_each(|(a, b)| *a += w as f32 * b);
-            }
-            let clean = rt.forward(&batch.tokens, false, false)?.ce.mean_all()?.to_scalar::<f32>()? as f64;
-            record.insert("ce".into(), serde_json::json!(ce));
-            record.insert("ce_diff".into(), serde_json::json!(ce - clean));
-        }
-        if !loss.is_finite() {
             let keep = match last_ckpt {
                 Some(s) => format!("the last good checkpoint ({}, step {s}) is kept", args.out.join("checkpoint").display()),
                 None => "no checkpoint was written".to_string(),
             };
             bail!("step {step}: loss is {loss}; stopping ({keep}); hint: lower --lr");
-        }
-        let grads = eng.backward(&fb, &state, g_recon)?;
-        let mut grads = train::grads_layout(grads);
-        if let Some(c) = clip {
-            grads.iter_mut().for_each(|g| train::clip_module(g, c));
-        }
-        let lr_t = lr * train::lr_factor(step, steps, args.run.warmup, args.run.decay_start);
-        opt.step(&mut params, &grads, lr_t);
-        params.store(suite)?;
+        };
+        let fvu_record = |fvus: &[f64]| -> serde_json::Value {
+            suite.modules.iter().zip(fvus).map(|(m, f)| (m.name(), serde_json::json!(f))).collect::<serde_json::Map<_, _>>().into()
+        };
+        let loss = if let Some(dopt) = dopt.as_mut() {
+            let pass_batch = if pass_dtype == candle_core::DType::F32 { batch.clone() } else { batch.with_pass_dtype(pass_dtype)? };
+            let spec = LossSpec { fvu_scales: (args.loss != Loss::Ce).then(|| scales.clone()), ce_weight };
+            let (values, mut grads) = scae::devtrain::finetune_grads(suite, rt, &plan, &pass_batch, args.pass.options(), &spec)?;
+            for (m, fired) in values.fired.iter().enumerate() {
+                if scales[m] != 0.0 {
+                    dead.update_fired(m, n_tok, fired);
+                }
+            }
+            if let Some(f) = &values.fvu {
+                record.insert("fvu".into(), fvu_record(f));
+            }
+            if let Some(ce) = values.ce {
+                let clean = rt.forward(&batch.tokens, false, false)?.ce.mean_all()?.to_scalar::<f32>()? as f64;
+                record.insert("ce".into(), serde_json::json!(ce));
+                record.insert("ce_diff".into(), serde_json::json!(ce - clean));
+            }
+            check(values.loss)?;
+            if let Some(c) = clip {
+                for g in grads.iter_mut() {
+                    scae::devtrain::clip_module(g, c)?;
+                }
+            }
+            dopt.step(&vars, &grads, lr_t)?;
+            values.loss
+        } else {
+            let fb = FlatBatch::new(&batch, suite)?;
+            let eng = Engine::new(suite, rt, &plan, args.pass.options())?;
+            let mut state = if args.auxk_alpha > 0.0 {
+                let masks: Vec<Vec<bool>> = (0..suite.modules.len())
+                    .map(|m| if scales[m] != 0.0 { dead.dead(m) } else { vec![false; suite.n_features] })
+                    .collect();
+                eng.forward_with_dead(&fb, Some(&masks))?
+            } else {
+                eng.forward(&fb)?
+            };
+            for (m, st) in state.modules.iter().enumerate() {
+                if scales[m] != 0.0 {
+                    dead.update(m, n_tok, &st.idx, &st.val);
+                }
+            }
+            let d = suite.d_model;
+            let mut loss = 0f64;
+            let mut g_recon: Vec<Vec<f32>> = vec![vec![0f32; fb.b * fb.s * d]; suite.modules.len()];
+            if args.loss != Loss::Ce {
+                let (fvus, grads) = engine::mse_per_module(&fb, &state, d);
+                for (m, (fvu, g)) in fvus.iter().zip(grads).enumerate() {
+                    loss += scales[m] as f64 * fvu;
+                    g_recon[m].iter_mut().zip(&g).for_each(|(a, b)| *a += scales[m] * b);
+                }
+                record.insert("fvu".into(), fvu_record(&fvus));
+                if args.auxk_alpha > 0.0 {
+                    let aux = eng.auxk_loss_and_grad(&fb, &mut state, args.auxk_alpha);
+                    loss += args.auxk_alpha * aux.iter().sum::<f64>();
+                    record.insert("auxk".into(), fvu_record(&aux));
+                }
+            }
+            if let Some(w) = ce_weight {
+                let (ce, g) = engine::ce_loss_and_grad(rt, &fb, &state, d)?;
+                loss += w * ce;
+                for gr in g_recon.iter_mut() {
+                    gr.iter_mut().zip(&g[0]).for_each(|(a, b)| *a += w as f32 * b);
+                }
+                let clean = rt.forward(&batch.tokens, false, false)?.ce.mean_all()?.to_scalar::<f32>()? as f64;
+                record.insert("ce".into(), serde_json::json!(ce));
+                record.insert("ce_diff".into(), serde_json::json!(ce - clean));
+            }
+            check(loss)?;
+            let grads = eng.backward(&fb, &state, g_recon)?;
+            let mut grads = train::grads_layout(grads);
+            if let Some(c) = clip {
+                grads.iter_mut().for_each(|g| train::clip_module(g, c));
+            }
+            opt.step(&mut params, &grads, lr_t);
+            params.store(suite)?;
+            loss
+        };
         step += 1;
         seqs_seen += batch_size as u64;
         let dead_counts: serde_json::Map<String, serde_json::Value> =
@@ -282,10 +357,13 @@ fn run(args: Args) -> Result<()> {
                 tool: "finetune".into(),
                 step,
                 seqs_seen,
-                opt_t: opt.t,
+                opt_t: dopt.as_ref().map_or(opt.t, |o| o.t),
                 args_digest: digest.clone(),
             };
             if args.run.checkpoint_every.is_some() || halt {
+                if let Some(d) = &dopt {
+                    opt = d.to_host()?;
+                }
                 train::save_checkpoint(&args.out, suite, &opt, &dead, &rs)?;
                 last_ckpt = Some(step);
             }
