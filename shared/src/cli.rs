@@ -215,3 +215,60 @@ impl RunArgs {
         }
     }
 }
+
+/// How a training step is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// The CPU engine for f32 on the CPU, autograd otherwise.
+    Auto,
+    /// The hand-written CPU engine (f32, CPU only; the fastest on a CPU).
+    Engine,
+    /// candle autograd with the optimizer on the device (any device and dtype).
+    Autograd,
+}
+
+/// Compute dtype of a training step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ComputeDType {
+    F32,
+    /// Mixed precision: the forward/backward in bf16; parameters, gradients, optimizer state
+    /// and losses in f32.
+    Bf16,
+}
+
+/// `--dtype` and `--backend` of the training tools.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ComputeArgs {
+    /// Compute dtype (bf16: mixed precision with f32 master weights).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: ComputeDType,
+    /// Step implementation.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: Backend,
+}
+
+impl ComputeArgs {
+    /// Whether the CPU engine runs the steps (else the autograd path), checking the choice
+    /// against `device`.
+    pub fn use_engine(&self, device: &Device) -> crate::Result<bool> {
+        let f32_cpu = device.is_cpu() && self.dtype == ComputeDType::F32;
+        match self.backend {
+            Backend::Engine if !f32_cpu => Err(crate::Error::Usage(format!(
+                "--backend engine: the CPU engine runs f32 on the CPU only (found {}, --dtype {:?}); hint: --backend autograd",
+                if device.is_cpu() { "cpu" } else { "a GPU" },
+                self.dtype
+            ))),
+            Backend::Engine => Ok(true),
+            Backend::Autograd => Ok(false),
+            Backend::Auto => Ok(f32_cpu),
+        }
+    }
+
+    /// The candle dtype of the pass.
+    pub fn dtype(&self) -> DType {
+        match self.dtype {
+            ComputeDType::F32 => DType::F32,
+            ComputeDType::Bf16 => DType::BF16,
+        }
+    }
+}

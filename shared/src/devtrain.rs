@@ -214,6 +214,90 @@ pub fn finetune_grads(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, o
     Ok((values, grads))
 }
 
+/// What [`sae_update`] reports per module.
+#[derive(Debug, Clone)]
+pub struct SaeStepValues {
+    pub fvu: Vec<f64>,
+    pub auxk: Vec<f64>,
+    /// Which latents fired, per module.
+    pub fired: Vec<Vec<bool>>,
+}
+
+/// One TopK training step of every module on its `(x, y)` `(tokens, d_model)` pair, as
+/// [`crate::sae::update`] on the host: unit-norm decoder columns, FVU (variance over all
+/// tokens) + `auxk_alpha` · AuxK on dead latents' pre-top-k activations, per-module clipping,
+/// decoder-gradient component parallel to each column removed, one optimizer step. The pass
+/// runs in `dtype` (bf16: mixed precision on f32 master weights).
+#[allow(clippy::too_many_arguments)]
+pub fn sae_update(
+    vars: &[[Var; 4]],
+    opt: &mut DeviceOptimizer,
+    data: &[(Tensor, Tensor)],
+    dead: &[Vec<bool>],
+    k: usize,
+    auxk_alpha: f64,
+    clip: Option<f64>,
+    lr: f64,
+    dtype: DType,
+) -> Result<SaeStepValues> {
+    let mut total: Option<Tensor> = None;
+    let (mut fvus, mut auxks, mut feats) = (Vec::new(), Vec::new(), Vec::new());
+    for (m, (vs, (x, y))) in vars.iter().zip(data).enumerate() {
+        normalize_decoder(&vs[2])?;
+        let cast = |t: &Tensor| -> Result<Tensor> { Ok(if t.dtype() == dtype { t.clone() } else { t.to_dtype(dtype)? }) };
+        let [enc, b_enc, dec, b_dec] = [cast(vs[0].as_tensor())?, cast(vs[1].as_tensor())?, cast(vs[2].as_tensor())?, cast(vs[3].as_tensor())?];
+        let (x, y) = (cast(x)?, y.to_dtype(DType::F32)?);
+        let d = y.dim(1)?;
+        let pre = x.broadcast_sub(&b_dec)?.matmul(&enc.t()?)?.broadcast_add(&b_enc)?;
+        let (f, _) = pruned::topk_relu_device(&pre, k)?;
+        let dec_t = dec.t()?.contiguous()?;
+        let yhat = f.matmul(&dec_t)?.broadcast_add(&b_dec)?.to_dtype(DType::F32)?;
+        let centered_sq = |t: &Tensor| -> Result<Tensor> { Ok(t.broadcast_sub(&t.mean_keepdim(0)?)?.sqr()?.sum_all()?) };
+        let den = centered_sq(&y)?.maximum(1e-30f32)?;
+        let fvu = ((&yhat - &y)?.sqr()?.sum_all()? / &den)?;
+        let mut loss = fvu.clone();
+        let n_dead = dead[m].iter().filter(|&&x| x).count();
+        let mut auxk = None;
+        if auxk_alpha > 0.0 && n_dead > 0 {
+            let k_aux = (d / 2).min(n_dead).max(1);
+            let scale = (n_dead as f64 / (d / 2).max(1) as f64).min(1.0);
+            let mask: Vec<u8> = dead[m].iter().map(|&x| u8::from(x)).collect();
+            let mask = Tensor::from_vec(mask, (1, dead[m].len()), pre.device())?.broadcast_as(pre.shape())?;
+            let masked = mask.where_cond(&pre.relu()?, &Tensor::full(f32::NEG_INFINITY, pre.shape(), pre.device())?.to_dtype(dtype)?)?;
+            let (fa, _) = pruned::topk_relu_device(&masked, k_aux)?;
+            let ehat = fa.matmul(&dec_t)?.to_dtype(DType::F32)?;
+            let resid = (&y - &yhat)?.detach();
+            let rden = centered_sq(&resid)?.maximum(1e-30f32)?;
+            let a = (((ehat - &resid)?.sqr()?.sum_all()? / rden)? * scale)?;
+            loss = (loss + (&a * auxk_alpha)?)?;
+            auxk = Some(a);
+        }
+        total = Some(match total {
+            Some(t) => (t + loss)?,
+            None => loss,
+        });
+        fvus.push(fvu);
+        auxks.push(auxk);
+        feats.push(f);
+    }
+    let total = total.ok_or_else(|| crate::Error::Usage("no modules to train".into()))?;
+    let mut grads = module_grads(vars, &total.backward()?)?;
+    for (vs, g) in vars.iter().zip(grads.iter_mut()) {
+        if let Some(c) = clip {
+            clip_module(g, c)?;
+        }
+        g[2] = remove_parallel_component(vs[2].as_tensor(), &g[2])?;
+    }
+    let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+    let values = SaeStepValues {
+        fvu: fvus.iter().map(scalar).collect::<Result<_>>()?,
+        auxk: auxks.iter().map(|a| a.as_ref().map_or(Ok(0.0), scalar)).collect::<Result<_>>()?,
+        fired: fired(&feats)?,
+    };
+    opt.step(vars, &grads, lr)?;
+    Ok(values)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,8 +1,10 @@
 //! TopK training recovers a planted dictionary: data are sparse non-negative combinations of
 //! 64 random unit directions in 32 dimensions; after training, at least 90% of the planted
 //! directions have a decoder column with cosine ≥ 0.9. A second test shows that AuxK revives
-//! latents that would otherwise stay dead.
+//! latents that would otherwise stay dead. Both for the host step (the CPU path) and for the
+//! autograd step (`scae::devtrain`, the GPU path, run here on the CPU).
 
+use candle_core::{DType, Device, Tensor, Var};
 use scae::sae::{self, SplitMix, UpdateConfig};
 use scae::train::{DeadTracker, Optimizer, OptimizerKind, Params};
 
@@ -47,7 +49,7 @@ fn recovered(params: &Params, atoms: &[Vec<f32>], f: usize) -> usize {
         .count()
 }
 
-fn train(f: usize, k: usize, steps: usize, auxk_alpha: f64, threshold: u64, seed: u64) -> (Params, usize, Vec<usize>) {
+fn train(f: usize, k: usize, steps: usize, auxk_alpha: f64, threshold: u64, seed: u64, autograd: bool) -> (Params, usize, Vec<usize>) {
     let mut rng = SplitMix(seed);
     let atoms = atoms(&mut rng);
     let mut params = Params { modules: vec![sae::init_params(D, f, &mut rng)] };
@@ -57,12 +59,24 @@ fn train(f: usize, k: usize, steps: usize, auxk_alpha: f64, threshold: u64, seed
     let mut dead = DeadTracker::new(1, f, threshold);
     let cfg = UpdateConfig { d: D, f, k, auxk_alpha, clip: Some(1.0) };
     let mut dead_hist = Vec::new();
+    let shapes: [&[usize]; 4] = [&[f, D], &[f], &[D, f], &[D]];
+    let vars = vec![[0, 1, 2, 3].map(|i| Var::from_tensor(&Tensor::from_slice(&params.modules[0][i], shapes[i], &Device::Cpu).unwrap()).unwrap())];
+    let mut dopt = scae::devtrain::DeviceOptimizer::from_host(&opt, &vars).unwrap();
     for t in 0..steps {
         let x = sample(&mut rng, &atoms, 256, 3);
         let lr = 2e-3 * scae::train::lr_factor(t as u64, steps as u64, 0.0, 0.8);
-        let out = sae::update(&mut params, &mut opt, &[(&x, &x)], &[dead.dead(0)], cfg, lr);
-        dead.update(0, 256, &out[0].2, &out[0].3);
+        if autograd {
+            let xt = Tensor::from_slice(&x, (256, D), &Device::Cpu).unwrap();
+            let out = scae::devtrain::sae_update(&vars, &mut dopt, &[(xt.clone(), xt)], &[dead.dead(0)], k, auxk_alpha, Some(1.0), lr, DType::F32).unwrap();
+            dead.update_fired(0, 256, &out.fired[0]);
+        } else {
+            let out = sae::update(&mut params, &mut opt, &[(&x, &x)], &[dead.dead(0)], cfg, lr);
+            dead.update(0, 256, &out[0].2, &out[0].3);
+        }
         dead_hist.push(dead.n_dead(0));
+    }
+    if autograd {
+        params.modules[0] = [0, 1, 2, 3].map(|i| vars[0][i].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap());
     }
     let r = recovered(&params, &atoms, f);
     (params, r, dead_hist)
@@ -70,8 +84,10 @@ fn train(f: usize, k: usize, steps: usize, auxk_alpha: f64, threshold: u64, seed
 
 #[test]
 fn training_recovers_a_planted_dictionary() {
-    let (_, r, _) = train(128, 3, 2500, 1.0 / 32.0, 256 * 50, 11);
-    assert!(r as f64 >= 0.9 * N_ATOMS as f64, "recovered {r} of {N_ATOMS} planted directions");
+    for autograd in [false, true] {
+        let (_, r, _) = train(128, 3, 2500, 1.0 / 32.0, 256 * 50, 11, autograd);
+        assert!(r as f64 >= 0.9 * N_ATOMS as f64, "autograd {autograd}: recovered {r} of {N_ATOMS} planted directions");
+    }
 }
 
 #[test]
@@ -79,10 +95,13 @@ fn auxk_revives_dead_latents() {
     // As many latents as atoms and a short dead threshold: without AuxK the latents that die
     // early stay dead and their atoms are never learned; with AuxK they come back.
     let steps = 1500;
-    let (_, r_without, without) = train(64, 3, steps, 0.0, 256 * 10, 5);
-    let (_, r_with, with) = train(64, 3, steps, 1.0 / 8.0, 256 * 10, 5);
-    let last = |h: &[usize]| h[h.len() - 1];
-    assert!(last(&without) > 0, "the setting must kill latents without AuxK");
-    assert!(last(&with) < last(&without), "dead at the end: with AuxK {}, without {}", last(&with), last(&without));
-    assert!(r_with > r_without, "atoms recovered: with AuxK {r_with}, without {r_without}");
+    for autograd in [false, true] {
+        let (_, r_without, without) = train(64, 3, steps, 0.0, 256 * 10, 5, autograd);
+        let (_, r_with, with) = train(64, 3, steps, 1.0 / 8.0, 256 * 10, 5, autograd);
+        let last = |h: &[usize]| h[h.len() - 1];
+        eprintln!("autograd {autograd}: dead {} -> {} with AuxK; atoms {r_without} -> {r_with}", last(&without), last(&with));
+        assert!(last(&without) > 0, "the setting must kill latents without AuxK");
+        assert!(last(&with) < last(&without), "autograd {autograd}: dead at the end: with AuxK {}, without {}", last(&with), last(&without));
+        assert!(r_with > r_without, "autograd {autograd}: atoms recovered: with AuxK {r_with}, without {r_without}");
+    }
 }

@@ -71,6 +71,8 @@ fn whole_chain_runs_and_finetuning_lowers_its_loss() {
     let _ = Device::Cpu;
 }
 
+/// train-suite resumes bit-identically on both backends; the autograd backend (the GPU path)
+/// follows the CPU engine's loss curve, and bf16 mixed precision stays close to f32.
 #[test]
 fn train_suite_resume_is_bit_identical() {
     let tmp = scratch("ts-resume");
@@ -86,19 +88,31 @@ fn train_suite_resume_is_bit_identical() {
         let refs: Vec<&str> = a.iter().map(String::as_str).collect();
         tool_ok("train-suite", &refs);
     };
-    let (a, b) = (tmp.join("a"), tmp.join("b"));
-    run(&a, &[]);
-    run(&b, &["--checkpoint-every", "3", "--halt-after", "5"]);
-    assert!(!b.join("suite.safetensors").exists());
-    run(&b, &["--checkpoint-every", "3", "--resume"]);
     let load = |p: &Path| candle_core::safetensors::load(p.join("suite.safetensors"), &Device::Cpu).unwrap();
-    let (sa, sb) = (load(&a), load(&b));
-    assert_eq!(sa.len(), 16);
-    for (k, t) in &sa {
-        assert_eq!(t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), sb[k].flatten_all().unwrap().to_vec1::<f32>().unwrap(), "{k}");
+    for backend in ["engine", "autograd"] {
+        let (a, b) = (tmp.join(format!("a-{backend}")), tmp.join(format!("b-{backend}")));
+        run(&a, &["--backend", backend]);
+        run(&b, &["--backend", backend, "--checkpoint-every", "3", "--halt-after", "5"]);
+        assert!(!b.join("suite.safetensors").exists());
+        run(&b, &["--backend", backend, "--checkpoint-every", "3", "--resume"]);
+        let (sa, sb) = (load(&a), load(&b));
+        assert_eq!(sa.len(), 16);
+        for (k, t) in &sa {
+            assert_eq!(t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), sb[k].flatten_all().unwrap().to_vec1::<f32>().unwrap(), "{backend} {k}");
+        }
+        assert_eq!(losses(&a.join("metrics.jsonl")), losses(&b.join("metrics.jsonl")));
     }
-    assert_eq!(losses(&a.join("metrics.jsonl")), losses(&b.join("metrics.jsonl")));
+    let bf16 = tmp.join("a-bf16");
+    run(&bf16, &["--backend", "autograd", "--dtype", "bf16"]);
+    let engine = losses(&tmp.join("a-engine/metrics.jsonl"));
+    for (other, tol) in [("a-autograd", 1e-3), ("a-bf16", 5e-2)] {
+        let l = losses(&tmp.join(other).join("metrics.jsonl"));
+        for (step, (x, y)) in engine.iter().zip(&l).enumerate() {
+            assert!((x - y).abs() <= tol * x.abs(), "{other} step {step}: loss {y} vs the engine's {x}");
+        }
+    }
     tool_fails("train-suite", &["--acts", s(&acts), "--out", s(&tmp.join("c")), "--k", "99", "--expansion", "2", "--steps", "1"], &["--k 99", "32 features"]);
+    tool_fails("train-suite", &["--acts", s(&acts), "--out", s(&tmp.join("c")), "--steps", "1", "--backend", "engine", "--dtype", "bf16"], &["--backend engine", "f32 on the CPU"]);
 }
 
 #[test]

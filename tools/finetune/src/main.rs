@@ -28,25 +28,6 @@ enum Loss {
     MseCe,
 }
 
-/// How the step is computed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Backend {
-    /// The CPU engine for f32 on the CPU, autograd otherwise.
-    Auto,
-    /// The hand-written CPU engine (f32, CPU only; the fastest on a CPU).
-    Engine,
-    /// candle autograd with the optimizer on the device (any device and dtype).
-    Autograd,
-}
-
-/// Compute dtype of the pruned pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum ComputeDType {
-    F32,
-    /// Mixed precision: the pass in bf16; parameters, gradients, optimizer and losses in f32.
-    Bf16,
-}
-
 /// Finetune a suite through the pruned pass.
 #[derive(Debug, Parser)]
 #[command(
@@ -104,12 +85,8 @@ struct Args {
     /// A feature is dead after this many tokens without a non-zero value.
     #[arg(long, default_value_t = 10_000_000)]
     dead_threshold: u64,
-    /// Compute dtype of the pruned pass (bf16: mixed precision, f32 master weights).
-    #[arg(long, value_enum, default_value = "f32")]
-    dtype: ComputeDType,
-    /// Step implementation.
-    #[arg(long, value_enum, default_value = "auto")]
-    backend: Backend,
+    #[command(flatten)]
+    compute: scae::cli::ComputeArgs,
     /// Model folder or hub id: with --acts, overrides the one recorded in the cache manifest;
     /// with --data/--tokens, the model whose activations are computed on the fly.
     #[arg(long)]
@@ -141,21 +118,11 @@ fn run(args: Args) -> Result<()> {
     if args.auxk_alpha < 0.0 || (args.auxk_alpha > 0.0 && args.loss == Loss::Ce) {
         bail!("--auxk-alpha {}: expected >= 0, and only with an mse loss (the reference's CE-mode AuxK is a no-op)", args.auxk_alpha);
     }
-    let use_engine = match args.backend {
-        Backend::Engine if !device.is_cpu() || args.dtype != ComputeDType::F32 => {
-            bail!("--backend engine: the CPU engine runs f32 on the CPU only (found --device {}, --dtype {:?}); use --backend autograd", args.common.device, args.dtype)
-        }
-        Backend::Engine => true,
-        Backend::Autograd => false,
-        Backend::Auto => device.is_cpu() && args.dtype == ComputeDType::F32,
-    };
+    let use_engine = args.compute.use_engine(&device)?;
     if !use_engine && args.auxk_alpha > 0.0 {
         bail!("--auxk-alpha {}: AuxK runs on the CPU engine only so far (f32, --device cpu)", args.auxk_alpha);
     }
-    let pass_dtype = match args.dtype {
-        ComputeDType::F32 => candle_core::DType::F32,
-        ComputeDType::Bf16 => candle_core::DType::BF16,
-    };
+    let pass_dtype = args.compute.dtype();
     let clip = args.run.clip()?;
     let inputs = match (&args.acts, &args.model) {
         (Some(acts), _) => Inputs::open(acts, &args.suite, args.model.as_deref(), &device)?,
@@ -209,7 +176,7 @@ fn run(args: Args) -> Result<()> {
         "warmup": args.run.warmup, "decay_start": args.run.decay_start, "clip": args.run.clip_grad, "stagger": args.stagger_steps,
         "batch_size": args.batch_size, "steps": steps, "shuffle": args.shuffle, "seed": args.common.seed,
         "dead_threshold": args.dead_threshold, "consistent_attn_bias": args.pass.consistent_attn_bias,
-        "dtype": format!("{:?}", args.dtype),
+        "dtype": format!("{:?}", args.compute.dtype),
     }));
 
     train::prepare_run_dir(&args.out, args.run.resume, args.run.overwrite)?;

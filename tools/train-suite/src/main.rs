@@ -8,9 +8,10 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use clap::Parser;
 use scae::cache::Cache;
+use scae::devtrain::DeviceOptimizer;
 use scae::model::Model;
 use scae::stream::TrainData;
 use scae::sae::{self, SplitMix, UpdateConfig};
@@ -63,6 +64,8 @@ struct Args {
     #[arg(long)]
     shuffle: bool,
     #[command(flatten)]
+    compute: scae::cli::ComputeArgs,
+    #[command(flatten)]
     run: scae::cli::RunArgs,
     #[command(flatten)]
     common: scae::cli::Common,
@@ -78,6 +81,7 @@ fn flat(t: &Tensor) -> Result<Vec<f32>> {
 
 fn run(args: Args) -> Result<()> {
     let device = args.common.setup()?;
+    let use_engine = args.compute.use_engine(&device)?;
     let cache = args.acts.as_ref().map(|a| Cache::open(a)).transpose()?;
     let model = match (&cache, &args.model) {
         (Some(_), _) => None,
@@ -125,6 +129,7 @@ fn run(args: Args) -> Result<()> {
         "acts": args.acts, "data": args.data.data, "tokens": args.data.tokens, "ctx_len": ctx, "expansion": args.expansion, "k": k, "lr": args.lr, "steps": steps, "batch_size": args.batch_size,
         "auxk_alpha": args.auxk_alpha, "dead_threshold": args.dead_threshold, "warmup": args.run.warmup,
         "decay_start": args.run.decay_start, "clip": args.run.clip_grad, "shuffle": args.shuffle, "seed": args.common.seed,
+        "dtype": format!("{:?}", args.compute.dtype),
     }));
     train::prepare_run_dir(&args.out, args.run.resume, args.run.overwrite)?;
     let mut next_batch = |seqs_seen: u64| -> Result<scae::pruned::Batch> { Ok(source.batch(seqs_seen, batch_size)?) };
@@ -169,19 +174,59 @@ fn run(args: Args) -> Result<()> {
     let bar = scae::cli::token_bar(Some(steps * (batch_size * ctx) as u64), "training");
     bar.set_position(step * (batch_size * ctx) as u64);
     let (start, start_step) = (Instant::now(), step);
+    // The autograd path keeps parameters and optimizer state on the device.
+    let shapes: [&[usize]; 4] = [&[f, d], &[f], &[d, f], &[d]];
+    let upload = |p: &[Vec<f32>; 4]| -> Result<[Var; 4]> {
+        let v = |i: usize| -> Result<Var> { Ok(Var::from_tensor(&Tensor::from_slice(&p[i], shapes[i], &device)?)?) };
+        Ok([v(0)?, v(1)?, v(2)?, v(3)?])
+    };
+    let download = |vars: &[[Var; 4]]| -> Result<Params> {
+        let modules = vars.iter().map(|vs| Ok([flat(vs[0].as_tensor())?, flat(vs[1].as_tensor())?, flat(vs[2].as_tensor())?, flat(vs[3].as_tensor())?])).collect::<Result<Vec<_>>>()?;
+        Ok(Params { modules })
+    };
+    let (vars, mut dopt) = if use_engine {
+        (Vec::new(), None)
+    } else {
+        let vars = params.modules.iter().map(upload).collect::<Result<Vec<_>>>()?;
+        let dopt = DeviceOptimizer::from_host(&opt, &vars)?;
+        (vars, Some(dopt))
+    };
     while step < steps {
-        let data = module_data(&next_batch(seqs_seen)?)?;
-        let refs: Vec<(&[f32], &[f32])> = data.iter().map(|(x, y)| (x.as_slice(), y.as_slice())).collect();
+        let batch = next_batch(seqs_seen)?;
         let masks: Vec<Vec<bool>> = (0..modules.len()).map(|mi| dead.dead(mi)).collect();
         let lr_t = lr * train::lr_factor(step, steps, args.run.warmup, args.run.decay_start);
-        let out = sae::update(&mut params, &mut opt, &refs, &masks, cfg, lr_t);
         let n_tok = (batch_size * ctx) as u64;
+        let out: Vec<(f64, f64)> = if let Some(dopt) = dopt.as_mut() {
+            let n = batch_size * ctx;
+            let data = modules
+                .iter()
+                .map(|md| {
+                    let (x, y) = match md.kind {
+                        Kind::Attn => (&batch.attn_out[md.layer], &batch.attn_out[md.layer]),
+                        Kind::Mlp => (&batch.ln2_normalized[md.layer], &batch.mlp_out[md.layer]),
+                    };
+                    Ok((x.reshape((n, d))?, y.reshape((n, d))?))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let v = scae::devtrain::sae_update(&vars, dopt, &data, &masks, k, args.auxk_alpha, clip, lr_t, args.compute.dtype())?;
+            for (mi, fired) in v.fired.iter().enumerate() {
+                dead.update_fired(mi, n_tok, fired);
+            }
+            v.fvu.into_iter().zip(v.auxk).collect()
+        } else {
+            let data = module_data(&batch)?;
+            let refs: Vec<(&[f32], &[f32])> = data.iter().map(|(x, y)| (x.as_slice(), y.as_slice())).collect();
+            let out = sae::update(&mut params, &mut opt, &refs, &masks, cfg, lr_t);
+            for (mi, (_, _, idx, val)) in out.iter().enumerate() {
+                dead.update(mi, n_tok, idx, val);
+            }
+            out.into_iter().map(|(fv, ax, _, _)| (fv, ax)).collect()
+        };
         let mut fvu = serde_json::Map::new();
         let mut auxk = serde_json::Map::new();
         let mut dead_rec = serde_json::Map::new();
         let mut total = 0f64;
-        for (mi, (fv, ax, idx, val)) in out.iter().enumerate() {
-            dead.update(mi, n_tok, idx, val);
+        for (mi, (fv, ax)) in out.iter().enumerate() {
             total += fv + args.auxk_alpha * ax;
             fvu.insert(modules[mi].name(), serde_json::json!(fv));
             auxk.insert(modules[mi].name(), serde_json::json!(ax));
@@ -198,6 +243,10 @@ fn run(args: Args) -> Result<()> {
         let halt = args.run.halt_after.is_some_and(|h| step - start_step >= h);
         if args.run.checkpoint_every.is_some_and(|n| step % n == 0) || halt {
             metrics.flush()?;
+            if let Some(dopt) = &dopt {
+                params = download(&vars)?;
+                opt = dopt.to_host()?;
+            }
             let suite = train::suite_from_params(&params, &modules, k, d, f)?;
             let rs = RunState {
                 format: train::CHECKPOINT_FORMAT.into(),
@@ -218,6 +267,9 @@ fn run(args: Args) -> Result<()> {
     }
     bar.finish_and_clear();
     metrics.flush()?;
+    if dopt.is_some() {
+        params = download(&vars)?;
+    }
     // The saved decoder has unit-norm columns, as every forward pass saw it.
     for p in params.modules.iter_mut() {
         sae::normalize_decoder(&mut p[2], d, f);
