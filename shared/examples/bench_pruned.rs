@@ -1,7 +1,7 @@
 //! Benchmark helper (not a test): time one pruned forward + backward step (MSE loss) of a
 //! suite with a connection set, as `bench/bench_pruned.py` does for the reference.
 //!
-//! `bench_pruned MODEL_DIR SUITE.safetensors CONNECTIONS.safetensors TOKENS.safetensors STEPS [dense]`
+//! `bench_pruned MODEL_DIR SUITE.safetensors CONNECTIONS TOKENS.safetensors STEPS [engine|autograd|composed|dense]`
 //! prints one JSON line: median milliseconds per step (and per forward).
 use std::time::Instant;
 
@@ -21,7 +21,9 @@ fn main() -> anyhow::Result<()> {
     let mode = a.get(6).map(String::as_str).unwrap_or("engine");
     let out = model.runtime.forward(&toks, true, false)?;
     let batch = Batch::from_forward(&toks, &out)?;
-    let plan = Plan::new(&suite, Wiring::Sparse(&conns), parallel, &dev)?;
+    let mut plan = Plan::new(&suite, Wiring::Sparse(&conns), parallel, &dev)?;
+    // "composed": the device-agnostic ops of the GPU path, on the CPU.
+    plan.force_composed(mode == "composed");
     let (mut step_ms, mut fwd_ms) = (Vec::new(), Vec::new());
     let fb = scae::engine::FlatBatch::new(&batch, &suite)?;
     for i in 0..steps + 1 {

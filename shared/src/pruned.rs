@@ -387,14 +387,16 @@ fn edge_contrib(suite: &Suite, rt: &Runtime, wt: &Weights, plan_d: &DownPlan, co
         }
     };
     if composed {
-        // Composed (any device): gather each slot's upstream column, weight it, sum the slots.
+        // Composed (any device): gather each slot's upstream feature row (tokens along the
+        // row), then one small batched product per downstream feature:
+        // y[f] (H, N) = w[f]ᵀ (H, C) · x_g[f] (C, N). Memory F·C·N, no F·C·N·H intermediate.
         let n = x.dim(0)?;
         let mask = plan_d.slot_mask.as_ref().expect("sparse plan").to_dtype(w.dtype())?;
-        let w = w.broadcast_mul(&mask)?; // empty slots contribute nothing
-        let g = x.index_select(cols, 1)?.reshape((n, f, width, 1))?; // (N, F, C, 1)
-        let y = g.broadcast_mul(&w.unsqueeze(0)?)?.sum(2)?; // (N, F, H)
+        let w = w.broadcast_mul(&mask)?; // (F, C, H); empty slots contribute nothing
+        let g = x.t()?.contiguous()?.index_select(cols, 0)?.reshape((f, width, n))?; // (F, C, N)
+        let y = w.transpose(1, 2)?.contiguous()?.matmul(&g)?; // (F, H, N)
         let b = n / seq_len;
-        return Ok(y.reshape((b, seq_len, f, heads))?.permute((0, 3, 1, 2))?.contiguous()?);
+        return Ok(y.reshape((f, heads, b, seq_len))?.permute((2, 1, 3, 0))?.contiguous()?);
     }
     let op = EdgeMatmul { index: index.clone(), heads, seq_len };
     Ok(x.contiguous()?.apply_op2(&w.contiguous()?, op)?)
