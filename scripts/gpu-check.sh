@@ -5,10 +5,16 @@
 #
 #   bash scripts/gpu-check.sh [OUT_DIR]
 #
-# Compares CUDA against CPU on the tiny fixtures (tests/fixtures): collect-acts hooks, and
-# evaluate with all connections and with the reference's top-C connections (features through
-# eval.json's CE/FVU, within 1e-3 relative in f32). Prints timings of both devices.
-# Not yet covered: finetune/train-suite on CUDA (their fast engine is CPU-only).
+# 1. Compares CUDA against CPU on the tiny fixtures (tests/fixtures): collect-acts hooks;
+#    evaluate with all connections and with the reference's top-C connections (CE/FVU within
+#    1e-3 relative in f32); finetune (3 SGD steps, mse+ce: CPU engine vs CUDA autograd, final
+#    parameters and losses within 1e-3 relative) and train-suite (losses within 1e-3).
+# 2. Times finetune at a TinyStories-33M-like size (d_model 768, 16 heads, 4 layers, F 3072,
+#    k 64, C 16, batch 64x128; a toy vocabulary) in f32 and bf16: tokens/s and peak GPU memory.
+#
+# Environment: GPU=cpu runs everything on the CPU (a self-test of this script without a GPU;
+# use it with BIG_BATCH=2 BIG_STEPS=1). BIG_BATCH, BIG_STEPS: size of the timing runs
+# (default 64 sequences, 10 steps). CPU_BASELINE=1 also times the CPU engine at that size.
 set -euo pipefail
 OUT="${1:-${OUT:-/tmp/scae-gpu-check}}"
 BIN="${BIN:-target/cuda/release}"
@@ -64,4 +70,61 @@ print(f"{name} hooks max abs diff cpu vs cuda {worst:.2e}: {'OK' if ok else 'FAI
 sys.exit(0 if ok else 1)
 PY
 done
+
+# finetune and train-suite: CPU (engine) vs GPU (autograd) on the fixtures' caches.
+for name in tiny-neo tiny-pythia tiny-gpt2; do
+    S="$F/suites/$name/suite.safetensors"
+    for pair in cpu:cpu:engine "$GPU:gpu:autograd"; do
+        IFS=: read -r dev tag be <<< "$pair"
+        "$BIN/finetune" --acts "$OUT/$name-acts-cpu" --suite "$S" --connections "$F/suites/$name/connections-ref.safetensors" \
+            --loss mse+ce --optimizer sgd --lr 1e-2 --no-scale-lr --clip-grad none --steps 3 --batch-size 3 \
+            --device "$dev" --backend "$be" --out "$OUT/$name-ft-$tag" > /dev/null
+        "$BIN/train-suite" --acts "$OUT/$name-acts-cpu" --expansion 2 --k 4 --steps 5 --batch-size 3 --lr 1e-2 \
+            --device "$dev" --backend "$be" --out "$OUT/$name-ts-$tag" > /dev/null
+    done
+    python3 - "$OUT" "$name" <<'PY' || status=1
+import json, sys
+from safetensors.numpy import load_file
+out, name = sys.argv[1], sys.argv[2]
+ok = True
+a, b = load_file(f"{out}/{name}-ft-cpu/suite.safetensors"), load_file(f"{out}/{name}-ft-gpu/suite.safetensors")
+worst = max(float(abs(a[k].astype("f8") - b[k]).max() / max(abs(a[k]).max(), 1e-8)) for k in a)
+ok &= worst <= 1e-3
+print(f"{name} finetune parameters cpu vs cuda: max relative diff {worst:.1e}")
+for tool in ("ft", "ts"):
+    la = [json.loads(l)["loss"] for l in open(f"{out}/{name}-{tool}-cpu/metrics.jsonl")]
+    lb = [json.loads(l)["loss"] for l in open(f"{out}/{name}-{tool}-gpu/metrics.jsonl")]
+    rel = max(abs(x - y) / max(abs(x), 1e-8) for x, y in zip(la, lb))
+    ok &= rel <= 1e-3 and len(la) == len(lb)
+    print(f"{name} {'finetune' if tool == 'ft' else 'train-suite'} losses cpu vs cuda: max relative diff {rel:.1e}")
+print(f"{name} training cpu vs cuda: {'OK' if ok else 'FAIL'}")
+sys.exit(0 if ok else 1)
+PY
+done
+
+# Timing at a TinyStories-33M-like size.
+BIG="$OUT/big"; BATCH="${BIG_BATCH:-64}"; STEPS="${BIG_STEPS:-10}"
+"$BIN/toy-lm" --out "$BIG/toy" --d-model 768 --n-heads 16 --n-layers 4 --ctx-len 64 --steps 1 --batch-size 4 \
+    --n-stories 600 --n-heldout 10 > /dev/null 2>&1
+"$BIN/collect-acts" --model "$BIG/toy/model" --data "$BIG/toy/corpus.txt" --ctx-len 128 --pack --n-seqs "$BATCH" \
+    --device "$GPU" --out "$BIG/acts" > /dev/null
+"$BIN/train-suite" --acts "$BIG/acts" --expansion 4 --k 64 --steps 2 --batch-size "$BATCH" --device "$GPU" --out "$BIG/suite" > /dev/null
+"$BIN/score-edges" --acts "$BIG/acts" --suite "$BIG/suite" --n-seqs 8 --top-c 16 --keep 16 --device "$GPU" --out "$BIG/edges" > /dev/null
+time_ft() { # dev dtype backend
+    local tag="$1-$2-$3" mem="$BIG/mem-$1-$2-$3.txt" pid=""
+    if [ "$1" != cpu ] && command -v nvidia-smi > /dev/null; then
+        nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$mem" & pid=$!
+    fi
+    local line
+    line=$("$BIN/finetune" --acts "$BIG/acts" --suite "$BIG/suite" --connections "$BIG/edges/connections.parquet" \
+        --steps "$STEPS" --batch-size "$BATCH" --device "$1" --dtype "$2" --backend "$3" --out "$BIG/ft-$tag" 2>&1 | tail -1)
+    if [ -n "$pid" ]; then kill "$pid"; wait "$pid" 2> /dev/null || true; fi
+    local peak="n/a"
+    [ -s "$mem" ] && peak="$(sort -n "$mem" | tail -1) MiB (whole GPU)"
+    local rate="${line##*(}"
+    echo "finetune d768 F3072 k64 C16 batch ${BATCH}x128 $tag: ${rate%)}, peak GPU memory $peak"
+}
+time_ft "$GPU" f32 autograd || status=1
+time_ft "$GPU" bf16 autograd || status=1
+if [ "${CPU_BASELINE:-0}" = 1 ]; then time_ft cpu f32 engine || status=1; fi
 exit $status
