@@ -14,7 +14,8 @@
 #
 # Environment: GPU=cpu runs everything on the CPU (a self-test of this script without a GPU;
 # use it with BIG_BATCH=2 BIG_STEPS=1). BIG_BATCH, BIG_STEPS: size of the timing runs
-# (default 64 sequences, 10 steps). CPU_BASELINE=1 also times the CPU engine at that size.
+# (default 64 sequences, 10 steps); MICRO: sequences per autograd graph (default 16, about
+# 25 GB in f32). CPU_BASELINE=1 also times the CPU engine at that size.
 set -euo pipefail
 OUT="${1:-${OUT:-/tmp/scae-gpu-check}}"
 BIN="${BIN:-target/cuda/release}"
@@ -110,21 +111,22 @@ BIG="$OUT/big"; BATCH="${BIG_BATCH:-64}"; STEPS="${BIG_STEPS:-10}"
     --device "$GPU" --out "$BIG/acts" > /dev/null
 "$BIN/train-suite" --acts "$BIG/acts" --expansion 4 --k 64 --steps 2 --batch-size "$BATCH" --device "$GPU" --out "$BIG/suite" > /dev/null
 "$BIN/score-edges" --acts "$BIG/acts" --suite "$BIG/suite" --n-seqs 8 --top-c 16 --keep 16 --device "$GPU" --out "$BIG/edges" > /dev/null
-time_ft() { # dev dtype backend
+time_ft() { # dev dtype backend extra-flags
     local tag="$1-$2-$3" mem="$BIG/mem-$1-$2-$3.txt" pid=""
     if [ "$1" != cpu ] && command -v nvidia-smi > /dev/null; then
         nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$mem" & pid=$!
     fi
     local line
     line=$("$BIN/finetune" --acts "$BIG/acts" --suite "$BIG/suite" --connections "$BIG/edges/connections.parquet" \
-        --steps "$STEPS" --batch-size "$BATCH" --device "$1" --dtype "$2" --backend "$3" --out "$BIG/ft-$tag" 2>&1 | tail -1)
+        --steps "$STEPS" --batch-size "$BATCH" --device "$1" --dtype "$2" --backend "$3" $4 --out "$BIG/ft-$tag" 2>&1 | tail -1)
     if [ -n "$pid" ]; then kill "$pid"; wait "$pid" 2> /dev/null || true; fi
     local peak="n/a"
     [ -s "$mem" ] && peak="$(sort -n "$mem" | tail -1) MiB (whole GPU)"
     local rate="${line##*(}"
     echo "finetune d768 F3072 k64 C16 batch ${BATCH}x128 $tag: ${rate%)}, peak GPU memory $peak"
 }
-time_ft "$GPU" f32 autograd || status=1
-time_ft "$GPU" bf16 autograd || status=1
-if [ "${CPU_BASELINE:-0}" = 1 ]; then time_ft cpu f32 engine || status=1; fi
+MICRO="--micro-batch ${MICRO:-16}"
+time_ft "$GPU" f32 autograd "$MICRO" || status=1
+time_ft "$GPU" bf16 autograd "$MICRO" || status=1
+if [ "${CPU_BASELINE:-0}" = 1 ]; then time_ft cpu f32 engine "" || status=1; fi
 exit $status

@@ -179,39 +179,113 @@ pub struct StepValues {
 
 /// Forward and backward of the pruned pass on `batch` (already in the pass dtype, see
 /// [`Batch::with_pass_dtype`]): the loss values and every module's gradients.
-pub fn finetune_grads(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, opts: PassOptions, spec: &LossSpec) -> Result<(StepValues, Vec<[Tensor; 4]>)> {
-    let out = pruned::forward(suite, rt, plan, batch, opts)?;
-    let mut loss: Option<Tensor> = None;
-    let add = |acc: Option<Tensor>, t: Tensor| -> Result<Option<Tensor>> {
-        Ok(Some(match acc {
-            Some(a) => (a + t)?,
-            None => t,
-        }))
-    };
-    let mut fvu = None;
-    if let Some(scales) = &spec.fvu_scales {
-        let terms = suite.modules.iter().zip(&out.recon).map(|(m, r)| pruned::fvu_ref(batch.target(m), r)).collect::<Result<Vec<_>>>()?;
-        let stacked = Tensor::stack(&terms, 0)?;
-        let w = Tensor::from_slice(scales, scales.len(), stacked.device())?;
-        loss = add(loss, (&stacked * &w)?.sum_all()?)?;
-        fvu = Some(stacked);
-    }
-    let mut ce = None;
-    if let Some(w) = spec.ce_weight {
-        let c = pruned::ce_loss(rt, batch, &out)?;
-        loss = add(loss, (&c * w)?)?;
-        ce = Some(c);
-    }
-    let loss = loss.ok_or_else(|| crate::Error::Usage("a loss needs an mse or a ce term".into()))?;
-    let grads = module_grads(&module_vars(suite), &loss.backward()?)?;
+///
+/// With `micro` below the batch size the graph is built for `micro` sequences at a time, so
+/// memory follows `micro`, not the batch, and the gradients are those of the whole batch's
+/// loss: a first pass without gradients gives every module's reconstruction; the batch-level
+/// FVU (whose batch-axis variance couples the sequences) is differentiated with respect to
+/// them; a second pass per chunk backpropagates those fixed reconstruction gradients
+/// (`Σ ⟨∂L/∂R, R⟩`) plus the chunk's share of the CE, and the chunks' gradients are summed.
+pub fn finetune_grads(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, opts: PassOptions, spec: &LossSpec, micro: Option<usize>) -> Result<(StepValues, Vec<[Tensor; 4]>)> {
+    let b = batch.tokens.dim(0)?;
+    let vars = module_vars(suite);
     let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
-    let values = StepValues {
-        loss: scalar(&loss)?,
-        fvu: fvu.map(|t| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.to_vec1::<f64>()?) }).transpose()?,
-        ce: ce.as_ref().map(scalar).transpose()?,
-        fired: fired(&out.feats)?,
-    };
-    Ok((values, grads))
+    let micro = micro.unwrap_or(b).clamp(1, b);
+    if micro == b {
+        let out = pruned::forward(suite, rt, plan, batch, opts)?;
+        let mut terms: Vec<Tensor> = Vec::new();
+        let mut fvu = None;
+        if let Some(scales) = &spec.fvu_scales {
+            let per = suite.modules.iter().zip(&out.recon).map(|(m, r)| pruned::fvu_ref(batch.target(m), r)).collect::<Result<Vec<_>>>()?;
+            let stacked = Tensor::stack(&per, 0)?;
+            let w = Tensor::from_slice(scales, scales.len(), stacked.device())?;
+            terms.push((&stacked * &w)?.sum_all()?);
+            fvu = Some(stacked);
+        }
+        let mut ce = None;
+        if let Some(w) = spec.ce_weight {
+            let c = pruned::ce_loss(rt, batch, &out)?;
+            terms.push((&c * w)?);
+            ce = Some(c);
+        }
+        let loss = sum_terms(terms)?;
+        let grads = module_grads(&vars, &loss.backward()?)?;
+        let values = StepValues {
+            loss: scalar(&loss)?,
+            fvu: fvu.map(|t| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.to_vec1::<f64>()?) }).transpose()?,
+            ce: ce.as_ref().map(scalar).transpose()?,
+            fired: fired(&out.feats)?,
+        };
+        return Ok((values, grads));
+    }
+    let chunks: Vec<(usize, usize)> = (0..b).step_by(micro).map(|s| (s, micro.min(b - s))).collect();
+    // Pass 1, no graph kept: reconstructions, firing, CE values.
+    let n_mod = suite.modules.len();
+    let mut recons: Vec<Vec<Tensor>> = vec![Vec::new(); n_mod];
+    let mut fired_any: Vec<Vec<bool>> = vec![vec![false; suite.n_features]; n_mod];
+    let mut ce_sum = 0f64;
+    for &(start, len) in &chunks {
+        let part = batch.narrow(start, len)?;
+        let out = pruned::forward(suite, rt, plan, &part, opts)?;
+        for (m, r) in out.recon.iter().enumerate() {
+            recons[m].push(r.detach().to_dtype(DType::F32)?);
+        }
+        for (acc, f) in fired_any.iter_mut().zip(fired(&out.feats)?) {
+            acc.iter_mut().zip(f).for_each(|(a, x)| *a |= x);
+        }
+        if spec.ce_weight.is_some() {
+            ce_sum += scalar(&pruned::ce_loss(rt, &part, &out)?.detach())? * len as f64;
+        }
+    }
+    // ∂(Σ_m scale_m · FVU_m)/∂R_m over the whole batch.
+    let mut terms: Vec<Tensor> = Vec::new();
+    let mut fvu = None;
+    let mut g_recon: Vec<Option<Tensor>> = vec![None; n_mod];
+    if let Some(scales) = &spec.fvu_scales {
+        let mut vals = Vec::with_capacity(n_mod);
+        for (m, module) in suite.modules.iter().enumerate() {
+            let r = Var::from_tensor(&Tensor::cat(&recons[m], 0)?)?;
+            let v = pruned::fvu_ref(batch.target(module), r.as_tensor())?;
+            let weighted = (&v * scales[m] as f64)?;
+            g_recon[m] = weighted.backward()?.get(r.as_tensor()).cloned();
+            vals.push(scalar(&v)?);
+            terms.push(weighted.detach());
+        }
+        fvu = Some(vals);
+    }
+    let ce = spec.ce_weight.map(|_| ce_sum / b as f64);
+    // Pass 2, per chunk: backpropagate the fixed reconstruction gradients and the chunk's CE.
+    let mut grads: Option<Vec<[Tensor; 4]>> = None;
+    for &(start, len) in &chunks {
+        let part = batch.narrow(start, len)?;
+        let out = pruned::forward(suite, rt, plan, &part, opts)?;
+        let mut sur: Vec<Tensor> = Vec::new();
+        for (m, g) in g_recon.iter().enumerate() {
+            if let Some(g) = g {
+                let r = out.recon[m].to_dtype(DType::F32)?;
+                sur.push((r * g.narrow(0, start, len)?)?.sum_all()?);
+            }
+        }
+        if let Some(w) = spec.ce_weight {
+            sur.push((pruned::ce_loss(rt, &part, &out)? * (w * len as f64 / b as f64))?);
+        }
+        let g = module_grads(&vars, &sum_terms(sur)?.backward()?)?;
+        grads = Some(match grads {
+            None => g,
+            Some(acc) => acc.into_iter().zip(g).map(|(a, x)| -> Result<[Tensor; 4]> {
+                Ok([(&a[0] + &x[0])?, (&a[1] + &x[1])?, (&a[2] + &x[2])?, (&a[3] + &x[3])?])
+            }).collect::<Result<Vec<_>>>()?,
+        });
+    }
+    let loss = terms.iter().map(scalar).sum::<Result<f64>>()? + ce.map_or(0.0, |c| c * spec.ce_weight.unwrap_or(0.0));
+    let values = StepValues { loss, fvu, ce, fired: fired_any };
+    Ok((values, grads.expect("at least one chunk")))
+}
+
+fn sum_terms(terms: Vec<Tensor>) -> Result<Tensor> {
+    let mut it = terms.into_iter();
+    let first = it.next().ok_or_else(|| crate::Error::Usage("a loss needs an mse or a ce term".into()))?;
+    it.try_fold(first, |acc, t| Ok((acc + t)?))
 }
 
 /// What [`sae_update`] reports per module.

@@ -89,6 +89,22 @@ impl Batch {
         })
     }
 
+    /// Sequences `start..start + len`.
+    pub fn narrow(&self, start: usize, len: usize) -> Result<Batch> {
+        let cut = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(0, start, len)?) };
+        let cut_all = |v: &[Tensor]| -> Result<Vec<Tensor>> { v.iter().map(cut).collect() };
+        Ok(Batch {
+            tokens: cut(&self.tokens)?,
+            resid_pre0: cut(&self.resid_pre0)?,
+            ln1_scale: cut_all(&self.ln1_scale)?,
+            ln2_scale: cut_all(&self.ln2_scale)?,
+            ln2_normalized: cut_all(&self.ln2_normalized)?,
+            pattern: cut_all(&self.pattern)?,
+            attn_out: cut_all(&self.attn_out)?,
+            mlp_out: cut_all(&self.mlp_out)?,
+        })
+    }
+
     /// The pass inputs (layer-0 residual, LN scales, patterns) in `dtype`; tokens, transcoder
     /// inputs and targets stay as they are. [`forward`] computes in the dtype of `resid_pre0`.
     pub fn with_pass_dtype(&self, dtype: DType) -> Result<Batch> {

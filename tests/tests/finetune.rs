@@ -23,18 +23,24 @@ fn first_step_gradients_match_the_reference() {
         let acts = golden_cache(&tmp, name);
         let conns = fixtures().join("suites").join(name).join("connections-ref.safetensors");
         let golden = load(&fixtures().join(format!("golden/suite-{name}.safetensors")));
-        let before = load(&fixture_suite(name));
+        let suite = fixture_suite(name);
+        let before = load(&suite);
         // The CPU engine and the autograd (GPU) path in f32 match to 1e-4 per tensor. bf16 mixed
         // precision (8 mantissa bits, and top-k choices that may flip) is held to the direction
         // of the whole gradient: cosine similarity with the reference's.
-        for (backend, dtype) in [("engine", "f32"), ("autograd", "f32"), ("autograd", "bf16")] {
+        // --micro-batch 1 builds the graph one sequence at a time: still the batch's gradient.
+        for (backend, dtype, micro) in [("engine", "f32", "3"), ("autograd", "f32", "3"), ("autograd", "f32", "1"), ("autograd", "bf16", "2")] {
             for loss in ["mse", "ce"] {
-                let out = tmp.join(format!("ft-{loss}-{backend}-{dtype}"));
-                tool_ok("finetune", &[
-                    "--acts", s(&acts), "--suite", s(&fixture_suite(name)), "--connections", s(&conns), "--out", s(&out),
+                let out = tmp.join(format!("ft-{loss}-{backend}-{dtype}-{micro}"));
+                let mut args = vec![
+                    "--acts", s(&acts), "--suite", s(&suite), "--connections", s(&conns), "--out", s(&out),
                     "--loss", loss, "--optimizer", "sgd", "--clip-grad", "none", "--lr", "1", "--no-scale-lr",
                     "--steps", "1", "--batch-size", "3", "--backend", backend, "--dtype", dtype,
-                ]);
+                ];
+                if backend == "autograd" {
+                    args.extend(["--micro-batch", micro]);
+                }
+                tool_ok("finetune", &args);
                 let after = load(&out.join("suite.safetensors"));
                 let (mut dot, mut n1, mut n2) = (0f64, 0f64, 0f64);
                 for (key, old) in &before {
@@ -48,8 +54,17 @@ fn first_step_gradients_match_the_reference() {
                     }
                 }
                 let cos = dot / (n1.sqrt() * n2.sqrt()).max(1e-30);
-                eprintln!("{name} {backend} {dtype} {loss}: gradient cosine {cos:.6}");
+                eprintln!("{name} {backend} {dtype} micro {micro} {loss}: gradient cosine {cos:.6}");
                 assert!(cos >= 0.98, "{name} {backend} {dtype} {loss}: gradient cosine {cos}");
+                // the logged loss does not depend on the micro-batching
+                let logged = |p: &Path| -> f64 {
+                    let line = std::fs::read_to_string(p.join("metrics.jsonl")).unwrap();
+                    serde_json::from_str::<serde_json::Value>(line.trim()).unwrap()["loss"].as_f64().unwrap()
+                };
+                if micro == "1" {
+                    let (a, b) = (logged(&out), logged(&tmp.join(format!("ft-{loss}-engine-f32-3"))));
+                    assert!((a - b).abs() <= 1e-5 * b.abs(), "{name} {loss}: loss {a} with micro-batches vs {b}");
+                }
             }
         }
     }

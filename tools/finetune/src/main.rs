@@ -68,6 +68,11 @@ struct Args {
     /// Sequences per step.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
     batch_size: u64,
+    /// Build the autograd graph for this many sequences at a time (memory follows it; the
+    /// gradient is still the whole batch's, at the cost of one extra forward pass). Default:
+    /// the whole batch.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    micro_batch: Option<u64>,
     /// Number of steps.
     #[arg(long, conflicts_with = "tokens", value_parser = clap::value_parser!(u64).range(1..))]
     steps: Option<u64>,
@@ -119,6 +124,9 @@ fn run(args: Args) -> Result<()> {
         bail!("--auxk-alpha {}: expected >= 0, and only with an mse loss (the reference's CE-mode AuxK is a no-op)", args.auxk_alpha);
     }
     let use_engine = args.compute.use_engine(&device)?;
+    if use_engine && args.micro_batch.is_some() {
+        bail!("--micro-batch: only for the autograd backend (the CPU engine's memory is already small); hint: --backend autograd");
+    }
     if !use_engine && args.auxk_alpha > 0.0 {
         bail!("--auxk-alpha {}: AuxK runs on the CPU engine only so far (f32, --device cpu)", args.auxk_alpha);
     }
@@ -230,7 +238,7 @@ fn run(args: Args) -> Result<()> {
         let loss = if let Some(dopt) = dopt.as_mut() {
             let pass_batch = if pass_dtype == candle_core::DType::F32 { batch.clone() } else { batch.with_pass_dtype(pass_dtype)? };
             let spec = LossSpec { fvu_scales: (args.loss != Loss::Ce).then(|| scales.clone()), ce_weight };
-            let (values, mut grads) = scae::devtrain::finetune_grads(suite, rt, &plan, &pass_batch, args.pass.options(), &spec)?;
+            let (values, mut grads) = scae::devtrain::finetune_grads(suite, rt, &plan, &pass_batch, args.pass.options(), &spec, args.micro_batch.map(|m| m as usize))?;
             for (m, fired) in values.fired.iter().enumerate() {
                 if scales[m] != 0.0 {
                     dead.update_fired(m, n_tok, fired);
