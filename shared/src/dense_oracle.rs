@@ -30,6 +30,7 @@ pub fn forward(suite: &Suite, rt: &Runtime, parallel: bool, conns: Option<&Conne
     let dev = batch.resid_pre0.device();
     let r0 = &batch.resid_pre0;
     let (mut feats, mut recon, mut topk): (Vec<Tensor>, Vec<Tensor>, Vec<Vec<u32>>) = (Vec::new(), Vec::new(), Vec::new());
+    let mut pres = Vec::new();
     for (d, module) in suite.modules.iter().enumerate() {
         let ae = &suite.aes[d];
         let enc = ae.w_enc.as_tensor();
@@ -117,6 +118,7 @@ pub fn forward(suite: &Suite, rt: &Runtime, parallel: bool, conns: Option<&Conne
         recon.push(rec.reshape((b, s, dm))?);
         feats.push(feat);
         topk.push(idx);
+        pres.push(pre);
     }
-    Ok(PassOutput { feats, recon, topk })
+    Ok(PassOutput { feats, recon, topk, pre: pres })
 }

@@ -164,6 +164,8 @@ pub struct LossSpec {
     pub fvu_scales: Option<Vec<f32>>,
     /// Weight of the CE term; `None`: no CE term.
     pub ce_weight: Option<f64>,
+    /// AuxK weight and each module's dead latents (empty or all-false: no AuxK term).
+    pub auxk: Option<(f64, Vec<Vec<bool>>)>,
 }
 
 /// The values of one finetuning step's loss.
@@ -173,8 +175,39 @@ pub struct StepValues {
     /// Per-module FVU (reference definition), when the loss has an MSE term.
     pub fvu: Option<Vec<f64>>,
     pub ce: Option<f64>,
+    /// Per-module AuxK (without its weight), when the loss has an AuxK term.
+    pub auxk: Option<Vec<f64>>,
     /// Which features fired, per module.
     pub fired: Vec<Vec<bool>>,
+}
+
+/// `Σ (r − mean_tokens r)²` over all tokens of `r (.., d)`, floored away from 0.
+fn centered_sq(r: &Tensor) -> Result<Tensor> {
+    let d = r.dim(candle_core::D::Minus1)?;
+    let r = r.reshape(((), d))?;
+    Ok(r.broadcast_sub(&r.mean_keepdim(0)?)?.sqr()?.sum_all()?.maximum(1e-30f32)?)
+}
+
+/// AuxK's data term for one module (SPEC B5 decision, as [`crate::sae`]): the
+/// `min(D/2, n_dead)` largest ReLU'd pre-top-k activations `pre (N, F)` among `dead` latents
+/// reconstruct the detached residual `resid (N, D)` through `dec_t (F, D)`, without bias.
+/// Returns `(Σ (ê − r)², scale)` with `scale = min(n_dead / (D/2), 1)`, or `None` when no
+/// latent is dead; AuxK is `scale · Σ (ê − r)² / Σ (r − r̄)²`.
+fn auxk_numerator(pre: &Tensor, dead: &[bool], dec_t: &Tensor, resid: &Tensor) -> Result<Option<(Tensor, f64)>> {
+    let n_dead = dead.iter().filter(|&&x| x).count();
+    if n_dead == 0 {
+        return Ok(None);
+    }
+    let d = resid.dim(1)?;
+    let k_aux = (d / 2).min(n_dead).max(1);
+    let scale = (n_dead as f64 / (d / 2).max(1) as f64).min(1.0);
+    let mask: Vec<u8> = dead.iter().map(|&x| u8::from(x)).collect();
+    let mask = Tensor::from_vec(mask, (1, dead.len()), pre.device())?.broadcast_as(pre.shape())?;
+    let neg = Tensor::full(f32::NEG_INFINITY, pre.shape(), pre.device())?.to_dtype(pre.dtype())?;
+    let masked = mask.where_cond(&pre.relu()?, &neg)?;
+    let (fa, _) = pruned::topk_relu_device(&masked, k_aux)?;
+    let ehat = fa.matmul(dec_t)?.to_dtype(DType::F32)?;
+    Ok(Some(((ehat - resid)?.sqr()?.sum_all()?, scale)))
 }
 
 /// Forward and backward of the pruned pass on `batch` (already in the pass dtype, see
@@ -208,12 +241,28 @@ pub fn finetune_grads(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, o
             terms.push((&c * w)?);
             ce = Some(c);
         }
+        let mut auxk = None;
+        if let Some((alpha, dead)) = &spec.auxk {
+            let mut vals = vec![0f64; suite.modules.len()];
+            for (m, module) in suite.modules.iter().enumerate() {
+                let d = suite.d_model;
+                let resid = (batch.target(module).to_dtype(DType::F32)? - out.recon[m].to_dtype(DType::F32)?)?.detach().reshape(((), d))?;
+                let dec_t = vars[m][2].as_tensor().to_dtype(out.pre[m].dtype())?.t()?;
+                if let Some((num, scale)) = auxk_numerator(&out.pre[m], &dead[m], &dec_t, &resid)? {
+                    let a = ((num / centered_sq(&resid)?)? * scale)?;
+                    vals[m] = scalar(&a)?;
+                    terms.push((a * *alpha)?);
+                }
+            }
+            auxk = Some(vals);
+        }
         let loss = sum_terms(terms)?;
         let grads = module_grads(&vars, &loss.backward()?)?;
         let values = StepValues {
             loss: scalar(&loss)?,
             fvu: fvu.map(|t| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.to_vec1::<f64>()?) }).transpose()?,
             ce: ce.as_ref().map(scalar).transpose()?,
+            auxk,
             fired: fired(&out.feats)?,
         };
         return Ok((values, grads));
@@ -254,12 +303,38 @@ pub fn finetune_grads(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, o
         fvu = Some(vals);
     }
     let ce = spec.ce_weight.map(|_| ce_sum / b as f64);
-    // Pass 2, per chunk: backpropagate the fixed reconstruction gradients and the chunk's CE.
+    // AuxK: the detached residual of the whole batch and its centered sum of squares.
+    let mut aux_resid: Vec<Option<(Tensor, Tensor)>> = vec![None; n_mod];
+    if let Some((_, dead)) = &spec.auxk {
+        for (m, module) in suite.modules.iter().enumerate() {
+            if dead[m].iter().any(|&x| x) {
+                let r = (batch.target(module).to_dtype(DType::F32)? - Tensor::cat(&recons[m], 0)?)?;
+                let den = centered_sq(&r)?;
+                aux_resid[m] = Some((r, den));
+            }
+        }
+    }
+    let mut auxk_vals = vec![0f64; n_mod];
+    // Pass 2, per chunk: backpropagate the fixed reconstruction gradients, the chunk's CE and
+    // the chunk's AuxK terms.
     let mut grads: Option<Vec<[Tensor; 4]>> = None;
     for &(start, len) in &chunks {
         let part = batch.narrow(start, len)?;
         let out = pruned::forward(suite, rt, plan, &part, opts)?;
         let mut sur: Vec<Tensor> = Vec::new();
+        if let Some((alpha, dead)) = &spec.auxk {
+            for (m, ar) in aux_resid.iter().enumerate() {
+                if let Some((r, den)) = ar {
+                    let resid = r.narrow(0, start, len)?.reshape(((), suite.d_model))?;
+                    let dec_t = vars[m][2].as_tensor().to_dtype(out.pre[m].dtype())?.t()?;
+                    if let Some((num, scale)) = auxk_numerator(&out.pre[m], &dead[m], &dec_t, &resid)? {
+                        let a = ((num / den)? * scale)?;
+                        auxk_vals[m] += scalar(&a)?;
+                        sur.push((a * *alpha)?);
+                    }
+                }
+            }
+        }
         for (m, g) in g_recon.iter().enumerate() {
             if let Some(g) = g {
                 let r = out.recon[m].to_dtype(DType::F32)?;
@@ -277,8 +352,12 @@ pub fn finetune_grads(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, o
             }).collect::<Result<Vec<_>>>()?,
         });
     }
-    let loss = terms.iter().map(scalar).sum::<Result<f64>>()? + ce.map_or(0.0, |c| c * spec.ce_weight.unwrap_or(0.0));
-    let values = StepValues { loss, fvu, ce, fired: fired_any };
+    let alpha = spec.auxk.as_ref().map_or(0.0, |(a, _)| *a);
+    let loss = terms.iter().map(scalar).sum::<Result<f64>>()?
+        + ce.map_or(0.0, |c| c * spec.ce_weight.unwrap_or(0.0))
+        + alpha * auxk_vals.iter().sum::<f64>();
+    let auxk = spec.auxk.as_ref().map(|_| auxk_vals);
+    let values = StepValues { loss, fvu, ce, auxk, fired: fired_any };
     Ok((values, grads.expect("at least one chunk")))
 }
 
@@ -321,30 +400,21 @@ pub fn sae_update(
         let cast = |t: &Tensor| -> Result<Tensor> { Ok(if t.dtype() == dtype { t.clone() } else { t.to_dtype(dtype)? }) };
         let [enc, b_enc, dec, b_dec] = [cast(vs[0].as_tensor())?, cast(vs[1].as_tensor())?, cast(vs[2].as_tensor())?, cast(vs[3].as_tensor())?];
         let (x, y) = (cast(x)?, y.to_dtype(DType::F32)?);
-        let d = y.dim(1)?;
         let pre = x.broadcast_sub(&b_dec)?.matmul(&enc.t()?)?.broadcast_add(&b_enc)?;
         let (f, _) = pruned::topk_relu_device(&pre, k)?;
         let dec_t = dec.t()?.contiguous()?;
         let yhat = f.matmul(&dec_t)?.broadcast_add(&b_dec)?.to_dtype(DType::F32)?;
-        let centered_sq = |t: &Tensor| -> Result<Tensor> { Ok(t.broadcast_sub(&t.mean_keepdim(0)?)?.sqr()?.sum_all()?) };
-        let den = centered_sq(&y)?.maximum(1e-30f32)?;
+        let den = centered_sq(&y)?;
         let fvu = ((&yhat - &y)?.sqr()?.sum_all()? / &den)?;
         let mut loss = fvu.clone();
-        let n_dead = dead[m].iter().filter(|&&x| x).count();
         let mut auxk = None;
-        if auxk_alpha > 0.0 && n_dead > 0 {
-            let k_aux = (d / 2).min(n_dead).max(1);
-            let scale = (n_dead as f64 / (d / 2).max(1) as f64).min(1.0);
-            let mask: Vec<u8> = dead[m].iter().map(|&x| u8::from(x)).collect();
-            let mask = Tensor::from_vec(mask, (1, dead[m].len()), pre.device())?.broadcast_as(pre.shape())?;
-            let masked = mask.where_cond(&pre.relu()?, &Tensor::full(f32::NEG_INFINITY, pre.shape(), pre.device())?.to_dtype(dtype)?)?;
-            let (fa, _) = pruned::topk_relu_device(&masked, k_aux)?;
-            let ehat = fa.matmul(&dec_t)?.to_dtype(DType::F32)?;
+        if auxk_alpha > 0.0 {
             let resid = (&y - &yhat)?.detach();
-            let rden = centered_sq(&resid)?.maximum(1e-30f32)?;
-            let a = (((ehat - &resid)?.sqr()?.sum_all()? / rden)? * scale)?;
-            loss = (loss + (&a * auxk_alpha)?)?;
-            auxk = Some(a);
+            if let Some((num, scale)) = auxk_numerator(&pre, &dead[m], &dec_t, &resid)? {
+                let a = ((num / centered_sq(&resid)?)? * scale)?;
+                loss = (loss + (&a * auxk_alpha)?)?;
+                auxk = Some(a);
+            }
         }
         total = Some(match total {
             Some(t) => (t + loss)?,

@@ -632,8 +632,8 @@ impl<'a> Engine<'a> {
         let p = &fb.pattern[layer];
         let width = index.width;
         a.par_chunks_mut(s * f).enumerate().for_each(|(bi, ab)| {
-            // Y_h[p, i] = Σ_edges w_h · f_u[p, j] / s1[p]
-            let mut y = vec![0f32; h * s * f];
+            // Y[p, h, i] = Σ_edges w_h · f_u[p, j] / s1[p]
+            let mut y = vec![0f32; s * h * f];
             for pp in 0..s {
                 let t = bi * s + pp;
                 let inv = 1.0 / sc[t];
@@ -648,16 +648,16 @@ impl<'a> Engine<'a> {
                         for &slot in slots(index, col) {
                             let i = slot as usize / width;
                             for hh in 0..h {
-                                y[(hh * s + pp) * f + i] += w[slot as usize * h + hh] * v * inv;
+                                y[(pp * h + hh) * f + i] += w[slot as usize * h + hh] * v * inv;
                             }
                         }
                     }
                 }
             }
-            for hh in 0..h {
-                let pb = &p[(bi * h + hh) * s * s..(bi * h + hh + 1) * s * s];
-                causal_mix(s, f, pb, &y[hh * s * f..(hh + 1) * s * f], ab);
-            }
+            // a[q] += Σ_{p ≤ q} Σ_h P_h[q, p] Y[p, h]: one product over (key, head) pairs,
+            // with the pattern laid out as [q][p][h].
+            let pq = pattern_qph(&p[bi * h * s * s..(bi + 1) * h * s * s], s, h);
+            causal_mix(s, f, h, &pq, &y, ab);
         });
     }
 
@@ -992,8 +992,9 @@ impl<'a> Engine<'a> {
                 }
                 let pb = &p[bi * h * s * s..(bi + 1) * h * s * s];
                 // Small F: all of gY_h = P_hᵀ gA by causal block products is cheaper than the
-                // per-(p, i) sums below (ratio ≈ k·C·kb·32 / F²).
-                let dense_gy = if self.dense_attn_grad.unwrap_or(k * width * kb * 32 > f * f) {
+                // per-(p, i) sums below (ratio ≈ k·C·kb·80 / F², the crossover measured at
+                // d_model 64–128, F 1024–2048, C 16–64 on 2 cores).
+                let dense_gy = if self.dense_attn_grad.unwrap_or(k * width * kb * 80 > f * f) {
                     let mut ga = vec![0f32; s * f];
                     for q in 0..s {
                         for kk in 0..kb {
@@ -1003,10 +1004,8 @@ impl<'a> Engine<'a> {
                             }
                         }
                     }
-                    let mut gy = vec![0f32; h * s * f];
-                    for hh in 0..h {
-                        causal_mix_t(s, f, &pb[hh * s * s..(hh + 1) * s * s], &ga, &mut gy[hh * s * f..(hh + 1) * s * f]);
-                    }
+                    let mut gy = vec![0f32; s * h * f];
+                    causal_mix_t(s, f, h, &pattern_qph(pb, s, h), &ga, &mut gy);
                     Some(gy)
                 } else {
                     None
@@ -1030,7 +1029,7 @@ impl<'a> Engine<'a> {
                                 let i = slot as usize / width;
                                 if let Some(gy) = &dense_gy {
                                     for hh in 0..h {
-                                        let g = gy[(hh * s + pp) * f + i];
+                                        let g = gy[(pp * h + hh) * f + i];
                                         gw[slot as usize * h + hh] += g * v * inv;
                                         acc += g * w[slot as usize * h + hh];
                                     }
@@ -1109,31 +1108,47 @@ impl<'a> Engine<'a> {
     }
 }
 
-/// `out (S, F) += P (S, S) · Y (S, F)` for a causal pattern (P[q, p] = 0 for p > q): only the
-/// blocks on or below the diagonal are multiplied.
-fn causal_mix(s: usize, f: usize, p: &[f32], y: &[f32], out: &mut [f32]) {
+/// `out (S, F) += P (S, S·H) · Y (S·H, F)` for a causal pattern over `h` heads
+/// (`P[q, p·H + h] = 0` for p > q): only the blocks on or below the diagonal are multiplied.
+fn causal_mix(s: usize, f: usize, h: usize, p: &[f32], y: &[f32], out: &mut [f32]) {
     const BLOCK: usize = 32;
     let mut q0 = 0;
     while q0 < s {
         let qn = BLOCK.min(s - q0);
-        // keys 0 ..= last query of this block
-        let kn = q0 + qn;
-        sgemm(qn, f, kn, &p[q0 * s..], s, 1, y, f, 1, &mut out[q0 * f..(q0 + qn) * f], true, false);
+        // keys 0 ..= last query of this block, all heads
+        let kn = (q0 + qn) * h;
+        sgemm(qn, f, kn, &p[q0 * s * h..], s * h, 1, y, f, 1, &mut out[q0 * f..(q0 + qn) * f], true, false);
         q0 += qn;
     }
 }
 
-/// `out (S, F) = Pᵀ (S, S) · G (S, F)` for a causal pattern: `out[p] = Σ_{q ≥ p} P[q, p] G[q]`,
-/// by blocks of key positions (only the blocks on or below the diagonal of P).
-fn causal_mix_t(s: usize, f: usize, p: &[f32], g: &[f32], out: &mut [f32]) {
+/// `out (S·H, F) = Pᵀ · G (S, F)` for a causal pattern over `h` heads laid out as
+/// [`pattern_qph`]: `out[p·H + h] = Σ_{q ≥ p} P_h[q, p] G[q]`, by blocks of key positions
+/// (only the blocks on or below the diagonal).
+fn causal_mix_t(s: usize, f: usize, h: usize, p: &[f32], g: &[f32], out: &mut [f32]) {
     const BLOCK: usize = 32;
     let mut p0 = 0;
     while p0 < s {
         let pn = BLOCK.min(s - p0);
-        // out[p0..p0+pn] = Σ_{q=p0}^{S-1} P[q, p] G[q]: lhs (pn × (S−p0)), element (r, c) = P[(p0+c)·S + p0 + r]
-        sgemm(pn, f, s - p0, &p[p0 * s + p0..], 1, s, &g[p0 * f..], f, 1, &mut out[p0 * f..(p0 + pn) * f], false, false);
+        // rows (p, h) for p in p0..p0+pn; element (r, c) = P[(p0 + c)·S·H + p0·H + r]
+        let rows = p0 * h..(p0 + pn) * h;
+        sgemm(pn * h, f, s - p0, &p[p0 * s * h + p0 * h..], 1, s * h, &g[p0 * f..], f, 1, &mut out[rows.start * f..rows.end * f], false, false);
         p0 += pn;
     }
+}
+
+/// One sequence's pattern `(H, S_q, S_k)` re-laid as `[q][p][h]` (zeros above the diagonal),
+/// the layout of the head-combined products [`causal_mix`] and [`causal_mix_t`].
+fn pattern_qph(pb: &[f32], s: usize, h: usize) -> Vec<f32> {
+    let mut pq = vec![0f32; s * s * h];
+    for hh in 0..h {
+        for q in 0..s {
+            for pp in 0..=q {
+                pq[(q * s + pp) * h + hh] = pb[(hh * s + q) * s + pp];
+            }
+        }
+    }
+    pq
 }
 
 fn slots(index: &EdgeIndex, col: usize) -> &[u32] {

@@ -227,6 +227,8 @@ pub struct PassOutput {
     pub recon: Vec<Tensor>,
     /// The top-k indices of each module, `(batch·pos)·k` row-major.
     pub topk: Vec<Vec<u32>>,
+    /// `(batch·pos, n_features)`: the pre-activations before ReLU and top-k (for AuxK).
+    pub pre: Vec<Tensor>,
 }
 
 /// The tensors the pass reads, in its compute dtype: per module `[w_enc, b_enc, w_dec, b_dec]`
@@ -280,6 +282,7 @@ pub fn forward(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, opts: Pa
     let mut recon: Vec<Tensor> = Vec::with_capacity(suite.modules.len());
     let mut recon_nobias: Vec<Tensor> = Vec::with_capacity(suite.modules.len());
     let mut topk = Vec::with_capacity(suite.modules.len());
+    let mut pres = Vec::with_capacity(suite.modules.len());
     for (d, module) in suite.modules.iter().enumerate() {
         let [enc, b_enc, w_dec, b_dec] = &w.aes[d];
         let enc_t = enc.t()?;
@@ -351,8 +354,9 @@ pub fn forward(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, opts: Pa
         recon.push(rec);
         feats.push(feat);
         topk.push(idx);
+        pres.push(pre);
     }
-    Ok(PassOutput { feats, recon, topk })
+    Ok(PassOutput { feats, recon, topk, pre: pres })
 }
 
 /// `f = scatter(topk_idx(a), ReLU(gather(a, idx)))`: gradients reach the selected positive

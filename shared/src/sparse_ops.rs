@@ -228,32 +228,48 @@ impl CustomOp2 for SparseDecode {
     }
 }
 
-/// Indices of the `k` largest entries of each row of `a (rows, cols)`, ties toward the lower
-/// index, in descending order of value. The k-th largest value is found on a copy of the row
-/// (no index indirection), then the row is scanned once for the entries above it and, in index
-/// order, the ties at it.
+/// `x`'s position in [`f32::total_cmp`]'s order, as an integer (so comparisons vectorize).
+#[inline]
+fn order_key(x: f32) -> i32 {
+    let b = x.to_bits() as i32;
+    b ^ (((b >> 31) as u32) >> 1) as i32
+}
+
+/// Indices of the `k` largest entries of each row of `a (rows, cols)` in the order of
+/// [`f32::total_cmp`], ties toward the lower index, in descending order of value.
+///
+/// Per row: the row's values become integer order keys; splitting the row into `k` groups,
+/// the smallest group maximum is a lower bound of the k-th largest key (each group holds an
+/// entry at least that large), so one scan collects the few candidates at or above it, and
+/// only they are selected and sorted.
 pub fn topk_indices(a: &[f32], cols: usize, k: usize) -> Vec<u32> {
     let rows = a.len() / cols;
     let mut out = vec![0u32; rows * k];
+    if k == 0 || cols == 0 {
+        return out;
+    }
+    let group = cols / k;
     out.par_chunks_mut(k).enumerate().for_each_init(
-        || (Vec::with_capacity(cols), Vec::with_capacity(k)),
-        |(vals, picks): &mut (Vec<f32>, Vec<u32>), (r, o)| {
+        || (Vec::with_capacity(cols), Vec::with_capacity(cols)),
+        |(keys, cand): &mut (Vec<i32>, Vec<(i32, u32)>), (r, o)| {
             let row = &a[r * cols..(r + 1) * cols];
-            vals.clear();
-            vals.extend_from_slice(row);
-            let th = *vals.select_nth_unstable_by(k - 1, |x, y| y.total_cmp(x)).1;
-            picks.clear();
-            picks.extend((0..cols as u32).filter(|&i| row[i as usize].total_cmp(&th).is_gt()));
-            for i in 0..cols as u32 {
-                if picks.len() == k {
-                    break;
-                }
-                if row[i as usize].total_cmp(&th).is_eq() {
-                    picks.push(i);
-                }
+            keys.clear();
+            keys.extend(row.iter().map(|&x| order_key(x)));
+            // Lower bound of the k-th largest key (everything when the groups are too small).
+            let bound = if group >= 2 {
+                keys.chunks(group).take(k).map(|g| *g.iter().max().expect("non-empty group")).min().expect("k > 0")
+            } else {
+                i32::MIN
+            };
+            cand.clear();
+            cand.extend(keys.iter().enumerate().filter(|(_, &v)| v >= bound).map(|(i, &v)| (v, i as u32)));
+            let order = |x: &(i32, u32), y: &(i32, u32)| y.0.cmp(&x.0).then(x.1.cmp(&y.1));
+            if cand.len() > k {
+                cand.select_nth_unstable_by(k - 1, order);
+                cand.truncate(k);
             }
-            picks.sort_unstable_by(|x, y| row[*y as usize].total_cmp(&row[*x as usize]).then(x.cmp(y)));
-            o.copy_from_slice(picks);
+            cand.sort_unstable_by(order);
+            o.iter_mut().zip(cand.iter()).for_each(|(dst, &(_, i))| *dst = i);
         },
     );
     out
@@ -268,7 +284,7 @@ mod tests {
     /// selection; long rows: the sampled lower bound, including rows where it fails).
     #[test]
     fn topk_matches_a_full_sort() {
-        for (rows, cols, k) in [(50, 37, 9), (40, 1024, 32), (20, 512, 3)] {
+        for (rows, cols, k) in [(50, 37, 9), (40, 1024, 32), (20, 512, 3), (30, 100, 7), (10, 64, 64), (10, 8, 1)] {
             check_topk(rows, cols, k);
         }
     }
@@ -289,6 +305,16 @@ mod tests {
             let mut idx: Vec<u32> = (0..cols as u32).collect();
             idx.sort_by(|x, y| row[*y as usize].total_cmp(&row[*x as usize]).then(x.cmp(y)));
             assert_eq!(&got[r * k..(r + 1) * k], &idx[..k], "row {r}");
+        }
+    }
+
+    #[test]
+    fn topk_follows_total_order_on_special_values() {
+        let row = [-0.0, 0.0, f32::NAN, -f32::INFINITY, 1.5, f32::INFINITY, -f32::NAN, -3.0];
+        let mut idx: Vec<u32> = (0..row.len() as u32).collect();
+        idx.sort_by(|x, y| row[*y as usize].total_cmp(&row[*x as usize]).then(x.cmp(y)));
+        for k in 1..=row.len() {
+            assert_eq!(topk_indices(&row, row.len(), k), &idx[..k], "k {k}");
         }
     }
 

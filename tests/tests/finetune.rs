@@ -147,3 +147,48 @@ fn bad_runs_stop_with_clear_errors() {
     // resuming with other arguments is refused
     tool_fails("finetune", &["--acts", s(&acts), "--suite", s(&suite), "--out", s(&out), "--steps", "20", "--batch-size", "2", "--resume"], &["different arguments"]);
 }
+
+/// AuxK through the pruned pass on the autograd backend (the GPU path), with and without
+/// micro-batches, against the CPU engine: three SGD steps (latents dead from the second on),
+/// same parameters and the same logged AuxK.
+#[test]
+fn autograd_auxk_matches_the_engine() {
+    let tmp = scratch("ft-auxk");
+    let acts = golden_cache(&tmp, "tiny-neo");
+    let suite = fixture_suite("tiny-neo");
+    let conns = fixtures().join("suites/tiny-neo/connections-ref.safetensors");
+    let run = |tag: &str, extra: &[&str]| -> std::path::PathBuf {
+        let out = tmp.join(tag);
+        let mut args = vec![
+            "--acts", s(&acts), "--suite", s(&suite), "--connections", s(&conns), "--out", s(&out), "--steps", "3", "--batch-size", "3",
+            "--optimizer", "sgd", "--lr", "1e-2", "--no-scale-lr", "--clip-grad", "none", "--auxk-alpha", "0.5", "--dead-threshold", "10",
+        ];
+        args.extend_from_slice(extra);
+        tool_ok("finetune", &args);
+        out
+    };
+    let engine = run("engine", &["--backend", "engine"]);
+    let metrics = |p: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(p.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let want = metrics(&engine);
+    assert!(want[2]["auxk"].as_object().unwrap().values().any(|v| v.as_f64().unwrap() > 0.0), "AuxK must be active by step 2");
+    let start = load(&suite);
+    let reference = load(&engine.join("suite.safetensors"));
+    for (tag, extra) in [("autograd", vec!["--backend", "autograd"]), ("micro", vec!["--backend", "autograd", "--micro-batch", "1"])] {
+        let out = run(tag, &extra);
+        let got = load(&out.join("suite.safetensors"));
+        for (k, r) in &reference {
+            // compare the updates (θ' − θ), relative to the largest
+            let (du, dr) = ((&got[k] - &start[k]).unwrap(), (r - &start[k]).unwrap());
+            let rel = max_abs(&(&du - &dr).unwrap()) / max_abs(&dr).max(1e-12);
+            assert!(rel <= 1e-4, "{tag} {k}: update differs from the engine's by {rel} (relative)");
+        }
+        for (a, b) in metrics(&out).iter().zip(&want) {
+            for (m, v) in b["auxk"].as_object().unwrap() {
+                let (x, y) = (a["auxk"][m].as_f64().unwrap(), v.as_f64().unwrap());
+                assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{tag} step {} {m}: AuxK {x} vs {y}", b["step"]);
+            }
+        }
+    }
+}

@@ -127,9 +127,6 @@ fn run(args: Args) -> Result<()> {
     if use_engine && args.micro_batch.is_some() {
         bail!("--micro-batch: only for the autograd backend (the CPU engine's memory is already small); hint: --backend autograd");
     }
-    if !use_engine && args.auxk_alpha > 0.0 {
-        bail!("--auxk-alpha {}: AuxK runs on the CPU engine only so far (f32, --device cpu)", args.auxk_alpha);
-    }
     let pass_dtype = args.compute.dtype();
     let clip = args.run.clip()?;
     let inputs = match (&args.acts, &args.model) {
@@ -235,9 +232,14 @@ fn run(args: Args) -> Result<()> {
         let fvu_record = |fvus: &[f64]| -> serde_json::Value {
             suite.modules.iter().zip(fvus).map(|(m, f)| (m.name(), serde_json::json!(f))).collect::<serde_json::Map<_, _>>().into()
         };
+        // AuxK's latents: dead as of the previous step, in modules whose loss term is on.
+        let dead_masks = || -> Vec<Vec<bool>> {
+            (0..suite.modules.len()).map(|m| if scales[m] != 0.0 { dead.dead(m) } else { vec![false; suite.n_features] }).collect()
+        };
         let loss = if let Some(dopt) = dopt.as_mut() {
             let pass_batch = if pass_dtype == candle_core::DType::F32 { batch.clone() } else { batch.with_pass_dtype(pass_dtype)? };
-            let spec = LossSpec { fvu_scales: (args.loss != Loss::Ce).then(|| scales.clone()), ce_weight };
+            let auxk = (args.auxk_alpha > 0.0).then(|| (args.auxk_alpha, dead_masks()));
+            let spec = LossSpec { fvu_scales: (args.loss != Loss::Ce).then(|| scales.clone()), ce_weight, auxk };
             let (values, mut grads) = scae::devtrain::finetune_grads(suite, rt, &plan, &pass_batch, args.pass.options(), &spec, args.micro_batch.map(|m| m as usize))?;
             for (m, fired) in values.fired.iter().enumerate() {
                 if scales[m] != 0.0 {
@@ -246,6 +248,9 @@ fn run(args: Args) -> Result<()> {
             }
             if let Some(f) = &values.fvu {
                 record.insert("fvu".into(), fvu_record(f));
+            }
+            if let Some(a) = &values.auxk {
+                record.insert("auxk".into(), fvu_record(a));
             }
             if let Some(ce) = values.ce {
                 let clean = rt.forward(&batch.tokens, false, false)?.ce.mean_all()?.to_scalar::<f32>()? as f64;
@@ -264,10 +269,7 @@ fn run(args: Args) -> Result<()> {
             let fb = FlatBatch::new(&batch, suite)?;
             let eng = Engine::new(suite, rt, &plan, args.pass.options())?;
             let mut state = if args.auxk_alpha > 0.0 {
-                let masks: Vec<Vec<bool>> = (0..suite.modules.len())
-                    .map(|m| if scales[m] != 0.0 { dead.dead(m) } else { vec![false; suite.n_features] })
-                    .collect();
-                eng.forward_with_dead(&fb, Some(&masks))?
+                eng.forward_with_dead(&fb, Some(&dead_masks()))?
             } else {
                 eng.forward(&fb)?
             };
