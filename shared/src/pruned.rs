@@ -375,6 +375,12 @@ pub fn topk_relu(pre: &Tensor, k: usize) -> Result<(Tensor, Vec<u32>)> {
 /// CUDA sort handles rows up to 8192 features; ties are not guaranteed toward the lower
 /// index there). The returned index list is empty.
 pub fn topk_relu_device(pre: &Tensor, k: usize) -> Result<(Tensor, Vec<u32>)> {
+    let f = pre.dim(D::Minus1)?;
+    if pre.device().is_cuda() && f > 8192 {
+        return Err(Error::Usage(format!(
+            "top-k on the GPU sorts rows of at most 8192 features (candle's sort kernel keeps a row in shared memory); found {f} features per module"
+        )));
+    }
     let idx_t = pre.detach().arg_sort_last_dim(false)?.narrow(D::Minus1, 0, k)?.contiguous()?;
     let vals = pre.gather(&idx_t, D::Minus1)?.relu()?;
     let feat = pre.zeros_like()?.scatter(&idx_t, &vals, D::Minus1)?;

@@ -238,38 +238,44 @@ fn order_key(x: f32) -> i32 {
 /// Indices of the `k` largest entries of each row of `a (rows, cols)` in the order of
 /// [`f32::total_cmp`], ties toward the lower index, in descending order of value.
 ///
-/// Per row: the row's values become integer order keys; splitting the row into `k` groups,
-/// the smallest group maximum is a lower bound of the k-th largest key (each group holds an
-/// entry at least that large), so one scan collects the few candidates at or above it, and
-/// only they are selected and sorted.
+/// Per row: the row's values become integer order keys; the row is split into `G ≥ k`
+/// strided groups (entries `j, j + G, j + 2G, …`) and the k-th largest group maximum is a
+/// lower bound of the k-th largest key (k groups each hold an entry at least that large), so
+/// one branch-free scan collects the few candidates at or above it, and only they are
+/// selected and sorted.
 pub fn topk_indices(a: &[f32], cols: usize, k: usize) -> Vec<u32> {
-    let rows = a.len() / cols;
+    let rows = a.len() / cols.max(1);
     let mut out = vec![0u32; rows * k];
     if k == 0 || cols == 0 {
         return out;
     }
-    let group = cols / k;
+    // About 8 entries per group, between k and 4k groups (more groups: a tighter bound).
+    let n_groups = (cols / 8).clamp(k, 4 * k).min(cols);
+    let order = |x: &(i32, u32), y: &(i32, u32)| y.0.cmp(&x.0).then(x.1.cmp(&y.1));
     out.par_chunks_mut(k).enumerate().for_each_init(
-        || (Vec::with_capacity(cols), Vec::with_capacity(cols)),
-        |(keys, cand): &mut (Vec<i32>, Vec<(i32, u32)>), (r, o)| {
+        || (vec![0i32; cols], vec![(0i32, 0u32); cols], vec![0i32; n_groups]),
+        |(keys, cand, maxima): &mut (Vec<i32>, Vec<(i32, u32)>, Vec<i32>), (r, o)| {
             let row = &a[r * cols..(r + 1) * cols];
-            keys.clear();
-            keys.extend(row.iter().map(|&x| order_key(x)));
-            // Lower bound of the k-th largest key (everything when the groups are too small).
-            let bound = if group >= 2 {
-                keys.chunks(group).take(k).map(|g| *g.iter().max().expect("non-empty group")).min().expect("k > 0")
-            } else {
-                i32::MIN
-            };
-            cand.clear();
-            cand.extend(keys.iter().enumerate().filter(|(_, &v)| v >= bound).map(|(i, &v)| (v, i as u32)));
-            let order = |x: &(i32, u32), y: &(i32, u32)| y.0.cmp(&x.0).then(x.1.cmp(&y.1));
-            if cand.len() > k {
-                cand.select_nth_unstable_by(k - 1, order);
-                cand.truncate(k);
+            keys.iter_mut().zip(row).for_each(|(key, &x)| *key = order_key(x));
+            maxima.copy_from_slice(&keys[..n_groups]);
+            for blk in keys[n_groups..].chunks_exact(n_groups) {
+                maxima.iter_mut().zip(blk).for_each(|(m, &v)| *m = (*m).max(v));
             }
-            cand.sort_unstable_by(order);
-            o.iter_mut().zip(cand.iter()).for_each(|(dst, &(_, i))| *dst = i);
+            let bound = *maxima.select_nth_unstable_by(k - 1, |x, y| y.cmp(x)).1;
+            let mut n = 0;
+            for (i, &v) in keys.iter().enumerate() {
+                cand[n] = (v, i as u32);
+                n += usize::from(v >= bound);
+            }
+            let cand = &mut cand[..n];
+            let top = if n > k {
+                cand.select_nth_unstable_by(k - 1, order);
+                &mut cand[..k]
+            } else {
+                cand
+            };
+            top.sort_unstable_by(order);
+            o.iter_mut().zip(top.iter()).for_each(|(dst, &(_, i))| *dst = i);
         },
     );
     out
