@@ -25,6 +25,9 @@ use crate::pruned::{Batch, PassOptions, Plan};
 use crate::sparse_ops::{topk_indices, EdgeIndex};
 use crate::suite::{Kind, Suite};
 
+/// Output rows per task of a parallel [`sgemm`].
+const GEMM_ROWS: usize = 128;
+
 /// `C (m, n) = [C +] A (m, k) · B (k, n)` with explicit (row, column) strides for A and B;
 /// C is row-major contiguous.
 #[allow(clippy::too_many_arguments)]
@@ -41,7 +44,15 @@ fn sgemm(m: usize, n: usize, k: usize, a: &[f32], a_rs: usize, a_cs: usize, b: &
     debug_assert!(c.len() >= m * n);
     debug_assert!(a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
     debug_assert!(b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
-    let parallelism = if par { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+    if par && m >= 2 * GEMM_ROWS {
+        // Parallel over fixed blocks of output rows, each a single-threaded product.
+        c[..m * n].par_chunks_mut(GEMM_ROWS * n).enumerate().for_each(|(blk, cb)| {
+            let rows = cb.len() / n;
+            sgemm(rows, n, k, &a[blk * GEMM_ROWS * a_rs..], a_rs, a_cs, b, b_rs, b_cs, cb, acc, false);
+        });
+        return;
+    }
+    let parallelism = gemm::Parallelism::None;
     // SAFETY: the asserts above bound every index the kernel touches; C does not alias A or B.
     unsafe {
         gemm::gemm(
@@ -631,9 +642,11 @@ impl<'a> Engine<'a> {
         let sc = &fb.s1[layer];
         let p = &fb.pattern[layer];
         let width = index.width;
-        a.par_chunks_mut(s * f).enumerate().for_each(|(bi, ab)| {
+        // Per-thread buffers, reused across sequences (no fresh pages per sequence).
+        let init = || (vec![0f32; s * h * f], vec![0f32; s * s * h]);
+        a.par_chunks_mut(s * f).enumerate().for_each_init(init, |(y, pq), (bi, ab)| {
             // Y[p, h, i] = Σ_edges w_h · f_u[p, j] / s1[p]
-            let mut y = vec![0f32; s * h * f];
+            y.fill(0.0);
             for pp in 0..s {
                 let t = bi * s + pp;
                 let inv = 1.0 / sc[t];
@@ -656,8 +669,8 @@ impl<'a> Engine<'a> {
             }
             // a[q] += Σ_{p ≤ q} Σ_h P_h[q, p] Y[p, h]: one product over (key, head) pairs,
             // with the pattern laid out as [q][p][h].
-            let pq = pattern_qph(&p[bi * h * s * s..(bi + 1) * h * s * s], s, h);
-            causal_mix(s, f, h, &pq, &y, ab);
+            pattern_qph(&p[bi * h * s * s..(bi + 1) * h * s * s], s, h, pq);
+            causal_mix(s, f, h, pq, y, ab);
         });
     }
 
@@ -1005,7 +1018,9 @@ impl<'a> Engine<'a> {
                         }
                     }
                     let mut gy = vec![0f32; s * h * f];
-                    causal_mix_t(s, f, h, &pattern_qph(pb, s, h), &ga, &mut gy);
+                    let mut pq = vec![0f32; s * s * h];
+                    pattern_qph(pb, s, h, &mut pq);
+                    causal_mix_t(s, f, h, &pq, &ga, &mut gy);
                     Some(gy)
                 } else {
                     None
@@ -1139,8 +1154,8 @@ fn causal_mix_t(s: usize, f: usize, h: usize, p: &[f32], g: &[f32], out: &mut [f
 
 /// One sequence's pattern `(H, S_q, S_k)` re-laid as `[q][p][h]` (zeros above the diagonal),
 /// the layout of the head-combined products [`causal_mix`] and [`causal_mix_t`].
-fn pattern_qph(pb: &[f32], s: usize, h: usize) -> Vec<f32> {
-    let mut pq = vec![0f32; s * s * h];
+fn pattern_qph(pb: &[f32], s: usize, h: usize, pq: &mut [f32]) {
+    pq.fill(0.0);
     for hh in 0..h {
         for q in 0..s {
             for pp in 0..=q {
@@ -1148,7 +1163,6 @@ fn pattern_qph(pb: &[f32], s: usize, h: usize) -> Vec<f32> {
             }
         }
     }
-    pq
 }
 
 fn slots(index: &EdgeIndex, col: usize) -> &[u32] {
