@@ -1004,23 +1004,25 @@ impl<'a> Engine<'a> {
                     }
                 }
                 let pb = &p[bi * h * s * s..(bi + 1) * h * s * s];
-                // Small F: all of gY_h = P_hᵀ gA by causal block products is cheaper than the
-                // per-(p, i) sums below (ratio ≈ k·C·kb·80 / F², the crossover measured at
-                // d_model 64–128, F 1024–2048, C 16–64 on 2 cores).
-                let dense_gy = if self.dense_attn_grad.unwrap_or(k * width * kb * 80 > f * f) {
-                    let mut ga = vec![0f32; s * f];
+                // All of gY, pushed from gA's k non-zeros per query (cheaper than the per-(p, i)
+                // sums below at every size measured, d_model 64–128, F 256–2048, C 8–64),
+                // unless its F·S·H buffer is large.
+                let dense_gy = if self.dense_attn_grad.unwrap_or(f * s * h <= 1 << 24) {
+                    // gY as [i][p][h]: every non-zero gA[q, i] (k per query) adds
+                    // gA[q, i] · P[q, 0..=q, ·] — one contiguous row of the [q][p][h] pattern.
+                    let mut pq = vec![0f32; s * s * h];
+                    pattern_qph(pb, s, h, &mut pq);
+                    let mut gy = vec![0f32; f * s * h];
                     for q in 0..s {
+                        let prow = &pq[q * s * h..q * s * h + (q + 1) * h];
                         for kk in 0..kb {
                             let g = pg.g[(bi * s + q) * kb + kk];
                             if g != 0.0 {
-                                ga[q * f + pg.idx[(bi * s + q) * kb + kk] as usize] += g;
+                                let i = pg.idx[(bi * s + q) * kb + kk] as usize;
+                                axpy(g, prow, &mut gy[i * s * h..i * s * h + (q + 1) * h]);
                             }
                         }
                     }
-                    let mut gy = vec![0f32; s * h * f];
-                    let mut pq = vec![0f32; s * s * h];
-                    pattern_qph(pb, s, h, &mut pq);
-                    causal_mix_t(s, f, h, &pq, &ga, &mut gy);
                     Some(gy)
                 } else {
                     None
@@ -1044,7 +1046,7 @@ impl<'a> Engine<'a> {
                                 let i = slot as usize / width;
                                 if let Some(gy) = &dense_gy {
                                     for hh in 0..h {
-                                        let g = gy[(pp * h + hh) * f + i];
+                                        let g = gy[(i * s + pp) * h + hh];
                                         gw[slot as usize * h + hh] += g * v * inv;
                                         acc += g * w[slot as usize * h + hh];
                                     }
@@ -1137,23 +1139,8 @@ fn causal_mix(s: usize, f: usize, h: usize, p: &[f32], y: &[f32], out: &mut [f32
     }
 }
 
-/// `out (S·H, F) = Pᵀ · G (S, F)` for a causal pattern over `h` heads laid out as
-/// [`pattern_qph`]: `out[p·H + h] = Σ_{q ≥ p} P_h[q, p] G[q]`, by blocks of key positions
-/// (only the blocks on or below the diagonal).
-fn causal_mix_t(s: usize, f: usize, h: usize, p: &[f32], g: &[f32], out: &mut [f32]) {
-    const BLOCK: usize = 32;
-    let mut p0 = 0;
-    while p0 < s {
-        let pn = BLOCK.min(s - p0);
-        // rows (p, h) for p in p0..p0+pn; element (r, c) = P[(p0 + c)·S·H + p0·H + r]
-        let rows = p0 * h..(p0 + pn) * h;
-        sgemm(pn * h, f, s - p0, &p[p0 * s * h + p0 * h..], 1, s * h, &g[p0 * f..], f, 1, &mut out[rows.start * f..rows.end * f], false, false);
-        p0 += pn;
-    }
-}
-
 /// One sequence's pattern `(H, S_q, S_k)` re-laid as `[q][p][h]` (zeros above the diagonal),
-/// the layout of the head-combined products [`causal_mix`] and [`causal_mix_t`].
+/// the layout of the head-combined product [`causal_mix`] and of the pushed gradient.
 fn pattern_qph(pb: &[f32], s: usize, h: usize, pq: &mut [f32]) {
     pq.fill(0.0);
     for hh in 0..h {
