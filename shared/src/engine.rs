@@ -83,8 +83,24 @@ fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     y.iter_mut().zip(x).for_each(|(o, v)| *o += alpha * v);
 }
 
+/// `Σ a·b` in eight interleaved partial sums (so it vectorizes; a fixed order, so results do
+/// not depend on threads).
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut tail = 0f32;
+    for (x, y) in ra.iter().zip(rb) {
+        tail += x * y;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
 /// `out (F, D)`: `out[i] = Σ coef(j) · rows[j / width]` over the flat positions `j` with

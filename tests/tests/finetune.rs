@@ -144,6 +144,15 @@ fn bad_runs_stop_with_clear_errors() {
     let last: serde_json::Value = serde_json::from_str(std::fs::read_to_string(aux.join("metrics.jsonl")).unwrap().lines().last().unwrap()).unwrap();
     assert_eq!(last["auxk"].as_object().unwrap().len(), 4);
     assert!(last["auxk"].as_object().unwrap().values().all(|v| v.as_f64().unwrap() > 0.0));
+    // flags of the autograd (GPU) path that the CPU engine does not take, and a GPU this build
+    // does not have
+    let base = ["--acts", s(&acts), "--suite", s(&suite), "--steps", "1", "--batch-size", "3"];
+    tool_fails("finetune", &[&base[..], &["--out", s(&tmp.join("m")), "--backend", "engine", "--micro-batch", "1"]].concat(), &["--micro-batch", "autograd"]);
+    tool_fails("finetune", &[&base[..], &["--out", s(&tmp.join("b")), "--backend", "engine", "--dtype", "bf16"]].concat(), &["--backend engine", "f32 on the CPU"]);
+    if !cfg!(feature = "cuda") {
+        tool_fails("finetune", &[&base[..], &["--out", s(&tmp.join("g")), "--device", "cuda"]].concat(), &["--device cuda", "without CUDA"]);
+    }
+    assert!(!tmp.join("m").exists() && !tmp.join("b").exists());
     // resuming with other arguments is refused
     tool_fails("finetune", &["--acts", s(&acts), "--suite", s(&suite), "--out", s(&out), "--steps", "20", "--batch-size", "2", "--resume"], &["different arguments"]);
 }
