@@ -43,7 +43,7 @@ pub fn open_device(name: &str) -> crate::Result<Device> {
     let ordinal = name.strip_prefix("cuda:").and_then(|n| n.parse().ok()).unwrap_or(0);
     if !candle_core::utils::cuda_is_available() {
         return Err(crate::Error::Usage(format!(
-            "--device {name}: this binary was built without CUDA\nhint: build it with scripts/build-cuda.sh"
+            "--device {name}: this binary was built without CUDA; hint: build it with scripts/build-cuda.sh"
         )));
     }
     Device::new_cuda(ordinal).map_err(|e| crate::Error::Usage(format!("--device {name}: cannot open GPU: {e}")))
