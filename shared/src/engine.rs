@@ -996,6 +996,32 @@ impl<'a> Engine<'a> {
                 // that an active upstream feature at p connects to. g_pre has k entries per row:
                 // index it by column (feature i -> its (q, g) entries, q ascending).
                 let kb = pg.kb;
+                let pb = &p[bi * h * s * s..(bi + 1) * h * s * s];
+                // All of gY, pushed from gA's k non-zeros per query (cheaper than the per-(p, i)
+                // sums further below at every size measured, d_model 64–128, F 256–2048,
+                // C 8–64), unless its F·S·H buffer is large.
+                if self.dense_attn_grad.unwrap_or(f * s * h <= 1 << 24) {
+                    // gY as [i][p][h]: every non-zero gA[q, i] (k per query) adds
+                    // gA[q, i] · P[q, 0..=q, ·] — one contiguous row of the [q][p][h] pattern.
+                    let mut pq = vec![0f32; s * s * h];
+                    pattern_qph(pb, s, h, &mut pq);
+                    let mut gy = vec![0f32; f * s * h];
+                    for q in 0..s {
+                        let prow = &pq[q * s * h..q * s * h + (q + 1) * h];
+                        for kk in 0..kb {
+                            let g = pg.g[(bi * s + q) * kb + kk];
+                            if g != 0.0 {
+                                let i = pg.idx[(bi * s + q) * kb + kk] as usize;
+                                axpy(g, prow, &mut gy[i * s * h..i * s * h + (q + 1) * h]);
+                            }
+                        }
+                    }
+                    self.attn_edge_grads_by_feature(fb, bi, index, w, &gy, state, ups, sc, sb, gw);
+                    continue;
+                }
+                // Sparse: gY_h[p, i] = Σ_{q ≥ p} P[h, q, p] g_pre[q, i] only for the (p, i)
+                // that an active upstream feature at p connects to. g_pre has k entries per row:
+                // index it by column (feature i -> its (q, g) entries, q ascending).
                 let mut col_ptr = vec![0u32; f + 1];
                 for q in 0..s {
                     for kk in 0..kb {
@@ -1019,30 +1045,6 @@ impl<'a> Engine<'a> {
                         }
                     }
                 }
-                let pb = &p[bi * h * s * s..(bi + 1) * h * s * s];
-                // All of gY, pushed from gA's k non-zeros per query (cheaper than the per-(p, i)
-                // sums below at every size measured, d_model 64–128, F 256–2048, C 8–64),
-                // unless its F·S·H buffer is large.
-                let dense_gy = if self.dense_attn_grad.unwrap_or(f * s * h <= 1 << 24) {
-                    // gY as [i][p][h]: every non-zero gA[q, i] (k per query) adds
-                    // gA[q, i] · P[q, 0..=q, ·] — one contiguous row of the [q][p][h] pattern.
-                    let mut pq = vec![0f32; s * s * h];
-                    pattern_qph(pb, s, h, &mut pq);
-                    let mut gy = vec![0f32; f * s * h];
-                    for q in 0..s {
-                        let prow = &pq[q * s * h..q * s * h + (q + 1) * h];
-                        for kk in 0..kb {
-                            let g = pg.g[(bi * s + q) * kb + kk];
-                            if g != 0.0 {
-                                let i = pg.idx[(bi * s + q) * kb + kk] as usize;
-                                axpy(g, prow, &mut gy[i * s * h..i * s * h + (q + 1) * h]);
-                            }
-                        }
-                    }
-                    Some(gy)
-                } else {
-                    None
-                };
                 // Otherwise, per key position, a cache of gY_h[p, i] for the i touched at p.
                 let mut stamp = vec![u32::MAX; f];
                 let mut cache = vec![0f32; f * h];
@@ -1060,14 +1062,6 @@ impl<'a> Engine<'a> {
                             let mut acc = 0f32;
                             for &slot in slots(index, col) {
                                 let i = slot as usize / width;
-                                if let Some(gy) = &dense_gy {
-                                    for hh in 0..h {
-                                        let g = gy[(i * s + pp) * h + hh];
-                                        gw[slot as usize * h + hh] += g * v * inv;
-                                        acc += g * w[slot as usize * h + hh];
-                                    }
-                                    continue;
-                                }
                                 if stamp[i] != pp as u32 {
                                     stamp[i] = pp as u32;
                                     let gyi = &mut cache[i * h..(i + 1) * h];
@@ -1096,6 +1090,74 @@ impl<'a> Engine<'a> {
         });
         add_up_value_grads(ups, &scratch, n, k, g_val_up);
         gw
+    }
+
+    /// The attention edge gradients of one sequence `bi` given all of `gY [i][p][h]`, visited
+    /// by downstream feature so that `gY[i]`, the edge weights and their gradients are read in
+    /// order: `gw[slot] += gY[i, p] · v / s1[p]` and, for the upstream value at `(p, u, kk)`,
+    /// `sb += (gY[i, p] · w[slot]) / s1[p]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attn_edge_grads_by_feature(&self, fb: &FlatBatch, bi: usize, index: &EdgeIndex, w: &[f32], gy: &[f32], state: &State, ups: &[usize], sc: &[f32], sb: &mut [f32], gw: &mut [f32]) {
+        let (s, f, k, h) = (fb.s, self.f, self.k, self.n_heads);
+        let width = index.width;
+        let per_pos = ups.len() * k;
+        // Active upstream values of this sequence by upstream column: (position in sb, v / s1).
+        let n_cols = ups.len() * f;
+        let mut ptr = vec![0u32; n_cols + 1];
+        for pp in 0..s {
+            let t = bi * s + pp;
+            for (pu, &u) in ups.iter().enumerate() {
+                let su = &state.modules[u];
+                for kk in 0..k {
+                    if su.val[t * k + kk] != 0.0 {
+                        ptr[pu * f + su.idx[t * k + kk] as usize + 1] += 1;
+                    }
+                }
+            }
+        }
+        for c in 0..n_cols {
+            ptr[c + 1] += ptr[c];
+        }
+        let mut fill = ptr.clone();
+        let mut act = vec![(0u32, 0f32); ptr[n_cols] as usize];
+        let inv: Vec<f32> = (0..s).map(|pp| 1.0 / sc[bi * s + pp]).collect();
+        for pp in 0..s {
+            let t = bi * s + pp;
+            for (pu, &u) in ups.iter().enumerate() {
+                let su = &state.modules[u];
+                for kk in 0..k {
+                    let v = su.val[t * k + kk];
+                    if v != 0.0 {
+                        let col = pu * f + su.idx[t * k + kk] as usize;
+                        act[fill[col] as usize] = (((pp * ups.len() + pu) * k + kk) as u32, v * inv[pp]);
+                        fill[col] += 1;
+                    }
+                }
+            }
+        }
+        for i in 0..f {
+            let gyi = &gy[i * s * h..(i + 1) * s * h];
+            for c in 0..width {
+                let slot = i * width + c;
+                let col = index.slot_col[slot];
+                if col == crate::sparse_ops::EMPTY {
+                    continue;
+                }
+                let col = col as usize;
+                let wv = &w[slot * h..(slot + 1) * h];
+                let gws = &mut gw[slot * h..(slot + 1) * h];
+                for &(e, vinv) in &act[ptr[col] as usize..ptr[col + 1] as usize] {
+                    let pp = e as usize / per_pos;
+                    let g = &gyi[pp * h..(pp + 1) * h];
+                    let mut acc = 0f32;
+                    for hh in 0..h {
+                        gws[hh] += g[hh] * vinv;
+                        acc += g[hh] * wv[hh];
+                    }
+                    sb[e as usize] += acc * inv[pp];
+                }
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
