@@ -1375,3 +1375,25 @@ pub fn dense_features(state: &ModuleState, n: usize, f: usize, k: usize, device:
     }
     Ok(Tensor::from_vec(dense, (n, f), device)?)
 }
+
+/// The pruned pass's values without gradients (evaluation, edge scores): on the CPU in f32 the
+/// engine (a fraction of the autograd pass's time and memory), otherwise
+/// [`crate::pruned::forward`]. `pre` is left empty.
+pub fn forward_values(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, opts: PassOptions) -> Result<crate::pruned::PassOutput> {
+    let cpu_f32 = batch.resid_pre0.device().is_cpu() && batch.resid_pre0.dtype() == DType::F32;
+    if !cpu_f32 || plan.composed {
+        return crate::pruned::forward(suite, rt, plan, batch, opts);
+    }
+    let fb = FlatBatch::new(batch, suite)?;
+    let state = Engine::new(suite, rt, plan, opts)?.forward(&fb)?;
+    let (b, s, d) = batch.resid_pre0.dims3()?;
+    let (n, f, k) = (b * s, suite.n_features, suite.k);
+    let dev = batch.resid_pre0.device();
+    let mut out = crate::pruned::PassOutput { feats: Vec::new(), recon: Vec::new(), topk: Vec::new(), pre: Vec::new() };
+    for st in state.modules {
+        out.feats.push(dense_features(&st, n, f, k, dev)?);
+        out.topk.push(st.idx);
+        out.recon.push(Tensor::from_vec(st.recon, (b, s, d), dev)?);
+    }
+    Ok(out)
+}

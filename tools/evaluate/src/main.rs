@@ -146,7 +146,7 @@ fn run(args: Args) -> Result<()> {
     let m = &inputs.cache().manifest;
     let bar = scae::cli::token_bar(Some((limit.unwrap_or(m.n_seqs).min(m.n_seqs) * m.ctx_len) as u64), "evaluating");
     let n_seqs = inputs.cache().for_each_batch(args.batch_size as usize, limit, &device, |batch| {
-        let out = pruned::forward(suite, rt, &plan, &batch, args.pass.options())?;
+        let out = scae::engine::forward_values(suite, rt, &plan, &batch, args.pass.options())?;
         let (b, s, _) = batch.resid_pre0.dims3()?;
         let ce = pruned::ce_per_token(rt, &batch, &out)?;
         ce_sum += ce.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;

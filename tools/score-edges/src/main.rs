@@ -10,7 +10,7 @@ use clap::Parser;
 use scae::connections::{Connections, EDGES_FORMAT, FORMAT};
 use scae::inputs::Inputs;
 use scae::io::StagedDir;
-use scae::pruned::{self, Plan, Wiring};
+use scae::pruned::{Plan, Wiring};
 use scae::scores::{select_top_c, ScoreStats};
 
 /// Score every edge of a suite on an activation cache and pick top-C connections.
@@ -77,7 +77,7 @@ fn run(args: Args) -> Result<()> {
     let total = limit.unwrap_or(inputs.cache().manifest.n_seqs).min(inputs.cache().manifest.n_seqs);
     let bar = scae::cli::token_bar(Some((total * ctx) as u64), "scoring");
     let n_seqs = inputs.cache().for_each_batch(args.batch_size as usize, limit, &device, |batch| {
-        let out = pruned::forward(suite, rt, &plan, &batch, args.pass.options())?;
+        let out = scae::engine::forward_values(suite, rt, &plan, &batch, args.pass.options())?;
         stats.accumulate(suite, &batch, &out)?;
         bar.inc(batch.tokens.elem_count() as u64);
         Ok(())
