@@ -37,28 +37,69 @@ export LD_LIBRARY_PATH="$(echo "$LIBS" | paste -sd: -)${LD_LIBRARY_PATH:+:$LD_LI
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 F=tests/fixtures
 status=0
+# Run a tool; on failure print its last line, record it and go on.
+run() {
+    if ! "$@" > "$OUT/last.log" 2>&1; then
+        echo "FAILED: $(basename "$1") ${*:2}" >&2
+        tail -n 3 "$OUT/last.log" >&2
+        status=1
+    fi
+}
+# Reading safetensors without the `safetensors` package or numpy.
+cat > "$OUT/st.py" <<'PY'
+"""safetensors as flat lists of numbers, in plain Python (no numpy, no safetensors)."""
+import array, json, struct
+
+def load_file(path):
+    with open(path, "rb") as fh:
+        n = struct.unpack("<Q", fh.read(8))[0]
+        header = json.loads(fh.read(n))
+        data = fh.read()
+    codes = {"F32": "f", "F64": "d", "I64": "q", "U32": "I", "F16": "e"}
+    out = {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        lo, hi = t["data_offsets"]
+        raw = data[lo:hi]
+        if t["dtype"] == "BF16":
+            bits = array.array("H", raw)
+            out[name] = [struct.unpack("<f", struct.pack("<I", b << 16))[0] for b in bits]
+        elif t["dtype"] == "F16":
+            out[name] = [v[0] for v in struct.iter_unpack("<e", raw)]
+        else:
+            out[name] = array.array(codes[t["dtype"]], raw).tolist()
+    return out
+
+def max_abs_diff(a, b):
+    return max((abs(x - y) for x, y in zip(a, b)), default=0.0)
+
+def max_abs(a):
+    return max((abs(x) for x in a), default=0.0)
+PY
+export PYTHONPATH="$OUT${PYTHONPATH:+:$PYTHONPATH}"
 # GPU=cpu runs the whole check on the CPU twice (to test this script without a GPU).
 GPU="${GPU:-cuda}"
 for name in tiny-neo tiny-pythia tiny-gpt2; do
     for pair in cpu:cpu "$GPU:gpu"; do
         dev=${pair%%:*}; tag=${pair##*:}
         s=$(date +%s.%N)
-        "$BIN/collect-acts" --model "$F/models/$name" --tokens "$F/golden/suite-$name.safetensors" --ctx-len 12 \
-            --no-prepend-bos --device "$dev" --out "$OUT/$name-acts-$tag" > /dev/null
-        "$BIN/evaluate" --acts "$OUT/$name-acts-$tag" --suite "$F/suites/$name/suite.safetensors" --device "$dev" \
-            --out "$OUT/$name-eval-all-$tag" > /dev/null
-        "$BIN/evaluate" --acts "$OUT/$name-acts-$tag" --suite "$F/suites/$name/suite.safetensors" --device "$dev" \
-            --connections "$F/suites/$name/connections-ref.safetensors" --out "$OUT/$name-eval-c-$tag" > /dev/null 2>&1
+        run "$BIN/collect-acts" --model "$F/models/$name" --tokens "$F/golden/suite-$name.safetensors" --ctx-len 12 \
+            --no-prepend-bos --device "$dev" --out "$OUT/$name-acts-$tag"
+        run "$BIN/evaluate" --acts "$OUT/$name-acts-$tag" --suite "$F/suites/$name/suite.safetensors" --device "$dev" \
+            --out "$OUT/$name-eval-all-$tag"
+        run "$BIN/evaluate" --acts "$OUT/$name-acts-$tag" --suite "$F/suites/$name/suite.safetensors" --device "$dev" \
+            --connections "$F/suites/$name/connections-ref.safetensors" --out "$OUT/$name-eval-c-$tag"
         e=$(date +%s.%N)
         echo "$name $dev: $(python3 -c "print(round($e - $s, 2))") s"
     done
     python3 - "$OUT" "$name" <<'PY' || status=1
 import json, sys
-from safetensors.numpy import load_file
+from st import load_file, max_abs_diff
 out, name = sys.argv[1], sys.argv[2]
 a = load_file(f"{out}/{name}-acts-cpu/shard-00000.safetensors")
 b = load_file(f"{out}/{name}-acts-gpu/shard-00000.safetensors")
-worst = max(float(abs(a[k].astype("f8") - b[k].astype("f8")).max()) for k in a if k != "tokens")
+worst = max(max_abs_diff(a[k], b[k]) for k in a if k != "tokens")
 ok = worst <= 1e-3
 for kind in ("all", "c"):
     x = json.load(open(f"{out}/{name}-eval-{kind}-cpu/eval.json"))
@@ -77,19 +118,19 @@ for name in tiny-neo tiny-pythia tiny-gpt2; do
     S="$F/suites/$name/suite.safetensors"
     for pair in cpu:cpu:engine "$GPU:gpu:autograd"; do
         IFS=: read -r dev tag be <<< "$pair"
-        "$BIN/finetune" --acts "$OUT/$name-acts-cpu" --suite "$S" --connections "$F/suites/$name/connections-ref.safetensors" \
+        run "$BIN/finetune" --acts "$OUT/$name-acts-cpu" --suite "$S" --connections "$F/suites/$name/connections-ref.safetensors" \
             --loss mse+ce --optimizer sgd --lr 1e-2 --no-scale-lr --clip-grad none --steps 3 --batch-size 3 \
-            --device "$dev" --backend "$be" --out "$OUT/$name-ft-$tag" > /dev/null
-        "$BIN/train-suite" --acts "$OUT/$name-acts-cpu" --expansion 2 --k 4 --steps 5 --batch-size 3 --lr 1e-2 \
-            --device "$dev" --backend "$be" --out "$OUT/$name-ts-$tag" > /dev/null
+            --device "$dev" --backend "$be" --out "$OUT/$name-ft-$tag"
+        run "$BIN/train-suite" --acts "$OUT/$name-acts-cpu" --expansion 2 --k 4 --steps 5 --batch-size 3 --lr 1e-2 \
+            --device "$dev" --backend "$be" --out "$OUT/$name-ts-$tag"
     done
     python3 - "$OUT" "$name" <<'PY' || status=1
 import json, sys
-from safetensors.numpy import load_file
+from st import load_file, max_abs, max_abs_diff
 out, name = sys.argv[1], sys.argv[2]
 ok = True
 a, b = load_file(f"{out}/{name}-ft-cpu/suite.safetensors"), load_file(f"{out}/{name}-ft-gpu/suite.safetensors")
-worst = max(float(abs(a[k].astype("f8") - b[k]).max() / max(abs(a[k]).max(), 1e-8)) for k in a)
+worst = max(max_abs_diff(a[k], b[k]) / max(max_abs(a[k]), 1e-8) for k in a)
 ok &= worst <= 1e-3
 print(f"{name} finetune parameters cpu vs cuda: max relative diff {worst:.1e}")
 for tool in ("ft", "ts"):
@@ -105,6 +146,7 @@ done
 
 # Timing at a TinyStories-33M-like size.
 BIG="$OUT/big"; BATCH="${BIG_BATCH:-64}"; STEPS="${BIG_STEPS:-10}"
+# (Setup failures stop the script: nothing to time without them.)
 "$BIN/toy-lm" --out "$BIG/toy" --d-model 768 --n-heads 16 --n-layers 4 --ctx-len 64 --steps 1 --batch-size 4 \
     --n-stories 600 --n-heldout 10 > /dev/null 2>&1
 "$BIN/collect-acts" --model "$BIG/toy/model" --data "$BIG/toy/corpus.txt" --ctx-len 128 --pack --n-seqs "$BATCH" \
@@ -116,10 +158,15 @@ time_ft() { # dev dtype backend extra-flags
     if [ "$1" != cpu ] && command -v nvidia-smi > /dev/null; then
         nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$mem" & pid=$!
     fi
-    local line
+    local line rc=0
+    # shellcheck disable=SC2086  # $4: extra flags, word-split on purpose
     line=$("$BIN/finetune" --acts "$BIG/acts" --suite "$BIG/suite" --connections "$BIG/edges/connections.parquet" \
-        --steps "$STEPS" --batch-size "$BATCH" --device "$1" --dtype "$2" --backend "$3" $4 --out "$BIG/ft-$tag" 2>&1 | tail -1)
+        --steps "$STEPS" --batch-size "$BATCH" --device "$1" --dtype "$2" --backend "$3" $4 --out "$BIG/ft-$tag" 2>&1 | tail -1) || rc=$?
     if [ -n "$pid" ]; then kill "$pid"; wait "$pid" 2> /dev/null || true; fi
+    if [ "$rc" != 0 ]; then
+        echo "FAILED: finetune $tag: $line"
+        return 1
+    fi
     local peak="n/a"
     [ -s "$mem" ] && peak="$(sort -n "$mem" | tail -1) MiB (whole GPU)"
     local rate="${line##*(}"

@@ -1380,7 +1380,7 @@ pub fn dense_features(state: &ModuleState, n: usize, f: usize, k: usize, device:
 /// engine (a fraction of the autograd pass's time and memory), otherwise
 /// [`crate::pruned::forward`]. `pre` is left empty.
 pub fn forward_values(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, opts: PassOptions) -> Result<crate::pruned::PassOutput> {
-    let cpu_f32 = batch.resid_pre0.device().is_cpu() && batch.resid_pre0.dtype() == DType::F32;
+    let cpu_f32 = batch.resid_pre0.device().is_cpu() && batch.pass_dtype() == DType::F32;
     if !cpu_f32 || plan.composed {
         return crate::pruned::forward(suite, rt, plan, batch, opts);
     }

@@ -105,17 +105,23 @@ impl Batch {
         })
     }
 
-    /// The pass inputs (layer-0 residual, LN scales, patterns) in `dtype`; tokens, transcoder
-    /// inputs and targets stay as they are. [`forward`] computes in the dtype of `resid_pre0`.
+    /// The pass inputs (LN scales, patterns) in `dtype`: [`forward`] computes in the dtype of
+    /// the LN scales ([`Batch::pass_dtype`]). The layer-0 residual stays as it is (the pass casts
+    /// its own copy; the spliced residual of the CE keeps full precision), as do tokens,
+    /// transcoder inputs and targets.
     pub fn with_pass_dtype(&self, dtype: DType) -> Result<Batch> {
         let cast = |v: &[Tensor]| -> Result<Vec<Tensor>> { v.iter().map(|t| Ok(t.to_dtype(dtype)?)).collect() };
         Ok(Batch {
-            resid_pre0: self.resid_pre0.to_dtype(dtype)?,
             ln1_scale: cast(&self.ln1_scale)?,
             ln2_scale: cast(&self.ln2_scale)?,
             pattern: cast(&self.pattern)?,
             ..self.clone()
         })
+    }
+
+    /// The dtype the pruned pass computes in: that of the LN scales.
+    pub fn pass_dtype(&self) -> DType {
+        self.ln1_scale.first().map_or(DType::F32, Tensor::dtype)
     }
 
     /// The hook a module reconstructs.
@@ -267,14 +273,14 @@ fn attn_mix(rt: &Runtime, attn: &[Tensor; 4], x: &Tensor, pattern: &Tensor) -> R
     Ok(z.matmul(w_o)?.reshape((b, s, d))?)
 }
 
-/// Run the pruned pass of `suite` on `batch`, in the dtype of `batch.resid_pre0` (f32, or
-/// bf16/f16 through the composed ops with the suite's f32 variables cast on the way in —
-/// see [`Batch::with_pass_dtype`]).
+/// Run the pruned pass of `suite` on `batch`, in [`Batch::pass_dtype`] (f32, or bf16/f16
+/// through the composed ops with the suite's f32 variables cast on the way in — see
+/// [`Batch::with_pass_dtype`]).
 pub fn forward(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, opts: PassOptions) -> Result<PassOutput> {
     let (b, s, dm) = batch.resid_pre0.dims3()?;
     let (n, f, k) = (b * s, suite.n_features, suite.k);
-    let r0 = &batch.resid_pre0;
-    let dtype = r0.dtype();
+    let dtype = batch.pass_dtype();
+    let r0 = &batch.resid_pre0.to_dtype(dtype)?;
     // The CPU custom ops are f32 only.
     let composed = plan.composed || dtype != DType::F32;
     let w = Weights::new(suite, rt, dtype)?;
@@ -371,16 +377,22 @@ pub fn topk_relu(pre: &Tensor, k: usize) -> Result<(Tensor, Vec<u32>)> {
     Ok((feat, idx))
 }
 
+/// Refuse, before any compute, a feature count the device's top-k cannot sort: candle's CUDA
+/// sort keeps a whole row in shared memory, at most 8192 features.
+pub fn check_topk_size(device: &Device, n_features: usize) -> Result<()> {
+    if device.is_cuda() && n_features > 8192 {
+        return Err(Error::Usage(format!(
+            "{n_features} features per module: top-k on the GPU sorts rows of at most 8192 features (candle's sort kernel keeps a row in shared memory); hint: a smaller --expansion, or the CPU"
+        )));
+    }
+    Ok(())
+}
+
 /// [`topk_relu`] without leaving the device: indices from a descending arg-sort (candle's
 /// CUDA sort handles rows up to 8192 features; ties are not guaranteed toward the lower
 /// index there). The returned index list is empty.
 pub fn topk_relu_device(pre: &Tensor, k: usize) -> Result<(Tensor, Vec<u32>)> {
-    let f = pre.dim(D::Minus1)?;
-    if pre.device().is_cuda() && f > 8192 {
-        return Err(Error::Usage(format!(
-            "top-k on the GPU sorts rows of at most 8192 features (candle's sort kernel keeps a row in shared memory); found {f} features per module"
-        )));
-    }
+    check_topk_size(pre.device(), pre.dim(D::Minus1)?)?;
     let idx_t = pre.detach().arg_sort_last_dim(false)?.narrow(D::Minus1, 0, k)?.contiguous()?;
     let vals = pre.gather(&idx_t, D::Minus1)?.relu()?;
     let feat = pre.zeros_like()?.scatter(&idx_t, &vals, D::Minus1)?;

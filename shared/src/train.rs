@@ -128,7 +128,11 @@ impl Optimizer {
                 }
             }
             OptimizerKind::Adam => {
-                let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
+                // torch.optim.Adam (single-tensor): m.lerp_(g, 1 − β1); v.mul_(β2).addcmul_(g, g,
+                // 1 − β2); denom = sqrt(v) / sqrt(bc2) + eps; p.addcdiv_(m, denom, −lr / bc1),
+                // with the scalars formed in f64 and applied in f32.
+                let b2 = self.beta2 as f32;
+                let (c1, c2) = ((1.0 - self.beta1) as f32, (1.0 - self.beta2) as f32);
                 let bc1 = 1.0 - self.beta1.powi(self.t as i32);
                 let bc2 = 1.0 - self.beta2.powi(self.t as i32);
                 let step_size = (lr / bc1) as f32;
@@ -138,10 +142,10 @@ impl Optimizer {
                     for j in 0..4 {
                         let (m, v) = (&mut self.m[mi][j], &mut self.v[mi][j]);
                         for (((x, &d), mm), vv) in p[j].iter_mut().zip(&g[j]).zip(m.iter_mut()).zip(v.iter_mut()) {
-                            *mm = *mm * b1 + (1.0 - b1) * d;
-                            *vv = *vv * b2 + (1.0 - b2) * d * d;
+                            *mm += c1 * (d - *mm);
+                            *vv = *vv * b2 + c2 * (d * d);
                             let denom = vv.sqrt() / bc2_sqrt + eps;
-                            *x -= step_size * *mm / denom;
+                            *x -= step_size * (*mm / denom);
                         }
                     }
                 }
@@ -327,6 +331,13 @@ mod tests {
         let got: Vec<f32> = p.modules[0].iter().flatten().copied().collect();
         for (a, b) in got.iter().zip(want) {
             assert!((a - b).abs() < 1e-5, "{got:?}");
+        }
+        // torch forms 1 − β in f64 and applies it in f32: m = 0.1f32·g, v = 0.001f32·g² exactly
+        let gs: Vec<f32> = g[0].iter().flatten().copied().collect();
+        let (ms, vs): (Vec<f32>, Vec<f32>) = (opt.m[0].iter().flatten().copied().collect(), opt.v[0].iter().flatten().copied().collect());
+        for ((x, m), v) in gs.iter().zip(&ms).zip(&vs) {
+            assert_eq!(*m, 0.1f32 * x);
+            assert_eq!(*v, 0.001f32 * (x * x));
         }
     }
 

@@ -149,6 +149,7 @@ fn run(args: Args) -> Result<()> {
     let conns = args.connections.as_ref().map(|p| inputs.connections(p)).transpose()?;
     let suite = &inputs.suite;
     let rt = &inputs.model.runtime;
+    scae::pruned::check_topk_size(&device, suite.n_features)?;
     let batch_size = args.batch_size as usize;
     if let Some(c) = &inputs.cache {
         if batch_size > c.manifest.n_seqs {
@@ -175,14 +176,18 @@ fn run(args: Args) -> Result<()> {
         // (and deterministically, unlike the CPU custom ops' parallel backward).
         plan.force_composed(true);
     }
-    let digest = train::digest(&serde_json::json!({
+    let mut digest_args = serde_json::json!({
         "acts": args.acts, "data": args.data.data, "tokens": args.data.tokens, "ctx_len": ctx, "suite": args.suite, "connections": args.connections, "loss": format!("{:?}", args.loss),
         "ce_weight": args.ce_weight, "optimizer": format!("{:?}", args.optimizer), "lr": args.lr, "no_scale_lr": args.no_scale_lr,
         "warmup": args.run.warmup, "decay_start": args.run.decay_start, "clip": args.run.clip_grad, "stagger": args.stagger_steps,
         "batch_size": args.batch_size, "steps": steps, "shuffle": args.shuffle, "seed": args.common.seed,
         "dead_threshold": args.dead_threshold, "consistent_attn_bias": args.pass.consistent_attn_bias,
-        "dtype": format!("{:?}", args.compute.dtype),
-    }));
+    });
+    // Added with bf16: present only when not f32, so earlier f32 checkpoints stay resumable.
+    if args.compute.dtype != scae::cli::ComputeDType::F32 {
+        digest_args["dtype"] = serde_json::json!(format!("{:?}", args.compute.dtype));
+    }
+    let digest = train::digest(&digest_args);
 
     train::prepare_run_dir(&args.out, args.run.resume, args.run.overwrite)?;
 

@@ -68,6 +68,7 @@ fn run(args: Args) -> Result<()> {
     let inputs = Inputs::open(&args.acts, &args.suite, args.model.as_deref(), &device)?;
     let suite = &inputs.suite;
     let rt = &inputs.model.runtime;
+    scae::pruned::check_topk_size(&device, suite.n_features)?;
     let parallel = inputs.parallel();
     let stage = StagedDir::create(&args.out, args.overwrite, "--out")?;
     let plan = Plan::new(suite, Wiring::All, parallel, &device)?;

@@ -124,13 +124,20 @@ fn run(args: Args) -> Result<()> {
     };
     let clip = args.run.clip()?;
     let lr = train::scaled_lr(args.lr, f);
+    if !use_engine {
+        scae::pruned::check_topk_size(&device, f)?;
+    }
     let modules = Module::all(n_layers);
-    let digest = train::digest(&serde_json::json!({
+    let mut digest_args = serde_json::json!({
         "acts": args.acts, "data": args.data.data, "tokens": args.data.tokens, "ctx_len": ctx, "expansion": args.expansion, "k": k, "lr": args.lr, "steps": steps, "batch_size": args.batch_size,
         "auxk_alpha": args.auxk_alpha, "dead_threshold": args.dead_threshold, "warmup": args.run.warmup,
         "decay_start": args.run.decay_start, "clip": args.run.clip_grad, "shuffle": args.shuffle, "seed": args.common.seed,
-        "dtype": format!("{:?}", args.compute.dtype),
-    }));
+    });
+    // Added with bf16: present only when not f32, so earlier f32 checkpoints stay resumable.
+    if args.compute.dtype != scae::cli::ComputeDType::F32 {
+        digest_args["dtype"] = serde_json::json!(format!("{:?}", args.compute.dtype));
+    }
+    let digest = train::digest(&digest_args);
     train::prepare_run_dir(&args.out, args.run.resume, args.run.overwrite)?;
     let mut next_batch = |seqs_seen: u64| -> Result<scae::pruned::Batch> { Ok(source.batch(seqs_seen, batch_size)?) };
     // Each module's (input, target).
