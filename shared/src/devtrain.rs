@@ -141,13 +141,14 @@ impl DeviceOptimizer {
                 let bc1 = 1.0 - b1.powi(self.t as i32);
                 let bc2_sqrt = (1.0 - b2.powi(self.t as i32)).sqrt();
                 let step_size = lr / bc1;
+                let Some(first) = vars.first() else { return Ok(()) };
+                let bc2 = Tensor::new(bc2_sqrt as f32, first[0].as_tensor().device())?;
                 for (mi, (vs, gs)) in vars.iter().zip(grads).enumerate() {
                     for j in 0..4 {
                         // The host optimizer's (torch's) order of operations.
                         let g = &gs[j];
                         let m = (&self.m[mi][j] + ((g - &self.m[mi][j])? * (1.0 - b1))?)?;
                         let v = ((&self.v[mi][j] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-                        let bc2 = Tensor::new(bc2_sqrt as f32, g.device())?;
                         let denom = (v.sqrt()?.broadcast_div(&bc2)? + self.eps)?;
                         let x = (vs[j].as_tensor() - ((&m / denom)? * step_size)?)?;
                         vs[j].set(&x)?;
@@ -185,6 +186,11 @@ pub struct StepValues {
     pub fired: Vec<Vec<bool>>,
 }
 
+/// A scalar tensor's value.
+fn to_f64(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
 /// `Σ (r − mean_tokens r)²` over all tokens of `r (.., d)`, floored away from 0.
 fn centered_sq(r: &Tensor) -> Result<Tensor> {
     let d = r.dim(candle_core::D::Minus1)?;
@@ -214,6 +220,16 @@ fn auxk_numerator(pre: &Tensor, dead: &[bool], dec_t: &Tensor, resid: &Tensor) -
     Ok(Some(((ehat - resid)?.sqr()?.sum_all()?, scale)))
 }
 
+/// One module's AuxK term of the pruned pass, `scale · Σ (ê − r)² / den`, with the module's
+/// decoder `w_dec` cast to the pass dtype (see [`auxk_numerator`]).
+fn auxk_term(pre: &Tensor, dead: &[bool], w_dec: &Var, resid: &Tensor, den: &Tensor) -> Result<Option<Tensor>> {
+    let dec_t = w_dec.as_tensor().to_dtype(pre.dtype())?.t()?;
+    Ok(match auxk_numerator(pre, dead, &dec_t, resid)? {
+        Some((num, scale)) => Some(((num / den)? * scale)?),
+        None => None,
+    })
+}
+
 /// Forward and backward of the pruned pass on `batch` (already in the pass dtype, see
 /// [`Batch::with_pass_dtype`]): the loss values and every module's gradients.
 ///
@@ -226,7 +242,7 @@ fn auxk_numerator(pre: &Tensor, dead: &[bool], dec_t: &Tensor, resid: &Tensor) -
 pub fn finetune_grads(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, opts: PassOptions, spec: &LossSpec, micro: Option<usize>) -> Result<(StepValues, Vec<[Tensor; 4]>)> {
     let b = batch.tokens.dim(0)?;
     let vars = module_vars(suite);
-    let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+    let scalar = to_f64;
     let micro = micro.unwrap_or(b).clamp(1, b);
     if micro == b {
         let out = pruned::forward(suite, rt, plan, batch, opts)?;
@@ -251,9 +267,7 @@ pub fn finetune_grads(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, o
             for (m, module) in suite.modules.iter().enumerate() {
                 let d = suite.d_model;
                 let resid = (batch.target(module).to_dtype(DType::F32)? - out.recon[m].to_dtype(DType::F32)?)?.detach().reshape(((), d))?;
-                let dec_t = vars[m][2].as_tensor().to_dtype(out.pre[m].dtype())?.t()?;
-                if let Some((num, scale)) = auxk_numerator(&out.pre[m], &dead[m], &dec_t, &resid)? {
-                    let a = ((num / centered_sq(&resid)?)? * scale)?;
+                if let Some(a) = auxk_term(&out.pre[m], &dead[m], &vars[m][2], &resid, &centered_sq(&resid)?)? {
                     vals[m] = scalar(&a)?;
                     terms.push((a * *alpha)?);
                 }
@@ -272,11 +286,10 @@ pub fn finetune_grads(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, o
         return Ok((values, grads));
     }
     let chunks: Vec<(usize, usize)> = (0..b).step_by(micro).map(|s| (s, micro.min(b - s))).collect();
-    // Pass 1, no graph kept: reconstructions, firing, CE values.
+    // Pass 1, no graph kept: reconstructions and firing.
     let n_mod = suite.modules.len();
     let mut recons: Vec<Vec<Tensor>> = vec![Vec::new(); n_mod];
     let mut fired_any: Vec<Vec<bool>> = vec![vec![false; suite.n_features]; n_mod];
-    let mut ce_sum = 0f64;
     for &(start, len) in &chunks {
         let part = batch.narrow(start, len)?;
         let out = pruned::forward(suite, rt, plan, &part, opts)?;
@@ -286,10 +299,8 @@ pub fn finetune_grads(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, o
         for (acc, f) in fired_any.iter_mut().zip(fired(&out.feats)?) {
             acc.iter_mut().zip(f).for_each(|(a, x)| *a |= x);
         }
-        if spec.ce_weight.is_some() {
-            ce_sum += scalar(&pruned::ce_loss(rt, &part, &out)?.detach())? * len as f64;
-        }
     }
+    let recons: Vec<Tensor> = recons.iter().map(|r| Tensor::cat(r, 0)).collect::<candle_core::Result<_>>()?;
     // ∂(Σ_m scale_m · FVU_m)/∂R_m over the whole batch.
     let mut terms: Vec<Tensor> = Vec::new();
     let mut fvu = None;
@@ -297,7 +308,7 @@ pub fn finetune_grads(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, o
     if let Some(scales) = &spec.fvu_scales {
         let mut vals = Vec::with_capacity(n_mod);
         for (m, module) in suite.modules.iter().enumerate() {
-            let r = Var::from_tensor(&Tensor::cat(&recons[m], 0)?)?;
+            let r = Var::from_tensor(&recons[m])?;
             let v = pruned::fvu_ref(batch.target(module), r.as_tensor())?;
             let weighted = (&v * scales[m] as f64)?;
             g_recon[m] = weighted.backward()?.get(r.as_tensor()).cloned();
@@ -306,13 +317,12 @@ pub fn finetune_grads(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, o
         }
         fvu = Some(vals);
     }
-    let ce = spec.ce_weight.map(|_| ce_sum / b as f64);
     // AuxK: the detached residual of the whole batch and its centered sum of squares.
     let mut aux_resid: Vec<Option<(Tensor, Tensor)>> = vec![None; n_mod];
     if let Some((_, dead)) = &spec.auxk {
         for (m, module) in suite.modules.iter().enumerate() {
             if dead[m].iter().any(|&x| x) {
-                let r = (batch.target(module).to_dtype(DType::F32)? - Tensor::cat(&recons[m], 0)?)?;
+                let r = (batch.target(module).to_dtype(DType::F32)? - &recons[m])?;
                 let den = centered_sq(&r)?;
                 aux_resid[m] = Some((r, den));
             }
@@ -321,6 +331,7 @@ pub fn finetune_grads(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, o
     let mut auxk_vals = vec![0f64; n_mod];
     // Pass 2, per chunk: backpropagate the fixed reconstruction gradients, the chunk's CE and
     // the chunk's AuxK terms.
+    let mut ce_sum = 0f64;
     let mut grads: Option<Vec<[Tensor; 4]>> = None;
     for &(start, len) in &chunks {
         let part = batch.narrow(start, len)?;
@@ -330,9 +341,7 @@ pub fn finetune_grads(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, o
             for (m, ar) in aux_resid.iter().enumerate() {
                 if let Some((r, den)) = ar {
                     let resid = r.narrow(0, start, len)?.reshape(((), suite.d_model))?;
-                    let dec_t = vars[m][2].as_tensor().to_dtype(out.pre[m].dtype())?.t()?;
-                    if let Some((num, scale)) = auxk_numerator(&out.pre[m], &dead[m], &dec_t, &resid)? {
-                        let a = ((num / den)? * scale)?;
+                    if let Some(a) = auxk_term(&out.pre[m], &dead[m], &vars[m][2], &resid, den)? {
                         auxk_vals[m] += scalar(&a)?;
                         sur.push((a * *alpha)?);
                     }
@@ -346,7 +355,9 @@ pub fn finetune_grads(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, o
             }
         }
         if let Some(w) = spec.ce_weight {
-            sur.push((pruned::ce_loss(rt, &part, &out)? * (w * len as f64 / b as f64))?);
+            let c = pruned::ce_loss(rt, &part, &out)?;
+            ce_sum += scalar(&c)? * len as f64;
+            sur.push((c * (w * len as f64 / b as f64))?);
         }
         let g = module_grads(&vars, &sum_terms(sur)?.backward()?)?;
         grads = Some(match grads {
@@ -356,6 +367,7 @@ pub fn finetune_grads(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, o
             }).collect::<Result<Vec<_>>>()?,
         });
     }
+    let ce = spec.ce_weight.map(|_| ce_sum / b as f64);
     let alpha = spec.auxk.as_ref().map_or(0.0, |(a, _)| *a);
     let loss = terms.iter().map(scalar).sum::<Result<f64>>()?
         + ce.map_or(0.0, |c| c * spec.ce_weight.unwrap_or(0.0))
@@ -401,7 +413,7 @@ pub fn sae_update(
     let (mut fvus, mut auxks, mut feats) = (Vec::new(), Vec::new(), Vec::new());
     for (m, (vs, (x, y))) in vars.iter().zip(data).enumerate() {
         normalize_decoder(&vs[2])?;
-        let cast = |t: &Tensor| -> Result<Tensor> { Ok(if t.dtype() == dtype { t.clone() } else { t.to_dtype(dtype)? }) };
+        let cast = |t: &Tensor| t.to_dtype(dtype);
         let [enc, b_enc, dec, b_dec] = [cast(vs[0].as_tensor())?, cast(vs[1].as_tensor())?, cast(vs[2].as_tensor())?, cast(vs[3].as_tensor())?];
         let (x, y) = (cast(x)?, y.to_dtype(DType::F32)?);
         let pre = x.broadcast_sub(&b_dec)?.matmul(&enc.t()?)?.broadcast_add(&b_enc)?;
@@ -436,7 +448,7 @@ pub fn sae_update(
         }
         g[2] = remove_parallel_component(vs[2].as_tensor(), &g[2])?;
     }
-    let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+    let scalar = to_f64;
     let values = SaeStepValues {
         fvu: fvus.iter().map(scalar).collect::<Result<_>>()?,
         auxk: auxks.iter().map(|a| a.as_ref().map_or(Ok(0.0), scalar)).collect::<Result<_>>()?,

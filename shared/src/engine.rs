@@ -265,8 +265,9 @@ pub struct FlatBatch {
 }
 
 impl FlatBatch {
-    /// Flatten a [`Batch`] for `suite`'s modules.
-    pub fn new(batch: &Batch, suite: &Suite) -> Result<FlatBatch> {
+    /// Flatten the pass inputs of a [`Batch`] only (no targets or tokens: enough for
+    /// [`Engine::forward`], not for the losses).
+    pub fn inputs(batch: &Batch) -> Result<FlatBatch> {
         let (b, s, _) = batch.resid_pre0.dims3()?;
         Ok(FlatBatch {
             b,
@@ -275,8 +276,17 @@ impl FlatBatch {
             s1: batch.ln1_scale.iter().map(to_vec).collect::<Result<_>>()?,
             s2: batch.ln2_scale.iter().map(to_vec).collect::<Result<_>>()?,
             pattern: batch.pattern.iter().map(to_vec).collect::<Result<_>>()?,
+            targets: Vec::new(),
+            tokens: Vec::new(),
+        })
+    }
+
+    /// Flatten a [`Batch`] for `suite`'s modules.
+    pub fn new(batch: &Batch, suite: &Suite) -> Result<FlatBatch> {
+        Ok(FlatBatch {
             targets: suite.modules.iter().map(|m| to_vec(batch.target(m))).collect::<Result<_>>()?,
             tokens: batch.tokens.to_device(&Device::Cpu)?.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?,
+            ..FlatBatch::inputs(batch)?
         })
     }
 }
@@ -1376,24 +1386,41 @@ pub fn dense_features(state: &ModuleState, n: usize, f: usize, k: usize, device:
     Ok(Tensor::from_vec(dense, (n, f), device)?)
 }
 
-/// The pruned pass's values without gradients (evaluation, edge scores): on the CPU in f32 the
-/// engine (a fraction of the autograd pass's time and memory), otherwise
-/// [`crate::pruned::forward`]. `pre` is left empty.
-pub fn forward_values(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, opts: PassOptions) -> Result<crate::pruned::PassOutput> {
-    let cpu_f32 = batch.resid_pre0.device().is_cpu() && batch.pass_dtype() == DType::F32;
-    if !cpu_f32 || plan.composed {
-        return crate::pruned::forward(suite, rt, plan, batch, opts);
+/// The pruned pass's values without gradients (evaluation, edge scores), set up once per run:
+/// on the CPU in f32 the engine (a fraction of the autograd pass's time and memory),
+/// otherwise [`crate::pruned::forward`]. `pre` is left empty.
+pub struct ValuePass<'a> {
+    suite: &'a Suite,
+    rt: &'a Runtime,
+    plan: &'a Plan,
+    opts: PassOptions,
+    engine: Option<Engine<'a>>,
+}
+
+impl<'a> ValuePass<'a> {
+    /// Prepare the pass for batches on `device`.
+    pub fn new(suite: &'a Suite, rt: &'a Runtime, plan: &'a Plan, opts: PassOptions, device: &Device) -> Result<ValuePass<'a>> {
+        let engine = if device.is_cpu() && !plan.composed { Some(Engine::new(suite, rt, plan, opts)?) } else { None };
+        Ok(ValuePass { suite, rt, plan, opts, engine })
     }
-    let fb = FlatBatch::new(batch, suite)?;
-    let state = Engine::new(suite, rt, plan, opts)?.forward(&fb)?;
-    let (b, s, d) = batch.resid_pre0.dims3()?;
-    let (n, f, k) = (b * s, suite.n_features, suite.k);
-    let dev = batch.resid_pre0.device();
-    let mut out = crate::pruned::PassOutput { feats: Vec::new(), recon: Vec::new(), topk: Vec::new(), pre: Vec::new() };
-    for st in state.modules {
-        out.feats.push(dense_features(&st, n, f, k, dev)?);
-        out.topk.push(st.idx);
-        out.recon.push(Tensor::from_vec(st.recon, (b, s, d), dev)?);
+
+    /// Features and reconstructions of every module on `batch`.
+    pub fn run(&self, batch: &Batch) -> Result<crate::pruned::PassOutput> {
+        let engine = match &self.engine {
+            Some(e) if batch.resid_pre0.device().is_cpu() && batch.pass_dtype() == DType::F32 => e,
+            _ => return crate::pruned::forward(self.suite, self.rt, self.plan, batch, self.opts),
+        };
+        let fb = FlatBatch::inputs(batch)?;
+        let state = engine.forward(&fb)?;
+        let (b, s, d) = batch.resid_pre0.dims3()?;
+        let (n, f, k) = (b * s, self.suite.n_features, self.suite.k);
+        let dev = batch.resid_pre0.device();
+        let mut out = crate::pruned::PassOutput { feats: Vec::new(), recon: Vec::new(), topk: Vec::new(), pre: Vec::new() };
+        for st in state.modules {
+            out.feats.push(dense_features(&st, n, f, k, dev)?);
+            out.topk.push(st.idx);
+            out.recon.push(Tensor::from_vec(st.recon, (b, s, d), dev)?);
+        }
+        Ok(out)
     }
-    Ok(out)
 }

@@ -138,6 +138,7 @@ fn run(args: Args) -> Result<()> {
         None => Wiring::All,
     };
     let plan = Plan::new(suite, wiring, inputs.parallel(), &device)?;
+    let pass = scae::engine::ValuePass::new(suite, rt, &plan, args.pass.options(), &device)?;
     let stage = StagedDir::create(&args.out, args.overwrite, "--out")?;
     let n_mod = suite.modules.len();
     let mut stats = vec![ModuleStats { fired: vec![false; suite.n_features], ..Default::default() }; n_mod];
@@ -147,7 +148,7 @@ fn run(args: Args) -> Result<()> {
     let m = &inputs.cache().manifest;
     let bar = scae::cli::token_bar(Some((limit.unwrap_or(m.n_seqs).min(m.n_seqs) * m.ctx_len) as u64), "evaluating");
     let n_seqs = inputs.cache().for_each_batch(args.batch_size as usize, limit, &device, |batch| {
-        let out = scae::engine::forward_values(suite, rt, &plan, &batch, args.pass.options())?;
+        let out = pass.run(&batch)?;
         let (b, s, _) = batch.resid_pre0.dims3()?;
         let ce = pruned::ce_per_token(rt, &batch, &out)?;
         ce_sum += ce.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;

@@ -241,8 +241,9 @@ fn run(args: Args) -> Result<()> {
         let dead_masks = || -> Vec<Vec<bool>> {
             (0..suite.modules.len()).map(|m| if scales[m] != 0.0 { dead.dead(m) } else { vec![false; suite.n_features] }).collect()
         };
-        let loss = if let Some(dopt) = dopt.as_mut() {
-            let pass_batch = if pass_dtype == candle_core::DType::F32 { batch.clone() } else { batch.with_pass_dtype(pass_dtype)? };
+        // (loss, per-module FVU, per-module AuxK, CE) of the step, by either backend.
+        let (loss, fvus, auxks, ce) = if let Some(dopt) = dopt.as_mut() {
+            let pass_batch = batch.with_pass_dtype(pass_dtype)?;
             let auxk = (args.auxk_alpha > 0.0).then(|| (args.auxk_alpha, dead_masks()));
             let spec = LossSpec { fvu_scales: (args.loss != Loss::Ce).then(|| scales.clone()), ce_weight, auxk };
             let (values, mut grads) = scae::devtrain::finetune_grads(suite, rt, &plan, &pass_batch, args.pass.options(), &spec, args.micro_batch.map(|m| m as usize))?;
@@ -251,17 +252,6 @@ fn run(args: Args) -> Result<()> {
                     dead.update_fired(m, n_tok, fired);
                 }
             }
-            if let Some(f) = &values.fvu {
-                record.insert("fvu".into(), fvu_record(f));
-            }
-            if let Some(a) = &values.auxk {
-                record.insert("auxk".into(), fvu_record(a));
-            }
-            if let Some(ce) = values.ce {
-                let clean = rt.forward(&batch.tokens, false, false)?.ce.mean_all()?.to_scalar::<f32>()? as f64;
-                record.insert("ce".into(), serde_json::json!(ce));
-                record.insert("ce_diff".into(), serde_json::json!(ce - clean));
-            }
             check(values.loss)?;
             if let Some(c) = clip {
                 for g in grads.iter_mut() {
@@ -269,7 +259,7 @@ fn run(args: Args) -> Result<()> {
                 }
             }
             dopt.step(&vars, &grads, lr_t)?;
-            values.loss
+            (values.loss, values.fvu, values.auxk, values.ce)
         } else {
             let fb = FlatBatch::new(&batch, suite)?;
             let eng = Engine::new(suite, rt, &plan, args.pass.options())?;
@@ -284,7 +274,7 @@ fn run(args: Args) -> Result<()> {
                 }
             }
             let d = suite.d_model;
-            let mut loss = 0f64;
+            let (mut loss, mut fvu_vals, mut auxk_vals, mut ce_val) = (0f64, None, None, None);
             let mut g_recon: Vec<Vec<f32>> = vec![vec![0f32; fb.b * fb.s * d]; suite.modules.len()];
             if args.loss != Loss::Ce {
                 let (fvus, grads) = engine::mse_per_module(&fb, &state, d);
@@ -292,11 +282,11 @@ fn run(args: Args) -> Result<()> {
                     loss += scales[m] as f64 * fvu;
                     g_recon[m].iter_mut().zip(&g).for_each(|(a, b)| *a += scales[m] * b);
                 }
-                record.insert("fvu".into(), fvu_record(&fvus));
+                fvu_vals = Some(fvus);
                 if args.auxk_alpha > 0.0 {
                     let aux = eng.auxk_loss_and_grad(&fb, &mut state, args.auxk_alpha);
                     loss += args.auxk_alpha * aux.iter().sum::<f64>();
-                    record.insert("auxk".into(), fvu_record(&aux));
+                    auxk_vals = Some(aux);
                 }
             }
             if let Some(w) = ce_weight {
@@ -305,9 +295,7 @@ fn run(args: Args) -> Result<()> {
                 for gr in g_recon.iter_mut() {
                     gr.iter_mut().zip(&g[0]).for_each(|(a, b)| *a += w as f32 * b);
                 }
-                let clean = rt.forward(&batch.tokens, false, false)?.ce.mean_all()?.to_scalar::<f32>()? as f64;
-                record.insert("ce".into(), serde_json::json!(ce));
-                record.insert("ce_diff".into(), serde_json::json!(ce - clean));
+                ce_val = Some(ce);
             }
             check(loss)?;
             let grads = eng.backward(&fb, &state, g_recon)?;
@@ -317,8 +305,19 @@ fn run(args: Args) -> Result<()> {
             }
             opt.step(&mut params, &grads, lr_t);
             params.store(suite)?;
-            loss
+            (loss, fvu_vals, auxk_vals, ce_val)
         };
+        if let Some(f) = &fvus {
+            record.insert("fvu".into(), fvu_record(f));
+        }
+        if let Some(a) = &auxks {
+            record.insert("auxk".into(), fvu_record(a));
+        }
+        if let Some(ce) = ce {
+            let clean = rt.forward(&batch.tokens, false, false)?.ce.mean_all()?.to_scalar::<f32>()? as f64;
+            record.insert("ce".into(), serde_json::json!(ce));
+            record.insert("ce_diff".into(), serde_json::json!(ce - clean));
+        }
         step += 1;
         seqs_seen += batch_size as u64;
         let dead_counts: serde_json::Map<String, serde_json::Value> =

@@ -72,13 +72,14 @@ fn run(args: Args) -> Result<()> {
     let parallel = inputs.parallel();
     let stage = StagedDir::create(&args.out, args.overwrite, "--out")?;
     let plan = Plan::new(suite, Wiring::All, parallel, &device)?;
+    let pass = scae::engine::ValuePass::new(suite, rt, &plan, args.pass.options(), &device)?;
     let mut stats = ScoreStats::new(suite, rt.cfg.n_heads, parallel);
     let limit = args.n_seqs.map(|n| n as usize);
     let ctx = inputs.cache().manifest.ctx_len;
     let total = limit.unwrap_or(inputs.cache().manifest.n_seqs).min(inputs.cache().manifest.n_seqs);
     let bar = scae::cli::token_bar(Some((total * ctx) as u64), "scoring");
     let n_seqs = inputs.cache().for_each_batch(args.batch_size as usize, limit, &device, |batch| {
-        let out = scae::engine::forward_values(suite, rt, &plan, &batch, args.pass.options())?;
+        let out = pass.run(&batch)?;
         stats.accumulate(suite, &batch, &out)?;
         bar.inc(batch.tokens.elem_count() as u64);
         Ok(())
