@@ -264,6 +264,14 @@ impl ComputeArgs {
         }
     }
 
+    /// Record these flags in a resume digest's arguments. The dtype enters only when it is
+    /// not f32, so checkpoints written before bf16 existed stay resumable.
+    pub fn add_to_digest(&self, args: &mut serde_json::Value) {
+        if self.dtype != ComputeDType::F32 {
+            args["dtype"] = serde_json::json!(format!("{:?}", self.dtype));
+        }
+    }
+
     /// The candle dtype of the pass.
     pub fn dtype(&self) -> DType {
         match self.dtype {

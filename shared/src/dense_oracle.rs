@@ -29,7 +29,7 @@ pub fn forward(suite: &Suite, rt: &Runtime, parallel: bool, conns: Option<&Conne
     let (h, dh) = (rt.cfg.n_heads, rt.cfg.d_head);
     let dev = batch.resid_pre0.device();
     let r0 = &batch.resid_pre0;
-    let (mut feats, mut recon, mut topk): (Vec<Tensor>, Vec<Tensor>, Vec<Vec<u32>>) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut feats, mut recon): (Vec<Tensor>, Vec<Tensor>) = (Vec::new(), Vec::new());
     let mut pres = Vec::new();
     for (d, module) in suite.modules.iter().enumerate() {
         let ae = &suite.aes[d];
@@ -113,12 +113,11 @@ pub fn forward(suite: &Suite, rt: &Runtime, parallel: bool, conns: Option<&Conne
             }
         };
         pre = (pre + bias_term)?;
-        let (feat, idx) = topk_relu(&pre, suite.k)?;
+        let feat = topk_relu(&pre, suite.k)?;
         let rec = feat.matmul(&ae.w_dec.as_tensor().t()?)?.broadcast_add(ae.b_dec.as_tensor())?;
         recon.push(rec.reshape((b, s, dm))?);
         feats.push(feat);
-        topk.push(idx);
         pres.push(pre);
     }
-    Ok(PassOutput { feats, recon, topk, pre: pres })
+    Ok(PassOutput { feats, recon, pre: pres })
 }

@@ -215,7 +215,7 @@ fn auxk_numerator(pre: &Tensor, dead: &[bool], dec_t: &Tensor, resid: &Tensor) -
     let mask = Tensor::from_vec(mask, (1, dead.len()), pre.device())?.broadcast_as(pre.shape())?;
     let neg = Tensor::full(f32::NEG_INFINITY, pre.shape(), pre.device())?.to_dtype(pre.dtype())?;
     let masked = mask.where_cond(&pre.relu()?, &neg)?;
-    let (fa, _) = pruned::topk_relu_device(&masked, k_aux)?;
+    let fa = pruned::topk_relu_device(&masked, k_aux)?;
     let ehat = fa.matmul(dec_t)?.to_dtype(DType::F32)?;
     Ok(Some(((ehat - resid)?.sqr()?.sum_all()?, scale)))
 }
@@ -417,7 +417,7 @@ pub fn sae_update(
         let [enc, b_enc, dec, b_dec] = [cast(vs[0].as_tensor())?, cast(vs[1].as_tensor())?, cast(vs[2].as_tensor())?, cast(vs[3].as_tensor())?];
         let (x, y) = (cast(x)?, y.to_dtype(DType::F32)?);
         let pre = x.broadcast_sub(&b_dec)?.matmul(&enc.t()?)?.broadcast_add(&b_enc)?;
-        let (f, _) = pruned::topk_relu_device(&pre, k)?;
+        let f = pruned::topk_relu_device(&pre, k)?;
         let dec_t = dec.t()?.contiguous()?;
         let yhat = f.matmul(&dec_t)?.broadcast_add(&b_dec)?.to_dtype(DType::F32)?;
         let den = centered_sq(&y)?;

@@ -71,7 +71,8 @@ pub fn gemm_nt(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]
     sgemm(m, n, k, a, k, 1, b, 1, k, c, false, true);
 }
 
-fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
+/// A tensor's values as a host `Vec<f32>` (any device and float dtype, any layout).
+pub fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
@@ -653,7 +654,7 @@ impl<'a> Engine<'a> {
                         continue;
                     }
                     let col = pu * f + st.idx[t * k + kk] as usize;
-                    for &slot in slots(index, col) {
+                    for &slot in index.slots(col) {
                         arow[slot as usize / width] += w[slot as usize] * v * inv;
                     }
                 }
@@ -684,7 +685,7 @@ impl<'a> Engine<'a> {
                             continue;
                         }
                         let col = pu * f + st.idx[t * k + kk] as usize;
-                        for &slot in slots(index, col) {
+                        for &slot in index.slots(col) {
                             let i = slot as usize / width;
                             for hh in 0..h {
                                 y[(pp * h + hh) * f + i] += w[slot as usize * h + hh] * v * inv;
@@ -809,7 +810,6 @@ impl<'a> Engine<'a> {
                 }
                 PreGrad { idx, g, kb }
             };
-            let mut g_dec_t = g_dec_t;
             // a = Z Eᵀ + b_enc − E b_dec^d
             let mut g_benc = vec![0f32; f];
             for (j, &g) in pg.g.iter().enumerate() {
@@ -947,7 +947,7 @@ impl<'a> Engine<'a> {
                         }
                         let col = pu * f + su.idx[t * k + kk] as usize;
                         let mut acc = 0f32;
-                        for &slot in slots(index, col) {
+                        for &slot in index.slots(col) {
                             let g = dense[slot as usize / width];
                             if g != 0.0 {
                                 gw[slot as usize] += g * v * inv;
@@ -1002,9 +1002,7 @@ impl<'a> Engine<'a> {
         let gw = fold_rows(&mut scratch, seq_len, w.len(), |first, block, gw| {
             for (r, sb) in block.chunks_mut(seq_len).enumerate() {
                 let bi = first + r;
-                // gY_h[p, i] = Σ_{q ≥ p} P[h, q, p] g_pre[q, i] is needed only for the (p, i)
-                // that an active upstream feature at p connects to. g_pre has k entries per row:
-                // index it by column (feature i -> its (q, g) entries, q ascending).
+                // gY_h[p, i] = Σ_{q ≥ p} P[h, q, p] g_pre[q, i], g_pre having k entries per row.
                 let kb = pg.kb;
                 let pb = &p[bi * h * s * s..(bi + 1) * h * s * s];
                 // All of gY, pushed from gA's k non-zeros per query (cheaper than the per-(p, i)
@@ -1070,7 +1068,7 @@ impl<'a> Engine<'a> {
                             }
                             let col = pu * f + su.idx[t * k + kk] as usize;
                             let mut acc = 0f32;
-                            for &slot in slots(index, col) {
+                            for &slot in index.slots(col) {
                                 let i = slot as usize / width;
                                 if stamp[i] != pp as u32 {
                                     stamp[i] = pp as u32;
@@ -1240,10 +1238,6 @@ fn pattern_qph(pb: &[f32], s: usize, h: usize, pq: &mut [f32]) {
     }
 }
 
-fn slots(index: &EdgeIndex, col: usize) -> &[u32] {
-    &index.rev_slots[index.rev_ptr[col] as usize..index.rev_ptr[col + 1] as usize]
-}
-
 /// The reference FVU loss `Σ_m FVU_m` and its gradient w.r.t. every reconstruction.
 pub fn mse_loss_and_grad(fb: &FlatBatch, state: &State, d: usize) -> (f64, Vec<Vec<f32>>) {
     let (fvus, grads) = mse_per_module(fb, state, d);
@@ -1286,7 +1280,7 @@ pub fn mse_per_module(fb: &FlatBatch, state: &State, d: usize) -> (Vec<f64>, Vec
 }
 
 /// CE with the suite spliced in and its gradient w.r.t. every reconstruction (all equal: the
-/// residual is their sum). Returns (mean CE over batch·(pos−1), per-token CE, gradient).
+/// residual is their sum). Returns (mean CE over batch·(pos−1), gradient).
 pub fn ce_loss_and_grad(rt: &Runtime, fb: &FlatBatch, state: &State, d: usize) -> Result<(f64, Vec<Vec<f32>>)> {
     let (b, s) = (fb.b, fb.s);
     let n = b * s;
@@ -1415,10 +1409,9 @@ impl<'a> ValuePass<'a> {
         let (b, s, d) = batch.resid_pre0.dims3()?;
         let (n, f, k) = (b * s, self.suite.n_features, self.suite.k);
         let dev = batch.resid_pre0.device();
-        let mut out = crate::pruned::PassOutput { feats: Vec::new(), recon: Vec::new(), topk: Vec::new(), pre: Vec::new() };
+        let mut out = crate::pruned::PassOutput { feats: Vec::new(), recon: Vec::new(), pre: Vec::new() };
         for st in state.modules {
             out.feats.push(dense_features(&st, n, f, k, dev)?);
-            out.topk.push(st.idx);
             out.recon.push(Tensor::from_vec(st.recon, (b, s, d), dev)?);
         }
         Ok(out)

@@ -167,7 +167,6 @@ pub struct DownPlan {
 /// A suite wired for a model: the plan of every module.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    pub parallel: bool,
     downs: Vec<DownPlan>,
     /// Whether a connection set restricts the edges (else all connections).
     pub sparse: bool,
@@ -190,6 +189,7 @@ impl Plan {
     /// Wire `suite` for a model with (`parallel`) or without parallel blocks.
     pub fn new(suite: &Suite, wiring: Wiring, parallel: bool, device: &Device) -> Result<Plan> {
         let f = suite.n_features;
+        check_topk_size(device, f)?;
         let mut downs = Vec::new();
         for (d, dm) in suite.modules.iter().enumerate() {
             let ups: Vec<usize> = (0..suite.modules.len()).filter(|&u| suite.modules[u].precedes(dm, parallel)).collect();
@@ -220,7 +220,7 @@ impl Plan {
             downs.push(DownPlan { ups, index, cols, slot_mask });
         }
         let sparse = matches!(wiring, Wiring::Sparse(_));
-        Ok(Plan { parallel, downs, sparse, composed: !device.is_cpu() })
+        Ok(Plan { downs, sparse, composed: !device.is_cpu() })
     }
 }
 
@@ -231,8 +231,6 @@ pub struct PassOutput {
     pub feats: Vec<Tensor>,
     /// `(batch, pos, d_model)`: `f W_decᵀ + b_dec`.
     pub recon: Vec<Tensor>,
-    /// The top-k indices of each module, `(batch·pos)·k` row-major.
-    pub topk: Vec<Vec<u32>>,
     /// `(batch·pos, n_features)`: the pre-activations before ReLU and top-k (for AuxK).
     pub pre: Vec<Tensor>,
 }
@@ -287,7 +285,6 @@ pub fn forward(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, opts: Pa
     let mut feats: Vec<Tensor> = Vec::with_capacity(suite.modules.len());
     let mut recon: Vec<Tensor> = Vec::with_capacity(suite.modules.len());
     let mut recon_nobias: Vec<Tensor> = Vec::with_capacity(suite.modules.len());
-    let mut topk = Vec::with_capacity(suite.modules.len());
     let mut pres = Vec::with_capacity(suite.modules.len());
     for (d, module) in suite.modules.iter().enumerate() {
         let [enc, b_enc, w_dec, b_dec] = &w.aes[d];
@@ -352,29 +349,27 @@ pub fn forward(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, opts: Pa
         // + b_enc − E b_dec (the encoder subtracts the module's own b_dec)
         let own = enc.matmul(&b_dec.unsqueeze(1)?)?.squeeze(1)?;
         pre = pre.broadcast_add(&(b_enc - own)?)?;
-        let (feat, idx) = if composed { topk_relu_device(&pre, k)? } else { topk_relu(&pre, k)? };
+        let feat = if composed { topk_relu_device(&pre, k)? } else { topk_relu(&pre, k)? };
         let w_dec_t = w_dec.t()?.contiguous()?;
         let rec_nb = if composed { feat.matmul(&w_dec_t)? } else { feat.apply_op2(&w_dec_t, SparseDecode)? };
         let rec = rec_nb.broadcast_add(b_dec)?.reshape((b, s, dm))?;
         recon_nobias.push(rec_nb.reshape((b, s, dm))?);
         recon.push(rec);
         feats.push(feat);
-        topk.push(idx);
         pres.push(pre);
     }
-    Ok(PassOutput { feats, recon, topk, pre: pres })
+    Ok(PassOutput { feats, recon, pre: pres })
 }
 
 /// `f = scatter(topk_idx(a), ReLU(gather(a, idx)))`: gradients reach the selected positive
-/// values only. Returns the features `(N, F)` and the indices.
-pub fn topk_relu(pre: &Tensor, k: usize) -> Result<(Tensor, Vec<u32>)> {
+/// values only. Returns the features `(N, F)`.
+pub fn topk_relu(pre: &Tensor, k: usize) -> Result<Tensor> {
     let (n, f) = pre.dims2()?;
     let values = pre.detach().to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
     let idx = topk_indices(&values, f, k);
-    let idx_t = Tensor::from_vec(idx.clone(), (n, k), pre.device())?;
+    let idx_t = Tensor::from_vec(idx, (n, k), pre.device())?;
     let vals = pre.gather(&idx_t, D::Minus1)?.relu()?;
-    let feat = pre.zeros_like()?.scatter(&idx_t, &vals, D::Minus1)?;
-    Ok((feat, idx))
+    Ok(pre.zeros_like()?.scatter(&idx_t, &vals, D::Minus1)?)
 }
 
 /// Refuse, before any compute, a feature count the device's top-k cannot sort: candle's CUDA
@@ -390,13 +385,12 @@ pub fn check_topk_size(device: &Device, n_features: usize) -> Result<()> {
 
 /// [`topk_relu`] without leaving the device: indices from a descending arg-sort (candle's
 /// CUDA sort handles rows up to 8192 features; ties are not guaranteed toward the lower
-/// index there). The returned index list is empty.
-pub fn topk_relu_device(pre: &Tensor, k: usize) -> Result<(Tensor, Vec<u32>)> {
+/// index there).
+pub fn topk_relu_device(pre: &Tensor, k: usize) -> Result<Tensor> {
     check_topk_size(pre.device(), pre.dim(D::Minus1)?)?;
     let idx_t = pre.detach().arg_sort_last_dim(false)?.narrow(D::Minus1, 0, k)?.contiguous()?;
     let vals = pre.gather(&idx_t, D::Minus1)?.relu()?;
-    let feat = pre.zeros_like()?.scatter(&idx_t, &vals, D::Minus1)?;
-    Ok((feat, Vec::new()))
+    Ok(pre.zeros_like()?.scatter(&idx_t, &vals, D::Minus1)?)
 }
 
 /// The sparse upstream contribution `(B, H, S, F)` (H = 1 for mlp targets).

@@ -76,7 +76,7 @@ impl EdgeIndex {
         self.slot_col.iter().map(|&m| if m == EMPTY { 0 } else { m }).collect()
     }
 
-    fn slots(&self, m: usize) -> &[u32] {
+    pub(crate) fn slots(&self, m: usize) -> &[u32] {
         &self.rev_slots[self.rev_ptr[m] as usize..self.rev_ptr[m + 1] as usize]
     }
 }

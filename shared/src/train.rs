@@ -27,7 +27,7 @@ pub struct Params {
 impl Params {
     /// Copy the suite's current values.
     pub fn from_suite(suite: &Suite) -> Result<Params> {
-        let v = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?) };
+        let v = crate::engine::to_vec;
         let modules = suite
             .aes
             .iter()
@@ -116,7 +116,7 @@ impl Optimizer {
     }
 
     /// One update of every parameter with learning rate `lr` (torch.optim.Adam / SGD order
-    /// of operations). `skip[m]` leaves module m untouched (stagger, no gradient).
+    /// of operations).
     pub fn step(&mut self, params: &mut Params, grads: &[[Vec<f32>; 4]], lr: f64) {
         self.t += 1;
         match self.kind {

@@ -201,7 +201,7 @@ fn engine_auxk_gradient_matches_finite_differences() {
     let conns = random_connections(&suite, false, 5, 21);
     let plan = Plan::new(&suite, Wiring::Sparse(&conns), false, &dev).unwrap();
     let fb = FlatBatch::new(&batch, &suite).unwrap();
-    let (f, d, k) = (suite.n_features, suite.d_model, suite.k);
+    let (f, d) = (suite.n_features, suite.d_model);
     let alpha = 0.7;
     // Dead = never selected on this batch.
     let plain = Engine::new(&suite, &model.runtime, &plan, PassOptions::default()).unwrap().forward(&fb).unwrap();
@@ -266,7 +266,6 @@ fn engine_auxk_gradient_matches_finite_differences() {
         }
     }
     base.store(&suite).unwrap();
-    let _ = k;
     assert!(nonzero > 0, "AuxK gave no gradient to dead latents");
     // A perturbation can still push a latent across the main top-k or its ReLU kink (a
     // discontinuity finite differences straddle): require almost all entries to agree.

@@ -68,7 +68,6 @@ fn whole_chain_runs_and_finetuning_lowers_its_loss() {
     tool_fails("evaluate", &["--compare", s(&tmp.join("nope")), "--out", s(&report)], &["eval.json", "cannot read"]);
     // The finetuned suite keeps the cache's model hash.
     assert_eq!(json(&ft.join("config.json"))["model_hash"], cfg["model_hash"]);
-    let _ = Device::Cpu;
 }
 
 /// train-suite resumes bit-identically on both backends; the autograd backend (the GPU path)

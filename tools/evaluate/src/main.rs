@@ -132,7 +132,6 @@ fn run(args: Args) -> Result<()> {
         .and_then(|v| v["created_by"].as_str().map(String::from));
     let suite = &inputs.suite;
     let rt = &inputs.model.runtime;
-    scae::pruned::check_topk_size(&device, suite.n_features)?;
     let wiring = match &conns {
         Some(c) => Wiring::Sparse(c),
         None => Wiring::All,

@@ -42,11 +42,6 @@ pub fn load_run(dir: &Path) -> Result<Run> {
     })
 }
 
-fn label(r: &Run) -> String {
-    let c = r.c.map(|c| c.to_string()).unwrap_or_else(|| "all".into());
-    format!("{c} ({})", if r.finetuned { "finetuned" } else { "not finetuned" })
-}
-
 /// The comparison as a markdown table, sorted by suite kind and C.
 pub fn table(runs: &[Run]) -> String {
     let mut out = String::from("| C | suite | CE | CE diff | CE recovered | mean FVU | L0 | dead % | run |\n|---|---|---|---|---|---|---|---|---|\n");
@@ -182,6 +177,5 @@ pub fn plot(runs: &[Run], stem: &Path) -> Result<()> {
         wr.write_image_data(&buf).context("encoding PNG")?;
     }
     scae::io::write_atomic(&png_path, &bytes)?;
-    let _ = label;
     Ok(())
 }

@@ -149,7 +149,6 @@ fn run(args: Args) -> Result<()> {
     let conns = args.connections.as_ref().map(|p| inputs.connections(p)).transpose()?;
     let suite = &inputs.suite;
     let rt = &inputs.model.runtime;
-    scae::pruned::check_topk_size(&device, suite.n_features)?;
     let batch_size = args.batch_size as usize;
     if let Some(c) = &inputs.cache {
         if batch_size > c.manifest.n_seqs {
@@ -183,10 +182,7 @@ fn run(args: Args) -> Result<()> {
         "batch_size": args.batch_size, "steps": steps, "shuffle": args.shuffle, "seed": args.common.seed,
         "dead_threshold": args.dead_threshold, "consistent_attn_bias": args.pass.consistent_attn_bias,
     });
-    // Added with bf16: present only when not f32, so earlier f32 checkpoints stay resumable.
-    if args.compute.dtype != scae::cli::ComputeDType::F32 {
-        digest_args["dtype"] = serde_json::json!(format!("{:?}", args.compute.dtype));
-    }
+    args.compute.add_to_digest(&mut digest_args);
     let digest = train::digest(&digest_args);
 
     train::prepare_run_dir(&args.out, args.run.resume, args.run.overwrite)?;

@@ -68,10 +68,9 @@ fn run(args: Args) -> Result<()> {
     let inputs = Inputs::open(&args.acts, &args.suite, args.model.as_deref(), &device)?;
     let suite = &inputs.suite;
     let rt = &inputs.model.runtime;
-    scae::pruned::check_topk_size(&device, suite.n_features)?;
     let parallel = inputs.parallel();
-    let stage = StagedDir::create(&args.out, args.overwrite, "--out")?;
     let plan = Plan::new(suite, Wiring::All, parallel, &device)?;
+    let stage = StagedDir::create(&args.out, args.overwrite, "--out")?;
     let pass = scae::engine::ValuePass::new(suite, rt, &plan, args.pass.options(), &device)?;
     let mut stats = ScoreStats::new(suite, rt.cfg.n_heads, parallel);
     let limit = args.n_seqs.map(|n| n as usize);

@@ -8,10 +8,11 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Tensor, Var};
 use clap::Parser;
 use scae::cache::Cache;
 use scae::devtrain::DeviceOptimizer;
+use scae::engine::to_vec;
 use scae::model::Model;
 use scae::stream::TrainData;
 use scae::sae::{self, SplitMix, UpdateConfig};
@@ -75,10 +76,6 @@ fn main() -> ExitCode {
     scae::cli::run_main("train-suite", || run(Args::parse()))
 }
 
-fn flat(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
-}
-
 fn run(args: Args) -> Result<()> {
     let device = args.common.setup()?;
     let use_engine = args.compute.use_engine(&device)?;
@@ -133,10 +130,7 @@ fn run(args: Args) -> Result<()> {
         "auxk_alpha": args.auxk_alpha, "dead_threshold": args.dead_threshold, "warmup": args.run.warmup,
         "decay_start": args.run.decay_start, "clip": args.run.clip_grad, "shuffle": args.shuffle, "seed": args.common.seed,
     });
-    // Added with bf16: present only when not f32, so earlier f32 checkpoints stay resumable.
-    if args.compute.dtype != scae::cli::ComputeDType::F32 {
-        digest_args["dtype"] = serde_json::json!(format!("{:?}", args.compute.dtype));
-    }
+    args.compute.add_to_digest(&mut digest_args);
     let digest = train::digest(&digest_args);
     train::prepare_run_dir(&args.out, args.run.resume, args.run.overwrite)?;
     let mut next_batch = |seqs_seen: u64| -> Result<scae::pruned::Batch> { Ok(source.batch(seqs_seen, batch_size)?) };
@@ -146,10 +140,10 @@ fn run(args: Args) -> Result<()> {
             .iter()
             .map(|md| match md.kind {
                 Kind::Attn => {
-                    let x = flat(&b.attn_out[md.layer])?;
+                    let x = to_vec(&b.attn_out[md.layer])?;
                     Ok((x.clone(), x))
                 }
-                Kind::Mlp => Ok((flat(&b.ln2_normalized[md.layer])?, flat(&b.mlp_out[md.layer])?)),
+                Kind::Mlp => Ok((to_vec(&b.ln2_normalized[md.layer])?, to_vec(&b.mlp_out[md.layer])?)),
             })
             .collect()
     };
@@ -188,7 +182,7 @@ fn run(args: Args) -> Result<()> {
         Ok([v(0)?, v(1)?, v(2)?, v(3)?])
     };
     let download = |vars: &[[Var; 4]]| -> Result<Params> {
-        let modules = vars.iter().map(|vs| Ok([flat(vs[0].as_tensor())?, flat(vs[1].as_tensor())?, flat(vs[2].as_tensor())?, flat(vs[3].as_tensor())?])).collect::<Result<Vec<_>>>()?;
+        let modules = vars.iter().map(|vs| Ok([to_vec(vs[0].as_tensor())?, to_vec(vs[1].as_tensor())?, to_vec(vs[2].as_tensor())?, to_vec(vs[3].as_tensor())?])).collect::<Result<Vec<_>>>()?;
         Ok(Params { modules })
     };
     let (vars, mut dopt) = if use_engine {
