@@ -135,6 +135,19 @@ fn by_feature(idx: &[u32], width: usize, f: usize, d: usize, coef: impl Fn(usize
     out
 }
 
+/// The non-zero selected values of the upstream modules `ups` at token `t`, in (module,
+/// top-k slot) order: `(pu, kk, v, col)` with `col = pu·F + feature`, the feature's column
+/// among the concatenated upstream features.
+fn active_ups<'s>(states: &'s [ModuleState], ups: &'s [usize], t: usize, k: usize, f: usize) -> impl Iterator<Item = (usize, usize, f32, usize)> + 's {
+    ups.iter().enumerate().flat_map(move |(pu, &u)| {
+        let st = &states[u];
+        (0..k).filter_map(move |kk| {
+            let v = st.val[t * k + kk];
+            (v != 0.0).then(|| (pu, kk, v, pu * f + st.idx[t * k + kk] as usize))
+        })
+    })
+}
+
 /// Add `scratch (N, |U|, K)` — the gradient of every upstream module's selected values that
 /// one downstream module's edges produced — into the per-module totals `g_val_up[u] (N, K)`.
 fn add_up_value_grads(ups: &[usize], scratch: &[f32], n: usize, k: usize, g_val_up: &mut [Vec<f32>]) {
@@ -646,17 +659,9 @@ impl<'a> Engine<'a> {
         let width = index.width;
         a.par_chunks_mut(f).enumerate().for_each(|(t, arow)| {
             let inv = 1.0 / sc[t];
-            for (pu, &u) in ups.iter().enumerate() {
-                let st = &states[u];
-                for kk in 0..k {
-                    let v = st.val[t * k + kk];
-                    if v == 0.0 {
-                        continue;
-                    }
-                    let col = pu * f + st.idx[t * k + kk] as usize;
-                    for &slot in index.slots(col) {
-                        arow[slot as usize / width] += w[slot as usize] * v * inv;
-                    }
+            for (_, _, v, col) in active_ups(states, ups, t, k, f) {
+                for &slot in index.slots(col) {
+                    arow[slot as usize / width] += w[slot as usize] * v * inv;
                 }
             }
         });
@@ -677,19 +682,11 @@ impl<'a> Engine<'a> {
             for pp in 0..s {
                 let t = bi * s + pp;
                 let inv = 1.0 / sc[t];
-                for (pu, &u) in ups.iter().enumerate() {
-                    let st = &states[u];
-                    for kk in 0..k {
-                        let v = st.val[t * k + kk];
-                        if v == 0.0 {
-                            continue;
-                        }
-                        let col = pu * f + st.idx[t * k + kk] as usize;
-                        for &slot in index.slots(col) {
-                            let i = slot as usize / width;
-                            for hh in 0..h {
-                                y[(pp * h + hh) * f + i] += w[slot as usize * h + hh] * v * inv;
-                            }
+                for (_, _, v, col) in active_ups(states, ups, t, k, f) {
+                    for &slot in index.slots(col) {
+                        let i = slot as usize / width;
+                        for hh in 0..h {
+                            y[(pp * h + hh) * f + i] += w[slot as usize * h + hh] * v * inv;
                         }
                     }
                 }
@@ -938,24 +935,16 @@ impl<'a> Engine<'a> {
                     dense[pg.idx[t * pg.kb + kk] as usize] += pg.g[t * pg.kb + kk];
                 }
                 let inv = 1.0 / sc[t];
-                for (pu, &u) in ups.iter().enumerate() {
-                    let su = &state.modules[u];
-                    for kk in 0..k {
-                        let v = su.val[t * k + kk];
-                        if v == 0.0 {
-                            continue;
+                for (pu, kk, v, col) in active_ups(&state.modules, ups, t, k, f) {
+                    let mut acc = 0f32;
+                    for &slot in index.slots(col) {
+                        let g = dense[slot as usize / width];
+                        if g != 0.0 {
+                            gw[slot as usize] += g * v * inv;
+                            acc += g * w[slot as usize];
                         }
-                        let col = pu * f + su.idx[t * k + kk] as usize;
-                        let mut acc = 0f32;
-                        for &slot in index.slots(col) {
-                            let g = dense[slot as usize / width];
-                            if g != 0.0 {
-                                gw[slot as usize] += g * v * inv;
-                                acc += g * w[slot as usize];
-                            }
-                        }
-                        srow[pu * k + kk] = acc * inv;
                     }
+                    srow[pu * k + kk] = acc * inv;
                 }
                 for kk in 0..pg.kb {
                     dense[pg.idx[t * pg.kb + kk] as usize] = 0.0;
@@ -1059,39 +1048,31 @@ impl<'a> Engine<'a> {
                 for pp in 0..s {
                     let t = bi * s + pp;
                     let inv = 1.0 / sc[t];
-                    for (pu, &u) in ups.iter().enumerate() {
-                        let su = &state.modules[u];
-                        for kk in 0..k {
-                            let v = su.val[t * k + kk];
-                            if v == 0.0 {
-                                continue;
-                            }
-                            let col = pu * f + su.idx[t * k + kk] as usize;
-                            let mut acc = 0f32;
-                            for &slot in index.slots(col) {
-                                let i = slot as usize / width;
-                                if stamp[i] != pp as u32 {
-                                    stamp[i] = pp as u32;
-                                    let gyi = &mut cache[i * h..(i + 1) * h];
-                                    gyi.iter_mut().for_each(|x| *x = 0.0);
-                                    for &(q, g) in &entries[col_ptr[i] as usize..col_ptr[i + 1] as usize] {
-                                        let q = q as usize;
-                                        if q < pp {
-                                            continue;
-                                        }
-                                        for (hh, gy) in gyi.iter_mut().enumerate() {
-                                            *gy += pb[(hh * s + q) * s + pp] * g;
-                                        }
+                    for (pu, kk, v, col) in active_ups(&state.modules, ups, t, k, f) {
+                        let mut acc = 0f32;
+                        for &slot in index.slots(col) {
+                            let i = slot as usize / width;
+                            if stamp[i] != pp as u32 {
+                                stamp[i] = pp as u32;
+                                let gyi = &mut cache[i * h..(i + 1) * h];
+                                gyi.iter_mut().for_each(|x| *x = 0.0);
+                                for &(q, g) in &entries[col_ptr[i] as usize..col_ptr[i + 1] as usize] {
+                                    let q = q as usize;
+                                    if q < pp {
+                                        continue;
+                                    }
+                                    for (hh, gy) in gyi.iter_mut().enumerate() {
+                                        *gy += pb[(hh * s + q) * s + pp] * g;
                                     }
                                 }
-                                let gyi = &cache[i * h..(i + 1) * h];
-                                for (hh, &g) in gyi.iter().enumerate() {
-                                    gw[slot as usize * h + hh] += g * v * inv;
-                                    acc += g * w[slot as usize * h + hh];
-                                }
                             }
-                            sb[(pp * ups.len() + pu) * k + kk] = acc * inv;
+                            let gyi = &cache[i * h..(i + 1) * h];
+                            for (hh, &g) in gyi.iter().enumerate() {
+                                gw[slot as usize * h + hh] += g * v * inv;
+                                acc += g * w[slot as usize * h + hh];
+                            }
                         }
+                        sb[(pp * ups.len() + pu) * k + kk] = acc * inv;
                     }
                 }
             }
@@ -1113,14 +1094,8 @@ impl<'a> Engine<'a> {
         let n_cols = ups.len() * f;
         let mut ptr = vec![0u32; n_cols + 1];
         for pp in 0..s {
-            let t = bi * s + pp;
-            for (pu, &u) in ups.iter().enumerate() {
-                let su = &state.modules[u];
-                for kk in 0..k {
-                    if su.val[t * k + kk] != 0.0 {
-                        ptr[pu * f + su.idx[t * k + kk] as usize + 1] += 1;
-                    }
-                }
+            for (_, _, _, col) in active_ups(&state.modules, ups, bi * s + pp, k, f) {
+                ptr[col + 1] += 1;
             }
         }
         for c in 0..n_cols {
@@ -1130,17 +1105,9 @@ impl<'a> Engine<'a> {
         let mut act = vec![(0u32, 0f32); ptr[n_cols] as usize];
         let inv: Vec<f32> = (0..s).map(|pp| 1.0 / sc[bi * s + pp]).collect();
         for pp in 0..s {
-            let t = bi * s + pp;
-            for (pu, &u) in ups.iter().enumerate() {
-                let su = &state.modules[u];
-                for kk in 0..k {
-                    let v = su.val[t * k + kk];
-                    if v != 0.0 {
-                        let col = pu * f + su.idx[t * k + kk] as usize;
-                        act[fill[col] as usize] = (((pp * ups.len() + pu) * k + kk) as u32, v * inv[pp]);
-                        fill[col] += 1;
-                    }
-                }
+            for (pu, kk, v, col) in active_ups(&state.modules, ups, bi * s + pp, k, f) {
+                act[fill[col] as usize] = (((pp * ups.len() + pu) * k + kk) as u32, v * inv[pp]);
+                fill[col] += 1;
             }
         }
         for i in 0..f {

@@ -30,17 +30,7 @@ impl Inputs {
         let m = &cache.manifest.model;
         let manifest = acts.join(MANIFEST);
         let mismatch = |what: String| Error::input(suite_path, format!("{what}, but {} says otherwise; they do not belong together", manifest.display()));
-        if suite.d_model != m.d_model {
-            return Err(mismatch(format!("d_model {} (cache: {})", suite.d_model, m.d_model)));
-        }
-        if suite.modules.len() != 2 * m.n_layers {
-            return Err(mismatch(format!("{} layers (cache: {})", suite.modules.len() / 2, m.n_layers)));
-        }
-        if let Some(h) = &suite.model_hash {
-            if *h != m.hash {
-                return Err(mismatch(format!("trained for model hash {h} (cache: {})", m.hash)));
-            }
-        }
+        check_fit(&suite, m.d_model, m.n_layers, &m.hash, "cache", mismatch)?;
         let model = cache.load_model(model_override, device)?;
         Ok(Inputs { cache: Some(cache), model, suite })
     }
@@ -53,17 +43,7 @@ impl Inputs {
         let model = Model::load(model_spec, &dir, device)?;
         let cfg = model.cfg();
         let mismatch = |what: String| Error::input(suite_path, format!("{what}; it does not belong to --model {model_spec}"));
-        if suite.d_model != cfg.d_model {
-            return Err(mismatch(format!("d_model {} (model: {})", suite.d_model, cfg.d_model)));
-        }
-        if suite.modules.len() != 2 * cfg.n_layers {
-            return Err(mismatch(format!("{} layers (model: {})", suite.modules.len() / 2, cfg.n_layers)));
-        }
-        if let Some(h) = &suite.model_hash {
-            if *h != model.hash {
-                return Err(mismatch(format!("trained for model hash {h} (model: {})", model.hash)));
-            }
-        }
+        check_fit(&suite, cfg.d_model, cfg.n_layers, &model.hash, "model", mismatch)?;
         Ok(Inputs { cache: None, model, suite })
     }
 
@@ -81,4 +61,21 @@ impl Inputs {
     pub fn connections(&self, path: &Path) -> Result<Connections> {
         Connections::load(path, &self.suite.modules, self.suite.n_features, self.parallel())
     }
+}
+
+/// The suite's d_model, layer count and recorded model hash against the model's (`other`
+/// names where those come from in the message).
+fn check_fit(suite: &Suite, d_model: usize, n_layers: usize, hash: &str, other: &str, mismatch: impl Fn(String) -> Error) -> Result<()> {
+    if suite.d_model != d_model {
+        return Err(mismatch(format!("d_model {} ({other}: {d_model})", suite.d_model)));
+    }
+    if suite.modules.len() != 2 * n_layers {
+        return Err(mismatch(format!("{} layers ({other}: {n_layers})", suite.modules.len() / 2)));
+    }
+    if let Some(h) = &suite.model_hash {
+        if h != hash {
+            return Err(mismatch(format!("trained for model hash {h} ({other}: {hash})")));
+        }
+    }
+    Ok(())
 }

@@ -37,9 +37,10 @@ impl<'a> TrainData<'a> {
         if opts.ctx_len > model.cfg().n_ctx {
             return Err(Error::Usage(format!("--ctx-len {}: above the model's n_ctx {}", opts.ctx_len, model.cfg().n_ctx)));
         }
-        // Open once now so that a bad file or column fails before any training.
-        crate::collect::BatchSource::open(&spec, tokenizer, opts, 1, None, model.cfg().d_vocab)?;
-        Ok(TrainData::Stream { model, tokenizer, spec, opts, source: None, at: 0, device: device.clone() })
+        // Open now so that a bad file or column fails before any training; the first batch
+        // reads from this source.
+        let source = crate::collect::BatchSource::open(&spec, tokenizer, opts, 1, None, model.cfg().d_vocab)?;
+        Ok(TrainData::Stream { model, tokenizer, spec, opts, source: Some(source), at: 0, device: device.clone() })
     }
 
     /// Tokens per sequence.
@@ -69,45 +70,27 @@ impl<'a> TrainData<'a> {
             TrainData::Stream { model, tokenizer, spec, opts, source, at, device } => {
                 let tok: &'a TextTokenizer = tokenizer;
                 let d_vocab = model.cfg().d_vocab;
-                let open = |skip: u64| -> Result<(BatchSource<'a>, u64)> {
-                    let mut s = BatchSource::open(spec, tok, *opts, 1, None, d_vocab)?;
-                    let mut skipped = 0;
-                    while skipped < skip {
-                        if s.next_row()?.is_none() {
-                            // wrap: the data hold fewer rows than `skip`
-                            if skipped == 0 {
-                                return Err(s.empty_error());
-                            }
-                            s = BatchSource::open(spec, tok, *opts, 1, None, d_vocab)?;
-                            continue;
-                        }
-                        skipped += 1;
+                let open = || BatchSource::open(spec, tok, *opts, 1, None, d_vocab);
+                // The next row, reopening the data at its end (fresh data without a row is an
+                // error).
+                let next_row = |s: &mut BatchSource<'a>| -> Result<Vec<u32>> {
+                    if let Some(r) = s.next_row()? {
+                        return Ok(r);
                     }
-                    Ok((s, skip))
+                    *s = open()?;
+                    s.next_row()?.ok_or_else(|| s.empty_error())
                 };
                 if source.is_none() || *at != seqs_seen {
-                    let (s, a) = open(seqs_seen)?;
-                    *source = Some(s);
-                    *at = a;
-                }
-                let mut rows: Vec<u32> = Vec::with_capacity(n * opts.ctx_len);
-                let mut got = 0;
-                let mut restarted = false;
-                while got < n {
-                    match source.as_mut().expect("opened").next_row()? {
-                        Some(r) => {
-                            rows.extend(r);
-                            got += 1;
-                            restarted = false;
-                        }
-                        None => {
-                            if restarted {
-                                return Err(source.as_ref().expect("opened").empty_error());
-                            }
-                            *source = Some(BatchSource::open(spec, tok, *opts, 1, None, d_vocab)?);
-                            restarted = true;
-                        }
+                    let mut s = open()?;
+                    for _ in 0..seqs_seen {
+                        next_row(&mut s)?;
                     }
+                    *source = Some(s);
+                }
+                let s = source.as_mut().expect("opened");
+                let mut rows: Vec<u32> = Vec::with_capacity(n * opts.ctx_len);
+                for _ in 0..n {
+                    rows.extend(next_row(s)?);
                 }
                 *at = seqs_seen + n as u64;
                 let tokens = Tensor::from_vec(rows, (n, opts.ctx_len), device)?;

@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use indicatif::{ProgressBar, ProgressStyle};
 use scae::cache::{DataInfo, Manifest, ModelInfo, ShardWriter, FORMAT, MANIFEST, VERSION};
 use scae::cli::{Common, StoreDType};
 use scae::collect::{BatchSource, SourceSpec};
@@ -77,7 +76,7 @@ fn run(args: Args) -> Result<()> {
     let shard_seqs = args.shard_seqs.map(|s| s as usize).unwrap_or_else(|| auto_shard_seqs(&cfg, ctx_len, args.dtype, batch));
     let mut writer = ShardWriter::new(stage.path(), &cfg, args.dtype, shard_seqs);
 
-    let bar = progress_bar(limit.map(|l| (l * ctx_len) as u64));
+    let bar = scae::cli::token_bar(limit.map(|l| (l * ctx_len) as u64), "collecting");
     let start = Instant::now();
     while let Some(tokens) = source.next_batch(&device)? {
         let out = model.runtime.forward(&tokens, true, false)?;
@@ -141,14 +140,4 @@ fn auto_shard_seqs(cfg: &scae::model::ModelConfig, ctx: usize, dtype: StoreDType
     let bytes = elems * dtype.dtype().size_in_bytes() + ctx * 8;
     let seqs = (256usize << 20) / bytes.max(1);
     (seqs / batch).max(1) * batch
-}
-
-fn progress_bar(total_tokens: Option<u64>) -> ProgressBar {
-    let bar = match total_tokens {
-        Some(t) => ProgressBar::new(t),
-        None => ProgressBar::new_spinner(),
-    };
-    let template = "{spinner} {elapsed_precise} [{wide_bar}] {human_pos}/{human_len} tokens ({per_sec}, eta {eta})";
-    bar.set_style(ProgressStyle::with_template(template).expect("valid template"));
-    bar
 }

@@ -105,10 +105,7 @@ impl Model {
     }
 
     fn ln(&self, x: &Tensor, prefix: &str) -> Result<Tensor> {
-        let mu = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mu)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let n = xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
+        let (_, n) = scae::model::ln_pre(x, 1e-5)?;
         Ok(n.broadcast_mul(self.w(&format!("{prefix}.weight")))?.broadcast_add(self.w(&format!("{prefix}.bias")))?)
     }
 
