@@ -4,11 +4,12 @@
 
 use std::path::PathBuf;
 
-use candle_core::{Device, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor, Var};
 use scae::connections::{Connections, Edge};
 use scae::dense_oracle;
 use scae::model::Model;
-use scae::pruned::{self, Batch, PassOptions, Plan, Wiring};
+use scae::pruned::{self, Batch, PassOptions, PassOutput, Plan, Wiring};
 use scae::suite::Suite;
 
 fn fixtures() -> PathBuf {
@@ -67,6 +68,28 @@ fn max_abs(t: &Tensor) -> f32 {
     t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
+/// Features and reconstructions of two passes agree to 1e-4 (absolute).
+fn assert_outputs_close(label: &str, suite: &Suite, got: &PassOutput, want: &PassOutput) {
+    for (i, m) in suite.modules.iter().enumerate() {
+        let d = max_abs(&(&got.feats[i] - &want.feats[i]).unwrap());
+        assert!(d <= 1e-4, "{label}: feats {m} differ by {d}");
+        let d = max_abs(&(&got.recon[i] - &want.recon[i]).unwrap());
+        assert!(d <= 1e-4, "{label}: recon {m} differ by {d}");
+    }
+}
+
+/// `store`'s gradient of `var` (zeros when the loss does not reach it).
+fn grad_of(store: &GradStore, var: &Var) -> Tensor {
+    store.get(var.as_tensor()).cloned().unwrap_or_else(|| var.as_tensor().zeros_like().unwrap())
+}
+
+/// A gradient agrees with the wanted one to 1e-4 relative to the wanted one's largest entry.
+fn assert_grad_close(label: &str, got: &Tensor, want: &Tensor) {
+    let scale = max_abs(want).max(1e-6);
+    let rel = max_abs(&(got - want).unwrap()) / scale;
+    assert!(rel <= 1e-4, "{label}: relative diff {rel} (scale {scale})");
+}
+
 fn compare(name: &str, suite: &Suite, model: &Model, batch: &Batch, conns: Option<&Connections>, opts: PassOptions) {
     let rt = &model.runtime;
     let parallel = model.cfg().parallel_attn_mlp;
@@ -79,32 +102,22 @@ fn compare(name: &str, suite: &Suite, model: &Model, batch: &Batch, conns: Optio
     let slow = dense_oracle::forward(suite, rt, parallel, conns, batch, opts).unwrap();
     // Both the CPU custom ops and the composed ops of the GPU path.
     for composed in [false, true] {
-    let mut plan = plan.clone();
-    plan.force_composed(composed);
-    let name = &format!("{name} composed={composed}");
-    let fast = pruned::forward(suite, rt, &plan, batch, opts).unwrap();
-    for (i, m) in suite.modules.iter().enumerate() {
-        let d = max_abs(&(&fast.feats[i] - &slow.feats[i]).unwrap());
-        assert!(d <= 1e-4, "{name}: feats {m} differ by {d}");
-        let d = max_abs(&(&fast.recon[i] - &slow.recon[i]).unwrap());
-        assert!(d <= 1e-4, "{name}: recon {m} differ by {d}");
-    }
-    for loss_kind in ["mse", "ce"] {
-        let (lf, ls) = if loss_kind == "mse" {
-            (pruned::mse_loss(suite, batch, &fast).unwrap(), pruned::mse_loss(suite, batch, &slow).unwrap())
-        } else {
-            (pruned::ce_loss(rt, batch, &fast).unwrap(), pruned::ce_loss(rt, batch, &slow).unwrap())
-        };
-        let (gf, gs) = (lf.backward().unwrap(), ls.backward().unwrap());
-        for (key, var) in suite.named_vars() {
-            let zero = var.as_tensor().zeros_like().unwrap();
-            let a = gf.get(var.as_tensor()).unwrap_or(&zero);
-            let b = gs.get(var.as_tensor()).unwrap_or(&zero);
-            let scale = max_abs(b).max(1e-6);
-            let rel = max_abs(&(a - b).unwrap()) / scale;
-            assert!(rel <= 1e-4, "{name}: {loss_kind} grad {key}: relative diff {rel}");
+        let mut plan = plan.clone();
+        plan.force_composed(composed);
+        let name = &format!("{name} composed={composed}");
+        let fast = pruned::forward(suite, rt, &plan, batch, opts).unwrap();
+        assert_outputs_close(name, suite, &fast, &slow);
+        for loss_kind in ["mse", "ce"] {
+            let (lf, ls) = if loss_kind == "mse" {
+                (pruned::mse_loss(suite, batch, &fast).unwrap(), pruned::mse_loss(suite, batch, &slow).unwrap())
+            } else {
+                (pruned::ce_loss(rt, batch, &fast).unwrap(), pruned::ce_loss(rt, batch, &slow).unwrap())
+            };
+            let (gf, gs) = (lf.backward().unwrap(), ls.backward().unwrap());
+            for (key, var) in suite.named_vars() {
+                assert_grad_close(&format!("{name}: {loss_kind} grad {key}"), &grad_of(&gf, var), &grad_of(&gs, var));
+            }
         }
-    }
     }
 }
 
@@ -136,39 +149,38 @@ fn compare_engine(name: &str, suite: &Suite, model: &Model, batch: &Batch, conns
     };
     let plan = Plan::new(suite, wiring, parallel, &dev).unwrap();
     let auto = pruned::forward(suite, rt, &plan, batch, opts).unwrap();
+    // The engine's value-only pass (evaluate, score-edges).
+    let values = engine::ValuePass::new(suite, rt, &plan, opts, &dev).unwrap().run(batch).unwrap();
+    assert_outputs_close(&format!("{name}: value pass"), suite, &values, &auto);
     for dense in [false, true] {
-    let mut eng = Engine::new(suite, rt, &plan, opts).unwrap();
-    eng.force_dense_attn_grad(Some(dense));
-    let fb = FlatBatch::new(batch, suite).unwrap();
-    let state = eng.forward(&fb).unwrap();
-    let n = fb.b * fb.s;
-    for (i, m) in suite.modules.iter().enumerate() {
-        let dense = engine::dense_features(&state.modules[i], n, suite.n_features, suite.k, &dev).unwrap();
-        let d = max_abs(&(&dense - &auto.feats[i]).unwrap());
-        assert!(d <= 1e-4, "{name}: engine feats {m} differ by {d}");
-        let rec = Tensor::from_vec(state.modules[i].recon.clone(), auto.recon[i].shape(), &dev).unwrap();
-        let d = max_abs(&(&rec - &auto.recon[i]).unwrap());
-        assert!(d <= 1e-4, "{name}: engine recon {m} differ by {d}");
-    }
-    for loss_kind in ["mse", "ce"] {
-        let (auto_loss, (eng_loss, g_recon)) = if loss_kind == "mse" {
-            (pruned::mse_loss(suite, batch, &auto).unwrap(), engine::mse_loss_and_grad(&fb, &state, suite.d_model))
-        } else {
-            (pruned::ce_loss(rt, batch, &auto).unwrap(), engine::ce_loss_and_grad(rt, &fb, &state, suite.d_model).unwrap())
-        };
-        let al = auto_loss.to_scalar::<f32>().unwrap() as f64;
-        assert!((al - eng_loss).abs() <= 1e-4 * al.abs().max(1.0), "{name}: {loss_kind} loss {al} vs engine {eng_loss}");
-        let ga = auto_loss.backward().unwrap();
-        let grads = eng.backward(&fb, &state, g_recon).unwrap();
-        let tensors = engine::grads_to_tensors(suite, &grads, &dev).unwrap();
-        for ((key, var), got) in suite.named_vars().into_iter().zip(&tensors) {
-            let zero = var.as_tensor().zeros_like().unwrap();
-            let want = ga.get(var.as_tensor()).unwrap_or(&zero);
-            let scale = max_abs(want).max(1e-6);
-            let rel = max_abs(&(got - want).unwrap()) / scale;
-            assert!(rel <= 1e-4, "{name}: engine {loss_kind} grad {key} (dense attention grad {dense}): relative diff {rel} (scale {scale})");
+        let mut eng = Engine::new(suite, rt, &plan, opts).unwrap();
+        eng.force_dense_attn_grad(Some(dense));
+        let fb = FlatBatch::new(batch, suite).unwrap();
+        let state = eng.forward(&fb).unwrap();
+        let n = fb.b * fb.s;
+        for (i, m) in suite.modules.iter().enumerate() {
+            let dense = engine::dense_features(&state.modules[i], n, suite.n_features, suite.k, &dev).unwrap();
+            let d = max_abs(&(&dense - &auto.feats[i]).unwrap());
+            assert!(d <= 1e-4, "{name}: engine feats {m} differ by {d}");
+            let rec = Tensor::from_vec(state.modules[i].recon.clone(), auto.recon[i].shape(), &dev).unwrap();
+            let d = max_abs(&(&rec - &auto.recon[i]).unwrap());
+            assert!(d <= 1e-4, "{name}: engine recon {m} differ by {d}");
         }
-    }
+        for loss_kind in ["mse", "ce"] {
+            let (auto_loss, (eng_loss, g_recon)) = if loss_kind == "mse" {
+                (pruned::mse_loss(suite, batch, &auto).unwrap(), engine::mse_loss_and_grad(&fb, &state, suite.d_model))
+            } else {
+                (pruned::ce_loss(rt, batch, &auto).unwrap(), engine::ce_loss_and_grad(rt, &fb, &state, suite.d_model).unwrap())
+            };
+            let al = auto_loss.to_scalar::<f32>().unwrap() as f64;
+            assert!((al - eng_loss).abs() <= 1e-4 * al.abs().max(1.0), "{name}: {loss_kind} loss {al} vs engine {eng_loss}");
+            let ga = auto_loss.backward().unwrap();
+            let grads = eng.backward(&fb, &state, g_recon).unwrap();
+            let tensors = engine::grads_to_tensors(suite, &grads, &dev).unwrap();
+            for ((key, var), got) in suite.named_vars().into_iter().zip(&tensors) {
+                assert_grad_close(&format!("{name}: engine {loss_kind} grad {key} (dense attention grad {dense})"), got, &grad_of(&ga, var));
+            }
+        }
     }
 }
 

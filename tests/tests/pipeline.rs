@@ -101,6 +101,13 @@ fn train_suite_resume_is_bit_identical() {
         }
         assert_eq!(losses(&a.join("metrics.jsonl")), losses(&b.join("metrics.jsonl")));
     }
+    // and ends with the same parameters (8 Adam steps, AuxK on)
+    let (se, sa) = (load(&tmp.join("a-engine")), load(&tmp.join("a-autograd")));
+    for (k, te) in &se {
+        let d = (te - &sa[k]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let scale = te.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-6);
+        assert!(d <= 1e-4 * scale, "train-suite autograd {k}: differs from the engine's by {d} (scale {scale})");
+    }
     let bf16 = tmp.join("a-bf16");
     run(&bf16, &["--backend", "autograd", "--dtype", "bf16"]);
     let engine = losses(&tmp.join("a-engine/metrics.jsonl"));
