@@ -97,6 +97,30 @@ pub fn run_main(tool: &str, body: impl FnOnce() -> anyhow::Result<()>) -> ExitCo
     }
 }
 
+/// How the tools that read a whole cache (`evaluate`, `score-edges`) go through it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CacheRunArgs {
+    /// Use only the first N cached sequences (default: all).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub n_seqs: Option<u64>,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_size: u64,
+    /// Model folder or hub id (default: the one recorded in the cache manifest).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Replace an existing, non-empty --out folder.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+impl CacheRunArgs {
+    /// `--n-seqs` as a sequence limit.
+    pub fn limit(&self) -> Option<usize> {
+        self.n_seqs.map(|n| n as usize)
+    }
+}
+
 /// Options of the pruned pass that every tool running it shares.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PassArgs {

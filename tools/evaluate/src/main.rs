@@ -39,18 +39,8 @@ struct Args {
     /// `recon.<m> [n, ctx, d_model]` to features.safetensors.
     #[arg(long)]
     dump: bool,
-    /// Use only the first N cached sequences (default: all).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    n_seqs: Option<u64>,
-    /// Sequences per batch.
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
-    batch_size: u64,
-    /// Model folder or hub id (default: the one recorded in the cache manifest).
-    #[arg(long)]
-    model: Option<String>,
-    /// Replace an existing, non-empty --out folder.
-    #[arg(long)]
-    overwrite: bool,
+    #[command(flatten)]
+    cache: scae::cli::CacheRunArgs,
     #[command(flatten)]
     pass: scae::cli::PassArgs,
     #[command(flatten)]
@@ -114,7 +104,7 @@ fn run(args: Args) -> Result<()> {
         anyhow::bail!("--acts and --suite are required (or --compare)");
     };
     let device = args.common.setup()?;
-    let inputs = Inputs::open(&acts, &suite_path, args.model.as_deref(), &device)?;
+    let inputs = Inputs::open(&acts, &suite_path, args.cache.model.as_deref(), &device)?;
     let conns = args.connections.as_ref().map(|p| inputs.connections(p)).transpose()?;
     // C as recorded by score-edges/select-edges, else the most edges of any feature.
     let c_value: Option<u64> = match (&args.connections, &conns) {
@@ -138,15 +128,15 @@ fn run(args: Args) -> Result<()> {
     };
     let plan = Plan::new(suite, wiring, inputs.parallel(), &device)?;
     let pass = scae::engine::ValuePass::new(suite, rt, &plan, args.pass.options(), &device)?;
-    let stage = StagedDir::create(&args.out, args.overwrite, "--out")?;
+    let stage = StagedDir::create(&args.out, args.cache.overwrite, "--out")?;
     let n_mod = suite.modules.len();
     let mut stats = vec![ModuleStats { fired: vec![false; suite.n_features], ..Default::default() }; n_mod];
     let (mut ce_sum, mut clean_sum, mut zero_sum, mut n_pred, mut n_tok, mut n_batches) = (0f64, 0f64, 0f64, 0u64, 0u64, 0u64);
     let mut dump: HashMap<String, Vec<Tensor>> = HashMap::new();
-    let limit = args.n_seqs.map(|n| n as usize);
+    let limit = args.cache.limit();
     let m = &inputs.cache().manifest;
     let bar = scae::cli::token_bar(Some((limit.unwrap_or(m.n_seqs).min(m.n_seqs) * m.ctx_len) as u64), "evaluating");
-    let n_seqs = inputs.cache().for_each_batch(args.batch_size as usize, limit, &device, |batch| {
+    let n_seqs = inputs.cache().for_each_batch(args.cache.batch_size as usize, limit, &device, |batch| {
         let out = pass.run(&batch)?;
         let (b, s, _) = batch.resid_pre0.dims3()?;
         let ce = pruned::ce_per_token(rt, &batch, &out)?;

@@ -29,24 +29,14 @@ struct Args {
     /// Output folder: edges.parquet, connections.parquet (with --top-c), scores.json.
     #[arg(long)]
     out: PathBuf,
-    /// Use only the first N cached sequences (default: all).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    n_seqs: Option<u64>,
     /// Also write connections.parquet with the top C edges of every feature.
     #[arg(long)]
     top_c: Option<usize>,
     /// Edges kept per downstream feature in edges.parquet (at least --top-c).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
     keep: u64,
-    /// Sequences per batch.
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
-    batch_size: u64,
-    /// Model folder or hub id (default: the one recorded in the cache manifest).
-    #[arg(long)]
-    model: Option<String>,
-    /// Replace an existing, non-empty --out folder.
-    #[arg(long)]
-    overwrite: bool,
+    #[command(flatten)]
+    cache: scae::cli::CacheRunArgs,
     #[command(flatten)]
     pass: scae::cli::PassArgs,
     #[command(flatten)]
@@ -65,19 +55,19 @@ fn run(args: Args) -> Result<()> {
             bail!("--top-c {c}: above --keep {keep}; hint: raise --keep");
         }
     }
-    let inputs = Inputs::open(&args.acts, &args.suite, args.model.as_deref(), &device)?;
+    let inputs = Inputs::open(&args.acts, &args.suite, args.cache.model.as_deref(), &device)?;
     let suite = &inputs.suite;
     let rt = &inputs.model.runtime;
     let parallel = inputs.parallel();
     let plan = Plan::new(suite, Wiring::All, parallel, &device)?;
-    let stage = StagedDir::create(&args.out, args.overwrite, "--out")?;
+    let stage = StagedDir::create(&args.out, args.cache.overwrite, "--out")?;
     let pass = scae::engine::ValuePass::new(suite, rt, &plan, args.pass.options(), &device)?;
     let mut stats = ScoreStats::new(suite, rt.cfg.n_heads, parallel);
-    let limit = args.n_seqs.map(|n| n as usize);
+    let limit = args.cache.limit();
     let ctx = inputs.cache().manifest.ctx_len;
     let total = limit.unwrap_or(inputs.cache().manifest.n_seqs).min(inputs.cache().manifest.n_seqs);
     let bar = scae::cli::token_bar(Some((total * ctx) as u64), "scoring");
-    let n_seqs = inputs.cache().for_each_batch(args.batch_size as usize, limit, &device, |batch| {
+    let n_seqs = inputs.cache().for_each_batch(args.cache.batch_size as usize, limit, &device, |batch| {
         let out = pass.run(&batch)?;
         stats.accumulate(suite, &batch, &out)?;
         bar.inc(batch.tokens.elem_count() as u64);
