@@ -314,8 +314,10 @@ pub struct ModuleState {
     pub recon: Vec<f32>,
     /// The d_model-space encoder input `Z (N, D)`.
     z: Vec<f32>,
-    /// Edge weights `(F, C, H)` (sparse wiring).
+    /// Edge weights `(F, C, H)` (sparse wiring), and the same in column order
+    /// ([`EdgeIndex::to_col_order`]) for the loops that push from upstream features.
     w: Vec<f32>,
+    w_col: Vec<f32>,
     /// Attention targets, sparse wiring: `E W_Oᵀ (F, H·dh)` and per up `W_decᵀ W_V (F, H·dh)`.
     ev: Vec<f32>,
     dv: Vec<Vec<f32>>,
@@ -546,25 +548,30 @@ impl<'a> Engine<'a> {
             a.par_chunks_mut(f).for_each(|row| add_into(row, &bias));
             prof.mark("Z·Eᵀ");
             // Sparse edge terms.
-            let (mut w, mut ev, mut dv) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut w, mut w_col, mut ev, mut dv) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             if self.plan.sparse && !ups.is_empty() {
                 let index = plan_d.index.as_ref().expect("sparse plan");
                 match module.kind {
                     Kind::Mlp => {
                         w = self.mlp_edge_weights(di, index);
-                        self.mlp_edges_forward(fb, di, index, &w, &states, &mut a);
+                        w_col = index.to_col_order(&w, 1);
+                        prof.mark("mlp w");
+                        self.mlp_edges_forward(fb, di, index, &w_col, &states, &mut a);
+                        prof.mark("mlp edges");
                     }
                     Kind::Attn => {
                         let (w_, ev_, dv_) = self.attn_edge_weights(di, l, index);
                         w = w_;
                         ev = ev_;
                         dv = dv_;
-                        self.attn_edges_forward(fb, di, l, index, &w, &states, &mut a);
+                        w_col = index.to_col_order(&w, self.n_heads);
+                        prof.mark("attn w");
+                        self.attn_edges_forward(fb, di, l, index, &w_col, &states, &mut a);
+                        prof.mark("attn edges");
                     }
                 }
             }
             // top-k, ReLU, decode
-            prof.mark("edges");
             let idx = topk_indices(&a, f, k);
             prof.mark("top-k");
             let val: Vec<f32> = idx.iter().enumerate().map(|(j, &i)| a[(j / k) * f + i as usize].max(0.0)).collect();
@@ -592,7 +599,7 @@ impl<'a> Engine<'a> {
                     aux_val = aux_idx.iter().enumerate().map(|(j, &i)| masked[(j / k_aux) * f + i as usize].max(0.0)).collect();
                 }
             }
-            states.push(ModuleState { idx, val, recon, z, w, ev, dv, aux_idx, aux_val, k_aux, n_dead, aux_g: Vec::new() });
+            states.push(ModuleState { idx, val, recon, z, w, w_col, ev, dv, aux_idx, aux_val, k_aux, n_dead, aux_g: Vec::new() });
             prof.mark("decode, AuxK");
         }
         prof.report("forward");
@@ -652,28 +659,28 @@ impl<'a> Engine<'a> {
         (w, ev, dv)
     }
 
-    fn mlp_edges_forward(&self, fb: &FlatBatch, di: usize, index: &EdgeIndex, w: &[f32], states: &[ModuleState], a: &mut [f32]) {
+    fn mlp_edges_forward(&self, fb: &FlatBatch, di: usize, index: &EdgeIndex, w_col: &[f32], states: &[ModuleState], a: &mut [f32]) {
         let (f, k) = (self.f, self.k);
         let ups = &self.plan.down(di).ups;
         let sc = &fb.s2[self.suite.modules[di].layer];
-        let width = index.width;
         a.par_chunks_mut(f).enumerate().for_each(|(t, arow)| {
             let inv = 1.0 / sc[t];
             for (_, _, v, col) in active_ups(states, ups, t, k, f) {
-                for &slot in index.slots(col) {
-                    arow[slot as usize / width] += w[slot as usize] * v * inv;
+                let x = v * inv;
+                let r = index.col_range(col);
+                for (&wv, &i) in w_col[r.clone()].iter().zip(&index.rev_down[r]) {
+                    arow[i as usize] += wv * x;
                 }
             }
         });
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn attn_edges_forward(&self, fb: &FlatBatch, di: usize, layer: usize, index: &EdgeIndex, w: &[f32], states: &[ModuleState], a: &mut [f32]) {
+    fn attn_edges_forward(&self, fb: &FlatBatch, di: usize, layer: usize, index: &EdgeIndex, w_col: &[f32], states: &[ModuleState], a: &mut [f32]) {
         let (s, f, k, h) = (fb.s, self.f, self.k, self.n_heads);
         let ups = &self.plan.down(di).ups;
         let sc = &fb.s1[layer];
         let p = &fb.pattern[layer];
-        let width = index.width;
         // Per-thread buffers, reused across sequences (no fresh pages per sequence).
         let init = || (vec![0f32; s * h * f], vec![0f32; s * s * h]);
         a.par_chunks_mut(s * f).enumerate().for_each_init(init, |(y, pq), (bi, ab)| {
@@ -683,10 +690,11 @@ impl<'a> Engine<'a> {
                 let t = bi * s + pp;
                 let inv = 1.0 / sc[t];
                 for (_, _, v, col) in active_ups(states, ups, t, k, f) {
-                    for &slot in index.slots(col) {
-                        let i = slot as usize / width;
-                        for hh in 0..h {
-                            y[(pp * h + hh) * f + i] += w[slot as usize * h + hh] * v * inv;
+                    let x = v * inv;
+                    let r = index.col_range(col);
+                    for (ws, &i) in w_col[r.start * h..r.end * h].chunks_exact(h).zip(&index.rev_down[r]) {
+                        for (hh, &wv) in ws.iter().enumerate() {
+                            y[(pp * h + hh) * f + i as usize] += wv * x;
                         }
                     }
                 }
@@ -890,16 +898,19 @@ impl<'a> Engine<'a> {
                 let (before, _) = g_val.split_at_mut(di);
                 match module.kind {
                     Kind::Mlp => {
-                        let gw = self.mlp_edges_backward(fb, di, index, &st.w, &pg, state, before);
+                        let gw = self.mlp_edges_backward(fb, di, index, &st.w_col, &pg, state, before);
+                        prof.mark("mlp edges");
                         self.mlp_edge_weights_backward(di, index, &gw, &mut g_enc, &mut g_dec_t_in);
+                        prof.mark("mlp w");
                     }
                     Kind::Attn => {
                         let gw = self.attn_edges_backward(fb, di, l, index, &st.w, &pg, state, before);
+                        prof.mark("attn edges");
                         self.attn_edge_weights_backward(di, l, index, &gw, st, &mut g_enc, &mut g_dec_t_in);
+                        prof.mark("attn w");
                     }
                 }
             }
-            prof.mark("edges");
             // Assemble this module's gradients (W_dec from its transpose).
             if !g_dec_t_in[di].is_empty() {
                 add_into(&mut g_dec_t, &g_dec_t_in[di]);
@@ -918,16 +929,15 @@ impl<'a> Engine<'a> {
 
     /// Edge-term backward for an mlp target: returns `g w (F·C)`, adds into upstream `g_val`.
     #[allow(clippy::too_many_arguments)]
-    fn mlp_edges_backward(&self, fb: &FlatBatch, di: usize, index: &EdgeIndex, w: &[f32], pg: &PreGrad, state: &State, g_val_up: &mut [Vec<f32>]) -> Vec<f32> {
+    fn mlp_edges_backward(&self, fb: &FlatBatch, di: usize, index: &EdgeIndex, w_col: &[f32], pg: &PreGrad, state: &State, g_val_up: &mut [Vec<f32>]) -> Vec<f32> {
         let (n, f, k) = (fb.b * fb.s, self.f, self.k);
         let ups = &self.plan.down(di).ups;
         let sc = &fb.s2[self.suite.modules[di].layer];
-        let width = index.width;
         // Per token: (g val of every up at t). Collect per-up row slices mutably in parallel by
         // computing into a scratch (N, |U|·K) buffer, then scattering.
         let mut scratch = vec![0f32; n * ups.len() * k];
         let row_len = ups.len() * k;
-        let gw = fold_rows(&mut scratch, row_len, w.len(), |first, block, gw| {
+        let gw_col = fold_rows(&mut scratch, row_len, w_col.len(), |first, block, gw| {
             let mut dense = vec![0f32; f];
             for (r, srow) in block.chunks_mut(row_len).enumerate() {
                 let t = first + r;
@@ -936,13 +946,13 @@ impl<'a> Engine<'a> {
                 }
                 let inv = 1.0 / sc[t];
                 for (pu, kk, v, col) in active_ups(&state.modules, ups, t, k, f) {
+                    let x = v * inv;
                     let mut acc = 0f32;
-                    for &slot in index.slots(col) {
-                        let g = dense[slot as usize / width];
-                        if g != 0.0 {
-                            gw[slot as usize] += g * v * inv;
-                            acc += g * w[slot as usize];
-                        }
+                    let r = index.col_range(col);
+                    for (j, &i) in r.clone().zip(&index.rev_down[r]) {
+                        let g = dense[i as usize];
+                        gw[j] += g * x;
+                        acc += g * w_col[j];
                     }
                     srow[pu * k + kk] = acc * inv;
                 }
@@ -952,7 +962,7 @@ impl<'a> Engine<'a> {
             }
         });
         add_up_value_grads(ups, &scratch, n, k, g_val_up);
-        gw
+        index.to_slot_order(&gw_col, 1)
     }
 
     fn mlp_edge_weights_backward(&self, di: usize, index: &EdgeIndex, gw: &[f32], g_enc: &mut [f32], g_dec_t_in: &mut [Vec<f32>]) {
@@ -985,7 +995,6 @@ impl<'a> Engine<'a> {
         let ups = &self.plan.down(di).ups;
         let sc = &fb.s1[layer];
         let p = &fb.pattern[layer];
-        let width = index.width;
         let mut scratch = vec![0f32; n * ups.len() * k];
         let seq_len = s * ups.len() * k;
         let gw = fold_rows(&mut scratch, seq_len, w.len(), |first, block, gw| {
@@ -1050,8 +1059,7 @@ impl<'a> Engine<'a> {
                     let inv = 1.0 / sc[t];
                     for (pu, kk, v, col) in active_ups(&state.modules, ups, t, k, f) {
                         let mut acc = 0f32;
-                        for &slot in index.slots(col) {
-                            let i = slot as usize / width;
+                        for (slot, i) in index.edges(col) {
                             if stamp[i] != pp as u32 {
                                 stamp[i] = pp as u32;
                                 let gyi = &mut cache[i * h..(i + 1) * h];

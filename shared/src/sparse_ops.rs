@@ -39,6 +39,9 @@ pub struct EdgeIndex {
     /// CSR: slots reading column m are `rev_slots[rev_ptr[m]..rev_ptr[m+1]]`.
     pub rev_ptr: Vec<u32>,
     pub rev_slots: Vec<u32>,
+    /// The downstream feature of each entry of `rev_slots` (`slot / width`, kept so that the
+    /// per-edge loops do no division).
+    pub rev_down: Vec<u32>,
 }
 
 /// Marks an unused slot.
@@ -67,7 +70,8 @@ impl EdgeIndex {
                 fill[m as usize] += 1;
             }
         }
-        EdgeIndex { n_down, width, n_cols, slot_col, rev_ptr: counts, rev_slots }
+        let rev_down = rev_slots.iter().map(|&slot| slot / width as u32).collect();
+        EdgeIndex { n_down, width, n_cols, slot_col, rev_ptr: counts, rev_slots, rev_down }
     }
 
     /// The slot columns with EMPTY replaced by 0 (for gathers; those slots get zero weight
@@ -76,8 +80,30 @@ impl EdgeIndex {
         self.slot_col.iter().map(|&m| if m == EMPTY { 0 } else { m }).collect()
     }
 
-    pub(crate) fn slots(&self, m: usize) -> &[u32] {
-        &self.rev_slots[self.rev_ptr[m] as usize..self.rev_ptr[m + 1] as usize]
+    /// Per-slot values `(slots, h)` re-laid in column order: entry `j` of `rev_slots` gets
+    /// slot `rev_slots[j]`'s `h` values (so the edges of one column are contiguous).
+    pub(crate) fn to_col_order(&self, w: &[f32], h: usize) -> Vec<f32> {
+        let mut out = vec![0f32; self.rev_slots.len() * h];
+        out.chunks_mut(h).zip(&self.rev_slots).for_each(|(o, &slot)| o.copy_from_slice(&w[slot as usize * h..(slot as usize + 1) * h]));
+        out
+    }
+
+    /// The inverse of [`to_col_order`](Self::to_col_order) (empty slots get zeros).
+    pub(crate) fn to_slot_order(&self, w_col: &[f32], h: usize) -> Vec<f32> {
+        let mut out = vec![0f32; self.slot_col.len() * h];
+        w_col.chunks(h).zip(&self.rev_slots).for_each(|(v, &slot)| out[slot as usize * h..(slot as usize + 1) * h].copy_from_slice(v));
+        out
+    }
+
+    /// The entries of column `m` in column order (indices into `rev_slots`, `rev_down`).
+    pub(crate) fn col_range(&self, m: usize) -> std::ops::Range<usize> {
+        self.rev_ptr[m] as usize..self.rev_ptr[m + 1] as usize
+    }
+
+    /// The edges reading column `m`: `(slot, downstream feature)`.
+    pub(crate) fn edges(&self, m: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let r = self.rev_ptr[m] as usize..self.rev_ptr[m + 1] as usize;
+        self.rev_slots[r.clone()].iter().zip(&self.rev_down[r]).map(|(&slot, &i)| (slot as usize, i as usize))
     }
 }
 
@@ -111,9 +137,8 @@ impl CustomOp2 for EdgeMatmul {
                     if xv == 0.0 {
                         continue;
                     }
-                    for &slot in ix.slots(m) {
-                        let i = slot as usize / ix.width;
-                        let ws = &w[slot as usize * h..(slot as usize + 1) * h];
+                    for (slot, i) in ix.edges(m) {
+                        let ws = &w[slot * h..(slot + 1) * h];
                         for (hi, &wv) in ws.iter().enumerate() {
                             yb[(hi * s + si) * f + i] += wv * xv;
                         }
@@ -144,12 +169,11 @@ impl CustomOp2 for EdgeMatmul {
                                 continue;
                             }
                             let mut acc = 0f32;
-                            for &slot in ix.slots(m) {
-                                let i = slot as usize / ix.width;
+                            for (slot, i) in ix.edges(m) {
                                 for hi in 0..h {
                                     let g = gyb[(hi * s + si) * f + i];
-                                    acc += g * wv[slot as usize * h + hi];
-                                    gw[slot as usize * h + hi] += g * xval;
+                                    acc += g * wv[slot * h + hi];
+                                    gw[slot * h + hi] += g * xval;
                                 }
                             }
                             gxb[si * m_cols + m] = acc;
