@@ -339,12 +339,59 @@ impl Cache {
         let path = self.dir.join(&self.manifest.shards[i].file);
         let map = candle_core::safetensors::load(&path, device)
             .map_err(|e| Error::input(&path, format!("not a readable cache shard: {e}")))?;
-        map.into_iter()
+        let map = map
+            .into_iter()
             .map(|(k, t)| {
                 let t = if t.dtype().is_float() { t.to_dtype(DType::F32)? } else { t };
                 Ok((k, t))
             })
-            .collect()
+            .collect::<Result<HashMap<_, _>>>()?;
+        self.check_shard(&path, self.manifest.shards[i].n_seqs, &map)?;
+        Ok(map)
+    }
+
+    /// Check that a shard holds every tensor a pass reads, with the manifest's shapes, token
+    /// ids inside the vocabulary and finite activations.
+    fn check_shard(&self, path: &Path, n: usize, map: &HashMap<String, Tensor>) -> Result<()> {
+        let m = &self.manifest;
+        let (s, d, h) = (m.ctx_len, m.model.d_model, m.model.n_heads);
+        let mut expected: Vec<(String, Vec<usize>)> = vec![("tokens".into(), vec![n, s]), ("blocks.0.hook_resid_pre".into(), vec![n, s, d])];
+        for l in 0..m.model.n_layers {
+            for (hook, shape) in [
+                ("ln1.hook_scale", vec![n, s, 1]),
+                ("ln2.hook_scale", vec![n, s, 1]),
+                ("ln2.hook_normalized", vec![n, s, d]),
+                ("attn.hook_pattern", vec![n, h, s, s]),
+                ("hook_attn_out", vec![n, s, d]),
+                ("hook_mlp_out", vec![n, s, d]),
+            ] {
+                expected.push((format!("blocks.{l}.{hook}"), shape));
+            }
+        }
+        for (name, shape) in &expected {
+            let t = map
+                .get(name)
+                .ok_or_else(|| Error::input(path, format!("lacks tensor `{name}`; hint: rebuild the cache with collect-acts")))?;
+            if t.dims() != shape.as_slice() {
+                return Err(Error::input(path, format!("tensor `{name}`: expected shape {shape:?} (manifest: {n} sequences, ctx {s}, d_model {d}, {h} heads), found {:?}", t.dims())));
+            }
+            if name == "tokens" {
+                if t.dtype().is_float() {
+                    return Err(Error::input(path, format!("tensor `tokens`: expected integer token ids, found {:?}", t.dtype())));
+                }
+                let max = t.to_dtype(DType::I64)?.flatten_all()?.max(0)?.to_scalar::<i64>()?;
+                let min = t.to_dtype(DType::I64)?.flatten_all()?.min(0)?.to_scalar::<i64>()?;
+                if min < 0 || max >= m.model.d_vocab as i64 {
+                    return Err(Error::input(path, format!("tensor `tokens`: expected ids in 0..{}, found {min}..={max}", m.model.d_vocab)));
+                }
+            } else {
+                // NaN and infinities carry into the sum (on the tensor's device)
+                if !t.abs()?.sum_all()?.to_scalar::<f32>()?.is_finite() {
+                    return Err(Error::input(path, format!("tensor `{name}`: expected finite values, found NaN or infinite ones")));
+                }
+            }
+        }
+        Ok(())
     }
 }
 

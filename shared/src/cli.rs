@@ -90,10 +90,41 @@ pub fn run_main(tool: &str, body: impl FnOnce() -> anyhow::Result<()>) -> ExitCo
             if broken_pipe {
                 return ExitCode::SUCCESS;
             }
-            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("{tool}: {}", chain.join(": "));
+            // One line: each cause's first line (candle appends backtraces on later lines
+            // when RUST_BACKTRACE is set), skipping causes the message already quotes.
+            let mut line = String::new();
+            for cause in e.chain() {
+                let text = cause.to_string();
+                let first = text.lines().next().unwrap_or("").trim();
+                if first.is_empty() || line.contains(first) {
+                    continue;
+                }
+                if !line.is_empty() {
+                    line.push_str(": ");
+                }
+                line.push_str(first);
+            }
+            eprintln!("{tool}: {line}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// Value parser of a finite number > 0 (learning rates).
+pub fn positive_f64(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        Ok(v) => Err(format!("expected a finite number > 0, found {v}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Value parser of a finite number >= 0 (loss weights).
+pub fn non_negative_f64(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        Ok(v) => Err(format!("expected a finite number >= 0, found {v}")),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -209,7 +240,7 @@ pub struct RunArgs {
     #[arg(long, default_value = "1.0")]
     pub clip_grad: String,
     /// Write a checkpoint every N steps.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub checkpoint_every: Option<u64>,
     /// Continue from `--out`/checkpoint with the same arguments.
     #[arg(long)]

@@ -39,7 +39,7 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     let fail = |why: String| {
         Error::Usage(format!(
-            "--model {spec}: not a local folder and not in the Hugging Face cache; {why}\n\
+            "--model {spec}: not a local folder and not in the Hugging Face cache; {why}; \
              hint: on a machine with network run `huggingface-cli download {spec} --local-dir DIR` \
              (or run scae there once), copy DIR here and pass --model DIR"
         ))

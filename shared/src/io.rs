@@ -10,9 +10,21 @@ use crate::error::{Error, IoContext, Result};
 
 /// Write `bytes` to `path` via `<path>.tmp` and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_via_tmp(path, |tmp| std::fs::write(tmp, bytes).at(tmp))
+}
+
+/// Create `path` by `write(<path>.tmp)` and a rename; on any failure the `.tmp` file is
+/// removed, so nothing partial is left behind.
+pub fn write_via_tmp(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    if path.is_dir() {
+        return Err(Error::input(path, "expected a file to write, found a folder"));
+    }
     let tmp = tmp_path(path);
-    std::fs::write(&tmp, bytes).at(&tmp)?;
-    std::fs::rename(&tmp, path).at(path)
+    let res = write(&tmp).and_then(|()| std::fs::rename(&tmp, path).at(path));
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
 }
 
 /// `<path>.tmp`.

@@ -161,12 +161,27 @@ impl Suite {
             .map_err(|e| Error::input(&weights, format!("not a readable safetensors file: {e}")))?;
         let tensors = candle_core::safetensors::load_buffer(&bytes, device)
             .map_err(|e| Error::input(&weights, format!("not a readable safetensors file: {e}")))?;
-        let meta_usize = |k: &str| -> Option<usize> { meta.metadata().as_ref()?.get(k)?.parse().ok() };
+        // `k` / `n_features` from the file's metadata: None when absent.
+        let meta_usize = |k: &str| -> Result<Option<usize>> {
+            match meta.metadata().as_ref().and_then(|m| m.get(k)) {
+                None => Ok(None),
+                Some(v) => v.parse().map(Some).map_err(|_| Error::input(&weights, format!("metadata `{k}`: expected a positive integer, found {v:?}"))),
+            }
+        };
         let (k, n_features, model_id, model_hash) = match &cfg {
-            Some(c) => (c.k, c.n_features, c.model_id.clone(), c.model_hash.clone()),
+            Some(c) => {
+                for (name, value) in [("k", c.k), ("n_features", c.n_features)] {
+                    if let Some(m) = meta_usize(name)? {
+                        if m != value {
+                            return Err(Error::input(&weights, format!("metadata `{name}` {m} disagrees with {} ({value})", path.join("config.json").display())));
+                        }
+                    }
+                }
+                (c.k, c.n_features, c.model_id.clone(), c.model_hash.clone())
+            }
             None => (
-                meta_usize("k").ok_or_else(|| Error::input(&weights, "metadata: missing `k` (a positive integer)"))?,
-                meta_usize("n_features")
+                meta_usize("k")?.ok_or_else(|| Error::input(&weights, "metadata: missing `k` (a positive integer)"))?,
+                meta_usize("n_features")?
                     .ok_or_else(|| Error::input(&weights, "metadata: missing `n_features` (a positive integer)"))?,
                 None,
                 None,
@@ -207,7 +222,15 @@ impl Suite {
                         format!("tensor `{name}`: expected shape {shape:?}, found {:?}", x.dims()),
                     ));
                 }
-                Ok(Var::from_tensor(&x.to_dtype(DType::F32)?)?)
+                if !x.dtype().is_float() {
+                    return Err(Error::input(source, format!("tensor `{name}`: expected floating-point values, found {:?}", x.dtype())));
+                }
+                let x = x.to_dtype(DType::F32)?;
+                // NaN and infinities carry into the sum
+                if !x.abs()?.sum_all()?.to_scalar::<f32>()?.is_finite() {
+                    return Err(Error::input(source, format!("tensor `{name}`: expected finite values, found NaN or infinite ones")));
+                }
+                Ok(Var::from_tensor(&x)?)
             };
             aes.push(Autoencoder {
                 w_enc: take("encoder.weight", &[n_features, d_model])?,
@@ -215,6 +238,11 @@ impl Suite {
                 w_dec: take("decoder.weight", &[d_model, n_features])?,
                 b_dec: take("b_dec", &[d_model])?,
             });
+        }
+        let mut extra: Vec<&String> = t.keys().filter(|name| name.starts_with("aes.")).collect();
+        extra.sort();
+        if let Some(name) = extra.first() {
+            return Err(Error::input(source, format!("unexpected tensor `{name}`: the suite's modules are attn_0 .. mlp_{}", n_layers - 1)));
         }
         Ok(Suite { k, n_features, d_model, modules, aes, model_id, model_hash })
     }

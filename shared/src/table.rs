@@ -23,13 +23,14 @@ pub fn write_parquet(path: &Path, columns: Vec<(&str, ArrayRef)>, meta: &[(&str,
         .set_compression(Compression::ZSTD(ZstdLevel::default()))
         .set_key_value_metadata(Some(kv))
         .build();
-    let tmp = crate::io::tmp_path(path);
-    let file = std::fs::File::create(&tmp).at(&tmp)?;
-    let fail = |e: parquet::errors::ParquetError| Error::input(&tmp, format!("cannot write parquet: {e}"));
-    let mut w = ArrowWriter::try_new(file, batch.schema(), Some(props)).map_err(fail)?;
-    w.write(&batch).map_err(fail)?;
-    w.close().map_err(fail)?;
-    std::fs::rename(&tmp, path).at(path)
+    crate::io::write_via_tmp(path, |tmp| {
+        let file = std::fs::File::create(tmp).at(tmp)?;
+        let fail = |e: parquet::errors::ParquetError| Error::input(tmp, format!("cannot write parquet: {e}"));
+        let mut w = ArrowWriter::try_new(file, batch.schema(), Some(props)).map_err(fail)?;
+        w.write(&batch).map_err(fail)?;
+        w.close().map_err(fail)?;
+        Ok(())
+    })
 }
 
 /// Read every record batch of a parquet file.

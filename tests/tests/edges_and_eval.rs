@@ -190,3 +190,56 @@ fn reference_layout_round_trips_and_pythia_same_layer_edges_are_dropped() {
     assert!(strip(&from_pq) == strip(&conns), "parquet does not round-trip");
     assert_eq!(conns.n_edges(), 32 * 6 + strip(&conns)[3].iter().map(Vec::len).sum::<usize>());
 }
+
+/// Corrupt caches and suites, and an output path that is a folder: one-line errors naming the
+/// file and the tensor, and no output left behind.
+#[test]
+fn corrupt_caches_and_suites_are_clear_errors() {
+    let tmp = scratch("corrupt");
+    let acts = golden_cache(&tmp, "tiny-gpt2");
+    let su = suite("tiny-gpt2");
+    let shard = "shard-00000.safetensors";
+    // A copy of the cache whose shard has one tensor replaced.
+    let corrupt = |name: &str, edit: &dyn Fn(&Tensor) -> Tensor| -> PathBuf {
+        let dir = tmp.join(format!("acts-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(acts.join("manifest.json"), dir.join("manifest.json")).unwrap();
+        let mut map = candle_core::safetensors::load(acts.join(shard), &Device::Cpu).unwrap();
+        let t = map[name].clone();
+        map.insert(name.to_string(), edit(&t));
+        candle_core::safetensors::save(&map, dir.join(shard)).unwrap();
+        dir
+    };
+    let eval = |a: &Path, suite: &Path, needles: &[&str]| {
+        let out = tmp.join("eval");
+        tool_fails("evaluate", &["--acts", s(a), "--suite", s(suite), "--out", s(&out)], needles);
+        assert!(!out.exists() && !tmp.join("eval.tmp").exists());
+    };
+    let narrow = corrupt("blocks.1.hook_attn_out", &|t| t.narrow(2, 0, 8).unwrap());
+    eval(&narrow, &su, &[shard, "tensor `blocks.1.hook_attn_out`: expected shape [3, 12, 16]", "found [3, 12, 8]"]);
+    let nan = corrupt("blocks.0.hook_resid_pre", &|t| (t * f64::NAN).unwrap());
+    eval(&nan, &su, &[shard, "tensor `blocks.0.hook_resid_pre`: expected finite values"]);
+    // Suites: a NaN weight, a tensor of a module the suite does not have.
+    let mut tensors = candle_core::safetensors::load(&su, &Device::Cpu).unwrap();
+    let meta: HashMap<String, String> = [("k".to_string(), "4".to_string()), ("n_features".to_string(), "32".to_string())].into();
+    let save = |t: &HashMap<String, Tensor>, name: &str| -> PathBuf {
+        let p = tmp.join(name);
+        safetensors::serialize_to_file(t.iter().map(|(k, v)| (k.as_str(), v)), Some(meta.clone()), &p).unwrap();
+        p
+    };
+    let ok = save(&tensors, "ok.safetensors");
+    tool_ok("evaluate", &["--acts", s(&acts), "--suite", s(&ok), "--out", s(&tmp.join("ok-eval"))]);
+    let w = tensors["aes.mlp_1.encoder.bias"].clone();
+    tensors.insert("aes.mlp_1.encoder.bias".into(), (w * f64::NAN).unwrap());
+    eval(&acts, &save(&tensors, "nan.safetensors"), &["nan.safetensors", "tensor `aes.mlp_1.encoder.bias`: expected finite values"]);
+    tensors.insert("aes.mlp_1.encoder.bias".into(), tensors["aes.mlp_0.encoder.bias"].clone());
+    tensors.insert("aes.mlp_2.b_dec".into(), tensors["aes.mlp_0.b_dec"].clone());
+    eval(&acts, &save(&tensors, "extra.safetensors"), &["extra.safetensors", "unexpected tensor `aes.mlp_2.b_dec`"]);
+    // select-edges onto a folder: refused, no `.tmp` left.
+    let edges = tmp.join("edges");
+    tool_ok("score-edges", &["--acts", s(&acts), "--suite", s(&su), "--out", s(&edges)]);
+    let dir = tmp.join("taken");
+    std::fs::create_dir_all(&dir).unwrap();
+    tool_fails("select-edges", &["--edges", s(&edges.join("edges.parquet")), "--c", "2", "--out", s(&dir)], &["taken", "expected a file to write, found a folder"]);
+    assert!(!tmp.join("taken.tmp").exists());
+}

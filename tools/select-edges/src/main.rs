@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use clap::Parser;
 use scae::connections::{Connections, FORMAT};
 use scae::scores::select_top_c;
@@ -47,6 +47,17 @@ fn run(args: Args) -> Result<()> {
         eprintln!("select-edges: warning: --c {} is above the {k} edges per feature kept in {path}; features get at most {k}", args.c);
     }
     let edges = Connections::load(&args.edges, &modules, n_features, parallel)?;
+    // Ranking needs a finite score on every edge (a missing column or null reads as NaN).
+    for (d, feats) in edges.edges.iter().enumerate() {
+        for (i, es) in feats.iter().enumerate() {
+            if let Some(e) = es.iter().find(|e| !e.score.is_finite()) {
+                bail!(
+                    "{path}: column `score`, edge {}:{} -> {}:{i}: expected a finite score, found {}; hint: edges files are written by score-edges",
+                    modules[e.up].name(), e.feature, modules[d].name(), e.score
+                );
+            }
+        }
+    }
     let conns = select_top_c(&edges, args.c);
     let mut m: Vec<(&str, String)> = vec![("parallel_attn_mlp", parallel.to_string()), ("c", args.c.to_string())];
     m.push(("edges", path.to_string()));
