@@ -215,6 +215,87 @@ pub struct RunState {
     pub args_digest: String,
 }
 
+/// A training loop's checkpoints: when one is due (every `--checkpoint-every` steps and after
+/// the last step when checkpointing, or to stop at `--halt-after`), writing it, and what a
+/// failed step says about the last one written.
+pub struct Checkpoints {
+    dir: RunDir,
+    out: PathBuf,
+    tool: &'static str,
+    digest: String,
+    every: Option<u64>,
+    halt_after: Option<u64>,
+    start_step: u64,
+    last: Option<u64>,
+}
+
+/// What a training loop does after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Due {
+    /// Write a checkpoint now.
+    pub save: bool,
+    /// Then stop, before the last step (`--halt-after`).
+    pub halt: bool,
+}
+
+impl Checkpoints {
+    /// For a run of `tool` into `dir` that starts (or resumed) at `start_step`.
+    pub fn new(dir: RunDir, tool: &'static str, digest: String, run: &crate::cli::RunArgs, start_step: u64) -> Checkpoints {
+        Checkpoints {
+            out: dir.out.clone(),
+            dir,
+            tool,
+            digest,
+            every: run.checkpoint_every,
+            halt_after: run.halt_after,
+            start_step,
+            last: run.resume.then_some(start_step),
+        }
+    }
+
+    /// What to do once `step` of `steps` steps are done.
+    pub fn due(&self, step: u64, steps: u64) -> Due {
+        let halt = self.halt_after.is_some_and(|h| step - self.start_step >= h);
+        Due { save: halt || self.every.is_some_and(|n| step % n == 0 || step == steps), halt: halt && step < steps }
+    }
+
+    /// Write the checkpoint after `step` steps and `seqs_seen` sequences.
+    pub fn save(&mut self, suite: &Suite, opt: &Optimizer, dead: &DeadTracker, step: u64, seqs_seen: u64) -> Result<()> {
+        let state = RunState {
+            format: CHECKPOINT_FORMAT.into(),
+            version: CHECKPOINT_VERSION,
+            tool: self.tool.into(),
+            step,
+            seqs_seen,
+            opt_t: opt.t,
+            args_digest: self.digest.clone(),
+        };
+        save_checkpoint(&self.out, suite, opt, dead, &state)?;
+        self.last = Some(step);
+        self.dir.keep();
+        Ok(())
+    }
+
+    /// The run's result is written: keep its folder.
+    pub fn finish(mut self) {
+        self.dir.keep();
+    }
+
+    /// The one-line error of step `step` whose loss is not finite.
+    pub fn non_finite(&self, step: u64, loss: f64) -> String {
+        let keep = match self.last {
+            Some(s) => format!("the last good checkpoint ({}, step {s}) is kept", self.out.join("checkpoint").display()),
+            None => "no checkpoint was written".to_string(),
+        };
+        format!("step {step}: loss is {loss}; stopping ({keep}); hint: lower --lr")
+    }
+
+    /// Tell the user how to go on after a halt at `step`.
+    pub fn report_halt(&self, step: u64) {
+        eprintln!("{}: halted after step {step} (checkpoint kept); continue with --resume", self.tool);
+    }
+}
+
 /// Write a checkpoint into `dir/checkpoint` atomically: build `checkpoint.tmp`, then swap it in,
 /// keeping the previous one until the new one is complete.
 pub fn save_checkpoint(dir: &Path, suite: &Suite, opt: &Optimizer, dead: &DeadTracker, state: &RunState) -> Result<PathBuf> {
@@ -355,13 +436,15 @@ mod tests {
 /// Prepare a training output folder: with `resume`, it must hold a checkpoint; otherwise it
 /// must be absent or empty (or `overwrite`), and is created. On resume, metrics lines of steps
 /// at or after the checkpoint's step are dropped by [`trim_metrics`].
-pub fn prepare_run_dir(out: &Path, resume: bool, overwrite: bool) -> Result<()> {
+pub fn prepare_run_dir(out: &Path, resume: bool, overwrite: bool) -> Result<RunDir> {
     if resume {
         if !out.join("checkpoint").join("state.json").is_file() {
             return Err(Error::input(out, "--resume: no checkpoint to resume from; hint: run without --resume"));
         }
-        return Ok(());
+        return Ok(RunDir { out: out.to_path_buf(), replaced: None, existed: true, kept: true });
     }
+    let mut replaced = None;
+    let mut existed = false;
     if out.exists() {
         if !out.is_dir() {
             return Err(Error::input(out, "--out: expected a folder, found a file"));
@@ -370,9 +453,63 @@ pub fn prepare_run_dir(out: &Path, resume: bool, overwrite: bool) -> Result<()> 
         if non_empty && !overwrite {
             return Err(Error::input(out, "--out: folder exists and is not empty; hint: pass --overwrite, or --resume to continue"));
         }
-        std::fs::remove_dir_all(out).at(out)?;
+        if non_empty {
+            // Moved aside until this run has something to show for itself.
+            let mut aside = out.components().as_path().as_os_str().to_owned();
+            aside.push(".replaced");
+            let aside = PathBuf::from(aside);
+            if aside.exists() {
+                std::fs::remove_dir_all(&aside).at(&aside)?;
+            }
+            std::fs::rename(out, &aside).at(&aside)?;
+            replaced = Some(aside);
+        } else {
+            existed = true;
+        }
     }
-    std::fs::create_dir_all(out).map_err(|e| Error::input(out, format!("--out: cannot create output folder: {e}")))
+    std::fs::create_dir_all(out).map_err(|e| Error::input(out, format!("--out: cannot create output folder: {e}")))?;
+    Ok(RunDir { out: out.to_path_buf(), replaced, existed, kept: false })
+}
+
+/// The output folder of a training run. A fresh run that fails before it writes a checkpoint
+/// or its result leaves nothing behind: dropping an unkept `RunDir` removes the folder's
+/// contents and puts back the folder that `--overwrite` replaced. Once kept (a checkpoint to
+/// resume from, or the final output), the folder stays.
+#[must_use]
+pub struct RunDir {
+    out: PathBuf,
+    /// The previous contents (`--overwrite`), until the run is kept.
+    replaced: Option<PathBuf>,
+    /// The folder existed (empty) before the run.
+    existed: bool,
+    kept: bool,
+}
+
+impl RunDir {
+    /// The run has written something worth keeping: the folder stays from now on.
+    pub fn keep(&mut self) {
+        if self.kept {
+            return;
+        }
+        self.kept = true;
+        if let Some(old) = self.replaced.take() {
+            let _ = std::fs::remove_dir_all(old);
+        }
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
+        let _ = std::fs::remove_dir_all(&self.out);
+        if let Some(old) = &self.replaced {
+            let _ = std::fs::rename(old, &self.out);
+        } else if self.existed {
+            let _ = std::fs::create_dir(&self.out);
+        }
+    }
 }
 
 /// Keep only the metrics lines of steps before `step` (after a resume).

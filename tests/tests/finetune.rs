@@ -202,3 +202,28 @@ fn autograd_auxk_matches_the_engine() {
         }
     }
 }
+
+/// A run that fails before its first checkpoint leaves nothing behind, and puts back the
+/// folder it was to replace (`--overwrite`); a successful `--overwrite` replaces it.
+#[test]
+fn failed_runs_leave_no_output_and_keep_what_they_would_replace() {
+    let tmp = scratch("ft-keep");
+    let acts = golden_cache(&tmp, "tiny-gpt2");
+    let suite = fixture_suite("tiny-gpt2");
+    let out = tmp.join("ft");
+    let base = ["--acts", s(&acts), "--suite", s(&suite), "--batch-size", "3"];
+    tool_ok("finetune", &[&base[..], &["--out", s(&out), "--steps", "1"]].concat());
+    let before = std::fs::read(out.join("suite.safetensors")).unwrap();
+    // the loss blows up at step 1, before any checkpoint
+    let blow_up = ["--steps", "5", "--optimizer", "sgd", "--clip-grad", "none", "--lr", "1e30", "--no-scale-lr"];
+    tool_fails("finetune", &[&base[..], &blow_up, &["--out", s(&out), "--overwrite"]].concat(), &["loss is", "no checkpoint was written"]);
+    assert_eq!(std::fs::read(out.join("suite.safetensors")).unwrap(), before, "the replaced output is back");
+    assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 1);
+    assert!(!tmp.join("ft.replaced").exists());
+    let fresh = tmp.join("fresh");
+    tool_fails("finetune", &[&base[..], &blow_up, &["--out", s(&fresh)]].concat(), &["loss is"]);
+    assert!(!fresh.exists(), "a failed fresh run leaves no folder");
+    tool_ok("finetune", &[&base[..], &["--out", s(&out), "--steps", "2", "--overwrite"]].concat());
+    assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 2);
+    assert!(!tmp.join("ft.replaced").exists());
+}

@@ -14,7 +14,7 @@ use scae::engine::{self, Engine, FlatBatch};
 use scae::inputs::Inputs;
 use scae::pruned::{Plan, Wiring};
 use scae::suite::Kind;
-use scae::train::{self, DeadTracker, Optimizer, OptimizerKind, Params, RunState};
+use scae::train::{self, DeadTracker, Optimizer, OptimizerKind, Params};
 
 /// Which loss to train on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -51,13 +51,13 @@ struct Args {
     #[arg(long, value_enum, default_value = "mse")]
     loss: Loss,
     /// Weight of CE in `--loss mse+ce`.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = scae::cli::non_negative_f64)]
     ce_weight: f64,
     /// Optimizer (Adam: betas 0.9, 0.999, eps 1e-8, as the reference).
     #[arg(long, value_enum, default_value = "adam")]
     optimizer: OptimizerKind,
     /// Base learning rate.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, value_parser = scae::cli::positive_f64)]
     lr: f64,
     /// Use --lr as is instead of the reference's lr / sqrt(F / 2^14).
     #[arg(long)]
@@ -85,7 +85,7 @@ struct Args {
     shuffle: bool,
     /// AuxK weight (mse losses): dead latents' largest pre-top-k activations reconstruct the
     /// residual (dead as of the previous step). 0 (the reference's default) reproduces it.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = scae::cli::non_negative_f64)]
     auxk_alpha: f64,
     /// A feature is dead after this many tokens without a non-zero value.
     #[arg(long, default_value_t = 10_000_000)]
@@ -185,7 +185,7 @@ fn run(args: Args) -> Result<()> {
     args.compute.add_to_digest(&mut digest_args);
     let digest = train::digest(&digest_args);
 
-    train::prepare_run_dir(&args.out, args.run.resume, args.run.overwrite)?;
+    let run_dir = train::prepare_run_dir(&args.out, args.run.resume, args.run.overwrite)?;
 
     let mut params = Params::from_suite(suite)?;
     let mut opt = Optimizer::new(args.optimizer, &params);
@@ -207,7 +207,7 @@ fn run(args: Args) -> Result<()> {
     bar.set_position(step * (batch_size * ctx) as u64);
     let start_time = Instant::now();
     let start_step = step;
-    let mut last_ckpt: Option<u64> = if args.run.resume { Some(step) } else { None };
+    let mut ckpt = train::Checkpoints::new(run_dir, "finetune", digest, &args.run, step);
     while step < steps {
         // Next batch in data order (wrapping over epochs).
         let batch = source.batch(seqs_seen, batch_size)?;
@@ -221,14 +221,10 @@ fn run(args: Args) -> Result<()> {
         };
         let lr_t = lr * train::lr_factor(step, steps, args.run.warmup, args.run.decay_start);
         let check = |loss: f64| -> Result<()> {
-            if loss.is_finite() {
-                return Ok(());
+            if !loss.is_finite() {
+                bail!(ckpt.non_finite(step, loss));
             }
-            let keep = match last_ckpt {
-                Some(s) => format!("the last good checkpoint ({}, step {s}) is kept", args.out.join("checkpoint").display()),
-                None => "no checkpoint was written".to_string(),
-            };
-            bail!("step {step}: loss is {loss}; stopping ({keep}); hint: lower --lr");
+            Ok(())
         };
         let fvu_record = |fvus: &[f64]| -> serde_json::Value {
             suite.modules.iter().zip(fvus).map(|(m, f)| (m.name(), serde_json::json!(f))).collect::<serde_json::Map<_, _>>().into()
@@ -325,29 +321,17 @@ fn run(args: Args) -> Result<()> {
         writeln!(metrics, "{}", serde_json::Value::Object(record))?;
         bar.inc(n_tok);
         bar.set_message(format!("loss {loss:.4}"));
-        let halt = args.run.halt_after.is_some_and(|h| step - start_step >= h);
-        if args.run.checkpoint_every.is_some_and(|n| step % n == 0) || step == steps || halt {
+        let due = ckpt.due(step, steps);
+        if due.save {
             metrics.flush()?;
-            let rs = RunState {
-                format: train::CHECKPOINT_FORMAT.into(),
-                version: train::CHECKPOINT_VERSION,
-                tool: "finetune".into(),
-                step,
-                seqs_seen,
-                opt_t: dopt.as_ref().map_or(opt.t, |o| o.t),
-                args_digest: digest.clone(),
-            };
-            if args.run.checkpoint_every.is_some() || halt {
-                if let Some(d) = &dopt {
-                    opt = d.to_host()?;
-                }
-                train::save_checkpoint(&args.out, suite, &opt, &dead, &rs)?;
-                last_ckpt = Some(step);
+            if let Some(d) = &dopt {
+                opt = d.to_host()?;
             }
+            ckpt.save(suite, &opt, &dead, step, seqs_seen)?;
         }
-        if halt && step < steps {
+        if due.halt {
             bar.finish_and_clear();
-            eprintln!("finetune: halted after step {step} (checkpoint kept); continue with --resume");
+            ckpt.report_halt(step);
             return Ok(());
         }
     }
@@ -358,6 +342,7 @@ fn run(args: Args) -> Result<()> {
     out_suite.model_id = Some(inputs.model.id.clone());
     out_suite.model_hash = Some(inputs.model.hash.clone());
     out_suite.save(&args.out, &format!("finetune {}", env!("CARGO_PKG_VERSION")), serde_json::json!({"argv": cli, "steps": steps, "lr": lr}))?;
+    ckpt.finish();
     let secs = start_time.elapsed().as_secs_f64();
     let done = (step - start_step) * (batch_size * ctx) as u64;
     println!("finetune: {steps} steps -> {} ({:.0} tokens/s)", args.out.display(), done as f64 / secs.max(1e-9));

@@ -17,7 +17,7 @@ use scae::model::Model;
 use scae::stream::TrainData;
 use scae::sae::{self, SplitMix, UpdateConfig};
 use scae::suite::{Kind, Module};
-use scae::train::{self, DeadTracker, Optimizer, OptimizerKind, Params, RunState};
+use scae::train::{self, DeadTracker, Optimizer, OptimizerKind, Params};
 
 /// Pretrain a TopK suite on an activation cache.
 #[derive(Debug, Parser)]
@@ -44,7 +44,7 @@ struct Args {
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
     k: u64,
     /// Base learning rate (scaled by 1/sqrt(F / 2^14)).
-    #[arg(long, default_value_t = 2e-4)]
+    #[arg(long, default_value_t = 2e-4, value_parser = scae::cli::positive_f64)]
     lr: f64,
     /// Number of steps.
     #[arg(long, conflicts_with = "tokens", value_parser = clap::value_parser!(u64).range(1..))]
@@ -56,7 +56,7 @@ struct Args {
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
     batch_size: u64,
     /// AuxK weight (0 disables it).
-    #[arg(long, default_value_t = 1.0 / 32.0)]
+    #[arg(long, default_value_t = 1.0 / 32.0, value_parser = scae::cli::non_negative_f64)]
     auxk_alpha: f64,
     /// A latent is dead after this many tokens without a non-zero value.
     #[arg(long, default_value_t = 10_000_000)]
@@ -132,7 +132,7 @@ fn run(args: Args) -> Result<()> {
     });
     args.compute.add_to_digest(&mut digest_args);
     let digest = train::digest(&digest_args);
-    train::prepare_run_dir(&args.out, args.run.resume, args.run.overwrite)?;
+    let run_dir = train::prepare_run_dir(&args.out, args.run.resume, args.run.overwrite)?;
     let mut next_batch = |seqs_seen: u64| -> Result<scae::pruned::Batch> { Ok(source.batch(seqs_seen, batch_size)?) };
     // Each module's (input, target).
     let module_data = |b: &scae::pruned::Batch| -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
@@ -154,6 +154,8 @@ fn run(args: Args) -> Result<()> {
     let mut dead = DeadTracker::new(modules.len(), f, args.dead_threshold);
     let (mut step, mut seqs_seen) = (0u64, 0u64);
     let metrics_path = args.out.join("metrics.jsonl");
+    // A fresh run reads its first batch before the loop (for b_dec) and trains on it first.
+    let mut first_batch = None;
     if args.run.resume {
         let suite = train::suite_from_params(&params, &modules, k, d, f)?;
         let st = train::load_checkpoint(&args.out, &suite, &mut opt, &mut dead, "train-suite", &digest)?;
@@ -164,17 +166,20 @@ fn run(args: Args) -> Result<()> {
         eprintln!("train-suite: resuming at step {step} of {steps}");
     } else {
         // b_dec = geometric median of the first batch's targets (up to 4096 tokens).
-        let first = module_data(&next_batch(0)?)?;
+        let batch0 = next_batch(0)?;
+        let first = module_data(&batch0)?;
         for (p, (_, y)) in params.modules.iter_mut().zip(&first) {
             let take = (4096 * d).min(y.len());
             p[3] = sae::geometric_median(&y[..take], d);
         }
+        first_batch = Some(batch0);
     }
     let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).with_context(|| metrics_path.display().to_string())?;
     let cfg = UpdateConfig { d, f, k, auxk_alpha: args.auxk_alpha, clip };
     let bar = scae::cli::token_bar(Some(steps * (batch_size * ctx) as u64), "training");
     bar.set_position(step * (batch_size * ctx) as u64);
     let (start, start_step) = (Instant::now(), step);
+    let mut ckpt = train::Checkpoints::new(run_dir, "train-suite", digest, &args.run, step);
     // The autograd path keeps parameters and optimizer state on the device.
     let shapes: [&[usize]; 4] = [&[f, d], &[f], &[d, f], &[d]];
     let upload = |p: &[Vec<f32>; 4]| -> Result<[Var; 4]> {
@@ -193,7 +198,10 @@ fn run(args: Args) -> Result<()> {
         (vars, Some(dopt))
     };
     while step < steps {
-        let batch = next_batch(seqs_seen)?;
+        let batch = match first_batch.take() {
+            Some(b) => b,
+            None => next_batch(seqs_seen)?,
+        };
         let masks: Vec<Vec<bool>> = (0..modules.len()).map(|mi| dead.dead(mi)).collect();
         let lr_t = lr * train::lr_factor(step, steps, args.run.warmup, args.run.decay_start);
         let n_tok = (batch_size * ctx) as u64;
@@ -234,35 +242,25 @@ fn run(args: Args) -> Result<()> {
             dead_rec.insert(modules[mi].name(), serde_json::json!(dead.n_dead(mi)));
         }
         if !total.is_finite() {
-            bail!("step {step}: loss is {total}; stopping; hint: lower --lr");
+            bail!(ckpt.non_finite(step, total));
         }
         let rec = serde_json::json!({"step": step, "loss": total, "lr": lr_t, "fvu": fvu, "auxk": auxk, "dead": dead_rec});
         writeln!(metrics, "{rec}")?;
         step += 1;
         seqs_seen += batch_size as u64;
         bar.inc(n_tok);
-        let halt = args.run.halt_after.is_some_and(|h| step - start_step >= h);
-        if args.run.checkpoint_every.is_some_and(|n| step % n == 0) || halt {
+        let due = ckpt.due(step, steps);
+        if due.save {
             metrics.flush()?;
             if let Some(dopt) = &dopt {
                 params = download(&vars)?;
                 opt = dopt.to_host()?;
             }
-            let suite = train::suite_from_params(&params, &modules, k, d, f)?;
-            let rs = RunState {
-                format: train::CHECKPOINT_FORMAT.into(),
-                version: train::CHECKPOINT_VERSION,
-                tool: "train-suite".into(),
-                step,
-                seqs_seen,
-                opt_t: opt.t,
-                args_digest: digest.clone(),
-            };
-            train::save_checkpoint(&args.out, &suite, &opt, &dead, &rs)?;
+            ckpt.save(&train::suite_from_params(&params, &modules, k, d, f)?, &opt, &dead, step, seqs_seen)?;
         }
-        if halt && step < steps {
+        if due.halt {
             bar.finish_and_clear();
-            eprintln!("train-suite: halted after step {step} (checkpoint kept); continue with --resume");
+            ckpt.report_halt(step);
             return Ok(());
         }
     }
@@ -280,6 +278,7 @@ fn run(args: Args) -> Result<()> {
     suite.model_hash = Some(model_hash);
     let argv: Vec<String> = std::env::args().collect();
     suite.save(&args.out, &format!("train-suite {}", env!("CARGO_PKG_VERSION")), serde_json::json!({"argv": argv, "steps": steps, "lr": lr}))?;
+    ckpt.finish();
     let secs = start.elapsed().as_secs_f64();
     let last: Vec<String> = std::fs::read_to_string(&metrics_path)?.lines().last().map(|l| l.to_string()).into_iter().collect();
     println!(
