@@ -250,6 +250,11 @@ impl Cache {
         }
         let manifest = Manifest::read(dir)?;
         for s in &manifest.shards {
+            // shard files live in the cache folder itself
+            let plain = matches!(Path::new(&s.file).components().collect::<Vec<_>>().as_slice(), [std::path::Component::Normal(_)]);
+            if !plain {
+                return Err(Error::input(dir.join(MANIFEST), format!("shard file `{}`: expected a file name inside the cache folder", s.file)));
+            }
             if !dir.join(&s.file).is_file() {
                 return Err(Error::input(dir.join(MANIFEST), format!("lists shard {}, which is missing", s.file)));
             }

@@ -219,6 +219,10 @@ fn corrupt_caches_and_suites_are_clear_errors() {
     eval(&narrow, &su, &[shard, "tensor `blocks.1.hook_attn_out`: expected shape [3, 12, 16]", "found [3, 12, 8]"]);
     let nan = corrupt("blocks.0.hook_resid_pre", &|t| (t * f64::NAN).unwrap());
     eval(&nan, &su, &[shard, "tensor `blocks.0.hook_resid_pre`: expected finite values"]);
+    // A manifest pointing outside its folder.
+    let manifest = std::fs::read_to_string(acts.join("manifest.json")).unwrap().replace(&format!("\"{shard}\""), &format!("\"../{shard}\""));
+    std::fs::write(nan.join("manifest.json"), manifest).unwrap();
+    eval(&nan, &su, &["manifest.json", "expected a file name inside the cache folder"]);
     // Suites: a NaN weight, a tensor of a module the suite does not have.
     let mut tensors = candle_core::safetensors::load(&su, &Device::Cpu).unwrap();
     let meta: HashMap<String, String> = [("k".to_string(), "4".to_string()), ("n_features".to_string(), "32".to_string())].into();
