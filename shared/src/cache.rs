@@ -384,14 +384,14 @@ impl Cache {
                 if t.dtype().is_float() {
                     return Err(Error::input(path, format!("tensor `tokens`: expected integer token ids, found {:?}", t.dtype())));
                 }
-                let max = t.to_dtype(DType::I64)?.flatten_all()?.max(0)?.to_scalar::<i64>()?;
-                let min = t.to_dtype(DType::I64)?.flatten_all()?.min(0)?.to_scalar::<i64>()?;
+                let ids = t.to_dtype(DType::I64)?.flatten_all()?;
+                let (min, max) = (ids.min(0)?.to_scalar::<i64>()?, ids.max(0)?.to_scalar::<i64>()?);
                 if min < 0 || max >= m.model.d_vocab as i64 {
                     return Err(Error::input(path, format!("tensor `tokens`: expected ids in 0..{}, found {min}..={max}", m.model.d_vocab)));
                 }
             } else {
                 // NaN and infinities carry into the sum (on the tensor's device)
-                if !t.abs()?.sum_all()?.to_scalar::<f32>()?.is_finite() {
+                if !t.sum_all()?.to_scalar::<f32>()?.is_finite() {
                     return Err(Error::input(path, format!("tensor `{name}`: expected finite values, found NaN or infinite ones")));
                 }
             }

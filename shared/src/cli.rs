@@ -84,27 +84,18 @@ pub fn run_main(tool: &str, body: impl FnOnce() -> anyhow::Result<()>) -> ExitCo
     match body() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            let is_pipe = |io: &std::io::Error| io.kind() == std::io::ErrorKind::BrokenPipe;
             let broken_pipe = e.chain().any(|c| {
-                c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+                c.downcast_ref::<std::io::Error>().is_some_and(is_pipe)
+                    || matches!(c.downcast_ref::<crate::Error>(), Some(crate::Error::Io { err, .. }) if is_pipe(err))
             });
             if broken_pipe {
                 return ExitCode::SUCCESS;
             }
-            // One line: each cause's first line (candle appends backtraces on later lines
-            // when RUST_BACKTRACE is set), skipping causes the message already quotes.
-            let mut line = String::new();
-            for cause in e.chain() {
-                let text = cause.to_string();
-                let first = text.lines().next().unwrap_or("").trim();
-                if first.is_empty() || line.contains(first) {
-                    continue;
-                }
-                if !line.is_empty() {
-                    line.push_str(": ");
-                }
-                line.push_str(first);
-            }
-            eprintln!("{tool}: {line}");
+            // One line: each cause's first line (candle appends a backtrace on later lines
+            // when RUST_BACKTRACE is set).
+            let causes: Vec<String> = e.chain().filter_map(|c| c.to_string().lines().next().map(|l| l.trim().to_string())).filter(|l| !l.is_empty()).collect();
+            eprintln!("{tool}: {}", causes.join(": "));
             ExitCode::from(1)
         }
     }
@@ -112,18 +103,18 @@ pub fn run_main(tool: &str, body: impl FnOnce() -> anyhow::Result<()>) -> ExitCo
 
 /// Value parser of a finite number > 0 (learning rates).
 pub fn positive_f64(s: &str) -> std::result::Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
-        Ok(v) => Err(format!("expected a finite number > 0, found {v}")),
-        Err(e) => Err(e.to_string()),
-    }
+    finite_f64(s, "> 0", |v| v > 0.0)
 }
 
 /// Value parser of a finite number >= 0 (loss weights).
 pub fn non_negative_f64(s: &str) -> std::result::Result<f64, String> {
+    finite_f64(s, ">= 0", |v| v >= 0.0)
+}
+
+fn finite_f64(s: &str, bound: &str, ok: fn(f64) -> bool) -> std::result::Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
-        Ok(v) => Err(format!("expected a finite number >= 0, found {v}")),
+        Ok(v) if v.is_finite() && ok(v) => Ok(v),
+        Ok(v) => Err(format!("expected a finite number {bound}, found {v}")),
         Err(e) => Err(e.to_string()),
     }
 }

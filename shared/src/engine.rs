@@ -314,8 +314,8 @@ pub struct ModuleState {
     pub recon: Vec<f32>,
     /// The d_model-space encoder input `Z (N, D)`.
     z: Vec<f32>,
-    /// Edge weights `(F, C, H)` (sparse wiring), and the same in column order
-    /// ([`EdgeIndex::to_col_order`]) for the loops that push from upstream features.
+    /// Edge weights in column order ([`EdgeIndex::to_col_order`]) for the loops that push from
+    /// upstream features, and for attention targets also by slot `(F, C, H)` (sparse wiring).
     w: Vec<f32>,
     w_col: Vec<f32>,
     /// Attention targets, sparse wiring: `E W_Oᵀ (F, H·dh)` and per up `W_decᵀ W_V (F, H·dh)`.
@@ -553,8 +553,7 @@ impl<'a> Engine<'a> {
                 let index = plan_d.index.as_ref().expect("sparse plan");
                 match module.kind {
                     Kind::Mlp => {
-                        w = self.mlp_edge_weights(di, index);
-                        w_col = index.to_col_order(&w, 1);
+                        w_col = index.to_col_order(&self.mlp_edge_weights(di, index), 1);
                         prof.mark("mlp w");
                         self.mlp_edges_forward(fb, di, index, &w_col, &states, &mut a);
                         prof.mark("mlp edges");

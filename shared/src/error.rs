@@ -15,11 +15,19 @@ pub enum Error {
     #[error("{0}")]
     Usage(String),
     /// An I/O failure while reading or writing `path`.
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    /// (The I/O error is part of the message, not a separate cause, so that it prints once.)
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
     /// A tensor operation failed (shape bugs land here; user input is checked before).
     #[error("tensor operation failed: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+// Not `#[from]`: that would also make the candle error a separate cause, printed twice.
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(e)
+    }
 }
 
 /// Shorthand for results of this crate.
@@ -32,8 +40,8 @@ impl Error {
     }
 
     /// An I/O error about `path`.
-    pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
-        Error::Io { path: path.as_ref().to_path_buf(), source }
+    pub fn io(path: impl AsRef<Path>, err: std::io::Error) -> Self {
+        Error::Io { path: path.as_ref().to_path_buf(), err }
     }
 }
 

@@ -34,6 +34,13 @@ pub fn tmp_path(path: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// `<path><suffix>` beside `path` (a trailing slash ignored), e.g. a folder's staging copy.
+pub fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.strip_suffix_slash().into_os_string();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
 /// An output folder under construction.
 #[derive(Debug)]
 pub struct StagedDir {
@@ -58,7 +65,7 @@ impl StagedDir {
                 ));
             }
         }
-        let stage = tmp_path(target.strip_suffix_slash().as_path());
+        let stage = sibling(target, ".tmp");
         if stage.exists() {
             // A stage left by a crashed run: it never became an output, so it is ours to remove.
             std::fs::remove_dir_all(&stage).at(&stage)?;

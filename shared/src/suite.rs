@@ -227,7 +227,7 @@ impl Suite {
                 }
                 let x = x.to_dtype(DType::F32)?;
                 // NaN and infinities carry into the sum
-                if !x.abs()?.sum_all()?.to_scalar::<f32>()?.is_finite() {
+                if !x.sum_all()?.to_scalar::<f32>()?.is_finite() {
                     return Err(Error::input(source, format!("tensor `{name}`: expected finite values, found NaN or infinite ones")));
                 }
                 Ok(Var::from_tensor(&x)?)

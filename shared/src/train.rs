@@ -220,7 +220,6 @@ pub struct RunState {
 /// failed step says about the last one written.
 pub struct Checkpoints {
     dir: RunDir,
-    out: PathBuf,
     tool: &'static str,
     digest: String,
     every: Option<u64>,
@@ -242,7 +241,6 @@ impl Checkpoints {
     /// For a run of `tool` into `dir` that starts (or resumed) at `start_step`.
     pub fn new(dir: RunDir, tool: &'static str, digest: String, run: &crate::cli::RunArgs, start_step: u64) -> Checkpoints {
         Checkpoints {
-            out: dir.out.clone(),
             dir,
             tool,
             digest,
@@ -270,7 +268,7 @@ impl Checkpoints {
             opt_t: opt.t,
             args_digest: self.digest.clone(),
         };
-        save_checkpoint(&self.out, suite, opt, dead, &state)?;
+        save_checkpoint(&self.dir.out, suite, opt, dead, &state)?;
         self.last = Some(step);
         self.dir.keep();
         Ok(())
@@ -284,7 +282,7 @@ impl Checkpoints {
     /// The one-line error of step `step` whose loss is not finite.
     pub fn non_finite(&self, step: u64, loss: f64) -> String {
         let keep = match self.last {
-            Some(s) => format!("the last good checkpoint ({}, step {s}) is kept", self.out.join("checkpoint").display()),
+            Some(s) => format!("the last good checkpoint ({}, step {s}) is kept", self.dir.out.join("checkpoint").display()),
             None => "no checkpoint was written".to_string(),
         };
         format!("step {step}: loss is {loss}; stopping ({keep}); hint: lower --lr")
@@ -455,9 +453,7 @@ pub fn prepare_run_dir(out: &Path, resume: bool, overwrite: bool) -> Result<RunD
         }
         if non_empty {
             // Moved aside until this run has something to show for itself.
-            let mut aside = out.components().as_path().as_os_str().to_owned();
-            aside.push(".replaced");
-            let aside = PathBuf::from(aside);
+            let aside = crate::io::sibling(out, ".replaced");
             if aside.exists() {
                 std::fs::remove_dir_all(&aside).at(&aside)?;
             }
