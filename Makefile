@@ -159,8 +159,9 @@ $(EVAL_ALL)/.done: $(EDGES)/.done | build
 	mv $(EVAL_ALL).md.tmp $(EVAL_ALL)/table.md
 	touch $@
 
-## test: build, then run every test in release mode (the CI command).
+## test: check formatting, build, then run every test in release mode (the CI command).
 test: build
+	cargo fmt --all --check
 	cargo test --release --workspace
 
 ## clean: remove pipeline outputs (not the build).

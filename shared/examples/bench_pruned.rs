@@ -65,6 +65,12 @@ fn main() -> anyhow::Result<()> {
         v[v.len() / 2]
     };
     let min = step_ms.iter().copied().fold(f64::INFINITY, f64::min);
-    println!("{{\"step_ms\": {:.2}, \"min_step_ms\": {:.2}, \"fwd_ms\": {:.2}, \"edges\": {}}}", med(&mut step_ms), min, med(&mut fwd_ms), conns.n_edges());
+    println!(
+        "{{\"step_ms\": {:.2}, \"min_step_ms\": {:.2}, \"fwd_ms\": {:.2}, \"edges\": {}}}",
+        med(&mut step_ms),
+        min,
+        med(&mut fwd_ms),
+        conns.n_edges()
+    );
     Ok(())
 }

@@ -251,9 +251,15 @@ impl Cache {
         let manifest = Manifest::read(dir)?;
         for s in &manifest.shards {
             // shard files live in the cache folder itself
-            let plain = matches!(Path::new(&s.file).components().collect::<Vec<_>>().as_slice(), [std::path::Component::Normal(_)]);
+            let plain = matches!(
+                Path::new(&s.file).components().collect::<Vec<_>>().as_slice(),
+                [std::path::Component::Normal(_)]
+            );
             if !plain {
-                return Err(Error::input(dir.join(MANIFEST), format!("shard file `{}`: expected a file name inside the cache folder", s.file)));
+                return Err(Error::input(
+                    dir.join(MANIFEST),
+                    format!("shard file `{}`: expected a file name inside the cache folder", s.file),
+                ));
             }
             if !dir.join(&s.file).is_file() {
                 return Err(Error::input(dir.join(MANIFEST), format!("lists shard {}, which is missing", s.file)));
@@ -325,7 +331,9 @@ impl Cache {
         for (si, sh) in self.manifest.shards.iter().enumerate() {
             let mut idx: Vec<usize> = (start..start + sh.n_seqs).collect();
             if shuffle {
-                let mut state = seed ^ (epoch.wrapping_mul(0x9E3779B97F4A7C15)) ^ ((si as u64 + 1).wrapping_mul(0xD1B54A32D192ED03));
+                let mut state = seed
+                    ^ (epoch.wrapping_mul(0x9E3779B97F4A7C15))
+                    ^ ((si as u64 + 1).wrapping_mul(0xD1B54A32D192ED03));
                 for i in (1..idx.len()).rev() {
                     state ^= state << 13;
                     state ^= state >> 7;
@@ -360,7 +368,8 @@ impl Cache {
     fn check_shard(&self, path: &Path, n: usize, map: &HashMap<String, Tensor>) -> Result<()> {
         let m = &self.manifest;
         let (s, d, h) = (m.ctx_len, m.model.d_model, m.model.n_heads);
-        let mut expected: Vec<(String, Vec<usize>)> = vec![("tokens".into(), vec![n, s]), ("blocks.0.hook_resid_pre".into(), vec![n, s, d])];
+        let mut expected: Vec<(String, Vec<usize>)> =
+            vec![("tokens".into(), vec![n, s]), ("blocks.0.hook_resid_pre".into(), vec![n, s, d])];
         for l in 0..m.model.n_layers {
             for (hook, shape) in [
                 ("ln1.hook_scale", vec![n, s, 1]),
@@ -374,25 +383,34 @@ impl Cache {
             }
         }
         for (name, shape) in &expected {
-            let t = map
-                .get(name)
-                .ok_or_else(|| Error::input(path, format!("lacks tensor `{name}`; hint: rebuild the cache with collect-acts")))?;
+            let t = map.get(name).ok_or_else(|| {
+                Error::input(path, format!("lacks tensor `{name}`; hint: rebuild the cache with collect-acts"))
+            })?;
             if t.dims() != shape.as_slice() {
                 return Err(Error::input(path, format!("tensor `{name}`: expected shape {shape:?} (manifest: {n} sequences, ctx {s}, d_model {d}, {h} heads), found {:?}", t.dims())));
             }
             if name == "tokens" {
                 if t.dtype().is_float() {
-                    return Err(Error::input(path, format!("tensor `tokens`: expected integer token ids, found {:?}", t.dtype())));
+                    return Err(Error::input(
+                        path,
+                        format!("tensor `tokens`: expected integer token ids, found {:?}", t.dtype()),
+                    ));
                 }
                 let ids = t.to_dtype(DType::I64)?.flatten_all()?;
                 let (min, max) = (ids.min(0)?.to_scalar::<i64>()?, ids.max(0)?.to_scalar::<i64>()?);
                 if min < 0 || max >= m.model.d_vocab as i64 {
-                    return Err(Error::input(path, format!("tensor `tokens`: expected ids in 0..{}, found {min}..={max}", m.model.d_vocab)));
+                    return Err(Error::input(
+                        path,
+                        format!("tensor `tokens`: expected ids in 0..{}, found {min}..={max}", m.model.d_vocab),
+                    ));
                 }
             } else {
                 // NaN and infinities carry into the sum (on the tensor's device)
                 if !t.sum_all()?.to_scalar::<f32>()?.is_finite() {
-                    return Err(Error::input(path, format!("tensor `{name}`: expected finite values, found NaN or infinite ones")));
+                    return Err(Error::input(
+                        path,
+                        format!("tensor `{name}`: expected finite values, found NaN or infinite ones"),
+                    ));
                 }
             }
         }

@@ -32,7 +32,11 @@ impl Common {
 
 fn parse_device_name(s: &str) -> Result<String, String> {
     let ok = s == "cpu" || s == "cuda" || s.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
-    if ok { Ok(s.to_string()) } else { Err(format!("expected cpu, cuda or cuda:N, found `{s}`")) }
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!("expected cpu, cuda or cuda:N, found `{s}`"))
+    }
 }
 
 /// Open a device by name (`cpu`, `cuda`, `cuda:N`).
@@ -94,7 +98,11 @@ pub fn run_main(tool: &str, body: impl FnOnce() -> anyhow::Result<()>) -> ExitCo
             }
             // One line: each cause's first line (candle appends a backtrace on later lines
             // when RUST_BACKTRACE is set).
-            let causes: Vec<String> = e.chain().filter_map(|c| c.to_string().lines().next().map(|l| l.trim().to_string())).filter(|l| !l.is_empty()).collect();
+            let causes: Vec<String> = e
+                .chain()
+                .filter_map(|c| c.to_string().lines().next().map(|l| l.trim().to_string()))
+                .filter(|l| !l.is_empty())
+                .collect();
             eprintln!("{tool}: {}", causes.join(": "));
             ExitCode::from(1)
         }
@@ -206,15 +214,23 @@ impl DataArgs {
     /// The source these flags name, if any.
     pub fn spec(&self) -> Option<crate::collect::SourceSpec> {
         match (&self.data, &self.tokens) {
-            (Some(p), _) => Some(crate::collect::SourceSpec::Text { path: p.clone(), column: self.text_column.clone() }),
-            (None, Some(p)) => Some(crate::collect::SourceSpec::Tokens { path: p.clone(), column: self.tokens_column.clone() }),
+            (Some(p), _) => {
+                Some(crate::collect::SourceSpec::Text { path: p.clone(), column: self.text_column.clone() })
+            }
+            (None, Some(p)) => {
+                Some(crate::collect::SourceSpec::Tokens { path: p.clone(), column: self.tokens_column.clone() })
+            }
             (None, None) => None,
         }
     }
 
     /// Sequence options (BOS prepended unless --no-prepend-bos).
     pub fn options(&self) -> crate::data::SequenceOptions {
-        crate::data::SequenceOptions { ctx_len: self.ctx_len as usize, prepend_bos: !self.no_prepend_bos, pack: self.pack }
+        crate::data::SequenceOptions {
+            ctx_len: self.ctx_len as usize,
+            prepend_bos: !self.no_prepend_bos,
+            pack: self.pack,
+        }
     }
 }
 
@@ -247,7 +263,10 @@ pub struct RunArgs {
 impl RunArgs {
     /// `--clip-grad` as a norm, `None` for `none`; checks the schedule proportions too.
     pub fn clip(&self) -> crate::Result<Option<f64>> {
-        if !(0.0..=1.0).contains(&self.warmup) || !(0.0..=1.0).contains(&self.decay_start) || self.warmup > self.decay_start {
+        if !(0.0..=1.0).contains(&self.warmup)
+            || !(0.0..=1.0).contains(&self.decay_start)
+            || self.warmup > self.decay_start
+        {
             return Err(crate::Error::Usage(format!(
                 "--warmup {} / --decay-start {}: expected 0 <= warmup <= decay-start <= 1",
                 self.warmup, self.decay_start
@@ -255,9 +274,11 @@ impl RunArgs {
         }
         match self.clip_grad.as_str() {
             "none" => Ok(None),
-            s => s.parse().ok().filter(|v: &f64| *v > 0.0).map(Some).ok_or_else(|| {
-                crate::Error::Usage(format!("--clip-grad {s}: expected a positive number or `none`"))
-            }),
+            s => {
+                s.parse().ok().filter(|v: &f64| *v > 0.0).map(Some).ok_or_else(|| {
+                    crate::Error::Usage(format!("--clip-grad {s}: expected a positive number or `none`"))
+                })
+            }
         }
     }
 }

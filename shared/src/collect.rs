@@ -88,7 +88,10 @@ impl<'a> BatchSource<'a> {
     pub fn next_row(&mut self) -> Result<Option<Vec<u32>>> {
         let Some(row) = self.seq.next_row()? else { return Ok(None) };
         if let Some(&bad) = row.iter().find(|&&t| t as usize >= self.d_vocab) {
-            return Err(Error::input(&self.path, format!("token id {bad} is outside the model's vocabulary (d_vocab {})", self.d_vocab)));
+            return Err(Error::input(
+                &self.path,
+                format!("token id {bad} is outside the model's vocabulary (d_vocab {})", self.d_vocab),
+            ));
         }
         self.produced += 1;
         Ok(Some(row))

@@ -134,7 +134,8 @@ impl Connections {
             })
             .collect();
         let tmp = crate::io::tmp_path(path);
-        safetensors::serialize_to_file(views, None, &tmp).map_err(|e| Error::input(&tmp, format!("cannot write: {e}")))?;
+        safetensors::serialize_to_file(views, None, &tmp)
+            .map_err(|e| Error::input(&tmp, format!("cannot write: {e}")))?;
         std::fs::rename(&tmp, path).at(path)
     }
 }
@@ -165,7 +166,10 @@ impl<'a> Builder<'a> {
     fn module(&self, name: &str, what: &str) -> Result<usize> {
         self.by_name.get(name).copied().ok_or_else(|| {
             let known: Vec<String> = self.modules.iter().map(Module::name).collect();
-            Error::input(self.path, format!("{what} `{name}`: not a module of the suite (modules: {})", known.join(", ")))
+            Error::input(
+                self.path,
+                format!("{what} `{name}`: not a module of the suite (modules: {})", known.join(", ")),
+            )
         })
     }
 
@@ -197,7 +201,10 @@ fn read_parquet(path: &Path, modules: &[Module], n_features: usize, parallel: bo
     // Files from other tools (pandas) carry no scae metadata; ours must be a version we read.
     for (k, v) in crate::table::parquet_metadata(path)? {
         if k == "version" && v != VERSION.to_string() {
-            return Err(Error::input(path, format!("version {v}, expected {VERSION}; hint: rewrite it with score-edges / select-edges")));
+            return Err(Error::input(
+                path,
+                format!("version {v}, expected {VERSION}; hint: rewrite it with score-edges / select-edges"),
+            ));
         }
     }
     let batches = crate::table::read_parquet(path)?;
@@ -238,23 +245,33 @@ fn read_reference(path: &Path, modules: &[Module], n_features: usize, parallel: 
     });
     let mut dropped = 0usize;
     for name in names {
-        let (dname, uname) = name
-            .split_once('.')
-            .ok_or_else(|| Error::input(path, format!("tensor `{name}`: expected a name `<down>.<up>`, e.g. `mlp_1.attn_0`")))?;
+        let (dname, uname) = name.split_once('.').ok_or_else(|| {
+            Error::input(path, format!("tensor `{name}`: expected a name `<down>.<up>`, e.g. `mlp_1.attn_0`"))
+        })?;
         let d = b.module(dname, "down module")?;
         let u = b.module(uname, "up module")?;
         let view = st.tensor(&name).expect("listed tensor");
         let shape = view.shape();
         if shape.len() != 2 || shape[0] != n_features {
-            return Err(Error::input(path, format!("tensor `{name}`: expected shape [{n_features}, C], found {shape:?}")));
+            return Err(Error::input(
+                path,
+                format!("tensor `{name}`: expected shape [{n_features}, C], found {shape:?}"),
+            ));
         }
         let vals: Vec<i64> = match view.dtype() {
-            safetensors::Dtype::I64 => view.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8"))).collect(),
-            safetensors::Dtype::I32 => view.data().chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4")) as i64).collect(),
+            safetensors::Dtype::I64 => {
+                view.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8"))).collect()
+            }
+            safetensors::Dtype::I32 => {
+                view.data().chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4")) as i64).collect()
+            }
             other => return Err(Error::input(path, format!("tensor `{name}`: expected int64, found {other:?}"))),
         };
         let (dm, um) = (modules[d], modules[u]);
-        let same_layer_parallel = parallel && um.layer == dm.layer && um.kind == crate::suite::Kind::Attn && dm.kind == crate::suite::Kind::Mlp;
+        let same_layer_parallel = parallel
+            && um.layer == dm.layer
+            && um.kind == crate::suite::Kind::Attn
+            && dm.kind == crate::suite::Kind::Mlp;
         let width = shape[1];
         for i in 0..n_features {
             for &v in &vals[i * width..(i + 1) * width] {

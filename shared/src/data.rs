@@ -132,9 +132,19 @@ fn parquet_column(path: &Path, column: Option<&str>, kind: ColumnKind) -> Result
     let fields: Vec<String> = builder.schema().fields().iter().map(|f| f.name().clone()).collect();
     let column = match column {
         Some(c) => c.to_string(),
-        None => ["tokens", "input_ids"].iter().find(|c| fields.iter().any(|f| f == *c)).map(|c| c.to_string()).ok_or_else(
-            || Error::input(path, format!("no column `tokens` or `input_ids` (columns: {}); hint: --tokens-column", fields.join(", "))),
-        )?,
+        None => {
+            ["tokens", "input_ids"].iter().find(|c| fields.iter().any(|f| f == *c)).map(|c| c.to_string()).ok_or_else(
+                || {
+                    Error::input(
+                        path,
+                        format!(
+                            "no column `tokens` or `input_ids` (columns: {}); hint: --tokens-column",
+                            fields.join(", ")
+                        ),
+                    )
+                },
+            )?
+        }
     };
     let Some(idx) = fields.iter().position(|f| *f == column) else {
         let flag = if kind == ColumnKind::Text { "--text-column" } else { "--tokens-column" };
@@ -254,7 +264,8 @@ fn safetensors_tokens(path: &Path) -> Result<DocStream> {
         return Err(Error::input(path, format!("tensor `tokens`: token id {bad} is out of range")));
     }
     let ctx = shape[1];
-    let rows: Vec<Result<Doc>> = ids.chunks(ctx.max(1)).map(|r| Ok(Doc::Tokens(r.iter().map(|&v| v as u32).collect()))).collect();
+    let rows: Vec<Result<Doc>> =
+        ids.chunks(ctx.max(1)).map(|r| Ok(Doc::Tokens(r.iter().map(|&v| v as u32).collect()))).collect();
     Ok(Box::new(rows.into_iter()))
 }
 
@@ -287,7 +298,13 @@ pub struct Sequencer<'a> {
 
 impl<'a> Sequencer<'a> {
     /// `tokenizer` is needed for text documents; `bos`/`eos` are the model's ids.
-    pub fn new(docs: DocStream, tokenizer: Option<&'a TextTokenizer>, opts: SequenceOptions, bos: u32, eos: u32) -> Self {
+    pub fn new(
+        docs: DocStream,
+        tokenizer: Option<&'a TextTokenizer>,
+        opts: SequenceOptions,
+        bos: u32,
+        eos: u32,
+    ) -> Self {
         Sequencer { docs, tokenizer, opts, bos, eos, packed: Vec::new(), stats: SequenceStats::default() }
     }
 

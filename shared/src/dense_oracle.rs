@@ -23,7 +23,14 @@ fn mask(conns: &Connections, d: usize, u: usize, f: usize, dev: &candle_core::De
 }
 
 /// The pruned pass computed densely; `conns = None` means all connections.
-pub fn forward(suite: &Suite, rt: &Runtime, parallel: bool, conns: Option<&Connections>, batch: &Batch, opts: PassOptions) -> Result<PassOutput> {
+pub fn forward(
+    suite: &Suite,
+    rt: &Runtime,
+    parallel: bool,
+    conns: Option<&Connections>,
+    batch: &Batch,
+    opts: PassOptions,
+) -> Result<PassOutput> {
     let (b, s, dm) = batch.resid_pre0.dims3()?;
     let (n, f) = (b * s, suite.n_features);
     let (h, dh) = (rt.cfg.n_heads, rt.cfg.d_head);
@@ -35,7 +42,8 @@ pub fn forward(suite: &Suite, rt: &Runtime, parallel: bool, conns: Option<&Conne
         let ae = &suite.aes[d];
         let enc = ae.w_enc.as_tensor();
         let l = module.layer;
-        let ups: Vec<usize> = (0..suite.modules.len()).filter(|&u| suite.modules[u].precedes(module, parallel)).collect();
+        let ups: Vec<usize> =
+            (0..suite.modules.len()).filter(|&u| suite.modules[u].precedes(module, parallel)).collect();
         let mut ub = Tensor::zeros(dm, DType::F32, dev)?;
         let (w_v, w_o) = rt.flat_vo(l);
         // W_OV[h] = W_V[h] W_O[h], (D, D) per head

@@ -108,7 +108,15 @@ impl DeviceOptimizer {
                 })
                 .collect()
         };
-        Ok(DeviceOptimizer { kind: opt.kind, beta1: opt.beta1, beta2: opt.beta2, eps: opt.eps, t: opt.t, m: up(&opt.m)?, v: up(&opt.v)? })
+        Ok(DeviceOptimizer {
+            kind: opt.kind,
+            beta1: opt.beta1,
+            beta2: opt.beta2,
+            eps: opt.eps,
+            t: opt.t,
+            m: up(&opt.m)?,
+            v: up(&opt.v)?,
+        })
     }
 
     /// Download the state (for a checkpoint).
@@ -117,12 +125,22 @@ impl DeviceOptimizer {
             state
                 .iter()
                 .map(|s| {
-                    let v = |i: usize| -> Result<Vec<f32>> { Ok(s[i].flatten_all()?.to_device(&candle_core::Device::Cpu)?.to_vec1::<f32>()?) };
+                    let v = |i: usize| -> Result<Vec<f32>> {
+                        Ok(s[i].flatten_all()?.to_device(&candle_core::Device::Cpu)?.to_vec1::<f32>()?)
+                    };
                     Ok([v(0)?, v(1)?, v(2)?, v(3)?])
                 })
                 .collect()
         };
-        Ok(Optimizer { kind: self.kind, beta1: self.beta1, beta2: self.beta2, eps: self.eps, t: self.t, m: down(&self.m)?, v: down(&self.v)? })
+        Ok(Optimizer {
+            kind: self.kind,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            t: self.t,
+            m: down(&self.m)?,
+            v: down(&self.v)?,
+        })
     }
 
     /// One update of every variable with learning rate `lr`, in torch's order of operations.
@@ -239,7 +257,15 @@ fn auxk_term(pre: &Tensor, dead: &[bool], w_dec: &Var, resid: &Tensor, den: &Ten
 /// FVU (whose batch-axis variance couples the sequences) is differentiated with respect to
 /// them; a second pass per chunk backpropagates those fixed reconstruction gradients
 /// (`Σ ⟨∂L/∂R, R⟩`) plus the chunk's share of the CE, and the chunks' gradients are summed.
-pub fn finetune_grads(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, opts: PassOptions, spec: &LossSpec, micro: Option<usize>) -> Result<(StepValues, Vec<[Tensor; 4]>)> {
+pub fn finetune_grads(
+    suite: &Suite,
+    rt: &Runtime,
+    plan: &Plan,
+    batch: &Batch,
+    opts: PassOptions,
+    spec: &LossSpec,
+    micro: Option<usize>,
+) -> Result<(StepValues, Vec<[Tensor; 4]>)> {
     let b = batch.tokens.dim(0)?;
     let vars = module_vars(suite);
     let scalar = to_f64;
@@ -249,7 +275,12 @@ pub fn finetune_grads(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, o
         let mut terms: Vec<Tensor> = Vec::new();
         let mut fvu = None;
         if let Some(scales) = &spec.fvu_scales {
-            let per = suite.modules.iter().zip(&out.recon).map(|(m, r)| pruned::fvu_ref(batch.target(m), r)).collect::<Result<Vec<_>>>()?;
+            let per = suite
+                .modules
+                .iter()
+                .zip(&out.recon)
+                .map(|(m, r)| pruned::fvu_ref(batch.target(m), r))
+                .collect::<Result<Vec<_>>>()?;
             let stacked = Tensor::stack(&per, 0)?;
             let w = Tensor::from_slice(scales, scales.len(), stacked.device())?;
             terms.push((&stacked * &w)?.sum_all()?);
@@ -266,7 +297,9 @@ pub fn finetune_grads(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, o
             let mut vals = vec![0f64; suite.modules.len()];
             for (m, module) in suite.modules.iter().enumerate() {
                 let d = suite.d_model;
-                let resid = (batch.target(module).to_dtype(DType::F32)? - out.recon[m].to_dtype(DType::F32)?)?.detach().reshape(((), d))?;
+                let resid = (batch.target(module).to_dtype(DType::F32)? - out.recon[m].to_dtype(DType::F32)?)?
+                    .detach()
+                    .reshape(((), d))?;
                 if let Some(a) = auxk_term(&out.pre[m], &dead[m], &vars[m][2], &resid, &centered_sq(&resid)?)? {
                     vals[m] = scalar(&a)?;
                     terms.push((a * *alpha)?);
@@ -362,9 +395,13 @@ pub fn finetune_grads(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, o
         let g = module_grads(&vars, &sum_terms(sur)?.backward()?)?;
         grads = Some(match grads {
             None => g,
-            Some(acc) => acc.into_iter().zip(g).map(|(a, x)| -> Result<[Tensor; 4]> {
-                Ok([(&a[0] + &x[0])?, (&a[1] + &x[1])?, (&a[2] + &x[2])?, (&a[3] + &x[3])?])
-            }).collect::<Result<Vec<_>>>()?,
+            Some(acc) => acc
+                .into_iter()
+                .zip(g)
+                .map(|(a, x)| -> Result<[Tensor; 4]> {
+                    Ok([(&a[0] + &x[0])?, (&a[1] + &x[1])?, (&a[2] + &x[2])?, (&a[3] + &x[3])?])
+                })
+                .collect::<Result<Vec<_>>>()?,
         });
     }
     let ce = spec.ce_weight.map(|_| ce_sum / b as f64);
@@ -414,7 +451,8 @@ pub fn sae_update(
     for (m, (vs, (x, y))) in vars.iter().zip(data).enumerate() {
         normalize_decoder(&vs[2])?;
         let cast = |t: &Tensor| t.to_dtype(dtype);
-        let [enc, b_enc, dec, b_dec] = [cast(vs[0].as_tensor())?, cast(vs[1].as_tensor())?, cast(vs[2].as_tensor())?, cast(vs[3].as_tensor())?];
+        let [enc, b_enc, dec, b_dec] =
+            [cast(vs[0].as_tensor())?, cast(vs[1].as_tensor())?, cast(vs[2].as_tensor())?, cast(vs[3].as_tensor())?];
         let (x, y) = (cast(x)?, y.to_dtype(DType::F32)?);
         let pre = x.broadcast_sub(&b_dec)?.matmul(&enc.t()?)?.broadcast_add(&b_enc)?;
         let f = pruned::topk_relu_device(&pre, k)?;
@@ -477,11 +515,13 @@ mod tests {
         for kind in [OptimizerKind::Adam, OptimizerKind::Sgd] {
             let init: [Vec<f32>; 4] = [0, 1, 2, 3].map(|i| random(shapes[i].iter().product(), i as u64));
             let mut host = Params { modules: vec![init.clone()] };
-            let vars = vec![[0, 1, 2, 3].map(|i| Var::from_tensor(&Tensor::from_slice(&init[i], shapes[i], &Device::Cpu).unwrap()).unwrap())];
+            let vars = vec![[0, 1, 2, 3]
+                .map(|i| Var::from_tensor(&Tensor::from_slice(&init[i], shapes[i], &Device::Cpu).unwrap()).unwrap())];
             let mut hopt = Optimizer::new(kind, &host);
             let mut dopt = DeviceOptimizer::from_host(&hopt, &vars).unwrap();
             for step in 0..4u64 {
-                let g: [Vec<f32>; 4] = [0, 1, 2, 3].map(|i| random(shapes[i].iter().product(), 10 + step * 4 + i as u64));
+                let g: [Vec<f32>; 4] =
+                    [0, 1, 2, 3].map(|i| random(shapes[i].iter().product(), 10 + step * 4 + i as u64));
                 let mut dg = [0, 1, 2, 3].map(|i| Tensor::from_slice(&g[i], shapes[i], &Device::Cpu).unwrap());
                 let mut hg = vec![g];
                 crate::train::clip_module(&mut hg[0], 1.5);
@@ -515,7 +555,8 @@ mod tests {
         let var = Var::from_tensor(&Tensor::from_slice(&w, (d, f), &Device::Cpu).unwrap()).unwrap();
         normalize_decoder(&var).unwrap();
         crate::sae::normalize_decoder(&mut w, d, f);
-        let dev_g = remove_parallel_component(var.as_tensor(), &Tensor::from_slice(&g, (d, f), &Device::Cpu).unwrap()).unwrap();
+        let dev_g =
+            remove_parallel_component(var.as_tensor(), &Tensor::from_slice(&g, (d, f), &Device::Cpu).unwrap()).unwrap();
         crate::sae::remove_parallel_component(&w, &mut g, d, f);
         let close = |a: &Tensor, b: &[f32]| {
             for (x, y) in a.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().zip(b) {

@@ -31,7 +31,20 @@ const GEMM_ROWS: usize = 128;
 /// `C (m, n) = [C +] A (m, k) · B (k, n)` with explicit (row, column) strides for A and B;
 /// C is row-major contiguous.
 #[allow(clippy::too_many_arguments)]
-fn sgemm(m: usize, n: usize, k: usize, a: &[f32], a_rs: usize, a_cs: usize, b: &[f32], b_rs: usize, b_cs: usize, c: &mut [f32], acc: bool, par: bool) {
+fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+    c: &mut [f32],
+    acc: bool,
+    par: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -56,11 +69,24 @@ fn sgemm(m: usize, n: usize, k: usize, a: &[f32], a_rs: usize, a_cs: usize, b: &
     // SAFETY: the asserts above bound every index the kernel touches; C does not alias A or B.
     unsafe {
         gemm::gemm(
-            m, n, k,
-            c.as_mut_ptr(), 1, n as isize, acc,
-            a.as_ptr(), a_cs as isize, a_rs as isize,
-            b.as_ptr(), b_cs as isize, b_rs as isize,
-            1.0, 1.0, false, false, false,
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            acc,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
             parallelism,
         );
     }
@@ -107,7 +133,14 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// `out (F, D)`: `out[i] = Σ coef(j) · rows[j / width]` over the flat positions `j` with
 /// `idx[j] == i` and `coef(j) != 0`. A column index of the sparse (token, slot) entries makes
 /// the sum parallel over features, without per-thread accumulators, and deterministic.
-fn by_feature(idx: &[u32], width: usize, f: usize, d: usize, coef: impl Fn(usize) -> f32 + Sync, rows: &[f32]) -> Vec<f32> {
+fn by_feature(
+    idx: &[u32],
+    width: usize,
+    f: usize,
+    d: usize,
+    coef: impl Fn(usize) -> f32 + Sync,
+    rows: &[f32],
+) -> Vec<f32> {
     let mut ptr = vec![0u32; f + 1];
     for (j, &i) in idx.iter().enumerate() {
         if coef(j) != 0.0 {
@@ -138,7 +171,13 @@ fn by_feature(idx: &[u32], width: usize, f: usize, d: usize, coef: impl Fn(usize
 /// The non-zero selected values of the upstream modules `ups` at token `t`, in (module,
 /// top-k slot) order: `(pu, kk, v, col)` with `col = pu·F + feature`, the feature's column
 /// among the concatenated upstream features.
-fn active_ups<'s>(states: &'s [ModuleState], ups: &'s [usize], t: usize, k: usize, f: usize) -> impl Iterator<Item = (usize, usize, f32, usize)> + 's {
+fn active_ups<'s>(
+    states: &'s [ModuleState],
+    ups: &'s [usize],
+    t: usize,
+    k: usize,
+    f: usize,
+) -> impl Iterator<Item = (usize, usize, f32, usize)> + 's {
     ups.iter().enumerate().flat_map(move |(pu, &u)| {
         let st = &states[u];
         (0..k).filter_map(move |kk| {
@@ -252,17 +291,17 @@ where
 
 /// One module's parameters as flat buffers.
 struct Params {
-    enc: Vec<f32>,     // (F, D)
-    b_enc: Vec<f32>,   // (F)
-    dec_t: Vec<f32>,   // (F, D) = W_decᵀ
-    b_dec: Vec<f32>,   // (D)
+    enc: Vec<f32>,   // (F, D)
+    b_enc: Vec<f32>, // (F)
+    dec_t: Vec<f32>, // (F, D) = W_decᵀ
+    b_dec: Vec<f32>, // (D)
 }
 
 /// Model constants of one layer.
 struct LayerConsts {
-    w_v: Vec<f32>,     // (D, H·dh)
-    w_o: Vec<f32>,     // (H·dh, D)
-    b_o: Vec<f32>,     // (D)
+    w_v: Vec<f32>,      // (D, H·dh)
+    w_o: Vec<f32>,      // (H·dh, D)
+    b_o: Vec<f32>,      // (D)
     w_ov_sum: Vec<f32>, // (D, D)
 }
 
@@ -270,9 +309,9 @@ struct LayerConsts {
 pub struct FlatBatch {
     pub b: usize,
     pub s: usize,
-    pub r0: Vec<f32>,          // (N, D)
-    pub s1: Vec<Vec<f32>>,     // per layer (N)
-    pub s2: Vec<Vec<f32>>,     // per layer (N)
+    pub r0: Vec<f32>,           // (N, D)
+    pub s1: Vec<Vec<f32>>,      // per layer (N)
+    pub s2: Vec<Vec<f32>>,      // per layer (N)
     pub pattern: Vec<Vec<f32>>, // per layer (B, H, S, S)
     pub targets: Vec<Vec<f32>>, // per module (N, D)
     pub tokens: Vec<u32>,       // (N)
@@ -592,13 +631,33 @@ impl<'a> Engine<'a> {
                     k_aux = (d / 2).min(n_dead).max(1);
                     let masked: Vec<f32> = a
                         .par_chunks(f)
-                        .flat_map_iter(|r| r.iter().zip(mask).map(|(v, &dd)| if dd { v.max(0.0) } else { f32::NEG_INFINITY }))
+                        .flat_map_iter(|r| {
+                            r.iter().zip(mask).map(|(v, &dd)| if dd { v.max(0.0) } else { f32::NEG_INFINITY })
+                        })
                         .collect();
                     aux_idx = topk_indices(&masked, f, k_aux);
-                    aux_val = aux_idx.iter().enumerate().map(|(j, &i)| masked[(j / k_aux) * f + i as usize].max(0.0)).collect();
+                    aux_val = aux_idx
+                        .iter()
+                        .enumerate()
+                        .map(|(j, &i)| masked[(j / k_aux) * f + i as usize].max(0.0))
+                        .collect();
                 }
             }
-            states.push(ModuleState { idx, val, recon, z, w, w_col, ev, dv, aux_idx, aux_val, k_aux, n_dead, aux_g: Vec::new() });
+            states.push(ModuleState {
+                idx,
+                val,
+                recon,
+                z,
+                w,
+                w_col,
+                ev,
+                dv,
+                aux_idx,
+                aux_val,
+                k_aux,
+                n_dead,
+                aux_g: Vec::new(),
+            });
             prof.mark("decode, AuxK");
         }
         prof.report("forward");
@@ -651,14 +710,25 @@ impl<'a> Engine<'a> {
                 }
                 let (pu, j) = (col as usize / f, col as usize % f);
                 for hh in 0..h {
-                    wrow[c * h + hh] = dot(&ev[i * hd + hh * dh..i * hd + (hh + 1) * dh], &dv[pu][j * hd + hh * dh..j * hd + (hh + 1) * dh]);
+                    wrow[c * h + hh] = dot(
+                        &ev[i * hd + hh * dh..i * hd + (hh + 1) * dh],
+                        &dv[pu][j * hd + hh * dh..j * hd + (hh + 1) * dh],
+                    );
                 }
             }
         });
         (w, ev, dv)
     }
 
-    fn mlp_edges_forward(&self, fb: &FlatBatch, di: usize, index: &EdgeIndex, w_col: &[f32], states: &[ModuleState], a: &mut [f32]) {
+    fn mlp_edges_forward(
+        &self,
+        fb: &FlatBatch,
+        di: usize,
+        index: &EdgeIndex,
+        w_col: &[f32],
+        states: &[ModuleState],
+        a: &mut [f32],
+    ) {
         let (f, k) = (self.f, self.k);
         let ups = &self.plan.down(di).ups;
         let sc = &fb.s2[self.suite.modules[di].layer];
@@ -675,7 +745,16 @@ impl<'a> Engine<'a> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn attn_edges_forward(&self, fb: &FlatBatch, di: usize, layer: usize, index: &EdgeIndex, w_col: &[f32], states: &[ModuleState], a: &mut [f32]) {
+    fn attn_edges_forward(
+        &self,
+        fb: &FlatBatch,
+        di: usize,
+        layer: usize,
+        index: &EdgeIndex,
+        w_col: &[f32],
+        states: &[ModuleState],
+        a: &mut [f32],
+    ) {
         let (s, f, k, h) = (fb.s, self.f, self.k, self.n_heads);
         let ups = &self.plan.down(di).ups;
         let sc = &fb.s1[layer];
@@ -736,7 +815,11 @@ impl<'a> Engine<'a> {
             for row in r.chunks(d) {
                 mean.iter_mut().zip(row).for_each(|(a, v)| *a += *v as f64 / n as f64);
             }
-            let den: f64 = r.chunks(d).map(|row| row.iter().zip(&mean).map(|(v, mu)| (*v as f64 - mu).powi(2)).sum::<f64>()).sum::<f64>().max(1e-30);
+            let den: f64 = r
+                .chunks(d)
+                .map(|row| row.iter().zip(&mean).map(|(v, mu)| (*v as f64 - mu).powi(2)).sum::<f64>())
+                .sum::<f64>()
+                .max(1e-30);
             let num: f64 = ehat.iter().zip(&r).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
             let scale = (st.n_dead as f64 / (d / 2).max(1) as f64).min(1.0);
             out.push(scale * num / den);
@@ -792,7 +875,11 @@ impl<'a> Engine<'a> {
             // Through ReLU + top-k: sparse gradient of the pre-activation, (t, kk) -> g; with
             // AuxK, k_aux more entries per token (dead latents).
             let pg = if st.aux_g.is_empty() {
-                PreGrad { idx: st.idx.clone(), g: (0..n * k).map(|j| if st.val[j] > 0.0 { gv[j] } else { 0.0 }).collect(), kb: k }
+                PreGrad {
+                    idx: st.idx.clone(),
+                    g: (0..n * k).map(|j| if st.val[j] > 0.0 { gv[j] } else { 0.0 }).collect(),
+                    kb: k,
+                }
             } else {
                 let ka = st.k_aux;
                 let kb = k + ka;
@@ -845,7 +932,8 @@ impl<'a> Engine<'a> {
             match module.kind {
                 Kind::Mlp => {
                     let sc = &fb.s2[l];
-                    let gx: Vec<f32> = g_z.chunks(d).zip(sc).flat_map(|(r, &sv)| r.iter().map(move |x| x / sv)).collect();
+                    let gx: Vec<f32> =
+                        g_z.chunks(d).zip(sc).flat_map(|(r, &sv)| r.iter().map(move |x| x / sv)).collect();
                     if self.plan.sparse {
                         for row in gx.chunks(d) {
                             add_into(&mut g_ub, row);
@@ -870,7 +958,8 @@ impl<'a> Engine<'a> {
                     }
                     if !self.plan.sparse || self.opts.consistent_attn_bias {
                         let gx = self.attn_mix_back(fb, l, &g_z);
-                        let gx: Vec<f32> = gx.chunks(d).zip(sc).flat_map(|(r, &sv)| r.iter().map(move |x| x / sv)).collect();
+                        let gx: Vec<f32> =
+                            gx.chunks(d).zip(sc).flat_map(|(r, &sv)| r.iter().map(move |x| x / sv)).collect();
                         if self.opts.consistent_attn_bias {
                             for row in gx.chunks(d) {
                                 add_into(&mut g_ub, row);
@@ -928,7 +1017,16 @@ impl<'a> Engine<'a> {
 
     /// Edge-term backward for an mlp target: returns `g w (F·C)`, adds into upstream `g_val`.
     #[allow(clippy::too_many_arguments)]
-    fn mlp_edges_backward(&self, fb: &FlatBatch, di: usize, index: &EdgeIndex, w_col: &[f32], pg: &PreGrad, state: &State, g_val_up: &mut [Vec<f32>]) -> Vec<f32> {
+    fn mlp_edges_backward(
+        &self,
+        fb: &FlatBatch,
+        di: usize,
+        index: &EdgeIndex,
+        w_col: &[f32],
+        pg: &PreGrad,
+        state: &State,
+        g_val_up: &mut [Vec<f32>],
+    ) -> Vec<f32> {
         let (n, f, k) = (fb.b * fb.s, self.f, self.k);
         let ups = &self.plan.down(di).ups;
         let sc = &fb.s2[self.suite.modules[di].layer];
@@ -964,7 +1062,14 @@ impl<'a> Engine<'a> {
         index.to_slot_order(&gw_col, 1)
     }
 
-    fn mlp_edge_weights_backward(&self, di: usize, index: &EdgeIndex, gw: &[f32], g_enc: &mut [f32], g_dec_t_in: &mut [Vec<f32>]) {
+    fn mlp_edge_weights_backward(
+        &self,
+        di: usize,
+        index: &EdgeIndex,
+        gw: &[f32],
+        g_enc: &mut [f32],
+        g_dec_t_in: &mut [Vec<f32>],
+    ) {
         let (d, f) = (self.d, self.f);
         let ups = &self.plan.down(di).ups;
         let enc = &self.params[di].enc;
@@ -988,7 +1093,17 @@ impl<'a> Engine<'a> {
 
     /// Edge-term backward for an attention target.
     #[allow(clippy::too_many_arguments)]
-    fn attn_edges_backward(&self, fb: &FlatBatch, di: usize, layer: usize, index: &EdgeIndex, w: &[f32], pg: &PreGrad, state: &State, g_val_up: &mut [Vec<f32>]) -> Vec<f32> {
+    fn attn_edges_backward(
+        &self,
+        fb: &FlatBatch,
+        di: usize,
+        layer: usize,
+        index: &EdgeIndex,
+        w: &[f32],
+        pg: &PreGrad,
+        state: &State,
+        g_val_up: &mut [Vec<f32>],
+    ) -> Vec<f32> {
         let (s, f, k, h) = (fb.s, self.f, self.k, self.n_heads);
         let n = fb.b * s;
         let ups = &self.plan.down(di).ups;
@@ -1093,7 +1208,19 @@ impl<'a> Engine<'a> {
     /// order: `gw[slot] += gY[i, p] · v / s1[p]` and, for the upstream value at `(p, u, kk)`,
     /// `sb += (gY[i, p] · w[slot]) / s1[p]`.
     #[allow(clippy::too_many_arguments)]
-    fn attn_edge_grads_by_feature(&self, fb: &FlatBatch, bi: usize, index: &EdgeIndex, w: &[f32], gy: &[f32], state: &State, ups: &[usize], sc: &[f32], sb: &mut [f32], gw: &mut [f32]) {
+    fn attn_edge_grads_by_feature(
+        &self,
+        fb: &FlatBatch,
+        bi: usize,
+        index: &EdgeIndex,
+        w: &[f32],
+        gy: &[f32],
+        state: &State,
+        ups: &[usize],
+        sc: &[f32],
+        sb: &mut [f32],
+        gw: &mut [f32],
+    ) {
         let (s, f, k, h) = (fb.s, self.f, self.k, self.n_heads);
         let width = index.width;
         let per_pos = ups.len() * k;
@@ -1143,7 +1270,16 @@ impl<'a> Engine<'a> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn attn_edge_weights_backward(&self, di: usize, layer: usize, index: &EdgeIndex, gw: &[f32], st: &ModuleState, g_enc: &mut [f32], g_dec_t_in: &mut [Vec<f32>]) {
+    fn attn_edge_weights_backward(
+        &self,
+        di: usize,
+        layer: usize,
+        index: &EdgeIndex,
+        gw: &[f32],
+        st: &ModuleState,
+        g_enc: &mut [f32],
+        g_dec_t_in: &mut [Vec<f32>],
+    ) {
         let (d, f, h, dh) = (self.d, self.f, self.n_heads, self.d_head);
         let hd = h * dh;
         let ups = &self.plan.down(di).ups;
@@ -1367,7 +1503,13 @@ pub struct ValuePass<'a> {
 
 impl<'a> ValuePass<'a> {
     /// Prepare the pass for batches on `device`.
-    pub fn new(suite: &'a Suite, rt: &'a Runtime, plan: &'a Plan, opts: PassOptions, device: &Device) -> Result<ValuePass<'a>> {
+    pub fn new(
+        suite: &'a Suite,
+        rt: &'a Runtime,
+        plan: &'a Plan,
+        opts: PassOptions,
+        device: &Device,
+    ) -> Result<ValuePass<'a>> {
         let engine = if device.is_cpu() && !plan.composed { Some(Engine::new(suite, rt, plan, opts)?) } else { None };
         Ok(ValuePass { suite, rt, plan, opts, engine })
     }

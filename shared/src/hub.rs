@@ -9,14 +9,8 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 
 /// Files a model folder may need, besides the weights.
-const META_FILES: [&str; 6] = [
-    "config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-];
+const META_FILES: [&str; 6] =
+    ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"];
 
 /// Turn `--model` into a local folder holding `config.json` and weights.
 ///

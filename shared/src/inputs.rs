@@ -29,7 +29,12 @@ impl Inputs {
         let suite = Suite::load(suite_path, device)?;
         let m = &cache.manifest.model;
         let manifest = acts.join(MANIFEST);
-        let mismatch = |what: String| Error::input(suite_path, format!("{what}, but {} says otherwise; they do not belong together", manifest.display()));
+        let mismatch = |what: String| {
+            Error::input(
+                suite_path,
+                format!("{what}, but {} says otherwise; they do not belong together", manifest.display()),
+            )
+        };
         check_fit(&suite, m.d_model, m.n_layers, &m.hash, "cache", mismatch)?;
         let model = cache.load_model(model_override, device)?;
         Ok(Inputs { cache: Some(cache), model, suite })
@@ -42,7 +47,8 @@ impl Inputs {
         let dir = crate::hub::resolve_model(model_spec)?;
         let model = Model::load(model_spec, &dir, device)?;
         let cfg = model.cfg();
-        let mismatch = |what: String| Error::input(suite_path, format!("{what}; it does not belong to --model {model_spec}"));
+        let mismatch =
+            |what: String| Error::input(suite_path, format!("{what}; it does not belong to --model {model_spec}"));
         check_fit(&suite, cfg.d_model, cfg.n_layers, &model.hash, "model", mismatch)?;
         Ok(Inputs { cache: None, model, suite })
     }
@@ -65,7 +71,14 @@ impl Inputs {
 
 /// The suite's d_model, layer count and recorded model hash against the model's (`other`
 /// names where those come from in the message).
-fn check_fit(suite: &Suite, d_model: usize, n_layers: usize, hash: &str, other: &str, mismatch: impl Fn(String) -> Error) -> Result<()> {
+fn check_fit(
+    suite: &Suite,
+    d_model: usize,
+    n_layers: usize,
+    hash: &str,
+    other: &str,
+    mismatch: impl Fn(String) -> Error,
+) -> Result<()> {
     if suite.d_model != d_model {
         return Err(mismatch(format!("d_model {} ({other}: {d_model})", suite.d_model)));
     }

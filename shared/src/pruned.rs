@@ -23,24 +23,32 @@ use crate::suite::{Kind, Module, Suite};
 /// One batch of cached clean-run tensors (all f32, on the compute device).
 #[derive(Debug, Clone)]
 pub struct Batch {
-    pub tokens: Tensor,         // (batch, pos) u32
-    pub resid_pre0: Tensor,     // (batch, pos, d_model)
-    pub ln1_scale: Vec<Tensor>, // per layer (batch, pos, 1)
-    pub ln2_scale: Vec<Tensor>, // per layer (batch, pos, 1)
+    pub tokens: Tensor,              // (batch, pos) u32
+    pub resid_pre0: Tensor,          // (batch, pos, d_model)
+    pub ln1_scale: Vec<Tensor>,      // per layer (batch, pos, 1)
+    pub ln2_scale: Vec<Tensor>,      // per layer (batch, pos, 1)
     pub ln2_normalized: Vec<Tensor>, // per layer (batch, pos, d_model): transcoder inputs
-    pub pattern: Vec<Tensor>,   // per layer (batch, head, q, k)
-    pub attn_out: Vec<Tensor>,  // per layer (batch, pos, d_model)
-    pub mlp_out: Vec<Tensor>,   // per layer (batch, pos, d_model)
+    pub pattern: Vec<Tensor>,        // per layer (batch, head, q, k)
+    pub attn_out: Vec<Tensor>,       // per layer (batch, pos, d_model)
+    pub mlp_out: Vec<Tensor>,        // per layer (batch, pos, d_model)
 }
 
 impl Batch {
     /// Take a batch out of a cache shard map (`Cache::load_shard`), sequences `start..start+n`.
-    pub fn from_shard(map: &std::collections::HashMap<String, Tensor>, n_layers: usize, start: usize, n: usize, device: &Device) -> Result<Batch> {
+    pub fn from_shard(
+        map: &std::collections::HashMap<String, Tensor>,
+        n_layers: usize,
+        start: usize,
+        n: usize,
+        device: &Device,
+    ) -> Result<Batch> {
         let get = |k: &str| -> Result<Tensor> {
             let t = map.get(k).ok_or_else(|| Error::Usage(format!("cache shard lacks `{k}`")))?;
             Ok(t.narrow(0, start, n)?.to_device(device)?.contiguous()?)
         };
-        let per_layer = |suffix: &str| -> Result<Vec<Tensor>> { (0..n_layers).map(|l| get(&format!("blocks.{l}.{suffix}"))).collect() };
+        let per_layer = |suffix: &str| -> Result<Vec<Tensor>> {
+            (0..n_layers).map(|l| get(&format!("blocks.{l}.{suffix}"))).collect()
+        };
         Ok(Batch {
             tokens: get("tokens")?.to_dtype(DType::U32)?,
             resid_pre0: get("blocks.0.hook_resid_pre")?,
@@ -58,7 +66,9 @@ impl Batch {
         if parts.len() == 1 {
             return Ok(parts[0].clone());
         }
-        let cat = |f: &dyn Fn(&Batch) -> &Tensor| -> Result<Tensor> { Ok(Tensor::cat(&parts.iter().map(f).collect::<Vec<_>>(), 0)?) };
+        let cat = |f: &dyn Fn(&Batch) -> &Tensor| -> Result<Tensor> {
+            Ok(Tensor::cat(&parts.iter().map(f).collect::<Vec<_>>(), 0)?)
+        };
         let n_layers = parts[0].ln1_scale.len();
         let per_layer = |f: &dyn Fn(&Batch, usize) -> &Tensor| -> Result<Vec<Tensor>> {
             (0..n_layers).map(|l| Ok(Tensor::cat(&parts.iter().map(|p| f(p, l)).collect::<Vec<_>>(), 0)?)).collect()
@@ -163,7 +173,6 @@ pub struct DownPlan {
     slot_mask: Option<Tensor>,
 }
 
-
 /// A suite wired for a model: the plan of every module.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -192,7 +201,8 @@ impl Plan {
         check_topk_size(device, f)?;
         let mut downs = Vec::new();
         for (d, dm) in suite.modules.iter().enumerate() {
-            let ups: Vec<usize> = (0..suite.modules.len()).filter(|&u| suite.modules[u].precedes(dm, parallel)).collect();
+            let ups: Vec<usize> =
+                (0..suite.modules.len()).filter(|&u| suite.modules[u].precedes(dm, parallel)).collect();
             let index = match wiring {
                 Wiring::All => (None, None, None),
                 Wiring::Sparse(conns) => {
@@ -202,7 +212,10 @@ impl Plan {
                         let mut l = Vec::with_capacity(edges.len());
                         for e in edges {
                             let p = pos(e.up).ok_or_else(|| {
-                                Error::Usage(format!("edge {}:{} -> {dm} from a module that does not precede it", suite.modules[e.up], e.feature))
+                                Error::Usage(format!(
+                                    "edge {}:{} -> {dm} from a module that does not precede it",
+                                    suite.modules[e.up], e.feature
+                                ))
                             })?;
                             l.push((p * f) as u32 + e.feature);
                         }
@@ -211,7 +224,8 @@ impl Plan {
                     let width = lists.iter().map(Vec::len).max().unwrap_or(0).max(1);
                     let ix = EdgeIndex::new(&lists, width, ups.len() * f);
                     let cols = Tensor::from_vec(ix.gather_cols(), ix.slot_col.len(), device)?;
-                    let mask: Vec<f32> = ix.slot_col.iter().map(|&c| if c == crate::sparse_ops::EMPTY { 0.0 } else { 1.0 }).collect();
+                    let mask: Vec<f32> =
+                        ix.slot_col.iter().map(|&c| if c == crate::sparse_ops::EMPTY { 0.0 } else { 1.0 }).collect();
                     let mask = Tensor::from_vec(mask, (f, width, 1), device)?;
                     (Some(Arc::new(ix)), Some(cols), Some(mask))
                 }
@@ -245,11 +259,19 @@ struct Weights {
 
 impl Weights {
     fn new(suite: &Suite, rt: &Runtime, dtype: DType) -> Result<Weights> {
-        let cast = |t: &Tensor| -> Result<Tensor> { Ok(if t.dtype() == dtype { t.clone() } else { t.to_dtype(dtype)? }) };
+        let cast =
+            |t: &Tensor| -> Result<Tensor> { Ok(if t.dtype() == dtype { t.clone() } else { t.to_dtype(dtype)? }) };
         let aes = suite
             .aes
             .iter()
-            .map(|ae| Ok([cast(ae.w_enc.as_tensor())?, cast(ae.b_enc.as_tensor())?, cast(ae.w_dec.as_tensor())?, cast(ae.b_dec.as_tensor())?]))
+            .map(|ae| {
+                Ok([
+                    cast(ae.w_enc.as_tensor())?,
+                    cast(ae.b_enc.as_tensor())?,
+                    cast(ae.w_dec.as_tensor())?,
+                    cast(ae.b_dec.as_tensor())?,
+                ])
+            })
             .collect::<Result<Vec<_>>>()?;
         let attn = (0..rt.cfg.n_layers)
             .map(|l| {
@@ -395,13 +417,25 @@ pub fn topk_relu_device(pre: &Tensor, k: usize) -> Result<Tensor> {
 
 /// The sparse upstream contribution `(B, H, S, F)` (H = 1 for mlp targets).
 #[allow(clippy::too_many_arguments)]
-fn edge_contrib(suite: &Suite, rt: &Runtime, wt: &Weights, plan_d: &DownPlan, composed: bool, feats: &[Tensor], d: usize, attn_layer: Option<usize>, seq_len: usize) -> Result<Tensor> {
+fn edge_contrib(
+    suite: &Suite,
+    rt: &Runtime,
+    wt: &Weights,
+    plan_d: &DownPlan,
+    composed: bool,
+    feats: &[Tensor],
+    d: usize,
+    attn_layer: Option<usize>,
+    seq_len: usize,
+) -> Result<Tensor> {
     let index = plan_d.index.as_ref().expect("sparse plan");
     let cols = plan_d.cols.as_ref().expect("sparse plan");
     let f = suite.n_features;
     let enc = &wt.aes[d][0];
     let x = Tensor::cat(&plan_d.ups.iter().map(|&u| &feats[u]).collect::<Vec<_>>(), 1)?;
-    let dec_t = Tensor::cat(&plan_d.ups.iter().map(|&u| wt.aes[u][2].t()).collect::<candle_core::Result<Vec<_>>>()?, 0)?.contiguous()?;
+    let dec_t =
+        Tensor::cat(&plan_d.ups.iter().map(|&u| wt.aes[u][2].t()).collect::<candle_core::Result<Vec<_>>>()?, 0)?
+            .contiguous()?;
     let width = index.width;
     let (w, heads) = match attn_layer {
         None => {

@@ -135,7 +135,16 @@ pub struct StepOut {
 /// Forward and backward of one module on `x (n, d)` -> `y (n, d)`; `dead` marks dead latents
 /// (AuxK applies when `auxk_alpha > 0` and some are dead).
 #[allow(clippy::too_many_arguments)]
-pub fn step(p: &ModuleParams, x: &[f32], y: &[f32], d: usize, f: usize, k: usize, dead: &[bool], auxk_alpha: f64) -> StepOut {
+pub fn step(
+    p: &ModuleParams,
+    x: &[f32],
+    y: &[f32],
+    d: usize,
+    f: usize,
+    k: usize,
+    dead: &[bool],
+    auxk_alpha: f64,
+) -> StepOut {
     let n = x.len() / d;
     let [enc, b_enc, dec, b_dec] = p;
     let mut dec_t = vec![0f32; f * d];
@@ -166,7 +175,11 @@ pub fn step(p: &ModuleParams, x: &[f32], y: &[f32], d: usize, f: usize, k: usize
     for r in y.chunks(d) {
         mean.iter_mut().zip(r).for_each(|(m, v)| *m += *v as f64 / n as f64);
     }
-    let den: f64 = y.chunks(d).map(|r| r.iter().zip(&mean).map(|(v, m)| (*v as f64 - m).powi(2)).sum::<f64>()).sum::<f64>().max(1e-30);
+    let den: f64 = y
+        .chunks(d)
+        .map(|r| r.iter().zip(&mean).map(|(v, m)| (*v as f64 - m).powi(2)).sum::<f64>())
+        .sum::<f64>()
+        .max(1e-30);
     let num: f64 = yhat.iter().zip(y).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
     let fvu = num / den;
     // Gradient of FVU w.r.t. ŷ.
@@ -183,13 +196,18 @@ pub fn step(p: &ModuleParams, x: &[f32], y: &[f32], d: usize, f: usize, k: usize
             .flat_map_iter(|r| r.iter().zip(dead).map(|(v, &dd)| if dd { v.max(0.0) } else { f32::NEG_INFINITY }))
             .collect();
         let aidx = topk_indices(&masked, f, k_aux);
-        let aval: Vec<f32> = aidx.iter().enumerate().map(|(j, &i)| masked[(j / k_aux) * f + i as usize].max(0.0)).collect();
+        let aval: Vec<f32> =
+            aidx.iter().enumerate().map(|(j, &i)| masked[(j / k_aux) * f + i as usize].max(0.0)).collect();
         let resid: Vec<f32> = y.iter().zip(&yhat).map(|(a, b)| a - b).collect();
         let mut rmean = vec![0f64; d];
         for r in resid.chunks(d) {
             rmean.iter_mut().zip(r).for_each(|(m, v)| *m += *v as f64 / n as f64);
         }
-        let rden: f64 = resid.chunks(d).map(|r| r.iter().zip(&rmean).map(|(v, m)| (*v as f64 - m).powi(2)).sum::<f64>()).sum::<f64>().max(1e-30);
+        let rden: f64 = resid
+            .chunks(d)
+            .map(|r| r.iter().zip(&rmean).map(|(v, m)| (*v as f64 - m).powi(2)).sum::<f64>())
+            .sum::<f64>()
+            .max(1e-30);
         let mut ehat = vec![0f32; n * d];
         for t in 0..n {
             for kk in 0..k_aux {
@@ -239,7 +257,15 @@ pub fn step(p: &ModuleParams, x: &[f32], y: &[f32], d: usize, f: usize, k: usize
 
 /// Backward of `y = Σ_j val[t, j] · dec_t[idx[t, j]]` given `g_y (n, d)`: adds into the decoder
 /// gradient and records the gradient of every positive value as a `(t, latent, g)` triple.
-fn decode_backward(g_y: &[f32], idx: &[u32], val: &[f32], dec_t: &[f32], d: usize, g_dec_t: &mut [f32], g_pre: &mut Vec<(usize, u32, f32)>) {
+fn decode_backward(
+    g_y: &[f32],
+    idx: &[u32],
+    val: &[f32],
+    dec_t: &[f32],
+    d: usize,
+    g_dec_t: &mut [f32],
+    g_pre: &mut Vec<(usize, u32, f32)>,
+) {
     let n = g_y.len() / d;
     let width = idx.len() / n.max(1);
     for t in 0..n {

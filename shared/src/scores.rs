@@ -131,7 +131,11 @@ impl ScoreStats {
             let scores = self.pair_scores(suite, rt, d, u)?.flatten_all()?.to_vec1::<f32>()?;
             for (i, cand) in best.iter_mut().enumerate() {
                 let row = &scores[i * f..(i + 1) * f];
-                cand.extend(row.iter().enumerate().filter(|(_, v)| **v != 0.0).map(|(g, &v)| Edge { up: u, feature: g as u32, score: v }));
+                cand.extend(row.iter().enumerate().filter(|(_, v)| **v != 0.0).map(|(g, &v)| Edge {
+                    up: u,
+                    feature: g as u32,
+                    score: v,
+                }));
                 if cand.len() > keep {
                     cand.select_nth_unstable_by(keep, edge_order);
                     cand.truncate(keep);

@@ -84,14 +84,19 @@ impl EdgeIndex {
     /// slot `rev_slots[j]`'s `h` values (so the edges of one column are contiguous).
     pub(crate) fn to_col_order(&self, w: &[f32], h: usize) -> Vec<f32> {
         let mut out = vec![0f32; self.rev_slots.len() * h];
-        out.chunks_mut(h).zip(&self.rev_slots).for_each(|(o, &slot)| o.copy_from_slice(&w[slot as usize * h..(slot as usize + 1) * h]));
+        out.chunks_mut(h)
+            .zip(&self.rev_slots)
+            .for_each(|(o, &slot)| o.copy_from_slice(&w[slot as usize * h..(slot as usize + 1) * h]));
         out
     }
 
     /// The inverse of [`to_col_order`](Self::to_col_order) (empty slots get zeros).
     pub(crate) fn to_slot_order(&self, w_col: &[f32], h: usize) -> Vec<f32> {
         let mut out = vec![0f32; self.slot_col.len() * h];
-        w_col.chunks(h).zip(&self.rev_slots).for_each(|(v, &slot)| out[slot as usize * h..(slot as usize + 1) * h].copy_from_slice(v));
+        w_col
+            .chunks(h)
+            .zip(&self.rev_slots)
+            .for_each(|(v, &slot)| out[slot as usize * h..(slot as usize + 1) * h].copy_from_slice(v));
         out
     }
 
@@ -120,7 +125,13 @@ impl CustomOp2 for EdgeMatmul {
         "edge-matmul"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, w) = (slice(s1, l1)?, slice(s2, l2)?);
         let ix = &self.index;
         let (m_cols, f, h, s) = (ix.n_cols, ix.n_down, self.heads, self.seq_len);
@@ -149,7 +160,13 @@ impl CustomOp2 for EdgeMatmul {
         Ok((CpuStorage::F32(out), Shape::from((b, h, s, f))))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (xv, wv, gv) = (tensor_vec(x)?, tensor_vec(w)?, tensor_vec(grad)?);
         let ix = &self.index;
         let (m_cols, f, h, s) = (ix.n_cols, ix.n_down, self.heads, self.seq_len);
@@ -182,15 +199,15 @@ impl CustomOp2 for EdgeMatmul {
                     gw
                 },
             )
-            .reduce(|| vec![0f32; wv.len()], |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                a
-            });
+            .reduce(
+                || vec![0f32; wv.len()],
+                |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                    a
+                },
+            );
         let dev = x.device();
-        Ok((
-            Some(Tensor::from_vec(gx, x.shape(), dev)?),
-            Some(Tensor::from_vec(gw, w.shape(), dev)?),
-        ))
+        Ok((Some(Tensor::from_vec(gx, x.shape(), dev)?), Some(Tensor::from_vec(gw, w.shape(), dev)?)))
     }
 }
 
@@ -203,7 +220,13 @@ impl CustomOp2 for SparseDecode {
         "sparse-decode"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (f, wt) = (slice(s1, l1)?, slice(s2, l2)?);
         let (n, nf) = l1.shape().dims2()?;
         let (nf2, d) = l2.shape().dims2()?;
@@ -221,7 +244,13 @@ impl CustomOp2 for SparseDecode {
         Ok((CpuStorage::F32(out), Shape::from((n, d))))
     }
 
-    fn bwd(&self, f: &Tensor, wt: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        f: &Tensor,
+        wt: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (fv, wv, gv) = (tensor_vec(f)?, tensor_vec(wt)?, tensor_vec(grad)?);
         let (n, nf) = f.dims2()?;
         let d = wt.dim(1)?;
@@ -243,10 +272,13 @@ impl CustomOp2 for SparseDecode {
                     gw
                 },
             )
-            .reduce(|| vec![0f32; nf * d], |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                a
-            });
+            .reduce(
+                || vec![0f32; nf * d],
+                |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                    a
+                },
+            );
         let dev = f.device();
         Ok((Some(Tensor::from_vec(gf, f.shape(), dev)?), Some(Tensor::from_vec(gw, wt.shape(), dev)?)))
     }
@@ -326,7 +358,11 @@ mod tests {
                 state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 let v = ((state >> 33) % 7) as f32 - 3.0;
                 // some rows almost constant (the sampled bound then keeps everything)
-                if (state >> 20) % 5 == 0 { 0.0 } else { v * ((state >> 40) % 1000) as f32 }
+                if (state >> 20) % 5 == 0 {
+                    0.0
+                } else {
+                    v * ((state >> 40) % 1000) as f32
+                }
             })
             .collect();
         let got = topk_indices(&a, cols, k);
@@ -377,7 +413,8 @@ mod tests {
                 for (i, cs) in cols.iter().enumerate() {
                     for (ci, &mm) in cs.iter().enumerate() {
                         for hi in 0..h {
-                            y_ref[((bi * h + hi) * s + si) * f + i] += ws[(i * c + ci) * h + hi] * xs[(bi * s + si) * m + mm as usize];
+                            y_ref[((bi * h + hi) * s + si) * f + i] +=
+                                ws[(i * c + ci) * h + hi] * xs[(bi * s + si) * m + mm as usize];
                         }
                     }
                 }

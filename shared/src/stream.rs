@@ -22,20 +22,45 @@ pub enum TrainData<'a> {
     /// A cache, in cache order or shuffled per shard and epoch.
     Cache { cache: &'a Cache, reader: CacheReader<'a>, shuffle: bool, seed: u64, epoch: u64, order: Vec<usize> },
     /// A model run over a dataset.
-    Stream { model: &'a Model, tokenizer: &'a TextTokenizer, spec: SourceSpec, opts: SequenceOptions, source: Option<BatchSource<'a>>, at: u64, device: Device },
+    Stream {
+        model: &'a Model,
+        tokenizer: &'a TextTokenizer,
+        spec: SourceSpec,
+        opts: SequenceOptions,
+        source: Option<BatchSource<'a>>,
+        at: u64,
+        device: Device,
+    },
 }
 
 impl<'a> TrainData<'a> {
     /// Read batches from `cache`.
     pub fn from_cache(cache: &'a Cache, shuffle: bool, seed: u64, device: &Device) -> TrainData<'a> {
-        TrainData::Cache { cache, reader: CacheReader::new(cache, device), shuffle, seed, epoch: u64::MAX, order: Vec::new() }
+        TrainData::Cache {
+            cache,
+            reader: CacheReader::new(cache, device),
+            shuffle,
+            seed,
+            epoch: u64::MAX,
+            order: Vec::new(),
+        }
     }
 
     /// Compute batches by running `model` (with its `tokenizer`) over `spec`. Fails early if
     /// the data cannot be opened or ctx_len exceeds the model's context.
-    pub fn streaming(model: &'a Model, tokenizer: &'a TextTokenizer, spec: SourceSpec, opts: SequenceOptions, device: &Device) -> Result<TrainData<'a>> {
+    pub fn streaming(
+        model: &'a Model,
+        tokenizer: &'a TextTokenizer,
+        spec: SourceSpec,
+        opts: SequenceOptions,
+        device: &Device,
+    ) -> Result<TrainData<'a>> {
         if opts.ctx_len > model.cfg().n_ctx {
-            return Err(Error::Usage(format!("--ctx-len {}: above the model's n_ctx {}", opts.ctx_len, model.cfg().n_ctx)));
+            return Err(Error::Usage(format!(
+                "--ctx-len {}: above the model's n_ctx {}",
+                opts.ctx_len,
+                model.cfg().n_ctx
+            )));
         }
         // Open now so that a bad file or column fails before any training; the first batch
         // reads from this source.

@@ -38,7 +38,9 @@ pub struct Module {
 impl Module {
     /// Every module of an `n_layers` model in suite order.
     pub fn all(n_layers: usize) -> Vec<Module> {
-        (0..n_layers).flat_map(|l| [Module { layer: l, kind: Kind::Attn }, Module { layer: l, kind: Kind::Mlp }]).collect()
+        (0..n_layers)
+            .flat_map(|l| [Module { layer: l, kind: Kind::Attn }, Module { layer: l, kind: Kind::Mlp }])
+            .collect()
     }
 
     /// `attn_L` / `mlp_L`.
@@ -148,8 +150,8 @@ impl Suite {
                     format!("format {fmt} v{ver}, expected {FORMAT} v{VERSION}; hint: suites are written by train-suite and finetune"),
                 ));
             }
-            let cfg: SuiteConfig =
-                serde_json::from_value(v).map_err(|e| Error::input(&cfg_path, format!("malformed suite config: {e}")))?;
+            let cfg: SuiteConfig = serde_json::from_value(v)
+                .map_err(|e| Error::input(&cfg_path, format!("malformed suite config: {e}")))?;
             (path.join("suite.safetensors"), Some(cfg))
         } else if path.is_file() {
             (path.to_path_buf(), None)
@@ -165,7 +167,9 @@ impl Suite {
         let meta_usize = |k: &str| -> Result<Option<usize>> {
             match meta.metadata().as_ref().and_then(|m| m.get(k)) {
                 None => Ok(None),
-                Some(v) => v.parse().map(Some).map_err(|_| Error::input(&weights, format!("metadata `{k}`: expected a positive integer, found {v:?}"))),
+                Some(v) => v.parse().map(Some).map_err(|_| {
+                    Error::input(&weights, format!("metadata `{k}`: expected a positive integer, found {v:?}"))
+                }),
             }
         };
         let (k, n_features, model_id, model_hash) = match &cfg {
@@ -173,7 +177,13 @@ impl Suite {
                 for (name, value) in [("k", c.k), ("n_features", c.n_features)] {
                     if let Some(m) = meta_usize(name)? {
                         if m != value {
-                            return Err(Error::input(&weights, format!("metadata `{name}` {m} disagrees with {} ({value})", path.join("config.json").display())));
+                            return Err(Error::input(
+                                &weights,
+                                format!(
+                                    "metadata `{name}` {m} disagrees with {} ({value})",
+                                    path.join("config.json").display()
+                                ),
+                            ));
                         }
                     }
                 }
@@ -223,12 +233,18 @@ impl Suite {
                     ));
                 }
                 if !x.dtype().is_float() {
-                    return Err(Error::input(source, format!("tensor `{name}`: expected floating-point values, found {:?}", x.dtype())));
+                    return Err(Error::input(
+                        source,
+                        format!("tensor `{name}`: expected floating-point values, found {:?}", x.dtype()),
+                    ));
                 }
                 let x = x.to_dtype(DType::F32)?;
                 // NaN and infinities carry into the sum
                 if !x.sum_all()?.to_scalar::<f32>()?.is_finite() {
-                    return Err(Error::input(source, format!("tensor `{name}`: expected finite values, found NaN or infinite ones")));
+                    return Err(Error::input(
+                        source,
+                        format!("tensor `{name}`: expected finite values, found NaN or infinite ones"),
+                    ));
                 }
                 Ok(Var::from_tensor(&x)?)
             };
@@ -242,7 +258,10 @@ impl Suite {
         let mut extra: Vec<&String> = t.keys().filter(|name| name.starts_with("aes.")).collect();
         extra.sort();
         if let Some(name) = extra.first() {
-            return Err(Error::input(source, format!("unexpected tensor `{name}`: the suite's modules are attn_0 .. mlp_{}", n_layers - 1)));
+            return Err(Error::input(
+                source,
+                format!("unexpected tensor `{name}`: the suite's modules are attn_0 .. mlp_{}", n_layers - 1),
+            ));
         }
         Ok(Suite { k, n_features, d_model, modules, aes, model_id, model_hash })
     }

@@ -108,7 +108,9 @@ pub fn int_values(c: &ArrayRef) -> std::result::Result<Vec<Option<i64>>, String>
         DataType::UInt8 => conv!(UInt8Type),
         DataType::UInt16 => conv!(UInt16Type),
         DataType::UInt32 => conv!(UInt32Type),
-        DataType::UInt64 => c.as_primitive::<UInt64Type>().iter().map(|v| v.map(|x| x.min(i64::MAX as u64) as i64)).collect(),
+        DataType::UInt64 => {
+            c.as_primitive::<UInt64Type>().iter().map(|v| v.map(|x| x.min(i64::MAX as u64) as i64)).collect()
+        }
         other => return Err(format!("expected integers, found {other}")),
     })
 }
@@ -125,7 +127,9 @@ pub fn floats(path: &Path, name: &str, c: &ArrayRef) -> Result<Vec<f32>> {
     use arrow_array::types::*;
     let out: Vec<f32> = match c.data_type() {
         DataType::Float32 => c.as_primitive::<Float32Type>().iter().map(|v| v.unwrap_or(f32::NAN)).collect(),
-        DataType::Float64 => c.as_primitive::<Float64Type>().iter().map(|v| v.map(|x| x as f32).unwrap_or(f32::NAN)).collect(),
+        DataType::Float64 => {
+            c.as_primitive::<Float64Type>().iter().map(|v| v.map(|x| x as f32).unwrap_or(f32::NAN)).collect()
+        }
         other => return Err(Error::input(path, format!("column `{name}`: expected floats, found {other}"))),
     };
     Ok(out)

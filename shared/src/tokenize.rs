@@ -33,8 +33,7 @@ impl TextTokenizer {
     pub fn from_dir(dir: &Path, cfg: &ModelConfig) -> Result<TextTokenizer> {
         let json = dir.join("tokenizer.json");
         let inner = if json.is_file() {
-            Tokenizer::from_file(&json)
-                .map_err(|e| Error::input(&json, format!("not a readable tokenizer: {e}")))?
+            Tokenizer::from_file(&json).map_err(|e| Error::input(&json, format!("not a readable tokenizer: {e}")))?
         } else if dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file() {
             byte_level_bpe(dir)?
         } else {

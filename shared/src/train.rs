@@ -31,7 +31,14 @@ impl Params {
         let modules = suite
             .aes
             .iter()
-            .map(|ae| Ok([v(ae.w_enc.as_tensor())?, v(ae.b_enc.as_tensor())?, v(ae.w_dec.as_tensor())?, v(ae.b_dec.as_tensor())?]))
+            .map(|ae| {
+                Ok([
+                    v(ae.w_enc.as_tensor())?,
+                    v(ae.b_enc.as_tensor())?,
+                    v(ae.w_dec.as_tensor())?,
+                    v(ae.b_dec.as_tensor())?,
+                ])
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Params { modules })
     }
@@ -109,7 +116,9 @@ impl Optimizer {
     pub fn new(kind: OptimizerKind, params: &Params) -> Optimizer {
         let zeros = |p: &[Vec<f32>; 4]| -> [Vec<f32>; 4] { [0, 1, 2, 3].map(|i| vec![0f32; p[i].len()]) };
         let (m, v) = match kind {
-            OptimizerKind::Adam => (params.modules.iter().map(zeros).collect(), params.modules.iter().map(zeros).collect()),
+            OptimizerKind::Adam => {
+                (params.modules.iter().map(zeros).collect(), params.modules.iter().map(zeros).collect())
+            }
             OptimizerKind::Sgd => (Vec::new(), Vec::new()),
         };
         Optimizer { kind, beta1: 0.9, beta2: 0.999, eps: 1e-8, t: 0, m, v }
@@ -239,7 +248,13 @@ pub struct Due {
 
 impl Checkpoints {
     /// For a run of `tool` into `dir` that starts (or resumed) at `start_step`.
-    pub fn new(dir: RunDir, tool: &'static str, digest: String, run: &crate::cli::RunArgs, start_step: u64) -> Checkpoints {
+    pub fn new(
+        dir: RunDir,
+        tool: &'static str,
+        digest: String,
+        run: &crate::cli::RunArgs,
+        start_step: u64,
+    ) -> Checkpoints {
         Checkpoints {
             dir,
             tool,
@@ -258,7 +273,14 @@ impl Checkpoints {
     }
 
     /// Write the checkpoint after `step` steps and `seqs_seen` sequences.
-    pub fn save(&mut self, suite: &Suite, opt: &Optimizer, dead: &DeadTracker, step: u64, seqs_seen: u64) -> Result<()> {
+    pub fn save(
+        &mut self,
+        suite: &Suite,
+        opt: &Optimizer,
+        dead: &DeadTracker,
+        step: u64,
+        seqs_seen: u64,
+    ) -> Result<()> {
         let state = RunState {
             format: CHECKPOINT_FORMAT.into(),
             version: CHECKPOINT_VERSION,
@@ -282,7 +304,9 @@ impl Checkpoints {
     /// The one-line error of step `step` whose loss is not finite.
     pub fn non_finite(&self, step: u64, loss: f64) -> String {
         let keep = match self.last {
-            Some(s) => format!("the last good checkpoint ({}, step {s}) is kept", self.dir.out.join("checkpoint").display()),
+            Some(s) => {
+                format!("the last good checkpoint ({}, step {s}) is kept", self.dir.out.join("checkpoint").display())
+            }
             None => "no checkpoint was written".to_string(),
         };
         format!("step {step}: loss is {loss}; stopping ({keep}); hint: lower --lr")
@@ -296,7 +320,13 @@ impl Checkpoints {
 
 /// Write a checkpoint into `dir/checkpoint` atomically: build `checkpoint.tmp`, then swap it in,
 /// keeping the previous one until the new one is complete.
-pub fn save_checkpoint(dir: &Path, suite: &Suite, opt: &Optimizer, dead: &DeadTracker, state: &RunState) -> Result<PathBuf> {
+pub fn save_checkpoint(
+    dir: &Path,
+    suite: &Suite,
+    opt: &Optimizer,
+    dead: &DeadTracker,
+    state: &RunState,
+) -> Result<PathBuf> {
     let final_dir = dir.join("checkpoint");
     let tmp = dir.join("checkpoint.tmp");
     if tmp.exists() {
@@ -312,8 +342,14 @@ pub fn save_checkpoint(dir: &Path, suite: &Suite, opt: &Optimizer, dead: &DeadTr
     for (mi, chunk) in names.chunks(4).enumerate() {
         for (slot, name) in order.iter().zip(chunk) {
             if opt.kind == OptimizerKind::Adam {
-                tensors.push((format!("m.{name}"), Tensor::from_vec(opt.m[mi][*slot].clone(), opt.m[mi][*slot].len(), &dev)?));
-                tensors.push((format!("v.{name}"), Tensor::from_vec(opt.v[mi][*slot].clone(), opt.v[mi][*slot].len(), &dev)?));
+                tensors.push((
+                    format!("m.{name}"),
+                    Tensor::from_vec(opt.m[mi][*slot].clone(), opt.m[mi][*slot].len(), &dev)?,
+                ));
+                tensors.push((
+                    format!("v.{name}"),
+                    Tensor::from_vec(opt.v[mi][*slot].clone(), opt.v[mi][*slot].len(), &dev)?,
+                ));
             }
         }
         let since: Vec<i64> = dead.since[mi].iter().map(|&s| s as i64).collect();
@@ -338,16 +374,28 @@ pub fn save_checkpoint(dir: &Path, suite: &Suite, opt: &Optimizer, dead: &DeadTr
 }
 
 /// Read a checkpoint written by [`save_checkpoint`] into `suite`, `opt` and `dead`.
-pub fn load_checkpoint(dir: &Path, suite: &Suite, opt: &mut Optimizer, dead: &mut DeadTracker, tool: &str, args_digest: &str) -> Result<RunState> {
+pub fn load_checkpoint(
+    dir: &Path,
+    suite: &Suite,
+    opt: &mut Optimizer,
+    dead: &mut DeadTracker,
+    tool: &str,
+    args_digest: &str,
+) -> Result<RunState> {
     let ck = dir.join("checkpoint");
     let state_path = ck.join("state.json");
-    let text = std::fs::read_to_string(&state_path)
-        .map_err(|e| Error::input(&state_path, format!("cannot read checkpoint state: {e}; hint: run without --resume")))?;
-    let state: RunState = serde_json::from_str(&text).map_err(|e| Error::input(&state_path, format!("malformed checkpoint state: {e}")))?;
+    let text = std::fs::read_to_string(&state_path).map_err(|e| {
+        Error::input(&state_path, format!("cannot read checkpoint state: {e}; hint: run without --resume"))
+    })?;
+    let state: RunState = serde_json::from_str(&text)
+        .map_err(|e| Error::input(&state_path, format!("malformed checkpoint state: {e}")))?;
     if state.format != CHECKPOINT_FORMAT || state.version != CHECKPOINT_VERSION || state.tool != tool {
         return Err(Error::input(
             &state_path,
-            format!("{} v{} from {}, expected {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION} from {tool}", state.format, state.version, state.tool),
+            format!(
+                "{} v{} from {}, expected {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION} from {tool}",
+                state.format, state.version, state.tool
+            ),
         ));
     }
     if state.args_digest != args_digest {
@@ -359,8 +407,11 @@ pub fn load_checkpoint(dir: &Path, suite: &Suite, opt: &mut Optimizer, dead: &mu
     let saved = Suite::load(&ck, &Device::Cpu)?;
     Params::from_suite(&saved)?.store(suite)?;
     let opt_path = ck.join("optimizer.safetensors");
-    let t = candle_core::safetensors::load(&opt_path, &Device::Cpu).map_err(|e| Error::input(&opt_path, format!("not readable: {e}")))?;
-    let get = |k: &str| -> Result<Tensor> { t.get(k).cloned().ok_or_else(|| Error::input(&opt_path, format!("missing tensor `{k}`"))) };
+    let t = candle_core::safetensors::load(&opt_path, &Device::Cpu)
+        .map_err(|e| Error::input(&opt_path, format!("not readable: {e}")))?;
+    let get = |k: &str| -> Result<Tensor> {
+        t.get(k).cloned().ok_or_else(|| Error::input(&opt_path, format!("missing tensor `{k}`")))
+    };
     let names: Vec<String> = suite.named_vars().into_iter().map(|(k, _)| k).collect();
     let order = [3usize, 0, 1, 2];
     for (mi, chunk) in names.chunks(4).enumerate() {
@@ -370,7 +421,8 @@ pub fn load_checkpoint(dir: &Path, suite: &Suite, opt: &mut Optimizer, dead: &mu
                 opt.v[mi][*slot] = get(&format!("v.{name}"))?.to_vec1::<f32>()?;
             }
         }
-        dead.since[mi] = get(&format!("dead.{}", suite.modules[mi]))?.to_vec1::<i64>()?.into_iter().map(|v| v as u64).collect();
+        dead.since[mi] =
+            get(&format!("dead.{}", suite.modules[mi]))?.to_vec1::<i64>()?.into_iter().map(|v| v as u64).collect();
     }
     opt.t = state.opt_t;
     Ok(state)
@@ -413,7 +465,8 @@ mod tests {
         }
         // torch forms 1 − β in f64 and applies it in f32: m = 0.1f32·g, v = 0.001f32·g² exactly
         let gs: Vec<f32> = g[0].iter().flatten().copied().collect();
-        let (ms, vs): (Vec<f32>, Vec<f32>) = (opt.m[0].iter().flatten().copied().collect(), opt.v[0].iter().flatten().copied().collect());
+        let (ms, vs): (Vec<f32>, Vec<f32>) =
+            (opt.m[0].iter().flatten().copied().collect(), opt.v[0].iter().flatten().copied().collect());
         for ((x, m), v) in gs.iter().zip(&ms).zip(&vs) {
             assert_eq!(*m, 0.1f32 * x);
             assert_eq!(*v, 0.001f32 * (x * x));
@@ -449,7 +502,10 @@ pub fn prepare_run_dir(out: &Path, resume: bool, overwrite: bool) -> Result<RunD
         }
         let non_empty = std::fs::read_dir(out).at(out)?.next().is_some();
         if non_empty && !overwrite {
-            return Err(Error::input(out, "--out: folder exists and is not empty; hint: pass --overwrite, or --resume to continue"));
+            return Err(Error::input(
+                out,
+                "--out: folder exists and is not empty; hint: pass --overwrite, or --resume to continue",
+            ));
         }
         if non_empty {
             // Moved aside until this run has something to show for itself.
@@ -513,14 +569,22 @@ pub fn trim_metrics(path: &Path, step: u64) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
     let kept: String = text
         .lines()
-        .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s < step))
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s < step)
+        })
         .map(|l| format!("{l}\n"))
         .collect();
     crate::io::write_atomic(path, kept.as_bytes())
 }
 
 /// A suite holding `params` (layout of [`Params`]).
-pub fn suite_from_params(params: &Params, modules: &[crate::suite::Module], k: usize, d: usize, f: usize) -> Result<Suite> {
+pub fn suite_from_params(
+    params: &Params,
+    modules: &[crate::suite::Module],
+    k: usize,
+    d: usize,
+    f: usize,
+) -> Result<Suite> {
     let dev = Device::Cpu;
     let mut map = std::collections::HashMap::new();
     for (m, p) in modules.iter().zip(&params.modules) {

@@ -49,7 +49,15 @@ fn recovered(params: &Params, atoms: &[Vec<f32>], f: usize) -> usize {
         .count()
 }
 
-fn train(f: usize, k: usize, steps: usize, auxk_alpha: f64, threshold: u64, seed: u64, autograd: bool) -> (Params, usize, Vec<usize>) {
+fn train(
+    f: usize,
+    k: usize,
+    steps: usize,
+    auxk_alpha: f64,
+    threshold: u64,
+    seed: u64,
+    autograd: bool,
+) -> (Params, usize, Vec<usize>) {
     let mut rng = SplitMix(seed);
     let atoms = atoms(&mut rng);
     let mut params = Params { modules: vec![sae::init_params(D, f, &mut rng)] };
@@ -60,14 +68,27 @@ fn train(f: usize, k: usize, steps: usize, auxk_alpha: f64, threshold: u64, seed
     let cfg = UpdateConfig { d: D, f, k, auxk_alpha, clip: Some(1.0) };
     let mut dead_hist = Vec::new();
     let shapes: [&[usize]; 4] = [&[f, D], &[f], &[D, f], &[D]];
-    let vars = vec![[0, 1, 2, 3].map(|i| Var::from_tensor(&Tensor::from_slice(&params.modules[0][i], shapes[i], &Device::Cpu).unwrap()).unwrap())];
+    let vars = vec![[0, 1, 2, 3].map(|i| {
+        Var::from_tensor(&Tensor::from_slice(&params.modules[0][i], shapes[i], &Device::Cpu).unwrap()).unwrap()
+    })];
     let mut dopt = scae::devtrain::DeviceOptimizer::from_host(&opt, &vars).unwrap();
     for t in 0..steps {
         let x = sample(&mut rng, &atoms, 256, 3);
         let lr = 2e-3 * scae::train::lr_factor(t as u64, steps as u64, 0.0, 0.8);
         if autograd {
             let xt = Tensor::from_slice(&x, (256, D), &Device::Cpu).unwrap();
-            let out = scae::devtrain::sae_update(&vars, &mut dopt, &[(xt.clone(), xt)], &[dead.dead(0)], k, auxk_alpha, Some(1.0), lr, DType::F32).unwrap();
+            let out = scae::devtrain::sae_update(
+                &vars,
+                &mut dopt,
+                &[(xt.clone(), xt)],
+                &[dead.dead(0)],
+                k,
+                auxk_alpha,
+                Some(1.0),
+                lr,
+                DType::F32,
+            )
+            .unwrap();
             dead.update_fired(0, 256, &out.fired[0]);
         } else {
             let out = sae::update(&mut params, &mut opt, &[(&x, &x)], &[dead.dead(0)], cfg, lr);
@@ -76,7 +97,8 @@ fn train(f: usize, k: usize, steps: usize, auxk_alpha: f64, threshold: u64, seed
         dead_hist.push(dead.n_dead(0));
     }
     if autograd {
-        params.modules[0] = [0, 1, 2, 3].map(|i| vars[0][i].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        params.modules[0] =
+            [0, 1, 2, 3].map(|i| vars[0][i].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap());
     }
     let r = recovered(&params, &atoms, f);
     (params, r, dead_hist)
@@ -99,9 +121,18 @@ fn auxk_revives_dead_latents() {
         let (_, r_without, without) = train(64, 3, steps, 0.0, 256 * 10, 5, autograd);
         let (_, r_with, with) = train(64, 3, steps, 1.0 / 8.0, 256 * 10, 5, autograd);
         let last = |h: &[usize]| h[h.len() - 1];
-        eprintln!("autograd {autograd}: dead {} -> {} with AuxK; atoms {r_without} -> {r_with}", last(&without), last(&with));
+        eprintln!(
+            "autograd {autograd}: dead {} -> {} with AuxK; atoms {r_without} -> {r_with}",
+            last(&without),
+            last(&with)
+        );
         assert!(last(&without) > 0, "the setting must kill latents without AuxK");
-        assert!(last(&with) < last(&without), "autograd {autograd}: dead at the end: with AuxK {}, without {}", last(&with), last(&without));
+        assert!(
+            last(&with) < last(&without),
+            "autograd {autograd}: dead at the end: with AuxK {}, without {}",
+            last(&with),
+            last(&without)
+        );
         assert!(r_with > r_without, "autograd {autograd}: atoms recovered: with AuxK {r_with}, without {r_without}");
     }
 }

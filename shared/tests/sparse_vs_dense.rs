@@ -53,7 +53,11 @@ fn random_connections(suite: &Suite, parallel: bool, c: usize, seed: u64) -> Con
             let want = rng.below(c + 1); // 0..=c edges, some features with none
             let mut es: Vec<Edge> = Vec::new();
             while es.len() < want.min(ups.len() * suite.n_features) {
-                let e = Edge { up: ups[rng.below(ups.len())], feature: rng.below(suite.n_features) as u32, score: f32::NAN };
+                let e = Edge {
+                    up: ups[rng.below(ups.len())],
+                    feature: rng.below(suite.n_features) as u32,
+                    score: f32::NAN,
+                };
                 if !es.iter().any(|x| x.up == e.up && x.feature == e.feature) {
                     es.push(e);
                 }
@@ -132,13 +136,27 @@ fn sparse_pass_matches_dense_masked_oracle() {
             compare(&format!("{name} C={c}"), &suite, &model, &batch, Some(&conns), PassOptions::default());
         }
         let conns = random_connections(&suite, parallel, 8, 9);
-        compare(&format!("{name} C=8 consistent-b3"), &suite, &model, &batch, Some(&conns), PassOptions { consistent_attn_bias: true });
+        compare(
+            &format!("{name} C=8 consistent-b3"),
+            &suite,
+            &model,
+            &batch,
+            Some(&conns),
+            PassOptions { consistent_attn_bias: true },
+        );
     }
 }
 
 /// The fast engine (hand-written backward) against the autograd pass: features,
 /// reconstructions, both losses and every parameter gradient.
-fn compare_engine(name: &str, suite: &Suite, model: &Model, batch: &Batch, conns: Option<&Connections>, opts: PassOptions) {
+fn compare_engine(
+    name: &str,
+    suite: &Suite,
+    model: &Model,
+    batch: &Batch,
+    conns: Option<&Connections>,
+    opts: PassOptions,
+) {
     use scae::engine::{self, Engine, FlatBatch};
     let rt = &model.runtime;
     let parallel = model.cfg().parallel_attn_mlp;
@@ -170,15 +188,25 @@ fn compare_engine(name: &str, suite: &Suite, model: &Model, batch: &Batch, conns
             let (auto_loss, (eng_loss, g_recon)) = if loss_kind == "mse" {
                 (pruned::mse_loss(suite, batch, &auto).unwrap(), engine::mse_loss_and_grad(&fb, &state, suite.d_model))
             } else {
-                (pruned::ce_loss(rt, batch, &auto).unwrap(), engine::ce_loss_and_grad(rt, &fb, &state, suite.d_model).unwrap())
+                (
+                    pruned::ce_loss(rt, batch, &auto).unwrap(),
+                    engine::ce_loss_and_grad(rt, &fb, &state, suite.d_model).unwrap(),
+                )
             };
             let al = auto_loss.to_scalar::<f32>().unwrap() as f64;
-            assert!((al - eng_loss).abs() <= 1e-4 * al.abs().max(1.0), "{name}: {loss_kind} loss {al} vs engine {eng_loss}");
+            assert!(
+                (al - eng_loss).abs() <= 1e-4 * al.abs().max(1.0),
+                "{name}: {loss_kind} loss {al} vs engine {eng_loss}"
+            );
             let ga = auto_loss.backward().unwrap();
             let grads = eng.backward(&fb, &state, g_recon).unwrap();
             let tensors = engine::grads_to_tensors(suite, &grads, &dev).unwrap();
             for ((key, var), got) in suite.named_vars().into_iter().zip(&tensors) {
-                assert_grad_close(&format!("{name}: engine {loss_kind} grad {key} (dense attention grad {dense})"), got, &grad_of(&ga, var));
+                assert_grad_close(
+                    &format!("{name}: engine {loss_kind} grad {key} (dense attention grad {dense})"),
+                    got,
+                    &grad_of(&ga, var),
+                );
             }
         }
     }
@@ -256,7 +284,8 @@ fn engine_auxk_gradient_matches_finite_differences() {
     for (m, dm) in dead.iter().enumerate() {
         for i in (0..f).filter(|&i| dm[i]) {
             // encoder row entries, the encoder bias, decoder column entries
-            let slots: Vec<(usize, usize)> = (0..d).map(|j| (0, i * d + j)).chain([(1, i)]).chain((0..d).map(|j| (2, j * f + i))).collect();
+            let slots: Vec<(usize, usize)> =
+                (0..d).map(|j| (0, i * d + j)).chain([(1, i)]).chain((0..d).map(|j| (2, j * f + i))).collect();
             for (which, j) in slots {
                 let mut p = base.clone();
                 p.modules[m][which][j] += h;
@@ -284,5 +313,8 @@ fn engine_auxk_gradient_matches_finite_differences() {
     errors.sort_by(|a, b| a.total_cmp(b));
     let bad = errors.iter().filter(|&&e| e > 3e-2).count();
     let median = errors[errors.len() / 2];
-    assert!(bad * 50 <= checked && median < 1e-2, "AuxK gradient vs finite differences: {bad} of {checked} entries off by > 3e-2, median {median}");
+    assert!(
+        bad * 50 <= checked && median < 1e-2,
+        "AuxK gradient vs finite differences: {bad} of {checked} entries off by > 3e-2, median {median}"
+    );
 }

@@ -28,7 +28,8 @@ fn case(name: &'static str) -> Case {
     let dev = Device::Cpu;
     let model = Model::load(name, &fixtures().join("models").join(name), &dev).unwrap();
     let suite = Suite::load(&fixtures().join("suites").join(name).join("suite.safetensors"), &dev).unwrap();
-    let golden = candle_core::safetensors::load(fixtures().join(format!("golden/suite-{name}.safetensors")), &dev).unwrap();
+    let golden =
+        candle_core::safetensors::load(fixtures().join(format!("golden/suite-{name}.safetensors")), &dev).unwrap();
     let tokens = golden["tokens"].clone();
     let out = model.runtime.forward(&tokens, true, false).unwrap();
     let batch = Batch::from_forward(&tokens, &out).unwrap();
@@ -103,7 +104,9 @@ fn run_family(name: &'static str) {
     let opts = PassOptions { consistent_attn_bias: true };
     let b3 = pruned::forward(&c.suite, rt, &plan, &c.batch, opts).unwrap();
     check_pass(&c, &b3, "b3", false);
-    eprintln!("{name}: full {w_full:.2e}, pruned {w_pruned:.2e}, losses {d_mse:.2e}/{d_ce:.2e}, grads rel {worst_rel:.2e}");
+    eprintln!(
+        "{name}: full {w_full:.2e}, pruned {w_pruned:.2e}, losses {d_mse:.2e}/{d_ce:.2e}, grads rel {worst_rel:.2e}"
+    );
 }
 
 #[test]

@@ -62,7 +62,10 @@ pub fn golden_cache(dir: &Path, name: &str) -> PathBuf {
     let acts = dir.join("acts");
     let g = fixtures().join(format!("golden/suite-{name}.safetensors"));
     let m = fixtures().join("models").join(name);
-    tool_ok("collect-acts", &["--model", s(&m), "--tokens", s(&g), "--ctx-len", "12", "--no-prepend-bos", "--out", s(&acts)]);
+    tool_ok(
+        "collect-acts",
+        &["--model", s(&m), "--tokens", s(&g), "--ctx-len", "12", "--no-prepend-bos", "--out", s(&acts)],
+    );
     acts
 }
 

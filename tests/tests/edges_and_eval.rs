@@ -40,14 +40,18 @@ fn score_edges_top_c_equals_the_reference_selection() {
         let tmp = scratch(&format!("score-{name}"));
         let acts = golden_cache(&tmp, name);
         let out = tmp.join("edges");
-        tool_ok("score-edges", &["--acts", s(&acts), "--suite", s(&suite(name)), "--top-c", "6", "--keep", "10", "--out", s(&out)]);
+        tool_ok(
+            "score-edges",
+            &["--acts", s(&acts), "--suite", s(&suite(name)), "--top-c", "6", "--keep", "10", "--out", s(&out)],
+        );
         let got = read_edges(&out.join("connections.parquet"));
         let g = golden(name);
         let mut compared = 0;
         for (key, want) in g.iter().filter(|(k, _)| k.starts_with("topc.")) {
             let parts: Vec<&str> = key.split('.').collect();
             let want = want.to_vec2::<i64>().unwrap();
-            let rows = got.get(&(parts[1].to_string(), parts[2].to_string())).cloned().unwrap_or_else(|| vec![vec![]; 32]);
+            let rows =
+                got.get(&(parts[1].to_string(), parts[2].to_string())).cloned().unwrap_or_else(|| vec![vec![]; 32]);
             for (i, w) in want.iter().enumerate() {
                 let mut r = rows[i].clone();
                 r.resize(6, -1);
@@ -57,8 +61,25 @@ fn score_edges_top_c_equals_the_reference_selection() {
         }
         assert!(compared > 0);
         // select-edges from the kept edges reproduces score-edges' own top-C for a smaller C.
-        tool_ok("score-edges", &["--acts", s(&acts), "--suite", s(&suite(name)), "--top-c", "3", "--keep", "10", "--out", s(&tmp.join("e3"))]);
-        tool_ok("select-edges", &["--edges", s(&out.join("edges.parquet")), "--c", "3", "--out", s(&tmp.join("c3.parquet"))]);
+        tool_ok(
+            "score-edges",
+            &[
+                "--acts",
+                s(&acts),
+                "--suite",
+                s(&suite(name)),
+                "--top-c",
+                "3",
+                "--keep",
+                "10",
+                "--out",
+                s(&tmp.join("e3")),
+            ],
+        );
+        tool_ok(
+            "select-edges",
+            &["--edges", s(&out.join("edges.parquet")), "--c", "3", "--out", s(&tmp.join("c3.parquet"))],
+        );
         assert_eq!(read_edges(&tmp.join("c3.parquet")), read_edges(&tmp.join("e3/connections.parquet")), "{name}");
     }
 }
@@ -70,15 +91,25 @@ fn evaluate_matches_reference_losses_and_features() {
         let acts = golden_cache(&tmp, name);
         let conns = fixtures().join("suites").join(name).join("connections-ref.safetensors");
         let out = tmp.join("eval");
-        tool_ok("evaluate", &["--acts", s(&acts), "--suite", s(&suite(name)), "--connections", s(&conns), "--dump", "--out", s(&out)]);
-        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
+        tool_ok(
+            "evaluate",
+            &["--acts", s(&acts), "--suite", s(&suite(name)), "--connections", s(&conns), "--dump", "--out", s(&out)],
+        );
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
         let g = golden(name);
         let scalar = |k: &str| g[k].flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
         let ce = report["ce"].as_f64().unwrap();
         assert!((ce - scalar("loss.ce")).abs() < 1e-4, "{name}: ce {ce} vs reference {}", scalar("loss.ce"));
-        let fvu_ref_sum: f64 = report["modules"].as_object().unwrap().values().map(|m| m["fvu_ref"].as_f64().unwrap()).sum();
-        assert!((fvu_ref_sum - scalar("loss.mse")).abs() < 1e-4, "{name}: Σ fvu_ref {fvu_ref_sum} vs {}", scalar("loss.mse"));
-        let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(acts.join("manifest.json")).unwrap()).unwrap();
+        let fvu_ref_sum: f64 =
+            report["modules"].as_object().unwrap().values().map(|m| m["fvu_ref"].as_f64().unwrap()).sum();
+        assert!(
+            (fvu_ref_sum - scalar("loss.mse")).abs() < 1e-4,
+            "{name}: Σ fvu_ref {fvu_ref_sum} vs {}",
+            scalar("loss.mse")
+        );
+        let manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(acts.join("manifest.json")).unwrap()).unwrap();
         let clean = report["clean_ce"].as_f64().unwrap();
         assert!((clean - manifest["clean_ce"].as_f64().unwrap()).abs() < 1e-5);
         assert!((report["ce_diff"].as_f64().unwrap() - (ce - clean)).abs() < 1e-12);
@@ -94,7 +125,8 @@ fn evaluate_matches_reference_losses_and_features() {
             let l0 = fv.iter().filter(|v| **v != 0.0).count() as f64 / 36.0;
             assert!((r["l0"].as_f64().unwrap() - l0).abs() < 1e-9);
             let hook = if m.starts_with("attn") { "hook_attn_out" } else { "hook_mlp_out" };
-            let t = shard[&format!("blocks.{}.{hook}", &m[m.len() - 1..])].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let t =
+                shard[&format!("blocks.{}.{hook}", &m[m.len() - 1..])].flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let rc = dump[&format!("recon.{m}")].flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let dm = 16;
             let (mut num, mut den) = (0f64, 0f64);
@@ -122,7 +154,8 @@ fn write_conn_parquet(path: &Path, rows: &[(&str, u32, &str, u32)]) {
         ("up_feature", Arc::new(UInt32Array::from(rows.iter().map(|r| r.3).collect::<Vec<_>>()))),
     ];
     let batch = RecordBatch::try_from_iter(cols).unwrap();
-    let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(path).unwrap(), batch.schema(), None).unwrap();
+    let mut w =
+        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(path).unwrap(), batch.schema(), None).unwrap();
     w.write(&batch).unwrap();
     w.close().unwrap();
 }
@@ -134,7 +167,11 @@ fn bad_connections_and_mismatched_inputs_are_clear_errors() {
     let su = suite("tiny-pythia");
     let eval = |c: &Path, needles: &[&str]| {
         let out = tmp.join("eval");
-        tool_fails("evaluate", &["--acts", s(&acts), "--suite", s(&su), "--connections", s(c), "--out", s(&out)], needles);
+        tool_fails(
+            "evaluate",
+            &["--acts", s(&acts), "--suite", s(&su), "--connections", s(c), "--out", s(&out)],
+            needles,
+        );
         assert!(!out.exists() && !tmp.join("eval.tmp").exists());
     };
     let c = tmp.join("c.parquet");
@@ -161,12 +198,29 @@ fn bad_connections_and_mismatched_inputs_are_clear_errors() {
         bad.insert(format!("aes.{m}.b_dec"), Tensor::zeros(8, candle_core::DType::F32, &Device::Cpu).unwrap());
     }
     let bad_path = tmp.join("bad.safetensors");
-    let meta: HashMap<String, String> = [("k".to_string(), "4".to_string()), ("n_features".to_string(), "32".to_string())].into();
+    let meta: HashMap<String, String> =
+        [("k".to_string(), "4".to_string()), ("n_features".to_string(), "32".to_string())].into();
     safetensors::serialize_to_file(bad.iter().map(|(k, v)| (k.as_str(), v)), Some(meta), &bad_path).unwrap();
-    tool_fails("score-edges", &["--acts", s(&acts), "--suite", s(&bad_path), "--out", s(&tmp.join("o"))], &["bad.safetensors", "d_model 8 (cache: 16)", "manifest.json"]);
-    tool_fails("score-edges", &["--acts", s(&acts), "--suite", s(&su), "--top-c", "9", "--keep", "4", "--out", s(&tmp.join("o"))], &["--top-c 9", "--keep 4"]);
-    tool_fails("evaluate", &["--acts", s(&tmp.join("nope")), "--suite", s(&su), "--out", s(&tmp.join("o"))], &["no such cache folder"]);
-    tool_fails("select-edges", &["--edges", s(&c), "--c", "2", "--out", s(&tmp.join("x.parquet"))], &["metadata lacks `n_features`"]);
+    tool_fails(
+        "score-edges",
+        &["--acts", s(&acts), "--suite", s(&bad_path), "--out", s(&tmp.join("o"))],
+        &["bad.safetensors", "d_model 8 (cache: 16)", "manifest.json"],
+    );
+    tool_fails(
+        "score-edges",
+        &["--acts", s(&acts), "--suite", s(&su), "--top-c", "9", "--keep", "4", "--out", s(&tmp.join("o"))],
+        &["--top-c 9", "--keep 4"],
+    );
+    tool_fails(
+        "evaluate",
+        &["--acts", s(&tmp.join("nope")), "--suite", s(&su), "--out", s(&tmp.join("o"))],
+        &["no such cache folder"],
+    );
+    tool_fails(
+        "select-edges",
+        &["--edges", s(&c), "--c", "2", "--out", s(&tmp.join("x.parquet"))],
+        &["metadata lacks `n_features`"],
+    );
 }
 
 #[test]
@@ -220,12 +274,15 @@ fn corrupt_caches_and_suites_are_clear_errors() {
     let nan = corrupt("blocks.0.hook_resid_pre", &|t| (t * f64::NAN).unwrap());
     eval(&nan, &su, &[shard, "tensor `blocks.0.hook_resid_pre`: expected finite values"]);
     // A manifest pointing outside its folder.
-    let manifest = std::fs::read_to_string(acts.join("manifest.json")).unwrap().replace(&format!("\"{shard}\""), &format!("\"../{shard}\""));
+    let manifest = std::fs::read_to_string(acts.join("manifest.json"))
+        .unwrap()
+        .replace(&format!("\"{shard}\""), &format!("\"../{shard}\""));
     std::fs::write(nan.join("manifest.json"), manifest).unwrap();
     eval(&nan, &su, &["manifest.json", "expected a file name inside the cache folder"]);
     // Suites: a NaN weight, a tensor of a module the suite does not have.
     let mut tensors = candle_core::safetensors::load(&su, &Device::Cpu).unwrap();
-    let meta: HashMap<String, String> = [("k".to_string(), "4".to_string()), ("n_features".to_string(), "32".to_string())].into();
+    let meta: HashMap<String, String> =
+        [("k".to_string(), "4".to_string()), ("n_features".to_string(), "32".to_string())].into();
     let save = |t: &HashMap<String, Tensor>, name: &str| -> PathBuf {
         let p = tmp.join(name);
         safetensors::serialize_to_file(t.iter().map(|(k, v)| (k.as_str(), v)), Some(meta.clone()), &p).unwrap();
@@ -235,7 +292,11 @@ fn corrupt_caches_and_suites_are_clear_errors() {
     tool_ok("evaluate", &["--acts", s(&acts), "--suite", s(&ok), "--out", s(&tmp.join("ok-eval"))]);
     let w = tensors["aes.mlp_1.encoder.bias"].clone();
     tensors.insert("aes.mlp_1.encoder.bias".into(), (w * f64::NAN).unwrap());
-    eval(&acts, &save(&tensors, "nan.safetensors"), &["nan.safetensors", "tensor `aes.mlp_1.encoder.bias`: expected finite values"]);
+    eval(
+        &acts,
+        &save(&tensors, "nan.safetensors"),
+        &["nan.safetensors", "tensor `aes.mlp_1.encoder.bias`: expected finite values"],
+    );
     tensors.insert("aes.mlp_1.encoder.bias".into(), tensors["aes.mlp_0.encoder.bias"].clone());
     tensors.insert("aes.mlp_2.b_dec".into(), tensors["aes.mlp_0.b_dec"].clone());
     eval(&acts, &save(&tensors, "extra.safetensors"), &["extra.safetensors", "unexpected tensor `aes.mlp_2.b_dec`"]);
@@ -244,6 +305,10 @@ fn corrupt_caches_and_suites_are_clear_errors() {
     tool_ok("score-edges", &["--acts", s(&acts), "--suite", s(&su), "--out", s(&edges)]);
     let dir = tmp.join("taken");
     std::fs::create_dir_all(&dir).unwrap();
-    tool_fails("select-edges", &["--edges", s(&edges.join("edges.parquet")), "--c", "2", "--out", s(&dir)], &["taken", "expected a file to write, found a folder"]);
+    tool_fails(
+        "select-edges",
+        &["--edges", s(&edges.join("edges.parquet")), "--c", "2", "--out", s(&dir)],
+        &["taken", "expected a file to write, found a folder"],
+    );
     assert!(!tmp.join("taken.tmp").exists());
 }

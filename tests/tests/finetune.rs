@@ -30,13 +30,41 @@ fn first_step_gradients_match_the_reference() {
         // of the whole gradient: cosine similarity with the reference's.
         // --micro-batch 1 (and 2: uneven chunks) builds the graph a few sequences at a time:
         // still the batch's gradient.
-        for (backend, dtype, micro) in [("engine", "f32", "3"), ("autograd", "f32", "3"), ("autograd", "f32", "1"), ("autograd", "f32", "2"), ("autograd", "bf16", "2")] {
+        for (backend, dtype, micro) in [
+            ("engine", "f32", "3"),
+            ("autograd", "f32", "3"),
+            ("autograd", "f32", "1"),
+            ("autograd", "f32", "2"),
+            ("autograd", "bf16", "2"),
+        ] {
             for loss in ["mse", "ce"] {
                 let out = tmp.join(format!("ft-{loss}-{backend}-{dtype}-{micro}"));
                 let mut args = vec![
-                    "--acts", s(&acts), "--suite", s(&suite), "--connections", s(&conns), "--out", s(&out),
-                    "--loss", loss, "--optimizer", "sgd", "--clip-grad", "none", "--lr", "1", "--no-scale-lr",
-                    "--steps", "1", "--batch-size", "3", "--backend", backend, "--dtype", dtype,
+                    "--acts",
+                    s(&acts),
+                    "--suite",
+                    s(&suite),
+                    "--connections",
+                    s(&conns),
+                    "--out",
+                    s(&out),
+                    "--loss",
+                    loss,
+                    "--optimizer",
+                    "sgd",
+                    "--clip-grad",
+                    "none",
+                    "--lr",
+                    "1",
+                    "--no-scale-lr",
+                    "--steps",
+                    "1",
+                    "--batch-size",
+                    "3",
+                    "--backend",
+                    backend,
+                    "--dtype",
+                    dtype,
                 ];
                 if backend == "autograd" {
                     args.extend(["--micro-batch", micro]);
@@ -49,9 +77,13 @@ fn first_step_gradients_match_the_reference() {
                     let want = &golden[&format!("grad.{loss}.{key}")];
                     let rel = max_abs(&(&grad - want).unwrap()) / max_abs(want).max(1e-8);
                     assert!(dtype == "bf16" || rel <= 1e-4, "{name} {backend} {loss} {key}: relative diff {rel}");
-                    let (a, b) = (grad.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                    let (a, b) = (
+                        grad.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                        want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    );
                     for (x, y) in a.iter().zip(&b) {
-                        (dot, n1, n2) = (dot + (*x as f64) * (*y as f64), n1 + (*x as f64).powi(2), n2 + (*y as f64).powi(2));
+                        (dot, n1, n2) =
+                            (dot + (*x as f64) * (*y as f64), n1 + (*x as f64).powi(2), n2 + (*y as f64).powi(2));
                     }
                 }
                 let cos = dot / (n1.sqrt() * n2.sqrt()).max(1e-30);
@@ -73,7 +105,23 @@ fn first_step_gradients_match_the_reference() {
 
 fn run_ft(acts: &Path, out: &Path, extra: &[&str]) -> String {
     let suite = fixture_suite("tiny-gpt2");
-    let mut args = vec!["--acts", s(acts), "--suite", s(&suite), "--out", s(out), "--steps", "6", "--batch-size", "3", "--lr", "3e-3", "--shuffle", "--seed", "7"];
+    let mut args = vec![
+        "--acts",
+        s(acts),
+        "--suite",
+        s(&suite),
+        "--out",
+        s(out),
+        "--steps",
+        "6",
+        "--batch-size",
+        "3",
+        "--lr",
+        "3e-3",
+        "--shuffle",
+        "--seed",
+        "7",
+    ];
     args.extend_from_slice(extra);
     tool_ok("finetune", &args)
 }
@@ -93,7 +141,8 @@ fn resumed_run_ends_bit_identical() {
         run_ft(&acts, &b, &[&common[..], &["--checkpoint-every", "2", "--resume"]].concat());
         let (sa, sb) = (load(&a.join("suite.safetensors")), load(&b.join("suite.safetensors")));
         for (k, ta) in &sa {
-            let same = ta.flatten_all().unwrap().to_vec1::<f32>().unwrap() == sb[k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let same = ta.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                == sb[k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
             assert!(same, "{loss}: {k} differs after resume");
         }
         let lines = |p: &Path| std::fs::read_to_string(p.join("metrics.jsonl")).unwrap().lines().count();
@@ -110,10 +159,25 @@ fn finetuning_lowers_the_loss_it_optimizes() {
     let tmp = scratch("ft-lower");
     let acts = golden_cache(&tmp, "tiny-neo");
     let out = tmp.join("ft");
-    tool_ok("finetune", &[
-        "--acts", s(&acts), "--suite", s(&fixture_suite("tiny-neo")), "--out", s(&out), "--steps", "40",
-        "--batch-size", "3", "--lr", "1e-3", "--decay-start", "1.0",
-    ]);
+    tool_ok(
+        "finetune",
+        &[
+            "--acts",
+            s(&acts),
+            "--suite",
+            s(&fixture_suite("tiny-neo")),
+            "--out",
+            s(&out),
+            "--steps",
+            "40",
+            "--batch-size",
+            "3",
+            "--lr",
+            "1e-3",
+            "--decay-start",
+            "1.0",
+        ],
+    );
     let losses: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
@@ -131,31 +195,127 @@ fn bad_runs_stop_with_clear_errors() {
     let suite = fixture_suite("tiny-gpt2");
     let out = tmp.join("ft");
     // a learning rate that blows up: the loss becomes non-finite; the checkpoint stays.
-    tool_fails("finetune", &[
-        "--acts", s(&acts), "--suite", s(&suite), "--out", s(&out), "--steps", "20", "--batch-size", "3",
-        "--optimizer", "sgd", "--clip-grad", "none", "--lr", "1e30", "--no-scale-lr", "--checkpoint-every", "1",
-    ], &["loss is", "last good checkpoint"]);
+    tool_fails(
+        "finetune",
+        &[
+            "--acts",
+            s(&acts),
+            "--suite",
+            s(&suite),
+            "--out",
+            s(&out),
+            "--steps",
+            "20",
+            "--batch-size",
+            "3",
+            "--optimizer",
+            "sgd",
+            "--clip-grad",
+            "none",
+            "--lr",
+            "1e30",
+            "--no-scale-lr",
+            "--checkpoint-every",
+            "1",
+        ],
+        &["loss is", "last good checkpoint"],
+    );
     assert!(out.join("checkpoint/state.json").exists());
-    tool_fails("finetune", &["--acts", s(&acts), "--suite", s(&suite), "--out", s(&tmp.join("x")), "--steps", "1", "--batch-size", "9"], &["--batch-size 9", "only 3 sequences"]);
-    tool_fails("finetune", &["--acts", s(&acts), "--suite", s(&suite), "--out", s(&tmp.join("y")), "--steps", "1", "--resume", "--batch-size", "2"], &["no checkpoint to resume from"]);
-    tool_fails("finetune", &["--acts", s(&acts), "--suite", s(&suite), "--out", s(&tmp.join("z")), "--steps", "1", "--batch-size", "3", "--loss", "ce", "--auxk-alpha", "0.1"], &["--auxk-alpha", "mse"]);
+    tool_fails(
+        "finetune",
+        &["--acts", s(&acts), "--suite", s(&suite), "--out", s(&tmp.join("x")), "--steps", "1", "--batch-size", "9"],
+        &["--batch-size 9", "only 3 sequences"],
+    );
+    tool_fails(
+        "finetune",
+        &[
+            "--acts",
+            s(&acts),
+            "--suite",
+            s(&suite),
+            "--out",
+            s(&tmp.join("y")),
+            "--steps",
+            "1",
+            "--resume",
+            "--batch-size",
+            "2",
+        ],
+        &["no checkpoint to resume from"],
+    );
+    tool_fails(
+        "finetune",
+        &[
+            "--acts",
+            s(&acts),
+            "--suite",
+            s(&suite),
+            "--out",
+            s(&tmp.join("z")),
+            "--steps",
+            "1",
+            "--batch-size",
+            "3",
+            "--loss",
+            "ce",
+            "--auxk-alpha",
+            "0.1",
+        ],
+        &["--auxk-alpha", "mse"],
+    );
     // AuxK in MSE mode: every latent is dead after 10 tokens, so every module reports AuxK.
     let aux = tmp.join("aux");
-    tool_ok("finetune", &["--acts", s(&acts), "--suite", s(&suite), "--out", s(&aux), "--steps", "3", "--batch-size", "3", "--auxk-alpha", "0.1", "--dead-threshold", "10"]);
-    let last: serde_json::Value = serde_json::from_str(std::fs::read_to_string(aux.join("metrics.jsonl")).unwrap().lines().last().unwrap()).unwrap();
+    tool_ok(
+        "finetune",
+        &[
+            "--acts",
+            s(&acts),
+            "--suite",
+            s(&suite),
+            "--out",
+            s(&aux),
+            "--steps",
+            "3",
+            "--batch-size",
+            "3",
+            "--auxk-alpha",
+            "0.1",
+            "--dead-threshold",
+            "10",
+        ],
+    );
+    let last: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(aux.join("metrics.jsonl")).unwrap().lines().last().unwrap())
+            .unwrap();
     assert_eq!(last["auxk"].as_object().unwrap().len(), 4);
     assert!(last["auxk"].as_object().unwrap().values().all(|v| v.as_f64().unwrap() > 0.0));
     // flags of the autograd (GPU) path that the CPU engine does not take, and a GPU this build
     // does not have
     let base = ["--acts", s(&acts), "--suite", s(&suite), "--steps", "1", "--batch-size", "3"];
-    tool_fails("finetune", &[&base[..], &["--out", s(&tmp.join("m")), "--backend", "engine", "--micro-batch", "1"]].concat(), &["--micro-batch", "autograd"]);
-    tool_fails("finetune", &[&base[..], &["--out", s(&tmp.join("b")), "--backend", "engine", "--dtype", "bf16"]].concat(), &["--backend engine", "f32 on the CPU"]);
+    tool_fails(
+        "finetune",
+        &[&base[..], &["--out", s(&tmp.join("m")), "--backend", "engine", "--micro-batch", "1"]].concat(),
+        &["--micro-batch", "autograd"],
+    );
+    tool_fails(
+        "finetune",
+        &[&base[..], &["--out", s(&tmp.join("b")), "--backend", "engine", "--dtype", "bf16"]].concat(),
+        &["--backend engine", "f32 on the CPU"],
+    );
     if !cfg!(feature = "cuda") {
-        tool_fails("finetune", &[&base[..], &["--out", s(&tmp.join("g")), "--device", "cuda"]].concat(), &["--device cuda", "without CUDA"]);
+        tool_fails(
+            "finetune",
+            &[&base[..], &["--out", s(&tmp.join("g")), "--device", "cuda"]].concat(),
+            &["--device cuda", "without CUDA"],
+        );
     }
     assert!(!tmp.join("m").exists() && !tmp.join("b").exists());
     // resuming with other arguments is refused
-    tool_fails("finetune", &["--acts", s(&acts), "--suite", s(&suite), "--out", s(&out), "--steps", "20", "--batch-size", "2", "--resume"], &["different arguments"]);
+    tool_fails(
+        "finetune",
+        &["--acts", s(&acts), "--suite", s(&suite), "--out", s(&out), "--steps", "20", "--batch-size", "2", "--resume"],
+        &["different arguments"],
+    );
 }
 
 /// AuxK through the pruned pass on the autograd backend (the GPU path), with and without
@@ -170,8 +330,29 @@ fn autograd_auxk_matches_the_engine() {
     let run = |tag: &str, extra: &[&str]| -> std::path::PathBuf {
         let out = tmp.join(tag);
         let mut args = vec![
-            "--acts", s(&acts), "--suite", s(&suite), "--connections", s(&conns), "--out", s(&out), "--steps", "3", "--batch-size", "3",
-            "--optimizer", "sgd", "--lr", "1e-2", "--no-scale-lr", "--clip-grad", "none", "--auxk-alpha", "0.5", "--dead-threshold", "10",
+            "--acts",
+            s(&acts),
+            "--suite",
+            s(&suite),
+            "--connections",
+            s(&conns),
+            "--out",
+            s(&out),
+            "--steps",
+            "3",
+            "--batch-size",
+            "3",
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "1e-2",
+            "--no-scale-lr",
+            "--clip-grad",
+            "none",
+            "--auxk-alpha",
+            "0.5",
+            "--dead-threshold",
+            "10",
         ];
         args.extend_from_slice(extra);
         tool_ok("finetune", &args);
@@ -179,13 +360,22 @@ fn autograd_auxk_matches_the_engine() {
     };
     let engine = run("engine", &["--backend", "engine"]);
     let metrics = |p: &Path| -> Vec<serde_json::Value> {
-        std::fs::read_to_string(p.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        std::fs::read_to_string(p.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     };
     let want = metrics(&engine);
-    assert!(want[2]["auxk"].as_object().unwrap().values().any(|v| v.as_f64().unwrap() > 0.0), "AuxK must be active by step 2");
+    assert!(
+        want[2]["auxk"].as_object().unwrap().values().any(|v| v.as_f64().unwrap() > 0.0),
+        "AuxK must be active by step 2"
+    );
     let start = load(&suite);
     let reference = load(&engine.join("suite.safetensors"));
-    for (tag, extra) in [("autograd", vec!["--backend", "autograd"]), ("micro", vec!["--backend", "autograd", "--micro-batch", "1"])] {
+    for (tag, extra) in
+        [("autograd", vec!["--backend", "autograd"]), ("micro", vec!["--backend", "autograd", "--micro-batch", "1"])]
+    {
         let out = run(tag, &extra);
         let got = load(&out.join("suite.safetensors"));
         for (k, r) in &reference {
@@ -216,7 +406,11 @@ fn failed_runs_leave_no_output_and_keep_what_they_would_replace() {
     let before = std::fs::read(out.join("suite.safetensors")).unwrap();
     // the loss blows up at step 1, before any checkpoint
     let blow_up = ["--steps", "5", "--optimizer", "sgd", "--clip-grad", "none", "--lr", "1e30", "--no-scale-lr"];
-    tool_fails("finetune", &[&base[..], &blow_up, &["--out", s(&out), "--overwrite"]].concat(), &["loss is", "no checkpoint was written"]);
+    tool_fails(
+        "finetune",
+        &[&base[..], &blow_up, &["--out", s(&out), "--overwrite"]].concat(),
+        &["loss is", "no checkpoint was written"],
+    );
     assert_eq!(std::fs::read(out.join("suite.safetensors")).unwrap(), before, "the replaced output is back");
     assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 1);
     assert!(!tmp.join("ft.replaced").exists());

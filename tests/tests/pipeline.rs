@@ -12,14 +12,21 @@ fn json(p: &Path) -> serde_json::Value {
 }
 
 fn losses(p: &Path) -> Vec<f64> {
-    std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap()).collect()
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .collect()
 }
 
 fn tiny_cache(tmp: &Path) -> std::path::PathBuf {
     let acts = tmp.join("acts");
     let model = fixtures().join("models/tiny-neo");
     let data = fixtures().join("../../pipelines/data/stories.txt");
-    tool_ok("collect-acts", &["--model", s(&model), "--data", s(&data), "--ctx-len", "16", "--n-seqs", "64", "--out", s(&acts)]);
+    tool_ok(
+        "collect-acts",
+        &["--model", s(&model), "--data", s(&data), "--ctx-len", "16", "--n-seqs", "64", "--out", s(&acts)],
+    );
     acts
 }
 
@@ -28,7 +35,27 @@ fn whole_chain_runs_and_finetuning_lowers_its_loss() {
     let tmp = scratch("chain");
     let acts = tiny_cache(&tmp);
     let suite = tmp.join("suite");
-    tool_ok("train-suite", &["--acts", s(&acts), "--out", s(&suite), "--expansion", "2", "--k", "4", "--steps", "60", "--batch-size", "8", "--lr", "1e-2", "--dead-threshold", "5000"]);
+    tool_ok(
+        "train-suite",
+        &[
+            "--acts",
+            s(&acts),
+            "--out",
+            s(&suite),
+            "--expansion",
+            "2",
+            "--k",
+            "4",
+            "--steps",
+            "60",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-2",
+            "--dead-threshold",
+            "5000",
+        ],
+    );
     let cfg = json(&suite.join("config.json"));
     assert_eq!(cfg["n_features"], 32);
     assert_eq!(cfg["k"], 4);
@@ -38,25 +65,58 @@ fn whole_chain_runs_and_finetuning_lowers_its_loss() {
     assert_eq!(l.len(), 60);
     assert!(l[59] < 0.5 * l[0], "train-suite loss {} -> {}", l[0], l[59]);
     let edges = tmp.join("edges");
-    tool_ok("score-edges", &["--acts", s(&acts), "--suite", s(&suite), "--keep", "16", "--top-c", "4", "--out", s(&edges)]);
-    tool_ok("select-edges", &["--edges", s(&edges.join("edges.parquet")), "--c", "4", "--out", s(&tmp.join("c4.parquet"))]);
+    tool_ok(
+        "score-edges",
+        &["--acts", s(&acts), "--suite", s(&suite), "--keep", "16", "--top-c", "4", "--out", s(&edges)],
+    );
+    tool_ok(
+        "select-edges",
+        &["--edges", s(&edges.join("edges.parquet")), "--c", "4", "--out", s(&tmp.join("c4.parquet"))],
+    );
     let conns = tmp.join("c4.parquet");
     let ft = tmp.join("ft");
-    tool_ok("finetune", &["--acts", s(&acts), "--suite", s(&suite), "--connections", s(&conns), "--out", s(&ft), "--steps", "30", "--batch-size", "8", "--lr", "2e-3"]);
+    tool_ok(
+        "finetune",
+        &[
+            "--acts",
+            s(&acts),
+            "--suite",
+            s(&suite),
+            "--connections",
+            s(&conns),
+            "--out",
+            s(&ft),
+            "--steps",
+            "30",
+            "--batch-size",
+            "8",
+            "--lr",
+            "2e-3",
+        ],
+    );
     let l = losses(&ft.join("metrics.jsonl"));
     let first: f64 = l[..5].iter().sum::<f64>() / 5.0;
     let last: f64 = l[25..].iter().sum::<f64>() / 5.0;
     assert!(last < first, "finetune loss {first} -> {last}");
     // Evaluate before and after: the finetuned suite reconstructs better through the pruned pass.
-    tool_ok("evaluate", &["--acts", s(&acts), "--suite", s(&suite), "--connections", s(&conns), "--out", s(&tmp.join("e0"))]);
-    tool_ok("evaluate", &["--acts", s(&acts), "--suite", s(&ft), "--connections", s(&conns), "--out", s(&tmp.join("e1"))]);
+    tool_ok(
+        "evaluate",
+        &["--acts", s(&acts), "--suite", s(&suite), "--connections", s(&conns), "--out", s(&tmp.join("e0"))],
+    );
+    tool_ok(
+        "evaluate",
+        &["--acts", s(&acts), "--suite", s(&ft), "--connections", s(&conns), "--out", s(&tmp.join("e1"))],
+    );
     let (e0, e1) = (json(&tmp.join("e0/eval.json")), json(&tmp.join("e1/eval.json")));
-    let mean_ref = |e: &serde_json::Value| -> f64 { e["modules"].as_object().unwrap().values().map(|m| m["fvu_ref"].as_f64().unwrap()).sum() };
+    let mean_ref = |e: &serde_json::Value| -> f64 {
+        e["modules"].as_object().unwrap().values().map(|m| m["fvu_ref"].as_f64().unwrap()).sum()
+    };
     assert!(mean_ref(&e1) < mean_ref(&e0), "pruned-pass FVU before {} after {}", mean_ref(&e0), mean_ref(&e1));
     assert_eq!(e0["clean_ce"], e1["clean_ce"]);
     assert_eq!(e1["n_connections"].as_u64().unwrap() as usize, 4 * 32 * 3); // every non-first module, C=4
-    // CE recovered is consistent with the three CEs it is made of.
-    let rec = (e1["ce_zero"].as_f64().unwrap() - e1["ce"].as_f64().unwrap()) / (e1["ce_zero"].as_f64().unwrap() - e1["clean_ce"].as_f64().unwrap());
+                                                                            // CE recovered is consistent with the three CEs it is made of.
+    let rec = (e1["ce_zero"].as_f64().unwrap() - e1["ce"].as_f64().unwrap())
+        / (e1["ce_zero"].as_f64().unwrap() - e1["clean_ce"].as_f64().unwrap());
     assert!((rec - e1["ce_recovered"].as_f64().unwrap()).abs() < 1e-9);
     // The comparison report: one row per run, a PNG and an SVG.
     let report = tmp.join("report");
@@ -77,9 +137,27 @@ fn train_suite_resume_is_bit_identical() {
     let tmp = scratch("ts-resume");
     let acts = tiny_cache(&tmp);
     let args = |out: &Path| -> Vec<String> {
-        ["--acts", s(&acts), "--out", s(out), "--expansion", "2", "--k", "4", "--steps", "8", "--batch-size", "8", "--lr", "1e-2", "--dead-threshold", "300", "--shuffle"]
-            .map(String::from)
-            .to_vec()
+        [
+            "--acts",
+            s(&acts),
+            "--out",
+            s(out),
+            "--expansion",
+            "2",
+            "--k",
+            "4",
+            "--steps",
+            "8",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-2",
+            "--dead-threshold",
+            "300",
+            "--shuffle",
+        ]
+        .map(String::from)
+        .to_vec()
     };
     let run = |out: &Path, extra: &[&str]| {
         let mut a = args(out);
@@ -97,14 +175,19 @@ fn train_suite_resume_is_bit_identical() {
         let (sa, sb) = (load(&a), load(&b));
         assert_eq!(sa.len(), 16);
         for (k, t) in &sa {
-            assert_eq!(t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), sb[k].flatten_all().unwrap().to_vec1::<f32>().unwrap(), "{backend} {k}");
+            assert_eq!(
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                sb[k].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                "{backend} {k}"
+            );
         }
         assert_eq!(losses(&a.join("metrics.jsonl")), losses(&b.join("metrics.jsonl")));
     }
     // and ends with the same parameters (8 Adam steps, AuxK on)
     let (se, sa) = (load(&tmp.join("a-engine")), load(&tmp.join("a-autograd")));
     for (k, te) in &se {
-        let d = (te - &sa[k]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let d =
+            (te - &sa[k]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         let scale = te.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-6);
         assert!(d <= 1e-4 * scale, "train-suite autograd {k}: differs from the engine's by {d} (scale {scale})");
     }
@@ -117,8 +200,16 @@ fn train_suite_resume_is_bit_identical() {
             assert!((x - y).abs() <= tol * x.abs(), "{other} step {step}: loss {y} vs the engine's {x}");
         }
     }
-    tool_fails("train-suite", &["--acts", s(&acts), "--out", s(&tmp.join("c")), "--k", "99", "--expansion", "2", "--steps", "1"], &["--k 99", "32 features"]);
-    tool_fails("train-suite", &["--acts", s(&acts), "--out", s(&tmp.join("c")), "--steps", "1", "--backend", "engine", "--dtype", "bf16"], &["--backend engine", "f32 on the CPU"]);
+    tool_fails(
+        "train-suite",
+        &["--acts", s(&acts), "--out", s(&tmp.join("c")), "--k", "99", "--expansion", "2", "--steps", "1"],
+        &["--k 99", "32 features"],
+    );
+    tool_fails(
+        "train-suite",
+        &["--acts", s(&acts), "--out", s(&tmp.join("c")), "--steps", "1", "--backend", "engine", "--dtype", "bf16"],
+        &["--backend engine", "f32 on the CPU"],
+    );
 }
 
 #[test]
@@ -127,7 +218,23 @@ fn streaming_mode_equals_going_through_a_cache() {
     let model = fixtures().join("models/tiny-neo");
     let data = fixtures().join("../../pipelines/data/stories.txt");
     let acts = tmp.join("acts");
-    tool_ok("collect-acts", &["--model", s(&model), "--data", s(&data), "--ctx-len", "16", "--n-seqs", "32", "--batch-size", "8", "--out", s(&acts)]);
+    tool_ok(
+        "collect-acts",
+        &[
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--ctx-len",
+            "16",
+            "--n-seqs",
+            "32",
+            "--batch-size",
+            "8",
+            "--out",
+            s(&acts),
+        ],
+    );
     let stream = ["--model", s(&model), "--data", s(&data), "--ctx-len", "16"];
     let common = ["--expansion", "2", "--k", "4", "--steps", "4", "--batch-size", "8", "--lr", "1e-2"];
     let (a, b) = (tmp.join("ts-cache"), tmp.join("ts-stream"));
@@ -137,7 +244,8 @@ fn streaming_mode_equals_going_through_a_cache() {
     let same = |x: &Path, y: &Path| {
         let (sx, sy) = (load(x), load(y));
         for (k, t) in &sx {
-            let d = (t - &sy[k]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let d =
+                (t - &sy[k]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
             assert!(d <= 1e-6, "{k}: cache vs streaming differ by {d}");
         }
     };
@@ -146,7 +254,10 @@ fn streaming_mode_equals_going_through_a_cache() {
     let ft = ["--suite", s(&a), "--steps", "4", "--batch-size", "8", "--lr", "1e-2"];
     let (c, d) = (tmp.join("ft-cache"), tmp.join("ft-stream"));
     tool_ok("finetune", &[&["--acts", s(&acts), "--out", s(&c)][..], &ft].concat());
-    tool_ok("finetune", &[&stream[..], &["--out", s(&d), "--checkpoint-every", "1", "--halt-after", "3"], &ft].concat());
+    tool_ok(
+        "finetune",
+        &[&stream[..], &["--out", s(&d), "--checkpoint-every", "1", "--halt-after", "3"], &ft].concat(),
+    );
     tool_ok("finetune", &[&stream[..], &["--out", s(&d), "--checkpoint-every", "1", "--resume"], &ft].concat());
     same(&c, &d);
 }
@@ -155,19 +266,70 @@ fn streaming_mode_equals_going_through_a_cache() {
 fn toy_lm_learns_its_corpus_and_loads_like_any_model() {
     let tmp = scratch("toy");
     let out = tmp.join("toy");
-    tool_ok("toy-lm", &["--out", s(&out), "--n-stories", "300", "--steps", "80", "--d-model", "32", "--n-heads", "2", "--ctx-len", "32", "--batch-size", "16", "--lr", "1e-2"]);
+    tool_ok(
+        "toy-lm",
+        &[
+            "--out",
+            s(&out),
+            "--n-stories",
+            "300",
+            "--steps",
+            "80",
+            "--d-model",
+            "32",
+            "--n-heads",
+            "2",
+            "--ctx-len",
+            "32",
+            "--batch-size",
+            "16",
+            "--lr",
+            "1e-2",
+        ],
+    );
     let report = json(&out.join("report.json"));
     let (ce, h) = (report["heldout_ce"].as_f64().unwrap(), report["unigram_entropy"].as_f64().unwrap());
     // The unigram entropy is what a model without context reaches; the toy model is far below.
     assert!(ce < 0.5 * h, "held-out CE {ce} vs unigram entropy {h}");
     // The folder works with the regular tools: a cache of the corpus, packed.
     let acts = tmp.join("acts");
-    tool_ok("collect-acts", &["--model", s(&out.join("model")), "--data", s(&out.join("corpus.txt")), "--ctx-len", "32", "--pack", "--n-seqs", "16", "--out", s(&acts)]);
+    tool_ok(
+        "collect-acts",
+        &[
+            "--model",
+            s(&out.join("model")),
+            "--data",
+            s(&out.join("corpus.txt")),
+            "--ctx-len",
+            "32",
+            "--pack",
+            "--n-seqs",
+            "16",
+            "--out",
+            s(&acts),
+        ],
+    );
     let m = json(&acts.join("manifest.json"));
     assert_eq!(m["model"]["architecture"], "GPTNeoForCausalLM");
     assert!(m["clean_ce"].as_f64().unwrap() < 0.5 * h);
     // Same seed, same corpus.
     let again = tmp.join("toy2");
-    tool_ok("toy-lm", &["--out", s(&again), "--n-stories", "300", "--steps", "1", "--d-model", "32", "--n-heads", "2", "--ctx-len", "32"]);
+    tool_ok(
+        "toy-lm",
+        &[
+            "--out",
+            s(&again),
+            "--n-stories",
+            "300",
+            "--steps",
+            "1",
+            "--d-model",
+            "32",
+            "--n-heads",
+            "2",
+            "--ctx-len",
+            "32",
+        ],
+    );
     assert_eq!(std::fs::read(out.join("corpus.txt")).unwrap(), std::fs::read(again.join("corpus.txt")).unwrap());
 }

@@ -124,32 +124,36 @@ impl Fields<'_> {
     }
 
     fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
-        if self.get(key).is_some() { self.usize(key) } else { Ok(default) }
+        if self.get(key).is_some() {
+            self.usize(key)
+        } else {
+            Ok(default)
+        }
     }
 
     fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
         match self.get(key) {
-            Some(v) => v.as_f64().ok_or_else(|| {
-                Error::input(self.path, format!("field `{key}`: expected a number, found {v}"))
-            }),
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| Error::input(self.path, format!("field `{key}`: expected a number, found {v}"))),
             None => Ok(default),
         }
     }
 
     fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
         match self.get(key) {
-            Some(v) => v.as_bool().ok_or_else(|| {
-                Error::input(self.path, format!("field `{key}`: expected true or false, found {v}"))
-            }),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| Error::input(self.path, format!("field `{key}`: expected true or false, found {v}"))),
             None => Ok(default),
         }
     }
 
     fn str_or<'s>(&'s self, key: &str, default: &'s str) -> Result<&'s str> {
         match self.get(key) {
-            Some(v) => v.as_str().ok_or_else(|| {
-                Error::input(self.path, format!("field `{key}`: expected a string, found {v}"))
-            }),
+            Some(v) => v
+                .as_str()
+                .ok_or_else(|| Error::input(self.path, format!("field `{key}`: expected a string, found {v}"))),
             None => Ok(default),
         }
     }
@@ -159,19 +163,17 @@ impl Fields<'_> {
             None => Ok(None),
             // Some configs list several EOS ids; the first is the canonical one.
             Some(Value::Array(a)) if !a.is_empty() => Ok(a[0].as_u64().map(|n| n as u32)),
-            Some(v) => v.as_u64().map(|n| Some(n as u32)).ok_or_else(|| {
-                Error::input(self.path, format!("field `{key}`: expected a token id, found {v}"))
-            }),
+            Some(v) => v
+                .as_u64()
+                .map(|n| Some(n as u32))
+                .ok_or_else(|| Error::input(self.path, format!("field `{key}`: expected a token id, found {v}"))),
         }
     }
 
     fn activation(&self, key: &str, default: &str) -> Result<Activation> {
         let s = self.str_or(key, default)?;
         Activation::parse(s).ok_or_else(|| {
-            Error::input(
-                self.path,
-                format!("field `{key}`: expected one of gelu, gelu_new, relu, found \"{s}\""),
-            )
+            Error::input(self.path, format!("field `{key}`: expected one of gelu, gelu_new, relu, found \"{s}\""))
         })
     }
 }
@@ -182,19 +184,16 @@ impl ModelConfig {
     /// Fails on unreadable or malformed JSON, an architecture other than the three supported
     /// ones, missing size fields, and sizes that do not divide (d_model by n_heads).
     pub fn from_file(path: &Path) -> Result<ModelConfig> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            Error::input(path, format!("cannot read model config: {e}"))
-        })?;
-        let value: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::input(path, format!("not valid JSON: {e}")))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| Error::input(path, format!("cannot read model config: {e}")))?;
+        let value: Value =
+            serde_json::from_str(&text).map_err(|e| Error::input(path, format!("not valid JSON: {e}")))?;
         ModelConfig::from_json(path, &value)
     }
 
     /// Build from parsed JSON; `path` is only used in messages.
     pub fn from_json(path: &Path, value: &Value) -> Result<ModelConfig> {
-        let obj = value
-            .as_object()
-            .ok_or_else(|| Error::input(path, "expected a JSON object at the top level"))?;
+        let obj = value.as_object().ok_or_else(|| Error::input(path, "expected a JSON object at the top level"))?;
         let f = Fields { path, obj };
         let arch_name = match f.get("architectures") {
             Some(Value::Array(a)) if !a.is_empty() => a[0].as_str().unwrap_or("").to_string(),
@@ -325,10 +324,7 @@ impl ModelConfig {
             }
         };
         if d_model % n_heads != 0 {
-            return Err(Error::input(
-                path,
-                format!("d_model {d_model} is not divisible by n_heads {n_heads}"),
-            ));
+            return Err(Error::input(path, format!("d_model {d_model} is not divisible by n_heads {n_heads}")));
         }
         cfg.d_head = d_model / n_heads;
         if arch != Arch::GptNeo {
@@ -393,7 +389,11 @@ fn gpt_neo_windows(f: &Fields, n_layers: usize, window: usize) -> Result<Vec<Opt
 /// Python's `round` (banker's rounding) for the rotary-dim computation.
 fn round_half_even(x: f64) -> f64 {
     let r = x.round();
-    if (x - x.trunc()).abs() == 0.5 && r % 2.0 != 0.0 { r - x.signum() } else { r }
+    if (x - x.trunc()).abs() == 0.5 && r % 2.0 != 0.0 {
+        r - x.signum()
+    } else {
+        r
+    }
 }
 
 #[cfg(test)]

@@ -110,10 +110,7 @@ fn rotary_tables(n_ctx: usize, rotary_dim: usize, base: f64, device: &Device) ->
             sin.push(angle.sin());
         }
     }
-    Ok((
-        Tensor::from_vec(cos, (n_ctx, rotary_dim), device)?,
-        Tensor::from_vec(sin, (n_ctx, rotary_dim), device)?,
-    ))
+    Ok((Tensor::from_vec(cos, (n_ctx, rotary_dim), device)?, Tensor::from_vec(sin, (n_ctx, rotary_dim), device)?))
 }
 
 impl Runtime {

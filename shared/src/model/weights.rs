@@ -17,14 +17,14 @@ use crate::error::{Error, Result};
 /// One transformer block in TL layout after processing (LayerNorms are folded away).
 #[derive(Debug, Clone)]
 pub struct BlockWeights {
-    pub w_q: Tensor, // (n_heads, d_model, d_head)
-    pub b_q: Tensor, // (n_heads, d_head)
-    pub w_k: Tensor, // (n_heads, d_model, d_head)
-    pub b_k: Tensor, // (n_heads, d_head)
-    pub w_v: Tensor, // (n_heads, d_model, d_head)
-    pub b_v: Tensor, // (n_heads, d_head); zero after fold_value_biases
-    pub w_o: Tensor, // (n_heads, d_head, d_model)
-    pub b_o: Tensor, // (d_model)
+    pub w_q: Tensor,   // (n_heads, d_model, d_head)
+    pub b_q: Tensor,   // (n_heads, d_head)
+    pub w_k: Tensor,   // (n_heads, d_model, d_head)
+    pub b_k: Tensor,   // (n_heads, d_head)
+    pub w_v: Tensor,   // (n_heads, d_model, d_head)
+    pub b_v: Tensor,   // (n_heads, d_head); zero after fold_value_biases
+    pub w_o: Tensor,   // (n_heads, d_head, d_model)
+    pub b_o: Tensor,   // (d_model)
     pub w_in: Tensor,  // (d_model, d_mlp)
     pub b_in: Tensor,  // (d_mlp)
     pub w_out: Tensor, // (d_mlp, d_model)
@@ -80,10 +80,9 @@ impl RawTensors {
 
 /// The weight files of a model folder, in the order they are read (and hashed).
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    for (single, index) in [
-        ("model.safetensors", "model.safetensors.index.json"),
-        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
-    ] {
+    for (single, index) in
+        [("model.safetensors", "model.safetensors.index.json"), ("pytorch_model.bin", "pytorch_model.bin.index.json")]
+    {
         if dir.join(single).is_file() {
             return Ok(vec![dir.join(single)]);
         }
@@ -100,23 +99,21 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 fn shards_from_index(index_path: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(index_path)
-        .map_err(|e| Error::input(index_path, format!("cannot read: {e}")))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::input(index_path, format!("not valid JSON: {e}")))?;
-    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-        Error::input(index_path, "missing field `weight_map` (tensor name -> shard file)")
-    })?;
+    let text =
+        std::fs::read_to_string(index_path).map_err(|e| Error::input(index_path, format!("cannot read: {e}")))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::input(index_path, format!("not valid JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::input(index_path, "missing field `weight_map` (tensor name -> shard file)"))?;
     let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
     files.sort();
     files.dedup();
     let dir = index_path.parent().unwrap_or(Path::new("."));
     let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
     if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
-        return Err(Error::input(
-            index_path,
-            format!("lists shard {}, which does not exist", missing.display()),
-        ));
+        return Err(Error::input(index_path, format!("lists shard {}, which does not exist", missing.display())));
     }
     Ok(paths)
 }
@@ -235,11 +232,7 @@ fn w_o_from_linear(w: &Tensor, cfg: &ModelConfig) -> Result<Tensor> {
 fn unembed(raw: &RawTensors, cfg: &ModelConfig, lm_head: &str, w_e: &Tensor) -> Result<Tensor> {
     // HF ties the head to the embedding when the config says so, whatever the file holds
     // (safetensors checkpoints of tied models usually store only the embedding).
-    let w = if cfg.tie_word_embeddings {
-        w_e.clone()
-    } else {
-        raw.get_shaped(lm_head, &[cfg.d_vocab, cfg.d_model])?
-    };
+    let w = if cfg.tie_word_embeddings { w_e.clone() } else { raw.get_shaped(lm_head, &[cfg.d_vocab, cfg.d_model])? };
     Ok(w.t()?.contiguous()?)
 }
 

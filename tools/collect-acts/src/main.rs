@@ -73,7 +73,8 @@ fn run(args: Args) -> Result<()> {
     let batch = args.batch_size as usize;
     let mut source = BatchSource::open(&spec, &tokenizer, opts, batch, limit, cfg.d_vocab)?;
     let stage = StagedDir::create(&args.out, args.overwrite, "--out")?;
-    let shard_seqs = args.shard_seqs.map(|s| s as usize).unwrap_or_else(|| auto_shard_seqs(&cfg, ctx_len, args.dtype, batch));
+    let shard_seqs =
+        args.shard_seqs.map(|s| s as usize).unwrap_or_else(|| auto_shard_seqs(&cfg, ctx_len, args.dtype, batch));
     let mut writer = ShardWriter::new(stage.path(), &cfg, args.dtype, shard_seqs);
 
     let bar = scae::cli::token_bar(limit.map(|l| (l * ctx_len) as u64), "collecting");

@@ -56,8 +56,19 @@ fn cache_matches_transformer_lens_for_every_family() {
         let out = tmp.join("acts");
         // The golden file holds a `tokens` tensor (2, 12); its other tensors are ignored.
         let o = run(&[
-            "--model", p(&model(name)), "--tokens", p(&golden_path), "--ctx-len", "12",
-            "--no-prepend-bos", "--batch-size", "1", "--shard-seqs", "1", "--out", p(&out),
+            "--model",
+            p(&model(name)),
+            "--tokens",
+            p(&golden_path),
+            "--ctx-len",
+            "12",
+            "--no-prepend-bos",
+            "--batch-size",
+            "1",
+            "--shard-seqs",
+            "1",
+            "--out",
+            p(&out),
         ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let m = manifest(&out);
@@ -96,8 +107,17 @@ fn bf16_cache_is_the_rounded_f32_cache() {
     let golden_path = fixtures().join("golden/tiny-gpt2.safetensors");
     let out = tmp.join("acts");
     let o = run(&[
-        "--model", p(&model("tiny-gpt2")), "--tokens", p(&golden_path), "--ctx-len", "12",
-        "--no-prepend-bos", "--dtype", "bf16", "--out", p(&out),
+        "--model",
+        p(&model("tiny-gpt2")),
+        "--tokens",
+        p(&golden_path),
+        "--ctx-len",
+        "12",
+        "--no-prepend-bos",
+        "--dtype",
+        "bf16",
+        "--out",
+        p(&out),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let s = load(&out.join("shard-00000.safetensors"));
@@ -118,7 +138,11 @@ fn golden_texts() -> (Vec<String>, Vec<Vec<i64>>, Vec<Vec<i64>>) {
         serde_json::from_str(&std::fs::read_to_string(fixtures().join("golden/tokenize.json")).unwrap()).unwrap();
     let texts = v["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
     let rows = |k: &str| -> Vec<Vec<i64>> {
-        v[k].as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()).collect()
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect())
+            .collect()
     };
     (texts, rows("prepend_bos"), rows("no_prepend_bos"))
 }
@@ -147,11 +171,8 @@ fn every_text_format_tokenizes_like_transformer_lens() {
     let jsonl: String = texts.iter().map(|t| serde_json::json!({"text": t, "meta": 1}).to_string() + "\n").collect();
     std::fs::write(tmp.join("d.jsonl"), &jsonl).unwrap();
     std::fs::write(tmp.join("d.jsonl.zst"), zstd::encode_all(jsonl.as_bytes(), 3).unwrap()).unwrap();
-    let cases: [(&str, &[&str]); 3] = [
-        ("d.parquet", &["--text-column", "story"]),
-        ("d.jsonl", &[]),
-        ("d.jsonl.zst", &[]),
-    ];
+    let cases: [(&str, &[&str]); 3] =
+        [("d.parquet", &["--text-column", "story"]), ("d.jsonl", &[]), ("d.jsonl.zst", &[])];
     for (file, extra) in cases {
         for bos in [true, false] {
             let out = tmp.join(format!("acts-{file}-{bos}"));
@@ -163,8 +184,7 @@ fn every_text_format_tokenizes_like_transformer_lens() {
             let o = run(&args);
             assert!(o.status.success(), "{file}: {}", String::from_utf8_lossy(&o.stderr));
             let golden = if bos { &with_bos } else { &without_bos };
-            let want: Vec<Vec<i64>> =
-                golden.iter().filter(|r| r.len() >= ctx).map(|r| r[..ctx].to_vec()).collect();
+            let want: Vec<Vec<i64>> = golden.iter().filter(|r| r.len() >= ctx).map(|r| r[..ctx].to_vec()).collect();
             assert_eq!(cached_tokens(&out), want, "{file} prepend_bos={bos}");
             assert_eq!(manifest(&out)["prepend_bos"], bos);
         }
@@ -172,7 +192,8 @@ fn every_text_format_tokenizes_like_transformer_lens() {
     // .txt: one document per line (the texts have no newlines).
     std::fs::write(tmp.join("d.txt"), texts.join("\n")).unwrap();
     let out = tmp.join("acts-txt");
-    let o = run(&["--model", p(&model("tiny-neo")), "--data", p(&tmp.join("d.txt")), "--ctx-len", "4", "--out", p(&out)]);
+    let o =
+        run(&["--model", p(&model("tiny-neo")), "--data", p(&tmp.join("d.txt")), "--ctx-len", "4", "--out", p(&out)]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let want: Vec<Vec<i64>> = with_bos.iter().map(|r| r[..4].to_vec()).collect();
     assert_eq!(cached_tokens(&out), want);
@@ -212,7 +233,18 @@ fn n_tokens_and_n_seqs_limit_the_cache() {
     let tmp = scratch("limits");
     let golden_path = fixtures().join("golden/tiny-neo.safetensors");
     let out = tmp.join("a");
-    let o = run(&["--model", p(&model("tiny-neo")), "--tokens", p(&golden_path), "--ctx-len", "6", "--n-tokens", "5", "--out", p(&out)]);
+    let o = run(&[
+        "--model",
+        p(&model("tiny-neo")),
+        "--tokens",
+        p(&golden_path),
+        "--ctx-len",
+        "6",
+        "--n-tokens",
+        "5",
+        "--out",
+        p(&out),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(manifest(&out)["n_seqs"], 1);
     // With BOS prepended, a pre-tokenized row is a document: BOS + its first ctx-1 ids.
@@ -263,7 +295,8 @@ fn bad_model_folders_are_clear_errors() {
     let m = broken_model(&tmp.join("b"), |d| std::fs::write(d.join("config.json"), "{not json").unwrap());
     expect_failure(&tokens_args(&m, &out), &out, &["config.json", "not valid JSON"]);
     let m = broken_model(&tmp.join("c"), |d| {
-        let t = std::fs::read_to_string(d.join("config.json")).unwrap().replace("GPTNeoForCausalLM", "LlamaForCausalLM");
+        let t =
+            std::fs::read_to_string(d.join("config.json")).unwrap().replace("GPTNeoForCausalLM", "LlamaForCausalLM");
         std::fs::write(d.join("config.json"), t).unwrap()
     });
     expect_failure(&tokens_args(&m, &out), &out, &["unsupported architecture \"LlamaForCausalLM\""]);
@@ -272,7 +305,9 @@ fn bad_model_folders_are_clear_errors() {
     let m = broken_model(&tmp.join("e"), |d| std::fs::remove_file(d.join("model.safetensors")).unwrap());
     expect_failure(&tokens_args(&m, &out), &out, &["no weights found"]);
     let m = broken_model(&tmp.join("f"), |d| {
-        let t = std::fs::read_to_string(d.join("config.json")).unwrap().replace("\"hidden_size\": 16", "\"hidden_size\": 32");
+        let t = std::fs::read_to_string(d.join("config.json"))
+            .unwrap()
+            .replace("\"hidden_size\": 16", "\"hidden_size\": 32");
         std::fs::write(d.join("config.json"), t).unwrap()
     });
     expect_failure(&tokens_args(&m, &out), &out, &["model.safetensors", "expected shape [300, 32], found [300, 16]"]);
@@ -311,7 +346,11 @@ fn bad_data_and_arguments_are_clear_errors() {
     };
     // ctx_len above n_ctx (32)
     let g = fixtures().join("golden/tiny-neo.safetensors");
-    expect_failure(&["--model", mm, "--tokens", p(&g), "--ctx-len", "64", "--out", p(&out)], &out, &["--ctx-len 64", "n_ctx 32"]);
+    expect_failure(
+        &["--model", mm, "--tokens", p(&g), "--ctx-len", "64", "--out", p(&out)],
+        &out,
+        &["--ctx-len 64", "n_ctx 32"],
+    );
     // empty dataset
     std::fs::write(tmp.join("empty.txt"), "").unwrap();
     fail(run_args(&tmp.join("empty.txt")), &["empty.txt", "0 documents read"]);
@@ -321,7 +360,11 @@ fn bad_data_and_arguments_are_clear_errors() {
     std::fs::write(tmp.join("d.jsonl"), "{\"story\": \"hello\"}\n").unwrap();
     fail(run_args(&tmp.join("d.jsonl")), &["d.jsonl", "line 1: no field `text`"]);
     std::fs::write(tmp.join("bad.jsonl"), "{\"text\": \"ok\"}\nnot json\n").unwrap();
-    expect_failure(&["--model", mm, "--data", p(&tmp.join("bad.jsonl")), "--ctx-len", "2", "--out", p(&out)], &out, &["bad.jsonl", "line 2: not valid JSON"]);
+    expect_failure(
+        &["--model", mm, "--data", p(&tmp.join("bad.jsonl")), "--ctx-len", "2", "--out", p(&out)],
+        &out,
+        &["bad.jsonl", "line 2: not valid JSON"],
+    );
     // unknown extension, missing file
     std::fs::write(tmp.join("d.csv"), "text\nhello\n").unwrap();
     fail(run_args(&tmp.join("d.csv")), &["d.csv", "expected a .parquet"]);
@@ -330,13 +373,27 @@ fn bad_data_and_arguments_are_clear_errors() {
     let big = Tensor::from_vec(vec![1i64, 2, 3, 999], (1, 4), &Device::Cpu).unwrap();
     candle_core::safetensors::save(&HashMap::from([("tokens".to_string(), big)]), tmp.join("t.safetensors")).unwrap();
     expect_failure(
-        &["--model", mm, "--tokens", p(&tmp.join("t.safetensors")), "--ctx-len", "4", "--no-prepend-bos", "--out", p(&out)],
+        &[
+            "--model",
+            mm,
+            "--tokens",
+            p(&tmp.join("t.safetensors")),
+            "--ctx-len",
+            "4",
+            "--no-prepend-bos",
+            "--out",
+            p(&out),
+        ],
         &out,
         &["t.safetensors", "token id 999", "d_vocab 300"],
     );
     assert!(!out.exists());
     // a tokens file without a `tokens` tensor
-    expect_failure(&["--model", mm, "--tokens", p(&m.join("model.safetensors")), "--ctx-len", "8", "--out", p(&out)], &out, &["no tensor `tokens`"]);
+    expect_failure(
+        &["--model", mm, "--tokens", p(&m.join("model.safetensors")), "--ctx-len", "8", "--out", p(&out)],
+        &out,
+        &["no tensor `tokens`"],
+    );
 }
 
 #[test]
@@ -356,9 +413,17 @@ fn output_folder_is_protected() {
     // Not writable: the parent is a regular file.
     std::fs::write(tmp.join("file"), "x").unwrap();
     let bad = tmp.join("file").join("acts");
-    expect_failure(&["--model", p(&m), "--tokens", p(&g), "--ctx-len", "8", "--out", p(&bad)], &bad, &["cannot create output folder"]);
+    expect_failure(
+        &["--model", p(&m), "--tokens", p(&g), "--ctx-len", "8", "--out", p(&bad)],
+        &bad,
+        &["cannot create output folder"],
+    );
     // A file where the folder should be.
-    expect_failure(&["--model", p(&m), "--tokens", p(&g), "--ctx-len", "8", "--out", p(&tmp.join("file"))], &tmp.join("file"), &["expected a folder, found a file"]);
+    expect_failure(
+        &["--model", p(&m), "--tokens", p(&g), "--ctx-len", "8", "--out", p(&tmp.join("file"))],
+        &tmp.join("file"),
+        &["expected a folder, found a file"],
+    );
 }
 
 #[test]
@@ -376,20 +441,36 @@ fn parquet_token_lists_are_read_as_documents() {
     let arr: arrow_array::ArrayRef = Arc::new(b.finish());
     let batch = arrow_array::RecordBatch::try_from_iter([("input_ids", arr)]).unwrap();
     let path = tmp.join("t.parquet");
-    let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), batch.schema(), None).unwrap();
+    let mut w =
+        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), batch.schema(), None).unwrap();
     w.write(&batch).unwrap();
     w.close().unwrap();
     let out = tmp.join("acts");
-    let o = run(&["--model", p(&model("tiny-neo")), "--tokens", p(&path), "--ctx-len", "12", "--no-prepend-bos", "--out", p(&out)]);
+    let o = run(&[
+        "--model",
+        p(&model("tiny-neo")),
+        "--tokens",
+        p(&path),
+        "--ctx-len",
+        "12",
+        "--no-prepend-bos",
+        "--out",
+        p(&out),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(cached_tokens(&out), golden);
     // a column of the wrong type is refused
     let strs: arrow_array::ArrayRef = Arc::new(arrow_array::StringArray::from(vec!["a", "b"]));
     let batch = arrow_array::RecordBatch::try_from_iter([("input_ids", strs)]).unwrap();
     let bad = tmp.join("bad.parquet");
-    let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&bad).unwrap(), batch.schema(), None).unwrap();
+    let mut w =
+        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&bad).unwrap(), batch.schema(), None).unwrap();
     w.write(&batch).unwrap();
     w.close().unwrap();
     let out2 = tmp.join("acts2");
-    expect_failure(&["--model", p(&model("tiny-neo")), "--tokens", p(&bad), "--ctx-len", "4", "--out", p(&out2)], &out2, &["column `input_ids`: expected lists of integers"]);
+    expect_failure(
+        &["--model", p(&model("tiny-neo")), "--tokens", p(&bad), "--ctx-len", "4", "--out", p(&out2)],
+        &out2,
+        &["column `input_ids`: expected lists of integers"],
+    );
 }

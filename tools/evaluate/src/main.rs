@@ -84,7 +84,8 @@ fn compare(args: &Args) -> Result<()> {
     let mut runs = args.compare.iter().map(|d| report::load_run(d)).collect::<Result<Vec<_>>>()?;
     report::sort_runs(&mut runs);
     let table = report::table(&runs);
-    std::fs::create_dir_all(&args.out).map_err(|e| anyhow::anyhow!("{}: --out: cannot create output folder: {e}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .map_err(|e| anyhow::anyhow!("{}: --out: cannot create output folder: {e}", args.out.display()))?;
     scae::io::write_atomic(&args.out.join("compare.md"), table.as_bytes())?;
     report::plot(&runs, &args.out.join("compare"))?;
     print!("{table}");
@@ -109,10 +110,17 @@ fn run(args: Args) -> Result<()> {
     // C as recorded by score-edges/select-edges, else the most edges of any feature.
     let c_value: Option<u64> = match (&args.connections, &conns) {
         (Some(p), Some(c)) => {
-            let meta = if p.extension().is_some_and(|e| e == "parquet") { scae::table::parquet_metadata(p)? } else { Vec::new() };
-            Some(meta.iter().find(|(k, _)| k == "c").and_then(|(_, v)| v.parse().ok()).unwrap_or_else(|| {
-                c.edges.iter().flatten().map(Vec::len).max().unwrap_or(0) as u64
-            }))
+            let meta = if p.extension().is_some_and(|e| e == "parquet") {
+                scae::table::parquet_metadata(p)?
+            } else {
+                Vec::new()
+            };
+            Some(
+                meta.iter()
+                    .find(|(k, _)| k == "c")
+                    .and_then(|(_, v)| v.parse().ok())
+                    .unwrap_or_else(|| c.edges.iter().flatten().map(Vec::len).max().unwrap_or(0) as u64),
+            )
         }
         _ => None,
     };
@@ -131,7 +139,8 @@ fn run(args: Args) -> Result<()> {
     let stage = StagedDir::create(&args.out, args.cache.overwrite, "--out")?;
     let n_mod = suite.modules.len();
     let mut stats = vec![ModuleStats { fired: vec![false; suite.n_features], ..Default::default() }; n_mod];
-    let (mut ce_sum, mut clean_sum, mut zero_sum, mut n_pred, mut n_tok, mut n_batches) = (0f64, 0f64, 0f64, 0u64, 0u64, 0u64);
+    let (mut ce_sum, mut clean_sum, mut zero_sum, mut n_pred, mut n_tok, mut n_batches) =
+        (0f64, 0f64, 0f64, 0u64, 0u64, 0u64);
     let mut dump: HashMap<String, Vec<Tensor>> = HashMap::new();
     let limit = args.cache.limit();
     let m = &inputs.cache().manifest;

@@ -23,12 +23,16 @@ pub struct Run {
 /// Read `dir/eval.json`.
 pub fn load_run(dir: &Path) -> Result<Run> {
     let path = dir.join("eval.json");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read; hint: make it with evaluate --out", path.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{}: cannot read; hint: make it with evaluate --out", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
     if v["format"] != "scae-eval" {
         bail!("{}: format {}, expected scae-eval; hint: written by evaluate", path.display(), v["format"]);
     }
-    let num = |k: &str| -> Result<f64> { v[k].as_f64().with_context(|| format!("{}: field `{k}`: expected a number", path.display())) };
+    let num = |k: &str| -> Result<f64> {
+        v[k].as_f64().with_context(|| format!("{}: field `{k}`: expected a number", path.display()))
+    };
     Ok(Run {
         dir: dir.to_path_buf(),
         c: v["c"].as_u64(),
@@ -103,7 +107,9 @@ where
         if text {
             builder.caption(format!("{name} vs C"), ("sans-serif", 20)).x_label_area_size(35).y_label_area_size(55);
         }
-        let mut chart = builder.build_cartesian_2d(0f64..max_c * 1.05, (lo - pad)..(hi + pad)).map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
+        let mut chart = builder
+            .build_cartesian_2d(0f64..max_c * 1.05, (lo - pad)..(hi + pad))
+            .map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
         let mut mesh = chart.configure_mesh();
         if text {
             mesh.x_desc("C (connections per feature)").y_desc(name);
@@ -112,16 +118,26 @@ where
         }
         mesh.draw().map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
         for (finetuned, color) in [(true, RED), (false, BLUE)] {
-            let mut pts: Vec<(f64, f64)> = runs.iter().filter(|r| r.finetuned == finetuned && r.c.is_some()).map(|r| (r.c.unwrap_or(0) as f64, get(r))).collect();
+            let mut pts: Vec<(f64, f64)> = runs
+                .iter()
+                .filter(|r| r.finetuned == finetuned && r.c.is_some())
+                .map(|r| (r.c.unwrap_or(0) as f64, get(r)))
+                .collect();
             pts.sort_by(|a, b| a.0.total_cmp(&b.0));
             if pts.is_empty() {
                 continue;
             }
-            let series = chart.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2))).map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
+            let series = chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                .map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
             if text {
-                series.label(if finetuned { "finetuned" } else { "not finetuned" }).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+                series
+                    .label(if finetuned { "finetuned" } else { "not finetuned" })
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
             }
-            chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled()))).map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
         }
         // Reference lines: runs with all connections, and a lone unfinetuned run at some C.
         let unfinetuned_at_c: Vec<&Run> = runs.iter().filter(|r| !r.finetuned && r.c.is_some()).collect();
@@ -132,7 +148,9 @@ where
                 .draw_series(DashedLineSeries::new(vec![(0.0, y), (max_c * 1.05, y)], 3, 3, color.stroke_width(1)))
                 .map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
             if text {
-                series.label(format!("not finetuned, C={}", r.c.unwrap_or(0))).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+                series
+                    .label(format!("not finetuned, C={}", r.c.unwrap_or(0)))
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
             }
         }
         for r in runs.iter().filter(|r| r.c.is_none()) {
@@ -147,7 +165,12 @@ where
             }
         }
         if text {
-            chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
         }
     }
     root.present().map_err(|e| anyhow::anyhow!("drawing: {e}"))?;

@@ -8,11 +8,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use scae::stream::TrainData;
 use scae::devtrain::{DeviceOptimizer, LossSpec};
 use scae::engine::{self, Engine, FlatBatch};
 use scae::inputs::Inputs;
 use scae::pruned::{Plan, Wiring};
+use scae::stream::TrainData;
 use scae::suite::Kind;
 use scae::train::{self, DeadTracker, Optimizer, OptimizerKind, Params};
 
@@ -121,7 +121,10 @@ fn stagger_scale(kind: Kind, layer: usize, step: u64, stagger: Option<u64>) -> f
 fn run(args: Args) -> Result<()> {
     let device = args.common.setup()?;
     if args.auxk_alpha < 0.0 || (args.auxk_alpha > 0.0 && args.loss == Loss::Ce) {
-        bail!("--auxk-alpha {}: expected >= 0, and only with an mse loss (the reference's CE-mode AuxK is a no-op)", args.auxk_alpha);
+        bail!(
+            "--auxk-alpha {}: expected >= 0, and only with an mse loss (the reference's CE-mode AuxK is a no-op)",
+            args.auxk_alpha
+        );
     }
     let use_engine = args.compute.use_engine(&device)?;
     if use_engine && args.micro_batch.is_some() {
@@ -202,7 +205,11 @@ fn run(args: Args) -> Result<()> {
     }
     let vars = scae::devtrain::module_vars(suite);
     let mut dopt = if use_engine { None } else { Some(DeviceOptimizer::from_host(&opt, &vars)?) };
-    let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).with_context(|| metrics_path.display().to_string())?;
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .with_context(|| metrics_path.display().to_string())?;
     let bar = scae::cli::token_bar(Some(steps * (batch_size * ctx) as u64), "finetuning");
     bar.set_position(step * (batch_size * ctx) as u64);
     let start_time = Instant::now();
@@ -211,7 +218,8 @@ fn run(args: Args) -> Result<()> {
     while step < steps {
         // Next batch in data order (wrapping over epochs).
         let batch = source.batch(seqs_seen, batch_size)?;
-        let scales: Vec<f32> = suite.modules.iter().map(|m| stagger_scale(m.kind, m.layer, step, args.stagger_steps)).collect();
+        let scales: Vec<f32> =
+            suite.modules.iter().map(|m| stagger_scale(m.kind, m.layer, step, args.stagger_steps)).collect();
         let n_tok = (batch_size * ctx) as u64;
         let mut record = serde_json::Map::new();
         let ce_weight = match args.loss {
@@ -227,18 +235,34 @@ fn run(args: Args) -> Result<()> {
             Ok(())
         };
         let fvu_record = |fvus: &[f64]| -> serde_json::Value {
-            suite.modules.iter().zip(fvus).map(|(m, f)| (m.name(), serde_json::json!(f))).collect::<serde_json::Map<_, _>>().into()
+            suite
+                .modules
+                .iter()
+                .zip(fvus)
+                .map(|(m, f)| (m.name(), serde_json::json!(f)))
+                .collect::<serde_json::Map<_, _>>()
+                .into()
         };
         // AuxK's latents: dead as of the previous step, in modules whose loss term is on.
         let dead_masks = || -> Vec<Vec<bool>> {
-            (0..suite.modules.len()).map(|m| if scales[m] != 0.0 { dead.dead(m) } else { vec![false; suite.n_features] }).collect()
+            (0..suite.modules.len())
+                .map(|m| if scales[m] != 0.0 { dead.dead(m) } else { vec![false; suite.n_features] })
+                .collect()
         };
         // (loss, per-module FVU, per-module AuxK, CE) of the step, by either backend.
         let (loss, fvus, auxks, ce) = if let Some(dopt) = dopt.as_mut() {
             let pass_batch = batch.with_pass_dtype(pass_dtype)?;
             let auxk = (args.auxk_alpha > 0.0).then(|| (args.auxk_alpha, dead_masks()));
             let spec = LossSpec { fvu_scales: (args.loss != Loss::Ce).then(|| scales.clone()), ce_weight, auxk };
-            let (values, mut grads) = scae::devtrain::finetune_grads(suite, rt, &plan, &pass_batch, args.pass.options(), &spec, args.micro_batch.map(|m| m as usize))?;
+            let (values, mut grads) = scae::devtrain::finetune_grads(
+                suite,
+                rt,
+                &plan,
+                &pass_batch,
+                args.pass.options(),
+                &spec,
+                args.micro_batch.map(|m| m as usize),
+            )?;
             for (m, fired) in values.fired.iter().enumerate() {
                 if scales[m] != 0.0 {
                     dead.update_fired(m, n_tok, fired);
@@ -312,8 +336,12 @@ fn run(args: Args) -> Result<()> {
         }
         step += 1;
         seqs_seen += batch_size as u64;
-        let dead_counts: serde_json::Map<String, serde_json::Value> =
-            suite.modules.iter().enumerate().map(|(m, name)| (name.name(), serde_json::json!(dead.n_dead(m)))).collect();
+        let dead_counts: serde_json::Map<String, serde_json::Value> = suite
+            .modules
+            .iter()
+            .enumerate()
+            .map(|(m, name)| (name.name(), serde_json::json!(dead.n_dead(m))))
+            .collect();
         record.insert("step".into(), serde_json::json!(step - 1));
         record.insert("loss".into(), serde_json::json!(loss));
         record.insert("lr".into(), serde_json::json!(lr_t));
@@ -341,7 +369,11 @@ fn run(args: Args) -> Result<()> {
     let mut out_suite = suite.clone();
     out_suite.model_id = Some(inputs.model.id.clone());
     out_suite.model_hash = Some(inputs.model.hash.clone());
-    out_suite.save(&args.out, &format!("finetune {}", env!("CARGO_PKG_VERSION")), serde_json::json!({"argv": cli, "steps": steps, "lr": lr}))?;
+    out_suite.save(
+        &args.out,
+        &format!("finetune {}", env!("CARGO_PKG_VERSION")),
+        serde_json::json!({"argv": cli, "steps": steps, "lr": lr}),
+    )?;
     ckpt.finish();
     let secs = start_time.elapsed().as_secs_f64();
     let done = (step - start_step) * (batch_size * ctx) as u64;

@@ -33,10 +33,14 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<()> {
-    let meta: std::collections::HashMap<String, String> = scae::table::parquet_metadata(&args.edges)?.into_iter().collect();
+    let meta: std::collections::HashMap<String, String> =
+        scae::table::parquet_metadata(&args.edges)?.into_iter().collect();
     let path = args.edges.display();
-    let get = |k: &str| meta.get(k).ok_or_else(|| anyhow!("{path}: metadata lacks `{k}`; hint: edges files are written by score-edges"));
-    let n_features: usize = get("n_features")?.parse().map_err(|_| anyhow!("{path}: metadata `n_features` is not an integer"))?;
+    let get = |k: &str| {
+        meta.get(k).ok_or_else(|| anyhow!("{path}: metadata lacks `{k}`; hint: edges files are written by score-edges"))
+    };
+    let n_features: usize =
+        get("n_features")?.parse().map_err(|_| anyhow!("{path}: metadata `n_features` is not an integer"))?;
     let modules: Vec<Module> = get("modules")?
         .split(',')
         .map(|m| Module::parse(m).ok_or_else(|| anyhow!("{path}: metadata `modules`: `{m}` is not a module name")))
@@ -44,7 +48,10 @@ fn run(args: Args) -> Result<()> {
     let parallel = get("parallel_attn_mlp")? == "true";
     let keep: Option<usize> = meta.get("keep").and_then(|k| k.parse().ok());
     if let Some(k) = keep.filter(|&k| args.c > k) {
-        eprintln!("select-edges: warning: --c {} is above the {k} edges per feature kept in {path}; features get at most {k}", args.c);
+        eprintln!(
+            "select-edges: warning: --c {} is above the {k} edges per feature kept in {path}; features get at most {k}",
+            args.c
+        );
     }
     let edges = Connections::load(&args.edges, &modules, n_features, parallel)?;
     // Ranking needs a finite score on every edge (a missing column or null reads as NaN).

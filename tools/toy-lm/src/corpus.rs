@@ -23,8 +23,14 @@ pub fn story(rng: &mut SplitMix) -> String {
     while b == a {
         b = pick(rng, &NAMES);
     }
-    let (kind, adj, color, thing, place, feel) =
-        (pick(rng, &KINDS), pick(rng, &ADJS), pick(rng, &COLORS), pick(rng, &THINGS), pick(rng, &PLACES), pick(rng, &FEELINGS));
+    let (kind, adj, color, thing, place, feel) = (
+        pick(rng, &KINDS),
+        pick(rng, &ADJS),
+        pick(rng, &COLORS),
+        pick(rng, &THINGS),
+        pick(rng, &PLACES),
+        pick(rng, &FEELINGS),
+    );
     let mut s = format!("Once upon a time there was a {adj} {kind} named {a}. {a} had a {color} {thing}. ");
     match rng.next_u64() % 3 {
         0 => s += &format!("One day {a} went to the {place} with {b}. {b} saw the {color} {thing} and said: can I play with your {thing}? {a} said yes. "),

@@ -192,15 +192,22 @@ fn run(args: Args) -> Result<()> {
     std::fs::create_dir_all(&model_dir)?;
     write_tokenizer(&model_dir, &vocab)?;
     let total: u64 = counts.iter().sum();
-    let unigram_entropy: f64 = counts.iter().filter(|&&c| c > 0).map(|&c| {
-        let p = c as f64 / total as f64;
-        -p * p.ln()
-    }).sum();
+    let unigram_entropy: f64 = counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = c as f64 / total as f64;
+            -p * p.ln()
+        })
+        .sum();
 
     let n_ctx = 2 * args.ctx_len;
     let mut rng = SplitMix(args.common.seed.wrapping_add(1));
     let model = Model::new(vocab.len(), n_ctx, args.d_model, args.n_layers, args.n_heads, &mut rng)?;
-    let mut opt = AdamW::new(model.vars.values().cloned().collect(), ParamsAdamW { lr: args.lr, weight_decay: 0.01, ..Default::default() })?;
+    let mut opt = AdamW::new(
+        model.vars.values().cloned().collect(),
+        ParamsAdamW { lr: args.lr, weight_decay: 0.01, ..Default::default() },
+    )?;
     let mask = causal_mask(args.ctx_len)?;
     let n_windows = stream.len().saturating_sub(args.ctx_len + 1);
     if n_windows == 0 {
@@ -251,7 +258,8 @@ fn run(args: Args) -> Result<()> {
     }
     let n_eval = (ids.len() / args.ctx_len).min(64);
     let eval = Tensor::from_vec(ids[..n_eval * args.ctx_len].to_vec(), (n_eval, args.ctx_len), &Device::Cpu)?;
-    let heldout_ce = loaded.runtime.forward(&eval, false, false)?.ce.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?;
+    let heldout_ce =
+        loaded.runtime.forward(&eval, false, false)?.ce.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?;
     let report = serde_json::json!({
         "format": "scae-toy-lm", "version": 1,
         "vocab_size": vocab.len(), "train_tokens": stream.len(), "steps": args.steps,
@@ -271,7 +279,8 @@ fn run(args: Args) -> Result<()> {
 
 /// A word-level `tokenizer.json` (Whitespace pre-tokenizer) plus `tokenizer_config.json`.
 fn write_tokenizer(dir: &std::path::Path, vocab: &[String]) -> Result<()> {
-    let map: serde_json::Map<String, serde_json::Value> = vocab.iter().enumerate().map(|(i, w)| (w.clone(), serde_json::json!(i))).collect();
+    let map: serde_json::Map<String, serde_json::Value> =
+        vocab.iter().enumerate().map(|(i, w)| (w.clone(), serde_json::json!(i))).collect();
     let special = |id: usize, content: &str| serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true});
     let tok = serde_json::json!({
         "version": "1.0", "truncation": null, "padding": null,

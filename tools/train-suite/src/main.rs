@@ -14,8 +14,8 @@ use scae::cache::Cache;
 use scae::devtrain::DeviceOptimizer;
 use scae::engine::to_vec;
 use scae::model::Model;
-use scae::stream::TrainData;
 use scae::sae::{self, SplitMix, UpdateConfig};
+use scae::stream::TrainData;
 use scae::suite::{Kind, Module};
 use scae::train::{self, DeadTracker, Optimizer, OptimizerKind, Params};
 
@@ -87,7 +87,12 @@ fn run(args: Args) -> Result<()> {
     };
     let tokenizer = model.as_ref().map(|m| m.tokenizer()).transpose()?;
     let (d, n_layers, model_id, model_hash) = match (&cache, &model) {
-        (Some(c), _) => (c.manifest.model.d_model, c.manifest.model.n_layers, c.manifest.model.id.clone(), c.manifest.model.hash.clone()),
+        (Some(c), _) => (
+            c.manifest.model.d_model,
+            c.manifest.model.n_layers,
+            c.manifest.model.id.clone(),
+            c.manifest.model.hash.clone(),
+        ),
         (None, Some(m)) => (m.cfg().d_model, m.cfg().n_layers, m.id.clone(), m.hash.clone()),
         (None, None) => unreachable!(),
     };
@@ -174,7 +179,11 @@ fn run(args: Args) -> Result<()> {
         }
         first_batch = Some(batch0);
     }
-    let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).with_context(|| metrics_path.display().to_string())?;
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .with_context(|| metrics_path.display().to_string())?;
     let cfg = UpdateConfig { d, f, k, auxk_alpha: args.auxk_alpha, clip };
     let bar = scae::cli::token_bar(Some(steps * (batch_size * ctx) as u64), "training");
     bar.set_position(step * (batch_size * ctx) as u64);
@@ -187,7 +196,17 @@ fn run(args: Args) -> Result<()> {
         Ok([v(0)?, v(1)?, v(2)?, v(3)?])
     };
     let download = |vars: &[[Var; 4]]| -> Result<Params> {
-        let modules = vars.iter().map(|vs| Ok([to_vec(vs[0].as_tensor())?, to_vec(vs[1].as_tensor())?, to_vec(vs[2].as_tensor())?, to_vec(vs[3].as_tensor())?])).collect::<Result<Vec<_>>>()?;
+        let modules = vars
+            .iter()
+            .map(|vs| {
+                Ok([
+                    to_vec(vs[0].as_tensor())?,
+                    to_vec(vs[1].as_tensor())?,
+                    to_vec(vs[2].as_tensor())?,
+                    to_vec(vs[3].as_tensor())?,
+                ])
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Params { modules })
     };
     let (vars, mut dopt) = if use_engine {
@@ -217,7 +236,17 @@ fn run(args: Args) -> Result<()> {
                     Ok((x.reshape((n, d))?, y.reshape((n, d))?))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let v = scae::devtrain::sae_update(&vars, dopt, &data, &masks, k, args.auxk_alpha, clip, lr_t, args.compute.dtype())?;
+            let v = scae::devtrain::sae_update(
+                &vars,
+                dopt,
+                &data,
+                &masks,
+                k,
+                args.auxk_alpha,
+                clip,
+                lr_t,
+                args.compute.dtype(),
+            )?;
             for (mi, fired) in v.fired.iter().enumerate() {
                 dead.update_fired(mi, n_tok, fired);
             }
@@ -244,7 +273,8 @@ fn run(args: Args) -> Result<()> {
         if !total.is_finite() {
             bail!(ckpt.non_finite(step, total));
         }
-        let rec = serde_json::json!({"step": step, "loss": total, "lr": lr_t, "fvu": fvu, "auxk": auxk, "dead": dead_rec});
+        let rec =
+            serde_json::json!({"step": step, "loss": total, "lr": lr_t, "fvu": fvu, "auxk": auxk, "dead": dead_rec});
         writeln!(metrics, "{rec}")?;
         step += 1;
         seqs_seen += batch_size as u64;
@@ -277,10 +307,15 @@ fn run(args: Args) -> Result<()> {
     suite.model_id = Some(model_id);
     suite.model_hash = Some(model_hash);
     let argv: Vec<String> = std::env::args().collect();
-    suite.save(&args.out, &format!("train-suite {}", env!("CARGO_PKG_VERSION")), serde_json::json!({"argv": argv, "steps": steps, "lr": lr}))?;
+    suite.save(
+        &args.out,
+        &format!("train-suite {}", env!("CARGO_PKG_VERSION")),
+        serde_json::json!({"argv": argv, "steps": steps, "lr": lr}),
+    )?;
     ckpt.finish();
     let secs = start.elapsed().as_secs_f64();
-    let last: Vec<String> = std::fs::read_to_string(&metrics_path)?.lines().last().map(|l| l.to_string()).into_iter().collect();
+    let last: Vec<String> =
+        std::fs::read_to_string(&metrics_path)?.lines().last().map(|l| l.to_string()).into_iter().collect();
     println!(
         "train-suite: {steps} steps, F {f}, k {k} -> {} ({:.0} tokens/s); last: {}",
         args.out.display(),
