@@ -1,5 +1,5 @@
 """Benchmark: finetuning throughput (tokens/s) and peak memory, scae `finetune` vs the
-reference's training step (SPEC §6: forward_pruned, FVU loss, backward, per-AE clipping, Adam),
+reference's training step (docs/MATH.md, "Optimizer and clipping": forward_pruned, FVU loss, backward, per-AE clipping, Adam),
 on the same CPU, sizes, connections (C=16) and threads.
 
 Not a test. Needs the Python venv of tests/fixtures/gen_models.py, a reference checkout and a

@@ -6,14 +6,15 @@
 use std::time::Instant;
 
 use candle_core::Device;
-use scae::connections::Connections;
-use scae::pruned::{self, Batch, PassOptions, Plan, Wiring};
+use scae::data::{Batch, FlatBatch};
+use scae::formats::connections::Connections;
+use scae::pass::{self, PassOptions, Plan, Wiring};
 
 fn main() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().collect();
     let dev = Device::Cpu;
     let model = scae::model::Model::load("bench", std::path::Path::new(&a[1]), &dev)?;
-    let suite = scae::suite::Suite::load(std::path::Path::new(&a[2]), &dev)?;
+    let suite = scae::formats::suite::Suite::load(std::path::Path::new(&a[2]), &dev)?;
     let parallel = model.cfg().parallel_attn_mlp;
     let conns = Connections::load(std::path::Path::new(&a[3]), &suite.modules, suite.n_features, parallel)?;
     let toks = candle_core::safetensors::load(&a[4], &dev)?["tokens"].clone();
@@ -25,21 +26,21 @@ fn main() -> anyhow::Result<()> {
     // "composed": the device-agnostic ops of the GPU path, on the CPU.
     plan.force_composed(mode == "composed");
     let (mut step_ms, mut fwd_ms) = (Vec::new(), Vec::new());
-    let fb = scae::engine::FlatBatch::new(&batch, &suite)?;
+    let fb = FlatBatch::new(&batch, &suite.modules)?;
     for i in 0..steps + 1 {
         let t = Instant::now();
         if mode == "engine" {
             // The fast path: forward, loss gradient, hand-written backward.
-            let mut eng = scae::engine::Engine::new(&suite, &model.runtime, &plan, PassOptions::default())?;
+            let mut eng = scae::pass::engine::Engine::new(&suite, &model.runtime, &plan, PassOptions::default())?;
             // BENCH_DENSE_GRAD=1/0 forces the attention edge gradient strategy.
             if let Ok(v) = std::env::var("BENCH_DENSE_GRAD") {
                 eng.force_dense_attn_grad(Some(v == "1"));
             }
             let state = eng.forward(&fb)?;
             let f = t.elapsed().as_secs_f64() * 1e3;
-            let (_, g) = scae::engine::mse_loss_and_grad(&fb, &state, suite.d_model);
+            let (_, g) = scae::pass::loss::mse_loss_and_grad(&fb, &state.recons(), suite.d_model);
             let grads = eng.backward(&fb, &state, g)?;
-            let _t = scae::engine::grads_to_tensors(&suite, &grads, &dev)?;
+            let _t = scae::pass::engine::grads_to_tensors(&suite, &grads, &dev)?;
             if i > 0 {
                 step_ms.push(t.elapsed().as_secs_f64() * 1e3);
                 fwd_ms.push(f);
@@ -47,11 +48,11 @@ fn main() -> anyhow::Result<()> {
             continue;
         }
         let o = if mode == "dense" {
-            scae::dense_oracle::forward(&suite, &model.runtime, parallel, Some(&conns), &batch, PassOptions::default())?
+            scae::pass::oracle::forward(&suite, &model.runtime, parallel, Some(&conns), &batch, PassOptions::default())?
         } else {
-            pruned::forward(&suite, &model.runtime, &plan, &batch, PassOptions::default())?
+            pass::forward(&suite, &model.runtime, &plan, &batch, PassOptions::default())?
         };
-        let loss = pruned::mse_loss(&suite, &batch, &o)?;
+        let loss = pass::loss::mse_loss(&suite, &batch, &o)?;
         let f = t.elapsed().as_secs_f64() * 1e3;
         let _grads = loss.backward()?;
         let s = t.elapsed().as_secs_f64() * 1e3;

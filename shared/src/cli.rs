@@ -53,35 +53,6 @@ pub fn open_device(name: &str) -> crate::Result<Device> {
     Device::new_cuda(ordinal).map_err(|e| crate::Error::Usage(format!("--device {name}: cannot open GPU: {e}")))
 }
 
-/// Floating-point storage types of cached tensors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StoreDType {
-    F32,
-    Bf16,
-    F16,
-}
-
-impl StoreDType {
-    /// The candle dtype.
-    pub fn dtype(self) -> DType {
-        match self {
-            StoreDType::F32 => DType::F32,
-            StoreDType::Bf16 => DType::BF16,
-            StoreDType::F16 => DType::F16,
-        }
-    }
-
-    /// The name used in flags and manifests.
-    pub fn name(self) -> &'static str {
-        match self {
-            StoreDType::F32 => "f32",
-            StoreDType::Bf16 => "bf16",
-            StoreDType::F16 => "f16",
-        }
-    }
-}
-
 /// Run a tool's body: print `tool: <error chain>` on failure and exit 1; exit 0 quietly when
 /// stdout was closed early (a broken pipe, e.g. `| head`).
 pub fn run_main(tool: &str, body: impl FnOnce() -> anyhow::Result<()>) -> ExitCode {
@@ -155,27 +126,17 @@ impl CacheRunArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct PassArgs {
     /// Use the consistent attention b_dec term (mixed by the pattern with key-position LN
-    /// scales) instead of the reference's (SPEC B3; default: the reference's, for parity).
+    /// scales) instead of the reference's query-position form (default: the reference's, for
+    /// parity).
     #[arg(long)]
     pub consistent_attn_bias: bool,
 }
 
 impl PassArgs {
     /// The pass options these flags select.
-    pub fn options(&self) -> crate::pruned::PassOptions {
-        crate::pruned::PassOptions { consistent_attn_bias: self.consistent_attn_bias }
+    pub fn options(&self) -> crate::pass::PassOptions {
+        crate::pass::PassOptions { consistent_attn_bias: self.consistent_attn_bias }
     }
-}
-
-/// A progress bar on stderr counting tokens (hidden when stderr is not a terminal).
-pub fn token_bar(total_tokens: Option<u64>, what: &str) -> indicatif::ProgressBar {
-    let bar = match total_tokens {
-        Some(t) => indicatif::ProgressBar::new(t),
-        None => indicatif::ProgressBar::new_spinner(),
-    };
-    let template = format!("{{spinner}} {what} {{elapsed_precise}} [{{wide_bar}}] {{human_pos}}/{{human_len}} tokens ({{per_sec}}, eta {{eta}})");
-    bar.set_style(indicatif::ProgressStyle::with_template(&template).expect("valid template"));
-    bar
 }
 
 /// Where token sequences come from when a tool runs the model itself (collect-acts, and the
@@ -212,13 +173,11 @@ pub struct DataArgs {
 
 impl DataArgs {
     /// The source these flags name, if any.
-    pub fn spec(&self) -> Option<crate::collect::SourceSpec> {
+    pub fn spec(&self) -> Option<crate::data::SourceSpec> {
         match (&self.data, &self.tokens) {
-            (Some(p), _) => {
-                Some(crate::collect::SourceSpec::Text { path: p.clone(), column: self.text_column.clone() })
-            }
+            (Some(p), _) => Some(crate::data::SourceSpec::Text { path: p.clone(), column: self.text_column.clone() }),
             (None, Some(p)) => {
-                Some(crate::collect::SourceSpec::Tokens { path: p.clone(), column: self.tokens_column.clone() })
+                Some(crate::data::SourceSpec::Tokens { path: p.clone(), column: self.tokens_column.clone() })
             }
             (None, None) => None,
         }
@@ -261,6 +220,21 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    /// The checkpoint flags.
+    pub fn checkpoints(&self) -> crate::train::checkpoints::CheckpointPolicy {
+        crate::train::checkpoints::CheckpointPolicy {
+            every: self.checkpoint_every,
+            halt_after: self.halt_after,
+            resume: self.resume,
+        }
+    }
+
+    /// The schedule of a run of `steps` steps at learning rate `lr` (checked).
+    pub fn schedule(&self, steps: u64, lr: f64) -> crate::Result<crate::train::Schedule> {
+        let clip = self.clip()?;
+        Ok(crate::train::Schedule { steps, lr, warmup: self.warmup, decay_start: self.decay_start, clip })
+    }
+
     /// `--clip-grad` as a norm, `None` for `none`; checks the schedule proportions too.
     pub fn clip(&self) -> crate::Result<Option<f64>> {
         if !(0.0..=1.0).contains(&self.warmup)
@@ -280,6 +254,70 @@ impl RunArgs {
                 })
             }
         }
+    }
+}
+
+/// Steps, batches and dead-feature tracking of the training tools.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StepArgs {
+    /// Sequences per step.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_size: u64,
+    /// Number of steps.
+    #[arg(long, conflicts_with = "tokens", value_parser = clap::value_parser!(u64).range(1..))]
+    pub steps: Option<u64>,
+    /// Train on this many tokens (steps = tokens / (batch_size · ctx_len)).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub tokens: Option<u64>,
+    /// Shuffle sequences within each cache shard every epoch (default: cache order, as the
+    /// reference).
+    #[arg(long)]
+    pub shuffle: bool,
+    /// A feature is dead after this many tokens without a non-zero value.
+    #[arg(long, default_value_t = 10_000_000)]
+    pub dead_threshold: u64,
+}
+
+impl StepArgs {
+    /// The run's steps for sequences of `ctx` tokens.
+    pub fn steps(&self, ctx: usize) -> crate::Result<u64> {
+        crate::train::steps_for(self.steps, self.tokens, self.batch_size * ctx as u64)
+    }
+
+    /// Where training batches come from: `cache`, or (without one) `model` run over the data
+    /// that `data` names, read with its `tokenizer`. Checks the batch size against the cache.
+    pub fn train_data<'a>(
+        &self,
+        cache: Option<&'a crate::formats::cache::Cache>,
+        model: Option<&'a crate::model::Model>,
+        tokenizer: Option<&'a crate::model::tokenize::TextTokenizer>,
+        data: &DataArgs,
+        seed: u64,
+        device: &Device,
+    ) -> crate::Result<crate::train::data::TrainData<'a>> {
+        use crate::train::data::TrainData;
+        if let Some(c) = cache {
+            if self.batch_size as usize > c.manifest.n_seqs {
+                return Err(crate::Error::Usage(format!(
+                    "--batch-size {}: the cache {} has only {} sequences",
+                    self.batch_size,
+                    c.dir.display(),
+                    c.manifest.n_seqs
+                )));
+            }
+            return Ok(TrainData::from_cache(c, self.shuffle, seed, device));
+        }
+        let spec =
+            data.spec().ok_or_else(|| crate::Error::Usage("--data or --tokens is required without --acts".into()))?;
+        if self.shuffle {
+            return Err(crate::Error::Usage(
+                "--shuffle: streaming reads the data in file order; shuffle the file instead".into(),
+            ));
+        }
+        let (Some(model), Some(tok)) = (model, tokenizer) else {
+            return Err(crate::Error::Usage("--data/--tokens need --model (the model to run)".into()));
+        };
+        TrainData::streaming(model, tok, spec, data.options(), device)
     }
 }
 

@@ -5,11 +5,11 @@ use std::path::Path;
 
 use candle_core::Device;
 
-use crate::cache::{Cache, MANIFEST};
-use crate::connections::Connections;
 use crate::error::{Error, Result};
+use crate::formats::cache::{Cache, MANIFEST};
+use crate::formats::connections::Connections;
+use crate::formats::suite::Suite;
 use crate::model::Model;
-use crate::suite::Suite;
 
 /// A cache (or none, when activations are computed on the fly), the model, and a suite
 /// checked against both.
@@ -44,7 +44,7 @@ impl Inputs {
     /// from data by the tool. Fails when the suite does not fit the model.
     pub fn open_streaming(model_spec: &str, suite_path: &Path, device: &Device) -> Result<Inputs> {
         let suite = Suite::load(suite_path, device)?;
-        let dir = crate::hub::resolve_model(model_spec)?;
+        let dir = crate::model::hub::resolve_model(model_spec)?;
         let model = Model::load(model_spec, &dir, device)?;
         let cfg = model.cfg();
         let mismatch =

@@ -1,31 +1,45 @@
-//! scae: Sparsely Connected Autoencoder suites in Rust.
+//! scae: Sparsely Connected Autoencoder suites in Rust — the library behind the pipeline tools
+//! (`collect-acts`, `train-suite`, `score-edges`, `select-edges`, `finetune`, `evaluate`).
 //!
-//! The library behind the pipeline tools (`collect-acts`, ...): the language model runtime
-//! with TransformerLens-exact hook values ([`model`]), text and token sources ([`data`]),
-//! activation caches ([`cache`]), and the helpers every tool shares ([`cli`], [`io`]).
-//! File formats are documented in `shared/FORMATS.md`.
+//! The crate follows the pipeline, each group using only the ones above it:
+//! - [`util`]: atomic output, parquet tables, dense kernels, a seeded generator (no SCAE concepts);
+//! - [`model`]: the language model with TransformerLens-exact hooks, the suite's modules, hub
+//!   lookup and tokenizing;
+//! - [`data`]: documents -> token rows -> batches of cached clean-run tensors;
+//! - [`sae`]: the TopK autoencoder — parameters, top-k, FVU and AuxK, decoder normalisation,
+//!   initialisation, the pretraining step;
+//! - [`formats`]: every handoff file (caches, suites, connections, checkpoints, eval.json,
+//!   scores.json), read, checked and written;
+//! - [`pass`]: the pruned forward pass (autograd, the CPU engine, kernels) and its losses;
+//! - [`train`]: the pretraining and finetuning runners and what they share;
+//! - [`scores`] (edge scores and top-C selection), [`eval`] (the evaluation runner),
+//!   [`inputs`] (opening and cross-checking a stage's inputs);
+//! - [`cli`]: command-line argument groups and the `main` wrapper (nothing else imports it).
+//!
+//! Every formula is stated in `docs/MATH.md`; `docs/ARCHITECTURE.md` lists the file that
+//! implements each; file layouts are in `shared/FORMATS.md`.
 
-pub mod cache;
 pub mod cli;
-pub mod collect;
-pub mod connections;
 pub mod data;
-pub mod dense_oracle;
-pub mod devtrain;
-pub mod engine;
 pub mod error;
-pub mod hub;
+pub mod eval;
+pub mod formats;
 pub mod inputs;
-pub mod io;
 pub mod model;
-pub mod pruned;
+pub mod pass;
 pub mod sae;
 pub mod scores;
-pub mod sparse_ops;
-pub mod stream;
-pub mod suite;
-pub mod table;
-pub mod tokenize;
 pub mod train;
+pub mod util;
 
+pub use data::{Batch, FlatBatch};
 pub use error::{Error, Result};
+pub use formats::cache::Cache;
+pub use formats::connections::{Connections, Edge};
+pub use formats::suite::Suite;
+pub use inputs::Inputs;
+pub use model::{Kind, Model, Module, Runtime};
+pub use pass::{PassOptions, PassOutput, Plan, Wiring};
+pub use sae::AeParams;
+pub use scores::ScoreStats;
+pub use train::StepReport;

@@ -1,7 +1,7 @@
 //! Edge scores: the average signed contribution of every upstream feature to every downstream
 //! feature's pre-activation, under the suite's full pass (all connections), and top-C selection.
 //!
-//! Definition (scae; SPEC §5 up to a positive factor per downstream module): for a downstream
+//! Definition (scae; the reference's up to a positive factor per downstream module; docs/MATH.md, "Edge scores and top-C selection"): for a downstream
 //! feature `i` of module d (layer L) and an upstream feature `g` of a module u that precedes d,
 //! `score(g -> i)` is the mean over all cached tokens of g's term in i's pre-activation:
 //! - mlp d: `V[i,g] · mean_t f_u[t,g] / s2_L[t]` with `V = E_d W_dec^u` (the reference sums
@@ -19,11 +19,13 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::connections::{Connections, Edge};
+use crate::data::Batch;
 use crate::error::Result;
+use crate::formats::connections::{Connections, Edge};
+use crate::formats::suite::Suite;
+use crate::model::Kind;
 use crate::model::Runtime;
-use crate::pruned::{Batch, PassOutput};
-use crate::suite::{Kind, Suite};
+use crate::pass::PassOutput;
 
 /// Token statistics for edge scores, accumulated batch by batch.
 #[derive(Debug, Clone)]

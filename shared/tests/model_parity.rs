@@ -2,29 +2,11 @@
 //! `run_with_cache` on tiny random models of all three families
 //! (`tests/fixtures/gen_models.py` wrote the goldens).
 
-use std::collections::HashMap;
-use std::path::PathBuf;
-
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use scae::model::Model;
+use scae_testkit::{fixtures, golden, max_abs_diff};
 
 const TOL: f32 = 1e-4;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-fn golden(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("golden").join(format!("{name}.safetensors")), &Device::Cpu)
-        .expect("golden file")
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-}
 
 fn check(golden_name: &str, folder: &str) {
     let g = golden(golden_name);

@@ -2,11 +2,15 @@
 //! 64 random unit directions in 32 dimensions; after training, at least 90% of the planted
 //! directions have a decoder column with cosine ≥ 0.9. A second test shows that AuxK revives
 //! latents that would otherwise stay dead. Both for the host step (the CPU path) and for the
-//! autograd step (`scae::devtrain`, the GPU path, run here on the CPU).
+//! autograd step (`scae::train::pretrain::update_device`, the GPU path, run here on the CPU).
 
 use candle_core::{DType, Device, Tensor, Var};
-use scae::sae::{self, SplitMix, UpdateConfig};
-use scae::train::{DeadTracker, Optimizer, OptimizerKind, Params};
+use scae::sae::init::{geometric_median, init_params};
+use scae::sae::AeParams;
+use scae::train::dead::DeadTracker;
+use scae::train::optim::{DeviceOptimizer, Optimizer, OptimizerKind};
+use scae::train::pretrain::{update_device, update_host, UpdateConfig};
+use scae::util::rng::SplitMix;
 
 const D: usize = 32;
 const N_ATOMS: usize = 64;
@@ -35,8 +39,8 @@ fn sample(rng: &mut SplitMix, atoms: &[Vec<f32>], n: usize, active: usize) -> Ve
     x
 }
 
-fn recovered(params: &Params, atoms: &[Vec<f32>], f: usize) -> usize {
-    let dec = &params.modules[0][2];
+fn recovered(params: &AeParams<Vec<f32>>, atoms: &[Vec<f32>], f: usize) -> usize {
+    let dec = &params.w_dec;
     atoms
         .iter()
         .filter(|a| {
@@ -57,51 +61,35 @@ fn train(
     threshold: u64,
     seed: u64,
     autograd: bool,
-) -> (Params, usize, Vec<usize>) {
+) -> (AeParams<Vec<f32>>, usize, Vec<usize>) {
     let mut rng = SplitMix(seed);
     let atoms = atoms(&mut rng);
-    let mut params = Params { modules: vec![sae::init_params(D, f, &mut rng)] };
+    let mut params = vec![init_params(D, f, &mut rng)];
     let first = sample(&mut rng, &atoms, 512, 3);
-    params.modules[0][3] = sae::geometric_median(&first, D);
+    params[0].b_dec = geometric_median(&first, D);
     let mut opt = Optimizer::new(OptimizerKind::Adam, &params);
     let mut dead = DeadTracker::new(1, f, threshold);
     let cfg = UpdateConfig { d: D, f, k, auxk_alpha, clip: Some(1.0) };
     let mut dead_hist = Vec::new();
-    let shapes: [&[usize]; 4] = [&[f, D], &[f], &[D, f], &[D]];
-    let vars = vec![[0, 1, 2, 3].map(|i| {
-        Var::from_tensor(&Tensor::from_slice(&params.modules[0][i], shapes[i], &Device::Cpu).unwrap()).unwrap()
-    })];
-    let mut dopt = scae::devtrain::DeviceOptimizer::from_host(&opt, &vars).unwrap();
+    let vars = vec![AeParams::<Var>::from_host(&params[0], D, f, &Device::Cpu).unwrap()];
+    let mut dopt = DeviceOptimizer::from_host(&opt, &vars).unwrap();
     for t in 0..steps {
         let x = sample(&mut rng, &atoms, 256, 3);
-        let lr = 2e-3 * scae::train::lr_factor(t as u64, steps as u64, 0.0, 0.8);
-        if autograd {
+        let lr = 2e-3 * scae::train::schedule::lr_factor(t as u64, steps as u64, 0.0, 0.8);
+        let out = if autograd {
             let xt = Tensor::from_slice(&x, (256, D), &Device::Cpu).unwrap();
-            let out = scae::devtrain::sae_update(
-                &vars,
-                &mut dopt,
-                &[(xt.clone(), xt)],
-                &[dead.dead(0)],
-                k,
-                auxk_alpha,
-                Some(1.0),
-                lr,
-                DType::F32,
-            )
-            .unwrap();
-            dead.update_fired(0, 256, &out.fired[0]);
+            update_device(&vars, &mut dopt, &[(xt.clone(), xt)], &[dead.dead(0)], cfg, lr, DType::F32).unwrap()
         } else {
-            let out = sae::update(&mut params, &mut opt, &[(&x, &x)], &[dead.dead(0)], cfg, lr);
-            dead.update(0, 256, &out[0].2, &out[0].3);
-        }
+            update_host(&mut params, &mut opt, &[(&x, &x)], &[dead.dead(0)], cfg, lr)
+        };
+        dead.update(0, 256, &out.fired[0]);
         dead_hist.push(dead.n_dead(0));
     }
     if autograd {
-        params.modules[0] =
-            [0, 1, 2, 3].map(|i| vars[0][i].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        params[0] = vars[0].to_host().unwrap();
     }
-    let r = recovered(&params, &atoms, f);
-    (params, r, dead_hist)
+    let r = recovered(&params[0], &atoms, f);
+    (params.remove(0), r, dead_hist)
 }
 
 #[test]

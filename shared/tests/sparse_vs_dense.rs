@@ -2,19 +2,15 @@
 //! connection sets of several sizes: features, reconstructions, and the gradients of both
 //! losses w.r.t. every suite parameter.
 
-use std::path::PathBuf;
-
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
-use scae::connections::{Connections, Edge};
-use scae::dense_oracle;
+use scae::data::Batch;
+use scae::formats::connections::{Connections, Edge};
+use scae::formats::suite::Suite;
 use scae::model::Model;
-use scae::pruned::{self, Batch, PassOptions, PassOutput, Plan, Wiring};
-use scae::suite::Suite;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
+use scae::pass::oracle as dense_oracle;
+use scae::pass::{self, PassOptions, PassOutput, Plan, Wiring};
+use scae_testkit::{fixtures, max_abs};
 
 /// The fixture model, its suite and a batch of the suite golden's tokens.
 fn fixture_case(name: &str) -> (Model, Suite, Batch) {
@@ -68,10 +64,6 @@ fn random_connections(suite: &Suite, parallel: bool, c: usize, seed: u64) -> Con
     conns
 }
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-}
-
 /// Features and reconstructions of two passes agree to 1e-4 (absolute).
 fn assert_outputs_close(label: &str, suite: &Suite, got: &PassOutput, want: &PassOutput) {
     for (i, m) in suite.modules.iter().enumerate() {
@@ -109,13 +101,13 @@ fn compare(name: &str, suite: &Suite, model: &Model, batch: &Batch, conns: Optio
         let mut plan = plan.clone();
         plan.force_composed(composed);
         let name = &format!("{name} composed={composed}");
-        let fast = pruned::forward(suite, rt, &plan, batch, opts).unwrap();
+        let fast = pass::forward(suite, rt, &plan, batch, opts).unwrap();
         assert_outputs_close(name, suite, &fast, &slow);
         for loss_kind in ["mse", "ce"] {
             let (lf, ls) = if loss_kind == "mse" {
-                (pruned::mse_loss(suite, batch, &fast).unwrap(), pruned::mse_loss(suite, batch, &slow).unwrap())
+                (pass::loss::mse_loss(suite, batch, &fast).unwrap(), pass::loss::mse_loss(suite, batch, &slow).unwrap())
             } else {
-                (pruned::ce_loss(rt, batch, &fast).unwrap(), pruned::ce_loss(rt, batch, &slow).unwrap())
+                (pass::loss::ce_loss(rt, batch, &fast).unwrap(), pass::loss::ce_loss(rt, batch, &slow).unwrap())
             };
             let (gf, gs) = (lf.backward().unwrap(), ls.backward().unwrap());
             for (key, var) in suite.named_vars() {
@@ -157,7 +149,8 @@ fn compare_engine(
     conns: Option<&Connections>,
     opts: PassOptions,
 ) {
-    use scae::engine::{self, Engine, FlatBatch};
+    use scae::data::FlatBatch;
+    use scae::pass::engine::{self, Engine};
     let rt = &model.runtime;
     let parallel = model.cfg().parallel_attn_mlp;
     let dev = Device::Cpu;
@@ -166,14 +159,14 @@ fn compare_engine(
         None => Wiring::All,
     };
     let plan = Plan::new(suite, wiring, parallel, &dev).unwrap();
-    let auto = pruned::forward(suite, rt, &plan, batch, opts).unwrap();
+    let auto = pass::forward(suite, rt, &plan, batch, opts).unwrap();
     // The engine's value-only pass (evaluate, score-edges).
-    let values = engine::ValuePass::new(suite, rt, &plan, opts, &dev).unwrap().run(batch).unwrap();
+    let values = pass::ValuePass::new(suite, rt, &plan, opts, &dev).unwrap().run(batch).unwrap();
     assert_outputs_close(&format!("{name}: value pass"), suite, &values, &auto);
     for dense in [false, true] {
         let mut eng = Engine::new(suite, rt, &plan, opts).unwrap();
         eng.force_dense_attn_grad(Some(dense));
-        let fb = FlatBatch::new(batch, suite).unwrap();
+        let fb = FlatBatch::new(batch, &suite.modules).unwrap();
         let state = eng.forward(&fb).unwrap();
         let n = fb.b * fb.s;
         for (i, m) in suite.modules.iter().enumerate() {
@@ -186,11 +179,16 @@ fn compare_engine(
         }
         for loss_kind in ["mse", "ce"] {
             let (auto_loss, (eng_loss, g_recon)) = if loss_kind == "mse" {
-                (pruned::mse_loss(suite, batch, &auto).unwrap(), engine::mse_loss_and_grad(&fb, &state, suite.d_model))
+                (
+                    pass::loss::mse_loss(suite, batch, &auto).unwrap(),
+                    pass::loss::mse_loss_and_grad(&fb, &state.recons(), suite.d_model),
+                )
             } else {
                 (
-                    pruned::ce_loss(rt, batch, &auto).unwrap(),
-                    engine::ce_loss_and_grad(rt, &fb, &state, suite.d_model).unwrap(),
+                    pass::loss::ce_loss(rt, batch, &auto).unwrap(),
+                    pass::loss::ce_loss_and_grad(rt, &fb, &state.recons(), suite.d_model)
+                        .map(|(l, g)| (l, vec![g; suite.modules.len()]))
+                        .unwrap(),
                 )
             };
             let al = auto_loss.to_scalar::<f32>().unwrap() as f64;
@@ -233,14 +231,14 @@ fn engine_matches_autograd_pass() {
 /// equals central finite differences of FVU + α·AuxK.
 #[test]
 fn engine_auxk_gradient_matches_finite_differences() {
-    use scae::engine::{self, Engine, FlatBatch};
-    use scae::train::Params;
+    use scae::data::FlatBatch;
+    use scae::pass::engine::Engine;
     let dev = Device::Cpu;
     let name = "tiny-neo";
     let (model, suite, batch) = fixture_case(name);
     let conns = random_connections(&suite, false, 5, 21);
     let plan = Plan::new(&suite, Wiring::Sparse(&conns), false, &dev).unwrap();
-    let fb = FlatBatch::new(&batch, &suite).unwrap();
+    let fb = FlatBatch::new(&batch, &suite.modules).unwrap();
     let (f, d) = (suite.n_features, suite.d_model);
     let alpha = 0.7;
     // Dead = never selected on this batch.
@@ -263,22 +261,22 @@ fn engine_auxk_gradient_matches_finite_differences() {
         })
         .collect();
     assert!(dead.iter().all(|m| m.iter().any(|&x| x)), "every module needs a dead latent");
-    let base = Params::from_suite(&suite).unwrap();
-    let loss_at = |p: &Params| -> f64 {
-        p.store(&suite).unwrap();
+    let base = suite.host_params().unwrap();
+    let loss_at = |p: &Vec<scae::sae::AeParams<Vec<f32>>>| -> f64 {
+        suite.set_params(p).unwrap();
         let eng = Engine::new(&suite, &model.runtime, &plan, PassOptions::default()).unwrap();
         let mut st = eng.forward_with_dead(&fb, Some(&dead)).unwrap();
-        let (mse, _) = engine::mse_loss_and_grad(&fb, &st, d);
+        let (mse, _) = pass::loss::mse_loss_and_grad(&fb, &st.recons(), d);
         let aux: f64 = eng.auxk_loss_and_grad(&fb, &mut st, alpha).iter().sum();
         mse + alpha * aux
     };
-    base.store(&suite).unwrap();
+    suite.set_params(&base).unwrap();
     let eng = Engine::new(&suite, &model.runtime, &plan, PassOptions::default()).unwrap();
     let mut st = eng.forward_with_dead(&fb, Some(&dead)).unwrap();
-    assert!(st.modules.iter().all(|m| m.k_aux > 0));
-    let (_, g_rec) = engine::mse_loss_and_grad(&fb, &st, d);
+    assert!(st.modules.iter().all(|m| m.aux.as_ref().is_some_and(|a| a.k_aux > 0)));
+    let (_, g_rec) = pass::loss::mse_loss_and_grad(&fb, &st.recons(), d);
     eng.auxk_loss_and_grad(&fb, &mut st, alpha);
-    let grads = scae::train::grads_layout(eng.backward(&fb, &st, g_rec).unwrap());
+    let grads = eng.backward(&fb, &st, g_rec).unwrap();
     let h = 1e-3f32;
     let (mut errors, mut checked, mut nonzero) = (Vec::new(), 0, 0);
     for (m, dm) in dead.iter().enumerate() {
@@ -288,12 +286,12 @@ fn engine_auxk_gradient_matches_finite_differences() {
                 (0..d).map(|j| (0, i * d + j)).chain([(1, i)]).chain((0..d).map(|j| (2, j * f + i))).collect();
             for (which, j) in slots {
                 let mut p = base.clone();
-                p.modules[m][which][j] += h;
+                p[m].each_mut()[which][j] += h;
                 let up = loss_at(&p);
-                p.modules[m][which][j] -= 2.0 * h;
+                p[m].each_mut()[which][j] -= 2.0 * h;
                 let down = loss_at(&p);
                 let fd = (up - down) / (2.0 * h as f64);
-                let an = grads[m][which][j] as f64;
+                let an = grads[m].each()[which][j] as f64;
                 if an != 0.0 {
                     nonzero += 1;
                 }
@@ -306,7 +304,7 @@ fn engine_auxk_gradient_matches_finite_differences() {
             }
         }
     }
-    base.store(&suite).unwrap();
+    suite.set_params(&base).unwrap();
     assert!(nonzero > 0, "AuxK gave no gradient to dead latents");
     // A perturbation can still push a latent across the main top-k or its ReLU kink (a
     // discontinuity finite differences straddle): require almost all entries to agree.

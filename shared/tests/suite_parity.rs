@@ -4,17 +4,14 @@
 //! consistent B3 variant, both losses, and the gradients of both losses w.r.t. every parameter.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
-use scae::connections::Connections;
+use scae::data::Batch;
+use scae::formats::connections::Connections;
+use scae::formats::suite::Suite;
 use scae::model::Model;
-use scae::pruned::{self, Batch, PassOptions, Plan, Wiring};
-use scae::suite::Suite;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
+use scae::pass::{self, PassOptions, Plan, Wiring};
+use scae_testkit::{fixtures, max_abs};
 
 struct Case {
     model: Model,
@@ -36,16 +33,12 @@ fn case(name: &'static str) -> Case {
     Case { model, suite, golden, batch, name }
 }
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-}
-
 fn diff(a: &Tensor, b: &Tensor) -> f32 {
     let b = b.reshape(a.shape()).unwrap();
     max_abs(&(a - b).unwrap())
 }
 
-fn check_pass(c: &Case, out: &pruned::PassOutput, prefix: &str, recon_too: bool) -> f32 {
+fn check_pass(c: &Case, out: &pass::PassOutput, prefix: &str, recon_too: bool) -> f32 {
     let mut worst = 0f32;
     for (i, m) in c.suite.modules.iter().enumerate() {
         let d = diff(&out.feats[i], &c.golden[&format!("{prefix}.feats.{m}")]);
@@ -73,17 +66,17 @@ fn run_family(name: &'static str) {
     let dev = Device::Cpu;
     // All connections (the reference's connections=None).
     let plan = Plan::new(&c.suite, Wiring::All, parallel, &dev).unwrap();
-    let full = pruned::forward(&c.suite, rt, &plan, &c.batch, PassOptions::default()).unwrap();
+    let full = pass::forward(&c.suite, rt, &plan, &c.batch, PassOptions::default()).unwrap();
     let w_full = check_pass(&c, &full, "full", true);
     // The reference's top-C connections.
     let conns = reference_connections(&c);
     assert!(conns.n_edges() > 0);
     let plan = Plan::new(&c.suite, Wiring::Sparse(&conns), parallel, &dev).unwrap();
-    let out = pruned::forward(&c.suite, rt, &plan, &c.batch, PassOptions::default()).unwrap();
+    let out = pass::forward(&c.suite, rt, &plan, &c.batch, PassOptions::default()).unwrap();
     let w_pruned = check_pass(&c, &out, "pruned", true);
     // Losses.
-    let mse = pruned::mse_loss(&c.suite, &c.batch, &out).unwrap();
-    let ce = pruned::ce_loss(rt, &c.batch, &out).unwrap();
+    let mse = pass::loss::mse_loss(&c.suite, &c.batch, &out).unwrap();
+    let ce = pass::loss::ce_loss(rt, &c.batch, &out).unwrap();
     let d_mse = diff(&mse.reshape(1).unwrap(), &c.golden["loss.mse"]);
     let d_ce = diff(&ce.reshape(1).unwrap(), &c.golden["loss.ce"]);
     assert!(d_mse <= 1e-4 && d_ce <= 1e-4, "{name}: loss diffs mse {d_mse} ce {d_ce}");
@@ -102,7 +95,7 @@ fn run_family(name: &'static str) {
     }
     // Consistent B3 variant.
     let opts = PassOptions { consistent_attn_bias: true };
-    let b3 = pruned::forward(&c.suite, rt, &plan, &c.batch, opts).unwrap();
+    let b3 = pass::forward(&c.suite, rt, &plan, &c.batch, opts).unwrap();
     check_pass(&c, &b3, "b3", false);
     eprintln!(
         "{name}: full {w_full:.2e}, pruned {w_pruned:.2e}, losses {d_mse:.2e}/{d_ce:.2e}, grads rel {worst_rel:.2e}"
@@ -134,7 +127,7 @@ fn run_scores(name: &'static str) {
     let parallel = cfg.parallel_attn_mlp;
     let dev = Device::Cpu;
     let plan = Plan::new(&c.suite, Wiring::All, parallel, &dev).unwrap();
-    let full = pruned::forward(&c.suite, rt, &plan, &c.batch, PassOptions::default()).unwrap();
+    let full = pass::forward(&c.suite, rt, &plan, &c.batch, PassOptions::default()).unwrap();
     let mut stats = ScoreStats::new(&c.suite, cfg.n_heads, parallel);
     stats.accumulate(&c.suite, &c.batch, &full).unwrap();
     let (b, s, _) = c.batch.resid_pre0.dims3().unwrap();
@@ -150,8 +143,8 @@ fn run_scores(name: &'static str) {
             let ours = stats.pair_scores(&c.suite, rt, d, u).unwrap();
             // reference = ours × B·S (mlp, plain sum) or ours / (H·S) (attn, ÷ B·H·S²)
             let factor = match dm.kind {
-                scae::suite::Kind::Mlp => (b * s) as f64,
-                scae::suite::Kind::Attn => 1.0 / (cfg.n_heads * s) as f64,
+                scae::model::Kind::Mlp => (b * s) as f64,
+                scae::model::Kind::Attn => 1.0 / (cfg.n_heads * s) as f64,
             };
             let ours = (ours * factor).unwrap();
             let want = &c.golden[&format!("avg.{dm}.{um}")];

@@ -7,25 +7,21 @@ use std::sync::Arc;
 
 use arrow_array::{ArrayRef, RecordBatch, StringArray, UInt32Array};
 use candle_core::{Device, Tensor};
-use e2e::{fixtures, golden_cache, s, scratch, tool_fails, tool_ok};
+use scae_testkit::{fixtures, golden, golden_cache, s, scratch, tool_fails, tool_ok};
 
 fn suite(name: &str) -> PathBuf {
-    e2e::fixture_suite(name)
-}
-
-fn golden(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join(format!("golden/suite-{name}.safetensors")), &Device::Cpu).unwrap()
+    scae_testkit::fixture_suite(name)
 }
 
 /// (down, up) -> per down feature, the upstream features in file order.
 fn read_edges(path: &Path) -> HashMap<(String, String), Vec<Vec<i64>>> {
-    let batches = scae::table::read_parquet(path).unwrap();
+    let batches = scae::util::table::read_parquet(path).unwrap();
     let mut out: HashMap<(String, String), Vec<Vec<i64>>> = HashMap::new();
     for b in &batches {
-        let dm = scae::table::strings(path, "down_module", b.column_by_name("down_module").unwrap()).unwrap();
-        let um = scae::table::strings(path, "up_module", b.column_by_name("up_module").unwrap()).unwrap();
-        let df = scae::table::ints(path, "down_feature", b.column_by_name("down_feature").unwrap()).unwrap();
-        let uf = scae::table::ints(path, "up_feature", b.column_by_name("up_feature").unwrap()).unwrap();
+        let dm = scae::util::table::strings(path, "down_module", b.column_by_name("down_module").unwrap()).unwrap();
+        let um = scae::util::table::strings(path, "up_module", b.column_by_name("up_module").unwrap()).unwrap();
+        let df = scae::util::table::ints(path, "down_feature", b.column_by_name("down_feature").unwrap()).unwrap();
+        let uf = scae::util::table::ints(path, "up_feature", b.column_by_name("up_feature").unwrap()).unwrap();
         for r in 0..b.num_rows() {
             let rows = out.entry((dm[r].clone(), um[r].clone())).or_insert_with(|| vec![vec![]; 32]);
             rows[df[r] as usize].push(uf[r]);
@@ -45,7 +41,7 @@ fn score_edges_top_c_equals_the_reference_selection() {
             &["--acts", s(&acts), "--suite", s(&suite(name)), "--top-c", "6", "--keep", "10", "--out", s(&out)],
         );
         let got = read_edges(&out.join("connections.parquet"));
-        let g = golden(name);
+        let g = golden(&format!("suite-{name}"));
         let mut compared = 0;
         for (key, want) in g.iter().filter(|(k, _)| k.starts_with("topc.")) {
             let parts: Vec<&str> = key.split('.').collect();
@@ -97,7 +93,7 @@ fn evaluate_matches_reference_losses_and_features() {
         );
         let report: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
-        let g = golden(name);
+        let g = golden(&format!("suite-{name}"));
         let scalar = |k: &str| g[k].flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
         let ce = report["ce"].as_f64().unwrap();
         assert!((ce - scalar("loss.ce")).abs() < 1e-4, "{name}: ce {ce} vs reference {}", scalar("loss.ce"));
@@ -226,21 +222,21 @@ fn bad_connections_and_mismatched_inputs_are_clear_errors() {
 #[test]
 fn reference_layout_round_trips_and_pythia_same_layer_edges_are_dropped() {
     let tmp = scratch("reflayout");
-    let su = scae::suite::Suite::load(&suite("tiny-pythia"), &Device::Cpu).unwrap();
+    let su = scae::formats::suite::Suite::load(&suite("tiny-pythia"), &Device::Cpu).unwrap();
     let path = fixtures().join("suites/tiny-pythia/connections-ref.safetensors");
-    let conns = scae::connections::Connections::load(&path, &su.modules, 32, true).unwrap();
+    let conns = scae::formats::connections::Connections::load(&path, &su.modules, 32, true).unwrap();
     // The reference file lists attn_L -> mlp_L edges; none survive on a parallel model.
     assert!(conns.edges[1].iter().all(|es| es.is_empty()), "mlp_0 gets no upstream input on Pythia");
     let out = tmp.join("rt.safetensors");
     conns.write_reference(&out, true).unwrap();
-    let strip = |c: &scae::connections::Connections| -> Vec<Vec<Vec<(usize, u32)>>> {
+    let strip = |c: &scae::formats::connections::Connections| -> Vec<Vec<Vec<(usize, u32)>>> {
         c.edges.iter().map(|d| d.iter().map(|es| es.iter().map(|e| (e.up, e.feature)).collect()).collect()).collect()
     };
-    let again = scae::connections::Connections::load(&out, &su.modules, 32, true).unwrap();
+    let again = scae::formats::connections::Connections::load(&out, &su.modules, 32, true).unwrap();
     assert!(strip(&again) == strip(&conns), "reference layout does not round-trip");
     let pq = tmp.join("rt.parquet");
-    conns.write_parquet(&pq, scae::connections::FORMAT, &[]).unwrap();
-    let from_pq = scae::connections::Connections::load(&pq, &su.modules, 32, true).unwrap();
+    conns.write_parquet(&pq, scae::formats::connections::FORMAT, &[]).unwrap();
+    let from_pq = scae::formats::connections::Connections::load(&pq, &su.modules, 32, true).unwrap();
     assert!(strip(&from_pq) == strip(&conns), "parquet does not round-trip");
     assert_eq!(conns.n_edges(), 32 * 6 + strip(&conns)[3].iter().map(Vec::len).sum::<usize>());
 }

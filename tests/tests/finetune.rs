@@ -2,19 +2,9 @@
 //! the gradient), resumed runs end bit-identical to uninterrupted ones, loss decreases, and
 //! bad runs stop with a clear message.
 
-use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
-use e2e::{fixture_suite, fixtures, golden_cache, s, scratch, tool_fails, tool_ok};
-
-fn load(p: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(p, &Device::Cpu).unwrap()
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-}
+use scae_testkit::{fixture_suite, fixtures, golden_cache, load, max_abs, s, scratch, tool_fails, tool_ok};
 
 #[test]
 fn first_step_gradients_match_the_reference() {

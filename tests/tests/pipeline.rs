@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use candle_core::Device;
-use e2e::{fixtures, s, scratch, tool_fails, tool_ok};
+use scae_testkit::{fixtures, s, scratch, tool_fails, tool_ok};
 
 fn json(p: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()

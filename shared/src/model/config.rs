@@ -3,7 +3,7 @@
 //! The mapping follows TransformerLens 2.x (`convert_hf_model_config`) for the three supported
 //! families, with one deliberate difference: sizes that TL hard-codes (GPT-Neo and GPT-2 use
 //! `d_mlp = 4·d_model`) are read from the config when it sets them, so the model scae runs is
-//! the model the checkpoint describes. See SPEC §1.1.
+//! the model the checkpoint describes. See docs/MATH.md, "Model side".
 
 use std::path::Path;
 
@@ -333,7 +333,7 @@ impl ModelConfig {
         Ok(cfg)
     }
 
-    /// The TL hook names cached for this model, in the reference buffer's order (SPEC §2).
+    /// The TL hook names cached for this model, in the reference buffer's order .
     pub fn hook_names(&self) -> Vec<String> {
         let mut names = vec!["blocks.0.hook_resid_pre".to_string()];
         for l in 0..self.n_layers {

@@ -1,4 +1,4 @@
-//! The clean forward pass, with TransformerLens hook values (SPEC §1.4).
+//! The clean forward pass, with TransformerLens hook values (docs/MATH.md, "Model side").
 //!
 //! Every LayerNorm is `LNPre` (weights folded by [`super::weights`]): center over d_model,
 //! divide by `sqrt(mean(x_c²) + eps)`. The hooks returned are exactly the tensors TL's
@@ -23,7 +23,7 @@ pub struct LayerHooks {
 }
 
 impl LayerHooks {
-    /// `(suffix, tensor)` pairs in the reference buffer's order (SPEC §2).
+    /// `(suffix, tensor)` pairs in the reference buffer's order (docs/MATH.md, "Model side").
     pub fn named(&self) -> [(&'static str, &Tensor); 7] {
         [
             ("ln1.hook_scale", &self.ln1_scale),

@@ -1,23 +1,29 @@
-//! The language model side: HF config and weights, TL processing, the hooked forward pass.
+//! The language model side: HF config and weights, TL processing, the hooked forward pass
+//! ([`forward`]), the hook points a suite reads ([`hooks`]), resolving `--model` ([`hub`]) and
+//! tokenizing text ([`tokenize`]).
 //!
-//! [`Model::load`] takes a local HF folder (see [`crate::hub::resolve_model`] for hub ids),
+//! [`Model::load`] takes a local HF folder (see [`hub::resolve_model`] for hub ids),
 //! reads `config.json`, the weights and the tokenizer, and hashes config and weights so that
 //! caches and suites can be tied to the exact model that made them.
 
 mod config;
 mod forward;
+mod hooks;
+pub mod hub;
+pub mod tokenize;
 mod weights;
 
 use std::path::{Path, PathBuf};
 
 pub use config::{Activation, Arch, ModelConfig};
 pub use forward::{ln_pre, token_ce, ForwardOutput, LayerHooks, Runtime};
+pub use hooks::{Kind, Module};
 pub use weights::{weight_files, BlockWeights, Weights};
 
 use candle_core::Device;
 
 use crate::error::{Error, IoContext, Result};
-use crate::tokenize::TextTokenizer;
+use tokenize::TextTokenizer;
 
 /// A model ready to run, with where it came from.
 pub struct Model {

@@ -2,8 +2,8 @@
 //!
 //! Reads `model.safetensors`, sharded `model-0000x-of-0000y.safetensors` with
 //! `model.safetensors.index.json`, or `pytorch_model.bin` (also sharded), converts the HF
-//! layout of each family to TL's (`W_Q [H,D,d_h]`, `W_O [H,d_h,D]`, ...; SPEC §1.2) and applies
-//! TL's default processing in TL's order (SPEC §1.3): fold LayerNorm, center writing weights,
+//! layout of each family to TL's (`W_Q [H,D,d_h]`, `W_O [H,d_h,D]`, ...) and applies
+//! TL's default processing in TL's order (docs/MATH.md, "Model side"): fold LayerNorm, center writing weights,
 //! center the unembedding, fold value biases. Everything is done in f32.
 
 use std::collections::HashMap;
@@ -152,7 +152,7 @@ impl Weights {
         Ok(w)
     }
 
-    /// SPEC §1.3 step 2: fold each LN's bias into the next bias, its gain into the weight,
+    /// Step 2: fold each LN's bias into the next bias, its gain into the weight,
     /// then center the weight over its d_model (input) axis.
     fn fold_layer_norm(&mut self, ln1: &[LnParams], ln2: &[LnParams], ln_f: &LnParams) -> Result<()> {
         for (b, (l1, l2)) in self.blocks.iter_mut().zip(ln1.iter().zip(ln2)) {
@@ -175,7 +175,7 @@ impl Weights {
         Ok(())
     }
 
-    /// SPEC §1.3 step 3: every write into the residual stream gets zero mean over d_model.
+    /// Step 3: every write into the residual stream gets zero mean over d_model.
     fn center_writing_weights(&mut self) -> Result<()> {
         let center_last = |t: &Tensor| -> Result<Tensor> { Ok(t.broadcast_sub(&t.mean_keepdim(D::Minus1)?)?) };
         self.w_e = center_last(&self.w_e)?;
@@ -191,14 +191,14 @@ impl Weights {
         Ok(())
     }
 
-    /// SPEC §1.3 step 4: logits are invariant to a constant shift, so remove the vocab mean.
+    /// Step 4: logits are invariant to a constant shift, so remove the vocab mean.
     fn center_unembed(&mut self) -> Result<()> {
         self.w_u = self.w_u.broadcast_sub(&self.w_u.mean_keepdim(1)?)?;
         self.b_u = self.b_u.broadcast_sub(&self.b_u.mean_keepdim(0)?)?;
         Ok(())
     }
 
-    /// SPEC §1.3 step 5: softmax rows sum to one, so `b_V` passes straight into `b_O`.
+    /// Step 5: softmax rows sum to one, so `b_V` passes straight into `b_O`.
     fn fold_value_biases(&mut self) -> Result<()> {
         for b in &mut self.blocks {
             // Σ_h b_V[h] · W_O[h]: (H, 1, d_h) x (H, d_h, D) -> (H, 1, D) -> (D)

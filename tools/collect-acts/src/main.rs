@@ -7,11 +7,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use scae::cache::{DataInfo, Manifest, ModelInfo, ShardWriter, FORMAT, MANIFEST, VERSION};
-use scae::cli::{Common, StoreDType};
-use scae::collect::{BatchSource, SourceSpec};
-use scae::io::StagedDir;
+use scae::cli::Common;
+use scae::data::{BatchSource, SourceSpec};
+use scae::formats::cache::{DataInfo, Manifest, ModelInfo, ShardWriter, StoreDType, FORMAT, MANIFEST, VERSION};
 use scae::model::Model;
+use scae::util::io::StagedDir;
 
 /// Run a model over text (or token ids) and cache every hook the SCAE pipeline needs.
 #[derive(Debug, Parser)]
@@ -58,7 +58,7 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<()> {
     let device = args.common.setup()?;
-    let dir = scae::hub::resolve_model(&args.model)?;
+    let dir = scae::model::hub::resolve_model(&args.model)?;
     let model = Model::load(&args.model, &dir, &device)?;
     let cfg = model.cfg().clone();
     let ctx_len = args.data.ctx_len as usize;
@@ -77,7 +77,7 @@ fn run(args: Args) -> Result<()> {
         args.shard_seqs.map(|s| s as usize).unwrap_or_else(|| auto_shard_seqs(&cfg, ctx_len, args.dtype, batch));
     let mut writer = ShardWriter::new(stage.path(), &cfg, args.dtype, shard_seqs);
 
-    let bar = scae::cli::token_bar(limit.map(|l| (l * ctx_len) as u64), "collecting");
+    let bar = scae::util::token_bar(limit.map(|l| (l * ctx_len) as u64), "collecting");
     let start = Instant::now();
     while let Some(tokens) = source.next_batch(&device)? {
         let out = model.runtime.forward(&tokens, true, false)?;
@@ -121,7 +121,7 @@ fn run(args: Args) -> Result<()> {
         created_by: format!("collect-acts {}", env!("CARGO_PKG_VERSION")),
     };
     let json = serde_json::to_string_pretty(&manifest).context("serializing the manifest")?;
-    scae::io::write_atomic(&stage.path().join(MANIFEST), json.as_bytes())?;
+    scae::util::io::write_atomic(&stage.path().join(MANIFEST), json.as_bytes())?;
     let out = stage.commit()?;
     let secs = start.elapsed().as_secs_f64();
     println!(

@@ -7,41 +7,12 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use scae_testkit::{fixture_model as model, fixtures, load, max_abs_diff, s as p, scratch};
 
 const BIN: &str = env!("CARGO_BIN_EXE_collect-acts");
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn model(name: &str) -> PathBuf {
-    fixtures().join("models").join(name)
-}
-
-/// A fresh scratch folder per test.
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("scae-collect-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 fn run(args: &[&str]) -> Output {
     Command::new(BIN).args(args).output().expect("run collect-acts")
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-fn load(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
-    d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
 fn manifest(dir: &Path) -> serde_json::Value {

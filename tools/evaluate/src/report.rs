@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use plotters::prelude::*;
 
 /// One evaluation run (an `evaluate --out` folder).
@@ -22,27 +22,17 @@ pub struct Run {
 
 /// Read `dir/eval.json`.
 pub fn load_run(dir: &Path) -> Result<Run> {
-    let path = dir.join("eval.json");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("{}: cannot read; hint: make it with evaluate --out", path.display()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
-    if v["format"] != "scae-eval" {
-        bail!("{}: format {}, expected scae-eval; hint: written by evaluate", path.display(), v["format"]);
-    }
-    let num = |k: &str| -> Result<f64> {
-        v[k].as_f64().with_context(|| format!("{}: field `{k}`: expected a number", path.display()))
-    };
+    let r = scae::formats::eval::EvalReport::read(dir)?;
     Ok(Run {
         dir: dir.to_path_buf(),
-        c: v["c"].as_u64(),
-        finetuned: v["suite_created_by"].as_str().is_some_and(|s| s.starts_with("finetune")),
-        ce: num("ce")?,
-        ce_diff: num("ce_diff")?,
-        ce_recovered: num("ce_recovered")?,
-        mean_fvu: num("mean_fvu")?,
-        mean_l0: num("mean_l0")?,
-        dead: num("dead_fraction")?,
+        c: r.c,
+        finetuned: r.finetuned(),
+        ce: r.ce,
+        ce_diff: r.ce_diff,
+        ce_recovered: r.ce_recovered,
+        mean_fvu: r.mean_fvu,
+        mean_l0: r.mean_l0,
+        dead: r.dead_fraction,
     })
 }
 
@@ -187,7 +177,7 @@ pub fn plot(runs: &[Run], stem: &Path) -> Result<()> {
     let svg = stem.with_extension("svg");
     let mut svg_text = String::new();
     draw(SVGBackend::with_string(&mut svg_text, (w, h)).into_drawing_area(), runs, text)?;
-    scae::io::write_atomic(&svg, svg_text.as_bytes())?;
+    scae::util::io::write_atomic(&svg, svg_text.as_bytes())?;
     let mut buf = vec![0u8; (w * h * 3) as usize];
     draw(BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area(), runs, text)?;
     let png_path = stem.with_extension("png");
@@ -199,6 +189,6 @@ pub fn plot(runs: &[Run], stem: &Path) -> Result<()> {
         let mut wr = enc.write_header().context("encoding PNG")?;
         wr.write_image_data(&buf).context("encoding PNG")?;
     }
-    scae::io::write_atomic(&png_path, &bytes)?;
+    scae::util::io::write_atomic(&png_path, &bytes)?;
     Ok(())
 }

@@ -7,17 +7,18 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use clap::Parser;
-use scae::connections::{Connections, EDGES_FORMAT, FORMAT};
+use scae::formats::connections::{Connections, EDGES_FORMAT, FORMAT};
+use scae::formats::scores::ScoresSummary;
 use scae::inputs::Inputs;
-use scae::io::StagedDir;
-use scae::pruned::{Plan, Wiring};
+use scae::pass::{Plan, ValuePass, Wiring};
 use scae::scores::{select_top_c, ScoreStats};
+use scae::util::io::StagedDir;
 
 /// Score every edge of a suite on an activation cache and pick top-C connections.
 #[derive(Debug, Parser)]
 #[command(
     version,
-    after_help = "Example:\n  score-edges --acts acts/ --suite suite/ --top-c 16 --out edges/\n\nScores: mean over tokens of the edge's signed term in the downstream pre-activation\n(SPEC §5 up to a positive factor per module). Ties: |score| desc, upstream module, feature."
+    after_help = "Example:\n  score-edges --acts acts/ --suite suite/ --top-c 16 --out edges/\n\nScores: mean over tokens of the edge's signed term in the downstream pre-activation\n(the reference's average contribution up to a positive factor per module). Ties: |score| desc, upstream module, feature."
 )]
 struct Args {
     /// Activation cache folder (from collect-acts).
@@ -61,12 +62,12 @@ fn run(args: Args) -> Result<()> {
     let parallel = inputs.parallel();
     let plan = Plan::new(suite, Wiring::All, parallel, &device)?;
     let stage = StagedDir::create(&args.out, args.cache.overwrite, "--out")?;
-    let pass = scae::engine::ValuePass::new(suite, rt, &plan, args.pass.options(), &device)?;
+    let pass = ValuePass::new(suite, rt, &plan, args.pass.options(), &device)?;
     let mut stats = ScoreStats::new(suite, rt.cfg.n_heads, parallel);
     let limit = args.cache.limit();
     let ctx = inputs.cache().manifest.ctx_len;
     let total = limit.unwrap_or(inputs.cache().manifest.n_seqs).min(inputs.cache().manifest.n_seqs);
-    let bar = scae::cli::token_bar(Some((total * ctx) as u64), "scoring");
+    let bar = scae::util::token_bar(Some((total * ctx) as u64), "scoring");
     let n_seqs = inputs.cache().for_each_batch(args.cache.batch_size as usize, limit, &device, |batch| {
         let out = pass.run(&batch)?;
         stats.accumulate(suite, &batch, &out)?;
@@ -95,15 +96,21 @@ fn run(args: Args) -> Result<()> {
         conns.write_parquet(&stage.path().join("connections.parquet"), FORMAT, &m)?;
         n_conn = Some(conns.n_edges());
     }
-    let summary = serde_json::json!({
-        "format": "scae-scores", "version": 1,
-        "n_seqs": n_seqs, "n_tokens": stats.n_tokens, "keep": keep, "top_c": args.top_c,
-        "n_edges": edges.n_edges(), "n_connections": n_conn,
-        "normalization": "mean over tokens of the edge's signed term in the downstream pre-activation",
-        "tie_order": "|score| descending, then upstream module (suite order), then upstream feature",
-        "acts": args.acts, "suite": args.suite,
-    });
-    scae::io::write_atomic(&stage.path().join("scores.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    let summary = ScoresSummary {
+        format: scae::formats::scores::FORMAT.into(),
+        version: scae::formats::scores::VERSION,
+        n_seqs,
+        n_tokens: stats.n_tokens,
+        keep,
+        top_c: args.top_c,
+        n_edges: edges.n_edges(),
+        n_connections: n_conn,
+        normalization: "mean over tokens of the edge's signed term in the downstream pre-activation".into(),
+        tie_order: "|score| descending, then upstream module (suite order), then upstream feature".into(),
+        acts: args.acts.clone(),
+        suite: args.suite.clone(),
+    };
+    summary.write(&stage.path().join("scores.json"))?;
     let out = stage.commit()?;
     println!(
         "score-edges: {} tokens, {} edges kept{} -> {}",

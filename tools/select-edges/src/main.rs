@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Result};
 use clap::Parser;
-use scae::connections::{Connections, FORMAT};
+use scae::formats::connections::{Connections, FORMAT};
+use scae::model::Module;
 use scae::scores::select_top_c;
-use scae::suite::Module;
 
 /// Keep the top C edges of every downstream feature of an edges file.
 #[derive(Debug, Parser)]
@@ -34,7 +34,7 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<()> {
     let meta: std::collections::HashMap<String, String> =
-        scae::table::parquet_metadata(&args.edges)?.into_iter().collect();
+        scae::util::table::parquet_metadata(&args.edges)?.into_iter().collect();
     let path = args.edges.display();
     let get = |k: &str| {
         meta.get(k).ok_or_else(|| anyhow!("{path}: metadata lacks `{k}`; hint: edges files are written by score-edges"))

@@ -2,7 +2,7 @@
 //! recur inside a story (who had what, who came along), so predicting them rewards looking
 //! back at the context — the induction a real small LM learns.
 
-use scae::sae::SplitMix;
+use scae::util::rng::SplitMix;
 
 const NAMES: [&str; 12] = ["Lily", "Tom", "Mia", "Ben", "Sam", "Anna", "Max", "Zoe", "Tim", "Sue", "Leo", "Kim"];
 const KINDS: [&str; 6] = ["girl", "boy", "cat", "dog", "bird", "bunny"];

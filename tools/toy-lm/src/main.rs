@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use clap::Parser;
-use scae::sae::SplitMix;
+use scae::util::rng::SplitMix;
 
 /// Write a synthetic story corpus and train a tiny GPT-Neo on it.
 #[derive(Debug, Parser)]
@@ -163,13 +163,13 @@ fn run(args: Args) -> Result<()> {
     if args.d_model % args.n_heads != 0 {
         bail!("--d-model {}: not divisible by --n-heads {}", args.d_model, args.n_heads);
     }
-    let stage = scae::io::StagedDir::create(&args.out, args.overwrite, "--out")?;
+    let stage = scae::util::io::StagedDir::create(&args.out, args.overwrite, "--out")?;
     let dir = stage.path().to_path_buf();
     // Corpus and held-out stories (different seeds).
     let train = corpus::corpus(args.n_stories, args.common.seed);
     let heldout = corpus::corpus(args.n_heldout, args.common.seed ^ 0xA5A5_5A5A);
-    scae::io::write_atomic(&dir.join("corpus.txt"), (train.join("\n") + "\n").as_bytes())?;
-    scae::io::write_atomic(&dir.join("heldout.txt"), (heldout.join("\n") + "\n").as_bytes())?;
+    scae::util::io::write_atomic(&dir.join("corpus.txt"), (train.join("\n") + "\n").as_bytes())?;
+    scae::util::io::write_atomic(&dir.join("heldout.txt"), (heldout.join("\n") + "\n").as_bytes())?;
     // Word-level vocabulary: <|endoftext|> = 0 (BOS/EOS), <|unk|> = 1, then words by first use.
     let mut vocab: Vec<String> = vec!["<|endoftext|>".into(), "<|unk|>".into()];
     let mut index: HashMap<String, u32> = vocab.iter().enumerate().map(|(i, w)| (w.clone(), i as u32)).collect();
@@ -247,7 +247,7 @@ fn run(args: Args) -> Result<()> {
     if args.n_layers % 2 == 1 {
         config["attention_types"] = serde_json::json!([[["global", "local"], args.n_layers / 2], [["global"], 1]]);
     }
-    scae::io::write_atomic(&model_dir.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
+    scae::util::io::write_atomic(&model_dir.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
     // Check the saved folder through scae's own loader (TL processing) on held-out stories.
     let loaded = scae::model::Model::load("toy", &model_dir, &Device::Cpu).context("reloading the saved model")?;
     let tok = loaded.tokenizer()?;
@@ -266,7 +266,7 @@ fn run(args: Args) -> Result<()> {
         "final_train_ce": last, "heldout_ce": heldout_ce, "unigram_entropy": unigram_entropy,
         "seconds": start.elapsed().as_secs_f64(),
     });
-    scae::io::write_atomic(&dir.join("report.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
+    scae::util::io::write_atomic(&dir.join("report.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
     let out = stage.commit()?;
     println!(
         "toy-lm: held-out CE {heldout_ce:.3} nats vs unigram entropy {unigram_entropy:.3} nats ({} words, {:.0}s) -> {}",
@@ -288,8 +288,8 @@ fn write_tokenizer(dir: &std::path::Path, vocab: &[String]) -> Result<()> {
         "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
         "model": {"type": "WordLevel", "vocab": map, "unk_token": "<|unk|>"},
     });
-    scae::io::write_atomic(&dir.join("tokenizer.json"), serde_json::to_string(&tok)?.as_bytes())?;
+    scae::util::io::write_atomic(&dir.join("tokenizer.json"), serde_json::to_string(&tok)?.as_bytes())?;
     let cfg = serde_json::json!({"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|unk|>", "model_max_length": 1000000, "tokenizer_class": "PreTrainedTokenizerFast"});
-    scae::io::write_atomic(&dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
+    scae::util::io::write_atomic(&dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
     Ok(())
 }

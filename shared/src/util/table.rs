@@ -23,7 +23,7 @@ pub fn write_parquet(path: &Path, columns: Vec<(&str, ArrayRef)>, meta: &[(&str,
         .set_compression(Compression::ZSTD(ZstdLevel::default()))
         .set_key_value_metadata(Some(kv))
         .build();
-    crate::io::write_via_tmp(path, |tmp| {
+    crate::util::io::write_via_tmp(path, |tmp| {
         let file = std::fs::File::create(tmp).at(tmp)?;
         let fail = |e: parquet::errors::ParquetError| Error::input(tmp, format!("cannot write parquet: {e}"));
         let mut w = ArrowWriter::try_new(file, batch.schema(), Some(props)).map_err(fail)?;

@@ -11,7 +11,7 @@
 //! Validation: unknown modules, features out of range, duplicate edges and edges from a
 //! module that does not precede its target are errors; except that the reference layout's
 //! same-layer attn->mlp pairs on parallel (Pythia) models are dropped with a warning, because
-//! the reference writes them although its pruned pass ignores them (SPEC B1).
+//! the reference writes them although its pruned pass ignores them (docs/MATH.md, "Where scae departs from the reference").
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -20,7 +20,7 @@ use std::sync::Arc;
 use arrow_array::{ArrayRef, Float32Array, StringArray, UInt32Array};
 
 use crate::error::{Error, IoContext, Result};
-use crate::suite::Module;
+use crate::model::Module;
 
 /// `format` key of a connections parquet file.
 pub const FORMAT: &str = "scae-connections";
@@ -103,7 +103,7 @@ impl Connections {
             ("modules", modules.join(",")),
         ];
         meta.extend(extra_meta.iter().map(|(k, v)| (*k, v.clone())));
-        crate::table::write_parquet(path, cols, &meta)
+        crate::util::table::write_parquet(path, cols, &meta)
     }
 
     /// Write the reference's layout: int64 `<down>.<up>` `[F, width]`, -1 padded, one tensor
@@ -133,7 +133,7 @@ impl Connections {
                 (n.clone(), v)
             })
             .collect();
-        let tmp = crate::io::tmp_path(path);
+        let tmp = crate::util::io::tmp_path(path);
         safetensors::serialize_to_file(views, None, &tmp)
             .map_err(|e| Error::input(&tmp, format!("cannot write: {e}")))?;
         std::fs::rename(&tmp, path).at(path)
@@ -199,7 +199,7 @@ impl<'a> Builder<'a> {
 
 fn read_parquet(path: &Path, modules: &[Module], n_features: usize, parallel: bool) -> Result<Connections> {
     // Files from other tools (pandas) carry no scae metadata; ours must be a version we read.
-    for (k, v) in crate::table::parquet_metadata(path)? {
+    for (k, v) in crate::util::table::parquet_metadata(path)? {
         if k == "version" && v != VERSION.to_string() {
             return Err(Error::input(
                 path,
@@ -207,18 +207,18 @@ fn read_parquet(path: &Path, modules: &[Module], n_features: usize, parallel: bo
             ));
         }
     }
-    let batches = crate::table::read_parquet(path)?;
+    let batches = crate::util::table::read_parquet(path)?;
     let mut b = Builder::new(path, modules, n_features, parallel);
     for batch in &batches {
         let col = |name: &str| -> Result<&ArrayRef> {
             batch.column_by_name(name).ok_or_else(|| Error::input(path, format!("missing column `{name}`")))
         };
-        let dm = crate::table::strings(path, "down_module", col("down_module")?)?;
-        let um = crate::table::strings(path, "up_module", col("up_module")?)?;
-        let df = crate::table::ints(path, "down_feature", col("down_feature")?)?;
-        let uf = crate::table::ints(path, "up_feature", col("up_feature")?)?;
+        let dm = crate::util::table::strings(path, "down_module", col("down_module")?)?;
+        let um = crate::util::table::strings(path, "up_module", col("up_module")?)?;
+        let df = crate::util::table::ints(path, "down_feature", col("down_feature")?)?;
+        let uf = crate::util::table::ints(path, "up_feature", col("up_feature")?)?;
         let score = match batch.column_by_name("score") {
-            Some(c) => crate::table::floats(path, "score", c)?,
+            Some(c) => crate::util::table::floats(path, "score", c)?,
             None => vec![f32::NAN; batch.num_rows()],
         };
         for r in 0..batch.num_rows() {
@@ -270,8 +270,8 @@ fn read_reference(path: &Path, modules: &[Module], n_features: usize, parallel: 
         let (dm, um) = (modules[d], modules[u]);
         let same_layer_parallel = parallel
             && um.layer == dm.layer
-            && um.kind == crate::suite::Kind::Attn
-            && dm.kind == crate::suite::Kind::Mlp;
+            && um.kind == crate::model::Kind::Attn
+            && dm.kind == crate::model::Kind::Mlp;
         let width = shape[1];
         for i in 0..n_features {
             for &v in &vals[i * width..(i + 1) * width] {
@@ -289,7 +289,7 @@ fn read_reference(path: &Path, modules: &[Module], n_features: usize, parallel: 
     }
     if dropped > 0 {
         eprintln!(
-            "warning: {}: dropped {dropped} same-layer attn->mlp edges, which a parallel-block model's pruned pass does not use (SPEC B1)",
+            "warning: {}: dropped {dropped} same-layer attn->mlp edges, which a parallel-block model's pruned pass does not use",
             path.display()
         );
     }

@@ -5,11 +5,14 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::connections::Connections;
+use crate::data::Batch;
 use crate::error::Result;
+use crate::formats::connections::Connections;
+use crate::formats::suite::Suite;
+use crate::model::Kind;
 use crate::model::Runtime;
-use crate::pruned::{topk_relu, Batch, PassOptions, PassOutput};
-use crate::suite::{Kind, Suite};
+use crate::pass::{PassOptions, PassOutput};
+use crate::sae::topk::topk_relu;
 
 /// The 0/1 mask `M[i, j]` of edges from module `u` into module `d` (`F×F`).
 fn mask(conns: &Connections, d: usize, u: usize, f: usize, dev: &candle_core::Device) -> Result<Tensor> {

@@ -1,6 +1,6 @@
 //! The SCAE suite: one TopK autoencoder per module (`attn_L`: SAE on `hook_attn_out`,
 //! `mlp_L`: transcoder `ln2.hook_normalized -> hook_mlp_out`), in the order
-//! `attn_0, mlp_0, attn_1, ...` (SPEC §3).
+//! `attn_0, mlp_0, attn_1, ...` (docs/MATH.md, "TopK autoencoder").
 //!
 //! On disk (format `scae-suite`, version 1; FORMATS.md): a folder with `suite.safetensors`
 //! holding the reference's state-dict keys (`aes.<module>.encoder.weight [F, D]`,
@@ -15,88 +15,13 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::model::Module;
+use crate::sae::AeParams;
 
 /// `format` of a suite's config.json.
 pub const FORMAT: &str = "scae-suite";
 /// Current suite layout version.
 pub const VERSION: u32 = 1;
-
-/// The kind of a module: which hook it reconstructs and which LN scale it reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Kind {
-    Attn,
-    Mlp,
-}
-
-/// A module of the suite, e.g. `attn_3` or `mlp_0`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Module {
-    pub layer: usize,
-    pub kind: Kind,
-}
-
-impl Module {
-    /// Every module of an `n_layers` model in suite order.
-    pub fn all(n_layers: usize) -> Vec<Module> {
-        (0..n_layers)
-            .flat_map(|l| [Module { layer: l, kind: Kind::Attn }, Module { layer: l, kind: Kind::Mlp }])
-            .collect()
-    }
-
-    /// `attn_L` / `mlp_L`.
-    pub fn name(&self) -> String {
-        match self.kind {
-            Kind::Attn => format!("attn_{}", self.layer),
-            Kind::Mlp => format!("mlp_{}", self.layer),
-        }
-    }
-
-    /// Parse `attn_L` / `mlp_L`.
-    pub fn parse(s: &str) -> Option<Module> {
-        let (kind, layer) = s.split_once('_')?;
-        let kind = match kind {
-            "attn" => Kind::Attn,
-            "mlp" => Kind::Mlp,
-            _ => return None,
-        };
-        Some(Module { layer: layer.parse().ok()?, kind })
-    }
-
-    /// Position in suite order.
-    pub fn index(&self) -> usize {
-        2 * self.layer + usize::from(self.kind == Kind::Mlp)
-    }
-
-    /// Whether `self` feeds `down` in the pruned pass. Sequential blocks: earlier layers, and
-    /// attn_L -> mlp_L. Parallel blocks (GPT-NeoX): earlier layers only (SPEC §3, B1).
-    pub fn precedes(&self, down: &Module, parallel: bool) -> bool {
-        self.layer < down.layer
-            || (!parallel && self.layer == down.layer && self.kind == Kind::Attn && down.kind == Kind::Mlp)
-    }
-
-    /// The cache hook this module reconstructs.
-    pub fn target_hook(&self) -> String {
-        match self.kind {
-            Kind::Attn => format!("blocks.{}.hook_attn_out", self.layer),
-            Kind::Mlp => format!("blocks.{}.hook_mlp_out", self.layer),
-        }
-    }
-}
-
-impl std::fmt::Display for Module {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.name())
-    }
-}
-
-/// One TopK autoencoder's parameters (trainable).
-#[derive(Debug, Clone)]
-pub struct Autoencoder {
-    pub w_enc: Var, // (n_features, d_model)
-    pub b_enc: Var, // (n_features)
-    pub w_dec: Var, // (d_model, n_features)
-    pub b_dec: Var, // (d_model)
-}
 
 /// `config.json` of a suite folder.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -125,7 +50,7 @@ pub struct Suite {
     pub n_features: usize,
     pub d_model: usize,
     pub modules: Vec<Module>,
-    pub aes: Vec<Autoencoder>,
+    pub aes: Vec<AeParams<Var>>,
     pub model_id: Option<String>,
     pub model_hash: Option<String>,
 }
@@ -248,7 +173,7 @@ impl Suite {
                 }
                 Ok(Var::from_tensor(&x)?)
             };
-            aes.push(Autoencoder {
+            aes.push(AeParams {
                 w_enc: take("encoder.weight", &[n_features, d_model])?,
                 b_enc: take("encoder.bias", &[n_features])?,
                 w_dec: take("decoder.weight", &[d_model, n_features])?,
@@ -276,12 +201,38 @@ impl Suite {
     pub fn named_vars(&self) -> Vec<(String, &Var)> {
         let mut out = Vec::new();
         for (m, ae) in self.modules.iter().zip(&self.aes) {
-            out.push((key(m, "b_dec"), &ae.b_dec));
-            out.push((key(m, "encoder.weight"), &ae.w_enc));
-            out.push((key(m, "encoder.bias"), &ae.b_enc));
-            out.push((key(m, "decoder.weight"), &ae.w_dec));
+            out.extend(ae.named().into_iter().map(|(suffix, v)| (key(m, suffix), v)));
         }
         out
+    }
+
+    /// Every module's current parameter values as host buffers.
+    pub fn host_params(&self) -> Result<Vec<AeParams<Vec<f32>>>> {
+        self.aes.iter().map(AeParams::to_host).collect()
+    }
+
+    /// Overwrite every module's parameters with host values.
+    pub fn set_params(&self, params: &[AeParams<Vec<f32>>]) -> Result<()> {
+        self.aes.iter().zip(params).try_for_each(|(ae, p)| ae.set_host(p))
+    }
+
+    /// A CPU suite of `modules` holding `params` (checked as a loaded suite is).
+    pub fn from_params(
+        params: &[AeParams<Vec<f32>>],
+        modules: &[Module],
+        k: usize,
+        d: usize,
+        f: usize,
+    ) -> Result<Suite> {
+        let dev = Device::Cpu;
+        let shapes = AeParams::shapes(d, f);
+        let mut map = HashMap::new();
+        for (m, p) in modules.iter().zip(params) {
+            for ((suffix, v), (_, shape)) in p.named().into_iter().zip(shapes.named()) {
+                map.insert(key(m, suffix), Tensor::from_slice(v, shape.as_slice(), &dev)?);
+            }
+        }
+        Suite::from_tensors(Path::new("(training)"), map, k, f, None, None)
     }
 
     /// Write `dir/suite.safetensors` and `dir/config.json` (each via tmp + rename).
@@ -299,7 +250,7 @@ impl Suite {
         ]
         .into();
         let path = dir.join("suite.safetensors");
-        let tmp = crate::io::tmp_path(&path);
+        let tmp = crate::util::io::tmp_path(&path);
         safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta), &tmp)
             .map_err(|e| Error::input(&tmp, format!("cannot write suite: {e}")))?;
         std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
@@ -317,26 +268,6 @@ impl Suite {
             args,
         };
         let json = serde_json::to_string_pretty(&cfg).expect("config serializes");
-        crate::io::write_atomic(&dir.join("config.json"), json.as_bytes())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn module_names_and_precedence() {
-        let m = Module::all(2);
-        let names: Vec<String> = m.iter().map(Module::name).collect();
-        assert_eq!(names, ["attn_0", "mlp_0", "attn_1", "mlp_1"]);
-        assert_eq!(Module::parse("mlp_1"), Some(m[3]));
-        assert_eq!(Module::parse("mlp_x"), None);
-        // sequential: attn_0 -> mlp_0 allowed; parallel: not.
-        assert!(m[0].precedes(&m[1], false));
-        assert!(!m[0].precedes(&m[1], true));
-        assert!(m[1].precedes(&m[2], true));
-        assert!(!m[2].precedes(&m[1], false));
-        assert!(!m[1].precedes(&m[1], false));
+        crate::util::io::write_atomic(&dir.join("config.json"), json.as_bytes())
     }
 }

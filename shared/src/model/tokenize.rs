@@ -3,7 +3,7 @@
 //! Reads `tokenizer.json` (or a GPT-2 style `vocab.json` + `merges.txt`) from the model
 //! folder. Texts are encoded without the tokenizer's own special tokens; `prepend_bos` puts the
 //! BOS id in front, which is what TL does whether the tokenizer adds BOS itself or TL prepends
-//! the BOS string manually (SPEC §2).
+//! the BOS string manually (docs/MATH.md, "Model side").
 
 use std::path::Path;
 

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::cli::StoreDType;
+use crate::data::Batch;
 use crate::error::{Error, IoContext, Result};
 use crate::model::{ForwardOutput, ModelConfig};
 
@@ -24,6 +24,35 @@ pub const FORMAT: &str = "scae-acts";
 pub const VERSION: u32 = 1;
 /// File name of the manifest inside a cache folder.
 pub const MANIFEST: &str = "manifest.json";
+
+/// Floating-point storage types of cached tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreDType {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl StoreDType {
+    /// The candle dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            StoreDType::F32 => DType::F32,
+            StoreDType::Bf16 => DType::BF16,
+            StoreDType::F16 => DType::F16,
+        }
+    }
+
+    /// The name used in flags and manifests.
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreDType::F32 => "f32",
+            StoreDType::Bf16 => "bf16",
+            StoreDType::F16 => "f16",
+        }
+    }
+}
 
 /// The model a cache was computed with.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -222,7 +251,7 @@ impl ShardWriter {
         .into();
         self.join_writer()?;
         self.writing = Some(std::thread::spawn(move || {
-            let tmp = crate::io::tmp_path(&path);
+            let tmp = crate::util::io::tmp_path(&path);
             safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta), &tmp)
                 .map_err(|e| Error::input(&tmp, format!("cannot write shard: {e}")))?;
             std::fs::rename(&tmp, &path).at(&path)
@@ -277,7 +306,7 @@ impl Cache {
             (None, Some(p)) if Path::new(p).is_dir() => p.clone(),
             (None, _) => info.id.clone(),
         };
-        let dir = crate::hub::resolve_model(&spec)?;
+        let dir = crate::model::hub::resolve_model(&spec)?;
         let model = crate::model::Model::load(&info.id, &dir, device)?;
         if model.hash != info.hash {
             return Err(Error::input(
@@ -301,7 +330,7 @@ impl Cache {
         batch_size: usize,
         limit: Option<usize>,
         device: &Device,
-        mut f: impl FnMut(crate::pruned::Batch) -> Result<()>,
+        mut f: impl FnMut(Batch) -> Result<()>,
     ) -> Result<usize> {
         let n_layers = self.manifest.model.n_layers;
         let limit = limit.unwrap_or(usize::MAX);
@@ -314,7 +343,7 @@ impl Cache {
             let mut start = 0;
             while start < shard.n_seqs && done < limit {
                 let n = batch_size.min(shard.n_seqs - start).min(limit - done);
-                f(crate::pruned::Batch::from_shard(&map, n_layers, start, n, device)?)?;
+                f(Batch::from_shard(&map, n_layers, start, n, device)?)?;
                 start += n;
                 done += n;
             }
@@ -439,7 +468,7 @@ impl<'a> CacheReader<'a> {
     }
 
     /// The batch made of sequences `seqs` (global indices), in that order.
-    pub fn batch(&mut self, seqs: &[usize]) -> Result<crate::pruned::Batch> {
+    pub fn batch(&mut self, seqs: &[usize]) -> Result<Batch> {
         let n_layers = self.cache.manifest.model.n_layers;
         let mut parts = Vec::new();
         let mut i = 0;
@@ -457,9 +486,9 @@ impl<'a> CacheReader<'a> {
                 self.loaded = Some((shard, self.cache.load_shard(shard, &self.device)?));
             }
             let map = &self.loaded.as_ref().expect("loaded").1;
-            parts.push(crate::pruned::Batch::from_shard(map, n_layers, local, len, &self.device)?);
+            parts.push(Batch::from_shard(map, n_layers, local, len, &self.device)?);
             i += len;
         }
-        crate::pruned::Batch::concat(&parts)
+        Batch::concat(&parts)
     }
 }

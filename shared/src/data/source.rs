@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 
-use crate::data::{self, SequenceOptions, SequenceStats, Sequencer};
+use crate::data::docs::{self, SequenceOptions, SequenceStats, Sequencer};
 use crate::error::{Error, Result};
-use crate::tokenize::TextTokenizer;
+use crate::model::tokenize::TextTokenizer;
 
 /// Where tokens come from.
 #[derive(Debug, Clone)]
@@ -50,8 +50,8 @@ impl<'a> BatchSource<'a> {
         d_vocab: usize,
     ) -> Result<BatchSource<'a>> {
         let docs = match spec {
-            SourceSpec::Text { path, column } => data::open_texts(path, column)?,
-            SourceSpec::Tokens { path, column } => data::open_tokens(path, column.as_deref())?,
+            SourceSpec::Text { path, column } => docs::open_texts(path, column)?,
+            SourceSpec::Tokens { path, column } => docs::open_tokens(path, column.as_deref())?,
         };
         let seq = Sequencer::new(docs, Some(tokenizer), opts, tokenizer.bos, tokenizer.eos);
         Ok(BatchSource {

@@ -20,7 +20,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
 
 use crate::error::{Error, IoContext, Result};
-use crate::tokenize::TextTokenizer;
+use crate::model::tokenize::TextTokenizer;
 
 /// One document: raw text, or token ids that are already tokenized.
 #[derive(Debug, Clone, PartialEq)]
@@ -226,7 +226,7 @@ fn list_row_ids(col: &ArrayRef, i: usize) -> std::result::Result<Vec<u32>, Strin
         DataType::FixedSizeList(_, _) => col.as_fixed_size_list().value(i),
         other => return Err(format!("expected lists of integers, found {other}")),
     };
-    let as_i64 = crate::table::int_values(&values).map_err(|e| format!("token ids: {e}"))?;
+    let as_i64 = crate::util::table::int_values(&values).map_err(|e| format!("token ids: {e}"))?;
     as_i64
         .into_iter()
         .map(|v| match v {

@@ -9,13 +9,13 @@
 
 use candle_core::{Device, Tensor};
 
-use crate::cache::{Cache, CacheReader};
-use crate::collect::{BatchSource, SourceSpec};
-use crate::data::SequenceOptions;
+use crate::data::docs::SequenceOptions;
+use crate::data::source::{BatchSource, SourceSpec};
+use crate::data::Batch;
 use crate::error::{Error, Result};
+use crate::formats::cache::{Cache, CacheReader};
+use crate::model::tokenize::TextTokenizer;
 use crate::model::Model;
-use crate::pruned::Batch;
-use crate::tokenize::TextTokenizer;
 
 /// Where training batches come from.
 pub enum TrainData<'a> {
@@ -64,7 +64,7 @@ impl<'a> TrainData<'a> {
         }
         // Open now so that a bad file or column fails before any training; the first batch
         // reads from this source.
-        let source = crate::collect::BatchSource::open(&spec, tokenizer, opts, 1, None, model.cfg().d_vocab)?;
+        let source = BatchSource::open(&spec, tokenizer, opts, 1, None, model.cfg().d_vocab)?;
         Ok(TrainData::Stream { model, tokenizer, spec, opts, source: Some(source), at: 0, device: device.clone() })
     }
 

@@ -99,6 +99,93 @@ impl Drop for StagedDir {
     }
 }
 
+impl RunDir {
+    /// Prepare a training output folder: with `resume`, it must hold a checkpoint; otherwise it
+    /// must be absent or empty (or `overwrite`), and is created.
+    pub fn prepare(out: &Path, resume: bool, overwrite: bool) -> Result<RunDir> {
+        if resume {
+            if !out.join("checkpoint").join("state.json").is_file() {
+                return Err(Error::input(out, "--resume: no checkpoint to resume from; hint: run without --resume"));
+            }
+            return Ok(RunDir { out: out.to_path_buf(), replaced: None, existed: true, kept: true });
+        }
+        let mut replaced = None;
+        let mut existed = false;
+        if out.exists() {
+            if !out.is_dir() {
+                return Err(Error::input(out, "--out: expected a folder, found a file"));
+            }
+            let non_empty = std::fs::read_dir(out).at(out)?.next().is_some();
+            if non_empty && !overwrite {
+                return Err(Error::input(
+                    out,
+                    "--out: folder exists and is not empty; hint: pass --overwrite, or --resume to continue",
+                ));
+            }
+            if non_empty {
+                // Moved aside until this run has something to show for itself.
+                let aside = sibling(out, ".replaced");
+                if aside.exists() {
+                    std::fs::remove_dir_all(&aside).at(&aside)?;
+                }
+                std::fs::rename(out, &aside).at(&aside)?;
+                replaced = Some(aside);
+            } else {
+                existed = true;
+            }
+        }
+        std::fs::create_dir_all(out)
+            .map_err(|e| Error::input(out, format!("--out: cannot create output folder: {e}")))?;
+        Ok(RunDir { out: out.to_path_buf(), replaced, existed, kept: false })
+    }
+}
+
+/// The output folder of a training run. A fresh run that fails before it writes a checkpoint
+/// or its result leaves nothing behind: dropping an unkept `RunDir` removes the folder's
+/// contents and puts back the folder that `--overwrite` replaced. Once kept (a checkpoint to
+/// resume from, or the final output), the folder stays.
+#[must_use]
+pub struct RunDir {
+    out: PathBuf,
+    /// The previous contents (`--overwrite`), until the run is kept.
+    replaced: Option<PathBuf>,
+    /// The folder existed (empty) before the run.
+    existed: bool,
+    kept: bool,
+}
+
+impl RunDir {
+    /// The output folder.
+    pub fn path(&self) -> &Path {
+        &self.out
+    }
+
+    /// The run has written something worth keeping: the folder stays from now on.
+    pub fn keep(&mut self) {
+        if self.kept {
+            return;
+        }
+        self.kept = true;
+        if let Some(old) = self.replaced.take() {
+            let _ = std::fs::remove_dir_all(old);
+        }
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
+        let _ = std::fs::remove_dir_all(&self.out);
+        if let Some(old) = &self.replaced {
+            let _ = std::fs::rename(old, &self.out);
+        } else if self.existed {
+            let _ = std::fs::create_dir(&self.out);
+        }
+    }
+}
+
 trait StripSlash {
     fn strip_suffix_slash(&self) -> PathBuf;
 }

@@ -1,0 +1,163 @@
+//! `evaluate`'s runner: the suite's pruned pass over an activation cache, and what it measures
+//! (docs/MATH.md, "Evaluation metrics"): CE with the suite spliced in against the clean and the
+//! zero-ablation CE, FVU (both definitions), L0 and dead features per module.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::Result;
+use crate::formats::connections::Connections;
+use crate::formats::eval::{EvalReport, ModuleEval, FORMAT, VERSION};
+use crate::inputs::Inputs;
+use crate::pass::loss::ce_per_token;
+use crate::pass::{PassOptions, Plan, ValuePass, Wiring};
+use crate::sae::loss::{fvu_ref, Moments};
+
+/// A validated `evaluate` run.
+#[derive(Debug, Clone)]
+pub struct EvalConfig {
+    pub acts: PathBuf,
+    pub suite: PathBuf,
+    /// The connections file (recorded in the report; the set itself is passed to [`run`]).
+    pub connections: Option<PathBuf>,
+    pub batch_size: usize,
+    /// Use only the first N cached sequences.
+    pub limit: Option<usize>,
+    pub pass: PassOptions,
+    /// Also keep every module's features and reconstructions.
+    pub dump: bool,
+}
+
+/// Running sums for one module.
+#[derive(Default, Clone)]
+struct ModuleStats {
+    target: Moments,
+    err: Moments,
+    fvu_ref_sum: f64,
+    nonzero: u64,
+    fired: Vec<bool>,
+}
+
+/// What [`run`] returns: the report, and with `dump` the tensors `feats.<m> [n, ctx, F]` and
+/// `recon.<m> [n, ctx, d_model]`.
+pub struct Evaluation {
+    pub report: EvalReport,
+    pub dump: HashMap<String, Tensor>,
+}
+
+/// C as recorded in a connections parquet's metadata (`c`), else the most edges of any feature.
+pub fn connections_c(path: &Path, conns: &Connections) -> Result<u64> {
+    let meta = if path.extension().is_some_and(|e| e == "parquet") {
+        crate::util::table::parquet_metadata(path)?
+    } else {
+        Vec::new()
+    };
+    Ok(meta
+        .iter()
+        .find(|(k, _)| k == "c")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or_else(|| conns.edges.iter().flatten().map(Vec::len).max().unwrap_or(0) as u64))
+}
+
+/// Evaluate `inputs.suite` with `conns` (all connections when `None`) on `inputs`' cache.
+pub fn run(inputs: &Inputs, conns: Option<&Connections>, cfg: &EvalConfig, device: &Device) -> Result<Evaluation> {
+    let suite = &inputs.suite;
+    let rt = &inputs.model.runtime;
+    let c_value = match (&cfg.connections, conns) {
+        (Some(p), Some(c)) => Some(connections_c(p, c)?),
+        _ => None,
+    };
+    let suite_created_by: Option<String> = std::fs::read_to_string(cfg.suite.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["created_by"].as_str().map(String::from));
+    let wiring = match conns {
+        Some(c) => Wiring::Sparse(c),
+        None => Wiring::All,
+    };
+    let plan = Plan::new(suite, wiring, inputs.parallel(), device)?;
+    let pass = ValuePass::new(suite, rt, &plan, cfg.pass, device)?;
+    let n_mod = suite.modules.len();
+    let mut stats = vec![ModuleStats { fired: vec![false; suite.n_features], ..Default::default() }; n_mod];
+    let (mut ce_sum, mut clean_sum, mut zero_sum, mut n_pred, mut n_tok, mut n_batches) =
+        (0f64, 0f64, 0f64, 0u64, 0u64, 0u64);
+    let mut dump: HashMap<String, Vec<Tensor>> = HashMap::new();
+    let cache = inputs.cache();
+    let m = &cache.manifest;
+    let bar =
+        crate::util::token_bar(Some((cfg.limit.unwrap_or(m.n_seqs).min(m.n_seqs) * m.ctx_len) as u64), "evaluating");
+    let sum = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?) };
+    let n_seqs = cache.for_each_batch(cfg.batch_size, cfg.limit, device, |batch| {
+        let out = pass.run(&batch)?;
+        let (b, s, _) = batch.resid_pre0.dims3()?;
+        ce_sum += sum(&ce_per_token(rt, &batch, &out)?)?;
+        clean_sum += sum(&rt.forward(&batch.tokens, false, false)?.ce)?;
+        // Zero ablation: the residual stream replaced by layer 0's input alone.
+        zero_sum += sum(&rt.ce_from_resid(&batch.resid_pre0, &batch.tokens)?)?;
+        n_pred += (b * (s - 1)) as u64;
+        n_tok += (b * s) as u64;
+        n_batches += 1;
+        for (i, module) in suite.modules.iter().enumerate() {
+            let st = &mut stats[i];
+            let target = batch.target(module);
+            st.target.add(target)?;
+            st.err.add(&(target - &out.recon[i])?)?;
+            st.fvu_ref_sum += fvu_ref(target, &out.recon[i])?.to_scalar::<f32>()? as f64;
+            let feats = out.feats[i].to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            for (j, v) in feats.iter().enumerate() {
+                if *v != 0.0 {
+                    st.nonzero += 1;
+                    st.fired[j % suite.n_features] = true;
+                }
+            }
+            if cfg.dump {
+                let f = out.feats[i].reshape((b, s, suite.n_features))?;
+                dump.entry(format!("feats.{module}")).or_default().push(f);
+                dump.entry(format!("recon.{module}")).or_default().push(out.recon[i].clone());
+            }
+        }
+        bar.inc((b * s) as u64);
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    let (ce, clean_ce, ce_zero) = (ce_sum / n_pred as f64, clean_sum / n_pred as f64, zero_sum / n_pred as f64);
+    let mut modules = BTreeMap::new();
+    let (mut mean_fvu, mut mean_l0, mut mean_dead) = (0.0, 0.0, 0.0);
+    for (module, st) in suite.modules.iter().zip(&stats) {
+        let n = n_tok as f64;
+        let fvu = st.err.total_variance(n) / st.target.total_variance(n);
+        let l0 = st.nonzero as f64 / n;
+        let dead = st.fired.iter().filter(|f| !**f).count() as f64 / suite.n_features as f64;
+        mean_fvu += fvu / n_mod as f64;
+        mean_l0 += l0 / n_mod as f64;
+        mean_dead += dead / n_mod as f64;
+        let fvu_ref = st.fvu_ref_sum / n_batches as f64;
+        modules.insert(module.name(), ModuleEval { fvu, fvu_ref, l0, dead_fraction: dead });
+    }
+    let report = EvalReport {
+        format: FORMAT.into(),
+        version: VERSION,
+        acts: cfg.acts.clone(),
+        suite: cfg.suite.clone(),
+        connections: cfg.connections.clone(),
+        n_connections: conns.map(|c| c.n_edges()),
+        c: c_value,
+        suite_created_by,
+        n_seqs,
+        n_tokens: n_tok,
+        clean_ce,
+        ce,
+        ce_diff: ce - clean_ce,
+        ce_zero,
+        ce_recovered: (ce_zero - ce) / (ce_zero - clean_ce),
+        mean_fvu,
+        mean_l0,
+        dead_fraction: mean_dead,
+        consistent_attn_bias: cfg.pass.consistent_attn_bias,
+        modules,
+    };
+    let dump = dump.into_iter().map(|(k, v)| Ok((k, Tensor::cat(&v, 0)?))).collect::<Result<_>>()?;
+    Ok(Evaluation { report, dump })
+}

@@ -1,0 +1,150 @@
+//! Training checkpoints (format `scae-checkpoint`, version 1; FORMATS.md): `<out>/checkpoint/`
+//! holds the suite as it stood (`suite.safetensors` + `config.json`), `optimizer.safetensors`
+//! (Adam moments `m.<key>` / `v.<key>` per state-dict key, dead-feature counters
+//! `dead.<module>`), and `state.json` ([`RunState`]). A checkpoint is built in
+//! `checkpoint.tmp` and swapped in, keeping the previous one until the new one is complete.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, IoContext, Result};
+use crate::formats::suite::Suite;
+use crate::model::Module;
+use crate::sae::AeParams;
+
+/// `format` of a checkpoint's state.json.
+pub const FORMAT: &str = "scae-checkpoint";
+/// Current checkpoint version.
+pub const VERSION: u32 = 1;
+
+/// Everything besides parameters and optimizer moments that a resumed run needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunState {
+    pub format: String,
+    pub version: u32,
+    /// Tool that wrote the checkpoint.
+    pub tool: String,
+    /// Steps completed.
+    pub step: u64,
+    /// Sequences consumed from the data so far (the data position).
+    pub seqs_seen: u64,
+    /// Optimizer steps taken (Adam bias correction).
+    pub opt_t: u64,
+    /// Digest of the arguments that must not change across a resume.
+    pub args_digest: String,
+}
+
+/// Adam's first and second moments, per module.
+pub type Moments<'a> = (&'a [AeParams<Vec<f32>>], &'a [AeParams<Vec<f32>>]);
+
+/// What a checkpoint holds.
+pub struct Checkpoint {
+    pub state: RunState,
+    /// The suite's parameters, per module.
+    pub params: Vec<AeParams<Vec<f32>>>,
+    /// Adam's moments (`None` for SGD).
+    pub moments: Option<(Vec<AeParams<Vec<f32>>>, Vec<AeParams<Vec<f32>>>)>,
+    /// Tokens since each feature last fired, per module.
+    pub since: Vec<Vec<u64>>,
+}
+
+fn key(m: &Module, suffix: &str) -> String {
+    format!("aes.{m}.{suffix}")
+}
+
+/// Write `dir/checkpoint` atomically (build `checkpoint.tmp`, then swap it in).
+pub fn write(
+    dir: &Path,
+    suite: &Suite,
+    moments: Option<Moments>,
+    since: &[Vec<u64>],
+    state: &RunState,
+) -> Result<PathBuf> {
+    let final_dir = dir.join("checkpoint");
+    let tmp = dir.join("checkpoint.tmp");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).at(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp).at(&tmp)?;
+    suite.save(&tmp, &state.tool, serde_json::json!({"checkpoint_step": state.step}))?;
+    let dev = Device::Cpu;
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for (mi, module) in suite.modules.iter().enumerate() {
+        if let Some((m, v)) = moments {
+            for ((name, mt), (_, vt)) in m[mi].named().into_iter().zip(v[mi].named()) {
+                tensors.insert(format!("m.{}", key(module, name)), Tensor::from_vec(mt.clone(), mt.len(), &dev)?);
+                tensors.insert(format!("v.{}", key(module, name)), Tensor::from_vec(vt.clone(), vt.len(), &dev)?);
+            }
+        }
+        let s: Vec<i64> = since[mi].iter().map(|&s| s as i64).collect();
+        tensors.insert(format!("dead.{module}"), Tensor::from_vec(s, since[mi].len(), &dev)?);
+    }
+    candle_core::safetensors::save(&tensors, tmp.join("optimizer.safetensors"))?;
+    let json = serde_json::to_string_pretty(state).expect("state serializes");
+    crate::util::io::write_atomic(&tmp.join("state.json"), json.as_bytes())?;
+    let old = dir.join("checkpoint.old");
+    if final_dir.exists() {
+        if old.exists() {
+            std::fs::remove_dir_all(&old).at(&old)?;
+        }
+        std::fs::rename(&final_dir, &old).at(&old)?;
+    }
+    std::fs::rename(&tmp, &final_dir).at(&final_dir)?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).at(&old)?;
+    }
+    Ok(final_dir)
+}
+
+/// Read `dir/checkpoint` written by `tool` with arguments of digest `args_digest` for a suite
+/// of `modules`, with Adam moments when `with_moments`.
+pub fn read(dir: &Path, modules: &[Module], with_moments: bool, tool: &str, args_digest: &str) -> Result<Checkpoint> {
+    let ck = dir.join("checkpoint");
+    let state_path = ck.join("state.json");
+    let text = std::fs::read_to_string(&state_path).map_err(|e| {
+        Error::input(&state_path, format!("cannot read checkpoint state: {e}; hint: run without --resume"))
+    })?;
+    let state: RunState = serde_json::from_str(&text)
+        .map_err(|e| Error::input(&state_path, format!("malformed checkpoint state: {e}")))?;
+    if state.format != FORMAT || state.version != VERSION || state.tool != tool {
+        return Err(Error::input(
+            &state_path,
+            format!(
+                "{} v{} from {}, expected {FORMAT} v{VERSION} from {tool}",
+                state.format, state.version, state.tool
+            ),
+        ));
+    }
+    if state.args_digest != args_digest {
+        return Err(Error::input(
+            &state_path,
+            "written with different arguments (data, suite, connections, loss, optimizer, schedule or sizes); hint: resume with the same arguments",
+        ));
+    }
+    let saved = Suite::load(&ck, &Device::Cpu)?;
+    let params = saved.host_params()?;
+    let opt_path = ck.join("optimizer.safetensors");
+    let t = candle_core::safetensors::load(&opt_path, &Device::Cpu)
+        .map_err(|e| Error::input(&opt_path, format!("not readable: {e}")))?;
+    let get = |k: &str| -> Result<Tensor> {
+        t.get(k).cloned().ok_or_else(|| Error::input(&opt_path, format!("missing tensor `{k}`")))
+    };
+    let mut since = Vec::with_capacity(modules.len());
+    let (mut ms, mut vs) = (Vec::new(), Vec::new());
+    for (mi, module) in modules.iter().enumerate() {
+        if with_moments {
+            let (mut m, mut v) = (params[mi].zeros_like(), params[mi].zeros_like());
+            for ((name, mt), (_, vt)) in m.named_mut().into_iter().zip(v.named_mut()) {
+                *mt = get(&format!("m.{}", key(module, name)))?.to_vec1::<f32>()?;
+                *vt = get(&format!("v.{}", key(module, name)))?.to_vec1::<f32>()?;
+            }
+            ms.push(m);
+            vs.push(v);
+        }
+        since.push(get(&format!("dead.{module}"))?.to_vec1::<i64>()?.into_iter().map(|v| v as u64).collect());
+    }
+    Ok(Checkpoint { state, params, moments: with_moments.then_some((ms, vs)), since })
+}

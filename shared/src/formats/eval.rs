@@ -1,0 +1,84 @@
+//! `eval.json` (format `scae-eval`, version 1; FORMATS.md): what `evaluate` measured, read back
+//! by `evaluate --compare`. Written with sorted keys.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// `format` of an eval.json.
+pub const FORMAT: &str = "scae-eval";
+/// Current version.
+pub const VERSION: u32 = 1;
+
+/// One module's evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModuleEval {
+    /// FVU over all tokens (error and target centred).
+    pub fvu: f64,
+    /// The reference's FVU (batch-axis variance), averaged over batches.
+    pub fvu_ref: f64,
+    /// Mean number of non-zero features per token.
+    pub l0: f64,
+    /// Fraction of features that never had a non-zero value.
+    pub dead_fraction: f64,
+}
+
+/// The whole of `eval.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    pub format: String,
+    pub version: u32,
+    pub acts: PathBuf,
+    pub suite: PathBuf,
+    pub connections: Option<PathBuf>,
+    /// Edges in the connection set (none: all connections).
+    pub n_connections: Option<usize>,
+    /// C as recorded by score-edges/select-edges, else the most edges of any feature.
+    pub c: Option<u64>,
+    /// The `created_by` of the suite's config.json.
+    pub suite_created_by: Option<String>,
+    pub n_seqs: usize,
+    pub n_tokens: u64,
+    pub clean_ce: f64,
+    pub ce: f64,
+    pub ce_diff: f64,
+    pub ce_zero: f64,
+    pub ce_recovered: f64,
+    pub mean_fvu: f64,
+    pub mean_l0: f64,
+    pub dead_fraction: f64,
+    pub consistent_attn_bias: bool,
+    pub modules: BTreeMap<String, ModuleEval>,
+}
+
+impl EvalReport {
+    /// Write as pretty JSON with sorted keys (via `<path>.tmp`).
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let v = serde_json::to_value(self).expect("report serializes");
+        crate::util::io::write_atomic(path, serde_json::to_string_pretty(&v).expect("json").as_bytes())
+    }
+
+    /// Read `dir/eval.json`, checking its format.
+    pub fn read(dir: &Path) -> Result<EvalReport> {
+        let path = dir.join("eval.json");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| Error::input(&path, format!("cannot read: {e}; hint: make it with evaluate --out")))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::input(&path, format!("not valid JSON: {e}")))?;
+        if v["format"] != FORMAT {
+            return Err(Error::input(
+                &path,
+                format!("format {}, expected {FORMAT}; hint: written by evaluate", v["format"]),
+            ));
+        }
+        serde_json::from_value(v).map_err(|e| Error::input(&path, format!("malformed report: {e}")))
+    }
+
+    /// Whether the evaluated suite was written by `finetune`.
+    pub fn finetuned(&self) -> bool {
+        self.suite_created_by.as_deref().is_some_and(|s| s.starts_with("finetune"))
+    }
+}

@@ -1,0 +1,211 @@
+//! The pruned forward pass as composed candle ops with autograd: the GPU path, and the
+//! reference implementation the CPU engine is tested against (docs/MATH.md, "Pruned pass: mlp
+//! targets", "Pruned pass: attention targets", "Edge terms").
+//!
+//! Each downstream module's pre-activation is built from cached clean-run quantities (layer-0
+//! residual, LN scales, attention patterns) plus the contributions of its connected upstream
+//! features, then ReLU + top-k. With all connections ([`Wiring::All`]) the upstream sum is just
+//! the upstream reconstructions pushed through the encoder (dense d_model-space products); with
+//! a connection set ([`Wiring::Sparse`]) the per-edge virtual weights `w[i,c] = E[i]·W_dec[:,j]`
+//! (attention: `Σ` over a d_head factorisation of `W_OV`) are formed only for the F·C edges and
+//! applied through [`super::kernels::EdgeMatmul`] — no `F×F` or `heads×F×F` matrix exists.
+//! Gradients flow to every suite parameter through candle autograd.
+
+use candle_core::{DType, Tensor};
+
+use super::kernels::{EdgeMatmul, SparseDecode};
+use super::plan::DownPlan;
+use super::{PassOptions, PassOutput, Plan};
+use crate::data::Batch;
+use crate::error::Result;
+use crate::formats::suite::Suite;
+use crate::model::{Kind, Runtime};
+use crate::sae::topk::{topk_relu, topk_relu_device};
+use crate::sae::AeParams;
+
+/// One layer's attention constants in the pass dtype.
+struct AttnConsts {
+    w_v: Tensor,      // (D, H·dh)
+    w_o: Tensor,      // (H·dh, D)
+    w_ov_sum: Tensor, // (D, D) = Σ_h W_OV[h]
+    b_o: Tensor,      // (D)
+}
+
+/// The tensors the pass reads, in its compute dtype: every module's parameters (casts of the
+/// suite's variables, so gradients reach them) and every layer's attention constants.
+struct Weights {
+    aes: Vec<AeParams<Tensor>>,
+    attn: Vec<AttnConsts>,
+}
+
+impl Weights {
+    fn new(suite: &Suite, rt: &Runtime, dtype: DType) -> Result<Weights> {
+        let cast =
+            |t: &Tensor| -> Result<Tensor> { Ok(if t.dtype() == dtype { t.clone() } else { t.to_dtype(dtype)? }) };
+        let aes = suite.aes.iter().map(|ae| ae.try_map(|v| cast(v.as_tensor()))).collect::<Result<Vec<_>>>()?;
+        let attn = (0..rt.cfg.n_layers)
+            .map(|l| {
+                let (w_v, w_o) = rt.flat_vo(l);
+                Ok(AttnConsts {
+                    w_v: cast(w_v)?,
+                    w_o: cast(w_o)?,
+                    w_ov_sum: cast(rt.w_ov_sum(l))?,
+                    b_o: cast(&rt.weights.blocks[l].b_o)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Weights { aes, attn })
+    }
+}
+
+/// Σ_h P_h (x W_V[h]) W_O[h] for `x (B, S, D)`: attention mixing with the cached pattern.
+fn attn_mix(rt: &Runtime, attn: &AttnConsts, x: &Tensor, pattern: &Tensor) -> Result<Tensor> {
+    let (b, s, d) = x.dims3()?;
+    let (h, dh) = (rt.cfg.n_heads, rt.cfg.d_head);
+    let v = x.reshape((b * s, d))?.matmul(&attn.w_v)?.reshape((b, s, h, dh))?.transpose(1, 2)?.contiguous()?;
+    let z = pattern.matmul(&v)?.transpose(1, 2)?.reshape((b * s, h * dh))?;
+    Ok(z.matmul(&attn.w_o)?.reshape((b, s, d))?)
+}
+
+/// Run the pruned pass of `suite` on `batch`, in [`Batch::pass_dtype`] (f32, or bf16/f16
+/// through the composed ops with the suite's f32 variables cast on the way in — see
+/// [`Batch::with_pass_dtype`]).
+pub fn forward(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, opts: PassOptions) -> Result<PassOutput> {
+    let (b, s, dm) = batch.resid_pre0.dims3()?;
+    let (n, f, k) = (b * s, suite.n_features, suite.k);
+    let dtype = batch.pass_dtype();
+    let r0 = &batch.resid_pre0.to_dtype(dtype)?;
+    // The CPU custom ops are f32 only.
+    let composed = plan.composed || dtype != DType::F32;
+    let w = Weights::new(suite, rt, dtype)?;
+    let mut feats: Vec<Tensor> = Vec::with_capacity(suite.modules.len());
+    let mut recon: Vec<Tensor> = Vec::with_capacity(suite.modules.len());
+    let mut recon_nobias: Vec<Tensor> = Vec::with_capacity(suite.modules.len());
+    let mut pres = Vec::with_capacity(suite.modules.len());
+    for (d, module) in suite.modules.iter().enumerate() {
+        let AeParams { w_enc: enc, b_enc, w_dec, b_dec } = &w.aes[d];
+        let enc_t = enc.t()?;
+        let plan_d = plan.down(d);
+        let ups = &plan_d.ups;
+        let mut ub = Tensor::zeros(dm, dtype, r0.device())?;
+        for &u in ups {
+            ub = (ub + &w.aes[u].b_dec)?;
+        }
+        let l = module.layer;
+        let mut pre = match module.kind {
+            Kind::Mlp => {
+                let scale = &batch.ln2_scale[l];
+                let mut x = r0.clone();
+                if plan.sparse {
+                    x = x.broadcast_add(&ub)?;
+                } else {
+                    for &u in ups {
+                        x = (x + &recon[u])?;
+                    }
+                }
+                let x = x.broadcast_div(scale)?;
+                let mut a = x.reshape((n, dm))?.matmul(&enc_t)?;
+                if plan.sparse && !ups.is_empty() {
+                    let y = edge_contrib(suite, rt, &w, plan_d, composed, &feats, d, None, s)?; // (B, 1, S, F)
+                    a = (a + y.reshape((n, f))?.broadcast_div(&scale.reshape((n, 1))?)?)?;
+                }
+                a
+            }
+            Kind::Attn => {
+                let scale = &batch.ln1_scale[l];
+                let pattern = &batch.pattern[l];
+                let mut x = r0.clone();
+                if !plan.sparse {
+                    for &u in ups {
+                        x = (x + &recon_nobias[u])?;
+                    }
+                }
+                if opts.consistent_attn_bias {
+                    x = x.broadcast_add(&ub)?;
+                }
+                let mixed = attn_mix(rt, &w.attn[l], &x.broadcast_div(scale)?, pattern)?;
+                let mut a = mixed.reshape((n, dm))?.matmul(&enc_t)?;
+                if plan.sparse && !ups.is_empty() {
+                    let y = edge_contrib(suite, rt, &w, plan_d, composed, &feats, d, Some(l), s)?; // (B, H, S, F)
+                    let y = y.broadcast_div(&scale.reshape((b, 1, s, 1))?)?;
+                    let mixed = pattern.matmul(&y)?.sum(1)?; // (B, S, F)
+                    a = (a + mixed.reshape((n, f))?)?;
+                }
+                let b_o = &w.attn[l].b_o;
+                a = a.broadcast_add(&b_o.unsqueeze(0)?.matmul(&enc_t)?.squeeze(0)?)?;
+                if !opts.consistent_attn_bias && !ups.is_empty() {
+                    // Reference form (B3): (ub / s1[q]) (Σ_h W_OV[h]) Eᵀ.
+                    let projected = ub.unsqueeze(0)?.matmul(&w.attn[l].w_ov_sum)?; // (1, D)
+                    let per_tok = projected.broadcast_div(&scale.reshape((n, 1))?)?; // (N, D)
+                    a = (a + per_tok.matmul(&enc_t)?)?;
+                }
+                a
+            }
+        };
+        // + b_enc − E b_dec (the encoder subtracts the module's own b_dec)
+        let own = enc.matmul(&b_dec.unsqueeze(1)?)?.squeeze(1)?;
+        pre = pre.broadcast_add(&(b_enc - own)?)?;
+        let feat = if composed { topk_relu_device(&pre, k)? } else { topk_relu(&pre, k)? };
+        let w_dec_t = w_dec.t()?.contiguous()?;
+        let rec_nb = if composed { feat.matmul(&w_dec_t)? } else { feat.apply_op2(&w_dec_t, SparseDecode)? };
+        let rec = rec_nb.broadcast_add(b_dec)?.reshape((b, s, dm))?;
+        recon_nobias.push(rec_nb.reshape((b, s, dm))?);
+        recon.push(rec);
+        feats.push(feat);
+        pres.push(pre);
+    }
+    Ok(PassOutput { feats, recon, pre: pres })
+}
+
+/// The sparse upstream contribution `(B, H, S, F)` (H = 1 for mlp targets).
+#[allow(clippy::too_many_arguments)]
+fn edge_contrib(
+    suite: &Suite,
+    rt: &Runtime,
+    wt: &Weights,
+    plan_d: &DownPlan,
+    composed: bool,
+    feats: &[Tensor],
+    d: usize,
+    attn_layer: Option<usize>,
+    seq_len: usize,
+) -> Result<Tensor> {
+    let index = plan_d.index.as_ref().expect("sparse plan");
+    let cols = plan_d.cols.as_ref().expect("sparse plan");
+    let f = suite.n_features;
+    let enc = &wt.aes[d].w_enc;
+    let x = Tensor::cat(&plan_d.ups.iter().map(|&u| &feats[u]).collect::<Vec<_>>(), 1)?;
+    let dec_t =
+        Tensor::cat(&plan_d.ups.iter().map(|&u| wt.aes[u].w_dec.t()).collect::<candle_core::Result<Vec<_>>>()?, 0)?
+            .contiguous()?;
+    let width = index.width;
+    let (w, heads) = match attn_layer {
+        None => {
+            // w[i,c] = E[i] · W_dec^{u}[:, j]
+            let g = dec_t.index_select(cols, 0)?.reshape((f, width, suite.d_model))?;
+            (g.broadcast_mul(&enc.unsqueeze(1)?)?.sum(2)?.unsqueeze(2)?, 1)
+        }
+        Some(l) => {
+            // w_h[i,c] = (W_O[h] E[i]ᵀ) · (W_dec[:,j]ᵀ W_V[h]), a d_head dot product per head.
+            let (h, dh) = (rt.cfg.n_heads, rt.cfg.d_head);
+            let AttnConsts { w_v, w_o, .. } = &wt.attn[l];
+            let ev = enc.matmul(&w_o.t()?)?.reshape((f, 1, h, dh))?;
+            let dv = dec_t.matmul(w_v)?.index_select(cols, 0)?.reshape((f, width, h, dh))?;
+            (dv.broadcast_mul(&ev)?.sum(3)?, h)
+        }
+    };
+    if composed {
+        // Composed (any device): gather each slot's upstream feature row (tokens along the
+        // row), then one small batched product per downstream feature:
+        // y[f] (H, N) = w[f]ᵀ (H, C) · x_g[f] (C, N). Memory F·C·N, no F·C·N·H intermediate.
+        let n = x.dim(0)?;
+        let mask = plan_d.slot_mask.as_ref().expect("sparse plan").to_dtype(w.dtype())?;
+        let w = w.broadcast_mul(&mask)?; // (F, C, H); empty slots contribute nothing
+        let g = x.t()?.contiguous()?.index_select(cols, 0)?.reshape((f, width, n))?; // (F, C, N)
+        let y = w.transpose(1, 2)?.contiguous()?.matmul(&g)?; // (F, H, N)
+        let b = n / seq_len;
+        return Ok(y.reshape((f, heads, b, seq_len))?.permute((2, 1, 3, 0))?.contiguous()?);
+    }
+    let op = EdgeMatmul { index: index.clone(), heads, seq_len };
+    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, op)?)
+}

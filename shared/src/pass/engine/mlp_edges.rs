@@ -1,0 +1,138 @@
+//! Edge terms into mlp targets: weights, forward, and backward side by side.
+//!
+//! Dimensions: N tokens, D = d_model, F features, C slots per downstream feature, K = k.
+//! Edge `(i, c)` connects downstream feature i to upstream feature `j` of module `u`:
+//! `w[i, c] = E[i] · W_dec^u[:, j]`, and `a[t, i] += w[i, c] · f_u[t, j] / s2[t]`
+//! (docs/MATH.md, "Edge terms").
+
+use rayon::prelude::*;
+
+use super::{active_ups, add_dec_t_grads, add_up_value_grads, Engine, ModuleState, PreGrad, State};
+use crate::data::FlatBatch;
+use crate::pass::kernels::{EdgeIndex, EMPTY};
+use crate::util::blas::{axpy, dot, fold_rows};
+
+impl Engine<'_> {
+    /// `w[i,c] = E[i] · W_dec^{u}[:, j]` for every slot.
+    pub(super) fn mlp_edge_weights(&self, di: usize, index: &EdgeIndex) -> Vec<f32> {
+        let (d, f) = (self.d, self.f);
+        let ups = &self.plan.down(di).ups;
+        let enc = &self.params[di].enc;
+        let width = index.width;
+        let mut w = vec![0f32; f * width];
+        w.par_chunks_mut(width).enumerate().for_each(|(i, wrow)| {
+            for (c, wv) in wrow.iter_mut().enumerate() {
+                let col = index.slot_col[i * width + c];
+                if col != EMPTY {
+                    let (pu, j) = (col as usize / f, col as usize % f);
+                    *wv = dot(&enc[i * d..(i + 1) * d], &self.params[ups[pu]].dec_t[j * d..(j + 1) * d]);
+                }
+            }
+        });
+        w
+    }
+
+    /// `a[t, i] += Σ_c w[i, c] · f_u[t, j] / s2[t]`, pushed from each token's active upstream
+    /// features through the column-ordered weights `w_col`.
+    pub(super) fn mlp_edges_forward(
+        &self,
+        fb: &FlatBatch,
+        di: usize,
+        index: &EdgeIndex,
+        w_col: &[f32],
+        states: &[ModuleState],
+        a: &mut [f32],
+    ) {
+        let (f, k) = (self.f, self.k);
+        let ups = &self.plan.down(di).ups;
+        let sc = &fb.s2[self.suite.modules[di].layer];
+        a.par_chunks_mut(f).enumerate().for_each(|(t, arow)| {
+            let inv = 1.0 / sc[t];
+            for (_, _, v, col) in active_ups(states, ups, t, k, f) {
+                let x = v * inv;
+                let r = index.col_range(col);
+                for (&wv, &i) in w_col[r.clone()].iter().zip(&index.rev_down[r]) {
+                    arow[i as usize] += wv * x;
+                }
+            }
+        });
+    }
+
+    /// Edge-term backward for an mlp target: returns `g w (F·C)`, adds into upstream `g_val`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn mlp_edges_backward(
+        &self,
+        fb: &FlatBatch,
+        di: usize,
+        index: &EdgeIndex,
+        w_col: &[f32],
+        pg: &PreGrad,
+        state: &State,
+        g_val_up: &mut [Vec<f32>],
+    ) -> Vec<f32> {
+        let (n, f, k) = (fb.b * fb.s, self.f, self.k);
+        let ups = &self.plan.down(di).ups;
+        let sc = &fb.s2[self.suite.modules[di].layer];
+        // Per token: (g val of every up at t). Collect per-up row slices mutably in parallel by
+        // computing into a scratch (N, |U|·K) buffer, then scattering.
+        let mut scratch = vec![0f32; n * ups.len() * k];
+        let row_len = ups.len() * k;
+        let gw_col = fold_rows(&mut scratch, row_len, w_col.len(), |first, block, gw| {
+            let mut dense = vec![0f32; f];
+            for (r, srow) in block.chunks_mut(row_len).enumerate() {
+                let t = first + r;
+                for kk in 0..pg.kb {
+                    dense[pg.idx[t * pg.kb + kk] as usize] += pg.g[t * pg.kb + kk];
+                }
+                let inv = 1.0 / sc[t];
+                for (pu, kk, v, col) in active_ups(&state.modules, ups, t, k, f) {
+                    let x = v * inv;
+                    let mut acc = 0f32;
+                    let r = index.col_range(col);
+                    for (j, &i) in r.clone().zip(&index.rev_down[r]) {
+                        let g = dense[i as usize];
+                        gw[j] += g * x;
+                        acc += g * w_col[j];
+                    }
+                    srow[pu * k + kk] = acc * inv;
+                }
+                for kk in 0..pg.kb {
+                    dense[pg.idx[t * pg.kb + kk] as usize] = 0.0;
+                }
+            }
+        });
+        add_up_value_grads(ups, &scratch, n, k, g_val_up);
+        index.to_slot_order(&gw_col, 1)
+    }
+
+    /// Backward of [`mlp_edge_weights`](Self::mlp_edge_weights): `gE[i] += g w · W_dec^u[:, j]`,
+    /// `g W_decᵀ_u[j] += g w · E[i]`.
+    pub(super) fn mlp_edge_weights_backward(
+        &self,
+        di: usize,
+        index: &EdgeIndex,
+        gw: &[f32],
+        g_enc: &mut [f32],
+        g_dec_t_in: &mut [Vec<f32>],
+    ) {
+        let (d, f) = (self.d, self.f);
+        let ups = &self.plan.down(di).ups;
+        let enc = &self.params[di].enc;
+        let width = index.width;
+        let mut g_dec_t_up: Vec<Vec<f32>> = ups.iter().map(|_| vec![0f32; f * d]).collect();
+        for i in 0..f {
+            for c in 0..width {
+                let slot = i * width + c;
+                let col = index.slot_col[slot];
+                if col == EMPTY || gw[slot] == 0.0 {
+                    continue;
+                }
+                let (pu, j) = (col as usize / f, col as usize % f);
+                let dec = &self.params[ups[pu]].dec_t[j * d..(j + 1) * d];
+                axpy(gw[slot], dec, &mut g_enc[i * d..(i + 1) * d]);
+                axpy(gw[slot], &enc[i * d..(i + 1) * d], &mut g_dec_t_up[pu][j * d..(j + 1) * d]);
+            }
+        }
+        add_dec_t_grads(ups, g_dec_t_up, g_dec_t_in);
+    }
+}

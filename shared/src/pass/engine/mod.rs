@@ -1,0 +1,439 @@
+//! The fast CPU pruned pass: forward and hand-written backward over flat `f32` buffers.
+//!
+//! Computes exactly what [`crate::pass::autograd::forward`] computes (that version, built from
+//! candle ops with autograd, is checked against the reference; this one is checked against it):
+//! - features are kept sparse (`k` indices and values per token), so decoding, the edge terms
+//!   and every backward step cost `k` (or `k·C`) per token instead of `F`;
+//! - gradients are computed only where they exist: top-k selects `k` entries per row, so the
+//!   gradient of each pre-activation row has `k` non-zeros, and constants (cached scales,
+//!   patterns, model weights) get no gradient work at all.
+//!
+//! Per downstream module d the pre-activation is `a = Z Eᵀ + b_enc − E b_dec + edges`, where
+//! `Z (N, D)` gathers every d_model-space term (layer-0 residual, upstream decoder biases, with
+//! all connections the upstream reconstructions, and for attention the mixing by the cached
+//! pattern and `b_O`), and `edges` is the sparse sum over connected upstream features
+//! (docs/MATH.md, "Pruned pass: mlp targets", "Pruned pass: attention targets", "Edge terms").
+//! The only dense products are `Z Eᵀ` (`N·D·F`), per-step weight products of size `F·D·D`, and
+//! the attention mixing of edge terms (`B·H·S²·F`).
+//!
+//! Dimensions: B sequences of S positions (q query, p key), N = B·S tokens, D = d_model, H heads
+//! of d_h, F features per module, K = k active per token, C edge slots per downstream feature,
+//! U = the upstream modules of a downstream one.
+//!
+//! Files: [`encoder`] (Z and the encoder product, forward and backward), [`decode`] (top-k,
+//! ReLU and decoding, forward and backward), [`mlp_edges`] and [`attn_edges`] (each edge
+//! kind's weights, forward and backward), [`attn_mix`] (attention mixing); this file holds the
+//! state and runs the modules in order.
+
+mod attn_edges;
+mod attn_mix;
+mod decode;
+mod encoder;
+mod mlp_edges;
+
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+
+use crate::data::FlatBatch;
+use crate::error::{Error, Result};
+use crate::formats::suite::Suite;
+use crate::model::{Kind, Runtime};
+use crate::pass::{PassOptions, Plan};
+use crate::sae::loss::{auxk_and_grad, auxk_select, AuxLatents};
+use crate::sae::AeParams;
+use crate::util::blas::{add_into, axpy, transpose};
+use crate::util::profile::Profile;
+use crate::util::to_vec;
+
+/// `out (F, D)`: `out[i] = Σ coef(j) · rows[j / width]` over the flat positions `j` with
+/// `idx[j] == i` and `coef(j) != 0`. A column index of the sparse (token, slot) entries makes
+/// the sum parallel over features, without per-thread accumulators, and deterministic.
+pub(super) fn by_feature(
+    idx: &[u32],
+    width: usize,
+    f: usize,
+    d: usize,
+    coef: impl Fn(usize) -> f32 + Sync,
+    rows: &[f32],
+) -> Vec<f32> {
+    let mut ptr = vec![0u32; f + 1];
+    for (j, &i) in idx.iter().enumerate() {
+        if coef(j) != 0.0 {
+            ptr[i as usize + 1] += 1;
+        }
+    }
+    for i in 0..f {
+        ptr[i + 1] += ptr[i];
+    }
+    let mut fill = ptr.clone();
+    let mut entries = vec![0u32; ptr[f] as usize];
+    for (j, &i) in idx.iter().enumerate() {
+        if coef(j) != 0.0 {
+            entries[fill[i as usize] as usize] = j as u32;
+            fill[i as usize] += 1;
+        }
+    }
+    let mut out = vec![0f32; f * d];
+    out.par_chunks_mut(d).enumerate().for_each(|(i, o)| {
+        for &j in &entries[ptr[i] as usize..ptr[i + 1] as usize] {
+            let t = j as usize / width;
+            axpy(coef(j as usize), &rows[t * d..(t + 1) * d], o);
+        }
+    });
+    out
+}
+
+/// The non-zero selected values of the upstream modules `ups` at token `t`, in (module,
+/// top-k slot) order: `(pu, kk, v, col)` with `col = pu·F + feature`, the feature's column
+/// among the concatenated upstream features.
+pub(super) fn active_ups<'s>(
+    states: &'s [ModuleState],
+    ups: &'s [usize],
+    t: usize,
+    k: usize,
+    f: usize,
+) -> impl Iterator<Item = (usize, usize, f32, usize)> + 's {
+    ups.iter().enumerate().flat_map(move |(pu, &u)| {
+        let st = &states[u];
+        (0..k).filter_map(move |kk| {
+            let v = st.val[t * k + kk];
+            (v != 0.0).then(|| (pu, kk, v, pu * f + st.idx[t * k + kk] as usize))
+        })
+    })
+}
+
+/// Add `scratch (N, |U|, K)` — the gradient of every upstream module's selected values that
+/// one downstream module's edges produced — into the per-module totals `g_val_up[u] (N, K)`.
+pub(super) fn add_up_value_grads(ups: &[usize], scratch: &[f32], n: usize, k: usize, g_val_up: &mut [Vec<f32>]) {
+    for (pu, &u) in ups.iter().enumerate() {
+        let gvu = &mut g_val_up[u];
+        for t in 0..n {
+            let src = &scratch[(t * ups.len() + pu) * k..(t * ups.len() + pu + 1) * k];
+            add_into(&mut gvu[t * k..(t + 1) * k], src);
+        }
+    }
+}
+
+/// Add gradients w.r.t. upstream modules' `W_decᵀ` (F, D) into their running totals.
+pub(super) fn add_dec_t_grads(ups: &[usize], g_dec_t_up: Vec<Vec<f32>>, g_dec_t_in: &mut [Vec<f32>]) {
+    for (g, &u) in g_dec_t_up.into_iter().zip(ups) {
+        if g_dec_t_in[u].is_empty() {
+            g_dec_t_in[u] = g;
+        } else {
+            add_into(&mut g_dec_t_in[u], &g);
+        }
+    }
+}
+
+/// One module's parameters as the engine reads them: the decoder transposed, so that a
+/// feature's decoder column is a contiguous row.
+struct FlatAe {
+    enc: Vec<f32>,   // (F, D)
+    b_enc: Vec<f32>, // (F)
+    dec_t: Vec<f32>, // (F, D) = W_decᵀ
+    b_dec: Vec<f32>, // (D)
+}
+
+/// Model constants of one layer.
+struct LayerConsts {
+    w_v: Vec<f32>,      // (D, H·dh)
+    w_o: Vec<f32>,      // (H·dh, D)
+    b_o: Vec<f32>,      // (D)
+    w_ov_sum: Vec<f32>, // (D, D)
+}
+
+/// What the edge terms' forward keeps for their backward (sparse wiring only).
+#[derive(Default)]
+struct EdgeState {
+    /// Edge weights in column order ([`crate::pass::kernels::EdgeIndex::to_col_order`]) for the loops that push from
+    /// upstream features, and for attention targets also by slot `(F, C, H)`.
+    w: Vec<f32>,
+    w_col: Vec<f32>,
+    /// Attention targets: `E W_Oᵀ (F, H·dh)` and per up `W_decᵀ W_V (F, H·dh)`.
+    ev: Vec<f32>,
+    dv: Vec<Vec<f32>>,
+}
+
+/// What the forward pass keeps for the backward pass, per module.
+pub struct ModuleState {
+    /// Top-k indices `(N, K)` and ReLU'd values `(N, K)`.
+    pub idx: Vec<u32>,
+    pub val: Vec<f32>,
+    /// Reconstruction `(N, D)` including `b_dec`.
+    pub recon: Vec<f32>,
+    /// The d_model-space encoder input `Z (N, D)`.
+    z: Vec<f32>,
+    edges: EdgeState,
+    /// AuxK latents (with dead latents), and the loss gradient w.r.t. their reconstruction of
+    /// the residual `(N, D)` (set by [`Engine::auxk_loss_and_grad`]).
+    pub aux: Option<AuxLatents>,
+    aux_g: Vec<f32>,
+}
+
+/// The gradient of a module's pre-activation: `kb` (index, value) entries per token.
+struct PreGrad {
+    idx: Vec<u32>,
+    g: Vec<f32>,
+    kb: usize,
+}
+
+/// Forward state of a whole suite.
+pub struct State {
+    pub modules: Vec<ModuleState>,
+}
+
+impl State {
+    /// Every module's reconstruction `(N, D)`.
+    pub fn recons(&self) -> Vec<&[f32]> {
+        self.modules.iter().map(|m| m.recon.as_slice()).collect()
+    }
+}
+
+/// Gradients of one module's parameters (shapes as the suite's).
+pub type ModuleGrads = AeParams<Vec<f32>>;
+
+/// The fast pruned pass of a suite for one model and wiring.
+pub struct Engine<'a> {
+    suite: &'a Suite,
+    plan: &'a Plan,
+    opts: PassOptions,
+    params: Vec<FlatAe>,
+    layers: Vec<LayerConsts>,
+    n_heads: usize,
+    d_head: usize,
+    d: usize,
+    f: usize,
+    k: usize,
+    /// Force the dense (`Some(true)`) or sparse (`Some(false)`) attention edge gradient;
+    /// `None` picks by cost.
+    dense_attn_grad: Option<bool>,
+}
+
+impl<'a> Engine<'a> {
+    /// Force the dense or sparse computation of attention edge gradients (both exact; the
+    /// default picks the cheaper one). For tests and benchmarks.
+    pub fn force_dense_attn_grad(&mut self, dense: Option<bool>) {
+        self.dense_attn_grad = dense;
+    }
+
+    /// Snapshot the suite's parameters and the model's constants.
+    pub fn new(suite: &'a Suite, rt: &Runtime, plan: &'a Plan, opts: PassOptions) -> Result<Engine<'a>> {
+        let params = suite
+            .aes
+            .iter()
+            .map(|ae| {
+                Ok(FlatAe {
+                    enc: to_vec(ae.w_enc.as_tensor())?,
+                    b_enc: to_vec(ae.b_enc.as_tensor())?,
+                    dec_t: to_vec(&ae.w_dec.as_tensor().t()?.contiguous()?)?,
+                    b_dec: to_vec(ae.b_dec.as_tensor())?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let layers = (0..rt.cfg.n_layers)
+            .map(|l| {
+                let (w_v, w_o) = rt.flat_vo(l);
+                Ok(LayerConsts {
+                    w_v: to_vec(w_v)?,
+                    w_o: to_vec(w_o)?,
+                    b_o: to_vec(&rt.weights.blocks[l].b_o)?,
+                    w_ov_sum: to_vec(rt.w_ov_sum(l))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if plan.sparse && suite.modules.iter().enumerate().any(|(d, _)| plan.down(d).index.is_none()) {
+            return Err(Error::Usage("sparse plan without edge index".into()));
+        }
+        Ok(Engine {
+            suite,
+            plan,
+            opts,
+            params,
+            layers,
+            n_heads: rt.cfg.n_heads,
+            d_head: rt.cfg.d_head,
+            d: suite.d_model,
+            f: suite.n_features,
+            k: suite.k,
+            dense_attn_grad: None,
+        })
+    }
+
+    /// Run the pruned pass on a batch.
+    pub fn forward(&self, fb: &FlatBatch) -> Result<State> {
+        self.forward_with_dead(fb, None)
+    }
+
+    /// Run the pruned pass; with `dead` masks (per module), also select each module's AuxK
+    /// latents (docs/MATH.md, "AuxK").
+    pub fn forward_with_dead(&self, fb: &FlatBatch, dead: Option<&[Vec<bool>]>) -> Result<State> {
+        let mut prof = Profile::new();
+        let mut states: Vec<ModuleState> = Vec::with_capacity(self.suite.modules.len());
+        for di in 0..self.suite.modules.len() {
+            let z = self.encoder_input(fb, di, &states);
+            prof.mark("Z");
+            let mut a = self.encode(di, &z);
+            prof.mark("Z·Eᵀ");
+            let edges = self.edges_forward(fb, di, &states, &mut a, &mut prof);
+            let (idx, val, recon) = self.decode(di, &a, &mut prof);
+            let aux = dead.and_then(|m| auxk_select(&a, self.f, &m[di], self.d));
+            states.push(ModuleState { idx, val, recon, z, edges, aux, aux_g: Vec::new() });
+            prof.mark("decode, AuxK");
+        }
+        prof.report("forward");
+        Ok(State { modules: states })
+    }
+
+    /// The sparse edge terms into module `di`, added into its pre-activation `a (N, F)`.
+    fn edges_forward(
+        &self,
+        fb: &FlatBatch,
+        di: usize,
+        states: &[ModuleState],
+        a: &mut [f32],
+        prof: &mut Profile,
+    ) -> EdgeState {
+        let plan_d = self.plan.down(di);
+        if !self.plan.sparse || plan_d.ups.is_empty() {
+            return EdgeState::default();
+        }
+        let index = plan_d.index.as_ref().expect("sparse plan");
+        let l = self.suite.modules[di].layer;
+        match self.suite.modules[di].kind {
+            Kind::Mlp => {
+                let w_col = index.to_col_order(&self.mlp_edge_weights(di, index), 1);
+                prof.mark("mlp w");
+                self.mlp_edges_forward(fb, di, index, &w_col, states, a);
+                prof.mark("mlp edges");
+                EdgeState { w_col, ..EdgeState::default() }
+            }
+            Kind::Attn => {
+                let (w, ev, dv) = self.attn_edge_weights(di, l, index);
+                let w_col = index.to_col_order(&w, self.n_heads);
+                prof.mark("attn w");
+                self.attn_edges_forward(fb, di, l, index, &w_col, states, a);
+                prof.mark("attn edges");
+                EdgeState { w, w_col, ev, dv }
+            }
+        }
+    }
+
+    /// AuxK of every module with AuxK latents, storing `alpha ×` its gradient for
+    /// [`backward`](Self::backward). Returns AuxK per module (0 when no latent is dead).
+    pub fn auxk_loss_and_grad(&self, fb: &FlatBatch, state: &mut State, alpha: f64) -> Vec<f64> {
+        let d = self.d;
+        let mut out = Vec::with_capacity(state.modules.len());
+        for (m, st) in state.modules.iter_mut().enumerate() {
+            let Some(aux) = &st.aux else {
+                out.push(0.0);
+                continue;
+            };
+            let ehat = crate::sae::decode(&aux.idx, &aux.val, aux.k_aux, &self.params[m].dec_t, d, None);
+            let r: Vec<f32> = fb.targets[m].iter().zip(&st.recon).map(|(t, x)| t - x).collect();
+            let (value, g) = auxk_and_grad(&ehat, &r, d, aux.n_dead, alpha);
+            out.push(value);
+            st.aux_g = g;
+        }
+        out
+    }
+
+    /// Backpropagate `g_recon[m] (N, D)` (the loss gradient w.r.t. every reconstruction)
+    /// through the pass; returns the gradient of every parameter.
+    pub fn backward(&self, fb: &FlatBatch, state: &State, mut g_recon: Vec<Vec<f32>>) -> Result<Vec<ModuleGrads>> {
+        let mut prof = Profile::new();
+        let (n, d, f, k) = (fb.b * fb.s, self.d, self.f, self.k);
+        let n_mod = self.suite.modules.len();
+        // Gradient w.r.t. reconstructions without b_dec (attention inputs under all connections).
+        let mut g_recon_nb: Vec<Vec<f32>> = vec![Vec::new(); n_mod];
+        // Gradient w.r.t. each module's selected feature values (N, K).
+        let mut g_val: Vec<Vec<f32>> = (0..n_mod).map(|_| vec![0f32; n * k]).collect();
+        let mut grads: Vec<Option<ModuleGrads>> = vec![None; n_mod];
+        // Gradients w.r.t. W_decᵀ (F, D) that downstream edge weights send to each module.
+        let mut g_dec_t_in: Vec<Vec<f32>> = vec![Vec::new(); n_mod];
+        let mut g_bdec_extra: Vec<Vec<f32>> = vec![vec![0f32; d]; n_mod];
+        for di in (0..n_mod).rev() {
+            let st = &state.modules[di];
+            let g_rec = std::mem::take(&mut g_recon[di]);
+            let (mut g_dec_t, mut g_bdec) = self.decode_backward(di, st, g_rec, &g_recon_nb[di], &mut g_val[di]);
+            let pg = self.pre_grad(di, st, &g_val[di], &mut g_dec_t);
+            let (mut g_enc, g_benc, g_z) = self.encode_backward(di, st, &pg, &mut g_bdec);
+            self.encoder_input_backward(fb, di, &g_z, &mut g_recon, &mut g_recon_nb, &mut g_bdec_extra);
+            prof.mark("decode, dense");
+            self.edges_backward(fb, di, state, &pg, &mut g_val, &mut g_enc, &mut g_dec_t_in, &mut prof);
+            // Assemble this module's gradients (W_dec from its transpose).
+            if !g_dec_t_in[di].is_empty() {
+                add_into(&mut g_dec_t, &g_dec_t_in[di]);
+            }
+            let g_wdec = transpose(&g_dec_t, f, d);
+            grads[di] = Some(AeParams { w_enc: g_enc, b_enc: g_benc, w_dec: g_wdec, b_dec: g_bdec });
+        }
+        prof.mark("assemble");
+        prof.report("backward");
+        let mut out: Vec<ModuleGrads> = grads.into_iter().map(|g| g.expect("every module visited")).collect();
+        for (g, extra) in out.iter_mut().zip(&g_bdec_extra) {
+            add_into(&mut g.b_dec, extra);
+        }
+        Ok(out)
+    }
+
+    /// The edge terms' backward into module `di`: the upstream values' gradients into
+    /// `g_val`, the edge weights' into `g_enc` and the upstream decoders' `g_dec_t_in`.
+    #[allow(clippy::too_many_arguments)]
+    fn edges_backward(
+        &self,
+        fb: &FlatBatch,
+        di: usize,
+        state: &State,
+        pg: &PreGrad,
+        g_val: &mut [Vec<f32>],
+        g_enc: &mut [f32],
+        g_dec_t_in: &mut [Vec<f32>],
+        prof: &mut Profile,
+    ) {
+        let plan_d = self.plan.down(di);
+        if !self.plan.sparse || plan_d.ups.is_empty() {
+            return;
+        }
+        let index = plan_d.index.as_ref().expect("sparse plan");
+        let st = &state.modules[di];
+        let (before, _) = g_val.split_at_mut(di);
+        let l = self.suite.modules[di].layer;
+        match self.suite.modules[di].kind {
+            Kind::Mlp => {
+                let gw = self.mlp_edges_backward(fb, di, index, &st.edges.w_col, pg, state, before);
+                prof.mark("mlp edges");
+                self.mlp_edge_weights_backward(di, index, &gw, g_enc, g_dec_t_in);
+                prof.mark("mlp w");
+            }
+            Kind::Attn => {
+                let gw = self.attn_edges_backward(fb, di, l, index, &st.edges.w, pg, state, before);
+                prof.mark("attn edges");
+                self.attn_edge_weights_backward(di, l, index, &gw, &st.edges, g_enc, g_dec_t_in);
+                prof.mark("attn w");
+            }
+        }
+    }
+}
+
+/// Gradients as candle tensors shaped like the suite's variables (in `named_vars` order).
+pub fn grads_to_tensors(suite: &Suite, grads: &[ModuleGrads], device: &Device) -> Result<Vec<Tensor>> {
+    let shapes = AeParams::shapes(suite.d_model, suite.n_features);
+    let mut out = Vec::new();
+    for g in grads {
+        for ((_, v), (_, shape)) in g.named().into_iter().zip(shapes.named()) {
+            out.push(Tensor::from_slice(v, shape.as_slice(), device)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Features of a module as a dense `(N, F)` tensor (for inspection and tests).
+pub fn dense_features(state: &ModuleState, n: usize, f: usize, k: usize, device: &Device) -> Result<Tensor> {
+    let mut dense = vec![0f32; n * f];
+    for t in 0..n {
+        for kk in 0..k {
+            dense[t * f + state.idx[t * k + kk] as usize] = state.val[t * k + kk];
+        }
+    }
+    Ok(Tensor::from_vec(dense, (n, f), device)?)
+}

@@ -1,0 +1,140 @@
+//! The finetuning losses of a pruned pass, each in its tensor form (autograd) and its host form
+//! (flat buffers with the gradient w.r.t. every reconstruction, for the CPU engine):
+//! `Σ_m FVU_m` with the reference's FVU (docs/MATH.md, "FVU"), and the CE with the suite
+//! spliced into the residual stream (docs/MATH.md, "Spliced CE").
+
+use candle_core::{DType, Tensor};
+use rayon::prelude::*;
+
+use super::PassOutput;
+use crate::data::{Batch, FlatBatch};
+use crate::error::{Error, Result};
+use crate::formats::suite::Suite;
+use crate::model::Runtime;
+use crate::sae::loss::{fvu_ref, fvu_ref_and_grad};
+use crate::util::blas::{add_into, sgemm};
+use crate::util::to_vec;
+
+/// `Σ_m FVU_m` (reference definition), the MSE-mode training loss.
+pub fn mse_loss(suite: &Suite, batch: &Batch, out: &PassOutput) -> Result<Tensor> {
+    let mut total: Option<Tensor> = None;
+    for (m, r) in suite.modules.iter().zip(&out.recon) {
+        let v = fvu_ref(batch.target(m), r)?;
+        total = Some(match total {
+            Some(t) => (t + v)?,
+            None => v,
+        });
+    }
+    total.ok_or_else(|| Error::Usage("empty suite".into()))
+}
+
+/// [`mse_loss`] and its gradient w.r.t. every reconstruction `recon[m] (N, D)`, on host buffers.
+pub fn mse_loss_and_grad(fb: &FlatBatch, recon: &[&[f32]], d: usize) -> (f64, Vec<Vec<f32>>) {
+    let (fvus, grads) = mse_per_module(fb, recon, d);
+    (fvus.iter().sum(), grads)
+}
+
+/// Each module's reference FVU and its gradient w.r.t. the module's reconstruction, given
+/// `recon[m] (N, D)` (host form of [`mse_loss`]'s terms).
+pub fn mse_per_module(fb: &FlatBatch, recon: &[&[f32]], d: usize) -> (Vec<f64>, Vec<Vec<f32>>) {
+    let sd = fb.s * d;
+    recon.iter().zip(&fb.targets).map(|(r, t)| fvu_ref_and_grad(t, r, fb.b, sd)).unzip()
+}
+
+/// The residual stream the suite implies: `Σ_m R_m + hook_resid_pre[0]`.
+pub fn spliced_resid(batch: &Batch, out: &PassOutput) -> Result<Tensor> {
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+    let mut resid = f32(&out.recon[0])?;
+    for r in &out.recon[1..] {
+        resid = (resid + f32(r)?)?;
+    }
+    Ok((resid + f32(&batch.resid_pre0)?)?)
+}
+
+/// CE with the suite spliced in (per token, `(batch, pos-1)`): final LN and unembed of
+/// [`spliced_resid`], next-token targets.
+pub fn ce_per_token(rt: &Runtime, batch: &Batch, out: &PassOutput) -> Result<Tensor> {
+    rt.ce_from_resid(&spliced_resid(batch, out)?, &batch.tokens)
+}
+
+/// The reference's CE loss: mean over batch·(pos−1).
+pub fn ce_loss(rt: &Runtime, batch: &Batch, out: &PassOutput) -> Result<Tensor> {
+    Ok(ce_per_token(rt, batch, out)?.mean_all()?)
+}
+
+/// CE with the suite spliced in and its gradient w.r.t. the spliced residual, which is also
+/// the gradient w.r.t. every reconstruction (the residual is their sum). Returns (mean CE over
+/// batch·(pos−1), gradient `(N, D)`).
+pub fn ce_loss_and_grad(rt: &Runtime, fb: &FlatBatch, recon: &[&[f32]], d: usize) -> Result<(f64, Vec<f32>)> {
+    let (b, s) = (fb.b, fb.s);
+    let n = b * s;
+    let mut resid = fb.r0.clone();
+    for r in recon {
+        add_into(&mut resid, r);
+    }
+    let w_u = to_vec(&rt.weights.w_u)?; // (D, V)
+    let b_u = to_vec(&rt.weights.b_u)?;
+    let v = b_u.len();
+    let eps = rt.cfg.ln_eps as f32;
+    let count = (b * (s - 1)) as f64;
+    let mut g_resid = vec![0f32; n * d];
+    // Rows in chunks so the logits never exist for the whole batch.
+    let chunk = 64usize;
+    let losses: Vec<f64> = g_resid
+        .par_chunks_mut(chunk * d)
+        .enumerate()
+        .map(|(ci, gchunk)| {
+            let rows = gchunk.len() / d;
+            let t0 = ci * chunk;
+            let mut normed = vec![0f32; rows * d];
+            let mut sig = vec![0f32; rows];
+            for r in 0..rows {
+                let x = &resid[(t0 + r) * d..(t0 + r + 1) * d];
+                let mu = x.iter().sum::<f32>() / d as f32;
+                let var = x.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / d as f32;
+                let sd = (var + eps).sqrt();
+                sig[r] = sd;
+                for j in 0..d {
+                    normed[r * d + j] = (x[j] - mu) / sd;
+                }
+            }
+            let mut logits = vec![0f32; rows * v];
+            sgemm(rows, v, d, &normed, d, 1, &w_u, v, 1, &mut logits, false, false);
+            let mut loss = 0f64;
+            let mut glog = vec![0f32; rows * v];
+            for r in 0..rows {
+                let t = t0 + r;
+                if t % s == s - 1 {
+                    continue; // the last position has no target
+                }
+                let target = fb.tokens[t + 1] as usize;
+                let row = &mut logits[r * v..(r + 1) * v];
+                row.iter_mut().zip(&b_u).for_each(|(x, bb)| *x += bb);
+                let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let z: f64 = row.iter().map(|x| ((x - mx) as f64).exp()).sum();
+                let lse = mx as f64 + z.ln();
+                loss += lse - row[target] as f64;
+                let g = &mut glog[r * v..(r + 1) * v];
+                for j in 0..v {
+                    g[j] = ((((row[j] as f64) - lse).exp()) / count) as f32;
+                }
+                g[target] -= (1.0 / count) as f32;
+            }
+            // g_normed = glog W_Uᵀ; LNPre backward: gx = (gn − mean(gn) − n·mean(gn·n)) / σ
+            let mut gn = vec![0f32; rows * d];
+            sgemm(rows, d, v, &glog, v, 1, &w_u, 1, v, &mut gn, false, false);
+            for r in 0..rows {
+                let gnr = &gn[r * d..(r + 1) * d];
+                let nr = &normed[r * d..(r + 1) * d];
+                let mg = gnr.iter().sum::<f32>() / d as f32;
+                let mgn = gnr.iter().zip(nr).map(|(a, b)| a * b).sum::<f32>() / d as f32;
+                for j in 0..d {
+                    gchunk[r * d + j] = (gnr[j] - mg - nr[j] * mgn) / sig[r];
+                }
+            }
+            loss
+        })
+        .collect();
+    let loss = losses.iter().sum::<f64>() / count;
+    Ok((loss, g_resid))
+}

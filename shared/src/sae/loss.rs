@@ -1,0 +1,182 @@
+//! The losses of one autoencoder's reconstruction — both FVU definitions and AuxK — in their
+//! host form (flat `f32` slices, hand-written gradients; the CPU engine and the host
+//! pretraining step) and their device form (candle tensors, autograd; the GPU path), side by
+//! side (docs/MATH.md, "FVU" and "AuxK").
+
+use candle_core::{DType, Tensor, D};
+use rayon::prelude::*;
+
+use super::topk::{topk_indices, topk_relu_device};
+use crate::error::Result;
+
+// ---- FVU, the reference's definition (batch-axis variance) --------------------------------
+
+/// The reference's FVU of one module, `Σ var_b(T − R) / Σ var_b(T)` with the unbiased variance
+/// over the batch axis per (position, dim), and its gradient w.r.t. the reconstruction.
+/// `target` and `recon` are `(B, S·D)` row-major with `sd = S·D`; sums in f64.
+pub fn fvu_ref_and_grad(target: &[f32], recon: &[f32], b: usize, sd: usize) -> (f64, Vec<f32>) {
+    let e: Vec<f32> = target.iter().zip(recon).map(|(a, r)| a - r).collect();
+    let mean = |x: &[f32]| -> Vec<f64> {
+        let mut mu = vec![0f64; sd];
+        for bi in 0..b {
+            for (j, v) in x[bi * sd..(bi + 1) * sd].iter().enumerate() {
+                mu[j] += *v as f64;
+            }
+        }
+        mu.iter_mut().for_each(|v| *v /= b as f64);
+        mu
+    };
+    let (me, mt) = (mean(&e), mean(target));
+    let (mut num, mut den) = (0f64, 0f64);
+    for bi in 0..b {
+        for j in 0..sd {
+            num += (e[bi * sd + j] as f64 - me[j]).powi(2);
+            den += (target[bi * sd + j] as f64 - mt[j]).powi(2);
+        }
+    }
+    // FVU = num/den (the (B−1) factors cancel); dFVU/dR = −2 (e − ē) / den
+    let grad = (0..b * sd).map(|x| (-2.0 * (e[x] as f64 - me[x % sd]) / den) as f32).collect();
+    (num / den, grad)
+}
+
+/// [`fvu_ref_and_grad`]'s value on tensors `(B, S, D)` (any float dtype; computed in f32).
+pub fn fvu_ref(target: &Tensor, recon: &Tensor) -> Result<Tensor> {
+    let (target, recon) = (&target.to_dtype(DType::F32)?, &recon.to_dtype(DType::F32)?);
+    let var_b = |x: &Tensor| -> Result<Tensor> {
+        let nb = x.dim(0)?;
+        let c = x.broadcast_sub(&x.mean_keepdim(0)?)?;
+        Ok((c.sqr()?.sum_all()? / (nb as f64 - 1.0).max(1.0))?)
+    };
+    Ok((var_b(&(target - recon)?)? / var_b(target)?)?)
+}
+
+// ---- Variance over all tokens: pretraining FVU, AuxK's normaliser, evaluation ---------------
+
+/// `Σ_{t,d} (x − mean_t x)²` of `x (N, D)` in f64, floored at 1e-30 (so a constant target
+/// cannot divide by zero).
+pub fn centered_sq(x: &[f32], d: usize) -> f64 {
+    let n = x.len() / d;
+    let mut mean = vec![0f64; d];
+    for r in x.chunks(d) {
+        mean.iter_mut().zip(r).for_each(|(m, v)| *m += *v as f64 / n as f64);
+    }
+    x.chunks(d).map(|r| r.iter().zip(&mean).map(|(v, m)| (*v as f64 - m).powi(2)).sum::<f64>()).sum::<f64>().max(1e-30)
+}
+
+/// [`centered_sq`] on a tensor `(.., D)` (f32 floor).
+pub fn centered_sq_t(x: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x = x.reshape(((), d))?;
+    Ok(x.broadcast_sub(&x.mean_keepdim(0)?)?.sqr()?.sum_all()?.maximum(1e-30f32)?)
+}
+
+/// The pretraining FVU `Σ (ŷ − y)² / Σ (y − ȳ)²` (all tokens; the error is not centred) and its
+/// gradient `2 (ŷ − y) / den` w.r.t. `ŷ`; `y`, `yhat` are `(N, D)`.
+pub fn fvu_tokens_and_grad(yhat: &[f32], y: &[f32], d: usize) -> (f64, Vec<f32>) {
+    let den = centered_sq(y, d);
+    let num: f64 = yhat.iter().zip(y).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let g = yhat.iter().zip(y).map(|(a, b)| (2.0 * (a - b) as f64 / den) as f32).collect();
+    (num / den, g)
+}
+
+/// [`fvu_tokens_and_grad`]'s value on tensors `(N, D)`.
+pub fn fvu_tokens(yhat: &Tensor, y: &Tensor) -> Result<Tensor> {
+    Ok(((yhat - y)?.sqr()?.sum_all()? / centered_sq_t(y)?)?)
+}
+
+/// Streaming per-dimension sums for the evaluation FVU over all tokens,
+/// `Σ_{t,d} (e − ē)² / Σ_{t,d} (T − T̄)²` (error and target both centred), accumulated batch by
+/// batch in f64.
+#[derive(Debug, Clone, Default)]
+pub struct Moments {
+    sum: Vec<f64>,
+    sq: Vec<f64>,
+}
+
+impl Moments {
+    /// Add the rows of `x (.., D)`.
+    pub fn add(&mut self, x: &Tensor) -> Result<()> {
+        let d = x.dim(D::Minus1)?;
+        let x = x.reshape(((), d))?.to_dtype(DType::F64)?;
+        let s = x.sum(0)?.to_vec1::<f64>()?;
+        let q = x.sqr()?.sum(0)?.to_vec1::<f64>()?;
+        if self.sum.is_empty() {
+            self.sum = vec![0.0; d];
+            self.sq = vec![0.0; d];
+        }
+        self.sum.iter_mut().zip(&s).for_each(|(a, b)| *a += b);
+        self.sq.iter_mut().zip(&q).for_each(|(a, b)| *a += b);
+        Ok(())
+    }
+
+    /// `Σ_d (Σ x² − (Σ x)² / n)` over the `n` rows added.
+    pub fn total_variance(&self, n: f64) -> f64 {
+        self.sum.iter().zip(&self.sq).map(|(s, q)| q - s * s / n).sum()
+    }
+}
+
+// ---- AuxK -----------------------------------------------------------------------------------
+
+/// `min(n_dead / (D/2), 1)`: AuxK's weight when fewer than D/2 latents are dead.
+pub fn auxk_scale(n_dead: usize, d: usize) -> f64 {
+    (n_dead as f64 / (d / 2).max(1) as f64).min(1.0)
+}
+
+/// The AuxK latents of one module: per token the `k_aux = min(D/2, n_dead)` largest ReLU'd
+/// pre-top-k activations among dead latents.
+#[derive(Debug, Clone, Default)]
+pub struct AuxLatents {
+    /// `(N, k_aux)` latent indices and their ReLU'd activations.
+    pub idx: Vec<u32>,
+    pub val: Vec<f32>,
+    pub k_aux: usize,
+    pub n_dead: usize,
+}
+
+/// Select the AuxK latents from the pre-activations `pre (N, F)`; `None` when no latent is dead.
+pub fn auxk_select(pre: &[f32], f: usize, dead: &[bool], d: usize) -> Option<AuxLatents> {
+    let n_dead = dead.iter().filter(|&&x| x).count();
+    if n_dead == 0 {
+        return None;
+    }
+    let k_aux = (d / 2).min(n_dead).max(1);
+    let masked: Vec<f32> = pre
+        .par_chunks(f)
+        .flat_map_iter(|r| r.iter().zip(dead).map(|(v, &dd)| if dd { v.max(0.0) } else { f32::NEG_INFINITY }))
+        .collect();
+    let idx = topk_indices(&masked, f, k_aux);
+    let val = idx.iter().enumerate().map(|(j, &i)| masked[(j / k_aux) * f + i as usize].max(0.0)).collect();
+    Some(AuxLatents { idx, val, k_aux, n_dead })
+}
+
+/// AuxK and `alpha ×` its gradient w.r.t. the AuxK reconstruction `ehat (N, D)` (the AuxK
+/// latents decoded without bias) of the detached residual `resid = T − R (N, D)`:
+/// `AuxK = scale · Σ (ê − r)² / Σ (r − r̄)²`.
+pub fn auxk_and_grad(ehat: &[f32], resid: &[f32], d: usize, n_dead: usize, alpha: f64) -> (f64, Vec<f32>) {
+    let den = centered_sq(resid, d);
+    let num: f64 = ehat.iter().zip(resid).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let scale = auxk_scale(n_dead, d);
+    let coef = alpha * scale * 2.0 / den;
+    let g = ehat.iter().zip(resid).map(|(a, b)| (coef * (a - b) as f64) as f32).collect();
+    (scale * num / den, g)
+}
+
+/// AuxK on tensors: `pre (N, F)` pre-activations, `dead` latents, the module's `W_decᵀ (F, D)`
+/// in `pre`'s dtype, the detached residual `resid (N, D)` and its [`centered_sq_t`] `den`.
+/// `None` when no latent is dead.
+pub fn auxk_t(pre: &Tensor, dead: &[bool], dec_t: &Tensor, resid: &Tensor, den: &Tensor) -> Result<Option<Tensor>> {
+    let n_dead = dead.iter().filter(|&&x| x).count();
+    if n_dead == 0 {
+        return Ok(None);
+    }
+    let d = resid.dim(1)?;
+    let k_aux = (d / 2).min(n_dead).max(1);
+    let mask: Vec<u8> = dead.iter().map(|&x| u8::from(x)).collect();
+    let mask = Tensor::from_vec(mask, (1, dead.len()), pre.device())?.broadcast_as(pre.shape())?;
+    let neg = Tensor::full(f32::NEG_INFINITY, pre.shape(), pre.device())?.to_dtype(pre.dtype())?;
+    let masked = mask.where_cond(&pre.relu()?, &neg)?;
+    let fa = topk_relu_device(&masked, k_aux)?;
+    let ehat = fa.matmul(dec_t)?.to_dtype(DType::F32)?;
+    let num = (ehat - resid)?.sqr()?.sum_all()?;
+    Ok(Some(((num / den)? * auxk_scale(n_dead, d))?))
+}

@@ -1,0 +1,236 @@
+//! One pretraining forward and backward of every module on its own input and target
+//! (`attn_L`: SAE on `hook_attn_out`; `mlp_L`: transcoder `ln2.hook_normalized -> hook_mlp_out`):
+//! [`step`] on host buffers with a hand-written backward (the CPU path), [`step_t`] on tensors
+//! through autograd (the GPU path, and `--backend autograd` on the CPU).
+//!
+//! Forward `f = ReLU(top-k((x − b_dec) W_encᵀ + b_enc))`, `ŷ = f W_decᵀ + b_dec`; loss the
+//! all-token FVU plus `α·AuxK` on dead latents' pre-top-k activations (docs/MATH.md, "FVU",
+//! "AuxK"). Decoder normalisation before, clipping and the parallel-gradient projection after,
+//! are the training loop's (`train::pretrain`).
+
+use candle_core::{DType, Tensor, Var};
+use rayon::prelude::*;
+
+use super::loss::{auxk_and_grad, auxk_select, auxk_t, centered_sq_t, fvu_tokens, fvu_tokens_and_grad};
+use super::params::AeParams;
+use super::topk::{topk_indices, topk_relu_device};
+use super::{decode, fired_t};
+use crate::error::Result;
+use crate::util::blas::{gemm_nt, transpose};
+
+/// What one host step of one module produced.
+pub struct StepOut {
+    pub fvu: f64,
+    pub auxk: f64,
+    pub grads: AeParams<Vec<f32>>,
+    /// Top-k indices and ReLU'd values `(N, K)` (for dead-feature tracking).
+    pub idx: Vec<u32>,
+    pub val: Vec<f32>,
+}
+
+/// Forward and backward of one module on `x (n, d)` -> `y (n, d)`; `dead` marks dead latents
+/// (AuxK applies when `auxk_alpha > 0` and some are dead).
+#[allow(clippy::too_many_arguments)]
+pub fn step(
+    p: &AeParams<Vec<f32>>,
+    x: &[f32],
+    y: &[f32],
+    d: usize,
+    f: usize,
+    k: usize,
+    dead: &[bool],
+    auxk_alpha: f64,
+) -> StepOut {
+    let n = x.len() / d;
+    let dec_t = transpose(&p.w_dec, d, f);
+    let xc: Vec<f32> = x.chunks(d).flat_map(|r| r.iter().zip(p.b_dec.iter()).map(|(a, b)| a - b)).collect();
+    let mut pre = vec![0f32; n * f];
+    gemm_nt(n, f, d, &xc, &p.w_enc, &mut pre);
+    pre.par_chunks_mut(f).for_each(|r| r.iter_mut().zip(p.b_enc.iter()).for_each(|(a, b)| *a += b));
+    let idx = topk_indices(&pre, f, k);
+    let val: Vec<f32> = idx.iter().enumerate().map(|(j, &i)| pre[(j / k) * f + i as usize].max(0.0)).collect();
+    let yhat = decode(&idx, &val, k, &dec_t, d, Some(&p.b_dec));
+    let (fvu, g_y) = fvu_tokens_and_grad(&yhat, y, d);
+    // AuxK on dead latents' pre-top-k activations; its residual target is detached.
+    let mut auxk = 0f64;
+    let mut aux: Option<(Vec<u32>, Vec<f32>, Vec<f32>)> = None; // (idx, act, g_ehat)
+    if auxk_alpha > 0.0 {
+        if let Some(sel) = auxk_select(&pre, f, dead, d) {
+            let resid: Vec<f32> = y.iter().zip(&yhat).map(|(a, b)| a - b).collect();
+            let ehat = decode(&sel.idx, &sel.val, sel.k_aux, &dec_t, d, None);
+            let (a, g_e) = auxk_and_grad(&ehat, &resid, d, sel.n_dead, auxk_alpha);
+            auxk = a;
+            aux = Some((sel.idx, sel.val, g_e));
+        }
+    }
+    // Backward.
+    let mut g_dec_t = vec![0f32; f * d];
+    let mut g_pre_sparse: Vec<(usize, u32, f32)> = Vec::new(); // (t, i, g)
+    let mut g_bdec = vec![0f32; d];
+    for gy in g_y.chunks(d) {
+        g_bdec.iter_mut().zip(gy).for_each(|(a, b)| *a += b);
+    }
+    decode_backward(&g_y, &idx, &val, &dec_t, d, &mut g_dec_t, &mut g_pre_sparse);
+    if let Some((aidx, aval, g_e)) = &aux {
+        decode_backward(g_e, aidx, aval, &dec_t, d, &mut g_dec_t, &mut g_pre_sparse);
+    }
+    let mut g_enc = vec![0f32; f * d];
+    let mut g_benc = vec![0f32; f];
+    for &(t, i, g) in &g_pre_sparse {
+        let i = i as usize;
+        g_benc[i] += g;
+        let xr = &xc[t * d..(t + 1) * d];
+        g_enc[i * d..(i + 1) * d].iter_mut().zip(xr).for_each(|(o, v)| *o += g * v);
+        // pre depends on x − b_dec: g b_dec −= g E[i]
+        g_bdec.iter_mut().zip(&p.w_enc[i * d..(i + 1) * d]).for_each(|(o, e)| *o -= g * e);
+    }
+    let g_dec = transpose(&g_dec_t, f, d);
+    StepOut { fvu, auxk, grads: AeParams { w_enc: g_enc, b_enc: g_benc, w_dec: g_dec, b_dec: g_bdec }, idx, val }
+}
+
+/// Backward of `y = Σ_j val[t, j] · dec_t[idx[t, j]]` given `g_y (n, d)`: adds into the decoder
+/// gradient and records the gradient of every positive value as a `(t, latent, g)` triple.
+fn decode_backward(
+    g_y: &[f32],
+    idx: &[u32],
+    val: &[f32],
+    dec_t: &[f32],
+    d: usize,
+    g_dec_t: &mut [f32],
+    g_pre: &mut Vec<(usize, u32, f32)>,
+) {
+    let n = g_y.len() / d;
+    let width = idx.len() / n.max(1);
+    for t in 0..n {
+        let gy = &g_y[t * d..(t + 1) * d];
+        for j in 0..width {
+            let v = val[t * width + j];
+            if v > 0.0 {
+                let i = idx[t * width + j] as usize;
+                let g: f32 = gy.iter().zip(&dec_t[i * d..(i + 1) * d]).map(|(a, b)| a * b).sum();
+                g_dec_t[i * d..(i + 1) * d].iter_mut().zip(gy).for_each(|(o, gg)| *o += v * gg);
+                g_pre.push((t, i as u32, g));
+            }
+        }
+    }
+}
+
+/// What [`step_t`] reports, per module.
+#[derive(Debug, Clone)]
+pub struct StepValues {
+    pub fvu: Vec<f64>,
+    pub auxk: Vec<f64>,
+    /// Which latents fired.
+    pub fired: Vec<Vec<bool>>,
+}
+
+/// [`step`] of every module at once through autograd, on the variables' device: each module's
+/// `(x, y)` pair `(tokens, d_model)`, the pass in `dtype` (bf16: mixed precision on f32
+/// master weights). Returns the values and every module's gradients.
+pub fn step_t(
+    vars: &[AeParams<Var>],
+    data: &[(Tensor, Tensor)],
+    dead: &[Vec<bool>],
+    k: usize,
+    auxk_alpha: f64,
+    dtype: DType,
+) -> Result<(StepValues, Vec<AeParams<Tensor>>)> {
+    let mut total: Option<Tensor> = None;
+    let (mut fvus, mut auxks, mut feats) = (Vec::new(), Vec::new(), Vec::new());
+    for (m, (vs, (x, y))) in vars.iter().zip(data).enumerate() {
+        let p = vs.try_map(|v| v.as_tensor().to_dtype(dtype))?;
+        let (x, y) = (x.to_dtype(dtype)?, y.to_dtype(DType::F32)?);
+        let pre = x.broadcast_sub(&p.b_dec)?.matmul(&p.w_enc.t()?)?.broadcast_add(&p.b_enc)?;
+        let f = topk_relu_device(&pre, k)?;
+        let dec_t = p.w_dec.t()?.contiguous()?;
+        let yhat = f.matmul(&dec_t)?.broadcast_add(&p.b_dec)?.to_dtype(DType::F32)?;
+        let fvu = fvu_tokens(&yhat, &y)?;
+        let mut loss = fvu.clone();
+        let mut auxk = None;
+        if auxk_alpha > 0.0 {
+            let resid = (&y - &yhat)?.detach();
+            if let Some(a) = auxk_t(&pre, &dead[m], &dec_t, &resid, &centered_sq_t(&resid)?)? {
+                loss = (loss + (&a * auxk_alpha)?)?;
+                auxk = Some(a);
+            }
+        }
+        total = Some(match total {
+            Some(t) => (t + loss)?,
+            None => loss,
+        });
+        fvus.push(fvu);
+        auxks.push(auxk);
+        feats.push(f);
+    }
+    let total = total.ok_or_else(|| crate::Error::Usage("no modules to train".into()))?;
+    let store = total.backward()?;
+    let grads = vars.iter().map(|v| v.grads(&store)).collect::<Result<Vec<_>>>()?;
+    let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+    let values = StepValues {
+        fvu: fvus.iter().map(scalar).collect::<Result<_>>()?,
+        auxk: auxks.iter().map(|a| a.as_ref().map_or(Ok(0.0), scalar)).collect::<Result<_>>()?,
+        fired: fired_t(&feats)?,
+    };
+    Ok((values, grads))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sae::init::init_params;
+    use crate::util::rng::SplitMix;
+
+    /// The hand-written gradients against central finite differences of the loss: all
+    /// parameters without AuxK; with AuxK, the parameters of dead latents that the main top-k
+    /// never selects (the only ones AuxK's detached residual target leaves it depending on).
+    #[test]
+    fn step_gradients_match_finite_differences() {
+        let (d, f, k, n) = (4, 6, 2, 5);
+        let mut rng = SplitMix(3);
+        let mut p = init_params(d, f, &mut rng);
+        for v in p.each_mut().into_iter().flatten() {
+            *v += (rng.normal() * 0.3) as f32;
+        }
+        let x: Vec<f32> = (0..n * d).map(|_| rng.normal() as f32).collect();
+        let y: Vec<f32> = (0..n * d).map(|_| rng.normal() as f32).collect();
+        let h = 1e-3f32;
+        for alpha in [0.0, 0.5] {
+            let base = step(&p, &x, &y, d, f, k, &vec![false; f], 0.0);
+            let selected: Vec<bool> = (0..f).map(|i| base.idx.iter().any(|&j| j as usize == i)).collect();
+            let dead: Vec<bool> = if alpha > 0.0 { selected.iter().map(|s| !s).collect() } else { vec![false; f] };
+            assert!(alpha == 0.0 || dead.iter().any(|&x| x), "need a dead latent");
+            let loss = |p: &AeParams<Vec<f32>>| {
+                let o = step(p, &x, &y, d, f, k, &dead, alpha);
+                o.fvu + alpha * o.auxk
+            };
+            let out = step(&p, &x, &y, d, f, k, &dead, alpha);
+            let mut worst = 0f64;
+            let mut checked = 0;
+            for which in 0..4 {
+                for j in 0..p.each()[which].len() {
+                    let latent = match which {
+                        0 => Some(j / d),
+                        1 => Some(j),
+                        2 => Some(j % f),
+                        _ => None,
+                    };
+                    if alpha > 0.0 && !latent.is_some_and(|i| dead[i]) {
+                        continue;
+                    }
+                    let mut pp = p.clone();
+                    pp.each_mut()[which][j] += h;
+                    let up = loss(&pp);
+                    pp.each_mut()[which][j] -= 2.0 * h;
+                    let down = loss(&pp);
+                    let fd = (up - down) / (2.0 * h as f64);
+                    let an = out.grads.each()[which][j] as f64;
+                    worst = worst.max((fd - an).abs() / (1e-2 + fd.abs()));
+                    checked += 1;
+                }
+            }
+            assert!(checked > 0);
+            // f32 arithmetic around a piecewise-linear top-k: loose but meaningful.
+            assert!(worst < 2e-2, "alpha {alpha}: worst relative gradient error {worst}");
+        }
+    }
+}

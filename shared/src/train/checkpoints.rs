@@ -1,0 +1,143 @@
+//! A training loop's checkpoints: when one is due (every `--checkpoint-every` steps and after
+//! the last step when checkpointing, or to stop at `--halt-after`), writing and resuming one
+//! (the file format is [`crate::formats::checkpoint`]), and what a failed step says about the
+//! last one written. A resumed run ends bit-identical to an uninterrupted one.
+
+use std::path::Path;
+
+use crate::error::Result;
+use crate::formats::checkpoint::{self, RunState};
+use crate::formats::suite::Suite;
+use crate::train::dead::DeadTracker;
+use crate::train::optim::{Optimizer, OptimizerKind};
+use crate::util::io::RunDir;
+
+/// When to checkpoint (the `--checkpoint-every`, `--halt-after` and `--resume` flags).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CheckpointPolicy {
+    /// Write a checkpoint every N steps (and after the last).
+    pub every: Option<u64>,
+    /// Stop after this many steps of this run, keeping the checkpoint.
+    pub halt_after: Option<u64>,
+    /// The run continues from the checkpoint in its output folder.
+    pub resume: bool,
+}
+
+/// The checkpoints of one run.
+pub struct Checkpoints {
+    dir: RunDir,
+    tool: &'static str,
+    digest: String,
+    policy: CheckpointPolicy,
+    start_step: u64,
+    last: Option<u64>,
+}
+
+/// What a training loop does after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Due {
+    /// Write a checkpoint now.
+    pub save: bool,
+    /// Then stop, before the last step (`--halt-after`).
+    pub halt: bool,
+}
+
+impl Checkpoints {
+    /// For a run of `tool` into `dir` that starts (or resumed) at `start_step`.
+    pub fn new(dir: RunDir, tool: &'static str, digest: String, policy: CheckpointPolicy, start_step: u64) -> Self {
+        Checkpoints { dir, tool, digest, policy, start_step, last: policy.resume.then_some(start_step) }
+    }
+
+    /// What to do once `step` of `steps` steps are done.
+    pub fn due(&self, step: u64, steps: u64) -> Due {
+        let halt = self.policy.halt_after.is_some_and(|h| step - self.start_step >= h);
+        let every = self.policy.every;
+        Due { save: halt || every.is_some_and(|n| step % n == 0 || step == steps), halt: halt && step < steps }
+    }
+
+    /// Write the checkpoint after `step` steps and `seqs_seen` sequences.
+    pub fn save(
+        &mut self,
+        suite: &Suite,
+        opt: &Optimizer,
+        dead: &DeadTracker,
+        step: u64,
+        seqs_seen: u64,
+    ) -> Result<()> {
+        let state = RunState {
+            format: checkpoint::FORMAT.into(),
+            version: checkpoint::VERSION,
+            tool: self.tool.into(),
+            step,
+            seqs_seen,
+            opt_t: opt.t,
+            args_digest: self.digest.clone(),
+        };
+        let moments = (opt.kind == OptimizerKind::Adam).then_some((opt.m.as_slice(), opt.v.as_slice()));
+        checkpoint::write(self.dir.path(), suite, moments, &dead.since, &state)?;
+        self.last = Some(step);
+        self.dir.keep();
+        Ok(())
+    }
+
+    /// The run's result is written: keep its folder.
+    pub fn finish(mut self) {
+        self.dir.keep();
+    }
+
+    /// The one-line error of step `step` whose loss is not finite.
+    pub fn non_finite(&self, step: u64, loss: f64) -> String {
+        let keep = match self.last {
+            Some(s) => {
+                format!("the last good checkpoint ({}, step {s}) is kept", self.dir.path().join("checkpoint").display())
+            }
+            None => "no checkpoint was written".to_string(),
+        };
+        format!("step {step}: loss is {loss}; stopping ({keep}); hint: lower --lr")
+    }
+
+    /// Tell the user how to go on after a halt at `step`.
+    pub fn report_halt(&self, step: u64) {
+        eprintln!("{}: halted after step {step} (checkpoint kept); continue with --resume", self.tool);
+    }
+}
+
+/// Resume from `dir/checkpoint` (written by `tool` with arguments of digest `digest`): the
+/// parameters go into `params`, the optimizer state into `opt`, the counters into `dead`.
+pub fn resume(
+    dir: &Path,
+    tool: &str,
+    digest: &str,
+    suite: &Suite,
+    params: &mut Vec<crate::sae::AeParams<Vec<f32>>>,
+    opt: &mut Optimizer,
+    dead: &mut DeadTracker,
+) -> Result<RunState> {
+    let ck = checkpoint::read(dir, &suite.modules, opt.kind == OptimizerKind::Adam, tool, digest)?;
+    *params = ck.params;
+    if let Some((m, v)) = ck.moments {
+        opt.m = m;
+        opt.v = v;
+    }
+    opt.t = ck.state.opt_t;
+    dead.since = ck.since;
+    Ok(ck.state)
+}
+
+/// A stable digest of a JSON value (for [`RunState::args_digest`]).
+pub fn digest(v: &serde_json::Value) -> String {
+    blake3::hash(v.to_string().as_bytes()).to_hex().to_string()
+}
+
+/// Keep only the metrics lines of steps before `step` (after a resume).
+pub fn trim_metrics(path: &Path, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s < step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    crate::util::io::write_atomic(path, kept.as_bytes())
+}

@@ -1,0 +1,295 @@
+//! Optimizers and clipping (docs/MATH.md, "Optimizer and clipping"): Adam and SGD with
+//! PyTorch's order of operations and per-module gradient-norm clipping, on host buffers (the
+//! CPU engine) and on the device (the autograd path), side by side. The device state converts
+//! to and from the host one, so both backends write the same checkpoints.
+
+use candle_core::{DType, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::sae::AeParams;
+
+/// Which optimizer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    Adam,
+    Sgd,
+}
+
+/// `g ← g · min(1, max_norm / (‖g‖₂ + 1e-6))` over all of one module's gradients
+/// (`torch.nn.utils.clip_grad_norm_` on `ae.parameters()`); the norm in f64, fields in layout
+/// order.
+pub fn clip_module(g: &mut AeParams<Vec<f32>>, max_norm: f64) {
+    let norm = g.each().into_iter().flatten().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt();
+    let coef = (max_norm / (norm + 1e-6)).min(1.0) as f32;
+    if coef < 1.0 {
+        g.each_mut().into_iter().flatten().for_each(|x| *x *= coef);
+    }
+}
+
+/// [`clip_module`] on the device (the norm in f64 as the host's).
+pub fn clip_module_t(g: &mut AeParams<Tensor>, max_norm: f64) -> Result<()> {
+    let sq64 = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F64)?.sqr()?.sum_all()?) };
+    let [first, rest @ ..] = g.each();
+    let mut sq = sq64(first)?;
+    for t in rest {
+        sq = (sq + sq64(t)?)?;
+    }
+    let coef = ((sq.sqrt()? + 1e-6)?.recip()? * max_norm)?.minimum(1f64)?.to_dtype(DType::F32)?;
+    for t in g.each_mut() {
+        *t = t.broadcast_mul(&coef)?;
+    }
+    Ok(())
+}
+
+/// Optimizer state for every parameter on the host (Adam moments; nothing for SGD).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Optimizer {
+    pub kind: OptimizerKind,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Optimizer steps taken.
+    pub t: u64,
+    pub m: Vec<AeParams<Vec<f32>>>,
+    pub v: Vec<AeParams<Vec<f32>>>,
+}
+
+impl Optimizer {
+    /// Fresh state for `params` (Adam: β = (0.9, 0.999), ε = 1e-8, as torch's defaults).
+    pub fn new(kind: OptimizerKind, params: &[AeParams<Vec<f32>>]) -> Optimizer {
+        let (m, v) = match kind {
+            OptimizerKind::Adam => {
+                (params.iter().map(AeParams::zeros_like).collect(), params.iter().map(AeParams::zeros_like).collect())
+            }
+            OptimizerKind::Sgd => (Vec::new(), Vec::new()),
+        };
+        Optimizer { kind, beta1: 0.9, beta2: 0.999, eps: 1e-8, t: 0, m, v }
+    }
+
+    /// One update of every parameter with learning rate `lr` (torch.optim.Adam / SGD order
+    /// of operations).
+    pub fn step(&mut self, params: &mut [AeParams<Vec<f32>>], grads: &[AeParams<Vec<f32>>], lr: f64) {
+        self.t += 1;
+        match self.kind {
+            OptimizerKind::Sgd => {
+                for (p, g) in params.iter_mut().zip(grads) {
+                    for (pv, gv) in p.each_mut().into_iter().zip(g.each()) {
+                        pv.iter_mut().zip(gv).for_each(|(x, d)| *x -= (lr as f32) * d);
+                    }
+                }
+            }
+            OptimizerKind::Adam => {
+                // torch.optim.Adam (single-tensor): m.lerp_(g, 1 − β1); v.mul_(β2).addcmul_(g, g,
+                // 1 − β2); denom = sqrt(v) / sqrt(bc2) + eps; p.addcdiv_(m, denom, −lr / bc1),
+                // with the scalars formed in f64 and applied in f32.
+                let b2 = self.beta2 as f32;
+                let (c1, c2) = ((1.0 - self.beta1) as f32, (1.0 - self.beta2) as f32);
+                let bc1 = 1.0 - self.beta1.powi(self.t as i32);
+                let bc2 = 1.0 - self.beta2.powi(self.t as i32);
+                let step_size = (lr / bc1) as f32;
+                let bc2_sqrt = bc2.sqrt() as f32;
+                let eps = self.eps as f32;
+                for (mi, (p, g)) in params.iter_mut().zip(grads).enumerate() {
+                    let (ms, vs) = (self.m[mi].each_mut(), self.v[mi].each_mut());
+                    for (((x, d), m), v) in p.each_mut().into_iter().zip(g.each()).zip(ms).zip(vs) {
+                        for (((x, &d), mm), vv) in x.iter_mut().zip(d).zip(m.iter_mut()).zip(v.iter_mut()) {
+                            *mm += c1 * (d - *mm);
+                            *vv = *vv * b2 + c2 * (d * d);
+                            let denom = vv.sqrt() / bc2_sqrt + eps;
+                            *x -= step_size * (*mm / denom);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adam/SGD state on the parameters' device.
+pub struct DeviceOptimizer {
+    kind: OptimizerKind,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    /// Optimizer steps taken.
+    pub t: u64,
+    m: Vec<AeParams<Tensor>>,
+    v: Vec<AeParams<Tensor>>,
+}
+
+impl DeviceOptimizer {
+    /// Upload a host optimizer's state for `vars`.
+    pub fn from_host(opt: &Optimizer, vars: &[AeParams<Var>]) -> Result<DeviceOptimizer> {
+        let up = |state: &[AeParams<Vec<f32>>]| -> Result<Vec<AeParams<Tensor>>> {
+            state
+                .iter()
+                .zip(vars)
+                .map(|(s, vs)| {
+                    s.try_zip(vs, |x, like| {
+                        let like = like.as_tensor();
+                        Ok(Tensor::from_slice(x, like.shape(), like.device())?)
+                    })
+                })
+                .collect()
+        };
+        Ok(DeviceOptimizer {
+            kind: opt.kind,
+            beta1: opt.beta1,
+            beta2: opt.beta2,
+            eps: opt.eps,
+            t: opt.t,
+            m: up(&opt.m)?,
+            v: up(&opt.v)?,
+        })
+    }
+
+    /// Download the state (for a checkpoint).
+    pub fn to_host(&self) -> Result<Optimizer> {
+        let down = |state: &[AeParams<Tensor>]| -> Result<Vec<AeParams<Vec<f32>>>> {
+            state.iter().map(|s| s.try_map(crate::util::to_vec)).collect()
+        };
+        Ok(Optimizer {
+            kind: self.kind,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            t: self.t,
+            m: down(&self.m)?,
+            v: down(&self.v)?,
+        })
+    }
+
+    /// One update of every variable with learning rate `lr`, in torch's order of operations.
+    pub fn step(&mut self, vars: &[AeParams<Var>], grads: &[AeParams<Tensor>], lr: f64) -> Result<()> {
+        self.t += 1;
+        match self.kind {
+            OptimizerKind::Sgd => {
+                for (vs, gs) in vars.iter().zip(grads) {
+                    for (v, g) in vs.each().into_iter().zip(gs.each()) {
+                        v.set(&(v.as_tensor() - (g * lr)?)?)?;
+                    }
+                }
+            }
+            OptimizerKind::Adam => {
+                let (b1, b2) = (self.beta1, self.beta2);
+                let bc1 = 1.0 - b1.powi(self.t as i32);
+                let bc2_sqrt = (1.0 - b2.powi(self.t as i32)).sqrt();
+                let step_size = lr / bc1;
+                let Some(first) = vars.first() else { return Ok(()) };
+                let bc2 = Tensor::new(bc2_sqrt as f32, first.w_enc.as_tensor().device())?;
+                for (mi, (vs, gs)) in vars.iter().zip(grads).enumerate() {
+                    let (ms, vvs) = (self.m[mi].each_mut(), self.v[mi].each_mut());
+                    for (((var, g), m), v) in vs.each().into_iter().zip(gs.each()).zip(ms).zip(vvs) {
+                        // The host optimizer's (torch's) order of operations.
+                        let m_new = (&*m + ((g - &*m)? * (1.0 - b1))?)?;
+                        let v_new = ((&*v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+                        let denom = (v_new.sqrt()?.broadcast_div(&bc2)? + self.eps)?;
+                        let x = (var.as_tensor() - ((&m_new / denom)? * step_size)?)?;
+                        var.set(&x)?;
+                        *m = m_new;
+                        *v = v_new;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::rng::SplitMix;
+    use candle_core::Device;
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = SplitMix(seed);
+        (0..n).map(|_| rng.normal() as f32).collect()
+    }
+
+    fn params(v: [Vec<f32>; 4]) -> AeParams<Vec<f32>> {
+        let [w_enc, b_enc, w_dec, b_dec] = v;
+        AeParams { w_enc, b_enc, w_dec, b_dec }
+    }
+
+    fn flat(p: &AeParams<Vec<f32>>) -> Vec<f32> {
+        p.each().into_iter().flatten().copied().collect()
+    }
+
+    #[test]
+    fn adam_matches_closed_form_first_steps() {
+        // First Adam step moves every parameter by lr·sign(g) (m̂ = g, v̂ = g²).
+        let mut p = vec![params([vec![1.0, -2.0], vec![0.5], vec![3.0], vec![0.0]])];
+        let g = vec![params([vec![0.3, -4.0], vec![1e-3], vec![-2.0], vec![0.0]])];
+        let mut opt = Optimizer::new(OptimizerKind::Adam, &p);
+        opt.step(&mut p, &g, 0.1);
+        let want = [0.9f32, -1.9, 0.4, 3.1, 0.0];
+        let got = flat(&p[0]);
+        for (a, b) in got.iter().zip(want) {
+            assert!((a - b).abs() < 1e-5, "{got:?}");
+        }
+        // torch forms 1 − β in f64 and applies it in f32: m = 0.1f32·g, v = 0.001f32·g² exactly
+        let (gs, ms, vs) = (flat(&g[0]), flat(&opt.m[0]), flat(&opt.v[0]));
+        for ((x, m), v) in gs.iter().zip(&ms).zip(&vs) {
+            assert_eq!(*m, 0.1f32 * x);
+            assert_eq!(*v, 0.001f32 * (x * x));
+        }
+    }
+
+    #[test]
+    fn clipping_scales_the_whole_module() {
+        let mut g = params([vec![3.0f32], vec![4.0], vec![], vec![]]);
+        clip_module(&mut g, 1.0);
+        assert!((g.w_enc[0] - 0.6).abs() < 1e-5 && (g.b_enc[0] - 0.8).abs() < 1e-5);
+        let mut small = params([vec![0.1f32], vec![], vec![], vec![]]);
+        clip_module(&mut small, 1.0);
+        assert_eq!(small.w_enc[0], 0.1);
+    }
+
+    /// The device optimizer and clipping against the host ones (the CPU engine's), over a few
+    /// steps with changing gradients and learning rates.
+    #[test]
+    fn device_adam_sgd_and_clipping_match_the_host() {
+        let shapes = AeParams::shapes(2, 3);
+        let n = |s: &Vec<usize>| s.iter().product::<usize>();
+        for kind in [OptimizerKind::Adam, OptimizerKind::Sgd] {
+            let mut seed = 0;
+            let init = shapes.map(|s| {
+                seed += 1;
+                random(n(s), seed)
+            });
+            let mut host = vec![init.clone()];
+            let vars = vec![AeParams::<Var>::from_host(&init, 2, 3, &Device::Cpu).unwrap()];
+            let mut hopt = Optimizer::new(kind, &host);
+            let mut dopt = DeviceOptimizer::from_host(&hopt, &vars).unwrap();
+            for step in 0..4u64 {
+                let g = shapes.map(|s| {
+                    seed += 1;
+                    random(n(s), 10 + step * 4 + seed)
+                });
+                let mut dg = g.try_zip(&shapes, |v, s| Tensor::from_slice(v, s.as_slice(), &Device::Cpu)).unwrap();
+                let mut hg = vec![g];
+                clip_module(&mut hg[0], 1.5);
+                clip_module_t(&mut dg, 1.5).unwrap();
+                let lr = 0.01 * (step + 1) as f64;
+                hopt.step(&mut host, &hg, lr);
+                dopt.step(&vars, &[dg], lr).unwrap();
+            }
+            let got = vars[0].to_host().unwrap();
+            for (i, (d, h)) in got.each().into_iter().zip(host[0].each()).enumerate() {
+                for (a, b) in d.iter().zip(h) {
+                    assert!((a - b).abs() <= 1e-7 * (1.0 + b.abs()), "{kind:?} param {i}: {a} vs {b}");
+                }
+            }
+            // and the state survives a round trip through the host format
+            let back = dopt.to_host().unwrap();
+            assert_eq!(back.t, hopt.t);
+            let all = |v: &[AeParams<Vec<f32>>]| v.iter().flat_map(flat).collect::<Vec<f32>>();
+            for (x, y) in all(&back.m).iter().zip(all(&hopt.m)).chain(all(&back.v).iter().zip(all(&hopt.v))) {
+                assert!((x - y).abs() <= 1e-6 * y.abs(), "{kind:?} moment {x} vs {y}");
+            }
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Dense kernels on flat row-major `f32` buffers, shared by the CPU engine and the host
+//! pretraining step: a strided GEMM (parallel over fixed row blocks, so results do not depend
+//! on the thread count), dot/axpy, a tiled transpose, and a deterministic parallel fold.
+
+use rayon::prelude::*;
+
+/// Output rows per task of a parallel [`sgemm`].
+const GEMM_ROWS: usize = 128;
+
+/// `C (m, n) = [C +] A (m, k) · B (k, n)` with explicit (row, column) strides for A and B;
+/// C is row-major contiguous.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+    c: &mut [f32],
+    acc: bool,
+    par: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !acc {
+            c[..m * n].iter_mut().for_each(|x| *x = 0.0);
+        }
+        return;
+    }
+    debug_assert!(c.len() >= m * n);
+    debug_assert!(a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
+    debug_assert!(b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
+    if par && m >= 2 * GEMM_ROWS {
+        // Parallel over fixed blocks of output rows, each a single-threaded product.
+        c[..m * n].par_chunks_mut(GEMM_ROWS * n).enumerate().for_each(|(blk, cb)| {
+            let rows = cb.len() / n;
+            sgemm(rows, n, k, &a[blk * GEMM_ROWS * a_rs..], a_rs, a_cs, b, b_rs, b_cs, cb, acc, false);
+        });
+        return;
+    }
+    let parallelism = gemm::Parallelism::None;
+    // SAFETY: the asserts above bound every index the kernel touches; C does not alias A or B.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            acc,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// `C (m, n) = A (m, k) · B (n, k)ᵀ`, all row-major (e.g. activations times an encoder).
+pub fn gemm_nt(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    sgemm(m, n, k, a, k, 1, b, 1, k, c, false, true);
+}
+
+/// `a += b`, elementwise.
+pub fn add_into(a: &mut [f32], b: &[f32]) {
+    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+}
+
+/// `y += alpha · x`, elementwise.
+pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    y.iter_mut().zip(x).for_each(|(o, v)| *o += alpha * v);
+}
+
+/// `Σ a·b` in eight interleaved partial sums (so it vectorizes; a fixed order, so results do
+/// not depend on threads).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut tail = 0f32;
+    for (x, y) in ra.iter().zip(rb) {
+        tail += x * y;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+/// `(F, D)` row-major to `(D, F)` row-major, in cache-sized tiles.
+pub fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const T: usize = 32;
+    let mut out = vec![0f32; rows * cols];
+    for r0 in (0..rows).step_by(T) {
+        for c0 in (0..cols).step_by(T) {
+            for r in r0..(r0 + T).min(rows) {
+                for c in c0..(c0 + T).min(cols) {
+                    out[c * rows + r] = src[r * cols + c];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Blocks of a deterministic parallel fold.
+const BLOCKS: usize = 16;
+
+/// Deterministic parallel fold over rows: `out` (rows of `row_len`) is cut into at most
+/// [`BLOCKS`] blocks of whole rows; `body(first_row, block, acc)` fills its block and adds into
+/// its own accumulator of `acc_len`; the accumulators are summed in block order. The result
+/// does not depend on the thread count or scheduling, so runs are bit-reproducible.
+pub fn fold_rows<F>(out: &mut [f32], row_len: usize, acc_len: usize, body: F) -> Vec<f32>
+where
+    F: Fn(usize, &mut [f32], &mut [f32]) + Sync,
+{
+    let n_rows = out.len() / row_len.max(1);
+    let per = n_rows.div_ceil(BLOCKS).max(1);
+    let accs: Vec<Vec<f32>> = out
+        .par_chunks_mut(per * row_len)
+        .enumerate()
+        .map(|(b, chunk)| {
+            let mut acc = vec![0f32; acc_len];
+            body(b * per, chunk, &mut acc);
+            acc
+        })
+        .collect();
+    let mut total = vec![0f32; acc_len];
+    for a in &accs {
+        add_into(&mut total, a);
+    }
+    total
+}

@@ -1,0 +1,34 @@
+//! Helpers with no SCAE concept in them: atomic file output ([`io`]), parquet tables
+//! ([`table`]), dense kernels on flat buffers ([`blas`]), a seeded generator ([`rng`]) and phase
+//! timing ([`profile`]).
+
+pub mod blas;
+pub mod io;
+pub mod profile;
+pub mod rng;
+pub mod table;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::Result;
+
+/// A tensor's values as a host `Vec<f32>` (any device and float dtype, any layout).
+pub fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// A scalar tensor's value as f64.
+pub fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// A progress bar on stderr counting tokens (hidden when stderr is not a terminal).
+pub fn token_bar(total_tokens: Option<u64>, what: &str) -> indicatif::ProgressBar {
+    let bar = match total_tokens {
+        Some(t) => indicatif::ProgressBar::new(t),
+        None => indicatif::ProgressBar::new_spinner(),
+    };
+    let template = format!("{{spinner}} {what} {{elapsed_precise}} [{{wide_bar}}] {{human_pos}}/{{human_len}} tokens ({{per_sec}}, eta {{eta}})");
+    bar.set_style(indicatif::ProgressStyle::with_template(&template).expect("valid template"));
+    bar
+}
