@@ -2,7 +2,7 @@
 `SCAESuite.forward_pruned` + `backward`, same CPU, sizes, connections and threads.
 
 Not a test. Needs the Python venv of tests/fixtures/gen_models.py, a checkout of the reference
-(jacobcd52/dictionary_learning) and `cargo build --release --example bench_pruned`.
+(jacobcd52/dictionary_learning) and `cargo build --release --example bench_pruned --features scae/oracle`.
 
     python bench/bench_pruned.py --ref /tmp/dl-ref [--threads 2] [--quick] [--only 64:16:16,...]
 

@@ -54,14 +54,6 @@ impl Module {
         self.layer < down.layer
             || (!parallel && self.layer == down.layer && self.kind == Kind::Attn && down.kind == Kind::Mlp)
     }
-
-    /// The cache hook this module reconstructs.
-    pub fn target_hook(&self) -> String {
-        match self.kind {
-            Kind::Attn => format!("blocks.{}.hook_attn_out", self.layer),
-            Kind::Mlp => format!("blocks.{}.hook_mlp_out", self.layer),
-        }
-    }
 }
 
 impl std::fmt::Display for Module {
