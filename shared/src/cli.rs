@@ -21,7 +21,7 @@ pub struct Common {
 
 impl Common {
     /// Apply `--threads` and open `--device`.
-    pub fn setup(&self) -> crate::Result<Device> {
+    pub fn setup(&self) -> crate::error::Result<Device> {
         if let Some(n) = self.threads {
             // Both candle's GEMM and rayon read this before their first use.
             std::env::set_var("RAYON_NUM_THREADS", n.to_string());
@@ -40,17 +40,17 @@ fn parse_device_name(s: &str) -> Result<String, String> {
 }
 
 /// Open a device by name (`cpu`, `cuda`, `cuda:N`).
-pub fn open_device(name: &str) -> crate::Result<Device> {
+pub fn open_device(name: &str) -> crate::error::Result<Device> {
     if name == "cpu" {
         return Ok(Device::Cpu);
     }
     let ordinal = name.strip_prefix("cuda:").and_then(|n| n.parse().ok()).unwrap_or(0);
     if !candle_core::utils::cuda_is_available() {
-        return Err(crate::Error::Usage(format!(
+        return Err(crate::error::Error::Usage(format!(
             "--device {name}: this binary was built without CUDA; hint: build it with scripts/build-cuda.sh"
         )));
     }
-    Device::new_cuda(ordinal).map_err(|e| crate::Error::Usage(format!("--device {name}: cannot open GPU: {e}")))
+    Device::new_cuda(ordinal).map_err(|e| crate::error::Error::Usage(format!("--device {name}: cannot open GPU: {e}")))
 }
 
 /// Run a tool's body: print `tool: <error chain>` on failure and exit 1; exit 0 quietly when
@@ -62,7 +62,7 @@ pub fn run_main(tool: &str, body: impl FnOnce() -> anyhow::Result<()>) -> ExitCo
             let is_pipe = |io: &std::io::Error| io.kind() == std::io::ErrorKind::BrokenPipe;
             let broken_pipe = e.chain().any(|c| {
                 c.downcast_ref::<std::io::Error>().is_some_and(is_pipe)
-                    || matches!(c.downcast_ref::<crate::Error>(), Some(crate::Error::Io { err, .. }) if is_pipe(err))
+                    || matches!(c.downcast_ref::<crate::error::Error>(), Some(crate::error::Error::Io { err, .. }) if is_pipe(err))
             });
             if broken_pipe {
                 return ExitCode::SUCCESS;
@@ -230,29 +230,27 @@ impl RunArgs {
     }
 
     /// The schedule of a run of `steps` steps at learning rate `lr` (checked).
-    pub fn schedule(&self, steps: u64, lr: f64) -> crate::Result<crate::train::Schedule> {
+    pub fn schedule(&self, steps: u64, lr: f64) -> crate::error::Result<crate::train::Schedule> {
         let clip = self.clip()?;
         Ok(crate::train::Schedule { steps, lr, warmup: self.warmup, decay_start: self.decay_start, clip })
     }
 
     /// `--clip-grad` as a norm, `None` for `none`; checks the schedule proportions too.
-    pub fn clip(&self) -> crate::Result<Option<f64>> {
+    pub fn clip(&self) -> crate::error::Result<Option<f64>> {
         if !(0.0..=1.0).contains(&self.warmup)
             || !(0.0..=1.0).contains(&self.decay_start)
             || self.warmup > self.decay_start
         {
-            return Err(crate::Error::Usage(format!(
+            return Err(crate::error::Error::Usage(format!(
                 "--warmup {} / --decay-start {}: expected 0 <= warmup <= decay-start <= 1",
                 self.warmup, self.decay_start
             )));
         }
         match self.clip_grad.as_str() {
             "none" => Ok(None),
-            s => {
-                s.parse().ok().filter(|v: &f64| *v > 0.0).map(Some).ok_or_else(|| {
-                    crate::Error::Usage(format!("--clip-grad {s}: expected a positive number or `none`"))
-                })
-            }
+            s => s.parse().ok().filter(|v: &f64| *v > 0.0).map(Some).ok_or_else(|| {
+                crate::error::Error::Usage(format!("--clip-grad {s}: expected a positive number or `none`"))
+            }),
         }
     }
 }
@@ -280,7 +278,7 @@ pub struct StepArgs {
 
 impl StepArgs {
     /// The run's steps for sequences of `ctx` tokens.
-    pub fn steps(&self, ctx: usize) -> crate::Result<u64> {
+    pub fn steps(&self, ctx: usize) -> crate::error::Result<u64> {
         crate::train::steps_for(self.steps, self.tokens, self.batch_size * ctx as u64)
     }
 
@@ -294,11 +292,11 @@ impl StepArgs {
         data: &DataArgs,
         seed: u64,
         device: &Device,
-    ) -> crate::Result<crate::train::data::TrainData<'a>> {
+    ) -> crate::error::Result<crate::train::data::TrainData<'a>> {
         use crate::train::data::TrainData;
         if let Some(c) = cache {
             if self.batch_size as usize > c.manifest.n_seqs {
-                return Err(crate::Error::Usage(format!(
+                return Err(crate::error::Error::Usage(format!(
                     "--batch-size {}: the cache {} has only {} sequences",
                     self.batch_size,
                     c.dir.display(),
@@ -307,15 +305,16 @@ impl StepArgs {
             }
             return Ok(TrainData::from_cache(c, self.shuffle, seed, device));
         }
-        let spec =
-            data.spec().ok_or_else(|| crate::Error::Usage("--data or --tokens is required without --acts".into()))?;
+        let spec = data
+            .spec()
+            .ok_or_else(|| crate::error::Error::Usage("--data or --tokens is required without --acts".into()))?;
         if self.shuffle {
-            return Err(crate::Error::Usage(
+            return Err(crate::error::Error::Usage(
                 "--shuffle: streaming reads the data in file order; shuffle the file instead".into(),
             ));
         }
         let (Some(model), Some(tok)) = (model, tokenizer) else {
-            return Err(crate::Error::Usage("--data/--tokens need --model (the model to run)".into()));
+            return Err(crate::error::Error::Usage("--data/--tokens need --model (the model to run)".into()));
         };
         TrainData::streaming(model, tok, spec, data.options(), device)
     }
@@ -355,10 +354,10 @@ pub struct ComputeArgs {
 impl ComputeArgs {
     /// Whether the CPU engine runs the steps (else the autograd path), checking the choice
     /// against `device`.
-    pub fn use_engine(&self, device: &Device) -> crate::Result<bool> {
+    pub fn use_engine(&self, device: &Device) -> crate::error::Result<bool> {
         let f32_cpu = device.is_cpu() && self.dtype == ComputeDType::F32;
         match self.backend {
-            Backend::Engine if !f32_cpu => Err(crate::Error::Usage(format!(
+            Backend::Engine if !f32_cpu => Err(crate::error::Error::Usage(format!(
                 "--backend engine: the CPU engine runs f32 on the CPU only (found {}, --dtype {:?}); hint: --backend autograd",
                 if device.is_cpu() { "cpu" } else { "a GPU" },
                 self.dtype

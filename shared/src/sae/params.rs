@@ -90,7 +90,10 @@ impl AeParams<Vec<f32>> {
 impl AeParams<candle_core::Var> {
     /// The gradients of these variables in `store` (zeros for a variable the loss does not
     /// reach).
-    pub fn grads(&self, store: &candle_core::backprop::GradStore) -> crate::Result<AeParams<candle_core::Tensor>> {
+    pub fn grads(
+        &self,
+        store: &candle_core::backprop::GradStore,
+    ) -> crate::error::Result<AeParams<candle_core::Tensor>> {
         self.try_map(|v| match store.get(v.as_tensor()) {
             Some(g) => Ok(g.clone()),
             None => Ok(v.as_tensor().zeros_like()?),
@@ -98,12 +101,12 @@ impl AeParams<candle_core::Var> {
     }
 
     /// The current values as host buffers.
-    pub fn to_host(&self) -> crate::Result<AeParams<Vec<f32>>> {
+    pub fn to_host(&self) -> crate::error::Result<AeParams<Vec<f32>>> {
         self.try_map(|v| crate::util::to_vec(v.as_tensor()))
     }
 
     /// Overwrite the variables with host values (shapes and devices kept).
-    pub fn set_host(&self, values: &AeParams<Vec<f32>>) -> crate::Result<()> {
+    pub fn set_host(&self, values: &AeParams<Vec<f32>>) -> crate::error::Result<()> {
         for (var, vals) in self.each().into_iter().zip(values.each()) {
             let t = candle_core::Tensor::from_slice(vals, var.as_tensor().shape(), var.as_tensor().device())?;
             var.set(&t)?;
@@ -112,7 +115,12 @@ impl AeParams<candle_core::Var> {
     }
 
     /// Variables on `device` holding host values, shaped for `d` dimensions and `f` features.
-    pub fn from_host(p: &AeParams<Vec<f32>>, d: usize, f: usize, device: &candle_core::Device) -> crate::Result<Self> {
+    pub fn from_host(
+        p: &AeParams<Vec<f32>>,
+        d: usize,
+        f: usize,
+        device: &candle_core::Device,
+    ) -> crate::error::Result<Self> {
         p.try_zip(&AeParams::shapes(d, f), |v, shape| {
             Ok(candle_core::Var::from_tensor(&candle_core::Tensor::from_slice(v, shape.as_slice(), device)?)?)
         })

@@ -162,7 +162,7 @@ pub fn step_t(
         auxks.push(auxk);
         feats.push(f);
     }
-    let total = total.ok_or_else(|| crate::Error::Usage("no modules to train".into()))?;
+    let total = total.ok_or_else(|| crate::error::Error::Usage("no modules to train".into()))?;
     let store = total.backward()?;
     let grads = vars.iter().map(|v| v.grads(&store)).collect::<Result<Vec<_>>>()?;
     let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };

@@ -204,6 +204,6 @@ pub fn finetune_grads(
 
 fn sum_terms(terms: Vec<Tensor>) -> Result<Tensor> {
     let mut it = terms.into_iter();
-    let first = it.next().ok_or_else(|| crate::Error::Usage("a loss needs an mse or a ce term".into()))?;
+    let first = it.next().ok_or_else(|| crate::error::Error::Usage("a loss needs an mse or a ce term".into()))?;
     it.try_fold(first, |acc, t| Ok((acc + t)?))
 }
