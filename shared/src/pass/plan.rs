@@ -66,7 +66,7 @@ impl Plan {
     /// Wire `suite` for a model with (`parallel`) or without parallel blocks.
     pub fn new(suite: &Suite, wiring: Wiring, parallel: bool, device: &Device) -> Result<Plan> {
         let f = suite.n_features;
-        check_topk_size(device, f)?;
+        check_topk_size(device, suite.k)?;
         let mut downs = Vec::new();
         for (d, dm) in suite.modules.iter().enumerate() {
             let ups: Vec<usize> =

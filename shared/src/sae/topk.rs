@@ -70,23 +70,61 @@ pub fn topk_relu(pre: &Tensor, k: usize) -> Result<Tensor> {
     Ok(pre.zeros_like()?.scatter(&idx_t, &vals, D::Minus1)?)
 }
 
-/// Refuse, before any compute, a feature count the device's top-k cannot sort: candle's CUDA
-/// sort keeps a whole row in shared memory, at most 8192 features.
-pub fn check_topk_size(device: &Device, n_features: usize) -> Result<()> {
-    if device.is_cuda() && n_features > 8192 {
+/// The longest row candle's CUDA sort can order: it keeps a whole row in shared memory.
+pub const DEVICE_SORT_MAX: usize = 8192;
+
+/// Refuse, before any compute, a `k` the device's top-k cannot select (above half of
+/// [`DEVICE_SORT_MAX`] on a GPU; any feature count is fine, see [`topk_indices_t`]).
+pub fn check_topk_size(device: &Device, k: usize) -> Result<()> {
+    if device.is_cuda() && 2 * k > DEVICE_SORT_MAX {
         return Err(Error::Usage(format!(
-            "{n_features} features per module: top-k on the GPU sorts rows of at most 8192 features (candle's sort kernel keeps a row in shared memory); hint: a smaller --expansion, or the CPU"
+            "k {k}: top-k on the GPU selects at most {} features per token; hint: a smaller --k",
+            DEVICE_SORT_MAX / 2
         )));
     }
     Ok(())
 }
 
-/// [`topk_relu`] without leaving the device: indices from a descending arg-sort (candle's
-/// CUDA sort handles rows up to 8192 features; ties are not guaranteed toward the lower
-/// index there).
+/// Indices `(N, k)` u32 of the `k` largest entries of each row of `a (N, F)`, in descending
+/// order, without leaving the device and for any `F`: rows longer than [`DEVICE_SORT_MAX`] are
+/// cut into blocks of that length (the last padded with −∞), each block's top `k` are taken by
+/// one sort, and the top `k` of those candidates (recursively, if they are still too many) are
+/// the row's. With `2k ≤` the block length every stage at least halves the row. Sorts are stable (ties toward the lower index) on the CPU; candle's CUDA
+/// sort gives no tie guarantee.
+pub fn topk_indices_t(a: &Tensor, k: usize) -> Result<Tensor> {
+    topk_indices_blocked(a, k, DEVICE_SORT_MAX)
+}
+
+fn topk_indices_blocked(a: &Tensor, k: usize, max_row: usize) -> Result<Tensor> {
+    let (n, f) = a.dims2()?;
+    if f <= max_row {
+        return Ok(a.arg_sort_last_dim(false)?.narrow(D::Minus1, 0, k.min(f))?.contiguous()?);
+    }
+    if 2 * k > max_row {
+        return Err(Error::Usage(format!("top-k of {k} among {f}: k must be at most {}", max_row / 2)));
+    }
+    let (nb, bs) = (f.div_ceil(max_row), max_row);
+    let padded = if nb * bs > f {
+        let pad = Tensor::full(f32::NEG_INFINITY, (n, nb * bs - f), a.device())?.to_dtype(a.dtype())?;
+        Tensor::cat(&[a, &pad], 1)?
+    } else {
+        a.clone()
+    };
+    let blocks = padded.reshape((n * nb, bs))?;
+    let kb = k;
+    let local = blocks.arg_sort_last_dim(false)?.narrow(1, 0, kb)?.contiguous()?; // (N·nb, kb)
+    let vals = blocks.gather(&local, 1)?.reshape((n, nb * kb))?;
+    let offsets = Tensor::arange(0u32, nb as u32, a.device())?.affine(bs as f64, 0.0)?.reshape((1, nb, 1))?;
+    let global = local.reshape((n, nb, kb))?.broadcast_add(&offsets)?.reshape((n, nb * kb))?;
+    // The candidates keep block order and, within a block, index order among equal values, so
+    // stable sorts of them still break ties toward the lower index.
+    let pick = topk_indices_blocked(&vals, k, max_row)?;
+    Ok(global.gather(&pick, 1)?)
+}
+
+/// [`topk_relu`] without leaving the device (indices from [`topk_indices_t`]).
 pub fn topk_relu_device(pre: &Tensor, k: usize) -> Result<Tensor> {
-    check_topk_size(pre.device(), pre.dim(D::Minus1)?)?;
-    let idx_t = pre.detach().arg_sort_last_dim(false)?.narrow(D::Minus1, 0, k)?.contiguous()?;
+    let idx_t = topk_indices_t(&pre.detach(), k)?;
     let vals = pre.gather(&idx_t, D::Minus1)?.relu()?;
     Ok(pre.zeros_like()?.scatter(&idx_t, &vals, D::Minus1)?)
 }
@@ -143,5 +181,36 @@ mod tests {
         assert_eq!(topk_indices(&a, 6, 2), vec![1, 2]);
         assert_eq!(topk_indices(&a, 3, 1), vec![1, 1]);
         assert_eq!(topk_indices(&[0.0, 0.0, 0.0], 3, 2), vec![0, 1]);
+    }
+
+    /// The device top-k against the host kernel (the exact rule) on rows with many ties, one
+    /// and several blocks, and several stages of candidates (small block limits make the
+    /// recursion cheap to test), including the real-shape case F = 24,576.
+    #[test]
+    fn device_topk_matches_the_exact_top_k_for_any_row_length() {
+        let mut state = 99u64;
+        let mut rand = |cols: usize, rows: usize| -> Vec<f32> {
+            (0..rows * cols)
+                .map(|_| {
+                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ((state >> 33) % 23) as f32 - 11.0 // many ties
+                })
+                .collect()
+        };
+        for (rows, cols, k, max_row) in [
+            (6, 100, 7, 128),
+            (6, 100, 7, 16),
+            (5, 1000, 9, 64),
+            (4, 1000, 20, 40),
+            (4, 90, 8, 16),
+            (3, 24_576, 64, DEVICE_SORT_MAX),
+        ] {
+            let a = rand(cols, rows);
+            let t = Tensor::from_slice(&a, (rows, cols), &Device::Cpu).unwrap();
+            let got = topk_indices_blocked(&t, k, max_row).unwrap().flatten_all().unwrap().to_vec1::<u32>().unwrap();
+            assert_eq!(got, topk_indices(&a, cols, k), "rows {rows} cols {cols} k {k} blocks of {max_row}");
+        }
+        let t = Tensor::zeros((2, 50), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(topk_indices_blocked(&t, 9, 16).is_err(), "k above half the block is refused");
     }
 }

@@ -85,7 +85,7 @@ fn run(args: Args) -> Result<()> {
     let steps = args.step.steps(ctx)?;
     let lr = scae::train::schedule::scaled_lr(args.lr, f);
     if !use_engine {
-        scae::sae::topk::check_topk_size(&device, f)?;
+        scae::sae::topk::check_topk_size(&device, k)?;
     }
     let (run, step) = (&args.run, &args.step);
     let mut digest = serde_json::json!({
