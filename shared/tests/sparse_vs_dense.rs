@@ -226,6 +226,45 @@ fn engine_matches_autograd_pass() {
     }
 }
 
+/// The engine against the autograd pass at real-shape-like dimensions: 16 heads and F = 3072
+/// (a random GPT-Neo from `toy-lm --steps 0`, d_model 128, two layers, 2 × 16 tokens), with
+/// C = 16 and C = 64, both attention gradient strategies.
+#[test]
+fn engine_matches_autograd_pass_at_sixteen_heads_and_f_3072() {
+    use scae::sae::init::init_params;
+    use scae::util::rng::SplitMix;
+    let dir = scae_testkit::scratch("sixteen-heads");
+    let toy = dir.join("toy");
+    let toy_args = ["--d-model", "128", "--n-heads", "16", "--n-layers", "2", "--ctx-len", "16", "--steps", "0"];
+    let mut args = vec!["--out", scae_testkit::s(&toy), "--n-stories", "60", "--n-heldout", "10"];
+    args.extend(toy_args);
+    scae_testkit::tool_ok("toy-lm", &args);
+    let dev = Device::Cpu;
+    let model = Model::load("toy", &toy.join("model"), &dev).unwrap();
+    assert_eq!(model.cfg().n_heads, 16);
+    let vocab = model.cfg().d_vocab as u64;
+    let mut rng = SplitMix(5);
+    let ids: Vec<u32> = (0..2 * 16).map(|_| (rng.next_u64() % vocab) as u32).collect();
+    let tokens = Tensor::from_vec(ids, (2, 16), &dev).unwrap();
+    let batch = Batch::from_forward(&tokens, &model.runtime.forward(&tokens, true, false).unwrap()).unwrap();
+    let (d, f) = (128, 3072);
+    let modules = scae::model::Module::all(2);
+    let params: Vec<_> = modules
+        .iter()
+        .map(|_| {
+            let mut p = init_params(d, f, &mut rng);
+            p.b_enc.iter_mut().for_each(|b| *b = (rng.normal() * 0.02) as f32);
+            p.b_dec.iter_mut().for_each(|b| *b = (rng.normal() * 0.01) as f32);
+            p
+        })
+        .collect();
+    let suite = Suite::from_params(&params, &modules, 16, d, f).unwrap();
+    for (c, seed) in [(16usize, 31u64), (64, 32)] {
+        let conns = random_connections(&suite, false, c, seed);
+        compare_engine(&format!("16 heads F 3072 C={c}"), &suite, &model, &batch, Some(&conns), PassOptions::default());
+    }
+}
+
 /// AuxK through the pruned pass: its gradient w.r.t. the parameters of dead latents that the
 /// top-k never selects (the only parameters the detached residual target does not depend on)
 /// equals central finite differences of FVU + α·AuxK.

@@ -8,11 +8,15 @@
 
 use rayon::prelude::*;
 
-use super::attn_mix::{causal_mix, pattern_qph};
+use super::attn_mix::pattern_qph;
 use super::{active_ups, add_dec_t_grads, add_up_value_grads, EdgeState, Engine, ModuleState, PreGrad, State};
 use crate::data::FlatBatch;
 use crate::pass::kernels::{EdgeIndex, EMPTY};
 use crate::util::blas::{axpy, dot, fold_rows, sgemm};
+
+/// Key positions per block of the attention edge forward's mixing product (its inner dimension
+/// is `KEY_BLOCK · H`).
+const KEY_BLOCK: usize = 8;
 
 impl Engine<'_> {
     /// Attention edge weights `w_h[i,c] = (E W_Oᵀ)[i, h] · (W_decᵀ W_V)[j, h]` (d_head dots),
@@ -74,28 +78,51 @@ impl Engine<'_> {
         let ups = &self.plan.down(di).ups;
         let sc = &fb.s1[layer];
         let p = &fb.pattern[layer];
-        // Per-thread buffers, reused across sequences (no fresh pages per sequence).
-        let init = || (vec![0f32; s * h * f], vec![0f32; s * s * h]);
+        // Per-thread buffers, reused across sequences (no fresh pages per sequence). Y is laid out
+        // [key block][i][key in block][h], so that one edge's H head values are contiguous and
+        // each key block is one (KB·H, F) operand of the mixing product.
+        let nblk = s.div_ceil(KEY_BLOCK);
+        let blk_len = f * KEY_BLOCK * h;
+        let init = || (vec![0f32; nblk * blk_len], vec![0f32; s * s * h]);
         a.par_chunks_mut(s * f).enumerate().for_each_init(init, |(y, pq), (bi, ab)| {
-            // Y[p, h, i] = Σ_edges w_h · f_u[p, j] / s1[p]
+            // Y[p, i, h] = Σ_edges w_h · f_u[p, j] / s1[p]
             y.fill(0.0);
             for pp in 0..s {
                 let t = bi * s + pp;
                 let inv = 1.0 / sc[t];
+                let base = (pp / KEY_BLOCK) * blk_len + (pp % KEY_BLOCK) * h;
                 for (_, _, v, col) in active_ups(states, ups, t, k, f) {
                     let x = v * inv;
                     let r = index.col_range(col);
                     for (ws, &i) in w_col[r.start * h..r.end * h].chunks_exact(h).zip(&index.rev_down[r]) {
-                        for (hh, &wv) in ws.iter().enumerate() {
-                            y[(pp * h + hh) * f + i as usize] += wv * x;
-                        }
+                        let o = base + i as usize * KEY_BLOCK * h;
+                        y[o..o + h].iter_mut().zip(ws).for_each(|(d, &wv)| *d += wv * x);
                     }
                 }
             }
-            // a[q] += Σ_{p ≤ q} Σ_h P_h[q, p] Y[p, h]: one product over (key, head) pairs,
-            // with the pattern laid out as [q][p][h].
+            // a[q] += Σ_{p ≤ q} Σ_h P_h[q, p] Y[p, h], one product per key block over its
+            // (key, head) pairs for the queries at or after the block (the pattern, laid out as
+            // [q][p][h], is zero above the diagonal).
             pattern_qph(&p[bi * h * s * s..(bi + 1) * h * s * s], s, h, pq);
-            causal_mix(s, f, h, pq, y, ab);
+            for blk in 0..nblk {
+                let p0 = blk * KEY_BLOCK;
+                let kn = KEY_BLOCK.min(s - p0) * h;
+                let pa = &pq[(p0 * s + p0) * h..];
+                sgemm(
+                    s - p0,
+                    f,
+                    kn,
+                    pa,
+                    s * h,
+                    1,
+                    &y[blk * blk_len..],
+                    1,
+                    KEY_BLOCK * h,
+                    &mut ab[p0 * f..],
+                    true,
+                    false,
+                );
+            }
         });
     }
 

@@ -69,22 +69,8 @@ impl Engine<'_> {
     }
 }
 
-/// `out (S, F) += P (S, S·H) · Y (S·H, F)` for a causal pattern over `h` heads
-/// (`P[q, p·H + h] = 0` for p > q): only the blocks on or below the diagonal are multiplied.
-pub(super) fn causal_mix(s: usize, f: usize, h: usize, p: &[f32], y: &[f32], out: &mut [f32]) {
-    const BLOCK: usize = 32;
-    let mut q0 = 0;
-    while q0 < s {
-        let qn = BLOCK.min(s - q0);
-        // keys 0 ..= last query of this block, all heads
-        let kn = (q0 + qn) * h;
-        sgemm(qn, f, kn, &p[q0 * s * h..], s * h, 1, y, f, 1, &mut out[q0 * f..(q0 + qn) * f], true, false);
-        q0 += qn;
-    }
-}
-
 /// One sequence's pattern `(H, S_q, S_k)` re-laid as `[q][p][h]` (zeros above the diagonal),
-/// the layout of the head-combined product [`causal_mix`] and of the pushed gradient.
+/// the layout of the edge forward's mixing product and of the pushed gradient.
 pub(super) fn pattern_qph(pb: &[f32], s: usize, h: usize, pq: &mut [f32]) {
     pq.fill(0.0);
     for hh in 0..h {
