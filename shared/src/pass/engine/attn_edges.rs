@@ -83,20 +83,32 @@ impl Engine<'_> {
         // each key block is one (KB·H, F) operand of the mixing product.
         let nblk = s.div_ceil(KEY_BLOCK);
         let blk_len = f * KEY_BLOCK * h;
-        let init = || (vec![0f32; nblk * blk_len], vec![0f32; s * s * h]);
-        a.par_chunks_mut(s * f).enumerate().for_each_init(init, |(y, pq), (bi, ab)| {
-            // Y[p, i, h] = Σ_edges w_h · f_u[p, j] / s1[p]
+        let init = || (vec![0f32; nblk * blk_len], vec![0f32; s * s * h], Vec::new());
+        a.par_chunks_mut(s * f).enumerate().for_each_init(init, |(y, pq, act), (bi, ab)| {
+            // Y[p, i, h] = Σ_edges w_h · f_u[p, j] / s1[p], one key block at a time and, within
+            // it, one upstream column at a time: the column's edge weights are read once for
+            // all its active keys, and the block of Y (F·KB·H) stays in cache.
             y.fill(0.0);
-            for pp in 0..s {
-                let t = bi * s + pp;
-                let inv = 1.0 / sc[t];
-                let base = (pp / KEY_BLOCK) * blk_len + (pp % KEY_BLOCK) * h;
-                for (_, _, v, col) in active_ups(states, ups, t, k, f) {
-                    let x = v * inv;
-                    let r = index.col_range(col);
+            for blk in 0..nblk {
+                let p0 = blk * KEY_BLOCK;
+                act.clear();
+                for pp in p0..(p0 + KEY_BLOCK).min(s) {
+                    let t = bi * s + pp;
+                    let inv = 1.0 / sc[t];
+                    act.extend(
+                        active_ups(states, ups, t, k, f).map(|(_, _, v, col)| (col as u32, (pp - p0) as u32, v * inv)),
+                    );
+                }
+                act.sort_unstable_by_key(|e| (e.0, e.1));
+                let yb = &mut y[blk * blk_len..(blk + 1) * blk_len];
+                for group in act.chunk_by(|x, z| x.0 == z.0) {
+                    let r = index.col_range(group[0].0 as usize);
                     for (ws, &i) in w_col[r.start * h..r.end * h].chunks_exact(h).zip(&index.rev_down[r]) {
-                        let o = base + i as usize * KEY_BLOCK * h;
-                        y[o..o + h].iter_mut().zip(ws).for_each(|(d, &wv)| *d += wv * x);
+                        let row = &mut yb[i as usize * KEY_BLOCK * h..(i as usize + 1) * KEY_BLOCK * h];
+                        for &(_, pl, x) in group {
+                            let o = pl as usize * h;
+                            row[o..o + h].iter_mut().zip(ws).for_each(|(d, &wv)| *d += wv * x);
+                        }
                     }
                 }
             }
@@ -146,7 +158,11 @@ impl Engine<'_> {
         let p = &fb.pattern[layer];
         let mut scratch = vec![0f32; n * ups.len() * k];
         let seq_len = s * ups.len() * k;
+        let dense = self.dense_attn_grad.unwrap_or(f * s * h <= 1 << 24);
         let gw = fold_rows(&mut scratch, seq_len, w.len(), |first, block, gw| {
+            // Buffers of the dense strategy, reused by the block's sequences.
+            let (mut pq, mut gy) =
+                if dense { (vec![0f32; s * s * h], vec![0f32; f * s * h]) } else { (vec![], vec![]) };
             for (r, sb) in block.chunks_mut(seq_len).enumerate() {
                 let bi = first + r;
                 // gY_h[p, i] = Σ_{q ≥ p} P[h, q, p] g_pre[q, i], g_pre having k entries per row.
@@ -155,12 +171,11 @@ impl Engine<'_> {
                 // All of gY, pushed from gA's k non-zeros per query (cheaper than the per-(p, i)
                 // sums further below at every size measured, d_model 64–128, F 256–2048,
                 // C 8–64), unless its F·S·H buffer is large.
-                if self.dense_attn_grad.unwrap_or(f * s * h <= 1 << 24) {
+                if dense {
                     // gY as [i][p][h]: every non-zero gA[q, i] (k per query) adds
                     // gA[q, i] · P[q, 0..=q, ·] — one contiguous row of the [q][p][h] pattern.
-                    let mut pq = vec![0f32; s * s * h];
                     pattern_qph(pb, s, h, &mut pq);
-                    let mut gy = vec![0f32; f * s * h];
+                    gy.fill(0.0);
                     for q in 0..s {
                         let prow = &pq[q * s * h..q * s * h + (q + 1) * h];
                         for kk in 0..kb {
@@ -258,8 +273,8 @@ impl Engine<'_> {
     ) {
         let (s, f, k, h) = (fb.s, self.f, self.k, self.n_heads);
         let width = index.width;
-        let per_pos = ups.len() * k;
-        // Active upstream values of this sequence by upstream column: (position in sb, v / s1).
+        // Active upstream values of this sequence by upstream column: (position in sb, key
+        // position, v / s1).
         let n_cols = ups.len() * f;
         let mut ptr = vec![0u32; n_cols + 1];
         for pp in 0..s {
@@ -271,11 +286,11 @@ impl Engine<'_> {
             ptr[c + 1] += ptr[c];
         }
         let mut fill = ptr.clone();
-        let mut act = vec![(0u32, 0f32); ptr[n_cols] as usize];
+        let mut act = vec![(0u32, 0u32, 0f32); ptr[n_cols] as usize];
         let inv: Vec<f32> = (0..s).map(|pp| 1.0 / sc[bi * s + pp]).collect();
         for pp in 0..s {
             for (pu, kk, v, col) in active_ups(&state.modules, ups, bi * s + pp, k, f) {
-                act[fill[col] as usize] = (((pp * ups.len() + pu) * k + kk) as u32, v * inv[pp]);
+                act[fill[col] as usize] = (((pp * ups.len() + pu) * k + kk) as u32, pp as u32, v * inv[pp]);
                 fill[col] += 1;
             }
         }
@@ -290,15 +305,10 @@ impl Engine<'_> {
                 let col = col as usize;
                 let wv = &w[slot * h..(slot + 1) * h];
                 let gws = &mut gw[slot * h..(slot + 1) * h];
-                for &(e, vinv) in &act[ptr[col] as usize..ptr[col + 1] as usize] {
-                    let pp = e as usize / per_pos;
-                    let g = &gyi[pp * h..(pp + 1) * h];
-                    let mut acc = 0f32;
-                    for hh in 0..h {
-                        gws[hh] += g[hh] * vinv;
-                        acc += g[hh] * wv[hh];
-                    }
-                    sb[e as usize] += acc * inv[pp];
+                for &(e, pp, vinv) in &act[ptr[col] as usize..ptr[col + 1] as usize] {
+                    let g = &gyi[pp as usize * h..(pp as usize + 1) * h];
+                    gws.iter_mut().zip(g).for_each(|(o, &gv)| *o += gv * vinv);
+                    sb[e as usize] += dot(g, wv) * inv[pp as usize];
                 }
             }
         }

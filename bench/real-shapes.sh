@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Every stage at a real model shape, without Python: a random GPT-Neo of the given shape from
+# `toy-lm --steps 0` (TinyStories-33M: d_model 768, 16 heads, 4 layers; its vocabulary is the
+# toy corpus's ~100 words, so CE costs are not representative), a cache of its activations,
+# a suite, edge scores, finetuning at C and evaluation — each timed with its peak RSS — and the
+# dense-product floor of one finetuning step measured in the same run (examples/gemm_floor).
+#
+#   bench/real-shapes.sh [OUT]          (env: D HEADS LAYERS EXPANSION K CS SEQS THREADS)
+#
+# Prints a markdown table; needs `cargo build --release --workspace --examples`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-/tmp/scae-real-shapes}
+D=${D:-768}
+HEADS=${HEADS:-16}
+LAYERS=${LAYERS:-4}
+EXPANSION=${EXPANSION:-4}
+K=${K:-64}
+CS=${CS:-16 64}
+# Sequences of 128 tokens per training step.
+SEQS=${SEQS:-8}
+THREADS=${THREADS:-2}
+TRAIN_STEPS=${TRAIN_STEPS:-40}
+FT_STEPS=${FT_STEPS:-6}
+BIN=target/release
+F=$((EXPANSION * D))
+export RAYON_NUM_THREADS=$THREADS
+mkdir -p "$OUT"
+rows=()
+# run NAME TOKENS CMD...: time CMD; record seconds, tokens/s and peak RSS.
+run() {
+    local name=$1 tokens=$2
+    shift 2
+    /usr/bin/time -f "%e %M" -o "$OUT/time" "$@" > "$OUT/$name.log" 2> "$OUT/$name.err"
+    read -r secs kb < "$OUT/time"
+    rows+=("| $name | $tokens | $secs | $(awk "BEGIN {printf \"%.0f\", $tokens / $secs}") | $((kb / 1024)) |")
+}
+M=$OUT/model-d$D-h$HEADS-l$LAYERS
+[ -f "$M/.done" ] || { $BIN/toy-lm --out "$M" --d-model "$D" --n-heads "$HEADS" --n-layers "$LAYERS" \
+    --ctx-len 128 --steps 0 --n-stories 3000 --overwrite > /dev/null 2>&1 && touch "$M/.done"; }
+run collect-acts $((64 * 128)) $BIN/collect-acts --model "$M/model" --data "$M/corpus.txt" --ctx-len 128 --pack \
+    --n-seqs 64 --batch-size "$SEQS" --out "$OUT/acts" --overwrite
+run "train-suite F=$F" $((TRAIN_STEPS * SEQS * 128)) $BIN/train-suite --acts "$OUT/acts" --expansion "$EXPANSION" \
+    --k "$K" --steps "$TRAIN_STEPS" --batch-size "$SEQS" --lr 1e-3 --out "$OUT/suite" --overwrite
+run "score-edges F=$F" $((16 * 128)) $BIN/score-edges --acts "$OUT/acts" --suite "$OUT/suite" --n-seqs 16 \
+    --batch-size "$SEQS" --keep 64 --out "$OUT/edges" --overwrite
+for c in $CS; do
+    $BIN/select-edges --edges "$OUT/edges/edges.parquet" --c "$c" --out "$OUT/c$c.parquet" > /dev/null
+    run "finetune F=$F C=$c" $((FT_STEPS * SEQS * 128)) $BIN/finetune --acts "$OUT/acts" --suite "$OUT/suite" \
+        --connections "$OUT/c$c.parquet" --steps "$FT_STEPS" --batch-size "$SEQS" --out "$OUT/ft$c" --overwrite
+    run "evaluate F=$F C=$c" $((16 * 128)) $BIN/evaluate --acts "$OUT/acts" --suite "$OUT/ft$c" \
+        --connections "$OUT/c$c.parquet" --n-seqs 16 --batch-size "$SEQS" --out "$OUT/eval$c" --overwrite
+done
+floor=$($BIN/examples/gemm_floor "$D" "$F" "$HEADS" "$LAYERS" "$SEQS" 128)
+echo "shape: d_model $D, $HEADS heads, $LAYERS layers, F $F, k $K, $SEQS x 128 tokens per step, $THREADS threads"
+echo
+echo "| stage | tokens | seconds | tokens/s | peak RSS MB |"
+echo "|---|---|---|---|---|"
+printf '%s\n' "${rows[@]}"
+echo
+echo "dense-product floor of one finetuning step ($((SEQS * 128)) tokens): $floor"

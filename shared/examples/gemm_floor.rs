@@ -1,0 +1,71 @@
+//! Benchmark helper (not a test): the dense-product floor of one finetuning step at a given
+//! shape — the GEMMs an exact pruned pass cannot avoid — timed on this machine with the
+//! library's own GEMM (the same kernel and threads the engine uses).
+//!
+//! `gemm_floor D F HEADS LAYERS SEQS CTX` prints one JSON line: milliseconds and multiply-adds
+//! of each product family per step, and their total:
+//! - `encoder`: `Z Eᵀ` per module, `N·D·F` (2·LAYERS modules);
+//! - `mixing`: the attention edge terms mixed by the pattern, `N·S·H·F/2` per attention module
+//!   with upstream modules (LAYERS − 1 of them);
+//! - `weights`: the attention edge weights' factors `E W_Oᵀ` and `W_decᵀ W_V` (`F·D·D` each,
+//!   one per attention module and one per (attention module, upstream module) pair), forward
+//!   and backward (×2).
+use std::time::Instant;
+
+use rayon::prelude::*;
+use scae::util::blas::sgemm;
+
+/// Best of `reps` timings of `f`, in ms.
+fn best(reps: usize, mut f: impl FnMut()) -> f64 {
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn main() {
+    let a: Vec<usize> = std::env::args().skip(1).map(|x| x.parse().expect("integer argument")).collect();
+    let [d, f, h, layers, seqs, ctx] = a[..] else {
+        panic!("usage: gemm_floor D F HEADS LAYERS SEQS CTX");
+    };
+    let n = seqs * ctx;
+    let fill = |len: usize| -> Vec<f32> { (0..len).map(|i| ((i % 97) as f32 - 48.0) * 1e-3).collect() };
+    // Z (N, D) · Eᵀ, E (F, D).
+    let (z, e) = (fill(n * d), fill(f * d));
+    let mut out = vec![0f32; n * f];
+    let enc_ms = best(3, || sgemm(n, f, d, &z, d, 1, &e, 1, d, &mut out, false, true));
+    // Per sequence (S, S·H/2) · (S·H/2, F): the causal mixing's multiply-adds as one product.
+    let kk = ctx * h / 2;
+    // Sequences in parallel, as the engine runs them.
+    let (p, y) = (fill(ctx * kk), fill(kk * f));
+    let mut o = vec![0f32; seqs * ctx * f];
+    let mix_all_ms =
+        best(3, || o.par_chunks_mut(ctx * f).for_each(|ob| sgemm(ctx, f, kk, &p, kk, 1, &y, f, 1, ob, false, false)));
+    // (F, D) · (D, D): one weight factor.
+    let (ew, wo) = (fill(f * d), fill(d * d));
+    let mut ev = vec![0f32; f * d];
+    let w_ms = best(3, || sgemm(f, d, d, &ew, d, 1, &wo, d, 1, &mut ev, false, true));
+    let modules = 2 * layers;
+    let attn_with_ups = layers.saturating_sub(1);
+    // Attention module of layer L: one E W_Oᵀ and one W_decᵀ W_V per upstream module (2L).
+    let weight_products: usize = (1..layers).map(|l| 1 + 2 * l).sum();
+    let encoder = (modules as f64 * enc_ms, (modules * n * d * f) as f64);
+    let mixing = (attn_with_ups as f64 * mix_all_ms, (attn_with_ups * n * kk * f) as f64);
+    let weights = ((2 * weight_products) as f64 * w_ms, (2 * weight_products * f * d * d) as f64);
+    let total_ms = encoder.0 + mixing.0 + weights.0;
+    let total_mac = encoder.1 + mixing.1 + weights.1;
+    println!(
+        "{{\"encoder_ms\": {:.1}, \"encoder_gmac\": {:.2}, \"mixing_ms\": {:.1}, \"mixing_gmac\": {:.2}, \"weights_ms\": {:.1}, \"weights_gmac\": {:.2}, \"total_ms\": {total_ms:.1}, \"total_gmac\": {:.2}, \"gmac_per_s\": {:.1}}}",
+        encoder.0,
+        encoder.1 / 1e9,
+        mixing.0,
+        mixing.1 / 1e9,
+        weights.0,
+        weights.1 / 1e9,
+        total_mac / 1e9,
+        total_mac / 1e9 / (total_ms / 1e3)
+    );
+}
