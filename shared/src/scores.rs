@@ -90,6 +90,12 @@ impl ScoreStats {
 
     /// The `F_down × F_up` score matrix of the pair (d, u) (module indices), on the CPU.
     pub fn pair_scores(&self, suite: &Suite, rt: &Runtime, d: usize, u: usize) -> Result<Tensor> {
+        self.pair_factors(suite, rt, d, u)?.rows(0, self.n_features)
+    }
+
+    /// The pair's scores as a product of factors computed once, so that its rows can be formed
+    /// a block at a time (memory: a block of rows, not `F × F`).
+    fn pair_factors(&self, suite: &Suite, rt: &Runtime, d: usize, u: usize) -> Result<PairFactors> {
         let dm = &suite.modules[d];
         let (f, h, dh) = (self.n_features, self.n_heads, rt.cfg.d_head);
         let dev = Device::Cpu;
@@ -103,10 +109,10 @@ impl ScoreStats {
             };
             Ok(Tensor::from_vec(vals, len, &dev)?)
         };
-        match dm.kind {
+        Ok(match dm.kind {
+            // V[i, g] · m[g] with V = E W_dec.
             Kind::Mlp => {
-                let m = stat(&self.mlp[dm.layer][u], f)?;
-                Ok(enc.matmul(&dec)?.broadcast_mul(&m.unsqueeze(0)?)?)
+                PairFactors { left: enc, right: dec, scale: Some(stat(&self.mlp[dm.layer][u], f)?.unsqueeze(0)?) }
             }
             Kind::Attn => {
                 // Σ_h (E W_O[h]ᵀ)(W_dec[:,g]ᵀ W_V[h])·z_h[g] as one (F, H·dh) x (H·dh, F) product.
@@ -116,9 +122,9 @@ impl ScoreStats {
                 let ev = enc.matmul(&w_o.t()?)?; // (F_down, H·dh)
                 let dv = dec.t()?.matmul(&w_v)?.reshape((f, h, dh))?; // (F_up, H, dh)
                 let dvz = dv.broadcast_mul(&z.t()?.unsqueeze(2)?)?.reshape((f, h * dh))?;
-                Ok(ev.matmul(&dvz.t()?)?)
+                PairFactors { left: ev, right: dvz.t()?, scale: None }
             }
-        }
+        })
     }
 
     /// For every feature of down module `d`, its `keep` highest-|score| edges across all
@@ -126,21 +132,32 @@ impl ScoreStats {
     pub fn top_edges(&self, suite: &Suite, rt: &Runtime, d: usize, keep: usize) -> Result<Vec<Vec<Edge>>> {
         let f = self.n_features;
         let mut best: Vec<Vec<Edge>> = vec![Vec::new(); f];
+        // One row's candidates at a time, so each feature keeps at most `keep` edges (memory
+        // F·keep, not F·F, whatever the number of features).
+        let mut scratch: Vec<Edge> = Vec::new();
         for u in 0..suite.modules.len() {
             if !suite.modules[u].precedes(&suite.modules[d], self.parallel) {
                 continue;
             }
-            let scores = self.pair_scores(suite, rt, d, u)?.flatten_all()?.to_vec1::<f32>()?;
-            for (i, cand) in best.iter_mut().enumerate() {
-                let row = &scores[i * f..(i + 1) * f];
-                cand.extend(row.iter().enumerate().filter(|(_, v)| **v != 0.0).map(|(g, &v)| Edge {
-                    up: u,
-                    feature: g as u32,
-                    score: v,
-                }));
-                if cand.len() > keep {
-                    cand.select_nth_unstable_by(keep, edge_order);
-                    cand.truncate(keep);
+            let factors = self.pair_factors(suite, rt, d, u)?;
+            for start in (0..f).step_by(SCORE_ROWS) {
+                let len = SCORE_ROWS.min(f - start);
+                let scores = factors.rows(start, len)?.flatten_all()?.to_vec1::<f32>()?;
+                for (r, cand) in best[start..start + len].iter_mut().enumerate() {
+                    let row = &scores[r * f..(r + 1) * f];
+                    scratch.clear();
+                    scratch.extend_from_slice(cand);
+                    scratch.extend(row.iter().enumerate().filter(|(_, v)| **v != 0.0).map(|(g, &v)| Edge {
+                        up: u,
+                        feature: g as u32,
+                        score: v,
+                    }));
+                    if scratch.len() > keep {
+                        scratch.select_nth_unstable_by(keep, edge_order);
+                        scratch.truncate(keep);
+                    }
+                    cand.clear();
+                    cand.extend_from_slice(&scratch);
                 }
             }
         }
@@ -148,6 +165,28 @@ impl ScoreStats {
             cand.sort_by(edge_order);
         }
         Ok(best)
+    }
+}
+
+/// Downstream rows of a pair's scores formed at a time in [`ScoreStats::top_edges`].
+const SCORE_ROWS: usize = 1024;
+
+/// `scores = (left · right) ⊙ scale` for a pair of modules: `left (F_down, K)`,
+/// `right (K, F_up)`, `scale (1, F_up)` (mlp targets).
+struct PairFactors {
+    left: Tensor,
+    right: Tensor,
+    scale: Option<Tensor>,
+}
+
+impl PairFactors {
+    /// Downstream rows `start..start + len` of the scores, `(len, F_up)`.
+    fn rows(&self, start: usize, len: usize) -> Result<Tensor> {
+        let block = self.left.narrow(0, start, len)?.matmul(&self.right)?;
+        Ok(match &self.scale {
+            Some(m) => block.broadcast_mul(m)?,
+            None => block,
+        })
     }
 }
 

@@ -10,6 +10,9 @@
 //! (attention: `Σ` over a d_head factorisation of `W_OV`) are formed only for the F·C edges and
 //! applied through [`super::kernels::EdgeMatmul`] — no `F×F` or `heads×F×F` matrix exists.
 //! Gradients flow to every suite parameter through candle autograd.
+//!
+//! Dimensions: B sequences of S positions, N = B·S tokens, D = d_model, H heads of d_h, F
+//! features, C slots per downstream feature, k active features per token.
 
 use candle_core::{DType, Tensor};
 

@@ -9,6 +9,9 @@
 //! The backward passes return the gradient with respect to X (or f) **only at X's non-zero
 //! entries** (zero elsewhere). That is exact for the pruned pass, where X are ReLU'd top-k
 //! features whose zero entries pass no gradient upstream.
+//!
+//! Dimensions: B sequences of S positions, N = B·S tokens, H heads (1 for mlp targets), F
+//! downstream features, C slots each, M = |U|·F concatenated upstream columns, D = d_model.
 
 use std::sync::Arc;
 

@@ -2,6 +2,8 @@
 //! (flat buffers with the gradient w.r.t. every reconstruction, for the CPU engine):
 //! `Σ_m FVU_m` with the reference's FVU (docs/MATH.md, "FVU"), and the CE with the suite
 //! spliced into the residual stream (docs/MATH.md, "Spliced CE").
+//!
+//! Dimensions: B sequences of S positions, N = B·S tokens, D = d_model, V vocabulary.
 
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;

@@ -16,7 +16,7 @@ use super::params::AeParams;
 use super::topk::{topk_indices, topk_relu_device};
 use super::{decode, fired_t};
 use crate::error::Result;
-use crate::util::blas::{gemm_nt, transpose};
+use crate::util::blas::{add_into, axpy, by_feature, dot, gemm_nt, transpose};
 
 /// What one host step of one module produced.
 pub struct StepOut {
@@ -63,56 +63,52 @@ pub fn step(
             aux = Some((sel.idx, sel.val, g_e));
         }
     }
-    // Backward.
-    let mut g_dec_t = vec![0f32; f * d];
-    let mut g_pre_sparse: Vec<(usize, u32, f32)> = Vec::new(); // (t, i, g)
+    // Backward: the values' gradients in parallel over tokens, the parameters' over features
+    // (through a column index of the sparse codes).
     let mut g_bdec = vec![0f32; d];
     for gy in g_y.chunks(d) {
         g_bdec.iter_mut().zip(gy).for_each(|(a, b)| *a += b);
     }
-    decode_backward(&g_y, &idx, &val, &dec_t, d, &mut g_dec_t, &mut g_pre_sparse);
-    if let Some((aidx, aval, g_e)) = &aux {
-        decode_backward(g_e, aidx, aval, &dec_t, d, &mut g_dec_t, &mut g_pre_sparse);
-    }
-    let mut g_enc = vec![0f32; f * d];
+    let g_val = value_grads(&g_y, &idx, &val, k, &dec_t, d);
+    let mut g_dec_t = by_feature(&idx, k, f, d, |j| val[j], &g_y);
+    let mut g_enc = by_feature(&idx, k, f, d, |j| g_val[j], &xc);
     let mut g_benc = vec![0f32; f];
-    for &(t, i, g) in &g_pre_sparse {
-        let i = i as usize;
-        g_benc[i] += g;
-        let xr = &xc[t * d..(t + 1) * d];
-        g_enc[i * d..(i + 1) * d].iter_mut().zip(xr).for_each(|(o, v)| *o += g * v);
-        // pre depends on x − b_dec: g b_dec −= g E[i]
-        g_bdec.iter_mut().zip(&p.w_enc[i * d..(i + 1) * d]).for_each(|(o, e)| *o -= g * e);
+    for (&i, &g) in idx.iter().zip(&g_val) {
+        g_benc[i as usize] += g;
+    }
+    if let Some((aidx, aval, g_e)) = &aux {
+        let k_aux = aidx.len() / n.max(1);
+        let g_aux = value_grads(g_e, aidx, aval, k_aux, &dec_t, d);
+        add_into(&mut g_dec_t, &by_feature(aidx, k_aux, f, d, |j| aval[j], g_e));
+        add_into(&mut g_enc, &by_feature(aidx, k_aux, f, d, |j| g_aux[j], &xc));
+        for (&i, &g) in aidx.iter().zip(&g_aux) {
+            g_benc[i as usize] += g;
+        }
+    }
+    // pre depends on x − b_dec: g b_dec −= Σ_i g_benc[i] E[i]
+    for (i, &g) in g_benc.iter().enumerate() {
+        if g != 0.0 {
+            axpy(-g, &p.w_enc[i * d..(i + 1) * d], &mut g_bdec);
+        }
     }
     let g_dec = transpose(&g_dec_t, f, d);
     StepOut { fvu, auxk, grads: AeParams { w_enc: g_enc, b_enc: g_benc, w_dec: g_dec, b_dec: g_bdec }, idx, val }
 }
 
-/// Backward of `y = Σ_j val[t, j] · dec_t[idx[t, j]]` given `g_y (n, d)`: adds into the decoder
-/// gradient and records the gradient of every positive value as a `(t, latent, g)` triple.
-fn decode_backward(
-    g_y: &[f32],
-    idx: &[u32],
-    val: &[f32],
-    dec_t: &[f32],
-    d: usize,
-    g_dec_t: &mut [f32],
-    g_pre: &mut Vec<(usize, u32, f32)>,
-) {
-    let n = g_y.len() / d;
-    let width = idx.len() / n.max(1);
-    for t in 0..n {
+/// The gradient `(N, width)` of each decoded value `val[t, j]` (zero where it is not positive)
+/// given the gradient `g_y (N, D)` of `y[t] = Σ_j val[t, j] · dec_t[idx[t, j]]`.
+fn value_grads(g_y: &[f32], idx: &[u32], val: &[f32], width: usize, dec_t: &[f32], d: usize) -> Vec<f32> {
+    let mut out = vec![0f32; idx.len()];
+    out.par_chunks_mut(width.max(1)).enumerate().for_each(|(t, o)| {
         let gy = &g_y[t * d..(t + 1) * d];
-        for j in 0..width {
-            let v = val[t * width + j];
-            if v > 0.0 {
+        for (j, g) in o.iter_mut().enumerate() {
+            if val[t * width + j] > 0.0 {
                 let i = idx[t * width + j] as usize;
-                let g: f32 = gy.iter().zip(&dec_t[i * d..(i + 1) * d]).map(|(a, b)| a * b).sum();
-                g_dec_t[i * d..(i + 1) * d].iter_mut().zip(gy).for_each(|(o, gg)| *o += v * gg);
-                g_pre.push((t, i as u32, g));
+                *g = dot(gy, &dec_t[i * d..(i + 1) * d]);
             }
         }
-    }
+    });
+    out
 }
 
 /// What [`step_t`] reports, per module.

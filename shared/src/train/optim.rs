@@ -4,6 +4,7 @@
 //! to and from the host one, so both backends write the same checkpoints.
 
 use candle_core::{DType, Tensor, Var};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
@@ -91,8 +92,10 @@ impl Optimizer {
                 let step_size = (lr / bc1) as f32;
                 let bc2_sqrt = bc2.sqrt() as f32;
                 let eps = self.eps as f32;
-                for (mi, (p, g)) in params.iter_mut().zip(grads).enumerate() {
-                    let (ms, vs) = (self.m[mi].each_mut(), self.v[mi].each_mut());
+                // Elementwise, so modules update in parallel with the same results.
+                let moments = self.m.iter_mut().zip(self.v.iter_mut());
+                params.par_iter_mut().zip(grads).zip(moments.collect::<Vec<_>>()).for_each(|((p, g), (m, v))| {
+                    let (ms, vs) = (m.each_mut(), v.each_mut());
                     for (((x, d), m), v) in p.each_mut().into_iter().zip(g.each()).zip(ms).zip(vs) {
                         for (((x, &d), mm), vv) in x.iter_mut().zip(d).zip(m.iter_mut()).zip(v.iter_mut()) {
                             *mm += c1 * (d - *mm);
@@ -101,7 +104,7 @@ impl Optimizer {
                             *x -= step_size * (*mm / denom);
                         }
                     }
-                }
+                });
             }
         }
     }

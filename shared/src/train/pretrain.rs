@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
+use rayon::prelude::*;
 
 use super::checkpoints::{resume, CheckpointPolicy};
 use super::data::TrainData;
@@ -93,20 +94,29 @@ pub fn update_host(
     lr: f64,
 ) -> StepReport {
     let UpdateConfig { d, f, k, .. } = cfg;
-    let mut grads = Vec::with_capacity(params.len());
+    // Modules are independent: their steps run side by side (each also parallel inside), so
+    // their serial parts overlap; every result is the same as one module at a time.
+    let outs: Vec<_> = params
+        .par_iter_mut()
+        .enumerate()
+        .map(|(m, p)| {
+            normalize_decoder(&mut p.w_dec, d, f);
+            let (x, y) = data[m];
+            let mut s = step(p, x, y, d, f, k, &dead[m], cfg.auxk_alpha);
+            if let Some(c) = cfg.clip {
+                clip_module(&mut s.grads, c);
+            }
+            remove_parallel_component(&p.w_dec, &mut s.grads.w_dec, d, f);
+            s
+        })
+        .collect();
     let mut report = StepReport { fvu: Some(Vec::new()), auxk: Some(Vec::new()), ..StepReport::default() };
-    for (m, p) in params.iter_mut().enumerate() {
-        normalize_decoder(&mut p.w_dec, d, f);
-        let (x, y) = data[m];
-        let mut s = step(p, x, y, d, f, k, &dead[m], cfg.auxk_alpha);
-        if let Some(c) = cfg.clip {
-            clip_module(&mut s.grads, c);
-        }
-        remove_parallel_component(&p.w_dec, &mut s.grads.w_dec, d, f);
-        grads.push(s.grads);
+    let mut grads = Vec::with_capacity(params.len());
+    for s in outs {
         report.fvu.as_mut().expect("set").push(s.fvu);
         report.auxk.as_mut().expect("set").push(s.auxk);
         report.fired.push(fired(&s.idx, &s.val, f));
+        grads.push(s.grads);
     }
     opt.step(params, &grads, lr);
     report

@@ -150,3 +150,41 @@ where
     }
     total
 }
+
+/// `out (F, D)`: `out[i] = Σ coef(j) · rows[j / width]` over the flat positions `j` with
+/// `idx[j] == i` and `coef(j) != 0`. A column index of the sparse (token, slot) entries makes
+/// the sum parallel over features, without per-thread accumulators, and deterministic.
+pub fn by_feature(
+    idx: &[u32],
+    width: usize,
+    f: usize,
+    d: usize,
+    coef: impl Fn(usize) -> f32 + Sync,
+    rows: &[f32],
+) -> Vec<f32> {
+    let mut ptr = vec![0u32; f + 1];
+    for (j, &i) in idx.iter().enumerate() {
+        if coef(j) != 0.0 {
+            ptr[i as usize + 1] += 1;
+        }
+    }
+    for i in 0..f {
+        ptr[i + 1] += ptr[i];
+    }
+    let mut fill = ptr.clone();
+    let mut entries = vec![0u32; ptr[f] as usize];
+    for (j, &i) in idx.iter().enumerate() {
+        if coef(j) != 0.0 {
+            entries[fill[i as usize] as usize] = j as u32;
+            fill[i as usize] += 1;
+        }
+    }
+    let mut out = vec![0f32; f * d];
+    out.par_chunks_mut(d).enumerate().for_each(|(i, o)| {
+        for &j in &entries[ptr[i] as usize..ptr[i + 1] as usize] {
+            let t = j as usize / width;
+            axpy(coef(j as usize), &rows[t * d..(t + 1) * d], o);
+        }
+    });
+    out
+}

@@ -1,5 +1,5 @@
-//! Attention mixing with the cached pattern, in d_model space (the dense attention terms and
-//! their transpose) and in feature space (the causal head-combined product of the edge terms).
+//! Attention mixing with the cached pattern in d_model space (the dense attention terms and
+//! their transpose), and the pattern's `[q][p][h]` layout that the edge terms' mixing reads.
 //!
 //! Dimensions: B sequences of S positions, N = B·S tokens, D = d_model, H heads of d_h,
 //! F features; patterns are `(B, H, S_q, S_k)`.

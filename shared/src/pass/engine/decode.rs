@@ -5,9 +5,9 @@
 
 use rayon::prelude::*;
 
-use super::{by_feature, Engine, ModuleState, PreGrad};
+use super::{Engine, ModuleState, PreGrad};
 use crate::sae::topk::topk_indices;
-use crate::util::blas::{add_into, axpy, dot};
+use crate::util::blas::{add_into, axpy, by_feature, dot};
 use crate::util::profile::Profile;
 
 impl Engine<'_> {

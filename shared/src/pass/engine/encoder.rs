@@ -11,10 +11,10 @@
 
 use rayon::prelude::*;
 
-use super::{by_feature, Engine, ModuleState, PreGrad};
+use super::{Engine, ModuleState, PreGrad};
 use crate::data::FlatBatch;
 use crate::model::Kind;
-use crate::util::blas::{add_into, axpy, dot, sgemm};
+use crate::util::blas::{add_into, axpy, by_feature, dot, sgemm};
 
 impl Engine<'_> {
     /// `Σ_u b_dec^u` over the upstream modules of `di`.

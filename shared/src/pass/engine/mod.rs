@@ -32,7 +32,6 @@ mod encoder;
 mod mlp_edges;
 
 use candle_core::{Device, Tensor};
-use rayon::prelude::*;
 
 use crate::data::FlatBatch;
 use crate::error::{Error, Result};
@@ -41,47 +40,9 @@ use crate::model::{Kind, Runtime};
 use crate::pass::{PassOptions, Plan};
 use crate::sae::loss::{auxk_and_grad, auxk_select, AuxLatents};
 use crate::sae::AeParams;
-use crate::util::blas::{add_into, axpy, transpose};
+use crate::util::blas::{add_into, transpose};
 use crate::util::profile::Profile;
 use crate::util::to_vec;
-
-/// `out (F, D)`: `out[i] = Σ coef(j) · rows[j / width]` over the flat positions `j` with
-/// `idx[j] == i` and `coef(j) != 0`. A column index of the sparse (token, slot) entries makes
-/// the sum parallel over features, without per-thread accumulators, and deterministic.
-pub(super) fn by_feature(
-    idx: &[u32],
-    width: usize,
-    f: usize,
-    d: usize,
-    coef: impl Fn(usize) -> f32 + Sync,
-    rows: &[f32],
-) -> Vec<f32> {
-    let mut ptr = vec![0u32; f + 1];
-    for (j, &i) in idx.iter().enumerate() {
-        if coef(j) != 0.0 {
-            ptr[i as usize + 1] += 1;
-        }
-    }
-    for i in 0..f {
-        ptr[i + 1] += ptr[i];
-    }
-    let mut fill = ptr.clone();
-    let mut entries = vec![0u32; ptr[f] as usize];
-    for (j, &i) in idx.iter().enumerate() {
-        if coef(j) != 0.0 {
-            entries[fill[i as usize] as usize] = j as u32;
-            fill[i as usize] += 1;
-        }
-    }
-    let mut out = vec![0f32; f * d];
-    out.par_chunks_mut(d).enumerate().for_each(|(i, o)| {
-        for &j in &entries[ptr[i] as usize..ptr[i + 1] as usize] {
-            let t = j as usize / width;
-            axpy(coef(j as usize), &rows[t * d..(t + 1) * d], o);
-        }
-    });
-    out
-}
 
 /// The non-zero selected values of the upstream modules `ups` at token `t`, in (module,
 /// top-k slot) order: `(pu, kk, v, col)` with `col = pu·F + feature`, the feature's column
@@ -255,7 +216,12 @@ impl<'a> Engine<'a> {
             d: suite.d_model,
             f: suite.n_features,
             k: suite.k,
-            dense_attn_grad: None,
+            // `SCAE_ATTN_GRAD=dense|sparse` forces a strategy (benchmarks of the cost model).
+            dense_attn_grad: match std::env::var("SCAE_ATTN_GRAD").as_deref() {
+                Ok("dense") => Some(true),
+                Ok("sparse") => Some(false),
+                _ => None,
+            },
         })
     }
 
