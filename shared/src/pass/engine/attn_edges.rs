@@ -168,9 +168,11 @@ impl Engine<'_> {
                 // gY_h[p, i] = Σ_{q ≥ p} P[h, q, p] g_pre[q, i], g_pre having k entries per row.
                 let kb = pg.kb;
                 let pb = &p[bi * h * s * s..(bi + 1) * h * s * s];
-                // All of gY, pushed from gA's k non-zeros per query (cheaper than the per-(p, i)
-                // sums further below at every size measured, d_model 64–128, F 256–2048,
-                // C 8–64), unless its F·S·H buffer is large.
+                // All of gY, pushed from gA's k non-zeros per query, unless its F·S·H buffer is
+                // large (then the per-(p, i) sums below). Measured at d_model 768, 16 heads,
+                // S 128, C 16 (backward attention edges per step, dense / sparse): F 3072
+                // 405 / 393 ms, F 12,288 1503 / 1420 ms; below 2^24 entries dense was cheaper
+                // at every toy size (d_model 64–128, F 256–2048). `SCAE_ATTN_GRAD` forces one.
                 if dense {
                     // gY as [i][p][h]: every non-zero gA[q, i] (k per query) adds
                     // gA[q, i] · P[q, 0..=q, ·] — one contiguous row of the [q][p][h] pattern.
