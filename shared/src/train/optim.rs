@@ -93,8 +93,8 @@ impl Optimizer {
                 let bc2_sqrt = bc2.sqrt() as f32;
                 let eps = self.eps as f32;
                 // Elementwise, so modules update in parallel with the same results.
-                let moments = self.m.iter_mut().zip(self.v.iter_mut());
-                params.par_iter_mut().zip(grads).zip(moments.collect::<Vec<_>>()).for_each(|((p, g), (m, v))| {
+                let moments = self.m.par_iter_mut().zip(self.v.par_iter_mut());
+                params.par_iter_mut().zip(grads).zip(moments).for_each(|((p, g), (m, v))| {
                     let (ms, vs) = (m.each_mut(), v.each_mut());
                     for (((x, d), m), v) in p.each_mut().into_iter().zip(g.each()).zip(ms).zip(vs) {
                         for (((x, &d), mm), vv) in x.iter_mut().zip(d).zip(m.iter_mut()).zip(v.iter_mut()) {

@@ -216,14 +216,16 @@ pub fn run(data: &mut TrainData, cfg: &PretrainConfig, device: &Device) -> Resul
                 update_device(&vars, dopt, &data, &masks, ucfg, lr_t, cfg.dtype)?
             }
             None => {
+                // An SAE's input is its target: one host copy serves both.
                 let data = modules
                     .iter()
                     .map(|m| {
                         let (x, y) = module_pair(&batch, m);
-                        Ok((to_vec(x)?, to_vec(y)?))
+                        Ok((to_vec(x)?, if m.kind == Kind::Attn { None } else { Some(to_vec(y)?) }))
                     })
                     .collect::<Result<Vec<_>>>()?;
-                let refs: Vec<(&[f32], &[f32])> = data.iter().map(|(x, y)| (x.as_slice(), y.as_slice())).collect();
+                let refs: Vec<(&[f32], &[f32])> =
+                    data.iter().map(|(x, y)| (x.as_slice(), y.as_deref().unwrap_or(x))).collect();
                 update_host(&mut params, &mut opt, &refs, &masks, ucfg, lr_t)
             }
         };

@@ -99,6 +99,20 @@ impl Drop for StagedDir {
     }
 }
 
+/// The output folder of a training run. A fresh run that fails before it writes a checkpoint
+/// or its result leaves nothing behind: dropping an unkept `RunDir` removes the folder's
+/// contents and puts back the folder that `--overwrite` replaced. Once kept (a checkpoint to
+/// resume from, or the final output), the folder stays.
+#[must_use]
+pub struct RunDir {
+    out: PathBuf,
+    /// The previous contents (`--overwrite`), until the run is kept.
+    replaced: Option<PathBuf>,
+    /// The folder existed (empty) before the run.
+    existed: bool,
+    kept: bool,
+}
+
 impl RunDir {
     /// Prepare a training output folder: with `resume`, it must hold a checkpoint; otherwise it
     /// must be absent or empty (or `overwrite`), and is created.
@@ -138,23 +152,7 @@ impl RunDir {
             .map_err(|e| Error::input(out, format!("--out: cannot create output folder: {e}")))?;
         Ok(RunDir { out: out.to_path_buf(), replaced, existed, kept: false })
     }
-}
 
-/// The output folder of a training run. A fresh run that fails before it writes a checkpoint
-/// or its result leaves nothing behind: dropping an unkept `RunDir` removes the folder's
-/// contents and puts back the folder that `--overwrite` replaced. Once kept (a checkpoint to
-/// resume from, or the final output), the folder stays.
-#[must_use]
-pub struct RunDir {
-    out: PathBuf,
-    /// The previous contents (`--overwrite`), until the run is kept.
-    replaced: Option<PathBuf>,
-    /// The folder existed (empty) before the run.
-    existed: bool,
-    kept: bool,
-}
-
-impl RunDir {
     /// The output folder.
     pub fn path(&self) -> &Path {
         &self.out
