@@ -1,19 +1,27 @@
 #!/usr/bin/env bash
-# Every stage at a real model shape, without Python: a random GPT-Neo of the given shape from
-# `toy-lm --steps 0` (TinyStories-33M: d_model 768, 16 heads, 4 layers; its vocabulary is the
-# toy corpus's ~100 words, so CE costs are not representative), a cache of its activations,
-# a suite, edge scores, finetuning at C and evaluation — each timed with its peak RSS — and the
-# dense-product floor of one finetuning step measured in the same run (examples/gemm_floor).
+# Every stage at a real model shape, without Python: a randomly initialised model of a real
+# model's exact config and vocabulary size (examples/random_model: SHAPE=tinystories-33m,
+# pythia-70m or gpt2-small), driven by the toy corpus and its word-level tokenizer (all its ids
+# lie inside the real vocabulary, so the unembedding has its real cost); a cache of its
+# activations, a suite, edge scores, finetuning at C and evaluation — each timed with its peak
+# RSS — and the dense-product floor of one finetuning step measured in the same run
+# (examples/gemm_floor). SHAPE=toy uses `toy-lm --steps 0` at D HEADS LAYERS instead (GPT-Neo,
+# the toy corpus's ~100-word vocabulary).
 #
-#   bench/real-shapes.sh [OUT]          (env: D HEADS LAYERS EXPANSION K CS SEQS THREADS)
+#   bench/real-shapes.sh [OUT]          (env: SHAPE EXPANSION K CS SEQS THREADS; D HEADS LAYERS for SHAPE=toy)
 #
 # Prints a markdown table; needs `cargo build --release --workspace --examples`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-/tmp/scae-real-shapes}
-D=${D:-768}
-HEADS=${HEADS:-16}
-LAYERS=${LAYERS:-4}
+SHAPE=${SHAPE:-tinystories-33m}
+case $SHAPE in
+    tinystories-33m) D=768 HEADS=16 LAYERS=4 ;;
+    pythia-70m) D=512 HEADS=8 LAYERS=6 ;;
+    gpt2-small) D=768 HEADS=12 LAYERS=12 ;;
+    toy) D=${D:-768} HEADS=${HEADS:-16} LAYERS=${LAYERS:-4} ;;
+    *) echo "real-shapes.sh: SHAPE=$SHAPE: expected tinystories-33m, pythia-70m, gpt2-small or toy" >&2; exit 2 ;;
+esac
 EXPANSION=${EXPANSION:-4}
 K=${K:-64}
 CS=${CS:-16 64}
@@ -35,10 +43,18 @@ run() {
     read -r secs kb < "$OUT/time"
     rows+=("| $name | $tokens | $secs | $(awk "BEGIN {printf \"%.0f\", $tokens / $secs}") | $((kb / 1024)) |")
 }
-M=$OUT/model-d$D-h$HEADS-l$LAYERS
-[ -f "$M/.done" ] || { $BIN/toy-lm --out "$M" --d-model "$D" --n-heads "$HEADS" --n-layers "$LAYERS" \
-    --ctx-len 128 --steps 0 --n-stories 3000 --overwrite > /dev/null 2>&1 && touch "$M/.done"; }
-run collect-acts $((64 * 128)) $BIN/collect-acts --model "$M/model" --data "$M/corpus.txt" --ctx-len 128 --pack \
+# The toy corpus and tokenizer (and, for SHAPE=toy, the model).
+TD=$D TH=$HEADS TL=$LAYERS
+[ "$SHAPE" = toy ] || TD=64 TH=4 TL=2
+T=$OUT/toy-d$TD-h$TH-l$TL
+[ -f "$T/.done" ] || { $BIN/toy-lm --out "$T" --d-model "$TD" --n-heads "$TH" --n-layers "$TL" \
+    --ctx-len 128 --steps 0 --n-stories 3000 --overwrite > /dev/null 2>&1 && touch "$T/.done"; }
+M=$T/model
+if [ "$SHAPE" != toy ]; then
+    M=$OUT/$SHAPE
+    [ -f "$M/.done" ] || { $BIN/examples/random_model "$SHAPE" "$T/model" "$M" && touch "$M/.done"; }
+fi
+run collect-acts $((64 * 128)) $BIN/collect-acts --model "$M" --data "$T/corpus.txt" --ctx-len 128 --pack \
     --n-seqs 64 --batch-size "$SEQS" --out "$OUT/acts" --overwrite
 run "train-suite F=$F" $((TRAIN_STEPS * SEQS * 128)) $BIN/train-suite --acts "$OUT/acts" --expansion "$EXPANSION" \
     --k "$K" --steps "$TRAIN_STEPS" --batch-size "$SEQS" --lr 1e-3 --out "$OUT/suite" --overwrite
@@ -52,7 +68,7 @@ for c in $CS; do
         --connections "$OUT/c$c.parquet" --n-seqs 16 --batch-size "$SEQS" --out "$OUT/eval$c" --overwrite
 done
 floor=$($BIN/examples/gemm_floor "$D" "$F" "$HEADS" "$LAYERS" "$SEQS" 128)
-echo "shape: d_model $D, $HEADS heads, $LAYERS layers, F $F, k $K, $SEQS x 128 tokens per step, $THREADS threads"
+echo "shape: $SHAPE, d_model $D, $HEADS heads, $LAYERS layers, F $F, k $K, $SEQS x 128 tokens per step, $THREADS threads"
 echo
 echo "| stage | tokens | seconds | tokens/s | peak RSS MB |"
 echo "|---|---|---|---|---|"

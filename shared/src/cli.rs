@@ -1,6 +1,7 @@
 //! Pieces every tool's command line shares: `--device`, `--seed`, `--threads`, the cache
 //! dtype, and the `main` wrapper that prints one error line and picks the exit code.
 
+use anyhow::Context;
 use std::process::ExitCode;
 
 use candle_core::{DType, Device};
@@ -74,10 +75,27 @@ pub fn run_main(tool: &str, body: impl FnOnce() -> anyhow::Result<()>) -> ExitCo
                 .filter_map(|c| c.to_string().lines().next().map(|l| l.trim().to_string()))
                 .filter(|l| !l.is_empty())
                 .collect();
-            eprintln!("{tool}: {}", causes.join(": "));
+            crate::note!("{tool}: {}", causes.join(": "));
             ExitCode::from(1)
         }
     }
+}
+
+/// `say!(...)`: [`say`] with `println!`'s arguments (a line on stdout); returns the write's result.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::cli::say(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// Writes a tool's result text to stdout (no newline added). A closed pipe (`tool | head -0`)
+/// comes back as a broken-pipe error, which [`run_main`] turns into a quiet exit 0; any other
+/// failure (`> /dev/full`) is an error naming stdout.
+pub fn say(text: impl std::fmt::Display) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    write!(out, "{text}").and_then(|()| out.flush()).context("writing to stdout")
 }
 
 /// Value parser of a finite number > 0 (learning rates).
@@ -262,11 +280,12 @@ pub struct StepArgs {
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
     pub batch_size: u64,
     /// Number of steps.
-    #[arg(long, conflicts_with = "tokens", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, conflicts_with = "train_tokens", value_parser = clap::value_parser!(u64).range(1..))]
     pub steps: Option<u64>,
-    /// Train on this many tokens (steps = tokens / (batch_size · ctx_len)).
+    /// Train on this many tokens (steps = train_tokens / (batch_size · ctx_len)). (`--tokens`
+    /// names a pre-tokenized data file.)
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    pub tokens: Option<u64>,
+    pub train_tokens: Option<u64>,
     /// Shuffle sequences within each cache shard every epoch (default: cache order, as the
     /// reference).
     #[arg(long)]
@@ -279,7 +298,7 @@ pub struct StepArgs {
 impl StepArgs {
     /// The run's steps for sequences of `ctx` tokens.
     pub fn steps(&self, ctx: usize) -> crate::error::Result<u64> {
-        crate::train::steps_for(self.steps, self.tokens, self.batch_size * ctx as u64)
+        crate::train::steps_for(self.steps, self.train_tokens, self.batch_size * ctx as u64)
     }
 
     /// Where training batches come from: `cache`, or (without one) `model` run over the data

@@ -184,7 +184,7 @@ fn bad_runs_stop_with_clear_errors() {
     let acts = golden_cache(&tmp, "tiny-gpt2");
     let suite = fixture_suite("tiny-gpt2");
     let out = tmp.join("ft");
-    // a learning rate that blows up: the loss becomes non-finite; the checkpoint stays.
+    // a learning rate that blows up: the FVU passes the divergence bound; the checkpoint stays.
     tool_fails(
         "finetune",
         &[
@@ -208,7 +208,7 @@ fn bad_runs_stop_with_clear_errors() {
             "--checkpoint-every",
             "1",
         ],
-        &["loss is", "last good checkpoint"],
+        &["the run diverged", "last checkpoint with finite parameters"],
     );
     assert!(out.join("checkpoint/state.json").exists());
     tool_fails(
@@ -399,13 +399,13 @@ fn failed_runs_leave_no_output_and_keep_what_they_would_replace() {
     tool_fails(
         "finetune",
         &[&base[..], &blow_up, &["--out", s(&out), "--overwrite"]].concat(),
-        &["loss is", "no checkpoint was written"],
+        &["the run diverged", "no checkpoint was written"],
     );
     assert_eq!(std::fs::read(out.join("suite.safetensors")).unwrap(), before, "the replaced output is back");
     assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 1);
     assert!(!tmp.join("ft.replaced").exists());
     let fresh = tmp.join("fresh");
-    tool_fails("finetune", &[&base[..], &blow_up, &["--out", s(&fresh)]].concat(), &["loss is"]);
+    tool_fails("finetune", &[&base[..], &blow_up, &["--out", s(&fresh)]].concat(), &["the run diverged"]);
     assert!(!fresh.exists(), "a failed fresh run leaves no folder");
     tool_ok("finetune", &[&base[..], &["--out", s(&out), "--steps", "2", "--overwrite"]].concat());
     assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 2);

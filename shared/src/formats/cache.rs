@@ -203,6 +203,19 @@ impl ShardWriter {
                 map.insert(format!("blocks.{l}.{suffix}"), t.to_dtype(dtype)?);
             }
         }
+        let first = self.shards.iter().map(|s| s.n_seqs).sum::<usize>() + self.pending_seqs;
+        for (name, t) in &map {
+            // NaN and infinities carry into the sum; checked as stored (f16 overflows at 65,504).
+            if !t.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?.is_finite() {
+                return Err(Error::Usage(format!(
+                    "hook `{name}` has NaN or infinite values ({} storage) in sequences {first}..{}; \
+                     the model's activations overflow{}",
+                    self.dtype.name(),
+                    first + tokens.dim(0)?,
+                    if self.dtype == StoreDType::F32 { "" } else { "; hint: --dtype f32" }
+                )));
+            }
+        }
         map.insert("tokens".to_string(), tokens.to_dtype(DType::I64)?);
         self.pending_seqs += tokens.dim(0)?;
         self.pending.push(map);
@@ -243,19 +256,14 @@ impl ShardWriter {
         let ce = Tensor::cat(&self.pending_ce, 0)?.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?;
         let file = format!("shard-{:05}.safetensors", self.shards.len());
         let path = self.dir.join(&file);
-        let meta: HashMap<String, String> = [
+        let meta: std::collections::BTreeMap<String, String> = [
             ("format".to_string(), format!("{FORMAT}-shard")),
             ("version".to_string(), VERSION.to_string()),
             ("dtype".to_string(), self.dtype.name().to_string()),
         ]
         .into();
         self.join_writer()?;
-        self.writing = Some(std::thread::spawn(move || {
-            let tmp = crate::util::io::tmp_path(&path);
-            safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta), &tmp)
-                .map_err(|e| Error::input(&tmp, format!("cannot write shard: {e}")))?;
-            std::fs::rename(&tmp, &path).at(&path)
-        }));
+        self.writing = Some(std::thread::spawn(move || crate::util::io::write_safetensors(&path, tensors, &meta)));
         self.shards.push(ShardInfo { file, n_seqs: self.pending_seqs, clean_ce: ce });
         self.pending.clear();
         self.pending_ce.clear();
@@ -294,7 +302,96 @@ impl Cache {
                 return Err(Error::input(dir.join(MANIFEST), format!("lists shard {}, which is missing", s.file)));
             }
         }
-        Ok(Cache { dir: dir.to_path_buf(), manifest })
+        let m = &manifest;
+        let held: usize = m.shards.iter().map(|s| s.n_seqs).sum();
+        let sizes = [("ctx_len", m.ctx_len, 2), ("n_seqs", m.n_seqs, 1), ("model.n_layers", m.model.n_layers, 1)];
+        let bad = |field: &str, what: String| Error::input(dir.join(MANIFEST), format!("field `{field}`: {what}"));
+        for (field, v, min) in sizes {
+            if v < min {
+                return Err(bad(field, format!("expected at least {min}, found {v}")));
+            }
+        }
+        if held != m.n_seqs {
+            return Err(bad("n_seqs", format!("{} sequences, but its shards list {held}", m.n_seqs)));
+        }
+        let cache = Cache { dir: dir.to_path_buf(), manifest };
+        for s in &cache.manifest.shards {
+            cache.check_header(&cache.dir.join(&s.file), s.n_seqs)?;
+        }
+        Ok(cache)
+    }
+
+    /// Every tensor a pass reads, with its shape in a shard of `n` sequences.
+    fn expected_tensors(&self, n: usize) -> Vec<(String, Vec<usize>)> {
+        let m = &self.manifest;
+        let (s, d, h) = (m.ctx_len, m.model.d_model, m.model.n_heads);
+        let mut expected: Vec<(String, Vec<usize>)> =
+            vec![("tokens".into(), vec![n, s]), ("blocks.0.hook_resid_pre".into(), vec![n, s, d])];
+        for l in 0..m.model.n_layers {
+            for (hook, shape) in [
+                ("ln1.hook_scale", vec![n, s, 1]),
+                ("ln2.hook_scale", vec![n, s, 1]),
+                ("ln2.hook_normalized", vec![n, s, d]),
+                ("attn.hook_pattern", vec![n, h, s, s]),
+                ("hook_attn_out", vec![n, s, d]),
+                ("hook_mlp_out", vec![n, s, d]),
+            ] {
+                expected.push((format!("blocks.{l}.{hook}"), shape));
+            }
+        }
+        expected
+    }
+
+    /// Check a shard's header (names, dtypes, shapes; no tensor data is read) against the
+    /// manifest, so a cache that disagrees with itself is refused when opened, not mid-run.
+    fn check_header(&self, path: &Path, n: usize) -> Result<()> {
+        use std::io::Read;
+        let unreadable = |what: &str| Error::input(path, format!("not a readable cache shard: {what}"));
+        let mut f = std::fs::File::open(path).at(path)?;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len).map_err(|_| unreadable("shorter than a safetensors header"))?;
+        let len = u64::from_le_bytes(len);
+        let file_len = f.metadata().at(path)?.len();
+        if len > file_len.saturating_sub(8) || len > 1 << 30 {
+            return Err(unreadable(&format!("header length {len} exceeds the file ({file_len} bytes)")));
+        }
+        let mut header = vec![0u8; len as usize];
+        f.read_exact(&mut header).map_err(|_| unreadable("truncated header"))?;
+        let header: serde_json::Value =
+            serde_json::from_slice(&header).map_err(|e| unreadable(&format!("header is not JSON: {e}")))?;
+        for (name, shape) in self.expected_tensors(n) {
+            let entry = header.get(&name).ok_or_else(|| {
+                Error::input(path, format!("lacks tensor `{name}`; hint: rebuild the cache with collect-acts"))
+            })?;
+            let dtype = entry.get("dtype").and_then(|d| d.as_str()).unwrap_or("?");
+            let found: Option<Vec<usize>> = entry
+                .get("shape")
+                .and_then(|s| s.as_array())
+                .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect());
+            if found.as_deref() != Some(shape.as_slice()) {
+                let m = &self.manifest;
+                return Err(Error::input(
+                    path,
+                    format!(
+                        "tensor `{name}`: expected shape {shape:?} (manifest: {n} sequences, ctx {}, d_model {}, {} heads), found {}",
+                        m.ctx_len,
+                        m.model.d_model,
+                        m.model.n_heads,
+                        found.map(|f| format!("{f:?}")).unwrap_or_else(|| "none".into())
+                    ),
+                ));
+            }
+            let ok = if name == "tokens" {
+                matches!(dtype, "I64" | "I32" | "U32" | "I16" | "U16" | "U8")
+            } else {
+                matches!(dtype, "F32" | "BF16" | "F16")
+            };
+            if !ok {
+                let want = if name == "tokens" { "integer token ids" } else { "F32, BF16 or F16" };
+                return Err(Error::input(path, format!("tensor `{name}`: expected {want}, found dtype {dtype}")));
+            }
+        }
+        Ok(())
     }
 
     /// Load the model the cache was made with (or `model_override`), checking its hash.
@@ -397,21 +494,7 @@ impl Cache {
     fn check_shard(&self, path: &Path, n: usize, map: &HashMap<String, Tensor>) -> Result<()> {
         let m = &self.manifest;
         let (s, d, h) = (m.ctx_len, m.model.d_model, m.model.n_heads);
-        let mut expected: Vec<(String, Vec<usize>)> =
-            vec![("tokens".into(), vec![n, s]), ("blocks.0.hook_resid_pre".into(), vec![n, s, d])];
-        for l in 0..m.model.n_layers {
-            for (hook, shape) in [
-                ("ln1.hook_scale", vec![n, s, 1]),
-                ("ln2.hook_scale", vec![n, s, 1]),
-                ("ln2.hook_normalized", vec![n, s, d]),
-                ("attn.hook_pattern", vec![n, h, s, s]),
-                ("hook_attn_out", vec![n, s, d]),
-                ("hook_mlp_out", vec![n, s, d]),
-            ] {
-                expected.push((format!("blocks.{l}.{hook}"), shape));
-            }
-        }
-        for (name, shape) in &expected {
+        for (name, shape) in &self.expected_tensors(n) {
             let t = map.get(name).ok_or_else(|| {
                 Error::input(path, format!("lacks tensor `{name}`; hint: rebuild the cache with collect-acts"))
             })?;
@@ -434,6 +517,12 @@ impl Cache {
                     ));
                 }
             } else {
+                if t.dtype() != DType::F32 {
+                    return Err(Error::input(
+                        path,
+                        format!("tensor `{name}`: expected F32, BF16 or F16, found {:?}", t.dtype()),
+                    ));
+                }
                 // NaN and infinities carry into the sum (on the tensor's device)
                 if !t.sum_all()?.to_scalar::<f32>()?.is_finite() {
                     return Err(Error::input(

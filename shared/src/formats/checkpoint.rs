@@ -65,9 +65,9 @@ pub fn write(
 ) -> Result<PathBuf> {
     let final_dir = dir.join("checkpoint");
     let tmp = dir.join("checkpoint.tmp");
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).at(&tmp)?;
-    }
+    // Finish a swap a crash cut short, so the newest complete checkpoint is `checkpoint`
+    // while this one is built.
+    crate::util::io::recover_swap(&tmp, &final_dir, |p| p.join("state.json").is_file())?;
     std::fs::create_dir_all(&tmp).at(&tmp)?;
     suite.save(&tmp, &state.tool, serde_json::json!({"checkpoint_step": state.step}))?;
     let dev = Device::Cpu;
@@ -85,17 +85,8 @@ pub fn write(
     candle_core::safetensors::save(&tensors, tmp.join("optimizer.safetensors"))?;
     let json = serde_json::to_string_pretty(state).expect("state serializes");
     crate::util::io::write_atomic(&tmp.join("state.json"), json.as_bytes())?;
-    let old = dir.join("checkpoint.old");
-    if final_dir.exists() {
-        if old.exists() {
-            std::fs::remove_dir_all(&old).at(&old)?;
-        }
-        std::fs::rename(&final_dir, &old).at(&old)?;
-    }
-    std::fs::rename(&tmp, &final_dir).at(&final_dir)?;
-    if old.exists() {
-        std::fs::remove_dir_all(&old).at(&old)?;
-    }
+    crate::util::io::fault_point("checkpoint:staged");
+    crate::util::io::swap_in(&tmp, &final_dir)?;
     Ok(final_dir)
 }
 

@@ -133,10 +133,7 @@ impl Connections {
                 (n.clone(), v)
             })
             .collect();
-        let tmp = crate::util::io::tmp_path(path);
-        safetensors::serialize_to_file(views, None, &tmp)
-            .map_err(|e| Error::input(&tmp, format!("cannot write: {e}")))?;
-        std::fs::rename(&tmp, path).at(path)
+        crate::util::io::write_safetensors(path, views, &Default::default())
     }
 }
 
@@ -288,7 +285,7 @@ fn read_reference(path: &Path, modules: &[Module], n_features: usize, parallel: 
         }
     }
     if dropped > 0 {
-        eprintln!(
+        crate::note!(
             "warning: {}: dropped {dropped} same-layer attn->mlp edges, which a parallel-block model's pruned pass does not use",
             path.display()
         );

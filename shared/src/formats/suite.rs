@@ -122,7 +122,39 @@ impl Suite {
                 None,
             ),
         };
-        Suite::from_tensors(&weights, tensors, k, n_features, model_id, model_hash)
+        let suite = Suite::from_tensors(&weights, tensors, k, n_features, model_id, model_hash)?;
+        if let Some(c) = &cfg {
+            let cfg_path = path.join("config.json");
+            let names: Vec<String> = suite.modules.iter().map(Module::name).collect();
+            if c.d_model != suite.d_model {
+                return Err(Error::input(
+                    &cfg_path,
+                    format!(
+                        "field `d_model`: {} disagrees with the tensors in {} ({})",
+                        c.d_model,
+                        weights.display(),
+                        suite.d_model
+                    ),
+                ));
+            }
+            let sorted = |v: &[String]| -> Vec<String> {
+                let mut v = v.to_vec();
+                v.sort();
+                v
+            };
+            if sorted(&c.modules) != sorted(&names) {
+                return Err(Error::input(
+                    &cfg_path,
+                    format!(
+                        "field `modules`: [{}] disagrees with the tensors in {} ([{}])",
+                        c.modules.join(", "),
+                        weights.display(),
+                        names.join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(suite)
     }
 
     /// Build from a state dict; `source` names the file in errors.
@@ -235,25 +267,39 @@ impl Suite {
         Suite::from_tensors(Path::new("(training)"), map, k, f, None, None)
     }
 
-    /// Write `dir/suite.safetensors` and `dir/config.json` (each via tmp + rename).
+    /// The state-dict key of the first parameter holding NaN or an infinity, if any.
+    pub fn first_non_finite(&self) -> Result<Option<String>> {
+        for (name, v) in self.named_vars() {
+            // NaN and infinities carry into the sum
+            if !v.as_tensor().sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?.is_finite() {
+                return Ok(Some(name));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Write `dir/suite.safetensors` and `dir/config.json` (each via tmp + rename); a suite
+    /// with non-finite parameters is refused (no reader would accept it).
     pub fn save(&self, dir: &Path, created_by: &str, args: serde_json::Value) -> Result<()> {
+        if let Some(name) = self.first_non_finite()? {
+            return Err(Error::Usage(format!(
+                "tensor `{name}` is not finite; refusing to write a suite to {}",
+                dir.display()
+            )));
+        }
         let tensors: Vec<(String, Tensor)> = self
             .named_vars()
             .into_iter()
             .map(|(k, v)| Ok((k, v.as_tensor().to_device(&Device::Cpu)?.contiguous()?)))
             .collect::<Result<_>>()?;
-        let meta: HashMap<String, String> = [
+        let meta: std::collections::BTreeMap<String, String> = [
             ("format".to_string(), FORMAT.to_string()),
             ("version".to_string(), VERSION.to_string()),
             ("k".to_string(), self.k.to_string()),
             ("n_features".to_string(), self.n_features.to_string()),
         ]
         .into();
-        let path = dir.join("suite.safetensors");
-        let tmp = crate::util::io::tmp_path(&path);
-        safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta), &tmp)
-            .map_err(|e| Error::input(&tmp, format!("cannot write suite: {e}")))?;
-        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+        crate::util::io::write_safetensors(&dir.join("suite.safetensors"), tensors, &meta)?;
         let cfg = SuiteConfig {
             format: FORMAT.into(),
             version: VERSION,

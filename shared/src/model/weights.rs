@@ -74,6 +74,14 @@ impl RawTensors {
                 format!("tensor `{name}`: expected shape {shape:?}, found {:?}", t.dims()),
             ));
         }
+        // NaN and infinities carry into the sum; a model holding them would write a cache
+        // every later stage refuses.
+        if !t.sum_all()?.to_scalar::<f32>()?.is_finite() {
+            return Err(Error::input(
+                &self.source,
+                format!("tensor `{name}`: expected finite weights, found NaN or infinite ones"),
+            ));
+        }
         Ok(t)
     }
 }

@@ -64,6 +64,14 @@ impl Checkpoints {
         step: u64,
         seqs_seen: u64,
     ) -> Result<()> {
+        // A checkpoint is only ever a good one: parameters the last update made non-finite
+        // stop the run here, before they replace the previous checkpoint.
+        if let Some(name) = suite.first_non_finite()? {
+            return Err(crate::error::Error::Usage(format!(
+                "step {step}: parameter `{name}` is not finite after the update; stopping ({}); hint: lower --lr",
+                self.kept()
+            )));
+        }
         let state = RunState {
             format: checkpoint::FORMAT.into(),
             version: checkpoint::VERSION,
@@ -85,20 +93,22 @@ impl Checkpoints {
         self.dir.keep();
     }
 
-    /// The one-line error of step `step` whose loss is not finite.
-    pub fn non_finite(&self, step: u64, loss: f64) -> String {
-        let keep = match self.last {
+    /// Which checkpoint a stopped run leaves, for its error message.
+    pub fn kept(&self) -> String {
+        match self.last {
             Some(s) => {
-                format!("the last good checkpoint ({}, step {s}) is kept", self.dir.path().join("checkpoint").display())
+                format!(
+                    "the last checkpoint with finite parameters ({}, step {s}) is kept",
+                    self.dir.path().join("checkpoint").display()
+                )
             }
             None => "no checkpoint was written".to_string(),
-        };
-        format!("step {step}: loss is {loss}; stopping ({keep}); hint: lower --lr")
+        }
     }
 
     /// Tell the user how to go on after a halt at `step`.
     pub fn report_halt(&self, step: u64) {
-        eprintln!("{}: halted after step {step} (checkpoint kept); continue with --resume", self.tool);
+        crate::note!("{}: halted after step {step} (checkpoint kept); continue with --resume", self.tool);
     }
 }
 

@@ -175,7 +175,7 @@ pub fn run(
         suite.set_params(&params)?;
         step = st.step;
         seqs_seen = st.seqs_seen;
-        eprintln!("finetune: resuming at step {step} of {steps}");
+        crate::note!("finetune: resuming at step {step} of {steps}");
     }
     let vars = &suite.aes;
     let mut dopt = if cfg.use_engine { None } else { Some(DeviceOptimizer::from_host(&opt, vars)?) };
@@ -222,9 +222,7 @@ pub fn run(
                 dead.update(m, tokens_per_step, fired);
             }
         }
-        if !report.loss.is_finite() {
-            return Err(session.non_finite(step, report.loss));
-        }
+        session.check_step(step, &report, &suite.modules)?;
         let mut record = metrics_record(step, lr_t, &report, &suite.modules, &dead);
         if let Some(ce) = report.ce {
             let clean = rt.forward(&batch.tokens, false, false)?.ce.mean_all()?.to_scalar::<f32>()? as f64;

@@ -63,14 +63,20 @@ impl Schedule {
     }
 }
 
-/// `--steps`, or `--tokens` over sequences of `tokens_per_step` tokens (at least one step).
+/// `--steps`, or `--train-tokens` over sequences of `tokens_per_step` tokens (at least one step).
 pub fn steps_for(steps: Option<u64>, tokens: Option<u64>, tokens_per_step: u64) -> Result<u64> {
     match (steps, tokens) {
         (Some(s), _) => Ok(s),
         (None, Some(t)) => Ok((t / tokens_per_step.max(1)).max(1)),
-        (None, None) => Err(Error::Usage("one of --steps or --tokens is required".into())),
+        (None, None) => Err(Error::Usage("one of --steps or --train-tokens is required".into())),
     }
 }
+
+/// A module's FVU above this stops a run as diverged. FVU 1 is the error of predicting the
+/// activations' mean; healthy runs stay below ~1 after their first steps (the toy default
+/// spikes to ~11 at step 1 and recovers), and a run whose lr is far too large passes 1e3
+/// within a few steps on its way to overflow.
+pub const DIVERGED_FVU: f64 = 1e3;
 
 /// The end of a run.
 #[derive(Debug, Clone)]
@@ -159,9 +165,25 @@ impl Session {
         Ok(due.halt)
     }
 
-    /// The one-line error of a step whose loss is not finite.
-    pub fn non_finite(&self, step: u64, loss: f64) -> Error {
-        Error::Usage(self.ckpt.non_finite(step, loss))
+    /// Stop the run when step `step`'s loss is not finite or a module's FVU shows that the
+    /// run diverged (above [`DIVERGED_FVU`]); the error names the last checkpoint kept.
+    pub fn check_step(&self, step: u64, report: &StepReport, modules: &[Module]) -> Result<()> {
+        if !report.loss.is_finite() {
+            return Err(Error::Usage(format!(
+                "step {step}: loss is {}; stopping ({}); hint: lower --lr",
+                report.loss,
+                self.ckpt.kept()
+            )));
+        }
+        let fvu = report.fvu.as_deref().unwrap_or(&[]);
+        if let Some((m, v)) = modules.iter().zip(fvu).find(|(_, v)| **v > DIVERGED_FVU) {
+            return Err(Error::Usage(format!(
+                "step {step}: module {m} has FVU {v:.3e}, over {DIVERGED_FVU} times the error of predicting its mean: \
+                 the run diverged; stopping ({}); hint: lower --lr",
+                self.ckpt.kept()
+            )));
+        }
+        Ok(())
     }
 
     /// The run stopped at `--halt-after`.

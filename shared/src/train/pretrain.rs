@@ -40,6 +40,16 @@ pub struct SuiteShape {
     pub model_hash: String,
 }
 
+/// Estimated peak bytes of pretraining `2·n_layers` modules of `n_features` features on
+/// `d_model` dimensions over `tokens` tokens per step on the CPU: parameters, gradients and
+/// both Adam moments per module, plus about three (tokens × features) buffers per module
+/// (pre-activations, codes, their gradient). In f64 so that absurd sizes cannot overflow.
+pub fn footprint(n_layers: usize, d_model: usize, n_features: f64, tokens: f64) -> f64 {
+    let (d, f) = (d_model as f64, n_features);
+    let per_module = 4.0 * (2.0 * f * d + f + d) + 3.0 * tokens * f;
+    4.0 * 2.0 * n_layers as f64 * per_module
+}
+
 /// A validated `train-suite` run.
 #[derive(Debug, Clone)]
 pub struct PretrainConfig {
@@ -165,7 +175,7 @@ pub fn run(data: &mut TrainData, cfg: &PretrainConfig, device: &Device) -> Resul
         let st = resume(&cfg.out, "train-suite", &cfg.digest, &suite, &mut params, &mut opt, &mut dead)?;
         step = st.step;
         seqs_seen = st.seqs_seen;
-        eprintln!("train-suite: resuming at step {step} of {steps}");
+        crate::note!("train-suite: resuming at step {step} of {steps}");
     } else {
         // b_dec = geometric median of the first batch's targets (up to 4096 tokens).
         let batch0 = data.batch(0, cfg.batch_size)?;
@@ -234,9 +244,7 @@ pub fn run(data: &mut TrainData, cfg: &PretrainConfig, device: &Device) -> Resul
         }
         let (fvu, auxk) = (report.fvu.as_deref().unwrap_or(&[]), report.auxk.as_deref().unwrap_or(&[]));
         report.loss = fvu.iter().zip(auxk).map(|(fv, ax)| fv + cfg.auxk_alpha * ax).sum();
-        if !report.loss.is_finite() {
-            return Err(session.non_finite(step, report.loss));
-        }
+        session.check_step(step, &report, &modules)?;
         session.log(metrics_record(step, lr_t, &report, &modules, &dead))?;
         step += 1;
         seqs_seen += cfg.batch_size as u64;

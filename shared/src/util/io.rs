@@ -27,6 +27,92 @@ pub fn write_via_tmp(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Re
     res
 }
 
+/// Write a safetensors file at `path` (via `<path>.tmp` and a rename) whose bytes depend only
+/// on its contents: the header's keys, `__metadata__` included, are sorted (the safetensors
+/// crate writes its metadata map in hash order). Sorting keeps the header's length, so the
+/// header is rewritten in place and the tensor data is streamed once.
+pub fn write_safetensors<V: safetensors::View>(
+    path: &Path,
+    tensors: impl IntoIterator<Item = (String, V)>,
+    meta: &std::collections::BTreeMap<String, String>,
+) -> Result<()> {
+    write_via_tmp(path, |tmp| {
+        let meta: Option<std::collections::HashMap<String, String>> =
+            (!meta.is_empty()).then(|| meta.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+        safetensors::serialize_to_file(tensors, meta, tmp)
+            .map_err(|e| Error::input(tmp, format!("cannot write safetensors file: {e}")))?;
+        sort_safetensors_header(tmp)
+    })
+}
+
+fn sort_safetensors_header(path: &Path) -> Result<()> {
+    use std::io::{Read, Seek, Write};
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path).at(path)?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).at(path)?;
+    let mut header = vec![0u8; u64::from_le_bytes(len) as usize];
+    f.read_exact(&mut header).at(path)?;
+    // serde_json's maps are ordered by key.
+    let v: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| Error::input(path, format!("safetensors header just written is not JSON: {e}")))?;
+    let mut sorted = serde_json::to_vec(&v).expect("JSON value serializes");
+    if sorted.len() > header.len() {
+        return Err(Error::input(path, "safetensors header grew when sorted"));
+    }
+    sorted.resize(header.len(), b' ');
+    f.seek(std::io::SeekFrom::Start(8)).at(path)?;
+    f.write_all(&sorted).at(path)
+}
+
+/// Move the finished folder `staged` to `target`, replacing a folder there: the old one is
+/// renamed to `<target>.old` first and removed last, so at every instant a complete folder
+/// exists under one of the three names. [`recover_swap`] finishes a swap a crash cut short.
+pub fn swap_in(staged: &Path, target: &Path) -> Result<()> {
+    let old = sibling(target, ".old");
+    if target.exists() {
+        if old.exists() {
+            std::fs::remove_dir_all(&old).at(&old)?;
+        }
+        std::fs::rename(target, &old).at(&old)?;
+        fault_point("swap:moved-aside");
+    }
+    std::fs::rename(staged, target).at(target)?;
+    fault_point("swap:staged-in");
+    if old.exists() {
+        std::fs::remove_dir_all(&old).at(&old)?;
+    }
+    Ok(())
+}
+
+/// Finish a [`swap_in`] of `staged` into `target` that a crash interrupted: a `staged` folder
+/// that `complete` accepts is the newest and is swapped in; an incomplete one is removed; and
+/// `<target>.old` comes back when `target` is missing (it is removed when `target` exists).
+pub fn recover_swap(staged: &Path, target: &Path, complete: impl Fn(&Path) -> bool) -> Result<()> {
+    if staged.is_dir() && complete(staged) {
+        return swap_in(staged, target);
+    }
+    if staged.exists() {
+        std::fs::remove_dir_all(staged).at(staged)?;
+    }
+    let old = sibling(target, ".old");
+    if old.is_dir() {
+        if target.exists() {
+            std::fs::remove_dir_all(&old).at(&old)?;
+        } else {
+            std::fs::rename(&old, target).at(target)?;
+        }
+    }
+    Ok(())
+}
+
+/// Fault injection for the crash tests: when the environment variable `SCAE_FAULT` equals
+/// `name`, the process aborts here at once (no destructors run, as under `kill -9`).
+pub fn fault_point(name: &str) {
+    if std::env::var_os("SCAE_FAULT").is_some_and(|v| v == name) {
+        std::process::abort();
+    }
+}
+
 /// `<path>.tmp`.
 pub fn tmp_path(path: &Path) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
@@ -66,10 +152,9 @@ impl StagedDir {
             }
         }
         let stage = sibling(target, ".tmp");
-        if stage.exists() {
-            // A stage left by a crashed run: it never became an output, so it is ours to remove.
-            std::fs::remove_dir_all(&stage).at(&stage)?;
-        }
+        // A stage left by a crashed run never became an output, so it is ours to remove; an
+        // output moved aside by a crashed commit comes back first.
+        recover_swap(&stage, target, |_| false)?;
         std::fs::create_dir_all(&stage)
             .map_err(|e| Error::input(target, format!("{flag}: cannot create output folder: {e}")))?;
         Ok(StagedDir { target: target.to_path_buf(), stage, committed: false })
@@ -80,12 +165,9 @@ impl StagedDir {
         &self.stage
     }
 
-    /// Move the finished folder into place (replacing an old one).
+    /// Move the finished folder into place (replacing an old one; see [`swap_in`]).
     pub fn commit(mut self) -> Result<PathBuf> {
-        if self.target.exists() {
-            std::fs::remove_dir_all(&self.target).at(&self.target)?;
-        }
-        std::fs::rename(&self.stage, &self.target).at(&self.target)?;
+        swap_in(&self.stage, &self.target)?;
         self.committed = true;
         Ok(self.target.clone())
     }
@@ -118,6 +200,9 @@ impl RunDir {
     /// must be absent or empty (or `overwrite`), and is created.
     pub fn prepare(out: &Path, resume: bool, overwrite: bool) -> Result<RunDir> {
         if resume {
+            // A checkpoint swap cut short by a crash: finish it (see `formats::checkpoint`).
+            let complete = |p: &Path| p.join("state.json").is_file();
+            recover_swap(&out.join("checkpoint.tmp"), &out.join("checkpoint"), complete)?;
             if !out.join("checkpoint").join("state.json").is_file() {
                 return Err(Error::input(out, "--resume: no checkpoint to resume from; hint: run without --resume"));
             }

@@ -4,6 +4,7 @@
 
 pub mod blas;
 pub mod io;
+pub mod mem;
 pub mod profile;
 pub mod rng;
 pub mod table;
@@ -11,6 +12,21 @@ pub mod table;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
+
+/// `note!(...)`: one line on stderr, like `eprintln!`, but a stderr that cannot be written
+/// (closed, full) is ignored instead of panicking: progress notes never fail a run.
+#[macro_export]
+macro_rules! note {
+    ($($arg:tt)*) => {
+        $crate::util::write_note(format_args!($($arg)*))
+    };
+}
+
+#[doc(hidden)]
+pub fn write_note(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{args}");
+}
 
 /// A tensor's values as a host `Vec<f32>` (any device and float dtype, any layout).
 pub fn to_vec(t: &Tensor) -> Result<Vec<f32>> {

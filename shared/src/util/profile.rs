@@ -29,7 +29,7 @@ impl Profile {
     pub fn report(&self, what: &str) {
         if self.on {
             let parts: Vec<String> = self.totals.iter().map(|(p, t)| format!("{p} {t:.1}")).collect();
-            eprintln!("scae profile {what} (ms): {}", parts.join(", "));
+            crate::note!("scae profile {what} (ms): {}", parts.join(", "));
         }
     }
 }

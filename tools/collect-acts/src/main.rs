@@ -91,7 +91,7 @@ fn run(args: Args) -> Result<()> {
         return Err(source.empty_error().into());
     }
     if let Some(l) = limit.filter(|&l| n_seqs < l) {
-        eprintln!("collect-acts: warning: the data ran out after {n_seqs} of {l} sequences");
+        scae::note!("collect-acts: warning: the data ran out after {n_seqs} of {l} sequences");
     }
     let total: usize = writer.shards.iter().map(|s| s.n_seqs).sum();
     let clean_ce = writer.shards.iter().map(|s| s.clean_ce * s.n_seqs as f64).sum::<f64>() / total as f64;
@@ -124,13 +124,13 @@ fn run(args: Args) -> Result<()> {
     scae::util::io::write_atomic(&stage.path().join(MANIFEST), json.as_bytes())?;
     let out = stage.commit()?;
     let secs = start.elapsed().as_secs_f64();
-    println!(
+    scae::say!(
         "collect-acts: {n_seqs} sequences ({} tokens) in {} shard(s) -> {}; clean CE {clean_ce:.4}; {:.0} tokens/s",
         n_seqs * ctx_len,
         manifest.shards.len(),
         out.display(),
         (n_seqs * ctx_len) as f64 / secs.max(1e-9)
-    );
+    )?;
     Ok(())
 }
 

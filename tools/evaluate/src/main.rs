@@ -58,8 +58,8 @@ fn compare(args: &Args) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("{}: --out: cannot create output folder: {e}", args.out.display()))?;
     scae::util::io::write_atomic(&args.out.join("compare.md"), table.as_bytes())?;
     report::plot(&runs, &args.out.join("compare"))?;
-    print!("{table}");
-    println!("plot: {} and .svg", args.out.join("compare.png").display());
+    scae::cli::say(format_args!("{table}"))?;
+    scae::say!("plot: {} and .svg", args.out.join("compare.png").display())?;
     Ok(())
 }
 
@@ -96,12 +96,12 @@ fn run(args: Args) -> Result<()> {
     }
     let out = stage.commit()?;
     let r = &ev.report;
-    println!("| module | FVU | FVU (ref) | L0 | dead % |\n|---|---|---|---|---|");
+    scae::say!("| module | FVU | FVU (ref) | L0 | dead % |\n|---|---|---|---|---|")?;
     for module in &inputs.suite.modules {
         let m = &r.modules[&module.name()];
-        println!("| {module} | {:.4} | {:.4} | {:.1} | {:.1} |", m.fvu, m.fvu_ref, m.l0, 100.0 * m.dead_fraction);
+        scae::say!("| {module} | {:.4} | {:.4} | {:.1} | {:.1} |", m.fvu, m.fvu_ref, m.l0, 100.0 * m.dead_fraction)?;
     }
-    println!(
+    scae::say!(
         "clean CE {:.4}, CE with suite {:.4}, CE diff {:.4}, CE recovered {:.3} (zero-ablation CE {:.4}; {} tokens) -> {}",
         r.clean_ce,
         r.ce,
@@ -110,6 +110,6 @@ fn run(args: Args) -> Result<()> {
         r.ce_zero,
         r.n_tokens,
         out.display()
-    );
+    )?;
     Ok(())
 }

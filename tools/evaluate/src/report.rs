@@ -171,7 +171,7 @@ where
 pub fn plot(runs: &[Run], stem: &Path) -> Result<()> {
     let text = register_font();
     if !text {
-        eprintln!("evaluate: warning: no TrueType font found (DejaVuSans); plots have no labels");
+        scae::note!("evaluate: warning: no TrueType font found (DejaVuSans); plots have no labels");
     }
     let (w, h) = (1100u32, 450u32);
     let svg = stem.with_extension("svg");

@@ -144,7 +144,7 @@ fn run(args: Args) -> Result<()> {
     };
     let done = scae::train::finetune::run(&inputs, &mut source, conns.as_ref(), &cfg, &device)?;
     if !done.halted {
-        println!("finetune: {steps} steps -> {} ({:.0} tokens/s)", args.out.display(), done.tokens_per_s);
+        scae::say!("finetune: {steps} steps -> {} ({:.0} tokens/s)", args.out.display(), done.tokens_per_s)?;
     }
     Ok(())
 }

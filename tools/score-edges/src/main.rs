@@ -112,12 +112,12 @@ fn run(args: Args) -> Result<()> {
     };
     summary.write(&stage.path().join("scores.json"))?;
     let out = stage.commit()?;
-    println!(
+    scae::say!(
         "score-edges: {} tokens, {} edges kept{} -> {}",
         stats.n_tokens,
         edges.n_edges(),
         n_conn.map(|n| format!(", {n} connections (C={})", args.top_c.unwrap_or(0))).unwrap_or_default(),
         out.display()
-    );
+    )?;
     Ok(())
 }

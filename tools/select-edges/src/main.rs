@@ -48,7 +48,7 @@ fn run(args: Args) -> Result<()> {
     let parallel = get("parallel_attn_mlp")? == "true";
     let keep: Option<usize> = meta.get("keep").and_then(|k| k.parse().ok());
     if let Some(k) = keep.filter(|&k| args.c > k) {
-        eprintln!(
+        scae::note!(
             "select-edges: warning: --c {} is above the {k} edges per feature kept in {path}; features get at most {k}",
             args.c
         );
@@ -69,6 +69,6 @@ fn run(args: Args) -> Result<()> {
     let mut m: Vec<(&str, String)> = vec![("parallel_attn_mlp", parallel.to_string()), ("c", args.c.to_string())];
     m.push(("edges", path.to_string()));
     conns.write_parquet(&args.out, FORMAT, &m)?;
-    println!("select-edges: {} connections (C={}) -> {}", conns.n_edges(), args.c, args.out.display());
+    scae::say!("select-edges: {} connections (C={}) -> {}", conns.n_edges(), args.c, args.out.display())?;
     Ok(())
 }

@@ -30,34 +30,39 @@ struct Args {
     #[arg(long)]
     out: PathBuf,
     /// Training stories.
-    #[arg(long, default_value_t = 4000)]
+    #[arg(long, default_value_t = 4000, value_parser = at_least(1))]
     n_stories: usize,
     /// Held-out stories for the report.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = at_least(1))]
     n_heldout: usize,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = at_least(1))]
     d_model: usize,
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = at_least(1))]
     n_layers: usize,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = at_least(1))]
     n_heads: usize,
     /// Context length of training sequences (the model's n_ctx is twice this).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = at_least(2))]
     ctx_len: usize,
-    /// Training steps.
+    /// Training steps (0: write the randomly initialised model).
     #[arg(long, default_value_t = 500)]
     steps: usize,
     /// Sequences per step.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = at_least(1))]
     batch_size: usize,
     /// AdamW learning rate (linear decay to 10% over the run).
-    #[arg(long, default_value_t = 3e-3)]
+    #[arg(long, default_value_t = 3e-3, value_parser = scae::cli::positive_f64)]
     lr: f64,
     /// Replace an existing, non-empty --out folder.
     #[arg(long)]
     overwrite: bool,
     #[command(flatten)]
     common: scae::cli::Common,
+}
+
+/// Value parser of an integer >= `min`.
+fn at_least(min: u64) -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(min..)
 }
 
 fn main() -> ExitCode {
@@ -69,6 +74,17 @@ fn run(args: Args) -> Result<()> {
     if args.d_model % args.n_heads != 0 {
         bail!("--d-model {}: not divisible by --n-heads {}", args.d_model, args.n_heads);
     }
+    // Parameters (a vocabulary of at most ~1,000 words) with AdamW's gradient and two moments,
+    // and one step's activations (about 16 d-wide and 3 attention-sized buffers per layer),
+    // in f64 so that no size overflows.
+    let (d, l, s, b) = (args.d_model as f64, args.n_layers as f64, args.ctx_len as f64, args.batch_size as f64);
+    let params = 1000.0 * d + 2.0 * s * d + l * 12.0 * d * d;
+    let acts = b * s * l * (16.0 * d + 3.0 * args.n_heads as f64 * s);
+    let sizes = format!(
+        "--d-model {}, --n-layers {}, --ctx-len {}, --batch-size {}",
+        args.d_model, args.n_layers, args.ctx_len, args.batch_size
+    );
+    scae::util::mem::check_fits(4.0 * (4.0 * params + 2.0 * acts), &sizes)?;
     let stage = scae::util::io::StagedDir::create(&args.out, args.overwrite, "--out")?;
     let dir = stage.path().to_path_buf();
     // Corpus and held-out stories (different seeds).
@@ -107,7 +123,7 @@ fn run(args: Args) -> Result<()> {
         opt.backward_step(&loss)?;
         last = loss.to_scalar::<f32>()? as f64;
         if step % 100 == 0 || step + 1 == args.steps {
-            eprintln!("toy-lm: step {step:4} loss {last:.4} ({:.1}s)", start.elapsed().as_secs_f64());
+            scae::note!("toy-lm: step {step:4} loss {last:.4} ({:.1}s)", start.elapsed().as_secs_f64());
         }
     }
     save_hf(&model, &model_dir, vocab.words.len(), n_ctx, args.ctx_len)?;
@@ -131,11 +147,11 @@ fn run(args: Args) -> Result<()> {
     });
     scae::util::io::write_atomic(&dir.join("report.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
     let out = stage.commit()?;
-    println!(
+    scae::say!(
         "toy-lm: held-out CE {heldout_ce:.3} nats vs unigram entropy {unigram_entropy:.3} nats ({} words, {:.0}s) -> {}",
         vocab.words.len(),
         start.elapsed().as_secs_f64(),
         out.join("model").display()
-    );
+    )?;
     Ok(())
 }

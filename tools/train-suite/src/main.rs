@@ -78,6 +78,10 @@ fn run(args: Args) -> Result<()> {
     let mut source =
         args.step.train_data(cache.as_ref(), model.as_ref(), tokenizer.as_ref(), &args.data, seed, &device)?;
     let ctx = source.ctx_len();
+    let tokens = args.step.batch_size as f64 * ctx as f64;
+    let f_est = args.expansion as f64 * d as f64;
+    let sizes = format!("--expansion {} (F {f_est}), --batch-size {}", args.expansion, args.step.batch_size);
+    scae::util::mem::check_fits(scae::train::pretrain::footprint(n_layers, d, f_est, tokens), &sizes)?;
     let (f, k) = ((args.expansion as usize) * d, args.k as usize);
     if k > f {
         bail!("--k {k}: above the {f} features per module (expansion {} × d_model {d})", args.expansion);
@@ -114,11 +118,11 @@ fn run(args: Args) -> Result<()> {
     let done = scae::train::pretrain::run(&mut source, &cfg, &device)?;
     if !done.halted {
         let last = done.last.map(|v| v.to_string()).unwrap_or_default();
-        println!(
+        scae::say!(
             "train-suite: {steps} steps, F {f}, k {k} -> {} ({:.0} tokens/s); last: {last}",
             args.out.display(),
             done.tokens_per_s
-        );
+        )?;
     }
     Ok(())
 }

@@ -1,0 +1,67 @@
+//! Memory estimates checked before large allocations, so a size far beyond the machine is
+//! refused with a one-line message instead of an allocation abort.
+
+use crate::error::{Error, Result};
+
+/// Bytes this process can still allocate: `MemAvailable` from `/proc/meminfo` (Linux); `None`
+/// where that is unknown.
+pub fn available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Refuse a run whose estimated peak `bytes` (computed in f64, so absurd sizes cannot
+/// overflow) exceeds the memory available; `what` names the flags that set the size.
+pub fn check_fits(bytes: f64, what: &str) -> Result<()> {
+    check_fits_in(bytes, available(), what)
+}
+
+fn check_fits_in(bytes: f64, available: Option<u64>, what: &str) -> Result<()> {
+    match available {
+        Some(avail) if bytes > avail as f64 => Err(Error::Usage(format!(
+            "{what}: needs about {} of memory, but {} is available; hint: use smaller sizes",
+            human(bytes),
+            human(avail as f64)
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// `bytes` as "1.5 GB" (powers of 1000).
+pub fn human(bytes: f64) -> String {
+    let units = ["B", "kB", "MB", "GB", "TB", "PB", "EB"];
+    let mut v = bytes;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < units.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u + 1 == units.len() && v >= 1000.0 {
+        return format!("{bytes:.1e} B");
+    }
+    format!("{v:.1} {}", units[u])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_only_what_does_not_fit() {
+        assert!(check_fits_in(1e9, Some(2_000_000_000), "--x").is_ok());
+        let e = check_fits_in(3e9, Some(2_000_000_000), "--x").unwrap_err().to_string();
+        assert_eq!(e, "--x: needs about 3.0 GB of memory, but 2.0 GB is available; hint: use smaller sizes");
+        assert!(check_fits_in(1e30, None, "--x").is_ok());
+        assert_eq!(human(1e30), "1.0e30 B");
+        assert_eq!(human(512.0), "512.0 B");
+    }
+
+    #[test]
+    fn reads_this_machine() {
+        if cfg!(target_os = "linux") {
+            assert!(available().is_some_and(|b| b > 0));
+        }
+    }
+}
