@@ -280,12 +280,12 @@ pub struct StepArgs {
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
     pub batch_size: u64,
     /// Number of steps.
-    #[arg(long, conflicts_with = "train_tokens", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, conflicts_with = "n_tokens", value_parser = clap::value_parser!(u64).range(1..))]
     pub steps: Option<u64>,
-    /// Train on this many tokens (steps = train_tokens / (batch_size · ctx_len)). (`--tokens`
+    /// Train on this many tokens (steps = n_tokens / (batch_size · ctx_len)). (`--tokens`
     /// names a pre-tokenized data file.)
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    pub train_tokens: Option<u64>,
+    pub n_tokens: Option<u64>,
     /// Shuffle sequences within each cache shard every epoch (default: cache order, as the
     /// reference).
     #[arg(long)]
@@ -298,7 +298,7 @@ pub struct StepArgs {
 impl StepArgs {
     /// The run's steps for sequences of `ctx` tokens.
     pub fn steps(&self, ctx: usize) -> crate::error::Result<u64> {
-        crate::train::steps_for(self.steps, self.train_tokens, self.batch_size * ctx as u64)
+        crate::train::steps_for(self.steps, self.n_tokens, self.batch_size * ctx as u64)
     }
 
     /// Where training batches come from: `cache`, or (without one) `model` run over the data

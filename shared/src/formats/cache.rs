@@ -283,6 +283,17 @@ impl Cache {
     /// Open `dir` and check its manifest and that every shard file exists.
     pub fn open(dir: &Path) -> Result<Cache> {
         if !dir.is_dir() {
+            let old = crate::util::io::sibling(dir, ".old");
+            if old.is_dir() {
+                return Err(Error::input(
+                    dir,
+                    format!(
+                        "--acts: no such cache folder, but {} is there (left by an interrupted collect-acts \
+                         --overwrite); hint: rename it back, or rerun collect-acts, which restores it first",
+                        old.display()
+                    ),
+                ));
+            }
             return Err(Error::input(dir, "--acts: no such cache folder; hint: make one with collect-acts"));
         }
         let manifest = Manifest::read(dir)?;

@@ -63,12 +63,12 @@ impl Schedule {
     }
 }
 
-/// `--steps`, or `--train-tokens` over sequences of `tokens_per_step` tokens (at least one step).
+/// `--steps`, or `--n-tokens` over sequences of `tokens_per_step` tokens (at least one step).
 pub fn steps_for(steps: Option<u64>, tokens: Option<u64>, tokens_per_step: u64) -> Result<u64> {
     match (steps, tokens) {
         (Some(s), _) => Ok(s),
         (None, Some(t)) => Ok((t / tokens_per_step.max(1)).max(1)),
-        (None, None) => Err(Error::Usage("one of --steps or --train-tokens is required".into())),
+        (None, None) => Err(Error::Usage("one of --steps or --n-tokens is required".into())),
     }
 }
 

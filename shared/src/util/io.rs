@@ -139,6 +139,11 @@ impl StagedDir {
     /// Check that `target` may be written (absent, an empty folder, or `overwrite`) and create
     /// the staging folder beside it. `flag` names the option in messages (e.g. `--out`).
     pub fn create(target: &Path, overwrite: bool, flag: &str) -> Result<StagedDir> {
+        // A stage left by a crashed run never became an output, so it is ours to remove; an
+        // output moved aside by a crashed commit comes back first (and is then checked like
+        // any existing output).
+        let stage = sibling(target, ".tmp");
+        recover_swap(&stage, target, |_| false)?;
         if target.exists() {
             if !target.is_dir() {
                 return Err(Error::input(target, format!("{flag}: expected a folder, found a file")));
@@ -151,10 +156,6 @@ impl StagedDir {
                 ));
             }
         }
-        let stage = sibling(target, ".tmp");
-        // A stage left by a crashed run never became an output, so it is ours to remove; an
-        // output moved aside by a crashed commit comes back first.
-        recover_swap(&stage, target, |_| false)?;
         std::fs::create_dir_all(&stage)
             .map_err(|e| Error::input(target, format!("{flag}: cannot create output folder: {e}")))?;
         Ok(StagedDir { target: target.to_path_buf(), stage, committed: false })

@@ -141,7 +141,7 @@ fn run(args: Args) -> Result<()> {
         loaded.runtime.forward(&eval, false, false)?.ce.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?;
     let report = serde_json::json!({
         "format": "scae-toy-lm", "version": 1,
-        "vocab_size": vocab.words.len(), "train_tokens": stream.len(), "steps": args.steps,
+        "vocab_size": vocab.words.len(), "n_tokens": stream.len(), "steps": args.steps,
         "final_train_ce": last, "heldout_ce": heldout_ce, "unigram_entropy": unigram_entropy,
         "seconds": start.elapsed().as_secs_f64(),
     });
