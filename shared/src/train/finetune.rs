@@ -76,7 +76,8 @@ impl FinetuneConfig {
 }
 
 /// One step on the CPU engine: forward, losses and their gradients w.r.t. the
-/// reconstructions, backward, clipping, host optimizer step; the suite's variables are updated.
+/// reconstructions, backward, clipping, host optimizer step on `params` (the suite's variables
+/// are left as they were: [`run`] copies `params` into them before it saves).
 #[allow(clippy::too_many_arguments)]
 fn engine_step(
     inputs: &Inputs,
@@ -91,7 +92,7 @@ fn engine_step(
 ) -> Result<StepReport> {
     let (suite, rt) = (&inputs.suite, &inputs.model.runtime);
     let fb = FlatBatch::new(batch, &suite.modules)?;
-    let eng = Engine::new(suite, rt, plan, cfg.pass)?;
+    let eng = Engine::with_params(suite, rt, plan, cfg.pass, params)?;
     let dead_masks = aux_masks(cfg, scales, dead, suite.n_features);
     let mut state = match &dead_masks {
         Some(m) => eng.forward_with_dead(&fb, Some(m))?,
@@ -132,7 +133,6 @@ fn engine_step(
         grads.iter_mut().for_each(|g| clip_module(g, c));
     }
     opt.step(params, &grads, lr);
-    suite.set_params(params)?;
     Ok(report)
 }
 
@@ -235,11 +235,17 @@ pub fn run(
             if let Some(d) = &dopt {
                 opt = d.to_host()?;
             }
+            if dopt.is_none() {
+                suite.set_params(&params)?;
+            }
             ckpt.save(suite, &opt, &dead, step, seqs_seen)
         })?;
         if halt {
             return Ok(session.halted(steps));
         }
+    }
+    if dopt.is_none() {
+        suite.set_params(&params)?;
     }
     session.finish(steps, || {
         let mut out_suite = suite.clone();

@@ -32,6 +32,7 @@ mod encoder;
 mod mlp_edges;
 
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 
 use crate::data::FlatBatch;
 use crate::error::{Error, Result};
@@ -179,18 +180,28 @@ impl<'a> Engine<'a> {
 
     /// Snapshot the suite's parameters and the model's constants.
     pub fn new(suite: &'a Suite, rt: &Runtime, plan: &'a Plan, opts: PassOptions) -> Result<Engine<'a>> {
-        let params = suite
-            .aes
-            .iter()
-            .map(|ae| {
-                Ok(FlatAe {
-                    enc: to_vec(ae.w_enc.as_tensor())?,
-                    b_enc: to_vec(ae.b_enc.as_tensor())?,
-                    dec_t: to_vec(&ae.w_dec.as_tensor().t()?.contiguous()?)?,
-                    b_dec: to_vec(ae.b_dec.as_tensor())?,
-                })
+        Self::with_params(suite, rt, plan, opts, &suite.host_params()?)
+    }
+
+    /// As [`new`](Self::new), with the suite's parameter values given as host buffers (a
+    /// training loop's current ones; the suite's own variables are not read).
+    pub fn with_params(
+        suite: &'a Suite,
+        rt: &Runtime,
+        plan: &'a Plan,
+        opts: PassOptions,
+        host: &[AeParams<Vec<f32>>],
+    ) -> Result<Engine<'a>> {
+        let (d, f) = (suite.d_model, suite.n_features);
+        let params = host
+            .par_iter()
+            .map(|p| FlatAe {
+                enc: p.w_enc.clone(),
+                b_enc: p.b_enc.clone(),
+                dec_t: transpose(&p.w_dec, d, f),
+                b_dec: p.b_dec.clone(),
             })
-            .collect::<Result<Vec<_>>>()?;
+            .collect();
         let layers = (0..rt.cfg.n_layers)
             .map(|l| {
                 let (w_v, w_o) = rt.flat_vo(l);
