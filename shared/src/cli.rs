@@ -15,8 +15,8 @@ pub struct Common {
     /// Random seed for everything that draws numbers.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// CPU threads (default: all cores; `RAYON_NUM_THREADS` also works).
-    #[arg(long)]
+    /// CPU threads, 1 to 1024 (default: all cores; `RAYON_NUM_THREADS` also works).
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
     pub threads: Option<usize>,
 }
 
@@ -190,6 +190,11 @@ pub struct DataArgs {
 }
 
 impl DataArgs {
+    /// The input paths these flags name, for [`crate::util::io::refuse_overlap`].
+    pub fn paths(&self) -> [(&'static str, Option<&std::path::Path>); 2] {
+        [("--data", self.data.as_deref()), ("--tokens", self.tokens.as_deref())]
+    }
+
     /// The source these flags name, if any.
     pub fn spec(&self) -> Option<crate::data::SourceSpec> {
         match (&self.data, &self.tokens) {

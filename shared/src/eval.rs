@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::formats::connections::Connections;
 use crate::formats::eval::{EvalReport, ModuleEval, FORMAT, VERSION};
 use crate::inputs::Inputs;
@@ -65,6 +65,15 @@ pub fn connections_c(path: &Path, conns: &Connections) -> Result<u64> {
 pub fn run(inputs: &Inputs, conns: Option<&Connections>, cfg: &EvalConfig, device: &Device) -> Result<Evaluation> {
     let suite = &inputs.suite;
     let rt = &inputs.model.runtime;
+    let available = inputs.cache().manifest.n_seqs;
+    let n_eval = cfg.limit.unwrap_or(available).min(available);
+    if cfg.batch_size < 2 || n_eval < 2 {
+        return Err(Error::Usage(format!(
+            "--batch-size {} over {n_eval} sequences: FVU (ref), the reference's batch-axis FVU, needs a variance \
+             over at least 2 sequences per batch",
+            cfg.batch_size
+        )));
+    }
     let c_value = match (&cfg.connections, conns) {
         (Some(p), Some(c)) => Some(connections_c(p, c)?),
         _ => None,
@@ -98,13 +107,17 @@ pub fn run(inputs: &Inputs, conns: Option<&Connections>, cfg: &EvalConfig, devic
         zero_sum += sum(&rt.ce_from_resid(&batch.resid_pre0, &batch.tokens)?)?;
         n_pred += (b * (s - 1)) as u64;
         n_tok += (b * s) as u64;
-        n_batches += 1;
+        // A last batch of one sequence has no batch-axis variance: it is left out of FVU (ref).
+        let ref_batch = b >= 2;
+        n_batches += ref_batch as u64;
         for (i, module) in suite.modules.iter().enumerate() {
             let st = &mut stats[i];
             let target = batch.target(module);
             st.target.add(target)?;
             st.err.add(&(target - &out.recon[i])?)?;
-            st.fvu_ref_sum += fvu_ref(target, &out.recon[i])?.to_scalar::<f32>()? as f64;
+            if ref_batch {
+                st.fvu_ref_sum += fvu_ref(target, &out.recon[i])?.to_scalar::<f32>()? as f64;
+            }
             let feats = out.feats[i].to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             for (j, v) in feats.iter().enumerate() {
                 if *v != 0.0 {

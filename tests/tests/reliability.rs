@@ -125,6 +125,51 @@ fn malformed_inputs_and_sizes_are_refused_with_one_line() {
     let bad_d = bad_cfg("suite-d", &|c| c["d_model"] = 999.into());
     let bad_modules = bad_cfg("suite-mod", &|c| c["modules"][0] = "attn_7".into());
     let toy = tmp.join("toy");
+    // Found by our own sweep (see the note): more caches the manifest cannot describe.
+    let empty = edited_cache(&acts, &tmp.join("acts-empty"), |m| {
+        m["n_seqs"] = 0.into();
+        m["shards"] = serde_json::json!([]);
+    });
+    let one_layer = edited_cache(&acts, &tmp.join("acts-1layer"), |m| m["model"]["n_layers"] = 1.into());
+    let foo_arch = edited_cache(&acts, &tmp.join("acts-foo"), |m| m["model"]["architecture"] = "Foo".into());
+    let bf16 = edited_cache(&acts, &tmp.join("acts-bf16"), |m| m["dtype"] = "bf16".into());
+    let no_hook = edited_cache(&acts, &tmp.join("acts-hooks"), |m| {
+        m["hooks"].as_array_mut().unwrap().retain(|h| h != "blocks.1.hook_mlp_out")
+    });
+    let zero_scale = edited_cache(&acts, &tmp.join("acts-scale"), |_| ());
+    let shard = zero_scale.join("shard-00000.safetensors");
+    edited_tensors(&shard, &shard, "blocks.0.ln2.hook_scale", |t| t.zeros_like().unwrap());
+    // A model with integer weights, and one with a negative LayerNorm epsilon.
+    let int_model = tmp.join("int-model");
+    copy_dir(&fixture_model("tiny-gpt2"), &int_model);
+    let w = int_model.join("model.safetensors");
+    edited_tensors(&w, &w, "transformer.h.0.attn.c_attn.weight", |t| t.to_dtype(DType::I64).unwrap());
+    let eps_model = tmp.join("eps-model");
+    copy_dir(&fixture_model("tiny-gpt2"), &eps_model);
+    let cfg = eps_model.join("config.json");
+    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    c["layer_norm_epsilon"] = (-1e-5).into();
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    // Edges and connections, and connections whose metadata names another suite.
+    let edges = tmp.join("edges");
+    tool_ok(
+        "score-edges",
+        &["--acts", s(&acts), "--suite", s(&suite), "--keep", "8", "--top-c", "4", "--out", s(&edges)],
+    );
+    let conns = edges.join("connections.parquet");
+    let other_f = tmp.join("other-f.parquet");
+    rewrite_parquet_meta(&conns, &other_f, "n_features", "512");
+    // Outputs that are, or hold, an input.
+    let suite_copy = tmp.join("suite-copy");
+    copy_dir(&folder, &suite_copy);
+    let holder = tmp.join("holder");
+    copy_dir(&folder, &holder.join("suite"));
+    let fifo = tmp.join("fifo");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let tokens_file = fixtures().join("golden/suite-tiny-gpt2.safetensors");
+    let collect = |model: &Path| {
+        strings(&["--model", s(model), "--tokens", s(&tokens_file), "--ctx-len", "12", "--out", s(&out)])
+    };
     let rows = vec![
         Row {
             what: "manifest n_seqs above its shards' (train-suite)",
@@ -160,7 +205,7 @@ fn malformed_inputs_and_sizes_are_refused_with_one_line() {
             tool: "train-suite",
             args: ts(&wrong_dtype, &["--steps", "1"]),
             code: 1,
-            needles: vec!["shard-00000.safetensors", "blocks.0.hook_attn_out", "expected F32, BF16 or F16", "I64"],
+            needles: vec!["shard-00000.safetensors", "blocks.0.hook_attn_out", "expected F32", "I64"],
             absent: vec![out.clone()],
         },
         Row {
@@ -304,9 +349,338 @@ fn malformed_inputs_and_sizes_are_refused_with_one_line() {
             needles: vec!["--d-model 60", "--n-heads 7"],
             absent: vec![toy.clone()],
         },
+        Row {
+            what: "an empty cache",
+            tool: "evaluate",
+            args: strings(&["--acts", s(&empty), "--suite", s(&suite), "--out", s(&out)]),
+            code: 1,
+            needles: vec!["manifest.json", "field `n_seqs`", "at least 1"],
+            absent: vec![out.clone()],
+        },
+        Row {
+            what: "manifest n_layers below the shards' layers",
+            tool: "train-suite",
+            args: ts(&one_layer, &["--steps", "1"]),
+            code: 1,
+            needles: vec!["shard-00000.safetensors", "blocks.1.", "past the manifest's 1 layers"],
+            absent: vec![out.clone()],
+        },
+        Row {
+            what: "manifest architecture unknown",
+            tool: "score-edges",
+            args: strings(&["--acts", s(&foo_arch), "--suite", s(&suite), "--out", s(&out)]),
+            code: 1,
+            needles: vec!["manifest.json", "field `model.architecture`", "Foo"],
+            absent: vec![out.clone()],
+        },
+        Row {
+            what: "manifest dtype disagrees with the shards",
+            tool: "evaluate",
+            args: strings(&["--acts", s(&bf16), "--suite", s(&suite), "--out", s(&out)]),
+            code: 1,
+            needles: vec!["shard-00000.safetensors", "dtype", "bf16"],
+            absent: vec![out.clone()],
+        },
+        Row {
+            what: "manifest hooks list lacks a hook",
+            tool: "train-suite",
+            args: ts(&no_hook, &["--steps", "1"]),
+            code: 1,
+            needles: vec!["manifest.json", "field `hooks`", "blocks.1.hook_mlp_out"],
+            absent: vec![out.clone()],
+        },
+        Row {
+            what: "a LayerNorm scale of 0 in a shard",
+            tool: "score-edges",
+            args: strings(&["--acts", s(&zero_scale), "--suite", s(&suite), "--out", s(&out)]),
+            code: 1,
+            needles: vec!["shard-00000.safetensors", "blocks.0.ln2.hook_scale", "scales > 0", "found 0"],
+            absent: vec![out.clone()],
+        },
+        Row {
+            what: "a model with an integer weight",
+            tool: "collect-acts",
+            args: collect(&int_model),
+            code: 1,
+            needles: vec!["transformer.h.0.attn.c_attn.weight", "floating-point", "I64"],
+            absent: vec![out.clone()],
+        },
+        Row {
+            what: "a model with a negative LayerNorm epsilon",
+            tool: "collect-acts",
+            args: collect(&eps_model),
+            code: 1,
+            needles: vec!["config.json", "epsilon", "-0.00001"],
+            absent: vec![out.clone()],
+        },
+        Row {
+            what: "evaluate over one sequence (no batch-axis variance)",
+            tool: "evaluate",
+            args: strings(&["--acts", s(&acts), "--suite", s(&suite), "--n-seqs", "1", "--out", s(&out)]),
+            code: 1,
+            needles: vec!["--batch-size", "at least 2 sequences"],
+            absent: vec![out.clone()],
+        },
+        Row {
+            what: "connections whose metadata names another n_features",
+            tool: "evaluate",
+            args: strings(&["--acts", s(&acts), "--suite", s(&suite), "--connections", s(&other_f), "--out", s(&out)]),
+            code: 1,
+            needles: vec!["other-f.parquet", "metadata `n_features` 512", "disagrees"],
+            absent: vec![out.clone()],
+        },
+        Row {
+            what: "select-edges given a connections file",
+            tool: "select-edges",
+            args: strings(&["--edges", s(&conns), "--c", "2", "--out", s(&tmp.join("sel.parquet"))]),
+            code: 1,
+            needles: vec!["connections.parquet", "metadata `format`", "scae-edges"],
+            absent: vec![tmp.join("sel.parquet")],
+        },
+        Row {
+            what: "select-edges writing over its input",
+            tool: "select-edges",
+            args: strings(&[
+                "--edges",
+                s(&edges.join("edges.parquet")),
+                "--c",
+                "2",
+                "--out",
+                s(&edges.join("edges.parquet")),
+            ]),
+            code: 1,
+            needles: vec!["--out: is the input --edges"],
+            absent: vec![],
+        },
+        Row {
+            what: "select-edges writing onto a FIFO",
+            tool: "select-edges",
+            args: strings(&["--edges", s(&edges.join("edges.parquet")), "--c", "2", "--out", s(&fifo)]),
+            code: 1,
+            needles: vec!["fifo", "expected a regular file"],
+            absent: vec![],
+        },
+        Row {
+            what: "evaluate --overwrite onto its own --suite",
+            tool: "evaluate",
+            args: strings(&["--acts", s(&acts), "--suite", s(&suite_copy), "--out", s(&suite_copy), "--overwrite"]),
+            code: 1,
+            needles: vec!["--out: is the input --suite"],
+            absent: vec![],
+        },
+        Row {
+            what: "finetune --overwrite onto a folder holding its --suite",
+            tool: "finetune",
+            args: strings(&[
+                "--acts",
+                s(&acts),
+                "--suite",
+                s(&holder.join("suite")),
+                "--out",
+                s(&holder),
+                "--overwrite",
+                "--steps",
+                "1",
+                "--batch-size",
+                "3",
+            ]),
+            code: 1,
+            needles: vec!["--out: holds the input --suite"],
+            absent: vec![],
+        },
+        Row {
+            what: "collect-acts --overwrite onto its --model",
+            tool: "collect-acts",
+            args: {
+                let mut a = collect(&int_model);
+                a[7] = s(&int_model).into();
+                a.push("--overwrite".into());
+                a
+            },
+            code: 1,
+            needles: vec!["--out: is the input --model"],
+            absent: vec![],
+        },
+        Row {
+            what: "train-suite with both --acts and --data",
+            tool: "train-suite",
+            args: ts(&acts, &["--steps", "1", "--data", s(&tokens_file)]),
+            code: 2,
+            needles: vec!["--data"],
+            absent: vec![out.clone()],
+        },
+        Row {
+            what: "--threads beyond 1024",
+            tool: "evaluate",
+            args: strings(&["--acts", s(&acts), "--suite", s(&suite), "--out", s(&out), "--threads", "100000"]),
+            code: 2,
+            needles: vec!["--threads"],
+            absent: vec![out.clone()],
+        },
     ];
     for row in &rows {
         check(row);
+    }
+    // Overlap refusals deleted nothing.
+    assert!(suite_copy.join("suite.safetensors").is_file() && holder.join("suite/suite.safetensors").is_file());
+    assert!(int_model.join("model.safetensors").is_file() && edges.join("edges.parquet").is_file());
+}
+
+/// A copy of parquet file `from` at `to` with key-value metadata `key` set to `value`.
+fn rewrite_parquet_meta(from: &Path, to: &Path, key: &str, value: &str) {
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use parquet::arrow::ArrowWriter;
+    use parquet::file::metadata::KeyValue;
+    use parquet::file::properties::WriterProperties;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(from).unwrap()).unwrap();
+    let kv: Vec<KeyValue> = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|k| k.key != key && k.key != "ARROW:schema")
+        .chain([KeyValue::new(key.to_string(), value.to_string())])
+        .collect();
+    let schema = builder.schema().clone();
+    let reader = builder.build().unwrap();
+    let props = WriterProperties::builder().set_key_value_metadata(Some(kv)).build();
+    let mut w = ArrowWriter::try_new(std::fs::File::create(to).unwrap(), schema, Some(props)).unwrap();
+    for b in reader {
+        w.write(&b.unwrap()).unwrap();
+    }
+    w.close().unwrap();
+}
+
+#[test]
+fn resume_refuses_checkpoints_and_inputs_no_such_run_has() {
+    let tmp = scratch("rel-resume");
+    let acts = golden_cache(&tmp, "tiny-gpt2");
+    let suite = fixture_suite("tiny-gpt2");
+    let edges = tmp.join("edges");
+    tool_ok(
+        "score-edges",
+        &["--acts", s(&acts), "--suite", s(&suite), "--keep", "8", "--top-c", "4", "--out", s(&edges)],
+    );
+    let conns = tmp.join("c.parquet");
+    std::fs::copy(edges.join("connections.parquet"), &conns).unwrap();
+    let out = tmp.join("ft");
+    let run = |extra: &[&str]| -> Vec<String> {
+        let mut a = strings(&[
+            "--acts",
+            s(&acts),
+            "--suite",
+            s(&suite),
+            "--connections",
+            s(&conns),
+            "--out",
+            s(&out),
+            "--steps",
+            "4",
+            "--batch-size",
+            "2",
+            "--checkpoint-every",
+            "1",
+        ]);
+        a.extend(strings(extra));
+        a
+    };
+    let halted = || {
+        let _ = std::fs::remove_dir_all(&out);
+        tool_ok("finetune", &run(&["--halt-after", "2"]).iter().map(String::as_str).collect::<Vec<_>>());
+    };
+    let resume = run(&["--resume"]);
+    let state = out.join("checkpoint/state.json");
+    let edit_state = |k: &str, v: serde_json::Value| {
+        let mut st: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+        st[k] = v;
+        std::fs::write(&state, st.to_string()).unwrap();
+    };
+    let fails = |needles: Vec<&'static str>| {
+        check(&Row { what: "resume", tool: "finetune", args: resume.clone(), code: 1, needles, absent: vec![] });
+    };
+    halted();
+    edit_state("step", 100000.into());
+    fails(vec!["state.json", "field `step`", "1..=4", "100000"]);
+    halted();
+    edit_state("seqs_seen", 3.into());
+    fails(vec!["state.json", "field `seqs_seen`", "expected 4"]);
+    halted();
+    let opt = out.join("checkpoint/optimizer.safetensors");
+    let key = "v.aes.mlp_0.b_dec";
+    edited_tensors(&opt, &opt, key, |t| t.affine(0.0, -1.0).unwrap());
+    fails(vec!["optimizer.safetensors", key, ">= 0"]);
+    halted();
+    edited_tensors(&opt, &opt, "dead.attn_0", |t| t.narrow(0, 0, 3).unwrap());
+    fails(vec!["optimizer.safetensors", "dead.attn_0", "expected shape"]);
+    // The connections file changed at the same path.
+    halted();
+    let other = tmp.join("c2");
+    tool_ok("select-edges", &["--edges", s(&edges.join("edges.parquet")), "--c", "2", "--out", s(&other)]);
+    std::fs::copy(&other, &conns).unwrap();
+    fails(vec!["state.json", "different arguments or inputs"]);
+}
+
+#[test]
+fn leftovers_of_a_run_killed_before_its_first_checkpoint_do_not_block_a_rerun() {
+    let tmp = scratch("rel-leftovers");
+    let acts = golden_cache(&tmp, "tiny-gpt2");
+    let out = tmp.join("ts");
+    std::fs::create_dir_all(out.join("checkpoint.tmp")).unwrap();
+    std::fs::write(out.join("metrics.jsonl"), "{\"step\":0}\n").unwrap();
+    let args = ["--acts", s(&acts), "--out", s(&out), "--steps", "2", "--batch-size", "3", "--k", "4"];
+    tool_ok("train-suite", &args);
+    assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 2);
+    // Anything else in the folder still needs --overwrite.
+    let other = tmp.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("notes.txt"), "mine").unwrap();
+    check(&Row {
+        what: "a folder with other files",
+        tool: "train-suite",
+        args: strings(&["--acts", s(&acts), "--out", s(&other), "--steps", "1", "--batch-size", "3", "--k", "4"]),
+        code: 1,
+        needles: vec!["not empty"],
+        absent: vec![],
+    });
+    assert!(other.join("notes.txt").is_file());
+}
+
+#[test]
+fn a_second_run_into_the_same_output_is_refused_while_the_first_runs() {
+    let tmp = scratch("rel-lock");
+    let acts = golden_cache(&tmp, "tiny-gpt2");
+    let out = tmp.join("eval");
+    // Hold the output's lock as a running tool would.
+    let lock = std::fs::File::create(scae::util::io::sibling(&out, ".lock")).unwrap();
+    lock.try_lock().unwrap();
+    let args = strings(&["--acts", s(&acts), "--suite", s(&fixture_suite("tiny-gpt2")), "--out", s(&out)]);
+    check(&Row {
+        what: "output locked",
+        tool: "evaluate",
+        args: args.clone(),
+        code: 1,
+        needles: vec!["another run is writing this output", "eval.lock"],
+        absent: vec![out.clone()],
+    });
+    drop(lock);
+    tool_ok("evaluate", &args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!scae::util::io::sibling(&out, ".lock").exists(), "the lock file is removed after the run");
+}
+
+#[test]
+fn evaluate_leaves_a_last_one_sequence_batch_out_of_fvu_ref() {
+    let tmp = scratch("rel-fvuref");
+    let acts = golden_cache(&tmp, "tiny-gpt2");
+    let out = tmp.join("eval");
+    tool_ok(
+        "evaluate",
+        &["--acts", s(&acts), "--suite", s(&fixture_suite("tiny-gpt2")), "--batch-size", "2", "--out", s(&out)],
+    );
+    let ev: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
+    for (m, v) in ev["modules"].as_object().unwrap() {
+        assert!(v["fvu_ref"].as_f64().is_some_and(f64::is_finite), "{m}: {}", v["fvu_ref"]);
     }
 }
 

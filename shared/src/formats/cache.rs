@@ -205,8 +205,8 @@ impl ShardWriter {
         }
         let first = self.shards.iter().map(|s| s.n_seqs).sum::<usize>() + self.pending_seqs;
         for (name, t) in &map {
-            // NaN and infinities carry into the sum; checked as stored (f16 overflows at 65,504).
-            if !t.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?.is_finite() {
+            // Checked as stored (f16 overflows at 65,504).
+            if !crate::util::all_finite(t)? {
                 return Err(Error::Usage(format!(
                     "hook `{name}` has NaN or infinite values ({} storage) in sequences {first}..{}; \
                      the model's activations overflow{}",
@@ -325,7 +325,25 @@ impl Cache {
         if held != m.n_seqs {
             return Err(bad("n_seqs", format!("{} sequences, but its shards list {held}", m.n_seqs)));
         }
+        let mi = &m.model;
+        let arch = crate::model::Arch::from_hf_name(&mi.architecture).ok_or_else(|| {
+            bad("model.architecture", format!("expected a supported architecture, found {:?}", mi.architecture))
+        })?;
+        if mi.parallel_attn_mlp && arch != crate::model::Arch::GptNeoX {
+            return Err(bad("model.parallel_attn_mlp", format!("true, but {} blocks are sequential", mi.architecture)));
+        }
+        if mi.n_heads == 0 || mi.d_head * mi.n_heads != mi.d_model {
+            return Err(bad(
+                "model.d_head",
+                format!("{} x {} heads is not d_model {}", mi.d_head, mi.n_heads, mi.d_model),
+            ));
+        }
         let cache = Cache { dir: dir.to_path_buf(), manifest };
+        if let Some((name, _)) =
+            cache.expected_tensors(1).into_iter().find(|(n, _)| n != "tokens" && !cache.manifest.hooks.contains(n))
+        {
+            return Err(bad("hooks", format!("lacks `{name}`, which every cache holds")));
+        }
         for s in &cache.manifest.shards {
             cache.check_header(&cache.dir.join(&s.file), s.n_seqs)?;
         }
@@ -370,6 +388,35 @@ impl Cache {
         f.read_exact(&mut header).map_err(|_| unreadable("truncated header"))?;
         let header: serde_json::Value =
             serde_json::from_slice(&header).map_err(|e| unreadable(&format!("header is not JSON: {e}")))?;
+        let m = &self.manifest;
+        let shard_format = format!("{FORMAT}-shard");
+        let meta = |k: &str| header.get("__metadata__").and_then(|x| x.get(k)).and_then(|x| x.as_str());
+        if let Some(f) = meta("format").filter(|f| *f != shard_format) {
+            return Err(Error::input(path, format!("metadata `format`: expected {shard_format}, found {f}")));
+        }
+        if let Some(d) = meta("dtype").filter(|d| *d != m.dtype.name()) {
+            return Err(Error::input(
+                path,
+                format!("metadata `dtype` {d} disagrees with the manifest's {}", m.dtype.name()),
+            ));
+        }
+        // Tensors of layers past the manifest's: the manifest describes another model.
+        if let Some(extra) = header.as_object().into_iter().flat_map(|o| o.keys()).find(|k| {
+            k.strip_prefix("blocks.")
+                .and_then(|r| r.split('.').next())
+                .and_then(|l| l.parse::<usize>().ok())
+                .is_some_and(|l| l >= m.model.n_layers)
+        }) {
+            return Err(Error::input(
+                path,
+                format!("holds tensor `{extra}`, past the manifest's {} layers", m.model.n_layers),
+            ));
+        }
+        let stored = match m.dtype {
+            StoreDType::F32 => "F32",
+            StoreDType::Bf16 => "BF16",
+            StoreDType::F16 => "F16",
+        };
         for (name, shape) in self.expected_tensors(n) {
             let entry = header.get(&name).ok_or_else(|| {
                 Error::input(path, format!("lacks tensor `{name}`; hint: rebuild the cache with collect-acts"))
@@ -380,7 +427,6 @@ impl Cache {
                 .and_then(|s| s.as_array())
                 .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect());
             if found.as_deref() != Some(shape.as_slice()) {
-                let m = &self.manifest;
                 return Err(Error::input(
                     path,
                     format!(
@@ -395,10 +441,14 @@ impl Cache {
             let ok = if name == "tokens" {
                 matches!(dtype, "I64" | "I32" | "U32" | "I16" | "U16" | "U8")
             } else {
-                matches!(dtype, "F32" | "BF16" | "F16")
+                dtype == stored
             };
             if !ok {
-                let want = if name == "tokens" { "integer token ids" } else { "F32, BF16 or F16" };
+                let want = if name == "tokens" {
+                    "integer token ids".to_string()
+                } else {
+                    format!("{stored} (the manifest's dtype {})", m.dtype.name())
+                };
                 return Err(Error::input(path, format!("tensor `{name}`: expected {want}, found dtype {dtype}")));
             }
         }
@@ -441,6 +491,13 @@ impl Cache {
         mut f: impl FnMut(Batch) -> Result<()>,
     ) -> Result<usize> {
         let n_layers = self.manifest.model.n_layers;
+        if let Some(l) = limit.filter(|&l| l > self.manifest.n_seqs) {
+            crate::note!(
+                "warning: --n-seqs {l}: the cache {} holds {} sequences; using those",
+                self.dir.display(),
+                self.manifest.n_seqs
+            );
+        }
         let limit = limit.unwrap_or(usize::MAX);
         let mut done = 0;
         for (i, shard) in self.manifest.shards.iter().enumerate() {
@@ -534,12 +591,22 @@ impl Cache {
                         format!("tensor `{name}`: expected F32, BF16 or F16, found {:?}", t.dtype()),
                     ));
                 }
-                // NaN and infinities carry into the sum (on the tensor's device)
-                if !t.sum_all()?.to_scalar::<f32>()?.is_finite() {
+
+                if !crate::util::all_finite(t)? {
                     return Err(Error::input(
                         path,
                         format!("tensor `{name}`: expected finite values, found NaN or infinite ones"),
                     ));
+                }
+                // A LayerNorm scale is a standard deviation (plus eps): the pass divides by it.
+                if name.ends_with("hook_scale") {
+                    let min = t.flatten_all()?.min(0)?.to_scalar::<f32>()?;
+                    if min <= 0.0 {
+                        return Err(Error::input(
+                            path,
+                            format!("tensor `{name}`: expected LayerNorm scales > 0, found {min}"),
+                        ));
+                    }
                 }
             }
         }

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
@@ -112,7 +112,7 @@ pub fn read(dir: &Path, modules: &[Module], with_moments: bool, tool: &str, args
     if state.args_digest != args_digest {
         return Err(Error::input(
             &state_path,
-            "written with different arguments (data, suite, connections, loss, optimizer, schedule or sizes); hint: resume with the same arguments",
+            "written with different arguments or inputs (data, suite, connections — also their contents —, loss, optimizer, schedule or sizes); hint: resume with the same arguments and files",
         ));
     }
     let saved = Suite::load(&ck, &Device::Cpu)?;
@@ -125,17 +125,41 @@ pub fn read(dir: &Path, modules: &[Module], with_moments: bool, tool: &str, args
     };
     let mut since = Vec::with_capacity(modules.len());
     let (mut ms, mut vs) = (Vec::new(), Vec::new());
+    let bad = |k: &str, what: String| Error::input(&opt_path, format!("tensor `{k}`: {what}"));
+    // A tensor of `len` values of `dtype`, checked.
+    let vector = |k: &str, dtype: DType, len: usize| -> Result<Tensor> {
+        let t = get(k)?;
+        if t.dtype() != dtype {
+            return Err(bad(k, format!("expected {dtype:?}, found {:?}", t.dtype())));
+        }
+        if t.dims() != [len] {
+            return Err(bad(k, format!("expected shape [{len}], found {:?}", t.dims())));
+        }
+        Ok(t)
+    };
     for (mi, module) in modules.iter().enumerate() {
         if with_moments {
             let (mut m, mut v) = (params[mi].zeros_like(), params[mi].zeros_like());
             for ((name, mt), (_, vt)) in m.named_mut().into_iter().zip(v.named_mut()) {
-                *mt = get(&format!("m.{}", key(module, name)))?.to_vec1::<f32>()?;
-                *vt = get(&format!("v.{}", key(module, name)))?.to_vec1::<f32>()?;
+                let (mk, vk) = (format!("m.{}", key(module, name)), format!("v.{}", key(module, name)));
+                *mt = vector(&mk, DType::F32, mt.len())?.to_vec1::<f32>()?;
+                *vt = vector(&vk, DType::F32, vt.len())?.to_vec1::<f32>()?;
+                if !mt.iter().all(|x| x.is_finite()) {
+                    return Err(bad(&mk, "expected finite Adam moments, found NaN or infinite ones".into()));
+                }
+                if !vt.iter().all(|x| x.is_finite() && *x >= 0.0) {
+                    return Err(bad(&vk, "expected finite second moments >= 0".into()));
+                }
             }
             ms.push(m);
             vs.push(v);
         }
-        since.push(get(&format!("dead.{module}"))?.to_vec1::<i64>()?.into_iter().map(|v| v as u64).collect());
+        let dk = format!("dead.{module}");
+        let counts = vector(&dk, DType::I64, params[mi].b_enc.len())?.to_vec1::<i64>()?;
+        if let Some(c) = counts.iter().find(|c| **c < 0) {
+            return Err(bad(&dk, format!("expected token counts >= 0, found {c}")));
+        }
+        since.push(counts.into_iter().map(|v| v as u64).collect());
     }
     Ok(Checkpoint { state, params, moments: with_moments.then_some((ms, vs)), since })
 }

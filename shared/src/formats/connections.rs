@@ -196,12 +196,28 @@ impl<'a> Builder<'a> {
 
 fn read_parquet(path: &Path, modules: &[Module], n_features: usize, parallel: bool) -> Result<Connections> {
     // Files from other tools (pandas) carry no scae metadata; ours must be a version we read.
+    // Metadata that is present must describe this suite and model.
+    let names: Vec<String> = modules.iter().map(Module::name).collect();
+    let disagrees = |k: &str, v: &str, ours: String| {
+        Err(Error::input(path, format!("metadata `{k}` {v} disagrees with the suite and model ({ours})")))
+    };
     for (k, v) in crate::util::table::parquet_metadata(path)? {
-        if k == "version" && v != VERSION.to_string() {
-            return Err(Error::input(
-                path,
-                format!("version {v}, expected {VERSION}; hint: rewrite it with score-edges / select-edges"),
-            ));
+        match k.as_str() {
+            "version" if v != VERSION.to_string() => {
+                return Err(Error::input(
+                    path,
+                    format!("version {v}, expected {VERSION}; hint: rewrite it with score-edges / select-edges"),
+                ));
+            }
+            "n_features" if v != n_features.to_string() => return disagrees(&k, &v, n_features.to_string()),
+            "parallel_attn_mlp" if v != parallel.to_string() => return disagrees(&k, &v, parallel.to_string()),
+            "modules" if v.split(',').any(|m| !names.iter().any(|n| n == m)) => {
+                return disagrees(&k, &v, names.join(","))
+            }
+            "c" if v.parse::<u64>().is_err() => {
+                return Err(Error::input(path, format!("metadata `c`: expected a whole number, found {v:?}")))
+            }
+            _ => {}
         }
     }
     let batches = crate::util::table::read_parquet(path)?;

@@ -196,8 +196,8 @@ impl Suite {
                     ));
                 }
                 let x = x.to_dtype(DType::F32)?;
-                // NaN and infinities carry into the sum
-                if !x.sum_all()?.to_scalar::<f32>()?.is_finite() {
+
+                if !crate::util::all_finite(&x)? {
                     return Err(Error::input(
                         source,
                         format!("tensor `{name}`: expected finite values, found NaN or infinite ones"),
@@ -270,8 +270,7 @@ impl Suite {
     /// The state-dict key of the first parameter holding NaN or an infinity, if any.
     pub fn first_non_finite(&self) -> Result<Option<String>> {
         for (name, v) in self.named_vars() {
-            // NaN and infinities carry into the sum
-            if !v.as_tensor().sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?.is_finite() {
+            if !crate::util::all_finite(v.as_tensor())? {
                 return Ok(Some(name));
             }
         }

@@ -326,6 +326,12 @@ impl ModelConfig {
         if d_model % n_heads != 0 {
             return Err(Error::input(path, format!("d_model {d_model} is not divisible by n_heads {n_heads}")));
         }
+        if !(cfg.ln_eps.is_finite() && cfg.ln_eps > 0.0) {
+            return Err(Error::input(
+                path,
+                format!("LayerNorm epsilon: expected a finite number > 0, found {}", cfg.ln_eps),
+            ));
+        }
         cfg.d_head = d_model / n_heads;
         if arch != Arch::GptNeo {
             cfg.attn_scale = (cfg.d_head as f64).sqrt();

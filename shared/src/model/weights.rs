@@ -61,6 +61,10 @@ impl RawTensors {
             self.map.get(&format!("transformer.{bare}"))
         });
         match found {
+            Some(t) if !t.dtype().is_float() => Err(Error::input(
+                &self.source,
+                format!("tensor `{name}`: expected floating-point weights, found {:?}", t.dtype()),
+            )),
             Some(t) => Ok(t.to_dtype(DType::F32)?),
             None => Err(Error::input(&self.source, format!("missing tensor `{name}`"))),
         }
@@ -74,9 +78,9 @@ impl RawTensors {
                 format!("tensor `{name}`: expected shape {shape:?}, found {:?}", t.dims()),
             ));
         }
-        // NaN and infinities carry into the sum; a model holding them would write a cache
+        // A model holding NaN or infinities would write a cache
         // every later stage refuses.
-        if !t.sum_all()?.to_scalar::<f32>()?.is_finite() {
+        if !crate::util::all_finite(&t)? {
             return Err(Error::input(
                 &self.source,
                 format!("tensor `{name}`: expected finite weights, found NaN or infinite ones"),

@@ -112,18 +112,41 @@ impl Checkpoints {
     }
 }
 
-/// Resume from `dir/checkpoint` (written by `tool` with arguments of digest `digest`): the
-/// parameters go into `params`, the optimizer state into `opt`, the counters into `dead`.
+/// Resume from `dir/checkpoint` (written by `tool` with arguments of digest `digest`) for a run
+/// of `steps` steps of `batch_size` sequences: the parameters go into `params`, the optimizer
+/// state into `opt`, the counters into `dead`. A state that no such run can have written (a
+/// step past the end, a data position or optimizer count that disagrees with its step) is
+/// refused, naming the file.
+#[allow(clippy::too_many_arguments)]
 pub fn resume(
     dir: &Path,
     tool: &str,
     digest: &str,
     suite: &Suite,
+    steps: u64,
+    batch_size: u64,
     params: &mut Vec<crate::sae::AeParams<Vec<f32>>>,
     opt: &mut Optimizer,
     dead: &mut DeadTracker,
 ) -> Result<RunState> {
     let ck = checkpoint::read(dir, &suite.modules, opt.kind == OptimizerKind::Adam, tool, digest)?;
+    let st = &ck.state;
+    let state_path = dir.join("checkpoint").join("state.json");
+    let bad = |what: String| Err(crate::error::Error::input(&state_path, what));
+    if st.step == 0 || st.step > steps {
+        return bad(format!("field `step`: expected 1..={steps} (the run's steps), found {}", st.step));
+    }
+    if st.seqs_seen != st.step * batch_size {
+        return bad(format!(
+            "field `seqs_seen`: expected {} ({} steps of {batch_size} sequences), found {}",
+            st.step * batch_size,
+            st.step,
+            st.seqs_seen
+        ));
+    }
+    if st.opt_t > st.step {
+        return bad(format!("field `opt_t`: expected at most the step, {}, found {}", st.step, st.opt_t));
+    }
     *params = ck.params;
     if let Some((m, v)) = ck.moments {
         opt.m = m;
@@ -132,6 +155,41 @@ pub fn resume(
     opt.t = ck.state.opt_t;
     dead.since = ck.since;
     Ok(ck.state)
+}
+
+/// Fingerprints of a run's input files, for its resume digest: a resumed run whose cache,
+/// connections or data changed at the same path is refused. A folder stands for its
+/// `manifest.json` (a cache); a file up to 64 MiB is hashed whole, a larger one by its size and
+/// its first and last MiB. Absent paths give null.
+pub fn fingerprints(paths: &[Option<&Path>]) -> serde_json::Value {
+    paths
+        .iter()
+        .map(|p| {
+            let p = p.map(|p| if p.is_dir() { p.join("manifest.json") } else { p.to_path_buf() });
+            p.and_then(|p| fingerprint(&p).ok()).map_or(serde_json::Value::Null, serde_json::Value::String)
+        })
+        .collect()
+}
+
+fn fingerprint(path: &Path) -> std::io::Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    const WHOLE: u64 = 64 << 20;
+    const END: u64 = 1 << 20;
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    let mut h = blake3::Hasher::new();
+    h.update(&len.to_le_bytes());
+    if len <= WHOLE {
+        std::io::copy(&mut f, &mut h)?;
+    } else {
+        let mut buf = vec![0u8; END as usize];
+        f.read_exact(&mut buf)?;
+        h.update(&buf);
+        f.seek(SeekFrom::End(-(END as i64)))?;
+        f.read_exact(&mut buf)?;
+        h.update(&buf);
+    }
+    Ok(h.finalize().to_hex().to_string())
 }
 
 /// A stable digest of a JSON value (for [`RunState::args_digest`]).
@@ -149,5 +207,12 @@ pub fn trim_metrics(path: &Path, step: u64) -> Result<()> {
         })
         .map(|l| format!("{l}\n"))
         .collect();
+    let n = kept.lines().count() as u64;
+    if n != step {
+        crate::note!(
+            "warning: {} holds {n} records of the {step} steps before the checkpoint; the resumed run appends after them",
+            path.display()
+        );
+    }
     crate::util::io::write_atomic(path, kept.as_bytes())
 }

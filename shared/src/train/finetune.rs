@@ -171,7 +171,17 @@ pub fn run(
     let (mut step, mut seqs_seen) = (0u64, 0u64);
     let steps = cfg.schedule.steps;
     if cfg.checkpoints.resume {
-        let st = resume(&cfg.out, "finetune", &cfg.digest, suite, &mut params, &mut opt, &mut dead)?;
+        let st = resume(
+            &cfg.out,
+            "finetune",
+            &cfg.digest,
+            suite,
+            steps,
+            cfg.batch_size as u64,
+            &mut params,
+            &mut opt,
+            &mut dead,
+        )?;
         suite.set_params(&params)?;
         step = st.step;
         seqs_seen = st.seqs_seen;

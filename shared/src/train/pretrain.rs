@@ -172,7 +172,17 @@ pub fn run(data: &mut TrainData, cfg: &PretrainConfig, device: &Device) -> Resul
     let mut first_batch = None;
     if cfg.checkpoints.resume {
         let suite = Suite::from_params(&params, &modules, k, d, f)?;
-        let st = resume(&cfg.out, "train-suite", &cfg.digest, &suite, &mut params, &mut opt, &mut dead)?;
+        let st = resume(
+            &cfg.out,
+            "train-suite",
+            &cfg.digest,
+            &suite,
+            steps,
+            cfg.batch_size as u64,
+            &mut params,
+            &mut opt,
+            &mut dead,
+        )?;
         step = st.step;
         seqs_seen = st.seqs_seen;
         crate::note!("train-suite: resuming at step {step} of {steps}");

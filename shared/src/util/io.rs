@@ -19,6 +19,10 @@ pub fn write_via_tmp(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Re
     if path.is_dir() {
         return Err(Error::input(path, "expected a file to write, found a folder"));
     }
+    // The rename would replace a device, pipe or socket node with a plain file.
+    if path.exists() && !path.is_file() {
+        return Err(Error::input(path, "expected a regular file to write, found a device, pipe or socket"));
+    }
     let tmp = tmp_path(path);
     let res = write(&tmp).and_then(|()| std::fs::rename(&tmp, path).at(path));
     if res.is_err() {
@@ -113,6 +117,54 @@ pub fn fault_point(name: &str) {
     }
 }
 
+/// Refuse an output path `out` (flag `out_flag`) that is one of the run's inputs or holds one
+/// (replacing it would delete the input before it is read), comparing paths with symbolic links
+/// and `..` resolved. `inputs` are (flag, path) pairs; a path that does not exist (a hub model
+/// id, an absent option) is skipped.
+pub fn refuse_overlap(out: &Path, out_flag: &str, inputs: &[(&str, Option<&Path>)]) -> Result<()> {
+    let out_c = resolved(out);
+    for (flag, inp) in inputs {
+        let Some(inp) = inp else { continue };
+        let Ok(inp_c) = inp.canonicalize() else { continue };
+        if inp_c == out_c || inp_c.starts_with(&out_c) {
+            let how = if inp_c == out_c { "is" } else { "holds" };
+            return Err(Error::input(
+                out,
+                format!("{out_flag}: {how} the input {flag} {}; replacing it would delete that input; hint: choose another {out_flag}", inp.display()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `path` with symbolic links and `..` resolved, also when it does not exist yet (its nearest
+/// existing ancestor is resolved and the rest appended).
+fn resolved(path: &Path) -> PathBuf {
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().map(|d| d.join(path)).unwrap_or_else(|_| path.to_path_buf())
+    };
+    let mut rest = Vec::new();
+    let mut cur = abs.as_path();
+    loop {
+        if let Ok(c) = cur.canonicalize() {
+            return rest.iter().rev().fold(c, |acc: PathBuf, part| match *part {
+                std::path::Component::ParentDir => acc.parent().map(Path::to_path_buf).unwrap_or(acc),
+                std::path::Component::CurDir => acc,
+                other => acc.join(other),
+            });
+        }
+        match (cur.parent(), cur.components().next_back()) {
+            (Some(parent), Some(last)) => {
+                rest.push(last);
+                cur = parent;
+            }
+            _ => return abs,
+        }
+    }
+}
+
 /// `<path>.tmp`.
 pub fn tmp_path(path: &Path) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
@@ -127,18 +179,85 @@ pub fn sibling(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// An exclusive claim on an output path for one run: `<out>.lock`, locked with the OS's
+/// advisory file lock (released when the process dies, so a crash leaves no stale claim) and
+/// removed when the run ends. A second run into the same output is refused instead of the two
+/// clobbering each other's staging folder.
+#[derive(Debug)]
+struct OutputLock {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl OutputLock {
+    fn take(out: &Path, flag: &str) -> Result<OutputLock> {
+        let path = sibling(out, ".lock");
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| Error::input(out, format!("{flag}: cannot create output folder: {e}")))?;
+        }
+        loop {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|e| Error::input(&path, format!("{flag}: cannot create the output's lock file: {e}")))?;
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(Error::input(
+                        out,
+                        format!("{flag}: another run is writing this output (it holds {}); hint: wait for it, or choose another {flag}", path.display()),
+                    ))
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
+            }
+            // The previous holder may have removed the file between our open and lock: then
+            // the lock is on an unlinked file and we start over.
+            if same_file(&file, &path) {
+                return Ok(OutputLock { path, file });
+            }
+        }
+    }
+}
+
+#[cfg(unix)]
+fn same_file(file: &std::fs::File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn same_file(_: &std::fs::File, path: &Path) -> bool {
+    path.exists()
+}
+
+impl Drop for OutputLock {
+    fn drop(&mut self) {
+        // Removed while still held, so that no one locks a file that is about to go.
+        let _ = std::fs::remove_file(&self.path);
+        let _ = self.file.unlock();
+    }
+}
+
 /// An output folder under construction.
 #[derive(Debug)]
 pub struct StagedDir {
     target: PathBuf,
     stage: PathBuf,
     committed: bool,
+    _lock: OutputLock,
 }
 
 impl StagedDir {
     /// Check that `target` may be written (absent, an empty folder, or `overwrite`) and create
     /// the staging folder beside it. `flag` names the option in messages (e.g. `--out`).
     pub fn create(target: &Path, overwrite: bool, flag: &str) -> Result<StagedDir> {
+        let lock = OutputLock::take(target, flag)?;
         // A stage left by a crashed run never became an output, so it is ours to remove; an
         // output moved aside by a crashed commit comes back first (and is then checked like
         // any existing output).
@@ -158,7 +277,7 @@ impl StagedDir {
         }
         std::fs::create_dir_all(&stage)
             .map_err(|e| Error::input(target, format!("{flag}: cannot create output folder: {e}")))?;
-        Ok(StagedDir { target: target.to_path_buf(), stage, committed: false })
+        Ok(StagedDir { target: target.to_path_buf(), stage, committed: false, _lock: lock })
     }
 
     /// Where files go until [`commit`](Self::commit).
@@ -189,6 +308,7 @@ impl Drop for StagedDir {
 #[must_use]
 pub struct RunDir {
     out: PathBuf,
+    _lock: OutputLock,
     /// The previous contents (`--overwrite`), until the run is kept.
     replaced: Option<PathBuf>,
     /// The folder existed (empty) before the run.
@@ -200,6 +320,7 @@ impl RunDir {
     /// Prepare a training output folder: with `resume`, it must hold a checkpoint; otherwise it
     /// must be absent or empty (or `overwrite`), and is created.
     pub fn prepare(out: &Path, resume: bool, overwrite: bool) -> Result<RunDir> {
+        let lock = OutputLock::take(out, "--out")?;
         if resume {
             // A checkpoint swap cut short by a crash: finish it (see `formats::checkpoint`).
             let complete = |p: &Path| p.join("state.json").is_file();
@@ -207,7 +328,7 @@ impl RunDir {
             if !out.join("checkpoint").join("state.json").is_file() {
                 return Err(Error::input(out, "--resume: no checkpoint to resume from; hint: run without --resume"));
             }
-            return Ok(RunDir { out: out.to_path_buf(), replaced: None, existed: true, kept: true });
+            return Ok(RunDir { out: out.to_path_buf(), _lock: lock, replaced: None, existed: true, kept: true });
         }
         let mut replaced = None;
         let mut existed = false;
@@ -215,7 +336,16 @@ impl RunDir {
             if !out.is_dir() {
                 return Err(Error::input(out, "--out: expected a folder, found a file"));
             }
-            let non_empty = std::fs::read_dir(out).at(out)?.next().is_some();
+            let mut non_empty = std::fs::read_dir(out).at(out)?.next().is_some();
+            if non_empty && !overwrite && only_leftovers(out)? {
+                // A run killed before its first checkpoint: nothing in it can be resumed.
+                crate::note!("{}: removing what a run that stopped before its first checkpoint left", out.display());
+                for e in std::fs::read_dir(out).at(out)? {
+                    let p = e.at(out)?.path();
+                    if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) }.at(&p)?;
+                }
+                non_empty = false;
+            }
             if non_empty && !overwrite {
                 return Err(Error::input(
                     out,
@@ -236,7 +366,7 @@ impl RunDir {
         }
         std::fs::create_dir_all(out)
             .map_err(|e| Error::input(out, format!("--out: cannot create output folder: {e}")))?;
-        Ok(RunDir { out: out.to_path_buf(), replaced, existed, kept: false })
+        Ok(RunDir { out: out.to_path_buf(), _lock: lock, replaced, existed, kept: false })
     }
 
     /// The output folder.
@@ -254,6 +384,20 @@ impl RunDir {
             let _ = std::fs::remove_dir_all(old);
         }
     }
+}
+
+/// Whether a training output folder holds only what a run writes before its first checkpoint:
+/// `metrics.jsonl` and `*.tmp` entries, none of them a complete checkpoint.
+fn only_leftovers(out: &Path) -> Result<bool> {
+    for e in std::fs::read_dir(out).at(out)? {
+        let e = e.at(out)?;
+        let name = e.file_name().to_string_lossy().to_string();
+        let complete_checkpoint = e.path().join("state.json").is_file();
+        if !(name == "metrics.jsonl" || name.ends_with(".tmp")) || complete_checkpoint {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 impl Drop for RunDir {

@@ -33,6 +33,13 @@ pub fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
+/// Whether every value of a float tensor is finite. Each value times 0 is 0, or NaN for NaN
+/// and infinities, so the sum is 0 exactly when all are finite (a plain sum would overflow on
+/// large finite values).
+pub fn all_finite(t: &Tensor) -> Result<bool> {
+    Ok(t.to_dtype(DType::F32)?.affine(0.0, 0.0)?.sum_all()?.to_scalar::<f32>()? == 0.0)
+}
+
 /// A scalar tensor's value as f64.
 pub fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)

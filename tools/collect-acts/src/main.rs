@@ -1,7 +1,7 @@
 //! `collect-acts`: run a causal LM over a dataset and write an activation cache
 //! (`manifest.json` + `shard-*.safetensors` with TransformerLens hook names; FORMATS.md).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -39,7 +39,8 @@ struct Args {
     /// Storage type of cached activations (computation is always f32).
     #[arg(long, value_enum, default_value = "f32")]
     dtype: StoreDType,
-    /// Sequences per shard file (default: about 256 MiB per shard).
+    /// Sequences per shard file, rounded up to whole batches of --batch-size (default: about
+    /// 256 MiB per shard).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     shard_seqs: Option<u64>,
     /// Output cache folder (must be absent or empty unless --overwrite).
@@ -58,6 +59,9 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<()> {
     let device = args.common.setup()?;
+    let model_path = Path::new(&args.model);
+    let inputs = [&[("--model", Some(model_path))][..], &args.data.paths()].concat();
+    scae::util::io::refuse_overlap(&args.out, "--out", &inputs)?;
     let dir = scae::model::hub::resolve_model(&args.model)?;
     let model = Model::load(&args.model, &dir, &device)?;
     let cfg = model.cfg().clone();

@@ -5,7 +5,7 @@
 mod report;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Result;
@@ -68,6 +68,15 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<()> {
+    let model_path = args.cache.model.as_deref().map(Path::new);
+    let mut inputs = vec![
+        ("--acts", args.acts.as_deref()),
+        ("--suite", args.suite.as_deref()),
+        ("--connections", args.connections.as_deref()),
+        ("--model", model_path),
+    ];
+    inputs.extend(args.compare.iter().map(|c| ("--compare", Some(c.as_path()))));
+    scae::util::io::refuse_overlap(&args.out, "--out", &inputs)?;
     if !args.compare.is_empty() {
         return compare(&args);
     }

@@ -2,7 +2,7 @@
 //! downstream CE, or both, with checkpoints and bit-identical resume (the loop is
 //! `scae::train::finetune`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Result};
@@ -19,7 +19,7 @@ use scae::train::optim::OptimizerKind;
 )]
 struct Args {
     /// Activation cache folder (from collect-acts). Or stream: --model with --data/--tokens.
-    #[arg(long, required_unless_present_any = ["data", "tokens"])]
+    #[arg(long, required_unless_present_any = ["data", "tokens"], conflicts_with_all = ["data", "tokens"])]
     acts: Option<PathBuf>,
     /// Suite to start from (folder or bare .safetensors).
     #[arg(long)]
@@ -82,6 +82,14 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<()> {
     let device = args.common.setup()?;
+    let model_path = args.model.as_deref().map(Path::new);
+    let named = [
+        ("--acts", args.acts.as_deref()),
+        ("--suite", Some(args.suite.as_path())),
+        ("--connections", args.connections.as_deref()),
+        ("--model", model_path),
+    ];
+    scae::util::io::refuse_overlap(&args.out, "--out", &[&named[..], &args.data.paths()].concat())?;
     if args.auxk_alpha > 0.0 && args.loss == Loss::Ce {
         bail!("--auxk-alpha {}: only with an mse loss (the reference's CE-mode AuxK is a no-op)", args.auxk_alpha);
     }
@@ -121,6 +129,9 @@ fn run(args: Args) -> Result<()> {
         "batch_size": step.batch_size, "steps": steps, "shuffle": step.shuffle, "seed": seed,
         "dead_threshold": step.dead_threshold, "consistent_attn_bias": args.pass.consistent_attn_bias,
     });
+    let files =
+        [args.acts.as_deref(), args.connections.as_deref(), args.data.data.as_deref(), args.data.tokens.as_deref()];
+    digest["fingerprints"] = scae::train::checkpoints::fingerprints(&files);
     args.compute.add_to_digest(&mut digest);
     let cfg = FinetuneConfig {
         out: args.out.clone(),

@@ -2,7 +2,7 @@
 //! feature under the suite's full pass, written as `edges.parquet` (top M per feature) and,
 //! with `--top-c`, `connections.parquet` (top C per feature across all upstream modules).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Result};
@@ -50,6 +50,10 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<()> {
     let device = args.common.setup()?;
+    let model_path = args.cache.model.as_deref().map(Path::new);
+    let inputs =
+        [("--acts", Some(args.acts.as_path())), ("--suite", Some(args.suite.as_path())), ("--model", model_path)];
+    scae::util::io::refuse_overlap(&args.out, "--out", &inputs)?;
     let keep = args.keep as usize;
     if let Some(c) = args.top_c {
         if c > keep {

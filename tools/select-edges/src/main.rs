@@ -33,12 +33,20 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<()> {
+    scae::util::io::refuse_overlap(&args.out, "--out", &[("--edges", Some(args.edges.as_path()))])?;
     let meta: std::collections::HashMap<String, String> =
         scae::util::table::parquet_metadata(&args.edges)?.into_iter().collect();
     let path = args.edges.display();
     let get = |k: &str| {
         meta.get(k).ok_or_else(|| anyhow!("{path}: metadata lacks `{k}`; hint: edges files are written by score-edges"))
     };
+    // A connections file has the same columns; its rows are already a selection.
+    if let Some(f) = meta.get("format").filter(|f| f.as_str() != scae::formats::connections::EDGES_FORMAT) {
+        bail!(
+            "{path}: metadata `format`: expected {}, found {f}; hint: edges files are written by score-edges",
+            scae::formats::connections::EDGES_FORMAT
+        );
+    }
     let n_features: usize =
         get("n_features")?.parse().map_err(|_| anyhow!("{path}: metadata `n_features` is not an integer"))?;
     let modules: Vec<Module> = get("modules")?
@@ -59,16 +67,18 @@ fn run(args: Args) -> Result<()> {
         for (i, es) in feats.iter().enumerate() {
             if let Some(e) = es.iter().find(|e| !e.score.is_finite()) {
                 bail!(
-                    "{path}: column `score`, edge {}:{} -> {}:{i}: expected a finite score, found {}; hint: edges files are written by score-edges",
+                    "{path}: column `score`, edge {}:{} -> {}:{i}: expected a finite score, found {} (a missing column or a null reads as NaN); hint: edges files are written by score-edges",
                     modules[e.up].name(), e.feature, modules[d].name(), e.score
                 );
             }
         }
     }
     let conns = select_top_c(&edges, args.c);
-    let mut m: Vec<(&str, String)> = vec![("parallel_attn_mlp", parallel.to_string()), ("c", args.c.to_string())];
+    // The C achieved: at most the edges each feature has.
+    let c = conns.edges.iter().flatten().map(Vec::len).max().unwrap_or(0).min(args.c);
+    let mut m: Vec<(&str, String)> = vec![("parallel_attn_mlp", parallel.to_string()), ("c", c.to_string())];
     m.push(("edges", path.to_string()));
     conns.write_parquet(&args.out, FORMAT, &m)?;
-    scae::say!("select-edges: {} connections (C={}) -> {}", conns.n_edges(), args.c, args.out.display())?;
+    scae::say!("select-edges: {} connections (C={c}) -> {}", conns.n_edges(), args.out.display())?;
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! `mlp_L` a transcoder `ln2.hook_normalized -> hook_mlp_out` (the loop is
 //! `scae::train::pretrain`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Result};
@@ -20,7 +20,7 @@ use scae::train::pretrain::{PretrainConfig, SuiteShape};
 )]
 struct Args {
     /// Activation cache folder (from collect-acts). Or stream: --model with --data/--tokens.
-    #[arg(long, required_unless_present_any = ["data", "tokens"])]
+    #[arg(long, required_unless_present_any = ["data", "tokens"], conflicts_with_all = ["data", "tokens", "model"])]
     acts: Option<PathBuf>,
     /// Streaming mode: the model whose activations are computed batch by batch.
     #[arg(long)]
@@ -58,6 +58,9 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<()> {
     let device = args.common.setup()?;
+    let model_path = args.model.as_deref().map(Path::new);
+    let inputs = [&[("--acts", args.acts.as_deref()), ("--model", model_path)][..], &args.data.paths()].concat();
+    scae::util::io::refuse_overlap(&args.out, "--out", &inputs)?;
     let use_engine = args.compute.use_engine(&device)?;
     let cache = args.acts.as_ref().map(|a| Cache::open(a)).transpose()?;
     let model = match (&cache, &args.model) {
@@ -98,6 +101,8 @@ fn run(args: Args) -> Result<()> {
         "auxk_alpha": args.auxk_alpha, "dead_threshold": step.dead_threshold, "warmup": run.warmup,
         "decay_start": run.decay_start, "clip": run.clip_grad, "shuffle": step.shuffle, "seed": seed,
     });
+    let inputs = [args.acts.as_deref(), args.data.data.as_deref(), args.data.tokens.as_deref()];
+    digest["fingerprints"] = scae::train::checkpoints::fingerprints(&inputs);
     args.compute.add_to_digest(&mut digest);
     let cfg = PretrainConfig {
         out: args.out.clone(),
