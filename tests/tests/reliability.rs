@@ -110,6 +110,11 @@ fn malformed_inputs_and_sizes_are_refused_with_one_line() {
         v[5] = f32::NAN;
         Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap()
     });
+    // (8) a finite model whose activations overflow f16 storage.
+    let big_model = tmp.join("big-model");
+    copy_dir(&fixture_model("tiny-gpt2"), &big_model);
+    let w = big_model.join("model.safetensors");
+    edited_tensors(&w, &w, "transformer.wte.weight", |t| t.affine(1e9, 0.0).unwrap());
     // (12) suite folders whose config.json contradicts their tensors.
     let folder = tmp.join("suite-folder");
     tool_ok("train-suite", &["--acts", s(&acts), "--out", s(&folder), "--steps", "1", "--batch-size", "3", "--k", "4"]);
@@ -223,6 +228,25 @@ fn malformed_inputs_and_sizes_are_refused_with_one_line() {
             ]),
             code: 1,
             needles: vec!["model.safetensors", "transformer.h.0.mlp.c_fc.weight", "finite"],
+            absent: vec![out.clone()],
+        },
+        Row {
+            what: "activations that overflow f16 storage",
+            tool: "collect-acts",
+            args: strings(&[
+                "--model",
+                s(&big_model),
+                "--tokens",
+                s(&fixtures().join("golden/suite-tiny-gpt2.safetensors")),
+                "--ctx-len",
+                "12",
+                "--dtype",
+                "f16",
+                "--out",
+                s(&out),
+            ]),
+            code: 1,
+            needles: vec!["has NaN or infinite values (f16 storage) in sequences 0..3", "hint: --dtype f32"],
             absent: vec![out.clone()],
         },
         Row {

@@ -204,7 +204,10 @@ impl ShardWriter {
             }
         }
         let first = self.shards.iter().map(|s| s.n_seqs).sum::<usize>() + self.pending_seqs;
-        for (name, t) in &map {
+        let mut names: Vec<&String> = map.keys().collect();
+        names.sort();
+        for name in names {
+            let t = &map[name];
             // Checked as stored (f16 overflows at 65,504).
             if !crate::util::all_finite(t)? {
                 return Err(Error::Usage(format!(
