@@ -1,4 +1,5 @@
-//! Helpers with no SCAE concept in them: atomic file output ([`io`]), parquet tables
+//! Helpers with no SCAE concept in them: atomic file output ([`io`]), memory estimates
+//! ([`mem`]), parquet tables
 //! ([`table`]), dense kernels on flat buffers ([`blas`]), a seeded generator ([`rng`]) and phase
 //! timing ([`profile`]).
 
