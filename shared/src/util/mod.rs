@@ -1,7 +1,6 @@
 //! Helpers with no SCAE concept in them: atomic file output ([`io`]), memory estimates
-//! ([`mem`]), parquet tables
-//! ([`table`]), dense kernels on flat buffers ([`blas`]), a seeded generator ([`rng`]) and phase
-//! timing ([`profile`]).
+//! ([`mem`]), parquet tables ([`table`]), dense kernels on flat buffers ([`blas`]), a seeded
+//! generator ([`rng`]) and phase timing ([`profile`]).
 
 pub mod blas;
 pub mod io;
