@@ -179,10 +179,10 @@ pub struct DataArgs {
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(2..))]
     pub ctx_len: u64,
     /// Put the BOS token first in every sequence (TransformerLens' default).
-    #[arg(long, overrides_with = "no_prepend_bos")]
+    #[arg(long, conflicts_with = "no_prepend_bos")]
     pub prepend_bos: bool,
     /// Do not prepend BOS (the reference's finetuning scripts).
-    #[arg(long, overrides_with = "prepend_bos")]
+    #[arg(long)]
     pub no_prepend_bos: bool,
     /// Concatenate documents separated by EOS instead of skipping those shorter than ctx_len.
     #[arg(long)]

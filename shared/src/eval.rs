@@ -67,10 +67,15 @@ pub fn run(inputs: &Inputs, conns: Option<&Connections>, cfg: &EvalConfig, devic
     let rt = &inputs.model.runtime;
     let available = inputs.cache().manifest.n_seqs;
     let n_eval = cfg.limit.unwrap_or(available).min(available);
-    if cfg.batch_size < 2 || n_eval < 2 {
+    // FVU (ref), the reference's batch-axis FVU, is a variance over a batch's sequences.
+    if n_eval < 2 {
         return Err(Error::Usage(format!(
-            "--batch-size {} over {n_eval} sequences: FVU (ref), the reference's batch-axis FVU, needs a variance \
-             over at least 2 sequences per batch",
+            "--n-seqs: evaluating needs at least 2 sequences, found {n_eval} (FVU (ref) is a variance over a batch's sequences)"
+        )));
+    }
+    if cfg.batch_size < 2 {
+        return Err(Error::Usage(format!(
+            "--batch-size {}: expected at least 2 (FVU (ref) is a variance over a batch's sequences)",
             cfg.batch_size
         )));
     }

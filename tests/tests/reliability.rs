@@ -130,6 +130,11 @@ fn malformed_inputs_and_sizes_are_refused_with_one_line() {
     let bad_d = bad_cfg("suite-d", &|c| c["d_model"] = 999.into());
     let bad_modules = bad_cfg("suite-mod", &|c| c["modules"][0] = "attn_7".into());
     let toy = tmp.join("toy");
+    // A suite of huge finite weights: its edge scores overflow.
+    let huge = tmp.join("huge-suite");
+    copy_dir(&folder, &huge);
+    let w = huge.join("suite.safetensors");
+    edited_tensors(&w, &w, "aes.attn_0.decoder.weight", |t| t.affine(0.0, 3e38).unwrap());
     // Found by our own sweep (see the note): more caches the manifest cannot describe.
     let empty = edited_cache(&acts, &tmp.join("acts-empty"), |m| {
         m["n_seqs"] = 0.into();
@@ -374,6 +379,14 @@ fn malformed_inputs_and_sizes_are_refused_with_one_line() {
             absent: vec![toy.clone()],
         },
         Row {
+            what: "edge scores that overflow f32",
+            tool: "score-edges",
+            args: strings(&["--acts", s(&acts), "--suite", s(&huge), "--out", s(&out)]),
+            code: 1,
+            needles: vec!["huge-suite", "edge scores", "not finite"],
+            absent: vec![out.clone()],
+        },
+        Row {
             what: "an empty cache",
             tool: "evaluate",
             args: strings(&["--acts", s(&empty), "--suite", s(&suite), "--out", s(&out)]),
@@ -442,7 +455,7 @@ fn malformed_inputs_and_sizes_are_refused_with_one_line() {
             tool: "evaluate",
             args: strings(&["--acts", s(&acts), "--suite", s(&suite), "--n-seqs", "1", "--out", s(&out)]),
             code: 1,
-            needles: vec!["--batch-size", "at least 2 sequences"],
+            needles: vec!["--n-seqs", "at least 2 sequences, found 1"],
             absent: vec![out.clone()],
         },
         Row {
@@ -628,6 +641,9 @@ fn resume_refuses_checkpoints_and_inputs_no_such_run_has() {
     edit_state("step", 100000.into());
     fails(vec!["state.json", "field `step`", "1..=4", "100000"]);
     halted();
+    edit_state("opt_t", 0.into());
+    fails(vec!["state.json", "field `opt_t`", "expected the step, 2"]);
+    halted();
     edit_state("seqs_seen", 3.into());
     fails(vec!["state.json", "field `seqs_seen`", "expected 4"]);
     halted();
@@ -789,6 +805,15 @@ fn killed_at_each_point_of_the_checkpoint_swap_then_resumed_equals_uninterrupted
             assert!(!out.join(n).exists(), "{point}: {n} left after the resumed run");
         }
     }
+    // A damaged checkpoint.tmp (a state.json that is not JSON) never replaces the good one.
+    let out = tmp.join("damaged-tmp");
+    let a = base(&out);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    tool_ok("finetune", &[&a[..], &["--halt-after", "2"]].concat());
+    copy_dir(&out.join("checkpoint"), &out.join("checkpoint.tmp"));
+    std::fs::write(out.join("checkpoint.tmp/state.json"), "junk").unwrap();
+    tool_ok("finetune", &[&a[..], &["--resume"]].concat());
+    assert_eq!(std::fs::read(out.join("suite.safetensors")).unwrap(), expected, "resumed past a damaged tmp");
     // train-suite shares the mechanism: killed mid-swap, resumed, identical.
     let ts = |out: &Path| {
         strings(&[

@@ -67,7 +67,7 @@ pub fn write(
     let tmp = dir.join("checkpoint.tmp");
     // Finish a swap a crash cut short, so the newest complete checkpoint is `checkpoint`
     // while this one is built.
-    crate::util::io::recover_swap(&tmp, &final_dir, |p| p.join("state.json").is_file())?;
+    crate::util::io::recover_swap(&tmp, &final_dir, crate::util::io::complete_checkpoint)?;
     std::fs::create_dir_all(&tmp).at(&tmp)?;
     suite.save(&tmp, &state.tool, serde_json::json!({"checkpoint_step": state.step}))?;
     let dev = Device::Cpu;
@@ -82,7 +82,7 @@ pub fn write(
         let s: Vec<i64> = since[mi].iter().map(|&s| s as i64).collect();
         tensors.insert(format!("dead.{module}"), Tensor::from_vec(s, since[mi].len(), &dev)?);
     }
-    candle_core::safetensors::save(&tensors, tmp.join("optimizer.safetensors"))?;
+    crate::util::io::write_safetensors(&tmp.join("optimizer.safetensors"), tensors, &Default::default())?;
     let json = serde_json::to_string_pretty(state).expect("state serializes");
     crate::util::io::write_atomic(&tmp.join("state.json"), json.as_bytes())?;
     crate::util::io::fault_point("checkpoint:staged");

@@ -144,8 +144,9 @@ pub fn resume(
             st.seqs_seen
         ));
     }
-    if st.opt_t > st.step {
-        return bad(format!("field `opt_t`: expected at most the step, {}, found {}", st.step, st.opt_t));
+    // One optimizer step per training step (a step whose loss is not finite stops the run).
+    if st.opt_t != st.step {
+        return bad(format!("field `opt_t`: expected the step, {}, found {}", st.step, st.opt_t));
     }
     *params = ck.params;
     if let Some((m, v)) = ck.moments {
@@ -159,8 +160,8 @@ pub fn resume(
 
 /// Fingerprints of a run's input files, for its resume digest: a resumed run whose cache,
 /// connections or data changed at the same path is refused. A folder stands for its
-/// `manifest.json` (a cache); a file up to 64 MiB is hashed whole, a larger one by its size and
-/// its first and last MiB. Absent paths give null.
+/// `manifest.json` and shards (a cache); a file up to 64 MiB is hashed whole, a larger one by its size and
+/// 64 blocks spread over it (a cache's shards are included). Absent paths give null.
 pub fn fingerprints(paths: &[Option<&Path>]) -> serde_json::Value {
     paths
         .iter()
@@ -172,24 +173,45 @@ pub fn fingerprints(paths: &[Option<&Path>]) -> serde_json::Value {
 }
 
 fn fingerprint(path: &Path) -> std::io::Result<String> {
+    let mut h = blake3::Hasher::new();
+    hash_file(path, &mut h)?;
+    // A cache's shards (listed in the folder), each sampled.
+    if path.file_name().is_some_and(|n| n == "manifest.json") {
+        if let Some(dir) = path.parent() {
+            let mut shards: Vec<std::path::PathBuf> = std::fs::read_dir(dir)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .collect();
+            shards.sort();
+            for s in &shards {
+                hash_file(s, &mut h)?;
+            }
+        }
+    }
+    Ok(h.finalize().to_hex().to_string())
+}
+
+/// Hash a file into `h`: whole up to 64 MiB; a larger one by its size and 64 blocks of 64 KiB
+/// spread evenly over it (first and last included), which a bulk change of its values hits.
+fn hash_file(path: &Path, h: &mut blake3::Hasher) -> std::io::Result<()> {
     use std::io::{Read, Seek, SeekFrom};
     const WHOLE: u64 = 64 << 20;
-    const END: u64 = 1 << 20;
+    const BLOCK: u64 = 64 << 10;
+    const BLOCKS: u64 = 64;
     let mut f = std::fs::File::open(path)?;
     let len = f.metadata()?.len();
-    let mut h = blake3::Hasher::new();
     h.update(&len.to_le_bytes());
     if len <= WHOLE {
-        std::io::copy(&mut f, &mut h)?;
-    } else {
-        let mut buf = vec![0u8; END as usize];
-        f.read_exact(&mut buf)?;
-        h.update(&buf);
-        f.seek(SeekFrom::End(-(END as i64)))?;
+        std::io::copy(&mut f, h)?;
+        return Ok(());
+    }
+    let mut buf = vec![0u8; BLOCK as usize];
+    for i in 0..BLOCKS {
+        f.seek(SeekFrom::Start(i * (len - BLOCK) / (BLOCKS - 1)))?;
         f.read_exact(&mut buf)?;
         h.update(&buf);
     }
-    Ok(h.finalize().to_hex().to_string())
+    Ok(())
 }
 
 /// A stable digest of a JSON value (for [`RunState::args_digest`]).
@@ -199,7 +221,10 @@ pub fn digest(v: &serde_json::Value) -> String {
 
 /// Keep only the metrics lines of steps before `step` (after a resume).
 pub fn trim_metrics(path: &Path, step: u64) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        crate::note!("warning: {} is missing; the resumed run starts it at step {step}", path.display());
+        return Ok(());
+    };
     let kept: String = text
         .lines()
         .filter(|l| {

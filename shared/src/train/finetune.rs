@@ -75,6 +75,17 @@ impl FinetuneConfig {
     }
 }
 
+/// Estimated peak bytes of one finetuning step over `seqs` sequences of `ctx` tokens (in f64,
+/// so absurd sizes cannot overflow): per token, about four F-wide buffers per module (codes,
+/// edge terms, their gradients), the model's activations (ten d_model-wide vectors and two
+/// attention rows per layer) and one row of logits.
+pub fn footprint(inputs: &Inputs, seqs: f64, ctx: f64) -> f64 {
+    let cfg = &inputs.model.runtime.cfg;
+    let (f, modules) = (inputs.suite.n_features as f64, inputs.suite.modules.len() as f64);
+    let (d, l, h, v) = (cfg.d_model as f64, cfg.n_layers as f64, cfg.n_heads as f64, cfg.d_vocab as f64);
+    4.0 * seqs * ctx * (4.0 * modules * f + l * (10.0 * d + 2.0 * h * ctx) + v)
+}
+
 /// One step on the CPU engine: forward, losses and their gradients w.r.t. the
 /// reconstructions, backward, clipping, host optimizer step on `params` (the suite's variables
 /// are left as they were: [`run`] copies `params` into them before it saves).

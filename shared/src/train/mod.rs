@@ -170,7 +170,7 @@ impl Session {
     pub fn check_step(&self, step: u64, report: &StepReport, modules: &[Module]) -> Result<()> {
         if !report.loss.is_finite() {
             return Err(Error::Usage(format!(
-                "step {step}: loss is {}; stopping ({}); hint: lower --lr",
+                "step {step}: loss is {}; stopping ({}); hint: lower --lr, or check the inputs",
                 report.loss,
                 self.ckpt.kept()
             )));

@@ -184,25 +184,28 @@ pub fn sibling(path: &Path, suffix: &str) -> PathBuf {
 /// removed when the run ends. A second run into the same output is refused instead of the two
 /// clobbering each other's staging folder.
 #[derive(Debug)]
-struct OutputLock {
+pub struct OutputLock {
     path: PathBuf,
     file: std::fs::File,
 }
 
 impl OutputLock {
-    fn take(out: &Path, flag: &str) -> Result<OutputLock> {
-        let path = sibling(out, ".lock");
+    /// Claim `out` (named `flag` in messages). The lock sits beside the resolved path, so
+    /// two spellings of one output (a symbolic link, `./x/`) share it.
+    pub fn take(out: &Path, flag: &str) -> Result<OutputLock> {
+        let path = sibling(&resolved(out), ".lock");
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)
                 .map_err(|e| Error::input(out, format!("{flag}: cannot create output folder: {e}")))?;
         }
         loop {
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .map_err(|e| Error::input(&path, format!("{flag}: cannot create the output's lock file: {e}")))?;
+            let file =
+                std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| {
+                    Error::input(
+                        out,
+                        format!("{flag}: cannot write beside the output (its lock {}): {e}", path.display()),
+                    )
+                })?;
             match file.try_lock() {
                 Ok(()) => {}
                 Err(std::fs::TryLockError::WouldBlock) => {
@@ -323,7 +326,7 @@ impl RunDir {
         let lock = OutputLock::take(out, "--out")?;
         if resume {
             // A checkpoint swap cut short by a crash: finish it (see `formats::checkpoint`).
-            let complete = |p: &Path| p.join("state.json").is_file();
+            let complete = |p: &Path| complete_checkpoint(p);
             recover_swap(&out.join("checkpoint.tmp"), &out.join("checkpoint"), complete)?;
             if !out.join("checkpoint").join("state.json").is_file() {
                 return Err(Error::input(out, "--resume: no checkpoint to resume from; hint: run without --resume"));
@@ -386,14 +389,22 @@ impl RunDir {
     }
 }
 
+/// Whether `dir` is a finished checkpoint folder: its `state.json` (written last, by a rename)
+/// is a JSON object with a `step`. A damaged one never replaces a good checkpoint.
+pub fn complete_checkpoint(dir: &Path) -> bool {
+    std::fs::read(dir.join("state.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|v| v.get("step").is_some_and(|s| s.is_u64()))
+}
+
 /// Whether a training output folder holds only what a run writes before its first checkpoint:
 /// `metrics.jsonl` and `*.tmp` entries, none of them a complete checkpoint.
 fn only_leftovers(out: &Path) -> Result<bool> {
     for e in std::fs::read_dir(out).at(out)? {
         let e = e.at(out)?;
         let name = e.file_name().to_string_lossy().to_string();
-        let complete_checkpoint = e.path().join("state.json").is_file();
-        if !(name == "metrics.jsonl" || name.ends_with(".tmp")) || complete_checkpoint {
+        if !(name == "metrics.jsonl" || name.ends_with(".tmp")) || complete_checkpoint(&e.path()) {
             return Ok(false);
         }
     }

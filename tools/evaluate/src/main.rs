@@ -101,7 +101,8 @@ fn run(args: Args) -> Result<()> {
     if args.dump {
         let path = stage.path().join("features.safetensors");
         let dump: HashMap<String, candle_core::Tensor> = ev.dump;
-        scae::util::io::write_via_tmp(&path, |tmp| Ok(candle_core::safetensors::save(&dump, tmp)?))?;
+        let dump: Vec<_> = dump.into_iter().collect();
+        scae::util::io::write_safetensors(&path, dump, &Default::default())?;
     }
     let out = stage.commit()?;
     let r = &ev.report;

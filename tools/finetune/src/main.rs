@@ -102,6 +102,9 @@ fn run(args: Args) -> Result<()> {
         (None, Some(m)) => Inputs::open_streaming(m, &args.suite, &device)?,
         (None, None) => bail!("--data/--tokens need --model (the model to run)"),
     };
+    let ctx_est = inputs.cache.as_ref().map_or(args.data.ctx_len as f64, |c| c.manifest.ctx_len as f64);
+    let bytes = scae::train::finetune::footprint(&inputs, args.step.batch_size as f64, ctx_est);
+    scae::util::mem::check_fits(bytes, &format!("--batch-size {}", args.step.batch_size))?;
     let tokenizer = if inputs.cache.is_none() { Some(inputs.model.tokenizer()?) } else { None };
     let seed = args.common.seed;
     let mut source = args.step.train_data(

@@ -83,6 +83,19 @@ fn run(args: Args) -> Result<()> {
     for d in 0..suite.modules.len() {
         edges.edges[d] = stats.top_edges(suite, rt, d, keep)?;
     }
+    // Scores that overflowed f32 (a suite of huge finite weights) would rank as garbage.
+    if let Some((d, i)) = edges
+        .edges
+        .iter()
+        .enumerate()
+        .find_map(|(d, fs)| fs.iter().position(|es| es.iter().any(|e| !e.score.is_finite())).map(|i| (d, i)))
+    {
+        bail!(
+            "{}: edge scores of feature {}:{i} are not finite (the suite's weights or the cached activations overflow f32)",
+            args.suite.display(),
+            suite.modules[d].name()
+        );
+    }
     let meta = vec![
         ("parallel_attn_mlp", parallel.to_string()),
         ("n_tokens", stats.n_tokens.to_string()),

@@ -34,6 +34,7 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<()> {
     scae::util::io::refuse_overlap(&args.out, "--out", &[("--edges", Some(args.edges.as_path()))])?;
+    let _lock = scae::util::io::OutputLock::take(&args.out, "--out")?;
     let meta: std::collections::HashMap<String, String> =
         scae::util::table::parquet_metadata(&args.edges)?.into_iter().collect();
     let path = args.edges.display();

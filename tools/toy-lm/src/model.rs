@@ -116,7 +116,8 @@ pub fn causal_mask(s: usize) -> Result<Tensor> {
 /// lm_head tied to wte) for sequences of `ctx_len` (local layers see `ctx_len` keys).
 pub fn save_hf(model: &Model, dir: &Path, vocab_size: usize, n_ctx: usize, ctx_len: usize) -> Result<()> {
     let tensors: HashMap<String, Tensor> = model.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
-    candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
+    let tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
+    scae::util::io::write_safetensors(&dir.join("model.safetensors"), tensors, &Default::default())?;
     let n_layers = model.n_layers;
     let mut config = serde_json::json!({
         "architectures": ["GPTNeoForCausalLM"], "model_type": "gpt_neo",
