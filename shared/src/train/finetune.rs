@@ -102,8 +102,11 @@ fn engine_step(
     lr: f64,
 ) -> Result<StepReport> {
     let (suite, rt) = (&inputs.suite, &inputs.model.runtime);
+    let mut prof = crate::util::profile::Profile::new();
     let fb = FlatBatch::new(batch, &suite.modules)?;
+    prof.mark("batch");
     let eng = Engine::with_params(suite, rt, plan, cfg.pass, params)?;
+    prof.mark("engine");
     let dead_masks = aux_masks(cfg, scales, dead, suite.n_features);
     let mut state = match &dead_masks {
         Some(m) => eng.forward_with_dead(&fb, Some(m))?,
@@ -136,14 +139,18 @@ fn engine_step(
         }
         report.ce = Some(ce);
     }
+    prof.mark("forward, loss");
     if !report.loss.is_finite() {
         return Ok(report);
     }
     let mut grads = eng.backward(&fb, &state, g_recon)?;
+    prof.mark("backward");
     if let Some(c) = cfg.schedule.clip {
         grads.iter_mut().for_each(|g| clip_module(g, c));
     }
     opt.step(params, &grads, lr);
+    prof.mark("clip, optimizer");
+    prof.report("step");
     Ok(report)
 }
 
