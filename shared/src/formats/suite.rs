@@ -196,7 +196,6 @@ impl Suite {
                     ));
                 }
                 let x = x.to_dtype(DType::F32)?;
-
                 if !crate::util::all_finite(&x)? {
                     return Err(Error::input(
                         source,

@@ -78,8 +78,7 @@ impl RawTensors {
                 format!("tensor `{name}`: expected shape {shape:?}, found {:?}", t.dims()),
             ));
         }
-        // A model holding NaN or infinities would write a cache
-        // every later stage refuses.
+        // A model holding NaN or infinities would write a cache every later stage refuses.
         if !crate::util::all_finite(&t)? {
             return Err(Error::input(
                 &self.source,

@@ -159,9 +159,8 @@ pub fn resume(
 }
 
 /// Fingerprints of a run's input files, for its resume digest: a resumed run whose cache,
-/// connections or data changed at the same path is refused. A folder stands for its
-/// `manifest.json` and shards (a cache); a file up to 64 MiB is hashed whole, a larger one by its size and
-/// 64 blocks spread over it (a cache's shards are included). Absent paths give null.
+/// connections or data changed at the same path is refused. A folder (a cache) stands for its
+/// `manifest.json` and shards; each file is hashed by `hash_file`. Absent paths give null.
 pub fn fingerprints(paths: &[Option<&Path>]) -> serde_json::Value {
     paths
         .iter()

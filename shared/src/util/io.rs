@@ -326,8 +326,7 @@ impl RunDir {
         let lock = OutputLock::take(out, "--out")?;
         if resume {
             // A checkpoint swap cut short by a crash: finish it (see `formats::checkpoint`).
-            let complete = |p: &Path| complete_checkpoint(p);
-            recover_swap(&out.join("checkpoint.tmp"), &out.join("checkpoint"), complete)?;
+            recover_swap(&out.join("checkpoint.tmp"), &out.join("checkpoint"), complete_checkpoint)?;
             if !out.join("checkpoint").join("state.json").is_file() {
                 return Err(Error::input(out, "--resume: no checkpoint to resume from; hint: run without --resume"));
             }
