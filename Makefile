@@ -28,8 +28,12 @@ K ?= 32
 SUITE_STEPS ?= 1000
 # Pretraining base learning rate.
 SUITE_LR ?= 2e-4
-# Start from this suite instead of pretraining one (folder or bare .safetensors).
+# Start from this suite instead of pretraining one: a scae suite folder or bare .safetensors,
+# or the reference's (a folder with config.json + checkpoint.pt, or its hub id).
 SUITE ?=
+# Use this connections file (.parquet, .safetensors, the reference's .pkl or .pt) instead of
+# scoring edges and selecting C per feature.
+CONNECTIONS ?=
 # Connections kept per downstream feature.
 C ?= 16
 # Finetuning loss: mse, ce or mse+ce.
@@ -60,9 +64,12 @@ SUITE_DEP := $(if $(SUITE),,$(TRAINED)/.done)
 SUITE_KEY := $(shell printf '%s' '$(SUITE_PATH)' | cksum | cut -d' ' -f1)
 EDGES := $(ACTS:$(OUT)/acts/%=$(OUT)/edges/%)-suite$(SUITE_KEY)-keep$(KEEP)
 SELECT_KEY := $(shell printf '%s' '$(SELECT)' | cksum | cut -d' ' -f1)
-CONN := $(EDGES)-c$(C)-sel$(SELECT_KEY).parquet
-FT := $(EDGES:$(OUT)/edges/%=$(OUT)/finetune/%)-c$(C)-sel$(SELECT_KEY)-$(LOSS)-s$(STEPS)-lr$(LR)-d$(DECAY)
-EVAL0 := $(EDGES:$(OUT)/edges/%=$(OUT)/eval/%)-c$(C)-sel$(SELECT_KEY)-before
+# The connections: selected from the edge scores, unless CONNECTIONS names a file.
+CONN_FILE_KEY := $(shell printf '%s' '$(CONNECTIONS)' | cksum | cut -d' ' -f1)
+CONN_KEY := $(if $(CONNECTIONS),conn$(CONN_FILE_KEY),c$(C)-sel$(SELECT_KEY))
+CONN := $(if $(CONNECTIONS),$(CONNECTIONS),$(EDGES)-c$(C)-sel$(SELECT_KEY).parquet)
+FT := $(EDGES:$(OUT)/edges/%=$(OUT)/finetune/%)-$(CONN_KEY)-$(LOSS)-s$(STEPS)-lr$(LR)-d$(DECAY)
+EVAL0 := $(EDGES:$(OUT)/edges/%=$(OUT)/eval/%)-$(CONN_KEY)-before
 EVAL := $(FT:$(OUT)/finetune/%=$(OUT)/eval/%)
 
 # C values of `make sweep`.
@@ -74,7 +81,7 @@ EVAL_ALL := $(EDGES:$(OUT)/edges/%=$(OUT)/eval/%)-all-before
 
 ## all: activations -> suite -> edge scores -> connections (C) -> finetune -> evaluation.
 all: eval $(EVAL0)/.done
-	@echo "## before finetuning (C=$(C))" && cat $(EVAL0)/table.md
+	@echo "## before finetuning ($(if $(CONNECTIONS),$(CONNECTIONS),C=$(C)))" && cat $(EVAL0)/table.md
 	@echo "## after finetuning ($(LOSS), $(STEPS) steps)" && cat $(EVAL)/table.md
 
 ## build: compile the tools (release).
@@ -114,10 +121,15 @@ $(EDGES)/.done: $(ACTS)/.done $(SUITE_DEP) | build
 	    --out $(EDGES) --overwrite
 	touch $@
 
-## connections: pick C connections per feature with SELECT.
+## connections: pick C connections per feature with SELECT (or use CONNECTIONS).
 connections: $(CONN)
+ifeq ($(CONNECTIONS),)
 $(CONN): $(EDGES)/.done | build
 	$(SELECT) --edges $(EDGES)/edges.parquet --c $(C) --out $@
+else
+$(CONN):
+	@test -f '$@' || { echo "make: CONNECTIONS=$@: no such file" >&2; exit 1; }
+endif
 
 ## finetune: finetune the suite through the pruned pass with the connections.
 finetune: $(FT)/.done
@@ -173,4 +185,4 @@ help:
 	@grep -E '^## ' $(firstword $(MAKEFILE_LIST)) | sed 's/^## /  /'
 	@echo
 	@echo "Variables (PIPELINE=$(PIPELINE)):"
-	@$(foreach v,PIPELINE MODEL DATA CTX N_SEQS BOS PACK DTYPE BATCH THREADS EXPANSION K SUITE_STEPS SUITE_LR SUITE C KEEP SELECT LOSS STEPS LR DECAY CS OUT,echo "  $(v) = $($(v))";)
+	@$(foreach v,PIPELINE MODEL DATA CTX N_SEQS BOS PACK DTYPE BATCH THREADS EXPANSION K SUITE_STEPS SUITE_LR SUITE CONNECTIONS C KEEP SELECT LOSS STEPS LR DECAY CS OUT,echo "  $(v) = $($(v))";)

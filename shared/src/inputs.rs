@@ -67,6 +67,60 @@ impl Inputs {
     pub fn connections(&self, path: &Path) -> Result<Connections> {
         Connections::load(path, &self.suite.modules, self.suite.n_features, self.parallel())
     }
+
+    /// The connection set a pass uses, from `--connections`: a file; `all` for every
+    /// preceding feature (`None`); or, when absent, the connections stored with a reference
+    /// suite if it has them (as the reference's `from_pretrained` does), else all. `tool`
+    /// prefixes what is said about the choice.
+    pub fn choose_connections(&self, arg: Option<&Path>, tool: &str) -> Result<Option<Connections>> {
+        let embedded = self.suite.embedded.as_ref();
+        match arg {
+            Some(p) if is_all(p) => {
+                if let Some(e) = embedded {
+                    crate::note!(
+                        "{tool}: --connections all: the full pass, not the connections in {}",
+                        e.source.display()
+                    );
+                }
+                Ok(None)
+            }
+            Some(p) => {
+                if let Some(e) = embedded {
+                    crate::note!("{tool}: using {} instead of the connections in {}", p.display(), e.source.display());
+                }
+                self.connections(p).map(Some)
+            }
+            None => match embedded {
+                None => Ok(None),
+                Some(e) => {
+                    let c = e.connections(&self.suite.modules, self.suite.n_features, self.parallel())?;
+                    crate::note!(
+                        "{tool}: using the {} connections stored in {} (--connections all for the full pass, --connections FILE for others)",
+                        c.n_edges(),
+                        e.source.display()
+                    );
+                    Ok(Some(c))
+                }
+            },
+        }
+    }
+}
+
+/// Whether a `--connections` argument is the keyword `all` (a file named `all` is `./all`).
+pub fn is_all(p: &Path) -> bool {
+    p.as_os_str() == "all"
+}
+
+impl Inputs {
+    /// The file that the chosen connections come from (for fingerprints): `arg` unless it is
+    /// `all`; the suite's checkpoint when its embedded connections are used.
+    pub fn connections_file(&self, arg: Option<&Path>) -> Option<std::path::PathBuf> {
+        match arg {
+            Some(p) if is_all(p) => None,
+            Some(p) => Some(p.to_path_buf()),
+            None => self.suite.embedded.as_ref().map(|e| e.source.clone()),
+        }
+    }
 }
 
 /// The suite's d_model, layer count and recorded model hash against the model's (`other`

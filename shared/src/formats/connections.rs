@@ -6,7 +6,9 @@
 //!   `up_feature` (uint32) and optionally `score` (float32). Rows are grouped by downstream
 //!   module (suite order) and feature; within a feature they keep the file's order.
 //! - the reference's layout, `*.safetensors`: one int64 tensor `<down>.<up>` of shape
-//!   `[F_down, C]` per module pair, `-1` padded.
+//!   `[F_down, C]` per module pair, `-1` padded; and the reference's own files holding the
+//!   same tables as `dict[down][up]`: `top_connections_{C}.pkl` (`pickle.dump`) and
+//!   `connections.pt` (`torch.save`), read by [`crate::formats::reference`].
 //!
 //! Validation: unknown modules, features out of range, duplicate edges and edges from a
 //! module that does not precede its target are errors; except that the reference layout's
@@ -68,7 +70,13 @@ impl Connections {
         match path.extension().and_then(|e| e.to_str()) {
             Some("parquet") => read_parquet(path, modules, n_features, parallel),
             Some("safetensors") => read_reference(path, modules, n_features, parallel),
-            _ => Err(Error::input(path, "--connections: expected a .parquet or .safetensors file")),
+            Some("pkl" | "pt") => {
+                let tables = crate::formats::reference::read_connection_file(path)?;
+                from_tables(path, tables, modules, n_features, parallel)
+            }
+            _ => {
+                Err(Error::input(path, "--connections: expected a .parquet, .safetensors, .pkl or .pt file (or `all`)"))
+            }
         }
     }
 
@@ -249,28 +257,12 @@ fn read_reference(path: &Path, modules: &[Module], n_features: usize, parallel: 
     let bytes = std::fs::read(path).at(path)?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::input(path, format!("not a readable safetensors file: {e}")))?;
-    let mut b = Builder::new(path, modules, n_features, parallel);
-    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
-    // Suite order of (down, up) so that per-feature edge order follows the reference's.
-    names.sort_by_key(|n| {
-        let (d, u) = n.split_once('.').unwrap_or((n, ""));
-        (Module::parse(d).map(|m| m.index()), Module::parse(u).map(|m| m.index()))
-    });
-    let mut dropped = 0usize;
-    for name in names {
+    let mut tables = Vec::new();
+    for name in st.names() {
         let (dname, uname) = name.split_once('.').ok_or_else(|| {
             Error::input(path, format!("tensor `{name}`: expected a name `<down>.<up>`, e.g. `mlp_1.attn_0`"))
         })?;
-        let d = b.module(dname, "down module")?;
-        let u = b.module(uname, "up module")?;
-        let view = st.tensor(&name).expect("listed tensor");
-        let shape = view.shape();
-        if shape.len() != 2 || shape[0] != n_features {
-            return Err(Error::input(
-                path,
-                format!("tensor `{name}`: expected shape [{n_features}, C], found {shape:?}"),
-            ));
-        }
+        let view = st.tensor(name).expect("listed tensor");
         let vals: Vec<i64> = match view.dtype() {
             safetensors::Dtype::I64 => {
                 view.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8"))).collect()
@@ -280,6 +272,44 @@ fn read_reference(path: &Path, modules: &[Module], n_features: usize, parallel: 
             }
             other => return Err(Error::input(path, format!("tensor `{name}`: expected int64, found {other:?}"))),
         };
+        tables.push(Table { down: dname.into(), up: uname.into(), shape: view.shape().to_vec(), values: vals });
+    }
+    from_tables(path, tables, modules, n_features, parallel)
+}
+
+/// One `[F_down, C]` index table of the reference's layout (`-1` padded), for module pair
+/// (down, up).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Table {
+    pub down: String,
+    pub up: String,
+    pub shape: Vec<usize>,
+    pub values: Vec<i64>,
+}
+
+/// Connections from the reference's per-pair index tables (`path` names their file in errors).
+pub fn from_tables(
+    path: &Path,
+    mut tables: Vec<Table>,
+    modules: &[Module],
+    n_features: usize,
+    parallel: bool,
+) -> Result<Connections> {
+    let mut b = Builder::new(path, modules, n_features, parallel);
+    // Suite order of (down, up) so that per-feature edge order follows the reference's.
+    tables.sort_by_key(|t| (Module::parse(&t.down).map(|m| m.index()), Module::parse(&t.up).map(|m| m.index())));
+    let mut dropped = 0usize;
+    for t in &tables {
+        let name = format!("{}.{}", t.down, t.up);
+        let d = b.module(&t.down, "down module")?;
+        let u = b.module(&t.up, "up module")?;
+        let shape = &t.shape;
+        if shape.len() != 2 || shape[0] != n_features || t.values.len() != shape[0] * shape[1] {
+            return Err(Error::input(
+                path,
+                format!("tensor `{name}`: expected shape [{n_features}, C], found {shape:?}"),
+            ));
+        }
         let (dm, um) = (modules[d], modules[u]);
         let same_layer_parallel = parallel
             && um.layer == dm.layer
@@ -287,7 +317,7 @@ fn read_reference(path: &Path, modules: &[Module], n_features: usize, parallel: 
             && dm.kind == crate::model::Kind::Mlp;
         let width = shape[1];
         for i in 0..n_features {
-            for &v in &vals[i * width..(i + 1) * width] {
+            for &v in &t.values[i * width..(i + 1) * width] {
                 if v == -1 {
                     continue;
                 }

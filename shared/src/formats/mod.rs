@@ -1,11 +1,14 @@
 //! Every handoff file between the stages, read, checked and written in one place each
 //! (layouts in `shared/FORMATS.md`): activation caches ([`cache`]), suites ([`suite`]),
 //! connection and edge sets ([`connections`]), training checkpoints ([`checkpoint`]),
-//! `eval.json` ([`eval`]) and `scores.json` ([`scores`]).
+//! `eval.json` ([`eval`]) and `scores.json` ([`scores`]); the Python reference's own files
+//! ([`reference`], over PyTorch's formats in [`torch`]).
 
 pub mod cache;
 pub mod checkpoint;
 pub mod connections;
 pub mod eval;
+pub mod reference;
 pub mod scores;
 pub mod suite;
+pub mod torch;

@@ -53,6 +53,8 @@ pub struct Suite {
     pub aes: Vec<AeParams<Var>>,
     pub model_id: Option<String>,
     pub model_hash: Option<String>,
+    /// Connections stored with the suite (a reference `checkpoint.pt`'s `connections`).
+    pub embedded: Option<crate::formats::reference::Embedded>,
 }
 
 fn key(m: &Module, p: &str) -> String {
@@ -60,8 +62,50 @@ fn key(m: &Module, p: &str) -> String {
 }
 
 impl Suite {
-    /// Load a suite folder (`suite.safetensors` + `config.json`) or a bare `.safetensors`.
+    /// Load a suite: a scae suite folder (`suite.safetensors` + `config.json`), a bare
+    /// `.safetensors`, a reference suite folder (`config.json` + `checkpoint.pt`), or the hub
+    /// id of one (resolved through the Hugging Face cache, as `--model` is).
     pub fn load(path: &Path, device: &Device) -> Result<Suite> {
+        let resolved;
+        let path = if path.exists() {
+            path
+        } else {
+            match path.to_str().filter(|s| crate::model::hub::looks_like_hub_id(s)) {
+                Some(id) => {
+                    resolved = crate::model::hub::resolve_suite(id)?;
+                    resolved.as_path()
+                }
+                None => {
+                    return Err(Error::input(
+                        path,
+                        "--suite: no such folder or file (and not a hub id like `owner/name`)",
+                    ))
+                }
+            }
+        };
+        if path.is_dir() && crate::formats::reference::is_suite_dir(path) {
+            let (mut suite, embedded, report) = crate::formats::reference::load_suite(path, device)?;
+            let mut ignored = Vec::new();
+            if report.model_keys > 0 {
+                ignored.push(format!("{} language-model entries", report.model_keys));
+            }
+            if report.other_keys > 0 {
+                ignored.push(format!("{} other entries", report.other_keys));
+            }
+            let step = report.step.map(|s| format!(", step {s}")).unwrap_or_default();
+            let ignored =
+                if ignored.is_empty() { String::new() } else { format!("; ignored {}", ignored.join(" and ")) };
+            crate::note!(
+                "{}: reference suite ({}{step}), {} modules, F {}, k {}{ignored}",
+                path.display(),
+                report.layout,
+                suite.modules.len(),
+                suite.n_features,
+                suite.k
+            );
+            suite.embedded = embedded;
+            return Ok(suite);
+        }
         let (weights, cfg): (PathBuf, Option<SuiteConfig>) = if path.is_dir() {
             let cfg_path = path.join("config.json");
             let text = std::fs::read_to_string(&cfg_path)
@@ -219,7 +263,7 @@ impl Suite {
                 format!("unexpected tensor `{name}`: the suite's modules are attn_0 .. mlp_{}", n_layers - 1),
             ));
         }
-        Ok(Suite { k, n_features, d_model, modules, aes, model_id, model_hash })
+        Ok(Suite { k, n_features, d_model, modules, aes, model_id, model_hash, embedded: None })
     }
 
     /// The module with this name, if the suite has it.

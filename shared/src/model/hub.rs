@@ -44,7 +44,8 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     download(spec).map_err(|e| fail(format!("download failed: {e}")))
 }
 
-fn looks_like_hub_id(spec: &str) -> bool {
+/// Whether `spec` has the shape of a hub id (`owner/name`).
+pub fn looks_like_hub_id(spec: &str) -> bool {
     let parts: Vec<&str> = spec.split('/').collect();
     parts.len() == 2
         && parts.iter().all(|p| {
@@ -59,6 +60,37 @@ fn cached_snapshot(id: &str) -> Option<PathBuf> {
     let dir = config.parent()?.to_path_buf();
     let has_tok = dir.join("tokenizer.json").is_file() || dir.join("vocab.json").is_file();
     (has_tok && crate::model::weight_files(&dir).is_ok()).then_some(dir)
+}
+
+/// Turn a `--suite` hub id into the cached (or, online, downloaded) snapshot folder of a
+/// reference suite repo (`config.json` + `checkpoint.pt`).
+pub fn resolve_suite(id: &str) -> Result<PathBuf> {
+    let files = ["config.json", crate::formats::reference::CHECKPOINT];
+    let repo = hf_hub::Cache::from_env().model(id.to_string());
+    if let (Some(c), Some(_)) = (repo.get(files[0]), repo.get(files[1])) {
+        if let Some(dir) = c.parent() {
+            return Ok(dir.to_path_buf());
+        }
+    }
+    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let fail = |why: String| {
+        Error::Usage(format!(
+            "--suite {id}: not a local folder and not in the Hugging Face cache; {why}; \
+             hint: on a machine with network run `huggingface-cli download {id} --local-dir DIR`, \
+             copy DIR here and pass --suite DIR"
+        ))
+    };
+    if offline {
+        return Err(fail("HF_HUB_OFFLINE is set, so it was not downloaded".into()));
+    }
+    let api = hf_hub::api::sync::ApiBuilder::from_env().build().map_err(|e| fail(format!("download failed: {e}")))?;
+    let repo = api.model(id.to_string());
+    let mut dir = None;
+    for f in files {
+        let p = repo.get(f).map_err(|e| fail(format!("download of {f} failed: {e}")))?;
+        dir = p.parent().map(Path::to_path_buf);
+    }
+    dir.ok_or_else(|| fail("nothing downloaded".into()))
 }
 
 fn download(id: &str) -> std::result::Result<PathBuf, String> {

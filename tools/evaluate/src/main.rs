@@ -31,7 +31,8 @@ struct Args {
     /// compare.md, compare.png and compare.svg (CE diff and mean FVU vs C) into --out.
     #[arg(long, num_args = 1.., conflicts_with_all = ["acts", "suite", "connections", "dump"])]
     compare: Vec<PathBuf>,
-    /// Connection set: connections.parquet, or the reference's .safetensors layout.
+    /// Connection set: connections.parquet, the reference's .safetensors, .pkl or .pt, or `all`
+    /// (every preceding feature). Default: the suite's stored connections if any, else all.
     #[arg(long)]
     connections: Option<PathBuf>,
     /// Output folder: eval.json (and features.safetensors with --dump).
@@ -85,11 +86,11 @@ fn run(args: Args) -> Result<()> {
     };
     let device = args.common.setup()?;
     let inputs = Inputs::open(&acts, &suite, args.cache.model.as_deref(), &device)?;
-    let conns = args.connections.as_ref().map(|p| inputs.connections(p)).transpose()?;
+    let conns = inputs.choose_connections(args.connections.as_deref(), "evaluate")?;
     let cfg = EvalConfig {
         acts,
         suite,
-        connections: args.connections.clone(),
+        connections: inputs.connections_file(args.connections.as_deref()),
         batch_size: args.cache.batch_size as usize,
         limit: args.cache.limit(),
         pass: args.pass.options(),

@@ -24,7 +24,8 @@ struct Args {
     /// Suite to start from (folder or bare .safetensors).
     #[arg(long)]
     suite: PathBuf,
-    /// Connection set (.parquet or the reference's .safetensors); none = all connections.
+    /// Connection set: .parquet, the reference's .safetensors, .pkl or .pt, or `all` (every
+    /// preceding feature). Default: the suite's stored connections if it has them, else all.
     #[arg(long)]
     connections: Option<PathBuf>,
     /// Output folder: suite.safetensors, config.json, metrics.jsonl, checkpoint/.
@@ -115,7 +116,8 @@ fn run(args: Args) -> Result<()> {
         seed,
         &device,
     )?;
-    let conns = args.connections.as_ref().map(|p| inputs.connections(p)).transpose()?;
+    let conns = inputs.choose_connections(args.connections.as_deref(), "finetune")?;
+    let conn_file = inputs.connections_file(args.connections.as_deref());
     if args.step.batch_size < 2 && args.loss != Loss::Ce {
         bail!("--batch-size 1: the reference's FVU needs a variance over at least 2 sequences");
     }
@@ -132,8 +134,7 @@ fn run(args: Args) -> Result<()> {
         "batch_size": step.batch_size, "steps": steps, "shuffle": step.shuffle, "seed": seed,
         "dead_threshold": step.dead_threshold, "consistent_attn_bias": args.pass.consistent_attn_bias,
     });
-    let files =
-        [args.acts.as_deref(), args.connections.as_deref(), args.data.data.as_deref(), args.data.tokens.as_deref()];
+    let files = [args.acts.as_deref(), conn_file.as_deref(), args.data.data.as_deref(), args.data.tokens.as_deref()];
     digest["fingerprints"] = scae::train::checkpoints::fingerprints(&files);
     args.compute.add_to_digest(&mut digest);
     let cfg = FinetuneConfig {

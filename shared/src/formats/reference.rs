@@ -1,0 +1,346 @@
+//! The Python reference's own artifacts (FORMATS.md, "The reference's files"):
+//! - a suite folder (a Hugging Face repo such as `jacobcd52/TinyStories-33M_suite_4`):
+//!   `config.json` (`k`, `n_features`, older repos `"connections": null`) and `checkpoint.pt`,
+//!   `torch.save` of `SCAESuite.state_dict()` with keys `aes.<m>.{encoder.weight,
+//!   encoder.bias, decoder.weight, b_dec}` (later branches: `module_dict.<m>.ae.<...>`), the
+//!   language model under `model.*` (ignored), and an optional `connections` entry
+//!   (`dict[down][up] -> int64 [F, C]`, `-1` padded). Training checkpoints wrap the state dict
+//!   as `{"suite_state": ..., "step": ...}`.
+//! - connection files: `top_connections_{C}.pkl` (`pickle.dump` of the same dict, storages as
+//!   legacy `torch.save` blobs, usually tagged `cuda:0`) and `connections.pt`.
+//!
+//! And writing a suite back in the reference's layout ([`write_suite`]).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use super::connections::{Connections, Table};
+use super::suite::Suite;
+use super::torch::pickle::Value;
+use super::torch::{Dense, Dtype, Item, TorchFile};
+use crate::error::{Error, Result};
+use crate::model::Module;
+
+/// Name of the checkpoint in a reference suite folder.
+pub const CHECKPOINT: &str = "checkpoint.pt";
+/// Key under which scae keeps its own suite config inside a reference `config.json` (so a
+/// round trip scae -> reference -> scae is exact); the reference reads only `k` and `n_features`.
+pub const SCAE_KEY: &str = "scae";
+
+/// Connections stored inside a reference suite's checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embedded {
+    pub source: PathBuf,
+    pub tables: Vec<Table>,
+}
+
+impl Embedded {
+    /// The connections, checked against the suite and the model's block type.
+    pub fn connections(&self, modules: &[Module], n_features: usize, parallel: bool) -> Result<Connections> {
+        super::connections::from_tables(&self.source, self.tables.clone(), modules, n_features, parallel)
+    }
+}
+
+/// Whether `dir` is a reference suite folder (a `checkpoint.pt`, and a config.json that is not scae's).
+pub fn is_suite_dir(dir: &Path) -> bool {
+    dir.join(CHECKPOINT).is_file() && !dir.join("suite.safetensors").is_file()
+}
+
+/// What loading a reference suite found besides the suite.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    /// Key layout: `aes.*`, `module_dict.*.ae.*`, or a training checkpoint of either.
+    pub layout: String,
+    /// Entries under `model.*` (the language model), ignored.
+    pub model_keys: usize,
+    /// Other entries that are not suite parameters, ignored.
+    pub other_keys: usize,
+    /// The training step of a training checkpoint.
+    pub step: Option<i64>,
+}
+
+fn positive(cfg: &serde_json::Value, key: &str, path: &Path) -> Result<usize> {
+    match cfg.get(key) {
+        None => Err(Error::input(path, format!("missing field `{key}` (a positive integer)"))),
+        Some(v) => v
+            .as_u64()
+            .filter(|&n| n > 0)
+            .map(|n| n as usize)
+            .ok_or_else(|| Error::input(path, format!("field `{key}`: expected a positive integer, found {v}"))),
+    }
+}
+
+/// Candle tensor of a dense torch tensor (floating-point dtypes).
+fn to_candle(d: &Dense, device: &Device) -> candle_core::Result<Tensor> {
+    let dtype = match d.dtype {
+        Dtype::F64 => DType::F64,
+        Dtype::F32 => DType::F32,
+        Dtype::F16 => DType::F16,
+        Dtype::BF16 => DType::BF16,
+        Dtype::I64 => DType::I64,
+        Dtype::U8 | Dtype::Bool => DType::U8,
+        Dtype::I32 | Dtype::I16 | Dtype::I8 => {
+            let v = d.to_i64().expect("integer");
+            return Tensor::from_vec(v, d.shape.as_slice(), device);
+        }
+    };
+    Tensor::from_raw_buffer(&d.bytes, dtype, &d.shape, device)
+}
+
+/// The `dict[down][up] -> LongTensor` of a `connections` entry or file as tables.
+fn tables_of(file: &mut TorchFile, v: &Value, what: &str) -> Result<Vec<Table>> {
+    let path = file.path.clone();
+    let Value::Dict(downs) = v else {
+        return Err(Error::input(&path, format!("{what}: expected dict[down][up] -> tensor, found {}", v.kind())));
+    };
+    let mut tables = Vec::new();
+    for (dk, ups) in downs {
+        let down = dk
+            .as_str()
+            .ok_or_else(|| Error::input(&path, format!("{what}: a key is {}, not a module name", dk.kind())))?;
+        let Value::Dict(ups) = ups else {
+            return Err(Error::input(
+                &path,
+                format!("{what}[{down}]: expected a dict of tensors, found {}", ups.kind()),
+            ));
+        };
+        for (uk, t) in ups {
+            let up = uk.as_str().ok_or_else(|| {
+                Error::input(&path, format!("{what}[{down}]: a key is {}, not a module name", uk.kind()))
+            })?;
+            let Value::Tensor(t) = t else {
+                return Err(Error::input(
+                    &path,
+                    format!("{what}[{down}][{up}]: expected a tensor, found {}", t.kind()),
+                ));
+            };
+            let dense = file.tensor(t)?;
+            let values = dense.to_i64().ok_or_else(|| {
+                Error::input(
+                    &path,
+                    format!("{what}[{down}][{up}]: expected int64 feature indices, found {:?}", dense.dtype),
+                )
+            })?;
+            tables.push(Table { down: down.to_string(), up: up.to_string(), shape: dense.shape.clone(), values });
+        }
+    }
+    Ok(tables)
+}
+
+/// The tables of a `.pkl` / `.pt` connections file.
+pub fn read_connection_file(path: &Path) -> Result<Vec<Table>> {
+    let mut file = TorchFile::open(path)?;
+    let root = file.root.clone();
+    tables_of(&mut file, &root, "connections")
+}
+
+/// Load a reference suite folder: the suite, its embedded connections (if any) and what else
+/// the checkpoint held.
+pub fn load_suite(dir: &Path, device: &Device) -> Result<(Suite, Option<Embedded>, LoadReport)> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| {
+        Error::input(
+            &cfg_path,
+            format!(
+                "cannot read the suite's config: {e}; hint: the reference's training checkpoints (step_N/) have none: \
+                 write {{\"k\": K, \"n_features\": F}} with the run's values there"
+            ),
+        )
+    })?;
+    let cfg: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::input(&cfg_path, format!("not valid JSON: {e}")))?;
+    let k = positive(&cfg, "k", &cfg_path)?;
+    let n_features = positive(&cfg, "n_features", &cfg_path)?;
+    let ckpt = dir.join(CHECKPOINT);
+    let mut file = TorchFile::open(&ckpt)?;
+    let mut report = LoadReport::default();
+    let root = file.root.clone();
+    let state = match root.get("suite_state") {
+        Some(s) => {
+            report.step = root.get("step").and_then(Value::as_int);
+            report.layout = "training checkpoint (suite_state), ".into();
+            s.clone()
+        }
+        None => root,
+    };
+    let Value::Dict(entries) = &state else {
+        return Err(Error::input(&ckpt, format!("expected a state dict, found {}", state.kind())));
+    };
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let mut embedded = None;
+    let (mut flat, mut nested) = (0, 0);
+    for (key, value) in entries {
+        let Some(key) = key.as_str() else {
+            report.other_keys += 1;
+            continue;
+        };
+        if key == "connections" {
+            if *value != Value::None {
+                embedded = Some(Embedded { source: ckpt.clone(), tables: tables_of(&mut file, value, "connections")? });
+            }
+            continue;
+        }
+        // `aes.<m>.<p>` or `module_dict.<m>.ae.<p>`.
+        let name = if let Some(rest) = key.strip_prefix("aes.") {
+            flat += 1;
+            Some(format!("aes.{rest}"))
+        } else if let Some(rest) = key.strip_prefix("module_dict.") {
+            rest.split_once(".ae.").map(|(m, p)| {
+                nested += 1;
+                format!("aes.{m}.{p}")
+            })
+        } else {
+            None
+        };
+        match (name, value) {
+            (Some(name), Value::Tensor(t)) => {
+                let dense = file.tensor(t)?;
+                if !dense.dtype.is_float() {
+                    return Err(Error::input(
+                        &ckpt,
+                        format!("tensor `{key}`: expected floating-point values, found {:?}", dense.dtype),
+                    ));
+                }
+                tensors.insert(name, to_candle(&dense, device)?);
+            }
+            _ if key.starts_with("model.") || key.contains(".model.") => report.model_keys += 1,
+            _ => report.other_keys += 1,
+        }
+    }
+    if flat > 0 && nested > 0 {
+        return Err(Error::input(&ckpt, "holds both `aes.*` and `module_dict.*.ae.*` parameters: which suite is it?"));
+    }
+    report.layout += if nested > 0 { "module_dict.<m>.ae.*" } else { "aes.<m>.*" };
+    if let Some(w) = tensors.get("aes.attn_0.encoder.weight") {
+        if w.dims().first() != Some(&n_features) {
+            return Err(Error::input(
+                &cfg_path,
+                format!(
+                    "field `n_features`: {n_features} disagrees with {} (aes.attn_0.encoder.weight is {:?})",
+                    ckpt.display(),
+                    w.dims()
+                ),
+            ));
+        }
+    }
+    // scae's own config, when the folder was written by convert-suite: model id and hash.
+    let (mut model_id, mut model_hash) = (None, None);
+    if let Some(s) = cfg.get(SCAE_KEY) {
+        model_id = s.get("model_id").and_then(|v| v.as_str()).map(String::from);
+        model_hash = s.get("model_hash").and_then(|v| v.as_str()).map(String::from);
+    }
+    let suite = Suite::from_tensors(&ckpt, tensors, k, n_features, model_id, model_hash)?;
+    Ok((suite, embedded, report))
+}
+
+/// The reference's `[F, C]` per-pair tables of `conns` (C = the most edges of any feature;
+/// each module's picks left-packed, `-1` after), for every preceding pair.
+pub fn tables(conns: &Connections, parallel: bool) -> Vec<Table> {
+    let f = conns.n_features;
+    let width = conns.edges.iter().flatten().map(Vec::len).max().unwrap_or(0).max(1);
+    let mut out = Vec::new();
+    for (d, dm) in conns.modules.iter().enumerate() {
+        for (u, um) in conns.modules.iter().enumerate() {
+            if !um.precedes(dm, parallel) {
+                continue;
+            }
+            let mut values = vec![-1i64; f * width];
+            for (i, es) in conns.edges[d].iter().enumerate() {
+                for (slot, e) in es.iter().filter(|e| e.up == u).enumerate() {
+                    values[i * width + slot] = e.feature as i64;
+                }
+            }
+            out.push(Table { down: dm.name(), up: um.name(), shape: vec![f, width], values });
+        }
+    }
+    out
+}
+
+fn dense_f32(t: &Tensor) -> Result<Dense> {
+    let t = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+    Ok(Dense { dtype: Dtype::F32, shape: t.dims().to_vec(), bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect() })
+}
+
+/// Write `suite` (and `tables`) as a reference suite folder's `checkpoint.pt` — the
+/// state-dict order of `SCAESuite` (per module `b_dec`, encoder weight and bias, decoder
+/// weight), then `connections` — via `.tmp` files.
+pub fn write_checkpoint(path: &Path, suite: &Suite, tables: Option<&[Table]>) -> Result<()> {
+    let mut entries = Vec::new();
+    for (name, v) in suite.named_vars() {
+        entries.push((name, Item::Tensor(dense_f32(v.as_tensor())?)));
+    }
+    let conns = match tables {
+        None => Item::None,
+        Some(ts) => {
+            let mut downs: Vec<(String, Item)> = Vec::new();
+            for m in &suite.modules {
+                let ups: Vec<(String, Item)> = ts
+                    .iter()
+                    .filter(|t| t.down == m.name())
+                    .map(|t| {
+                        let bytes = t.values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                        (t.up.clone(), Item::Tensor(Dense { dtype: Dtype::I64, shape: t.shape.clone(), bytes }))
+                    })
+                    .collect();
+                downs.push((m.name(), Item::Dict(ups, false)));
+            }
+            Item::Dict(downs, false)
+        }
+    };
+    entries.push(("connections".to_string(), conns));
+    super::torch::save(path, &Item::Dict(entries, true))
+}
+
+/// The connections parquet a reference folder written by scae carries beside its checkpoint,
+/// so that converting back restores it exactly (order, scores, metadata).
+pub const SIDECAR: &str = "scae-connections.parquet";
+
+/// The scae suite config stored in a reference folder's `config.json`, if any.
+pub fn scae_config(dir: &Path) -> Option<super::suite::SuiteConfig> {
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    serde_json::from_value(v.get(SCAE_KEY)?.clone()).ok()
+}
+
+/// Write a reference suite folder into `dir`: `config.json` (`k`, `n_features`, and scae's own
+/// config under `scae` when known) and `checkpoint.pt` with `conns` embedded; `parquet`, the
+/// file the connections came from, is kept beside them as [`SIDECAR`].
+pub fn write_suite_dir(
+    dir: &Path,
+    suite: &Suite,
+    scae: Option<&super::suite::SuiteConfig>,
+    conns: Option<&Connections>,
+    parallel: bool,
+    parquet: Option<&Path>,
+) -> Result<()> {
+    let mut cfg = serde_json::json!({"k": suite.k, "n_features": suite.n_features});
+    if let Some(s) = scae {
+        cfg[SCAE_KEY] = serde_json::to_value(s).expect("config serializes");
+    }
+    let text = serde_json::to_string(&cfg).expect("json");
+    crate::util::io::write_atomic(&dir.join("config.json"), text.as_bytes())?;
+    let t = conns.map(|c| tables(c, parallel));
+    write_checkpoint(&dir.join(CHECKPOINT), suite, t.as_deref())?;
+    if let Some(p) = parquet {
+        let bytes = std::fs::read(p).map_err(|e| Error::input(p, format!("cannot read: {e}")))?;
+        crate::util::io::write_atomic(&dir.join(SIDECAR), &bytes)?;
+    }
+    Ok(())
+}
+
+/// The edge set of `c` as (down module, down feature, up module, up feature), sorted.
+pub fn edge_set(c: &Connections) -> Vec<(usize, usize, usize, u32)> {
+    let mut v: Vec<_> = c
+        .edges
+        .iter()
+        .enumerate()
+        .flat_map(|(d, fs)| {
+            fs.iter().enumerate().flat_map(move |(i, es)| es.iter().map(move |e| (d, i, e.up, e.feature)))
+        })
+        .collect();
+    v.sort_unstable();
+    v
+}

@@ -1,0 +1,178 @@
+//! `convert-suite`: a suite (and its connections) between scae's files and the Python
+//! reference's (`config.json` + `checkpoint.pt`, as `SCAESuite.upload_to_hf` writes and
+//! `from_pretrained` reads).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use candle_core::Device;
+use clap::{Parser, ValueEnum};
+use scae::formats::connections::{Connections, FORMAT};
+use scae::formats::reference::{self, SIDECAR};
+use scae::formats::suite::{Suite, SuiteConfig};
+use scae::inputs::is_all;
+
+#[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]
+enum To {
+    /// config.json + checkpoint.pt, connections embedded (the reference's HF suite repos).
+    Reference,
+    /// suite.safetensors + config.json (+ connections.parquet).
+    Scae,
+}
+
+/// Convert a suite between scae's layout and the Python reference's.
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    after_help = "Examples:\n  convert-suite --suite ft/ --connections c16.parquet --to reference --out ref-suite/\n  convert-suite --suite jacobcd52/TinyStories-33M_suite_4 --connections top_connections_16.pkl --to scae --out suite/\n\nThe reference loads the result as its own: t.load(checkpoint.pt), pop `connections`,\nload_state_dict(strict=False)."
+)]
+struct Args {
+    /// Suite: a scae suite folder, a reference folder (config.json + checkpoint.pt) or its hub id.
+    #[arg(long)]
+    suite: PathBuf,
+    /// Connections to carry along (.parquet, .safetensors, .pkl, .pt), or `all` for none.
+    /// Default: the suite's stored connections, if any.
+    #[arg(long)]
+    connections: Option<PathBuf>,
+    /// Layout to write.
+    #[arg(long, value_enum)]
+    to: To,
+    /// Model folder or hub id, only to check connections against its block type (Pythia's
+    /// parallel attn/MLP); without it edges are checked as for sequential blocks, unless a
+    /// connections parquet records the block type.
+    #[arg(long)]
+    model: Option<String>,
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace a non-empty --out.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+fn main() -> ExitCode {
+    scae::cli::run_main("convert-suite", || run(Args::parse()))
+}
+
+/// The block type: from the model if given, else from a parquet's metadata, else sequential.
+fn parallel(args: &Args) -> Result<bool> {
+    let from_model = match &args.model {
+        Some(m) => {
+            let dir = scae::model::hub::resolve_model(m)?;
+            Some(scae::model::ModelConfig::from_file(&dir.join("config.json"))?.parallel_attn_mlp)
+        }
+        None => None,
+    };
+    // The connections parquet given, or the one kept beside a reference folder scae wrote.
+    let sidecar = args.suite.join(SIDECAR);
+    let file = match &args.connections {
+        Some(p) if p.extension().is_some_and(|e| e == "parquet") => Some(p.clone()),
+        None if sidecar.is_file() => Some(sidecar),
+        _ => None,
+    };
+    let from_file = match &file {
+        Some(p) => scae::util::table::parquet_metadata(p)?
+            .into_iter()
+            .find(|(k, _)| k == "parallel_attn_mlp")
+            .map(|(_, v)| v == "true"),
+        None => None,
+    };
+    match (from_model, from_file) {
+        (Some(a), Some(b)) if a != b => bail!(
+            "{}: metadata `parallel_attn_mlp` {b} disagrees with --model {} ({a})",
+            file.as_ref().expect("file").display(),
+            args.model.as_deref().unwrap_or("")
+        ),
+        (Some(a), _) | (None, Some(a)) => Ok(a),
+        (None, None) => Ok(false),
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let named = [("--suite", Some(args.suite.as_path())), ("--connections", args.connections.as_deref())];
+    scae::util::io::refuse_overlap(&args.out, "--out", &named)?;
+    let parallel = parallel(&args)?;
+    let suite = Suite::load(&args.suite, &Device::Cpu)?;
+    let conns: Option<Connections> = match (&args.connections, &suite.embedded) {
+        (Some(p), _) if is_all(p) => None,
+        (Some(p), _) => Some(Connections::load(p, &suite.modules, suite.n_features, parallel)?),
+        (None, Some(e)) => Some(e.connections(&suite.modules, suite.n_features, parallel)?),
+        (None, None) => None,
+    };
+    let parquet = args.connections.as_deref().filter(|p| !is_all(p) && p.extension().is_some_and(|e| e == "parquet"));
+    let stage = scae::util::io::StagedDir::create(&args.out, args.overwrite, "--out")?;
+    let dir = stage.path();
+    match args.to {
+        To::Reference => {
+            let scae_cfg = scae_suite_config(&args.suite);
+            reference::write_suite_dir(dir, &suite, scae_cfg.as_ref(), conns.as_ref(), parallel, parquet)?;
+        }
+        To::Scae => {
+            // A folder scae wrote keeps its own config: the round trip is exact.
+            let kept = reference::scae_config(&args.suite)
+                .filter(|c| c.k == suite.k && c.n_features == suite.n_features && c.d_model == suite.d_model);
+            let (created_by, cargs) = match &kept {
+                Some(c) => (c.created_by.clone(), c.args.clone()),
+                None => (
+                    format!("convert-suite {}", env!("CARGO_PKG_VERSION")),
+                    serde_json::json!({"argv": std::env::args().collect::<Vec<_>>()}),
+                ),
+            };
+            let mut suite = suite.clone();
+            if let Some(c) = &kept {
+                suite.model_id = c.model_id.clone();
+                suite.model_hash = c.model_hash.clone();
+            }
+            suite.save(dir, &created_by, cargs)?;
+            if let Some(c) = &conns {
+                write_connections(&args, c, parallel, &dir.join("connections.parquet"))?;
+            }
+        }
+    }
+    let out = stage.commit()?;
+    let what = match &conns {
+        Some(c) => format!(" with {} connections", c.n_edges()),
+        None => String::new(),
+    };
+    scae::say!(
+        "convert-suite: {} modules, F {}, k {}{what} -> {}",
+        suite.modules.len(),
+        suite.n_features,
+        suite.k,
+        out.display()
+    )?;
+    Ok(())
+}
+
+/// The scae config of a scae suite folder, if `path` is one.
+fn scae_suite_config(path: &Path) -> Option<SuiteConfig> {
+    let text = std::fs::read_to_string(path.join("config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    (v.get("format")?.as_str()? == scae::formats::suite::FORMAT).then(|| serde_json::from_value(v).ok())?
+}
+
+/// connections.parquet for `c`: the sidecar parquet of a folder scae wrote when it holds the
+/// same edges (exact round trip), else written anew.
+fn write_connections(args: &Args, c: &Connections, parallel: bool, path: &Path) -> Result<()> {
+    let sidecar = args.suite.join(SIDECAR);
+    if args.connections.is_none() && sidecar.is_file() {
+        let kept = Connections::load(&sidecar, &c.modules, c.n_features, parallel)?;
+        if reference::edge_set(&kept) == reference::edge_set(c) {
+            std::fs::copy(&sidecar, path).map_err(|e| anyhow::anyhow!("{}: cannot copy: {e}", sidecar.display()))?;
+            return Ok(());
+        }
+        scae::note!(
+            "convert-suite: {} no longer matches the checkpoint's connections; writing them anew",
+            sidecar.display()
+        );
+    }
+    let width = c.edges.iter().flatten().map(Vec::len).max().unwrap_or(0);
+    let source = args.connections.as_deref().unwrap_or(args.suite.as_path()).display().to_string();
+    let mut meta = vec![("c", width.to_string()), ("source", source)];
+    if args.model.is_some() || parallel {
+        meta.push(("parallel_attn_mlp", parallel.to_string()));
+    }
+    c.write_parquet(path, FORMAT, &meta)?;
+    Ok(())
+}
