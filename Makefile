@@ -133,7 +133,7 @@ endif
 
 ## finetune: finetune the suite through the pruned pass with the connections.
 finetune: $(FT)/.done
-$(FT)/.done: $(CONN) | build
+$(FT)/.done: $(CONN) $(ACTS)/.done $(SUITE_DEP) | build
 	$(BIN)/finetune --acts $(ACTS) --suite $(SUITE_PATH) --connections $(CONN) --loss $(LOSS) \
 	    --steps $(STEPS) --lr $(LR) --decay-start $(DECAY) --batch-size $(BATCH) $(THREADS_FLAG) \
 	    --out $(FT) --overwrite
@@ -148,7 +148,7 @@ $(EVAL)/.done: $(FT)/.done | build
 	mv $(EVAL).md.tmp $(EVAL)/table.md
 	touch $@
 
-$(EVAL0)/.done: $(CONN) | build
+$(EVAL0)/.done: $(CONN) $(ACTS)/.done $(SUITE_DEP) | build
 	mkdir -p $(dir $(EVAL0))
 	$(BIN)/evaluate --acts $(ACTS) --suite $(SUITE_PATH) --connections $(CONN) $(THREADS_FLAG) \
 	    --out $(EVAL0) --overwrite > $(EVAL0).md.tmp

@@ -261,3 +261,81 @@ fn bad_reference_files_are_one_line_errors() {
     );
     assert!(!out.exists());
 }
+
+#[test]
+fn suite_hub_ids_resolve_through_the_hugging_face_cache_offline() {
+    let tmp = scratch("ref-hub");
+    let name = "tiny-neo";
+    let acts = golden_cache(&tmp, name);
+    // The cache layout hf-hub reads: models--owner--name/{refs/main, snapshots/<rev>/...}.
+    let repo = tmp.join("hf/hub/models--scae-fixtures--tiny-neo-suite");
+    let rev = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), rev).unwrap();
+    let snap = repo.join("snapshots").join(rev);
+    std::fs::create_dir_all(&snap).unwrap();
+    for f in ["config.json", "checkpoint.pt"] {
+        std::fs::copy(refdir(name).join("hf").join(f), snap.join(f)).unwrap();
+    }
+    let run = |id: &str, out: &str| {
+        std::process::Command::new(scae_testkit::bin_dir().join("evaluate"))
+            .args(["--acts", s(&acts), "--suite", id, "--out", s(&tmp.join(out))])
+            .env("HF_HOME", tmp.join("hf"))
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap()
+    };
+    let o = run("scae-fixtures/tiny-neo-suite", "hub");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (a, b) = (tmp.join("hub"), tmp.join("direct"));
+    tool_ok("evaluate", &["--acts", s(&acts), "--suite", s(&refdir(name).join("hf")), "--out", s(&b)]);
+    assert_eq!(eval_numbers(&a), eval_numbers(&b));
+    // Not cached and offline: one line saying so, with the way out.
+    let o = run("scae-fixtures/absent-suite", "absent");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--suite scae-fixtures/absent-suite") && err.contains("HF_HUB_OFFLINE") && err.contains("hint")
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}
+
+#[test]
+fn make_all_takes_a_reference_suite_and_connections_offline() {
+    let tmp = scratch("ref-make");
+    let data = tmp.join("corpus.txt");
+    let line = "once upon a time there was a little cat who liked to play in the sun with her friends\n";
+    std::fs::write(&data, line.repeat(40)).unwrap();
+    let root = scae_testkit::fixtures().join("../..");
+    let hf = refdir("tiny-neo").join("hf");
+    let pkl = refdir("tiny-neo").join("top_connections_6.pkl");
+    let out = tmp.join("out");
+    let o = std::process::Command::new("make")
+        .current_dir(&root)
+        .args([
+            "--no-print-directory",
+            "all",
+            &format!("MODEL={}", s(&fixture_model("tiny-neo"))),
+            &format!("DATA={}", s(&data)),
+            &format!("SUITE={}", s(&hf)),
+            &format!("CONNECTIONS={}", s(&pkl)),
+            &format!("OUT={}", s(&out)),
+            "CTX=12",
+            "N_SEQS=16",
+            "BATCH=4",
+            "BOS=0",
+            "PACK=1",
+            "STEPS=3",
+            "THREADS=1",
+        ])
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "make failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains(&format!("## before finetuning ({})", pkl.display())), "{stdout}");
+    assert!(stdout.contains("## after finetuning"), "{stdout}");
+    // No edge scoring: the connections came from the pickle.
+    assert!(!out.join("edges").exists(), "make scored edges although CONNECTIONS was given");
+    assert!(!stdout.contains("score-edges"), "{stdout}");
+}
