@@ -214,9 +214,67 @@ pub fn select_top_c(edges: &Connections, c: usize) -> Connections {
     out
 }
 
+/// The random-connections control (the reference's `generate_fake_connections`): every
+/// feature keeps how many edges it takes from each upstream module, but the upstream features
+/// are distinct random ones of that module (scores NaN). Deterministic in `seed`.
+pub fn randomize_like(conns: &Connections, seed: u64) -> Connections {
+    let f = conns.n_features;
+    let mut out = conns.clone();
+    for (d, feats) in out.edges.iter_mut().enumerate() {
+        for (i, es) in feats.iter_mut().enumerate() {
+            let mut rng = crate::util::rng::SplitMix(seed ^ ((d as u64) << 40) ^ (i as u64).wrapping_mul(0x9e37_79b9));
+            // Upstream modules in order of first appearance.
+            let mut ups: Vec<usize> = Vec::new();
+            for e in es.iter() {
+                if !ups.contains(&e.up) {
+                    ups.push(e.up);
+                }
+            }
+            let mut fresh = Vec::with_capacity(es.len());
+            for u in ups {
+                let n = es.iter().filter(|e| e.up == u).count().min(f);
+                // A partial Fisher-Yates shuffle over 0..F: n distinct draws.
+                let mut pool: std::collections::HashMap<usize, usize> = std::collections::HashMap::new();
+                for t in 0..n {
+                    let r = t + (rng.next_u64() % (f - t) as u64) as usize;
+                    let (vt, vr) = (*pool.get(&t).unwrap_or(&t), *pool.get(&r).unwrap_or(&r));
+                    pool.insert(r, vt);
+                    pool.insert(t, vr);
+                    fresh.push(Edge { up: u, feature: vr as u32, score: f32::NAN });
+                }
+            }
+            *es = fresh;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn random_control_keeps_per_module_counts_with_distinct_features() {
+        let m = crate::model::Module::all(2);
+        let mut c = Connections::empty(&m, 8);
+        let e = |up, feature| Edge { up, feature, score: 1.0 };
+        c.edges[3][5] = vec![e(0, 1), e(0, 2), e(2, 7), e(0, 3), e(1, 4)];
+        c.edges[1][0] = (0..8).map(|j| e(0, j)).collect();
+        let r = randomize_like(&c, 7);
+        let count = |es: &[Edge], u| es.iter().filter(|x| x.up == u).count();
+        for u in 0..3 {
+            assert_eq!(count(&r.edges[3][5], u), count(&c.edges[3][5], u));
+        }
+        let mut all: Vec<u32> = r.edges[1][0].iter().map(|x| x.feature).collect();
+        all.sort();
+        assert_eq!(all, (0..8).collect::<Vec<_>>(), "all 8 of 8 features, each once");
+        let edges_of = |c: &Connections| -> Vec<(usize, u32)> {
+            c.edges.iter().flatten().flatten().map(|x| (x.up, x.feature)).collect()
+        };
+        assert_eq!(edges_of(&r), edges_of(&randomize_like(&c, 7)), "deterministic");
+        assert_ne!(edges_of(&r), edges_of(&randomize_like(&c, 8)), "seed matters");
+        assert!(r.edges[3][5].iter().all(|x| x.score.is_nan()));
+    }
 
     #[test]
     fn selection_order_breaks_ties_by_module_then_feature() {

@@ -183,7 +183,7 @@ fn bad_connections_and_mismatched_inputs_are_clear_errors() {
     write_conn_parquet(&c, &[("attn_0", 1, "mlp_1", 2)]);
     eval(&c, &["mlp_1 does not precede attn_0"]);
     std::fs::write(tmp.join("c.txt"), "x").unwrap();
-    eval(&tmp.join("c.txt"), &["expected a .parquet or .safetensors file"]);
+    eval(&tmp.join("c.txt"), &["expected a .parquet, .safetensors, .pkl or .pt file"]);
     // A suite whose d_model disagrees with the cache.
     let t = Tensor::zeros((32, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
     let mut bad: HashMap<String, Tensor> = HashMap::new();

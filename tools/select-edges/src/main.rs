@@ -14,7 +14,7 @@ use scae::scores::select_top_c;
 #[derive(Debug, Parser)]
 #[command(
     version,
-    after_help = "Example:\n  select-edges --edges edges/edges.parquet --c 16 --out connections.parquet\n\nOrder: |score| descending, then upstream module (suite order), then upstream feature;\nzero scores are never selected."
+    after_help = "Example:\n  select-edges --edges edges/edges.parquet --c 16 --out connections.parquet\n\nOrder: |score| descending, then upstream module (suite order), then upstream feature;\nzero scores are never selected. --random SEED: the same per-module counts, random features."
 )]
 struct Args {
     /// edges.parquet written by score-edges.
@@ -26,6 +26,11 @@ struct Args {
     /// Output connections.parquet.
     #[arg(long)]
     out: PathBuf,
+    /// The random-connections control (the reference's "fake connections"): each feature
+    /// keeps its top-C count of edges per upstream module, but with distinct random upstream
+    /// features of that module, drawn with this seed.
+    #[arg(long, value_name = "SEED")]
+    random: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -74,12 +79,19 @@ fn run(args: Args) -> Result<()> {
             }
         }
     }
-    let conns = select_top_c(&edges, args.c);
+    let mut conns = select_top_c(&edges, args.c);
+    if let Some(seed) = args.random {
+        conns = scae::scores::randomize_like(&conns, seed);
+    }
     // The C achieved: at most the edges each feature has.
     let c = conns.edges.iter().flatten().map(Vec::len).max().unwrap_or(0).min(args.c);
     let mut m: Vec<(&str, String)> = vec![("parallel_attn_mlp", parallel.to_string()), ("c", c.to_string())];
     m.push(("edges", path.to_string()));
+    if let Some(seed) = args.random {
+        m.push(("random_seed", seed.to_string()));
+    }
     conns.write_parquet(&args.out, FORMAT, &m)?;
-    scae::say!("select-edges: {} connections (C={c}) -> {}", conns.n_edges(), args.out.display())?;
+    let kind = if args.random.is_some() { "random " } else { "" };
+    scae::say!("select-edges: {} {kind}connections (C={c}) -> {}", conns.n_edges(), args.out.display())?;
     Ok(())
 }
