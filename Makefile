@@ -46,6 +46,10 @@ LR ?= 1e-3
 DECAY ?= 0.8
 # Edges kept per downstream feature in edges.parquet (select-edges can pick any C up to this).
 KEEP ?= 64
+# Also finetune and evaluate the random-connections control at C in `make all` (1) or not (0).
+CONTROL ?= 0
+# Seed of the random connections.
+RANDOM_SEED ?= 0
 # Command that turns edges.parquet into connections.parquet; called as
 # `$(SELECT) --edges E --c C --out F` (e.g. SELECT="python3 pipelines/select_random.py").
 SELECT ?= $(BIN)/select-edges
@@ -71,6 +75,14 @@ CONN := $(if $(CONNECTIONS),$(CONNECTIONS),$(EDGES)-c$(C)-sel$(SELECT_KEY).parqu
 FT := $(EDGES:$(OUT)/edges/%=$(OUT)/finetune/%)-$(CONN_KEY)-$(LOSS)-s$(STEPS)-lr$(LR)-d$(DECAY)
 EVAL0 := $(EDGES:$(OUT)/edges/%=$(OUT)/eval/%)-$(CONN_KEY)-before
 EVAL := $(FT:$(OUT)/finetune/%=$(OUT)/eval/%)
+# The random-connections control: the same per-module counts at C, random upstream features.
+RAND_CONN := $(EDGES)-c$(C)-random$(RANDOM_SEED).parquet
+FT_RAND := $(EDGES:$(OUT)/edges/%=$(OUT)/finetune/%)-c$(C)-random$(RANDOM_SEED)-$(LOSS)-s$(STEPS)-lr$(LR)-d$(DECAY)
+EVAL_RAND := $(FT_RAND:$(OUT)/finetune/%=$(OUT)/eval/%)
+# The control runs only when the pipeline selects connections itself.
+WITH_CONTROL := $(and $(filter 1,$(CONTROL)),$(if $(CONNECTIONS),,1))
+# The report of `make all`: the runs side by side and what they say.
+REPORT := $(EVAL:$(OUT)/eval/%=$(OUT)/report/%)$(if $(WITH_CONTROL),-control$(RANDOM_SEED),)
 
 # C values of `make sweep`.
 CS ?= 0 4 16 64
@@ -79,10 +91,15 @@ EVAL_ALL := $(EDGES:$(OUT)/edges/%=$(OUT)/eval/%)-all-before
 
 .PHONY: all build toy acts suite edges connections finetune eval sweep print-eval test clean help
 
-## all: activations -> suite -> edge scores -> connections (C) -> finetune -> evaluation.
-all: eval $(EVAL0)/.done
+## all: activations -> suite -> edge scores -> connections (C) -> finetune -> evaluation,
+## then a report beside the all-connections suite (and, with CONTROL=1, random connections).
+all: eval $(EVAL0)/.done $(EVAL_ALL)/.done $(if $(WITH_CONTROL),$(EVAL_RAND)/.done,)
 	@echo "## before finetuning ($(if $(CONNECTIONS),$(CONNECTIONS),C=$(C)))" && cat $(EVAL0)/table.md
 	@echo "## after finetuning ($(LOSS), $(STEPS) steps)" && cat $(EVAL)/table.md
+	@echo "## report"
+	@$(BIN)/evaluate --compare $(EVAL_ALL) $(EVAL0) $(EVAL) $(if $(WITH_CONTROL),$(EVAL_RAND),) --out $(REPORT)
+	@echo "report: $(REPORT)/compare.md"
+
 
 ## build: compile the tools (release).
 build:
@@ -131,6 +148,22 @@ $(CONN):
 	@test -f '$@' || { echo "make: CONNECTIONS=$@: no such file" >&2; exit 1; }
 endif
 
+$(RAND_CONN): $(EDGES)/.done | build
+	$(BIN)/select-edges --edges $(EDGES)/edges.parquet --c $(C) --random $(RANDOM_SEED) --out $@
+
+$(FT_RAND)/.done: $(RAND_CONN) $(ACTS)/.done $(SUITE_DEP) | build
+	$(BIN)/finetune --acts $(ACTS) --suite $(SUITE_PATH) --connections $(RAND_CONN) --loss $(LOSS) \
+	    --steps $(STEPS) --lr $(LR) --decay-start $(DECAY) --batch-size $(BATCH) $(THREADS_FLAG) \
+	    --out $(FT_RAND) --overwrite
+	touch $@
+
+$(EVAL_RAND)/.done: $(FT_RAND)/.done | build
+	mkdir -p $(dir $(EVAL_RAND))
+	$(BIN)/evaluate --acts $(ACTS) --suite $(FT_RAND) --connections $(RAND_CONN) $(THREADS_FLAG) \
+	    --out $(EVAL_RAND) --overwrite > $(EVAL_RAND).md.tmp
+	mv $(EVAL_RAND).md.tmp $(EVAL_RAND)/table.md
+	touch $@
+
 ## finetune: finetune the suite through the pruned pass with the connections.
 finetune: $(FT)/.done
 $(FT)/.done: $(CONN) $(ACTS)/.done $(SUITE_DEP) | build
@@ -165,7 +198,7 @@ sweep: $(EVAL_ALL)/.done $(EVAL0)/.done
 print-eval:
 	@echo $(EVAL)
 
-$(EVAL_ALL)/.done: $(EDGES)/.done | build
+$(EVAL_ALL)/.done: $(ACTS)/.done $(SUITE_DEP) | build
 	mkdir -p $(dir $(EVAL_ALL))
 	$(BIN)/evaluate --acts $(ACTS) --suite $(SUITE_PATH) $(THREADS_FLAG) --out $(EVAL_ALL) --overwrite > $(EVAL_ALL).md.tmp
 	mv $(EVAL_ALL).md.tmp $(EVAL_ALL)/table.md
@@ -185,4 +218,4 @@ help:
 	@grep -E '^## ' $(firstword $(MAKEFILE_LIST)) | sed 's/^## /  /'
 	@echo
 	@echo "Variables (PIPELINE=$(PIPELINE)):"
-	@$(foreach v,PIPELINE MODEL DATA CTX N_SEQS BOS PACK DTYPE BATCH THREADS EXPANSION K SUITE_STEPS SUITE_LR SUITE CONNECTIONS C KEEP SELECT LOSS STEPS LR DECAY CS OUT,echo "  $(v) = $($(v))";)
+	@$(foreach v,PIPELINE MODEL DATA CTX N_SEQS BOS PACK DTYPE BATCH THREADS EXPANSION K SUITE_STEPS SUITE_LR SUITE CONNECTIONS C KEEP SELECT CONTROL RANDOM_SEED LOSS STEPS LR DECAY CS OUT,echo "  $(v) = $($(v))";)

@@ -57,9 +57,14 @@ fn compare(args: &Args) -> Result<()> {
     let table = report::table(&runs);
     std::fs::create_dir_all(&args.out)
         .map_err(|e| anyhow::anyhow!("{}: --out: cannot create output folder: {e}", args.out.display()))?;
-    scae::util::io::write_atomic(&args.out.join("compare.md"), table.as_bytes())?;
+    let summary = report::summary(&runs);
+    let text = match &summary {
+        Some(s) => format!("{table}\n{s}"),
+        None => table.clone(),
+    };
+    scae::util::io::write_atomic(&args.out.join("compare.md"), text.as_bytes())?;
     report::plot(&runs, &args.out.join("compare"))?;
-    scae::cli::say(format_args!("{table}"))?;
+    scae::cli::say(format_args!("{text}"))?;
     scae::say!("plot: {} and .svg", args.out.join("compare.png").display())?;
     Ok(())
 }

@@ -12,6 +12,8 @@ pub struct Run {
     pub dir: PathBuf,
     pub c: Option<u64>,
     pub finetuned: bool,
+    /// The connections are the random control (select-edges --random).
+    pub random: bool,
     pub ce: f64,
     pub ce_diff: f64,
     pub ce_recovered: f64,
@@ -23,10 +25,16 @@ pub struct Run {
 /// Read `dir/eval.json`.
 pub fn load_run(dir: &Path) -> Result<Run> {
     let r = scae::formats::eval::EvalReport::read(dir)?;
+    // select-edges --random records its seed in the parquet's metadata.
+    let random = r.connections.as_deref().is_some_and(|p| {
+        p.extension().is_some_and(|e| e == "parquet")
+            && scae::util::table::parquet_metadata(p).is_ok_and(|m| m.iter().any(|(k, _)| k == "random_seed"))
+    });
     Ok(Run {
         dir: dir.to_path_buf(),
         c: r.c,
         finetuned: r.finetuned(),
+        random,
         ce: r.ce,
         ce_diff: r.ce_diff,
         ce_recovered: r.ce_recovered,
@@ -38,11 +46,12 @@ pub fn load_run(dir: &Path) -> Result<Run> {
 
 /// The comparison as a markdown table, sorted by suite kind and C.
 pub fn table(runs: &[Run]) -> String {
-    let mut out = String::from("| C | suite | CE | CE diff | CE recovered | mean FVU | L0 | dead % | run |\n|---|---|---|---|---|---|---|---|---|\n");
+    let mut out = String::from("| C | connections | suite | CE | CE diff | CE recovered | mean FVU | L0 | dead % | run |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for r in runs {
         out.push_str(&format!(
-            "| {} | {} | {:.4} | {:.4} | {:.3} | {:.4} | {:.1} | {:.1} | {} |\n",
+            "| {} | {} | {} | {:.4} | {:.4} | {:.3} | {:.4} | {:.1} | {:.1} | {} |\n",
             r.c.map(|c| c.to_string()).unwrap_or_else(|| "all".into()),
+            kind(r),
             if r.finetuned { "finetuned" } else { "not finetuned" },
             r.ce,
             r.ce_diff,
@@ -56,9 +65,73 @@ pub fn table(runs: &[Run]) -> String {
     out
 }
 
-/// Sort runs: finetuned after not, then by C (all connections last).
+/// What the connections are: `all`, `top` (selected by score) or `random` (the control).
+fn kind(r: &Run) -> &'static str {
+    match (r.c, r.random) {
+        (None, _) => "all",
+        (Some(_), true) => "random",
+        (Some(_), false) => "top",
+    }
+}
+
+/// Sort runs: finetuned after not, random after top, then all connections and ascending C.
 pub fn sort_runs(runs: &mut [Run]) {
-    runs.sort_by_key(|r| (r.finetuned, r.c.unwrap_or(u64::MAX)));
+    runs.sort_by_key(|r| (r.finetuned, r.random, r.c.map_or(0, |c| c + 1)));
+}
+
+/// What the runs say about the method, in words: how much pruning to C costs, how much of it
+/// finetuning through the pruned pass wins back, and the controls. `None` without an
+/// unfinetuned all-connections run and a top-C run before and after finetuning.
+pub fn summary(runs: &[Run]) -> Option<String> {
+    let all = runs.iter().find(|r| r.c.is_none() && !r.finetuned)?;
+    let before = runs.iter().find(|r| !r.finetuned && !r.random && r.c.is_some())?;
+    let c = before.c?;
+    let after = runs.iter().find(|r| r.finetuned && !r.random && r.c == Some(c))?;
+    let cost = before.ce_diff - all.ce_diff;
+    let won = before.ce_diff - after.ce_diff;
+    let mut out = format!(
+        "CE diff (CE with the suite spliced in minus clean CE; lower is better): all connections {:.4}; \
+         pruned to C={c} {:.4} (+{:.4}); finetuned through the pruned pass {:.4}",
+        all.ce_diff, before.ce_diff, cost, after.ce_diff
+    );
+    if cost > 0.0 {
+        out.push_str(&format!(", winning back {:.0}% of what pruning cost", 100.0 * won / cost));
+    }
+    out.push_str(&format!(
+        ".\nDead features (never firing on these tokens): {:.0}% before finetuning, {:.0}% after.\n",
+        100.0 * before.dead,
+        100.0 * after.dead
+    ));
+    let random = runs.iter().find(|r| r.finetuned && r.random && r.c == Some(c));
+    let zero = runs.iter().find(|r| r.finetuned && r.c == Some(0));
+    if let Some(r) = random {
+        out.push_str(&format!("Control: random C={c} connections, finetuned the same way: {:.4}.\n", r.ce_diff));
+    }
+    if let Some(z) = zero {
+        out.push_str(&format!("Control: no connections (C=0), finetuned: {:.4}.\n", z.ce_diff));
+    }
+    let mut wrong = Vec::new();
+    if after.ce_diff >= before.ce_diff {
+        wrong
+            .push(format!("finetuning did not lower CE diff at C={c} ({:.4} -> {:.4})", before.ce_diff, after.ce_diff));
+    }
+    if let Some(r) = random.filter(|r| r.ce_diff <= after.ce_diff) {
+        wrong.push(format!(
+            "random connections did as well as the selected ones ({:.4} vs {:.4})",
+            r.ce_diff, after.ce_diff
+        ));
+    }
+    if let Some(z) = zero.filter(|z| z.ce_diff <= after.ce_diff) {
+        wrong.push(format!("C=0 did as well as C={c} ({:.4} vs {:.4})", z.ce_diff, after.ce_diff));
+    }
+    if wrong.is_empty() {
+        out.push_str(&format!(
+            "So: the selected connections carry what the suite needs, and finetuning through the sparse pass recovers most of the pruning cost at C={c}.\n"
+        ));
+    } else {
+        out.push_str(&format!("Not the result SCAEs promise: {}.\n", wrong.join("; ")));
+    }
+    Some(out)
 }
 
 /// Find a TrueType font for plot labels; without one, plots are drawn without text.
@@ -87,7 +160,9 @@ where
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
     let panels = root.split_evenly((1, 2));
     let metrics: [(&str, fn(&Run) -> f64); 2] = [("CE diff", |r| r.ce_diff), ("mean FVU", |r| r.mean_fvu)];
-    let max_c = runs.iter().filter_map(|r| r.c).max().unwrap_or(1).max(1) as f64;
+    // C on a log2 scale, C = 0 one step left of C = 1, so that 0, 4, 16 and 64 spread evenly.
+    let xc = |c: u64| if c == 0 { -1.0 } else { (c as f64).log2() };
+    let max_c = xc(runs.iter().filter_map(|r| r.c).max().unwrap_or(1).max(1)).max(1.0);
     for (panel, (name, get)) in panels.iter().zip(metrics) {
         let vals: Vec<f64> = runs.iter().map(get).collect();
         let (lo, hi) = vals.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
@@ -98,20 +173,29 @@ where
             builder.caption(format!("{name} vs C"), ("sans-serif", 20)).x_label_area_size(35).y_label_area_size(55);
         }
         let mut chart = builder
-            .build_cartesian_2d(0f64..max_c * 1.05, (lo - pad)..(hi + pad))
+            .build_cartesian_2d(-1.4f64..max_c + 0.4, (lo - pad)..(hi + pad))
             .map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
         let mut mesh = chart.configure_mesh();
+        // One tick per power of two (and 0), labelled with C itself.
+        let c_label = |x: &f64| match x.round() {
+            r if (x - r).abs() > 1e-6 => String::new(),
+            r if r < -0.5 => "0".to_string(),
+            r => format!("{}", r.exp2() as u64),
+        };
+        mesh.x_label_formatter(&c_label).x_labels((max_c + 1.8).ceil() as usize + 1);
         if text {
-            mesh.x_desc("C (connections per feature)").y_desc(name);
+            mesh.x_desc("C (connections per feature, log scale)").y_desc(name);
         } else {
             mesh.disable_x_mesh().disable_y_mesh();
         }
         mesh.draw().map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
-        for (finetuned, color) in [(true, RED), (false, BLUE)] {
+        for (finetuned, random, color) in
+            [(true, false, RED), (false, false, BLUE), (true, true, GREEN), (false, true, CYAN)]
+        {
             let mut pts: Vec<(f64, f64)> = runs
                 .iter()
-                .filter(|r| r.finetuned == finetuned && r.c.is_some())
-                .map(|r| (r.c.unwrap_or(0) as f64, get(r)))
+                .filter(|r| r.finetuned == finetuned && r.random == random && r.c.is_some())
+                .map(|r| (xc(r.c.unwrap_or(0)), get(r)))
                 .collect();
             pts.sort_by(|a, b| a.0.total_cmp(&b.0));
             if pts.is_empty() {
@@ -121,8 +205,9 @@ where
                 .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
                 .map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
             if text {
+                let what = if finetuned { "finetuned" } else { "not finetuned" };
                 series
-                    .label(if finetuned { "finetuned" } else { "not finetuned" })
+                    .label(if random { format!("random connections, {what}") } else { what.to_string() })
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
             }
             chart
@@ -130,12 +215,12 @@ where
                 .map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
         }
         // Reference lines: runs with all connections, and a lone unfinetuned run at some C.
-        let unfinetuned_at_c: Vec<&Run> = runs.iter().filter(|r| !r.finetuned && r.c.is_some()).collect();
+        let unfinetuned_at_c: Vec<&Run> = runs.iter().filter(|r| !r.finetuned && !r.random && r.c.is_some()).collect();
         if let [r] = unfinetuned_at_c[..] {
             let y = get(r);
             let color = BLUE.mix(0.5);
             let series = chart
-                .draw_series(DashedLineSeries::new(vec![(0.0, y), (max_c * 1.05, y)], 3, 3, color.stroke_width(1)))
+                .draw_series(DashedLineSeries::new(vec![(-1.4, y), (max_c + 0.4, y)], 3, 3, color.stroke_width(1)))
                 .map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
             if text {
                 series
@@ -147,7 +232,7 @@ where
             let color = if r.finetuned { RED.mix(0.5) } else { BLACK.mix(0.6) };
             let y = get(r);
             let series = chart
-                .draw_series(DashedLineSeries::new(vec![(0.0, y), (max_c * 1.05, y)], 6, 4, color.stroke_width(1)))
+                .draw_series(DashedLineSeries::new(vec![(-1.4, y), (max_c + 0.4, y)], 6, 4, color.stroke_width(1)))
                 .map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
             if text {
                 let l = format!("all connections, {}", if r.finetuned { "finetuned" } else { "not finetuned" });
