@@ -69,6 +69,9 @@ SUITE_KEY := $(shell printf '%s' '$(SUITE_PATH)' | cksum | cut -d' ' -f1)
 EDGES := $(ACTS:$(OUT)/acts/%=$(OUT)/edges/%)-suite$(SUITE_KEY)-keep$(KEEP)
 SELECT_KEY := $(shell printf '%s' '$(SELECT)' | cksum | cut -d' ' -f1)
 # The connections: selected from the edge scores, unless CONNECTIONS names a file.
+ifeq ($(CONNECTIONS),all)
+$(error CONNECTIONS=all: expected a connections file; for the full pass evaluate with --connections all by hand)
+endif
 CONN_FILE_KEY := $(shell printf '%s' '$(CONNECTIONS)' | cksum | cut -d' ' -f1)
 CONN_KEY := $(if $(CONNECTIONS),conn$(CONN_FILE_KEY),c$(C)-sel$(SELECT_KEY))
 CONN := $(if $(CONNECTIONS),$(CONNECTIONS),$(EDGES)-c$(C)-sel$(SELECT_KEY).parquet)
@@ -148,8 +151,10 @@ $(CONN):
 	@test -f '$@' || { echo "make: CONNECTIONS=$@: no such file" >&2; exit 1; }
 endif
 
+ifneq ($(WITH_CONTROL),)
 $(RAND_CONN): $(EDGES)/.done | build
 	$(BIN)/select-edges --edges $(EDGES)/edges.parquet --c $(C) --random $(RANDOM_SEED) --out $@
+endif
 
 $(FT_RAND)/.done: $(RAND_CONN) $(ACTS)/.done $(SUITE_DEP) | build
 	$(BIN)/finetune --acts $(ACTS) --suite $(SUITE_PATH) --connections $(RAND_CONN) --loss $(LOSS) \
@@ -200,7 +205,8 @@ print-eval:
 
 $(EVAL_ALL)/.done: $(ACTS)/.done $(SUITE_DEP) | build
 	mkdir -p $(dir $(EVAL_ALL))
-	$(BIN)/evaluate --acts $(ACTS) --suite $(SUITE_PATH) $(THREADS_FLAG) --out $(EVAL_ALL) --overwrite > $(EVAL_ALL).md.tmp
+	$(BIN)/evaluate --acts $(ACTS) --suite $(SUITE_PATH) --connections all $(THREADS_FLAG) \
+	    --out $(EVAL_ALL) --overwrite > $(EVAL_ALL).md.tmp
 	mv $(EVAL_ALL).md.tmp $(EVAL_ALL)/table.md
 	touch $@
 

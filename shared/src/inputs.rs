@@ -104,14 +104,7 @@ impl Inputs {
             },
         }
     }
-}
 
-/// Whether a `--connections` argument is the keyword `all` (a file named `all` is `./all`).
-pub fn is_all(p: &Path) -> bool {
-    p.as_os_str() == "all"
-}
-
-impl Inputs {
     /// The file that the chosen connections come from (for fingerprints): `arg` unless it is
     /// `all`; the suite's checkpoint when its embedded connections are used.
     pub fn connections_file(&self, arg: Option<&Path>) -> Option<std::path::PathBuf> {
@@ -121,6 +114,11 @@ impl Inputs {
             None => self.suite.embedded.as_ref().map(|e| e.source.clone()),
         }
     }
+}
+
+/// Whether a `--connections` argument is the keyword `all` (a file named `all` is `./all`).
+pub fn is_all(p: &Path) -> bool {
+    p.as_os_str() == "all"
 }
 
 /// The suite's d_model, layer count and recorded model hash against the model's (`other`

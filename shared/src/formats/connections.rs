@@ -304,7 +304,7 @@ pub fn from_tables(
         let d = b.module(&t.down, "down module")?;
         let u = b.module(&t.up, "up module")?;
         let shape = &t.shape;
-        if shape.len() != 2 || shape[0] != n_features || t.values.len() != shape[0] * shape[1] {
+        if shape.len() != 2 || shape[0] != n_features || shape[0].checked_mul(shape[1]) != Some(t.values.len()) {
             return Err(Error::input(
                 path,
                 format!("tensor `{name}`: expected shape [{n_features}, C], found {shape:?}"),

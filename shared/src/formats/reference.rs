@@ -9,7 +9,7 @@
 //! - connection files: `top_connections_{C}.pkl` (`pickle.dump` of the same dict, storages as
 //!   legacy `torch.save` blobs, usually tagged `cuda:0`) and `connections.pt`.
 //!
-//! And writing a suite back in the reference's layout ([`write_suite`]).
+//! And writing a suite back in the reference's layout ([`write_suite_dir`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -132,7 +132,7 @@ fn tables_of(file: &mut TorchFile, v: &Value, what: &str) -> Result<Vec<Table>> 
 /// The tables of a `.pkl` / `.pt` connections file.
 pub fn read_connection_file(path: &Path) -> Result<Vec<Table>> {
     let mut file = TorchFile::open(path)?;
-    let root = file.root.clone();
+    let root = std::mem::replace(&mut file.root, Value::None);
     tables_of(&mut file, &root, "connections")
 }
 
@@ -156,7 +156,7 @@ pub fn load_suite(dir: &Path, device: &Device) -> Result<(Suite, Option<Embedded
     let ckpt = dir.join(CHECKPOINT);
     let mut file = TorchFile::open(&ckpt)?;
     let mut report = LoadReport::default();
-    let root = file.root.clone();
+    let root = std::mem::replace(&mut file.root, Value::None);
     let state = match root.get("suite_state") {
         Some(s) => {
             report.step = root.get("step").and_then(Value::as_int);
@@ -259,8 +259,7 @@ pub fn tables(conns: &Connections, parallel: bool) -> Vec<Table> {
 }
 
 fn dense_f32(t: &Tensor) -> Result<Dense> {
-    let t = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-    let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+    let v = crate::util::to_vec(t)?;
     Ok(Dense { dtype: Dtype::F32, shape: t.dims().to_vec(), bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect() })
 }
 

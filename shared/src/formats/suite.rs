@@ -61,28 +61,25 @@ fn key(m: &Module, p: &str) -> String {
     format!("aes.{}.{p}", m.name())
 }
 
+/// A `--suite` argument as a local path: itself if it exists, else a hub id's snapshot folder in
+/// the Hugging Face cache (downloaded when online).
+pub fn resolve(path: &Path) -> Result<PathBuf> {
+    if path.exists() {
+        return Ok(path.to_path_buf());
+    }
+    match path.to_str().filter(|s| crate::model::hub::looks_like_hub_id(s)) {
+        Some(id) => crate::model::hub::resolve_suite(id),
+        None => Err(Error::input(path, "--suite: no such folder or file (and not a hub id like `owner/name`)")),
+    }
+}
+
 impl Suite {
     /// Load a suite: a scae suite folder (`suite.safetensors` + `config.json`), a bare
     /// `.safetensors`, a reference suite folder (`config.json` + `checkpoint.pt`), or the hub
     /// id of one (resolved through the Hugging Face cache, as `--model` is).
     pub fn load(path: &Path, device: &Device) -> Result<Suite> {
-        let resolved;
-        let path = if path.exists() {
-            path
-        } else {
-            match path.to_str().filter(|s| crate::model::hub::looks_like_hub_id(s)) {
-                Some(id) => {
-                    resolved = crate::model::hub::resolve_suite(id)?;
-                    resolved.as_path()
-                }
-                None => {
-                    return Err(Error::input(
-                        path,
-                        "--suite: no such folder or file (and not a hub id like `owner/name`)",
-                    ))
-                }
-            }
-        };
+        let resolved = resolve(path)?;
+        let path = resolved.as_path();
         if path.is_dir() && crate::formats::reference::is_suite_dir(path) {
             let (mut suite, embedded, report) = crate::formats::reference::load_suite(path, device)?;
             let mut ignored = Vec::new();

@@ -92,6 +92,8 @@ fn parallel(args: &Args) -> Result<bool> {
 fn run(args: Args) -> Result<()> {
     let named = [("--suite", Some(args.suite.as_path())), ("--connections", args.connections.as_deref())];
     scae::util::io::refuse_overlap(&args.out, "--out", &named)?;
+    // A hub id becomes its snapshot folder, so that its files (config, sidecar) are found.
+    let args = Args { suite: scae::formats::suite::resolve(&args.suite)?, ..args };
     let parallel = parallel(&args)?;
     let suite = Suite::load(&args.suite, &Device::Cpu)?;
     let conns: Option<Connections> = match (&args.connections, &suite.embedded) {

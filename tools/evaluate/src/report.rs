@@ -76,7 +76,7 @@ fn kind(r: &Run) -> &'static str {
 
 /// Sort runs: finetuned after not, random after top, then all connections and ascending C.
 pub fn sort_runs(runs: &mut [Run]) {
-    runs.sort_by_key(|r| (r.finetuned, r.random, r.c.map_or(0, |c| c + 1)));
+    runs.sort_by_key(|r| (r.finetuned, r.random, r.c.map_or(0, |c| c.saturating_add(1))));
 }
 
 /// What the runs say about the method, in words: how much pruning to C costs, how much of it
@@ -103,7 +103,7 @@ pub fn summary(runs: &[Run]) -> Option<String> {
         100.0 * after.dead
     ));
     let random = runs.iter().find(|r| r.finetuned && r.random && r.c == Some(c));
-    let zero = runs.iter().find(|r| r.finetuned && r.c == Some(0));
+    let zero = runs.iter().find(|r| r.finetuned && r.c == Some(0)).filter(|_| c != 0);
     if let Some(r) = random {
         out.push_str(&format!("Control: random C={c} connections, finetuned the same way: {:.4}.\n", r.ce_diff));
     }

@@ -90,8 +90,6 @@ pub struct TorchTensor {
     /// Elements in the storage (from its reference).
     storage_len: usize,
     source: Source,
-    /// The device the tensor was saved from (`cpu`, `cuda:0`, ...).
-    pub location: String,
 }
 
 /// A tensor's contiguous little-endian values.
@@ -154,27 +152,26 @@ fn ints(v: &Value, what: &str) -> std::result::Result<Vec<usize>, String> {
         .collect()
 }
 
-/// A storage reference `('storage', <class>, key, location, numel[, view])`: its dtype, key,
-/// location and length.
-fn storage_ref(pid: &Value) -> std::result::Result<(Dtype, String, String, usize), String> {
+/// A storage reference `('storage', <class>, key, location, numel[, view])`: its dtype, key
+/// and length. The location (`cpu`, `cuda:0`, ...) does not matter: the bytes are the same.
+fn storage_ref(pid: &Value) -> std::result::Result<(Dtype, String, usize), String> {
     let items = pid.as_seq().ok_or_else(|| format!("persistent id: expected a tuple, found {}", pid.kind()))?;
     match items {
-        [Value::Str(tag), Value::Global(m, cls), Value::Str(key), Value::Str(loc), n, ..]
+        [Value::Str(tag), Value::Global(m, cls), Value::Str(key), Value::Str(_), n, ..]
             if tag == "storage" && m == "torch" =>
         {
             let dtype = Dtype::from_class(cls).ok_or_else(|| format!("storage class torch.{cls} is not supported"))?;
-            Ok((dtype, key.clone(), loc.clone(), int(n, "storage size")?))
+            Ok((dtype, key.clone(), int(n, "storage size")?))
         }
         _ => Err("persistent id: expected ('storage', torch.<Type>Storage, key, location, size)".into()),
     }
 }
 
-/// A storage placeholder before its bytes are located: dtype, source, location, elements.
+/// A storage placeholder before its bytes are located: dtype, source, elements.
 #[derive(Debug, Clone)]
 struct StorageRef {
     dtype: Dtype,
     source: Source,
-    location: String,
     len: usize,
 }
 
@@ -186,11 +183,13 @@ struct TorchHooks<'a> {
     refs: Vec<StorageRef>,
     /// Every storage referenced, as (key, dtype), in order.
     seen: Vec<(String, Dtype)>,
+    /// Reading a legacy blob: its storages hold no further blobs.
+    in_legacy: bool,
 }
 
 impl TorchHooks<'_> {
     fn new(legacy: Option<&BTreeMap<String, Arc<Storage>>>, zip: bool) -> TorchHooks<'_> {
-        TorchHooks { legacy, zip, refs: vec![], seen: vec![] }
+        TorchHooks { legacy, zip, refs: vec![], seen: vec![], in_legacy: false }
     }
 
     fn storage_value(&mut self, r: StorageRef) -> Value {
@@ -199,13 +198,42 @@ impl TorchHooks<'_> {
     }
 }
 
+/// A tensor view must lie inside its storage and hold no more elements than it (no stride-0
+/// broadcasts: torch writes none into these files).
+fn check_view(t: &TorchTensor) -> std::result::Result<(), String> {
+    let bad = || {
+        format!(
+            "tensor {:?} (offset {}, strides {:?}) does not fit its storage of {} elements",
+            t.shape, t.offset, t.stride, t.storage_len
+        )
+    };
+    if t.shape.len() != t.stride.len() {
+        return Err(format!("tensor of {} dims with {} strides", t.shape.len(), t.stride.len()));
+    }
+    let n = t.shape.iter().try_fold(1usize, |a, &s| a.checked_mul(s)).ok_or_else(bad)?;
+    if n == 0 {
+        return Ok(());
+    }
+    if n > t.storage_len {
+        return Err(bad());
+    }
+    let mut last = t.offset;
+    for (&s, &st) in t.shape.iter().zip(&t.stride) {
+        last = (s - 1).checked_mul(st).and_then(|x| last.checked_add(x)).ok_or_else(bad)?;
+    }
+    if last >= t.storage_len {
+        return Err(bad());
+    }
+    Ok(())
+}
+
 impl Hooks for TorchHooks<'_> {
     fn allowed(&self, module: &str, name: &str) -> bool {
         allowed(module, name)
     }
 
     fn persistent_load(&mut self, pid: Value) -> std::result::Result<Value, String> {
-        let (dtype, key, location, len) = storage_ref(&pid)?;
+        let (dtype, key, len) = storage_ref(&pid)?;
         self.seen.push((key.clone(), dtype));
         let source = if self.zip {
             Source::Zip(key)
@@ -217,13 +245,13 @@ impl Hooks for TorchHooks<'_> {
             Source::Bytes(Arc::new(Storage { dtype, bytes: vec![] }))
         };
         // Storages are marked by their index in `refs`, wrapped so they cannot pass for data.
-        Ok(Value::PersId(Box::new(self.storage_value(StorageRef { dtype, source, location, len }))))
+        Ok(Value::PersId(Box::new(self.storage_value(StorageRef { dtype, source, len }))))
     }
 
-    fn reduce(&mut self, module: &str, name: &str, args: &[Value]) -> std::result::Result<Option<Value>, String> {
+    fn reduce(&mut self, module: &str, name: &str, args: &[Value]) -> std::result::Result<Value, String> {
         match (module, name) {
             ("collections", "OrderedDict") => match args {
-                [] => Ok(Some(Value::Dict(vec![]))),
+                [] => Ok(Value::Dict(vec![])),
                 _ => Err("OrderedDict with arguments is not supported".into()),
             },
             ("torch._utils", "_rebuild_tensor_v2") => {
@@ -233,7 +261,7 @@ impl Hooks for TorchHooks<'_> {
                 let Value::PersId(idx) = storage else {
                     return Err(format!("_rebuild_tensor_v2: expected a storage, found {}", storage.kind()));
                 };
-                let r = self.refs[int(idx, "storage")?].clone();
+                let r = self.refs.get(int(idx, "storage")?).cloned().ok_or("_rebuild_tensor_v2: unknown storage")?;
                 let t = TorchTensor {
                     dtype: r.dtype,
                     shape: ints(size, "tensor size")?,
@@ -241,31 +269,21 @@ impl Hooks for TorchHooks<'_> {
                     offset: int(offset, "storage offset")?,
                     storage_len: r.len,
                     source: r.source,
-                    location: r.location,
                 };
-                if t.shape.len() != t.stride.len() {
-                    return Err(format!("tensor of {} dims with {} strides", t.shape.len(), t.stride.len()));
-                }
-                let n: usize = t.shape.iter().product();
-                if n > 0 {
-                    let last = t.offset + t.shape.iter().zip(&t.stride).map(|(s, st)| (s - 1) * st).sum::<usize>();
-                    if last >= t.storage_len {
-                        return Err(format!(
-                            "tensor {:?} (offset {}, strides {:?}) reaches past its storage of {} elements",
-                            t.shape, t.offset, t.stride, t.storage_len
-                        ));
-                    }
-                }
-                Ok(Some(Value::Tensor(Arc::new(t))))
+                check_view(&t)?;
+                Ok(Value::Tensor(Arc::new(t)))
             }
             ("torch._utils", "_rebuild_parameter") => match args.first() {
-                Some(t @ Value::Tensor(_)) => Ok(Some(t.clone())),
+                Some(t @ Value::Tensor(_)) => Ok(t.clone()),
                 _ => Err("_rebuild_parameter: expected a tensor".into()),
             },
+            ("torch.storage", "_load_from_bytes") if self.in_legacy => {
+                Err("a legacy storage blob inside another: not what torch writes".into())
+            }
             ("torch.storage", "_load_from_bytes") => match args {
                 [Value::Bytes(b)] => {
                     let r = legacy_storage(b)?;
-                    Ok(Some(Value::PersId(Box::new(self.storage_value(r)))))
+                    Ok(Value::PersId(Box::new(self.storage_value(r))))
                 }
                 _ => Err("_load_from_bytes: expected one bytes argument".into()),
             },
@@ -290,6 +308,7 @@ fn legacy_storage(blob: &[u8]) -> std::result::Result<StorageRef, String> {
 fn read_legacy(blob: &[u8]) -> std::result::Result<(Value, Vec<StorageRef>), String> {
     let rest = blob.strip_prefix(LEGACY_MAGIC).ok_or("not a torch legacy-format blob (bad magic number)")?;
     let mut scan = TorchHooks::new(None, false);
+    scan.in_legacy = true;
     // Protocol version, system info, the object (scanned once for its storages and its end),
     // the storage keys, then each storage: its element count (int64) and its bytes.
     let (proto, mut at) = pickle::load(rest, &mut scan)?;
@@ -308,7 +327,7 @@ fn read_legacy(blob: &[u8]) -> std::result::Result<(Value, Vec<StorageRef>), Str
     for k in keys {
         let k = k.as_str().ok_or("legacy format: storage key is not a string")?.to_string();
         let dtype = *dtypes.get(&k).ok_or_else(|| format!("legacy format: storage {k} is not referenced"))?;
-        let head = rest.get(at..at + 8).ok_or("legacy format: truncated storage header")?;
+        let head = rest.get(at..at.saturating_add(8)).ok_or("legacy format: truncated storage header")?;
         let numel = u64::from_le_bytes(head.try_into().expect("8")) as usize;
         at += 8;
         let len = numel.checked_mul(dtype.size()).ok_or("legacy format: storage size overflows")?;
@@ -318,6 +337,7 @@ fn read_legacy(blob: &[u8]) -> std::result::Result<(Value, Vec<StorageRef>), Str
         map.insert(k, Arc::new(Storage { dtype, bytes: bytes.to_vec() }));
     }
     let mut hooks = TorchHooks::new(Some(&map), false);
+    hooks.in_legacy = true;
     let (obj, _) = pickle::load(&rest[obj_at..], &mut hooks)?;
     Ok((obj, hooks.refs))
 }
@@ -336,7 +356,7 @@ impl TorchFile {
             let pkl = z
                 .file_names()
                 .filter_map(|n| n.ok().map(|n| n.to_string()))
-                .find(|n| n.ends_with("data.pkl") && n.matches('/').count() <= 1)
+                .find(|n| n == "data.pkl" || (n.ends_with("/data.pkl") && n.matches('/').count() == 1))
                 .ok_or_else(|| bad("a zip file without data.pkl: not written by torch.save".into()))?;
             let prefix = pkl.strip_suffix("data.pkl").expect("suffix").to_string();
             let mut bytes = Vec::new();
@@ -363,6 +383,7 @@ impl TorchFile {
     /// The contiguous values of `t`.
     pub fn tensor(&mut self, t: &TorchTensor) -> Result<Dense> {
         let es = t.dtype.size();
+        let want = t.storage_len.checked_mul(es).ok_or_else(|| Error::input(&self.path, "a storage size overflows"))?;
         let zip_bytes;
         let storage: &[u8] = match &t.source {
             Source::Bytes(s) => &s.bytes,
@@ -372,14 +393,15 @@ impl TorchFile {
                 };
                 let name = format!("{prefix}data/{key}");
                 let mut buf = Vec::new();
+                // No more than the reference says the storage holds.
                 z.by_name(&name)
-                    .and_then(|mut e| e.read_to_end(&mut buf).map_err(Into::into))
+                    .and_then(|e| e.take(want as u64).read_to_end(&mut buf).map_err(Into::into))
                     .map_err(|e| Error::input(&self.path, format!("storage {name}: cannot read: {e}")))?;
                 zip_bytes = buf;
                 &zip_bytes
             }
         };
-        if storage.len() < t.storage_len * es {
+        if storage.len() < want {
             return Err(Error::input(
                 &self.path,
                 format!(
@@ -489,4 +511,36 @@ pub fn save(path: &Path, root: &Item) -> Result<()> {
         };
         write().map_err(|e| Error::input(tmp, format!("cannot write: {e}")))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(shape: Vec<usize>, stride: Vec<usize>, offset: usize, storage_len: usize) -> TorchTensor {
+        let source = Source::Bytes(Arc::new(Storage { dtype: Dtype::F32, bytes: vec![0; 4 * storage_len] }));
+        TorchTensor { dtype: Dtype::F32, shape, stride, offset, storage_len, source }
+    }
+
+    #[test]
+    fn views_must_fit_their_storage() {
+        assert!(check_view(&view(vec![2, 3], vec![3, 1], 0, 6)).is_ok());
+        assert!(check_view(&view(vec![3, 2], vec![1, 3], 0, 6)).is_ok(), "a transposed view");
+        assert!(check_view(&view(vec![0, 5], vec![5, 1], 0, 0)).is_ok(), "empty");
+        assert!(check_view(&view(vec![2, 3], vec![3, 1], 1, 6)).is_err(), "one past the end");
+        // A stride-0 view asking for 2^40 elements of a 1-element storage, and overflowing strides.
+        assert!(check_view(&view(vec![1 << 40], vec![0], 0, 1)).is_err());
+        assert!(check_view(&view(vec![2, 2], vec![usize::MAX / 2, 1], 0, 8)).is_err());
+        assert!(check_view(&view(vec![usize::MAX, 3], vec![1, 1], 0, 8)).is_err());
+    }
+
+    #[test]
+    fn dense_values_follow_strides() {
+        let bytes: Vec<u8> = (0..6i64).flat_map(|v| v.to_le_bytes()).collect();
+        let source = Source::Bytes(Arc::new(Storage { dtype: Dtype::I64, bytes }));
+        let t =
+            TorchTensor { dtype: Dtype::I64, shape: vec![3, 2], stride: vec![1, 3], offset: 0, storage_len: 6, source };
+        let mut f = TorchFile { path: PathBuf::from("x"), root: Value::None, zip: None };
+        assert_eq!(f.tensor(&t).unwrap().to_i64().unwrap(), vec![0, 3, 1, 4, 2, 5]);
+    }
 }

@@ -4,10 +4,11 @@
 //! `torch.save` produce for dicts, lists, tuples, numbers, strings, bytes and tensors. A
 //! global (`GLOBAL` / `STACK_GLOBAL`) is only a name: it is checked against an allow-list given
 //! by the caller and never imported; `REDUCE` of an allowed callable is handed to the caller's
-//! [`Hooks`] (which builds tensors) or kept as a [`Value::Call`] node. Anything else — an
-//! unknown opcode, a global off the list, a malformed stream — is an error naming the byte
-//! offset.
+//! [`Hooks`] (which builds tensors). Anything else — an unknown opcode, a global off the list,
+//! a malformed stream, values nested too deep or references that expand too far — is an error
+//! naming the byte offset.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// A decoded pickle value.
@@ -25,12 +26,8 @@ pub enum Value {
     Dict(Vec<(Value, Value)>),
     /// An allowed global, not yet called.
     Global(String, String),
-    /// `REDUCE` of an allowed global that the hooks did not turn into a value.
-    Call(String, String, Vec<Value>),
-    /// The argument of a `BINPERSID` that the hooks did not resolve.
+    /// What the hooks made of a `BINPERSID` (torch: a storage reference).
     PersId(Box<Value>),
-    /// A storage resolved by the hooks (raw little-endian bytes and its element kind).
-    Storage(Arc<Storage>),
     /// A tensor built by the hooks.
     Tensor(Arc<super::TorchTensor>),
 }
@@ -89,9 +86,7 @@ impl Value {
             Value::Tuple(_) => "a tuple",
             Value::Dict(_) => "a dict",
             Value::Global(..) => "a class or function",
-            Value::Call(..) => "an object",
             Value::PersId(_) => "a persistent reference",
-            Value::Storage(_) => "a storage",
             Value::Tensor(_) => "a tensor",
         }
     }
@@ -103,9 +98,8 @@ pub trait Hooks {
     fn allowed(&self, module: &str, name: &str) -> bool;
     /// Resolve the argument of `BINPERSID` (torch: a storage reference).
     fn persistent_load(&mut self, pid: Value) -> Result<Value, String>;
-    /// `REDUCE` of allowed global `module.name` with `args`: a value, or `None` to keep a
-    /// [`Value::Call`] node.
-    fn reduce(&mut self, module: &str, name: &str, args: &[Value]) -> Result<Option<Value>, String>;
+    /// `REDUCE` of allowed global `module.name` with `args`.
+    fn reduce(&mut self, module: &str, name: &str, args: &[Value]) -> Result<Value, String>;
 }
 
 struct Reader<'a> {
@@ -160,11 +154,13 @@ const MAX_DEPTH: u32 = 100;
 /// a few hundred bytes of nested references could otherwise ask for billions).
 const MAX_COPIED: u64 = 1 << 22;
 
-/// The VM's stack, each value with its nesting depth (`d`) and its count of values (`n`).
+/// The VM's stack, each value with its nesting depth (`d`), its count of values (`n`) and the
+/// memo id it was stored under, if any (`id`).
 struct Stack {
     v: Vec<Value>,
     d: Vec<u32>,
     n: Vec<u64>,
+    id: Vec<Option<usize>>,
 }
 
 impl Stack {
@@ -178,10 +174,12 @@ impl Stack {
         self.v.push(v);
         self.d.push(d);
         self.n.push(n);
+        self.id.push(None);
         Ok(())
     }
     fn pop(&mut self, at: usize) -> Result<(Value, u32), String> {
         self.n.pop();
+        self.id.pop();
         match (self.v.pop(), self.d.pop()) {
             (Some(v), Some(d)) => Ok((v, d)),
             _ => Err(format!("malformed pickle: empty stack at byte {at}")),
@@ -191,6 +189,7 @@ impl Stack {
     fn split_off(&mut self, m: usize) -> (Vec<Value>, u32, u64) {
         let d = self.d.split_off(m).into_iter().max().unwrap_or(0);
         let n = self.n.split_off(m).into_iter().sum();
+        self.id.truncate(m);
         (self.v.split_off(m), d, n)
     }
     fn len(&self) -> usize {
@@ -201,11 +200,13 @@ impl Stack {
 /// Read one pickle from the start of `data`; returns the value and the bytes it used.
 pub fn load(data: &[u8], hooks: &mut dyn Hooks) -> Result<(Value, usize), String> {
     let mut r = Reader { data, pos: 0 };
-    let mut stack = Stack { v: Vec::new(), d: Vec::new(), n: Vec::new() };
+    let mut stack = Stack { v: Vec::new(), d: Vec::new(), n: Vec::new(), id: Vec::new() };
     let mut copied: u64 = 0;
     // Positions in `stack` where MARK was pushed.
     let mut marks: Vec<usize> = Vec::new();
-    let mut memo: Vec<Option<(Value, u32, u64)>> = Vec::new();
+    // Memo entries by id; `None` marks a container changed after it was stored (a reference
+    // to it would read the stale copy, so it is refused).
+    let mut memo: HashMap<usize, Option<(Value, u32, u64)>> = HashMap::new();
     fn pop_mark(stack: &mut Stack, marks: &mut Vec<usize>, at: usize) -> Result<(Vec<Value>, u32, u64), String> {
         let m = marks.pop().ok_or_else(|| format!("malformed pickle: no MARK before byte {at}"))?;
         if m > stack.len() {
@@ -229,8 +230,20 @@ pub fn load(data: &[u8], hooks: &mut dyn Hooks) -> Result<(Value, usize), String
         }
         Ok(())
     }
-    /// Add `items` (of depth `d`) into the container on top of the stack.
-    fn extend_top(stack: &mut Stack, items: Vec<Value>, d: u32, n: u64, dict: bool, at: usize) -> Result<(), String> {
+    /// Add `items` (of depth `d`) into the container on top of the stack; a memo copy of it
+    /// goes stale.
+    fn extend_top(
+        stack: &mut Stack,
+        memo: &mut HashMap<usize, Option<(Value, u32, u64)>>,
+        items: Vec<Value>,
+        d: u32,
+        n: u64,
+        dict: bool,
+        at: usize,
+    ) -> Result<(), String> {
+        if let Some(Some(id)) = stack.id.last() {
+            memo.insert(*id, None);
+        }
         if let Some(count) = stack.n.last_mut() {
             *count += n;
         }
@@ -276,6 +289,9 @@ pub fn load(data: &[u8], hooks: &mut dyn Hooks) -> Result<(Value, usize), String
                 let n = stack.n.last().copied().unwrap_or(0);
                 let (v, d) = stack.pop(at)?;
                 copied += n;
+                if copied > MAX_COPIED {
+                    return Err(format!("references expand to more than {MAX_COPIED} values (byte {at})"));
+                }
                 stack.push_n(v.clone(), d, n)?;
                 stack.push_n(v, d, n)?;
             }
@@ -331,11 +347,11 @@ pub fn load(data: &[u8], hooks: &mut dyn Hooks) -> Result<(Value, usize), String
             b'a' => {
                 let n = stack.n.last().copied().unwrap_or(0);
                 let (v, d) = stack.pop(at)?;
-                extend_top(&mut stack, vec![v], d, n, false, at)?;
+                extend_top(&mut stack, &mut memo, vec![v], d, n, false, at)?;
             }
             b'e' | b'u' => {
                 let (items, d, n) = pop_mark(&mut stack, &mut marks, at)?;
-                extend_top(&mut stack, items, d, n, op == b'u', at)?;
+                extend_top(&mut stack, &mut memo, items, d, n, op == b'u', at)?;
             }
             b'd' => {
                 let (items, d, n) = pop_mark(&mut stack, &mut marks, at)?;
@@ -350,7 +366,7 @@ pub fn load(data: &[u8], hooks: &mut dyn Hooks) -> Result<(Value, usize), String
                 let n = stack.n[stack.len() - 2..].iter().sum();
                 let (v, dv) = stack.pop(at)?;
                 let (k, dk) = stack.pop(at)?;
-                extend_top(&mut stack, vec![k, v], dv.max(dk), n, true, at)?;
+                extend_top(&mut stack, &mut memo, vec![k, v], dv.max(dk), n, true, at)?;
             }
             b'c' | 0x93 => {
                 let (module, name) = if op == b'c' {
@@ -380,10 +396,7 @@ pub fn load(data: &[u8], hooks: &mut dyn Hooks) -> Result<(Value, usize), String
                 let Value::Tuple(args) = args else {
                     return Err(format!("malformed pickle: REDUCE with {} as arguments at byte {at}", args.kind()));
                 };
-                let v = match hooks.reduce(&module, &name, &args).map_err(|e| format!("{e} (byte {at})"))? {
-                    Some(v) => v,
-                    None => Value::Call(module, name, args),
-                };
+                let v = hooks.reduce(&module, &name, &args).map_err(|e| format!("{e} (byte {at})"))?;
                 stack.push_n(v, d, n)?;
             }
             b'b' => {
@@ -408,18 +421,26 @@ pub fn load(data: &[u8], hooks: &mut dyn Hooks) -> Result<(Value, usize), String
                     b'r' => r.u32()?,
                     _ => memo.len(),
                 };
-                if id > 1 << 24 {
-                    return Err(format!("memo index {id} at byte {at} is implausibly large"));
+                // Storing copies the value.
+                copied += n;
+                if copied > MAX_COPIED {
+                    return Err(format!("references expand to more than {MAX_COPIED} values (byte {at})"));
                 }
-                if memo.len() <= id {
-                    memo.resize(id + 1, None);
+                memo.insert(id, Some((v, d, n)));
+                if let Some(slot) = stack.id.last_mut() {
+                    *slot = Some(id);
                 }
-                memo[id] = Some((v, d, n));
             }
             b'h' | b'j' => {
                 let id = if op == b'h' { r.u8()? as usize } else { r.u32()? };
-                let Some(Some((v, d, n))) = memo.get(id) else {
-                    return Err(format!("malformed pickle: memo entry {id} missing at byte {at}"));
+                let (v, d, n) = match memo.get(&id) {
+                    Some(Some(e)) => e,
+                    Some(None) => {
+                        return Err(format!(
+                            "memo entry {id} at byte {at} is a container changed after it was stored (shared mutable objects are not supported)"
+                        ))
+                    }
+                    None => return Err(format!("malformed pickle: memo entry {id} missing at byte {at}")),
                 };
                 copied += n;
                 if copied > MAX_COPIED {
@@ -434,7 +455,6 @@ pub fn load(data: &[u8], hooks: &mut dyn Hooks) -> Result<(Value, usize), String
 
 /// A protocol-2 pickle writer for dicts, strings, ints, tuples, tensors' reduce calls and
 /// persistent ids (what `torch.load` reads back).
-#[derive(Default)]
 pub struct Writer {
     pub out: Vec<u8>,
 }
@@ -511,8 +531,8 @@ mod tests {
         fn persistent_load(&mut self, pid: Value) -> Result<Value, String> {
             Ok(Value::PersId(Box::new(pid)))
         }
-        fn reduce(&mut self, _: &str, _: &str, _: &[Value]) -> Result<Option<Value>, String> {
-            Ok(Some(Value::Dict(vec![])))
+        fn reduce(&mut self, _: &str, _: &str, _: &[Value]) -> Result<Value, String> {
+            Ok(Value::Dict(vec![]))
         }
     }
 
@@ -560,6 +580,13 @@ mod tests {
         bomb.push(b'.');
         let e = load(&bomb, &mut Plain).unwrap_err();
         assert!(e.contains("expand to more than"), "{e}");
+        // x = [1]; {'a': x, 'b': x}: the list was stored empty, then filled; its reference is refused.
+        let shared = b"\x80\x02}(X\x01\x00\x00\x00a]q\x00K\x01aX\x01\x00\x00\x00bh\x00u.";
+        let e = load(shared, &mut Plain).unwrap_err();
+        assert!(e.contains("changed after it was stored"), "{e}");
+        // A huge explicit memo index costs nothing.
+        let (v, _) = load(b"\x80\x02Nr\xff\xff\xff\x00.", &mut Plain).unwrap();
+        assert_eq!(v, Value::None);
     }
 
     #[test]
