@@ -50,6 +50,10 @@ KEEP ?= 64
 CONTROL ?= 0
 # Seed of the random connections.
 RANDOM_SEED ?= 0
+# Also write the feature browser of the finetuned suite in `make all` (1) or not (0).
+VIEW ?= 0
+# Sequences the feature browser reads (empty: the whole cache).
+VIEW_SEQS ?=
 # Command that turns edges.parquet into connections.parquet; called as
 # `$(SELECT) --edges E --c C --out F` (e.g. SELECT="python3 pipelines/select_random.py").
 SELECT ?= $(BIN)/select-edges
@@ -84,6 +88,8 @@ FT_RAND := $(EDGES:$(OUT)/edges/%=$(OUT)/finetune/%)-c$(C)-random$(RANDOM_SEED)-
 EVAL_RAND := $(FT_RAND:$(OUT)/finetune/%=$(OUT)/eval/%)
 # The control runs only when the pipeline selects connections itself.
 WITH_CONTROL := $(and $(filter 1,$(CONTROL)),$(if $(CONNECTIONS),,1))
+# The feature browser of the finetuned suite.
+VIEW_DIR := $(FT:$(OUT)/finetune/%=$(OUT)/view/%)$(if $(VIEW_SEQS),-n$(VIEW_SEQS),)
 # The report of `make all`: the runs side by side and what they say.
 REPORT := $(EVAL:$(OUT)/eval/%=$(OUT)/report/%)$(if $(WITH_CONTROL),-control$(RANDOM_SEED),)
 
@@ -92,16 +98,18 @@ CS ?= 0 4 16 64
 SWEEP := $(EDGES:$(OUT)/edges/%=$(OUT)/sweep/%)-$(LOSS)-s$(STEPS)-lr$(LR)-d$(DECAY)
 EVAL_ALL := $(EDGES:$(OUT)/edges/%=$(OUT)/eval/%)-all-before
 
-.PHONY: all build toy acts suite edges connections finetune eval sweep print-eval test clean help
+.PHONY: all build toy acts suite edges connections finetune eval view sweep print-eval test clean help
 
 ## all: activations -> suite -> edge scores -> connections (C) -> finetune -> evaluation,
 ## then a report beside the all-connections suite (and, with CONTROL=1, random connections).
-all: eval $(EVAL0)/.done $(EVAL_ALL)/.done $(if $(WITH_CONTROL),$(EVAL_RAND)/.done,)
+all: eval $(EVAL0)/.done $(EVAL_ALL)/.done $(if $(WITH_CONTROL),$(EVAL_RAND)/.done,) $(if $(filter 1,$(VIEW)),$(VIEW_DIR)/.done,)
 	@echo "## before finetuning ($(if $(CONNECTIONS),$(CONNECTIONS),C=$(C)))" && cat $(EVAL0)/table.md
 	@echo "## after finetuning ($(LOSS), $(STEPS) steps)" && cat $(EVAL)/table.md
 	@echo "## report"
 	@$(BIN)/evaluate --compare $(EVAL_ALL) $(EVAL0) $(EVAL) $(if $(WITH_CONTROL),$(EVAL_RAND),) --out $(REPORT)
 	@echo "report: $(REPORT)/compare.md"
+	@$(if $(wildcard $(SWEEP)/compare.png),echo "sweep plot: $(SWEEP)/compare.png",true)
+	@$(if $(filter 1,$(VIEW)),echo "feature browser: $(VIEW_DIR)/index.html",echo "feature browser: make view")
 
 
 ## build: compile the tools (release).
@@ -193,6 +201,15 @@ $(EVAL0)/.done: $(CONN) $(ACTS)/.done $(SUITE_DEP) | build
 	mv $(EVAL0).md.tmp $(EVAL0)/table.md
 	touch $@
 
+## view: write the feature browser of the finetuned suite (open its index.html).
+view: $(VIEW_DIR)/.done
+	@echo "feature browser: $(VIEW_DIR)/index.html"
+$(VIEW_DIR)/.done: $(FT)/.done | build
+	$(BIN)/view-features --acts $(ACTS) --suite $(FT) --connections $(CONN) \
+	    $(if $(CONNECTIONS),,--edges $(EDGES)/edges.parquet) $(if $(VIEW_SEQS),--n-seqs $(VIEW_SEQS),) \
+	    $(THREADS_FLAG) --out $(VIEW_DIR) --overwrite
+	touch $@
+
 ## sweep: finetune and evaluate for every C in CS, then compare (table + plot).
 sweep: $(EVAL_ALL)/.done $(EVAL0)/.done
 	@for c in $(CS); do $(MAKE) --no-print-directory eval C=$$c; done
@@ -224,4 +241,4 @@ help:
 	@grep -E '^## ' $(firstword $(MAKEFILE_LIST)) | sed 's/^## /  /'
 	@echo
 	@echo "Variables (PIPELINE=$(PIPELINE)):"
-	@$(foreach v,PIPELINE MODEL DATA CTX N_SEQS BOS PACK DTYPE BATCH THREADS EXPANSION K SUITE_STEPS SUITE_LR SUITE CONNECTIONS C KEEP SELECT CONTROL RANDOM_SEED LOSS STEPS LR DECAY CS OUT,echo "  $(v) = $($(v))";)
+	@$(foreach v,PIPELINE MODEL DATA CTX N_SEQS BOS PACK DTYPE BATCH THREADS EXPANSION K SUITE_STEPS SUITE_LR SUITE CONNECTIONS C KEEP SELECT CONTROL RANDOM_SEED VIEW VIEW_SEQS LOSS STEPS LR DECAY CS OUT,echo "  $(v) = $($(v))";)

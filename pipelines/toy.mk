@@ -24,3 +24,5 @@ STEPS ?= 200
 LR ?= 1e-4
 # Also finetune the random-connections control (the reference's fake connections).
 CONTROL ?= 1
+# And write the feature browser (under a second on the toy).
+VIEW ?= 1

@@ -19,6 +19,7 @@
 //! Every formula is stated in `docs/MATH.md`; `docs/ARCHITECTURE.md` lists the file that
 //! implements each; file layouts are in `shared/FORMATS.md`.
 
+pub mod browse;
 pub mod cli;
 pub mod data;
 pub mod error;

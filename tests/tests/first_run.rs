@@ -55,4 +55,8 @@ fn make_all_on_the_toy_default_shows_the_method_working() {
     assert!(before - after > 0.5 * (before - all), "{got}");
     assert!(report.contains("## report") && report.contains("winning back"), "{report}");
     assert!(report.contains("So: the selected connections carry what the suite needs"), "{report}");
+    // And the feature browser of the finetuned suite.
+    let line = report.lines().find(|l| l.starts_with("feature browser: ")).expect("the browser's path");
+    let index = Path::new(&fixtures().join("../..")).join(line.trim_start_matches("feature browser: "));
+    assert!(index.is_file() || Path::new(line.trim_start_matches("feature browser: ")).is_file(), "{line}");
 }

@@ -60,6 +60,14 @@ impl TextTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// The text of one token (for display; `<id>` if it cannot be decoded).
+    pub fn token_text(&self, id: u32) -> String {
+        match self.inner.decode(&[id], false) {
+            Ok(t) if !t.is_empty() => t,
+            _ => self.inner.id_to_token(id).unwrap_or_else(|| format!("<{id}>")),
+        }
+    }
+
     /// Size of the tokenizer's vocabulary (with added tokens).
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

@@ -1,0 +1,239 @@
+//! Feature statistics for the feature browser (`view-features`): one streaming pass over a
+//! cache through the pass the suite is evaluated with, keeping per feature its firing count,
+//! sum and max, the top-N activating contexts (with left and right context), a reservoir of
+//! activations (for the histogram) and a small reservoir of contexts (for examples from lower
+//! quantiles); then the logit lens of each decoder direction.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::Result;
+use crate::formats::connections::Connections;
+use crate::inputs::Inputs;
+use crate::pass::{PassOptions, Plan, ValuePass, Wiring};
+use crate::util::rng::SplitMix;
+
+/// What to keep per feature.
+#[derive(Debug, Clone)]
+pub struct BrowseConfig {
+    pub batch_size: usize,
+    pub limit: Option<usize>,
+    /// Top activating contexts kept per feature.
+    pub top_n: usize,
+    /// Tokens of context left and right of the activating token.
+    pub left: usize,
+    pub right: usize,
+    /// Activations sampled per feature for the histogram.
+    pub hist_samples: usize,
+    /// Contexts sampled per feature for the lower-quantile examples.
+    pub sample_contexts: usize,
+    /// Tokens in each logit-lens list.
+    pub lens: usize,
+    pub pass: PassOptions,
+    pub seed: u64,
+}
+
+/// One activating context: the window's tokens and this feature's activations on them.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub act: f32,
+    pub seq: u32,
+    pub pos: u32,
+    /// Index of the activating token in `tokens`.
+    pub at: u32,
+    pub tokens: Vec<u32>,
+    pub acts: Vec<f32>,
+}
+
+/// Everything kept for one feature.
+#[derive(Debug, Clone, Default)]
+pub struct FeatureStats {
+    pub count: u64,
+    pub sum: f64,
+    pub max: f32,
+    /// Highest activations first (after [`finish`](Browse::finish)).
+    pub top: Vec<Context>,
+    /// Reservoir of activation values.
+    pub samples: Vec<f32>,
+    /// Reservoir of contexts (sorted by activation after `finish`).
+    pub sampled: Vec<Context>,
+}
+
+/// Logit lens of a decoder direction: the tokens it promotes and suppresses most.
+#[derive(Debug, Clone, Default)]
+pub struct Lens {
+    pub top: Vec<(u32, f32)>,
+    pub bottom: Vec<(u32, f32)>,
+}
+
+/// The statistics of every feature of every module.
+pub struct Browse {
+    pub n_tokens: u64,
+    pub n_seqs: usize,
+    pub stats: Vec<Vec<FeatureStats>>,
+    pub lens: Vec<Vec<Lens>>,
+}
+
+/// Insert into a top-N list kept unsorted (the minimum is replaced).
+fn push_top(top: &mut Vec<Context>, n: usize, c: Context) {
+    if top.len() < n {
+        top.push(c);
+        return;
+    }
+    let (mi, mv) =
+        top.iter().enumerate().fold((0, f32::INFINITY), |m, (i, x)| if x.act < m.1 { (i, x.act) } else { m });
+    if c.act > mv {
+        top[mi] = c;
+    }
+}
+
+/// Run the pass over `inputs`' cache and collect every feature's statistics.
+pub fn collect(inputs: &Inputs, conns: Option<&Connections>, cfg: &BrowseConfig, device: &Device) -> Result<Browse> {
+    let suite = &inputs.suite;
+    let (f, n_mod) = (suite.n_features, suite.modules.len());
+    let wiring = match conns {
+        Some(c) => Wiring::Sparse(c),
+        None => Wiring::All,
+    };
+    let plan = Plan::new(suite, wiring, inputs.parallel(), device)?;
+    let pass = ValuePass::new(suite, &inputs.model.runtime, &plan, cfg.pass, device)?;
+    let cache = inputs.cache();
+    let m = &cache.manifest;
+    let total = cfg.limit.unwrap_or(m.n_seqs).min(m.n_seqs);
+    let bar = crate::util::token_bar(Some((total * m.ctx_len) as u64), "reading features");
+    let mut stats = vec![vec![FeatureStats::default(); f]; n_mod];
+    let mut rng = SplitMix(cfg.seed ^ 0x5ca3_b20e);
+    let (mut n_tokens, mut seq0) = (0u64, 0usize);
+    let n_seqs = cache.for_each_batch(cfg.batch_size, cfg.limit, device, |batch| {
+        let out = pass.run(&batch)?;
+        let (b, s) = batch.tokens.dims2()?;
+        let tokens: Vec<u32> = batch.tokens.flatten_all()?.to_vec1()?;
+        for (mi, feats) in out.feats.iter().enumerate() {
+            let v: Vec<f32> = feats.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            let st = &mut stats[mi];
+            for row in 0..b * s {
+                let (bi, pos) = (row / s, row % s);
+                for (j, &a) in v[row * f..(row + 1) * f].iter().enumerate() {
+                    if a <= 0.0 {
+                        continue;
+                    }
+                    let fs = &mut st[j];
+                    fs.count += 1;
+                    fs.sum += a as f64;
+                    fs.max = fs.max.max(a);
+                    let window = |act: f32| {
+                        let (lo, hi) = (pos.saturating_sub(cfg.left), (pos + cfg.right + 1).min(s));
+                        Context {
+                            act,
+                            seq: (seq0 + bi) as u32,
+                            pos: pos as u32,
+                            at: (pos - lo) as u32,
+                            tokens: tokens[bi * s + lo..bi * s + hi].to_vec(),
+                            acts: (lo..hi).map(|q| v[(bi * s + q) * f + j]).collect(),
+                        }
+                    };
+                    let full = fs.top.len() >= cfg.top_n;
+                    if !full || fs.top.iter().any(|c| c.act < a) {
+                        push_top(&mut fs.top, cfg.top_n, window(a));
+                    }
+                    // Reservoir sampling (Algorithm R) of values and of contexts.
+                    let seen = fs.count;
+                    if fs.samples.len() < cfg.hist_samples {
+                        fs.samples.push(a);
+                    } else {
+                        let r = (rng.next_u64() % seen) as usize;
+                        if r < cfg.hist_samples {
+                            fs.samples[r] = a;
+                        }
+                    }
+                    if fs.sampled.len() < cfg.sample_contexts {
+                        fs.sampled.push(window(a));
+                    } else {
+                        let r = (rng.next_u64() % seen) as usize;
+                        if r < cfg.sample_contexts {
+                            fs.sampled[r] = window(a);
+                        }
+                    }
+                }
+            }
+        }
+        seq0 += b;
+        n_tokens += (b * s) as u64;
+        bar.inc((b * s) as u64);
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    for fs in stats.iter_mut().flatten() {
+        fs.top.sort_by(|a, b| b.act.total_cmp(&a.act));
+        fs.sampled.sort_by(|a, b| b.act.total_cmp(&a.act));
+    }
+    let lens = logit_lens(inputs, cfg.lens, device)?;
+    Ok(Browse { n_tokens, n_seqs, stats, lens })
+}
+
+/// The `n` largest and smallest entries of `row` with their indices, largest first / smallest first.
+fn extremes(row: &[f32], n: usize) -> (Vec<(u32, f32)>, Vec<(u32, f32)>) {
+    let mut idx: Vec<u32> = (0..row.len() as u32).collect();
+    let n = n.min(row.len());
+    let by = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
+    if n == 0 {
+        return (vec![], vec![]);
+    }
+    idx.select_nth_unstable_by(n - 1, by);
+    let mut top: Vec<u32> = idx[..n].to_vec();
+    top.sort_by(by);
+    let by_low = |a: &u32, b: &u32| row[*a as usize].total_cmp(&row[*b as usize]).then(a.cmp(b));
+    idx.select_nth_unstable_by(n - 1, by_low);
+    let mut low: Vec<u32> = idx[..n].to_vec();
+    low.sort_by(by_low);
+    let pick = |v: Vec<u32>| v.into_iter().map(|i| (i, row[i as usize])).collect();
+    (pick(top), pick(low))
+}
+
+/// Each decoder direction `W_dec[:, j]` through the unembedding `W_U` (as TransformerLens folds
+/// it: final LN gain folded in, centred; no LN scale, which a direction does not have).
+fn logit_lens(inputs: &Inputs, n: usize, device: &Device) -> Result<Vec<Vec<Lens>>> {
+    let w_u = inputs.model.runtime.weights.w_u.to_device(device)?.to_dtype(DType::F32)?;
+    let f = inputs.suite.n_features;
+    const CHUNK: usize = 256;
+    let mut out = Vec::new();
+    for ae in &inputs.suite.aes {
+        let dec_t = ae.w_dec.as_tensor().t()?.contiguous()?; // (F, D)
+        let mut lens = Vec::with_capacity(f);
+        for start in (0..f).step_by(CHUNK) {
+            let len = CHUNK.min(f - start);
+            let logits: Tensor = dec_t.narrow(0, start, len)?.matmul(&w_u)?;
+            let rows: Vec<Vec<f32>> = logits.to_device(&Device::Cpu)?.to_vec2()?;
+            for row in rows {
+                let (top, bottom) = extremes(&row, n);
+                lens.push(Lens { top, bottom });
+            }
+        }
+        out.push(lens);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extremes_are_the_largest_and_smallest_with_ties_by_index() {
+        let row = [0.5, -2.0, 3.0, 3.0, -2.0, 0.0];
+        let (top, low) = extremes(&row, 3);
+        assert_eq!(top, vec![(2, 3.0), (3, 3.0), (0, 0.5)]);
+        assert_eq!(low, vec![(1, -2.0), (4, -2.0), (5, 0.0)]);
+    }
+
+    #[test]
+    fn top_list_keeps_the_largest() {
+        let c = |act: f32| Context { act, seq: 0, pos: 0, at: 0, tokens: vec![], acts: vec![] };
+        let mut top = Vec::new();
+        for a in [1.0, 5.0, 2.0, 4.0, 3.0, 0.5] {
+            push_top(&mut top, 3, c(a));
+        }
+        let mut got: Vec<f32> = top.iter().map(|x| x.act).collect();
+        got.sort_by(|a, b| b.total_cmp(a));
+        assert_eq!(got, vec![5.0, 4.0, 3.0]);
+    }
+}

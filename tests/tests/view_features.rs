@@ -1,0 +1,151 @@
+//! view-features: its data agree with evaluate's own features (the top context of a feature is
+//! where evaluate --dump has that feature's largest activation), and the site renders in a real
+//! browser from file:// — headless Chromium, asserting on the rendered DOM. Skipped, with a
+//! message, where Chromium is not installed.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::Device;
+use scae_testkit::{fixture_model, fixtures, golden_cache, s, scratch, tool_ok};
+
+struct Site {
+    dir: PathBuf,
+    module: String,
+    feature: usize,
+    /// Token id and text at the feature's largest activation, from evaluate --dump.
+    max_token: (u32, String),
+    max_act: f32,
+    first_up: (String, u32),
+}
+
+/// The data of feature `j` of `module` in the site (parsed from its chunk file).
+fn feature_data(dir: &Path, module: &str, j: usize) -> serde_json::Value {
+    let text = std::fs::read_to_string(dir.join(format!("data/{module}-{}.js", j / 256))).unwrap();
+    let body = text.trim_end().trim_end_matches(';');
+    let start = body.find('[').unwrap();
+    let arr: serde_json::Value = serde_json::from_str(&body[start..body.len() - 1]).unwrap();
+    arr[j % 256].clone()
+}
+
+fn build(name: &str) -> Site {
+    let tmp = scratch(&format!("view-{name}"));
+    let acts = golden_cache(&tmp, name);
+    let fx = fixtures().join("suites").join(name);
+    let (suite, conns) = (fx.join("suite.safetensors"), fx.join("connections-ref.safetensors"));
+    let ev = tmp.join("eval");
+    tool_ok(
+        "evaluate",
+        &["--acts", s(&acts), "--suite", s(&suite), "--connections", s(&conns), "--dump", "--out", s(&ev)],
+    );
+    let dir = tmp.join("view");
+    let out = tool_ok(
+        "view-features",
+        &["--acts", s(&acts), "--suite", s(&suite), "--connections", s(&conns), "--out", s(&dir)],
+    );
+    assert!(out.contains("view-features:") && out.contains("index.html"), "{out}");
+    // The most frequently firing feature of mlp_1 and its largest activation in evaluate's dump.
+    let module = "mlp_1".to_string();
+    let dump = candle_core::safetensors::load(ev.join("features.safetensors"), &Device::Cpu).unwrap();
+    let feats = dump[&format!("feats.{module}")].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let f = 32;
+    let n = feats.len() / f;
+    let tokens = candle_core::safetensors::load(acts.join("shard-00000.safetensors"), &Device::Cpu).unwrap()["tokens"]
+        .to_dtype(candle_core::DType::I64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap();
+    let model = scae::model::Model::load("m", &fixture_model(name), &Device::Cpu).unwrap();
+    let tokenizer = model.tokenizer().unwrap();
+    // The most frequently firing feature whose top token has visible text.
+    let mut by_count: Vec<usize> = (0..f).collect();
+    by_count.sort_by_key(|&j| std::cmp::Reverse((0..n).filter(|&t| feats[t * f + j] > 0.0).count()));
+    let (j, t_max, a_max, text) = by_count
+        .into_iter()
+        .map(|j| {
+            let (t, a) =
+                (0..n).map(|t| (t, feats[t * f + j])).fold((0, f32::MIN), |m, x| if x.1 > m.1 { x } else { m });
+            (j, t, a, tokenizer.token_text(tokens[t] as u32))
+        })
+        .find(|x| !x.3.trim().is_empty())
+        .unwrap();
+    let tok = tokens[t_max] as u32;
+    let c =
+        scae::formats::connections::Connections::load(&conns, &scae::model::Module::all(2), f, name.contains("pythia"))
+            .unwrap();
+    let e = c.edges[3][j][0];
+    let first_up = (scae::model::Module::all(2)[e.up].name(), e.feature);
+    Site { dir, module, feature: j, max_token: (tok, text), max_act: a_max, first_up }
+}
+
+#[test]
+fn site_data_agree_with_evaluate() {
+    let site = build("tiny-neo");
+    let d = feature_data(&site.dir, &site.module, site.feature);
+    let top = &d["top"][0];
+    assert!((top[0].as_f64().unwrap() - site.max_act as f64).abs() < 1e-3, "{top} vs {}", site.max_act);
+    let at = top[3].as_u64().unwrap() as usize;
+    assert_eq!(top[4][at].as_u64().unwrap() as u32, site.max_token.0, "{top}");
+    assert_eq!(top[5][at], 100, "the activating token is at 100% of the feature's max");
+    assert_eq!(d["up"][0][0], site.first_up.0.as_str());
+    assert_eq!(d["up"][0][1], site.first_up.1);
+    assert_eq!(d["lt"].as_array().unwrap().len(), 10);
+    let meta = std::fs::read_to_string(site.dir.join("data/meta.js")).unwrap();
+    assert!(meta.starts_with("SCAE.meta = {") && meta.contains("SCAE.vocab = {"));
+    // Downstream listeners are the inverse of the connections.
+    let (um, uj) = &site.first_up;
+    let up = feature_data(&site.dir, um, *uj as usize);
+    let listed = up["down"].as_array().unwrap().iter().any(|x| x[0] == site.module.as_str() && x[1] == site.feature);
+    assert!(listed, "{} should list {}/{} downstream: {}", um, site.module, site.feature, up["down"]);
+}
+
+fn chromium() -> Option<PathBuf> {
+    ["chromium", "chromium-browser", "google-chrome"].iter().find_map(|c| {
+        Command::new(c).arg("--version").output().ok().filter(|o| o.status.success()).map(|_| PathBuf::from(c))
+    })
+}
+
+/// The DOM after the page's scripts ran, for `url` (a file:// URL with query and hash).
+fn dom(chrome: &Path, url: &str) -> String {
+    let o = Command::new(chrome)
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000", "--dump-dom", url])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "chromium failed: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+#[test]
+fn site_renders_in_headless_chromium() {
+    let Some(chrome) = chromium() else {
+        eprintln!("SKIPPED site_renders_in_headless_chromium: no chromium on PATH (apt-get install chromium)");
+        return;
+    };
+    let site = build("tiny-pythia");
+    let index = format!("file://{}", s(&site.dir.join("index.html")));
+    // The index lists the modules and the features, dead ones marked.
+    let html = dom(&chrome, &index);
+    assert!(html.contains(r#"data-view="index""#), "{html}");
+    assert!(html.contains(r##"href="#mlp_1""##) && html.contains(r##"href="#attn_0/0""##), "index links");
+    // A feature page: its top context's marked token is the one evaluate found, and its
+    // connections are links.
+    let id = format!("{}/{}", site.module, site.feature);
+    let html = dom(&chrome, &format!("{index}#{id}"));
+    assert!(html.contains(&format!(r#"data-feature="{id}""#)), "{html}");
+    let token = html_escape(&site.max_token.1);
+    let at = html.find(r#"class="tok max" title="100% of max""#).expect("a marked token at 100% of max");
+    let text = &html[at..];
+    let text = &text[text.find('>').unwrap() + 1..text.find("</span>").unwrap()];
+    assert_eq!(text, token, "the first top context's marked token");
+    let (um, uj) = &site.first_up;
+    assert!(html.contains(&format!(r##"href="#{um}/{uj}" class="up""##)), "upstream link missing:\n{html}");
+    // Following the first upstream link navigates to that feature's page.
+    let html = dom(&chrome, &format!("{}?follow=up#{id}", index));
+    assert!(html.contains(&format!(r#"data-feature="{um}/{uj}""#)), "navigation failed:\n{html}");
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
