@@ -89,7 +89,8 @@ fn site_data_agree_with_evaluate() {
     let at = top[3].as_u64().unwrap() as usize;
     assert_eq!(top[4][at].as_u64().unwrap() as u32, site.max_token.0, "{top}");
     assert_eq!(top[5][at], 100, "the activating token is at 100% of the feature's max");
-    assert_eq!(d["up"][0][0], site.first_up.0.as_str());
+    let modules: Vec<String> = scae::model::Module::all(2).iter().map(|m| m.name()).collect();
+    assert_eq!(modules[d["up"][0][0].as_u64().unwrap() as usize], site.first_up.0);
     assert_eq!(d["up"][0][1], site.first_up.1);
     assert_eq!(d["lt"].as_array().unwrap().len(), 10);
     let meta = std::fs::read_to_string(site.dir.join("data/meta.js")).unwrap();
@@ -97,7 +98,11 @@ fn site_data_agree_with_evaluate() {
     // Downstream listeners are the inverse of the connections.
     let (um, uj) = &site.first_up;
     let up = feature_data(&site.dir, um, *uj as usize);
-    let listed = up["down"].as_array().unwrap().iter().any(|x| x[0] == site.module.as_str() && x[1] == site.feature);
+    let listed = up["down"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|x| modules[x[0].as_u64().unwrap() as usize] == site.module && x[1] == site.feature);
     assert!(listed, "{} should list {}/{} downstream: {}", um, site.module, site.feature, up["down"]);
 }
 

@@ -109,7 +109,7 @@
   }
 
   function histogram(f) {
-    var w = 320, h = 90, n = f.hist.length, top = Math.max.apply(null, f.hist.concat([1]));
+    var w = 320, h = 90, n = Math.max(1, f.hist.length), top = Math.max.apply(null, f.hist.concat([1]));
     var svg = '<svg xmlns="http://www.w3.org/2000/svg" width="' + w + '" height="' + (h + 18) + '" id="hist">';
     f.hist.forEach(function (c, i) {
       var bh = Math.round(h * c / top);
@@ -123,8 +123,9 @@
     var t = el("table", { "class": cls });
     t.innerHTML = "<tr><th>" + head + "</th><th class='num'>score</th></tr>";
     rows.forEach(function (r) {
+      // r = [module index, feature, score]
       var tr = el("tr"), td = el("td");
-      td.appendChild(link(r[0], r[1], cls)); tr.appendChild(td);
+      td.appendChild(link(meta.modules[r[0]], r[1], cls)); tr.appendChild(td);
       tr.appendChild(el("td", { "class": "num" }, fmt(r[2], 4)));
       t.appendChild(tr);
     });

@@ -75,6 +75,16 @@ fn r3(x: f64) -> Value {
     }
 }
 
+/// Rounded to 2 decimals.
+fn r2(x: f64) -> Value {
+    let v = (x * 100.0).round() / 100.0;
+    if v.is_finite() {
+        json!(v)
+    } else {
+        Value::Null
+    }
+}
+
 /// A context as `[act, seq, pos, at, [tokens], [acts in % of the feature's max]]`.
 fn context(c: &Context, max: f32, vocab: &mut HashMap<u32, ()>) -> Value {
     for t in &c.tokens {
@@ -185,14 +195,11 @@ fn run(args: Args) -> Result<()> {
                 let up: Vec<Value> = match &conns {
                     Some(c) => c.edges[mi][j]
                         .iter()
-                        .map(|e| {
-                            json!([modules[e.up].name(), e.feature, r3(score(mi, j, e.up, e.feature, e.score) as f64)])
-                        })
+                        .map(|e| json!([e.up, e.feature, r3(score(mi, j, e.up, e.feature, e.score) as f64)]))
                         .collect(),
                     None => vec![],
                 };
-                let down: Vec<Value> =
-                    listeners[mi][j].iter().map(|(d, i, s)| json!([modules[*d].name(), i, r3(*s as f64)])).collect();
+                let down: Vec<Value> = listeners[mi][j].iter().map(|(d, i, s)| json!([d, i, r3(*s as f64)])).collect();
                 // Examples from lower quantiles: the sampled contexts at 3/4, 1/2 and 1/4 of their range.
                 let q: Vec<Value> = if fs.sampled.len() >= 3 {
                     let l = fs.sampled.len() - 1;
@@ -205,11 +212,11 @@ fn run(args: Args) -> Result<()> {
                     "n": fs.count,
                     "max": r3(fs.max as f64),
                     "mean": r3(if fs.count > 0 { fs.sum / fs.count as f64 } else { 0.0 }),
-                    "hist": histogram(fs),
+                    "hist": if fs.count > 0 { histogram(fs) } else { vec![] },
                     "top": fs.top.iter().map(|c| context(c, fs.max, &mut vocab)).collect::<Vec<_>>(),
                     "q": q,
-                    "lt": lens.top.iter().map(|(t, v)| json!([t, r3(*v as f64)])).collect::<Vec<_>>(),
-                    "lb": lens.bottom.iter().map(|(t, v)| json!([t, r3(*v as f64)])).collect::<Vec<_>>(),
+                    "lt": lens.top.iter().map(|(t, v)| json!([t, r2(*v as f64)])).collect::<Vec<_>>(),
+                    "lb": lens.bottom.iter().map(|(t, v)| json!([t, r2(*v as f64)])).collect::<Vec<_>>(),
                     "up": up,
                     "down": down,
                 }));
