@@ -73,16 +73,17 @@ pub struct Browse {
     pub lens: Vec<Vec<Lens>>,
 }
 
-/// Insert into a top-N list kept unsorted (the minimum is replaced).
-fn push_top(top: &mut Vec<Context>, n: usize, c: Context) {
+/// Insert into a top-N list kept unsorted (the minimum is replaced); `make` builds the context
+/// only when `act` enters the list.
+fn push_top(top: &mut Vec<Context>, n: usize, act: f32, make: impl FnOnce() -> Context) {
     if top.len() < n {
-        top.push(c);
+        top.push(make());
         return;
     }
     let (mi, mv) =
         top.iter().enumerate().fold((0, f32::INFINITY), |m, (i, x)| if x.act < m.1 { (i, x.act) } else { m });
-    if c.act > mv {
-        top[mi] = c;
+    if act > mv {
+        top[mi] = make();
     }
 }
 
@@ -131,10 +132,7 @@ pub fn collect(inputs: &Inputs, conns: Option<&Connections>, cfg: &BrowseConfig,
                             acts: (lo..hi).map(|q| v[(bi * s + q) * f + j]).collect(),
                         }
                     };
-                    let full = fs.top.len() >= cfg.top_n;
-                    if !full || fs.top.iter().any(|c| c.act < a) {
-                        push_top(&mut fs.top, cfg.top_n, window(a));
-                    }
+                    push_top(&mut fs.top, cfg.top_n, a, || window(a));
                     // Reservoir sampling (Algorithm R) of values and of contexts.
                     let seen = fs.count;
                     if fs.samples.len() < cfg.hist_samples {
@@ -230,7 +228,7 @@ mod tests {
         let c = |act: f32| Context { act, seq: 0, pos: 0, at: 0, tokens: vec![], acts: vec![] };
         let mut top = Vec::new();
         for a in [1.0, 5.0, 2.0, 4.0, 3.0, 0.5] {
-            push_top(&mut top, 3, c(a));
+            push_top(&mut top, 3, a, || c(a));
         }
         let mut got: Vec<f32> = top.iter().map(|x| x.act).collect();
         got.sort_by(|a, b| b.total_cmp(a));

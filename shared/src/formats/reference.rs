@@ -72,19 +72,13 @@ fn positive(cfg: &serde_json::Value, key: &str, path: &Path) -> Result<usize> {
     }
 }
 
-/// Candle tensor of a dense torch tensor (floating-point dtypes).
+/// Candle tensor of a floating-point dense torch tensor (the caller refuses other dtypes).
 fn to_candle(d: &Dense, device: &Device) -> candle_core::Result<Tensor> {
     let dtype = match d.dtype {
         Dtype::F64 => DType::F64,
-        Dtype::F32 => DType::F32,
         Dtype::F16 => DType::F16,
         Dtype::BF16 => DType::BF16,
-        Dtype::I64 => DType::I64,
-        Dtype::U8 | Dtype::Bool => DType::U8,
-        Dtype::I32 | Dtype::I16 | Dtype::I8 => {
-            let v = d.to_i64().expect("integer");
-            return Tensor::from_vec(v, d.shape.as_slice(), device);
-        }
+        _ => DType::F32,
     };
     Tensor::from_raw_buffer(&d.bytes, dtype, &d.shape, device)
 }
@@ -157,13 +151,15 @@ pub fn load_suite(dir: &Path, device: &Device) -> Result<(Suite, Option<Embedded
     let mut file = TorchFile::open(&ckpt)?;
     let mut report = LoadReport::default();
     let root = std::mem::replace(&mut file.root, Value::None);
-    let state = match root.get("suite_state") {
-        Some(s) => {
-            report.step = root.get("step").and_then(Value::as_int);
+    // A training checkpoint wraps the state dict: take it out (no copy of the tree).
+    let state = match root {
+        Value::Dict(mut kv) if kv.iter().any(|(k, _)| k.as_str() == Some("suite_state")) => {
+            report.step = kv.iter().find(|(k, _)| k.as_str() == Some("step")).and_then(|(_, v)| v.as_int());
             report.layout = "training checkpoint (suite_state), ".into();
-            s.clone()
+            let at = kv.iter().position(|(k, _)| k.as_str() == Some("suite_state")).expect("present");
+            kv.swap_remove(at).1
         }
-        None => root,
+        other => other,
     };
     let Value::Dict(entries) = &state else {
         return Err(Error::input(&ckpt, format!("expected a state dict, found {}", state.kind())));

@@ -30,18 +30,27 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     if let Some(dir) = cached_snapshot(spec) {
         return Ok(dir);
     }
-    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
-    let fail = |why: String| {
-        Error::Usage(format!(
-            "--model {spec}: not a local folder and not in the Hugging Face cache; {why}; \
-             hint: on a machine with network run `huggingface-cli download {spec} --local-dir DIR` \
-             (or run scae there once), copy DIR here and pass --model DIR"
-        ))
-    };
-    if offline {
+    let fail = not_cached("--model", spec, " (or run scae there once)");
+    if offline() {
         return Err(fail("HF_HUB_OFFLINE is set, so it was not downloaded".into()));
     }
     download(spec).map_err(|e| fail(format!("download failed: {e}")))
+}
+
+/// Whether `HF_HUB_OFFLINE` forbids downloads.
+fn offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+}
+
+/// The error for hub id `id` given to `flag` that is not cached (`why`: and not downloaded).
+fn not_cached<'a>(flag: &'a str, id: &'a str, also: &'a str) -> impl Fn(String) -> Error + 'a {
+    move |why| {
+        Error::Usage(format!(
+            "{flag} {id}: not a local folder and not in the Hugging Face cache; {why}; \
+             hint: on a machine with network run `huggingface-cli download {id} --local-dir DIR`{also}, \
+             copy DIR here and pass {flag} DIR"
+        ))
+    }
 }
 
 /// Whether `spec` has the shape of a hub id (`owner/name`).
@@ -72,15 +81,8 @@ pub fn resolve_suite(id: &str) -> Result<PathBuf> {
             return Ok(dir.to_path_buf());
         }
     }
-    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
-    let fail = |why: String| {
-        Error::Usage(format!(
-            "--suite {id}: not a local folder and not in the Hugging Face cache; {why}; \
-             hint: on a machine with network run `huggingface-cli download {id} --local-dir DIR`, \
-             copy DIR here and pass --suite DIR"
-        ))
-    };
-    if offline {
+    let fail = not_cached("--suite", id, "");
+    if offline() {
         return Err(fail("HF_HUB_OFFLINE is set, so it was not downloaded".into()));
     }
     let api = hf_hub::api::sync::ApiBuilder::from_env().build().map_err(|e| fail(format!("download failed: {e}")))?;

@@ -65,9 +65,10 @@ fn main() -> ExitCode {
     scae::cli::run_main("view-features", || run(Args::parse()))
 }
 
-/// Rounded to 3 decimals (smaller files).
-fn r3(x: f64) -> Value {
-    let v = (x * 1000.0).round() / 1000.0;
+/// `x` rounded to `digits` decimals (smaller files); null when not finite.
+fn round(x: f64, digits: i32) -> Value {
+    let scale = 10f64.powi(digits);
+    let v = (x * scale).round() / scale;
     if v.is_finite() {
         json!(v)
     } else {
@@ -75,14 +76,8 @@ fn r3(x: f64) -> Value {
     }
 }
 
-/// Rounded to 2 decimals.
-fn r2(x: f64) -> Value {
-    let v = (x * 100.0).round() / 100.0;
-    if v.is_finite() {
-        json!(v)
-    } else {
-        Value::Null
-    }
+fn r3(x: f64) -> Value {
+    round(x, 3)
 }
 
 /// A context as `[act, seq, pos, at, [tokens], [acts in % of the feature's max]]`.
@@ -215,8 +210,8 @@ fn run(args: Args) -> Result<()> {
                     "hist": if fs.count > 0 { histogram(fs) } else { vec![] },
                     "top": fs.top.iter().map(|c| context(c, fs.max, &mut vocab)).collect::<Vec<_>>(),
                     "q": q,
-                    "lt": lens.top.iter().map(|(t, v)| json!([t, r2(*v as f64)])).collect::<Vec<_>>(),
-                    "lb": lens.bottom.iter().map(|(t, v)| json!([t, r2(*v as f64)])).collect::<Vec<_>>(),
+                    "lt": lens.top.iter().map(|(t, v)| json!([t, round(*v as f64, 2)])).collect::<Vec<_>>(),
+                    "lb": lens.bottom.iter().map(|(t, v)| json!([t, round(*v as f64, 2)])).collect::<Vec<_>>(),
                     "up": up,
                     "down": down,
                 }));
