@@ -93,6 +93,25 @@ fn site_data_agree_with_evaluate() {
     assert_eq!(modules[d["up"][0][0].as_u64().unwrap() as usize], site.first_up.0);
     assert_eq!(d["up"][0][1], site.first_up.1);
     assert_eq!(d["lt"].as_array().unwrap().len(), 10);
+    // The logit lens against a naive oracle: W_dec[:, j] · W_U for every token, by loops.
+    let fx = fixtures().join("suites/tiny-neo/suite.safetensors");
+    let suite = scae::formats::suite::Suite::load(&fx, &Device::Cpu).unwrap();
+    let mi = suite.find(&site.module).unwrap();
+    let dec = suite.aes[mi].w_dec.as_tensor().to_vec2::<f32>().unwrap(); // (D, F)
+    let model = scae::model::Model::load("m", &fixture_model("tiny-neo"), &Device::Cpu).unwrap();
+    let w_u = model.runtime.weights.w_u.to_vec2::<f32>().unwrap(); // (D, vocab)
+    let logits: Vec<f64> = (0..w_u[0].len())
+        .map(|t| (0..dec.len()).map(|k| dec[k][site.feature] as f64 * w_u[k][t] as f64).sum())
+        .collect();
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|a, b| logits[*b].total_cmp(&logits[*a]));
+    for (rank, (want_top, want_low)) in order.iter().zip(order.iter().rev()).take(10).enumerate() {
+        let (gt, gl) = (&d["lt"][rank], &d["lb"][rank]);
+        assert_eq!(gt[0].as_u64().unwrap() as usize, *want_top, "lens top {rank}");
+        assert_eq!(gl[0].as_u64().unwrap() as usize, *want_low, "lens bottom {rank}");
+        assert!((gt[1].as_f64().unwrap() - logits[*want_top]).abs() < 6e-3);
+        assert!((gl[1].as_f64().unwrap() - logits[*want_low]).abs() < 6e-3);
+    }
     let meta = std::fs::read_to_string(site.dir.join("data/meta.js")).unwrap();
     assert!(meta.starts_with("SCAE.meta = {") && meta.contains("SCAE.vocab = {"));
     // Downstream listeners are the inverse of the connections.
