@@ -57,6 +57,7 @@ pub fn open_device(name: &str) -> crate::error::Result<Device> {
 /// Run a tool's body: print `tool: <error chain>` on failure and exit 1; exit 0 quietly when
 /// stdout was closed early (a broken pipe, e.g. `| head`).
 pub fn run_main(tool: &str, body: impl FnOnce() -> anyhow::Result<()>) -> ExitCode {
+    crate::util::mem::keep_freed_memory();
     match body() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

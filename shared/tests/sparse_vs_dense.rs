@@ -163,6 +163,9 @@ fn compare_engine(
     // The engine's value-only pass (evaluate, score-edges).
     let values = pass::ValuePass::new(suite, rt, &plan, opts, &dev).unwrap().run(batch).unwrap();
     assert_outputs_close(&format!("{name}: value pass"), suite, &values, &auto);
+    // Every gradient of each strategy of the attention edge backward, per loss: they must agree
+    // exactly (the same sums in the same order).
+    let mut by_strategy: Vec<Vec<Vec<f32>>> = Vec::new();
     for dense in [false, true] {
         let mut eng = Engine::new(suite, rt, &plan, opts).unwrap();
         eng.force_dense_attn_grad(Some(dense));
@@ -198,6 +201,7 @@ fn compare_engine(
             );
             let ga = auto_loss.backward().unwrap();
             let grads = eng.backward(&fb, &state, g_recon).unwrap();
+            by_strategy.push(grads.iter().flat_map(|g| g.each().into_iter().map(|v| v.to_vec())).collect());
             let tensors = engine::grads_to_tensors(suite, &grads, &dev).unwrap();
             for ((key, var), got) in suite.named_vars().into_iter().zip(&tensors) {
                 assert_grad_close(
@@ -208,6 +212,8 @@ fn compare_engine(
             }
         }
     }
+    let (sparse, dense) = by_strategy.split_at(2);
+    assert!(sparse == dense, "{name}: the dense and sparse attention edge gradients differ");
 }
 
 #[test]

@@ -106,19 +106,26 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
-/// `(F, D)` row-major to `(D, F)` row-major, in cache-sized tiles.
+/// `(rows, cols)` row-major to `(cols, rows)` row-major, in cache-sized tiles, parallel over
+/// blocks of output rows (each a contiguous run of memory).
 pub fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     const T: usize = 32;
     let mut out = vec![0f32; rows * cols];
-    for r0 in (0..rows).step_by(T) {
-        for c0 in (0..cols).step_by(T) {
-            for r in r0..(r0 + T).min(rows) {
-                for c in c0..(c0 + T).min(cols) {
-                    out[c * rows + r] = src[r * cols + c];
+    if rows == 0 || cols == 0 {
+        return out;
+    }
+    out.par_chunks_mut(T * rows).enumerate().for_each(|(b, ob)| {
+        // Output rows c0.. of this block are the source columns c0..c0 + ob.len() / rows.
+        let c0 = b * T;
+        for r0 in (0..rows).step_by(T) {
+            let r1 = (r0 + T).min(rows);
+            for (c, orow) in ob.chunks_exact_mut(rows).enumerate() {
+                for (o, r) in orow[r0..r1].iter_mut().zip(r0..r1) {
+                    *o = src[r * cols + c0 + c];
                 }
             }
         }
-    }
+    });
     out
 }
 
@@ -187,4 +194,24 @@ pub fn by_feature(
         }
     });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tiled parallel transpose against the definition, on shapes that are and are not
+    /// multiples of the tile (and single rows or columns).
+    #[test]
+    fn transpose_matches_the_definition() {
+        for (rows, cols) in [(1, 1), (1, 70), (70, 1), (32, 32), (33, 65), (100, 37), (3072, 40)] {
+            let src: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
+            let out = transpose(&src, rows, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(out[c * rows + r], src[r * cols + c], "{rows}x{cols} at ({r}, {c})");
+                }
+            }
+        }
+    }
 }

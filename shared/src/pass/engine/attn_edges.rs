@@ -18,6 +18,16 @@ use crate::util::blas::{axpy, dot, fold_rows, sgemm};
 /// is `KEY_BLOCK · H`).
 const KEY_BLOCK: usize = 8;
 
+/// One (edge, active upstream value) pair of the attention edge backward: the edge weight's
+/// gradient `gw += gY · v / s1` and, into `acc`, `gY ⊙ w` (summed over heads later).
+#[inline]
+fn edge_grad_update(gy: &[f32], w: &[f32], vinv: f32, gw: &mut [f32], acc: &mut [f32]) {
+    for (((o, a), &g), &wv) in gw.iter_mut().zip(acc.iter_mut()).zip(gy).zip(w) {
+        *o += g * vinv;
+        *a += g * wv;
+    }
+}
+
 impl Engine<'_> {
     /// Attention edge weights `w_h[i,c] = (E W_Oᵀ)[i, h] · (W_decᵀ W_V)[j, h]` (d_head dots),
     /// with the two factors.
@@ -78,19 +88,21 @@ impl Engine<'_> {
         let ups = &self.plan.down(di).ups;
         let sc = &fb.s1[layer];
         let p = &fb.pattern[layer];
-        // Per-thread buffers, reused across sequences (no fresh pages per sequence). Y is laid out
-        // [key block][i][key in block][h], so that one edge's H head values are contiguous and
-        // each key block is one (KB·H, F) operand of the mixing product.
+        // Per-thread buffers, reused across sequences and key blocks. One key block of Y is laid
+        // out [i][key in block][h], so that one edge's H head values are contiguous and the block
+        // is one (KB·H, F) operand of the mixing product; at F·KB·H floats it stays in cache
+        // between being filled and being mixed.
         let nblk = s.div_ceil(KEY_BLOCK);
-        let blk_len = f * KEY_BLOCK * h;
-        let init = || (vec![0f32; nblk * blk_len], vec![0f32; s * s * h], Vec::new());
+        let init = || (vec![0f32; f * KEY_BLOCK * h], vec![0f32; s * s * h], Vec::new());
         a.par_chunks_mut(s * f).enumerate().for_each_init(init, |(y, pq, act), (bi, ab)| {
-            // Y[p, i, h] = Σ_edges w_h · f_u[p, j] / s1[p], one key block at a time and, within
-            // it, one upstream column at a time: the column's edge weights are read once for
-            // all its active keys, and the block of Y (F·KB·H) stays in cache.
-            y.fill(0.0);
+            // The pattern as [q][p][h] (zero above the diagonal): a key block's rows for the
+            // queries at or after it are the left operand of its mixing product.
+            pattern_qph(&p[bi * h * s * s..(bi + 1) * h * s * s], s, h, pq);
             for blk in 0..nblk {
                 let p0 = blk * KEY_BLOCK;
+                // Y[p, i, h] = Σ_edges w_h · f_u[p, j] / s1[p] over the block's keys, one upstream
+                // column at a time: the column's edge weights are read once for all its active keys.
+                y.fill(0.0);
                 act.clear();
                 for pp in p0..(p0 + KEY_BLOCK).min(s) {
                     let t = bi * s + pp;
@@ -100,45 +112,26 @@ impl Engine<'_> {
                     );
                 }
                 act.sort_unstable_by_key(|e| (e.0, e.1));
-                let yb = &mut y[blk * blk_len..(blk + 1) * blk_len];
                 for group in act.chunk_by(|x, z| x.0 == z.0) {
                     let r = index.col_range(group[0].0 as usize);
                     for (ws, &i) in w_col[r.start * h..r.end * h].chunks_exact(h).zip(&index.rev_down[r]) {
-                        let row = &mut yb[i as usize * KEY_BLOCK * h..(i as usize + 1) * KEY_BLOCK * h];
+                        let row = &mut y[i as usize * KEY_BLOCK * h..(i as usize + 1) * KEY_BLOCK * h];
                         for &(_, pl, x) in group {
                             let o = pl as usize * h;
                             row[o..o + h].iter_mut().zip(ws).for_each(|(d, &wv)| *d += wv * x);
                         }
                     }
                 }
-            }
-            // a[q] += Σ_{p ≤ q} Σ_h P_h[q, p] Y[p, h], one product per key block over its
-            // (key, head) pairs for the queries at or after the block (the pattern, laid out as
-            // [q][p][h], is zero above the diagonal).
-            pattern_qph(&p[bi * h * s * s..(bi + 1) * h * s * s], s, h, pq);
-            for blk in 0..nblk {
-                let p0 = blk * KEY_BLOCK;
+                // a[q] += Σ_{p in block} Σ_h P_h[q, p] Y[p, h] for the queries at or after the block.
                 let kn = KEY_BLOCK.min(s - p0) * h;
                 let pa = &pq[(p0 * s + p0) * h..];
-                sgemm(
-                    s - p0,
-                    f,
-                    kn,
-                    pa,
-                    s * h,
-                    1,
-                    &y[blk * blk_len..],
-                    1,
-                    KEY_BLOCK * h,
-                    &mut ab[p0 * f..],
-                    true,
-                    false,
-                );
+                sgemm(s - p0, f, kn, pa, s * h, 1, y, 1, KEY_BLOCK * h, &mut ab[p0 * f..], true, false);
             }
         });
     }
 
-    /// Edge-term backward for an attention target.
+    /// Edge-term backward for an attention target, given the edge weights in column order;
+    /// returns their gradients in column order.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn attn_edges_backward(
         &self,
@@ -146,7 +139,7 @@ impl Engine<'_> {
         di: usize,
         layer: usize,
         index: &EdgeIndex,
-        w: &[f32],
+        w_col: &[f32],
         pg: &PreGrad,
         state: &State,
         g_val_up: &mut [Vec<f32>],
@@ -159,36 +152,75 @@ impl Engine<'_> {
         let mut scratch = vec![0f32; n * ups.len() * k];
         let seq_len = s * ups.len() * k;
         let dense = self.dense_attn_grad.unwrap_or(f * s * h <= 1 << 24);
-        let gw = fold_rows(&mut scratch, seq_len, w.len(), |first, block, gw| {
-            // Buffers of the dense strategy, reused by the block's sequences.
-            let (mut pq, mut gy) =
-                if dense { (vec![0f32; s * s * h], vec![0f32; f * s * h]) } else { (vec![], vec![]) };
+        let gw = fold_rows(&mut scratch, seq_len, w_col.len(), |first, block, gw| {
+            // Buffers reused by the block's sequences: the pattern as [q][p][h]; for the dense
+            // strategy one key block of gY and its active upstream values, for the sparse one
+            // the cache of gY rows at one key position.
+            let mut pq = vec![0f32; s * s * h];
+            let (mut gy, mut act) = if dense { (vec![0f32; f * KEY_BLOCK * h], Vec::new()) } else { (vec![], vec![]) };
+            let (mut stamp, mut cache) = if dense { (vec![], vec![]) } else { (vec![u32::MAX; f], vec![0f32; f * h]) };
+            // Per active value of one column, Σ over the column's edges of gY ⊙ w (reduced over
+            // heads once per value).
+            let mut acc = vec![0f32; KEY_BLOCK * h];
             for (r, sb) in block.chunks_mut(seq_len).enumerate() {
                 let bi = first + r;
                 // gY_h[p, i] = Σ_{q ≥ p} P[h, q, p] g_pre[q, i], g_pre having k entries per row.
                 let kb = pg.kb;
                 let pb = &p[bi * h * s * s..(bi + 1) * h * s * s];
-                // All of gY, pushed from gA's k non-zeros per query, unless its F·S·H buffer is
-                // large (then the per-(p, i) sums below). Measured at d_model 768, 16 heads,
-                // S 128, C 16 (backward attention edges per step, dense / sparse): F 3072
-                // 405 / 393 ms, F 12,288 1503 / 1420 ms; below 2^24 entries dense was cheaper
-                // at every toy size (d_model 64–128, F 256–2048). `SCAE_ATTN_GRAD` forces one.
+                // All of gY, one key block at a time, pushed from gA's k non-zeros per query,
+                // or (sparse) the per-(p, i) sums below for only the (p, i) that edges read.
+                // Measured at d_model 768, 16 heads, S 128, C 16: see `dense_attn_grad`.
                 if dense {
-                    // gY as [i][p][h]: every non-zero gA[q, i] (k per query) adds
-                    // gA[q, i] · P[q, 0..=q, ·] — one contiguous row of the [q][p][h] pattern.
                     pattern_qph(pb, s, h, &mut pq);
-                    gy.fill(0.0);
-                    for q in 0..s {
-                        let prow = &pq[q * s * h..q * s * h + (q + 1) * h];
-                        for kk in 0..kb {
-                            let g = pg.g[(bi * s + q) * kb + kk];
-                            if g != 0.0 {
-                                let i = pg.idx[(bi * s + q) * kb + kk] as usize;
-                                axpy(g, prow, &mut gy[i * s * h..i * s * h + (q + 1) * h]);
+                    for blk in 0..s.div_ceil(KEY_BLOCK) {
+                        let p0 = blk * KEY_BLOCK;
+                        let kl = KEY_BLOCK.min(s - p0);
+                        // gY of the block as [i][key in block][h]: every non-zero gA[q, i] (k per
+                        // query, q ≥ p0) adds gA[q, i] · P[q, p0..=min(q, p0 + kl − 1), ·].
+                        gy.fill(0.0);
+                        for q in p0..s {
+                            let len = kl.min(q + 1 - p0) * h;
+                            let prow = &pq[(q * s + p0) * h..(q * s + p0) * h + len];
+                            for kk in 0..kb {
+                                let g = pg.g[(bi * s + q) * kb + kk];
+                                if g != 0.0 {
+                                    let i = pg.idx[(bi * s + q) * kb + kk] as usize;
+                                    let o = i * KEY_BLOCK * h;
+                                    axpy(g, prow, &mut gy[o..o + len]);
+                                }
+                            }
+                        }
+                        // The block's active upstream values by column, keys ascending; for each
+                        // edge reading the column (column order: its weights and gradients are
+                        // contiguous), gw += gY[i, p] · v / s1[p] and the value's gradient +=
+                        // (gY[i, p] · w) / s1[p].
+                        act.clear();
+                        for pp in p0..p0 + kl {
+                            let t = bi * s + pp;
+                            let inv = 1.0 / sc[t];
+                            act.extend(active_ups(&state.modules, ups, t, k, f).map(|(pu, kk, v, col)| {
+                                (col as u32, (pp - p0) as u32, ((pp * ups.len() + pu) * k + kk) as u32, v * inv, inv)
+                            }));
+                        }
+                        act.sort_unstable_by_key(|e| (e.0, e.1));
+                        for group in act.chunk_by(|x, z| x.0 == z.0) {
+                            let r = index.col_range(group[0].0 as usize);
+                            let acc = &mut acc[..group.len() * h];
+                            acc.fill(0.0);
+                            for (e_pos, &i) in r.clone().zip(&index.rev_down[r]) {
+                                let wv = &w_col[e_pos * h..(e_pos + 1) * h];
+                                let gws = &mut gw[e_pos * h..(e_pos + 1) * h];
+                                let gyi = &gy[i as usize * KEY_BLOCK * h..(i as usize + 1) * KEY_BLOCK * h];
+                                for (&(_, pl, _, vinv, _), ac) in group.iter().zip(acc.chunks_exact_mut(h)) {
+                                    let g = &gyi[pl as usize * h..(pl as usize + 1) * h];
+                                    edge_grad_update(g, wv, vinv, gws, ac);
+                                }
+                            }
+                            for (&(_, _, e, _, inv), ac) in group.iter().zip(acc.chunks_exact(h)) {
+                                sb[e as usize] += ac.iter().sum::<f32>() * inv;
                             }
                         }
                     }
-                    self.attn_edge_grads_by_feature(fb, bi, index, w, &gy, state, ups, sc, sb, gw);
                     continue;
                 }
                 // Sparse: gY_h[p, i] = Σ_{q ≥ p} P[h, q, p] g_pre[q, i] only for the (p, i)
@@ -217,36 +249,37 @@ impl Engine<'_> {
                         }
                     }
                 }
-                // Otherwise, per key position, a cache of gY_h[p, i] for the i touched at p.
-                let mut stamp = vec![u32::MAX; f];
-                let mut cache = vec![0f32; f * h];
+                // Per key position, gY[i, p, ·] for the i that the position's active upstream
+                // values reach, each computed once (`stamp`) from the pattern as [q][p][h] (the
+                // H heads of one (q, p) contiguous); then the same updates as the dense path, in
+                // the same order (both strategies give identical results).
+                pattern_qph(pb, s, h, &mut pq);
+                stamp.fill(u32::MAX);
                 for pp in 0..s {
                     let t = bi * s + pp;
                     let inv = 1.0 / sc[t];
                     for (pu, kk, v, col) in active_ups(&state.modules, ups, t, k, f) {
-                        let mut acc = 0f32;
-                        for (slot, i) in index.edges(col) {
+                        let (e, vinv) = ((pp * ups.len() + pu) * k + kk, v * inv);
+                        let acc = &mut acc[..h];
+                        acc.fill(0.0);
+                        let r = index.col_range(col);
+                        for (e_pos, &i) in r.clone().zip(&index.rev_down[r]) {
+                            let i = i as usize;
+                            let gyi = &mut cache[i * h..(i + 1) * h];
                             if stamp[i] != pp as u32 {
                                 stamp[i] = pp as u32;
-                                let gyi = &mut cache[i * h..(i + 1) * h];
-                                gyi.iter_mut().for_each(|x| *x = 0.0);
+                                gyi.fill(0.0);
                                 for &(q, g) in &entries[col_ptr[i] as usize..col_ptr[i + 1] as usize] {
                                     let q = q as usize;
-                                    if q < pp {
-                                        continue;
-                                    }
-                                    for (hh, gy) in gyi.iter_mut().enumerate() {
-                                        *gy += pb[(hh * s + q) * s + pp] * g;
+                                    if q >= pp {
+                                        axpy(g, &pq[(q * s + pp) * h..(q * s + pp + 1) * h], gyi);
                                     }
                                 }
                             }
-                            let gyi = &cache[i * h..(i + 1) * h];
-                            for (hh, &g) in gyi.iter().enumerate() {
-                                gw[slot as usize * h + hh] += g * v * inv;
-                                acc += g * w[slot as usize * h + hh];
-                            }
+                            let (wv, gws) = (&w_col[e_pos * h..(e_pos + 1) * h], &mut gw[e_pos * h..(e_pos + 1) * h]);
+                            edge_grad_update(&cache[i * h..(i + 1) * h], wv, vinv, gws, acc);
                         }
-                        sb[(pp * ups.len() + pu) * k + kk] = acc * inv;
+                        sb[e] += acc.iter().sum::<f32>() * inv;
                     }
                 }
             }
@@ -255,76 +288,16 @@ impl Engine<'_> {
         gw
     }
 
-    /// The attention edge gradients of one sequence `bi` given all of `gY [i][p][h]`, visited
-    /// by downstream feature so that `gY[i]`, the edge weights and their gradients are read in
-    /// order: `gw[slot] += gY[i, p] · v / s1[p]` and, for the upstream value at `(p, u, kk)`,
-    /// `sb += (gY[i, p] · w[slot]) / s1[p]`.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn attn_edge_grads_by_feature(
-        &self,
-        fb: &FlatBatch,
-        bi: usize,
-        index: &EdgeIndex,
-        w: &[f32],
-        gy: &[f32],
-        state: &State,
-        ups: &[usize],
-        sc: &[f32],
-        sb: &mut [f32],
-        gw: &mut [f32],
-    ) {
-        let (s, f, k, h) = (fb.s, self.f, self.k, self.n_heads);
-        let width = index.width;
-        // Active upstream values of this sequence by upstream column: (position in sb, key
-        // position, v / s1).
-        let n_cols = ups.len() * f;
-        let mut ptr = vec![0u32; n_cols + 1];
-        for pp in 0..s {
-            for (_, _, _, col) in active_ups(&state.modules, ups, bi * s + pp, k, f) {
-                ptr[col + 1] += 1;
-            }
-        }
-        for c in 0..n_cols {
-            ptr[c + 1] += ptr[c];
-        }
-        let mut fill = ptr.clone();
-        let mut act = vec![(0u32, 0u32, 0f32); ptr[n_cols] as usize];
-        let inv: Vec<f32> = (0..s).map(|pp| 1.0 / sc[bi * s + pp]).collect();
-        for pp in 0..s {
-            for (pu, kk, v, col) in active_ups(&state.modules, ups, bi * s + pp, k, f) {
-                act[fill[col] as usize] = (((pp * ups.len() + pu) * k + kk) as u32, pp as u32, v * inv[pp]);
-                fill[col] += 1;
-            }
-        }
-        for i in 0..f {
-            let gyi = &gy[i * s * h..(i + 1) * s * h];
-            for c in 0..width {
-                let slot = i * width + c;
-                let col = index.slot_col[slot];
-                if col == EMPTY {
-                    continue;
-                }
-                let col = col as usize;
-                let wv = &w[slot * h..(slot + 1) * h];
-                let gws = &mut gw[slot * h..(slot + 1) * h];
-                for &(e, pp, vinv) in &act[ptr[col] as usize..ptr[col + 1] as usize] {
-                    let g = &gyi[pp as usize * h..(pp as usize + 1) * h];
-                    gws.iter_mut().zip(g).for_each(|(o, &gv)| *o += gv * vinv);
-                    sb[e as usize] += dot(g, wv) * inv[pp as usize];
-                }
-            }
-        }
-    }
-
-    /// Backward of [`attn_edge_weights`](Self::attn_edge_weights) through its two factors:
-    /// `E W_Oᵀ` into `gE`, `W_decᵀ W_V` into each upstream decoder's gradient.
+    /// Backward of [`attn_edge_weights`](Self::attn_edge_weights) through its two factors,
+    /// given the edge weights' gradients in column order: `E W_Oᵀ` into `gE`, `W_decᵀ W_V`
+    /// into each upstream decoder's gradient.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn attn_edge_weights_backward(
         &self,
         di: usize,
         layer: usize,
         index: &EdgeIndex,
-        gw: &[f32],
+        gw_col: &[f32],
         st: &EdgeState,
         g_enc: &mut [f32],
         g_dec_t_in: &mut [Vec<f32>],
@@ -334,9 +307,12 @@ impl Engine<'_> {
         let ups = &self.plan.down(di).ups;
         let lc = &self.layers[layer];
         let width = index.width;
+        // g_ev[i, h] = Σ_c gw[i, c, h] · dv[j, h], parallel over downstream features i; g_dv[u][j, h] =
+        // Σ_{slots reading (u, j)} gw[slot, h] · ev[i, h], parallel over upstream columns (u, j),
+        // each column's slots in index order (deterministic).
+        let gw = index.to_slot_order(gw_col, h);
         let mut g_ev = vec![0f32; f * hd];
-        let mut g_dv: Vec<Vec<f32>> = ups.iter().map(|_| vec![0f32; f * hd]).collect();
-        for i in 0..f {
+        g_ev.par_chunks_mut(hd).enumerate().for_each(|(i, gev)| {
             for c in 0..width {
                 let slot = i * width + c;
                 let col = index.slot_col[slot];
@@ -346,16 +322,28 @@ impl Engine<'_> {
                 let (pu, j) = (col as usize / f, col as usize % f);
                 for hh in 0..h {
                     let g = gw[slot * h + hh];
-                    if g == 0.0 {
-                        continue;
+                    if g != 0.0 {
+                        let r = hh * dh..(hh + 1) * dh;
+                        axpy(g, &st.dv[pu][j * hd + r.start..j * hd + r.end], &mut gev[r]);
                     }
-                    let r = hh * dh..(hh + 1) * dh;
-                    let (evr, dvr) = (i * hd + r.start..i * hd + r.end, j * hd + r.start..j * hd + r.end);
-                    axpy(g, &st.dv[pu][dvr.clone()], &mut g_ev[evr.clone()]);
-                    axpy(g, &st.ev[evr], &mut g_dv[pu][dvr]);
                 }
             }
-        }
+        });
+        let mut g_dv_all = vec![0f32; ups.len() * f * hd];
+        g_dv_all.par_chunks_mut(hd).enumerate().for_each(|(col, gdv)| {
+            let r = index.rev_ptr[col] as usize..index.rev_ptr[col + 1] as usize;
+            for (e_pos, &i) in r.clone().zip(&index.rev_down[r]) {
+                let i = i as usize;
+                for hh in 0..h {
+                    let g = gw_col[e_pos * h + hh];
+                    if g != 0.0 {
+                        let r = hh * dh..(hh + 1) * dh;
+                        axpy(g, &st.ev[i * hd + r.start..i * hd + r.end], &mut gdv[r]);
+                    }
+                }
+            }
+        });
+        let g_dv: Vec<&[f32]> = g_dv_all.chunks(f * hd).collect();
         // ev = E W_Oᵀ -> gE += g_ev W_O ; dv_u = W_decᵀ_u W_V -> g W_decᵀ_u += g_dv W_Vᵀ
         sgemm(f, d, hd, &g_ev, hd, 1, &lc.w_o, d, 1, g_enc, true, true);
         let g_dec_t_up: Vec<Vec<f32>> = g_dv

@@ -107,9 +107,8 @@ struct LayerConsts {
 /// What the edge terms' forward keeps for their backward (sparse wiring only).
 #[derive(Default)]
 struct EdgeState {
-    /// Edge weights in column order ([`crate::pass::kernels::EdgeIndex::to_col_order`]) for the loops that push from
-    /// upstream features, and for attention targets also by slot `(F, C, H)`.
-    w: Vec<f32>,
+    /// Edge weights in column order ([`crate::pass::kernels::EdgeIndex::to_col_order`]: the
+    /// edges reading one upstream column are contiguous), `(edges, H)` for attention targets.
     w_col: Vec<f32>,
     /// Attention targets: `E W_Oᵀ (F, H·dh)` and per up `W_decᵀ W_V (F, H·dh)`.
     ev: Vec<f32>,
@@ -290,7 +289,7 @@ impl<'a> Engine<'a> {
                 prof.mark("attn w");
                 self.attn_edges_forward(fb, di, l, index, &w_col, states, a);
                 prof.mark("attn edges");
-                EdgeState { w, w_col, ev, dv }
+                EdgeState { w_col, ev, dv }
             }
         }
     }
@@ -383,7 +382,7 @@ impl<'a> Engine<'a> {
                 prof.mark("mlp w");
             }
             Kind::Attn => {
-                let gw = self.attn_edges_backward(fb, di, l, index, &st.edges.w, pg, state, before);
+                let gw = self.attn_edges_backward(fb, di, l, index, &st.edges.w_col, pg, state, before);
                 prof.mark("attn edges");
                 self.attn_edge_weights_backward(di, l, index, &gw, &st.edges, g_enc, g_dec_t_in);
                 prof.mark("attn w");
