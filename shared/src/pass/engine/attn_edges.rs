@@ -9,10 +9,10 @@
 use rayon::prelude::*;
 
 use super::attn_mix::pattern_qph;
-use super::{active_ups, add_dec_t_grads, add_up_value_grads, EdgeState, Engine, ModuleState, PreGrad, State};
+use super::{active_ups, add_up_value_grads, EdgeState, Engine, ModuleState, PreGrad, State};
 use crate::data::FlatBatch;
 use crate::pass::kernels::{EdgeIndex, EMPTY};
-use crate::util::blas::{axpy, dot, fold_rows, sgemm};
+use crate::util::blas::{add_into, axpy, dot, fold_rows, sgemm};
 
 /// Key positions per block of the attention edge forward's mixing product (its inner dimension
 /// is `KEY_BLOCK · H`).
@@ -30,25 +30,36 @@ fn edge_grad_update(gy: &[f32], w: &[f32], vinv: f32, gw: &mut [f32], acc: &mut 
 
 impl Engine<'_> {
     /// Attention edge weights `w_h[i,c] = (E W_Oᵀ)[i, h] · (W_decᵀ W_V)[j, h]` (d_head dots),
-    /// with the two factors.
+    /// with the two factors. `W_decᵀ W_V` is formed only for the upstream features active
+    /// somewhere in the batch (`states`): an edge from a silent feature adds nothing to the
+    /// pass and gets no gradient, so its weight (left 0) is never read.
     pub(super) fn attn_edge_weights(
         &self,
         di: usize,
         layer: usize,
         index: &EdgeIndex,
-    ) -> (Vec<f32>, Vec<f32>, Vec<Vec<f32>>) {
+        states: &[ModuleState],
+    ) -> (Vec<f32>, Vec<f32>, Vec<ActiveRows>) {
         let (d, f, h, dh) = (self.d, self.f, self.n_heads, self.d_head);
         let hd = h * dh;
         let lc = &self.layers[layer];
         let ups = &self.plan.down(di).ups;
         let mut ev = vec![0f32; f * hd];
         sgemm(f, hd, d, &self.params[di].enc, d, 1, &lc.w_o, 1, d, &mut ev, false, true);
-        let dv: Vec<Vec<f32>> = ups
+        let dv: Vec<ActiveRows> = ups
             .iter()
             .map(|&u| {
-                let mut o = vec![0f32; f * hd];
-                sgemm(f, hd, d, &self.params[u].dec_t, d, 1, &lc.w_v, hd, 1, &mut o, false, true);
-                o
+                let fired = crate::sae::fired(&states[u].idx, &states[u].val, f);
+                let rows: Vec<u32> = (0..f as u32).filter(|&j| fired[j as usize]).collect();
+                let mut map = vec![EMPTY; f];
+                let mut dec = Vec::with_capacity(rows.len() * d);
+                for (m, &j) in rows.iter().enumerate() {
+                    map[j as usize] = m as u32;
+                    dec.extend_from_slice(&self.params[u].dec_t[j as usize * d..(j as usize + 1) * d]);
+                }
+                let mut vals = vec![0f32; rows.len() * hd];
+                sgemm(rows.len(), hd, d, &dec, d, 1, &lc.w_v, hd, 1, &mut vals, false, true);
+                ActiveRows { rows, map, vals }
             })
             .collect();
         let width = index.width;
@@ -60,11 +71,9 @@ impl Engine<'_> {
                     continue;
                 }
                 let (pu, j) = (col as usize / f, col as usize % f);
+                let Some(dvr) = dv[pu].row(j, hd) else { continue };
                 for hh in 0..h {
-                    wrow[c * h + hh] = dot(
-                        &ev[i * hd + hh * dh..i * hd + (hh + 1) * dh],
-                        &dv[pu][j * hd + hh * dh..j * hd + (hh + 1) * dh],
-                    );
+                    wrow[c * h + hh] = dot(&ev[i * hd + hh * dh..i * hd + (hh + 1) * dh], &dvr[hh * dh..(hh + 1) * dh]);
                 }
             }
         });
@@ -151,7 +160,14 @@ impl Engine<'_> {
         let p = &fb.pattern[layer];
         let mut scratch = vec![0f32; n * ups.len() * k];
         let seq_len = s * ups.len() * k;
-        let dense = self.dense_attn_grad.unwrap_or(f * s * h <= 1 << 24);
+        // The dense strategy pushes all of gY, one key block (F·8·H floats) at a time, from gA's k
+        // non-zeros per query; the sparse one forms gY only at the (p, i) that edges read, from
+        // the gA entries of feature i. Measured at TinyStories-33M shape (d_model 768, 16 heads,
+        // S 128, C 16, 8 sequences, 2 threads; attention edge backward per step, dense /
+        // sparse): F 3072 292 / 347 ms, F 12,288 1142 / 1332 ms, and dense was cheaper at every
+        // toy size too, so it is the default; both give identical gradients (`SCAE_ATTN_GRAD`
+        // forces one).
+        let dense = self.dense_attn_grad.unwrap_or(true);
         let gw = fold_rows(&mut scratch, seq_len, w_col.len(), |first, block, gw| {
             // Buffers reused by the block's sequences: the pattern as [q][p][h]; for the dense
             // strategy one key block of gY and its active upstream values, for the sparse one
@@ -167,9 +183,6 @@ impl Engine<'_> {
                 // gY_h[p, i] = Σ_{q ≥ p} P[h, q, p] g_pre[q, i], g_pre having k entries per row.
                 let kb = pg.kb;
                 let pb = &p[bi * h * s * s..(bi + 1) * h * s * s];
-                // All of gY, one key block at a time, pushed from gA's k non-zeros per query,
-                // or (sparse) the per-(p, i) sums below for only the (p, i) that edges read.
-                // Measured at d_model 768, 16 heads, S 128, C 16: see `dense_attn_grad`.
                 if dense {
                     pattern_qph(pb, s, h, &mut pq);
                     for blk in 0..s.div_ceil(KEY_BLOCK) {
@@ -308,8 +321,9 @@ impl Engine<'_> {
         let lc = &self.layers[layer];
         let width = index.width;
         // g_ev[i, h] = Σ_c gw[i, c, h] · dv[j, h], parallel over downstream features i; g_dv[u][j, h] =
-        // Σ_{slots reading (u, j)} gw[slot, h] · ev[i, h], parallel over upstream columns (u, j),
-        // each column's slots in index order (deterministic).
+        // Σ_{slots reading (u, j)} gw[slot, h] · ev[i, h], parallel over the active upstream
+        // columns (u, j), each column's slots in index order (deterministic). Edges from silent
+        // upstream features have no gradient.
         let gw = index.to_slot_order(gw_col, h);
         let mut g_ev = vec![0f32; f * hd];
         g_ev.par_chunks_mut(hd).enumerate().for_each(|(i, gev)| {
@@ -320,40 +334,64 @@ impl Engine<'_> {
                     continue;
                 }
                 let (pu, j) = (col as usize / f, col as usize % f);
+                let Some(dvr) = st.dv[pu].row(j, hd) else { continue };
                 for hh in 0..h {
                     let g = gw[slot * h + hh];
                     if g != 0.0 {
                         let r = hh * dh..(hh + 1) * dh;
-                        axpy(g, &st.dv[pu][j * hd + r.start..j * hd + r.end], &mut gev[r]);
+                        axpy(g, &dvr[r.clone()], &mut gev[r]);
                     }
                 }
             }
         });
-        let mut g_dv_all = vec![0f32; ups.len() * f * hd];
-        g_dv_all.par_chunks_mut(hd).enumerate().for_each(|(col, gdv)| {
-            let r = index.rev_ptr[col] as usize..index.rev_ptr[col + 1] as usize;
-            for (e_pos, &i) in r.clone().zip(&index.rev_down[r]) {
-                let i = i as usize;
-                for hh in 0..h {
-                    let g = gw_col[e_pos * h + hh];
-                    if g != 0.0 {
-                        let r = hh * dh..(hh + 1) * dh;
-                        axpy(g, &st.ev[i * hd + r.start..i * hd + r.end], &mut gdv[r]);
-                    }
-                }
-            }
-        });
-        let g_dv: Vec<&[f32]> = g_dv_all.chunks(f * hd).collect();
-        // ev = E W_Oᵀ -> gE += g_ev W_O ; dv_u = W_decᵀ_u W_V -> g W_decᵀ_u += g_dv W_Vᵀ
+        // ev = E W_Oᵀ -> gE += g_ev W_O
         sgemm(f, d, hd, &g_ev, hd, 1, &lc.w_o, d, 1, g_enc, true, true);
-        let g_dec_t_up: Vec<Vec<f32>> = g_dv
-            .iter()
-            .map(|gdv| {
-                let mut o = vec![0f32; f * d];
-                sgemm(f, d, hd, gdv, hd, 1, &lc.w_v, 1, hd, &mut o, false, true);
-                o
-            })
-            .collect();
-        add_dec_t_grads(ups, g_dec_t_up, g_dec_t_in);
+        // dv_u = W_decᵀ_u W_V -> g W_decᵀ_u += g_dv W_Vᵀ, on the active rows only
+        for (pu, &u) in ups.iter().enumerate() {
+            let rows = &st.dv[pu].rows;
+            let mut g_dv = vec![0f32; rows.len() * hd];
+            g_dv.par_chunks_mut(hd).zip(rows.par_iter()).for_each(|(gdv, &j)| {
+                for (e_pos, &i) in
+                    index.col_range(pu * f + j as usize).zip(&index.rev_down[index.col_range(pu * f + j as usize)])
+                {
+                    let i = i as usize;
+                    for hh in 0..h {
+                        let g = gw_col[e_pos * h + hh];
+                        if g != 0.0 {
+                            let r = hh * dh..(hh + 1) * dh;
+                            axpy(g, &st.ev[i * hd + r.start..i * hd + r.end], &mut gdv[r]);
+                        }
+                    }
+                }
+            });
+            let mut g_dec = vec![0f32; rows.len() * d];
+            sgemm(rows.len(), d, hd, &g_dv, hd, 1, &lc.w_v, 1, hd, &mut g_dec, false, true);
+            let total = &mut g_dec_t_in[u];
+            if total.is_empty() {
+                *total = vec![0f32; f * d];
+            }
+            for (g, &j) in g_dec.chunks_exact(d).zip(rows) {
+                add_into(&mut total[j as usize * d..(j as usize + 1) * d], g);
+            }
+        }
+    }
+}
+
+/// `W_decᵀ W_V (·, H·dh)` of one upstream module on the rows of its features active in the
+/// batch.
+#[derive(Default)]
+pub(super) struct ActiveRows {
+    /// The active features, ascending.
+    rows: Vec<u32>,
+    /// Feature -> its row in `vals`, or EMPTY.
+    map: Vec<u32>,
+    vals: Vec<f32>,
+}
+
+impl ActiveRows {
+    /// Feature `j`'s row (`width` values), if it is active.
+    fn row(&self, j: usize, width: usize) -> Option<&[f32]> {
+        let m = self.map[j];
+        (m != EMPTY).then(|| &self.vals[m as usize * width..(m as usize + 1) * width])
     }
 }

@@ -110,9 +110,9 @@ struct EdgeState {
     /// Edge weights in column order ([`crate::pass::kernels::EdgeIndex::to_col_order`]: the
     /// edges reading one upstream column are contiguous), `(edges, H)` for attention targets.
     w_col: Vec<f32>,
-    /// Attention targets: `E W_Oᵀ (F, H·dh)` and per up `W_decᵀ W_V (F, H·dh)`.
+    /// Attention targets: `E W_Oᵀ (F, H·dh)` and per up `W_decᵀ W_V` on its active rows.
     ev: Vec<f32>,
-    dv: Vec<Vec<f32>>,
+    dv: Vec<attn_edges::ActiveRows>,
 }
 
 /// What the forward pass keeps for the backward pass, per module.
@@ -284,7 +284,7 @@ impl<'a> Engine<'a> {
                 EdgeState { w_col, ..EdgeState::default() }
             }
             Kind::Attn => {
-                let (w, ev, dv) = self.attn_edge_weights(di, l, index);
+                let (w, ev, dv) = self.attn_edge_weights(di, l, index, states);
                 let w_col = index.to_col_order(&w, self.n_heads);
                 prof.mark("attn w");
                 self.attn_edges_forward(fb, di, l, index, &w_col, states, a);
@@ -332,15 +332,17 @@ impl<'a> Engine<'a> {
             let g_rec = std::mem::take(&mut g_recon[di]);
             let (mut g_dec_t, mut g_bdec) = self.decode_backward(di, st, g_rec, &g_recon_nb[di], &mut g_val[di]);
             let pg = self.pre_grad(di, st, &g_val[di], &mut g_dec_t);
+            prof.mark("decode");
             let (mut g_enc, g_benc, g_z) = self.encode_backward(di, st, &pg, &mut g_bdec);
             self.encoder_input_backward(fb, di, &g_z, &mut g_recon, &mut g_recon_nb, &mut g_bdec_extra);
-            prof.mark("decode, dense");
+            prof.mark("encoder");
             self.edges_backward(fb, di, state, &pg, &mut g_val, &mut g_enc, &mut g_dec_t_in, &mut prof);
             // Assemble this module's gradients (W_dec from its transpose).
             if !g_dec_t_in[di].is_empty() {
                 add_into(&mut g_dec_t, &g_dec_t_in[di]);
             }
             let g_wdec = transpose(&g_dec_t, f, d);
+            prof.mark("assemble");
             grads[di] = Some(AeParams { w_enc: g_enc, b_enc: g_benc, w_dec: g_wdec, b_dec: g_bdec });
         }
         prof.mark("assemble");
