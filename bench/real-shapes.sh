@@ -10,7 +10,8 @@
 #
 #   bench/real-shapes.sh [OUT]          (env: SHAPE EXPANSION K CS SEQS THREADS; D HEADS LAYERS for SHAPE=toy)
 #
-# Prints a markdown table; needs `cargo build --release --workspace --examples`.
+# Prints a markdown table; needs `cargo build --release --workspace --bins --examples` (with
+# `--examples` alone cargo builds no tools).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-/tmp/scae-real-shapes}

@@ -21,7 +21,7 @@ use crate::inputs::Inputs;
 use crate::pass::engine::Engine;
 use crate::pass::loss::{ce_loss_and_grad, mse_per_module};
 use crate::pass::{PassOptions, Plan, Wiring};
-use crate::sae::{fired, AeParams};
+use crate::sae::AeParams;
 use crate::util::io::RunDir;
 
 /// Which loss to train on.
@@ -113,10 +113,8 @@ fn engine_step(
         None => eng.forward(&fb)?,
     };
     let d = suite.d_model;
-    let mut report = StepReport {
-        fired: state.modules.iter().map(|st| fired(&st.idx, &st.val, suite.n_features)).collect(),
-        ..StepReport::default()
-    };
+    let mut report =
+        StepReport { fired: state.modules.iter().map(|st| st.fired.clone()).collect(), ..StepReport::default() };
     let mut g_recon: Vec<Vec<f32>> = vec![vec![0f32; fb.b * fb.s * d]; suite.modules.len()];
     if cfg.loss != Loss::Ce {
         let (fvus, grads) = mse_per_module(&fb, &state.recons(), d);

@@ -49,8 +49,7 @@ impl Engine<'_> {
         let dv: Vec<ActiveRows> = ups
             .iter()
             .map(|&u| {
-                let fired = crate::sae::fired(&states[u].idx, &states[u].val, f);
-                let rows: Vec<u32> = (0..f as u32).filter(|&j| fired[j as usize]).collect();
+                let rows: Vec<u32> = (0..f as u32).filter(|&j| states[u].fired[j as usize]).collect();
                 let mut map = vec![EMPTY; f];
                 let mut dec = Vec::with_capacity(rows.len() * d);
                 for (m, &j) in rows.iter().enumerate() {
@@ -351,9 +350,8 @@ impl Engine<'_> {
             let rows = &st.dv[pu].rows;
             let mut g_dv = vec![0f32; rows.len() * hd];
             g_dv.par_chunks_mut(hd).zip(rows.par_iter()).for_each(|(gdv, &j)| {
-                for (e_pos, &i) in
-                    index.col_range(pu * f + j as usize).zip(&index.rev_down[index.col_range(pu * f + j as usize)])
-                {
+                let r = index.col_range(pu * f + j as usize);
+                for (e_pos, &i) in r.clone().zip(&index.rev_down[r]) {
                     let i = i as usize;
                     for hh in 0..h {
                         let g = gw_col[e_pos * h + hh];

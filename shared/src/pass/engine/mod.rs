@@ -120,6 +120,8 @@ pub struct ModuleState {
     /// Top-k indices `(N, K)` and ReLU'd values `(N, K)`.
     pub idx: Vec<u32>,
     pub val: Vec<f32>,
+    /// Which features fire (a non-zero value) on some token of the batch `(F)`.
+    pub fired: Vec<bool>,
     /// Reconstruction `(N, D)` including `b_dec`.
     pub recon: Vec<f32>,
     /// The d_model-space encoder input `Z (N, D)`.
@@ -252,8 +254,9 @@ impl<'a> Engine<'a> {
             prof.mark("Z·Eᵀ");
             let edges = self.edges_forward(fb, di, &states, &mut a, &mut prof);
             let (idx, val, recon) = self.decode(di, &a, &mut prof);
+            let fired = crate::sae::fired(&idx, &val, self.f);
             let aux = dead.and_then(|m| auxk_select(&a, self.f, &m[di], self.d));
-            states.push(ModuleState { idx, val, recon, z, edges, aux, aux_g: Vec::new() });
+            states.push(ModuleState { idx, val, fired, recon, z, edges, aux, aux_g: Vec::new() });
             prof.mark("decode, AuxK");
         }
         prof.report("forward");
