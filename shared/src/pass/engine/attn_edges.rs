@@ -9,6 +9,7 @@
 use rayon::prelude::*;
 
 use super::attn_mix::pattern_qph;
+use super::pair_kernels::{pull_column, push_column, BlockValue};
 use super::{active_ups, add_up_value_grads, EdgeState, Engine, ModuleState, PreGrad, State};
 use crate::data::FlatBatch;
 use crate::pass::kernels::{EdgeIndex, EMPTY};
@@ -30,9 +31,10 @@ fn edge_grad_update(gy: &[f32], w: &[f32], vinv: f32, gw: &mut [f32], acc: &mut 
 
 impl Engine<'_> {
     /// Attention edge weights `w_h[i,c] = (E W_Oᵀ)[i, h] · (W_decᵀ W_V)[j, h]` (d_head dots),
-    /// with the two factors. `W_decᵀ W_V` is formed only for the upstream features active
-    /// somewhere in the batch (`states`): an edge from a silent feature adds nothing to the
-    /// pass and gets no gradient, so its weight (left 0) is never read.
+    /// with the two factors. `W_decᵀ W_V` is formed only for the upstream features that have
+    /// an edge into this module and are active somewhere in the batch (`states`): an edge from
+    /// a silent feature adds nothing to the pass and gets no gradient, so its weight (left 0)
+    /// is never read.
     pub(super) fn attn_edge_weights(
         &self,
         di: usize,
@@ -48,8 +50,11 @@ impl Engine<'_> {
         sgemm(f, hd, d, &self.params[di].enc, d, 1, &lc.w_o, 1, d, &mut ev, false, true);
         let dv: Vec<ActiveRows> = ups
             .iter()
-            .map(|&u| {
-                let rows: Vec<u32> = (0..f as u32).filter(|&j| states[u].fired[j as usize]).collect();
+            .enumerate()
+            .map(|(pu, &u)| {
+                let rows: Vec<u32> = (0..f as u32)
+                    .filter(|&j| states[u].fired[j as usize] && !index.col_range(pu * f + j as usize).is_empty())
+                    .collect();
                 let mut map = vec![EMPTY; f];
                 let mut dec = Vec::with_capacity(rows.len() * d);
                 for (m, &j) in rows.iter().enumerate() {
@@ -101,8 +106,8 @@ impl Engine<'_> {
         // is one (KB·H, F) operand of the mixing product; at F·KB·H floats it stays in cache
         // between being filled and being mixed.
         let nblk = s.div_ceil(KEY_BLOCK);
-        let init = || (vec![0f32; f * KEY_BLOCK * h], vec![0f32; s * s * h], Vec::new());
-        a.par_chunks_mut(s * f).enumerate().for_each_init(init, |(y, pq, act), (bi, ab)| {
+        let init = || (vec![0f32; f * KEY_BLOCK * h], vec![0f32; s * s * h], Vec::new(), Vec::new());
+        a.par_chunks_mut(s * f).enumerate().for_each_init(init, |(y, pq, act, vals), (bi, ab)| {
             // The pattern as [q][p][h] (zero above the diagonal): a key block's rows for the
             // queries at or after it are the left operand of its mixing product.
             pattern_qph(&p[bi * h * s * s..(bi + 1) * h * s * s], s, h, pq);
@@ -122,13 +127,9 @@ impl Engine<'_> {
                 act.sort_unstable_by_key(|e| (e.0, e.1));
                 for group in act.chunk_by(|x, z| x.0 == z.0) {
                     let r = index.col_range(group[0].0 as usize);
-                    for (ws, &i) in w_col[r.start * h..r.end * h].chunks_exact(h).zip(&index.rev_down[r]) {
-                        let row = &mut y[i as usize * KEY_BLOCK * h..(i as usize + 1) * KEY_BLOCK * h];
-                        for &(_, pl, x) in group {
-                            let o = pl as usize * h;
-                            row[o..o + h].iter_mut().zip(ws).for_each(|(d, &wv)| *d += wv * x);
-                        }
-                    }
+                    vals.clear();
+                    vals.extend(group.iter().map(|&(_, pos, x)| BlockValue { pos, x }));
+                    push_column(h, KEY_BLOCK * h, &w_col[r.start * h..r.end * h], &index.rev_down[r], &vals, y);
                 }
                 // a[q] += Σ_{p in block} Σ_h P_h[q, p] Y[p, h] for the queries at or after the block.
                 let kn = KEY_BLOCK.min(s - p0) * h;
@@ -177,6 +178,7 @@ impl Engine<'_> {
             // Per active value of one column, Σ over the column's edges of gY ⊙ w (reduced over
             // heads once per value).
             let mut acc = vec![0f32; KEY_BLOCK * h];
+            let mut vals = Vec::with_capacity(KEY_BLOCK);
             for (r, sb) in block.chunks_mut(seq_len).enumerate() {
                 let bi = first + r;
                 // gY_h[p, i] = Σ_{q ≥ p} P[h, q, p] g_pre[q, i], g_pre having k entries per row.
@@ -219,15 +221,10 @@ impl Engine<'_> {
                             let r = index.col_range(group[0].0 as usize);
                             let acc = &mut acc[..group.len() * h];
                             acc.fill(0.0);
-                            for (e_pos, &i) in r.clone().zip(&index.rev_down[r]) {
-                                let wv = &w_col[e_pos * h..(e_pos + 1) * h];
-                                let gws = &mut gw[e_pos * h..(e_pos + 1) * h];
-                                let gyi = &gy[i as usize * KEY_BLOCK * h..(i as usize + 1) * KEY_BLOCK * h];
-                                for (&(_, pl, _, vinv, _), ac) in group.iter().zip(acc.chunks_exact_mut(h)) {
-                                    let g = &gyi[pl as usize * h..(pl as usize + 1) * h];
-                                    edge_grad_update(g, wv, vinv, gws, ac);
-                                }
-                            }
+                            vals.clear();
+                            vals.extend(group.iter().map(|&(_, pos, _, x, _)| BlockValue { pos, x }));
+                            let (wr, gr) = (&w_col[r.start * h..r.end * h], &mut gw[r.start * h..r.end * h]);
+                            pull_column(h, KEY_BLOCK * h, wr, gr, &index.rev_down[r], &vals, &gy, acc);
                             for (&(_, _, e, _, inv), ac) in group.iter().zip(acc.chunks_exact(h)) {
                                 sb[e as usize] += ac.iter().sum::<f32>() * inv;
                             }

@@ -30,6 +30,7 @@ mod attn_mix;
 mod decode;
 mod encoder;
 mod mlp_edges;
+mod pair_kernels;
 
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
