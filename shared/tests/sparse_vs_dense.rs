@@ -234,9 +234,9 @@ fn engine_matches_autograd_pass() {
 
 /// The engine against the autograd pass at real-shape-like dimensions: 16 heads and F = 3072
 /// (a random GPT-Neo from `toy-lm --steps 0`, d_model 128, two layers, 2 × 16 tokens), with
-/// C = 16 and C = 64, both attention gradient strategies.
+/// C = 16 and C = 64, and F = 24,576 with C = 16, both attention gradient strategies.
 #[test]
-fn engine_matches_autograd_pass_at_sixteen_heads_and_f_3072() {
+fn engine_matches_autograd_pass_at_sixteen_heads_and_f_3072_and_24576() {
     use scae::sae::init::init_params;
     use scae::util::rng::SplitMix;
     let dir = scae_testkit::scratch("sixteen-heads");
@@ -253,21 +253,25 @@ fn engine_matches_autograd_pass_at_sixteen_heads_and_f_3072() {
     let ids: Vec<u32> = (0..2 * 16).map(|_| (rng.next_u64() % vocab) as u32).collect();
     let tokens = Tensor::from_vec(ids, (2, 16), &dev).unwrap();
     let batch = Batch::from_forward(&tokens, &model.runtime.forward(&tokens, true, false).unwrap()).unwrap();
-    let (d, f) = (128, 3072);
+    let d = 128;
     let modules = scae::model::Module::all(2);
-    let params: Vec<_> = modules
-        .iter()
-        .map(|_| {
-            let mut p = init_params(d, f, &mut rng);
-            p.b_enc.iter_mut().for_each(|b| *b = (rng.normal() * 0.02) as f32);
-            p.b_dec.iter_mut().for_each(|b| *b = (rng.normal() * 0.01) as f32);
-            p
-        })
-        .collect();
-    let suite = Suite::from_params(&params, &modules, 16, d, f).unwrap();
-    for (c, seed) in [(16usize, 31u64), (64, 32)] {
-        let conns = random_connections(&suite, false, c, seed);
-        compare_engine(&format!("16 heads F 3072 C={c}"), &suite, &model, &batch, Some(&conns), PassOptions::default());
+    // F 3072 at C 16 and 64; F 24,576 (GPT-2 small's 32×) shows no feature-count ceiling.
+    for (f, cs) in [(3072, &[(16usize, 31u64), (64, 32)][..]), (24_576, &[(16, 33)][..])] {
+        let params: Vec<_> = modules
+            .iter()
+            .map(|_| {
+                let mut p = init_params(d, f, &mut rng);
+                p.b_enc.iter_mut().for_each(|b| *b = (rng.normal() * 0.02) as f32);
+                p.b_dec.iter_mut().for_each(|b| *b = (rng.normal() * 0.01) as f32);
+                p
+            })
+            .collect();
+        let suite = Suite::from_params(&params, &modules, 16, d, f).unwrap();
+        for &(c, seed) in cs {
+            let conns = random_connections(&suite, false, c, seed);
+            let name = format!("16 heads F {f} C={c}");
+            compare_engine(&name, &suite, &model, &batch, Some(&conns), PassOptions::default());
+        }
     }
 }
 

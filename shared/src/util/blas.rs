@@ -76,34 +76,40 @@ pub fn gemm_nt(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]
     sgemm(m, n, k, a, k, 1, b, 1, k, c, false, true);
 }
 
-/// `a += b`, elementwise.
-pub fn add_into(a: &mut [f32], b: &[f32]) {
-    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+crate::widest! {
+    /// `a += b`, elementwise.
+    pub fn add_into(a: &mut [f32], b: &[f32]) {
+        a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+    }
 }
 
-/// `y += alpha · x`, elementwise.
-pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-    y.iter_mut().zip(x).for_each(|(o, v)| *o += alpha * v);
+crate::widest! {
+    /// `y += alpha · x`, elementwise.
+    pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+        y.iter_mut().zip(x).for_each(|(o, v)| *o += alpha * v);
+    }
 }
 
-/// `Σ a·b` in eight interleaved partial sums (so it vectorizes; a fixed order, so results do
-/// not depend on threads).
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
+crate::widest! {
+    /// `Σ a·b` in eight interleaved partial sums (so it vectorizes; a fixed order, so results
+    /// do not depend on threads or on the vector unit).
+    pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (a, b) = (&a[..n], &b[..n]);
+        let mut acc = [0f32; 8];
+        let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+        let (ra, rb) = (ca.remainder(), cb.remainder());
+        for (x, y) in ca.zip(cb) {
+            for l in 0..8 {
+                acc[l] += x[l] * y[l];
+            }
         }
+        let mut tail = 0f32;
+        for (x, y) in ra.iter().zip(rb) {
+            tail += x * y;
+        }
+        ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
     }
-    let mut tail = 0f32;
-    for (x, y) in ra.iter().zip(rb) {
-        tail += x * y;
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
 /// `(rows, cols)` row-major to `(cols, rows)` row-major, in cache-sized tiles, parallel over

@@ -1,12 +1,14 @@
 //! Helpers with no SCAE concept in them: atomic file output ([`io`]), memory estimates
 //! ([`mem`]), parquet tables ([`table`]), dense kernels on flat buffers ([`blas`]), a seeded
-//! generator ([`rng`]) and phase timing ([`profile`]).
+//! generator ([`rng`]), phase timing ([`profile`]) and the run-time choice of vector unit
+//! ([`simd`]).
 
 pub mod blas;
 pub mod io;
 pub mod mem;
 pub mod profile;
 pub mod rng;
+pub mod simd;
 pub mod table;
 
 use candle_core::{DType, Device, Tensor};

@@ -5,11 +5,11 @@
 //! one per key position). The head count is made a compile-time constant for the real models'
 //! 8, 12 and 16 heads, so that one edge's weights and gradient accumulator stay in registers
 //! across the column's values, and the loops are compiled for the widest vector unit the CPU
-//! reports (AVX-512, else AVX2, else the baseline), chosen at run time.
+//! reports ([`crate::widest!`]).
 //!
 //! Every variant does the same multiplications and additions in the same order as the plain
-//! loop (no fused multiply-add: Rust never contracts `a * b + c`), so the results are
-//! bit-identical whichever runs (`tests` below checks each against the plain loop).
+//! loop, so the results are bit-identical whichever runs (`tests` below checks each against
+//! the plain loop).
 
 /// One active value of a column in a key block: its key position within the block and the
 /// factor the edge terms carry (`f_u[p, j] / s1[p]`).
@@ -19,94 +19,31 @@ pub(super) struct BlockValue {
     pub x: f32,
 }
 
-/// Forward: for each edge `(w, i)` of the column and each value,
-/// `y[i][pos][·] += w · x`, where `y` is laid out `[i][key in block][h]` with `stride` floats
-/// per feature.
-pub(super) fn push_column(h: usize, stride: usize, w: &[f32], downs: &[u32], vals: &[BlockValue], y: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F.
-            return unsafe { push_avx512(h, stride, w, downs, vals, y) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2.
-            return unsafe { push_avx2(h, stride, w, downs, vals, y) };
-        }
+crate::widest! {
+    /// Forward: for each edge `(w, i)` of the column and each value,
+    /// `y[i][pos][·] += w · x`, where `y` is laid out `[i][key in block][h]` with `stride`
+    /// floats per feature.
+    pub(super) fn push_column(h: usize, stride: usize, w: &[f32], downs: &[u32], vals: &[BlockValue], y: &mut [f32]) {
+        push_by_heads(h, stride, w, downs, vals, y)
     }
-    push_by_heads(h, stride, w, downs, vals, y)
 }
 
-/// Backward: for each edge `(w, i)` of the column, `gw += Σ_values gY[i][pos] · x` (values in
-/// order), and for each value, `acc[value] += gY[i][pos] ⊙ w` (edges in order); `gy` is laid
-/// out as `y` above, `acc` holds H floats per value.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn pull_column(
-    h: usize,
-    stride: usize,
-    w: &[f32],
-    gw: &mut [f32],
-    downs: &[u32],
-    vals: &[BlockValue],
-    gy: &[f32],
-    acc: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F.
-            return unsafe { pull_avx512(h, stride, w, gw, downs, vals, gy, acc) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2.
-            return unsafe { pull_avx2(h, stride, w, gw, downs, vals, gy, acc) };
-        }
+crate::widest! {
+    /// Backward: for each edge `(w, i)` of the column, `gw += Σ_values gY[i][pos] · x` (values
+    /// in order), and for each value, `acc[value] += gY[i][pos] ⊙ w` (edges in order); `gy` is
+    /// laid out as `y` above, `acc` holds H floats per value.
+    pub(super) fn pull_column(
+        h: usize,
+        stride: usize,
+        w: &[f32],
+        gw: &mut [f32],
+        downs: &[u32],
+        vals: &[BlockValue],
+        gy: &[f32],
+        acc: &mut [f32],
+    ) {
+        pull_by_heads(h, stride, w, gw, downs, vals, gy, acc)
     }
-    pull_by_heads(h, stride, w, gw, downs, vals, gy, acc)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn push_avx512(h: usize, stride: usize, w: &[f32], downs: &[u32], vals: &[BlockValue], y: &mut [f32]) {
-    push_by_heads(h, stride, w, downs, vals, y)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn push_avx2(h: usize, stride: usize, w: &[f32], downs: &[u32], vals: &[BlockValue], y: &mut [f32]) {
-    push_by_heads(h, stride, w, downs, vals, y)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-fn pull_avx512(
-    h: usize,
-    stride: usize,
-    w: &[f32],
-    gw: &mut [f32],
-    downs: &[u32],
-    vals: &[BlockValue],
-    gy: &[f32],
-    acc: &mut [f32],
-) {
-    pull_by_heads(h, stride, w, gw, downs, vals, gy, acc)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
-fn pull_avx2(
-    h: usize,
-    stride: usize,
-    w: &[f32],
-    gw: &mut [f32],
-    downs: &[u32],
-    vals: &[BlockValue],
-    gy: &[f32],
-    acc: &mut [f32],
-) {
-    pull_by_heads(h, stride, w, gw, downs, vals, gy, acc)
 }
 
 #[inline(always)]
