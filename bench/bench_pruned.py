@@ -29,10 +29,12 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "fixtures"))
 import gen_suite  # noqa: E402  (reference import shim, TL local-folder lookup)
 
 
-def make_model(folder, d_model):
+def make_model(folder, d_model, n_heads=4, vocab=512, max_pos=256):
+    """A random GPT-Neo of 4 layers (the defaults: the toy benchmark model; d_model 768,
+    16 heads, vocab 50,257 and 2,048 positions: TinyStories-33M's exact config)."""
     from transformers import GPTNeoConfig, GPTNeoForCausalLM, AutoTokenizer
-    cfg = GPTNeoConfig(vocab_size=512, max_position_embeddings=256, hidden_size=d_model, num_layers=4,
-                       attention_types=[[["global", "local"], 2]], num_heads=4, window_size=256,
+    cfg = GPTNeoConfig(vocab_size=vocab, max_position_embeddings=max_pos, hidden_size=d_model, num_layers=4,
+                       attention_types=[[["global", "local"], 2]], num_heads=n_heads, window_size=256,
                        activation_function="gelu_new", bos_token_id=0, eos_token_id=0)
     cfg.architectures = ["GPTNeoForCausalLM"]
     torch.manual_seed(0)

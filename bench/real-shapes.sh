@@ -8,7 +8,8 @@
 # (examples/gemm_floor). SHAPE=toy uses `toy-lm --steps 0` at D HEADS LAYERS instead (GPT-Neo,
 # the toy corpus's ~100-word vocabulary).
 #
-#   bench/real-shapes.sh [OUT]          (env: SHAPE EXPANSION K CS SEQS THREADS; D HEADS LAYERS for SHAPE=toy)
+#   bench/real-shapes.sh [OUT]   (env: SHAPE EXPANSION K CS SEQS THREADS TRAIN_STEPS FT_STEPS
+#                                  SCORE_SEQS EVAL_SEQS; D HEADS LAYERS for SHAPE=toy)
 #
 # Prints a markdown table; needs `cargo build --release --workspace --bins --examples` (with
 # `--examples` alone cargo builds no tools).
@@ -31,6 +32,9 @@ SEQS=${SEQS:-8}
 THREADS=${THREADS:-2}
 TRAIN_STEPS=${TRAIN_STEPS:-40}
 FT_STEPS=${FT_STEPS:-6}
+# Sequences scored by score-edges and evaluated by evaluate.
+SCORE_SEQS=${SCORE_SEQS:-16}
+EVAL_SEQS=${EVAL_SEQS:-16}
 BIN=target/release
 F=$((EXPANSION * D))
 export RAYON_NUM_THREADS=$THREADS
@@ -44,6 +48,13 @@ run() {
     read -r secs kb < "$OUT/time"
     rows+=("| $name | $tokens | $secs | $(awk "BEGIN {printf \"%.0f\", $tokens / $secs}") | $((kb / 1024)) |")
 }
+# steady_step ERR: the median of a finetune run's steps after the first, in ms, from its
+# SCAE_PROFILE step lines (the first step also pays first touches of the Adam state).
+steady_step() {
+    awk '/^scae profile step/ { s = 0; n = split($0, a, /[ ,]+/); for (i = 1; i <= n; i++) if (a[i] ~ /^[0-9.]+$/) s += a[i]; print s }' "$1" |
+        tail -n +2 | sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print "n/a"; else printf "%.0f ms", (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'
+}
+steps=()
 # The toy corpus and tokenizer (and, for SHAPE=toy, the model).
 TD=$D TH=$HEADS TL=$LAYERS
 [ "$SHAPE" = toy ] || TD=64 TH=4 TL=2
@@ -59,14 +70,16 @@ run collect-acts $((64 * 128)) $BIN/collect-acts --model "$M" --data "$T/corpus.
     --n-seqs 64 --batch-size "$SEQS" --out "$OUT/acts" --overwrite
 run "train-suite F=$F" $((TRAIN_STEPS * SEQS * 128)) $BIN/train-suite --acts "$OUT/acts" --expansion "$EXPANSION" \
     --k "$K" --steps "$TRAIN_STEPS" --batch-size "$SEQS" --lr 1e-3 --out "$OUT/suite" --overwrite
-run "score-edges F=$F" $((16 * 128)) $BIN/score-edges --acts "$OUT/acts" --suite "$OUT/suite" --n-seqs 16 \
+run "score-edges F=$F" $((SCORE_SEQS * 128)) $BIN/score-edges --acts "$OUT/acts" --suite "$OUT/suite" --n-seqs "$SCORE_SEQS" \
     --batch-size "$SEQS" --keep 64 --out "$OUT/edges" --overwrite
 for c in $CS; do
     $BIN/select-edges --edges "$OUT/edges/edges.parquet" --c "$c" --out "$OUT/c$c.parquet" > /dev/null
-    run "finetune F=$F C=$c" $((FT_STEPS * SEQS * 128)) $BIN/finetune --acts "$OUT/acts" --suite "$OUT/suite" \
-        --connections "$OUT/c$c.parquet" --steps "$FT_STEPS" --batch-size "$SEQS" --out "$OUT/ft$c" --overwrite
-    run "evaluate F=$F C=$c" $((16 * 128)) $BIN/evaluate --acts "$OUT/acts" --suite "$OUT/ft$c" \
-        --connections "$OUT/c$c.parquet" --n-seqs 16 --batch-size "$SEQS" --out "$OUT/eval$c" --overwrite
+    SCAE_PROFILE=1 run "finetune F=$F C=$c" $((FT_STEPS * SEQS * 128)) $BIN/finetune --acts "$OUT/acts" \
+        --suite "$OUT/suite" --connections "$OUT/c$c.parquet" --steps "$FT_STEPS" --batch-size "$SEQS" \
+        --out "$OUT/ft$c" --overwrite
+    steps+=("C $c: $(steady_step "$OUT/finetune F=$F C=$c.err")")
+    run "evaluate F=$F C=$c" $((EVAL_SEQS * 128)) $BIN/evaluate --acts "$OUT/acts" --suite "$OUT/ft$c" \
+        --connections "$OUT/c$c.parquet" --n-seqs "$EVAL_SEQS" --batch-size "$SEQS" --out "$OUT/eval$c" --overwrite
 done
 floor=$($BIN/examples/gemm_floor "$D" "$F" "$HEADS" "$LAYERS" "$SEQS" 128)
 echo "shape: $SHAPE, d_model $D, $HEADS heads, $LAYERS layers, F $F, k $K, $SEQS x 128 tokens per step, $THREADS threads"
@@ -75,4 +88,5 @@ echo "| stage | tokens | seconds | tokens/s | peak RSS MB |"
 echo "|---|---|---|---|---|"
 printf '%s\n' "${rows[@]}"
 echo
+echo "steady finetuning step (median after the first): ${steps[*]}"
 echo "dense-product floor of one finetuning step ($((SEQS * 128)) tokens): $floor"

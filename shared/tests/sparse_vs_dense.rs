@@ -365,3 +365,153 @@ fn engine_auxk_gradient_matches_finite_differences() {
         "AuxK gradient vs finite differences: {bad} of {checked} entries off by > 3e-2, median {median}"
     );
 }
+
+/// Host copy of a tensor.
+fn host(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_dtype(candle_core::DType::F32).unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// Embed and unembed edges in the dense oracle (docs/MATH.md, "Embed and unembed
+/// connections"). With every token wired into every feature, and every feature into every
+/// token, the pass and the logits are today's. With a few edges, the change of a module's
+/// pre-activation (embed edges on that module only) and of the logits equals the removed
+/// terms summed by scalar loops: mlp `([tok_t ∈ E(i)] − 1) E_i·W_E[tok_t] / s2[t]`, attention
+/// the same through `W_OV[h]` mixed by the pattern, logits
+/// `−Σ_{(m,j) ∉ U(v)} f_m[t,j] W_dec^m[:,j]·W_U[:,v] / s[t]`.
+#[test]
+fn oracle_with_every_end_edge_equals_the_dense_ends() {
+    use dense_oracle::{EmbedEdges, UnembedEdges};
+    for name in ["tiny-neo", "tiny-pythia", "tiny-gpt2"] {
+        let (model, suite, batch) = fixture_case(name);
+        let rt = &model.runtime;
+        let parallel = model.cfg().parallel_attn_mlp;
+        let opts = PassOptions::default();
+        let (f, d, n_mod) = (suite.n_features, suite.d_model, suite.modules.len());
+        let vocab = rt.weights.w_e.dim(0).unwrap();
+        let (b, s, _) = batch.resid_pre0.dims3().unwrap();
+        let n = b * s;
+        let conns = random_connections(&suite, parallel, 5, 21);
+        let dense = dense_oracle::forward(&suite, rt, parallel, Some(&conns), &batch, opts).unwrap();
+
+        // Every end edge present: today's pass and logits.
+        let every_token: EmbedEdges = vec![Some(vec![(0..vocab as u32).collect(); f]); n_mod];
+        let ends =
+            dense_oracle::forward_with_ends(&suite, rt, parallel, Some(&conns), Some(&every_token), &batch, opts)
+                .unwrap();
+        assert_outputs_close(&format!("{name}: every embed edge"), &suite, &ends, &dense);
+        let every_feature: UnembedEdges =
+            vec![(0..n_mod).flat_map(|m| (0..f as u32).map(move |j| (m, j))).collect(); vocab];
+        let logits = dense_oracle::logits_with_ends(&suite, rt, &batch, &dense, &every_feature).unwrap();
+        let resid = pass::loss::spliced_resid(&batch, &dense).unwrap();
+        let want = rt.unembed(&resid).unwrap().reshape((n, vocab)).unwrap();
+        let (diff, big) = (max_abs(&(&logits - &want).unwrap()), max_abs(&want));
+        assert!(diff <= 1e-4 * big.max(1.0), "{name}: logits with every unembed edge differ by {diff} (max {big})");
+
+        // A few embed edges per feature: tokens of the batch and one that is absent.
+        let toks: Vec<u32> =
+            host(&batch.tokens.to_dtype(candle_core::DType::F32).unwrap()).iter().map(|&x| x as u32).collect();
+        let absent = (0..vocab as u32).find(|v| !toks.contains(v)).unwrap();
+        let lists: Vec<Vec<u32>> = (0..f)
+            .map(|i| {
+                let mut l = vec![toks[(i * 7) % n], toks[(i * 3 + 1) % n], absent];
+                l.sort_unstable();
+                l.dedup();
+                l
+            })
+            .collect();
+        let w_e = host(&rt.weights.w_e);
+        let (mlp0, attn0) = (1usize, 0usize); // mlp_0, attn_0
+        for target in [mlp0, attn0] {
+            let mut embed: EmbedEdges = vec![None; n_mod];
+            embed[target] = Some(lists.clone());
+            let ends = dense_oracle::forward_with_ends(&suite, rt, parallel, Some(&conns), Some(&embed), &batch, opts)
+                .unwrap();
+            let got: Vec<f32> = host(&(&ends.pre[target] - &dense.pre[target]).unwrap());
+            let enc = host(suite.aes[target].w_enc.as_tensor());
+            let e_dot = |i: usize, x: &[f32]| -> f32 { (0..d).map(|c| enc[i * d + c] * x[c]).sum() };
+            let mut want = vec![0f32; n * f];
+            if target == mlp0 {
+                let s2 = host(&batch.ln2_scale[0]);
+                for t in 0..n {
+                    let row = &w_e[toks[t] as usize * d..(toks[t] as usize + 1) * d];
+                    for i in 0..f {
+                        if !lists[i].contains(&toks[t]) {
+                            want[t * f + i] = -e_dot(i, row) / s2[t];
+                        }
+                    }
+                }
+            } else {
+                let (h, dh) = (rt.cfg.n_heads, rt.cfg.d_head);
+                let (w_v, w_o) = rt.flat_vo(0);
+                let (w_v, w_o) = (host(w_v), host(w_o)); // (D, H·dh), (H·dh, D)
+                let (s1, pat) = (host(&batch.ln1_scale[0]), host(&batch.pattern[0]));
+                // x W_OV[h] for x = W_E[tok_p], by loops.
+                let ov = |x: &[f32], hh: usize| -> Vec<f32> {
+                    let v: Vec<f32> =
+                        (0..dh).map(|e| (0..d).map(|c| x[c] * w_v[c * h * dh + hh * dh + e]).sum()).collect();
+                    (0..d).map(|o| (0..dh).map(|e| v[e] * w_o[(hh * dh + e) * d + o]).sum()).collect()
+                };
+                for bi in 0..b {
+                    for p in 0..s {
+                        let t = bi * s + p;
+                        let row = &w_e[toks[t] as usize * d..(toks[t] as usize + 1) * d];
+                        for hh in 0..h {
+                            let xo = ov(row, hh);
+                            for i in 0..f {
+                                if lists[i].contains(&toks[t]) {
+                                    continue;
+                                }
+                                let w = e_dot(i, &xo) / s1[t];
+                                for q in p..s {
+                                    want[(bi * s + q) * f + i] -= pat[((bi * h + hh) * s + q) * s + p] * w;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let big = want.iter().fold(0f32, |a, x| a.max(x.abs()));
+            assert!(big > 1e-3, "{name}: the removed embed terms of module {target} are all ~0");
+            for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() <= 1e-4 * big.max(1.0), "{name}: module {target} Δpre[{j}] {g} vs loops {w}");
+            }
+        }
+
+        // A few unembed edges per token: Δlogit[t, v] = −Σ_{(m,j) ∉ U(v)} f_m[t,j] W_dec^m[:,j]·W_U[:,v] / s[t].
+        let mut rng = Rng(77);
+        let few: UnembedEdges =
+            (0..vocab).map(|_| (0..6).map(|_| (rng.below(n_mod), rng.below(f) as u32)).collect()).collect();
+        let sparse = dense_oracle::logits_with_ends(&suite, rt, &batch, &dense, &few).unwrap();
+        let got = host(&(&sparse - &logits).unwrap());
+        let r = host(&resid);
+        let scale: Vec<f32> = r
+            .chunks(d)
+            .map(|x| {
+                let mu = x.iter().sum::<f32>() / d as f32;
+                (x.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / d as f32 + rt.cfg.ln_eps as f32).sqrt()
+            })
+            .collect();
+        let w_u = host(&rt.weights.w_u); // (D, V)
+        let feats: Vec<Vec<f32>> = dense.feats.iter().map(host).collect();
+        let decs: Vec<Vec<f32>> = suite.aes.iter().map(|ae| host(ae.w_dec.as_tensor())).collect(); // (D, F)
+        let mut big = 0f32;
+        for v in (0..vocab).step_by(vocab.div_ceil(24)) {
+            for t in 0..n {
+                let mut want = 0f32;
+                for m in 0..n_mod {
+                    for j in 0..f {
+                        let z = feats[m][t * f + j];
+                        if z != 0.0 && !few[v].contains(&(m, j as u32)) {
+                            let u: f32 = (0..d).map(|c| decs[m][c * f + j] * w_u[c * vocab + v]).sum();
+                            want -= z * u / scale[t];
+                        }
+                    }
+                }
+                big = big.max(want.abs());
+                let g = got[t * vocab + v];
+                assert!((g - want).abs() <= 1e-4 * want.abs().max(1.0), "{name}: Δlogit[{t}, {v}] {g} vs loops {want}");
+            }
+        }
+        assert!(big > 1e-3, "{name}: the removed unembed terms are all ~0");
+    }
+}

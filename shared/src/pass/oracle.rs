@@ -1,7 +1,9 @@
 //! A straightforward dense-masked pruned pass: the reference's algorithm transcribed (virtual
 //! weight matrices `E·W_dec` of shape `F×F`, per head for attention, multiplied by a 0/1 mask).
 //! It exists as the oracle the sparse pass is tested against, and as the baseline of the
-//! benchmark; it costs O(F²) per module pair and must not be used for real runs.
+//! benchmark; it costs O(F²) per module pair and must not be used for real runs. With embed and
+//! unembed edges ([`forward_with_ends`], [`logits_with_ends`]) it also states those ends, which
+//! the fast paths do not implement yet.
 
 use candle_core::{DType, Tensor};
 
@@ -25,6 +27,14 @@ fn mask(conns: &Connections, d: usize, u: usize, f: usize, dev: &candle_core::De
     Ok(Tensor::from_vec(m, (f, f), dev)?)
 }
 
+/// Embed edges for the oracle (docs/MATH.md, "Embed and unembed connections"): per module, the
+/// token ids wired into each of its features, or `None` for a module that keeps the dense `r0`
+/// term.
+pub type EmbedEdges = Vec<Option<Vec<Vec<u32>>>>;
+
+/// Unembed edges for the oracle: per output token, the `(module, feature)` pairs it reads.
+pub type UnembedEdges = Vec<Vec<(usize, u32)>>;
+
 /// The pruned pass computed densely; `conns = None` means all connections.
 pub fn forward(
     suite: &Suite,
@@ -34,17 +44,61 @@ pub fn forward(
     batch: &Batch,
     opts: PassOptions,
 ) -> Result<PassOutput> {
+    forward_with_ends(suite, rt, parallel, conns, None, batch, opts)
+}
+
+/// `x (n, V)`: 1 where token `t` holds vocabulary item v.
+fn one_hot(tokens: &Tensor, v: usize) -> Result<Tensor> {
+    let ids = tokens.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+    let mut x = vec![0f32; ids.len() * v];
+    for (t, &id) in ids.iter().enumerate() {
+        x[t * v + id as usize] = 1.0;
+    }
+    Ok(Tensor::from_vec(x, (ids.len(), v), tokens.device())?)
+}
+
+/// `M (rows, cols)`: 1 at `(r, c)` for each `c` in `lists[r]`.
+fn list_mask(lists: &[Vec<u32>], cols: usize, dev: &candle_core::Device) -> Result<Tensor> {
+    let mut m = vec![0f32; lists.len() * cols];
+    for (r, cs) in lists.iter().enumerate() {
+        for &c in cs {
+            m[r * cols + c as usize] = 1.0;
+        }
+    }
+    Ok(Tensor::from_vec(m, (lists.len(), cols), dev)?)
+}
+
+/// The pruned pass computed densely with embed edges (`embed = None`: every module keeps the
+/// dense `r0` term, as [`forward`]). A module with embed edges reads the positional part of
+/// `r0` densely and each token through its edges: mlp `[tok_t ∈ E(i)] E_i·W_E[tok_t] / s2[t]`,
+/// attention the same through `W_OV[h]`, mixed by the pattern over key positions.
+pub fn forward_with_ends(
+    suite: &Suite,
+    rt: &Runtime,
+    parallel: bool,
+    conns: Option<&Connections>,
+    embed: Option<&EmbedEdges>,
+    batch: &Batch,
+    opts: PassOptions,
+) -> Result<PassOutput> {
     let (b, s, dm) = batch.resid_pre0.dims3()?;
     let (n, f) = (b * s, suite.n_features);
     let (h, dh) = (rt.cfg.n_heads, rt.cfg.d_head);
     let dev = batch.resid_pre0.device();
-    let r0 = &batch.resid_pre0;
+    let vocab = rt.weights.w_e.dim(0)?;
+    // r0 = W_E[tok] + r_pos, r_pos = W_pos[pos] (learned positions) or 0 (rotary).
+    let r_pos = match &rt.weights.w_pos {
+        Some(w_pos) => w_pos.narrow(0, 0, s)?.unsqueeze(0)?.broadcast_as((b, s, dm))?.contiguous()?,
+        None => Tensor::zeros((b, s, dm), DType::F32, dev)?,
+    };
     let (mut feats, mut recon): (Vec<Tensor>, Vec<Tensor>) = (Vec::new(), Vec::new());
     let mut pres = Vec::new();
     for (d, module) in suite.modules.iter().enumerate() {
         let ae = &suite.aes[d];
         let enc = ae.w_enc.as_tensor();
         let l = module.layer;
+        let embed_d = embed.and_then(|e| e[d].as_ref());
+        let r0 = if embed_d.is_some() { &r_pos } else { &batch.resid_pre0 };
         let ups: Vec<usize> =
             (0..suite.modules.len()).filter(|&u| suite.modules[u].precedes(module, parallel)).collect();
         let mut ub = Tensor::zeros(dm, DType::F32, dev)?;
@@ -66,6 +120,30 @@ pub fn forward(
                 acc.reshape((n, f))?
             }
         };
+        if let Some(lists) = embed_d {
+            // The token edges, densely: V_e = (E W_Eᵀ) ⊙ M_e (F, V), per head through W_OV[h].
+            let x = one_hot(&batch.tokens, vocab)?;
+            let m = list_mask(lists, vocab, dev)?;
+            let w_e = &rt.weights.w_e;
+            let contrib = match module.kind {
+                Kind::Mlp => {
+                    let v = (enc.matmul(&w_e.t()?)? * &m)?;
+                    x.broadcast_div(&batch.ln2_scale[l].reshape((n, 1))?)?.matmul(&v.t()?)?
+                }
+                Kind::Attn => {
+                    let xs = x.broadcast_div(&batch.ln1_scale[l].reshape((n, 1))?)?;
+                    let mut acc = Tensor::zeros((b, s, f), DType::F32, dev)?;
+                    for (hh, wov) in w_ov.iter().enumerate() {
+                        let v = (enc.matmul(&wov.t()?)?.matmul(&w_e.t()?)? * &m)?;
+                        let c = xs.matmul(&v.t()?)?.reshape((b, s, f))?;
+                        let p = batch.pattern[l].narrow(1, hh, 1)?.squeeze(1)?;
+                        acc = (acc + p.matmul(&c)?)?;
+                    }
+                    acc.reshape((n, f))?
+                }
+            };
+            pre = (pre + contrib)?;
+        }
         for &u in &ups {
             ub = (ub + suite.aes[u].b_dec.as_tensor())?;
             let dec = suite.aes[u].w_dec.as_tensor();
@@ -131,4 +209,43 @@ pub fn forward(
         pres.push(pre);
     }
     Ok(PassOutput { feats, recon, pre: pres })
+}
+
+/// Logits `(N, V)` of the spliced residual with unembed edges (docs/MATH.md, "Embed and
+/// unembed connections"): token v reads `r0 + Σ_m b_dec^m` and, of the features, only those in
+/// `unembed[v]`; `s` is LNPre's scale of the whole spliced residual (every feature), so with
+/// every feature wired into every token these are `LNPre(resid) W_U + b_U`.
+pub fn logits_with_ends(
+    suite: &Suite,
+    rt: &Runtime,
+    batch: &Batch,
+    out: &PassOutput,
+    unembed: &UnembedEdges,
+) -> Result<Tensor> {
+    let (b, s, dm) = batch.resid_pre0.dims3()?;
+    let n = b * s;
+    let dev = batch.resid_pre0.device();
+    let (w_u, b_u) = (&rt.weights.w_u, &rt.weights.b_u);
+    let vocab = w_u.dim(1)?;
+    let resid = crate::pass::loss::spliced_resid(batch, out)?.reshape((n, dm))?;
+    let centred = resid.broadcast_sub(&resid.mean_keepdim(1)?)?;
+    let scale = (centred.sqr()?.mean_keepdim(1)? + rt.cfg.ln_eps)?.sqrt()?; // (N, 1)
+    let mut dense = batch.resid_pre0.reshape((n, dm))?;
+    for ae in &suite.aes {
+        dense = dense.broadcast_add(ae.b_dec.as_tensor())?;
+    }
+    let mut logits = dense.matmul(w_u)?;
+    for (m, ae) in suite.aes.iter().enumerate() {
+        // Mask (F, V): 1 where feature j of module m is wired into token v.
+        let mut mask = vec![0f32; suite.n_features * vocab];
+        for (v, edges) in unembed.iter().enumerate() {
+            for &(_, j) in edges.iter().filter(|e| e.0 == m) {
+                mask[j as usize * vocab + v] = 1.0;
+            }
+        }
+        let mask = Tensor::from_vec(mask, (suite.n_features, vocab), dev)?;
+        let weights = (ae.w_dec.as_tensor().t()?.matmul(w_u)? * mask)?; // (F, V)
+        logits = (logits + out.feats[m].matmul(&weights)?)?;
+    }
+    Ok(logits.broadcast_div(&scale)?.broadcast_add(b_u)?)
 }
