@@ -32,7 +32,7 @@ SEQS=${SEQS:-8}
 THREADS=${THREADS:-2}
 TRAIN_STEPS=${TRAIN_STEPS:-40}
 FT_STEPS=${FT_STEPS:-6}
-# Sequences scored by score-edges and evaluated by evaluate.
+# Sequences scored by score-edges (0: random connections instead) and evaluated by evaluate.
 SCORE_SEQS=${SCORE_SEQS:-16}
 EVAL_SEQS=${EVAL_SEQS:-16}
 BIN=target/release
@@ -70,10 +70,19 @@ run collect-acts $((64 * 128)) $BIN/collect-acts --model "$M" --data "$T/corpus.
     --n-seqs 64 --batch-size "$SEQS" --out "$OUT/acts" --overwrite
 run "train-suite F=$F" $((TRAIN_STEPS * SEQS * 128)) $BIN/train-suite --acts "$OUT/acts" --expansion "$EXPANSION" \
     --k "$K" --steps "$TRAIN_STEPS" --batch-size "$SEQS" --lr 1e-3 --out "$OUT/suite" --overwrite
-run "score-edges F=$F" $((SCORE_SEQS * 128)) $BIN/score-edges --acts "$OUT/acts" --suite "$OUT/suite" --n-seqs "$SCORE_SEQS" \
-    --batch-size "$SEQS" --keep 64 --out "$OUT/edges" --overwrite
+# SCORE_SEQS=0: random connections (examples/random_connections) instead of scored ones, where
+# score-edges' F×F pair products would dominate the run.
+if [ "$SCORE_SEQS" != 0 ]; then
+    run "score-edges F=$F" $((SCORE_SEQS * 128)) $BIN/score-edges --acts "$OUT/acts" --suite "$OUT/suite" \
+        --n-seqs "$SCORE_SEQS" --batch-size "$SEQS" --keep 64 --out "$OUT/edges" --overwrite
+fi
 for c in $CS; do
-    $BIN/select-edges --edges "$OUT/edges/edges.parquet" --c "$c" --out "$OUT/c$c.parquet" > /dev/null
+    if [ "$SCORE_SEQS" != 0 ]; then
+        $BIN/select-edges --edges "$OUT/edges/edges.parquet" --c "$c" --out "$OUT/c$c.parquet" > /dev/null
+    else
+        $BIN/examples/random_connections "$OUT/suite/suite.safetensors" "$c" 1 "$OUT/c$c.parquet" \
+            $([ "$SHAPE" = pythia-70m ] && echo parallel) 2> /dev/null
+    fi
     SCAE_PROFILE=1 run "finetune F=$F C=$c" $((FT_STEPS * SEQS * 128)) $BIN/finetune --acts "$OUT/acts" \
         --suite "$OUT/suite" --connections "$OUT/c$c.parquet" --steps "$FT_STEPS" --batch-size "$SEQS" \
         --out "$OUT/ft$c" --overwrite
