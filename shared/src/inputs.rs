@@ -65,7 +65,9 @@ impl Inputs {
 
     /// Load a connections file checked against the suite and model.
     pub fn connections(&self, path: &Path) -> Result<Connections> {
-        Connections::load(path, &self.suite.modules, self.suite.n_features, self.parallel())
+        let conns = Connections::load(path, &self.suite.modules, self.suite.n_features, self.parallel())?;
+        conns.check_vocab(path, self.model.cfg().d_vocab)?;
+        Ok(conns)
     }
 
     /// The connection set a pass uses, from `--connections`: a file; `all` for every

@@ -515,3 +515,63 @@ fn oracle_with_every_end_edge_equals_the_dense_ends() {
         assert!(big > 1e-3, "{name}: the removed unembed terms are all ~0");
     }
 }
+
+/// `conns` plus up to `ce` embed edges per feature of every module in `modules` (tokens drawn
+/// from `toks`, the batch's, and from the whole vocabulary).
+fn with_embed(conns: &Connections, modules: &[usize], toks: &[u32], vocab: usize, ce: usize, seed: u64) -> Connections {
+    use scae::formats::connections::EmbedEdge;
+    let mut rng = Rng(seed);
+    let mut out = conns.clone();
+    for &d in modules {
+        for es in out.embed[d].iter_mut() {
+            let want = rng.below(ce + 1);
+            while es.len() < want {
+                let token = if rng.below(3) == 0 { rng.below(vocab) as u32 } else { toks[rng.below(toks.len())] };
+                if !es.iter().any(|e| e.token == token) {
+                    es.push(EmbedEdge { token, score: f32::NAN });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Embed edges through every path: the autograd pass (CPU custom ops and composed) against the
+/// dense oracle, the engine against the autograd pass (values and every gradient, both
+/// losses), on all modules and on attn_0 / mlp_0 alone; and with every token wired into every
+/// feature, the engine's pass equals the one without embed edges.
+#[test]
+fn embed_edges_match_the_dense_oracle_on_every_path() {
+    for name in ["tiny-neo", "tiny-pythia", "tiny-gpt2"] {
+        let (model, suite, batch) = fixture_case(name);
+        let parallel = model.cfg().parallel_attn_mlp;
+        let vocab = model.runtime.weights.w_e.dim(0).unwrap();
+        let toks: Vec<u32> = host(&batch.tokens).iter().map(|&x| x as u32).collect();
+        let every: Vec<usize> = (0..suite.modules.len()).collect();
+        let opts = PassOptions::default();
+        for (c, ce, modules, seed) in [(5usize, 4usize, every.clone(), 41u64), (0, 6, vec![0], 42), (3, 6, vec![1], 43)]
+        {
+            let conns = with_embed(&random_connections(&suite, parallel, c, seed), &modules, &toks, vocab, ce, seed);
+            assert!(conns.n_embed_edges() > 0);
+            let label = format!("{name} C={c} embed C={ce} on {modules:?}");
+            compare(&label, &suite, &model, &batch, Some(&conns), opts);
+            compare_engine(&label, &suite, &model, &batch, Some(&conns), opts);
+        }
+        // Every token into every feature of every module: the dense embedding term exactly.
+        let base = random_connections(&suite, parallel, 5, 44);
+        let mut full = base.clone();
+        for d in 0..suite.modules.len() {
+            for es in full.embed[d].iter_mut() {
+                *es = (0..vocab as u32)
+                    .map(|token| scae::formats::connections::EmbedEdge { token, score: f32::NAN })
+                    .collect();
+            }
+        }
+        let dev = Device::Cpu;
+        let pass_of = |c: &Connections| {
+            let plan = Plan::new(&suite, Wiring::Sparse(c), parallel, &dev).unwrap();
+            pass::ValuePass::new(&suite, &model.runtime, &plan, opts, &dev).unwrap().run(&batch).unwrap()
+        };
+        assert_outputs_close(&format!("{name}: every embed edge"), &suite, &pass_of(&full), &pass_of(&base));
+    }
+}

@@ -146,8 +146,8 @@ pub struct FlatBatch {
 }
 
 impl FlatBatch {
-    /// Flatten the pass inputs of a [`Batch`] only (no targets or tokens: enough for
-    /// the CPU engine's forward, not for the losses).
+    /// Flatten the pass inputs of a [`Batch`] only (no targets: enough for the CPU engine's
+    /// forward, not for the losses).
     pub fn inputs(batch: &Batch) -> Result<FlatBatch> {
         let (b, s, _) = batch.resid_pre0.dims3()?;
         Ok(FlatBatch {
@@ -158,7 +158,7 @@ impl FlatBatch {
             s2: batch.ln2_scale.iter().map(to_vec).collect::<Result<_>>()?,
             pattern: batch.pattern.iter().map(to_vec).collect::<Result<_>>()?,
             targets: Vec::new(),
-            tokens: Vec::new(),
+            tokens: batch.tokens.to_device(&Device::Cpu)?.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?,
         })
     }
 
@@ -166,7 +166,6 @@ impl FlatBatch {
     pub fn new(batch: &Batch, modules: &[Module]) -> Result<FlatBatch> {
         Ok(FlatBatch {
             targets: modules.iter().map(|m| to_vec(batch.target(m))).collect::<Result<_>>()?,
-            tokens: batch.tokens.to_device(&Device::Cpu)?.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?,
             ..FlatBatch::inputs(batch)?
         })
     }

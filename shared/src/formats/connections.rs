@@ -5,6 +5,8 @@
 //!   columns `down_module` (utf8), `down_feature` (uint32), `up_module` (utf8),
 //!   `up_feature` (uint32) and optionally `score` (float32). Rows are grouped by downstream
 //!   module (suite order) and feature; within a feature they keep the file's order.
+//!   `up_module = "embed"` marks an edge from the token embedding, `up_feature` its token id
+//!   (docs/MATH.md, "Embed and unembed connections").
 //! - the reference's layout, `*.safetensors`: one int64 tensor `<down>.<up>` of shape
 //!   `[F_down, C]` per module pair, `-1` padded; and the reference's own files holding the
 //!   same tables as `dict[down][up]`: `top_connections_{C}.pkl` (`pickle.dump`) and
@@ -41,12 +43,27 @@ pub struct Edge {
     pub score: f32,
 }
 
+/// One edge from the token embedding into a downstream feature: vocabulary item `token`
+/// (docs/MATH.md, "Embed and unembed connections").
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EmbedEdge {
+    pub token: u32,
+    /// The edge's score, NaN when unknown.
+    pub score: f32,
+}
+
+/// The name of the token embedding as an upstream module in connection files.
+pub const EMBED: &str = "embed";
+
 /// `edges[down module][down feature]` -> the edges into that feature.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Connections {
     pub modules: Vec<Module>,
     pub n_features: usize,
     pub edges: Vec<Vec<Vec<Edge>>>,
+    /// `embed[down module][down feature]` -> the tokens wired into that feature. A module
+    /// none of whose features has an embed edge reads the embedding densely (today's pass).
+    pub embed: Vec<Vec<Vec<EmbedEdge>>>,
 }
 
 impl Connections {
@@ -56,12 +73,41 @@ impl Connections {
             modules: modules.to_vec(),
             n_features,
             edges: modules.iter().map(|_| vec![Vec::new(); n_features]).collect(),
+            embed: modules.iter().map(|_| vec![Vec::new(); n_features]).collect(),
         }
     }
 
-    /// Total number of edges.
+    /// Total number of edges between modules.
     pub fn n_edges(&self) -> usize {
         self.edges.iter().flatten().map(Vec::len).sum()
+    }
+
+    /// Total number of edges from the token embedding.
+    pub fn n_embed_edges(&self) -> usize {
+        self.embed.iter().flatten().map(Vec::len).sum()
+    }
+
+    /// Whether module `d` reads the embedding through edges (some feature has an embed edge).
+    pub fn has_embed(&self, d: usize) -> bool {
+        self.embed[d].iter().any(|es| !es.is_empty())
+    }
+
+    /// Check every embed edge's token against the model's vocabulary (`path` names the file).
+    pub fn check_vocab(&self, path: &Path, d_vocab: usize) -> Result<()> {
+        for (d, feats) in self.embed.iter().enumerate() {
+            for (i, es) in feats.iter().enumerate() {
+                if let Some(e) = es.iter().find(|e| e.token as usize >= d_vocab) {
+                    return Err(Error::input(
+                        path,
+                        format!(
+                            "edge {EMBED}:{} -> {}:{i}: token {} out of range, the model's vocabulary has {d_vocab} tokens",
+                            e.token, self.modules[d], e.token
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Read either form (by extension), checking it against the suite's modules, F and the
@@ -94,6 +140,13 @@ impl Connections {
                     uf.push(e.feature);
                     sc.push(e.score);
                 }
+                for e in &self.embed[d][i] {
+                    dm.push(dname.clone());
+                    df.push(i as u32);
+                    um.push(EMBED.to_string());
+                    uf.push(e.token);
+                    sc.push(e.score);
+                }
             }
         }
         let cols: Vec<(&str, ArrayRef)> = vec![
@@ -117,6 +170,15 @@ impl Connections {
     /// Write the reference's layout: int64 `<down>.<up>` `[F, width]`, -1 padded, one tensor
     /// per preceding pair (all -1 when no edge), `width` = the most edges of any feature.
     pub fn write_reference(&self, path: &Path, parallel: bool) -> Result<()> {
+        if self.n_embed_edges() > 0 {
+            return Err(Error::input(
+                path,
+                format!(
+                    "the reference's layout has no embed edges, but the connections hold {}; hint: write a .parquet instead",
+                    self.n_embed_edges()
+                ),
+            ));
+        }
         let width = self.edges.iter().flatten().map(Vec::len).max().unwrap_or(0).max(1);
         let mut tensors: Vec<(String, Vec<u8>)> = Vec::new();
         for (d, dm) in self.modules.iter().enumerate() {
@@ -200,6 +262,15 @@ impl<'a> Builder<'a> {
         self.conns.edges[d][i as usize].push(Edge { up: u, feature: j, score });
         Ok(())
     }
+
+    /// An edge from vocabulary item `token` of the embedding (any module may read it).
+    fn add_embed(&mut self, d: usize, i: u32, token: u32, score: f32) -> Result<()> {
+        if !self.seen.insert((d, i, usize::MAX, token)) {
+            return Err(Error::input(self.path, format!("duplicate edge {EMBED}:{token} -> {}:{i}", self.modules[d])));
+        }
+        self.conns.embed[d][i as usize].push(EmbedEdge { token, score });
+        Ok(())
+    }
 }
 
 fn read_parquet(path: &Path, modules: &[Module], n_features: usize, parallel: bool) -> Result<Connections> {
@@ -244,8 +315,15 @@ fn read_parquet(path: &Path, modules: &[Module], n_features: usize, parallel: bo
         };
         for r in 0..batch.num_rows() {
             let d = b.module(&dm[r], "down_module")?;
-            let u = b.module(&um[r], "up_module")?;
             let i = b.feature(df[r], "down_feature")?;
+            if um[r] == EMBED {
+                let token = u32::try_from(uf[r]).map_err(|_| {
+                    Error::input(path, format!("up_feature {} of an {EMBED} edge: expected a token id", uf[r]))
+                })?;
+                b.add_embed(d, i, token, score[r])?;
+                continue;
+            }
+            let u = b.module(&um[r], "up_module")?;
             let j = b.feature(uf[r], "up_feature")?;
             b.add(d, i, u, j, score[r])?;
         }

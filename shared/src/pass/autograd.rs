@@ -39,10 +39,12 @@ struct AttnConsts {
 struct Weights {
     aes: Vec<AeParams<Tensor>>,
     attn: Vec<AttnConsts>,
+    /// `W_E (V, D)`, when some module has embed edges.
+    w_e: Option<Tensor>,
 }
 
 impl Weights {
-    fn new(suite: &Suite, rt: &Runtime, dtype: DType) -> Result<Weights> {
+    fn new(suite: &Suite, rt: &Runtime, dtype: DType, embed: bool) -> Result<Weights> {
         let cast =
             |t: &Tensor| -> Result<Tensor> { Ok(if t.dtype() == dtype { t.clone() } else { t.to_dtype(dtype)? }) };
         let aes = suite.aes.iter().map(|ae| ae.try_map(|v| cast(v.as_tensor()))).collect::<Result<Vec<_>>>()?;
@@ -57,7 +59,8 @@ impl Weights {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Weights { aes, attn })
+        let w_e = if embed { Some(cast(&rt.weights.w_e)?) } else { None };
+        Ok(Weights { aes, attn, w_e })
     }
 }
 
@@ -80,7 +83,15 @@ pub fn forward(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, opts: Pa
     let r0 = &batch.resid_pre0.to_dtype(dtype)?;
     // The CPU custom ops are f32 only.
     let composed = plan.composed || dtype != DType::F32;
-    let w = Weights::new(suite, rt, dtype)?;
+    let any_embed = (0..suite.modules.len()).any(|d| plan.down(d).embed.is_some());
+    let w = Weights::new(suite, rt, dtype, any_embed)?;
+    // A module with embed edges reads r0's positional part densely: W_pos[0..S) (learned
+    // positions) or 0 (rotary); docs/MATH.md, "Embed and unembed connections".
+    let r_pos = match (&rt.weights.w_pos, any_embed) {
+        (_, false) => None,
+        (Some(p), true) => Some(p.narrow(0, 0, s)?.unsqueeze(0)?.broadcast_as((b, s, dm))?.to_dtype(dtype)?),
+        (None, true) => Some(Tensor::zeros((b, s, dm), dtype, r0.device())?),
+    };
     let mut feats: Vec<Tensor> = Vec::with_capacity(suite.modules.len());
     let mut recon: Vec<Tensor> = Vec::with_capacity(suite.modules.len());
     let mut recon_nobias: Vec<Tensor> = Vec::with_capacity(suite.modules.len());
@@ -95,10 +106,15 @@ pub fn forward(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, opts: Pa
             ub = (ub + &w.aes[u].b_dec)?;
         }
         let l = module.layer;
+        let r_in = match (&plan_d.embed, &r_pos) {
+            (Some(_), Some(p)) => p,
+            _ => r0,
+        };
+        let edges = plan.sparse && (!ups.is_empty() || plan_d.embed.is_some());
         let mut pre = match module.kind {
             Kind::Mlp => {
                 let scale = &batch.ln2_scale[l];
-                let mut x = r0.clone();
+                let mut x = r_in.clone();
                 if plan.sparse {
                     x = x.broadcast_add(&ub)?;
                 } else {
@@ -108,8 +124,8 @@ pub fn forward(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, opts: Pa
                 }
                 let x = x.broadcast_div(scale)?;
                 let mut a = x.reshape((n, dm))?.matmul(&enc_t)?;
-                if plan.sparse && !ups.is_empty() {
-                    let y = edge_contrib(suite, rt, &w, plan_d, composed, &feats, d, None, s)?; // (B, 1, S, F)
+                if edges {
+                    let y = sparse_contrib(suite, rt, &w, plan_d, composed, &feats, d, None, batch)?; // (B, 1, S, F)
                     a = (a + y.reshape((n, f))?.broadcast_div(&scale.reshape((n, 1))?)?)?;
                 }
                 a
@@ -117,7 +133,7 @@ pub fn forward(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, opts: Pa
             Kind::Attn => {
                 let scale = &batch.ln1_scale[l];
                 let pattern = &batch.pattern[l];
-                let mut x = r0.clone();
+                let mut x = r_in.clone();
                 if !plan.sparse {
                     for &u in ups {
                         x = (x + &recon_nobias[u])?;
@@ -128,8 +144,8 @@ pub fn forward(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, opts: Pa
                 }
                 let mixed = attn_mix(rt, &w.attn[l], &x.broadcast_div(scale)?, pattern)?;
                 let mut a = mixed.reshape((n, dm))?.matmul(&enc_t)?;
-                if plan.sparse && !ups.is_empty() {
-                    let y = edge_contrib(suite, rt, &w, plan_d, composed, &feats, d, Some(l), s)?; // (B, H, S, F)
+                if edges {
+                    let y = sparse_contrib(suite, rt, &w, plan_d, composed, &feats, d, Some(l), batch)?; // (B, H, S, F)
                     let y = y.broadcast_div(&scale.reshape((b, 1, s, 1))?)?;
                     let mixed = pattern.matmul(&y)?.sum(1)?; // (B, S, F)
                     a = (a + mixed.reshape((n, f))?)?;
@@ -158,6 +174,75 @@ pub fn forward(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, opts: Pa
         pres.push(pre);
     }
     Ok(PassOutput { feats, recon, pre: pres })
+}
+
+/// Every sparse contribution of module `d`'s edges `(B, H, S, F)` (H = 1 for mlp targets):
+/// from upstream features and from the token embedding.
+#[allow(clippy::too_many_arguments)]
+fn sparse_contrib(
+    suite: &Suite,
+    rt: &Runtime,
+    wt: &Weights,
+    plan_d: &DownPlan,
+    composed: bool,
+    feats: &[Tensor],
+    d: usize,
+    attn_layer: Option<usize>,
+    batch: &Batch,
+) -> Result<Tensor> {
+    let s = batch.resid_pre0.dim(1)?;
+    let from_ups = match plan_d.ups.is_empty() {
+        true => None,
+        false => Some(edge_contrib(suite, rt, wt, plan_d, composed, feats, d, attn_layer, s)?),
+    };
+    let from_embed = match &plan_d.embed {
+        Some(ep) => Some(embed_contrib(rt, wt, ep, &wt.aes[d].w_enc, composed, &batch.tokens, attn_layer, s)?),
+        None => None,
+    };
+    Ok(match (from_ups, from_embed) {
+        (Some(a), Some(b)) => (a + b)?,
+        (Some(a), None) | (None, Some(a)) => a,
+        (None, None) => unreachable!("called with edges"),
+    })
+}
+
+/// The contribution of the embed edges `(B, H, S, F)`: each position's token is an upstream
+/// feature of value 1 whose decoder column is `W_E[token]`; `W_E` is a constant (no gradient).
+#[allow(clippy::too_many_arguments)]
+fn embed_contrib(
+    rt: &Runtime,
+    wt: &Weights,
+    ep: &super::plan::EmbedPlan,
+    enc: &Tensor,
+    composed: bool,
+    tokens: &Tensor,
+    attn_layer: Option<usize>,
+    seq_len: usize,
+) -> Result<Tensor> {
+    let (f, dm) = enc.dims2()?;
+    let width = ep.index.width;
+    let rows = wt.w_e.as_ref().expect("W_E loaded for embed edges").index_select(&ep.slot_tokens, 0)?; // (F·C_e, D)
+    let (w, heads) = match attn_layer {
+        None => (rows.reshape((f, width, dm))?.broadcast_mul(&enc.unsqueeze(1)?)?.sum(2)?.unsqueeze(2)?, 1),
+        Some(l) => {
+            let (h, dh) = (rt.cfg.n_heads, rt.cfg.d_head);
+            let AttnConsts { w_v, w_o, .. } = &wt.attn[l];
+            let ev = enc.matmul(&w_o.t()?)?.reshape((f, 1, h, dh))?;
+            let dv = rows.matmul(w_v)?.reshape((f, width, h, dh))?;
+            (dv.broadcast_mul(&ev)?.sum(3)?, h)
+        }
+    };
+    // x (N, columns): 1 at the column of each position's token (if an edge reads it).
+    let ids = tokens.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+    let m = ep.tokens.len();
+    let mut x = vec![0f32; ids.len() * m];
+    for (t, &id) in ids.iter().enumerate() {
+        if let Some(c) = ep.col(id) {
+            x[t * m + c] = 1.0;
+        }
+    }
+    let x = Tensor::from_vec(x, (ids.len(), m), enc.device())?.to_dtype(enc.dtype())?;
+    apply_edges(&x, &w, &ep.index, &ep.cols, &ep.slot_mask, heads, seq_len, composed)
 }
 
 /// The sparse upstream contribution `(B, H, S, F)` (H = 1 for mlp targets).
@@ -197,13 +282,30 @@ fn edge_contrib(
             (dv.broadcast_mul(&ev)?.sum(3)?, h)
         }
     };
+    let mask = plan_d.slot_mask.as_ref().expect("sparse plan");
+    apply_edges(&x, &w, index, cols, mask, heads, seq_len, composed)
+}
+
+/// `Y (B, H, S, F)` from the upstream values `x (N, M)` and the edge weights `w (F, C, H)`
+/// over `index`: the CPU custom op, or composed ops on any device.
+#[allow(clippy::too_many_arguments)]
+fn apply_edges(
+    x: &Tensor,
+    w: &Tensor,
+    index: &std::sync::Arc<super::kernels::EdgeIndex>,
+    cols: &Tensor,
+    slot_mask: &Tensor,
+    heads: usize,
+    seq_len: usize,
+    composed: bool,
+) -> Result<Tensor> {
+    let (f, width) = (index.n_down, index.width);
     if composed {
         // Composed (any device): gather each slot's upstream feature row (tokens along the
         // row), then one small batched product per downstream feature:
         // y[f] (H, N) = w[f]ᵀ (H, C) · x_g[f] (C, N). Memory F·C·N, no F·C·N·H intermediate.
         let n = x.dim(0)?;
-        let mask = plan_d.slot_mask.as_ref().expect("sparse plan").to_dtype(w.dtype())?;
-        let w = w.broadcast_mul(&mask)?; // (F, C, H); empty slots contribute nothing
+        let w = w.broadcast_mul(&slot_mask.to_dtype(w.dtype())?)?; // (F, C, H); empty slots contribute nothing
         let g = x.t()?.contiguous()?.index_select(cols, 0)?.reshape((f, width, n))?; // (F, C, N)
         let y = w.transpose(1, 2)?.contiguous()?.matmul(&g)?; // (F, H, N)
         let b = n / seq_len;

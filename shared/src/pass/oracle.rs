@@ -2,8 +2,7 @@
 //! weight matrices `E·W_dec` of shape `F×F`, per head for attention, multiplied by a 0/1 mask).
 //! It exists as the oracle the sparse pass is tested against, and as the baseline of the
 //! benchmark; it costs O(F²) per module pair and must not be used for real runs. With embed and
-//! unembed edges ([`forward_with_ends`], [`logits_with_ends`]) it also states those ends, which
-//! the fast paths do not implement yet.
+//! unembed edges ([`forward_with_ends`], [`logits_with_ends`]) it also states those ends.
 
 use candle_core::{DType, Tensor};
 
@@ -35,7 +34,8 @@ pub type EmbedEdges = Vec<Option<Vec<Vec<u32>>>>;
 /// Unembed edges for the oracle: per output token, the `(module, feature)` pairs it reads.
 pub type UnembedEdges = Vec<Vec<(usize, u32)>>;
 
-/// The pruned pass computed densely; `conns = None` means all connections.
+/// The pruned pass computed densely; `conns = None` means all connections (a connection set's
+/// embed edges are read as [`forward_with_ends`] reads them).
 pub fn forward(
     suite: &Suite,
     rt: &Runtime,
@@ -44,7 +44,12 @@ pub fn forward(
     batch: &Batch,
     opts: PassOptions,
 ) -> Result<PassOutput> {
-    forward_with_ends(suite, rt, parallel, conns, None, batch, opts)
+    let embed: Option<EmbedEdges> = conns.filter(|c| c.n_embed_edges() > 0).map(|c| {
+        (0..c.modules.len())
+            .map(|d| c.has_embed(d).then(|| c.embed[d].iter().map(|es| es.iter().map(|e| e.token).collect()).collect()))
+            .collect()
+    });
+    forward_with_ends(suite, rt, parallel, conns, embed.as_ref(), batch, opts)
 }
 
 /// `x (n, V)`: 1 where token `t` holds vocabulary item v.

@@ -39,6 +39,59 @@ pub struct DownPlan {
     pub(crate) cols: Option<Tensor>,
     /// 1 for used slots, 0 for empty ones, `(F, C, 1)` (composed path).
     pub(crate) slot_mask: Option<Tensor>,
+    /// Edges from the token embedding, when the connection set gives this module any (then
+    /// the dense term reads only the positional part of `r0`).
+    pub embed: Option<EmbedPlan>,
+}
+
+/// The embed edges of one downstream module (docs/MATH.md, "Embed and unembed connections"):
+/// an edge index whose columns are the tokens the edges reference.
+#[derive(Debug, Clone)]
+pub struct EmbedPlan {
+    /// Edge index over the referenced tokens: column m is token `tokens[m]`.
+    pub index: Arc<EdgeIndex>,
+    /// The referenced tokens, ascending.
+    pub tokens: Vec<u32>,
+    /// Token id -> its column, or EMPTY when no edge reads it (up to the largest referenced id).
+    col_of: Vec<u32>,
+    /// Composed path: each slot's token `(F·C_e)` (0 for empty slots) and column, and the
+    /// slot mask `(F, C_e, 1)`.
+    pub(crate) slot_tokens: Tensor,
+    pub(crate) cols: Tensor,
+    pub(crate) slot_mask: Tensor,
+}
+
+impl EmbedPlan {
+    /// The column of `token`, if some edge reads it.
+    pub fn col(&self, token: u32) -> Option<usize> {
+        self.col_of.get(token as usize).filter(|&&c| c != EMPTY).map(|&c| c as usize)
+    }
+
+    fn new(lists: &[Vec<u32>], device: &Device) -> Result<EmbedPlan> {
+        let mut tokens: Vec<u32> = lists.iter().flatten().copied().collect();
+        tokens.sort_unstable();
+        tokens.dedup();
+        let mut col_of = vec![EMPTY; tokens.last().map_or(0, |&t| t as usize + 1)];
+        for (m, &t) in tokens.iter().enumerate() {
+            col_of[t as usize] = m as u32;
+        }
+        let cols: Vec<Vec<u32>> = lists.iter().map(|l| l.iter().map(|&t| col_of[t as usize]).collect()).collect();
+        let width = cols.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let ix = EdgeIndex::new(&cols, width, tokens.len());
+        let slot_tokens: Vec<u32> =
+            ix.slot_col.iter().map(|&c| if c == EMPTY { 0 } else { tokens[c as usize] }).collect();
+        let (slot_tokens, gather, mask) = slot_tensors(&ix, slot_tokens, device)?;
+        Ok(EmbedPlan { index: Arc::new(ix), tokens, col_of, slot_tokens, cols: gather, slot_mask: mask })
+    }
+}
+
+/// An index's gather columns `(F·C)`, `extra` as a tensor, and its slot mask `(F, C, 1)`.
+fn slot_tensors(ix: &EdgeIndex, extra: Vec<u32>, device: &Device) -> Result<(Tensor, Tensor, Tensor)> {
+    let n_slots = ix.slot_col.len();
+    let cols = Tensor::from_vec(ix.gather_cols(), n_slots, device)?;
+    let mask: Vec<f32> = ix.slot_col.iter().map(|&c| if c == EMPTY { 0.0 } else { 1.0 }).collect();
+    let mask = Tensor::from_vec(mask, (ix.n_down, ix.width, 1), device)?;
+    Ok((Tensor::from_vec(extra, n_slots, device)?, cols, mask))
 }
 
 /// A suite wired for a model: the plan of every module.
@@ -71,6 +124,14 @@ impl Plan {
         for (d, dm) in suite.modules.iter().enumerate() {
             let ups: Vec<usize> =
                 (0..suite.modules.len()).filter(|&u| suite.modules[u].precedes(dm, parallel)).collect();
+            let embed = match wiring {
+                Wiring::Sparse(conns) if conns.has_embed(d) => {
+                    let lists: Vec<Vec<u32>> =
+                        conns.embed[d].iter().map(|es| es.iter().map(|e| e.token).collect()).collect();
+                    Some(EmbedPlan::new(&lists, device)?)
+                }
+                _ => None,
+            };
             let index = match wiring {
                 Wiring::All => (None, None, None),
                 Wiring::Sparse(conns) => {
@@ -91,14 +152,12 @@ impl Plan {
                     }
                     let width = lists.iter().map(Vec::len).max().unwrap_or(0).max(1);
                     let ix = EdgeIndex::new(&lists, width, ups.len() * f);
-                    let cols = Tensor::from_vec(ix.gather_cols(), ix.slot_col.len(), device)?;
-                    let mask: Vec<f32> = ix.slot_col.iter().map(|&c| if c == EMPTY { 0.0 } else { 1.0 }).collect();
-                    let mask = Tensor::from_vec(mask, (f, width, 1), device)?;
+                    let (cols, _, mask) = slot_tensors(&ix, ix.gather_cols(), device)?;
                     (Some(Arc::new(ix)), Some(cols), Some(mask))
                 }
             };
             let (index, cols, slot_mask) = index;
-            downs.push(DownPlan { ups, index, cols, slot_mask });
+            downs.push(DownPlan { ups, index, cols, slot_mask, embed });
         }
         let sparse = matches!(wiring, Wiring::Sparse(_));
         Ok(Plan { downs, sparse, composed: !device.is_cpu() })

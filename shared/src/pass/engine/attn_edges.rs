@@ -9,10 +9,12 @@
 use rayon::prelude::*;
 
 use super::attn_mix::pattern_qph;
+use super::embed_edges::embed_values;
 use super::pair_kernels::{pull_column, push_column, BlockValue};
 use super::{active_ups, add_up_value_grads, EdgeState, Engine, ModuleState, PreGrad, State};
 use crate::data::FlatBatch;
 use crate::pass::kernels::{EdgeIndex, EMPTY};
+use crate::pass::plan::EmbedPlan;
 use crate::util::blas::{add_into, axpy, dot, fold_rows, sgemm};
 
 /// Key positions per block of the attention edge forward's mixing product (its inner dimension
@@ -55,15 +57,8 @@ impl Engine<'_> {
                 let rows: Vec<u32> = (0..f as u32)
                     .filter(|&j| states[u].fired[j as usize] && !index.col_range(pu * f + j as usize).is_empty())
                     .collect();
-                let mut map = vec![EMPTY; f];
-                let mut dec = Vec::with_capacity(rows.len() * d);
-                for (m, &j) in rows.iter().enumerate() {
-                    map[j as usize] = m as u32;
-                    dec.extend_from_slice(&self.params[u].dec_t[j as usize * d..(j as usize + 1) * d]);
-                }
-                let mut vals = vec![0f32; rows.len() * hd];
-                sgemm(rows.len(), hd, d, &dec, d, 1, &lc.w_v, hd, 1, &mut vals, false, true);
-                ActiveRows { rows, map, vals }
+                let dec_t = &self.params[u].dec_t;
+                ActiveRows::build(rows, f, |j| &dec_t[j as usize * d..(j as usize + 1) * d], &lc.w_v, d, hd)
             })
             .collect();
         let width = index.width;
@@ -85,7 +80,9 @@ impl Engine<'_> {
     }
 
     /// Per sequence, `Y[p, h, i] = Σ_c w_h[i, c] · f_u[p, j] / s1[p]` pushed from the active
-    /// upstream features, then `a[q] += Σ_{p ≤ q} Σ_h P_h[q, p] Y[p, h]` in one causal product.
+    /// upstream features (and, with `embed`, from each position's token through the embed
+    /// edges' weights, value 1), then `a[q] += Σ_{p ≤ q} Σ_h P_h[q, p] Y[p, h]` in one causal
+    /// product.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn attn_edges_forward(
         &self,
@@ -95,6 +92,7 @@ impl Engine<'_> {
         index: &EdgeIndex,
         w_col: &[f32],
         states: &[ModuleState],
+        embed: Option<(&EmbedPlan, &[f32])>,
         a: &mut [f32],
     ) {
         let (s, f, k, h) = (fb.s, self.f, self.k, self.n_heads);
@@ -131,6 +129,17 @@ impl Engine<'_> {
                     vals.extend(group.iter().map(|&(_, pos, x)| BlockValue { pos, x }));
                     push_column(h, KEY_BLOCK * h, &w_col[r.start * h..r.end * h], &index.rev_down[r], &vals, y);
                 }
+                if let Some((ep, ew)) = embed {
+                    act.clear();
+                    act.extend(embed_values(fb, ep, sc, bi * s + p0, KEY_BLOCK.min(s - p0)));
+                    act.sort_unstable_by_key(|e| (e.0, e.1));
+                    for group in act.chunk_by(|x, z| x.0 == z.0) {
+                        let r = ep.index.col_range(group[0].0 as usize);
+                        vals.clear();
+                        vals.extend(group.iter().map(|&(_, pos, x)| BlockValue { pos, x }));
+                        push_column(h, KEY_BLOCK * h, &ew[r.start * h..r.end * h], &ep.index.rev_down[r], &vals, y);
+                    }
+                }
                 // a[q] += Σ_{p in block} Σ_h P_h[q, p] Y[p, h] for the queries at or after the block.
                 let kn = KEY_BLOCK.min(s - p0) * h;
                 let pa = &pq[(p0 * s + p0) * h..];
@@ -139,8 +148,9 @@ impl Engine<'_> {
         });
     }
 
-    /// Edge-term backward for an attention target, given the edge weights in column order;
-    /// returns their gradients in column order.
+    /// Edge-term backward for an attention target, given the edge weights in column order
+    /// (and the embed edges' with `embed`); returns their gradients in column order (the embed
+    /// edges' second, empty without).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn attn_edges_backward(
         &self,
@@ -151,15 +161,18 @@ impl Engine<'_> {
         w_col: &[f32],
         pg: &PreGrad,
         state: &State,
+        embed: Option<(&EmbedPlan, &[f32])>,
         g_val_up: &mut [Vec<f32>],
-    ) -> Vec<f32> {
+    ) -> (Vec<f32>, Vec<f32>) {
         let (s, f, k, h) = (fb.s, self.f, self.k, self.n_heads);
         let n = fb.b * s;
         let ups = &self.plan.down(di).ups;
         let sc = &fb.s1[layer];
         let p = &fb.pattern[layer];
-        let mut scratch = vec![0f32; n * ups.len() * k];
-        let seq_len = s * ups.len() * k;
+        // One row of upstream value gradients per sequence (at least one float, so that
+        // sequences are visited also when only embed edges feed the module).
+        let seq_len = (s * ups.len() * k).max(1);
+        let mut scratch = vec![0f32; fb.b * seq_len];
         // The dense strategy pushes all of gY, one key block (F·8·H floats) at a time, from gA's k
         // non-zeros per query; the sparse one forms gY only at the (p, i) that edges read, from
         // the gA entries of feature i. Measured at TinyStories-33M shape (d_model 768, 16 heads,
@@ -167,8 +180,12 @@ impl Engine<'_> {
         // sparse): F 3072 292 / 347 ms, F 12,288 1142 / 1332 ms, and dense was cheaper at every
         // toy size too, so it is the default; both give identical gradients (`SCAE_ATTN_GRAD`
         // forces one).
-        let dense = self.dense_attn_grad.unwrap_or(true);
-        let gw = fold_rows(&mut scratch, seq_len, w_col.len(), |first, block, gw| {
+        // Embed edges are handled by the dense strategy only.
+        let dense = self.dense_attn_grad.unwrap_or(true) || embed.is_some();
+        let n_feat = w_col.len();
+        let n_embed = embed.map_or(0, |(_, ew)| ew.len());
+        let gw_all = fold_rows(&mut scratch, seq_len, n_feat + n_embed, |first, block, gw_all| {
+            let (gw, gw_embed) = gw_all.split_at_mut(n_feat);
             // Buffers reused by the block's sequences: the pattern as [q][p][h]; for the dense
             // strategy one key block of gY and its active upstream values, for the sparse one
             // the cache of gY rows at one key position.
@@ -227,6 +244,21 @@ impl Engine<'_> {
                             pull_column(h, KEY_BLOCK * h, wr, gr, &index.rev_down[r], &vals, &gy, acc);
                             for (&(_, _, e, _, inv), ac) in group.iter().zip(acc.chunks_exact(h)) {
                                 sb[e as usize] += ac.iter().sum::<f32>() * inv;
+                            }
+                        }
+                        // The embed edges of the block's positions (their values are constants:
+                        // only the weights get a gradient).
+                        if let Some((ep, ew)) = embed {
+                            let mut eact: Vec<(u32, u32, f32)> = embed_values(fb, ep, sc, bi * s + p0, kl).collect();
+                            eact.sort_unstable_by_key(|e| (e.0, e.1));
+                            for group in eact.chunk_by(|x, z| x.0 == z.0) {
+                                let r = ep.index.col_range(group[0].0 as usize);
+                                let acc = &mut acc[..group.len() * h];
+                                acc.fill(0.0);
+                                vals.clear();
+                                vals.extend(group.iter().map(|&(_, pos, x)| BlockValue { pos, x }));
+                                let (wr, gr) = (&ew[r.start * h..r.end * h], &mut gw_embed[r.start * h..r.end * h]);
+                                pull_column(h, KEY_BLOCK * h, wr, gr, &ep.index.rev_down[r], &vals, &gy, acc);
                             }
                         }
                     }
@@ -294,12 +326,17 @@ impl Engine<'_> {
             }
         });
         add_up_value_grads(ups, &scratch, n, k, g_val_up);
-        gw
+        let gw_embed = gw_all[n_feat..].to_vec();
+        let mut gw = gw_all;
+        gw.truncate(n_feat);
+        (gw, gw_embed)
     }
 
     /// Backward of [`attn_edge_weights`](Self::attn_edge_weights) through its two factors,
     /// given the edge weights' gradients in column order: `E W_Oᵀ` into `gE`, `W_decᵀ W_V`
     /// into each upstream decoder's gradient.
+    /// With `embed` (its plan and its edges' gradients in column order), the embed edges'
+    /// weights `ev[i, h] · (W_E[token] W_V)[h]` add into `g_ev` too (`W_E` is frozen).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn attn_edge_weights_backward(
         &self,
@@ -308,6 +345,7 @@ impl Engine<'_> {
         index: &EdgeIndex,
         gw_col: &[f32],
         st: &EdgeState,
+        embed: Option<(&EmbedPlan, &[f32])>,
         g_enc: &mut [f32],
         g_dec_t_in: &mut [Vec<f32>],
     ) {
@@ -315,29 +353,42 @@ impl Engine<'_> {
         let hd = h * dh;
         let ups = &self.plan.down(di).ups;
         let lc = &self.layers[layer];
-        let width = index.width;
         // g_ev[i, h] = Σ_c gw[i, c, h] · dv[j, h], parallel over downstream features i; g_dv[u][j, h] =
         // Σ_{slots reading (u, j)} gw[slot, h] · ev[i, h], parallel over the active upstream
         // columns (u, j), each column's slots in index order (deterministic). Edges from silent
         // upstream features have no gradient.
         let gw = index.to_slot_order(gw_col, h);
+        let gw_e = embed.map(|(ep, g)| ep.index.to_slot_order(g, h));
         let mut g_ev = vec![0f32; f * hd];
-        g_ev.par_chunks_mut(hd).enumerate().for_each(|(i, gev)| {
-            for c in 0..width {
-                let slot = i * width + c;
-                let col = index.slot_col[slot];
+        // gev += Σ_h g[slot, h] · dv_row[h] over one index's slots of feature i.
+        fn add_slots<'r>(
+            gev: &mut [f32],
+            i: usize,
+            ix: &EdgeIndex,
+            g: &[f32],
+            (h, dh): (usize, usize),
+            row: impl Fn(u32) -> Option<&'r [f32]>,
+        ) {
+            for c in 0..ix.width {
+                let slot = i * ix.width + c;
+                let col = ix.slot_col[slot];
                 if col == EMPTY {
                     continue;
                 }
-                let (pu, j) = (col as usize / f, col as usize % f);
-                let Some(dvr) = st.dv[pu].row(j, hd) else { continue };
+                let Some(dvr) = row(col) else { continue };
                 for hh in 0..h {
-                    let g = gw[slot * h + hh];
-                    if g != 0.0 {
+                    let gv = g[slot * h + hh];
+                    if gv != 0.0 {
                         let r = hh * dh..(hh + 1) * dh;
-                        axpy(g, &dvr[r.clone()], &mut gev[r]);
+                        axpy(gv, &dvr[r.clone()], &mut gev[r]);
                     }
                 }
+            }
+        }
+        g_ev.par_chunks_mut(hd).enumerate().for_each(|(i, gev)| {
+            add_slots(gev, i, index, &gw, (h, dh), |col| st.dv[col as usize / f].row(col as usize % f, hd));
+            if let (Some((ep, _)), Some(g)) = (embed, &gw_e) {
+                add_slots(gev, i, &ep.index, g, (h, dh), |col| st.embed_dv.row(col as usize, hd));
             }
         });
         // ev = E W_Oᵀ -> gE += g_ev W_O
@@ -384,8 +435,28 @@ pub(super) struct ActiveRows {
 }
 
 impl ActiveRows {
+    /// `dec_row(j) · W_V (D, H·dh)` for each of `rows` (ascending, below `n_cols`).
+    pub(super) fn build<'r>(
+        rows: Vec<u32>,
+        n_cols: usize,
+        dec_row: impl Fn(u32) -> &'r [f32],
+        w_v: &[f32],
+        d: usize,
+        hd: usize,
+    ) -> ActiveRows {
+        let mut map = vec![EMPTY; n_cols];
+        let mut dec = Vec::with_capacity(rows.len() * d);
+        for (m, &j) in rows.iter().enumerate() {
+            map[j as usize] = m as u32;
+            dec.extend_from_slice(dec_row(j));
+        }
+        let mut vals = vec![0f32; rows.len() * hd];
+        sgemm(rows.len(), hd, d, &dec, d, 1, w_v, hd, 1, &mut vals, false, true);
+        ActiveRows { rows, map, vals }
+    }
+
     /// Feature `j`'s row (`width` values), if it is active.
-    fn row(&self, j: usize, width: usize) -> Option<&[f32]> {
+    pub(super) fn row(&self, j: usize, width: usize) -> Option<&[f32]> {
         let m = self.map[j];
         (m != EMPTY).then(|| &self.vals[m as usize * width..(m as usize + 1) * width])
     }

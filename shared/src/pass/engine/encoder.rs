@@ -33,10 +33,16 @@ impl Engine<'_> {
         let ups = &self.plan.down(di).ups;
         let l = module.layer;
         let ub = self.upstream_bias(di);
+        // With embed edges the tokens arrive through them; the dense term keeps r0's
+        // positional part.
+        let r_in = match &self.plan.down(di).embed {
+            Some(_) => self.positional_input(fb),
+            None => fb.r0.clone(),
+        };
         match module.kind {
             Kind::Mlp => {
                 let sc = &fb.s2[l];
-                let mut z = fb.r0.clone();
+                let mut z = r_in;
                 if self.plan.sparse {
                     z.par_chunks_mut(d).for_each(|row| add_into(row, &ub));
                 } else {
@@ -49,7 +55,7 @@ impl Engine<'_> {
             }
             Kind::Attn => {
                 let sc = &fb.s1[l];
-                let mut x = fb.r0.clone();
+                let mut x = r_in;
                 if !self.plan.sparse {
                     for &u in ups {
                         add_into(&mut x, &states[u].recon);

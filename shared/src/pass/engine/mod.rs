@@ -28,6 +28,7 @@
 mod attn_edges;
 mod attn_mix;
 mod decode;
+mod embed_edges;
 mod encoder;
 mod mlp_edges;
 mod pair_kernels;
@@ -114,6 +115,10 @@ struct EdgeState {
     /// Attention targets: `E W_Oᵀ (F, H·dh)` and per up `W_decᵀ W_V` on its active rows.
     ev: Vec<f32>,
     dv: Vec<attn_edges::ActiveRows>,
+    /// Embed edges: their weights in column order, and for attention targets `W_E W_V` on
+    /// the referenced tokens present in the batch.
+    embed_w_col: Vec<f32>,
+    embed_dv: attn_edges::ActiveRows,
 }
 
 /// What the forward pass keeps for the backward pass, per module.
@@ -163,6 +168,8 @@ pub struct Engine<'a> {
     opts: PassOptions,
     params: Vec<FlatAe>,
     layers: Vec<LayerConsts>,
+    /// `W_E` and `W_pos`, when some module has embed edges.
+    embed: Option<embed_edges::EmbedConsts>,
     n_heads: usize,
     d_head: usize,
     d: usize,
@@ -218,12 +225,20 @@ impl<'a> Engine<'a> {
         if plan.sparse && suite.modules.iter().enumerate().any(|(d, _)| plan.down(d).index.is_none()) {
             return Err(Error::Usage("sparse plan without edge index".into()));
         }
+        let embed = match (0..suite.modules.len()).any(|d| plan.down(d).embed.is_some()) {
+            true => Some(embed_edges::EmbedConsts {
+                w_e: to_vec(&rt.weights.w_e)?,
+                w_pos: rt.weights.w_pos.as_ref().map(to_vec).transpose()?.unwrap_or_default(),
+            }),
+            false => None,
+        };
         Ok(Engine {
             suite,
             plan,
             opts,
             params,
             layers,
+            embed,
             n_heads: rt.cfg.n_heads,
             d_head: rt.cfg.d_head,
             d: suite.d_model,
@@ -274,7 +289,8 @@ impl<'a> Engine<'a> {
         prof: &mut Profile,
     ) -> EdgeState {
         let plan_d = self.plan.down(di);
-        if !self.plan.sparse || plan_d.ups.is_empty() {
+        let embed = plan_d.embed.as_ref();
+        if !self.plan.sparse || (plan_d.ups.is_empty() && embed.is_none()) {
             return EdgeState::default();
         }
         let index = plan_d.index.as_ref().expect("sparse plan");
@@ -282,18 +298,27 @@ impl<'a> Engine<'a> {
         match self.suite.modules[di].kind {
             Kind::Mlp => {
                 let w_col = index.to_col_order(&self.mlp_edge_weights(di, index), 1);
+                let embed_w_col = embed.map(|ep| self.mlp_embed_weights(di, ep)).unwrap_or_default();
                 prof.mark("mlp w");
                 self.mlp_edges_forward(fb, di, index, &w_col, states, a);
+                if let Some(ep) = embed {
+                    self.mlp_embed_forward(fb, di, ep, &embed_w_col, a);
+                }
                 prof.mark("mlp edges");
-                EdgeState { w_col, ..EdgeState::default() }
+                EdgeState { w_col, embed_w_col, ..EdgeState::default() }
             }
             Kind::Attn => {
                 let (w, ev, dv) = self.attn_edge_weights(di, l, index, states);
                 let w_col = index.to_col_order(&w, self.n_heads);
+                let (embed_w_col, embed_dv) = match embed {
+                    Some(ep) => self.attn_embed_weights(fb, l, ep, &ev),
+                    None => Default::default(),
+                };
                 prof.mark("attn w");
-                self.attn_edges_forward(fb, di, l, index, &w_col, states, a);
+                let embed_arg = embed.map(|ep| (ep, &embed_w_col[..]));
+                self.attn_edges_forward(fb, di, l, index, &w_col, states, embed_arg, a);
                 prof.mark("attn edges");
-                EdgeState { w_col, ev, dv }
+                EdgeState { w_col, ev, dv, embed_w_col, embed_dv }
             }
         }
     }
@@ -373,7 +398,8 @@ impl<'a> Engine<'a> {
         prof: &mut Profile,
     ) {
         let plan_d = self.plan.down(di);
-        if !self.plan.sparse || plan_d.ups.is_empty() {
+        let embed = plan_d.embed.as_ref();
+        if !self.plan.sparse || (plan_d.ups.is_empty() && embed.is_none()) {
             return;
         }
         let index = plan_d.index.as_ref().expect("sparse plan");
@@ -382,15 +408,28 @@ impl<'a> Engine<'a> {
         let l = self.suite.modules[di].layer;
         match self.suite.modules[di].kind {
             Kind::Mlp => {
-                let gw = self.mlp_edges_backward(fb, di, index, &st.edges.w_col, pg, state, before);
+                let has_ups = !plan_d.ups.is_empty();
+                let gw = match has_ups {
+                    true => self.mlp_edges_backward(fb, di, index, &st.edges.w_col, pg, state, before),
+                    false => Vec::new(),
+                };
+                let gw_embed = embed.map(|ep| self.mlp_embed_backward(fb, di, ep, pg));
                 prof.mark("mlp edges");
-                self.mlp_edge_weights_backward(di, index, &gw, g_enc, g_dec_t_in);
+                if has_ups {
+                    self.mlp_edge_weights_backward(di, index, &gw, g_enc, g_dec_t_in);
+                }
+                if let (Some(ep), Some(g)) = (embed, &gw_embed) {
+                    self.mlp_embed_weights_backward(ep, g, g_enc);
+                }
                 prof.mark("mlp w");
             }
             Kind::Attn => {
-                let gw = self.attn_edges_backward(fb, di, l, index, &st.edges.w_col, pg, state, before);
+                let embed_arg = embed.map(|ep| (ep, &st.edges.embed_w_col[..]));
+                let (gw, gw_embed) =
+                    self.attn_edges_backward(fb, di, l, index, &st.edges.w_col, pg, state, embed_arg, before);
                 prof.mark("attn edges");
-                self.attn_edge_weights_backward(di, l, index, &gw, &st.edges, g_enc, g_dec_t_in);
+                let embed_arg = embed.map(|ep| (ep, &gw_embed[..]));
+                self.attn_edge_weights_backward(di, l, index, &gw, &st.edges, embed_arg, g_enc, g_dec_t_in);
                 prof.mark("attn w");
             }
         }
