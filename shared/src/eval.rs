@@ -162,6 +162,9 @@ pub fn run(inputs: &Inputs, conns: Option<&Connections>, cfg: &EvalConfig, devic
         connections: cfg.connections.clone(),
         n_connections: conns.map(|c| c.n_edges()),
         c: c_value,
+        embed_c: conns
+            .filter(|c| c.n_embed_edges() > 0)
+            .map(|c| c.embed.iter().flatten().map(Vec::len).max().unwrap_or(0) as u64),
         suite_created_by,
         n_seqs,
         n_tokens: n_tok,

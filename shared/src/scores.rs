@@ -21,7 +21,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::data::Batch;
 use crate::error::Result;
-use crate::formats::connections::{Connections, Edge};
+use crate::formats::connections::{Connections, Edge, EmbedEdge, EMBED_UP};
 use crate::formats::suite::Suite;
 use crate::model::Kind;
 use crate::model::Runtime;
@@ -37,7 +37,20 @@ pub struct ScoreStats {
     mlp: Vec<Vec<Option<Vec<f64>>>>,
     /// `[layer][up]`: Σ_{b,p} colsum_h[b,p] f_u[b,p,g]/s1_L[b,p]   (H·F values), for attn downs.
     attn: Vec<Vec<Option<Vec<f64>>>>,
+    /// Embed edges scored too: per layer, the same statistics of the token indicators
+    /// `[tok_t = v]` (V values for mlp downs, H·V for attn downs).
+    embed: Option<EmbedStats>,
     parallel: bool,
+}
+
+/// Token statistics of the embed edges (docs/MATH.md, "Embed and unembed connections").
+#[derive(Debug, Clone)]
+struct EmbedStats {
+    vocab: usize,
+    /// `[layer]`: Σ_{t : tok_t = v} 1/s2_L[t].
+    mlp: Vec<Vec<f64>>,
+    /// `[layer]`: Σ_{b,p : tok = v} colsum_h[b,p]/s1_L[b,p], laid out `[h][v]`.
+    attn: Vec<Vec<f64>>,
 }
 
 impl ScoreStats {
@@ -51,8 +64,21 @@ impl ScoreStats {
             n_heads,
             mlp: vec![vec![None; m]; n_layers],
             attn: vec![vec![None; m]; n_layers],
+            embed: None,
             parallel,
         }
+    }
+
+    /// Also score edges from the token embedding (a model with `vocab` tokens); they are
+    /// pooled with the modules' edges in [`top_edges`](Self::top_edges).
+    pub fn with_embed(mut self, vocab: usize) -> ScoreStats {
+        let n_layers = self.mlp.len();
+        self.embed = Some(EmbedStats {
+            vocab,
+            mlp: vec![vec![0.0; vocab]; n_layers],
+            attn: vec![vec![0.0; self.n_heads * vocab]; n_layers],
+        });
+        self
     }
 
     /// Add one batch, given the features of the full pass on it.
@@ -61,6 +87,22 @@ impl ScoreStats {
         let n = b * s;
         let (f, h) = (self.n_features, self.n_heads);
         self.n_tokens += n as u64;
+        if let Some(es) = &mut self.embed {
+            let host = |t: &Tensor| -> Result<Vec<f32>> { crate::util::to_vec(&t.to_dtype(DType::F32)?) };
+            let toks = host(&batch.tokens)?;
+            for l in 0..es.mlp.len() {
+                let (s2, s1) = (host(&batch.ln2_scale[l])?, host(&batch.ln1_scale[l])?);
+                let colsum = host(&batch.pattern[l].sum(2)?)?; // (B, H, S)
+                for t in 0..n {
+                    let v = toks[t] as usize;
+                    es.mlp[l][v] += 1.0 / s2[t] as f64;
+                    let (bi, p) = (t / s, t % s);
+                    for hh in 0..h {
+                        es.attn[l][hh * es.vocab + v] += (colsum[(bi * h + hh) * s + p] / s1[t]) as f64;
+                    }
+                }
+            }
+        }
         for d in &suite.modules {
             let l = d.layer;
             for (u, um) in suite.modules.iter().enumerate() {
@@ -161,11 +203,88 @@ impl ScoreStats {
                 }
             }
         }
-        for cand in &mut best {
-            cand.sort_by(edge_order);
+        if let Some(es) = &self.embed {
+            let factors = self.embed_factors(suite, rt, es, d)?;
+            let (tokens, factors) = match factors {
+                Some(x) => x,
+                None => return Ok(sorted(best)),
+            };
+            for start in (0..f).step_by(SCORE_ROWS) {
+                let len = SCORE_ROWS.min(f - start);
+                let scores = factors.rows(start, len)?.flatten_all()?.to_vec1::<f32>()?;
+                let m = tokens.len();
+                for (r, cand) in best[start..start + len].iter_mut().enumerate() {
+                    let row = &scores[r * m..(r + 1) * m];
+                    cand.extend(row.iter().zip(&tokens).filter(|(v, _)| **v != 0.0).map(|(&v, &token)| Edge {
+                        up: EMBED_UP,
+                        feature: token,
+                        score: v,
+                    }));
+                    if cand.len() > keep {
+                        cand.select_nth_unstable_by(keep, edge_order);
+                        cand.truncate(keep);
+                    }
+                }
+            }
         }
-        Ok(best)
+        Ok(sorted(best))
     }
+
+    /// The embed edges' score factors for down module `d`, over the tokens seen (nonzero
+    /// statistic) by its layer: `(tokens, factors)`, `None` when no token was seen.
+    fn embed_factors(
+        &self,
+        suite: &Suite,
+        rt: &Runtime,
+        es: &EmbedStats,
+        d: usize,
+    ) -> Result<Option<(Vec<u32>, PairFactors)>> {
+        let dm = &suite.modules[d];
+        let (l, h, dh, v) = (dm.layer, self.n_heads, rt.cfg.d_head, es.vocab);
+        let norm = 1.0 / self.n_tokens.max(1) as f64;
+        let dev = Device::Cpu;
+        let seen: Vec<u32> = match dm.kind {
+            Kind::Mlp => (0..v as u32).filter(|&t| es.mlp[l][t as usize] != 0.0).collect(),
+            Kind::Attn => (0..v as u32).filter(|&t| (0..h).any(|hh| es.attn[l][hh * v + t as usize] != 0.0)).collect(),
+        };
+        if seen.is_empty() {
+            return Ok(None);
+        }
+        let m = seen.len();
+        let enc = suite.aes[d].w_enc.as_tensor().to_device(&dev)?;
+        let ids = Tensor::from_vec(seen.clone(), m, &dev)?;
+        let w_e = rt.weights.w_e.to_device(&dev)?.index_select(&ids, 0)?; // (m, D)
+        Ok(Some((
+            seen.clone(),
+            match dm.kind {
+                Kind::Mlp => {
+                    let z: Vec<f32> = seen.iter().map(|&t| (es.mlp[l][t as usize] * norm) as f32).collect();
+                    let scale = Tensor::from_vec(z, (1, m), &dev)?;
+                    PairFactors { left: enc, right: w_e.t()?.contiguous()?, scale: Some(scale) }
+                }
+                Kind::Attn => {
+                    let z: Vec<f32> = (0..m)
+                        .flat_map(|c| (0..h).map(move |hh| (hh, c)))
+                        .map(|(hh, c)| (es.attn[l][hh * v + seen[c] as usize] * norm) as f32)
+                        .collect();
+                    let z = Tensor::from_vec(z, (m, h, 1), &dev)?;
+                    let (w_v, w_o) = rt.flat_vo(l);
+                    let (w_v, w_o) = (w_v.to_device(&dev)?, w_o.to_device(&dev)?);
+                    let ev = enc.matmul(&w_o.t()?)?; // (F_down, H·dh)
+                    let dv = w_e.matmul(&w_v)?.reshape((m, h, dh))?.broadcast_mul(&z)?.reshape((m, h * dh))?;
+                    PairFactors { left: ev, right: dv.t()?.contiguous()?, scale: None }
+                }
+            },
+        )))
+    }
+}
+
+/// Each feature's candidates in selection order.
+fn sorted(mut best: Vec<Vec<Edge>>) -> Vec<Vec<Edge>> {
+    for cand in &mut best {
+        cand.sort_by(edge_order);
+    }
+    best
 }
 
 /// Downstream rows of a pair's scores formed at a time in [`ScoreStats::top_edges`].
@@ -201,14 +320,27 @@ pub fn edge_order(a: &Edge, b: &Edge) -> std::cmp::Ordering {
 }
 
 /// The first `c` edges of every feature (inputs already in selection order, e.g. from
-/// [`ScoreStats::top_edges`] or an edges file).
-pub fn select_top_c(edges: &Connections, c: usize) -> Connections {
+/// [`ScoreStats::top_edges`] or an edges file). Embed edges are pooled with the modules'
+/// edges into the same budget, or, with `embed_c`, get a budget of their own.
+pub fn select_top_c(edges: &Connections, c: usize, embed_c: Option<usize>) -> Connections {
     let mut out = edges.clone();
-    for feats in &mut out.edges {
-        for es in feats.iter_mut() {
-            es.retain(|e| e.score != 0.0);
-            es.sort_by(edge_order);
-            es.truncate(c);
+    for d in 0..out.modules.len() {
+        for i in 0..out.n_features {
+            let mut es = std::mem::take(&mut out.edges[d][i]);
+            let mut emb: Vec<Edge> = std::mem::take(&mut out.embed[d][i]).into_iter().map(Edge::from).collect();
+            if embed_c.is_none() {
+                es.append(&mut emb);
+            }
+            let mut pick = |mut es: Vec<Edge>, c: usize| {
+                es.retain(|e| e.score != 0.0);
+                es.sort_by(edge_order);
+                es.truncate(c);
+                out.set_pooled(d, i, es);
+            };
+            pick(es, c);
+            if let Some(ce) = embed_c {
+                pick(emb, ce);
+            }
         }
     }
     out
@@ -216,7 +348,8 @@ pub fn select_top_c(edges: &Connections, c: usize) -> Connections {
 
 /// The random-connections control (the reference's `generate_fake_connections`): every
 /// feature keeps how many edges it takes from each upstream module, but the upstream features
-/// are distinct random ones of that module (scores NaN). Deterministic in `seed`.
+/// are distinct random ones of that module (scores NaN); its embed edges become as many
+/// distinct random tokens among those the set's embed edges use. Deterministic in `seed`.
 pub fn randomize_like(conns: &Connections, seed: u64) -> Connections {
     let f = conns.n_features;
     let mut out = conns.clone();
@@ -244,6 +377,26 @@ pub fn randomize_like(conns: &Connections, seed: u64) -> Connections {
                 }
             }
             *es = fresh;
+        }
+    }
+    // Embed edges: as many per feature, random distinct tokens among those the set's embed
+    // edges use (the tokens scoring saw).
+    let mut pool: Vec<u32> = out.embed.iter().flatten().flatten().map(|e| e.token).collect();
+    pool.sort_unstable();
+    pool.dedup();
+    for (d, feats) in out.embed.iter_mut().enumerate() {
+        for (i, es) in feats.iter_mut().enumerate() {
+            if es.is_empty() {
+                continue;
+            }
+            let mut rng = crate::util::rng::SplitMix(!seed ^ ((d as u64) << 40) ^ (i as u64).wrapping_mul(0x9e37_79b9));
+            let mut idx: Vec<usize> = (0..pool.len()).collect();
+            let n = es.len().min(pool.len());
+            for t in 0..n {
+                let r = t + (rng.next_u64() % (pool.len() - t) as u64) as usize;
+                idx.swap(t, r);
+            }
+            *es = idx[..n].iter().map(|&j| EmbedEdge { token: pool[j], score: f32::NAN }).collect();
         }
     }
     out

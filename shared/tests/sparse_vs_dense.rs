@@ -575,3 +575,84 @@ fn embed_edges_match_the_dense_oracle_on_every_path() {
         assert_outputs_close(&format!("{name}: every embed edge"), &suite, &pass_of(&full), &pass_of(&base));
     }
 }
+
+/// Embed edge scores (docs/MATH.md, "Embed and unembed connections") against scalar loops:
+/// the mean over tokens of the edge's term in the downstream pre-activation, for mlp_0 and
+/// attn_0 — `(E_i·W_E[v]) Σ_t [tok_t = v]/s2[t] / N`, and through `W_OV[h]` mixed by the
+/// pattern for attention; every token of the batch is a candidate of every feature.
+#[test]
+fn embed_edge_scores_match_loops() {
+    use scae::formats::connections::EMBED_UP;
+    for name in ["tiny-neo", "tiny-pythia"] {
+        let (model, suite, batch) = fixture_case(name);
+        let rt = &model.runtime;
+        let parallel = model.cfg().parallel_attn_mlp;
+        let (f, d) = (suite.n_features, suite.d_model);
+        let vocab = rt.weights.w_e.dim(0).unwrap();
+        let (b, s, _) = batch.resid_pre0.dims3().unwrap();
+        let n = b * s;
+        let plan = Plan::new(&suite, Wiring::All, parallel, &Device::Cpu).unwrap();
+        let out = pass::forward(&suite, rt, &plan, &batch, PassOptions::default()).unwrap();
+        let mut stats = scae::ScoreStats::new(&suite, rt.cfg.n_heads, parallel).with_embed(vocab);
+        stats.accumulate(&suite, &batch, &out).unwrap();
+        let toks: Vec<u32> = host(&batch.tokens).iter().map(|&x| x as u32).collect();
+        let mut distinct = toks.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let w_e = host(&rt.weights.w_e);
+        for target in [0usize, 1] {
+            let cands = stats.top_edges(&suite, rt, target, f * suite.modules.len() + vocab).unwrap();
+            let enc = host(suite.aes[target].w_enc.as_tensor());
+            let e_dot = |i: usize, x: &[f32]| -> f64 { (0..d).map(|c| enc[i * d + c] as f64 * x[c] as f64).sum() };
+            // want[i][v]: the loops' score of v -> i.
+            let mut want = vec![vec![0f64; vocab]; f];
+            if target == 1 {
+                let s2 = host(&batch.ln2_scale[0]);
+                for t in 0..n {
+                    let v = toks[t] as usize;
+                    for (i, w) in want.iter_mut().enumerate() {
+                        w[v] += e_dot(i, &w_e[v * d..(v + 1) * d]) / s2[t] as f64 / n as f64;
+                    }
+                }
+            } else {
+                let (h, dh) = (rt.cfg.n_heads, rt.cfg.d_head);
+                let (w_v, w_o) = rt.flat_vo(0);
+                let (w_v, w_o) = (host(w_v), host(w_o));
+                let (s1, pat) = (host(&batch.ln1_scale[0]), host(&batch.pattern[0]));
+                for t in 0..n {
+                    let (bi, p, v) = (t / s, t % s, toks[t] as usize);
+                    for hh in 0..h {
+                        let x = &w_e[v * d..(v + 1) * d];
+                        let xv: Vec<f32> =
+                            (0..dh).map(|e| (0..d).map(|c| x[c] * w_v[c * h * dh + hh * dh + e]).sum()).collect();
+                        let xo: Vec<f32> =
+                            (0..d).map(|o| (0..dh).map(|e| xv[e] * w_o[(hh * dh + e) * d + o]).sum()).collect();
+                        let colsum: f32 = (p..s).map(|q| pat[((bi * h + hh) * s + q) * s + p]).sum();
+                        for (i, w) in want.iter_mut().enumerate() {
+                            w[v] += e_dot(i, &xo) * (colsum / s1[t]) as f64 / n as f64;
+                        }
+                    }
+                }
+            }
+            let big = want.iter().flatten().fold(0f64, |a, x| a.max(x.abs()));
+            assert!(big > 1e-4, "{name}: module {target}: embed scores all ~0");
+            for (i, cs) in cands.iter().enumerate() {
+                let embed: Vec<_> = cs.iter().filter(|e| e.up == EMBED_UP).collect();
+                assert_eq!(
+                    embed.len(),
+                    distinct.len(),
+                    "{name}: module {target} feature {i}: one candidate per token seen"
+                );
+                for e in embed {
+                    let w = want[i][e.feature as usize];
+                    assert!(
+                        (e.score as f64 - w).abs() <= 1e-4 * big,
+                        "{name}: module {target}: score of embed:{} -> {i}: {} vs loops {w}",
+                        e.feature,
+                        e.score
+                    );
+                }
+            }
+        }
+    }
+}

@@ -308,3 +308,79 @@ fn corrupt_caches_and_suites_are_clear_errors() {
     );
     assert!(!tmp.join("taken.tmp").exists());
 }
+
+/// Embed edges (docs/MATH.md, "Embed and unembed connections") through the tools:
+/// `score-edges --embed` writes them (up_module `embed`) pooled with the modules' edges;
+/// `select-edges` pools them into C by default and gives them their own budget with
+/// `--embed-c`; finetune and evaluate run on such a set; a token outside the vocabulary is a
+/// clear error naming the file.
+#[test]
+fn embed_connections_run_through_score_select_finetune_and_evaluate() {
+    let name = "tiny-neo";
+    let tmp = scratch("embed-tools");
+    let acts = golden_cache(&tmp, name);
+    let su = suite(name);
+    let edges = tmp.join("edges");
+    tool_ok("score-edges", &["--acts", s(&acts), "--suite", s(&su), "--embed", "--keep", "12", "--out", s(&edges)]);
+    let per_feature = |path: &Path, from_embed: bool| -> Vec<usize> {
+        let rows = read_edges(path);
+        let mut counts = vec![0usize; 4 * 32];
+        for ((down, up), feats) in &rows {
+            if (up == "embed") == from_embed {
+                let m = scae::model::Module::parse(down).unwrap().index();
+                for (i, es) in feats.iter().enumerate() {
+                    counts[m * 32 + i] += es.len();
+                }
+            }
+        }
+        counts
+    };
+    let edges_file = edges.join("edges.parquet");
+    let embed_kept = per_feature(&edges_file, true);
+    assert!(embed_kept.iter().any(|&n| n > 0), "score-edges --embed kept no embed edge");
+    let pooled = tmp.join("pooled.parquet");
+    tool_ok("select-edges", &["--edges", s(&edges_file), "--c", "4", "--out", s(&pooled)]);
+    let (pm, pe) = (per_feature(&pooled, false), per_feature(&pooled, true));
+    assert!(pm.iter().zip(&pe).all(|(a, b)| a + b <= 4), "pooled: at most C edges in all");
+    assert!(pe.iter().any(|&n| n > 0), "pooled: some embed edge won a slot");
+    let split = tmp.join("split.parquet");
+    let out = tool_ok("select-edges", &["--edges", s(&edges_file), "--c", "4", "--embed-c", "3", "--out", s(&split)]);
+    assert!(out.contains("from the embedding"), "{out}");
+    let (sm, se) = (per_feature(&split, false), per_feature(&split, true));
+    assert!(sm.iter().all(|&n| n <= 4) && se.iter().all(|&n| n <= 3));
+    assert!(se.iter().zip(&embed_kept).all(|(&got, &kept)| got == kept.min(3)), "each feature's top 3 embed edges");
+    let ft = tmp.join("ft");
+    let conns = s(&split);
+    let base = ["--acts", s(&acts), "--suite", s(&su), "--connections", conns];
+    let mut args = base.to_vec();
+    args.extend(["--out", s(&ft), "--steps", "2", "--batch-size", "3"]);
+    tool_ok("finetune", &args);
+    let ev = tmp.join("eval");
+    let mut args = base.to_vec();
+    args[3] = s(&ft);
+    args.extend(["--out", s(&ev)]);
+    tool_ok("evaluate", &args);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ev.join("eval.json")).unwrap()).unwrap();
+    assert!(report["ce"].as_f64().unwrap().is_finite());
+    // The feature browser lists a feature's input tokens: those of its embed edges, in order.
+    let view = tmp.join("view");
+    tool_ok("view-features", &["--acts", s(&acts), "--suite", s(&su), "--connections", conns, "--out", s(&view)]);
+    let at = se.iter().position(|&n| n == 3).expect("a feature with three embed edges");
+    let module = scae::model::Module::all(2)[at / 32].name();
+    let text = std::fs::read_to_string(view.join(format!("data/{module}-0.js"))).unwrap();
+    let body = text.trim_end().trim_end_matches(';');
+    let chunk: serde_json::Value = serde_json::from_str(&body[body.find('[').unwrap()..body.len() - 1]).unwrap();
+    let shown: Vec<i64> = chunk[at % 32]["emb"].as_array().unwrap().iter().map(|p| p[0].as_i64().unwrap()).collect();
+    assert_eq!(shown, read_edges(&split)[&(module, "embed".to_string())][at % 32], "input tokens of {at}");
+    // A token outside the vocabulary.
+    let bad = tmp.join("bad.parquet");
+    write_conn_parquet(&bad, &[("mlp_0", 0, "embed", 999_999)]);
+    let out = tmp.join("eval-bad");
+    tool_fails(
+        "evaluate",
+        &["--acts", s(&acts), "--suite", s(&su), "--connections", s(&bad), "--out", s(&out)],
+        &["bad.parquet", "token 999999 out of range"],
+    );
+    assert!(!out.exists());
+}

@@ -55,6 +55,17 @@ pub struct EmbedEdge {
 /// The name of the token embedding as an upstream module in connection files.
 pub const EMBED: &str = "embed";
 
+/// `Edge::up` of an embed edge in a pooled candidate list (scoring and selection rank
+/// module and embed edges together; `feature` is then the token id). It sorts after every
+/// module in ties. Connection sets keep embed edges in [`Connections::embed`] instead.
+pub const EMBED_UP: usize = usize::MAX;
+
+impl From<EmbedEdge> for Edge {
+    fn from(e: EmbedEdge) -> Edge {
+        Edge { up: EMBED_UP, feature: e.token, score: e.score }
+    }
+}
+
 /// `edges[down module][down feature]` -> the edges into that feature.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Connections {
@@ -85,6 +96,17 @@ impl Connections {
     /// Total number of edges from the token embedding.
     pub fn n_embed_edges(&self) -> usize {
         self.embed.iter().flatten().map(Vec::len).sum()
+    }
+
+    /// Append a pooled candidate list to feature `i` of module `d`: module edges to
+    /// [`edges`](Self::edges), those with `up == EMBED_UP` to [`embed`](Self::embed).
+    pub fn set_pooled(&mut self, d: usize, i: usize, pooled: Vec<Edge>) {
+        for e in pooled {
+            match e.up {
+                EMBED_UP => self.embed[d][i].push(EmbedEdge { token: e.feature, score: e.score }),
+                _ => self.edges[d][i].push(e),
+            }
+        }
     }
 
     /// Whether module `d` reads the embedding through edges (some feature has an embed edge).

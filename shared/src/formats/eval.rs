@@ -38,6 +38,9 @@ pub struct EvalReport {
     pub n_connections: Option<usize>,
     /// C as recorded by score-edges/select-edges, else the most edges of any feature.
     pub c: Option<u64>,
+    /// The most embed edges of any feature (none: every feature reads the whole embedding).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embed_c: Option<u64>,
     /// The `created_by` of the suite's config.json.
     pub suite_created_by: Option<String>,
     pub n_seqs: usize,

@@ -14,6 +14,8 @@ pub struct Run {
     pub finetuned: bool,
     /// The connections are the random control (select-edges --random).
     pub random: bool,
+    /// The most embed edges of any feature (none: the whole embedding).
+    pub embed_c: Option<u64>,
     pub ce: f64,
     pub ce_diff: f64,
     pub ce_recovered: f64,
@@ -35,6 +37,7 @@ pub fn load_run(dir: &Path) -> Result<Run> {
         c: r.c,
         finetuned: r.finetuned(),
         random,
+        embed_c: r.embed_c,
         ce: r.ce,
         ce_diff: r.ce_diff,
         ce_recovered: r.ce_recovered,
@@ -65,18 +68,24 @@ pub fn table(runs: &[Run]) -> String {
     out
 }
 
-/// What the connections are: `all`, `top` (selected by score) or `random` (the control).
-fn kind(r: &Run) -> &'static str {
-    match (r.c, r.random) {
+/// What the connections are: `all`, `top` (selected by score) or `random` (the control),
+/// with `, embed E` when the features read at most E tokens each.
+fn kind(r: &Run) -> String {
+    let base = match (r.c, r.random) {
         (None, _) => "all",
         (Some(_), true) => "random",
         (Some(_), false) => "top",
+    };
+    match r.embed_c {
+        Some(e) => format!("{base}, embed {e}"),
+        None => base.to_string(),
     }
 }
 
-/// Sort runs: finetuned after not, random after top, then all connections and ascending C.
+/// Sort runs: finetuned after not, random after top, then all connections and ascending C,
+/// the whole embedding before embed connections.
 pub fn sort_runs(runs: &mut [Run]) {
-    runs.sort_by_key(|r| (r.finetuned, r.random, r.c.map_or(0, |c| c.saturating_add(1))));
+    runs.sort_by_key(|r| (r.finetuned, r.random, r.c.map_or(0, |c| c.saturating_add(1)), r.embed_c.is_some()));
 }
 
 /// What the runs say about the method, in words: how much pruning to C costs, how much of it
@@ -84,9 +93,12 @@ pub fn sort_runs(runs: &mut [Run]) {
 /// unfinetuned all-connections run and a top-C run before and after finetuning.
 pub fn summary(runs: &[Run]) -> Option<String> {
     let all = runs.iter().find(|r| r.c.is_none() && !r.finetuned)?;
-    let before = runs.iter().find(|r| !r.finetuned && !r.random && r.c.is_some())?;
+    // With embed connections, the runs that have them are the subject; the whole-embedding
+    // run at the same C is their comparison.
+    let embed = runs.iter().find(|r| r.c.is_some() && r.embed_c.is_some()).and_then(|r| r.embed_c);
+    let before = runs.iter().find(|r| !r.finetuned && !r.random && r.c.is_some() && r.embed_c == embed)?;
     let c = before.c?;
-    let after = runs.iter().find(|r| r.finetuned && !r.random && r.c == Some(c))?;
+    let after = runs.iter().find(|r| r.finetuned && !r.random && r.c == Some(c) && r.embed_c == embed)?;
     let cost = before.ce_diff - all.ce_diff;
     let won = before.ce_diff - after.ce_diff;
     let mut out = format!(
@@ -102,10 +114,24 @@ pub fn summary(runs: &[Run]) -> Option<String> {
         100.0 * before.dead,
         100.0 * after.dead
     ));
-    let random = runs.iter().find(|r| r.finetuned && r.random && r.c == Some(c));
+    if let (Some(e), Some(d)) =
+        (embed, runs.iter().find(|r| r.finetuned && !r.random && r.c == Some(c) && r.embed_c.is_none()))
+    {
+        out.push_str(&format!(
+            "Embedding: each feature reads at most {e} tokens through embed connections; with the whole embedding \
+             (the reference's pass) at the same C, finetuned: {:.4} ({:+.4} for the sparse embedding).\n",
+            d.ce_diff,
+            after.ce_diff - d.ce_diff
+        ));
+    }
+    let random = runs.iter().find(|r| r.finetuned && r.random && r.c == Some(c) && r.embed_c == embed);
     let zero = runs.iter().find(|r| r.finetuned && r.c == Some(0)).filter(|_| c != 0);
     if let Some(r) = random {
-        out.push_str(&format!("Control: random C={c} connections, finetuned the same way: {:.4}.\n", r.ce_diff));
+        let tokens = if embed.is_some() { " and embed tokens" } else { "" };
+        out.push_str(&format!(
+            "Control: random C={c} connections{tokens}, finetuned the same way: {:.4}.\n",
+            r.ce_diff
+        ));
     }
     if let Some(z) = zero {
         out.push_str(&format!("Control: no connections (C=0), finetuned: {:.4}.\n", z.ce_diff));

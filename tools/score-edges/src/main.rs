@@ -33,6 +33,10 @@ struct Args {
     /// Also write connections.parquet with the top C edges of every feature.
     #[arg(long)]
     top_c: Option<usize>,
+    /// Also score edges from the token embedding (rows with up_module `embed`, up_feature =
+    /// token id), pooled with the modules' edges in edges.parquet and --top-c.
+    #[arg(long)]
+    embed: bool,
     /// Edges kept per downstream feature in edges.parquet (at least --top-c).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
     keep: u64,
@@ -68,6 +72,9 @@ fn run(args: Args) -> Result<()> {
     let stage = StagedDir::create(&args.out, args.cache.overwrite, "--out")?;
     let pass = ValuePass::new(suite, rt, &plan, args.pass.options(), &device)?;
     let mut stats = ScoreStats::new(suite, rt.cfg.n_heads, parallel);
+    if args.embed {
+        stats = stats.with_embed(rt.cfg.d_vocab);
+    }
     let limit = args.cache.limit();
     let ctx = inputs.cache().manifest.ctx_len;
     let total = limit.unwrap_or(inputs.cache().manifest.n_seqs).min(inputs.cache().manifest.n_seqs);
@@ -81,7 +88,9 @@ fn run(args: Args) -> Result<()> {
     bar.finish_and_clear();
     let mut edges = Connections::empty(&suite.modules, suite.n_features);
     for d in 0..suite.modules.len() {
-        edges.edges[d] = stats.top_edges(suite, rt, d, keep)?;
+        for (i, pooled) in stats.top_edges(suite, rt, d, keep)?.into_iter().enumerate() {
+            edges.set_pooled(d, i, pooled);
+        }
     }
     // Scores that overflowed f32 (a suite of huge finite weights) would rank as garbage.
     if let Some((d, i)) = edges
@@ -103,15 +112,16 @@ fn run(args: Args) -> Result<()> {
         ("acts", args.acts.display().to_string()),
         ("suite", args.suite.display().to_string()),
         ("consistent_attn_bias", args.pass.consistent_attn_bias.to_string()),
+        ("embed", args.embed.to_string()),
     ];
     edges.write_parquet(&stage.path().join("edges.parquet"), EDGES_FORMAT, &meta)?;
     let mut n_conn = None;
     if let Some(c) = args.top_c {
-        let conns = select_top_c(&edges, c);
+        let conns = select_top_c(&edges, c, None);
         let mut m = meta.clone();
         m.push(("c", c.to_string()));
         conns.write_parquet(&stage.path().join("connections.parquet"), FORMAT, &m)?;
-        n_conn = Some(conns.n_edges());
+        n_conn = Some(conns.n_edges() + conns.n_embed_edges());
     }
     let summary = ScoresSummary {
         format: scae::formats::scores::FORMAT.into(),
@@ -120,7 +130,7 @@ fn run(args: Args) -> Result<()> {
         n_tokens: stats.n_tokens,
         keep,
         top_c: args.top_c,
-        n_edges: edges.n_edges(),
+        n_edges: edges.n_edges() + edges.n_embed_edges(),
         n_connections: n_conn,
         normalization: "mean over tokens of the edge's signed term in the downstream pre-activation".into(),
         tie_order: "|score| descending, then upstream module (suite order), then upstream feature".into(),
@@ -132,7 +142,7 @@ fn run(args: Args) -> Result<()> {
     scae::say!(
         "score-edges: {} tokens, {} edges kept{} -> {}",
         stats.n_tokens,
-        edges.n_edges(),
+        edges.n_edges() + edges.n_embed_edges(),
         n_conn.map(|n| format!(", {n} connections (C={})", args.top_c.unwrap_or(0))).unwrap_or_default(),
         out.display()
     )?;

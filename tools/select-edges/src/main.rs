@@ -26,6 +26,11 @@ struct Args {
     /// Output connections.parquet.
     #[arg(long)]
     out: PathBuf,
+    /// A separate budget for edges from the token embedding (up_module `embed`): each feature
+    /// keeps its top C module edges and its top EMBED_C embed edges. Without it, embed edges
+    /// compete with the modules' for the C slots.
+    #[arg(long, value_name = "EMBED_C")]
+    embed_c: Option<usize>,
     /// The random-connections control (the reference's "fake connections"): each feature
     /// keeps its top-C count of edges per upstream module, but with distinct random upstream
     /// features of that module, drawn with this seed.
@@ -77,9 +82,15 @@ fn run(args: Args) -> Result<()> {
                     modules[e.up].name(), e.feature, modules[d].name(), e.score
                 );
             }
+            if let Some(e) = edges.embed[d][i].iter().find(|e| !e.score.is_finite()) {
+                bail!(
+                    "{path}: column `score`, edge {}:{} -> {}:{i}: expected a finite score, found {} (a missing column or a null reads as NaN); hint: edges files are written by score-edges",
+                    scae::formats::connections::EMBED, e.token, modules[d].name(), e.score
+                );
+            }
         }
     }
-    let mut conns = select_top_c(&edges, args.c);
+    let mut conns = select_top_c(&edges, args.c, args.embed_c);
     if let Some(seed) = args.random {
         conns = scae::scores::randomize_like(&conns, seed);
     }
@@ -90,8 +101,15 @@ fn run(args: Args) -> Result<()> {
     if let Some(seed) = args.random {
         m.push(("random_seed", seed.to_string()));
     }
+    if let Some(ce) = args.embed_c {
+        m.push(("embed_c", ce.to_string()));
+    }
     conns.write_parquet(&args.out, FORMAT, &m)?;
     let kind = if args.random.is_some() { "random " } else { "" };
-    scae::say!("select-edges: {} {kind}connections (C={c}) -> {}", conns.n_edges(), args.out.display())?;
+    let embed = match conns.n_embed_edges() {
+        0 => String::new(),
+        n => format!(" + {n} from the embedding"),
+    };
+    scae::say!("select-edges: {} {kind}connections (C={c}){embed} -> {}", conns.n_edges(), args.out.display())?;
     Ok(())
 }

@@ -180,6 +180,18 @@
       right.appendChild(el("h3", {}, "Upstream connections (" + f.up.length + ")"));
       right.appendChild(f.up.length ? linkTable(f.up, "up", "listens to") :
         el("p", { "class": "muted" }, meta.pass === "all-connections" ? "all preceding features (no connection set)" : "none"));
+      if (f.emb && f.emb.length) {
+        right.appendChild(el("h3", {}, "Input tokens (embed connections, " + f.emb.length + ")"));
+        var et = el("table", { id: "emb" });
+        et.innerHTML = "<tr><th>token</th><th class='num'>score</th></tr>";
+        f.emb.forEach(function (p) {
+          var tr = el("tr");
+          tr.appendChild(el("td", { "class": "tok" }, S.vocab[p[0]] !== undefined ? S.vocab[p[0]] : "<" + p[0] + ">"));
+          tr.appendChild(el("td", { "class": "num" }, fmt(p[1], 4)));
+          et.appendChild(tr);
+        });
+        right.appendChild(et);
+      }
       right.appendChild(el("h3", {}, "Downstream listeners (" + f.down.length + ")"));
       right.appendChild(f.down.length ? linkTable(f.down, "down", "heard by") : el("p", { "class": "muted" }, "none"));
       cols.appendChild(right);

@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::Parser;
 use scae::browse::{BrowseConfig, Context, FeatureStats};
+use scae::formats::connections::EMBED_UP;
 use scae::inputs::Inputs;
 use scae::util::io::StagedDir;
 use serde_json::{json, Value};
@@ -124,6 +125,9 @@ fn run(args: Args) -> Result<()> {
                     for x in es {
                         m.insert((d, i, x.up, x.feature), x.score);
                     }
+                    for x in &e.embed[d][i] {
+                        m.insert((d, i, EMBED_UP, x.token), x.score);
+                    }
                 }
             }
             m
@@ -195,6 +199,17 @@ fn run(args: Args) -> Result<()> {
                     None => vec![],
                 };
                 let down: Vec<Value> = listeners[mi][j].iter().map(|(d, i, s)| json!([d, i, r3(*s as f64)])).collect();
+                // Input tokens: the embed connections, [token, score].
+                let emb: Vec<Value> = match &conns {
+                    Some(c) => c.embed[mi][j]
+                        .iter()
+                        .map(|e| {
+                            vocab.insert(e.token, ());
+                            json!([e.token, r3(score(mi, j, EMBED_UP, e.token, e.score) as f64)])
+                        })
+                        .collect(),
+                    None => vec![],
+                };
                 // Examples from lower quantiles: the sampled contexts at 3/4, 1/2 and 1/4 of their range.
                 let q: Vec<Value> = if fs.sampled.len() >= 3 {
                     let l = fs.sampled.len() - 1;
@@ -213,6 +228,7 @@ fn run(args: Args) -> Result<()> {
                     "lt": lens.top.iter().map(|(t, v)| json!([t, round(*v as f64, 2)])).collect::<Vec<_>>(),
                     "lb": lens.bottom.iter().map(|(t, v)| json!([t, round(*v as f64, 2)])).collect::<Vec<_>>(),
                     "up": up,
+                    "emb": emb,
                     "down": down,
                 }));
             }
