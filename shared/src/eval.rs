@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::formats::connections::Connections;
 use crate::formats::eval::{EvalReport, ModuleEval, FORMAT, VERSION};
 use crate::inputs::Inputs;
-use crate::pass::loss::ce_per_token;
+use crate::pass::loss::ce_per_token_planned;
 use crate::pass::{PassOptions, Plan, ValuePass, Wiring};
 use crate::sae::loss::{fvu_ref, Moments};
 
@@ -106,7 +106,7 @@ pub fn run(inputs: &Inputs, conns: Option<&Connections>, cfg: &EvalConfig, devic
     let n_seqs = cache.for_each_batch(cfg.batch_size, cfg.limit, device, |batch| {
         let out = pass.run(&batch)?;
         let (b, s, _) = batch.resid_pre0.dims3()?;
-        ce_sum += sum(&ce_per_token(rt, &batch, &out)?)?;
+        ce_sum += sum(&ce_per_token_planned(suite, rt, &plan, &batch, &out)?)?;
         clean_sum += sum(&rt.forward(&batch.tokens, false, false)?.ce)?;
         // Zero ablation: the residual stream replaced by layer 0's input alone.
         zero_sum += sum(&rt.ce_from_resid(&batch.resid_pre0, &batch.tokens)?)?;

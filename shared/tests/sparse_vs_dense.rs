@@ -656,3 +656,92 @@ fn embed_edge_scores_match_loops() {
         }
     }
 }
+
+/// Unembed edges in the spliced CE (docs/MATH.md, "Embed and unembed connections"): the CE of
+/// the autograd pass (custom op and composed) and every parameter gradient equal the dense
+/// oracle's (`logits_with_ends`); the engine's host CE and its gradients (through the
+/// reconstructions and past them) equal autograd's; and with every feature wired into every
+/// token the CE is today's.
+#[test]
+fn unembed_edges_match_the_dense_oracle_and_the_engine() {
+    use scae::data::FlatBatch;
+    use scae::formats::connections::Edge;
+    use scae::pass::engine::{self, Engine};
+    let dev = Device::Cpu;
+    for name in ["tiny-neo", "tiny-pythia", "tiny-gpt2"] {
+        let (model, suite, batch) = fixture_case(name);
+        let rt = &model.runtime;
+        let parallel = model.cfg().parallel_attn_mlp;
+        let (f, n_mod) = (suite.n_features, suite.modules.len());
+        let vocab = rt.weights.w_e.dim(0).unwrap();
+        let opts = PassOptions::default();
+        let mut conns = random_connections(&suite, parallel, 5, 51);
+        let mut rng = Rng(52);
+        // Up to 6 features per token over the first 3/4 of the vocabulary (the rest read none).
+        conns.unembed = (0..vocab * 3 / 4)
+            .map(|_| {
+                let mut es: Vec<Edge> = Vec::new();
+                for _ in 0..rng.below(7) {
+                    let e = Edge { up: rng.below(n_mod), feature: rng.below(f) as u32, score: f32::NAN };
+                    if !es.iter().any(|x| x.up == e.up && x.feature == e.feature) {
+                        es.push(e);
+                    }
+                }
+                es
+            })
+            .collect();
+        let lists: dense_oracle::UnembedEdges = (0..vocab)
+            .map(|v| conns.unembed.get(v).map(|es| es.iter().map(|e| (e.up, e.feature)).collect()).unwrap_or_default())
+            .collect();
+        let (b, s) = batch.tokens.dims2().unwrap();
+        let oracle_ce = |out: &PassOutput| {
+            let logits = dense_oracle::logits_with_ends(&suite, rt, &batch, out, &lists).unwrap();
+            scae::model::token_ce(&logits.reshape((b, s, vocab)).unwrap(), &batch.tokens).unwrap().mean_all().unwrap()
+        };
+        let mut plan = Plan::new(&suite, Wiring::Sparse(&conns), parallel, &dev).unwrap();
+        for composed in [false, true] {
+            plan.force_composed(composed);
+            let label = format!("{name} composed={composed}");
+            let out = pass::forward(&suite, rt, &plan, &batch, opts).unwrap();
+            let got = pass::loss::ce_loss_planned(&suite, rt, &plan, &batch, &out).unwrap();
+            let want = oracle_ce(&out);
+            let (g, w) = (got.to_scalar::<f32>().unwrap(), want.to_scalar::<f32>().unwrap());
+            assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{label}: CE {g} vs oracle {w}");
+            let today = pass::loss::ce_loss(rt, &batch, &out).unwrap().to_scalar::<f32>().unwrap();
+            assert!((g - today).abs() > 1e-3, "{label}: the unembed edges change nothing ({g} vs {today})");
+            let (gg, gw) = (got.backward().unwrap(), want.backward().unwrap());
+            for (key, var) in suite.named_vars() {
+                assert_grad_close(&format!("{label}: unembed CE grad {key}"), &grad_of(&gg, var), &grad_of(&gw, var));
+            }
+        }
+        // The engine's host CE and its gradients against autograd's.
+        plan.force_composed(false);
+        let out = pass::forward(&suite, rt, &plan, &batch, opts).unwrap();
+        let auto = pass::loss::ce_loss_planned(&suite, rt, &plan, &batch, &out).unwrap();
+        let ga = auto.backward().unwrap();
+        let eng = Engine::new(&suite, rt, &plan, opts).unwrap();
+        let fb = FlatBatch::new(&batch, &suite.modules).unwrap();
+        let state = eng.forward(&fb).unwrap();
+        let (ce, g, extra) = eng.unembed_ce_loss_and_grad(&fb, &state).unwrap().expect("unembed edges");
+        let al = auto.to_scalar::<f32>().unwrap() as f64;
+        assert!((ce - al).abs() <= 1e-4 * al.abs().max(1.0), "{name}: engine unembed CE {ce} vs autograd {al}");
+        let grads = eng.backward_with(&fb, &state, vec![g; n_mod], Some(extra)).unwrap();
+        let tensors = engine::grads_to_tensors(&suite, &grads, &dev).unwrap();
+        for ((key, var), got) in suite.named_vars().into_iter().zip(&tensors) {
+            assert_grad_close(&format!("{name}: engine unembed CE grad {key}"), got, &grad_of(&ga, var));
+        }
+        // Every feature into every token: today's CE.
+        let mut full = conns.clone();
+        full.unembed = vec![
+            (0..n_mod)
+                .flat_map(|m| (0..f as u32).map(move |j| Edge { up: m, feature: j, score: f32::NAN }))
+                .collect();
+            vocab
+        ];
+        let plan = Plan::new(&suite, Wiring::Sparse(&full), parallel, &dev).unwrap();
+        let out = pass::forward(&suite, rt, &plan, &batch, opts).unwrap();
+        let got = pass::loss::ce_loss_planned(&suite, rt, &plan, &batch, &out).unwrap().to_scalar::<f32>().unwrap();
+        let today = pass::loss::ce_loss(rt, &batch, &out).unwrap().to_scalar::<f32>().unwrap();
+        assert!((got - today).abs() <= 1e-5 * today.abs().max(1.0), "{name}: every unembed edge: {got} vs {today}");
+    }
+}

@@ -5,8 +5,9 @@
 //!   columns `down_module` (utf8), `down_feature` (uint32), `up_module` (utf8),
 //!   `up_feature` (uint32) and optionally `score` (float32). Rows are grouped by downstream
 //!   module (suite order) and feature; within a feature they keep the file's order.
-//!   `up_module = "embed"` marks an edge from the token embedding, `up_feature` its token id
-//!   (docs/MATH.md, "Embed and unembed connections").
+//!   `up_module = "embed"` marks an edge from the token embedding, `up_feature` its token id;
+//!   `down_module = "unembed"` an edge into output token `down_feature` (docs/MATH.md,
+//!   "Embed and unembed connections").
 //! - the reference's layout, `*.safetensors`: one int64 tensor `<down>.<up>` of shape
 //!   `[F_down, C]` per module pair, `-1` padded; and the reference's own files holding the
 //!   same tables as `dict[down][up]`: `top_connections_{C}.pkl` (`pickle.dump`) and
@@ -54,6 +55,8 @@ pub struct EmbedEdge {
 
 /// The name of the token embedding as an upstream module in connection files.
 pub const EMBED: &str = "embed";
+/// The name of the unembedding as a downstream module in connection files.
+pub const UNEMBED: &str = "unembed";
 
 /// `Edge::up` of an embed edge in a pooled candidate list (scoring and selection rank
 /// module and embed edges together; `feature` is then the token id). It sorts after every
@@ -75,6 +78,9 @@ pub struct Connections {
     /// `embed[down module][down feature]` -> the tokens wired into that feature. A module
     /// none of whose features has an embed edge reads the embedding densely (today's pass).
     pub embed: Vec<Vec<Vec<EmbedEdge>>>,
+    /// `unembed[token]` -> the features that output token reads (indexed by token id, as long
+    /// as the largest token listed + 1). Empty: every token reads every feature (today's CE).
+    pub unembed: Vec<Vec<Edge>>,
 }
 
 impl Connections {
@@ -85,7 +91,13 @@ impl Connections {
             n_features,
             edges: modules.iter().map(|_| vec![Vec::new(); n_features]).collect(),
             embed: modules.iter().map(|_| vec![Vec::new(); n_features]).collect(),
+            unembed: Vec::new(),
         }
+    }
+
+    /// Total number of edges into the unembedding.
+    pub fn n_unembed_edges(&self) -> usize {
+        self.unembed.iter().map(Vec::len).sum()
     }
 
     /// Total number of edges between modules.
@@ -116,6 +128,13 @@ impl Connections {
 
     /// Check every embed edge's token against the model's vocabulary (`path` names the file).
     pub fn check_vocab(&self, path: &Path, d_vocab: usize) -> Result<()> {
+        if self.unembed.len() > d_vocab {
+            let token = self.unembed.len() - 1;
+            return Err(Error::input(
+                path,
+                format!("edge -> {UNEMBED}:{token}: token {token} out of range, the model's vocabulary has {d_vocab} tokens"),
+            ));
+        }
         for (d, feats) in self.embed.iter().enumerate() {
             for (i, es) in feats.iter().enumerate() {
                 if let Some(e) = es.iter().find(|e| e.token as usize >= d_vocab) {
@@ -171,6 +190,15 @@ impl Connections {
                 }
             }
         }
+        for (token, es) in self.unembed.iter().enumerate() {
+            for e in es {
+                dm.push(UNEMBED.to_string());
+                df.push(token as u32);
+                um.push(self.modules[e.up].name());
+                uf.push(e.feature);
+                sc.push(e.score);
+            }
+        }
         let cols: Vec<(&str, ArrayRef)> = vec![
             ("down_module", Arc::new(StringArray::from(dm))),
             ("down_feature", Arc::new(UInt32Array::from(df))),
@@ -192,12 +220,12 @@ impl Connections {
     /// Write the reference's layout: int64 `<down>.<up>` `[F, width]`, -1 padded, one tensor
     /// per preceding pair (all -1 when no edge), `width` = the most edges of any feature.
     pub fn write_reference(&self, path: &Path, parallel: bool) -> Result<()> {
-        if self.n_embed_edges() > 0 {
+        if self.n_embed_edges() + self.n_unembed_edges() > 0 {
             return Err(Error::input(
                 path,
                 format!(
-                    "the reference's layout has no embed edges, but the connections hold {}; hint: write a .parquet instead",
-                    self.n_embed_edges()
+                    "the reference's layout has no embed or unembed edges, but the connections hold {}; hint: write a .parquet instead",
+                    self.n_embed_edges() + self.n_unembed_edges()
                 ),
             ));
         }
@@ -285,6 +313,23 @@ impl<'a> Builder<'a> {
         Ok(())
     }
 
+    /// An edge from feature `j` of module `u` into output token `token` (any module feeds
+    /// the unembedding).
+    fn add_unembed(&mut self, token: u32, u: usize, j: u32, score: f32) -> Result<()> {
+        if !self.seen.insert((usize::MAX, token, u, j)) {
+            return Err(Error::input(
+                self.path,
+                format!("duplicate edge {}:{j} -> {UNEMBED}:{token}", self.modules[u]),
+            ));
+        }
+        let t = token as usize;
+        if self.conns.unembed.len() <= t {
+            self.conns.unembed.resize(t + 1, Vec::new());
+        }
+        self.conns.unembed[t].push(Edge { up: u, feature: j, score });
+        Ok(())
+    }
+
     /// An edge from vocabulary item `token` of the embedding (any module may read it).
     fn add_embed(&mut self, d: usize, i: u32, token: u32, score: f32) -> Result<()> {
         if !self.seen.insert((d, i, usize::MAX, token)) {
@@ -336,6 +381,15 @@ fn read_parquet(path: &Path, modules: &[Module], n_features: usize, parallel: bo
             None => vec![f32::NAN; batch.num_rows()],
         };
         for r in 0..batch.num_rows() {
+            if dm[r] == UNEMBED {
+                let token = u32::try_from(df[r]).map_err(|_| {
+                    Error::input(path, format!("down_feature {} of an {UNEMBED} edge: expected a token id", df[r]))
+                })?;
+                let u = b.module(&um[r], "up_module")?;
+                let j = b.feature(uf[r], "up_feature")?;
+                b.add_unembed(token, u, j, score[r])?;
+                continue;
+            }
             let d = b.module(&dm[r], "down_module")?;
             let i = b.feature(df[r], "down_feature")?;
             if um[r] == EMBED {

@@ -289,7 +289,7 @@ fn edge_contrib(
 /// `Y (B, H, S, F)` from the upstream values `x (N, M)` and the edge weights `w (F, C, H)`
 /// over `index`: the CPU custom op, or composed ops on any device.
 #[allow(clippy::too_many_arguments)]
-fn apply_edges(
+pub(crate) fn apply_edges(
     x: &Tensor,
     w: &Tensor,
     index: &std::sync::Arc<super::kernels::EdgeIndex>,

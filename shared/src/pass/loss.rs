@@ -8,7 +8,8 @@
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-use super::PassOutput;
+use super::plan::UnembedPlan;
+use super::{PassOutput, Plan};
 use crate::data::{Batch, FlatBatch};
 use crate::error::{Error, Result};
 use crate::formats::suite::Suite;
@@ -62,6 +63,73 @@ pub fn ce_per_token(rt: &Runtime, batch: &Batch, out: &PassOutput) -> Result<Ten
 /// The reference's CE loss: mean over batch·(pos−1).
 pub fn ce_loss(rt: &Runtime, batch: &Batch, out: &PassOutput) -> Result<Tensor> {
     Ok(ce_per_token(rt, batch, out)?.mean_all()?)
+}
+
+/// [`ce_per_token`] for a plan: with unembed edges each output token reads only its connected
+/// features (docs/MATH.md, "Embed and unembed connections"), else the plain spliced CE.
+pub fn ce_per_token_planned(
+    suite: &Suite,
+    rt: &Runtime,
+    plan: &Plan,
+    batch: &Batch,
+    out: &PassOutput,
+) -> Result<Tensor> {
+    match &plan.unembed {
+        None => ce_per_token(rt, batch, out),
+        Some(up) => {
+            let tokens = &batch.tokens;
+            let (b, s) = tokens.dims2()?;
+            let logits = unembed_logits(suite, rt, up, plan.composed, batch, out)?; // (N, V)
+            let v = logits.dim(1)?;
+            crate::model::token_ce(&logits.reshape((b, s, v))?, tokens)
+        }
+    }
+}
+
+/// [`ce_loss`] for a plan (see [`ce_per_token_planned`]).
+pub fn ce_loss_planned(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, out: &PassOutput) -> Result<Tensor> {
+    Ok(ce_per_token_planned(suite, rt, plan, batch, out)?.mean_all()?)
+}
+
+/// Logits `(N, V)` with unembed edges: `(dense + Σ_{(m,j) ∈ U(v)} f_m[t,j] W_dec^m[:,j]) ·
+/// W_U[:,v] / s[t] + b_U[v]`, `dense = r0 + Σ_m b_dec^m`, `s` LNPre's scale of the whole
+/// spliced residual; the edge terms through the sparse edge product (weights
+/// `W_dec^m[:,j] · W_U[:,v]` per edge), never an `F × V` matrix.
+fn unembed_logits(
+    suite: &Suite,
+    rt: &Runtime,
+    up: &UnembedPlan,
+    composed: bool,
+    batch: &Batch,
+    out: &PassOutput,
+) -> Result<Tensor> {
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+    let resid = spliced_resid(batch, out)?;
+    let (b, s, d) = resid.dims3()?;
+    let n = b * s;
+    let resid = resid.reshape((n, d))?;
+    let centred = resid.broadcast_sub(&resid.mean_keepdim(1)?)?;
+    let scale = (centred.sqr()?.mean_keepdim(1)? + rt.cfg.ln_eps)?.sqrt()?; // (N, 1)
+    let mut dense = f32(&batch.resid_pre0)?.reshape((n, d))?;
+    for ae in &suite.aes {
+        dense = dense.broadcast_add(ae.b_dec.as_tensor())?;
+    }
+    let (w_u, b_u) = (&rt.weights.w_u, &rt.weights.b_u); // (D, V), (V)
+    let vocab = w_u.dim(1)?;
+    let (vn, width) = (up.index.n_down, up.index.width);
+    let dec_t =
+        Tensor::cat(&suite.aes.iter().map(|ae| ae.w_dec.as_tensor().t()).collect::<candle_core::Result<Vec<_>>>()?, 0)?
+            .contiguous()?; // (modules·F, D)
+    let rows = dec_t.index_select(&up.cols, 0)?.reshape((vn, width, d))?;
+    let w_ut = w_u.t()?.narrow(0, 0, vn)?.contiguous()?; // (V_n, D)
+    let w = rows.broadcast_mul(&w_ut.unsqueeze(1)?)?.sum(2)?.unsqueeze(2)?; // (V_n, C_u, 1)
+    let x = Tensor::cat(&out.feats.iter().map(f32).collect::<candle_core::Result<Vec<_>>>()?, 1)?;
+    let y = super::autograd::apply_edges(&x, &w, &up.index, &up.cols, &up.slot_mask, 1, s, composed)?;
+    let mut y = y.reshape((n, vn))?;
+    if vn < vocab {
+        y = Tensor::cat(&[&y, &Tensor::zeros((n, vocab - vn), DType::F32, y.device())?], 1)?;
+    }
+    Ok((dense.matmul(w_u)? + y)?.broadcast_div(&scale)?.broadcast_add(b_u)?)
 }
 
 /// CE with the suite spliced in and its gradient w.r.t. the spliced residual, which is also

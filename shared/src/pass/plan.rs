@@ -85,6 +85,29 @@ impl EmbedPlan {
     }
 }
 
+/// The unembed edges of a connection set (docs/MATH.md, "Embed and unembed connections"): an
+/// edge index whose downstream "features" are output tokens `0..n_down` and whose columns are
+/// every module's features (`m·F + j`).
+#[derive(Debug, Clone)]
+pub struct UnembedPlan {
+    pub index: Arc<EdgeIndex>,
+    /// Composed path: the slots' columns `(V_n·C_u)` and the slot mask `(V_n, C_u, 1)`.
+    pub(crate) cols: Tensor,
+    pub(crate) slot_mask: Tensor,
+}
+
+impl UnembedPlan {
+    fn new(conns: &Connections, device: &Device) -> Result<UnembedPlan> {
+        let f = conns.n_features as u32;
+        let lists: Vec<Vec<u32>> =
+            conns.unembed.iter().map(|es| es.iter().map(|e| e.up as u32 * f + e.feature).collect()).collect();
+        let width = lists.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let ix = EdgeIndex::new(&lists, width, conns.modules.len() * conns.n_features);
+        let (cols, _, mask) = slot_tensors(&ix, ix.gather_cols(), device)?;
+        Ok(UnembedPlan { index: Arc::new(ix), cols, slot_mask: mask })
+    }
+}
+
 /// An index's gather columns `(F·C)`, `extra` as a tensor, and its slot mask `(F, C, 1)`.
 fn slot_tensors(ix: &EdgeIndex, extra: Vec<u32>, device: &Device) -> Result<(Tensor, Tensor, Tensor)> {
     let n_slots = ix.slot_col.len();
@@ -103,6 +126,9 @@ pub struct Plan {
     /// Use composed candle ops instead of the CPU custom ops (any device; the default off the
     /// CPU).
     pub composed: bool,
+    /// Edges into the unembedding, when the connection set gives any (then each output token
+    /// reads only its connected features in the spliced CE).
+    pub unembed: Option<UnembedPlan>,
 }
 
 impl Plan {
@@ -160,6 +186,10 @@ impl Plan {
             downs.push(DownPlan { ups, index, cols, slot_mask, embed });
         }
         let sparse = matches!(wiring, Wiring::Sparse(_));
-        Ok(Plan { downs, sparse, composed: !device.is_cpu() })
+        let unembed = match wiring {
+            Wiring::Sparse(conns) if conns.n_unembed_edges() > 0 => Some(UnembedPlan::new(conns, device)?),
+            _ => None,
+        };
+        Ok(Plan { downs, sparse, composed: !device.is_cpu(), unembed })
     }
 }

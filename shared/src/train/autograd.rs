@@ -15,7 +15,7 @@ use crate::data::Batch;
 use crate::error::Result;
 use crate::formats::suite::Suite;
 use crate::model::Runtime;
-use crate::pass::loss::ce_loss;
+use crate::pass::loss::ce_loss_planned;
 use crate::pass::{forward, PassOptions, Plan};
 use crate::sae::loss::{auxk_t, centered_sq_t, fvu_ref};
 use crate::sae::{fired_t, AeParams};
@@ -76,7 +76,7 @@ pub fn finetune_grads(
         }
         let mut ce = None;
         if let Some(w) = spec.ce_weight {
-            let c = ce_loss(rt, batch, &out)?;
+            let c = ce_loss_planned(suite, rt, plan, batch, &out)?;
             terms.push((&c * w)?);
             ce = Some(c);
         }
@@ -179,7 +179,7 @@ pub fn finetune_grads(
             }
         }
         if let Some(w) = spec.ce_weight {
-            let c = ce_loss(rt, &part, &out)?;
+            let c = ce_loss_planned(suite, rt, plan, &part, &out)?;
             ce_sum += scalar(&c)? * len as f64;
             sur.push((c * (w * len as f64 / b as f64))?);
         }

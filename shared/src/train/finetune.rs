@@ -129,8 +129,16 @@ fn engine_step(
             report.auxk = Some(aux);
         }
     }
+    let mut extra = None;
     if let Some(w) = cfg.ce_weight() {
-        let (ce, g) = ce_loss_and_grad(rt, &fb, &state.recons(), d)?;
+        // With unembed edges the CE also sends gradient past the reconstructions.
+        let (ce, g) = match eng.unembed_ce_loss_and_grad(&fb, &state)? {
+            Some((ce, g, rest)) => {
+                extra = Some(rest.scaled(w as f32));
+                (ce, g)
+            }
+            None => ce_loss_and_grad(rt, &fb, &state.recons(), d)?,
+        };
         report.loss += w * ce;
         for gr in g_recon.iter_mut() {
             gr.iter_mut().zip(&g).for_each(|(a, b)| *a += w as f32 * b);
@@ -141,7 +149,7 @@ fn engine_step(
     if !report.loss.is_finite() {
         return Ok(report);
     }
-    let mut grads = eng.backward(&fb, &state, g_recon)?;
+    let mut grads = eng.backward_with(&fb, &state, g_recon, extra)?;
     prof.mark("backward");
     if let Some(c) = cfg.schedule.clip {
         grads.iter_mut().for_each(|g| clip_module(g, c));

@@ -32,6 +32,9 @@ mod embed_edges;
 mod encoder;
 mod mlp_edges;
 mod pair_kernels;
+mod unembed;
+
+pub use unembed::UnembedGrads;
 
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
@@ -170,6 +173,9 @@ pub struct Engine<'a> {
     layers: Vec<LayerConsts>,
     /// `W_E` and `W_pos`, when some module has embed edges.
     embed: Option<embed_edges::EmbedConsts>,
+    /// `W_U` (and its transpose) and `b_U`, when the plan has unembed edges.
+    unembed: Option<unembed::UnembedConsts>,
+    ln_eps: f32,
     n_heads: usize,
     d_head: usize,
     d: usize,
@@ -232,6 +238,14 @@ impl<'a> Engine<'a> {
             }),
             false => None,
         };
+        let unembed = match &plan.unembed {
+            Some(_) => Some(unembed::UnembedConsts {
+                w_u: to_vec(&rt.weights.w_u)?,
+                w_u_t: to_vec(&rt.weights.w_u.t()?.contiguous()?)?,
+                b_u: to_vec(&rt.weights.b_u)?,
+            }),
+            None => None,
+        };
         Ok(Engine {
             suite,
             plan,
@@ -239,6 +253,8 @@ impl<'a> Engine<'a> {
             params,
             layers,
             embed,
+            unembed,
+            ln_eps: rt.cfg.ln_eps as f32,
             n_heads: rt.cfg.n_heads,
             d_head: rt.cfg.d_head,
             d: suite.d_model,
@@ -344,18 +360,33 @@ impl<'a> Engine<'a> {
 
     /// Backpropagate `g_recon[m] (N, D)` (the loss gradient w.r.t. every reconstruction)
     /// through the pass; returns the gradient of every parameter.
-    pub fn backward(&self, fb: &FlatBatch, state: &State, mut g_recon: Vec<Vec<f32>>) -> Result<Vec<ModuleGrads>> {
+    pub fn backward(&self, fb: &FlatBatch, state: &State, g_recon: Vec<Vec<f32>>) -> Result<Vec<ModuleGrads>> {
+        self.backward_with(fb, state, g_recon, None)
+    }
+
+    /// [`backward`](Self::backward) with the gradients a loss sends past the reconstructions
+    /// (the spliced CE with unembed edges, [`Engine::unembed_ce_loss_and_grad`]).
+    pub fn backward_with(
+        &self,
+        fb: &FlatBatch,
+        state: &State,
+        mut g_recon: Vec<Vec<f32>>,
+        extra: Option<UnembedGrads>,
+    ) -> Result<Vec<ModuleGrads>> {
         let mut prof = Profile::new();
         let (n, d, f, k) = (fb.b * fb.s, self.d, self.f, self.k);
         let n_mod = self.suite.modules.len();
         // Gradient w.r.t. reconstructions without b_dec (attention inputs under all connections).
         let mut g_recon_nb: Vec<Vec<f32>> = vec![Vec::new(); n_mod];
-        // Gradient w.r.t. each module's selected feature values (N, K).
-        let mut g_val: Vec<Vec<f32>> = (0..n_mod).map(|_| vec![0f32; n * k]).collect();
+        // Gradient w.r.t. each module's selected feature values (N, K); gradients w.r.t.
+        // W_decᵀ (F, D) that downstream edge weights send to each module; and extra b_dec ones.
+        let (mut g_val, mut g_dec_t_in, mut g_bdec_extra) = match extra {
+            Some(x) => (x.g_val, x.g_dec_t, vec![x.g_bdec; n_mod]),
+            None => {
+                ((0..n_mod).map(|_| vec![0f32; n * k]).collect(), vec![Vec::new(); n_mod], vec![vec![0f32; d]; n_mod])
+            }
+        };
         let mut grads: Vec<Option<ModuleGrads>> = vec![None; n_mod];
-        // Gradients w.r.t. W_decᵀ (F, D) that downstream edge weights send to each module.
-        let mut g_dec_t_in: Vec<Vec<f32>> = vec![Vec::new(); n_mod];
-        let mut g_bdec_extra: Vec<Vec<f32>> = vec![vec![0f32; d]; n_mod];
         for di in (0..n_mod).rev() {
             let st = &state.modules[di];
             let g_rec = std::mem::take(&mut g_recon[di]);
