@@ -50,6 +50,9 @@ KEEP ?= 64
 # (empty: every feature reads the whole embedding, as the reference; `make all` then also
 # runs the dense-embedding pipeline at the same C and reports both).
 EMBED_C ?=
+# Sparse connections into the unembedding: each output token reads only its top UNEMBED_C
+# features in the spliced CE (empty: every feature, as the reference).
+UNEMBED_C ?=
 # Also finetune and evaluate the random-connections control at C in `make all` (1) or not (0).
 CONTROL ?= 0
 # Seed of the random connections.
@@ -59,7 +62,7 @@ VIEW ?= 0
 # Sequences the feature browser reads (empty: the whole cache).
 VIEW_SEQS ?=
 # Command that turns edges.parquet into connections.parquet; called as
-# `$(SELECT) --edges E --c C [--embed-c EMBED_C] --out F` (e.g.
+# `$(SELECT) --edges E --c C [--embed-c EMBED_C] [--unembed-c UNEMBED_C] --out F` (e.g.
 # SELECT="python3 pipelines/select_random.py").
 SELECT ?= $(BIN)/select-edges
 
@@ -75,23 +78,24 @@ TRAINED := $(ACTS:$(OUT)/acts/%=$(OUT)/suite/%)-x$(EXPANSION)-k$(K)-s$(SUITE_STE
 SUITE_PATH := $(if $(SUITE),$(SUITE),$(TRAINED))
 SUITE_DEP := $(if $(SUITE),,$(TRAINED)/.done)
 SUITE_KEY := $(shell printf '%s' '$(SUITE_PATH)' | cksum | cut -d' ' -f1)
-EMBED_KEY := $(if $(EMBED_C),-embed,)
+EMBED_KEY := $(if $(EMBED_C),-embed,)$(if $(UNEMBED_C),-unembed,)
+ENDS_KEY := $(if $(EMBED_C),-e$(EMBED_C),)$(if $(UNEMBED_C),-u$(UNEMBED_C),)
 EDGES := $(ACTS:$(OUT)/acts/%=$(OUT)/edges/%)-suite$(SUITE_KEY)-keep$(KEEP)$(EMBED_KEY)
-EMBED_FLAG := $(if $(EMBED_C),--embed-c $(EMBED_C),)
+EMBED_FLAG := $(if $(EMBED_C),--embed-c $(EMBED_C),)$(if $(UNEMBED_C), --unembed-c $(UNEMBED_C),)
 SELECT_KEY := $(shell printf '%s' '$(SELECT)' | cksum | cut -d' ' -f1)
 # The connections: selected from the edge scores, unless CONNECTIONS names a file.
 ifeq ($(CONNECTIONS),all)
 $(error CONNECTIONS=all: expected a connections file; for the full pass evaluate with --connections all by hand)
 endif
 CONN_FILE_KEY := $(shell printf '%s' '$(CONNECTIONS)' | cksum | cut -d' ' -f1)
-CONN_KEY := $(if $(CONNECTIONS),conn$(CONN_FILE_KEY),c$(C)$(if $(EMBED_C),-e$(EMBED_C),)-sel$(SELECT_KEY))
-CONN := $(if $(CONNECTIONS),$(CONNECTIONS),$(EDGES)-c$(C)$(if $(EMBED_C),-e$(EMBED_C),)-sel$(SELECT_KEY).parquet)
+CONN_KEY := $(if $(CONNECTIONS),conn$(CONN_FILE_KEY),c$(C)$(ENDS_KEY)-sel$(SELECT_KEY))
+CONN := $(if $(CONNECTIONS),$(CONNECTIONS),$(EDGES)-c$(C)$(ENDS_KEY)-sel$(SELECT_KEY).parquet)
 FT := $(EDGES:$(OUT)/edges/%=$(OUT)/finetune/%)-$(CONN_KEY)-$(LOSS)-s$(STEPS)-lr$(LR)-d$(DECAY)
 EVAL0 := $(EDGES:$(OUT)/edges/%=$(OUT)/eval/%)-$(CONN_KEY)-before
 EVAL := $(FT:$(OUT)/finetune/%=$(OUT)/eval/%)
 # The random-connections control: the same per-module counts at C, random upstream features.
-RAND_CONN := $(EDGES)-c$(C)$(if $(EMBED_C),-e$(EMBED_C),)-random$(RANDOM_SEED).parquet
-FT_RAND := $(EDGES:$(OUT)/edges/%=$(OUT)/finetune/%)-c$(C)$(if $(EMBED_C),-e$(EMBED_C),)-random$(RANDOM_SEED)-$(LOSS)-s$(STEPS)-lr$(LR)-d$(DECAY)
+RAND_CONN := $(EDGES)-c$(C)$(ENDS_KEY)-random$(RANDOM_SEED).parquet
+FT_RAND := $(EDGES:$(OUT)/edges/%=$(OUT)/finetune/%)-c$(C)$(ENDS_KEY)-random$(RANDOM_SEED)-$(LOSS)-s$(STEPS)-lr$(LR)-d$(DECAY)
 EVAL_RAND := $(FT_RAND:$(OUT)/finetune/%=$(OUT)/eval/%)
 # The control runs only when the pipeline selects connections itself.
 WITH_CONTROL := $(and $(filter 1,$(CONTROL)),$(if $(CONNECTIONS),,1))
@@ -99,8 +103,8 @@ WITH_CONTROL := $(and $(filter 1,$(CONTROL)),$(if $(CONNECTIONS),,1))
 VIEW_DIR := $(FT:$(OUT)/finetune/%=$(OUT)/view/%)$(if $(VIEW_SEQS),-n$(VIEW_SEQS),)
 # The report of `make all`: the runs side by side and what they say.
 REPORT := $(EVAL:$(OUT)/eval/%=$(OUT)/report/%)$(if $(WITH_CONTROL),-control$(RANDOM_SEED),)
-# With EMBED_C, the report also shows the same C with the dense embedding.
-WITH_DENSE := $(if $(EMBED_C),$(if $(CONNECTIONS),,1),)
+# With EMBED_C or UNEMBED_C, the report also shows the same C with dense ends.
+WITH_DENSE := $(if $(EMBED_C)$(UNEMBED_C),$(if $(CONNECTIONS),,1),)
 comma := ,
 
 # C values of `make sweep`.
@@ -113,11 +117,11 @@ EVAL_ALL := $(EDGES:$(OUT)/edges/%=$(OUT)/eval/%)-all-before
 ## all: activations -> suite -> edge scores -> connections (C) -> finetune -> evaluation,
 ## then a report beside the all-connections suite (and, with CONTROL=1, random connections).
 all: eval $(EVAL0)/.done $(EVAL_ALL)/.done $(if $(WITH_CONTROL),$(EVAL_RAND)/.done,) $(if $(filter 1,$(VIEW)),$(VIEW_DIR)/.done,)
-	@$(if $(WITH_DENSE),$(MAKE) --no-print-directory eval EMBED_C=,true)
-	@echo "## before finetuning ($(if $(CONNECTIONS),$(CONNECTIONS),C=$(C)$(if $(EMBED_C),$(comma) EMBED_C=$(EMBED_C),)))" && cat $(EVAL0)/table.md
+	@$(if $(WITH_DENSE),$(MAKE) --no-print-directory eval EMBED_C= UNEMBED_C=,true)
+	@echo "## before finetuning ($(if $(CONNECTIONS),$(CONNECTIONS),C=$(C)$(if $(EMBED_C),$(comma) EMBED_C=$(EMBED_C),)$(if $(UNEMBED_C),$(comma) UNEMBED_C=$(UNEMBED_C),)))" && cat $(EVAL0)/table.md
 	@echo "## after finetuning ($(LOSS), $(STEPS) steps)" && cat $(EVAL)/table.md
 	@echo "## report"
-	@$(BIN)/evaluate --compare $(EVAL_ALL) $(EVAL0) $(if $(WITH_DENSE),$$($(MAKE) --no-print-directory -s print-eval EMBED_C=),) \
+	@$(BIN)/evaluate --compare $(EVAL_ALL) $(EVAL0) $(if $(WITH_DENSE),$$($(MAKE) --no-print-directory -s print-eval EMBED_C= UNEMBED_C=),) \
 	    $(EVAL) $(if $(WITH_CONTROL),$(EVAL_RAND),) --out $(REPORT)
 	@echo "report: $(REPORT)/compare.md"
 	@$(if $(wildcard $(SWEEP)/compare.png),echo "sweep plot: $(SWEEP)/compare.png",true)
@@ -157,7 +161,7 @@ $(TRAINED)/.done: $(ACTS)/.done | build
 ## edges: score every edge of the suite on the cache.
 edges: $(EDGES)/.done
 $(EDGES)/.done: $(ACTS)/.done $(SUITE_DEP) | build
-	$(BIN)/score-edges --acts $(ACTS) --suite $(SUITE_PATH) --keep $(KEEP) $(if $(EMBED_C),--embed,) \
+	$(BIN)/score-edges --acts $(ACTS) --suite $(SUITE_PATH) --keep $(KEEP) $(if $(EMBED_C),--embed,) $(if $(UNEMBED_C),--unembed,) \
 	    $(THREADS_FLAG) --out $(EDGES) --overwrite
 	touch $@
 
@@ -253,4 +257,4 @@ help:
 	@grep -E '^## ' $(firstword $(MAKEFILE_LIST)) | sed 's/^## /  /'
 	@echo
 	@echo "Variables (PIPELINE=$(PIPELINE)):"
-	@$(foreach v,PIPELINE MODEL DATA CTX N_SEQS BOS PACK DTYPE BATCH THREADS EXPANSION K SUITE_STEPS SUITE_LR SUITE CONNECTIONS C EMBED_C KEEP SELECT CONTROL RANDOM_SEED VIEW VIEW_SEQS LOSS STEPS LR DECAY CS OUT,echo "  $(v) = $($(v))";)
+	@$(foreach v,PIPELINE MODEL DATA CTX N_SEQS BOS PACK DTYPE BATCH THREADS EXPANSION K SUITE_STEPS SUITE_LR SUITE CONNECTIONS C EMBED_C UNEMBED_C KEEP SELECT CONTROL RANDOM_SEED VIEW VIEW_SEQS LOSS STEPS LR DECAY CS OUT,echo "  $(v) = $($(v))";)

@@ -165,6 +165,9 @@ pub fn run(inputs: &Inputs, conns: Option<&Connections>, cfg: &EvalConfig, devic
         embed_c: conns
             .filter(|c| c.n_embed_edges() > 0)
             .map(|c| c.embed.iter().flatten().map(Vec::len).max().unwrap_or(0) as u64),
+        unembed_c: conns
+            .filter(|c| c.n_unembed_edges() > 0)
+            .map(|c| c.unembed.iter().map(Vec::len).max().unwrap_or(0) as u64),
         suite_created_by,
         n_seqs,
         n_tokens: n_tok,

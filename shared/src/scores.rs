@@ -33,6 +33,8 @@ pub struct ScoreStats {
     pub n_tokens: u64,
     n_features: usize,
     n_heads: usize,
+    /// LNPre's epsilon (the unembed scores' scale of the spliced residual).
+    ln_eps: f64,
     /// `[layer][up]`: Σ_t f_u[t,g]/s2_L[t]   (F values), for mlp downs.
     mlp: Vec<Vec<Option<Vec<f64>>>>,
     /// `[layer][up]`: Σ_{b,p} colsum_h[b,p] f_u[b,p,g]/s1_L[b,p]   (H·F values), for attn downs.
@@ -40,7 +42,18 @@ pub struct ScoreStats {
     /// Embed edges scored too: per layer, the same statistics of the token indicators
     /// `[tok_t = v]` (V values for mlp downs, H·V for attn downs).
     embed: Option<EmbedStats>,
+    /// Unembed edges scored too.
+    unembed: Option<UnembedStats>,
     parallel: bool,
+}
+
+/// Token statistics of the unembed edges: per target token v, the positions `T_v` whose next
+/// token is v, and `Σ_{t ∈ T_v} f_m[t, j] / s[t]` per co-occurring feature (memory: the
+/// distinct (target, feature) pairs seen).
+#[derive(Debug, Clone, Default)]
+struct UnembedStats {
+    count: std::collections::HashMap<u32, u64>,
+    sums: std::collections::HashMap<(u32, u32), f64>,
 }
 
 /// Token statistics of the embed edges (docs/MATH.md, "Embed and unembed connections").
@@ -62,11 +75,22 @@ impl ScoreStats {
             n_tokens: 0,
             n_features: suite.n_features,
             n_heads,
+            ln_eps: 0.0,
             mlp: vec![vec![None; m]; n_layers],
             attn: vec![vec![None; m]; n_layers],
             embed: None,
+            unembed: None,
             parallel,
         }
+    }
+
+    /// Also score edges into the unembedding (docs/MATH.md, "Embed and unembed connections"):
+    /// feature j of module m -> output token v by j's mean contribution to logit v over the
+    /// positions whose next token is v (`ln_eps`: the model's LayerNorm epsilon).
+    pub fn with_unembed(mut self, ln_eps: f64) -> ScoreStats {
+        self.unembed = Some(UnembedStats::default());
+        self.ln_eps = ln_eps;
+        self
     }
 
     /// Also score edges from the token embedding (a model with `vocab` tokens); they are
@@ -87,6 +111,29 @@ impl ScoreStats {
         let n = b * s;
         let (f, h) = (self.n_features, self.n_heads);
         self.n_tokens += n as u64;
+        if let Some(us) = &mut self.unembed {
+            let host = |t: &Tensor| -> Result<Vec<f32>> { crate::util::to_vec(&t.to_dtype(DType::F32)?) };
+            let toks = host(&batch.tokens)?;
+            // LNPre's scale of the spliced residual of this (full) pass.
+            let resid = crate::pass::loss::spliced_resid(batch, out)?;
+            let centred = resid.broadcast_sub(&resid.mean_keepdim(2)?)?;
+            let scale = host(&(centred.sqr()?.mean_keepdim(2)? + self.ln_eps)?.sqrt()?)?;
+            let feats: Vec<Vec<f32>> = out.feats.iter().map(|x| host(x)).collect::<Result<_>>()?;
+            for t in 0..n {
+                if t % s == s - 1 {
+                    continue; // no next token
+                }
+                let v = toks[t + 1] as u32;
+                *us.count.entry(v).or_default() += 1;
+                for (m, fm) in feats.iter().enumerate() {
+                    for (j, &x) in fm[t * f..(t + 1) * f].iter().enumerate() {
+                        if x != 0.0 {
+                            *us.sums.entry((v, (m * f + j) as u32)).or_default() += (x / scale[t]) as f64;
+                        }
+                    }
+                }
+            }
+        }
         if let Some(es) = &mut self.embed {
             let host = |t: &Tensor| -> Result<Vec<f32>> { crate::util::to_vec(&t.to_dtype(DType::F32)?) };
             let toks = host(&batch.tokens)?;
@@ -279,6 +326,37 @@ impl ScoreStats {
     }
 }
 
+impl ScoreStats {
+    /// For every output token seen as a target, its `keep` highest-|score| features across
+    /// all modules (`Edge::up` = module), in selection order; indexed by token id up to the
+    /// largest seen. Empty without [`with_unembed`](Self::with_unembed).
+    pub fn top_unembed_edges(&self, suite: &Suite, rt: &Runtime, keep: usize) -> Result<Vec<Vec<Edge>>> {
+        let Some(us) = &self.unembed else { return Ok(Vec::new()) };
+        let (f, d) = (self.n_features, suite.d_model);
+        let n_vocab = us.count.keys().max().map_or(0, |&v| v as usize + 1);
+        let mut best: Vec<Vec<Edge>> = vec![Vec::new(); n_vocab];
+        let w_ut = crate::util::to_vec(&rt.weights.w_u.t()?.contiguous()?)?; // (V, D)
+        let decs: Vec<Vec<f32>> = suite
+            .aes
+            .iter()
+            .map(|ae| crate::util::to_vec(&ae.w_dec.as_tensor().t()?.contiguous()?))
+            .collect::<Result<_>>()?; // (F, D) per module
+        for (&(v, col), &sum) in &us.sums {
+            let (m, j) = (col as usize / f, col as usize % f);
+            let u = crate::util::blas::dot(&decs[m][j * d..(j + 1) * d], &w_ut[v as usize * d..(v as usize + 1) * d]);
+            let score = (sum / us.count[&v] as f64) as f32 * u;
+            if score != 0.0 {
+                best[v as usize].push(Edge { up: m, feature: j as u32, score });
+            }
+        }
+        for cand in best.iter_mut() {
+            cand.sort_by(edge_order);
+            cand.truncate(keep);
+        }
+        Ok(best)
+    }
+}
+
 /// Each feature's candidates in selection order.
 fn sorted(mut best: Vec<Vec<Edge>>) -> Vec<Vec<Edge>> {
     for cand in &mut best {
@@ -321,9 +399,11 @@ pub fn edge_order(a: &Edge, b: &Edge) -> std::cmp::Ordering {
 
 /// The first `c` edges of every feature (inputs already in selection order, e.g. from
 /// [`ScoreStats::top_edges`] or an edges file). Embed edges are pooled with the modules'
-/// edges into the same budget, or, with `embed_c`, get a budget of their own.
+/// edges into the same budget, or, with `embed_c`, get a budget of their own. Unembed edges
+/// are left out ([`select_unembed`] picks them).
 pub fn select_top_c(edges: &Connections, c: usize, embed_c: Option<usize>) -> Connections {
     let mut out = edges.clone();
+    out.unembed.clear();
     for d in 0..out.modules.len() {
         for i in 0..out.n_features {
             let mut es = std::mem::take(&mut out.edges[d][i]);
@@ -346,6 +426,45 @@ pub fn select_top_c(edges: &Connections, c: usize, embed_c: Option<usize>) -> Co
     out
 }
 
+/// `es` with the same count per upstream module (in order of first appearance) but distinct
+/// random features of that module (scores NaN).
+fn random_like(es: &[Edge], f: usize, rng: &mut crate::util::rng::SplitMix) -> Vec<Edge> {
+    let mut ups: Vec<usize> = Vec::new();
+    for e in es {
+        if !ups.contains(&e.up) {
+            ups.push(e.up);
+        }
+    }
+    let mut fresh = Vec::with_capacity(es.len());
+    for u in ups {
+        let n = es.iter().filter(|e| e.up == u).count().min(f);
+        // A partial Fisher-Yates shuffle over 0..F: n distinct draws.
+        let mut pool: std::collections::HashMap<usize, usize> = std::collections::HashMap::new();
+        for t in 0..n {
+            let r = t + (rng.next_u64() % (f - t) as u64) as usize;
+            let (vt, vr) = (*pool.get(&t).unwrap_or(&t), *pool.get(&r).unwrap_or(&r));
+            pool.insert(r, vt);
+            pool.insert(t, vr);
+            fresh.push(Edge { up: u, feature: vr as u32, score: f32::NAN });
+        }
+    }
+    fresh
+}
+
+/// The first `c` unembed edges of every output token (selection order; zero scores dropped).
+pub fn select_unembed(edges: &Connections, c: usize) -> Vec<Vec<Edge>> {
+    edges
+        .unembed
+        .iter()
+        .map(|es| {
+            let mut es: Vec<Edge> = es.iter().filter(|e| e.score != 0.0).copied().collect();
+            es.sort_by(edge_order);
+            es.truncate(c);
+            es
+        })
+        .collect()
+}
+
 /// The random-connections control (the reference's `generate_fake_connections`): every
 /// feature keeps how many edges it takes from each upstream module, but the upstream features
 /// are distinct random ones of that module (scores NaN); its embed edges become as many
@@ -356,28 +475,13 @@ pub fn randomize_like(conns: &Connections, seed: u64) -> Connections {
     for (d, feats) in out.edges.iter_mut().enumerate() {
         for (i, es) in feats.iter_mut().enumerate() {
             let mut rng = crate::util::rng::SplitMix(seed ^ ((d as u64) << 40) ^ (i as u64).wrapping_mul(0x9e37_79b9));
-            // Upstream modules in order of first appearance.
-            let mut ups: Vec<usize> = Vec::new();
-            for e in es.iter() {
-                if !ups.contains(&e.up) {
-                    ups.push(e.up);
-                }
-            }
-            let mut fresh = Vec::with_capacity(es.len());
-            for u in ups {
-                let n = es.iter().filter(|e| e.up == u).count().min(f);
-                // A partial Fisher-Yates shuffle over 0..F: n distinct draws.
-                let mut pool: std::collections::HashMap<usize, usize> = std::collections::HashMap::new();
-                for t in 0..n {
-                    let r = t + (rng.next_u64() % (f - t) as u64) as usize;
-                    let (vt, vr) = (*pool.get(&t).unwrap_or(&t), *pool.get(&r).unwrap_or(&r));
-                    pool.insert(r, vt);
-                    pool.insert(t, vr);
-                    fresh.push(Edge { up: u, feature: vr as u32, score: f32::NAN });
-                }
-            }
-            *es = fresh;
+            *es = random_like(es, f, &mut rng);
         }
+    }
+    // Unembed edges: each token keeps its per-module counts, with random features.
+    for (v, es) in out.unembed.iter_mut().enumerate() {
+        let mut rng = crate::util::rng::SplitMix(seed.rotate_left(17) ^ (v as u64).wrapping_mul(0x9e37_79b9));
+        *es = random_like(es, f, &mut rng);
     }
     // Embed edges: as many per feature, random distinct tokens among those the set's embed
     // edges use (the tokens scoring saw).

@@ -745,3 +745,67 @@ fn unembed_edges_match_the_dense_oracle_and_the_engine() {
         assert!((got - today).abs() <= 1e-5 * today.abs().max(1.0), "{name}: every unembed edge: {got} vs {today}");
     }
 }
+
+/// Unembed edge scores against loops: feature j of module m -> token v scores
+/// `(1/|T_v|) Σ_{t ∈ T_v} f_m[t, j] (W_dec^m[:, j] · W_U[:, v]) / s[t]`, `T_v` the positions whose
+/// next token is v and `s` LNPre's scale of the full pass's spliced residual; every
+/// co-occurring feature is a candidate.
+#[test]
+fn unembed_edge_scores_match_loops() {
+    for name in ["tiny-neo", "tiny-pythia"] {
+        let (model, suite, batch) = fixture_case(name);
+        let rt = &model.runtime;
+        let parallel = model.cfg().parallel_attn_mlp;
+        let (f, d, n_mod) = (suite.n_features, suite.d_model, suite.modules.len());
+        let (b, s, _) = batch.resid_pre0.dims3().unwrap();
+        let plan = Plan::new(&suite, Wiring::All, parallel, &Device::Cpu).unwrap();
+        let out = pass::forward(&suite, rt, &plan, &batch, PassOptions::default()).unwrap();
+        let mut stats = scae::ScoreStats::new(&suite, rt.cfg.n_heads, parallel).with_unembed(rt.cfg.ln_eps);
+        stats.accumulate(&suite, &batch, &out).unwrap();
+        let got = stats.top_unembed_edges(&suite, rt, n_mod * f).unwrap();
+        let toks: Vec<u32> = host(&batch.tokens).iter().map(|&x| x as u32).collect();
+        let r = host(&pass::loss::spliced_resid(&batch, &out).unwrap());
+        let scale: Vec<f64> = r
+            .chunks(d)
+            .map(|x| {
+                let mu = x.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+                (x.iter().map(|&v| (v as f64 - mu).powi(2)).sum::<f64>() / d as f64 + rt.cfg.ln_eps).sqrt()
+            })
+            .collect();
+        let (feats, w_u) = (out.feats.iter().map(host).collect::<Vec<_>>(), host(&rt.weights.w_u));
+        let vocab = rt.weights.w_u.dim(1).unwrap();
+        let decs: Vec<Vec<f32>> = suite.aes.iter().map(|ae| host(ae.w_dec.as_tensor())).collect(); // (D, F)
+        let mut checked = 0;
+        let mut targets: Vec<u32> = (0..b * s).filter(|t| t % s != s - 1).map(|t| toks[t + 1]).collect();
+        targets.sort_unstable();
+        targets.dedup();
+        for &v in &targets {
+            let tv: Vec<usize> = (0..b * s).filter(|&t| t % s != s - 1 && toks[t + 1] == v).collect();
+            let mut want = std::collections::HashMap::new();
+            for m in 0..n_mod {
+                for j in 0..f {
+                    let u: f64 = (0..d).map(|c| decs[m][c * f + j] as f64 * w_u[c * vocab + v as usize] as f64).sum();
+                    let mean: f64 =
+                        tv.iter().map(|&t| feats[m][t * f + j] as f64 / scale[t]).sum::<f64>() / tv.len() as f64;
+                    if tv.iter().any(|&t| feats[m][t * f + j] != 0.0) {
+                        want.insert((m, j as u32), mean * u);
+                    }
+                }
+            }
+            let es = &got[v as usize];
+            assert_eq!(es.len(), want.len(), "{name}: token {v}: one candidate per co-occurring feature");
+            for e in es {
+                let w = want[&(e.up, e.feature)];
+                assert!(
+                    (e.score as f64 - w).abs() <= 1e-4 * w.abs().max(1e-3),
+                    "{name}: {}:{} -> {v}: {} vs {w}",
+                    e.up,
+                    e.feature,
+                    e.score
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 50, "{name}: only {checked} unembed scores checked");
+    }
+}

@@ -24,6 +24,9 @@ fn read_edges(path: &Path) -> HashMap<(String, String), Vec<Vec<i64>>> {
         let uf = scae::util::table::ints(path, "up_feature", b.column_by_name("up_feature").unwrap()).unwrap();
         for r in 0..b.num_rows() {
             let rows = out.entry((dm[r].clone(), um[r].clone())).or_insert_with(|| vec![vec![]; 32]);
+            if rows.len() <= df[r] as usize {
+                rows.resize(df[r] as usize + 1, vec![]); // unembed rows: down_feature is a token id
+            }
             rows[df[r] as usize].push(uf[r]);
         }
     }
@@ -383,4 +386,112 @@ fn embed_connections_run_through_score_select_finetune_and_evaluate() {
         &["bad.parquet", "token 999999 out of range"],
     );
     assert!(!out.exists());
+}
+
+/// Unembed edges through the tools: `score-edges --unembed` writes them (down_module
+/// `unembed`), `select-edges --unembed-c` keeps each token's top features, finetune (CE loss)
+/// and evaluate read them — evaluate's CE differs from the same set without them — and the
+/// browser lists a feature's output tokens; asking for unembed edges the file lacks is a
+/// clear error.
+#[test]
+fn unembed_connections_run_through_score_select_finetune_and_evaluate() {
+    let name = "tiny-neo";
+    let tmp = scratch("unembed-tools");
+    let acts = golden_cache(&tmp, name);
+    let su = suite(name);
+    let edges = tmp.join("edges");
+    tool_ok("score-edges", &["--acts", s(&acts), "--suite", s(&su), "--unembed", "--keep", "12", "--out", s(&edges)]);
+    let edges_file = edges.join("edges.parquet");
+    let kept = read_edges(&edges_file);
+    assert!(kept.keys().any(|(d, _)| d == "unembed"), "score-edges --unembed kept no unembed edge");
+    let conns = tmp.join("conns.parquet");
+    let out = tool_ok("select-edges", &["--edges", s(&edges_file), "--c", "4", "--unembed-c", "3", "--out", s(&conns)]);
+    assert!(out.contains("into the unembedding"), "{out}");
+    let sel = read_edges(&conns);
+    let mut per_token: std::collections::HashMap<usize, usize> = std::collections::HashMap::new();
+    for ((d, _), feats) in &sel {
+        if d == "unembed" {
+            for (v, es) in feats.iter().enumerate() {
+                *per_token.entry(v).or_default() += es.len();
+            }
+        }
+    }
+    assert!(per_token.values().all(|&n| n <= 3) && per_token.values().any(|&n| n == 3));
+    let plain = tmp.join("plain.parquet");
+    tool_ok("select-edges", &["--edges", s(&edges_file), "--c", "4", "--out", s(&plain)]);
+    let ce_of = |suite: &Path, c: &Path, out: &Path| -> f64 {
+        tool_ok("evaluate", &["--acts", s(&acts), "--suite", s(suite), "--connections", s(c), "--out", s(out)]);
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
+        r["ce"].as_f64().unwrap()
+    };
+    let (with, without) = (ce_of(&su, &conns, &tmp.join("e1")), ce_of(&su, &plain, &tmp.join("e2")));
+    assert!((with - without).abs() > 1e-4, "unembed edges did not change evaluate's CE ({with} vs {without})");
+    let ft = tmp.join("ft");
+    tool_ok(
+        "finetune",
+        &[
+            "--acts",
+            s(&acts),
+            "--suite",
+            s(&su),
+            "--connections",
+            s(&conns),
+            "--loss",
+            "ce",
+            "--steps",
+            "2",
+            "--batch-size",
+            "3",
+            "--out",
+            s(&ft),
+        ],
+    );
+    assert!(ce_of(&ft, &conns, &tmp.join("e3")).is_finite());
+    let view = tmp.join("view");
+    tool_ok("view-features", &["--acts", s(&acts), "--suite", s(&su), "--connections", s(&conns), "--out", s(&view)]);
+    // Feature j of module m feeds the tokens whose unembed rows name it.
+    let ((m, j), tokens) = {
+        let mut feeds: std::collections::BTreeMap<(String, i64), Vec<i64>> = Default::default();
+        let batches = scae::util::table::read_parquet(&conns).unwrap();
+        for b in &batches {
+            let col = |n: &str| b.column_by_name(n).unwrap();
+            let dm = scae::util::table::strings(&conns, "down_module", col("down_module")).unwrap();
+            let df = scae::util::table::ints(&conns, "down_feature", col("down_feature")).unwrap();
+            let um = scae::util::table::strings(&conns, "up_module", col("up_module")).unwrap();
+            let uf = scae::util::table::ints(&conns, "up_feature", col("up_feature")).unwrap();
+            for r in 0..b.num_rows() {
+                if dm[r] == "unembed" {
+                    feeds.entry((um[r].clone(), uf[r])).or_default().push(df[r]);
+                }
+            }
+        }
+        feeds.into_iter().next().unwrap()
+    };
+    let text = std::fs::read_to_string(view.join(format!("data/{m}-0.js"))).unwrap();
+    let body = text.trim_end().trim_end_matches(';');
+    let chunk: serde_json::Value = serde_json::from_str(&body[body.find('[').unwrap()..body.len() - 1]).unwrap();
+    let mut shown: Vec<i64> =
+        chunk[j as usize]["out"].as_array().unwrap().iter().map(|p| p[0].as_i64().unwrap()).collect();
+    shown.sort_unstable();
+    let mut want = tokens;
+    want.sort_unstable();
+    assert_eq!(shown, want, "output tokens of {m}/{j}");
+    // An edges file without unembed edges.
+    let plain_edges = tmp.join("plain-edges");
+    tool_ok("score-edges", &["--acts", s(&acts), "--suite", s(&su), "--keep", "12", "--out", s(&plain_edges)]);
+    tool_fails(
+        "select-edges",
+        &[
+            "--edges",
+            s(&plain_edges.join("edges.parquet")),
+            "--c",
+            "4",
+            "--unembed-c",
+            "3",
+            "--out",
+            s(&tmp.join("x.parquet")),
+        ],
+        &["--unembed-c 3: the file has no unembed edges", "score-edges --unembed"],
+    );
 }

@@ -41,6 +41,9 @@ pub struct EvalReport {
     /// The most embed edges of any feature (none: every feature reads the whole embedding).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub embed_c: Option<u64>,
+    /// The most features any output token reads (none: every token reads every feature).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unembed_c: Option<u64>,
     /// The `created_by` of the suite's config.json.
     pub suite_created_by: Option<String>,
     pub n_seqs: usize,

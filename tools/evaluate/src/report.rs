@@ -16,6 +16,8 @@ pub struct Run {
     pub random: bool,
     /// The most embed edges of any feature (none: the whole embedding).
     pub embed_c: Option<u64>,
+    /// The most features any output token reads (none: all of them).
+    pub unembed_c: Option<u64>,
     pub ce: f64,
     pub ce_diff: f64,
     pub ce_recovered: f64,
@@ -38,6 +40,7 @@ pub fn load_run(dir: &Path) -> Result<Run> {
         finetuned: r.finetuned(),
         random,
         embed_c: r.embed_c,
+        unembed_c: r.unembed_c,
         ce: r.ce,
         ce_diff: r.ce_diff,
         ce_recovered: r.ce_recovered,
@@ -76,16 +79,22 @@ fn kind(r: &Run) -> String {
         (Some(_), true) => "random",
         (Some(_), false) => "top",
     };
-    match r.embed_c {
-        Some(e) => format!("{base}, embed {e}"),
-        None => base.to_string(),
+    let mut out = base.to_string();
+    if let Some(e) = r.embed_c {
+        out.push_str(&format!(", embed {e}"));
     }
+    if let Some(u) = r.unembed_c {
+        out.push_str(&format!(", unembed {u}"));
+    }
+    out
 }
 
 /// Sort runs: finetuned after not, random after top, then all connections and ascending C,
 /// the whole embedding before embed connections.
 pub fn sort_runs(runs: &mut [Run]) {
-    runs.sort_by_key(|r| (r.finetuned, r.random, r.c.map_or(0, |c| c.saturating_add(1)), r.embed_c.is_some()));
+    runs.sort_by_key(|r| {
+        (r.finetuned, r.random, r.c.map_or(0, |c| c.saturating_add(1)), r.embed_c.is_some() || r.unembed_c.is_some())
+    });
 }
 
 /// What the runs say about the method, in words: how much pruning to C costs, how much of it
@@ -95,10 +104,11 @@ pub fn summary(runs: &[Run]) -> Option<String> {
     let all = runs.iter().find(|r| r.c.is_none() && !r.finetuned)?;
     // With embed connections, the runs that have them are the subject; the whole-embedding
     // run at the same C is their comparison.
-    let embed = runs.iter().find(|r| r.c.is_some() && r.embed_c.is_some()).and_then(|r| r.embed_c);
-    let before = runs.iter().find(|r| !r.finetuned && !r.random && r.c.is_some() && r.embed_c == embed)?;
+    let ends = |r: &Run| (r.embed_c, r.unembed_c);
+    let sparse_ends = runs.iter().find(|r| r.c.is_some() && ends(r) != (None, None)).map(ends).unwrap_or((None, None));
+    let before = runs.iter().find(|r| !r.finetuned && !r.random && r.c.is_some() && ends(r) == sparse_ends)?;
     let c = before.c?;
-    let after = runs.iter().find(|r| r.finetuned && !r.random && r.c == Some(c) && r.embed_c == embed)?;
+    let after = runs.iter().find(|r| r.finetuned && !r.random && r.c == Some(c) && ends(r) == sparse_ends)?;
     let cost = before.ce_diff - all.ce_diff;
     let won = before.ce_diff - after.ce_diff;
     let mut out = format!(
@@ -114,20 +124,29 @@ pub fn summary(runs: &[Run]) -> Option<String> {
         100.0 * before.dead,
         100.0 * after.dead
     ));
-    if let (Some(e), Some(d)) =
-        (embed, runs.iter().find(|r| r.finetuned && !r.random && r.c == Some(c) && r.embed_c.is_none()))
+    if let Some(d) = runs
+        .iter()
+        .find(|r| r.finetuned && !r.random && r.c == Some(c) && ends(r) == (None, None))
+        .filter(|_| sparse_ends != (None, None))
     {
+        let mut what = Vec::new();
+        if let Some(e) = sparse_ends.0 {
+            what.push(format!("each feature reads at most {e} tokens of the embedding"));
+        }
+        if let Some(u) = sparse_ends.1 {
+            what.push(format!("each output token reads at most {u} features"));
+        }
         out.push_str(&format!(
-            "Embedding: each feature reads at most {e} tokens through embed connections; with the whole embedding \
-             (the reference's pass) at the same C, finetuned: {:.4} ({:+.4} for the sparse embedding).\n",
+            "Sparse ends: {}; with dense ends (the reference's pass) at the same C, finetuned: {:.4} ({:+.4} for the sparse ends).\n",
+            what.join(", "),
             d.ce_diff,
             after.ce_diff - d.ce_diff
         ));
     }
-    let random = runs.iter().find(|r| r.finetuned && r.random && r.c == Some(c) && r.embed_c == embed);
+    let random = runs.iter().find(|r| r.finetuned && r.random && r.c == Some(c) && ends(r) == sparse_ends);
     let zero = runs.iter().find(|r| r.finetuned && r.c == Some(0)).filter(|_| c != 0);
     if let Some(r) = random {
-        let tokens = if embed.is_some() { " and embed tokens" } else { "" };
+        let tokens = if sparse_ends != (None, None) { " and ends" } else { "" };
         out.push_str(&format!(
             "Control: random C={c} connections{tokens}, finetuned the same way: {:.4}.\n",
             r.ce_diff

@@ -37,6 +37,11 @@ struct Args {
     /// token id), pooled with the modules' edges in edges.parquet and --top-c.
     #[arg(long)]
     embed: bool,
+    /// Also score edges into the unembedding (rows with down_module `unembed`, down_feature =
+    /// output token): feature j -> token v by j's mean contribution to logit v over the
+    /// positions whose next token is v; --keep per token.
+    #[arg(long)]
+    unembed: bool,
     /// Edges kept per downstream feature in edges.parquet (at least --top-c).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
     keep: u64,
@@ -75,6 +80,9 @@ fn run(args: Args) -> Result<()> {
     if args.embed {
         stats = stats.with_embed(rt.cfg.d_vocab);
     }
+    if args.unembed {
+        stats = stats.with_unembed(rt.cfg.ln_eps);
+    }
     let limit = args.cache.limit();
     let ctx = inputs.cache().manifest.ctx_len;
     let total = limit.unwrap_or(inputs.cache().manifest.n_seqs).min(inputs.cache().manifest.n_seqs);
@@ -92,6 +100,7 @@ fn run(args: Args) -> Result<()> {
             edges.set_pooled(d, i, pooled);
         }
     }
+    edges.unembed = stats.top_unembed_edges(suite, rt, keep)?;
     // Scores that overflowed f32 (a suite of huge finite weights) would rank as garbage.
     if let Some((d, i)) = edges
         .edges
@@ -113,6 +122,7 @@ fn run(args: Args) -> Result<()> {
         ("suite", args.suite.display().to_string()),
         ("consistent_attn_bias", args.pass.consistent_attn_bias.to_string()),
         ("embed", args.embed.to_string()),
+        ("unembed", args.unembed.to_string()),
     ];
     edges.write_parquet(&stage.path().join("edges.parquet"), EDGES_FORMAT, &meta)?;
     let mut n_conn = None;
@@ -130,7 +140,7 @@ fn run(args: Args) -> Result<()> {
         n_tokens: stats.n_tokens,
         keep,
         top_c: args.top_c,
-        n_edges: edges.n_edges() + edges.n_embed_edges(),
+        n_edges: edges.n_edges() + edges.n_embed_edges() + edges.n_unembed_edges(),
         n_connections: n_conn,
         normalization: "mean over tokens of the edge's signed term in the downstream pre-activation".into(),
         tie_order: "|score| descending, then upstream module (suite order), then upstream feature".into(),
@@ -142,7 +152,7 @@ fn run(args: Args) -> Result<()> {
     scae::say!(
         "score-edges: {} tokens, {} edges kept{} -> {}",
         stats.n_tokens,
-        edges.n_edges() + edges.n_embed_edges(),
+        edges.n_edges() + edges.n_embed_edges() + edges.n_unembed_edges(),
         n_conn.map(|n| format!(", {n} connections (C={})", args.top_c.unwrap_or(0))).unwrap_or_default(),
         out.display()
     )?;

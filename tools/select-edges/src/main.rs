@@ -31,6 +31,10 @@ struct Args {
     /// compete with the modules' for the C slots.
     #[arg(long, value_name = "EMBED_C")]
     embed_c: Option<usize>,
+    /// Also wire each output token to its top UNEMBED_C features (edges into the unembedding,
+    /// from `score-edges --unembed`). Without it every token reads every feature.
+    #[arg(long, value_name = "UNEMBED_C")]
+    unembed_c: Option<usize>,
     /// The random-connections control (the reference's "fake connections"): each feature
     /// keeps its top-C count of edges per upstream module, but with distinct random upstream
     /// features of that module, drawn with this seed.
@@ -90,7 +94,21 @@ fn run(args: Args) -> Result<()> {
             }
         }
     }
+    for (v, es) in edges.unembed.iter().enumerate() {
+        if let Some(e) = es.iter().find(|e| !e.score.is_finite()) {
+            bail!(
+                "{path}: column `score`, edge {}:{} -> {}:{v}: expected a finite score, found {}; hint: edges files are written by score-edges",
+                modules[e.up].name(), e.feature, scae::formats::connections::UNEMBED, e.score
+            );
+        }
+    }
     let mut conns = select_top_c(&edges, args.c, args.embed_c);
+    if let Some(uc) = args.unembed_c {
+        if edges.n_unembed_edges() == 0 {
+            bail!("{path}: --unembed-c {uc}: the file has no unembed edges; hint: score with score-edges --unembed");
+        }
+        conns.unembed = scae::scores::select_unembed(&edges, uc);
+    }
     if let Some(seed) = args.random {
         conns = scae::scores::randomize_like(&conns, seed);
     }
@@ -104,12 +122,18 @@ fn run(args: Args) -> Result<()> {
     if let Some(ce) = args.embed_c {
         m.push(("embed_c", ce.to_string()));
     }
+    if let Some(uc) = args.unembed_c {
+        m.push(("unembed_c", uc.to_string()));
+    }
     conns.write_parquet(&args.out, FORMAT, &m)?;
     let kind = if args.random.is_some() { "random " } else { "" };
-    let embed = match conns.n_embed_edges() {
+    let mut embed = match conns.n_embed_edges() {
         0 => String::new(),
         n => format!(" + {n} from the embedding"),
     };
+    if conns.n_unembed_edges() > 0 {
+        embed.push_str(&format!(" + {} into the unembedding", conns.n_unembed_edges()));
+    }
     scae::say!("select-edges: {} {kind}connections (C={c}){embed} -> {}", conns.n_edges(), args.out.display())?;
     Ok(())
 }

@@ -180,18 +180,21 @@
       right.appendChild(el("h3", {}, "Upstream connections (" + f.up.length + ")"));
       right.appendChild(f.up.length ? linkTable(f.up, "up", "listens to") :
         el("p", { "class": "muted" }, meta.pass === "all-connections" ? "all preceding features (no connection set)" : "none"));
-      if (f.emb && f.emb.length) {
-        right.appendChild(el("h3", {}, "Input tokens (embed connections, " + f.emb.length + ")"));
-        var et = el("table", { id: "emb" });
+      // Tokens wired in (embed connections) and out (unembed connections), [token, score].
+      [["emb", "Input tokens (embed connections, "], ["out", "Output tokens (unembed connections, "]].forEach(function (k) {
+        var rows = f[k[0]];
+        if (!rows || !rows.length) return;
+        right.appendChild(el("h3", {}, k[1] + rows.length + ")"));
+        var et = el("table", { id: k[0] });
         et.innerHTML = "<tr><th>token</th><th class='num'>score</th></tr>";
-        f.emb.forEach(function (p) {
+        rows.forEach(function (p) {
           var tr = el("tr");
           tr.appendChild(el("td", { "class": "tok" }, S.vocab[p[0]] !== undefined ? S.vocab[p[0]] : "<" + p[0] + ">"));
           tr.appendChild(el("td", { "class": "num" }, fmt(p[1], 4)));
           et.appendChild(tr);
         });
         right.appendChild(et);
-      }
+      });
       right.appendChild(el("h3", {}, "Downstream listeners (" + f.down.length + ")"));
       right.appendChild(f.down.length ? linkTable(f.down, "down", "heard by") : el("p", { "class": "muted" }, "none"));
       cols.appendChild(right);

@@ -167,6 +167,15 @@ fn run(args: Args) -> Result<()> {
             }
         }
     }
+    // The output tokens each feature feeds through unembed edges: [token, score].
+    let mut outputs: Vec<Vec<Vec<(u32, f32)>>> = vec![vec![Vec::new(); f]; modules.len()];
+    if let Some(c) = &conns {
+        for (v, es) in c.unembed.iter().enumerate() {
+            for e in es {
+                outputs[e.up][e.feature as usize].push((v as u32, e.score));
+            }
+        }
+    }
     let tokenizer = inputs.model.tokenizer()?;
     let data = stage.path().join("data");
     std::fs::create_dir_all(&data).map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", data.display()))?;
@@ -229,6 +238,13 @@ fn run(args: Args) -> Result<()> {
                     "lb": lens.bottom.iter().map(|(t, v)| json!([t, round(*v as f64, 2)])).collect::<Vec<_>>(),
                     "up": up,
                     "emb": emb,
+                    "out": outputs[mi][j]
+                        .iter()
+                        .map(|&(t, sc)| {
+                            vocab.insert(t, ());
+                            json!([t, r3(sc as f64)])
+                        })
+                        .collect::<Vec<_>>(),
                     "down": down,
                 }));
             }
