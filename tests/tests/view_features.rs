@@ -173,3 +173,56 @@ fn site_renders_in_headless_chromium() {
 fn html_escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
+
+/// A site whose connections have both ends sparse shows a feature's input tokens (embed
+/// connections) and output tokens (unembed connections) as tables, rendered by Chromium.
+#[test]
+fn sparse_ends_render_in_headless_chromium() {
+    let Some(chrome) = chromium() else {
+        eprintln!("SKIPPED sparse_ends_render_in_headless_chromium: no chromium on PATH (apt-get install chromium)");
+        return;
+    };
+    let tmp = scratch("view-ends");
+    let acts = golden_cache(&tmp, "tiny-neo");
+    let suite = fixtures().join("suites/tiny-neo/suite.safetensors");
+    let edges = tmp.join("edges");
+    tool_ok(
+        "score-edges",
+        &["--acts", s(&acts), "--suite", s(&suite), "--embed", "--unembed", "--keep", "12", "--out", s(&edges)],
+    );
+    let conns = tmp.join("conns.parquet");
+    tool_ok(
+        "select-edges",
+        &[
+            "--edges",
+            s(&edges.join("edges.parquet")),
+            "--c",
+            "4",
+            "--embed-c",
+            "3",
+            "--unembed-c",
+            "3",
+            "--out",
+            s(&conns),
+        ],
+    );
+    let dir = tmp.join("view");
+    tool_ok("view-features", &["--acts", s(&acts), "--suite", s(&suite), "--connections", s(&conns), "--out", s(&dir)]);
+    // A feature with both: three input tokens and at least one output token.
+    let (module, j, n_out) = scae::model::Module::all(2)
+        .iter()
+        .flat_map(|m| (0..32).map(move |j| (m.name(), j)))
+        .find_map(|(m, j)| {
+            let d = feature_data(&dir, &m, j);
+            let (e, o) = (d["emb"].as_array().unwrap().len(), d["out"].as_array().unwrap().len());
+            (e == 3 && o > 0).then_some((m, j, o))
+        })
+        .expect("a feature with embed and unembed connections");
+    let index = format!("file://{}", s(&dir.join("index.html")));
+    let html = dom(&chrome, &format!("{index}#{module}/{j}"));
+    assert!(html.contains("Input tokens (embed connections, 3)") && html.contains(r#"<table id="emb">"#), "{html}");
+    assert!(
+        html.contains(&format!("Output tokens (unembed connections, {n_out})")) && html.contains(r#"<table id="out">"#),
+        "{html}"
+    );
+}
