@@ -132,6 +132,19 @@ fn unembed_logits(
     Ok((dense.matmul(w_u)? + y)?.broadcast_div(&scale)?.broadcast_add(b_u)?)
 }
 
+/// One position's CE term `lse(logits) − logits[target]` (f64) and its gradient
+/// `(softmax − onehot) / count` into `g`.
+pub(crate) fn softmax_ce_row(logits: &[f32], target: usize, count: f64, g: &mut [f32]) -> f64 {
+    let mx = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let z: f64 = logits.iter().map(|x| ((x - mx) as f64).exp()).sum();
+    let lse = mx as f64 + z.ln();
+    for (gj, &x) in g.iter_mut().zip(logits) {
+        *gj = ((((x as f64) - lse).exp()) / count) as f32;
+    }
+    g[target] -= (1.0 / count) as f32;
+    lse - logits[target] as f64
+}
+
 /// CE with the suite spliced in and its gradient w.r.t. the spliced residual, which is also
 /// the gradient w.r.t. every reconstruction (the residual is their sum). Returns (mean CE over
 /// batch·(pos−1), gradient `(N, D)`).
@@ -177,18 +190,9 @@ pub fn ce_loss_and_grad(rt: &Runtime, fb: &FlatBatch, recon: &[&[f32]], d: usize
                 if t % s == s - 1 {
                     continue; // the last position has no target
                 }
-                let target = fb.tokens[t + 1] as usize;
                 let row = &mut logits[r * v..(r + 1) * v];
                 row.iter_mut().zip(&b_u).for_each(|(x, bb)| *x += bb);
-                let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let z: f64 = row.iter().map(|x| ((x - mx) as f64).exp()).sum();
-                let lse = mx as f64 + z.ln();
-                loss += lse - row[target] as f64;
-                let g = &mut glog[r * v..(r + 1) * v];
-                for j in 0..v {
-                    g[j] = ((((row[j] as f64) - lse).exp()) / count) as f32;
-                }
-                g[target] -= (1.0 / count) as f32;
+                loss += softmax_ce_row(row, fb.tokens[t + 1] as usize, count, &mut glog[r * v..(r + 1) * v]);
             }
             // g_normed = glog W_Uᵀ; LNPre backward: gx = (gn − mean(gn) − n·mean(gn·n)) / σ
             let mut gn = vec![0f32; rows * d];

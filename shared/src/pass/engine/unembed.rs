@@ -11,6 +11,7 @@ use rayon::prelude::*;
 use super::{Engine, State};
 use crate::data::FlatBatch;
 use crate::error::Result;
+use crate::pass::loss::softmax_ce_row;
 use crate::util::blas::{add_into, axpy, dot, sgemm};
 
 /// `W_U (D, V)`, its transpose and `b_U`, when the plan has unembed edges.
@@ -122,17 +123,9 @@ impl Engine<'_> {
                     if t % s == s - 1 {
                         continue; // the last position has no target
                     }
-                    let target = fb.tokens[t + 1] as usize;
                     logits.iter_mut().zip(&pre[r * v..(r + 1) * v]).zip(&uc.b_u).for_each(|((o, p), bb)| *o = p + bb);
-                    let mx = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                    let z: f64 = logits.iter().map(|x| ((x - mx) as f64).exp()).sum();
-                    let lse = mx as f64 + z.ln();
-                    loss += lse - logits[target] as f64;
                     let g = &mut glog[r * v..(r + 1) * v];
-                    for j in 0..v {
-                        g[j] = ((((logits[j] as f64) - lse).exp()) / count) as f32;
-                    }
-                    g[target] -= (1.0 / count) as f32;
+                    loss += softmax_ce_row(&logits, fb.tokens[t + 1] as usize, count, g);
                 }
                 // Through the scale: ∂s/∂resid = (resid − μ) / (D s), ∂logit_v/∂s = −pre_v / s.
                 for r in 0..rows {
