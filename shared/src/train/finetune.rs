@@ -154,6 +154,7 @@ fn engine_step(
     if let Some(c) = cfg.schedule.clip {
         grads.iter_mut().for_each(|g| clip_module(g, c));
     }
+    drop(eng); // it reads `params` in place
     opt.step(params, &grads, lr);
     prof.mark("clip, optimizer");
     prof.report("step");
