@@ -80,7 +80,8 @@ impl EmbedPlan {
         let ix = EdgeIndex::new(&cols, width, tokens.len());
         let slot_tokens: Vec<u32> =
             ix.slot_col.iter().map(|&c| if c == EMPTY { 0 } else { tokens[c as usize] }).collect();
-        let (slot_tokens, gather, mask) = slot_tensors(&ix, slot_tokens, device)?;
+        let slot_tokens = Tensor::from_vec(slot_tokens, ix.slot_col.len(), device)?;
+        let (gather, mask) = slot_tensors(&ix, device)?;
         Ok(EmbedPlan { index: Arc::new(ix), tokens, col_of, slot_tokens, cols: gather, slot_mask: mask })
     }
 }
@@ -103,18 +104,17 @@ impl UnembedPlan {
             conns.unembed.iter().map(|es| es.iter().map(|e| e.up as u32 * f + e.feature).collect()).collect();
         let width = lists.iter().map(Vec::len).max().unwrap_or(0).max(1);
         let ix = EdgeIndex::new(&lists, width, conns.modules.len() * conns.n_features);
-        let (cols, _, mask) = slot_tensors(&ix, ix.gather_cols(), device)?;
+        let (cols, mask) = slot_tensors(&ix, device)?;
         Ok(UnembedPlan { index: Arc::new(ix), cols, slot_mask: mask })
     }
 }
 
-/// An index's gather columns `(F·C)`, `extra` as a tensor, and its slot mask `(F, C, 1)`.
-fn slot_tensors(ix: &EdgeIndex, extra: Vec<u32>, device: &Device) -> Result<(Tensor, Tensor, Tensor)> {
-    let n_slots = ix.slot_col.len();
-    let cols = Tensor::from_vec(ix.gather_cols(), n_slots, device)?;
+/// An index's gather columns `(F·C)` and its slot mask `(F, C, 1)` (1 for used slots) as
+/// tensors, for the composed path.
+fn slot_tensors(ix: &EdgeIndex, device: &Device) -> Result<(Tensor, Tensor)> {
+    let cols = Tensor::from_vec(ix.gather_cols(), ix.slot_col.len(), device)?;
     let mask: Vec<f32> = ix.slot_col.iter().map(|&c| if c == EMPTY { 0.0 } else { 1.0 }).collect();
-    let mask = Tensor::from_vec(mask, (ix.n_down, ix.width, 1), device)?;
-    Ok((Tensor::from_vec(extra, n_slots, device)?, cols, mask))
+    Ok((cols, Tensor::from_vec(mask, (ix.n_down, ix.width, 1), device)?))
 }
 
 /// A suite wired for a model: the plan of every module.
@@ -178,7 +178,7 @@ impl Plan {
                     }
                     let width = lists.iter().map(Vec::len).max().unwrap_or(0).max(1);
                     let ix = EdgeIndex::new(&lists, width, ups.len() * f);
-                    let (cols, _, mask) = slot_tensors(&ix, ix.gather_cols(), device)?;
+                    let (cols, mask) = slot_tensors(&ix, device)?;
                     (Some(Arc::new(ix)), Some(cols), Some(mask))
                 }
             };

@@ -196,6 +196,7 @@ impl Engine<'_> {
             // heads once per value).
             let mut acc = vec![0f32; KEY_BLOCK * h];
             let mut vals = Vec::with_capacity(KEY_BLOCK);
+            let mut eact: Vec<(u32, u32, f32)> = Vec::new();
             for (r, sb) in block.chunks_mut(seq_len).enumerate() {
                 let bi = first + r;
                 // gY_h[p, i] = Σ_{q ≥ p} P[h, q, p] g_pre[q, i], g_pre having k entries per row.
@@ -249,7 +250,8 @@ impl Engine<'_> {
                         // The embed edges of the block's positions (their values are constants:
                         // only the weights get a gradient).
                         if let Some((ep, ew)) = embed {
-                            let mut eact: Vec<(u32, u32, f32)> = embed_values(fb, ep, sc, bi * s + p0, kl).collect();
+                            eact.clear();
+                            eact.extend(embed_values(fb, ep, sc, bi * s + p0, kl));
                             eact.sort_unstable_by_key(|e| (e.0, e.1));
                             for group in eact.chunk_by(|x, z| x.0 == z.0) {
                                 let r = ep.index.col_range(group[0].0 as usize);
