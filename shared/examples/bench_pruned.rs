@@ -31,11 +31,7 @@ fn main() -> anyhow::Result<()> {
         let t = Instant::now();
         if mode == "engine" {
             // The fast path: forward, loss gradient, hand-written backward.
-            let mut eng = scae::pass::engine::Engine::new(&suite, &model.runtime, &plan, PassOptions::default())?;
-            // BENCH_DENSE_GRAD=1/0 forces the attention edge gradient strategy.
-            if let Ok(v) = std::env::var("BENCH_DENSE_GRAD") {
-                eng.force_dense_attn_grad(Some(v == "1"));
-            }
+            let eng = scae::pass::engine::Engine::new(&suite, &model.runtime, &plan, PassOptions::default())?;
             let state = eng.forward(&fb)?;
             let f = t.elapsed().as_secs_f64() * 1e3;
             let (_, g) = scae::pass::loss::mse_loss_and_grad(&fb, &state.recons(), suite.d_model);

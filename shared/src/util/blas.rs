@@ -44,6 +44,38 @@ pub fn sgemm(
         });
         return;
     }
+    sgemm_ld(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, n, acc);
+}
+
+/// Single-threaded [`sgemm`] into a C with row stride `c_rs` (a block of columns of a wider
+/// row-major matrix).
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_ld(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+    c: &mut [f32],
+    c_rs: usize,
+    acc: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(c_rs >= n && c.len() >= (m - 1) * c_rs + n, "sgemm_ld: C too short");
+    if k == 0 {
+        if !acc {
+            c.chunks_mut(c_rs).take(m).for_each(|row| row[..n].fill(0.0));
+        }
+        return;
+    }
+    assert!(a.len() > (m - 1) * a_rs + (k - 1) * a_cs, "sgemm_ld: A too short");
+    assert!(b.len() > (k - 1) * b_rs + (n - 1) * b_cs, "sgemm_ld: B too short");
     let parallelism = gemm::Parallelism::None;
     // SAFETY: the asserts above bound every index the kernel touches; C does not alias A or B.
     unsafe {
@@ -53,7 +85,7 @@ pub fn sgemm(
             k,
             c.as_mut_ptr(),
             1,
-            n as isize,
+            c_rs as isize,
             acc,
             a.as_ptr(),
             a_cs as isize,

@@ -10,25 +10,67 @@ use rayon::prelude::*;
 
 use super::attn_mix::pattern_qph;
 use super::embed_edges::embed_values;
-use super::pair_kernels::{pull_column, push_column, BlockValue};
+use super::pair_kernels::{pull_slots, push_slots, ColValue, ColValues};
 use super::{active_ups, add_up_value_grads, EdgeState, Engine, ModuleState, PreGrad, State};
 use crate::data::FlatBatch;
 use crate::pass::kernels::{EdgeIndex, EMPTY};
 use crate::pass::plan::EmbedPlan;
-use crate::util::blas::{add_into, axpy, dot, fold_rows, sgemm};
+use crate::util::blas::{add_into, axpy, dot, sgemm, sgemm_ld};
 
 /// Key positions per block of the attention edge forward's mixing product (its inner dimension
-/// is `KEY_BLOCK · H`).
+/// is `KEY_BLOCK · H`; the product covers the queries at or after the block, so a block wastes
+/// on average `KEY_BLOCK / 2` of its rows' keys on zeros above the diagonal).
 const KEY_BLOCK: usize = 8;
 
-/// One (edge, active upstream value) pair of the attention edge backward: the edge weight's
-/// gradient `gw += gY · v / s1` and, into `acc`, `gY ⊙ w` (summed over heads later).
-#[inline]
-fn edge_grad_update(gy: &[f32], w: &[f32], vinv: f32, gw: &mut [f32], acc: &mut [f32]) {
-    for (((o, a), &g), &wv) in gw.iter_mut().zip(acc.iter_mut()).zip(gy).zip(w) {
-        *o += g * vinv;
-        *a += g * wv;
+/// Downstream features per tile of the attention edge forward: a tile's rows of `Y`
+/// (`FEATURE_TILE · S · H` floats, 512 KB at S 128 and 16 heads) are filled, then mixed.
+const FEATURE_TILE: usize = 64;
+
+/// Fixed blocks of downstream features of the attention edge backward (fixed, so that its
+/// sums do not depend on the thread count).
+const FEATURE_BLOCKS: usize = 16;
+
+/// The embed columns read in sequence `bi` (value 1, so only `x = 1 / s1[p]`).
+fn fill_embed_values(fb: &FlatBatch, ep: &EmbedPlan, scale: &[f32], bi: usize, table: &mut ColValues) {
+    let items =
+        embed_values(fb, ep, scale, bi * fb.s, fb.s).map(|(c, pos, x)| (c, ColValue { pos, vid: 0, x, inv: 0.0 }));
+    table.fill(ep.tokens.len(), items);
+}
+
+/// The entries of a pre-activation gradient by feature: `ptr (F + 1)` and `(t, g)` entries,
+/// tokens ascending within a feature (zeros left out).
+fn grad_by_feature(pg: &PreGrad, f: usize) -> (Vec<u32>, Vec<(u32, f32)>) {
+    let mut ptr = vec![0u32; f + 1];
+    for (&i, &g) in pg.idx.iter().zip(&pg.g) {
+        if g != 0.0 {
+            ptr[i as usize + 1] += 1;
+        }
     }
+    for i in 0..f {
+        ptr[i + 1] += ptr[i];
+    }
+    let mut next = ptr.clone();
+    let mut ents = vec![(0u32, 0f32); ptr[f] as usize];
+    for (j, (&i, &g)) in pg.idx.iter().zip(&pg.g).enumerate() {
+        if g != 0.0 {
+            ents[next[i as usize] as usize] = ((j / pg.kb) as u32, g);
+            next[i as usize] += 1;
+        }
+    }
+    (ptr, ents)
+}
+
+/// `buf` cut into `n` consecutive pieces of `len` floats (the last ones shorter or empty).
+fn row_blocks(buf: &mut [f32], len: usize, n: usize) -> Vec<&mut [f32]> {
+    let mut out = Vec::with_capacity(n);
+    let mut rest = buf;
+    for _ in 0..n {
+        let take = len.min(rest.len());
+        let (piece, tail) = std::mem::take(&mut rest).split_at_mut(take);
+        out.push(piece);
+        rest = tail;
+    }
+    out
 }
 
 impl Engine<'_> {
@@ -79,10 +121,38 @@ impl Engine<'_> {
         (w, ev, dv)
     }
 
-    /// Per sequence, `Y[p, h, i] = Σ_c w_h[i, c] · f_u[p, j] / s1[p]` pushed from the active
-    /// upstream features (and, with `embed`, from each position's token through the embed
-    /// edges' weights, value 1), then `a[q] += Σ_{p ≤ q} Σ_h P_h[q, p] Y[p, h]` in one causal
-    /// product.
+    /// The values of the upstream columns of module `di` in sequence `bi` (value ids index the
+    /// sequence's `(S, |U|, K)` block of value gradients).
+    fn fill_up_values(
+        &self,
+        fb: &FlatBatch,
+        di: usize,
+        layer: usize,
+        bi: usize,
+        states: &[ModuleState],
+        table: &mut ColValues,
+    ) {
+        let (s, f, k) = (fb.s, self.f, self.k);
+        let ups = &self.plan.down(di).ups;
+        let sc = &fb.s1[layer];
+        table.fill(
+            ups.len() * f,
+            (0..s).flat_map(|pp| {
+                let t = bi * s + pp;
+                let inv = 1.0 / sc[t];
+                active_ups(states, ups, t, k, f).map(move |(pu, kk, v, col)| {
+                    let vid = ((pp * ups.len() + pu) * k + kk) as u32;
+                    (col as u32, ColValue { pos: pp as u32, vid, x: v * inv, inv })
+                })
+            }),
+        );
+    }
+
+    /// Per sequence and tile of downstream features, `Y[i][p][h] = Σ_c w_h[i, c] · f_u[p, j] /
+    /// s1[p]` from each slot's upstream values in the sequence (and, with `embed`, from each
+    /// position's token through the embed edges' weights, value 1), then `a[q, i] += Σ_{p ≤ q}
+    /// Σ_h P_h[q, p] Y[i][p][h]` in one causal product per key block. Weights are in slot
+    /// order (`(F, C, H)`, the embed edges' `(F, C_e, H)`).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn attn_edges_forward(
         &self,
@@ -90,67 +160,69 @@ impl Engine<'_> {
         di: usize,
         layer: usize,
         index: &EdgeIndex,
-        w_col: &[f32],
+        w: &[f32],
         states: &[ModuleState],
         embed: Option<(&EmbedPlan, &[f32])>,
         a: &mut [f32],
     ) {
-        let (s, f, k, h) = (fb.s, self.f, self.k, self.n_heads);
-        let ups = &self.plan.down(di).ups;
+        let (s, f, h) = (fb.s, self.f, self.n_heads);
+        let sh = s * h;
+        let width = index.width;
         let sc = &fb.s1[layer];
         let p = &fb.pattern[layer];
-        // Per-thread buffers, reused across sequences and key blocks. One key block of Y is laid
-        // out [i][key in block][h], so that one edge's H head values are contiguous and the block
-        // is one (KB·H, F) operand of the mixing product; at F·KB·H floats it stays in cache
-        // between being filled and being mixed.
-        let nblk = s.div_ceil(KEY_BLOCK);
-        let init = || (vec![0f32; f * KEY_BLOCK * h], vec![0f32; s * s * h], Vec::new(), Vec::new());
-        a.par_chunks_mut(s * f).enumerate().for_each_init(init, |(y, pq, act, vals), (bi, ab)| {
-            // The pattern as [q][p][h] (zero above the diagonal): a key block's rows for the
-            // queries at or after it are the left operand of its mixing product.
+        // Per-thread buffers, reused across sequences: a tile's rows of Y, the pattern as
+        // [q][p][h] (zero above the diagonal; a key block's rows for the queries at or after it
+        // are the left operand of its mixing product), the sequence's value tables.
+        let init = || (vec![0f32; FEATURE_TILE * sh], vec![0f32; s * sh], ColValues::default(), ColValues::default());
+        a.par_chunks_mut(s * f).enumerate().for_each_init(init, |(y, pq, table, etable), (bi, ab)| {
             pattern_qph(&p[bi * h * s * s..(bi + 1) * h * s * s], s, h, pq);
-            for blk in 0..nblk {
-                let p0 = blk * KEY_BLOCK;
-                // Y[p, i, h] = Σ_edges w_h · f_u[p, j] / s1[p] over the block's keys, one upstream
-                // column at a time: the column's edge weights are read once for all its active keys.
-                y.fill(0.0);
-                act.clear();
-                for pp in p0..(p0 + KEY_BLOCK).min(s) {
-                    let t = bi * s + pp;
-                    let inv = 1.0 / sc[t];
-                    act.extend(
-                        active_ups(states, ups, t, k, f).map(|(_, _, v, col)| (col as u32, (pp - p0) as u32, v * inv)),
+            self.fill_up_values(fb, di, layer, bi, states, table);
+            if let Some((ep, _)) = embed {
+                fill_embed_values(fb, ep, sc, bi, etable);
+            }
+            for i0 in (0..f).step_by(FEATURE_TILE) {
+                let ft = FEATURE_TILE.min(f - i0);
+                let yt = &mut y[..ft * sh];
+                yt.fill(0.0);
+                for (i, yi) in (i0..).zip(yt.chunks_exact_mut(sh)) {
+                    push_slots(
+                        h,
+                        &w[i * width * h..(i + 1) * width * h],
+                        &index.slot_col[i * width..(i + 1) * width],
+                        table,
+                        yi,
                     );
-                }
-                act.sort_unstable_by_key(|e| (e.0, e.1));
-                for group in act.chunk_by(|x, z| x.0 == z.0) {
-                    let r = index.col_range(group[0].0 as usize);
-                    vals.clear();
-                    vals.extend(group.iter().map(|&(_, pos, x)| BlockValue { pos, x }));
-                    push_column(h, KEY_BLOCK * h, &w_col[r.start * h..r.end * h], &index.rev_down[r], &vals, y);
-                }
-                if let Some((ep, ew)) = embed {
-                    act.clear();
-                    act.extend(embed_values(fb, ep, sc, bi * s + p0, KEY_BLOCK.min(s - p0)));
-                    act.sort_unstable_by_key(|e| (e.0, e.1));
-                    for group in act.chunk_by(|x, z| x.0 == z.0) {
-                        let r = ep.index.col_range(group[0].0 as usize);
-                        vals.clear();
-                        vals.extend(group.iter().map(|&(_, pos, x)| BlockValue { pos, x }));
-                        push_column(h, KEY_BLOCK * h, &ew[r.start * h..r.end * h], &ep.index.rev_down[r], &vals, y);
+                    if let Some((ep, ew)) = embed {
+                        let ewd = ep.index.width;
+                        push_slots(
+                            h,
+                            &ew[i * ewd * h..(i + 1) * ewd * h],
+                            &ep.index.slot_col[i * ewd..(i + 1) * ewd],
+                            etable,
+                            yi,
+                        );
                     }
                 }
-                // a[q] += Σ_{p in block} Σ_h P_h[q, p] Y[p, h] for the queries at or after the block.
-                let kn = KEY_BLOCK.min(s - p0) * h;
-                let pa = &pq[(p0 * s + p0) * h..];
-                sgemm(s - p0, f, kn, pa, s * h, 1, y, 1, KEY_BLOCK * h, &mut ab[p0 * f..], true, false);
+                // a[q, tile] += Σ_{p in block} Σ_h P_h[q, p] Y[tile][p][h] for the queries at or
+                // after each key block.
+                for p0 in (0..s).step_by(KEY_BLOCK) {
+                    let kn = KEY_BLOCK.min(s - p0) * h;
+                    let pa = &pq[(p0 * s + p0) * h..];
+                    sgemm_ld(s - p0, ft, kn, pa, sh, 1, &yt[p0 * h..], 1, sh, &mut ab[p0 * f + i0..], f, true);
+                }
             }
         });
     }
 
-    /// Edge-term backward for an attention target, given the edge weights in column order
-    /// (and the embed edges' with `embed`); returns their gradients in column order (the embed
-    /// edges' second, empty without).
+    /// Edge-term backward for an attention target, given the edge weights in slot order (and
+    /// the embed edges' with `embed`); returns their gradients in slot order (the embed edges'
+    /// second, empty without), and adds the upstream values' gradients into `g_val_up`.
+    ///
+    /// Per downstream feature i and sequence, `gY[i][p][h] = Σ_{q ≥ p} P[h, q, p] gA[q, i]`
+    /// from gA's few entries in column i (S·H floats, from the pattern rows as [q][p][h]), then
+    /// for each slot and each value of its column, `gw += gY[i][p] · v / s1[p]` and the value's
+    /// gradient `+= (Σ_h gY[i][p][h] · w_h) / s1[p]`. Parallel over fixed blocks of features,
+    /// each owning its rows of gw; the value gradients are summed over blocks in order.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn attn_edges_backward(
         &self,
@@ -158,186 +230,119 @@ impl Engine<'_> {
         di: usize,
         layer: usize,
         index: &EdgeIndex,
-        w_col: &[f32],
+        w: &[f32],
         pg: &PreGrad,
         state: &State,
         embed: Option<(&EmbedPlan, &[f32])>,
         g_val_up: &mut [Vec<f32>],
     ) -> (Vec<f32>, Vec<f32>) {
-        let (s, f, k, h) = (fb.s, self.f, self.k, self.n_heads);
-        let n = fb.b * s;
+        let (b, s, f, k, h) = (fb.b, fb.s, self.f, self.k, self.n_heads);
+        let (n, sh) = (b * s, s * h);
         let ups = &self.plan.down(di).ups;
         let sc = &fb.s1[layer];
         let p = &fb.pattern[layer];
-        // One row of upstream value gradients per sequence (at least one float, so that
-        // sequences are visited also when only embed edges feed the module).
-        let seq_len = (s * ups.len() * k).max(1);
-        let mut scratch = vec![0f32; fb.b * seq_len];
-        // The dense strategy pushes all of gY, one key block (F·8·H floats) at a time, from gA's k
-        // non-zeros per query; the sparse one forms gY only at the (p, i) that edges read, from
-        // the gA entries of feature i. Measured at TinyStories-33M shape (d_model 768, 16 heads,
-        // S 128, C 16, 8 sequences, 2 threads; attention edge backward per step, dense /
-        // sparse): F 3072 292 / 347 ms, F 12,288 1142 / 1332 ms, and dense was cheaper at every
-        // toy size too, so it is the default; both give identical gradients (`SCAE_ATTN_GRAD`
-        // forces one).
-        // Embed edges are handled by the dense strategy only.
-        let dense = self.dense_attn_grad.unwrap_or(true) || embed.is_some();
-        let n_feat = w_col.len();
-        let n_embed = embed.map_or(0, |(_, ew)| ew.len());
-        let gw_all = fold_rows(&mut scratch, seq_len, n_feat + n_embed, |first, block, gw_all| {
-            let (gw, gw_embed) = gw_all.split_at_mut(n_feat);
-            // Buffers reused by the block's sequences: the pattern as [q][p][h]; for the dense
-            // strategy one key block of gY and its active upstream values, for the sparse one
-            // the cache of gY rows at one key position.
-            let mut pq = vec![0f32; s * s * h];
-            let (mut gy, mut act) = if dense { (vec![0f32; f * KEY_BLOCK * h], Vec::new()) } else { (vec![], vec![]) };
-            let (mut stamp, mut cache) = if dense { (vec![], vec![]) } else { (vec![u32::MAX; f], vec![0f32; f * h]) };
-            // Per active value of one column, Σ over the column's edges of gY ⊙ w (reduced over
-            // heads once per value).
-            let mut acc = vec![0f32; KEY_BLOCK * h];
-            let mut vals = Vec::with_capacity(KEY_BLOCK);
-            let mut eact: Vec<(u32, u32, f32)> = Vec::new();
-            for (r, sb) in block.chunks_mut(seq_len).enumerate() {
-                let bi = first + r;
-                // gY_h[p, i] = Σ_{q ≥ p} P[h, q, p] g_pre[q, i], g_pre having k entries per row.
-                let kb = pg.kb;
-                let pb = &p[bi * h * s * s..(bi + 1) * h * s * s];
-                if dense {
-                    pattern_qph(pb, s, h, &mut pq);
-                    for blk in 0..s.div_ceil(KEY_BLOCK) {
-                        let p0 = blk * KEY_BLOCK;
-                        let kl = KEY_BLOCK.min(s - p0);
-                        // gY of the block as [i][key in block][h]: every non-zero gA[q, i] (k per
-                        // query, q ≥ p0) adds gA[q, i] · P[q, p0..=min(q, p0 + kl − 1), ·].
-                        gy.fill(0.0);
-                        for q in p0..s {
-                            let len = kl.min(q + 1 - p0) * h;
-                            let prow = &pq[(q * s + p0) * h..(q * s + p0) * h + len];
-                            for kk in 0..kb {
-                                let g = pg.g[(bi * s + q) * kb + kk];
-                                if g != 0.0 {
-                                    let i = pg.idx[(bi * s + q) * kb + kk] as usize;
-                                    let o = i * KEY_BLOCK * h;
-                                    axpy(g, prow, &mut gy[o..o + len]);
-                                }
-                            }
+        let (width, ewidth) = (index.width, embed.map_or(0, |(ep, _)| ep.index.width));
+        // Per sequence: the pattern as [q][p][h] and the value tables.
+        let mut pqs = vec![0f32; b * s * sh];
+        pqs.par_chunks_mut(s * sh)
+            .enumerate()
+            .for_each(|(bi, pq)| pattern_qph(&p[bi * h * s * s..(bi + 1) * h * s * s], s, h, pq));
+        let tables: Vec<ColValues> = (0..b)
+            .into_par_iter()
+            .map(|bi| {
+                let mut t = ColValues::default();
+                self.fill_up_values(fb, di, layer, bi, &state.modules, &mut t);
+                t
+            })
+            .collect();
+        let etables: Vec<ColValues> = match embed {
+            Some((ep, _)) => (0..b)
+                .into_par_iter()
+                .map(|bi| {
+                    let mut t = ColValues::default();
+                    fill_embed_values(fb, ep, sc, bi, &mut t);
+                    t
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        let (gptr, gents) = grad_by_feature(pg, f);
+        let seq_vals = s * ups.len() * k;
+        let mut gw = vec![0f32; f * width * h];
+        let mut gw_e = vec![0f32; f * ewidth * h];
+        let per = f.div_ceil(FEATURE_BLOCKS);
+        let blocks: Vec<_> = row_blocks(&mut gw, per * width * h, FEATURE_BLOCKS)
+            .into_iter()
+            .zip(row_blocks(&mut gw_e, per * ewidth * h, FEATURE_BLOCKS))
+            .collect();
+        let vgs: Vec<Vec<f32>> = blocks
+            .into_par_iter()
+            .enumerate()
+            .map(|(blk, (gwb, gweb))| {
+                let (ia, ib) = ((blk * per).min(f), ((blk + 1) * per).min(f));
+                let mut vg = vec![0f32; n * ups.len() * k];
+                let mut gy = vec![0f32; sh];
+                // Per feature, its next entry of gA (entries are in token order).
+                let mut cursor: Vec<u32> = gptr[ia..ib].to_vec();
+                for bi in 0..b {
+                    let pq = &pqs[bi * s * sh..(bi + 1) * s * sh];
+                    let vgb = &mut vg[bi * seq_vals..(bi + 1) * seq_vals];
+                    for i in ia..ib {
+                        let first = cursor[i - ia] as usize;
+                        let mut end = first;
+                        while end < gptr[i + 1] as usize && (gents[end].0 as usize) < (bi + 1) * s {
+                            end += 1;
                         }
-                        // The block's active upstream values by column, keys ascending; for each
-                        // edge reading the column (column order: its weights and gradients are
-                        // contiguous), gw += gY[i, p] · v / s1[p] and the value's gradient +=
-                        // (gY[i, p] · w) / s1[p].
-                        act.clear();
-                        for pp in p0..p0 + kl {
-                            let t = bi * s + pp;
-                            let inv = 1.0 / sc[t];
-                            act.extend(active_ups(&state.modules, ups, t, k, f).map(|(pu, kk, v, col)| {
-                                (col as u32, (pp - p0) as u32, ((pp * ups.len() + pu) * k + kk) as u32, v * inv, inv)
-                            }));
+                        cursor[i - ia] = end as u32;
+                        if end == first {
+                            continue;
                         }
-                        act.sort_unstable_by_key(|e| (e.0, e.1));
-                        for group in act.chunk_by(|x, z| x.0 == z.0) {
-                            let r = index.col_range(group[0].0 as usize);
-                            let acc = &mut acc[..group.len() * h];
-                            acc.fill(0.0);
-                            vals.clear();
-                            vals.extend(group.iter().map(|&(_, pos, _, x, _)| BlockValue { pos, x }));
-                            let (wr, gr) = (&w_col[r.start * h..r.end * h], &mut gw[r.start * h..r.end * h]);
-                            pull_column(h, KEY_BLOCK * h, wr, gr, &index.rev_down[r], &vals, &gy, acc);
-                            for (&(_, _, e, _, inv), ac) in group.iter().zip(acc.chunks_exact(h)) {
-                                sb[e as usize] += ac.iter().sum::<f32>() * inv;
-                            }
+                        let q_max = gents[end - 1].0 as usize - bi * s;
+                        gy[..(q_max + 1) * h].fill(0.0);
+                        for &(t, g) in &gents[first..end] {
+                            let q = t as usize - bi * s;
+                            axpy(g, &pq[q * sh..q * sh + (q + 1) * h], &mut gy[..(q + 1) * h]);
                         }
-                        // The embed edges of the block's positions (their values are constants:
-                        // only the weights get a gradient).
+                        let r = i - ia;
+                        pull_slots(
+                            h,
+                            &w[i * width * h..(i + 1) * width * h],
+                            &mut gwb[r * width * h..(r + 1) * width * h],
+                            &index.slot_col[i * width..(i + 1) * width],
+                            &tables[bi],
+                            &gy,
+                            q_max as u32,
+                            Some(&mut *vgb),
+                        );
                         if let Some((ep, ew)) = embed {
-                            eact.clear();
-                            eact.extend(embed_values(fb, ep, sc, bi * s + p0, kl));
-                            eact.sort_unstable_by_key(|e| (e.0, e.1));
-                            for group in eact.chunk_by(|x, z| x.0 == z.0) {
-                                let r = ep.index.col_range(group[0].0 as usize);
-                                let acc = &mut acc[..group.len() * h];
-                                acc.fill(0.0);
-                                vals.clear();
-                                vals.extend(group.iter().map(|&(_, pos, x)| BlockValue { pos, x }));
-                                let (wr, gr) = (&ew[r.start * h..r.end * h], &mut gw_embed[r.start * h..r.end * h]);
-                                pull_column(h, KEY_BLOCK * h, wr, gr, &ep.index.rev_down[r], &vals, &gy, acc);
-                            }
-                        }
-                    }
-                    continue;
-                }
-                // Sparse: gY_h[p, i] = Σ_{q ≥ p} P[h, q, p] g_pre[q, i] only for the (p, i)
-                // that an active upstream feature at p connects to. g_pre has k entries per row:
-                // index it by column (feature i -> its (q, g) entries, q ascending).
-                let mut col_ptr = vec![0u32; f + 1];
-                for q in 0..s {
-                    for kk in 0..kb {
-                        if pg.g[(bi * s + q) * kb + kk] != 0.0 {
-                            col_ptr[pg.idx[(bi * s + q) * kb + kk] as usize + 1] += 1;
+                            pull_slots(
+                                h,
+                                &ew[i * ewidth * h..(i + 1) * ewidth * h],
+                                &mut gweb[r * ewidth * h..(r + 1) * ewidth * h],
+                                &ep.index.slot_col[i * ewidth..(i + 1) * ewidth],
+                                &etables[bi],
+                                &gy,
+                                q_max as u32,
+                                None,
+                            );
                         }
                     }
                 }
-                for i in 0..f {
-                    col_ptr[i + 1] += col_ptr[i];
-                }
-                let mut fill = col_ptr.clone();
-                let mut entries = vec![(0u32, 0f32); col_ptr[f] as usize];
-                for q in 0..s {
-                    for kk in 0..kb {
-                        let g = pg.g[(bi * s + q) * kb + kk];
-                        if g != 0.0 {
-                            let i = pg.idx[(bi * s + q) * kb + kk] as usize;
-                            entries[fill[i] as usize] = (q as u32, g);
-                            fill[i] += 1;
-                        }
-                    }
-                }
-                // Per key position, gY[i, p, ·] for the i that the position's active upstream
-                // values reach, each computed once (`stamp`) from the pattern as [q][p][h] (the
-                // H heads of one (q, p) contiguous); then the same updates as the dense path, in
-                // the same order (both strategies give identical results).
-                pattern_qph(pb, s, h, &mut pq);
-                stamp.fill(u32::MAX);
-                for pp in 0..s {
-                    let t = bi * s + pp;
-                    let inv = 1.0 / sc[t];
-                    for (pu, kk, v, col) in active_ups(&state.modules, ups, t, k, f) {
-                        let (e, vinv) = ((pp * ups.len() + pu) * k + kk, v * inv);
-                        let acc = &mut acc[..h];
-                        acc.fill(0.0);
-                        let r = index.col_range(col);
-                        for (e_pos, &i) in r.clone().zip(&index.rev_down[r]) {
-                            let i = i as usize;
-                            let gyi = &mut cache[i * h..(i + 1) * h];
-                            if stamp[i] != pp as u32 {
-                                stamp[i] = pp as u32;
-                                gyi.fill(0.0);
-                                for &(q, g) in &entries[col_ptr[i] as usize..col_ptr[i + 1] as usize] {
-                                    let q = q as usize;
-                                    if q >= pp {
-                                        axpy(g, &pq[(q * s + pp) * h..(q * s + pp + 1) * h], gyi);
-                                    }
-                                }
-                            }
-                            let (wv, gws) = (&w_col[e_pos * h..(e_pos + 1) * h], &mut gw[e_pos * h..(e_pos + 1) * h]);
-                            edge_grad_update(&cache[i * h..(i + 1) * h], wv, vinv, gws, acc);
-                        }
-                        sb[e] += acc.iter().sum::<f32>() * inv;
-                    }
-                }
-            }
-        });
+                vg
+            })
+            .collect();
+        let mut scratch = vec![0f32; n * ups.len() * k];
+        for vg in &vgs {
+            add_into(&mut scratch, vg);
+        }
         add_up_value_grads(ups, &scratch, n, k, g_val_up);
-        let gw_embed = gw_all[n_feat..].to_vec();
-        let mut gw = gw_all;
-        gw.truncate(n_feat);
-        (gw, gw_embed)
+        (gw, gw_e)
     }
 
     /// Backward of [`attn_edge_weights`](Self::attn_edge_weights) through its two factors,
-    /// given the edge weights' gradients in column order: `E W_Oᵀ` into `gE`, `W_decᵀ W_V`
+    /// given the edge weights' gradients in slot order: `E W_Oᵀ` into `gE`, `W_decᵀ W_V`
     /// into each upstream decoder's gradient.
-    /// With `embed` (its plan and its edges' gradients in column order), the embed edges'
+    /// With `embed` (its plan and its edges' gradients in slot order), the embed edges'
     /// weights `ev[i, h] · (W_E[token] W_V)[h]` add into `g_ev` too (`W_E` is frozen).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn attn_edge_weights_backward(
@@ -345,7 +350,7 @@ impl Engine<'_> {
         di: usize,
         layer: usize,
         index: &EdgeIndex,
-        gw_col: &[f32],
+        gw: &[f32],
         st: &EdgeState,
         embed: Option<(&EmbedPlan, &[f32])>,
         g_enc: &mut [f32],
@@ -359,8 +364,7 @@ impl Engine<'_> {
         // Σ_{slots reading (u, j)} gw[slot, h] · ev[i, h], parallel over the active upstream
         // columns (u, j), each column's slots in index order (deterministic). Edges from silent
         // upstream features have no gradient.
-        let gw = index.to_slot_order(gw_col, h);
-        let gw_e = embed.map(|(ep, g)| ep.index.to_slot_order(g, h));
+        let gw_e = embed.map(|(_, g)| g);
         let mut g_ev = vec![0f32; f * hd];
         // gev += Σ_h g[slot, h] · dv_row[h] over one index's slots of feature i.
         fn add_slots<'r>(
@@ -388,8 +392,8 @@ impl Engine<'_> {
             }
         }
         g_ev.par_chunks_mut(hd).enumerate().for_each(|(i, gev)| {
-            add_slots(gev, i, index, &gw, (h, dh), |col| st.dv[col as usize / f].row(col as usize % f, hd));
-            if let (Some((ep, _)), Some(g)) = (embed, &gw_e) {
+            add_slots(gev, i, index, gw, (h, dh), |col| st.dv[col as usize / f].row(col as usize % f, hd));
+            if let (Some((ep, _)), Some(g)) = (embed, gw_e) {
                 add_slots(gev, i, &ep.index, g, (h, dh), |col| st.embed_dv.row(col as usize, hd));
             }
         });
@@ -401,10 +405,10 @@ impl Engine<'_> {
             let mut g_dv = vec![0f32; rows.len() * hd];
             g_dv.par_chunks_mut(hd).zip(rows.par_iter()).for_each(|(gdv, &j)| {
                 let r = index.col_range(pu * f + j as usize);
-                for (e_pos, &i) in r.clone().zip(&index.rev_down[r]) {
-                    let i = i as usize;
+                for (&slot, &i) in index.rev_slots[r.clone()].iter().zip(&index.rev_down[r]) {
+                    let (slot, i) = (slot as usize, i as usize);
                     for hh in 0..h {
-                        let g = gw_col[e_pos * h + hh];
+                        let g = gw[slot * h + hh];
                         if g != 0.0 {
                             let r = hh * dh..(hh + 1) * dh;
                             axpy(g, &st.ev[i * hd + r.start..i * hd + r.end], &mut gdv[r]);

@@ -135,7 +135,7 @@ impl Engine<'_> {
     }
 
     /// Attention targets: `W_E[v] W_V` for the referenced tokens present in the batch, and the
-    /// weights `w_h[i, c] = ev[i, h] · (W_E[v_c] W_V)[h]` in column order, given `ev = E W_Oᵀ`.
+    /// weights `w_h[i, c] = ev[i, h] · (W_E[v_c] W_V)[h]` in slot order, given `ev = E W_Oᵀ`.
     pub(super) fn attn_embed_weights(
         &self,
         fb: &FlatBatch,
@@ -174,6 +174,6 @@ impl Engine<'_> {
                 }
             }
         });
-        (ix.to_col_order(&w, h), dv)
+        (w, dv)
     }
 }

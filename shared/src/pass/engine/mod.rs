@@ -115,15 +115,17 @@ struct LayerConsts {
 /// What the edge terms' forward keeps for their backward (sparse wiring only).
 #[derive(Default)]
 struct EdgeState {
-    /// Edge weights in column order ([`crate::pass::kernels::EdgeIndex::to_col_order`]: the
-    /// edges reading one upstream column are contiguous), `(edges, H)` for attention targets.
-    w_col: Vec<f32>,
+    /// Edge weights: for mlp targets in column order
+    /// ([`crate::pass::kernels::EdgeIndex::to_col_order`]: the edges reading one upstream column
+    /// are contiguous, as their loops walk upstream values), for attention targets in slot
+    /// order `(F, C, H)` (their loops walk downstream features).
+    w: Vec<f32>,
     /// Attention targets: `E W_Oᵀ (F, H·dh)` and per up `W_decᵀ W_V` on its active rows.
     ev: Vec<f32>,
     dv: Vec<attn_edges::ActiveRows>,
-    /// Embed edges: their weights in column order, and for attention targets `W_E W_V` on
-    /// the referenced tokens present in the batch.
-    embed_w_col: Vec<f32>,
+    /// Embed edges: their weights (in the order of `w`), and for attention targets `W_E W_V`
+    /// on the referenced tokens present in the batch.
+    embed_w: Vec<f32>,
     embed_dv: attn_edges::ActiveRows,
 }
 
@@ -184,18 +186,9 @@ pub struct Engine<'a> {
     d: usize,
     f: usize,
     k: usize,
-    /// Force the dense (`Some(true)`) or sparse (`Some(false)`) attention edge gradient;
-    /// `None` picks by cost.
-    dense_attn_grad: Option<bool>,
 }
 
 impl<'a> Engine<'a> {
-    /// Force the dense or sparse computation of attention edge gradients (both exact; the
-    /// default picks the cheaper one). For tests and benchmarks.
-    pub fn force_dense_attn_grad(&mut self, dense: Option<bool>) {
-        self.dense_attn_grad = dense;
-    }
-
     /// Snapshot the suite's parameters and the model's constants.
     pub fn new(suite: &'a Suite, rt: &Runtime, plan: &'a Plan, opts: PassOptions) -> Result<Engine<'a>> {
         let (d, f) = (suite.d_model, suite.n_features);
@@ -285,12 +278,6 @@ impl<'a> Engine<'a> {
             d: suite.d_model,
             f: suite.n_features,
             k: suite.k,
-            // `SCAE_ATTN_GRAD=dense|sparse` forces a strategy (benchmarks of the cost model).
-            dense_attn_grad: match std::env::var("SCAE_ATTN_GRAD").as_deref() {
-                Ok("dense") => Some(true),
-                Ok("sparse") => Some(false),
-                _ => None,
-            },
         })
     }
 
@@ -346,20 +333,19 @@ impl<'a> Engine<'a> {
                     self.mlp_embed_forward(fb, di, ep, &embed_w_col, a);
                 }
                 prof.mark("mlp edges");
-                EdgeState { w_col, embed_w_col, ..EdgeState::default() }
+                EdgeState { w: w_col, embed_w: embed_w_col, ..EdgeState::default() }
             }
             Kind::Attn => {
                 let (w, ev, dv) = self.attn_edge_weights(di, l, index, states);
-                let w_col = index.to_col_order(&w, self.n_heads);
-                let (embed_w_col, embed_dv) = match embed {
+                let (embed_w, embed_dv) = match embed {
                     Some(ep) => self.attn_embed_weights(fb, l, ep, &ev),
                     None => Default::default(),
                 };
                 prof.mark("attn w");
-                let embed_arg = embed.map(|ep| (ep, &embed_w_col[..]));
-                self.attn_edges_forward(fb, di, l, index, &w_col, states, embed_arg, a);
+                let embed_arg = embed.map(|ep| (ep, &embed_w[..]));
+                self.attn_edges_forward(fb, di, l, index, &w, states, embed_arg, a);
                 prof.mark("attn edges");
-                EdgeState { w_col, ev, dv, embed_w_col, embed_dv }
+                EdgeState { w, ev, dv, embed_w, embed_dv }
             }
         }
     }
@@ -466,7 +452,7 @@ impl<'a> Engine<'a> {
             Kind::Mlp => {
                 let has_ups = !plan_d.ups.is_empty();
                 let gw = match has_ups {
-                    true => self.mlp_edges_backward(fb, di, index, &st.edges.w_col, pg, state, before),
+                    true => self.mlp_edges_backward(fb, di, index, &st.edges.w, pg, state, before),
                     false => Vec::new(),
                 };
                 let gw_embed = embed.map(|ep| self.mlp_embed_backward(fb, di, ep, pg));
@@ -480,9 +466,9 @@ impl<'a> Engine<'a> {
                 prof.mark("mlp w");
             }
             Kind::Attn => {
-                let embed_arg = embed.map(|ep| (ep, &st.edges.embed_w_col[..]));
+                let embed_arg = embed.map(|ep| (ep, &st.edges.embed_w[..]));
                 let (gw, gw_embed) =
-                    self.attn_edges_backward(fb, di, l, index, &st.edges.w_col, pg, state, embed_arg, before);
+                    self.attn_edges_backward(fb, di, l, index, &st.edges.w, pg, state, embed_arg, before);
                 prof.mark("attn edges");
                 let embed_arg = embed.map(|ep| (ep, &gw_embed[..]));
                 self.attn_edge_weights_backward(di, l, index, &gw, &st.edges, embed_arg, g_enc, g_dec_t_in);
