@@ -13,8 +13,9 @@ use crate::pass::kernels::{EdgeIndex, EMPTY};
 use crate::util::blas::{axpy, dot, fold_rows};
 
 impl Engine<'_> {
-    /// `w[i,c] = E[i] · W_dec^{u}[:, j]` for every slot.
-    pub(super) fn mlp_edge_weights(&self, di: usize, index: &EdgeIndex) -> Vec<f32> {
+    /// `w[i,c] = E[i] · W_dec^{u}[:, j]` for every slot whose upstream feature fires somewhere
+    /// in the batch (`states`); the others are never read and get no gradient (left 0).
+    pub(super) fn mlp_edge_weights(&self, di: usize, index: &EdgeIndex, states: &[ModuleState]) -> Vec<f32> {
         let (d, f) = (self.d, self.f);
         let ups = &self.plan.down(di).ups;
         let enc = &self.params[di].enc;
@@ -25,6 +26,9 @@ impl Engine<'_> {
                 let col = index.slot_col[i * width + c];
                 if col != EMPTY {
                     let (pu, j) = (col as usize / f, col as usize % f);
+                    if !states[ups[pu]].fired[j] {
+                        continue;
+                    }
                     *wv = dot(&enc[i * d..(i + 1) * d], &self.params[ups[pu]].dec_t[j * d..(j + 1) * d]);
                 }
             }

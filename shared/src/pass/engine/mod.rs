@@ -325,7 +325,7 @@ impl<'a> Engine<'a> {
         let l = self.suite.modules[di].layer;
         match self.suite.modules[di].kind {
             Kind::Mlp => {
-                let w_col = index.to_col_order(&self.mlp_edge_weights(di, index), 1);
+                let w_col = index.to_col_order(&self.mlp_edge_weights(di, index, states), 1);
                 let embed_w_col = embed.map(|ep| self.mlp_embed_weights(di, ep)).unwrap_or_default();
                 prof.mark("mlp w");
                 self.mlp_edges_forward(fb, di, index, &w_col, states, a);
