@@ -7,10 +7,10 @@
 
 use rayon::prelude::*;
 
-use super::{active_ups, add_dec_t_grads, add_up_value_grads, Engine, ModuleState, PreGrad, State};
+use super::{active_ups, add_up_value_grads, Engine, ModuleState, PreGrad, State};
 use crate::data::FlatBatch;
 use crate::pass::kernels::{EdgeIndex, EMPTY};
-use crate::util::blas::{axpy, dot, fold_rows};
+use crate::util::blas::{add_into, axpy, dot, fold_rows};
 
 impl Engine<'_> {
     /// `w[i,c] = E[i] · W_dec^{u}[:, j]` for every slot whose upstream feature fires somewhere
@@ -123,8 +123,8 @@ impl Engine<'_> {
         let ups = &self.plan.down(di).ups;
         let enc = &self.params[di].enc;
         let width = index.width;
-        let mut g_dec_t_up: Vec<Vec<f32>> = ups.iter().map(|_| vec![0f32; f * d]).collect();
-        for i in 0..f {
+        // gE, parallel over downstream features (each row's slots in order).
+        g_enc.par_chunks_mut(d).enumerate().for_each(|(i, ge)| {
             for c in 0..width {
                 let slot = i * width + c;
                 let col = index.slot_col[slot];
@@ -132,11 +132,36 @@ impl Engine<'_> {
                     continue;
                 }
                 let (pu, j) = (col as usize / f, col as usize % f);
-                let dec = &self.params[ups[pu]].dec_t[j * d..(j + 1) * d];
-                axpy(gw[slot], dec, &mut g_enc[i * d..(i + 1) * d]);
-                axpy(gw[slot], &enc[i * d..(i + 1) * d], &mut g_dec_t_up[pu][j * d..(j + 1) * d]);
+                axpy(gw[slot], &self.params[ups[pu]].dec_t[j * d..(j + 1) * d], ge);
             }
+        });
+        // g W_decᵀ_u, parallel over upstream features j (the slots reading (u, j) in order, summed
+        // in a row buffer, then added to the running total).
+        for (pu, &u) in ups.iter().enumerate() {
+            let total = &mut g_dec_t_in[u];
+            if total.is_empty() {
+                *total = vec![0f32; f * d];
+            }
+            total.par_chunks_mut(d).enumerate().for_each_init(
+                || vec![0f32; d],
+                |acc, (j, row)| {
+                    let r = index.col_range(pu * f + j);
+                    let mut any = false;
+                    for (&slot, &i) in index.rev_slots[r.clone()].iter().zip(&index.rev_down[r]) {
+                        let g = gw[slot as usize];
+                        if g != 0.0 {
+                            if !any {
+                                acc.fill(0.0);
+                                any = true;
+                            }
+                            axpy(g, &enc[i as usize * d..(i as usize + 1) * d], acc);
+                        }
+                    }
+                    if any {
+                        add_into(row, acc);
+                    }
+                },
+            );
         }
-        add_dec_t_grads(ups, g_dec_t_up, g_dec_t_in);
     }
 }

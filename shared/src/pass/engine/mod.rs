@@ -83,17 +83,6 @@ pub(super) fn add_up_value_grads(ups: &[usize], scratch: &[f32], n: usize, k: us
     }
 }
 
-/// Add gradients w.r.t. upstream modules' `W_decᵀ` (F, D) into their running totals.
-pub(super) fn add_dec_t_grads(ups: &[usize], g_dec_t_up: Vec<Vec<f32>>, g_dec_t_in: &mut [Vec<f32>]) {
-    for (g, &u) in g_dec_t_up.into_iter().zip(ups) {
-        if g_dec_t_in[u].is_empty() {
-            g_dec_t_in[u] = g;
-        } else {
-            add_into(&mut g_dec_t_in[u], &g);
-        }
-    }
-}
-
 /// One module's parameters as the engine reads them: the decoder transposed, so that a
 /// feature's decoder column is a contiguous row.
 struct FlatAe<'a> {
