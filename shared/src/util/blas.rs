@@ -27,15 +27,7 @@ pub fn sgemm(
     if m == 0 || n == 0 {
         return;
     }
-    if k == 0 {
-        if !acc {
-            c[..m * n].iter_mut().for_each(|x| *x = 0.0);
-        }
-        return;
-    }
-    debug_assert!(c.len() >= m * n);
-    debug_assert!(a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
-    debug_assert!(b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
+    // Bounds and k = 0 are checked by `sgemm_ld`, per block of rows.
     if par && m >= 2 * GEMM_ROWS {
         // Parallel over fixed blocks of output rows, each a single-threaded product.
         c[..m * n].par_chunks_mut(GEMM_ROWS * n).enumerate().for_each(|(blk, cb)| {

@@ -37,29 +37,6 @@ fn fill_embed_values(fb: &FlatBatch, ep: &EmbedPlan, scale: &[f32], bi: usize, t
     table.fill(ep.tokens.len(), items);
 }
 
-/// The entries of a pre-activation gradient by feature: `ptr (F + 1)` and `(t, g)` entries,
-/// tokens ascending within a feature (zeros left out).
-fn grad_by_feature(pg: &PreGrad, f: usize) -> (Vec<u32>, Vec<(u32, f32)>) {
-    let mut ptr = vec![0u32; f + 1];
-    for (&i, &g) in pg.idx.iter().zip(&pg.g) {
-        if g != 0.0 {
-            ptr[i as usize + 1] += 1;
-        }
-    }
-    for i in 0..f {
-        ptr[i + 1] += ptr[i];
-    }
-    let mut next = ptr.clone();
-    let mut ents = vec![(0u32, 0f32); ptr[f] as usize];
-    for (j, (&i, &g)) in pg.idx.iter().zip(&pg.g).enumerate() {
-        if g != 0.0 {
-            ents[next[i as usize] as usize] = ((j / pg.kb) as u32, g);
-            next[i as usize] += 1;
-        }
-    }
-    (ptr, ents)
-}
-
 /// `buf` cut into `n` consecutive pieces of `len` floats (the last ones shorter or empty).
 fn row_blocks(buf: &mut [f32], len: usize, n: usize) -> Vec<&mut [f32]> {
     let mut out = Vec::with_capacity(n);
@@ -247,26 +224,32 @@ impl Engine<'_> {
         pqs.par_chunks_mut(s * sh)
             .enumerate()
             .for_each(|(bi, pq)| pattern_qph(&p[bi * h * s * s..(bi + 1) * h * s * s], s, h, pq));
-        let tables: Vec<ColValues> = (0..b)
-            .into_par_iter()
-            .map(|bi| {
-                let mut t = ColValues::default();
-                self.fill_up_values(fb, di, layer, bi, &state.modules, &mut t);
-                t
-            })
-            .collect();
-        let etables: Vec<ColValues> = match embed {
-            Some((ep, _)) => (0..b)
+        let per_seq = |fill: &(dyn Fn(usize, &mut ColValues) + Sync)| -> Vec<ColValues> {
+            (0..b)
                 .into_par_iter()
                 .map(|bi| {
                     let mut t = ColValues::default();
-                    fill_embed_values(fb, ep, sc, bi, &mut t);
+                    fill(bi, &mut t);
                     t
                 })
-                .collect(),
+                .collect()
+        };
+        let tables = per_seq(&|bi, t| self.fill_up_values(fb, di, layer, bi, &state.modules, t));
+        let etables = match embed {
+            Some((ep, _)) => per_seq(&|bi, t| fill_embed_values(fb, ep, sc, bi, t)),
             None => Vec::new(),
         };
-        let (gptr, gents) = grad_by_feature(pg, f);
+        // gA by feature: its non-zero entries as (token, g) values, tokens ascending.
+        let mut g_by_feature = ColValues::default();
+        g_by_feature.fill(
+            f,
+            pg.idx
+                .iter()
+                .zip(&pg.g)
+                .enumerate()
+                .filter(|&(_, (_, &g))| g != 0.0)
+                .map(|(j, (&i, &g))| (i, ColValue { pos: (j / pg.kb) as u32, vid: 0, x: g, inv: 0.0 })),
+        );
         let seq_vals = s * ups.len() * k;
         let mut gw = vec![0f32; f * width * h];
         let mut gw_e = vec![0f32; f * ewidth * h];
@@ -283,25 +266,26 @@ impl Engine<'_> {
                 let mut vg = vec![0f32; n * ups.len() * k];
                 let mut gy = vec![0f32; sh];
                 // Per feature, its next entry of gA (entries are in token order).
-                let mut cursor: Vec<u32> = gptr[ia..ib].to_vec();
+                let mut cursor = vec![0usize; ib - ia];
                 for bi in 0..b {
                     let pq = &pqs[bi * s * sh..(bi + 1) * s * sh];
                     let vgb = &mut vg[bi * seq_vals..(bi + 1) * seq_vals];
                     for i in ia..ib {
-                        let first = cursor[i - ia] as usize;
+                        let ents = g_by_feature.col(i as u32);
+                        let first = cursor[i - ia];
                         let mut end = first;
-                        while end < gptr[i + 1] as usize && (gents[end].0 as usize) < (bi + 1) * s {
+                        while end < ents.len() && (ents[end].pos as usize) < (bi + 1) * s {
                             end += 1;
                         }
-                        cursor[i - ia] = end as u32;
+                        cursor[i - ia] = end;
                         if end == first {
                             continue;
                         }
-                        let q_max = gents[end - 1].0 as usize - bi * s;
+                        let q_max = ents[end - 1].pos as usize - bi * s;
                         gy[..(q_max + 1) * h].fill(0.0);
-                        for &(t, g) in &gents[first..end] {
-                            let q = t as usize - bi * s;
-                            axpy(g, &pq[q * sh..q * sh + (q + 1) * h], &mut gy[..(q + 1) * h]);
+                        for e in &ents[first..end] {
+                            let q = e.pos as usize - bi * s;
+                            axpy(e.x, &pq[q * sh..q * sh + (q + 1) * h], &mut gy[..(q + 1) * h]);
                         }
                         let r = i - ia;
                         pull_slots(

@@ -31,7 +31,8 @@ pub(super) struct ColValue {
 }
 
 /// The values of every column in one sequence, by column (CSR), positions ascending within a
-/// column.
+/// column. (The attention edge backward also keeps a pre-activation gradient in one: feature
+/// i's column holds its non-zero entries, `pos` the token and `x` the gradient.)
 #[derive(Default)]
 pub(super) struct ColValues {
     ptr: Vec<u32>,
