@@ -1,4 +1,4 @@
-# scae pipeline. `make help` lists the variables and their current values.
+# scae pipeline. `make help` lists the targets and every variable with its comment and value.
 # Every stage also runs by hand: see README.md.
 
 SHELL := bash
@@ -6,28 +6,26 @@ SHELL := bash
 .DELETE_ON_ERROR:
 .DEFAULT_GOAL := all
 
-# Preset to load from pipelines/<PIPELINE>.mk (toy, tinystories-33m, pythia-70m).
-PIPELINE ?= toy
+# Preset to load from pipelines/<PIPELINE>.mk: toy (the default without MODEL), default (the
+# reference's settings for any MODEL; chosen when MODEL is set without PIPELINE),
+# tinystories-33m, pythia-70m. Every preset sets every training setting, so none leaks in from
+# another.
+ifeq ($(origin PIPELINE),undefined)
+PIPELINE := $(if $(MODEL),default,toy)
+endif
+ifeq ($(wildcard pipelines/$(PIPELINE).mk),)
+$(error PIPELINE=$(PIPELINE): no pipelines/$(PIPELINE).mk; presets: $(basename $(notdir $(wildcard pipelines/*.mk))))
+endif
 include pipelines/$(PIPELINE).mk
 
 # Where outputs go.
 OUT ?= out
 # Activation cache storage type (f32, bf16, f16).
 DTYPE ?= f32
-# Sequences per forward pass / training step.
-BATCH ?= 16
-# Concatenate documents with EOS (1) instead of skipping those shorter than CTX (0).
-PACK ?= 0
-# CPU threads (empty: all cores).
+# CPU threads (empty: all cores). Results do not depend on it.
 THREADS ?=
-# Features per module = EXPANSION x d_model (train-suite).
-EXPANSION ?= 4
-# Active features per token (train-suite).
-K ?= 32
-# Pretraining steps (train-suite).
-SUITE_STEPS ?= 1000
-# Pretraining base learning rate.
-SUITE_LR ?= 2e-4
+# Seed of the suite's initialisation (train-suite), of finetuning and of the random control.
+SEED ?= 0
 # Start from this suite instead of pretraining one: a scae suite folder or bare .safetensors,
 # or the reference's (a folder with config.json + checkpoint.pt, or its hub id).
 SUITE ?=
@@ -36,14 +34,6 @@ SUITE ?=
 CONNECTIONS ?=
 # Connections kept per downstream feature.
 C ?= 16
-# Finetuning loss: mse, ce or mse+ce.
-LOSS ?= mse
-# Finetuning steps.
-STEPS ?= 200
-# Finetuning base learning rate.
-LR ?= 1e-3
-# Proportion of finetuning steps after which the lr decays linearly to 0.
-DECAY ?= 0.8
 # Edges kept per downstream feature in edges.parquet (select-edges can pick any C up to this).
 KEEP ?= 64
 # Sparse connections from the token embedding: each feature also keeps its top EMBED_C tokens
@@ -53,195 +43,276 @@ EMBED_C ?=
 # Sparse connections into the unembedding: each output token reads only its top UNEMBED_C
 # features in the spliced CE (empty: every feature, as the reference).
 UNEMBED_C ?=
-# Also finetune and evaluate the random-connections control at C in `make all` (1) or not (0).
+# Also finetune the all-connections suite the same way (1), the control the method is judged
+# against in the report, or not (0).
+DENSE_CONTROL ?= 1
+# Also finetune and evaluate the random-connections control at C (1) or not (0).
 CONTROL ?= 0
 # Seed of the random connections.
-RANDOM_SEED ?= 0
+RANDOM_SEED ?= $(SEED)
 # Also write the feature browser of the finetuned suite in `make all` (1) or not (0).
 VIEW ?= 0
-# Sequences the feature browser reads (empty: the whole cache).
+# Sequences the feature browser reads (empty: the whole held-out cache).
 VIEW_SEQS ?=
 # Command that turns edges.parquet into connections.parquet; called as
 # `$(SELECT) --edges E --c C [--embed-c EMBED_C] [--unembed-c UNEMBED_C] --out F` (e.g.
 # SELECT="python3 pipelines/select_random.py").
 SELECT ?= $(BIN)/select-edges
+# C values of `make sweep`.
+CS ?= 0 4 16 64
+# Seed of the toy corpus and toy model (toy preset).
+TOY_SEED ?= 0
+# Build the tools before running stages (1), or use the binaries in target/release as they are
+# (0; the tests do).
+BUILD ?= 1
 
-BIN := target/release
-MODEL_NAME := $(notdir $(MODEL))
+# Where the tools are (another folder of the same tools, e.g. wrappers that run them under an
+# emulated CPU: scripts/toy-seeds.sh).
+BIN ?= target/release
+BUILD_DEP := $(if $(filter 1,$(BUILD)),build,)
+MODEL_NAME := $(notdir $(patsubst %/,%,$(MODEL)))
 THREADS_FLAG := $(if $(THREADS),--threads $(THREADS),)
 BOS_FLAG := $(if $(filter 1,$(BOS)),--prepend-bos,--no-prepend-bos)
 PACK_FLAG := $(if $(filter 1,$(PACK)),--pack,)
-# Output paths are keyed on every parameter of their stage and the stages before it.
-ACTS := $(OUT)/acts/$(MODEL_NAME)-ctx$(CTX)-n$(N_SEQS)-bos$(BOS)-pack$(PACK)-$(DTYPE)
-# The suite: pretrained here unless SUITE names one.
-TRAINED := $(ACTS:$(OUT)/acts/%=$(OUT)/suite/%)-x$(EXPANSION)-k$(K)-s$(SUITE_STEPS)-lr$(SUITE_LR)
-SUITE_PATH := $(if $(SUITE),$(SUITE),$(TRAINED))
-SUITE_DEP := $(if $(SUITE),,$(TRAINED)/.done)
-SUITE_KEY := $(shell printf '%s' '$(SUITE_PATH)' | cksum | cut -d' ' -f1)
-EMBED_KEY := $(if $(EMBED_C),-embed,)$(if $(UNEMBED_C),-unembed,)
-ENDS_KEY := $(if $(EMBED_C),-e$(EMBED_C),)$(if $(UNEMBED_C),-u$(UNEMBED_C),)
-EDGES := $(ACTS:$(OUT)/acts/%=$(OUT)/edges/%)-suite$(SUITE_KEY)-keep$(KEEP)$(EMBED_KEY)
-EMBED_FLAG := $(if $(EMBED_C),--embed-c $(EMBED_C),)$(if $(UNEMBED_C), --unembed-c $(UNEMBED_C),)
-SELECT_KEY := $(shell printf '%s' '$(SELECT)' | cksum | cut -d' ' -f1)
-# The connections: selected from the edge scores, unless CONNECTIONS names a file.
-ifeq ($(CONNECTIONS),all)
-$(error CONNECTIONS=all: expected a connections file; for the full pass evaluate with --connections all by hand)
-endif
-CONN_FILE_KEY := $(shell printf '%s' '$(CONNECTIONS)' | cksum | cut -d' ' -f1)
-CONN_KEY := $(if $(CONNECTIONS),conn$(CONN_FILE_KEY),c$(C)$(ENDS_KEY)-sel$(SELECT_KEY))
-CONN := $(if $(CONNECTIONS),$(CONNECTIONS),$(EDGES)-c$(C)$(ENDS_KEY)-sel$(SELECT_KEY).parquet)
-FT := $(EDGES:$(OUT)/edges/%=$(OUT)/finetune/%)-$(CONN_KEY)-$(LOSS)-s$(STEPS)-lr$(LR)-d$(DECAY)
-EVAL0 := $(EDGES:$(OUT)/edges/%=$(OUT)/eval/%)-$(CONN_KEY)-before
-EVAL := $(FT:$(OUT)/finetune/%=$(OUT)/eval/%)
-# The random-connections control: the same per-module counts at C, random upstream features.
-RAND_CONN := $(EDGES)-c$(C)$(ENDS_KEY)-random$(RANDOM_SEED).parquet
-FT_RAND := $(EDGES:$(OUT)/edges/%=$(OUT)/finetune/%)-c$(C)$(ENDS_KEY)-random$(RANDOM_SEED)-$(LOSS)-s$(STEPS)-lr$(LR)-d$(DECAY)
-EVAL_RAND := $(FT_RAND:$(OUT)/finetune/%=$(OUT)/eval/%)
-# The control runs only when the pipeline selects connections itself.
-WITH_CONTROL := $(and $(filter 1,$(CONTROL)),$(if $(CONNECTIONS),,1))
-# The feature browser of the finetuned suite.
-VIEW_DIR := $(FT:$(OUT)/finetune/%=$(OUT)/view/%)$(if $(VIEW_SEQS),-n$(VIEW_SEQS),)
-# The report of `make all`: the runs side by side and what they say.
-REPORT := $(EVAL:$(OUT)/eval/%=$(OUT)/report/%)$(if $(WITH_CONTROL),-control$(RANDOM_SEED),)
-# With EMBED_C or UNEMBED_C, the report also shows the same C with dense ends.
-WITH_DENSE := $(if $(EMBED_C)$(UNEMBED_C),$(if $(CONNECTIONS),,1),)
+CKPT_FLAG := $(if $(CKPT_EVERY),--checkpoint-every $(CKPT_EVERY),)
 comma := ,
 
-# C values of `make sweep`.
-CS ?= 0 4 16 64
-SWEEP := $(EDGES:$(OUT)/edges/%=$(OUT)/sweep/%)-$(LOSS)-s$(STEPS)-lr$(LR)-d$(DECAY)
-EVAL_ALL := $(EDGES:$(OUT)/edges/%=$(OUT)/eval/%)-all-before
+# ---- Output keys. Every output path is keyed on everything that determines it: the inputs by
+# identity (scripts/identity.sh: resolved path, and every file's size and modification time;
+# a hub id by its name; the toy's files by the toy's settings, since they do not exist before
+# the toy is made) and every setting of the stage and of the stages before it. The path starts
+# with readable settings and ends with a hash of all of them.
+TOY := $(OUT)/toy
+TOY_ID := toy-seed$(TOY_SEED)-v2
+ident = $(if $(filter $(TOY)/%,$(1)),$(TOY_ID):$(notdir $(1)),$(shell scripts/identity.sh '$(1)'))
+key = $(shell printf '%s' '$(strip $(1))' | md5sum | cut -c1-10)
 
-.PHONY: all build toy acts suite edges connections finetune eval view sweep print-eval test clean help
+MODEL_ID := $(call ident,$(MODEL))
+DATA_ID := $(call ident,$(DATA))
+SEQ_ARGS := model=$(MODEL_ID) ctx=$(CTX) bos=$(BOS) pack=$(PACK) dtype=$(DTYPE)
+ACTS_ARGS := $(SEQ_ARGS) data=$(DATA_ID) n=$(N_SEQS)
+ACTS := $(OUT)/acts/$(MODEL_NAME)-n$(N_SEQS)-$(call key,$(ACTS_ARGS))
+# Held-out tokens: HELDOUT's text, or the sequences of DATA after the training ones.
+HELD_ARGS := $(SEQ_ARGS) n=$(N_HELDOUT) $(if $(HELDOUT),data=$(call ident,$(HELDOUT)),data=$(DATA_ID) skip=$(N_SEQS))
+HACTS := $(OUT)/acts/$(MODEL_NAME)-heldout-n$(N_HELDOUT)-$(call key,$(HELD_ARGS))
+HELD_DATA := $(if $(HELDOUT),--data $(HELDOUT),--data $(DATA) --skip-seqs $(N_SEQS))
+TRAIN_ARGS := $(ACTS_ARGS) x=$(EXPANSION) k=$(K) steps=$(SUITE_STEPS) lr=$(SUITE_LR) batch=$(BATCH) seed=$(SEED) dead=$(DEAD_THRESHOLD)
+TRAINED := $(OUT)/suite/$(MODEL_NAME)-x$(EXPANSION)-k$(K)-s$(SUITE_STEPS)-$(call key,$(TRAIN_ARGS))
+SUITE_PATH := $(if $(SUITE),$(SUITE),$(TRAINED))
+SUITE_DEP := $(if $(SUITE),,$(TRAINED)/.done)
+SUITE_ARGS := $(if $(SUITE),suite=$(call ident,$(SUITE)),$(TRAIN_ARGS))
+EDGES_ARGS := $(SUITE_ARGS) acts=$(ACTS_ARGS) keep=$(KEEP) embed=$(if $(EMBED_C),1,0) unembed=$(if $(UNEMBED_C),1,0)
+EDGES := $(OUT)/edges/$(MODEL_NAME)-keep$(KEEP)-$(call key,$(EDGES_ARGS))
+SELECT_ID := select=$(SELECT)$(foreach w,$(SELECT),$(if $(wildcard $(w)),:$(call ident,$(w))))
+FT_ARGS := acts=$(ACTS_ARGS) loss=$(LOSS) steps=$(STEPS) lr=$(LR) decay=$(DECAY) batch=$(BATCH) seed=$(SEED) auxk=$(AUXK) dead=$(DEAD_THRESHOLD)
+FT_NAME := $(LOSS)-s$(STEPS)-lr$(LR)
+CONN_IDENT := $(if $(CONNECTIONS),conns=$(call ident,$(CONNECTIONS)),)
+ifeq ($(CONNECTIONS),all)
+$(error CONNECTIONS=all: expected a connections file; the all-connections suite is always evaluated, and DENSE_CONTROL=1 finetunes it)
+endif
 
-## all: activations -> suite -> edge scores -> connections (C) -> finetune -> evaluation,
-## then a report beside the all-connections suite (and, with CONTROL=1, random connections).
-all: eval $(EVAL0)/.done $(EVAL_ALL)/.done $(if $(WITH_CONTROL),$(EVAL_RAND)/.done,) $(if $(filter 1,$(VIEW)),$(VIEW_DIR)/.done,)
-	@$(if $(WITH_DENSE),$(MAKE) --no-print-directory eval EMBED_C= UNEMBED_C=,true)
-	@echo "## before finetuning ($(if $(CONNECTIONS),$(CONNECTIONS),C=$(C)$(if $(EMBED_C),$(comma) EMBED_C=$(EMBED_C),)$(if $(UNEMBED_C),$(comma) UNEMBED_C=$(UNEMBED_C),)))" && cat $(EVAL0)/table.md
-	@echo "## after finetuning ($(LOSS), $(STEPS) steps)" && cat $(EVAL)/table.md
-	@echo "## report"
-	@$(BIN)/evaluate --compare $(EVAL_ALL) $(EVAL0) $(if $(WITH_DENSE),$$($(MAKE) --no-print-directory -s print-eval EMBED_C= UNEMBED_C=),) \
-	    $(EVAL) $(if $(WITH_CONTROL),$(EVAL_RAND),) --out $(REPORT)
-	@echo "report: $(REPORT)/compare.md"
-	@$(if $(wildcard $(SWEEP)/compare.png),echo "sweep plot: $(SWEEP)/compare.png",true)
+# One configuration of connections: $(1) C, $(2) EMBED_C, $(3) UNEMBED_C; $(4) `top` or
+# `random`. Defines CONN_<tag>, FT_<tag> and the rules that make them.
+ends_tag = $(if $(2),-e$(2),)$(if $(3),-u$(3),)
+tag = $(4)$(1)$(call ends_tag,$(1),$(2),$(3))
+define CONN_RULES
+CONN_ARGS_$(call tag,$(1),$(2),$(3),$(4)) := $(EDGES_ARGS) c=$(1) embed_c=$(2) unembed_c=$(3) $(if $(filter random,$(4)),random=$(RANDOM_SEED),$(SELECT_ID))
+CONN_$(call tag,$(1),$(2),$(3),$(4)) := $(if $(CONNECTIONS),$(CONNECTIONS),$(OUT)/conns/$(MODEL_NAME)-$(call tag,$(1),$(2),$(3),$(4))-$$(call key,$$(CONN_ARGS_$(call tag,$(1),$(2),$(3),$(4)))).parquet)
+FT_$(call tag,$(1),$(2),$(3),$(4)) := $(OUT)/finetune/$(MODEL_NAME)-$(call tag,$(1),$(2),$(3),$(4))-$(FT_NAME)-$$(call key,$$(CONN_ARGS_$(call tag,$(1),$(2),$(3),$(4))) $(if $(CONNECTIONS),conns=$(call ident,$(CONNECTIONS)),) $(FT_ARGS))
+ifeq ($(CONNECTIONS),)
+$$(CONN_$(call tag,$(1),$(2),$(3),$(4))): $(EDGES)/.done | $(BUILD_DEP)
+	@mkdir -p $$(@D)
+	rm -f $$@.tmp.parquet
+	$(if $(filter random,$(4)),$(BIN)/select-edges,$(SELECT)) --edges $(EDGES)/edges.parquet --c $(1) $(if $(2),--embed-c $(2),) $(if $(3),--unembed-c $(3),) $(if $(filter random,$(4)),--random $(RANDOM_SEED),) --out $$@.tmp.parquet
+	mv $$@.tmp.parquet $$@
+endif
+$$(FT_$(call tag,$(1),$(2),$(3),$(4)))/.done: $$(CONN_$(call tag,$(1),$(2),$(3),$(4))) $(ACTS)/.done $(SUITE_DEP) | $(BUILD_DEP)
+	$$(call finetune,$$(@D),$$(CONN_$(call tag,$(1),$(2),$(3),$(4))))
+	touch $$@
+endef
+
+# Finetune the suite into $(1) with connections $(2) (a file, or `all`), the run's settings;
+# with CKPT_EVERY, a run whose checkpoint is there resumes instead of starting over.
+define finetune
+@mkdir -p $(dir $(1))
+$(BIN)/finetune --acts $(ACTS) --suite $(SUITE_PATH) --connections $(2) --loss $(LOSS) \
+    --steps $(STEPS) --lr $(LR) --decay-start $(DECAY) --batch-size $(BATCH) --seed $(SEED) \
+    --auxk-alpha $(AUXK) --dead-threshold $(DEAD_THRESHOLD) $(THREADS_FLAG) $(CKPT_FLAG) \
+    --out $(1) $$(test -f $(1)/checkpoint/state.json && echo --resume || echo --overwrite)
+endef
+
+# Evaluate: $(1) name, $(2) suite, $(3) its prerequisite, $(4) --connections, $(5) its
+# prerequisite. Defines EV_<name>_heldout and EV_<name>_train (held-out and training tokens).
+define EVAL_RULES
+EV_$(1)_heldout := $(OUT)/eval/$(MODEL_NAME)-$(1)-heldout-$$(call key,$(2) $(4) $(HELD_ARGS) $(SUITE_ARGS) $(CONN_IDENT))
+EV_$(1)_train := $(OUT)/eval/$(MODEL_NAME)-$(1)-train-$$(call key,$(2) $(4) $(ACTS_ARGS) $(SUITE_ARGS) $(CONN_IDENT))
+$$(EV_$(1)_heldout)/.done: $(3) $(5) $(HACTS)/.done | $(BUILD_DEP)
+	$$(call evaluate,$$(@D),$(HACTS),$(2),$(4))
+$$(EV_$(1)_train)/.done: $(3) $(5) $(ACTS)/.done | $(BUILD_DEP)
+	$$(call evaluate,$$(@D),$(ACTS),$(2),$(4))
+endef
+
+define evaluate
+@mkdir -p $(dir $(1))
+$(BIN)/evaluate --acts $(2) --suite $(3) $(if $(4),--connections $(4),) $(THREADS_FLAG) --out $(1) --overwrite > $(1).md.tmp
+mv $(1).md.tmp $(1)/table.md
+touch $(1)/.done
+endef
+
+# The configurations `make all` and `make sweep` need: C with its ends, the same C with dense
+# ends when EMBED_C/UNEMBED_C are set, every C of CS, and the random control.
+WITH_DENSE := $(if $(EMBED_C)$(UNEMBED_C),$(if $(CONNECTIONS),,1),)
+WITH_CONTROL := $(and $(filter 1,$(CONTROL)),$(if $(CONNECTIONS),,1))
+CONFIGS := $(sort top:$(C):$(EMBED_C):$(UNEMBED_C) $(if $(WITH_DENSE),top:$(C)::) \
+    $(if $(CONNECTIONS),,$(foreach c,$(CS),top:$(c):$(EMBED_C):$(UNEMBED_C))) \
+    $(if $(WITH_CONTROL),random:$(C):$(EMBED_C):$(UNEMBED_C)))
+cfg = $(word $(2),$(subst :, ,$(subst ::,:-:,$(subst ::,:-:,$(1)))))
+cfg_arg = $(patsubst -,,$(call cfg,$(1),$(2)))
+tag_of = $(call tag,$(call cfg_arg,$(1),2),$(call cfg_arg,$(1),3),$(call cfg_arg,$(1),4),$(call cfg_arg,$(1),1))
+$(foreach x,$(CONFIGS),$(eval $(call CONN_RULES,$(call cfg_arg,$(x),2),$(call cfg_arg,$(x),3),$(call cfg_arg,$(x),4),$(call cfg_arg,$(x),1))))
+
+MAIN := $(call tag,$(C),$(EMBED_C),$(UNEMBED_C),top)
+DENSE := $(call tag,$(C),,,top)
+RAND := $(call tag,$(C),$(EMBED_C),$(UNEMBED_C),random)
+FT := $(FT_$(MAIN))
+CONN := $(CONN_$(MAIN))
+
+# The all-connections suite finetuned the same way (the control of the report).
+FT_ALL := $(OUT)/finetune/$(MODEL_NAME)-all-$(FT_NAME)-$(call key,$(SUITE_ARGS) $(FT_ARGS))
+$(FT_ALL)/.done: $(ACTS)/.done $(SUITE_DEP) | $(BUILD_DEP)
+	$(call finetune,$(@D),all)
+	touch $@
+
+$(eval $(call EVAL_RULES,all-before,$(SUITE_PATH),$(SUITE_DEP),all,))
+$(eval $(call EVAL_RULES,all-finetuned,$(FT_ALL),$(FT_ALL)/.done,,))
+# A finetuned suite is evaluated with the connections it stores (those it was trained with).
+$(foreach x,$(CONFIGS),$(eval $(call EVAL_RULES,$(call tag_of,$(x))-finetuned,$(FT_$(call tag_of,$(x))),$(FT_$(call tag_of,$(x)))/.done,,$(CONN_$(call tag_of,$(x))))))
+$(eval $(call EVAL_RULES,$(MAIN)-before,$(SUITE_PATH),$(SUITE_DEP),$(CONN),$(CONN)))
+
+both = $(EV_$(1)_heldout) $(EV_$(1)_train)
+EVAL := $(EV_$(MAIN)-finetuned_heldout)
+EVAL0 := $(EV_$(MAIN)-before_heldout)
+REPORT_EVALS := $(call both,all-before) $(call both,$(MAIN)-before) $(call both,$(MAIN)-finetuned) \
+    $(if $(filter 1,$(DENSE_CONTROL)),$(call both,all-finetuned)) \
+    $(if $(WITH_DENSE),$(call both,$(DENSE)-finetuned)) $(if $(WITH_CONTROL),$(call both,$(RAND)-finetuned))
+REPORT := $(OUT)/report/$(MODEL_NAME)-$(MAIN)-$(FT_NAME)-$(call key,$(REPORT_EVALS))
+SWEEP_EVALS := $(call both,all-before) $(call both,$(MAIN)-before) \
+    $(if $(filter 1,$(DENSE_CONTROL)),$(call both,all-finetuned)) \
+    $(foreach c,$(CS),$(call both,$(call tag,$(c),$(EMBED_C),$(UNEMBED_C),top)-finetuned))
+SWEEP := $(OUT)/sweep/$(MODEL_NAME)-$(FT_NAME)-$(call key,$(SWEEP_EVALS))
+# The feature browser of the finetuned suite, on held-out tokens.
+VIEW_DIR := $(OUT)/view/$(notdir $(FT))$(if $(VIEW_SEQS),-n$(VIEW_SEQS),)
+
+.PHONY: all settings build toy acts heldout suite edges connections finetune eval view sweep test clean help \
+    print-report-evals print-sweep-evals
+
+## all: activations -> suite -> edge scores -> connections (C) -> finetune -> evaluation on
+## held-out and training tokens, then a report beside the all-connections suite finetuned the
+## same way (and, with CONTROL=1, random connections).
+all: settings $(REPORT)/.done $(if $(filter 1,$(VIEW)),$(VIEW_DIR)/.done,)
+	@echo "## before finetuning ($(if $(CONNECTIONS),$(CONNECTIONS),C=$(C)$(if $(EMBED_C),$(comma) EMBED_C=$(EMBED_C),)$(if $(UNEMBED_C),$(comma) UNEMBED_C=$(UNEMBED_C),)), held-out tokens)" && cat $(EVAL0)/table.md
+	@echo "## after finetuning ($(LOSS), $(STEPS) steps, held-out tokens)" && cat $(EVAL)/table.md
+	@echo "## report" && cat $(REPORT)/compare.md
+	@echo "report: $(REPORT)/compare.md (plot: compare.png)"
 	@$(if $(filter 1,$(VIEW)),echo "feature browser: $(VIEW_DIR)/index.html",echo "feature browser: make view")
 
+$(REPORT)/.done: $(addsuffix /.done,$(REPORT_EVALS)) | $(BUILD_DEP)
+	$(BIN)/evaluate --compare $(REPORT_EVALS) --out $(@D) > /dev/null
+	touch $@
+
+## settings: print the preset and the settings every stage runs with (`make all` starts so).
+HELP_VARS := PIPELINE MODEL DATA HELDOUT CTX N_SEQS N_HELDOUT BOS PACK DTYPE BATCH THREADS SEED \
+    EXPANSION K SUITE_STEPS SUITE_LR DEAD_THRESHOLD SUITE CONNECTIONS C KEEP EMBED_C UNEMBED_C SELECT \
+    LOSS STEPS LR DECAY AUXK CKPT_EVERY DENSE_CONTROL CONTROL RANDOM_SEED VIEW VIEW_SEQS CS TOY_SEED OUT BUILD
+settings:
+	@echo "make: preset $(PIPELINE) (pipelines/$(PIPELINE).mk)$(if $(filter command line environment,$(origin MODEL)),$(comma) MODEL from the $(origin MODEL),)"
+	@echo "  data: MODEL=$(MODEL) DATA=$(DATA) HELDOUT=$(if $(HELDOUT),$(HELDOUT),<DATA after $(N_SEQS) sequences>) CTX=$(CTX) N_SEQS=$(N_SEQS) N_HELDOUT=$(N_HELDOUT) BOS=$(BOS) PACK=$(PACK) DTYPE=$(DTYPE)"
+	@echo "  suite: $(if $(SUITE),SUITE=$(SUITE),EXPANSION=$(EXPANSION) K=$(K) SUITE_STEPS=$(SUITE_STEPS) SUITE_LR=$(SUITE_LR)) BATCH=$(BATCH) SEED=$(SEED) DEAD_THRESHOLD=$(DEAD_THRESHOLD)"
+	@echo "  connections: $(if $(CONNECTIONS),CONNECTIONS=$(CONNECTIONS),C=$(C) KEEP=$(KEEP) EMBED_C=$(EMBED_C) UNEMBED_C=$(UNEMBED_C) SELECT=$(SELECT))"
+	@echo "  finetune: LOSS=$(LOSS) STEPS=$(STEPS) LR=$(LR) DECAY=$(DECAY) AUXK=$(AUXK) CKPT_EVERY=$(CKPT_EVERY); controls: DENSE_CONTROL=$(DENSE_CONTROL) CONTROL=$(CONTROL)"
 
 ## build: compile the tools (release).
 build:
 	cargo build --release --workspace
 
-# The toy model and corpus (the toy preset's MODEL and DATA).
-TOY := $(OUT)/toy
-$(TOY)/.done: | build
-	$(BIN)/toy-lm $(THREADS_FLAG) --out $(TOY) --overwrite
+# The toy model and corpus (the toy preset's MODEL, DATA and HELDOUT).
+$(TOY)/.done: | $(BUILD_DEP)
+	$(BIN)/toy-lm $(THREADS_FLAG) --seed $(TOY_SEED) --out $(TOY) --overwrite
 	touch $@
-$(TOY)/model $(TOY)/corpus.txt: $(TOY)/.done
-TOY_DEP := $(if $(filter $(TOY)/%,$(MODEL) $(DATA)),$(TOY)/.done,)
+$(TOY)/model $(TOY)/corpus.txt $(TOY)/heldout.txt: $(TOY)/.done
+TOY_DEP := $(if $(filter $(TOY)/%,$(MODEL) $(DATA) $(HELDOUT)),$(TOY)/.done,)
 
-## toy: write the toy corpus and train the toy language model.
+## toy: write the toy corpus and held-out stories and train the toy language model.
 toy: $(TOY)/.done
 
-## acts: cache activations of MODEL on DATA.
+## acts: cache activations of MODEL on DATA (training tokens).
 acts: $(ACTS)/.done
-$(ACTS)/.done: $(TOY_DEP) | build
+$(ACTS)/.done: $(TOY_DEP) | $(BUILD_DEP)
 	$(BIN)/collect-acts --model $(MODEL) --data $(DATA) --ctx-len $(CTX) $(BOS_FLAG) $(PACK_FLAG) \
 	    --n-seqs $(N_SEQS) --batch-size $(BATCH) --dtype $(DTYPE) $(THREADS_FLAG) \
-	    --out $(ACTS) --overwrite
+	    --out $(@D) --overwrite
+	touch $@
+
+## heldout: cache activations of MODEL on held-out text (HELDOUT, or DATA after N_SEQS).
+heldout: $(HACTS)/.done
+$(HACTS)/.done: $(TOY_DEP) | $(BUILD_DEP)
+	$(BIN)/collect-acts --model $(MODEL) $(HELD_DATA) --ctx-len $(CTX) $(BOS_FLAG) $(PACK_FLAG) \
+	    --n-seqs $(N_HELDOUT) --batch-size $(BATCH) --dtype $(DTYPE) $(THREADS_FLAG) \
+	    --out $(@D) --overwrite
 	touch $@
 
 ## suite: pretrain a TopK suite on the cache (skipped when SUITE is set).
 suite: $(SUITE_DEP)
-$(TRAINED)/.done: $(ACTS)/.done | build
+$(TRAINED)/.done: $(ACTS)/.done | $(BUILD_DEP)
 	$(BIN)/train-suite --acts $(ACTS) --expansion $(EXPANSION) --k $(K) --steps $(SUITE_STEPS) \
-	    --lr $(SUITE_LR) --batch-size $(BATCH) $(THREADS_FLAG) --out $(TRAINED) --overwrite
+	    --lr $(SUITE_LR) --batch-size $(BATCH) --seed $(SEED) --dead-threshold $(DEAD_THRESHOLD) \
+	    $(THREADS_FLAG) $(CKPT_FLAG) --out $(@D) \
+	    $$(test -f $(@D)/checkpoint/state.json && echo --resume || echo --overwrite)
 	touch $@
 
 ## edges: score every edge of the suite on the cache.
 edges: $(EDGES)/.done
-$(EDGES)/.done: $(ACTS)/.done $(SUITE_DEP) | build
+$(EDGES)/.done: $(ACTS)/.done $(SUITE_DEP) | $(BUILD_DEP)
 	$(BIN)/score-edges --acts $(ACTS) --suite $(SUITE_PATH) --keep $(KEEP) $(if $(EMBED_C),--embed,) $(if $(UNEMBED_C),--unembed,) \
-	    $(THREADS_FLAG) --out $(EDGES) --overwrite
+	    $(THREADS_FLAG) --out $(@D) --overwrite
 	touch $@
 
 ## connections: pick C connections per feature with SELECT (or use CONNECTIONS).
 connections: $(CONN)
-ifeq ($(CONNECTIONS),)
-$(CONN): $(EDGES)/.done | build
-	$(SELECT) --edges $(EDGES)/edges.parquet --c $(C) $(EMBED_FLAG) --out $@
-else
-$(CONN):
+ifneq ($(CONNECTIONS),)
+$(CONNECTIONS):
 	@test -f '$@' || { echo "make: CONNECTIONS=$@: no such file" >&2; exit 1; }
 endif
 
-ifneq ($(WITH_CONTROL),)
-$(RAND_CONN): $(EDGES)/.done | build
-	$(BIN)/select-edges --edges $(EDGES)/edges.parquet --c $(C) $(EMBED_FLAG) --random $(RANDOM_SEED) --out $@
-endif
-
-$(FT_RAND)/.done: $(RAND_CONN) $(ACTS)/.done $(SUITE_DEP) | build
-	$(BIN)/finetune --acts $(ACTS) --suite $(SUITE_PATH) --connections $(RAND_CONN) --loss $(LOSS) \
-	    --steps $(STEPS) --lr $(LR) --decay-start $(DECAY) --batch-size $(BATCH) $(THREADS_FLAG) \
-	    --out $(FT_RAND) --overwrite
-	touch $@
-
-$(EVAL_RAND)/.done: $(FT_RAND)/.done | build
-	mkdir -p $(dir $(EVAL_RAND))
-	$(BIN)/evaluate --acts $(ACTS) --suite $(FT_RAND) --connections $(RAND_CONN) $(THREADS_FLAG) \
-	    --out $(EVAL_RAND) --overwrite > $(EVAL_RAND).md.tmp
-	mv $(EVAL_RAND).md.tmp $(EVAL_RAND)/table.md
-	touch $@
-
 ## finetune: finetune the suite through the pruned pass with the connections.
 finetune: $(FT)/.done
-$(FT)/.done: $(CONN) $(ACTS)/.done $(SUITE_DEP) | build
-	$(BIN)/finetune --acts $(ACTS) --suite $(SUITE_PATH) --connections $(CONN) --loss $(LOSS) \
-	    --steps $(STEPS) --lr $(LR) --decay-start $(DECAY) --batch-size $(BATCH) $(THREADS_FLAG) \
-	    --out $(FT) --overwrite
-	touch $@
 
-## eval: evaluate the finetuned suite with the connections (CE, FVU, L0, dead features).
-eval: $(EVAL)/.done
-$(EVAL)/.done: $(FT)/.done | build
-	mkdir -p $(dir $(EVAL))
-	$(BIN)/evaluate --acts $(ACTS) --suite $(FT) --connections $(CONN) $(THREADS_FLAG) \
-	    --out $(EVAL) --overwrite > $(EVAL).md.tmp
-	mv $(EVAL).md.tmp $(EVAL)/table.md
-	touch $@
+## eval: evaluate the finetuned suite on held-out and training tokens.
+eval: $(EVAL)/.done $(EV_$(MAIN)-finetuned_train)/.done
+	@cat $(EVAL)/table.md
 
-$(EVAL0)/.done: $(CONN) $(ACTS)/.done $(SUITE_DEP) | build
-	mkdir -p $(dir $(EVAL0))
-	$(BIN)/evaluate --acts $(ACTS) --suite $(SUITE_PATH) --connections $(CONN) $(THREADS_FLAG) \
-	    --out $(EVAL0) --overwrite > $(EVAL0).md.tmp
-	mv $(EVAL0).md.tmp $(EVAL0)/table.md
-	touch $@
-
-## view: write the feature browser of the finetuned suite (open its index.html).
+## view: write the feature browser of the finetuned suite on held-out tokens (open its index.html).
 view: $(VIEW_DIR)/.done
 	@echo "feature browser: $(VIEW_DIR)/index.html"
-$(VIEW_DIR)/.done: $(FT)/.done | build
-	$(BIN)/view-features --acts $(ACTS) --suite $(FT) --connections $(CONN) \
+$(VIEW_DIR)/.done: $(FT)/.done $(HACTS)/.done | $(BUILD_DEP)
+	$(BIN)/view-features --acts $(HACTS) --suite $(FT) \
 	    $(if $(CONNECTIONS),,--edges $(EDGES)/edges.parquet) $(if $(VIEW_SEQS),--n-seqs $(VIEW_SEQS),) \
-	    $(THREADS_FLAG) --out $(VIEW_DIR) --overwrite
+	    $(THREADS_FLAG) --out $(@D) --overwrite
 	touch $@
 
 ## sweep: finetune and evaluate for every C in CS, then compare (table + plot).
-sweep: $(EVAL_ALL)/.done $(EVAL0)/.done
-	@for c in $(CS); do $(MAKE) --no-print-directory eval C=$$c; done
-	$(BIN)/evaluate --compare $(EVAL_ALL) $(EVAL0) \
-	    $(foreach c,$(CS),$$($(MAKE) --no-print-directory -s print-eval C=$(c))) --out $(SWEEP)
-
-# The evaluation folder of the current C (used by sweep).
-print-eval:
-	@echo $(EVAL)
-
-$(EVAL_ALL)/.done: $(ACTS)/.done $(SUITE_DEP) | build
-	mkdir -p $(dir $(EVAL_ALL))
-	$(BIN)/evaluate --acts $(ACTS) --suite $(SUITE_PATH) --connections all $(THREADS_FLAG) \
-	    --out $(EVAL_ALL) --overwrite > $(EVAL_ALL).md.tmp
-	mv $(EVAL_ALL).md.tmp $(EVAL_ALL)/table.md
+sweep: settings $(SWEEP)/.done
+	@cat $(SWEEP)/compare.md
+	@echo "sweep plot: $(SWEEP)/compare.png"
+$(SWEEP)/.done: $(addsuffix /.done,$(SWEEP_EVALS)) | $(BUILD_DEP)
+	$(BIN)/evaluate --compare $(SWEEP_EVALS) --out $(@D) > /dev/null
 	touch $@
+
+# The evaluation folders the report and the sweep read (scripts/toy-seeds.sh).
+print-report-evals:
+	@echo $(REPORT_EVALS)
+print-sweep-evals:
+	@echo $(SWEEP_EVALS)
 
 ## test: check formatting, build, then run every test in release mode (the CI command).
 test: build
@@ -252,9 +323,11 @@ test: build
 clean:
 	rm -rf $(OUT)
 
-## help: list targets and variables with their current values.
+## help: list the targets, then every variable with its current value and comment.
 help:
 	@grep -E '^## ' $(firstword $(MAKEFILE_LIST)) | sed 's/^## /  /'
 	@echo
-	@echo "Variables (PIPELINE=$(PIPELINE)):"
-	@$(foreach v,PIPELINE MODEL DATA CTX N_SEQS BOS PACK DTYPE BATCH THREADS EXPANSION K SUITE_STEPS SUITE_LR SUITE CONNECTIONS C EMBED_C UNEMBED_C KEEP SELECT CONTROL RANDOM_SEED VIEW VIEW_SEQS LOSS STEPS LR DECAY CS OUT,echo "  $(v) = $($(v))";)
+	@echo "Variables (preset $(PIPELINE): pipelines/$(PIPELINE).mk; set any on the command line, e.g. make all C=8):"
+	@awk -v vars="$(HELP_VARS)" -v values_file=/dev/stdin -f scripts/make-help.awk $(firstword $(MAKEFILE_LIST)) \
+	    $(filter pipelines/default.mk,$(MAKEFILE_LIST)) $(filter-out pipelines/default.mk,$(filter pipelines/%,$(MAKEFILE_LIST))) \
+	    < <(printf '%s\n' $(foreach v,$(HELP_VARS),'$(v)=$($(v))'))

@@ -100,7 +100,7 @@ pub fn collect(inputs: &Inputs, conns: Option<&Connections>, cfg: &BrowseConfig,
     let cache = inputs.cache();
     let m = &cache.manifest;
     let total = cfg.limit.unwrap_or(m.n_seqs).min(m.n_seqs);
-    let bar = crate::util::token_bar(Some((total * m.ctx_len) as u64), "reading features");
+    let mut bar = crate::util::token_bar(Some((total * m.ctx_len) as u64), "view-features");
     let mut stats = vec![vec![FeatureStats::default(); f]; n_mod];
     let mut rng = SplitMix(cfg.seed ^ 0x5ca3_b20e);
     let (mut n_tokens, mut seq0) = (0u64, 0usize);
@@ -159,7 +159,7 @@ pub fn collect(inputs: &Inputs, conns: Option<&Connections>, cfg: &BrowseConfig,
         bar.inc((b * s) as u64);
         Ok(())
     })?;
-    bar.finish_and_clear();
+    bar.finish();
     for fs in stats.iter_mut().flatten() {
         fs.top.sort_by(|a, b| b.act.total_cmp(&a.act));
         fs.sampled.sort_by(|a, b| b.act.total_cmp(&a.act));

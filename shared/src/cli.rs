@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use candle_core::{DType, Device};
 
 /// Options every compute tool accepts (flatten into the tool's args with `#[command(flatten)]`).
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, clap::Args, serde::Serialize)]
 pub struct Common {
     /// Where to compute: `cpu`, or `cuda` / `cuda:N` (needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu", value_parser = parse_device_name)]
@@ -15,8 +15,10 @@ pub struct Common {
     /// Random seed for everything that draws numbers.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// CPU threads, 1 to 1024 (default: all cores; `RAYON_NUM_THREADS` also works).
+    /// CPU threads, 1 to 1024 (default: all cores; `RAYON_NUM_THREADS` also works). Results do
+    /// not depend on it.
     #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
+    #[serde(skip)]
     pub threads: Option<usize>,
 }
 
@@ -69,6 +71,12 @@ pub fn run_main(tool: &str, body: impl FnOnce() -> anyhow::Result<()>) -> ExitCo
             if broken_pipe {
                 return ExitCode::SUCCESS;
             }
+            if let Some(crate::error::Error::Interrupted(msg)) =
+                e.chain().find_map(|c| c.downcast_ref::<crate::error::Error>())
+            {
+                crate::note!("{tool}: {msg}");
+                return ExitCode::from(130);
+            }
             // One line: each cause's first line (candle appends a backtrace on later lines
             // when RUST_BACKTRACE is set).
             let causes: Vec<String> = e
@@ -80,6 +88,55 @@ pub fn run_main(tool: &str, body: impl FnOnce() -> anyhow::Result<()>) -> ExitCo
             ExitCode::from(1)
         }
     }
+}
+
+/// Parse a tool's arguments like `A::parse()`, adding a hint where a flag was mistaken for a
+/// similar one: `--tokens N` (a file of token ids) for the token budget `--n-tokens N`.
+pub fn parse_args<A: clap::Parser>() -> A {
+    A::try_parse().unwrap_or_else(|e| {
+        let argv: Vec<String> = std::env::args().collect();
+        let numeric_tokens =
+            argv.windows(2).any(|w| w[0] == "--tokens" && !w[1].is_empty() && w[1].chars().all(|c| c.is_ascii_digit()));
+        if numeric_tokens && e.use_stderr() {
+            let _ = e.print();
+            crate::note!(
+                "hint: --tokens names a file of pre-tokenized data; the number of tokens to train on is --n-tokens"
+            );
+            std::process::exit(2);
+        }
+        e.exit()
+    })
+}
+
+/// The flags of a training tool's command `cmd` that its run configuration (`args` serialised:
+/// what `--resume` compares, [`crate::formats::runconfig::RunConfig`]) misses, and the flags it
+/// holds that cannot change a run. Both must be empty: every flag is part of the run unless it
+/// is one of the few that cannot change the result (marked `#[serde(skip)]`).
+pub fn run_config_mismatches(cmd: &clap::Command, args: &impl serde::Serialize) -> Vec<String> {
+    const NOT_RUN: [&str; 8] = [
+        "--out",
+        "--resume",
+        "--overwrite",
+        "--halt-after",
+        "--checkpoint-every",
+        "--threads",
+        "--steps",
+        "--n-tokens",
+    ];
+    let v = serde_json::to_value(args).expect("arguments serialize");
+    let keys: Vec<String> =
+        v.as_object().map_or(Vec::new(), |m| m.keys().map(|k| crate::formats::runconfig::flag_name(k)).collect());
+    let mut out = Vec::new();
+    for arg in cmd.get_arguments() {
+        let Some(long) = arg.get_long() else { continue };
+        let flag = format!("--{long}");
+        match (keys.contains(&flag), NOT_RUN.contains(&flag.as_str())) {
+            (false, false) => out.push(format!("{flag} is missing from the run configuration")),
+            (true, true) => out.push(format!("{flag} cannot change a run but is part of its configuration")),
+            _ => {}
+        }
+    }
+    out
 }
 
 /// `say!(...)`: [`say`] with `println!`'s arguments (a line on stdout); returns the write's result.
@@ -118,7 +175,7 @@ fn finite_f64(s: &str, bound: &str, ok: fn(f64) -> bool) -> std::result::Result<
 }
 
 /// How the tools that read a whole cache (`evaluate`, `score-edges`) go through it.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, clap::Args, serde::Serialize)]
 pub struct CacheRunArgs {
     /// Use only the first N cached sequences (default: all).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
@@ -131,6 +188,7 @@ pub struct CacheRunArgs {
     pub model: Option<String>,
     /// Replace an existing, non-empty --out folder.
     #[arg(long)]
+    #[serde(skip)]
     pub overwrite: bool,
 }
 
@@ -142,7 +200,7 @@ impl CacheRunArgs {
 }
 
 /// Options of the pruned pass that every tool running it shares.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, clap::Args, serde::Serialize)]
 pub struct PassArgs {
     /// Use the consistent attention b_dec term (mixed by the pattern with key-position LN
     /// scales) instead of the reference's query-position form (default: the reference's, for
@@ -160,14 +218,16 @@ impl PassArgs {
 
 /// Where token sequences come from when a tool runs the model itself (collect-acts, and the
 /// training tools' streaming mode).
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, clap::Args, serde::Serialize)]
 pub struct DataArgs {
     /// Text dataset: .parquet (HF style), .jsonl, .jsonl.zst (as the Pile) or .txt (one
-    /// document per line).
+    /// document per line). Default: none (collect-acts requires it or --tokens; the training
+    /// tools read it with --model instead of --acts).
     #[arg(long, conflicts_with = "tokens")]
     pub data: Option<std::path::PathBuf>,
     /// Pre-tokenized data: a .parquet list-of-integers column or a .safetensors file with a
-    /// `tokens` tensor (n_seqs, ctx); each row is treated as one document.
+    /// `tokens` tensor (n_seqs, ctx); each row is treated as one document. Default: none (the
+    /// alternative to --data).
     #[arg(long)]
     pub tokens: Option<std::path::PathBuf>,
     /// Column (parquet) or field (jsonl) holding the text.
@@ -179,13 +239,14 @@ pub struct DataArgs {
     /// Tokens per sequence (at most the model's n_ctx).
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(2..))]
     pub ctx_len: u64,
-    /// Put the BOS token first in every sequence (TransformerLens' default).
+    /// Put the BOS token first in every sequence (the default, as TransformerLens').
     #[arg(long, conflicts_with = "no_prepend_bos")]
     pub prepend_bos: bool,
     /// Do not prepend BOS (the reference's finetuning scripts).
     #[arg(long)]
     pub no_prepend_bos: bool,
-    /// Concatenate documents separated by EOS instead of skipping those shorter than ctx_len.
+    /// Concatenate documents separated by EOS instead of skipping those shorter than ctx_len
+    /// (default: skip them, as the reference's buffer).
     #[arg(long)]
     pub pack: bool,
 }
@@ -218,7 +279,7 @@ impl DataArgs {
 }
 
 /// Schedule, clipping and checkpoint options of the training tools.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, clap::Args, serde::Serialize)]
 pub struct RunArgs {
     /// Warmup length as a proportion of the steps.
     #[arg(long, default_value_t = 0.0)]
@@ -229,17 +290,24 @@ pub struct RunArgs {
     /// Per-module gradient-norm clip, or `none`.
     #[arg(long, default_value = "1.0")]
     pub clip_grad: String,
-    /// Write a checkpoint every N steps.
+    /// Write a checkpoint every N steps, after the last step, and where the lr starts to decay
+    /// (checkpoint-decay/, so a finished run can be extended with a larger --steps). Default:
+    /// no checkpoints, except on Ctrl-C.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[serde(skip)]
     pub checkpoint_every: Option<u64>,
-    /// Continue from `--out`/checkpoint with the same arguments.
+    /// Continue from `--out`/checkpoint with the same flags (a larger --steps extends a finished
+    /// run from where its lr started to decay).
     #[arg(long)]
+    #[serde(skip)]
     pub resume: bool,
     /// Stop after this many steps of this run, keeping the checkpoint (for tests of resume).
     #[arg(long, hide = true)]
+    #[serde(skip)]
     pub halt_after: Option<u64>,
     /// Replace an existing, non-empty --out folder (without --resume).
     #[arg(long)]
+    #[serde(skip)]
     pub overwrite: bool,
 }
 
@@ -280,17 +348,19 @@ impl RunArgs {
 }
 
 /// Steps, batches and dead-feature tracking of the training tools.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, clap::Args, serde::Serialize)]
 pub struct StepArgs {
     /// Sequences per step.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
     pub batch_size: u64,
-    /// Number of steps.
+    /// Number of steps (or --n-tokens; one of them is required).
     #[arg(long, conflicts_with = "n_tokens", value_parser = clap::value_parser!(u64).range(1..))]
+    #[serde(skip)]
     pub steps: Option<u64>,
-    /// Train on this many tokens (steps = n_tokens / (batch_size · ctx_len)). (`--tokens`
-    /// names a pre-tokenized data file.)
+    /// Train on this many tokens (steps = n_tokens / (batch_size · ctx_len)); one of --steps and
+    /// --n-tokens is required. (`--tokens` names a pre-tokenized data file.)
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[serde(skip)]
     pub n_tokens: Option<u64>,
     /// Shuffle sequences within each cache shard every epoch (default: cache order, as the
     /// reference).
@@ -346,7 +416,8 @@ impl StepArgs {
 }
 
 /// How a training step is computed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// The CPU engine for f32 on the CPU, autograd otherwise.
     Auto,
@@ -357,7 +428,8 @@ pub enum Backend {
 }
 
 /// Compute dtype of a training step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ComputeDType {
     F32,
     /// Mixed precision: the forward/backward in bf16; parameters, gradients, optimizer state
@@ -366,7 +438,7 @@ pub enum ComputeDType {
 }
 
 /// `--dtype` and `--backend` of the training tools.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, clap::Args, serde::Serialize)]
 pub struct ComputeArgs {
     /// Compute dtype (bf16: mixed precision with f32 master weights).
     #[arg(long, value_enum, default_value = "f32")]
@@ -390,14 +462,6 @@ impl ComputeArgs {
             Backend::Engine => Ok(true),
             Backend::Autograd => Ok(false),
             Backend::Auto => Ok(f32_cpu),
-        }
-    }
-
-    /// Record these flags in a resume digest's arguments. The dtype enters only when it is
-    /// not f32, so checkpoints written before bf16 existed stay resumable.
-    pub fn add_to_digest(&self, args: &mut serde_json::Value) {
-        if self.dtype != ComputeDType::F32 {
-            args["dtype"] = serde_json::json!(format!("{:?}", self.dtype));
         }
     }
 

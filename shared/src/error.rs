@@ -18,6 +18,10 @@ pub enum Error {
     /// (The I/O error is part of the message, not a separate cause, so that it prints once.)
     #[error("{}: {err}", path.display())]
     Io { path: PathBuf, err: std::io::Error },
+    /// The run was stopped by Ctrl-C or SIGTERM at a step boundary (exit status 130); the
+    /// message says where and how to continue.
+    #[error("{0}")]
+    Interrupted(String),
     /// A tensor operation failed (shape bugs land here; user input is checked before).
     #[error("tensor operation failed: {0}")]
     Candle(candle_core::Error),

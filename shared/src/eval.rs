@@ -22,6 +22,11 @@ pub struct EvalConfig {
     pub suite: PathBuf,
     /// The connections file (recorded in the report; the set itself is passed to [`run`]).
     pub connections: Option<PathBuf>,
+    /// The file's metadata, the lineage check and the pass in words (from
+    /// [`crate::inputs::Chosen`]).
+    pub connections_meta: Vec<(String, String)>,
+    pub connections_lineage: Option<crate::formats::suite::LineageCheck>,
+    pub pass_description: String,
     pub batch_size: usize,
     /// Use only the first N cached sequences.
     pub limit: Option<usize>,
@@ -59,6 +64,68 @@ pub fn connections_c(path: &Path, conns: &Connections) -> Result<u64> {
         .find(|(k, _)| k == "c")
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or_else(|| conns.edges.iter().flatten().map(Vec::len).max().unwrap_or(0) as u64))
+}
+
+/// Whether `suite` was trained on the tokens of `cache`, from its lineage: `("training", why)`
+/// when a training stage read this cache or overlapping sequences of the same text,
+/// `("held-out", why)` when none did, `("unknown", why)` when the suite records no training data.
+pub fn token_split(
+    suite: &crate::formats::suite::Suite,
+    cache: &crate::formats::cache::Cache,
+) -> Result<(String, String)> {
+    let trained = &suite.lineage.trained_on;
+    if trained.is_empty() {
+        return Ok((
+            "unknown".into(),
+            "the suite records no training data (a reference suite, or one written before scae recorded lineage)"
+                .into(),
+        ));
+    }
+    let id = cache.id()?;
+    let m = &cache.manifest;
+    for t in trained {
+        if t.cache_id.as_deref() == Some(id.as_str()) {
+            return Ok(("training".into(), format!("{} trained the suite on this cache", t.tool)));
+        }
+        if let Some(d) = &t.data {
+            let same_layout = t.ctx_len == m.ctx_len && t.prepend_bos == m.prepend_bos;
+            if d.overlaps(t.n_seqs, &m.data, m.n_seqs as u64, same_layout) == Some(true) {
+                return Ok((
+                    "training".into(),
+                    format!(
+                        "{} read {} sequences of the same text ({}), overlapping these",
+                        t.tool, t.n_seqs, d.source
+                    ),
+                ));
+            }
+        }
+    }
+    let unknown =
+        trained.iter().any(|t| t.data.as_ref().is_none_or(|d| d.fingerprint.is_none()) || m.data.fingerprint.is_none());
+    if unknown {
+        return Ok(("unknown".into(), "a training stage or this cache does not record its data's fingerprint".into()));
+    }
+    Ok((
+        "held-out".into(),
+        format!("none of the {} training stage(s) of the suite read these sequences", trained.len()),
+    ))
+}
+
+/// How the suite at `dir` was trained last, from its config.json: tool, loss, steps, lr,
+/// batch size and connections (`None` when the folder has no scae config).
+pub fn suite_training(dir: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let flags = &v["args"]["run"]["flags"];
+    Some(serde_json::json!({
+        "tool": v["created_by"].as_str()?.split(' ').next(),
+        "loss": flags["--loss"],
+        "lr": flags["--lr"],
+        "steps": v["args"]["run"]["steps"],
+        "batch_size": flags["--batch-size"],
+        "auxk_alpha": flags["--auxk-alpha"],
+        "connections": v["lineage"]["connections"]["source"],
+    }))
 }
 
 /// Evaluate `inputs.suite` with `conns` (all connections when `None`) on `inputs`' cache.
@@ -100,8 +167,8 @@ pub fn run(inputs: &Inputs, conns: Option<&Connections>, cfg: &EvalConfig, devic
     let mut dump: HashMap<String, Vec<Tensor>> = HashMap::new();
     let cache = inputs.cache();
     let m = &cache.manifest;
-    let bar =
-        crate::util::token_bar(Some((cfg.limit.unwrap_or(m.n_seqs).min(m.n_seqs) * m.ctx_len) as u64), "evaluating");
+    let mut bar =
+        crate::util::token_bar(Some((cfg.limit.unwrap_or(m.n_seqs).min(m.n_seqs) * m.ctx_len) as u64), "evaluate");
     let sum = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?) };
     let n_seqs = cache.for_each_batch(cfg.batch_size, cfg.limit, device, |batch| {
         let out = pass.run(&batch)?;
@@ -139,7 +206,7 @@ pub fn run(inputs: &Inputs, conns: Option<&Connections>, cfg: &EvalConfig, devic
         bar.inc((b * s) as u64);
         Ok(())
     })?;
-    bar.finish_and_clear();
+    bar.finish();
     let (ce, clean_ce, ce_zero) = (ce_sum / n_pred as f64, clean_sum / n_pred as f64, zero_sum / n_pred as f64);
     let mut modules = BTreeMap::new();
     let (mut mean_fvu, mut mean_l0, mut mean_dead) = (0.0, 0.0, 0.0);
@@ -154,7 +221,19 @@ pub fn run(inputs: &Inputs, conns: Option<&Connections>, cfg: &EvalConfig, devic
         let fvu_ref = st.fvu_ref_sum / n_batches as f64;
         modules.insert(module.name(), ModuleEval { fvu, fvu_ref, l0, dead_fraction: dead });
     }
+    let (tokens, tokens_note) = token_split(suite, inputs.cache())?;
+    let suite_id = suite.id()?;
+    let root_suite_id = suite.lineage.ancestors.last().cloned().unwrap_or_else(|| suite_id.clone());
     let report = EvalReport {
+        tokens,
+        tokens_note,
+        cache_id: Some(inputs.cache().id()?),
+        pass: cfg.pass_description.clone(),
+        random_connections: cfg.connections_meta.iter().any(|(k, _)| k == "random_seed"),
+        connections_lineage: cfg.connections_lineage.clone(),
+        suite_id: Some(suite_id),
+        root_suite_id: Some(root_suite_id),
+        suite_training: suite_training(&cfg.suite),
         format: FORMAT.into(),
         version: VERSION,
         acts: cfg.acts.clone(),

@@ -17,6 +17,8 @@ pub struct Inputs {
     pub cache: Option<Cache>,
     pub model: Model,
     pub suite: Suite,
+    /// `--suite` as given.
+    pub suite_path: std::path::PathBuf,
 }
 
 impl Inputs {
@@ -35,9 +37,10 @@ impl Inputs {
                 format!("{what}, but {} says otherwise; they do not belong together", manifest.display()),
             )
         };
-        check_fit(&suite, m.d_model, m.n_layers, &m.hash, "cache", mismatch)?;
+        check_fit(&suite, m.d_model, m.n_layers, "cache", &mismatch)?;
         let model = cache.load_model(model_override, device)?;
-        Ok(Inputs { cache: Some(cache), model, suite })
+        check_model(&suite, &model, "cache", &mismatch)?;
+        Ok(Inputs { cache: Some(cache), model, suite, suite_path: suite_path.to_path_buf() })
     }
 
     /// Open a model (folder or hub id) and a suite for streaming: activations are computed
@@ -49,8 +52,9 @@ impl Inputs {
         let cfg = model.cfg();
         let mismatch =
             |what: String| Error::input(suite_path, format!("{what}; it does not belong to --model {model_spec}"));
-        check_fit(&suite, cfg.d_model, cfg.n_layers, &model.hash, "model", mismatch)?;
-        Ok(Inputs { cache: None, model, suite })
+        check_fit(&suite, cfg.d_model, cfg.n_layers, "model", &mismatch)?;
+        check_model(&suite, &model, "model", &mismatch)?;
+        Ok(Inputs { cache: None, model, suite, suite_path: suite_path.to_path_buf() })
     }
 
     /// The cache (tools that require `--acts` open with it).
@@ -71,67 +75,164 @@ impl Inputs {
     }
 
     /// The connection set a pass uses, from `--connections`: a file; `all` for every
-    /// preceding feature (`None`); or, when absent, the connections stored with a reference
-    /// suite if it has them (as the reference's `from_pretrained` does), else all. `tool`
-    /// prefixes what is said about the choice.
-    pub fn choose_connections(&self, arg: Option<&Path>, tool: &str) -> Result<Option<Connections>> {
+    /// preceding feature (no set); or, when absent, the connections stored with the suite (a
+    /// finetuned suite's `connections.parquet`, a reference checkpoint's `connections`, as the
+    /// reference's `from_pretrained` does), else all. Says on stderr, prefixed with `tool`,
+    /// which pass runs, and warns when the file's edges were scored for a suite outside this
+    /// suite's lineage.
+    pub fn choose_connections(&self, arg: Option<&Path>, tool: &str) -> Result<Chosen> {
         let embedded = self.suite.embedded.as_ref();
-        match arg {
+        let stored =
+            |e: &crate::formats::reference::Embedded| format!("stored with the suite in {}", e.source.display());
+        let (set, file, how) = match arg {
             Some(p) if is_all(p) => {
-                if let Some(e) = embedded {
-                    crate::note!(
-                        "{tool}: --connections all: the full pass, not the connections in {}",
-                        e.source.display()
-                    );
-                }
-                Ok(None)
+                let how = match embedded {
+                    Some(e) => format!("--connections all, not those {}", stored(e)),
+                    None => "--connections all".to_string(),
+                };
+                (None, None, how)
             }
             Some(p) => {
+                let given = self.connections(p)?;
                 if let Some(e) = embedded {
-                    crate::note!("{tool}: using {} instead of the connections in {}", p.display(), e.source.display());
+                    let same = e
+                        .connections(&self.suite.modules, self.suite.n_features, self.parallel())
+                        .is_ok_and(|s| s == given);
+                    if !same {
+                        crate::note!("{tool}: using {} instead of the connections {}", p.display(), stored(e));
+                    }
                 }
-                self.connections(p).map(Some)
+                (Some(given), Some(p.to_path_buf()), format!("from {}", p.display()))
             }
             None => match embedded {
-                None => Ok(None),
+                None => (None, None, "the suite stores none; --connections FILE for a pruned pass".to_string()),
                 Some(e) => {
                     let c = e.connections(&self.suite.modules, self.suite.n_features, self.parallel())?;
-                    crate::note!(
-                        "{tool}: using the {} connections stored in {} (--connections all for the full pass, --connections FILE for others)",
-                        c.n_edges(),
-                        e.source.display()
-                    );
-                    Ok(Some(c))
+                    (Some(c), Some(e.source.clone()), format!("{} (--connections all for the full pass)", stored(e)))
                 }
             },
+        };
+        let meta: Vec<(String, String)> = match &file {
+            Some(p) if p.extension().is_some_and(|e| e == "parquet") => crate::util::table::parquet_metadata(p)?,
+            _ => Vec::new(),
+        };
+        let scored_for = meta.iter().find(|(k, _)| k == "suite_id").map(|(_, v)| v.clone());
+        let scored_path = meta.iter().find(|(k, _)| k == "suite").map(|(_, v)| v.clone());
+        let lineage = match &scored_for {
+            None => None,
+            Some(id) => {
+                let own = self.suite.id()?;
+                let (path, file) =
+                    (self.suite_path.display(), file.as_ref().expect("metadata comes from a file").display());
+                Some(if *id == own {
+                    LineageCheck { in_lineage: true, note: format!("{file} was scored for this suite") }
+                } else if let Some(n) = self.suite.lineage.ancestors.iter().position(|a| a == id) {
+                    LineageCheck {
+                        in_lineage: true,
+                        note: format!("{file} was scored for an ancestor of {path} ({} generation(s) back)", n + 1),
+                    }
+                } else {
+                    let other = scored_path.as_deref().unwrap_or("a suite whose path was not recorded");
+                    let note = format!(
+                        "{file} was scored for suite {} ({other}), which is neither {path} ({}) nor one of its ancestors",
+                        crate::util::fingerprint::short(id),
+                        crate::util::fingerprint::short(&own)
+                    );
+                    crate::note!("{tool}: warning: {note}");
+                    LineageCheck { in_lineage: false, note }
+                })
+            }
+        };
+        let pass = match &set {
+            Some(c) => {
+                let mut n = format!("{} connections", c.n_edges());
+                if c.n_embed_edges() > 0 {
+                    n.push_str(&format!(" + {} from the embedding", c.n_embed_edges()));
+                }
+                if c.n_unembed_edges() > 0 {
+                    n.push_str(&format!(" + {} into the unembedding", c.n_unembed_edges()));
+                }
+                format!("pruned, {n} {how}")
+            }
+            None => format!("all connections (every preceding feature; {how})"),
+        };
+        crate::note!("{tool}: pass: {pass}");
+        Ok(Chosen { set, file, meta, lineage, pass })
+    }
+
+    /// The record of the connections a suite is finetuned with, for its lineage.
+    pub fn connections_ref(&self, chosen: &Chosen) -> crate::formats::suite::ConnectionsRef {
+        let c = chosen.set.as_ref();
+        crate::formats::suite::ConnectionsRef {
+            source: chosen.file.as_ref().map_or("all".to_string(), |p| p.display().to_string()),
+            n_edges: c.map(|c| c.n_edges() + c.n_embed_edges() + c.n_unembed_edges()),
+            suite_id: chosen.meta.iter().find(|(k, _)| k == "suite_id").map(|(_, v)| v.clone()),
         }
     }
 
-    /// The file that the chosen connections come from (for fingerprints): `arg` unless it is
-    /// `all`; the suite's checkpoint when its embedded connections are used.
-    pub fn connections_file(&self, arg: Option<&Path>) -> Option<std::path::PathBuf> {
-        match arg {
-            Some(p) if is_all(p) => None,
-            Some(p) => Some(p.to_path_buf()),
-            None => self.suite.embedded.as_ref().map(|e| e.source.clone()),
+    /// What a training stage on these inputs read, for the suite's lineage: `seqs_read`
+    /// sequences of the cache at `acts`, or of the streamed `data`.
+    pub fn trained_on(
+        &self,
+        tool: &str,
+        acts: Option<&Path>,
+        data: Option<crate::data::SourceSpec>,
+        opts: crate::data::SequenceOptions,
+        seqs_read: u64,
+    ) -> Result<crate::formats::suite::TrainedOn> {
+        match (&self.cache, acts) {
+            (Some(c), Some(a)) => crate::formats::suite::TrainedOn::of_cache(tool, a, c, seqs_read),
+            _ => data_trained_on(tool, data, opts, seqs_read),
         }
     }
 }
+
+/// What a streaming training stage read (`data`, cut into sequences by `opts`), for the suite's
+/// lineage.
+pub fn data_trained_on(
+    tool: &str,
+    data: Option<crate::data::SourceSpec>,
+    opts: crate::data::SequenceOptions,
+    seqs_read: u64,
+) -> Result<crate::formats::suite::TrainedOn> {
+    let (path, kind) = match &data {
+        Some(crate::data::SourceSpec::Text { path, .. }) => (path, "text"),
+        Some(crate::data::SourceSpec::Tokens { path, .. }) => (path, "tokens"),
+        None => return Err(Error::Usage("--data or --tokens is required without --acts".into())),
+    };
+    crate::formats::suite::TrainedOn::streamed(tool, path, kind, opts, seqs_read)
+}
+
+/// The connections a tool runs with (see [`Inputs::choose_connections`]).
+pub struct Chosen {
+    /// The set (`None`: all connections).
+    pub set: Option<Connections>,
+    /// The file it came from (`--connections FILE`, or the suite's stored file).
+    pub file: Option<std::path::PathBuf>,
+    /// The file's parquet key-value metadata (empty for other formats).
+    pub meta: Vec<(String, String)>,
+    /// Whether the file was scored for this suite or one of its ancestors (`None`: the file does
+    /// not say).
+    pub lineage: Option<LineageCheck>,
+    /// Which pass runs, in words (what the tool said on stderr).
+    pub pass: String,
+}
+
+pub use crate::formats::suite::LineageCheck;
 
 /// Whether a `--connections` argument is the keyword `all` (a file named `all` is `./all`).
 pub fn is_all(p: &Path) -> bool {
     p.as_os_str() == "all"
 }
 
-/// The suite's d_model, layer count and recorded model hash against the model's (`other`
-/// names where those come from in the message).
+/// The suite's d_model and layer count against the model's (`other` names where those come
+/// from in the message).
 fn check_fit(
     suite: &Suite,
     d_model: usize,
     n_layers: usize,
-    hash: &str,
     other: &str,
-    mismatch: impl Fn(String) -> Error,
+    mismatch: &impl Fn(String) -> Error,
 ) -> Result<()> {
     if suite.d_model != d_model {
         return Err(mismatch(format!("d_model {} ({other}: {d_model})", suite.d_model)));
@@ -139,10 +240,13 @@ fn check_fit(
     if suite.modules.len() != 2 * n_layers {
         return Err(mismatch(format!("{} layers ({other}: {n_layers})", suite.modules.len() / 2)));
     }
-    if let Some(h) = &suite.model_hash {
-        if h != hash {
-            return Err(mismatch(format!("trained for model hash {h} ({other}: {hash})")));
-        }
-    }
     Ok(())
+}
+
+/// The model fingerprint the suite records (if any) against the model's.
+fn check_model(suite: &Suite, model: &Model, other: &str, mismatch: &impl Fn(String) -> Error) -> Result<()> {
+    match &suite.model_hash {
+        Some(h) if !model.is(h) => Err(mismatch(format!("trained for model hash {h} ({other}: {})", model.hash))),
+        _ => Ok(()),
+    }
 }

@@ -77,6 +77,42 @@ fn sharded_safetensors_checkpoint_loads_the_same_model() {
     check("tiny-neo", "tiny-neo-sharded");
 }
 
+/// A model's identity is the content of its tensors, not its files: `.bin` and `.safetensors`,
+/// whole and sharded, are the same model; a changed value, dtype, or config field is another.
+#[test]
+fn model_fingerprint_is_by_content_not_by_file_layout() {
+    let load = |dir: &std::path::Path| Model::load("m", dir, &Device::Cpu).expect("load model");
+    let models = fixtures().join("models");
+    let (st, bin) = (load(&models.join("tiny-gpt2")), load(&models.join("tiny-gpt2-bin")));
+    assert_eq!(st.hash, bin.hash, ".bin and .safetensors of the same weights");
+    assert_ne!(st.file_hash, bin.file_hash, "the files differ");
+    let (whole, sharded) = (load(&models.join("tiny-neo")), load(&models.join("tiny-neo-sharded")));
+    assert_eq!(whole.hash, sharded.hash, "whole and sharded");
+    assert_ne!(whole.hash, st.hash);
+    assert!(whole.is(&whole.file_hash) && whole.is(&whole.hash) && !whole.is(&st.hash));
+    // One changed value (safetensors rewritten with the same header), and a changed config.
+    let tmp = std::env::temp_dir().join(format!("scae-model-fp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    for f in std::fs::read_dir(models.join("tiny-neo")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, tmp.join(f.file_name().unwrap())).unwrap();
+    }
+    assert_eq!(load(&tmp).hash, whole.hash, "a copy elsewhere is the same model");
+    let mut bytes = std::fs::read(tmp.join("model.safetensors")).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(tmp.join("model.safetensors"), &bytes).unwrap();
+    let changed = load(&tmp);
+    assert_ne!(changed.hash, whole.hash, "one changed bit is another model");
+    let cfg_path = tmp.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["layer_norm_epsilon"] = serde_json::json!(1e-6);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    assert_ne!(load(&tmp).hash, changed.hash, "another LN eps is another model");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
 #[test]
 fn hook_shapes_match_transformer_lens() {
     let g = golden("tiny-pythia");

@@ -304,7 +304,7 @@ fn bad_runs_stop_with_clear_errors() {
     tool_fails(
         "finetune",
         &["--acts", s(&acts), "--suite", s(&suite), "--out", s(&out), "--steps", "20", "--batch-size", "2", "--resume"],
-        &["different arguments"],
+        &["--resume", "--batch-size is 2, the checkpoint's run used 3", "--optimizer is \"adam\""],
     );
 }
 

@@ -121,8 +121,10 @@ fn whole_chain_runs_and_finetuning_lowers_its_loss() {
     // The comparison report: one row per run, a PNG and an SVG.
     let report = tmp.join("report");
     let table = tool_ok("evaluate", &["--compare", s(&tmp.join("e0")), s(&tmp.join("e1")), "--out", s(&report)]);
-    assert_eq!(table.lines().filter(|l| l.starts_with("| 4 |")).count(), 2, "{table}");
-    assert!(table.contains("| 4 | top | finetuned |") && table.contains("| 4 | top | not finetuned |"), "{table}");
+    assert_eq!(table.lines().filter(|l| l.starts_with("| top 4 |")).count(), 2, "{table}");
+    assert!(table.contains("| top 4 | finetuned |") && table.contains("| top 4 | not finetuned |"), "{table}");
+    // Both were evaluated on the cache the suites were trained on, and the table says so.
+    assert!(table.contains("CE diff, training tokens") && !table.contains("held-out"), "{table}");
     assert_eq!(&std::fs::read(report.join("compare.png")).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
     assert!(std::fs::read_to_string(report.join("compare.svg")).unwrap().contains("<svg"));
     tool_fails("evaluate", &["--compare", s(&tmp.join("nope")), "--out", s(&report)], &["eval.json", "cannot read"]);

@@ -114,7 +114,7 @@ fn tools_use_reference_suites_and_their_connections() {
         let hf = refdir(name).join("hf");
         let (got, err) = eval("hf", &["--suite", s(&hf)]);
         assert_eq!(got, want, "{name}: evaluate --suite hf/ (stored connections)");
-        assert!(err.contains("using the") && err.contains("connections stored in"), "{err}");
+        assert!(err.contains("evaluate: pass: pruned") && err.contains("stored with the suite in"), "{err}");
         assert!(err.contains("reference suite") && err.contains("language-model entries"), "{err}");
         for file in ["top_connections_6.pkl", "connections.pt"] {
             let p = refdir(name).join(file);
@@ -127,7 +127,7 @@ fn tools_use_reference_suites_and_their_connections() {
         let (full, _) = eval("full", &["--suite", s(&st)]);
         let (got, err) = eval("hf-all", &["--suite", s(&hf), "--connections", "all"]);
         assert_eq!(got, full, "{name}: --connections all");
-        assert!(err.contains("the full pass"), "{err}");
+        assert!(err.contains("pass: all connections") && err.contains("--connections all, not those stored"), "{err}");
         assert_ne!(full, want);
         // finetune starts from a reference suite with its stored connections and writes a scae suite.
         let ft = tmp.join("ft");
@@ -333,7 +333,7 @@ fn make_all_takes_a_reference_suite_and_connections_offline() {
         .unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     assert!(o.status.success(), "make failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains(&format!("## before finetuning ({})", pkl.display())), "{stdout}");
+    assert!(stdout.contains(&format!("## before finetuning ({}, held-out tokens)", pkl.display())), "{stdout}");
     assert!(stdout.contains("## after finetuning"), "{stdout}");
     // No edge scoring: the connections came from the pickle.
     assert!(!out.join("edges").exists(), "make scored edges although CONNECTIONS was given");

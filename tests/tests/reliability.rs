@@ -29,7 +29,7 @@ fn check(row: &Row) {
     assert!(!err.contains("panicked"), "{ctx}");
     if row.code == 1 {
         assert!(err.starts_with(&format!("{}: ", row.tool)), "{ctx}");
-        assert_eq!(err.trim_end().lines().count(), 1, "one line: {ctx}");
+        assert_eq!(scae_testkit::error_lines(&err, row.tool).len(), 1, "one line: {ctx}");
     }
     for n in &row.needles {
         assert!(err.contains(n), "expected `{n}`: {ctx}");
@@ -682,7 +682,7 @@ fn resume_refuses_checkpoints_and_inputs_no_such_run_has() {
     let other = tmp.join("c2");
     tool_ok("select-edges", &["--edges", s(&edges.join("edges.parquet")), "--c", "2", "--out", s(&other)]);
     std::fs::copy(&other, &conns).unwrap();
-    fails(vec!["state.json", "different arguments or inputs"]);
+    fails(vec!["state.json", "--connections names other contents than the checkpoint's run read"]);
 }
 
 #[test]
@@ -908,15 +908,19 @@ fn a_closed_stdout_is_a_quiet_exit_and_a_full_one_an_error() {
         .unwrap();
     drop(child.stdout.take());
     let o = child.wait_with_output().unwrap();
-    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(o.stderr.is_empty(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(scae_testkit::error_lines(&err, "evaluate").is_empty(), "{err}");
     assert!(tmp.join("e1/eval.json").is_file());
     if Path::new("/dev/full").exists() {
         let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
         let o = Command::new(bin_dir().join("evaluate")).args(args(&tmp.join("e2"))).stdout(full).output().unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(1), "{err}");
-        assert!(err.starts_with("evaluate: writing to stdout") && err.trim_end().lines().count() == 1, "{err}");
+        assert!(
+            err.contains("evaluate: writing to stdout") && scae_testkit::error_lines(&err, "evaluate").len() == 1,
+            "{err}"
+        );
     }
 }
 

@@ -97,6 +97,16 @@ impl<'a> BatchSource<'a> {
         Ok(Some(row))
     }
 
+    /// Read and drop the next `n` rows (not counted as produced); returns how many there were.
+    pub fn skip(&mut self, n: u64) -> Result<u64> {
+        for i in 0..n {
+            if self.seq.next_row()?.is_none() {
+                return Ok(i);
+            }
+        }
+        Ok(n)
+    }
+
     /// Rows produced so far.
     pub fn produced(&self) -> usize {
         self.produced

@@ -105,6 +105,31 @@ pub struct DataInfo {
     pub pack: bool,
     pub docs_read: u64,
     pub docs_skipped_short: u64,
+    /// A fingerprint of the data file's contents (`util::fingerprint::file_fingerprint`), so
+    /// that later stages can tell whether two caches read the same text (absent in caches
+    /// written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+    /// Sequences the data gave that were skipped before the cache's first (`--skip-seqs`: a
+    /// held-out cache from the text after a training cache's).
+    #[serde(default)]
+    pub skip_seqs: u64,
+}
+
+impl DataInfo {
+    /// Whether a cache of `n` sequences with these data settings and `other`'s `m` sequences
+    /// may share tokens: the same text (by fingerprint), and either other sequencing settings
+    /// or overlapping ranges of sequences. `None` when a fingerprint is missing.
+    pub fn overlaps(&self, n: u64, other: &DataInfo, m: u64, same_layout: bool) -> Option<bool> {
+        let (a, b) = (self.fingerprint.as_ref()?, other.fingerprint.as_ref()?);
+        if a != b || self.kind != other.kind || self.column != other.column {
+            return Some(false);
+        }
+        if !same_layout || self.pack != other.pack {
+            return Some(true);
+        }
+        Some(self.skip_seqs < other.skip_seqs + m && other.skip_seqs < self.skip_seqs + n)
+    }
 }
 
 /// One shard file.
@@ -283,6 +308,14 @@ pub struct Cache {
 }
 
 impl Cache {
+    /// The cache's identity: `blake3:<hex>` of its `manifest.json`, which names the model (by
+    /// fingerprint), the data (by fingerprint), the sequencing and every shard's clean CE.
+    pub fn id(&self) -> Result<String> {
+        let path = self.dir.join(MANIFEST);
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        Ok(format!("blake3:{}", blake3::hash(&bytes).to_hex()))
+    }
+
     /// Open `dir` and check its manifest and that every shard file exists.
     pub fn open(dir: &Path) -> Result<Cache> {
         if !dir.is_dir() {
@@ -469,7 +502,7 @@ impl Cache {
         };
         let dir = crate::model::hub::resolve_model(&spec)?;
         let model = crate::model::Model::load(&info.id, &dir, device)?;
-        if model.hash != info.hash {
+        if !model.is(&info.hash) {
             return Err(Error::input(
                 &manifest,
                 format!(

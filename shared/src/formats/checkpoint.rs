@@ -1,8 +1,9 @@
-//! Training checkpoints (format `scae-checkpoint`, version 1; FORMATS.md): `<out>/checkpoint/`
-//! holds the suite as it stood (`suite.safetensors` + `config.json`), `optimizer.safetensors`
-//! (Adam moments `m.<key>` / `v.<key>` per state-dict key, dead-feature counters
-//! `dead.<module>`), and `state.json` ([`RunState`]). A checkpoint is built in
-//! `checkpoint.tmp` and swapped in, keeping the previous one until the new one is complete.
+//! Training checkpoints (format `scae-checkpoint`, version 2; FORMATS.md): `<out>/checkpoint/`
+//! (and `<out>/checkpoint-decay/`, the state where the learning rate starts to decay) holds the
+//! suite as it stood (`suite.safetensors` + `config.json`), `optimizer.safetensors` (Adam
+//! moments `m.<key>` / `v.<key>` per state-dict key, dead-feature counters `dead.<module>`),
+//! and `state.json` ([`RunState`], with the run's configuration). A checkpoint is built in
+//! `<name>.tmp` and swapped in, keeping the previous one until the new one is complete.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -17,8 +18,13 @@ use crate::sae::AeParams;
 
 /// `format` of a checkpoint's state.json.
 pub const FORMAT: &str = "scae-checkpoint";
-/// Current checkpoint version.
-pub const VERSION: u32 = 1;
+/// Current checkpoint version (2: the run's configuration replaced a digest of its arguments).
+pub const VERSION: u32 = 2;
+/// The latest checkpoint of a run.
+pub const LATEST: &str = "checkpoint";
+/// The checkpoint at the step where the learning rate starts to decay (kept so that a finished
+/// run can be extended: see `train::checkpoints::resume`).
+pub const DECAY: &str = "checkpoint-decay";
 
 /// Everything besides parameters and optimizer moments that a resumed run needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -33,8 +39,8 @@ pub struct RunState {
     pub seqs_seen: u64,
     /// Optimizer steps taken (Adam bias correction).
     pub opt_t: u64,
-    /// Digest of the arguments that must not change across a resume.
-    pub args_digest: String,
+    /// The run's configuration: what a resumed run must repeat.
+    pub run: crate::formats::runconfig::RunConfig,
 }
 
 /// Adam's first and second moments, per module.
@@ -55,16 +61,18 @@ fn key(m: &Module, suffix: &str) -> String {
     format!("aes.{m}.{suffix}")
 }
 
-/// Write `dir/checkpoint` atomically (build `checkpoint.tmp`, then swap it in).
+/// Write `dir/<name>` (`checkpoint` or `checkpoint-decay`) atomically (build `<name>.tmp`,
+/// then swap it in).
 pub fn write(
     dir: &Path,
+    name: &str,
     suite: &Suite,
     moments: Option<Moments>,
     since: &[Vec<u64>],
     state: &RunState,
 ) -> Result<PathBuf> {
-    let final_dir = dir.join("checkpoint");
-    let tmp = dir.join("checkpoint.tmp");
+    let final_dir = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
     // Finish a swap a crash cut short, so the newest complete checkpoint is `checkpoint`
     // while this one is built.
     crate::util::io::recover_swap(&tmp, &final_dir, crate::util::io::complete_checkpoint)?;
@@ -90,31 +98,39 @@ pub fn write(
     Ok(final_dir)
 }
 
-/// Read `dir/checkpoint` written by `tool` with arguments of digest `args_digest` for a suite
-/// of `modules`, with Adam moments when `with_moments`.
-pub fn read(dir: &Path, modules: &[Module], with_moments: bool, tool: &str, args_digest: &str) -> Result<Checkpoint> {
-    let ck = dir.join("checkpoint");
-    let state_path = ck.join("state.json");
+/// Read the state of checkpoint `dir/<name>`, written by `tool`.
+pub fn read_state(dir: &Path, name: &str, tool: &str) -> Result<RunState> {
+    let state_path = dir.join(name).join("state.json");
     let text = std::fs::read_to_string(&state_path).map_err(|e| {
         Error::input(&state_path, format!("cannot read checkpoint state: {e}; hint: run without --resume"))
     })?;
-    let state: RunState = serde_json::from_str(&text)
+    let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::input(&state_path, format!("malformed checkpoint state: {e}")))?;
-    if state.format != FORMAT || state.version != VERSION || state.tool != tool {
+    let (format, version, by) = (v["format"].as_str(), v["version"].as_u64(), v["tool"].as_str());
+    if format != Some(FORMAT) || version != Some(VERSION as u64) || by != Some(tool) {
+        let old = if format == Some(FORMAT) && version.is_some_and(|v| v < VERSION as u64) {
+            "; hint: written by an earlier scae, whose checkpoints cannot be checked against this run's flags: start the run anew (--overwrite)"
+        } else {
+            ""
+        };
         return Err(Error::input(
             &state_path,
             format!(
-                "{} v{} from {}, expected {FORMAT} v{VERSION} from {tool}",
-                state.format, state.version, state.tool
+                "{} v{} from {}, expected {FORMAT} v{VERSION} from {tool}{old}",
+                format.unwrap_or("?"),
+                version.unwrap_or(0),
+                by.unwrap_or("?")
             ),
         ));
     }
-    if state.args_digest != args_digest {
-        return Err(Error::input(
-            &state_path,
-            "written with different arguments or inputs (data, suite, connections — also their contents —, loss, optimizer, schedule or sizes); hint: resume with the same arguments and files",
-        ));
-    }
+    serde_json::from_value(v).map_err(|e| Error::input(&state_path, format!("malformed checkpoint state: {e}")))
+}
+
+/// Read checkpoint `dir/<name>` written by `tool` for a suite of `modules`, with Adam moments
+/// when `with_moments`.
+pub fn read(dir: &Path, name: &str, modules: &[Module], with_moments: bool, tool: &str) -> Result<Checkpoint> {
+    let ck = dir.join(name);
+    let state = read_state(dir, name, tool)?;
     let saved = Suite::load(&ck, &Device::Cpu)?;
     let params = saved.host_params()?;
     let opt_path = ck.join("optimizer.safetensors");

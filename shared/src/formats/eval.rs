@@ -1,5 +1,7 @@
-//! `eval.json` (format `scae-eval`, version 1; FORMATS.md): what `evaluate` measured, read back
-//! by `evaluate --compare`. Written with sorted keys.
+//! `eval.json` (format `scae-eval`, version 2; FORMATS.md): what `evaluate` measured, on which
+//! tokens (held out from the suite's training or not), with which pass and suite, read back by
+//! `evaluate --compare`. Written with sorted keys. Version 1 files (without the provenance
+//! fields) are still read.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,8 +12,8 @@ use crate::error::{Error, Result};
 
 /// `format` of an eval.json.
 pub const FORMAT: &str = "scae-eval";
-/// Current version.
-pub const VERSION: u32 = 1;
+/// Current version (2: provenance — tokens, pass, suite and connections lineage).
+pub const VERSION: u32 = 2;
 
 /// One module's evaluation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,6 +60,39 @@ pub struct EvalReport {
     pub dead_fraction: f64,
     pub consistent_attn_bias: bool,
     pub modules: BTreeMap<String, ModuleEval>,
+    /// Whether the suite was trained on these tokens: `held-out`, `training` or `unknown`,
+    /// and why (from the suite's lineage and the cache's data).
+    #[serde(default = "unknown")]
+    pub tokens: String,
+    #[serde(default)]
+    pub tokens_note: String,
+    /// The cache's identity (`Cache::id`).
+    #[serde(default)]
+    pub cache_id: Option<String>,
+    /// Which pass ran, in words (as said on stderr).
+    #[serde(default)]
+    pub pass: String,
+    /// The connections are the random control (`select-edges --random`).
+    #[serde(default)]
+    pub random_connections: bool,
+    /// Whether the connections file was scored for this suite or an ancestor (absent when the
+    /// file does not record it).
+    #[serde(default)]
+    pub connections_lineage: Option<crate::formats::suite::LineageCheck>,
+    /// The suite's fingerprint, and that of the suite its lineage starts from (the pretrained
+    /// suite: runs of one seed share it).
+    #[serde(default)]
+    pub suite_id: Option<String>,
+    #[serde(default)]
+    pub root_suite_id: Option<String>,
+    /// How the suite's last training stage ran: `tool`, `loss`, `steps`, `lr`, `batch_size`,
+    /// `connections` (from its config.json), so that runs finetuned "the same way" can be told.
+    #[serde(default)]
+    pub suite_training: Option<serde_json::Value>,
+}
+
+fn unknown() -> String {
+    "unknown".into()
 }
 
 impl EvalReport {
@@ -74,13 +109,20 @@ impl EvalReport {
             .map_err(|e| Error::input(&path, format!("cannot read: {e}; hint: make it with evaluate --out")))?;
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| Error::input(&path, format!("not valid JSON: {e}")))?;
-        if v["format"] != FORMAT {
+        if v["format"] != FORMAT || !(1..=VERSION as u64).contains(&v["version"].as_u64().unwrap_or(0)) {
             return Err(Error::input(
                 &path,
-                format!("format {}, expected {FORMAT}; hint: written by evaluate", v["format"]),
+                format!(
+                    "format {} v{}, expected {FORMAT} v1..={VERSION}; hint: written by evaluate",
+                    v["format"], v["version"]
+                ),
             ));
         }
-        serde_json::from_value(v).map_err(|e| Error::input(&path, format!("malformed report: {e}")))
+        let de = &mut serde_json::Deserializer::from_str(&text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            Error::input(&path, format!("field `{field}`: {}", e.inner()))
+        })
     }
 
     /// Whether the evaluated suite was written by `finetune`.

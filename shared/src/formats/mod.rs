@@ -1,7 +1,8 @@
 //! Every handoff file between the stages, read, checked and written in one place each
 //! (layouts in `shared/FORMATS.md`): activation caches ([`cache`]), suites ([`suite`]),
 //! connection and edge sets ([`connections`]), training checkpoints ([`checkpoint`]),
-//! `eval.json` ([`eval`]) and `scores.json` ([`scores`]); the Python reference's own files
+//! `eval.json` ([`eval`]) and `scores.json` ([`scores`]), a training run's configuration as
+//! checkpoints and suites record it ([`runconfig`]); the Python reference's own files
 //! ([`reference`], over PyTorch's formats in [`torch`]).
 
 pub mod cache;
@@ -9,6 +10,7 @@ pub mod checkpoint;
 pub mod connections;
 pub mod eval;
 pub mod reference;
+pub mod runconfig;
 pub mod scores;
 pub mod suite;
 pub mod torch;

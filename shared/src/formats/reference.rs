@@ -29,17 +29,21 @@ pub const CHECKPOINT: &str = "checkpoint.pt";
 /// round trip scae -> reference -> scae is exact); the reference reads only `k` and `n_features`.
 pub const SCAE_KEY: &str = "scae";
 
-/// Connections stored inside a reference suite's checkpoint.
+/// Connections stored with a suite: inside a reference suite's checkpoint (`tables`), or as the
+/// `connections.parquet` of a scae suite folder (`source`, `tables` = `None`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Embedded {
     pub source: PathBuf,
-    pub tables: Vec<Table>,
+    pub tables: Option<Vec<Table>>,
 }
 
 impl Embedded {
     /// The connections, checked against the suite and the model's block type.
     pub fn connections(&self, modules: &[Module], n_features: usize, parallel: bool) -> Result<Connections> {
-        super::connections::from_tables(&self.source, self.tables.clone(), modules, n_features, parallel)
+        match &self.tables {
+            Some(t) => super::connections::from_tables(&self.source, t.clone(), modules, n_features, parallel),
+            None => Connections::load(&self.source, modules, n_features, parallel),
+        }
     }
 }
 
@@ -174,7 +178,8 @@ pub fn load_suite(dir: &Path, device: &Device) -> Result<(Suite, Option<Embedded
         };
         if key == "connections" {
             if *value != Value::None {
-                embedded = Some(Embedded { source: ckpt.clone(), tables: tables_of(&mut file, value, "connections")? });
+                embedded =
+                    Some(Embedded { source: ckpt.clone(), tables: Some(tables_of(&mut file, value, "connections")?) });
             }
             continue;
         }

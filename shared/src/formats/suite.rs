@@ -5,8 +5,11 @@
 //! On disk (format `scae-suite`, version 1; FORMATS.md): a folder with `suite.safetensors`
 //! holding the reference's state-dict keys (`aes.<module>.encoder.weight [F, D]`,
 //! `aes.<module>.encoder.bias [F]`, `aes.<module>.decoder.weight [D, F]`, `aes.<module>.b_dec
-//! [D]`) and `config.json` (k, n_features, d_model, modules, model id, producing arguments).
-//! A bare `.safetensors` with `k` and `n_features` in its metadata is accepted too.
+//! [D]`) and `config.json` (k, n_features, d_model, modules, model id, producing arguments,
+//! and the suite's lineage: the suite it was trained from, the data each stage read, the
+//! connections it was trained with); a suite finetuned through a pruned pass also holds those
+//! connections as `connections.parquet`, which every tool uses by default. A bare
+//! `.safetensors` with `k` and `n_features` in its metadata is accepted too.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -41,6 +44,156 @@ pub struct SuiteConfig {
     pub created_by: String,
     #[serde(default)]
     pub args: serde_json::Value,
+    /// Where the suite came from (empty in suites written before it was recorded).
+    #[serde(default, skip_serializing_if = "Lineage::is_empty")]
+    pub lineage: Lineage,
+}
+
+/// The file of a suite folder holding the connections it was trained with (finetune).
+pub const CONNECTIONS_FILE: &str = "connections.parquet";
+
+/// A suite's history: what it was trained from, on which data, with which connections.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Lineage {
+    /// The suite this one was finetuned from (fingerprint and path as given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<SuiteRef>,
+    /// Fingerprints of every earlier suite, nearest first (parent, grandparent, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ancestors: Vec<String>,
+    /// What each training stage read, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trained_on: Vec<TrainedOn>,
+    /// The connections of the last training stage: `all`, or the file, its edge count and the
+    /// suite its edges were scored for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<ConnectionsRef>,
+}
+
+/// A suite by fingerprint ([`Suite::id`]) and the path it was read from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SuiteRef {
+    pub id: String,
+    pub path: String,
+}
+
+/// The data one training stage read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainedOn {
+    /// `train-suite` or `finetune`.
+    pub tool: String,
+    /// The activation cache (`--acts`) as given, and its identity (`Cache::id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acts: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_id: Option<String>,
+    /// The text or tokens the sequences came from (the cache's `data`, or `--data` when
+    /// streaming), with the sequences read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<crate::formats::cache::DataInfo>,
+    #[serde(default)]
+    pub n_seqs: u64,
+    /// Sequence layout: tokens per sequence and BOS.
+    #[serde(default)]
+    pub ctx_len: usize,
+    #[serde(default)]
+    pub prepend_bos: bool,
+}
+
+impl TrainedOn {
+    /// A stage of `tool` that read `seqs_read` sequences of the cache at `acts` (all of it when
+    /// they wrap around).
+    pub fn of_cache(
+        tool: &str,
+        acts: &Path,
+        cache: &crate::formats::cache::Cache,
+        seqs_read: u64,
+    ) -> Result<TrainedOn> {
+        let m = &cache.manifest;
+        Ok(TrainedOn {
+            tool: tool.to_string(),
+            acts: Some(acts.display().to_string()),
+            cache_id: Some(cache.id()?),
+            data: Some(m.data.clone()),
+            n_seqs: seqs_read.min(m.n_seqs as u64),
+            ctx_len: m.ctx_len,
+            prepend_bos: m.prepend_bos,
+        })
+    }
+
+    /// A stage of `tool` that computed activations on the fly from the first `seqs_read`
+    /// sequences of `data` (`--data` / `--tokens`, read with `opts`).
+    pub fn streamed(
+        tool: &str,
+        data: &Path,
+        kind: &str,
+        opts: crate::data::SequenceOptions,
+        seqs_read: u64,
+    ) -> Result<TrainedOn> {
+        let info = crate::formats::cache::DataInfo {
+            source: data.display().to_string(),
+            kind: kind.to_string(),
+            column: None,
+            pack: opts.pack,
+            docs_read: 0,
+            docs_skipped_short: 0,
+            fingerprint: Some(crate::util::fingerprint::file_fingerprint(data)?),
+            skip_seqs: 0,
+        };
+        Ok(TrainedOn {
+            tool: tool.to_string(),
+            acts: None,
+            cache_id: None,
+            data: Some(info),
+            n_seqs: seqs_read,
+            ctx_len: opts.ctx_len,
+            prepend_bos: opts.prepend_bos,
+        })
+    }
+}
+
+/// The connections a suite was trained with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionsRef {
+    /// `all`, or the file as given.
+    pub source: String,
+    /// Edges between modules, from the embedding, into the unembedding (`None` for all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_edges: Option<usize>,
+    /// The suite the connections were scored for (the file's `suite_id` metadata), if recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suite_id: Option<String>,
+}
+
+/// Whether a connections file was scored for a suite or one of its ancestors, and the
+/// sentence saying so.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LineageCheck {
+    pub in_lineage: bool,
+    pub note: String,
+}
+
+impl Lineage {
+    /// Nothing recorded.
+    pub fn is_empty(&self) -> bool {
+        *self == Lineage::default()
+    }
+
+    /// The lineage of a suite finetuned from `parent` (read from `path`) on `data` with
+    /// `connections`.
+    pub fn child(parent: &Suite, path: &Path, data: TrainedOn, connections: ConnectionsRef) -> Result<Lineage> {
+        let id = parent.id()?;
+        let mut ancestors = vec![id.clone()];
+        ancestors.extend(parent.lineage.ancestors.iter().cloned());
+        let mut trained_on = parent.lineage.trained_on.clone();
+        trained_on.push(data);
+        Ok(Lineage {
+            parent: Some(SuiteRef { id, path: path.display().to_string() }),
+            ancestors,
+            trained_on,
+            connections: Some(connections),
+        })
+    }
 }
 
 /// A suite of autoencoders sharing `k` and `n_features`.
@@ -53,8 +206,11 @@ pub struct Suite {
     pub aes: Vec<AeParams<Var>>,
     pub model_id: Option<String>,
     pub model_hash: Option<String>,
-    /// Connections stored with the suite (a reference `checkpoint.pt`'s `connections`).
+    /// Connections stored with the suite (a reference `checkpoint.pt`'s `connections`, or a
+    /// scae suite folder's `connections.parquet`).
     pub embedded: Option<crate::formats::reference::Embedded>,
+    /// Where the suite came from (see [`Lineage`]).
+    pub lineage: Lineage,
 }
 
 fn key(m: &Module, p: &str) -> String {
@@ -101,6 +257,9 @@ impl Suite {
                 suite.k
             );
             suite.embedded = embedded;
+            if let Some(c) = crate::formats::reference::scae_config(path) {
+                suite.lineage = c.lineage;
+            }
             return Ok(suite);
         }
         let (weights, cfg): (PathBuf, Option<SuiteConfig>) = if path.is_dir() {
@@ -163,8 +322,13 @@ impl Suite {
                 None,
             ),
         };
-        let suite = Suite::from_tensors(&weights, tensors, k, n_features, model_id, model_hash)?;
+        let mut suite = Suite::from_tensors(&weights, tensors, k, n_features, model_id, model_hash)?;
+        if path.is_dir() && path.join(CONNECTIONS_FILE).is_file() {
+            suite.embedded =
+                Some(crate::formats::reference::Embedded { source: path.join(CONNECTIONS_FILE), tables: None });
+        }
         if let Some(c) = &cfg {
+            suite.lineage = c.lineage.clone();
             let cfg_path = path.join("config.json");
             let names: Vec<String> = suite.modules.iter().map(Module::name).collect();
             if c.d_model != suite.d_model {
@@ -260,7 +424,30 @@ impl Suite {
                 format!("unexpected tensor `{name}`: the suite's modules are attn_0 .. mlp_{}", n_layers - 1),
             ));
         }
-        Ok(Suite { k, n_features, d_model, modules, aes, model_id, model_hash, embedded: None })
+        Ok(Suite {
+            k,
+            n_features,
+            d_model,
+            modules,
+            aes,
+            model_id,
+            model_hash,
+            embedded: None,
+            lineage: Lineage::default(),
+        })
+    }
+
+    /// The suite's fingerprint: `blake3:<hex>` over `k` and every parameter (state-dict key,
+    /// shape and f32 values, in suite order), whatever file layout it was read from, so a suite
+    /// converted to the reference's layout and back is the same suite.
+    pub fn id(&self) -> Result<String> {
+        let mut h = crate::util::fingerprint::TensorHasher::new("scae-suite-v1");
+        h.add_str(&format!("k={}", self.k));
+        for (name, v) in self.named_vars() {
+            let t = v.as_tensor().to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?;
+            h.add_tensor(&name, &t)?;
+        }
+        Ok(h.finish())
     }
 
     /// The module with this name, if the suite has it.
@@ -351,8 +538,21 @@ impl Suite {
             expansion: self.n_features / self.d_model.max(1),
             created_by: created_by.to_string(),
             args,
+            lineage: self.lineage.clone(),
         };
         let json = serde_json::to_string_pretty(&cfg).expect("config serializes");
         crate::util::io::write_atomic(&dir.join("config.json"), json.as_bytes())
+    }
+
+    /// Remove a suite folder's result files (`suite.safetensors`, `config.json`,
+    /// `connections.parquet`), e.g. before a run that writes new ones.
+    pub fn remove_files(dir: &Path) -> Result<()> {
+        for name in ["suite.safetensors", "config.json", CONNECTIONS_FILE] {
+            let p = dir.join(name);
+            if p.exists() {
+                std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+            }
+        }
+        Ok(())
     }
 }

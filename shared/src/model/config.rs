@@ -179,6 +179,34 @@ impl Fields<'_> {
 }
 
 impl ModelConfig {
+    /// Every field that determines what the model computes, as one line in a fixed order (part
+    /// of the model's fingerprint; independent of how `config.json` spells them).
+    pub fn canonical(&self) -> String {
+        let windows: Vec<String> = self.windows.iter().map(|w| w.map_or("global".into(), |w| w.to_string())).collect();
+        format!(
+            "arch={};n_layers={};d_model={};n_heads={};d_head={};d_mlp={};n_ctx={};d_vocab={};ln_eps={:e};act={};\
+             attn_scale={:e};rotary_dim={:?};rotary_base={:e};windows={};parallel={};tied={};bos={:?};eos={:?}",
+            self.arch.hf_name(),
+            self.n_layers,
+            self.d_model,
+            self.n_heads,
+            self.d_head,
+            self.d_mlp,
+            self.n_ctx,
+            self.d_vocab,
+            self.ln_eps,
+            self.act.name(),
+            self.attn_scale,
+            self.rotary_dim,
+            self.rotary_base,
+            windows.join(","),
+            self.parallel_attn_mlp,
+            self.tie_word_embeddings,
+            self.bos_token_id,
+            self.eos_token_id
+        )
+    }
+
     /// Read and check `config.json`.
     ///
     /// Fails on unreadable or malformed JSON, an architecture other than the three supported

@@ -3,8 +3,9 @@
 //! tokenizing text ([`tokenize`]).
 //!
 //! [`Model::load`] takes a local HF folder (see [`hub::resolve_model`] for hub ids),
-//! reads `config.json`, the weights and the tokenizer, and hashes config and weights so that
-//! caches and suites can be tied to the exact model that made them.
+//! reads `config.json`, the weights and the tokenizer, and fingerprints the model (its
+//! configuration and the contents of its tensors, whatever the file layout) so that caches and
+//! suites can be tied to the exact model that made them.
 
 mod config;
 mod forward;
@@ -31,8 +32,13 @@ pub struct Model {
     pub id: String,
     /// The folder it was read from.
     pub dir: PathBuf,
-    /// `blake3:<hex>` over `config.json` and the weight files, in read order.
+    /// The model's fingerprint: `blake3:<hex>` over its configuration and the contents of the
+    /// tensors it is built from (see [`Weights::load`]); the same for `.bin` or `.safetensors`,
+    /// whole or sharded.
     pub hash: String,
+    /// The fingerprint scae 0.1 recorded (`blake3:` over `config.json` and the weight files'
+    /// bytes), to accept caches and suites written before fingerprints were by content.
+    pub file_hash: String,
     pub runtime: Runtime,
 }
 
@@ -44,12 +50,19 @@ impl Model {
             return Err(Error::input(dir, "not a model folder: config.json is missing"));
         }
         let cfg = ModelConfig::from_file(&config_path)?;
-        let weights = Weights::load(dir, &cfg)?;
+        let (weights, hash) = Weights::load(dir, &cfg)?;
         let mut files = vec![config_path];
         files.extend(weight_files(dir)?);
-        let hash = hash_files(&files)?;
+        let file_hash = hash_files(&files)?;
         let runtime = Runtime::new(cfg, weights, device)?;
-        Ok(Model { id: id.to_string(), dir: dir.to_path_buf(), hash, runtime })
+        Ok(Model { id: id.to_string(), dir: dir.to_path_buf(), hash, file_hash, runtime })
+    }
+
+    /// Whether a recorded model fingerprint is this model's: the content fingerprint, or the
+    /// file-bytes one that earlier versions recorded (they share the `blake3:` form, and a
+    /// collision between the two is as unlikely as any other).
+    pub fn is(&self, recorded: &str) -> bool {
+        recorded == self.hash || recorded == self.file_hash
     }
 
     /// The model's configuration.

@@ -51,6 +51,9 @@ struct LnParams {
 struct RawTensors {
     map: HashMap<String, Tensor>,
     source: PathBuf,
+    /// The tensors the conversion read, by the name it asked for, as stored (for the model's
+    /// fingerprint: what determines the model scae runs, whatever else the files hold).
+    used: std::cell::RefCell<std::collections::BTreeMap<String, Tensor>>,
 }
 
 impl RawTensors {
@@ -65,7 +68,10 @@ impl RawTensors {
                 &self.source,
                 format!("tensor `{name}`: expected floating-point weights, found {:?}", t.dtype()),
             )),
-            Some(t) => Ok(t.to_dtype(DType::F32)?),
+            Some(t) => {
+                self.used.borrow_mut().insert(name.to_string(), t.clone());
+                Ok(t.to_dtype(DType::F32)?)
+            }
             None => Err(Error::input(&self.source, format!("missing tensor `{name}`"))),
         }
     }
@@ -143,14 +149,18 @@ fn read_tensor_file(path: &Path) -> Result<Vec<(String, Tensor)>> {
 }
 
 impl Weights {
-    /// Load the checkpoint in `dir` for `cfg` and apply TL's default processing.
-    pub fn load(dir: &Path, cfg: &ModelConfig) -> Result<Weights> {
+    /// Load the checkpoint in `dir` for `cfg` and apply TL's default processing. Also returns
+    /// the model's fingerprint: `blake3:<hex>` over `cfg` (its canonical form) and every
+    /// tensor the conversion read (name as asked for, dtype, shape and bytes as stored, in name
+    /// order), so the same weights as `.bin` or `.safetensors`, whole or sharded, are the same
+    /// model (docs/MATH.md, "Model side"; FORMATS.md, `model.hash`).
+    pub fn load(dir: &Path, cfg: &ModelConfig) -> Result<(Weights, String)> {
         let files = weight_files(dir)?;
         let mut map = HashMap::new();
         for f in &files {
             map.extend(read_tensor_file(f)?);
         }
-        let raw = RawTensors { map, source: files[0].clone() };
+        let raw = RawTensors { map, source: files[0].clone(), used: Default::default() };
         let (mut w, ln1, ln2, ln_f) = match cfg.arch {
             Arch::GptNeo => convert_gpt_neo(&raw, cfg)?,
             Arch::Gpt2 => convert_gpt2(&raw, cfg)?,
@@ -160,7 +170,12 @@ impl Weights {
         w.center_writing_weights()?;
         w.center_unembed()?;
         w.fold_value_biases()?;
-        Ok(w)
+        let mut h = crate::util::fingerprint::TensorHasher::new("scae-model-v2");
+        h.add_str(&cfg.canonical());
+        for (name, t) in raw.used.borrow().iter() {
+            h.add_tensor(name, t)?;
+        }
+        Ok((w, h.finish()))
     }
 
     /// Step 2: fold each LN's bias into the next bias, its gain into the weight,

@@ -1,21 +1,30 @@
-//! A training loop's checkpoints: when one is due (every `--checkpoint-every` steps and after
-//! the last step when checkpointing, or to stop at `--halt-after`), writing and resuming one
-//! (the file format is [`crate::formats::checkpoint`]), and what a failed step says about the
-//! last one written. A resumed run ends bit-identical to an uninterrupted one.
+//! A training loop's checkpoints: when one is due (every `--checkpoint-every` steps, after the
+//! last step, at the step where the learning rate starts to decay, on Ctrl-C, or to stop at
+//! `--halt-after`), writing and resuming one (the file format is
+//! [`crate::formats::checkpoint`]), and what a failed step says about the last one written. A
+//! resumed run ends bit-identical to an uninterrupted one; a finished run extended with a larger
+//! `--steps` ends bit-identical to a run of that length from the start (without warmup; see
+//! [`resume`]).
 
 use std::path::Path;
 
-use crate::error::Result;
-use crate::formats::checkpoint::{self, RunState};
+use crate::error::{Error, Result};
+use crate::formats::checkpoint::{self, RunState, DECAY, LATEST};
+
+/// The latest checkpoint's folder name (`checkpoint`).
+pub const LATEST_NAME: &str = LATEST;
+use crate::formats::runconfig::RunConfig;
 use crate::formats::suite::Suite;
 use crate::train::dead::DeadTracker;
 use crate::train::optim::{Optimizer, OptimizerKind};
+use crate::train::schedule::lr_factor;
+use crate::train::Schedule;
 use crate::util::io::RunDir;
 
 /// When to checkpoint (the `--checkpoint-every`, `--halt-after` and `--resume` flags).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CheckpointPolicy {
-    /// Write a checkpoint every N steps (and after the last).
+    /// Write a checkpoint every N steps (and after the last, and where the decay starts).
     pub every: Option<u64>,
     /// Stop after this many steps of this run, keeping the checkpoint.
     pub halt_after: Option<u64>,
@@ -27,35 +36,65 @@ pub struct CheckpointPolicy {
 pub struct Checkpoints {
     dir: RunDir,
     tool: &'static str,
-    digest: String,
+    run: RunConfig,
     policy: CheckpointPolicy,
     start_step: u64,
     last: Option<u64>,
+    /// The checkpoint folders the next [`save`](Self::save) writes.
+    targets: Vec<&'static str>,
 }
 
 /// What a training loop does after a step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Due {
-    /// Write a checkpoint now.
-    pub save: bool,
+    /// Write these checkpoints now (`checkpoint`, `checkpoint-decay`).
+    pub save: Vec<&'static str>,
     /// Then stop, before the last step (`--halt-after`).
     pub halt: bool,
 }
 
+/// The first step whose learning rate is below the schedule's plateau: steps before it have
+/// the same rate in a longer run with the same `--warmup` and `--decay-start` (when there is
+/// no warmup). `None` when the run never decays before its end.
+pub fn decay_point(schedule: &Schedule) -> Option<u64> {
+    let s = (schedule.decay_start * schedule.steps as f64).ceil() as u64;
+    (s > 0 && s < schedule.steps).then_some(s)
+}
+
 impl Checkpoints {
     /// For a run of `tool` into `dir` that starts (or resumed) at `start_step`.
-    pub fn new(dir: RunDir, tool: &'static str, digest: String, policy: CheckpointPolicy, start_step: u64) -> Self {
-        Checkpoints { dir, tool, digest, policy, start_step, last: policy.resume.then_some(start_step) }
+    pub fn new(dir: RunDir, tool: &'static str, run: RunConfig, policy: CheckpointPolicy, start_step: u64) -> Self {
+        Checkpoints {
+            dir,
+            tool,
+            run,
+            policy,
+            start_step,
+            last: policy.resume.then_some(start_step),
+            targets: Vec::new(),
+        }
     }
 
-    /// What to do once `step` of `steps` steps are done.
-    pub fn due(&self, step: u64, steps: u64) -> Due {
+    /// What to do once `step` steps of the run `schedule` are done.
+    pub fn due(&self, step: u64, schedule: &Schedule) -> Due {
+        let steps = schedule.steps;
         let halt = self.policy.halt_after.is_some_and(|h| step - self.start_step >= h);
-        let every = self.policy.every;
-        Due { save: halt || every.is_some_and(|n| step % n == 0 || step == steps), halt: halt && step < steps }
+        let mut save = Vec::new();
+        if let Some(n) = self.policy.every {
+            if halt || step % n == 0 || step == steps {
+                save.push(LATEST);
+            }
+            if decay_point(schedule) == Some(step) {
+                save.push(DECAY);
+            }
+        } else if halt {
+            save.push(LATEST);
+        }
+        Due { save, halt: halt && step < steps }
     }
 
-    /// Write the checkpoint after `step` steps and `seqs_seen` sequences.
+    /// Write the checkpoints due after `step` steps and `seqs_seen` sequences (see
+    /// [`Session::after_step`](super::Session::after_step)).
     pub fn save(
         &mut self,
         suite: &Suite,
@@ -67,7 +106,7 @@ impl Checkpoints {
         // A checkpoint is only ever a good one: parameters the last update made non-finite
         // stop the run here, before they replace the previous checkpoint.
         if let Some(name) = suite.first_non_finite()? {
-            return Err(crate::error::Error::Usage(format!(
+            return Err(Error::Usage(format!(
                 "step {step}: parameter `{name}` is not finite after the update; stopping ({}); hint: lower --lr",
                 self.kept()
             )));
@@ -79,18 +118,37 @@ impl Checkpoints {
             step,
             seqs_seen,
             opt_t: opt.t,
-            args_digest: self.digest.clone(),
+            run: self.run.clone(),
         };
         let moments = (opt.kind == OptimizerKind::Adam).then_some((opt.m.as_slice(), opt.v.as_slice()));
-        checkpoint::write(self.dir.path(), suite, moments, &dead.since, &state)?;
-        self.last = Some(step);
+        for name in std::mem::take(&mut self.targets) {
+            checkpoint::write(self.dir.path(), name, suite, moments, &dead.since, &state)?;
+            if name == LATEST {
+                self.last = Some(step);
+            }
+        }
         self.dir.keep();
         Ok(())
+    }
+
+    /// Ask the next [`save`](Self::save) to write these folders.
+    pub fn set_targets(&mut self, targets: Vec<&'static str>) {
+        self.targets = targets;
     }
 
     /// The run's result is written: keep its folder.
     pub fn finish(mut self) {
         self.dir.keep();
+    }
+
+    /// The step of the last checkpoint written or resumed from.
+    pub fn last(&self) -> Option<u64> {
+        self.last
+    }
+
+    /// The output folder.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
     }
 
     /// Which checkpoint a stopped run leaves, for its error message.
@@ -99,7 +157,7 @@ impl Checkpoints {
             Some(s) => {
                 format!(
                     "the last checkpoint with finite parameters ({}, step {s}) is kept",
-                    self.dir.path().join("checkpoint").display()
+                    self.dir.path().join(LATEST).display()
                 )
             }
             None => "no checkpoint was written".to_string(),
@@ -112,29 +170,107 @@ impl Checkpoints {
     }
 }
 
-/// Resume from `dir/checkpoint` (written by `tool` with arguments of digest `digest`) for a run
-/// of `steps` steps of `batch_size` sequences: the parameters go into `params`, the optimizer
-/// state into `opt`, the counters into `dead`. A state that no such run can have written (a
-/// step past the end, a data position or optimizer count that disagrees with its step) is
-/// refused, naming the file.
+/// Whether a run of `schedule` and a run of the same schedule over `saved_steps` steps use the
+/// same learning rate at every step before `step` (so the state after `step` steps of one is
+/// the state after `step` steps of the other).
+fn same_rates_before(step: u64, saved_steps: u64, schedule: &Schedule) -> bool {
+    step <= schedule.steps
+        && (0..step).all(|t| {
+            lr_factor(t, saved_steps, schedule.warmup, schedule.decay_start)
+                == lr_factor(t, schedule.steps, schedule.warmup, schedule.decay_start)
+        })
+}
+
+/// Resume into `params`, `opt` and `dead` the run of `tool` in `dir` that `run` describes
+/// (`schedule` over `run.steps` steps of `batch_size` sequences).
+///
+/// The checkpoint's run must have the same flags and inputs (each difference is named). Its
+/// length may differ (`--steps`): a checkpoint serves a run of another length when every step
+/// before it had the same learning rate in both, which holds for the state where the decay
+/// starts (`checkpoint-decay`, kept when checkpointing) as long as the schedule has no warmup
+/// (whose length is a proportion of the steps). So a finished run extends exactly: from the
+/// start of its decay, the longer schedule follows. The latest checkpoint that serves is used.
+/// A state no such run could have written (a step past the end, a data position or optimizer
+/// count that disagrees with its step) is refused, naming the file.
 #[allow(clippy::too_many_arguments)]
 pub fn resume(
     dir: &Path,
     tool: &str,
-    digest: &str,
+    run: &RunConfig,
+    schedule: &Schedule,
     suite: &Suite,
-    steps: u64,
     batch_size: u64,
     params: &mut Vec<crate::sae::AeParams<Vec<f32>>>,
     opt: &mut Optimizer,
     dead: &mut DeadTracker,
 ) -> Result<RunState> {
-    let ck = checkpoint::read(dir, &suite.modules, opt.kind == OptimizerKind::Adam, tool, digest)?;
+    let latest = checkpoint::read_state(dir, LATEST, tool)?;
+    let state_path = dir.join(LATEST).join("state.json");
+    let diffs = run.differences(&latest.run);
+    if !diffs.is_empty() {
+        return Err(Error::input(
+            &state_path,
+            format!(
+                "--resume: {}; hint: resume with the run's flags and files, or start anew with --overwrite",
+                diffs.join("; ")
+            ),
+        ));
+    }
+    check_state(&latest, &state_path, batch_size)?;
+    let mut candidates = vec![(LATEST, latest)];
+    if dir.join(DECAY).join("state.json").is_file() {
+        let st = checkpoint::read_state(dir, DECAY, tool)?;
+        if run.differences(&st.run).is_empty() {
+            candidates.push((DECAY, st));
+        }
+    }
+    let serves = |st: &RunState| same_rates_before(st.step, st.run.steps, schedule);
+    let Some((name, _)) = candidates.iter().filter(|(_, st)| serves(st)).max_by_key(|(_, st)| st.step) else {
+        let st = &candidates[0].1;
+        let old = Schedule { steps: st.run.steps, ..schedule.clone() };
+        let why = match (decay_point(&old), schedule.warmup > 0.0) {
+            (_, true) => "the warmup's length is a proportion of --steps, so no step of it carries over".to_string(),
+            (Some(d), false) => format!(
+                "its decay started at step {d}, and no checkpoint from before it was kept (checkpoint-decay/ is written when checkpointing, --checkpoint-every)"
+            ),
+            (None, false) => "its learning rate differs before that step".to_string(),
+        };
+        return Err(Error::input(
+            &state_path,
+            format!(
+                "--steps {}: the checkpoint is at step {} of a {}-step run; {why}; hint: resume with --steps {}, or start anew with --overwrite",
+                schedule.steps, st.step, st.run.steps, st.run.steps
+            ),
+        ));
+    };
+    let ck = checkpoint::read(dir, name, &suite.modules, opt.kind == OptimizerKind::Adam, tool)?;
     let st = &ck.state;
-    let state_path = dir.join("checkpoint").join("state.json");
-    let bad = |what: String| Err(crate::error::Error::input(&state_path, what));
-    if st.step == 0 || st.step > steps {
-        return bad(format!("field `step`: expected 1..={steps} (the run's steps), found {}", st.step));
+    check_state(st, &dir.join(name).join("state.json"), batch_size)?;
+    if st.run.steps != schedule.steps {
+        crate::note!(
+            "{tool}: the checkpoint's run had {} steps; continuing from its state at step {} ({}) on the {}-step schedule",
+            st.run.steps,
+            st.step,
+            dir.join(name).display(),
+            schedule.steps
+        );
+    }
+    *params = ck.params;
+    if let Some((m, v)) = ck.moments {
+        opt.m = m;
+        opt.v = v;
+    }
+    opt.t = ck.state.opt_t;
+    dead.since = ck.since;
+    Ok(ck.state)
+}
+
+/// Refuse a checkpoint state no run could have written: a step past the run's end, a data
+/// position or optimizer count that disagrees with its step.
+fn check_state(st: &RunState, state_path: &Path, batch_size: u64) -> Result<()> {
+    let bad = |what: String| Err(Error::input(state_path, what));
+    if st.step == 0 || st.step > st.run.steps {
+        return bad(format!("field `step`: expected 1..={} (the run's steps), found {}", st.run.steps, st.step));
     }
     if st.seqs_seen != st.step * batch_size {
         return bad(format!(
@@ -148,74 +284,7 @@ pub fn resume(
     if st.opt_t != st.step {
         return bad(format!("field `opt_t`: expected the step, {}, found {}", st.step, st.opt_t));
     }
-    *params = ck.params;
-    if let Some((m, v)) = ck.moments {
-        opt.m = m;
-        opt.v = v;
-    }
-    opt.t = ck.state.opt_t;
-    dead.since = ck.since;
-    Ok(ck.state)
-}
-
-/// Fingerprints of a run's input files, for its resume digest: a resumed run whose cache,
-/// connections or data changed at the same path is refused. A folder (a cache) stands for its
-/// `manifest.json` and shards; each file is hashed by `hash_file`. Absent paths give null.
-pub fn fingerprints(paths: &[Option<&Path>]) -> serde_json::Value {
-    paths
-        .iter()
-        .map(|p| {
-            let p = p.map(|p| if p.is_dir() { p.join("manifest.json") } else { p.to_path_buf() });
-            p.and_then(|p| fingerprint(&p).ok()).map_or(serde_json::Value::Null, serde_json::Value::String)
-        })
-        .collect()
-}
-
-fn fingerprint(path: &Path) -> std::io::Result<String> {
-    let mut h = blake3::Hasher::new();
-    hash_file(path, &mut h)?;
-    // A cache's shards (listed in the folder), each sampled.
-    if path.file_name().is_some_and(|n| n == "manifest.json") {
-        if let Some(dir) = path.parent() {
-            let mut shards: Vec<std::path::PathBuf> = std::fs::read_dir(dir)?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-                .collect();
-            shards.sort();
-            for s in &shards {
-                hash_file(s, &mut h)?;
-            }
-        }
-    }
-    Ok(h.finalize().to_hex().to_string())
-}
-
-/// Hash a file into `h`: whole up to 64 MiB; a larger one by its size and 64 blocks of 64 KiB
-/// spread evenly over it (first and last included), which a bulk change of its values hits.
-fn hash_file(path: &Path, h: &mut blake3::Hasher) -> std::io::Result<()> {
-    use std::io::{Read, Seek, SeekFrom};
-    const WHOLE: u64 = 64 << 20;
-    const BLOCK: u64 = 64 << 10;
-    const BLOCKS: u64 = 64;
-    let mut f = std::fs::File::open(path)?;
-    let len = f.metadata()?.len();
-    h.update(&len.to_le_bytes());
-    if len <= WHOLE {
-        std::io::copy(&mut f, h)?;
-        return Ok(());
-    }
-    let mut buf = vec![0u8; BLOCK as usize];
-    for i in 0..BLOCKS {
-        f.seek(SeekFrom::Start(i * (len - BLOCK) / (BLOCKS - 1)))?;
-        f.read_exact(&mut buf)?;
-        h.update(&buf);
-    }
     Ok(())
-}
-
-/// A stable digest of a JSON value (for [`RunState::args_digest`]).
-pub fn digest(v: &serde_json::Value) -> String {
-    blake3::hash(v.to_string().as_bytes()).to_hex().to_string()
 }
 
 /// Keep only the metrics lines of steps before `step` (after a resume).
@@ -239,4 +308,29 @@ pub fn trim_metrics(path: &Path, step: u64) -> Result<()> {
         );
     }
     crate::util::io::write_atomic(path, kept.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_before_the_decay_serves_a_longer_run() {
+        let s = |steps, warmup| Schedule { steps, lr: 1.0, warmup, decay_start: 0.8, clip: None };
+        assert_eq!(decay_point(&s(300, 0.0)), Some(240));
+        assert_eq!(decay_point(&s(10, 0.0)), Some(8));
+        assert_eq!(decay_point(&Schedule { decay_start: 1.0, ..s(10, 0.0) }), None);
+        // step 240 of 300 carries over to 400 (decay from 320); so does 241 (the factor at
+        // t = 240 is still 1), 242 does not
+        assert!(same_rates_before(240, 300, &s(400, 0.0)));
+        assert!(same_rates_before(241, 300, &s(400, 0.0)));
+        assert!(!same_rates_before(242, 300, &s(400, 0.0)));
+        assert!(!same_rates_before(300, 300, &s(400, 0.0)));
+        // a shorter run: only up to its own decay start
+        assert!(same_rates_before(160, 300, &s(200, 0.0)));
+        assert!(!same_rates_before(200, 300, &s(200, 0.0)));
+        // warmup is a proportion of the steps: nothing after step 0 carries over
+        assert!(!same_rates_before(240, 300, &s(400, 0.1)));
+        assert!(same_rates_before(300, 300, &s(300, 0.1)));
+    }
 }

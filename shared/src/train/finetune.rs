@@ -13,7 +13,7 @@ use super::data::TrainData;
 use super::dead::DeadTracker;
 use super::optim::{clip_module, clip_module_t, DeviceOptimizer, Optimizer, OptimizerKind};
 use super::schedule::stagger_scale;
-use super::{metrics_record, RunSummary, Schedule, Session, StepReport};
+use super::{metrics_record, After, RunSummary, Schedule, Session, SessionSpec, StepReport};
 use crate::data::{Batch, FlatBatch};
 use crate::error::Result;
 use crate::formats::connections::Connections;
@@ -25,14 +25,17 @@ use crate::sae::AeParams;
 use crate::util::io::RunDir;
 
 /// Which loss to train on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 pub enum Loss {
     /// Σ over modules of the reference's FVU (batch-axis variance).
+    #[serde(rename = "mse")]
     Mse,
     /// Next-token CE with the suite spliced in.
+    #[serde(rename = "ce")]
     Ce,
     /// mse + ce_weight · ce.
     #[value(name = "mse+ce")]
+    #[serde(rename = "mse+ce")]
     MseCe,
 }
 
@@ -57,11 +60,16 @@ pub struct FinetuneConfig {
     pub pass: PassOptions,
     pub checkpoints: CheckpointPolicy,
     pub overwrite: bool,
-    /// Digest of the arguments a resume must repeat.
-    pub digest: String,
+    /// What a resume must repeat (recorded in checkpoints and in the suite's config.json).
+    pub run: crate::formats::runconfig::RunConfig,
     /// Recorded in the suite's config.json.
     pub created_by: String,
     pub args: serde_json::Value,
+    /// The finetuned suite's lineage (its parent, data, connections).
+    pub lineage: crate::formats::suite::Lineage,
+    /// The connections file's metadata (kept in the copy stored with the suite) and its path.
+    pub connections_meta: Vec<(String, String)>,
+    pub connections_source: Option<PathBuf>,
 }
 
 impl FinetuneConfig {
@@ -199,9 +207,9 @@ pub fn run(
         let st = resume(
             &cfg.out,
             "finetune",
-            &cfg.digest,
+            &cfg.run,
+            &cfg.schedule,
             suite,
-            steps,
             cfg.batch_size as u64,
             &mut params,
             &mut opt,
@@ -215,16 +223,14 @@ pub fn run(
     let vars = &suite.aes;
     let mut dopt = if cfg.use_engine { None } else { Some(DeviceOptimizer::from_host(&opt, vars)?) };
     let tokens_per_step = (cfg.batch_size * ctx) as u64;
-    let mut session = Session::open(
-        dir,
-        "finetune",
-        cfg.digest.clone(),
-        cfg.checkpoints,
-        step,
-        steps,
+    let spec = SessionSpec {
+        tool: "finetune",
+        run: cfg.run.clone(),
+        policy: cfg.checkpoints,
+        start_step: step,
         tokens_per_step,
-        "finetuning",
-    )?;
+    };
+    let mut session = Session::open(dir, spec)?;
     while step < steps {
         // Next batch in data order (wrapping over epochs).
         let batch = data.batch(seqs_seen, cfg.batch_size)?;
@@ -263,10 +269,10 @@ pub fn run(
             let clean = rt.forward(&batch.tokens, false, false)?.ce.mean_all()?.to_scalar::<f32>()? as f64;
             record["ce_diff"] = serde_json::json!(ce - clean);
         }
-        session.log(record)?;
+        session.log(record, &report)?;
         step += 1;
         seqs_seen += cfg.batch_size as u64;
-        let halt = session.after_step(step, steps, |ckpt| {
+        let next = session.after_step(step, &cfg.schedule, |ckpt| {
             if let Some(d) = &dopt {
                 opt = d.to_host()?;
             }
@@ -275,8 +281,10 @@ pub fn run(
             }
             ckpt.save(suite, &opt, &dead, step, seqs_seen)
         })?;
-        if halt {
-            return Ok(session.halted(steps));
+        match next {
+            After::Continue => {}
+            After::Halt => return Ok(session.halted(steps)),
+            After::Interrupted => return Err(session.interrupted(step)),
         }
     }
     if dopt.is_none() {
@@ -286,6 +294,28 @@ pub fn run(
         let mut out_suite = suite.clone();
         out_suite.model_id = Some(inputs.model.id.clone());
         out_suite.model_hash = Some(inputs.model.hash.clone());
-        out_suite.save(&cfg.out, &cfg.created_by, cfg.args.clone())
+        out_suite.lineage = cfg.lineage.clone();
+        out_suite.save(&cfg.out, &cfg.created_by, cfg.args.clone())?;
+        // The suite carries the connections it was trained with: tools use them by default.
+        let stored = cfg.out.join(crate::formats::suite::CONNECTIONS_FILE);
+        match conns {
+            Some(c) => {
+                let keep = |k: &str| !["format", "version", "n_features", "modules", "source"].contains(&k);
+                let mut meta: Vec<(&str, String)> = cfg
+                    .connections_meta
+                    .iter()
+                    .filter(|(k, _)| keep(k))
+                    .map(|(k, v)| (k.as_str(), v.clone()))
+                    .collect();
+                if let Some(p) = &cfg.connections_source {
+                    meta.push(("source", p.display().to_string()));
+                }
+                meta.push(("parallel_attn_mlp", inputs.parallel().to_string()));
+                meta.dedup_by(|a, b| a.0 == b.0);
+                c.write_parquet(&stored, crate::formats::connections::FORMAT, &meta)
+            }
+            None if stored.exists() => std::fs::remove_file(&stored).map_err(|e| crate::error::Error::io(&stored, e)),
+            None => Ok(()),
+        }
     })
 }

@@ -21,9 +21,9 @@ pub mod schedule;
 use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Instant;
 
 use crate::error::{Error, IoContext, Result};
+use crate::formats::runconfig::RunConfig;
 use crate::model::Module;
 use checkpoints::{CheckpointPolicy, Checkpoints};
 use dead::DeadTracker;
@@ -89,80 +89,124 @@ pub struct RunSummary {
     pub last: Option<serde_json::Value>,
     /// Stopped early by `--halt-after` (a checkpoint was kept).
     pub halted: bool,
+    /// Whether this invocation trained any step (a resumed finished run trains none).
+    pub trained: bool,
+}
+
+/// How a [`Session`] starts.
+pub struct SessionSpec {
+    pub tool: &'static str,
+    /// The run's configuration (recorded in its checkpoints).
+    pub run: RunConfig,
+    pub policy: CheckpointPolicy,
+    /// 0, or the step a resumed run starts at.
+    pub start_step: u64,
+    pub tokens_per_step: u64,
+}
+
+/// What a training loop does after a step (see [`Session::after_step`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum After {
+    /// Go on.
+    Continue,
+    /// `--halt-after`: stop here, the checkpoint kept.
+    Halt,
+    /// Ctrl-C or SIGTERM: a checkpoint was written; stop with [`Session::interrupted`].
+    Interrupted,
 }
 
 /// The parts of one training run that do not depend on what is trained: `metrics.jsonl`
 /// (one JSON object per step, appended; a resumed run first drops the lines at or after its
-/// checkpoint), the progress bar, the checkpoints, and tokens per second.
+/// checkpoint), progress on stderr, the checkpoints (also on Ctrl-C), and tokens per second.
 pub struct Session {
     pub ckpt: Checkpoints,
+    tool: &'static str,
     metrics: File,
     metrics_path: PathBuf,
-    bar: indicatif::ProgressBar,
-    start: Instant,
-    start_step: u64,
-    tokens_per_step: u64,
+    progress: crate::util::progress::Progress,
     last: Option<serde_json::Value>,
 }
 
 impl Session {
-    /// Start (or continue at `start_step`) a run of `steps` steps in `dir`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn open(
-        dir: crate::util::io::RunDir,
-        tool: &'static str,
-        digest: String,
-        policy: CheckpointPolicy,
-        start_step: u64,
-        steps: u64,
-        tokens_per_step: u64,
-        what: &str,
-    ) -> Result<Session> {
+    /// Start (or continue at `spec.start_step`) a run of `steps` steps in `dir`; Ctrl-C and
+    /// SIGTERM now stop it at the next step boundary.
+    pub fn open(dir: crate::util::io::RunDir, spec: SessionSpec) -> Result<Session> {
         let path = dir.path().join("metrics.jsonl");
-        if policy.resume {
-            checkpoints::trim_metrics(&path, start_step)?;
+        if spec.policy.resume {
+            checkpoints::trim_metrics(&path, spec.start_step)?;
         }
         let metrics = std::fs::OpenOptions::new().create(true).append(true).open(&path).at(&path)?;
-        let bar = crate::util::token_bar(Some(steps * tokens_per_step), what);
-        bar.set_position(start_step * tokens_per_step);
+        let unit = crate::util::progress::Unit::Steps { tokens_per_step: spec.tokens_per_step };
+        let progress = crate::util::progress::Progress::new(spec.tool, unit, Some(spec.run.steps), spec.start_step);
+        crate::util::interrupt::install();
         Ok(Session {
-            ckpt: Checkpoints::new(dir, tool, digest, policy, start_step),
+            ckpt: Checkpoints::new(dir, spec.tool, spec.run, spec.policy, spec.start_step),
+            tool: spec.tool,
             metrics,
             metrics_path: path,
-            bar,
-            start: Instant::now(),
-            start_step,
-            tokens_per_step,
+            progress,
             last: None,
         })
     }
 
-    /// Append one step's metrics record.
-    pub fn log(&mut self, record: serde_json::Value) -> Result<()> {
+    /// Append one step's metrics record; the progress shows the step's loss and mean FVU (or CE).
+    pub fn log(&mut self, record: serde_json::Value, report: &StepReport) -> Result<()> {
         writeln!(self.metrics, "{record}").at(&self.metrics_path)?;
-        self.bar.inc(self.tokens_per_step);
+        let mut msg = format!("loss {:.4}", report.loss);
+        if let Some(f) = report.fvu.as_ref().filter(|f| !f.is_empty()) {
+            msg.push_str(&format!(", FVU {:.4}", f.iter().sum::<f64>() / f.len() as f64));
+        }
+        if let Some(ce) = report.ce {
+            msg.push_str(&format!(", CE {ce:.4}"));
+        }
+        self.progress.set_message(msg);
+        self.progress.inc(1);
         self.last = Some(record);
+        // For tests of stopping a run: slow each step down (SCAE_STEP_DELAY_MS).
+        if let Some(ms) = std::env::var("SCAE_STEP_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
         Ok(())
     }
 
-    /// After `step` of `steps` steps: checkpoint when due (`save` writes it) and say whether
-    /// the run halts here (`--halt-after`).
+    /// After `step` steps of `schedule`: checkpoint when due (`save` writes it: it calls
+    /// [`Checkpoints::save`]) or when Ctrl-C / SIGTERM asked to stop, and say what the loop
+    /// does next.
     pub fn after_step(
         &mut self,
         step: u64,
-        steps: u64,
+        schedule: &Schedule,
         save: impl FnOnce(&mut Checkpoints) -> Result<()>,
-    ) -> Result<bool> {
-        let due = self.ckpt.due(step, steps);
-        if due.save {
+    ) -> Result<After> {
+        let mut due = self.ckpt.due(step, schedule);
+        let interrupted = crate::util::interrupt::requested() && step < schedule.steps;
+        if interrupted && !due.save.contains(&checkpoints::LATEST_NAME) {
+            due.save.push(checkpoints::LATEST_NAME);
+        }
+        if !due.save.is_empty() {
             self.metrics.flush().at(&self.metrics_path)?;
+            self.ckpt.set_targets(due.save);
             save(&mut self.ckpt)?;
         }
-        if due.halt {
-            self.bar.finish_and_clear();
-            self.ckpt.report_halt(step);
+        if interrupted {
+            self.progress.finish();
+            return Ok(After::Interrupted);
         }
-        Ok(due.halt)
+        if due.halt {
+            self.progress.finish();
+            self.ckpt.report_halt(step);
+            return Ok(After::Halt);
+        }
+        Ok(After::Continue)
+    }
+
+    /// The error that ends a run stopped by Ctrl-C or SIGTERM after `step` steps.
+    pub fn interrupted(&self, step: u64) -> Error {
+        let last = self.ckpt.last().map_or("none".to_string(), |s| s.to_string());
+        Error::Interrupted(format!(
+            "interrupted at step {step}; last checkpoint at step {last} ({}); rerun the same command with --resume",
+            self.ckpt.path().join(checkpoints::LATEST_NAME).display()
+        ))
     }
 
     /// Stop the run when step `step`'s loss is not finite or a module's FVU shows that the
@@ -188,24 +232,68 @@ impl Session {
 
     /// The run stopped at `--halt-after`.
     pub fn halted(self, steps: u64) -> RunSummary {
-        RunSummary { steps, tokens_per_s: self.tokens_per_s(steps), last: self.last.clone(), halted: true }
-    }
-
-    fn tokens_per_s(&self, step: u64) -> f64 {
-        let secs = self.start.elapsed().as_secs_f64();
-        ((step.saturating_sub(self.start_step)) * self.tokens_per_step) as f64 / secs.max(1e-9)
+        RunSummary {
+            steps,
+            tokens_per_s: self.progress.tokens_per_s(),
+            last: self.last.clone(),
+            halted: true,
+            trained: self.last.is_some(),
+        }
     }
 
     /// The run is done and `write` has written its result into `out`: keep the folder.
     pub fn finish(mut self, steps: u64, write: impl FnOnce() -> Result<()>) -> Result<RunSummary> {
-        self.bar.finish_and_clear();
+        self.progress.finish();
         self.metrics.flush().at(&self.metrics_path)?;
         write()?;
-        let summary =
-            RunSummary { steps, tokens_per_s: self.tokens_per_s(steps), last: self.last.take(), halted: false };
+        let summary = RunSummary {
+            steps,
+            tokens_per_s: self.progress.tokens_per_s(),
+            trained: self.last.is_some(),
+            last: self.last.take(),
+            halted: false,
+        };
+        if !summary.trained {
+            crate::note!("{}: the run had already done all its {steps} steps; its result is written anew", self.tool);
+        }
         self.ckpt.finish();
         Ok(summary)
     }
+}
+
+/// The line a training tool ends with: steps, where the result went, the last step's loss, mean
+/// FVU (or CE) and dead features, and the speed of this invocation.
+pub fn summary_line(tool: &str, done: &RunSummary, out: &std::path::Path) -> String {
+    if !done.trained {
+        return format!("{tool}: {} steps -> {} (already complete; nothing trained)", done.steps, out.display());
+    }
+    let mut parts = Vec::new();
+    if let Some(last) = &done.last {
+        if let Some(l) = last["loss"].as_f64() {
+            parts.push(format!("loss {l:.4}"));
+        }
+        let mean = |key: &str| -> Option<f64> {
+            let m = last[key].as_object()?;
+            (!m.is_empty()).then(|| m.values().filter_map(|v| v.as_f64()).sum::<f64>() / m.len() as f64)
+        };
+        if let Some(f) = mean("fvu") {
+            parts.push(format!("mean FVU {f:.4}"));
+        }
+        if let Some(ce) = last["ce"].as_f64() {
+            parts.push(format!("CE {ce:.4}"));
+        }
+        if let Some(d) = last["dead"].as_object() {
+            let n: u64 = d.values().filter_map(|v| v.as_u64()).sum();
+            parts.push(format!("{n} dead features"));
+        }
+    }
+    format!(
+        "{tool}: {} steps -> {} (last step: {}; {} tokens/s)",
+        done.steps,
+        out.display(),
+        parts.join(", "),
+        crate::util::progress::thousands(done.tokens_per_s as u64)
+    )
 }
 
 /// `{module: value}` for per-module metrics, in suite order.
@@ -213,8 +301,10 @@ pub fn per_module<T: serde::Serialize>(modules: &[Module], values: &[T]) -> serd
     modules.iter().zip(values).map(|(m, v)| (m.name(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>().into()
 }
 
-/// The metrics record of a step: `step`, `loss`, `lr`, `dead` (per module) and, when present,
-/// `fvu`, `auxk` (per module), `ce`.
+/// The metrics record of a step: `step`, `loss`, `lr_applied` (the learning rate of this step:
+/// `--lr` scaled by F and by the schedule), `dead` (per module: features without a non-zero
+/// value in the last `--dead-threshold` tokens) and, when present, `fvu`, `auxk` (per module),
+/// `ce`.
 pub fn metrics_record(
     step: u64,
     lr: f64,
@@ -235,7 +325,7 @@ pub fn metrics_record(
     let dead_counts: Vec<usize> = (0..modules.len()).map(|m| dead.n_dead(m)).collect();
     rec.insert("step".into(), serde_json::json!(step));
     rec.insert("loss".into(), serde_json::json!(report.loss));
-    rec.insert("lr".into(), serde_json::json!(lr));
+    rec.insert("lr_applied".into(), serde_json::json!(lr));
     rec.insert("dead".into(), per_module(modules, &dead_counts));
     rec.into()
 }

@@ -14,7 +14,7 @@ use super::checkpoints::{resume, CheckpointPolicy};
 use super::data::TrainData;
 use super::dead::DeadTracker;
 use super::optim::{clip_module, clip_module_t, DeviceOptimizer, Optimizer, OptimizerKind};
-use super::{metrics_record, RunSummary, Schedule, Session, StepReport};
+use super::{metrics_record, After, RunSummary, Schedule, Session, SessionSpec, StepReport};
 use crate::data::Batch;
 use crate::error::Result;
 use crate::formats::suite::Suite;
@@ -65,8 +65,10 @@ pub struct PretrainConfig {
     pub seed: u64,
     pub checkpoints: CheckpointPolicy,
     pub overwrite: bool,
-    /// Digest of the arguments a resume must repeat.
-    pub digest: String,
+    /// What a resume must repeat (recorded in checkpoints and in the suite's config.json).
+    pub run: crate::formats::runconfig::RunConfig,
+    /// The suite's lineage (the data it is trained on).
+    pub lineage: crate::formats::suite::Lineage,
     /// Recorded in the suite's config.json.
     pub created_by: String,
     pub args: serde_json::Value,
@@ -175,9 +177,9 @@ pub fn run(data: &mut TrainData, cfg: &PretrainConfig, device: &Device) -> Resul
         let st = resume(
             &cfg.out,
             "train-suite",
-            &cfg.digest,
+            &cfg.run,
+            &cfg.schedule,
             &suite,
-            steps,
             cfg.batch_size as u64,
             &mut params,
             &mut opt,
@@ -197,16 +199,14 @@ pub fn run(data: &mut TrainData, cfg: &PretrainConfig, device: &Device) -> Resul
         first_batch = Some(batch0);
     }
     let tokens_per_step = (cfg.batch_size * ctx) as u64;
-    let mut session = Session::open(
-        dir,
-        "train-suite",
-        cfg.digest.clone(),
-        cfg.checkpoints,
-        step,
-        steps,
+    let spec = SessionSpec {
+        tool: "train-suite",
+        run: cfg.run.clone(),
+        policy: cfg.checkpoints,
+        start_step: step,
         tokens_per_step,
-        "training",
-    )?;
+    };
+    let mut session = Session::open(dir, spec)?;
     // The autograd path keeps parameters and optimizer state on the device.
     let (vars, mut dopt) = if cfg.use_engine {
         (Vec::new(), None)
@@ -255,18 +255,20 @@ pub fn run(data: &mut TrainData, cfg: &PretrainConfig, device: &Device) -> Resul
         let (fvu, auxk) = (report.fvu.as_deref().unwrap_or(&[]), report.auxk.as_deref().unwrap_or(&[]));
         report.loss = fvu.iter().zip(auxk).map(|(fv, ax)| fv + cfg.auxk_alpha * ax).sum();
         session.check_step(step, &report, &modules)?;
-        session.log(metrics_record(step, lr_t, &report, &modules, &dead))?;
+        session.log(metrics_record(step, lr_t, &report, &modules, &dead), &report)?;
         step += 1;
         seqs_seen += cfg.batch_size as u64;
-        let halt = session.after_step(step, steps, |ckpt| {
+        let next = session.after_step(step, &cfg.schedule, |ckpt| {
             if let Some(dopt) = &dopt {
                 params = vars.iter().map(AeParams::to_host).collect::<Result<Vec<_>>>()?;
                 opt = dopt.to_host()?;
             }
             ckpt.save(&Suite::from_params(&params, &modules, k, d, f)?, &opt, &dead, step, seqs_seen)
         })?;
-        if halt {
-            return Ok(session.halted(steps));
+        match next {
+            After::Continue => {}
+            After::Halt => return Ok(session.halted(steps)),
+            After::Interrupted => return Err(session.interrupted(step)),
         }
     }
     session.finish(steps, || {
@@ -280,6 +282,7 @@ pub fn run(data: &mut TrainData, cfg: &PretrainConfig, device: &Device) -> Resul
         let mut suite = Suite::from_params(&params, &modules, k, d, f)?;
         suite.model_id = Some(cfg.shape.model_id.clone());
         suite.model_hash = Some(cfg.shape.model_hash.clone());
+        suite.lineage = cfg.lineage.clone();
         suite.save(&cfg.out, &cfg.created_by, cfg.args.clone())
     })
 }

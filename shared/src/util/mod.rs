@@ -1,12 +1,16 @@
-//! Helpers with no SCAE concept in them: atomic file output ([`io`]), memory estimates
+//! Helpers with no SCAE concept in them: atomic file output ([`io`]), content fingerprints
+//! ([`fingerprint`]), memory estimates
 //! ([`mem`]), parquet tables ([`table`]), dense kernels on flat buffers ([`blas`]), a seeded
 //! generator ([`rng`]), phase timing ([`profile`]) and the run-time choice of vector unit
 //! ([`simd`]).
 
 pub mod blas;
+pub mod fingerprint;
+pub mod interrupt;
 pub mod io;
 pub mod mem;
 pub mod profile;
+pub mod progress;
 pub mod rng;
 pub mod simd;
 pub mod table;
@@ -57,13 +61,8 @@ pub fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
-/// A progress bar on stderr counting tokens (hidden when stderr is not a terminal).
-pub fn token_bar(total_tokens: Option<u64>, what: &str) -> indicatif::ProgressBar {
-    let bar = match total_tokens {
-        Some(t) => indicatif::ProgressBar::new(t),
-        None => indicatif::ProgressBar::new_spinner(),
-    };
-    let template = format!("{{spinner}} {what} {{elapsed_precise}} [{{wide_bar}}] {{human_pos}}/{{human_len}} tokens ({{per_sec}}, eta {{eta}})");
-    bar.set_style(indicatif::ProgressStyle::with_template(&template).expect("valid template"));
-    bar
+/// Progress on stderr of a run named `what` over `total_tokens` tokens (a bar on a terminal,
+/// plain lines otherwise; see [`progress`]).
+pub fn token_bar(total_tokens: Option<u64>, what: &str) -> progress::Progress {
+    progress::Progress::new(what, progress::Unit::Tokens, total_tokens, 0)
 }

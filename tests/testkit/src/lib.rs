@@ -70,8 +70,26 @@ pub fn tool_ok(name: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).to_string()
 }
 
+/// Whether a stderr line of tool `name` is progress (`name: step 3/10 (30%), ...`,
+/// `name: 4,096/32,768 tokens (12%), ...`) or says which pass runs (`name: pass: ...`): what
+/// a tool prints besides its one-line error.
+pub fn is_info_line(line: &str, name: &str) -> bool {
+    let Some(rest) = line.strip_prefix(&format!("{name}: ")) else { return false };
+    let count = rest.split_whitespace().next().unwrap_or("");
+    rest.starts_with("pass: ")
+        || (rest.starts_with("step ") && rest.contains('/'))
+        || (count.chars().next().is_some_and(|c| c.is_ascii_digit())
+            && count.chars().all(|c| c.is_ascii_digit() || c == ',' || c == '/')
+            && rest.contains(" tokens"))
+}
+
+/// The lines of a tool's stderr that are not [progress or the pass it runs](is_info_line).
+pub fn error_lines<'a>(stderr: &'a str, name: &str) -> Vec<&'a str> {
+    stderr.lines().filter(|l| !l.trim().is_empty() && !is_info_line(l, name)).collect()
+}
+
 /// Run a tool that must fail with exit code 1 and a one-line message starting `<name>: ` that
-/// contains every needle; returns the message.
+/// contains every needle (besides progress and the pass it runs); returns the message.
 pub fn tool_fails(name: &str, args: &[&str], needles: &[&str]) -> String {
     let o = tool(name, args);
     let err = String::from_utf8_lossy(&o.stderr).to_string();

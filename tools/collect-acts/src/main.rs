@@ -30,9 +30,14 @@ struct Args {
     /// Number of sequences to cache (default: all the data gives).
     #[arg(long, conflicts_with = "n_tokens", value_parser = clap::value_parser!(u64).range(1..))]
     n_seqs: Option<u64>,
-    /// Number of tokens to cache (rounded up to whole sequences).
+    /// Number of tokens to cache (rounded up to whole sequences; default: --n-seqs, else all the
+    /// data gives).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     n_tokens: Option<u64>,
+    /// Skip the first N sequences the data gives (e.g. a held-out cache from the text after a
+    /// training cache of N sequences, with the same data flags).
+    #[arg(long, default_value_t = 0)]
+    skip_seqs: u64,
     /// Sequences per forward pass.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
     batch_size: u64,
@@ -54,7 +59,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    scae::cli::run_main("collect-acts", || run(Args::parse()))
+    scae::cli::run_main("collect-acts", || run(scae::cli::parse_args::<Args>()))
 }
 
 fn run(args: Args) -> Result<()> {
@@ -76,12 +81,21 @@ fn run(args: Args) -> Result<()> {
     let limit = args.n_seqs.map(|n| n as usize).or(args.n_tokens.map(|t| (t as usize).div_ceil(ctx_len)));
     let batch = args.batch_size as usize;
     let mut source = BatchSource::open(&spec, &tokenizer, opts, batch, limit, cfg.d_vocab)?;
+    let skipped = source.skip(args.skip_seqs)?;
+    if skipped < args.skip_seqs {
+        bail!(
+            "--skip-seqs {}: {} gives only {skipped} sequences with these flags",
+            args.skip_seqs,
+            spec.path().display()
+        );
+    }
+    let data_fingerprint = scae::util::fingerprint::file_fingerprint(spec.path())?;
     let stage = StagedDir::create(&args.out, args.overwrite, "--out")?;
     let shard_seqs =
         args.shard_seqs.map(|s| s as usize).unwrap_or_else(|| auto_shard_seqs(&cfg, ctx_len, args.dtype, batch));
     let mut writer = ShardWriter::new(stage.path(), &cfg, args.dtype, shard_seqs);
 
-    let bar = scae::util::token_bar(limit.map(|l| (l * ctx_len) as u64), "collecting");
+    let mut bar = scae::util::token_bar(limit.map(|l| (l * ctx_len) as u64), "collect-acts");
     let start = Instant::now();
     while let Some(tokens) = source.next_batch(&device)? {
         let out = model.runtime.forward(&tokens, true, false)?;
@@ -89,7 +103,7 @@ fn run(args: Args) -> Result<()> {
         bar.inc(tokens.elem_count() as u64);
     }
     writer.finish()?;
-    bar.finish_and_clear();
+    bar.finish();
     let n_seqs = source.produced();
     if n_seqs == 0 {
         return Err(source.empty_error().into());
@@ -117,6 +131,8 @@ fn run(args: Args) -> Result<()> {
             pack: opts.pack,
             docs_read: stats.docs_read,
             docs_skipped_short: stats.docs_skipped_short,
+            fingerprint: Some(data_fingerprint),
+            skip_seqs: args.skip_seqs,
         },
         n_seqs,
         hooks: writer.hooks().to_vec(),

@@ -40,7 +40,7 @@ struct Args {
     to: To,
     /// Model folder or hub id, only to check connections against its block type (Pythia's
     /// parallel attn/MLP); without it edges are checked as for sequential blocks, unless a
-    /// connections parquet records the block type.
+    /// connections parquet records the block type (default: none).
     #[arg(long)]
     model: Option<String>,
     /// Output folder.
@@ -52,7 +52,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    scae::cli::run_main("convert-suite", || run(Args::parse()))
+    scae::cli::run_main("convert-suite", || run(scae::cli::parse_args::<Args>()))
 }
 
 /// The block type: from the model if given, else from a parquet's metadata, else sequential.

@@ -2,6 +2,7 @@
 //! spliced in, FVU (two definitions), L0 and dead features per module (`eval.json`); or compare
 //! earlier runs (`--compare`).
 
+mod plot;
 mod report;
 
 use std::collections::HashMap;
@@ -21,14 +22,16 @@ use scae::util::io::StagedDir;
     after_help = "Example:\n  evaluate --acts acts/ --suite suite/ --connections edges/connections.parquet --out eval/\n\nWithout --connections every preceding feature is connected (the reference's connections=None)."
 )]
 struct Args {
-    /// Activation cache folder (from collect-acts).
+    /// Activation cache folder (from collect-acts); required unless --compare.
     #[arg(long, required_unless_present = "compare")]
     acts: Option<PathBuf>,
-    /// Suite folder (suite.safetensors + config.json) or a bare .safetensors.
+    /// Suite folder (suite.safetensors + config.json) or a bare .safetensors; required unless
+    /// --compare.
     #[arg(long, required_unless_present = "compare")]
     suite: Option<PathBuf>,
     /// Compare earlier runs (their --out folders): print a markdown table and write
-    /// compare.md, compare.png and compare.svg (CE diff and mean FVU vs C) into --out.
+    /// compare.md, compare.png and compare.svg (CE diff and mean FVU vs C) into --out
+    /// (default: none; evaluate --suite on --acts).
     #[arg(long, num_args = 1.., conflicts_with_all = ["acts", "suite", "connections", "dump"])]
     compare: Vec<PathBuf>,
     /// Connection set: connections.parquet, the reference's .safetensors, .pkl or .pt, or `all`
@@ -53,7 +56,7 @@ struct Args {
 /// `--compare`: table and plot of earlier runs.
 fn compare(args: &Args) -> Result<()> {
     let mut runs = args.compare.iter().map(|d| report::load_run(d)).collect::<Result<Vec<_>>>()?;
-    report::sort_runs(&mut runs);
+    report::settle_splits(&mut runs);
     let table = report::table(&runs);
     std::fs::create_dir_all(&args.out)
         .map_err(|e| anyhow::anyhow!("{}: --out: cannot create output folder: {e}", args.out.display()))?;
@@ -63,14 +66,14 @@ fn compare(args: &Args) -> Result<()> {
         None => table.clone(),
     };
     scae::util::io::write_atomic(&args.out.join("compare.md"), text.as_bytes())?;
-    report::plot(&runs, &args.out.join("compare"))?;
+    plot::plot(&runs, &args.out.join("compare"))?;
     scae::cli::say(format_args!("{text}"))?;
     scae::say!("plot: {} and .svg", args.out.join("compare.png").display())?;
     Ok(())
 }
 
 fn main() -> ExitCode {
-    scae::cli::run_main("evaluate", || run(Args::parse()))
+    scae::cli::run_main("evaluate", || run(scae::cli::parse_args::<Args>()))
 }
 
 fn run(args: Args) -> Result<()> {
@@ -91,18 +94,21 @@ fn run(args: Args) -> Result<()> {
     };
     let device = args.common.setup()?;
     let inputs = Inputs::open(&acts, &suite, args.cache.model.as_deref(), &device)?;
-    let conns = inputs.choose_connections(args.connections.as_deref(), "evaluate")?;
+    let chosen = inputs.choose_connections(args.connections.as_deref(), "evaluate")?;
     let cfg = EvalConfig {
         acts,
         suite,
-        connections: inputs.connections_file(args.connections.as_deref()),
+        connections: chosen.file.clone(),
+        connections_meta: chosen.meta.clone(),
+        connections_lineage: chosen.lineage.clone(),
+        pass_description: chosen.pass.clone(),
         batch_size: args.cache.batch_size as usize,
         limit: args.cache.limit(),
         pass: args.pass.options(),
         dump: args.dump,
     };
     let stage = StagedDir::create(&args.out, args.cache.overwrite, "--out")?;
-    let ev = scae::eval::run(&inputs, conns.as_ref(), &cfg, &device)?;
+    let ev = scae::eval::run(&inputs, chosen.set.as_ref(), &cfg, &device)?;
     ev.report.write(&stage.path().join("eval.json"))?;
     if args.dump {
         let path = stage.path().join("features.safetensors");
@@ -112,19 +118,25 @@ fn run(args: Args) -> Result<()> {
     }
     let out = stage.commit()?;
     let r = &ev.report;
-    scae::say!("| module | FVU | FVU (ref) | L0 | dead % |\n|---|---|---|---|---|")?;
+    scae::say!("| module | FVU | FVU (ref) | L0 | never fired % |\n|---|---|---|---|---|")?;
     for module in &inputs.suite.modules {
         let m = &r.modules[&module.name()];
         scae::say!("| {module} | {:.4} | {:.4} | {:.1} | {:.1} |", m.fvu, m.fvu_ref, m.l0, 100.0 * m.dead_fraction)?;
     }
     scae::say!(
-        "clean CE {:.4}, CE with suite {:.4}, CE diff {:.4}, CE recovered {:.3} (zero-ablation CE {:.4}; {} tokens) -> {}",
+        "FVU: unexplained variance over all tokens; FVU (ref): the reference's training FVU (variance over a batch's \
+         sequences per position, averaged over batches); never fired: no non-zero value on these tokens."
+    )?;
+    scae::say!(
+        "clean CE {:.4}, CE with suite {:.4}, CE diff {:.4}, CE recovered {:.3} (zero-ablation CE {:.4}; {} {} tokens: {}) -> {}",
         r.clean_ce,
         r.ce,
         r.ce_diff,
         r.ce_recovered,
         r.ce_zero,
         r.n_tokens,
+        r.tokens,
+        r.tokens_note,
         out.display()
     )?;
     Ok(())

@@ -1,324 +1,421 @@
-//! `evaluate --compare`: a markdown table and a plot (PNG and SVG) of several evaluation runs,
-//! e.g. a sweep over C.
+//! `evaluate --compare`: several evaluation runs side by side — a markdown table (held-out and
+//! training-token numbers in their own columns; runs of several seeds in one row as mean and
+//! range), what they say in words (every sentence computed from the numbers it states), and a
+//! plot (`plot.rs`).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
-use plotters::prelude::*;
+use anyhow::Result;
+use scae::formats::eval::EvalReport;
 
 /// One evaluation run (an `evaluate --out` folder).
 #[derive(Debug, Clone)]
 pub struct Run {
     pub dir: PathBuf,
-    pub c: Option<u64>,
-    pub finetuned: bool,
-    /// The connections are the random control (select-edges --random).
-    pub random: bool,
-    /// The most embed edges of any feature (none: the whole embedding).
-    pub embed_c: Option<u64>,
-    /// The most features any output token reads (none: all of them).
-    pub unembed_c: Option<u64>,
-    pub ce: f64,
+    pub role: Role,
+    /// `held-out`, `training` or `unknown` (after [`settle_splits`]: for the run's cache).
+    pub tokens: String,
+    /// The evaluated cache (its identity, else its path).
+    pub cache: String,
+    /// The run's own suite cannot tell whether it saw these tokens (no recorded lineage), but
+    /// other suites evaluated on the same cache can.
+    pub unsure: bool,
+    pub n_tokens: u64,
+    /// The pretrained suite the run's suite descends from (one per seed).
+    pub seed_group: String,
+    /// How the suite was finetuned (loss, steps, lr, batch size), when it was.
+    pub recipe: Option<String>,
     pub ce_diff: f64,
     pub ce_recovered: f64,
     pub mean_fvu: f64,
     pub mean_l0: f64,
-    pub dead: f64,
+    pub never_fired: f64,
+}
+
+/// What a run stands for in the comparison: which connections, and whether the suite was
+/// finetuned. Runs of the same role from several seeds are aggregated.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Role {
+    pub finetuned: bool,
+    /// `None`: all connections.
+    pub c: Option<u64>,
+    /// The random-connections control.
+    pub random: bool,
+    pub embed_c: Option<u64>,
+    pub unembed_c: Option<u64>,
+}
+
+impl Role {
+    /// `all`, `top 16`, `random 16`, with `, embed E` / `, unembed U`.
+    pub fn connections(&self) -> String {
+        let mut out = match (self.c, self.random) {
+            (None, _) => "all".to_string(),
+            (Some(c), true) => format!("random {c}"),
+            (Some(c), false) => format!("top {c}"),
+        };
+        if let Some(e) = self.embed_c {
+            out.push_str(&format!(", embed {e}"));
+        }
+        if let Some(u) = self.unembed_c {
+            out.push_str(&format!(", unembed {u}"));
+        }
+        out
+    }
+
+    fn ends(&self) -> (Option<u64>, Option<u64>) {
+        (self.embed_c, self.unembed_c)
+    }
 }
 
 /// Read `dir/eval.json`.
 pub fn load_run(dir: &Path) -> Result<Run> {
-    let r = scae::formats::eval::EvalReport::read(dir)?;
-    // select-edges --random records its seed in the parquet's metadata.
-    let random = r.connections.as_deref().is_some_and(|p| {
-        p.extension().is_some_and(|e| e == "parquet")
-            && scae::util::table::parquet_metadata(p).is_ok_and(|m| m.iter().any(|(k, _)| k == "random_seed"))
+    let r = EvalReport::read(dir)?;
+    // select-edges --random records its seed; older eval.json files: look in the file.
+    let random = r.random_connections
+        || r.connections.as_deref().is_some_and(|p| {
+            p.extension().is_some_and(|e| e == "parquet")
+                && scae::util::table::parquet_metadata(p).is_ok_and(|m| m.iter().any(|(k, _)| k == "random_seed"))
+        });
+    let recipe = r.suite_training.as_ref().filter(|_| r.finetuned()).map(|t| {
+        let steps = t["steps"].as_u64().map_or("?".to_string(), |s| s.to_string());
+        let lr = t["lr"].as_f64().map_or("?".to_string(), |l| format!("{l:e}"));
+        let loss = t["loss"].as_str().unwrap_or("?");
+        format!("{loss}, {steps} steps, lr {lr}, batch {}", t["batch_size"])
     });
     Ok(Run {
         dir: dir.to_path_buf(),
-        c: r.c,
-        finetuned: r.finetuned(),
-        random,
-        embed_c: r.embed_c,
-        unembed_c: r.unembed_c,
-        ce: r.ce,
+        role: Role { finetuned: r.finetuned(), c: r.c, random, embed_c: r.embed_c, unembed_c: r.unembed_c },
+        tokens: r.tokens.clone(),
+        cache: r.cache_id.clone().unwrap_or_else(|| r.acts.display().to_string()),
+        unsure: false,
+        n_tokens: r.n_tokens,
+        seed_group: r.root_suite_id.clone().unwrap_or_else(|| dir.display().to_string()),
+        recipe,
         ce_diff: r.ce_diff,
         ce_recovered: r.ce_recovered,
         mean_fvu: r.mean_fvu,
         mean_l0: r.mean_l0,
-        dead: r.dead_fraction,
+        never_fired: r.dead_fraction,
     })
 }
 
-/// The comparison as a markdown table, sorted by suite kind and C.
+/// Label each run by its cache rather than by its own suite: a cache is `training` tokens when
+/// any evaluated suite was trained on it, else `held-out` when any suite says it was not, else
+/// `unknown`. A run whose suite records no lineage (a reference suite) is thereby compared on
+/// the cache's split, and marked `unsure`. Returns how many runs are.
+pub fn settle_splits(runs: &mut [Run]) -> usize {
+    let mut split: BTreeMap<String, &'static str> = BTreeMap::new();
+    for r in runs.iter() {
+        let s = split.entry(r.cache.clone()).or_insert("unknown");
+        match r.tokens.as_str() {
+            "training" => *s = "training",
+            "held-out" if *s == "unknown" => *s = "held-out",
+            _ => {}
+        }
+    }
+    let mut unsure = 0;
+    for r in runs.iter_mut() {
+        let s = split[&r.cache];
+        if r.tokens == "unknown" && s != "unknown" {
+            r.unsure = true;
+            unsure += 1;
+        }
+        r.tokens = s.to_string();
+    }
+    unsure
+}
+
+/// Mean, smallest and largest of some runs' values.
+#[derive(Debug, Clone, Copy)]
+pub struct Stat {
+    pub mean: f64,
+    pub min: f64,
+    pub max: f64,
+    pub n: usize,
+}
+
+impl Stat {
+    /// The statistics of `values` (`None` when empty).
+    pub fn of(values: &[f64]) -> Option<Stat> {
+        if values.is_empty() {
+            return None;
+        }
+        let n = values.len();
+        let mean = values.iter().sum::<f64>() / n as f64;
+        let (min, max) = values.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+        Some(Stat { mean, min, max, n })
+    }
+
+    /// `0.0477`, or `0.0477 (0.0412–0.0530)` over several runs.
+    pub fn show(&self, digits: usize) -> String {
+        if self.n == 1 {
+            format!("{:.*}", digits, self.mean)
+        } else {
+            format!("{:.*} ({:.*}–{:.*})", digits, self.mean, digits, self.min, digits, self.max)
+        }
+    }
+}
+
+/// The split the summary is about: held-out tokens when any run has them, else training
+/// tokens, else runs whose split is unknown.
+pub fn primary_split(runs: &[Run]) -> &'static str {
+    ["held-out", "training", "unknown"].into_iter().find(|s| runs.iter().any(|r| r.tokens == *s)).unwrap_or("unknown")
+}
+
+/// The roles present, in table order: not finetuned before finetuned, all connections first,
+/// then top, then random, ascending C, dense ends before sparse ends.
+pub fn roles(runs: &[Run]) -> Vec<Role> {
+    let mut roles: Vec<Role> = runs.iter().map(|r| r.role.clone()).collect();
+    roles.sort_by_key(|r| (r.finetuned, r.c.is_some(), r.random, r.c, r.embed_c.is_some() || r.unembed_c.is_some()));
+    roles.dedup();
+    roles
+}
+
+fn values(runs: &[Run], role: &Role, split: &str, get: fn(&Run) -> f64) -> Option<Stat> {
+    let v: Vec<f64> = runs.iter().filter(|r| r.role == *role && r.tokens == split).map(get).collect();
+    Stat::of(&v)
+}
+
+/// The comparison as a markdown table: one row per role; CE diff for each split present,
+/// then mean FVU, L0 and never-fired features on the primary split.
 pub fn table(runs: &[Run]) -> String {
-    let mut out = String::from("| C | connections | suite | CE | CE diff | CE recovered | mean FVU | L0 | dead % | run |\n|---|---|---|---|---|---|---|---|---|---|\n");
-    for r in runs {
+    let primary = primary_split(runs);
+    let splits: Vec<&str> =
+        ["held-out", "training", "unknown"].into_iter().filter(|s| runs.iter().any(|r| r.tokens == *s)).collect();
+    let name = |s: &str| match s {
+        "held-out" => "held-out tokens".to_string(),
+        "training" => "training tokens".to_string(),
+        _ => "tokens of unknown split".to_string(),
+    };
+    let mut head = vec!["connections".to_string(), "suite".to_string()];
+    head.extend(splits.iter().map(|s| format!("CE diff, {}", name(s))));
+    head.extend([
+        format!("CE recovered, {}", name(primary)),
+        format!("mean FVU, {}", name(primary)),
+        "L0".to_string(),
+        "never fired %".to_string(),
+        "runs".to_string(),
+    ]);
+    let mut out = format!("| {} |\n|{}\n", head.join(" | "), "---|".repeat(head.len()));
+    for role in roles(runs) {
+        let mut row = vec![role.connections(), if role.finetuned { "finetuned" } else { "not finetuned" }.to_string()];
+        for s in &splits {
+            row.push(values(runs, &role, s, |r| r.ce_diff).map_or("—".into(), |v| v.show(4)));
+        }
+        let p = |get: fn(&Run) -> f64, digits: usize| {
+            values(runs, &role, primary, get).map_or("—".into(), |v| v.show(digits))
+        };
+        row.push(p(|r| r.ce_recovered, 3));
+        row.push(p(|r| r.mean_fvu, 4));
+        row.push(p(|r| r.mean_l0, 1));
+        row.push(p(|r| 100.0 * r.never_fired, 1));
+        row.push(runs.iter().filter(|r| r.role == role).count().to_string());
+        out.push_str(&format!("| {} |\n", row.join(" | ")));
+    }
+    out.push_str(
+        "\nCE diff: CE with the suite spliced in minus the clean model's CE (nats; lower is better). Several seeds: mean (smallest–largest).\n\
+         mean FVU: fraction of each module's target variance left unexplained, over all tokens, averaged over modules.\n\
+         never fired: features with no non-zero value on the evaluated tokens (training logs count `dead` over a window instead).\n",
+    );
+    let unsure = runs.iter().filter(|r| r.unsure).count();
+    if unsure > 0 {
         out.push_str(&format!(
-            "| {} | {} | {} | {:.4} | {:.4} | {:.3} | {:.4} | {:.1} | {:.1} | {} |\n",
-            r.c.map(|c| c.to_string()).unwrap_or_else(|| "all".into()),
-            kind(r),
-            if r.finetuned { "finetuned" } else { "not finetuned" },
-            r.ce,
-            r.ce_diff,
-            r.ce_recovered,
-            r.mean_fvu,
-            r.mean_l0,
-            100.0 * r.dead,
-            r.dir.display()
+            "{unsure} run(s) marked * evaluate a suite that records no training data (e.g. a reference suite): its columns are the cache's split for the other suites; whether that suite saw these tokens is unknown.\n"
         ));
     }
-    out
-}
-
-/// What the connections are: `all`, `top` (selected by score) or `random` (the control),
-/// with `, embed E` when the features read at most E tokens each.
-fn kind(r: &Run) -> String {
-    let base = match (r.c, r.random) {
-        (None, _) => "all",
-        (Some(_), true) => "random",
-        (Some(_), false) => "top",
-    };
-    let mut out = base.to_string();
-    if let Some(e) = r.embed_c {
-        out.push_str(&format!(", embed {e}"));
-    }
-    if let Some(u) = r.unembed_c {
-        out.push_str(&format!(", unembed {u}"));
+    out.push_str("\nRuns:\n");
+    for r in runs {
+        let suite = if r.role.finetuned { "finetuned" } else { "not finetuned" };
+        let mark = if r.unsure { " *" } else { "" };
+        out.push_str(&format!("- {}, {suite}, {} tokens{mark}: {}\n", r.role.connections(), r.tokens, r.dir.display()));
     }
     out
 }
 
-/// Sort runs: finetuned after not, random after top, then all connections and ascending C,
-/// the whole embedding before embed connections.
-pub fn sort_runs(runs: &mut [Run]) {
-    runs.sort_by_key(|r| {
-        (r.finetuned, r.random, r.c.map_or(0, |c| c.saturating_add(1)), r.embed_c.is_some() || r.unembed_c.is_some())
-    });
+/// The runs of `role` on `split`, by seed group.
+fn by_seed<'a>(runs: &'a [Run], role: &Role, split: &str) -> BTreeMap<&'a str, &'a Run> {
+    runs.iter().filter(|r| r.role == *role && r.tokens == split).map(|r| (r.seed_group.as_str(), r)).collect()
 }
 
-/// What the runs say about the method, in words: how much pruning to C costs, how much of it
-/// finetuning through the pruned pass wins back, and the controls. `None` without an
+/// `x` as a percentage with no decimals.
+fn pct(x: f64) -> String {
+    format!("{:.0}%", 100.0 * x)
+}
+
+/// What the runs say about the method, in words, on the primary split. `None` without an
 /// unfinetuned all-connections run and a top-C run before and after finetuning.
 pub fn summary(runs: &[Run]) -> Option<String> {
-    let all = runs.iter().find(|r| r.c.is_none() && !r.finetuned)?;
-    // With embed connections, the runs that have them are the subject; the whole-embedding
-    // run at the same C is their comparison.
-    let ends = |r: &Run| (r.embed_c, r.unembed_c);
-    let sparse_ends = runs.iter().find(|r| r.c.is_some() && ends(r) != (None, None)).map(ends).unwrap_or((None, None));
-    let before = runs.iter().find(|r| !r.finetuned && !r.random && r.c.is_some() && ends(r) == sparse_ends)?;
-    let c = before.c?;
-    let after = runs.iter().find(|r| r.finetuned && !r.random && r.c == Some(c) && ends(r) == sparse_ends)?;
-    let cost = before.ce_diff - all.ce_diff;
-    let won = before.ce_diff - after.ce_diff;
-    let mut out = format!(
-        "CE diff (CE with the suite spliced in minus clean CE; lower is better): all connections {:.4}; \
-         pruned to C={c} {:.4} (+{:.4}); finetuned through the pruned pass {:.4}",
-        all.ce_diff, before.ce_diff, cost, after.ce_diff
-    );
-    if cost > 0.0 {
-        out.push_str(&format!(", winning back {:.0}% of what pruning cost", 100.0 * won / cost));
-    }
-    out.push_str(&format!(
-        ".\nDead features (never firing on these tokens): {:.0}% before finetuning, {:.0}% after.\n",
-        100.0 * before.dead,
-        100.0 * after.dead
-    ));
-    if let Some(d) = runs
+    let split = primary_split(runs);
+    let on = |r: &Role| values(runs, r, split, |x| x.ce_diff);
+    let all0 = Role { finetuned: false, c: None, random: false, embed_c: None, unembed_c: None };
+    let a = on(&all0)?;
+    // With sparse ends, the runs that have them are the subject.
+    let sparse = runs.iter().find(|r| r.role.c.is_some() && r.role.ends() != (None, None)).map(|r| r.role.ends());
+    let (embed_c, unembed_c) = sparse.unwrap_or((None, None));
+    let c = runs
         .iter()
-        .find(|r| r.finetuned && !r.random && r.c == Some(c) && ends(r) == (None, None))
-        .filter(|_| sparse_ends != (None, None))
-    {
-        let mut what = Vec::new();
-        if let Some(e) = sparse_ends.0 {
-            what.push(format!("each feature reads at most {e} tokens of the embedding"));
+        .find(|r| !r.role.finetuned && !r.role.random && r.role.c.is_some() && r.role.ends() == (embed_c, unembed_c))?
+        .role
+        .c?;
+    let top0 = Role { c: Some(c), embed_c, unembed_c, ..all0.clone() };
+    let top1 = Role { finetuned: true, ..top0.clone() };
+    let all1 = Role { finetuned: true, ..all0.clone() };
+    let rand1 = Role { random: true, ..top1.clone() };
+    let (b, x) = (on(&top0)?, on(&top1)?);
+    let y = on(&all1);
+    let r = on(&rand1);
+    let n_tokens = runs.iter().filter(|r| r.tokens == split).map(|r| r.n_tokens).max().unwrap_or(0);
+    let seeds = runs.iter().filter(|r| r.role == top1 && r.tokens == split).count();
+    let recipe = runs.iter().find(|r| r.role == top1).and_then(|r| r.recipe.clone()).unwrap_or_default();
+    let mut out = String::new();
+    let where_ = match split {
+        "held-out" => format!("On held-out tokens ({n_tokens} tokens of text the suites never saw in training; training-token numbers in the table)"),
+        "training" => format!("On the tokens the suites were trained on ({n_tokens}; no held-out evaluation was given, so these numbers flatter every suite)"),
+        _ => format!("On {n_tokens} tokens that the suites do not say whether they saw in training"),
+    };
+    let over = if seeds > 1 { format!(", mean (range) over {seeds} seeds") } else { String::new() };
+    out.push_str(&format!("{where_}, CE diff{over}:\n"));
+    out.push_str(&format!("- all connections, not finetuned: {}\n", a.show(4)));
+    out.push_str(&format!("- pruned to C={c}, not finetuned: {}\n", b.show(4)));
+    out.push_str(&format!("- pruned to C={c}, finetuned through the pruned pass ({recipe}): {}\n", x.show(4)));
+    if let Some(y) = y {
+        out.push_str(&format!("- all connections, finetuned the same way (the control): {}\n", y.show(4)));
+    }
+    if let Some(r) = r {
+        out.push_str(&format!("- random C={c} connections, finetuned the same way: {}\n", r.show(4)));
+    }
+    // Whether the control really was finetuned the same way.
+    let recipe_of = |role: &Role| runs.iter().find(|r| r.role == *role).and_then(|r| r.recipe.clone());
+    if let (Some(p), Some(q)) = (recipe_of(&top1), recipe_of(&all1)) {
+        if p != q {
+            out.push_str(&format!(
+                "Caution: the all-connections control was not finetuned the same way ({q} vs {p}); the comparison below is confounded.\n"
+            ));
         }
-        if let Some(u) = sparse_ends.1 {
-            what.push(format!("each output token reads at most {u} features"));
+    }
+    // Per seed: the gap closed and the random control.
+    let (b_s, x_s, y_s, r_s) = (
+        by_seed(runs, &top0, split),
+        by_seed(runs, &top1, split),
+        by_seed(runs, &all1, split),
+        by_seed(runs, &rand1, split),
+    );
+    let mut closed = Vec::new();
+    let mut beats_random = (0, 0);
+    let mut beats_control = (0, 0);
+    for (seed, xr) in &x_s {
+        if let (Some(br), Some(yr)) = (b_s.get(seed), y_s.get(seed)) {
+            let gap = br.ce_diff - yr.ce_diff;
+            if gap > 0.0 {
+                closed.push((br.ce_diff - xr.ce_diff) / gap);
+            }
+            beats_control.1 += 1;
+            beats_control.0 += usize::from(xr.ce_diff <= yr.ce_diff);
         }
-        out.push_str(&format!(
-            "Sparse ends: {}; with dense ends (the reference's pass) at the same C, finetuned: {:.4} ({:+.4} for the sparse ends).\n",
-            what.join(", "),
-            d.ce_diff,
-            after.ce_diff - d.ce_diff
-        ));
+        if let Some(rr) = r_s.get(seed) {
+            beats_random.1 += 1;
+            beats_random.0 += usize::from(xr.ce_diff < rr.ce_diff);
+        }
     }
-    let random = runs.iter().find(|r| r.finetuned && r.random && r.c == Some(c) && ends(r) == sparse_ends);
-    let zero = runs.iter().find(|r| r.finetuned && r.c == Some(0)).filter(|_| c != 0);
-    if let Some(r) = random {
-        let tokens = if sparse_ends != (None, None) { " and ends" } else { "" };
-        out.push_str(&format!(
-            "Control: random C={c} connections{tokens}, finetuned the same way: {:.4}.\n",
-            r.ce_diff
-        ));
-    }
-    if let Some(z) = zero {
-        out.push_str(&format!("Control: no connections (C=0), finetuned: {:.4}.\n", z.ce_diff));
-    }
-    let mut wrong = Vec::new();
-    if after.ce_diff >= before.ce_diff {
-        wrong
-            .push(format!("finetuning did not lower CE diff at C={c} ({:.4} -> {:.4})", before.ce_diff, after.ce_diff));
-    }
-    if let Some(r) = random.filter(|r| r.ce_diff <= after.ce_diff) {
-        wrong.push(format!(
-            "random connections did as well as the selected ones ({:.4} vs {:.4})",
-            r.ce_diff, after.ce_diff
-        ));
-    }
-    if let Some(z) = zero.filter(|z| z.ce_diff <= after.ce_diff) {
-        wrong.push(format!("C=0 did as well as C={c} ({:.4} vs {:.4})", z.ce_diff, after.ce_diff));
-    }
-    if wrong.is_empty() {
-        out.push_str(&format!(
-            "So: the selected connections carry what the suite needs, and finetuning through the sparse pass recovers most of the pruning cost at C={c}.\n"
-        ));
+    let mut verdict = Vec::new();
+    if let Some(y) = y {
+        let gap = b.mean - y.mean;
+        if gap > 0.0 {
+            let share = (b.mean - x.mean) / gap;
+            let range = match Stat::of(&closed) {
+                Some(s) if s.n > 1 => format!(" ({}–{} across seeds)", pct(s.min), pct(s.max)),
+                _ => String::new(),
+            };
+            out.push_str(&format!(
+                "Finetuning through the pruned pass closes {}{range} of the gap between the pruned suite ({:.4}) and the all-connections suite finetuned the same way ({:.4}); ",
+                pct(share),
+                b.mean,
+                y.mean
+            ));
+            if x.mean <= y.mean {
+                out.push_str(&format!("the pruned suite ends {:.4} below that control.\n", y.mean - x.mean));
+            } else {
+                out.push_str(&format!("the pruned suite ends {:.4} above that control.\n", x.mean - y.mean));
+            }
+            let n_closed = closed.len();
+            verdict.push(match share {
+                s if s >= 1.0 => format!("finetuning through the sparse pass matches or beats the equally finetuned all-connections suite at C={c} (in {} of {} seeds)", beats_control.0, beats_control.1),
+                s if s >= 0.5 => format!("finetuning through the sparse pass closes most ({}) of the gap to the equally finetuned all-connections suite at C={c}", pct(s)),
+                s if s > 0.0 => format!("finetuning through the sparse pass closes only {} of the gap to the equally finetuned all-connections suite at C={c}", pct(s)),
+                _ => format!("finetuning through the sparse pass does not close the gap to the equally finetuned all-connections suite at C={c}"),
+            });
+            if n_closed > 1 && closed.iter().any(|v| (*v >= 0.5) != (share >= 0.5)) {
+                verdict.push(format!(
+                    "but not in every seed (gap closed: {})",
+                    closed.iter().map(|v| pct(*v)).collect::<Vec<_>>().join(", ")
+                ));
+            }
+        } else {
+            out.push_str(&format!(
+                "Finetuning the all-connections suite the same way ({:.4}) does no better than the pruned suite before finetuning ({:.4}): there is no gap to close.\n",
+                y.mean, b.mean
+            ));
+        }
     } else {
-        out.push_str(&format!("Not the result SCAEs promise: {}.\n", wrong.join("; ")));
+        let cost = b.mean - a.mean;
+        out.push_str(&format!(
+            "Without the all-connections suite finetuned the same way, finetuning's gain ({:.4}) cannot be told from the gain of training longer.\n",
+            b.mean - x.mean
+        ));
+        if cost > 0.0 {
+            out.push_str(&format!("(Pruning cost {:.4} against the unfinetuned all-connections suite.)\n", cost));
+        }
+    }
+    if let Some(r) = r {
+        let all_seeds = beats_random.0 == beats_random.1;
+        out.push_str(&format!(
+            "Selected connections beat random ones in {} of {} seed(s) ({} vs {}).\n",
+            beats_random.0,
+            beats_random.1,
+            x.show(4),
+            r.show(4)
+        ));
+        verdict.push(if all_seeds && beats_random.1 > 0 {
+            "the selected connections beat random ones in every seed".to_string()
+        } else {
+            format!(
+                "the selected connections beat random ones in only {} of {} seed(s)",
+                beats_random.0, beats_random.1
+            )
+        });
+    }
+    if let Some(z) = on(&Role { c: Some(0), ..top1.clone() }).filter(|_| c != 0) {
+        out.push_str(&format!("No connections (C=0), finetuned: {}.\n", z.show(4)));
+    }
+    if sparse.is_some() {
+        let dense1 = Role { embed_c: None, unembed_c: None, ..top1.clone() };
+        if let Some(d) = on(&dense1) {
+            let mut what = Vec::new();
+            if let Some(e) = embed_c {
+                what.push(format!("each feature reads at most {e} tokens of the embedding"));
+            }
+            if let Some(u) = unembed_c {
+                what.push(format!("each output token reads at most {u} features"));
+            }
+            out.push_str(&format!(
+                "Sparse ends: {}; with dense ends (the reference's pass) at the same C, finetuned: {:.4} ({:+.4} for the sparse ends).\n",
+                what.join(", "),
+                d.mean,
+                x.mean - d.mean
+            ));
+        }
+    }
+    let nf = |role: &Role| values(runs, role, split, |r| r.never_fired);
+    if let (Some(n0), Some(n1)) = (nf(&top0), nf(&top1)) {
+        out.push_str(&format!(
+            "Never-fired features on these tokens: {} before finetuning, {} after.\n",
+            pct(n0.mean),
+            pct(n1.mean)
+        ));
+    }
+    if !verdict.is_empty() {
+        out.push_str(&format!("So: {}.\n", verdict.join("; ")));
     }
     Some(out)
-}
-
-/// Find a TrueType font for plot labels; without one, plots are drawn without text.
-fn register_font() -> bool {
-    const CANDIDATES: [&str; 4] = [
-        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-        "/usr/share/fonts/TTF/DejaVuSans.ttf",
-        "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-        "/System/Library/Fonts/Supplemental/Arial.ttf",
-    ];
-    for c in CANDIDATES {
-        if let Ok(bytes) = std::fs::read(c) {
-            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-            if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
-                return true;
-            }
-        }
-    }
-    false
-}
-
-fn draw<DB: DrawingBackend>(root: DrawingArea<DB, plotters::coord::Shift>, runs: &[Run], text: bool) -> Result<()>
-where
-    DB::ErrorType: 'static,
-{
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
-    let panels = root.split_evenly((1, 2));
-    let metrics: [(&str, fn(&Run) -> f64); 2] = [("CE diff", |r| r.ce_diff), ("mean FVU", |r| r.mean_fvu)];
-    // C on a log2 scale, C = 0 one step left of C = 1, so that 0, 4, 16 and 64 spread evenly.
-    let xc = |c: u64| if c == 0 { -1.0 } else { (c as f64).log2() };
-    let max_c = xc(runs.iter().filter_map(|r| r.c).max().unwrap_or(1).max(1)).max(1.0);
-    for (panel, (name, get)) in panels.iter().zip(metrics) {
-        let vals: Vec<f64> = runs.iter().map(get).collect();
-        let (lo, hi) = vals.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
-        let pad = ((hi - lo).abs() * 0.1).max(1e-3);
-        let mut builder = ChartBuilder::on(panel);
-        builder.margin(15);
-        if text {
-            builder.caption(format!("{name} vs C"), ("sans-serif", 20)).x_label_area_size(35).y_label_area_size(55);
-        }
-        let mut chart = builder
-            .build_cartesian_2d(-1.4f64..max_c + 0.4, (lo - pad)..(hi + pad))
-            .map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
-        let mut mesh = chart.configure_mesh();
-        // One tick per power of two (and 0), labelled with C itself.
-        let c_label = |x: &f64| match x.round() {
-            r if (x - r).abs() > 1e-6 => String::new(),
-            r if r < -0.5 => "0".to_string(),
-            r => format!("{}", r.exp2() as u64),
-        };
-        mesh.x_label_formatter(&c_label).x_labels((max_c + 1.8).ceil() as usize + 1);
-        if text {
-            mesh.x_desc("C (connections per feature, log scale)").y_desc(name);
-        } else {
-            mesh.disable_x_mesh().disable_y_mesh();
-        }
-        mesh.draw().map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
-        for (finetuned, random, color) in
-            [(true, false, RED), (false, false, BLUE), (true, true, GREEN), (false, true, CYAN)]
-        {
-            let mut pts: Vec<(f64, f64)> = runs
-                .iter()
-                .filter(|r| r.finetuned == finetuned && r.random == random && r.c.is_some())
-                .map(|r| (xc(r.c.unwrap_or(0)), get(r)))
-                .collect();
-            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-            if pts.is_empty() {
-                continue;
-            }
-            let series = chart
-                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
-                .map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
-            if text {
-                let what = if finetuned { "finetuned" } else { "not finetuned" };
-                series
-                    .label(if random { format!("random connections, {what}") } else { what.to_string() })
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-            }
-            chart
-                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
-                .map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
-        }
-        // Reference lines: runs with all connections, and a lone unfinetuned run at some C.
-        let unfinetuned_at_c: Vec<&Run> = runs.iter().filter(|r| !r.finetuned && !r.random && r.c.is_some()).collect();
-        if let [r] = unfinetuned_at_c[..] {
-            let y = get(r);
-            let color = BLUE.mix(0.5);
-            let series = chart
-                .draw_series(DashedLineSeries::new(vec![(-1.4, y), (max_c + 0.4, y)], 3, 3, color.stroke_width(1)))
-                .map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
-            if text {
-                series
-                    .label(format!("not finetuned, C={}", r.c.unwrap_or(0)))
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-            }
-        }
-        for r in runs.iter().filter(|r| r.c.is_none()) {
-            let color = if r.finetuned { RED.mix(0.5) } else { BLACK.mix(0.6) };
-            let y = get(r);
-            let series = chart
-                .draw_series(DashedLineSeries::new(vec![(-1.4, y), (max_c + 0.4, y)], 6, 4, color.stroke_width(1)))
-                .map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
-            if text {
-                let l = format!("all connections, {}", if r.finetuned { "finetuned" } else { "not finetuned" });
-                series.label(l).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-            }
-        }
-        if text {
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()
-                .map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
-        }
-    }
-    root.present().map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
-    Ok(())
-}
-
-/// Write the comparison plot as `stem.svg` and `stem.png` (each via `.tmp` + rename).
-pub fn plot(runs: &[Run], stem: &Path) -> Result<()> {
-    let text = register_font();
-    if !text {
-        scae::note!("evaluate: warning: no TrueType font found (DejaVuSans); plots have no labels");
-    }
-    let (w, h) = (1100u32, 450u32);
-    let svg = stem.with_extension("svg");
-    let mut svg_text = String::new();
-    draw(SVGBackend::with_string(&mut svg_text, (w, h)).into_drawing_area(), runs, text)?;
-    scae::util::io::write_atomic(&svg, svg_text.as_bytes())?;
-    let mut buf = vec![0u8; (w * h * 3) as usize];
-    draw(BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area(), runs, text)?;
-    let png_path = stem.with_extension("png");
-    let mut bytes = Vec::new();
-    {
-        let mut enc = png::Encoder::new(&mut bytes, w, h);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        let mut wr = enc.write_header().context("encoding PNG")?;
-        wr.write_image_data(&buf).context("encoding PNG")?;
-    }
-    scae::util::io::write_atomic(&png_path, &bytes)?;
-    Ok(())
 }

@@ -12,13 +12,14 @@ use scae::train::finetune::{FinetuneConfig, Loss};
 use scae::train::optim::OptimizerKind;
 
 /// Finetune a suite through the pruned pass.
-#[derive(Debug, Parser)]
+#[derive(Debug, Parser, serde::Serialize)]
 #[command(
     version,
     after_help = "Example:\n  finetune --acts acts/ --suite suite/ --connections edges/connections.parquet \\\n      --loss mse --steps 1000 --batch-size 16 --checkpoint-every 100 --out ft/\n\nResume an interrupted run with the same arguments plus --resume."
 )]
 struct Args {
-    /// Activation cache folder (from collect-acts). Or stream: --model with --data/--tokens.
+    /// Activation cache folder (from collect-acts); required unless streaming: --model with
+    /// --data/--tokens.
     #[arg(long, required_unless_present_any = ["data", "tokens"], conflicts_with_all = ["data", "tokens"])]
     acts: Option<PathBuf>,
     /// Suite to start from (folder or bare .safetensors).
@@ -28,8 +29,10 @@ struct Args {
     /// preceding feature). Default: the suite's stored connections if it has them, else all.
     #[arg(long)]
     connections: Option<PathBuf>,
-    /// Output folder: suite.safetensors, config.json, metrics.jsonl, checkpoint/.
+    /// Output folder: suite.safetensors, config.json, connections.parquet (the connections it
+    /// was trained with), metrics.jsonl, checkpoint/.
     #[arg(long)]
+    #[serde(skip)]
     out: PathBuf,
     /// Training loss.
     #[arg(long, value_enum, default_value = "mse")]
@@ -46,7 +49,8 @@ struct Args {
     /// Use --lr as is instead of the reference's lr / sqrt(F / 2^14).
     #[arg(long)]
     no_scale_lr: bool,
-    /// Introduce module m's loss term only from step (2·layer + [0 attn, 1 mlp]) · N.
+    /// Introduce module m's loss term only from step (2·layer + [0 attn, 1 mlp]) · N (default:
+    /// every module from step 0).
     #[arg(long)]
     stagger_steps: Option<u64>,
     /// Build the autograd graph for this many sequences at a time (memory follows it; the
@@ -59,26 +63,33 @@ struct Args {
     #[arg(long, default_value_t = 0.0, value_parser = scae::cli::non_negative_f64)]
     auxk_alpha: f64,
     #[command(flatten)]
+    #[serde(flatten)]
     step: scae::cli::StepArgs,
     #[command(flatten)]
+    #[serde(flatten)]
     compute: scae::cli::ComputeArgs,
     /// Model folder or hub id: with --acts, overrides the one recorded in the cache manifest;
-    /// with --data/--tokens, the model whose activations are computed on the fly.
+    /// with --data/--tokens, the model whose activations are computed on the fly (default: the
+    /// cache's model).
     #[arg(long)]
     model: Option<String>,
     /// Streaming mode: compute activations batch by batch instead of reading --acts.
     #[command(flatten)]
+    #[serde(flatten)]
     data: scae::cli::DataArgs,
     #[command(flatten)]
+    #[serde(flatten)]
     pass: scae::cli::PassArgs,
     #[command(flatten)]
+    #[serde(flatten)]
     run: scae::cli::RunArgs,
     #[command(flatten)]
+    #[serde(flatten)]
     common: scae::cli::Common,
 }
 
 fn main() -> ExitCode {
-    scae::cli::run_main("finetune", || run(Args::parse()))
+    scae::cli::run_main("finetune", || run(scae::cli::parse_args::<Args>()))
 }
 
 fn run(args: Args) -> Result<()> {
@@ -116,8 +127,8 @@ fn run(args: Args) -> Result<()> {
         seed,
         &device,
     )?;
-    let conns = inputs.choose_connections(args.connections.as_deref(), "finetune")?;
-    let conn_file = inputs.connections_file(args.connections.as_deref());
+    let chosen = inputs.choose_connections(args.connections.as_deref(), "finetune")?;
+    let conn_file = chosen.file.clone();
     if args.step.batch_size < 2 && args.loss != Loss::Ce {
         bail!("--batch-size 1: the reference's FVU needs a variance over at least 2 sequences");
     }
@@ -126,17 +137,24 @@ fn run(args: Args) -> Result<()> {
     let n_features = inputs.suite.n_features;
     let lr = if args.no_scale_lr { args.lr } else { scae::train::schedule::scaled_lr(args.lr, n_features) };
     let (run, step) = (&args.run, &args.step);
-    let mut digest = serde_json::json!({
-        "acts": args.acts, "data": args.data.data, "tokens": args.data.tokens, "ctx_len": ctx, "suite": args.suite,
-        "connections": args.connections, "loss": format!("{:?}", args.loss), "ce_weight": args.ce_weight,
-        "optimizer": format!("{:?}", args.optimizer), "lr": args.lr, "no_scale_lr": args.no_scale_lr,
-        "warmup": run.warmup, "decay_start": run.decay_start, "clip": run.clip_grad, "stagger": args.stagger_steps,
-        "batch_size": step.batch_size, "steps": steps, "shuffle": step.shuffle, "seed": seed,
-        "dead_threshold": step.dead_threshold, "consistent_attn_bias": args.pass.consistent_attn_bias,
-    });
-    let files = [args.acts.as_deref(), conn_file.as_deref(), args.data.data.as_deref(), args.data.tokens.as_deref()];
-    digest["fingerprints"] = scae::train::checkpoints::fingerprints(&files);
-    args.compute.add_to_digest(&mut digest);
+    // Every flag that changes the run, and the contents of its inputs: what --resume repeats.
+    let files = [
+        ("--acts", args.acts.as_deref()),
+        ("--suite", Some(args.suite.as_path())),
+        ("--connections", conn_file.as_deref()),
+        ("--data", args.data.data.as_deref()),
+        ("--tokens", args.data.tokens.as_deref()),
+    ];
+    let run_config = scae::formats::runconfig::RunConfig::new(&args, &files, steps)?;
+    let trained_on = inputs.trained_on(
+        "finetune",
+        args.acts.as_deref(),
+        args.data.spec(),
+        args.data.options(),
+        steps * step.batch_size,
+    )?;
+    let lineage =
+        scae::formats::suite::Lineage::child(&inputs.suite, &args.suite, trained_on, inputs.connections_ref(&chosen))?;
     let cfg = FinetuneConfig {
         out: args.out.clone(),
         loss: args.loss,
@@ -153,13 +171,34 @@ fn run(args: Args) -> Result<()> {
         pass: args.pass.options(),
         checkpoints: run.checkpoints(),
         overwrite: run.overwrite,
-        digest: scae::train::checkpoints::digest(&digest),
         created_by: format!("finetune {}", env!("CARGO_PKG_VERSION")),
-        args: serde_json::json!({"argv": std::env::args().collect::<Vec<_>>(), "steps": steps, "lr": lr}),
+        args: serde_json::json!({
+            "argv": std::env::args().collect::<Vec<_>>(), "steps": steps, "lr_applied": lr, "run": &run_config,
+        }),
+        run: run_config,
+        lineage,
+        connections_meta: chosen.meta.clone(),
+        connections_source: chosen.file.clone(),
     };
-    let done = scae::train::finetune::run(&inputs, &mut source, conns.as_ref(), &cfg, &device)?;
+    let done = scae::train::finetune::run(&inputs, &mut source, chosen.set.as_ref(), &cfg, &device)?;
     if !done.halted {
-        scae::say!("finetune: {steps} steps -> {} ({:.0} tokens/s)", args.out.display(), done.tokens_per_s)?;
+        scae::say!("{}", scae::train::summary_line("finetune", &done, &args.out))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every flag enters the run's configuration (what --resume compares, flag by flag) except
+    /// the few that cannot change the result; a new flag enters by default.
+    #[test]
+    fn the_run_config_holds_every_flag_that_can_change_the_run() {
+        let args = Args::parse_from(["finetune", "--acts", "a", "--suite", "s", "--out", "o", "--steps", "1"]);
+        let bad = scae::cli::run_config_mismatches(&Args::command(), &args);
+        assert!(bad.is_empty(), "{bad:?}");
+        assert!(Args::command().get_arguments().count() > 20);
+    }
 }

@@ -30,7 +30,8 @@ struct Args {
     /// Output folder: edges.parquet, connections.parquet (with --top-c), scores.json.
     #[arg(long)]
     out: PathBuf,
-    /// Also write connections.parquet with the top C edges of every feature.
+    /// Also write connections.parquet with the top C edges of every feature (default: only
+    /// edges.parquet; select-edges picks C later).
     #[arg(long)]
     top_c: Option<usize>,
     /// Also score edges from the token embedding (rows with up_module `embed`, up_feature =
@@ -54,7 +55,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    scae::cli::run_main("score-edges", || run(Args::parse()))
+    scae::cli::run_main("score-edges", || run(scae::cli::parse_args::<Args>()))
 }
 
 fn run(args: Args) -> Result<()> {
@@ -86,14 +87,14 @@ fn run(args: Args) -> Result<()> {
     let limit = args.cache.limit();
     let ctx = inputs.cache().manifest.ctx_len;
     let total = limit.unwrap_or(inputs.cache().manifest.n_seqs).min(inputs.cache().manifest.n_seqs);
-    let bar = scae::util::token_bar(Some((total * ctx) as u64), "scoring");
+    let mut bar = scae::util::token_bar(Some((total * ctx) as u64), "score-edges");
     let n_seqs = inputs.cache().for_each_batch(args.cache.batch_size as usize, limit, &device, |batch| {
         let out = pass.run(&batch)?;
         stats.accumulate(suite, &batch, &out)?;
         bar.inc(batch.tokens.elem_count() as u64);
         Ok(())
     })?;
-    bar.finish_and_clear();
+    bar.finish();
     let mut edges = Connections::empty(&suite.modules, suite.n_features);
     for d in 0..suite.modules.len() {
         for (i, pooled) in stats.top_edges(suite, rt, d, keep)?.into_iter().enumerate() {
@@ -120,6 +121,7 @@ fn run(args: Args) -> Result<()> {
         ("keep", keep.to_string()),
         ("acts", args.acts.display().to_string()),
         ("suite", args.suite.display().to_string()),
+        ("suite_id", suite.id()?),
         ("consistent_attn_bias", args.pass.consistent_attn_bias.to_string()),
         ("embed", args.embed.to_string()),
         ("unembed", args.unembed.to_string()),

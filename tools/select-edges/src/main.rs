@@ -23,31 +23,46 @@ struct Args {
     /// Connections kept per downstream feature (across all upstream modules).
     #[arg(long)]
     c: usize,
-    /// Output connections.parquet.
+    /// Output connections.parquet (a file; refused if it exists, unless --overwrite).
     #[arg(long)]
     out: PathBuf,
+    /// Replace an existing --out file.
+    #[arg(long)]
+    overwrite: bool,
     /// A separate budget for edges from the token embedding (up_module `embed`): each feature
     /// keeps its top C module edges and its top EMBED_C embed edges. Without it, embed edges
-    /// compete with the modules' for the C slots.
+    /// compete with the modules' for the C slots (the default).
     #[arg(long, value_name = "EMBED_C")]
     embed_c: Option<usize>,
     /// Also wire each output token to its top UNEMBED_C features (edges into the unembedding,
-    /// from `score-edges --unembed`). Without it every token reads every feature.
+    /// from `score-edges --unembed`). Default: none; every token reads every feature.
     #[arg(long, value_name = "UNEMBED_C")]
     unembed_c: Option<usize>,
     /// The random-connections control (the reference's "fake connections"): each feature
     /// keeps its top-C count of edges per upstream module, but with distinct random upstream
-    /// features of that module, drawn with this seed.
+    /// features of that module, drawn with this seed (default: the top-C connections).
     #[arg(long, value_name = "SEED")]
     random: Option<u64>,
 }
 
 fn main() -> ExitCode {
-    scae::cli::run_main("select-edges", || run(Args::parse()))
+    scae::cli::run_main("select-edges", || run(scae::cli::parse_args::<Args>()))
 }
 
 fn run(args: Args) -> Result<()> {
     scae::util::io::refuse_overlap(&args.out, "--out", &[("--edges", Some(args.edges.as_path()))])?;
+    let out = args.out.display();
+    if args.out.is_dir() || args.out.as_os_str().to_string_lossy().ends_with('/') {
+        let dir = out.to_string();
+        let dir = dir.trim_end_matches('/');
+        bail!("{out}: --out: expected a file to write, found a folder; hint: name a file in it, e.g. --out {dir}/connections.parquet");
+    }
+    if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty() && !p.is_dir()) {
+        bail!("{out}: --out: the folder {} does not exist; hint: create it first", parent.display());
+    }
+    if args.out.is_file() && !args.overwrite {
+        bail!("{out}: --out: file exists; hint: pass --overwrite to replace it");
+    }
     let _lock = scae::util::io::OutputLock::take(&args.out, "--out")?;
     let meta: std::collections::HashMap<String, String> =
         scae::util::table::parquet_metadata(&args.edges)?.into_iter().collect();
@@ -116,6 +131,12 @@ fn run(args: Args) -> Result<()> {
     let c = conns.edges.iter().flatten().map(Vec::len).max().unwrap_or(0).min(args.c);
     let mut m: Vec<(&str, String)> = vec![("parallel_attn_mlp", parallel.to_string()), ("c", c.to_string())];
     m.push(("edges", path.to_string()));
+    // The suite the edges were scored for: tools warn when the connections meet another suite.
+    for k in ["suite", "suite_id"] {
+        if let Some(v) = meta.get(k) {
+            m.push((k, v.clone()));
+        }
+    }
     if let Some(seed) = args.random {
         m.push(("random_seed", seed.to_string()));
     }

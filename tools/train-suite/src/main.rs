@@ -13,22 +13,26 @@ use scae::model::Model;
 use scae::train::pretrain::{PretrainConfig, SuiteShape};
 
 /// Pretrain a TopK suite on an activation cache.
-#[derive(Debug, Parser)]
+#[derive(Debug, Parser, serde::Serialize)]
 #[command(
     version,
     after_help = "Example:\n  train-suite --acts acts/ --expansion 4 --k 32 --steps 2000 --batch-size 16 --out suite/\n\nlr = --lr / sqrt(F / 2^14), Adam, linear decay from --decay-start, per-module clipping,\nunit-norm decoder columns, b_dec = geometric median of the first batch, AuxK on dead latents."
 )]
 struct Args {
-    /// Activation cache folder (from collect-acts). Or stream: --model with --data/--tokens.
+    /// Activation cache folder (from collect-acts); required unless streaming: --model with
+    /// --data/--tokens.
     #[arg(long, required_unless_present_any = ["data", "tokens"], conflicts_with_all = ["data", "tokens", "model"])]
     acts: Option<PathBuf>,
-    /// Streaming mode: the model whose activations are computed batch by batch.
+    /// Streaming mode: the model whose activations are computed batch by batch (with --data or
+    /// --tokens; default: none, read --acts).
     #[arg(long)]
     model: Option<String>,
     #[command(flatten)]
+    #[serde(flatten)]
     data: scae::cli::DataArgs,
     /// Output folder: suite.safetensors, config.json, metrics.jsonl, checkpoint/.
     #[arg(long)]
+    #[serde(skip)]
     out: PathBuf,
     /// Features per module = expansion × d_model.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..))]
@@ -43,17 +47,21 @@ struct Args {
     #[arg(long, default_value_t = 1.0 / 32.0, value_parser = scae::cli::non_negative_f64)]
     auxk_alpha: f64,
     #[command(flatten)]
+    #[serde(flatten)]
     step: scae::cli::StepArgs,
     #[command(flatten)]
+    #[serde(flatten)]
     compute: scae::cli::ComputeArgs,
     #[command(flatten)]
+    #[serde(flatten)]
     run: scae::cli::RunArgs,
     #[command(flatten)]
+    #[serde(flatten)]
     common: scae::cli::Common,
 }
 
 fn main() -> ExitCode {
-    scae::cli::run_main("train-suite", || run(Args::parse()))
+    scae::cli::run_main("train-suite", || run(scae::cli::parse_args::<Args>()))
 }
 
 fn run(args: Args) -> Result<()> {
@@ -95,15 +103,18 @@ fn run(args: Args) -> Result<()> {
         scae::sae::topk::check_topk_size(&device, k)?;
     }
     let (run, step) = (&args.run, &args.step);
-    let mut digest = serde_json::json!({
-        "acts": args.acts, "data": args.data.data, "tokens": args.data.tokens, "ctx_len": ctx,
-        "expansion": args.expansion, "k": k, "lr": args.lr, "steps": steps, "batch_size": step.batch_size,
-        "auxk_alpha": args.auxk_alpha, "dead_threshold": step.dead_threshold, "warmup": run.warmup,
-        "decay_start": run.decay_start, "clip": run.clip_grad, "shuffle": step.shuffle, "seed": seed,
-    });
-    let inputs = [args.acts.as_deref(), args.data.data.as_deref(), args.data.tokens.as_deref()];
-    digest["fingerprints"] = scae::train::checkpoints::fingerprints(&inputs);
-    args.compute.add_to_digest(&mut digest);
+    // Every flag that changes the run, and the contents of its inputs: what --resume repeats.
+    let files = [
+        ("--acts", args.acts.as_deref()),
+        ("--data", args.data.data.as_deref()),
+        ("--tokens", args.data.tokens.as_deref()),
+    ];
+    let run_config = scae::formats::runconfig::RunConfig::new(&args, &files, steps)?;
+    let seqs_read = steps * step.batch_size;
+    let trained_on = match (&cache, &args.acts) {
+        (Some(c), Some(a)) => scae::formats::suite::TrainedOn::of_cache("train-suite", a, c, seqs_read)?,
+        _ => scae::inputs::data_trained_on("train-suite", args.data.spec(), args.data.options(), seqs_read)?,
+    };
     let cfg = PretrainConfig {
         out: args.out.clone(),
         shape: SuiteShape { d_model: d, n_layers, n_features: f, k, model_id, model_hash },
@@ -116,18 +127,32 @@ fn run(args: Args) -> Result<()> {
         seed,
         checkpoints: run.checkpoints(),
         overwrite: run.overwrite,
-        digest: scae::train::checkpoints::digest(&digest),
         created_by: format!("train-suite {}", env!("CARGO_PKG_VERSION")),
-        args: serde_json::json!({"argv": std::env::args().collect::<Vec<_>>(), "steps": steps, "lr": lr}),
+        args: serde_json::json!({
+            "argv": std::env::args().collect::<Vec<_>>(), "steps": steps, "lr_applied": lr, "run": &run_config,
+        }),
+        run: run_config,
+        lineage: scae::formats::suite::Lineage { trained_on: vec![trained_on], ..Default::default() },
     };
     let done = scae::train::pretrain::run(&mut source, &cfg, &device)?;
     if !done.halted {
-        let last = done.last.map(|v| v.to_string()).unwrap_or_default();
-        scae::say!(
-            "train-suite: {steps} steps, F {f}, k {k} -> {} ({:.0} tokens/s); last: {last}",
-            args.out.display(),
-            done.tokens_per_s
-        )?;
+        scae::say!("{} (F {f}, k {k})", scae::train::summary_line("train-suite", &done, &args.out))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every flag enters the run's configuration (what --resume compares, flag by flag) except
+    /// the few that cannot change the result; a new flag enters by default.
+    #[test]
+    fn the_run_config_holds_every_flag_that_can_change_the_run() {
+        let args = Args::parse_from(["train-suite", "--acts", "a", "--out", "o", "--steps", "1"]);
+        let bad = scae::cli::run_config_mismatches(&Args::command(), &args);
+        assert!(bad.is_empty(), "{bad:?}");
+        assert!(Args::command().get_arguments().count() > 20);
+    }
 }

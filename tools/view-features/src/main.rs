@@ -31,9 +31,11 @@ struct Args {
     #[arg(long)]
     suite: PathBuf,
     /// Connection set (.parquet, .safetensors, .pkl, .pt) or `all`; shown as each feature's links.
+    /// Default: the suite's stored connections (those it was finetuned with), else all.
     #[arg(long)]
     connections: Option<PathBuf>,
-    /// edges.parquet from score-edges: scores for connections that carry none.
+    /// edges.parquet from score-edges: scores for connections that carry none (default: none;
+    /// such connections are listed without scores).
     #[arg(long)]
     edges: Option<PathBuf>,
     /// Output folder: index.html, app.js, style.css, data/.
@@ -63,7 +65,7 @@ const APP_JS: &str = include_str!("../assets/app.js");
 const STYLE_CSS: &str = include_str!("../assets/style.css");
 
 fn main() -> ExitCode {
-    scae::cli::run_main("view-features", || run(Args::parse()))
+    scae::cli::run_main("view-features", || run(scae::cli::parse_args::<Args>()))
 }
 
 /// `x` rounded to `digits` decimals (smaller files); null when not finite.
@@ -112,7 +114,8 @@ fn run(args: Args) -> Result<()> {
     scae::util::io::refuse_overlap(&args.out, "--out", &named)?;
     let device = args.common.setup()?;
     let inputs = Inputs::open(&args.acts, &args.suite, args.cache.model.as_deref(), &device)?;
-    let conns = inputs.choose_connections(args.connections.as_deref(), "view-features")?;
+    let chosen = inputs.choose_connections(args.connections.as_deref(), "view-features")?;
+    let conns = chosen.set.clone();
     let suite = &inputs.suite;
     let (f, modules) = (suite.n_features, &suite.modules);
     // Scores for edges that carry none, from an edges file.
@@ -267,7 +270,8 @@ fn run(args: Args) -> Result<()> {
         "n_seqs": browse.n_seqs,
         "suite": args.suite.display().to_string(),
         "acts": args.acts.display().to_string(),
-        "connections": inputs.connections_file(args.connections.as_deref()).map(|p| p.display().to_string()),
+        "connections": chosen.file.as_ref().map(|p| p.display().to_string()),
+        "pass": chosen.pass,
         "pass": if conns.is_some() { "pruned" } else { "all-connections" },
         "index": index,
     });
