@@ -204,7 +204,7 @@ SWEEP := $(OUT)/sweep/$(MODEL_NAME)-$(FT_NAME)-$(call key,$(SWEEP_EVALS))
 VIEW_DIR := $(OUT)/view/$(notdir $(FT))$(if $(VIEW_SEQS),-n$(VIEW_SEQS),)
 
 .PHONY: all settings build toy acts heldout suite edges connections finetune eval view sweep test clean help \
-    print-report-evals print-sweep-evals
+    paths print-report-evals print-sweep-evals
 
 ## all: activations -> suite -> edge scores -> connections (C) -> finetune -> evaluation on
 ## held-out and training tokens, then a report beside the all-connections suite finetuned the
@@ -307,6 +307,12 @@ sweep: settings $(SWEEP)/.done
 $(SWEEP)/.done: $(addsuffix /.done,$(SWEEP_EVALS)) | $(BUILD_DEP)
 	$(BIN)/evaluate --compare $(SWEEP_EVALS) --out $(@D) > /dev/null
 	touch $@
+
+## paths: print where each stage of this configuration writes.
+paths:
+	@printf '%s\n' "acts: $(ACTS)" "heldout: $(HACTS)" "suite: $(SUITE_PATH)" "edges: $(EDGES)" \
+	    "connections: $(CONN)" "finetune: $(FT)" "finetune, all connections: $(FT_ALL)" \
+	    "eval: $(EVAL)" "report: $(REPORT)"
 
 # The evaluation folders the report and the sweep read (scripts/toy-seeds.sh).
 print-report-evals:

@@ -8,14 +8,17 @@
 #   CPU=Nehalem scripts/toy-seeds.sh 0   the same under an emulated CPU (qemu-user's
 #                                        qemu-x86_64 -cpu Nehalem: SSE4.2, no AVX), to measure
 #                                        how far the figures move with the CPU's vector unit
+#   SWEEP=0 ...                          without `make sweep`
+#   MAKE_ARGS="EMBED_C=16" ...           with these make variables too
 #
 # Prints the CPU, the report over the seeds and the sweep over the seeds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-seeds=("${@:-0}")
-[ $# -eq 0 ] && seeds=(0 1 2)
+if [ $# -gt 0 ]; then seeds=("$@"); else seeds=(0 1 2); fi
 OUT=${OUT:-out}
-make_args=(--no-print-directory -s OUT="$OUT" VIEW=0)
+read -r -a extra <<< "${MAKE_ARGS:-}"
+make_args=(--no-print-directory -s OUT="$OUT" VIEW=0 "${extra[@]}")
+sweep_too=${SWEEP:-1}
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 flags=$(grep -m1 '^flags' /proc/cpuinfo | grep -o -w -E 'avx512f|avx2|fma' | sort -u | tr '\n' ' ')
 if [ -n "${CPU:-}" ]; then
@@ -29,30 +32,33 @@ if [ -n "${CPU:-}" ]; then
         printf '#!/bin/sh\nexec qemu-x86_64 -cpu %s %s "$@"\n' "$CPU" "$(realpath "$t")" > "$bin/$(basename "$t")"
         chmod +x "$bin/$(basename "$t")"
     done
-    make_args+=(BIN="$bin" BUILD=0)
     OUT_CPU="$OUT/cpu-$CPU"
     mkdir -p "$OUT_CPU"
     cp -r "$OUT/toy" "$OUT_CPU/"
-    make_args=(--no-print-directory -s OUT="$OUT_CPU" VIEW=0 BIN="$bin" BUILD=0)
+    make_args=(--no-print-directory -s OUT="$OUT_CPU" VIEW=0 BIN="$bin" BUILD=0 "${extra[@]}")
     OUT=$OUT_CPU
     cpu="$cpu, emulated as $CPU (qemu-x86_64 -cpu $CPU)"
-    flags="(emulated: sse4.2, no avx)"
+    flags="emulated $CPU"
 fi
 report=() sweep=()
 for s in "${seeds[@]}"; do
-    echo "toy-seeds: seed $s: make all, make sweep" >&2
+    echo "toy-seeds: seed $s" >&2
     make "${make_args[@]}" all SEED="$s" > /dev/null
-    make "${make_args[@]}" sweep SEED="$s" > /dev/null
     read -r -a r <<< "$(make "${make_args[@]}" print-report-evals SEED="$s")"
-    read -r -a w <<< "$(make "${make_args[@]}" print-sweep-evals SEED="$s")"
     report+=("${r[@]}")
-    sweep+=("${w[@]}")
+    if [ "$sweep_too" = 1 ]; then
+        make "${make_args[@]}" sweep SEED="$s" > /dev/null
+        read -r -a w <<< "$(make "${make_args[@]}" print-sweep-evals SEED="$s")"
+        sweep+=("${w[@]}")
+    fi
 done
-tag=$(IFS=-; echo "${seeds[*]}")
-echo "CPU: $cpu [$flags], $(nproc) threads; seeds ${seeds[*]}"
+tag=$(IFS=-; echo "${seeds[*]}")$(printf '%s' "${MAKE_ARGS:-}" | tr ' =' '-_' | sed 's/^./-&/')
+echo "CPU: $cpu [$flags], $(nproc) threads; seeds ${seeds[*]}${MAKE_ARGS:+; $MAKE_ARGS}"
 echo
-echo "## make all C=16, over seeds"
+echo "## make all C=16${MAKE_ARGS:+ $MAKE_ARGS}, over seeds"
 target/release/evaluate --compare "${report[@]}" --out "$OUT/seeds-$tag/report" | sed '/^Runs:/,/^$/d'
-echo
-echo "## make sweep, over seeds"
-target/release/evaluate --compare "${sweep[@]}" --out "$OUT/seeds-$tag/sweep" | sed '/^Runs:/,/^$/d'
+if [ "$sweep_too" = 1 ]; then
+    echo
+    echo "## make sweep, over seeds"
+    target/release/evaluate --compare "${sweep[@]}" --out "$OUT/seeds-$tag/sweep" | sed '/^Runs:/,/^$/d'
+fi

@@ -128,6 +128,57 @@ fn outputs_are_keyed_on_every_input_and_make_n_writes_nothing() {
     assert_eq!(listing(&out), before, "make -n all changed {}", out.display());
 }
 
+/// With CKPT_EVERY, a stage whose run was interrupted resumes from its checkpoint on the next
+/// `make` instead of starting over, and ends as an uninterrupted run.
+#[test]
+fn make_resumes_an_interrupted_stage() {
+    let tmp = scratch("make-resume");
+    let story = root().join("pipelines/data/stories.txt");
+    let base = |out: &Path| -> Vec<String> {
+        [
+            format!("OUT={}", s(out)),
+            format!("MODEL={}", s(&fixture_model("tiny-neo"))),
+            format!("DATA={}", s(&story)),
+            "CTX=12".into(),
+            "N_SEQS=16".into(),
+            "BATCH=4".into(),
+            "PACK=1".into(),
+            "EXPANSION=2".into(),
+            "K=4".into(),
+            "SUITE_STEPS=6".into(),
+            "CKPT_EVERY=2".into(),
+            "THREADS=1".into(),
+        ]
+        .to_vec()
+    };
+    let (a, b) = (tmp.join("a"), tmp.join("b"));
+    // The train-suite command make would run, stopped after 2 steps (as a kill would).
+    ok(&strs(&[vec!["acts".to_string()], base(&a)].concat()));
+    let dry = ok(&strs(&[vec!["-n".to_string(), "suite".to_string()], base(&a)].concat()));
+    let cmd: String = dry
+        .lines()
+        .skip_while(|l| !l.contains("train-suite"))
+        .take_while(|l| !l.starts_with("touch"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let halted =
+        Command::new("bash").current_dir(root()).args(["-c", &format!("{cmd} --halt-after 2")]).output().unwrap();
+    assert!(halted.status.success(), "{cmd}: {}", String::from_utf8_lossy(&halted.stderr));
+    let o = make(&strs(&[vec!["suite".to_string()], base(&a)].concat()));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("train-suite: resuming at step 2 of 6"), "{err}");
+    ok(&strs(&[vec!["suite".to_string()], base(&b)].concat()));
+    let suite_dir = |out: &Path| -> PathBuf {
+        let paths = ok(&strs(&[vec!["-s".to_string(), "paths".to_string()], base(out)].concat()));
+        PathBuf::from(paths.lines().find_map(|l| l.strip_prefix("suite: ")).unwrap())
+    };
+    assert_eq!(
+        std::fs::read(suite_dir(&a).join("suite.safetensors")).unwrap(),
+        std::fs::read(suite_dir(&b).join("suite.safetensors")).unwrap()
+    );
+}
+
 #[test]
 fn presets_are_explicit_and_make_says_what_it_runs() {
     // The toy preset without MODEL; the reference's defaults with MODEL and no PIPELINE.

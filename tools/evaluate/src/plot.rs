@@ -209,3 +209,63 @@ pub fn plot(runs: &[Run], stem: &Path) -> Result<()> {
     scae::util::io::write_atomic(&png_path, &bytes)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::{Role, Run};
+
+    fn run(finetuned: bool, c: Option<u64>, random: bool, tokens: &str, seed: &str, ce_diff: f64) -> Run {
+        Run {
+            dir: std::path::PathBuf::from(format!("e-{seed}-{tokens}")),
+            role: Role { finetuned, c, random, embed_c: None, unembed_c: None },
+            tokens: tokens.into(),
+            cache: tokens.into(),
+            unsure: false,
+            n_tokens: 100,
+            seed_group: seed.into(),
+            recipe: None,
+            ce_diff,
+            ce_recovered: 0.9,
+            mean_fvu: 0.1,
+            mean_l0: 8.0,
+            never_fired: 0.1,
+        }
+    }
+
+    /// Every line of the plot has one legend entry, in the strip below the panels (never over
+    /// the data), and equal values (a flat FVU here) still get an axis range.
+    #[test]
+    fn legend_entries_are_unique_and_below_the_panels() {
+        let mut runs = Vec::new();
+        for seed in ["a", "b"] {
+            for tokens in ["held-out", "training"] {
+                runs.push(run(false, None, false, tokens, seed, 0.01));
+                runs.push(run(true, None, false, tokens, seed, 0.005));
+                runs.push(run(false, Some(16), false, tokens, seed, 0.5));
+                runs.push(run(true, Some(16), false, tokens, seed, 0.02));
+                runs.push(run(true, Some(4), false, tokens, seed, 0.1));
+                runs.push(run(true, Some(16), true, tokens, seed, 0.2));
+            }
+        }
+        let lines = series(&runs, |r| r.ce_diff);
+        let labels: Vec<&str> = lines.iter().map(|s| s.label.as_str()).collect();
+        let mut unique = labels.clone();
+        unique.dedup();
+        assert_eq!(labels.len(), 5, "{labels:?}");
+        assert_eq!(unique.len(), labels.len(), "{labels:?}");
+        // One point per C for top-C finetuned (two seeds, one split: means with a range).
+        let top = lines.iter().find(|s| s.label == "top-C connections, finetuned").unwrap();
+        assert_eq!(top.points.len(), 2);
+        assert_eq!(top.points[1].1.n, 2);
+        let (w, h) = (1100u32, 420u32 + 24 * 3 + 16);
+        let mut svg = String::new();
+        let text = register_font();
+        draw(SVGBackend::with_string(&mut svg, (w, h)).into_drawing_area(), &runs, text).unwrap();
+        if text {
+            for l in &labels {
+                assert_eq!(svg.matches(&format!("\n{l}\n</text>")).count(), 1, "legend entry {l} in the SVG");
+            }
+        }
+    }
+}

@@ -75,6 +75,7 @@ fn run(args: Args) -> Result<()> {
     let rt = &inputs.model.runtime;
     let parallel = inputs.parallel();
     let plan = Plan::new(suite, Wiring::All, parallel, &device)?;
+    scae::note!("score-edges: pass: all connections (every edge's term is scored in the full pass)");
     let stage = StagedDir::create(&args.out, args.cache.overwrite, "--out")?;
     let pass = ValuePass::new(suite, rt, &plan, args.pass.options(), &device)?;
     let mut stats = ScoreStats::new(suite, rt.cfg.n_heads, parallel);
