@@ -50,16 +50,17 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<()> {
-    scae::util::io::refuse_overlap(&args.out, "--out", &[("--edges", Some(args.edges.as_path()))])?;
     let out = args.out.display();
     if args.out.is_dir() || args.out.as_os_str().to_string_lossy().ends_with('/') {
         let dir = out.to_string();
         let dir = dir.trim_end_matches('/');
-        bail!("{out}: --out: expected a file to write, found a folder; hint: name a file in it, e.g. --out {dir}/connections.parquet");
+        let found = if args.out.is_dir() { "a folder" } else { "a folder name (it ends in /)" };
+        bail!("{out}: --out: expected a file to write, found {found}; hint: name a file in it, e.g. --out {dir}/connections.parquet");
     }
     if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty() && !p.is_dir()) {
         bail!("{out}: --out: the folder {} does not exist; hint: create it first", parent.display());
     }
+    scae::util::io::refuse_overlap(&args.out, "--out", &[("--edges", Some(args.edges.as_path()))])?;
     if args.out.is_file() && !args.overwrite {
         bail!("{out}: --out: file exists; hint: pass --overwrite to replace it");
     }
