@@ -101,9 +101,13 @@ TRAINED := $(OUT)/suite/$(MODEL_NAME)-x$(EXPANSION)-k$(K)-s$(SUITE_STEPS)-$(call
 SUITE_PATH := $(if $(SUITE),$(SUITE),$(TRAINED))
 SUITE_DEP := $(if $(SUITE),,$(TRAINED)/.done)
 SUITE_ARGS := $(if $(SUITE),suite=$(call ident,$(SUITE)),$(TRAIN_ARGS))
-EDGES_ARGS := $(SUITE_ARGS) acts=$(ACTS_ARGS) keep=$(KEEP) embed=$(if $(EMBED_C),1,0) unembed=$(if $(UNEMBED_C),1,0)
-EDGES := $(OUT)/edges/$(MODEL_NAME)-keep$(KEEP)-$(call key,$(EDGES_ARGS))
-SELECT_ID := select=$(SELECT)$(foreach w,$(SELECT),$(if $(wildcard $(w)),:$(call ident,$(w))))
+# Edge scores: with embed ($(1) non-empty) and unembed ($(2) non-empty) candidates, or without
+# (the dense-ends runs beside sparse ones score their own).
+edges_args = $(SUITE_ARGS) acts=$(ACTS_ARGS) keep=$(KEEP) embed=$(if $(1),1,0) unembed=$(if $(2),1,0)
+edges_dir = $(OUT)/edges/$(MODEL_NAME)-keep$(KEEP)$(if $(1),-embed,)$(if $(2),-unembed,)-$(call key,$(call edges_args,$(1),$(2)))
+EDGES := $(call edges_dir,$(EMBED_C),$(UNEMBED_C))
+# A selection script's own file counts by identity (not the tools in BIN: a rebuild reruns nothing).
+SELECT_ID := select=$(SELECT)$(foreach w,$(filter-out $(BIN)/%,$(SELECT)),$(if $(wildcard $(w)),:$(call ident,$(w))))
 FT_ARGS := acts=$(ACTS_ARGS) loss=$(LOSS) steps=$(STEPS) lr=$(LR) decay=$(DECAY) batch=$(BATCH) seed=$(SEED) auxk=$(AUXK) dead=$(DEAD_THRESHOLD)
 FT_NAME := $(LOSS)-s$(STEPS)-lr$(LR)
 CONN_IDENT := $(if $(CONNECTIONS),conns=$(call ident,$(CONNECTIONS)),)
@@ -116,14 +120,14 @@ endif
 ends_tag = $(if $(2),-e$(2),)$(if $(3),-u$(3),)
 tag = $(4)$(1)$(call ends_tag,$(1),$(2),$(3))
 define CONN_RULES
-CONN_ARGS_$(call tag,$(1),$(2),$(3),$(4)) := $(EDGES_ARGS) c=$(1) embed_c=$(2) unembed_c=$(3) $(if $(filter random,$(4)),random=$(RANDOM_SEED),$(SELECT_ID))
+CONN_ARGS_$(call tag,$(1),$(2),$(3),$(4)) := $(call edges_args,$(2),$(3)) c=$(1) embed_c=$(2) unembed_c=$(3) $(if $(filter random,$(4)),random=$(RANDOM_SEED),$(SELECT_ID))
 CONN_$(call tag,$(1),$(2),$(3),$(4)) := $(if $(CONNECTIONS),$(CONNECTIONS),$(OUT)/conns/$(MODEL_NAME)-$(call tag,$(1),$(2),$(3),$(4))-$$(call key,$$(CONN_ARGS_$(call tag,$(1),$(2),$(3),$(4)))).parquet)
 FT_$(call tag,$(1),$(2),$(3),$(4)) := $(OUT)/finetune/$(MODEL_NAME)-$(call tag,$(1),$(2),$(3),$(4))-$(FT_NAME)-$$(call key,$$(CONN_ARGS_$(call tag,$(1),$(2),$(3),$(4))) $(if $(CONNECTIONS),conns=$(call ident,$(CONNECTIONS)),) $(FT_ARGS))
 ifeq ($(CONNECTIONS),)
-$$(CONN_$(call tag,$(1),$(2),$(3),$(4))): $(EDGES)/.done | $(BUILD_DEP)
+$$(CONN_$(call tag,$(1),$(2),$(3),$(4))): $(call edges_dir,$(2),$(3))/.done | $(BUILD_DEP)
 	@mkdir -p $$(@D)
 	rm -f $$@.tmp.parquet
-	$(if $(filter random,$(4)),$(BIN)/select-edges,$(SELECT)) --edges $(EDGES)/edges.parquet --c $(1) $(if $(2),--embed-c $(2),) $(if $(3),--unembed-c $(3),) $(if $(filter random,$(4)),--random $(RANDOM_SEED),) --out $$@.tmp.parquet
+	$(if $(filter random,$(4)),$(BIN)/select-edges,$(SELECT)) --edges $(call edges_dir,$(2),$(3))/edges.parquet --c $(1) $(if $(2),--embed-c $(2),) $(if $(3),--unembed-c $(3),) $(if $(filter random,$(4)),--random $(RANDOM_SEED),) --out $$@.tmp.parquet
 	mv $$@.tmp.parquet $$@
 endif
 $$(FT_$(call tag,$(1),$(2),$(3),$(4)))/.done: $$(CONN_$(call tag,$(1),$(2),$(3),$(4))) $(ACTS)/.done $(SUITE_DEP) | $(BUILD_DEP)
@@ -272,10 +276,15 @@ $(TRAINED)/.done: $(ACTS)/.done | $(BUILD_DEP)
 
 ## edges: score every edge of the suite on the cache.
 edges: $(EDGES)/.done
-$(EDGES)/.done: $(ACTS)/.done $(SUITE_DEP) | $(BUILD_DEP)
-	$(BIN)/score-edges --acts $(ACTS) --suite $(SUITE_PATH) --keep $(KEEP) $(if $(EMBED_C),--embed,) $(if $(UNEMBED_C),--unembed,) \
-	    $(THREADS_FLAG) --out $(@D) --overwrite
-	touch $@
+# $(1): embed candidates, $(2): unembed candidates (non-empty: scored).
+define EDGES_RULE
+$(call edges_dir,$(1),$(2))/.done: $(ACTS)/.done $(SUITE_DEP) | $(BUILD_DEP)
+	$(BIN)/score-edges --acts $(ACTS) --suite $(SUITE_PATH) --keep $(KEEP) $(if $(1),--embed,) $(if $(2),--unembed,) \
+	    $(THREADS_FLAG) --out $$(@D) --overwrite
+	touch $$@
+endef
+$(eval $(call EDGES_RULE,$(EMBED_C),$(UNEMBED_C)))
+$(if $(WITH_DENSE),$(eval $(call EDGES_RULE,,)))
 
 ## connections: pick C connections per feature with SELECT (or use CONNECTIONS).
 connections: $(CONN)

@@ -208,3 +208,17 @@ fn presets_are_explicit_and_make_says_what_it_runs() {
     assert!(help.contains("  CTX = 64\n      Tokens per sequence (the toy model's n_ctx is 128)."), "{help}");
     assert!(help.contains("  LR = 1e-4\n"), "{help}");
 }
+
+/// With sparse ends, the dense-ends run beside them scores and selects its own edges (no embed
+/// candidates competing for its C slots).
+#[test]
+fn dense_ends_runs_select_from_edges_without_embed_candidates() {
+    let out = scratch("make-ends").join("out");
+    let o = ok(&["-n", "all", "EMBED_C=4", "C=8", &format!("OUT={}", s(&out))]);
+    let selects: Vec<&str> = o.lines().filter(|l| l.contains("select-edges --edges")).collect();
+    let sparse = selects.iter().find(|l| l.contains("--embed-c 4") && !l.contains("--random")).expect("sparse ends");
+    let dense = selects.iter().find(|l| !l.contains("--embed-c")).expect("dense ends");
+    assert!(sparse.contains("-embed-") && !dense.contains("-embed-"), "{sparse}\n{dense}");
+    assert!(o.contains("score-edges") && o.matches("score-edges --acts").count() == 2, "{o}");
+    assert!(!out.exists());
+}

@@ -167,7 +167,9 @@ pub fn primary_split(runs: &[Run]) -> &'static str {
 /// then top, then random, ascending C, dense ends before sparse ends.
 pub fn roles(runs: &[Run]) -> Vec<Role> {
     let mut roles: Vec<Role> = runs.iter().map(|r| r.role.clone()).collect();
-    roles.sort_by_key(|r| (r.finetuned, r.c.is_some(), r.random, r.c, r.embed_c.is_some() || r.unembed_c.is_some()));
+    roles.sort_by_key(|r| {
+        (r.finetuned, r.c.is_some(), r.random, r.c, r.embed_c.is_some() || r.unembed_c.is_some(), r.embed_c, r.unembed_c)
+    });
     roles.dedup();
     roles
 }
