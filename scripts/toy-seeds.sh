@@ -34,7 +34,7 @@ if [ -n "${CPU:-}" ]; then
     done
     OUT_CPU="$OUT/cpu-$CPU"
     mkdir -p "$OUT_CPU"
-    cp -r "$OUT/toy" "$OUT_CPU/"
+    [ -e "$OUT_CPU/toy/.done" ] || cp -r "$OUT/toy" "$OUT_CPU/"
     make_args=(--no-print-directory -s OUT="$OUT_CPU" VIEW=0 BIN="$bin" BUILD=0 "${extra[@]}")
     OUT=$OUT_CPU
     cpu="$cpu, emulated as $CPU (qemu-x86_64 -cpu $CPU)"
