@@ -116,32 +116,9 @@ impl Inputs {
             Some(p) if p.extension().is_some_and(|e| e == "parquet") => crate::util::table::parquet_metadata(p)?,
             _ => Vec::new(),
         };
-        let scored_for = meta.iter().find(|(k, _)| k == "suite_id").map(|(_, v)| v.clone());
-        let scored_path = meta.iter().find(|(k, _)| k == "suite").map(|(_, v)| v.clone());
-        let lineage = match &scored_for {
+        let lineage = match &file {
+            Some(f) => self.lineage_check(f, &meta, tool)?,
             None => None,
-            Some(id) => {
-                let own = self.suite.id()?;
-                let (path, file) =
-                    (self.suite_path.display(), file.as_ref().expect("metadata comes from a file").display());
-                Some(if *id == own {
-                    LineageCheck { in_lineage: true, note: format!("{file} was scored for this suite") }
-                } else if let Some(n) = self.suite.lineage.ancestors.iter().position(|a| a == id) {
-                    LineageCheck {
-                        in_lineage: true,
-                        note: format!("{file} was scored for an ancestor of {path} ({} generation(s) back)", n + 1),
-                    }
-                } else {
-                    let other = scored_path.as_deref().unwrap_or("a suite whose path was not recorded");
-                    let note = format!(
-                        "{file} was scored for suite {} ({other}), which is neither {path} ({}) nor one of its ancestors",
-                        crate::util::fingerprint::short(id),
-                        crate::util::fingerprint::short(&own)
-                    );
-                    crate::note!("{tool}: warning: {note}");
-                    LineageCheck { in_lineage: false, note }
-                })
-            }
         };
         let pass = match &set {
             Some(c) => {
@@ -158,6 +135,31 @@ impl Inputs {
         };
         crate::note!("{tool}: pass: {pass}");
         Ok(Chosen { set, file, meta, lineage, pass })
+    }
+
+    /// Whether connections from `file` (with parquet metadata `meta`) were scored for this suite
+    /// or one of its ancestors; warns on stderr, naming both suites, when not. `None` when the
+    /// file does not record its suite.
+    fn lineage_check(&self, file: &Path, meta: &[(String, String)], tool: &str) -> Result<Option<LineageCheck>> {
+        let get = |key: &str| meta.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+        let Some(id) = get("suite_id") else { return Ok(None) };
+        let own = self.suite.id()?;
+        let (path, file) = (self.suite_path.display(), file.display());
+        if id == own {
+            return Ok(Some(LineageCheck { in_lineage: true, note: format!("{file} was scored for this suite") }));
+        }
+        if let Some(n) = self.suite.lineage.ancestors.iter().position(|a| a == id) {
+            let note = format!("{file} was scored for an ancestor of {path} ({} generation(s) back)", n + 1);
+            return Ok(Some(LineageCheck { in_lineage: true, note }));
+        }
+        let other = get("suite").unwrap_or("a suite whose path was not recorded");
+        let note = format!(
+            "{file} was scored for suite {} ({other}), which is neither {path} ({}) nor one of its ancestors",
+            crate::util::fingerprint::short(id),
+            crate::util::fingerprint::short(&own)
+        );
+        crate::note!("{tool}: warning: {note}");
+        Ok(Some(LineageCheck { in_lineage: false, note }))
     }
 
     /// The record of the connections a suite is finetuned with, for its lineage.

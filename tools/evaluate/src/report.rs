@@ -168,7 +168,15 @@ pub fn primary_split(runs: &[Run]) -> &'static str {
 pub fn roles(runs: &[Run]) -> Vec<Role> {
     let mut roles: Vec<Role> = runs.iter().map(|r| r.role.clone()).collect();
     roles.sort_by_key(|r| {
-        (r.finetuned, r.c.is_some(), r.random, r.c, r.embed_c.is_some() || r.unembed_c.is_some(), r.embed_c, r.unembed_c)
+        (
+            r.finetuned,
+            r.c.is_some(),
+            r.random,
+            r.c,
+            r.embed_c.is_some() || r.unembed_c.is_some(),
+            r.embed_c,
+            r.unembed_c,
+        )
     });
     roles.dedup();
     roles
