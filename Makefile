@@ -82,10 +82,14 @@ comma := ,
 # a hub id by its name; the toy's files by the toy's settings, since they do not exist before
 # the toy is made) and every setting of the stage and of the stages before it. The path starts
 # with readable settings and ends with a hash of all of them.
-TOY := $(OUT)/toy
+TOY := $(OUT)/toy$(if $(filter 0,$(TOY_SEED)),,-seed$(TOY_SEED))
 TOY_ID := toy-seed$(TOY_SEED)-v2
-ident = $(if $(filter $(TOY)/%,$(1)),$(TOY_ID):$(notdir $(1)),$(shell scripts/identity.sh '$(1)'))
-key = $(shell printf '%s' '$(strip $(1))' | md5sum | cut -c1-10)
+# Single quotes inside a value are escaped for the shell; an empty identity (a failed shell
+# command) stops make rather than keying two inputs alike.
+squote = '$(subst ','\'',$(1))'
+ident_of = $(if $(filter $(TOY)/%,$(1)),$(TOY_ID):$(notdir $(1)),$(shell scripts/identity.sh $(call squote,$(1))))
+ident = $(or $(call ident_of,$(1)),$(error cannot compute the identity of '$(1)' (scripts/identity.sh)))
+key = $(or $(shell printf '%s' $(call squote,$(strip $(1))) | md5sum | cut -c1-10),$(error cannot compute a key (md5sum)))
 
 MODEL_ID := $(call ident,$(MODEL))
 DATA_ID := $(call ident,$(DATA))
@@ -142,7 +146,7 @@ define finetune
 $(BIN)/finetune --acts $(ACTS) --suite $(SUITE_PATH) --connections $(2) --loss $(LOSS) \
     --steps $(STEPS) --lr $(LR) --decay-start $(DECAY) --batch-size $(BATCH) --seed $(SEED) \
     --auxk-alpha $(AUXK) --dead-threshold $(DEAD_THRESHOLD) $(THREADS_FLAG) $(CKPT_FLAG) \
-    --out $(1) $$(test -f $(1)/checkpoint/state.json && echo --resume || echo --overwrite)
+    --out $(1) $$(test -f $(1)/checkpoint/state.json -o -f $(1)/checkpoint.tmp/state.json && echo --resume || echo --overwrite)
 endef
 
 # Evaluate: $(1) name, $(2) suite, $(3) its prerequisite, $(4) --connections, $(5) its
@@ -205,7 +209,7 @@ SWEEP_EVALS := $(call both,all-before) $(call both,$(MAIN)-before) \
     $(foreach c,$(CS),$(call both,$(call tag,$(c),$(EMBED_C),$(UNEMBED_C),top)-finetuned))
 SWEEP := $(OUT)/sweep/$(MODEL_NAME)-$(FT_NAME)-$(call key,$(SWEEP_EVALS))
 # The feature browser of the finetuned suite, on held-out tokens.
-VIEW_DIR := $(OUT)/view/$(notdir $(FT))$(if $(VIEW_SEQS),-n$(VIEW_SEQS),)
+VIEW_DIR := $(OUT)/view/$(MODEL_NAME)-$(MAIN)-$(FT_NAME)$(if $(VIEW_SEQS),-n$(VIEW_SEQS),)-$(call key,$(FT) $(HELD_ARGS) $(EDGES) $(CONN_IDENT))
 
 .PHONY: all settings build toy acts heldout suite edges connections finetune eval view sweep test clean help \
     paths print-report-evals print-sweep-evals
@@ -227,7 +231,7 @@ $(REPORT)/.done: $(addsuffix /.done,$(REPORT_EVALS)) | $(BUILD_DEP)
 ## settings: print the preset and the settings every stage runs with (`make all` starts so).
 HELP_VARS := PIPELINE MODEL DATA HELDOUT CTX N_SEQS N_HELDOUT BOS PACK DTYPE BATCH THREADS SEED \
     EXPANSION K SUITE_STEPS SUITE_LR DEAD_THRESHOLD SUITE CONNECTIONS C KEEP EMBED_C UNEMBED_C SELECT \
-    LOSS STEPS LR DECAY AUXK CKPT_EVERY DENSE_CONTROL CONTROL RANDOM_SEED VIEW VIEW_SEQS CS TOY_SEED OUT BUILD
+    LOSS STEPS LR DECAY AUXK CKPT_EVERY DENSE_CONTROL CONTROL RANDOM_SEED VIEW VIEW_SEQS CS TOY_SEED OUT BIN BUILD
 settings:
 	@echo "make: preset $(PIPELINE) (pipelines/$(PIPELINE).mk)$(if $(filter command line environment,$(origin MODEL)),$(comma) MODEL from the $(origin MODEL),)"
 	@echo "  data: MODEL=$(MODEL) DATA=$(DATA) HELDOUT=$(if $(HELDOUT),$(HELDOUT),<DATA after $(N_SEQS) sequences>) CTX=$(CTX) N_SEQS=$(N_SEQS) N_HELDOUT=$(N_HELDOUT) BOS=$(BOS) PACK=$(PACK) DTYPE=$(DTYPE)"
@@ -271,7 +275,7 @@ $(TRAINED)/.done: $(ACTS)/.done | $(BUILD_DEP)
 	$(BIN)/train-suite --acts $(ACTS) --expansion $(EXPANSION) --k $(K) --steps $(SUITE_STEPS) \
 	    --lr $(SUITE_LR) --batch-size $(BATCH) --seed $(SEED) --dead-threshold $(DEAD_THRESHOLD) \
 	    $(THREADS_FLAG) $(CKPT_FLAG) --out $(@D) \
-	    $$(test -f $(@D)/checkpoint/state.json && echo --resume || echo --overwrite)
+	    $$(test -f $(@D)/checkpoint/state.json -o -f $(@D)/checkpoint.tmp/state.json && echo --resume || echo --overwrite)
 	touch $@
 
 ## edges: score every edge of the suite on the cache.

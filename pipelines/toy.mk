@@ -3,11 +3,11 @@
 # minutes on 2 cores, once); every later stage takes seconds.
 
 # Model: the trained toy GPT-Neo (d_model 64, 2 layers, word-level vocabulary).
-MODEL ?= $(OUT)/toy/model
-# Data: the toy corpus (one story per line).
-DATA ?= $(OUT)/toy/corpus.txt
+MODEL ?= $(TOY)/model
+# Data: the toy corpus (one story per line; TOY is out/toy, or out/toy-seedN for TOY_SEED=N).
+DATA ?= $(TOY)/corpus.txt
 # Held-out text for evaluation: stories neither the toy model nor the suites were trained on.
-HELDOUT ?= $(OUT)/toy/heldout.txt
+HELDOUT ?= $(TOY)/heldout.txt
 # Tokens per sequence (the toy model's n_ctx is 128).
 CTX ?= 64
 # Sequences to cache for training.

@@ -289,6 +289,7 @@ pub struct RunArgs {
     pub decay_start: f64,
     /// Per-module gradient-norm clip, or `none`.
     #[arg(long, default_value = "1.0")]
+    #[serde(serialize_with = "number_or_word")]
     pub clip_grad: String,
     /// Write a checkpoint every N steps, after the last step, and where the lr starts to decay
     /// (checkpoint-decay/, so a finished run can be extended with a larger --steps). Default:
@@ -344,6 +345,15 @@ impl RunArgs {
                 crate::error::Error::Usage(format!("--clip-grad {s}: expected a positive number or `none`"))
             }),
         }
+    }
+}
+
+/// A flag value that is a number or a word (`--clip-grad 1.0` / `none`) as a JSON number when it
+/// parses as one, so that `1` and `1.0` are the same run.
+fn number_or_word<S: serde::Serializer>(v: &str, s: S) -> std::result::Result<S::Ok, S::Error> {
+    match v.parse::<f64>() {
+        Ok(x) if x.is_finite() => s.serialize_f64(x),
+        _ => s.serialize_str(v),
     }
 }
 

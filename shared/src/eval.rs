@@ -111,19 +111,16 @@ pub fn token_split(
     ))
 }
 
-/// How the suite at `dir` was trained last, from its config.json: tool, loss, steps, lr,
-/// batch size and connections (`None` when the folder has no scae config).
+/// How the suite at `dir` was trained last, from its config.json: `tool`, `steps`, `flags`
+/// (every flag of the run's configuration) and `connections` (`None` when the folder has no
+/// scae config).
 pub fn suite_training(dir: &Path) -> Option<serde_json::Value> {
     let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    let flags = &v["args"]["run"]["flags"];
     Some(serde_json::json!({
         "tool": v["created_by"].as_str()?.split(' ').next(),
-        "loss": flags["--loss"],
-        "lr": flags["--lr"],
         "steps": v["args"]["run"]["steps"],
-        "batch_size": flags["--batch-size"],
-        "auxk_alpha": flags["--auxk-alpha"],
+        "flags": v["args"]["run"]["flags"],
         "connections": v["lineage"]["connections"]["source"],
     }))
 }
@@ -234,6 +231,7 @@ pub fn run(inputs: &Inputs, conns: Option<&Connections>, cfg: &EvalConfig, devic
         suite_id: Some(suite_id),
         root_suite_id: Some(root_suite_id),
         suite_training: suite_training(&cfg.suite),
+        suite_lineage_recorded: !suite.lineage.trained_on.is_empty(),
         format: FORMAT.into(),
         version: VERSION,
         acts: cfg.acts.clone(),

@@ -197,12 +197,13 @@ pub fn data_trained_on(
     opts: crate::data::SequenceOptions,
     seqs_read: u64,
 ) -> Result<crate::formats::suite::TrainedOn> {
-    let (path, kind) = match &data {
-        Some(crate::data::SourceSpec::Text { path, .. }) => (path, "text"),
-        Some(crate::data::SourceSpec::Tokens { path, .. }) => (path, "tokens"),
+    // The same fields collect-acts records for a cache of this data.
+    let (path, kind, column) = match &data {
+        Some(crate::data::SourceSpec::Text { path, column }) => (path, "text", Some(column.clone())),
+        Some(crate::data::SourceSpec::Tokens { path, column }) => (path, "tokens", column.clone()),
         None => return Err(Error::Usage("--data or --tokens is required without --acts".into())),
     };
-    crate::formats::suite::TrainedOn::streamed(tool, path, kind, opts, seqs_read)
+    crate::formats::suite::TrainedOn::streamed(tool, path, kind, column, opts, seqs_read)
 }
 
 /// The connections a tool runs with (see [`Inputs::choose_connections`]).

@@ -166,4 +166,33 @@ fn finetuned_suites_carry_their_connections_and_lineage() {
     let (ov, _) = r.evaluate("e-overlap", &["--acts", s(&overlap), "--suite", s(&ft)]);
     assert_eq!(ov["tokens"], "training", "{}", ov["tokens_note"]);
     assert!(ov["tokens_note"].as_str().unwrap().contains("overlapping"), "{}", ov["tokens_note"]);
+    // A suite trained by streaming the same text (no cache) knows it saw these tokens too.
+    let data = scae_testkit::fixtures().join("../../pipelines/data/stories.txt");
+    let streamed = r.p("streamed");
+    tool_ok(
+        "train-suite",
+        &[
+            "--model",
+            s(&fixture_model("tiny-neo")),
+            "--data",
+            s(&data),
+            "--ctx-len",
+            "16",
+            "--pack",
+            "--out",
+            s(&streamed),
+            "--expansion",
+            "2",
+            "--k",
+            "4",
+            "--steps",
+            "2",
+            "--batch-size",
+            "8",
+        ],
+    );
+    let (st, _) = r.evaluate("e-streamed", &["--acts", s(&acts), "--suite", s(&streamed)]);
+    assert_eq!(st["tokens"], "training", "{}", st["tokens_note"]);
+    let (st, _) = r.evaluate("e-streamed-after", &["--acts", s(&after), "--suite", s(&streamed)]);
+    assert_eq!(st["tokens"], "held-out", "{}", st["tokens_note"]);
 }

@@ -95,14 +95,29 @@ fn resume_names_each_changed_flag_and_extends_a_finished_run_exactly() {
     let done = tool_ok("finetune", &strs(&t.finetune("a", &[&["--steps", "10", "--resume"][..], &ck].concat())));
     assert!(done.contains("already complete; nothing trained") && !done.contains("tokens/s"), "{done}");
     same_suite(&t.tmp.join("a"), &t.tmp.join("b"));
-    // Extended to 16 steps: exactly the run of 16 steps from the start.
-    let o = tool("finetune", &strs(&t.finetune("a", &[&["--steps", "16", "--resume"][..], &ck].concat())));
+    // Extended to 16 steps: the 10-step result goes at once (a halted extension leaves only its
+    // checkpoints), and the end is exactly the run of 16 steps from the start.
+    let o = tool(
+        "finetune",
+        &strs(&t.finetune("a", &[&["--steps", "16", "--resume", "--halt-after", "1"][..], &ck].concat())),
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("the checkpoint's run had 10 steps; continuing from its state at step 8"), "{err}");
+    assert!(!t.tmp.join("a/suite.safetensors").exists(), "the 10-step result stayed beside the 16-step run");
+    tool_ok("finetune", &strs(&t.finetune("a", &[&["--steps", "16", "--resume"][..], &ck].concat())));
     tool_ok("finetune", &strs(&t.finetune("c", &["--steps", "16"])));
     same_suite(&t.tmp.join("a"), &t.tmp.join("c"));
     assert_eq!(lines(&t.tmp.join("a")), 16);
+    // Shorter than a kept state allows: the reason is the shorter schedule's own decay.
+    tool_fails(
+        "finetune",
+        &strs(&t.finetune("a", &[&["--steps", "8", "--resume"][..], &ck].concat())),
+        &[
+            "--steps 8",
+            "the 8-step schedule starts its decay at step 7, before every kept checkpoint (the earliest is at step 13)",
+        ],
+    );
     // With warmup (a proportion of --steps) no step carries over: refused, naming --steps.
     tool_ok("finetune", &strs(&t.finetune("w", &[&["--steps", "10", "--warmup", "0.2"][..], &ck].concat())));
     tool_fails(

@@ -121,6 +121,19 @@ fn outputs_are_keyed_on_every_input_and_make_n_writes_nothing() {
     // The same data file edited in place (new contents, same path): rerun.
     std::fs::write(&data_a, story.replace("Lily", "Mia")).unwrap();
     assert!(!up_to_date(&strs(&args(&ma, &da, "acts"))), "DATA's contents changed, the cache was not remade");
+    // Paths with quotes are inputs like any other: two of them do not share a key.
+    let (qa, qb) = (tmp.join("it's.txt"), tmp.join("other's.txt"));
+    std::fs::write(&qa, &story).unwrap();
+    std::fs::write(&qb, story.replace("Tom", "Sam")).unwrap();
+    let acts_of = |d: &Path| -> String {
+        let p =
+            ok(&strs(&[vec!["-s".to_string(), "paths".to_string()], base(&ma, &format!("DATA={}", s(d)))].concat()));
+        p.lines().find_map(|l| l.strip_prefix("acts: ")).unwrap().to_string()
+    };
+    assert_ne!(acts_of(&qa), acts_of(&qb));
+    // The toy's seed keys its folder: another seed makes another toy, never reuses this one.
+    let dry = ok(&["-n", "toy", "TOY_SEED=1", &out_arg]);
+    assert!(dry.contains(&format!("--seed 1 --out {}/toy-seed1", s(&out))), "{dry}");
     // `make -n all` with some outputs present writes nothing either.
     let before = listing(&out);
     let dry = make(&strs(&[&["-n".to_string()][..], &args(&ma, &db, "all")].concat()));

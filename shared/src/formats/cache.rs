@@ -122,7 +122,9 @@ impl DataInfo {
     /// or overlapping ranges of sequences. `None` when a fingerprint is missing.
     pub fn overlaps(&self, n: u64, other: &DataInfo, m: u64, same_layout: bool) -> Option<bool> {
         let (a, b) = (self.fingerprint.as_ref()?, other.fingerprint.as_ref()?);
-        if a != b || self.kind != other.kind || self.column != other.column {
+        // A column left unrecorded on one side (the default one) could be the other's.
+        let columns_differ = matches!((&self.column, &other.column), (Some(x), Some(y)) if x != y);
+        if a != b || self.kind != other.kind || columns_differ {
             return Some(false);
         }
         if !same_layout || self.pack != other.pack {

@@ -85,10 +85,14 @@ pub struct EvalReport {
     pub suite_id: Option<String>,
     #[serde(default)]
     pub root_suite_id: Option<String>,
-    /// How the suite's last training stage ran: `tool`, `loss`, `steps`, `lr`, `batch_size`,
-    /// `connections` (from its config.json), so that runs finetuned "the same way" can be told.
+    /// How the suite's last training stage ran: `tool`, `steps`, `flags` (every flag of its run
+    /// configuration), `connections` (from its config.json), so that runs finetuned "the same
+    /// way" can be told.
     #[serde(default)]
     pub suite_training: Option<serde_json::Value>,
+    /// Whether the suite records the data it was trained on (`tokens` is `unknown` without).
+    #[serde(default)]
+    pub suite_lineage_recorded: bool,
 }
 
 fn unknown() -> String {

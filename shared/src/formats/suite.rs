@@ -127,13 +127,14 @@ impl TrainedOn {
         tool: &str,
         data: &Path,
         kind: &str,
+        column: Option<String>,
         opts: crate::data::SequenceOptions,
         seqs_read: u64,
     ) -> Result<TrainedOn> {
         let info = crate::formats::cache::DataInfo {
             source: data.display().to_string(),
             kind: kind.to_string(),
-            column: None,
+            column,
             pack: opts.pack,
             docs_read: 0,
             docs_skipped_short: 0,

@@ -204,6 +204,13 @@ pub fn resume(
     opt: &mut Optimizer,
     dead: &mut DeadTracker,
 ) -> Result<RunState> {
+    // A swap of the decay checkpoint cut short by a crash: finish it (as RunDir does for the
+    // latest one).
+    crate::util::io::recover_swap(
+        &dir.join(format!("{DECAY}.tmp")),
+        &dir.join(DECAY),
+        crate::util::io::complete_checkpoint,
+    )?;
     let latest = checkpoint::read_state(dir, LATEST, tool)?;
     let state_path = dir.join(LATEST).join("state.json");
     let diffs = run.differences(&latest.run);
@@ -228,12 +235,17 @@ pub fn resume(
     let Some((name, _)) = candidates.iter().filter(|(_, st)| serves(st)).max_by_key(|(_, st)| st.step) else {
         let st = &candidates[0].1;
         let old = Schedule { steps: st.run.steps, ..schedule.clone() };
-        let why = match (decay_point(&old), schedule.warmup > 0.0) {
-            (_, true) => "the warmup's length is a proportion of --steps, so no step of it carries over".to_string(),
-            (Some(d), false) => format!(
+        let kept = candidates.iter().map(|(_, st)| st.step).min().unwrap_or(st.step);
+        let why = match (decay_point(&old), decay_point(schedule), schedule.warmup > 0.0) {
+            (_, _, true) => "the warmup's length is a proportion of --steps, so no step of it carries over".to_string(),
+            (_, Some(new), false) if schedule.steps < st.run.steps && new < kept => format!(
+                "the {}-step schedule starts its decay at step {new}, before every kept checkpoint (the earliest is at step {kept})",
+                schedule.steps
+            ),
+            (Some(d), _, false) => format!(
                 "its decay started at step {d}, and no checkpoint from before it was kept (checkpoint-decay/ is written when checkpointing, --checkpoint-every)"
             ),
-            (None, false) => "its learning rate differs before that step".to_string(),
+            _ => "its learning rate differs before that step".to_string(),
         };
         return Err(Error::input(
             &state_path,
@@ -247,6 +259,8 @@ pub fn resume(
     let st = &ck.state;
     check_state(st, &dir.join(name).join("state.json"), batch_size)?;
     if st.run.steps != schedule.steps {
+        // The old run's result does not belong to the new one: gone before the first new step.
+        Suite::remove_files(dir)?;
         crate::note!(
             "{tool}: the checkpoint's run had {} steps; continuing from its state at step {} ({}) on the {}-step schedule",
             st.run.steps,

@@ -300,7 +300,9 @@ pub fn run(
         let stored = cfg.out.join(crate::formats::suite::CONNECTIONS_FILE);
         match conns {
             Some(c) => {
-                let keep = |k: &str| !["format", "version", "n_features", "modules", "source"].contains(&k);
+                let keep = |k: &str| {
+                    !["format", "version", "n_features", "modules", "source", "parallel_attn_mlp"].contains(&k)
+                };
                 let mut meta: Vec<(&str, String)> = cfg
                     .connections_meta
                     .iter()
@@ -311,7 +313,6 @@ pub fn run(
                     meta.push(("source", p.display().to_string()));
                 }
                 meta.push(("parallel_attn_mlp", inputs.parallel().to_string()));
-                meta.dedup_by(|a, b| a.0 == b.0);
                 c.write_parquet(&stored, crate::formats::connections::FORMAT, &meta)
             }
             None if stored.exists() => std::fs::remove_file(&stored).map_err(|e| crate::error::Error::io(&stored, e)),

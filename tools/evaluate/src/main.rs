@@ -55,7 +55,15 @@ struct Args {
 
 /// `--compare`: table and plot of earlier runs.
 fn compare(args: &Args) -> Result<()> {
-    let mut runs = args.compare.iter().map(|d| report::load_run(d)).collect::<Result<Vec<_>>>()?;
+    // A folder named twice (the same suite's evaluation in several seeds' lists) counts once.
+    let mut dirs: Vec<&PathBuf> = Vec::new();
+    for d in &args.compare {
+        let same = |e: &&PathBuf| e.canonicalize().ok().is_some_and(|c| Some(c) == d.canonicalize().ok());
+        if !dirs.iter().any(|e| same(e) || *e == d) {
+            dirs.push(d);
+        }
+    }
+    let mut runs = dirs.iter().map(|d| report::load_run(d)).collect::<Result<Vec<_>>>()?;
     report::settle_splits(&mut runs);
     let table = report::table(&runs);
     std::fs::create_dir_all(&args.out)

@@ -22,10 +22,18 @@ pub struct Run {
     /// other suites evaluated on the same cache can.
     pub unsure: bool,
     pub n_tokens: u64,
-    /// The pretrained suite the run's suite descends from (one per seed).
+    /// The pretrained suite the run's suite descends from.
+    pub root: String,
+    /// One seed of the comparison: the pretrained suite, and for a finetuned suite its
+    /// finetuning `--seed` too (runs from one fixed suite finetuned with several seeds).
     pub seed_group: String,
     /// How the suite was finetuned (loss, steps, lr, batch size), when it was.
     pub recipe: Option<String>,
+    /// Every flag of that finetuning but those that differ between the runs of a comparison
+    /// (`--connections`, `--suite`, `--seed`): equal for runs finetuned the same way.
+    pub recipe_flags: Option<serde_json::Value>,
+    /// The suite records the data it was trained on.
+    pub lineage_recorded: bool,
     pub ce_diff: f64,
     pub ce_recovered: f64,
     pub mean_fvu: f64,
@@ -77,12 +85,32 @@ pub fn load_run(dir: &Path) -> Result<Run> {
             p.extension().is_some_and(|e| e == "parquet")
                 && scae::util::table::parquet_metadata(p).is_ok_and(|m| m.iter().any(|(k, _)| k == "random_seed"))
         });
-    let recipe = r.suite_training.as_ref().filter(|_| r.finetuned()).map(|t| {
+    let training = r.suite_training.as_ref().filter(|_| r.finetuned());
+    let flags = training.map(|t| &t["flags"]);
+    let recipe = training.map(|t| {
+        let f = &t["flags"];
         let steps = t["steps"].as_u64().map_or("?".to_string(), |s| s.to_string());
-        let lr = t["lr"].as_f64().map_or("?".to_string(), |l| format!("{l:e}"));
-        let loss = t["loss"].as_str().unwrap_or("?");
-        format!("{loss}, {steps} steps, lr {lr}, batch {}", t["batch_size"])
+        let lr = f["--lr"].as_f64().map_or("?".to_string(), |l| format!("{l:e}"));
+        let loss = f["--loss"].as_str().unwrap_or("?");
+        let mut s = format!("{loss}, {steps} steps, lr {lr}, batch {}", f["--batch-size"]);
+        if let Some(a) = f["--auxk-alpha"].as_f64().filter(|a| *a > 0.0) {
+            s.push_str(&format!(", AuxK {a}"));
+        }
+        s
     });
+    let recipe_flags = flags.and_then(|f| f.as_object()).map(|m| {
+        let mut m = m.clone();
+        for k in ["--connections", "--suite", "--seed"] {
+            m.remove(k);
+        }
+        m.insert("steps".into(), training.map_or(serde_json::Value::Null, |t| t["steps"].clone()));
+        serde_json::Value::Object(m)
+    });
+    let root = r.root_suite_id.clone().unwrap_or_else(|| dir.display().to_string());
+    let seed_group = match flags.map(|f| &f["--seed"]) {
+        Some(s) if !s.is_null() => format!("{root}/seed {s}"),
+        _ => root.clone(),
+    };
     Ok(Run {
         dir: dir.to_path_buf(),
         role: Role { finetuned: r.finetuned(), c: r.c, random, embed_c: r.embed_c, unembed_c: r.unembed_c },
@@ -90,8 +118,11 @@ pub fn load_run(dir: &Path) -> Result<Run> {
         cache: r.cache_id.clone().unwrap_or_else(|| r.acts.display().to_string()),
         unsure: false,
         n_tokens: r.n_tokens,
-        seed_group: r.root_suite_id.clone().unwrap_or_else(|| dir.display().to_string()),
+        root,
+        seed_group,
         recipe,
+        recipe_flags,
+        lineage_recorded: r.suite_lineage_recorded,
         ce_diff: r.ce_diff,
         ce_recovered: r.ce_recovered,
         mean_fvu: r.mean_fvu,
@@ -103,7 +134,8 @@ pub fn load_run(dir: &Path) -> Result<Run> {
 /// Label each run by its cache rather than by its own suite: a cache is `training` tokens when
 /// any evaluated suite was trained on it, else `held-out` when any suite says it was not, else
 /// `unknown`. A run whose suite records no lineage (a reference suite) is thereby compared on
-/// the cache's split, and marked `unsure`. Returns how many runs are.
+/// the cache's split, and marked `unsure`; a run that is `unknown` for another reason (a data
+/// fingerprint missing) keeps its own column. Returns how many runs are unsure.
 pub fn settle_splits(runs: &mut [Run]) -> usize {
     let mut split: BTreeMap<String, &'static str> = BTreeMap::new();
     for r in runs.iter() {
@@ -117,13 +149,28 @@ pub fn settle_splits(runs: &mut [Run]) -> usize {
     let mut unsure = 0;
     for r in runs.iter_mut() {
         let s = split[&r.cache];
-        if r.tokens == "unknown" && s != "unknown" {
+        if r.tokens == "unknown" && s != "unknown" && !r.lineage_recorded {
             r.unsure = true;
             unsure += 1;
+            r.tokens = s.to_string();
+        } else if r.tokens != "unknown" {
+            r.tokens = s.to_string();
         }
-        r.tokens = s.to_string();
     }
     unsure
+}
+
+/// Runs that share a role, split and seed (the same suite evaluated twice, or a comparison given
+/// one folder twice): their folders, for a warning under the table.
+fn duplicates(runs: &[Run]) -> Vec<String> {
+    let mut seen: BTreeMap<(Role, &str, &str), Vec<&Path>> = BTreeMap::new();
+    for r in runs {
+        seen.entry((r.role.clone(), r.tokens.as_str(), r.seed_group.as_str())).or_default().push(&r.dir);
+    }
+    seen.into_values()
+        .filter(|d| d.len() > 1)
+        .map(|d| d.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" and "))
+        .collect()
 }
 
 /// Mean, smallest and largest of some runs' values.
@@ -230,6 +277,9 @@ pub fn table(runs: &[Run]) -> String {
          mean FVU: fraction of each module's target variance left unexplained, over all tokens, averaged over modules.\n\
          never fired: features with no non-zero value on the evaluated tokens (training logs count `dead` over a window instead).\n",
     );
+    for d in duplicates(runs) {
+        out.push_str(&format!("warning: these runs share a role, split and seed, and count as one seed each: {d}\n"));
+    }
     let unsure = runs.iter().filter(|r| r.unsure).count();
     if unsure > 0 {
         out.push_str(&format!(
@@ -255,6 +305,17 @@ fn pct(x: f64) -> String {
     format!("{:.0}%", 100.0 * x)
 }
 
+/// The verdict band of a share of the gap closed: 3 matches or beats (≥ 100%), 2 most (≥ 50%),
+/// 1 part (> 0), 0 none.
+fn band(share: f64) -> u8 {
+    match share {
+        s if s >= 1.0 => 3,
+        s if s >= 0.5 => 2,
+        s if s > 0.0 => 1,
+        _ => 0,
+    }
+}
+
 /// What the runs say about the method, in words, on the primary split. `None` without an
 /// unfinetuned all-connections run and a top-C run before and after finetuning.
 pub fn summary(runs: &[Run]) -> Option<String> {
@@ -278,7 +339,7 @@ pub fn summary(runs: &[Run]) -> Option<String> {
     let y = on(&all1);
     let r = on(&rand1);
     let n_tokens = runs.iter().filter(|r| r.tokens == split).map(|r| r.n_tokens).max().unwrap_or(0);
-    let seeds = runs.iter().filter(|r| r.role == top1 && r.tokens == split).count();
+    let seeds = by_seed(runs, &top1, split).len();
     let recipe = runs.iter().find(|r| r.role == top1).and_then(|r| r.recipe.clone()).unwrap_or_default();
     let mut out = String::new();
     let where_ = match split {
@@ -291,18 +352,28 @@ pub fn summary(runs: &[Run]) -> Option<String> {
     out.push_str(&format!("- all connections, not finetuned: {}\n", a.show(4)));
     out.push_str(&format!("- pruned to C={c}, not finetuned: {}\n", b.show(4)));
     out.push_str(&format!("- pruned to C={c}, finetuned through the pruned pass ({recipe}): {}\n", x.show(4)));
+    // Whether the controls really were finetuned the same way: every flag of their runs but
+    // the connections, the suite and the seed.
+    let flags_of = |role: &Role| -> Vec<&serde_json::Value> {
+        runs.iter().filter(|r| r.role == *role).filter_map(|r| r.recipe_flags.as_ref()).collect()
+    };
+    let ours = flags_of(&top1);
+    let same_as_ours = |role: &Role| flags_of(role).iter().all(|f| ours.iter().all(|o| o == f));
+    let how =
+        |role: &Role| if same_as_ours(role) { "finetuned the same way" } else { "finetuned another way (see below)" };
     if let Some(y) = y {
-        out.push_str(&format!("- all connections, finetuned the same way (the control): {}\n", y.show(4)));
+        out.push_str(&format!("- all connections, {} (the control): {}\n", how(&all1), y.show(4)));
     }
     if let Some(r) = r {
-        out.push_str(&format!("- random C={c} connections, finetuned the same way: {}\n", r.show(4)));
+        out.push_str(&format!("- random C={c} connections, {}: {}\n", how(&rand1), r.show(4)));
     }
-    // Whether the control really was finetuned the same way.
-    let recipe_of = |role: &Role| runs.iter().find(|r| r.role == *role).and_then(|r| r.recipe.clone());
-    if let (Some(p), Some(q)) = (recipe_of(&top1), recipe_of(&all1)) {
-        if p != q {
+    for (role, what) in [(&all1, "all-connections control"), (&rand1, "random-connections control")] {
+        if !same_as_ours(role) {
+            let recipe_of = |role: &Role| runs.iter().find(|r| r.role == *role).and_then(|r| r.recipe.clone());
             out.push_str(&format!(
-                "Caution: the all-connections control was not finetuned the same way ({q} vs {p}); the comparison below is confounded.\n"
+                "Caution: the {what} was not finetuned the same way ({} vs {}; other flags may differ too); the comparison below is confounded.\n",
+                recipe_of(role).unwrap_or_default(),
+                recipe_of(&top1).unwrap_or_default()
             ));
         }
     }
@@ -314,13 +385,18 @@ pub fn summary(runs: &[Run]) -> Option<String> {
         by_seed(runs, &rand1, split),
     );
     let mut closed = Vec::new();
+    let mut no_gap = 0;
     let mut beats_random = (0, 0);
     let mut beats_control = (0, 0);
     for (seed, xr) in &x_s {
-        if let (Some(br), Some(yr)) = (b_s.get(seed), y_s.get(seed)) {
+        // The unfinetuned suite of a seed is its pretrained suite, whatever the finetuning seed.
+        let before = b_s.get(*seed).or_else(|| b_s.get(xr.root.as_str()));
+        if let (Some(br), Some(yr)) = (before, y_s.get(seed)) {
             let gap = br.ce_diff - yr.ce_diff;
             if gap > 0.0 {
                 closed.push((br.ce_diff - xr.ce_diff) / gap);
+            } else {
+                no_gap += 1;
             }
             beats_control.1 += 1;
             beats_control.0 += usize::from(xr.ce_diff <= yr.ce_diff);
@@ -357,11 +433,13 @@ pub fn summary(runs: &[Run]) -> Option<String> {
                 s if s > 0.0 => format!("finetuning through the sparse pass closes only {} of the gap to the equally finetuned all-connections suite at C={c}", pct(s)),
                 _ => format!("finetuning through the sparse pass does not close the gap to the equally finetuned all-connections suite at C={c}"),
             });
-            if n_closed > 1 && closed.iter().any(|v| (*v >= 0.5) != (share >= 0.5)) {
-                verdict.push(format!(
-                    "but not in every seed (gap closed: {})",
-                    closed.iter().map(|v| pct(*v)).collect::<Vec<_>>().join(", ")
-                ));
+            let off = closed.iter().any(|v| band(*v) != band(share));
+            if (n_closed > 1 && off) || no_gap > 0 {
+                let mut per_seed = closed.iter().map(|v| pct(*v)).collect::<Vec<_>>().join(", ");
+                if no_gap > 0 {
+                    per_seed.push_str(&format!("; {no_gap} seed(s) with no gap to close"));
+                }
+                verdict.push(format!("but not in every seed (gap closed per seed: {per_seed})"));
             }
         } else {
             out.push_str(&format!(
@@ -438,14 +516,17 @@ mod tests {
 
     fn run(finetuned: bool, c: Option<u64>, random: bool, seed: &str, ce_diff: f64) -> Run {
         Run {
-            dir: PathBuf::from(format!("e-{seed}")),
+            dir: PathBuf::from(format!("e-{seed}-{finetuned}-{c:?}-{random}")),
             role: Role { finetuned, c, random, embed_c: None, unembed_c: None },
             tokens: "held-out".into(),
             cache: "h".into(),
             unsure: false,
             n_tokens: 1000,
+            root: seed.into(),
             seed_group: seed.into(),
             recipe: finetuned.then(|| "mse, 200 steps, lr 1e-4, batch 16".to_string()),
+            recipe_flags: finetuned.then(|| serde_json::json!({"--loss": "mse", "--lr": 1e-4, "steps": 200})),
+            lineage_recorded: true,
             ce_diff,
             ce_recovered: 0.9,
             mean_fvu: 0.1,
@@ -488,21 +569,63 @@ mod tests {
         assert!(two.contains("Selected connections beat random ones in 1 of 2 seed(s)"), "{two}");
         assert!(two.contains("beat random ones in only 1 of 2 seed(s)"), "{two}");
         assert!(two.contains("0.1500 (0.1000–0.2000)"), "{two}");
-        // A control finetuned another way is called out.
+        // A control finetuned another way (any flag, here AuxK) is called out.
         let mut other = seed("s", 0.01, 0.5, 0.1, Some(0.02), None);
-        other[3].recipe = Some("mse, 400 steps, lr 1e-4, batch 16".into());
-        assert!(summary(&other)
-            .unwrap()
-            .contains("Caution: the all-connections control was not finetuned the same way"));
+        other[3].recipe_flags =
+            Some(serde_json::json!({"--loss": "mse", "--lr": 1e-4, "steps": 200, "--auxk-alpha": 0.5}));
+        let other = summary(&other).unwrap();
+        assert!(other.contains("Caution: the all-connections control was not finetuned the same way"), "{other}");
+        assert!(other.contains("all connections, finetuned another way (see below) (the control)"), "{other}");
+        // One seed below the mean's band is named, with its share.
+        let mut mixed = seed("a", 0.01, 0.5, 0.05, Some(0.02), None);
+        mixed.extend(seed("b", 0.01, 0.5, 0.3, Some(0.02), None));
+        let mixed = summary(&mixed).unwrap();
+        assert!(mixed.contains("but not in every seed (gap closed per seed: 94%, 42%)"), "{mixed}");
+    }
+
+    /// One pretrained suite finetuned with several seeds: the unfinetuned runs are shared, the
+    /// finetuned ones count as separate seeds.
+    #[test]
+    fn finetuning_seeds_of_one_suite_are_seeds() {
+        let mut runs = seed("root", 0.01, 0.5, 0.1, Some(0.02), None);
+        for r in runs.iter_mut().filter(|r| r.role.finetuned) {
+            r.seed_group = "root/seed 0".into();
+        }
+        let second: Vec<Run> = runs
+            .iter()
+            .filter(|r| r.role.finetuned)
+            .map(|r| {
+                let mut r = r.clone();
+                r.seed_group = "root/seed 1".into();
+                r.dir = PathBuf::from(format!("{}-1", r.dir.display()));
+                r.ce_diff += 0.02;
+                r
+            })
+            .collect();
+        runs.extend(second);
+        let s = summary(&runs).unwrap();
+        assert!(s.contains("over 2 seeds") && s.contains("across seeds"), "{s}");
+        assert!(!table(&runs).contains("warning:"));
+        // The same folder twice is a duplicate, and said.
+        let mut dup = runs.clone();
+        dup.push(runs[2].clone());
+        assert!(table(&dup).contains("warning: these runs share a role, split and seed"));
     }
 
     #[test]
     fn a_suite_without_lineage_joins_its_caches_split() {
         let mut runs = seed("s", 0.01, 0.5, 0.1, Some(0.02), None);
-        runs[0].tokens = "unknown".into();
-        runs[1].tokens = "unknown".into();
+        for r in &mut runs[..2] {
+            r.tokens = "unknown".into();
+            r.lineage_recorded = false;
+        }
         assert_eq!(settle_splits(&mut runs), 2);
         assert!(runs.iter().all(|r| r.tokens == "held-out"));
         assert!(table(&runs).contains("2 run(s) marked *"));
+        // Unknown for another reason (a missing data fingerprint): its own column.
+        let mut runs = seed("s", 0.01, 0.5, 0.1, Some(0.02), None);
+        runs[0].tokens = "unknown".into();
+        assert_eq!(settle_splits(&mut runs), 0);
+        assert_eq!(runs[0].tokens, "unknown");
     }
 }

@@ -271,8 +271,8 @@ fn run(args: Args) -> Result<()> {
         "suite": args.suite.display().to_string(),
         "acts": args.acts.display().to_string(),
         "connections": chosen.file.as_ref().map(|p| p.display().to_string()),
-        "pass": chosen.pass,
         "pass": if conns.is_some() { "pruned" } else { "all-connections" },
+        "pass_description": chosen.pass,
         "index": index,
     });
     let mut text = String::new();
