@@ -1,7 +1,7 @@
 //! Opening the inputs most stages share (an activation cache, its model, a suite, optional
 //! connections) and checking that they agree before any heavy compute.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 
@@ -10,6 +10,23 @@ use crate::formats::cache::{Cache, MANIFEST};
 use crate::formats::connections::Connections;
 use crate::formats::suite::Suite;
 use crate::model::Model;
+
+/// A `--suite` argument as a local path: itself if it exists, else a hub id's snapshot folder in
+/// the Hugging Face cache (downloaded when online), as `--model` is resolved.
+pub fn resolve_suite(path: &Path) -> Result<PathBuf> {
+    if path.exists() {
+        return Ok(path.to_path_buf());
+    }
+    match path.to_str().filter(|s| crate::model::hub::looks_like_hub_id(s)) {
+        Some(id) => crate::model::hub::resolve_suite(id, ["config.json", crate::formats::reference::CHECKPOINT]),
+        None => Err(Error::input(path, "--suite: no such folder or file (and not a hub id like `owner/name`)")),
+    }
+}
+
+/// Load the suite a `--suite` argument names (a path or a hub id, see [`resolve_suite`]).
+pub fn load_suite(path: &Path, device: &Device) -> Result<Suite> {
+    Suite::load(&resolve_suite(path)?, device)
+}
 
 /// A cache (or none, when activations are computed on the fly), the model, and a suite
 /// checked against both.
@@ -28,7 +45,7 @@ impl Inputs {
     /// cache, naming both files.
     pub fn open(acts: &Path, suite_path: &Path, model_override: Option<&str>, device: &Device) -> Result<Inputs> {
         let cache = Cache::open(acts)?;
-        let suite = Suite::load(suite_path, device)?;
+        let suite = load_suite(suite_path, device)?;
         let m = &cache.manifest.model;
         let manifest = acts.join(MANIFEST);
         let mismatch = |what: String| {
@@ -46,7 +63,7 @@ impl Inputs {
     /// Open a model (folder or hub id) and a suite for streaming: activations are computed
     /// from data by the tool. Fails when the suite does not fit the model.
     pub fn open_streaming(model_spec: &str, suite_path: &Path, device: &Device) -> Result<Inputs> {
-        let suite = Suite::load(suite_path, device)?;
+        let suite = load_suite(suite_path, device)?;
         let dir = crate::model::hub::resolve_model(model_spec)?;
         let model = Model::load(model_spec, &dir, device)?;
         let cfg = model.cfg();
@@ -83,7 +100,7 @@ impl Inputs {
     pub fn choose_connections(&self, arg: Option<&Path>, tool: &str) -> Result<Chosen> {
         let embedded = self.suite.embedded.as_ref();
         let stored =
-            |e: &crate::formats::reference::Embedded| format!("stored with the suite in {}", e.source.display());
+            |e: &crate::formats::connections::Embedded| format!("stored with the suite in {}", e.source.display());
         let (set, file, how) = match arg {
             Some(p) if is_all(p) => {
                 let how = match embedded {

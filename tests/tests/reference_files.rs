@@ -157,7 +157,7 @@ fn convert_suite_round_trips_byte_identically() {
         let want = Connections::load(&cr, &base.modules, base.n_features, parallel(name)).unwrap();
         let got =
             Connections::load(&s1.join("connections.parquet"), &base.modules, base.n_features, parallel(name)).unwrap();
-        assert_eq!(scae::formats::reference::edge_set(&got), scae::formats::reference::edge_set(&want));
+        assert_eq!(got.edge_set(), want.edge_set());
         // scae -> reference -> scae: every file byte-identical.
         let c1 = s1.join("connections.parquet");
         tool_ok("convert-suite", &["--suite", s(&s1), "--connections", s(&c1), "--to", "reference", "--out", s(&r1)]);
@@ -174,7 +174,7 @@ fn convert_suite_round_trips_byte_identically() {
         tool_ok("convert-suite", &["--suite", s(&r1), "--to", "scae", "--model", s(&model), "--out", s(&s3)]);
         let got =
             Connections::load(&s3.join("connections.parquet"), &base.modules, base.n_features, parallel(name)).unwrap();
-        assert_eq!(scae::formats::reference::edge_set(&got), scae::formats::reference::edge_set(&want));
+        assert_eq!(got.edge_set(), want.edge_set());
         // Our checkpoint.pt reads back with the same parser as torch's.
         let f = scae::formats::torch::TorchFile::open(&r1.join("checkpoint.pt")).unwrap();
         assert!(f.root.get("aes.attn_0.encoder.weight").is_some() && f.root.get("connections").is_some());

@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use arrow_array::{ArrayRef, Float32Array, StringArray, UInt32Array};
 
+use super::reference::Table;
 use crate::error::{Error, IoContext, Result};
 use crate::model::Module;
 
@@ -229,22 +230,12 @@ impl Connections {
                 ),
             ));
         }
-        let width = self.edges.iter().flatten().map(Vec::len).max().unwrap_or(0).max(1);
-        let mut tensors: Vec<(String, Vec<u8>)> = Vec::new();
-        for (d, dm) in self.modules.iter().enumerate() {
-            for (u, um) in self.modules.iter().enumerate() {
-                if !um.precedes(dm, parallel) {
-                    continue;
-                }
-                let mut t = vec![-1i64; self.n_features * width];
-                for (i, es) in self.edges[d].iter().enumerate() {
-                    for (slot, e) in es.iter().filter(|e| e.up == u).enumerate() {
-                        t[i * width + slot] = e.feature as i64;
-                    }
-                }
-                tensors.push((format!("{dm}.{um}"), t.iter().flat_map(|v| v.to_le_bytes()).collect()));
-            }
-        }
+        let tensors: Vec<(String, Vec<u8>)> = self
+            .reference_tables(parallel)
+            .into_iter()
+            .map(|t| (format!("{}.{}", t.down, t.up), t.values.iter().flat_map(|v| v.to_le_bytes()).collect()))
+            .collect();
+        let width = self.reference_width();
         let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
             .iter()
             .map(|(n, b)| {
@@ -254,6 +245,67 @@ impl Connections {
             })
             .collect();
         crate::util::io::write_safetensors(path, views, &Default::default())
+    }
+}
+
+impl Connections {
+    /// The reference's table width: the most edges of any feature (at least 1).
+    fn reference_width(&self) -> usize {
+        self.edges.iter().flatten().map(Vec::len).max().unwrap_or(0).max(1)
+    }
+
+    /// The reference's `[F, C]` per-pair index tables (C = [`Self::reference_width`]; each
+    /// module's picks left-packed, `-1` after), for every preceding (down, up) pair in suite order.
+    pub fn reference_tables(&self, parallel: bool) -> Vec<Table> {
+        let (f, width) = (self.n_features, self.reference_width());
+        let mut out = Vec::new();
+        for (d, dm) in self.modules.iter().enumerate() {
+            for (u, um) in self.modules.iter().enumerate() {
+                if !um.precedes(dm, parallel) {
+                    continue;
+                }
+                let mut values = vec![-1i64; f * width];
+                for (i, es) in self.edges[d].iter().enumerate() {
+                    for (slot, e) in es.iter().filter(|e| e.up == u).enumerate() {
+                        values[i * width + slot] = e.feature as i64;
+                    }
+                }
+                out.push(Table { down: dm.name(), up: um.name(), shape: vec![f, width], values });
+            }
+        }
+        out
+    }
+
+    /// The edge set as (down module, down feature, up module, up feature), sorted.
+    pub fn edge_set(&self) -> Vec<(usize, usize, usize, u32)> {
+        let mut v: Vec<_> = self
+            .edges
+            .iter()
+            .enumerate()
+            .flat_map(|(d, fs)| {
+                fs.iter().enumerate().flat_map(move |(i, es)| es.iter().map(move |e| (d, i, e.up, e.feature)))
+            })
+            .collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+/// Connections stored with a suite: inside a reference suite's checkpoint (`tables`), or as the
+/// `connections.parquet` of a scae suite folder (`source`, `tables` = `None`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embedded {
+    pub source: std::path::PathBuf,
+    pub tables: Option<Vec<Table>>,
+}
+
+impl Embedded {
+    /// The connections, checked against the suite and the model's block type.
+    pub fn connections(&self, modules: &[Module], n_features: usize, parallel: bool) -> Result<Connections> {
+        match &self.tables {
+            Some(t) => from_tables(&self.source, t.clone(), modules, n_features, parallel),
+            None => Connections::load(&self.source, modules, n_features, parallel),
+        }
     }
 }
 
@@ -429,16 +481,6 @@ fn read_reference(path: &Path, modules: &[Module], n_features: usize, parallel: 
         tables.push(Table { down: dname.into(), up: uname.into(), shape: view.shape().to_vec(), values: vals });
     }
     from_tables(path, tables, modules, n_features, parallel)
-}
-
-/// One `[F_down, C]` index table of the reference's layout (`-1` padded), for module pair
-/// (down, up).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Table {
-    pub down: String,
-    pub up: String,
-    pub shape: Vec<usize>,
-    pub values: Vec<i64>,
 }
 
 /// Connections from the reference's per-pair index tables (`path` names their file in errors).

@@ -9,19 +9,20 @@
 //! - connection files: `top_connections_{C}.pkl` (`pickle.dump` of the same dict, storages as
 //!   legacy `torch.save` blobs, usually tagged `cuda:0`) and `connections.pt`.
 //!
-//! And writing a suite back in the reference's layout ([`write_suite_dir`]).
+//! And writing a `checkpoint.pt` in the reference's layout ([`write_checkpoint`]).
+//!
+//! A leaf over [`super::torch`]: it turns these files into named tensors and index tables
+//! ([`RawSuite`], [`Table`]) and back; `formats::suite` and `formats::connections` build
+//! their own types from them.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use super::connections::{Connections, Table};
-use super::suite::Suite;
 use super::torch::pickle::Value;
 use super::torch::{Dense, Dtype, Item, TorchFile};
 use crate::error::{Error, Result};
-use crate::model::Module;
 
 /// Name of the checkpoint in a reference suite folder.
 pub const CHECKPOINT: &str = "checkpoint.pt";
@@ -29,27 +30,35 @@ pub const CHECKPOINT: &str = "checkpoint.pt";
 /// round trip scae -> reference -> scae is exact); the reference reads only `k` and `n_features`.
 pub const SCAE_KEY: &str = "scae";
 
-/// Connections stored with a suite: inside a reference suite's checkpoint (`tables`), or as the
-/// `connections.parquet` of a scae suite folder (`source`, `tables` = `None`).
+/// One `[F_down, C]` index table of the reference's layout (`-1` padded), for module pair
+/// (down, up).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Embedded {
-    pub source: PathBuf,
-    pub tables: Option<Vec<Table>>,
-}
-
-impl Embedded {
-    /// The connections, checked against the suite and the model's block type.
-    pub fn connections(&self, modules: &[Module], n_features: usize, parallel: bool) -> Result<Connections> {
-        match &self.tables {
-            Some(t) => super::connections::from_tables(&self.source, t.clone(), modules, n_features, parallel),
-            None => Connections::load(&self.source, modules, n_features, parallel),
-        }
-    }
+pub struct Table {
+    pub down: String,
+    pub up: String,
+    pub shape: Vec<usize>,
+    pub values: Vec<i64>,
 }
 
 /// Whether `dir` is a reference suite folder (a `checkpoint.pt`, and a config.json that is not scae's).
 pub fn is_suite_dir(dir: &Path) -> bool {
     dir.join(CHECKPOINT).is_file() && !dir.join("suite.safetensors").is_file()
+}
+
+/// A reference suite folder as read: its parameters under scae's state-dict keys
+/// (`aes.<m>.<p>`), `k` and `n_features` from its config, and what else it held.
+#[derive(Debug)]
+pub struct RawSuite {
+    /// The checkpoint the tensors came from (named in errors).
+    pub checkpoint: PathBuf,
+    pub tensors: HashMap<String, Tensor>,
+    pub k: usize,
+    pub n_features: usize,
+    /// The checkpoint's `connections` entry, when it is not `None`.
+    pub connections: Option<Vec<Table>>,
+    /// scae's own suite config under [`SCAE_KEY`] in `config.json` (a folder convert-suite wrote).
+    pub scae: Option<serde_json::Value>,
+    pub report: LoadReport,
 }
 
 /// What loading a reference suite found besides the suite.
@@ -134,9 +143,9 @@ pub fn read_connection_file(path: &Path) -> Result<Vec<Table>> {
     tables_of(&mut file, &root, "connections")
 }
 
-/// Load a reference suite folder: the suite, its embedded connections (if any) and what else
+/// Read a reference suite folder: its parameters, embedded connections (if any) and what else
 /// the checkpoint held.
-pub fn load_suite(dir: &Path, device: &Device) -> Result<(Suite, Option<Embedded>, LoadReport)> {
+pub fn load_suite(dir: &Path, device: &Device) -> Result<RawSuite> {
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| {
         Error::input(
@@ -178,8 +187,7 @@ pub fn load_suite(dir: &Path, device: &Device) -> Result<(Suite, Option<Embedded
         };
         if key == "connections" {
             if *value != Value::None {
-                embedded =
-                    Some(Embedded { source: ckpt.clone(), tables: Some(tables_of(&mut file, value, "connections")?) });
+                embedded = Some(tables_of(&mut file, value, "connections")?);
             }
             continue;
         }
@@ -226,37 +234,8 @@ pub fn load_suite(dir: &Path, device: &Device) -> Result<(Suite, Option<Embedded
             ));
         }
     }
-    // scae's own config, when the folder was written by convert-suite: model id and hash.
-    let (mut model_id, mut model_hash) = (None, None);
-    if let Some(s) = cfg.get(SCAE_KEY) {
-        model_id = s.get("model_id").and_then(|v| v.as_str()).map(String::from);
-        model_hash = s.get("model_hash").and_then(|v| v.as_str()).map(String::from);
-    }
-    let suite = Suite::from_tensors(&ckpt, tensors, k, n_features, model_id, model_hash)?;
-    Ok((suite, embedded, report))
-}
-
-/// The reference's `[F, C]` per-pair tables of `conns` (C = the most edges of any feature;
-/// each module's picks left-packed, `-1` after), for every preceding pair.
-pub fn tables(conns: &Connections, parallel: bool) -> Vec<Table> {
-    let f = conns.n_features;
-    let width = conns.edges.iter().flatten().map(Vec::len).max().unwrap_or(0).max(1);
-    let mut out = Vec::new();
-    for (d, dm) in conns.modules.iter().enumerate() {
-        for (u, um) in conns.modules.iter().enumerate() {
-            if !um.precedes(dm, parallel) {
-                continue;
-            }
-            let mut values = vec![-1i64; f * width];
-            for (i, es) in conns.edges[d].iter().enumerate() {
-                for (slot, e) in es.iter().filter(|e| e.up == u).enumerate() {
-                    values[i * width + slot] = e.feature as i64;
-                }
-            }
-            out.push(Table { down: dm.name(), up: um.name(), shape: vec![f, width], values });
-        }
-    }
-    out
+    let scae = cfg.get(SCAE_KEY).cloned();
+    Ok(RawSuite { checkpoint: ckpt, tensors, k, n_features, connections: embedded, scae, report })
 }
 
 fn dense_f32(t: &Tensor) -> Result<Dense> {
@@ -264,30 +243,36 @@ fn dense_f32(t: &Tensor) -> Result<Dense> {
     Ok(Dense { dtype: Dtype::F32, shape: t.dims().to_vec(), bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect() })
 }
 
-/// Write `suite` (and `tables`) as a reference suite folder's `checkpoint.pt` — the
-/// state-dict order of `SCAESuite` (per module `b_dec`, encoder weight and bias, decoder
-/// weight), then `connections` — via `.tmp` files.
-pub fn write_checkpoint(path: &Path, suite: &Suite, tables: Option<&[Table]>) -> Result<()> {
+/// Write `params` (state-dict key and tensor, in `SCAESuite`'s state-dict order: per module
+/// `b_dec`, encoder weight and bias, decoder weight) and `tables` (grouped by down module in
+/// the order of `downs`) as a reference suite folder's `checkpoint.pt`, `connections` last,
+/// via a `.tmp` file.
+pub fn write_checkpoint(
+    path: &Path,
+    params: &[(String, Tensor)],
+    downs: &[String],
+    tables: Option<&[Table]>,
+) -> Result<()> {
     let mut entries = Vec::new();
-    for (name, v) in suite.named_vars() {
-        entries.push((name, Item::Tensor(dense_f32(v.as_tensor())?)));
+    for (name, t) in params {
+        entries.push((name.clone(), Item::Tensor(dense_f32(t)?)));
     }
     let conns = match tables {
         None => Item::None,
         Some(ts) => {
-            let mut downs: Vec<(String, Item)> = Vec::new();
-            for m in &suite.modules {
+            let mut out: Vec<(String, Item)> = Vec::new();
+            for down in downs {
                 let ups: Vec<(String, Item)> = ts
                     .iter()
-                    .filter(|t| t.down == m.name())
+                    .filter(|t| &t.down == down)
                     .map(|t| {
                         let bytes = t.values.iter().flat_map(|v| v.to_le_bytes()).collect();
                         (t.up.clone(), Item::Tensor(Dense { dtype: Dtype::I64, shape: t.shape.clone(), bytes }))
                     })
                     .collect();
-                downs.push((m.name(), Item::Dict(ups, false)));
+                out.push((down.clone(), Item::Dict(ups, false)));
             }
-            Item::Dict(downs, false)
+            Item::Dict(out, false)
         }
     };
     entries.push(("connections".to_string(), conns));
@@ -298,49 +283,9 @@ pub fn write_checkpoint(path: &Path, suite: &Suite, tables: Option<&[Table]>) ->
 /// so that converting back restores it exactly (order, scores, metadata).
 pub const SIDECAR: &str = "scae-connections.parquet";
 
-/// The scae suite config stored in a reference folder's `config.json`, if any.
-pub fn scae_config(dir: &Path) -> Option<super::suite::SuiteConfig> {
+/// The scae suite config stored under [`SCAE_KEY`] in a reference folder's `config.json`, if any.
+pub fn scae_config(dir: &Path) -> Option<serde_json::Value> {
     let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    serde_json::from_value(v.get(SCAE_KEY)?.clone()).ok()
-}
-
-/// Write a reference suite folder into `dir`: `config.json` (`k`, `n_features`, and scae's own
-/// config under `scae` when known) and `checkpoint.pt` with `conns` embedded; `parquet`, the
-/// file the connections came from, is kept beside them as [`SIDECAR`].
-pub fn write_suite_dir(
-    dir: &Path,
-    suite: &Suite,
-    scae: Option<&super::suite::SuiteConfig>,
-    conns: Option<&Connections>,
-    parallel: bool,
-    parquet: Option<&Path>,
-) -> Result<()> {
-    let mut cfg = serde_json::json!({"k": suite.k, "n_features": suite.n_features});
-    if let Some(s) = scae {
-        cfg[SCAE_KEY] = serde_json::to_value(s).expect("config serializes");
-    }
-    let text = serde_json::to_string(&cfg).expect("json");
-    crate::util::io::write_atomic(&dir.join("config.json"), text.as_bytes())?;
-    let t = conns.map(|c| tables(c, parallel));
-    write_checkpoint(&dir.join(CHECKPOINT), suite, t.as_deref())?;
-    if let Some(p) = parquet {
-        let bytes = std::fs::read(p).map_err(|e| Error::input(p, format!("cannot read: {e}")))?;
-        crate::util::io::write_atomic(&dir.join(SIDECAR), &bytes)?;
-    }
-    Ok(())
-}
-
-/// The edge set of `c` as (down module, down feature, up module, up feature), sorted.
-pub fn edge_set(c: &Connections) -> Vec<(usize, usize, usize, u32)> {
-    let mut v: Vec<_> = c
-        .edges
-        .iter()
-        .enumerate()
-        .flat_map(|(d, fs)| {
-            fs.iter().enumerate().flat_map(move |(i, es)| es.iter().map(move |e| (d, i, e.up, e.feature)))
-        })
-        .collect();
-    v.sort_unstable();
-    v
+    v.get(SCAE_KEY).cloned()
 }

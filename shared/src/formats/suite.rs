@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use super::connections::{Connections, Embedded};
+use super::reference;
 use crate::error::{Error, Result};
 use crate::model::Module;
 use crate::sae::AeParams;
@@ -47,6 +49,13 @@ pub struct SuiteConfig {
     /// Where the suite came from (empty in suites written before it was recorded).
     #[serde(default, skip_serializing_if = "Lineage::is_empty")]
     pub lineage: Lineage,
+}
+
+impl SuiteConfig {
+    /// scae's own config kept in a reference folder that convert-suite wrote, if any.
+    pub fn of_reference(dir: &Path) -> Option<SuiteConfig> {
+        serde_json::from_value(reference::scae_config(dir)?).ok()
+    }
 }
 
 /// The file of a suite folder holding the connections it was trained with (finetune).
@@ -209,7 +218,7 @@ pub struct Suite {
     pub model_hash: Option<String>,
     /// Connections stored with the suite (a reference `checkpoint.pt`'s `connections`, or a
     /// scae suite folder's `connections.parquet`).
-    pub embedded: Option<crate::formats::reference::Embedded>,
+    pub embedded: Option<Embedded>,
     /// Where the suite came from (see [`Lineage`]).
     pub lineage: Lineage,
 }
@@ -218,50 +227,13 @@ fn key(m: &Module, p: &str) -> String {
     format!("aes.{}.{p}", m.name())
 }
 
-/// A `--suite` argument as a local path: itself if it exists, else a hub id's snapshot folder in
-/// the Hugging Face cache (downloaded when online).
-pub fn resolve(path: &Path) -> Result<PathBuf> {
-    if path.exists() {
-        return Ok(path.to_path_buf());
-    }
-    match path.to_str().filter(|s| crate::model::hub::looks_like_hub_id(s)) {
-        Some(id) => crate::model::hub::resolve_suite(id),
-        None => Err(Error::input(path, "--suite: no such folder or file (and not a hub id like `owner/name`)")),
-    }
-}
-
 impl Suite {
     /// Load a suite: a scae suite folder (`suite.safetensors` + `config.json`), a bare
-    /// `.safetensors`, a reference suite folder (`config.json` + `checkpoint.pt`), or the hub
-    /// id of one (resolved through the Hugging Face cache, as `--model` is).
+    /// `.safetensors`, or a reference suite folder (`config.json` + `checkpoint.pt`). Hub ids
+    /// are resolved to a local folder before (`inputs::resolve_suite`).
     pub fn load(path: &Path, device: &Device) -> Result<Suite> {
-        let resolved = resolve(path)?;
-        let path = resolved.as_path();
-        if path.is_dir() && crate::formats::reference::is_suite_dir(path) {
-            let (mut suite, embedded, report) = crate::formats::reference::load_suite(path, device)?;
-            let mut ignored = Vec::new();
-            if report.model_keys > 0 {
-                ignored.push(format!("{} language-model entries", report.model_keys));
-            }
-            if report.other_keys > 0 {
-                ignored.push(format!("{} other entries", report.other_keys));
-            }
-            let step = report.step.map(|s| format!(", step {s}")).unwrap_or_default();
-            let ignored =
-                if ignored.is_empty() { String::new() } else { format!("; ignored {}", ignored.join(" and ")) };
-            crate::note!(
-                "{}: reference suite ({}{step}), {} modules, F {}, k {}{ignored}",
-                path.display(),
-                report.layout,
-                suite.modules.len(),
-                suite.n_features,
-                suite.k
-            );
-            suite.embedded = embedded;
-            if let Some(c) = crate::formats::reference::scae_config(path) {
-                suite.lineage = c.lineage;
-            }
-            return Ok(suite);
+        if path.is_dir() && reference::is_suite_dir(path) {
+            return Suite::load_reference(path, device);
         }
         let (weights, cfg): (PathBuf, Option<SuiteConfig>) = if path.is_dir() {
             let cfg_path = path.join("config.json");
@@ -325,8 +297,7 @@ impl Suite {
         };
         let mut suite = Suite::from_tensors(&weights, tensors, k, n_features, model_id, model_hash)?;
         if path.is_dir() && path.join(CONNECTIONS_FILE).is_file() {
-            suite.embedded =
-                Some(crate::formats::reference::Embedded { source: path.join(CONNECTIONS_FILE), tables: None });
+            suite.embedded = Some(Embedded { source: path.join(CONNECTIONS_FILE), tables: None });
         }
         if let Some(c) = &cfg {
             suite.lineage = c.lineage.clone();
@@ -361,6 +332,68 @@ impl Suite {
             }
         }
         Ok(suite)
+    }
+
+    /// A reference suite folder, its embedded connections kept as the suite's stored ones.
+    fn load_reference(path: &Path, device: &Device) -> Result<Suite> {
+        let raw = reference::load_suite(path, device)?;
+        let report = &raw.report;
+        let mut ignored = Vec::new();
+        if report.model_keys > 0 {
+            ignored.push(format!("{} language-model entries", report.model_keys));
+        }
+        if report.other_keys > 0 {
+            ignored.push(format!("{} other entries", report.other_keys));
+        }
+        let step = report.step.map(|s| format!(", step {s}")).unwrap_or_default();
+        let ignored = if ignored.is_empty() { String::new() } else { format!("; ignored {}", ignored.join(" and ")) };
+        // scae's own config, when the folder was written by convert-suite: model id and hash.
+        let field = |k: &str| raw.scae.as_ref().and_then(|s| s.get(k)).and_then(|v| v.as_str()).map(String::from);
+        let (model_id, model_hash) = (field("model_id"), field("model_hash"));
+        let mut suite = Suite::from_tensors(&raw.checkpoint, raw.tensors, raw.k, raw.n_features, model_id, model_hash)?;
+        crate::note!(
+            "{}: reference suite ({}{step}), {} modules, F {}, k {}{ignored}",
+            path.display(),
+            raw.report.layout,
+            suite.modules.len(),
+            suite.n_features,
+            suite.k
+        );
+        suite.embedded = raw.connections.map(|t| Embedded { source: raw.checkpoint.clone(), tables: Some(t) });
+        if let Some(c) = SuiteConfig::of_reference(path) {
+            suite.lineage = c.lineage;
+        }
+        Ok(suite)
+    }
+
+    /// Write this suite as a reference suite folder into `dir`: `config.json` (`k`,
+    /// `n_features`, and scae's own config `scae` when known) and `checkpoint.pt` with `conns`
+    /// embedded; `parquet`, the file the connections came from, is kept beside them as
+    /// [`reference::SIDECAR`].
+    pub fn write_reference(
+        &self,
+        dir: &Path,
+        scae: Option<&SuiteConfig>,
+        conns: Option<&Connections>,
+        parallel: bool,
+        parquet: Option<&Path>,
+    ) -> Result<()> {
+        let mut cfg = serde_json::json!({"k": self.k, "n_features": self.n_features});
+        if let Some(s) = scae {
+            cfg[reference::SCAE_KEY] = serde_json::to_value(s).expect("config serializes");
+        }
+        let text = serde_json::to_string(&cfg).expect("json");
+        crate::util::io::write_atomic(&dir.join("config.json"), text.as_bytes())?;
+        let tables = conns.map(|c| c.reference_tables(parallel));
+        let params: Vec<(String, Tensor)> =
+            self.named_vars().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+        let downs: Vec<String> = self.modules.iter().map(Module::name).collect();
+        reference::write_checkpoint(&dir.join(reference::CHECKPOINT), &params, &downs, tables.as_deref())?;
+        if let Some(p) = parquet {
+            let bytes = std::fs::read(p).map_err(|e| Error::input(p, format!("cannot read: {e}")))?;
+            crate::util::io::write_atomic(&dir.join(reference::SIDECAR), &bytes)?;
+        }
+        Ok(())
     }
 
     /// Build from a state dict; `source` names the file in errors.

@@ -71,10 +71,9 @@ fn cached_snapshot(id: &str) -> Option<PathBuf> {
     (has_tok && crate::model::weight_files(&dir).is_ok()).then_some(dir)
 }
 
-/// Turn a `--suite` hub id into the cached (or, online, downloaded) snapshot folder of a
-/// reference suite repo (`config.json` + `checkpoint.pt`).
-pub fn resolve_suite(id: &str) -> Result<PathBuf> {
-    let files = ["config.json", crate::formats::reference::CHECKPOINT];
+/// Turn a `--suite` hub id into the cached (or, online, downloaded) snapshot folder of a suite
+/// repo holding `files` (a reference suite: `config.json` and `checkpoint.pt`).
+pub fn resolve_suite(id: &str, files: [&str; 2]) -> Result<PathBuf> {
     let repo = hf_hub::Cache::from_env().model(id.to_string());
     if let (Some(c), Some(_)) = (repo.get(files[0]), repo.get(files[1])) {
         if let Some(dir) = c.parent() {

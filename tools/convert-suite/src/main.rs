@@ -9,7 +9,7 @@ use anyhow::{bail, Result};
 use candle_core::Device;
 use clap::{Parser, ValueEnum};
 use scae::formats::connections::{Connections, FORMAT};
-use scae::formats::reference::{self, SIDECAR};
+use scae::formats::reference::SIDECAR;
 use scae::formats::suite::{Suite, SuiteConfig};
 use scae::inputs::is_all;
 
@@ -93,7 +93,7 @@ fn run(args: Args) -> Result<()> {
     let named = [("--suite", Some(args.suite.as_path())), ("--connections", args.connections.as_deref())];
     scae::util::io::refuse_overlap(&args.out, "--out", &named)?;
     // A hub id becomes its snapshot folder, so that its files (config, sidecar) are found.
-    let args = Args { suite: scae::formats::suite::resolve(&args.suite)?, ..args };
+    let args = Args { suite: scae::inputs::resolve_suite(&args.suite)?, ..args };
     let parallel = parallel(&args)?;
     let suite = Suite::load(&args.suite, &Device::Cpu)?;
     let conns: Option<Connections> = match (&args.connections, &suite.embedded) {
@@ -108,11 +108,11 @@ fn run(args: Args) -> Result<()> {
     match args.to {
         To::Reference => {
             let scae_cfg = scae_suite_config(&args.suite);
-            reference::write_suite_dir(dir, &suite, scae_cfg.as_ref(), conns.as_ref(), parallel, parquet)?;
+            suite.write_reference(dir, scae_cfg.as_ref(), conns.as_ref(), parallel, parquet)?;
         }
         To::Scae => {
             // A folder scae wrote keeps its own config: the round trip is exact.
-            let kept = reference::scae_config(&args.suite)
+            let kept = scae::formats::suite::SuiteConfig::of_reference(&args.suite)
                 .filter(|c| c.k == suite.k && c.n_features == suite.n_features && c.d_model == suite.d_model);
             let (created_by, cargs) = match &kept {
                 Some(c) => (c.created_by.clone(), c.args.clone()),
@@ -160,7 +160,7 @@ fn write_connections(args: &Args, c: &Connections, parallel: bool, path: &Path) 
     let sidecar = args.suite.join(SIDECAR);
     if args.connections.is_none() && sidecar.is_file() {
         let kept = Connections::load(&sidecar, &c.modules, c.n_features, parallel)?;
-        if reference::edge_set(&kept) == reference::edge_set(c) {
+        if kept.edge_set() == c.edge_set() {
             std::fs::copy(&sidecar, path).map_err(|e| anyhow::anyhow!("{}: cannot copy: {e}", sidecar.display()))?;
             return Ok(());
         }

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use super::attn_mix::pattern_qph;
 use super::embed_edges::embed_values;
 use super::pair_kernels::{pull_slots, push_slots, ColValue, ColValues};
-use super::{active_ups, add_up_value_grads, EdgeState, Engine, ModuleState, PreGrad, State};
+use super::{active_ups, add_up_value_grads, ActiveRows, EdgeState, Engine, ModuleState, PreGrad, State};
 use crate::data::FlatBatch;
 use crate::pass::kernels::{EdgeIndex, EMPTY};
 use crate::pass::plan::EmbedPlan;
@@ -410,44 +410,5 @@ impl Engine<'_> {
                 add_into(&mut total[j as usize * d..(j as usize + 1) * d], g);
             }
         }
-    }
-}
-
-/// `W_decᵀ W_V (·, H·dh)` of one upstream module on the rows of its features active in the
-/// batch.
-#[derive(Default)]
-pub(super) struct ActiveRows {
-    /// The active features, ascending.
-    rows: Vec<u32>,
-    /// Feature -> its row in `vals`, or EMPTY.
-    map: Vec<u32>,
-    vals: Vec<f32>,
-}
-
-impl ActiveRows {
-    /// `dec_row(j) · W_V (D, H·dh)` for each of `rows` (ascending, below `n_cols`).
-    pub(super) fn build<'r>(
-        rows: Vec<u32>,
-        n_cols: usize,
-        dec_row: impl Fn(u32) -> &'r [f32],
-        w_v: &[f32],
-        d: usize,
-        hd: usize,
-    ) -> ActiveRows {
-        let mut map = vec![EMPTY; n_cols];
-        let mut dec = Vec::with_capacity(rows.len() * d);
-        for (m, &j) in rows.iter().enumerate() {
-            map[j as usize] = m as u32;
-            dec.extend_from_slice(dec_row(j));
-        }
-        let mut vals = vec![0f32; rows.len() * hd];
-        sgemm(rows.len(), hd, d, &dec, d, 1, w_v, hd, 1, &mut vals, false, true);
-        ActiveRows { rows, map, vals }
-    }
-
-    /// Feature `j`'s row (`width` values), if it is active.
-    pub(super) fn row(&self, j: usize, width: usize) -> Option<&[f32]> {
-        let m = self.map[j];
-        (m != EMPTY).then(|| &self.vals[m as usize * width..(m as usize + 1) * width])
     }
 }

@@ -11,8 +11,7 @@
 
 use rayon::prelude::*;
 
-use super::attn_edges::ActiveRows;
-use super::{Engine, PreGrad};
+use super::{ActiveRows, Engine, PreGrad};
 use crate::data::FlatBatch;
 use crate::pass::kernels::EMPTY;
 use crate::pass::plan::EmbedPlan;

@@ -45,10 +45,11 @@ use crate::data::FlatBatch;
 use crate::error::{Error, Result};
 use crate::formats::suite::Suite;
 use crate::model::{Kind, Runtime};
+use crate::pass::kernels::EMPTY;
 use crate::pass::{PassOptions, Plan};
 use crate::sae::loss::{auxk_and_grad, auxk_select, AuxLatents};
 use crate::sae::AeParams;
-use crate::util::blas::{add_into, transpose};
+use crate::util::blas::{add_into, sgemm, transpose};
 use crate::util::profile::Profile;
 use crate::util::to_vec;
 
@@ -83,6 +84,45 @@ pub(super) fn add_up_value_grads(ups: &[usize], scratch: &[f32], n: usize, k: us
     }
 }
 
+/// `W_decᵀ W_V (·, H·dh)` of one upstream module on the rows of its features active in the
+/// batch.
+#[derive(Default)]
+pub(super) struct ActiveRows {
+    /// The active features, ascending.
+    rows: Vec<u32>,
+    /// Feature -> its row in `vals`, or EMPTY.
+    map: Vec<u32>,
+    vals: Vec<f32>,
+}
+
+impl ActiveRows {
+    /// `dec_row(j) · W_V (D, H·dh)` for each of `rows` (ascending, below `n_cols`).
+    pub(super) fn build<'r>(
+        rows: Vec<u32>,
+        n_cols: usize,
+        dec_row: impl Fn(u32) -> &'r [f32],
+        w_v: &[f32],
+        d: usize,
+        hd: usize,
+    ) -> ActiveRows {
+        let mut map = vec![EMPTY; n_cols];
+        let mut dec = Vec::with_capacity(rows.len() * d);
+        for (m, &j) in rows.iter().enumerate() {
+            map[j as usize] = m as u32;
+            dec.extend_from_slice(dec_row(j));
+        }
+        let mut vals = vec![0f32; rows.len() * hd];
+        sgemm(rows.len(), hd, d, &dec, d, 1, w_v, hd, 1, &mut vals, false, true);
+        ActiveRows { rows, map, vals }
+    }
+
+    /// Feature `j`'s row (`width` values), if it is active.
+    pub(super) fn row(&self, j: usize, width: usize) -> Option<&[f32]> {
+        let m = self.map[j];
+        (m != EMPTY).then(|| &self.vals[m as usize * width..(m as usize + 1) * width])
+    }
+}
+
 /// One module's parameters as the engine reads them: the decoder transposed, so that a
 /// feature's decoder column is a contiguous row.
 struct FlatAe<'a> {
@@ -111,11 +151,11 @@ struct EdgeState {
     w: Vec<f32>,
     /// Attention targets: `E W_Oᵀ (F, H·dh)` and per up `W_decᵀ W_V` on its active rows.
     ev: Vec<f32>,
-    dv: Vec<attn_edges::ActiveRows>,
+    dv: Vec<ActiveRows>,
     /// Embed edges: their weights (in the order of `w`), and for attention targets `W_E W_V`
     /// on the referenced tokens present in the batch.
     embed_w: Vec<f32>,
-    embed_dv: attn_edges::ActiveRows,
+    embed_dv: ActiveRows,
 }
 
 /// What the forward pass keeps for the backward pass, per module.
