@@ -37,7 +37,7 @@ fn main() -> Result<()> {
             }
         }
     }
-    conns.write_parquet(Path::new(out), FORMAT, &[])?;
+    conns.write_parquet(Path::new(out), FORMAT, &scae::formats::edges_meta::EdgesMeta::new())?;
     eprintln!("random_connections: {} edges -> {out}", conns.n_edges());
     Ok(())
 }

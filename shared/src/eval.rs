@@ -24,7 +24,7 @@ pub struct EvalConfig {
     pub connections: Option<PathBuf>,
     /// The file's metadata, the lineage check and the pass in words (from
     /// [`crate::inputs::Chosen`]).
-    pub connections_meta: Vec<(String, String)>,
+    pub connections_meta: crate::formats::edges_meta::EdgesMeta,
     pub connections_lineage: Option<crate::formats::suite::LineageCheck>,
     pub pass_description: String,
     pub batch_size: usize,
@@ -54,16 +54,8 @@ pub struct Evaluation {
 
 /// C as recorded in a connections parquet's metadata (`c`), else the most edges of any feature.
 pub fn connections_c(path: &Path, conns: &Connections) -> Result<u64> {
-    let meta = if path.extension().is_some_and(|e| e == "parquet") {
-        crate::util::table::parquet_metadata(path)?
-    } else {
-        Vec::new()
-    };
-    Ok(meta
-        .iter()
-        .find(|(k, _)| k == "c")
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or_else(|| conns.edges.iter().flatten().map(Vec::len).max().unwrap_or(0) as u64))
+    let c = crate::formats::edges_meta::EdgesMeta::of_file(path)?.c(path).ok().flatten();
+    Ok(c.unwrap_or_else(|| conns.edges.iter().flatten().map(Vec::len).max().unwrap_or(0) as u64))
 }
 
 /// Whether `suite` was trained on the tokens of `cache`, from its lineage: `("training", why)`
@@ -226,7 +218,7 @@ pub fn run(inputs: &Inputs, conns: Option<&Connections>, cfg: &EvalConfig, devic
         tokens_note,
         cache_id: Some(inputs.cache().id()?),
         pass: cfg.pass_description.clone(),
-        random_connections: cfg.connections_meta.iter().any(|(k, _)| k == "random_seed"),
+        random_connections: cfg.connections_meta.get(crate::formats::edges_meta::Key::RandomSeed).is_some(),
         connections_lineage: cfg.connections_lineage.clone(),
         suite_id: Some(suite_id),
         root_suite_id: Some(root_suite_id),

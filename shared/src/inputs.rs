@@ -8,6 +8,7 @@ use candle_core::Device;
 use crate::error::{Error, Result};
 use crate::formats::cache::{Cache, MANIFEST};
 use crate::formats::connections::Connections;
+use crate::formats::edges_meta::{EdgesMeta, Key};
 use crate::formats::suite::Suite;
 use crate::model::Model;
 
@@ -129,9 +130,9 @@ impl Inputs {
                 }
             },
         };
-        let meta: Vec<(String, String)> = match &file {
-            Some(p) if p.extension().is_some_and(|e| e == "parquet") => crate::util::table::parquet_metadata(p)?,
-            _ => Vec::new(),
+        let meta = match &file {
+            Some(p) => EdgesMeta::of_file(p)?,
+            None => EdgesMeta::new(),
         };
         let lineage = match &file {
             Some(f) => self.lineage_check(f, &meta, tool)?,
@@ -157,9 +158,8 @@ impl Inputs {
     /// Whether connections from `file` (with parquet metadata `meta`) were scored for this suite
     /// or one of its ancestors; warns on stderr, naming both suites, when not. `None` when the
     /// file does not record its suite.
-    fn lineage_check(&self, file: &Path, meta: &[(String, String)], tool: &str) -> Result<Option<LineageCheck>> {
-        let get = |key: &str| meta.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
-        let Some(id) = get("suite_id") else { return Ok(None) };
+    fn lineage_check(&self, file: &Path, meta: &EdgesMeta, tool: &str) -> Result<Option<LineageCheck>> {
+        let Some(id) = meta.get(Key::SuiteId) else { return Ok(None) };
         let own = self.suite.id()?;
         let (path, file) = (self.suite_path.display(), file.display());
         if id == own {
@@ -169,7 +169,7 @@ impl Inputs {
             let note = format!("{file} was scored for an ancestor of {path} ({} generation(s) back)", n + 1);
             return Ok(Some(LineageCheck { in_lineage: true, note }));
         }
-        let other = get("suite").unwrap_or("a suite whose path was not recorded");
+        let other = meta.get(Key::Suite).unwrap_or("a suite whose path was not recorded");
         let note = format!(
             "{file} was scored for suite {} ({other}), which is neither {path} ({}) nor one of its ancestors",
             crate::util::fingerprint::short(id),
@@ -185,7 +185,7 @@ impl Inputs {
         crate::formats::suite::ConnectionsRef {
             source: chosen.file.as_ref().map_or("all".to_string(), |p| p.display().to_string()),
             n_edges: c.map(|c| c.n_edges() + c.n_embed_edges() + c.n_unembed_edges()),
-            suite_id: chosen.meta.iter().find(|(k, _)| k == "suite_id").map(|(_, v)| v.clone()),
+            suite_id: chosen.meta.get(Key::SuiteId).map(String::from),
         }
     }
 
@@ -230,7 +230,7 @@ pub struct Chosen {
     /// The file it came from (`--connections FILE`, or the suite's stored file).
     pub file: Option<std::path::PathBuf>,
     /// The file's parquet key-value metadata (empty for other formats).
-    pub meta: Vec<(String, String)>,
+    pub meta: EdgesMeta,
     /// Whether the file was scored for this suite or one of its ancestors (`None`: the file does
     /// not say).
     pub lineage: Option<LineageCheck>,

@@ -238,7 +238,7 @@ fn reference_layout_round_trips_and_pythia_same_layer_edges_are_dropped() {
     let again = scae::formats::connections::Connections::load(&out, &su.modules, 32, true).unwrap();
     assert!(strip(&again) == strip(&conns), "reference layout does not round-trip");
     let pq = tmp.join("rt.parquet");
-    conns.write_parquet(&pq, scae::formats::connections::FORMAT, &[]).unwrap();
+    conns.write_parquet(&pq, scae::formats::connections::FORMAT, &Default::default()).unwrap();
     let from_pq = scae::formats::connections::Connections::load(&pq, &su.modules, 32, true).unwrap();
     assert!(strip(&from_pq) == strip(&conns), "parquet does not round-trip");
     assert_eq!(conns.n_edges(), 32 * 6 + strip(&conns)[3].iter().map(Vec::len).sum::<usize>());

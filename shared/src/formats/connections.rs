@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use arrow_array::{ArrayRef, Float32Array, StringArray, UInt32Array};
 
+use super::edges_meta::{EdgesMeta, Key};
 use super::reference::Table;
 use crate::error::{Error, IoContext, Result};
 use crate::model::Module;
@@ -168,9 +169,9 @@ impl Connections {
         }
     }
 
-    /// Write the parquet form via `<path>.tmp`, with `format` (connections or edges) and
-    /// `extra_meta` in its key-value metadata.
-    pub fn write_parquet(&self, path: &Path, format: &str, extra_meta: &[(&str, String)]) -> Result<()> {
+    /// Write the parquet form via `<path>.tmp`; its key-value metadata: `format` (connections or
+    /// edges), version, F and modules, then `meta` in its order.
+    pub fn write_parquet(&self, path: &Path, format: &str, meta: &EdgesMeta) -> Result<()> {
         let (mut dm, mut df, mut um, mut uf, mut sc) = (vec![], vec![], vec![], vec![], vec![]);
         for (d, feats) in self.edges.iter().enumerate() {
             let dname = self.modules[d].name();
@@ -208,14 +209,13 @@ impl Connections {
             ("score", Arc::new(Float32Array::from(sc))),
         ];
         let modules: Vec<String> = self.modules.iter().map(Module::name).collect();
-        let mut meta = vec![
-            ("format", format.to_string()),
-            ("version", VERSION.to_string()),
-            ("n_features", self.n_features.to_string()),
-            ("modules", modules.join(",")),
-        ];
-        meta.extend(extra_meta.iter().map(|(k, v)| (*k, v.clone())));
-        crate::util::table::write_parquet(path, cols, &meta)
+        let mut all = EdgesMeta::new()
+            .with(Key::Format, format)
+            .with(Key::Version, VERSION)
+            .with(Key::NFeatures, self.n_features)
+            .with(Key::Modules, modules.join(","));
+        all.extend(meta);
+        crate::util::table::write_parquet(path, cols, &all.pairs())
     }
 
     /// Write the reference's layout: int64 `<down>.<up>` `[F, width]`, -1 padded, one tensor
@@ -274,6 +274,28 @@ impl Connections {
             }
         }
         out
+    }
+
+    /// The first edge (in file order: modules' edges and embed edges per feature, then the
+    /// unembedding's) whose score is NaN or infinite, as `up:j -> down:i`, with its score.
+    pub fn first_non_finite_score(&self) -> Option<(String, f32)> {
+        let name = |u: usize| self.modules[u].name();
+        for (d, feats) in self.edges.iter().enumerate() {
+            for (i, es) in feats.iter().enumerate() {
+                if let Some(e) = es.iter().find(|e| !e.score.is_finite()) {
+                    return Some((format!("{}:{} -> {}:{i}", name(e.up), e.feature, name(d)), e.score));
+                }
+                if let Some(e) = self.embed[d][i].iter().find(|e| !e.score.is_finite()) {
+                    return Some((format!("{EMBED}:{} -> {}:{i}", e.token, name(d)), e.score));
+                }
+            }
+        }
+        for (v, es) in self.unembed.iter().enumerate() {
+            if let Some(e) = es.iter().find(|e| !e.score.is_finite()) {
+                return Some((format!("{}:{} -> {UNEMBED}:{v}", name(e.up), e.feature), e.score));
+            }
+        }
+        None
     }
 
     /// The edge set as (down module, down feature, up module, up feature), sorted.
@@ -399,25 +421,23 @@ fn read_parquet(path: &Path, modules: &[Module], n_features: usize, parallel: bo
     let disagrees = |k: &str, v: &str, ours: String| {
         Err(Error::input(path, format!("metadata `{k}` {v} disagrees with the suite and model ({ours})")))
     };
-    for (k, v) in crate::util::table::parquet_metadata(path)? {
-        match k.as_str() {
-            "version" if v != VERSION.to_string() => {
-                return Err(Error::input(
-                    path,
-                    format!("version {v}, expected {VERSION}; hint: rewrite it with score-edges / select-edges"),
-                ));
-            }
-            "n_features" if v != n_features.to_string() => return disagrees(&k, &v, n_features.to_string()),
-            "parallel_attn_mlp" if v != parallel.to_string() => return disagrees(&k, &v, parallel.to_string()),
-            "modules" if v.split(',').any(|m| !names.iter().any(|n| n == m)) => {
-                return disagrees(&k, &v, names.join(","))
-            }
-            "c" if v.parse::<u64>().is_err() => {
-                return Err(Error::input(path, format!("metadata `c`: expected a whole number, found {v:?}")))
-            }
-            _ => {}
-        }
+    let meta = EdgesMeta::of_file(path)?;
+    if let Some(v) = meta.get(Key::Version).filter(|v| *v != VERSION.to_string()) {
+        return Err(Error::input(
+            path,
+            format!("version {v}, expected {VERSION}; hint: rewrite it with score-edges / select-edges"),
+        ));
     }
+    if let Some(v) = meta.get(Key::NFeatures).filter(|v| *v != n_features.to_string()) {
+        return disagrees("n_features", v, n_features.to_string());
+    }
+    if let Some(v) = meta.get(Key::ParallelAttnMlp).filter(|v| *v != parallel.to_string()) {
+        return disagrees("parallel_attn_mlp", v, parallel.to_string());
+    }
+    if let Some(v) = meta.get(Key::Modules).filter(|v| v.split(',').any(|m| !names.iter().any(|n| n == m))) {
+        return disagrees("modules", v, names.join(","));
+    }
+    meta.c(path)?;
     let batches = crate::util::table::read_parquet(path)?;
     let mut b = Builder::new(path, modules, n_features, parallel);
     for batch in &batches {

@@ -1,6 +1,6 @@
 //! Every handoff file between the stages, read, checked and written in one place each
 //! (layouts in `shared/FORMATS.md`): activation caches ([`cache`]), suites ([`suite`]),
-//! connection and edge sets ([`connections`]), training checkpoints ([`checkpoint`]),
+//! connection and edge sets ([`connections`], their parquet metadata [`edges_meta`]), training checkpoints ([`checkpoint`]),
 //! `eval.json` ([`eval`]) and `scores.json` ([`scores`]), a training run's configuration as
 //! checkpoints and suites record it ([`runconfig`]); the Python reference's own files
 //! ([`reference`], over PyTorch's formats in [`torch`]).
@@ -8,6 +8,7 @@
 pub mod cache;
 pub mod checkpoint;
 pub mod connections;
+pub mod edges_meta;
 pub mod eval;
 pub mod reference;
 pub mod runconfig;

@@ -3,17 +3,17 @@
 //! share: optimizers and clipping ([`optim`]), the learning-rate schedule ([`schedule`]),
 //! dead-feature counters ([`dead`]), checkpoints with bit-identical resume ([`checkpoints`]),
 //! the data position ([`data`]), and the output folder, metrics and progress of a run
-//! ([`Session`]). The autograd finetuning step (the GPU path) is in [`autograd`].
+//! ([`Session`]). The finetuning step's forms (CPU engine, autograd) are in [`finetune_step`].
 //!
 //! Each step is computed by one of two backends: the hand-written CPU engine (f32 on the CPU)
 //! or candle autograd with the optimizer on the device (any device and dtype); both report a
 //! [`StepReport`] and write the same checkpoints.
 
-pub mod autograd;
 pub mod checkpoints;
 pub mod data;
 pub mod dead;
 pub mod finetune;
+pub mod finetune_step;
 pub mod optim;
 pub mod pretrain;
 pub mod schedule;

@@ -9,6 +9,7 @@ use anyhow::{bail, Result};
 use candle_core::Device;
 use clap::{Parser, ValueEnum};
 use scae::formats::connections::{Connections, FORMAT};
+use scae::formats::edges_meta::{EdgesMeta, Key};
 use scae::formats::reference::SIDECAR;
 use scae::formats::suite::{Suite, SuiteConfig};
 use scae::inputs::is_all;
@@ -72,10 +73,7 @@ fn parallel(args: &Args) -> Result<bool> {
         _ => None,
     };
     let from_file = match &file {
-        Some(p) => scae::util::table::parquet_metadata(p)?
-            .into_iter()
-            .find(|(k, _)| k == "parallel_attn_mlp")
-            .map(|(_, v)| v == "true"),
+        Some(p) => EdgesMeta::of_file(p)?.get(Key::ParallelAttnMlp).map(|v| v == "true"),
         None => None,
     };
     match (from_model, from_file) {
@@ -171,9 +169,9 @@ fn write_connections(args: &Args, c: &Connections, parallel: bool, path: &Path) 
     }
     let width = c.edges.iter().flatten().map(Vec::len).max().unwrap_or(0);
     let source = args.connections.as_deref().unwrap_or(args.suite.as_path()).display().to_string();
-    let mut meta = vec![("c", width.to_string()), ("source", source)];
+    let mut meta = EdgesMeta::new().with(Key::C, width).with(Key::Source, source);
     if args.model.is_some() || parallel {
-        meta.push(("parallel_attn_mlp", parallel.to_string()));
+        meta.set(Key::ParallelAttnMlp, parallel);
     }
     c.write_parquet(path, FORMAT, &meta)?;
     Ok(())

@@ -7,11 +7,8 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use clap::Parser;
-use scae::formats::connections::{Connections, EDGES_FORMAT, FORMAT};
-use scae::formats::scores::ScoresSummary;
 use scae::inputs::Inputs;
-use scae::pass::{Plan, ValuePass, Wiring};
-use scae::scores::{select_top_c, ScoreStats};
+use scae::scores::ScoreConfig;
 use scae::util::io::StagedDir;
 
 /// Score every edge of a suite on an activation cache and pick top-C connections.
@@ -71,92 +68,26 @@ fn run(args: Args) -> Result<()> {
         }
     }
     let inputs = Inputs::open(&args.acts, &args.suite, args.cache.model.as_deref(), &device)?;
-    let suite = &inputs.suite;
-    let rt = &inputs.model.runtime;
-    let parallel = inputs.parallel();
-    let plan = Plan::new(suite, Wiring::All, parallel, &device)?;
     scae::note!("score-edges: pass: all connections (every edge's term is scored in the full pass)");
-    let stage = StagedDir::create(&args.out, args.cache.overwrite, "--out")?;
-    let pass = ValuePass::new(suite, rt, &plan, args.pass.options(), &device)?;
-    let mut stats = ScoreStats::new(suite, rt.cfg.n_heads, parallel);
-    if args.embed {
-        stats = stats.with_embed(rt.cfg.d_vocab);
-    }
-    if args.unembed {
-        stats = stats.with_unembed(rt.cfg.ln_eps);
-    }
-    let limit = args.cache.limit();
-    let ctx = inputs.cache().manifest.ctx_len;
-    let total = limit.unwrap_or(inputs.cache().manifest.n_seqs).min(inputs.cache().manifest.n_seqs);
-    let mut bar = scae::util::token_bar(Some((total * ctx) as u64), "score-edges");
-    let n_seqs = inputs.cache().for_each_batch(args.cache.batch_size as usize, limit, &device, |batch| {
-        let out = pass.run(&batch)?;
-        stats.accumulate(suite, &batch, &out)?;
-        bar.inc(batch.tokens.elem_count() as u64);
-        Ok(())
-    })?;
-    bar.finish();
-    let mut edges = Connections::empty(&suite.modules, suite.n_features);
-    for d in 0..suite.modules.len() {
-        for (i, pooled) in stats.top_edges(suite, rt, d, keep)?.into_iter().enumerate() {
-            edges.set_pooled(d, i, pooled);
-        }
-    }
-    edges.unembed = stats.top_unembed_edges(suite, rt, keep)?;
-    // Scores that overflowed f32 (a suite of huge finite weights) would rank as garbage.
-    if let Some((d, i)) = edges
-        .edges
-        .iter()
-        .enumerate()
-        .find_map(|(d, fs)| fs.iter().position(|es| es.iter().any(|e| !e.score.is_finite())).map(|i| (d, i)))
-    {
-        bail!(
-            "{}: edge scores of feature {}:{i} are not finite (the suite's weights or the cached activations overflow f32)",
-            args.suite.display(),
-            suite.modules[d].name()
-        );
-    }
-    let meta = vec![
-        ("parallel_attn_mlp", parallel.to_string()),
-        ("n_tokens", stats.n_tokens.to_string()),
-        ("keep", keep.to_string()),
-        ("acts", args.acts.display().to_string()),
-        ("suite", args.suite.display().to_string()),
-        ("suite_id", suite.id()?),
-        ("consistent_attn_bias", args.pass.consistent_attn_bias.to_string()),
-        ("embed", args.embed.to_string()),
-        ("unembed", args.unembed.to_string()),
-    ];
-    edges.write_parquet(&stage.path().join("edges.parquet"), EDGES_FORMAT, &meta)?;
-    let mut n_conn = None;
-    if let Some(c) = args.top_c {
-        let conns = select_top_c(&edges, c, None);
-        let mut m = meta.clone();
-        m.push(("c", c.to_string()));
-        conns.write_parquet(&stage.path().join("connections.parquet"), FORMAT, &m)?;
-        n_conn = Some(conns.n_edges() + conns.n_embed_edges());
-    }
-    let summary = ScoresSummary {
-        format: scae::formats::scores::FORMAT.into(),
-        version: scae::formats::scores::VERSION,
-        n_seqs,
-        n_tokens: stats.n_tokens,
-        keep,
-        top_c: args.top_c,
-        n_edges: edges.n_edges() + edges.n_embed_edges() + edges.n_unembed_edges(),
-        n_connections: n_conn,
-        normalization: "mean over tokens of the edge's signed term in the downstream pre-activation".into(),
-        tie_order: "|score| descending, then upstream module (suite order), then upstream feature".into(),
+    let cfg = ScoreConfig {
         acts: args.acts.clone(),
         suite: args.suite.clone(),
+        keep,
+        top_c: args.top_c,
+        embed: args.embed,
+        unembed: args.unembed,
+        limit: args.cache.limit(),
+        batch_size: args.cache.batch_size as usize,
+        options: args.pass.options(),
     };
-    summary.write(&stage.path().join("scores.json"))?;
+    let stage = StagedDir::create(&args.out, args.cache.overwrite, "--out")?;
+    let scored = scae::scores::run(&inputs, &cfg, stage.path(), &device)?;
     let out = stage.commit()?;
     scae::say!(
         "score-edges: {} tokens, {} edges kept{} -> {}",
-        stats.n_tokens,
-        edges.n_edges() + edges.n_embed_edges() + edges.n_unembed_edges(),
-        n_conn.map(|n| format!(", {n} connections (C={})", args.top_c.unwrap_or(0))).unwrap_or_default(),
+        scored.n_tokens,
+        scored.n_edges,
+        scored.n_connections.map(|n| format!(", {n} connections (C={})", args.top_c.unwrap_or(0))).unwrap_or_default(),
         out.display()
     )?;
     Ok(())

@@ -4,11 +4,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
 use clap::Parser;
-use scae::formats::connections::{Connections, FORMAT};
-use scae::model::Module;
-use scae::scores::select_top_c;
+use scae::scores::{select, SelectConfig};
 
 /// Keep the top C edges of every downstream feature of an edges file.
 #[derive(Debug, Parser)]
@@ -65,89 +63,16 @@ fn run(args: Args) -> Result<()> {
         bail!("{out}: --out: file exists; hint: pass --overwrite to replace it");
     }
     let _lock = scae::util::io::OutputLock::take(&args.out, "--out")?;
-    let meta: std::collections::HashMap<String, String> =
-        scae::util::table::parquet_metadata(&args.edges)?.into_iter().collect();
-    let path = args.edges.display();
-    let get = |k: &str| {
-        meta.get(k).ok_or_else(|| anyhow!("{path}: metadata lacks `{k}`; hint: edges files are written by score-edges"))
+    let cfg = SelectConfig {
+        edges: args.edges.clone(),
+        c: args.c,
+        embed_c: args.embed_c,
+        unembed_c: args.unembed_c,
+        random: args.random,
     };
-    // A connections file has the same columns; its rows are already a selection.
-    if let Some(f) = meta.get("format").filter(|f| f.as_str() != scae::formats::connections::EDGES_FORMAT) {
-        bail!(
-            "{path}: metadata `format`: expected {}, found {f}; hint: edges files are written by score-edges",
-            scae::formats::connections::EDGES_FORMAT
-        );
-    }
-    let n_features: usize =
-        get("n_features")?.parse().map_err(|_| anyhow!("{path}: metadata `n_features` is not an integer"))?;
-    let modules: Vec<Module> = get("modules")?
-        .split(',')
-        .map(|m| Module::parse(m).ok_or_else(|| anyhow!("{path}: metadata `modules`: `{m}` is not a module name")))
-        .collect::<Result<_>>()?;
-    let parallel = get("parallel_attn_mlp")? == "true";
-    let keep: Option<usize> = meta.get("keep").and_then(|k| k.parse().ok());
-    if let Some(k) = keep.filter(|&k| args.c > k) {
-        scae::note!(
-            "select-edges: warning: --c {} is above the {k} edges per feature kept in {path}; features get at most {k}",
-            args.c
-        );
-    }
-    let edges = Connections::load(&args.edges, &modules, n_features, parallel)?;
-    // Ranking needs a finite score on every edge (a missing column or null reads as NaN).
-    for (d, feats) in edges.edges.iter().enumerate() {
-        for (i, es) in feats.iter().enumerate() {
-            if let Some(e) = es.iter().find(|e| !e.score.is_finite()) {
-                bail!(
-                    "{path}: column `score`, edge {}:{} -> {}:{i}: expected a finite score, found {} (a missing column or a null reads as NaN); hint: edges files are written by score-edges",
-                    modules[e.up].name(), e.feature, modules[d].name(), e.score
-                );
-            }
-            if let Some(e) = edges.embed[d][i].iter().find(|e| !e.score.is_finite()) {
-                bail!(
-                    "{path}: column `score`, edge {}:{} -> {}:{i}: expected a finite score, found {} (a missing column or a null reads as NaN); hint: edges files are written by score-edges",
-                    scae::formats::connections::EMBED, e.token, modules[d].name(), e.score
-                );
-            }
-        }
-    }
-    for (v, es) in edges.unembed.iter().enumerate() {
-        if let Some(e) = es.iter().find(|e| !e.score.is_finite()) {
-            bail!(
-                "{path}: column `score`, edge {}:{} -> {}:{v}: expected a finite score, found {}; hint: edges files are written by score-edges",
-                modules[e.up].name(), e.feature, scae::formats::connections::UNEMBED, e.score
-            );
-        }
-    }
-    let mut conns = select_top_c(&edges, args.c, args.embed_c);
-    if let Some(uc) = args.unembed_c {
-        if edges.n_unembed_edges() == 0 {
-            bail!("{path}: --unembed-c {uc}: the file has no unembed edges; hint: score with score-edges --unembed");
-        }
-        conns.unembed = scae::scores::select_unembed(&edges, uc);
-    }
-    if let Some(seed) = args.random {
-        conns = scae::scores::randomize_like(&conns, seed);
-    }
-    // The C achieved: at most the edges each feature has.
-    let c = conns.edges.iter().flatten().map(Vec::len).max().unwrap_or(0).min(args.c);
-    let mut m: Vec<(&str, String)> = vec![("parallel_attn_mlp", parallel.to_string()), ("c", c.to_string())];
-    m.push(("edges", path.to_string()));
-    // The suite the edges were scored for: tools warn when the connections meet another suite.
-    for k in ["suite", "suite_id"] {
-        if let Some(v) = meta.get(k) {
-            m.push((k, v.clone()));
-        }
-    }
-    if let Some(seed) = args.random {
-        m.push(("random_seed", seed.to_string()));
-    }
-    if let Some(ce) = args.embed_c {
-        m.push(("embed_c", ce.to_string()));
-    }
-    if let Some(uc) = args.unembed_c {
-        m.push(("unembed_c", uc.to_string()));
-    }
-    conns.write_parquet(&args.out, FORMAT, &m)?;
+    let sel = select(&cfg)?;
+    sel.write(&args.out)?;
+    let conns = &sel.conns;
     let kind = if args.random.is_some() { "random " } else { "" };
     let mut embed = match conns.n_embed_edges() {
         0 => String::new(),
@@ -156,6 +81,6 @@ fn run(args: Args) -> Result<()> {
     if conns.n_unembed_edges() > 0 {
         embed.push_str(&format!(" + {} into the unembedding", conns.n_unembed_edges()));
     }
-    scae::say!("select-edges: {} {kind}connections (C={c}){embed} -> {}", conns.n_edges(), args.out.display())?;
+    scae::say!("select-edges: {} {kind}connections (C={}){embed} -> {}", conns.n_edges(), sel.c, args.out.display())?;
     Ok(())
 }

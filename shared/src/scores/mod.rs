@@ -1,5 +1,6 @@
 //! Edge scores: the average signed contribution of every upstream feature to every downstream
-//! feature's pre-activation, under the suite's full pass (all connections), and top-C selection.
+//! feature's pre-activation, under the suite's full pass (all connections); top-C selection in
+//! [`select`], the score-edges runner in [`run`].
 //!
 //! Definition (scae; the reference's up to a positive factor per downstream module; docs/MATH.md, "Edge scores and top-C selection"): for a downstream
 //! feature `i` of module d (layer L) and an upstream feature `g` of a module u that precedes d,
@@ -17,11 +18,17 @@
 //! Selection order (documented tie rule): by |score| descending, then upstream module in suite
 //! order, then upstream feature index ascending. Exact zeros are never selected.
 
+mod run;
+mod select;
+
+pub use run::{run, ScoreConfig, Scored};
+pub use select::{edge_order, randomize_like, select, select_top_c, select_unembed, SelectConfig, Selected};
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::data::Batch;
 use crate::error::Result;
-use crate::formats::connections::{Connections, Edge, EmbedEdge, EMBED_UP};
+use crate::formats::connections::{Edge, EMBED_UP};
 use crate::formats::suite::Suite;
 use crate::model::Kind;
 use crate::model::Runtime;
@@ -390,154 +397,4 @@ impl PairFactors {
 fn add_into(acc: &mut Option<Vec<f64>>, v: &[f64], len: usize) {
     let a = acc.get_or_insert_with(|| vec![0.0; len]);
     a.iter_mut().zip(v).for_each(|(x, y)| *x += y);
-}
-
-/// Selection order: |score| descending, then upstream module, then upstream feature.
-pub fn edge_order(a: &Edge, b: &Edge) -> std::cmp::Ordering {
-    b.score.abs().total_cmp(&a.score.abs()).then(a.up.cmp(&b.up)).then(a.feature.cmp(&b.feature))
-}
-
-/// The first `c` edges of every feature (inputs already in selection order, e.g. from
-/// [`ScoreStats::top_edges`] or an edges file). Embed edges are pooled with the modules'
-/// edges into the same budget, or, with `embed_c`, get a budget of their own. Unembed edges
-/// are left out ([`select_unembed`] picks them).
-pub fn select_top_c(edges: &Connections, c: usize, embed_c: Option<usize>) -> Connections {
-    let mut out = edges.clone();
-    out.unembed.clear();
-    for d in 0..out.modules.len() {
-        for i in 0..out.n_features {
-            let mut es = std::mem::take(&mut out.edges[d][i]);
-            let mut emb: Vec<Edge> = std::mem::take(&mut out.embed[d][i]).into_iter().map(Edge::from).collect();
-            if embed_c.is_none() {
-                es.append(&mut emb);
-            }
-            let mut pick = |mut es: Vec<Edge>, c: usize| {
-                es.retain(|e| e.score != 0.0);
-                es.sort_by(edge_order);
-                es.truncate(c);
-                out.set_pooled(d, i, es);
-            };
-            pick(es, c);
-            if let Some(ce) = embed_c {
-                pick(emb, ce);
-            }
-        }
-    }
-    out
-}
-
-/// `es` with the same count per upstream module (in order of first appearance) but distinct
-/// random features of that module (scores NaN).
-fn random_like(es: &[Edge], f: usize, rng: &mut crate::util::rng::SplitMix) -> Vec<Edge> {
-    let mut ups: Vec<usize> = Vec::new();
-    for e in es {
-        if !ups.contains(&e.up) {
-            ups.push(e.up);
-        }
-    }
-    let mut fresh = Vec::with_capacity(es.len());
-    for u in ups {
-        let n = es.iter().filter(|e| e.up == u).count().min(f);
-        // A partial Fisher-Yates shuffle over 0..F: n distinct draws.
-        let mut pool: std::collections::HashMap<usize, usize> = std::collections::HashMap::new();
-        for t in 0..n {
-            let r = t + (rng.next_u64() % (f - t) as u64) as usize;
-            let (vt, vr) = (*pool.get(&t).unwrap_or(&t), *pool.get(&r).unwrap_or(&r));
-            pool.insert(r, vt);
-            pool.insert(t, vr);
-            fresh.push(Edge { up: u, feature: vr as u32, score: f32::NAN });
-        }
-    }
-    fresh
-}
-
-/// The first `c` unembed edges of every output token (selection order; zero scores dropped).
-pub fn select_unembed(edges: &Connections, c: usize) -> Vec<Vec<Edge>> {
-    edges
-        .unembed
-        .iter()
-        .map(|es| {
-            let mut es: Vec<Edge> = es.iter().filter(|e| e.score != 0.0).copied().collect();
-            es.sort_by(edge_order);
-            es.truncate(c);
-            es
-        })
-        .collect()
-}
-
-/// The random-connections control (the reference's `generate_fake_connections`): every
-/// feature keeps how many edges it takes from each upstream module, but the upstream features
-/// are distinct random ones of that module (scores NaN); its embed edges become as many
-/// distinct random tokens among those the set's embed edges use. Deterministic in `seed`.
-pub fn randomize_like(conns: &Connections, seed: u64) -> Connections {
-    let f = conns.n_features;
-    let mut out = conns.clone();
-    for (d, feats) in out.edges.iter_mut().enumerate() {
-        for (i, es) in feats.iter_mut().enumerate() {
-            let mut rng = crate::util::rng::SplitMix(seed ^ ((d as u64) << 40) ^ (i as u64).wrapping_mul(0x9e37_79b9));
-            *es = random_like(es, f, &mut rng);
-        }
-    }
-    // Unembed edges: each token keeps its per-module counts, with random features.
-    for (v, es) in out.unembed.iter_mut().enumerate() {
-        let mut rng = crate::util::rng::SplitMix(seed.rotate_left(17) ^ (v as u64).wrapping_mul(0x9e37_79b9));
-        *es = random_like(es, f, &mut rng);
-    }
-    // Embed edges: as many per feature, random distinct tokens among those the set's embed
-    // edges use (the tokens scoring saw).
-    let mut pool: Vec<u32> = out.embed.iter().flatten().flatten().map(|e| e.token).collect();
-    pool.sort_unstable();
-    pool.dedup();
-    for (d, feats) in out.embed.iter_mut().enumerate() {
-        for (i, es) in feats.iter_mut().enumerate() {
-            if es.is_empty() {
-                continue;
-            }
-            let mut rng = crate::util::rng::SplitMix(!seed ^ ((d as u64) << 40) ^ (i as u64).wrapping_mul(0x9e37_79b9));
-            let mut idx: Vec<usize> = (0..pool.len()).collect();
-            let n = es.len().min(pool.len());
-            for t in 0..n {
-                let r = t + (rng.next_u64() % (pool.len() - t) as u64) as usize;
-                idx.swap(t, r);
-            }
-            *es = idx[..n].iter().map(|&j| EmbedEdge { token: pool[j], score: f32::NAN }).collect();
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn random_control_keeps_per_module_counts_with_distinct_features() {
-        let m = crate::model::Module::all(2);
-        let mut c = Connections::empty(&m, 8);
-        let e = |up, feature| Edge { up, feature, score: 1.0 };
-        c.edges[3][5] = vec![e(0, 1), e(0, 2), e(2, 7), e(0, 3), e(1, 4)];
-        c.edges[1][0] = (0..8).map(|j| e(0, j)).collect();
-        let r = randomize_like(&c, 7);
-        let count = |es: &[Edge], u| es.iter().filter(|x| x.up == u).count();
-        for u in 0..3 {
-            assert_eq!(count(&r.edges[3][5], u), count(&c.edges[3][5], u));
-        }
-        let mut all: Vec<u32> = r.edges[1][0].iter().map(|x| x.feature).collect();
-        all.sort();
-        assert_eq!(all, (0..8).collect::<Vec<_>>(), "all 8 of 8 features, each once");
-        let edges_of = |c: &Connections| -> Vec<(usize, u32)> {
-            c.edges.iter().flatten().flatten().map(|x| (x.up, x.feature)).collect()
-        };
-        assert_eq!(edges_of(&r), edges_of(&randomize_like(&c, 7)), "deterministic");
-        assert_ne!(edges_of(&r), edges_of(&randomize_like(&c, 8)), "seed matters");
-        assert!(r.edges[3][5].iter().all(|x| x.score.is_nan()));
-    }
-
-    #[test]
-    fn selection_order_breaks_ties_by_module_then_feature() {
-        let e = |up, feature, score| Edge { up, feature, score };
-        let mut v = vec![e(2, 0, 0.5), e(0, 3, -0.5), e(0, 1, 0.5), e(1, 0, 0.9)];
-        v.sort_by(edge_order);
-        assert_eq!(v, vec![e(1, 0, 0.9), e(0, 1, 0.5), e(0, 3, -0.5), e(2, 0, 0.5)]);
-    }
 }
