@@ -357,6 +357,60 @@ fn number_or_word<S: serde::Serializer>(v: &str, s: S) -> std::result::Result<S:
     }
 }
 
+/// The finetuning loss and optimizer (`finetune`).
+#[derive(Debug, Clone, clap::Args, serde::Serialize)]
+pub struct FinetuneArgs {
+    /// Training loss.
+    #[arg(long, value_enum, default_value = "mse")]
+    pub loss: crate::train::finetune::Loss,
+    /// Weight of CE in `--loss mse+ce`.
+    #[arg(long, default_value_t = 1.0, value_parser = non_negative_f64)]
+    pub ce_weight: f64,
+    /// Optimizer (Adam: betas 0.9, 0.999, eps 1e-8, as the reference).
+    #[arg(long, value_enum, default_value = "adam")]
+    pub optimizer: crate::train::optim::OptimizerKind,
+    /// Base learning rate.
+    #[arg(long, default_value_t = 1e-3, value_parser = positive_f64)]
+    pub lr: f64,
+    /// Use --lr as is instead of the reference's lr / sqrt(F / 2^14).
+    #[arg(long)]
+    pub no_scale_lr: bool,
+    /// Introduce module m's loss term only from step (2·layer + [0 attn, 1 mlp]) · N (default:
+    /// every module from step 0).
+    #[arg(long)]
+    pub stagger_steps: Option<u64>,
+    /// Build the autograd graph for this many sequences at a time (memory follows it; the
+    /// gradient is still the whole batch's, at the cost of one extra forward pass). Default:
+    /// the whole batch.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub micro_batch: Option<u64>,
+    /// AuxK weight (mse losses): dead latents' largest pre-top-k activations reconstruct the
+    /// residual (dead as of the previous step). 0 (the reference's default) reproduces it.
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative_f64)]
+    pub auxk_alpha: f64,
+}
+
+impl FinetuneArgs {
+    /// Refuse flag combinations the loss or backend cannot honour (`engine`: the CPU engine
+    /// runs the step; `batch_size`: sequences per step).
+    pub fn check(&self, engine: bool, batch_size: u64) -> anyhow::Result<()> {
+        use crate::train::finetune::Loss;
+        if self.auxk_alpha > 0.0 && self.loss == Loss::Ce {
+            anyhow::bail!(
+                "--auxk-alpha {}: only with an mse loss (the reference's CE-mode AuxK is a no-op)",
+                self.auxk_alpha
+            );
+        }
+        if engine && self.micro_batch.is_some() {
+            anyhow::bail!("--micro-batch: only for the autograd backend (the CPU engine's memory is already small); hint: --backend autograd");
+        }
+        if batch_size < 2 && self.loss != Loss::Ce {
+            anyhow::bail!("--batch-size 1: the reference's FVU needs a variance over at least 2 sequences");
+        }
+        Ok(())
+    }
+}
+
 /// Steps, batches and dead-feature tracking of the training tools.
 #[derive(Debug, Clone, clap::Args, serde::Serialize)]
 pub struct StepArgs {

@@ -75,6 +75,16 @@ impl Inputs {
         Ok(Inputs { cache: None, model, suite, suite_path: suite_path.to_path_buf() })
     }
 
+    /// Open a training stage's inputs: the cache `acts` (its model, or `model`), else the model
+    /// `model` for streaming; and the suite.
+    pub fn open_for(acts: Option<&Path>, model: Option<&str>, suite: &Path, device: &Device) -> Result<Inputs> {
+        match (acts, model) {
+            (Some(acts), _) => Inputs::open(acts, suite, model, device),
+            (None, Some(m)) => Inputs::open_streaming(m, suite, device),
+            (None, None) => Err(Error::Usage("--data/--tokens need --model (the model to run)".into())),
+        }
+    }
+
     /// The cache (tools that require `--acts` open with it).
     pub fn cache(&self) -> &Cache {
         self.cache.as_ref().expect("opened with a cache")
@@ -189,6 +199,15 @@ impl Inputs {
         }
     }
 
+    /// The lineage of a suite trained from this one on `data` with the connections `chosen`.
+    pub fn child_lineage(
+        &self,
+        data: crate::formats::suite::TrainedOn,
+        chosen: &Chosen,
+    ) -> Result<crate::formats::suite::Lineage> {
+        crate::formats::suite::Lineage::child(&self.suite, &self.suite_path, data, self.connections_ref(chosen))
+    }
+
     /// What a training stage on these inputs read, for the suite's lineage: `seqs_read`
     /// sequences of the cache at `acts`, or of the streamed `data`.
     pub fn trained_on(
@@ -239,6 +258,31 @@ pub struct Chosen {
 }
 
 pub use crate::formats::suite::LineageCheck;
+
+/// Whether the model has parallel attn/MLP blocks: from `model` (a folder or hub id) if given,
+/// else from the metadata of the connections parquet `parquet`, else sequential. The two must
+/// agree when both say.
+pub fn block_type(model: Option<&str>, parquet: Option<&Path>) -> Result<bool> {
+    let from_model = match model {
+        Some(m) => {
+            let dir = crate::model::hub::resolve_model(m)?;
+            Some(crate::model::ModelConfig::from_file(&dir.join("config.json"))?.parallel_attn_mlp)
+        }
+        None => None,
+    };
+    let from_file = match parquet {
+        Some(p) => EdgesMeta::of_file(p)?.get(Key::ParallelAttnMlp).map(|v| v == "true"),
+        None => None,
+    };
+    match (from_model, from_file) {
+        (Some(a), Some(b)) if a != b => Err(Error::input(
+            parquet.expect("file"),
+            format!("metadata `parallel_attn_mlp` {b} disagrees with --model {} ({a})", model.unwrap_or("")),
+        )),
+        (Some(a), _) | (None, Some(a)) => Ok(a),
+        (None, None) => Ok(false),
+    }
+}
 
 /// Whether a `--connections` argument is the keyword `all` (a file named `all` is `./all`).
 pub fn is_all(p: &Path) -> bool {

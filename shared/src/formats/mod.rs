@@ -1,12 +1,12 @@
 //! Every handoff file between the stages, read, checked and written in one place each
 //! (layouts in `shared/FORMATS.md`): activation caches ([`cache`]), suites ([`suite`]),
-//! connection and edge sets ([`connections`], their parquet metadata [`edges_meta`]), training checkpoints ([`checkpoint`]),
+//! connection and edge sets ([`connections`], their parquet metadata [`edges_meta`]),
 //! `eval.json` ([`eval`]) and `scores.json` ([`scores`]), a training run's configuration as
 //! checkpoints and suites record it ([`runconfig`]); the Python reference's own files
-//! ([`reference`], over PyTorch's formats in [`torch`]).
+//! ([`reference`], over PyTorch's formats in [`torch`]). Training checkpoints are internal to
+//! a run, not a handoff: they live with the runners (`train::checkpoints`).
 
 pub mod cache;
-pub mod checkpoint;
 pub mod connections;
 pub mod edges_meta;
 pub mod eval;

@@ -52,6 +52,13 @@ pub struct SuiteConfig {
 }
 
 impl SuiteConfig {
+    /// The config of the scae suite folder `dir`, if it is one.
+    pub fn read(dir: &Path) -> Option<SuiteConfig> {
+        let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        (v.get("format")?.as_str()? == FORMAT).then(|| serde_json::from_value(v).ok())?
+    }
+
     /// scae's own config kept in a reference folder that convert-suite wrote, if any.
     pub fn of_reference(dir: &Path) -> Option<SuiteConfig> {
         serde_json::from_value(reference::scae_config(dir)?).ok()

@@ -7,19 +7,17 @@ use std::path::PathBuf;
 
 use candle_core::DType;
 
-use super::checkpoints::{resume, CheckpointPolicy};
+use super::checkpoints::{resume, CheckpointPolicy, TrainRun};
 use super::data::TrainData;
 use super::dead::DeadTracker;
 use super::finetune_step::{autograd_grads, engine_step, LossSpec, StepInputs};
 use super::optim::{clip_module_t, DeviceOptimizer, Optimizer, OptimizerKind};
 use super::schedule::stagger_scale;
-use super::{metrics_record, After, RunSummary, Schedule, Session, SessionSpec};
+use super::{metrics_record, After, RunSummary, Schedule, Session};
 use crate::error::Result;
-use crate::formats::connections::Connections;
 use crate::formats::edges_meta::Key;
-use crate::inputs::Inputs;
+use crate::inputs::{Chosen, Inputs};
 use crate::pass::{PassOptions, Plan, Wiring};
-use crate::util::io::RunDir;
 
 /// Which loss to train on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -64,12 +62,22 @@ pub struct FinetuneConfig {
     pub args: serde_json::Value,
     /// The finetuned suite's lineage (its parent, data, connections).
     pub lineage: crate::formats::suite::Lineage,
-    /// The connections file's metadata (kept in the copy stored with the suite) and its path.
-    pub connections_meta: crate::formats::edges_meta::EdgesMeta,
-    pub connections_source: Option<PathBuf>,
 }
 
 impl FinetuneConfig {
+    /// The run's plumbing: folder, checkpoints, what a resume must repeat.
+    pub fn train_run(&self) -> TrainRun {
+        TrainRun {
+            out: self.out.clone(),
+            tool: "finetune",
+            run: self.run.clone(),
+            policy: self.checkpoints,
+            schedule: self.schedule.clone(),
+            batch_size: self.batch_size as u64,
+            overwrite: self.overwrite,
+        }
+    }
+
     /// The weight of the CE term, if the loss has one.
     fn ce_weight(&self) -> Option<f64> {
         match self.loss {
@@ -91,17 +99,18 @@ pub fn footprint(inputs: &Inputs, seqs: f64, ctx: f64) -> f64 {
     4.0 * seqs * ctx * (4.0 * modules * f + l * (10.0 * d + 2.0 * h * ctx) + v)
 }
 
-/// Finetune `inputs.suite` on `data` with the connections `conns` (all when `None`) and write
+/// Finetune `inputs.suite` on `data` with the connections `chosen` (all when it holds no set) and write
 /// it to `cfg.out`.
 pub fn run(
     inputs: &Inputs,
     data: &mut TrainData,
-    conns: Option<&Connections>,
+    chosen: &Chosen,
     cfg: &FinetuneConfig,
     device: &candle_core::Device,
 ) -> Result<RunSummary> {
     let (suite, rt) = (&inputs.suite, &inputs.model.runtime);
     let ctx = data.ctx_len();
+    let conns = chosen.set.as_ref();
     let wiring = match conns {
         Some(c) => Wiring::Sparse(c),
         None => Wiring::All,
@@ -112,24 +121,15 @@ pub fn run(
         // (and deterministically, unlike the CPU custom ops' parallel backward).
         plan.force_composed(true);
     }
-    let dir = RunDir::prepare(&cfg.out, cfg.checkpoints.resume, cfg.overwrite)?;
+    let tr = cfg.train_run();
+    let dir = tr.prepare_dir()?;
     let mut params = suite.host_params()?;
     let mut opt = Optimizer::new(cfg.optimizer, &params);
     let mut dead = DeadTracker::new(suite.modules.len(), suite.n_features, cfg.dead_threshold);
     let (mut step, mut seqs_seen) = (0u64, 0u64);
     let steps = cfg.schedule.steps;
     if cfg.checkpoints.resume {
-        let st = resume(
-            &cfg.out,
-            "finetune",
-            &cfg.run,
-            &cfg.schedule,
-            suite,
-            cfg.batch_size as u64,
-            &mut params,
-            &mut opt,
-            &mut dead,
-        )?;
+        let st = resume(&tr, suite, &mut params, &mut opt, &mut dead)?;
         suite.set_params(&params)?;
         step = st.step;
         seqs_seen = st.seqs_seen;
@@ -138,14 +138,7 @@ pub fn run(
     let vars = &suite.aes;
     let mut dopt = if cfg.use_engine { None } else { Some(DeviceOptimizer::from_host(&opt, vars)?) };
     let tokens_per_step = (cfg.batch_size * ctx) as u64;
-    let spec = SessionSpec {
-        tool: "finetune",
-        run: cfg.run.clone(),
-        policy: cfg.checkpoints,
-        start_step: step,
-        tokens_per_step,
-    };
-    let mut session = Session::open(dir, spec)?;
+    let mut session = Session::open(dir, &tr, step, tokens_per_step)?;
     let si = StepInputs { suite, rt, plan: &plan, opts: cfg.pass };
     while step < steps {
         // Next batch in data order (wrapping over epochs).
@@ -212,8 +205,8 @@ pub fn run(
         let stored = cfg.out.join(crate::formats::suite::CONNECTIONS_FILE);
         match conns {
             Some(c) => {
-                let mut meta = cfg.connections_meta.without(&Key::OWN);
-                if let Some(p) = &cfg.connections_source {
+                let mut meta = chosen.meta.without(&Key::OWN);
+                if let Some(p) = &chosen.file {
                     meta.set(Key::Source, p.display());
                 }
                 meta.set(Key::ParallelAttnMlp, inputs.parallel());

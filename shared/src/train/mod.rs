@@ -23,9 +23,8 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use crate::error::{Error, IoContext, Result};
-use crate::formats::runconfig::RunConfig;
 use crate::model::Module;
-use checkpoints::{CheckpointPolicy, Checkpoints};
+use checkpoints::{Checkpoints, RunDir, TrainRun};
 use dead::DeadTracker;
 
 /// What one training step produced, whichever backend and tool ran it.
@@ -93,17 +92,6 @@ pub struct RunSummary {
     pub trained: bool,
 }
 
-/// How a [`Session`] starts.
-pub struct SessionSpec {
-    pub tool: &'static str,
-    /// The run's configuration (recorded in its checkpoints).
-    pub run: RunConfig,
-    pub policy: CheckpointPolicy,
-    /// 0, or the step a resumed run starts at.
-    pub start_step: u64,
-    pub tokens_per_step: u64,
-}
-
 /// What a training loop does after a step (see [`Session::after_step`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum After {
@@ -128,20 +116,20 @@ pub struct Session {
 }
 
 impl Session {
-    /// Start (or continue at `spec.start_step`) a run of `steps` steps in `dir`; Ctrl-C and
-    /// SIGTERM now stop it at the next step boundary.
-    pub fn open(dir: crate::util::io::RunDir, spec: SessionSpec) -> Result<Session> {
+    /// Start (or continue at `start_step`) the run `tr` in `dir`, `tokens_per_step` tokens a
+    /// step; Ctrl-C and SIGTERM now stop it at the next step boundary.
+    pub fn open(dir: RunDir, tr: &TrainRun, start_step: u64, tokens_per_step: u64) -> Result<Session> {
         let path = dir.path().join("metrics.jsonl");
-        if spec.policy.resume {
-            checkpoints::trim_metrics(&path, spec.start_step)?;
+        if tr.policy.resume {
+            checkpoints::trim_metrics(&path, start_step)?;
         }
         let metrics = std::fs::OpenOptions::new().create(true).append(true).open(&path).at(&path)?;
-        let unit = crate::util::progress::Unit::Steps { tokens_per_step: spec.tokens_per_step };
-        let progress = crate::util::progress::Progress::new(spec.tool, unit, Some(spec.run.steps), spec.start_step);
+        let unit = crate::util::progress::Unit::Steps { tokens_per_step };
+        let progress = crate::util::progress::Progress::new(tr.tool, unit, Some(tr.run.steps), start_step);
         crate::util::interrupt::install();
         Ok(Session {
-            ckpt: Checkpoints::new(dir, spec.tool, spec.run, spec.policy, spec.start_step),
-            tool: spec.tool,
+            ckpt: Checkpoints::new(dir, tr.tool, tr.run.clone(), tr.policy, start_step),
+            tool: tr.tool,
             metrics,
             metrics_path: path,
             progress,

@@ -10,11 +10,11 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor, Var};
 use rayon::prelude::*;
 
-use super::checkpoints::{resume, CheckpointPolicy};
+use super::checkpoints::{resume, CheckpointPolicy, TrainRun};
 use super::data::TrainData;
 use super::dead::DeadTracker;
 use super::optim::{clip_module, clip_module_t, DeviceOptimizer, Optimizer, OptimizerKind};
-use super::{metrics_record, After, RunSummary, Schedule, Session, SessionSpec, StepReport};
+use super::{metrics_record, After, RunSummary, Schedule, Session, StepReport};
 use crate::data::Batch;
 use crate::error::Result;
 use crate::formats::suite::Suite;
@@ -25,7 +25,6 @@ use crate::sae::decoder::{
 use crate::sae::init::{geometric_median, init_params};
 use crate::sae::step::{step, step_t};
 use crate::sae::{fired, AeParams};
-use crate::util::io::RunDir;
 use crate::util::rng::SplitMix;
 use crate::util::to_vec;
 
@@ -72,6 +71,21 @@ pub struct PretrainConfig {
     /// Recorded in the suite's config.json.
     pub created_by: String,
     pub args: serde_json::Value,
+}
+
+impl PretrainConfig {
+    /// The run's plumbing: folder, checkpoints, what a resume must repeat.
+    pub fn train_run(&self) -> TrainRun {
+        TrainRun {
+            out: self.out.clone(),
+            tool: "train-suite",
+            run: self.run.clone(),
+            policy: self.checkpoints,
+            schedule: self.schedule.clone(),
+            batch_size: self.batch_size as u64,
+            overwrite: self.overwrite,
+        }
+    }
 }
 
 /// Each module's (input, target) of a batch: `attn_L` reconstructs its input, `mlp_L` maps
@@ -163,7 +177,8 @@ pub fn run(data: &mut TrainData, cfg: &PretrainConfig, device: &Device) -> Resul
     let SuiteShape { d_model: d, n_layers, n_features: f, k, .. } = cfg.shape;
     let ctx = data.ctx_len();
     let modules = Module::all(n_layers);
-    let dir = RunDir::prepare(&cfg.out, cfg.checkpoints.resume, cfg.overwrite)?;
+    let tr = cfg.train_run();
+    let dir = tr.prepare_dir()?;
     let mut rng = SplitMix(cfg.seed);
     let mut params: Vec<AeParams<Vec<f32>>> = modules.iter().map(|_| init_params(d, f, &mut rng)).collect();
     let mut opt = Optimizer::new(OptimizerKind::Adam, &params);
@@ -174,17 +189,7 @@ pub fn run(data: &mut TrainData, cfg: &PretrainConfig, device: &Device) -> Resul
     let mut first_batch = None;
     if cfg.checkpoints.resume {
         let suite = Suite::from_params(&params, &modules, k, d, f)?;
-        let st = resume(
-            &cfg.out,
-            "train-suite",
-            &cfg.run,
-            &cfg.schedule,
-            &suite,
-            cfg.batch_size as u64,
-            &mut params,
-            &mut opt,
-            &mut dead,
-        )?;
+        let st = resume(&tr, &suite, &mut params, &mut opt, &mut dead)?;
         step = st.step;
         seqs_seen = st.seqs_seen;
         crate::note!("train-suite: resuming at step {step} of {steps}");
@@ -199,14 +204,7 @@ pub fn run(data: &mut TrainData, cfg: &PretrainConfig, device: &Device) -> Resul
         first_batch = Some(batch0);
     }
     let tokens_per_step = (cfg.batch_size * ctx) as u64;
-    let spec = SessionSpec {
-        tool: "train-suite",
-        run: cfg.run.clone(),
-        policy: cfg.checkpoints,
-        start_step: step,
-        tokens_per_step,
-    };
-    let mut session = Session::open(dir, spec)?;
+    let mut session = Session::open(dir, &tr, step, tokens_per_step)?;
     // The autograd path keeps parameters and optimizer state on the device.
     let (vars, mut dopt) = if cfg.use_engine {
         (Vec::new(), None)

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use candle_core::Device;
 use clap::{Parser, ValueEnum};
 use scae::formats::connections::{Connections, FORMAT};
@@ -56,15 +56,11 @@ fn main() -> ExitCode {
     scae::cli::run_main("convert-suite", || run(scae::cli::parse_args::<Args>()))
 }
 
-/// The block type: from the model if given, else from a parquet's metadata, else sequential.
-fn parallel(args: &Args) -> Result<bool> {
-    let from_model = match &args.model {
-        Some(m) => {
-            let dir = scae::model::hub::resolve_model(m)?;
-            Some(scae::model::ModelConfig::from_file(&dir.join("config.json"))?.parallel_attn_mlp)
-        }
-        None => None,
-    };
+fn run(args: Args) -> Result<()> {
+    let named = [("--suite", Some(args.suite.as_path())), ("--connections", args.connections.as_deref())];
+    scae::util::io::refuse_overlap(&args.out, "--out", &named)?;
+    // A hub id becomes its snapshot folder, so that its files (config, sidecar) are found.
+    let args = Args { suite: scae::inputs::resolve_suite(&args.suite)?, ..args };
     // The connections parquet given, or the one kept beside a reference folder scae wrote.
     let sidecar = args.suite.join(SIDECAR);
     let file = match &args.connections {
@@ -72,27 +68,7 @@ fn parallel(args: &Args) -> Result<bool> {
         None if sidecar.is_file() => Some(sidecar),
         _ => None,
     };
-    let from_file = match &file {
-        Some(p) => EdgesMeta::of_file(p)?.get(Key::ParallelAttnMlp).map(|v| v == "true"),
-        None => None,
-    };
-    match (from_model, from_file) {
-        (Some(a), Some(b)) if a != b => bail!(
-            "{}: metadata `parallel_attn_mlp` {b} disagrees with --model {} ({a})",
-            file.as_ref().expect("file").display(),
-            args.model.as_deref().unwrap_or("")
-        ),
-        (Some(a), _) | (None, Some(a)) => Ok(a),
-        (None, None) => Ok(false),
-    }
-}
-
-fn run(args: Args) -> Result<()> {
-    let named = [("--suite", Some(args.suite.as_path())), ("--connections", args.connections.as_deref())];
-    scae::util::io::refuse_overlap(&args.out, "--out", &named)?;
-    // A hub id becomes its snapshot folder, so that its files (config, sidecar) are found.
-    let args = Args { suite: scae::inputs::resolve_suite(&args.suite)?, ..args };
-    let parallel = parallel(&args)?;
+    let parallel = scae::inputs::block_type(args.model.as_deref(), file.as_deref())?;
     let suite = Suite::load(&args.suite, &Device::Cpu)?;
     let conns: Option<Connections> = match (&args.connections, &suite.embedded) {
         (Some(p), _) if is_all(p) => None,
@@ -105,12 +81,12 @@ fn run(args: Args) -> Result<()> {
     let dir = stage.path();
     match args.to {
         To::Reference => {
-            let scae_cfg = scae_suite_config(&args.suite);
+            let scae_cfg = SuiteConfig::read(&args.suite);
             suite.write_reference(dir, scae_cfg.as_ref(), conns.as_ref(), parallel, parquet)?;
         }
         To::Scae => {
             // A folder scae wrote keeps its own config: the round trip is exact.
-            let kept = scae::formats::suite::SuiteConfig::of_reference(&args.suite)
+            let kept = SuiteConfig::of_reference(&args.suite)
                 .filter(|c| c.k == suite.k && c.n_features == suite.n_features && c.d_model == suite.d_model);
             let (created_by, cargs) = match &kept {
                 Some(c) => (c.created_by.clone(), c.args.clone()),
@@ -143,13 +119,6 @@ fn run(args: Args) -> Result<()> {
         out.display()
     )?;
     Ok(())
-}
-
-/// The scae config of a scae suite folder, if `path` is one.
-fn scae_suite_config(path: &Path) -> Option<SuiteConfig> {
-    let text = std::fs::read_to_string(path.join("config.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    (v.get("format")?.as_str()? == scae::formats::suite::FORMAT).then(|| serde_json::from_value(v).ok())?
 }
 
 /// connections.parquet for `c`: the sidecar parquet of a folder scae wrote when it holds the

@@ -5,11 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Parser;
 use scae::inputs::Inputs;
-use scae::train::finetune::{FinetuneConfig, Loss};
-use scae::train::optim::OptimizerKind;
+use scae::train::finetune::FinetuneConfig;
 
 /// Finetune a suite through the pruned pass.
 #[derive(Debug, Parser, serde::Serialize)]
@@ -34,34 +33,9 @@ struct Args {
     #[arg(long)]
     #[serde(skip)]
     out: PathBuf,
-    /// Training loss.
-    #[arg(long, value_enum, default_value = "mse")]
-    loss: Loss,
-    /// Weight of CE in `--loss mse+ce`.
-    #[arg(long, default_value_t = 1.0, value_parser = scae::cli::non_negative_f64)]
-    ce_weight: f64,
-    /// Optimizer (Adam: betas 0.9, 0.999, eps 1e-8, as the reference).
-    #[arg(long, value_enum, default_value = "adam")]
-    optimizer: OptimizerKind,
-    /// Base learning rate.
-    #[arg(long, default_value_t = 1e-3, value_parser = scae::cli::positive_f64)]
-    lr: f64,
-    /// Use --lr as is instead of the reference's lr / sqrt(F / 2^14).
-    #[arg(long)]
-    no_scale_lr: bool,
-    /// Introduce module m's loss term only from step (2·layer + [0 attn, 1 mlp]) · N (default:
-    /// every module from step 0).
-    #[arg(long)]
-    stagger_steps: Option<u64>,
-    /// Build the autograd graph for this many sequences at a time (memory follows it; the
-    /// gradient is still the whole batch's, at the cost of one extra forward pass). Default:
-    /// the whole batch.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    micro_batch: Option<u64>,
-    /// AuxK weight (mse losses): dead latents' largest pre-top-k activations reconstruct the
-    /// residual (dead as of the previous step). 0 (the reference's default) reproduces it.
-    #[arg(long, default_value_t = 0.0, value_parser = scae::cli::non_negative_f64)]
-    auxk_alpha: f64,
+    #[command(flatten)]
+    #[serde(flatten)]
+    ft: scae::cli::FinetuneArgs,
     #[command(flatten)]
     #[serde(flatten)]
     step: scae::cli::StepArgs,
@@ -94,77 +68,49 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<()> {
     let device = args.common.setup()?;
-    let model_path = args.model.as_deref().map(Path::new);
     let named = [
         ("--acts", args.acts.as_deref()),
         ("--suite", Some(args.suite.as_path())),
         ("--connections", args.connections.as_deref()),
-        ("--model", model_path),
+        ("--model", args.model.as_deref().map(Path::new)),
     ];
     scae::util::io::refuse_overlap(&args.out, "--out", &[&named[..], &args.data.paths()].concat())?;
-    if args.auxk_alpha > 0.0 && args.loss == Loss::Ce {
-        bail!("--auxk-alpha {}: only with an mse loss (the reference's CE-mode AuxK is a no-op)", args.auxk_alpha);
-    }
+    let (ft, step, run) = (&args.ft, &args.step, &args.run);
     let use_engine = args.compute.use_engine(&device)?;
-    if use_engine && args.micro_batch.is_some() {
-        bail!("--micro-batch: only for the autograd backend (the CPU engine's memory is already small); hint: --backend autograd");
-    }
-    let inputs = match (&args.acts, &args.model) {
-        (Some(acts), _) => Inputs::open(acts, &args.suite, args.model.as_deref(), &device)?,
-        (None, Some(m)) => Inputs::open_streaming(m, &args.suite, &device)?,
-        (None, None) => bail!("--data/--tokens need --model (the model to run)"),
-    };
+    ft.check(use_engine, step.batch_size)?;
+    let inputs = Inputs::open_for(args.acts.as_deref(), args.model.as_deref(), &args.suite, &device)?;
     let ctx_est = inputs.cache.as_ref().map_or(args.data.ctx_len as f64, |c| c.manifest.ctx_len as f64);
-    let bytes = scae::train::finetune::footprint(&inputs, args.step.batch_size as f64, ctx_est);
-    scae::util::mem::check_fits(bytes, &format!("--batch-size {}", args.step.batch_size))?;
+    let bytes = scae::train::finetune::footprint(&inputs, step.batch_size as f64, ctx_est);
+    scae::util::mem::check_fits(bytes, &format!("--batch-size {}", step.batch_size))?;
     let tokenizer = if inputs.cache.is_none() { Some(inputs.model.tokenizer()?) } else { None };
-    let seed = args.common.seed;
-    let mut source = args.step.train_data(
-        inputs.cache.as_ref(),
-        Some(&inputs.model),
-        tokenizer.as_ref(),
-        &args.data,
-        seed,
-        &device,
-    )?;
+    let (cache, model) = (inputs.cache.as_ref(), Some(&inputs.model));
+    let mut source = step.train_data(cache, model, tokenizer.as_ref(), &args.data, args.common.seed, &device)?;
     let chosen = inputs.choose_connections(args.connections.as_deref(), "finetune")?;
-    let conn_file = chosen.file.clone();
-    if args.step.batch_size < 2 && args.loss != Loss::Ce {
-        bail!("--batch-size 1: the reference's FVU needs a variance over at least 2 sequences");
-    }
-    let ctx = source.ctx_len();
-    let steps = args.step.steps(ctx)?;
+    let steps = step.steps(source.ctx_len())?;
     let n_features = inputs.suite.n_features;
-    let lr = if args.no_scale_lr { args.lr } else { scae::train::schedule::scaled_lr(args.lr, n_features) };
-    let (run, step) = (&args.run, &args.step);
+    let lr = if ft.no_scale_lr { ft.lr } else { scae::train::schedule::scaled_lr(ft.lr, n_features) };
     // Every flag that changes the run, and the contents of its inputs: what --resume repeats.
     let files = [
         ("--acts", args.acts.as_deref()),
         ("--suite", Some(args.suite.as_path())),
-        ("--connections", conn_file.as_deref()),
+        ("--connections", chosen.file.as_deref()),
         ("--data", args.data.data.as_deref()),
         ("--tokens", args.data.tokens.as_deref()),
     ];
     let run_config = scae::formats::runconfig::RunConfig::new(&args, &files, steps)?;
-    let trained_on = inputs.trained_on(
-        "finetune",
-        args.acts.as_deref(),
-        args.data.spec(),
-        args.data.options(),
-        steps * step.batch_size,
-    )?;
-    let lineage =
-        scae::formats::suite::Lineage::child(&inputs.suite, &args.suite, trained_on, inputs.connections_ref(&chosen))?;
+    let seqs = steps * step.batch_size;
+    let trained_on =
+        inputs.trained_on("finetune", args.acts.as_deref(), args.data.spec(), args.data.options(), seqs)?;
     let cfg = FinetuneConfig {
         out: args.out.clone(),
-        loss: args.loss,
-        ce_weight: args.ce_weight,
-        optimizer: args.optimizer,
+        loss: ft.loss,
+        ce_weight: ft.ce_weight,
+        optimizer: ft.optimizer,
         batch_size: step.batch_size as usize,
-        micro_batch: args.micro_batch.map(|m| m as usize),
+        micro_batch: ft.micro_batch.map(|m| m as usize),
         schedule: run.schedule(steps, lr)?,
-        stagger_steps: args.stagger_steps,
-        auxk_alpha: args.auxk_alpha,
+        stagger_steps: ft.stagger_steps,
+        auxk_alpha: ft.auxk_alpha,
         dead_threshold: step.dead_threshold,
         use_engine,
         dtype: args.compute.dtype(),
@@ -176,11 +122,9 @@ fn run(args: Args) -> Result<()> {
             "argv": std::env::args().collect::<Vec<_>>(), "steps": steps, "lr_applied": lr, "run": &run_config,
         }),
         run: run_config,
-        lineage,
-        connections_meta: chosen.meta.clone(),
-        connections_source: chosen.file.clone(),
+        lineage: inputs.child_lineage(trained_on, &chosen)?,
     };
-    let done = scae::train::finetune::run(&inputs, &mut source, chosen.set.as_ref(), &cfg, &device)?;
+    let done = scae::train::finetune::run(&inputs, &mut source, &chosen, &cfg, &device)?;
     if !done.halted {
         scae::say!("{}", scae::train::summary_line("finetune", &done, &args.out))?;
     }

@@ -1,15 +1,21 @@
 //! A training loop's checkpoints: when one is due (every `--checkpoint-every` steps, after the
 //! last step, at the step where the learning rate starts to decay, on Ctrl-C, or to stop at
 //! `--halt-after`), writing and resuming one (the file format is
-//! [`crate::formats::checkpoint`]), and what a failed step says about the last one written. A
+//! [`file`]; the run's folder, [`run_dir`]), and what a failed step says about the last one written. A
 //! resumed run ends bit-identical to an uninterrupted one; a finished run extended with a larger
 //! `--steps` ends bit-identical to a run of that length from the start (without warmup; see
 //! [`resume`]).
 
-use std::path::Path;
+pub mod file;
+pub mod run_dir;
 
+use std::path::{Path, PathBuf};
+
+pub use run_dir::{complete_checkpoint, RunDir};
+
+use self::file as checkpoint;
+use self::file::{RunState, DECAY, LATEST};
 use crate::error::{Error, Result};
-use crate::formats::checkpoint::{self, RunState, DECAY, LATEST};
 
 /// The latest checkpoint's folder name (`checkpoint`).
 pub const LATEST_NAME: &str = LATEST;
@@ -19,7 +25,6 @@ use crate::train::dead::DeadTracker;
 use crate::train::optim::{Optimizer, OptimizerKind};
 use crate::train::schedule::lr_factor;
 use crate::train::Schedule;
-use crate::util::io::RunDir;
 
 /// When to checkpoint (the `--checkpoint-every`, `--halt-after` and `--resume` flags).
 #[derive(Debug, Clone, Copy, Default)]
@@ -30,6 +35,30 @@ pub struct CheckpointPolicy {
     pub halt_after: Option<u64>,
     /// The run continues from the checkpoint in its output folder.
     pub resume: bool,
+}
+
+/// One training run as its plumbing sees it (whichever runner: pretraining or finetuning):
+/// where it writes, which tool it is, what a resume must repeat, when it checkpoints, its
+/// schedule and batch size.
+#[derive(Debug, Clone)]
+pub struct TrainRun {
+    pub out: PathBuf,
+    pub tool: &'static str,
+    /// The run's configuration (recorded in checkpoints; `--resume` compares it).
+    pub run: RunConfig,
+    pub policy: CheckpointPolicy,
+    pub schedule: Schedule,
+    /// Sequences per step.
+    pub batch_size: u64,
+    /// `--overwrite`: replace a non-empty output folder.
+    pub overwrite: bool,
+}
+
+impl TrainRun {
+    /// The run's output folder, prepared for a fresh or a resumed run ([`RunDir::prepare`]).
+    pub fn prepare_dir(&self) -> Result<RunDir> {
+        RunDir::prepare(&self.out, self.policy.resume, self.overwrite)
+    }
 }
 
 /// The checkpoints of one run.
@@ -192,25 +221,17 @@ fn same_rates_before(step: u64, saved_steps: u64, schedule: &Schedule) -> bool {
 /// start of its decay, the longer schedule follows. The latest checkpoint that serves is used.
 /// A state no such run could have written (a step past the end, a data position or optimizer
 /// count that disagrees with its step) is refused, naming the file.
-#[allow(clippy::too_many_arguments)]
 pub fn resume(
-    dir: &Path,
-    tool: &str,
-    run: &RunConfig,
-    schedule: &Schedule,
+    tr: &TrainRun,
     suite: &Suite,
-    batch_size: u64,
     params: &mut Vec<crate::sae::AeParams<Vec<f32>>>,
     opt: &mut Optimizer,
     dead: &mut DeadTracker,
 ) -> Result<RunState> {
+    let (dir, tool, run, schedule, batch_size) = (tr.out.as_path(), tr.tool, &tr.run, &tr.schedule, tr.batch_size);
     // A swap of the decay checkpoint cut short by a crash: finish it (as RunDir does for the
     // latest one).
-    crate::util::io::recover_swap(
-        &dir.join(format!("{DECAY}.tmp")),
-        &dir.join(DECAY),
-        crate::util::io::complete_checkpoint,
-    )?;
+    crate::util::io::recover_swap(&dir.join(format!("{DECAY}.tmp")), &dir.join(DECAY), complete_checkpoint)?;
     let latest = checkpoint::read_state(dir, LATEST, tool)?;
     let state_path = dir.join(LATEST).join("state.json");
     let diffs = run.differences(&latest.run);

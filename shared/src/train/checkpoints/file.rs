@@ -23,7 +23,7 @@ pub const VERSION: u32 = 2;
 /// The latest checkpoint of a run.
 pub const LATEST: &str = "checkpoint";
 /// The checkpoint at the step where the learning rate starts to decay (kept so that a finished
-/// run can be extended: see `train::checkpoints::resume`).
+/// run can be extended: see [`super::resume`]).
 pub const DECAY: &str = "checkpoint-decay";
 
 /// Everything besides parameters and optimizer moments that a resumed run needs.
@@ -75,7 +75,7 @@ pub fn write(
     let tmp = dir.join(format!("{name}.tmp"));
     // Finish a swap a crash cut short, so the newest complete checkpoint is `checkpoint`
     // while this one is built.
-    crate::util::io::recover_swap(&tmp, &final_dir, crate::util::io::complete_checkpoint)?;
+    crate::util::io::recover_swap(&tmp, &final_dir, super::complete_checkpoint)?;
     std::fs::create_dir_all(&tmp).at(&tmp)?;
     suite.save(&tmp, &state.tool, serde_json::json!({"checkpoint_step": state.step}))?;
     let dev = Device::Cpu;
