@@ -9,7 +9,7 @@
 //!   `safetensors.torch.load_file` opens a shard as a dict that indexes like a TL cache.
 //!
 //! This file opens, checks and reads caches ([`Cache`], [`CacheReader`]); `manifest.rs` holds
-//! the manifest's types and `collect.rs` writes a cache (the shard writer and [`collect`], the
+//! the manifest's types and `collect.rs` writes a cache (the shard writer and [`collect()`], the
 //! `collect-acts` runner).
 
 use std::collections::HashMap;
