@@ -53,33 +53,6 @@ struct Args {
     common: scae::cli::Common,
 }
 
-/// `--compare`: table and plot of earlier runs.
-fn compare(args: &Args) -> Result<()> {
-    // A folder named twice (the same suite's evaluation in several seeds' lists) counts once.
-    let mut dirs: Vec<&PathBuf> = Vec::new();
-    for d in &args.compare {
-        let same = |e: &&PathBuf| e.canonicalize().ok().is_some_and(|c| Some(c) == d.canonicalize().ok());
-        if !dirs.iter().any(|e| same(e) || *e == d) {
-            dirs.push(d);
-        }
-    }
-    let mut runs = dirs.iter().map(|d| report::load_run(d)).collect::<Result<Vec<_>>>()?;
-    report::settle_splits(&mut runs);
-    let table = report::table(&runs);
-    std::fs::create_dir_all(&args.out)
-        .map_err(|e| anyhow::anyhow!("{}: --out: cannot create output folder: {e}", args.out.display()))?;
-    let summary = report::summary(&runs);
-    let text = match &summary {
-        Some(s) => format!("{table}\n{s}"),
-        None => table.clone(),
-    };
-    scae::util::io::write_atomic(&args.out.join("compare.md"), text.as_bytes())?;
-    plot::plot(&runs, &args.out.join("compare"))?;
-    scae::cli::say(format_args!("{text}"))?;
-    scae::say!("plot: {} and .svg", args.out.join("compare.png").display())?;
-    Ok(())
-}
-
 fn main() -> ExitCode {
     scae::cli::run_main("evaluate", || run(scae::cli::parse_args::<Args>()))
 }
@@ -95,7 +68,10 @@ fn run(args: Args) -> Result<()> {
     inputs.extend(args.compare.iter().map(|c| ("--compare", Some(c.as_path()))));
     scae::util::io::refuse_overlap(&args.out, "--out", &inputs)?;
     if !args.compare.is_empty() {
-        return compare(&args);
+        let text = report::compare(&args.compare, &args.out)?;
+        scae::cli::say(format_args!("{text}"))?;
+        scae::say!("plot: {} and .svg", args.out.join("compare.png").display())?;
+        return Ok(());
     }
     let (Some(acts), Some(suite)) = (args.acts.clone(), args.suite.clone()) else {
         anyhow::bail!("--acts and --suite are required (or --compare)");

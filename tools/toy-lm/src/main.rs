@@ -5,19 +5,15 @@
 
 mod corpus;
 mod model;
+mod run;
 mod vocab;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use anyhow::{bail, Result};
 use clap::Parser;
-use model::{causal_mask, save_hf, Model};
-use scae::util::rng::SplitMix;
-use vocab::{write_tokenizer, Vocab};
+use run::ToyConfig;
 
 /// Write a synthetic story corpus and train a tiny GPT-Neo on it.
 #[derive(Debug, Parser)]
@@ -75,84 +71,28 @@ fn run(args: Args) -> Result<()> {
     if args.d_model % args.n_heads != 0 {
         bail!("--d-model {}: not divisible by --n-heads {}", args.d_model, args.n_heads);
     }
-    // Parameters (a vocabulary of at most ~1,000 words) with AdamW's gradient and two moments,
-    // and one step's activations (about 16 d-wide and 3 attention-sized buffers per layer),
-    // in f64 so that no size overflows.
-    let (d, l, s, b) = (args.d_model as f64, args.n_layers as f64, args.ctx_len as f64, args.batch_size as f64);
-    let params = 1000.0 * d + 2.0 * s * d + l * 12.0 * d * d;
-    let acts = b * s * l * (16.0 * d + 3.0 * args.n_heads as f64 * s);
-    let sizes = format!(
-        "--d-model {}, --n-layers {}, --ctx-len {}, --batch-size {}",
-        args.d_model, args.n_layers, args.ctx_len, args.batch_size
-    );
-    scae::util::mem::check_fits(4.0 * (4.0 * params + 2.0 * acts), &sizes)?;
-    let stage = scae::util::io::StagedDir::create(&args.out, args.overwrite, "--out")?;
-    let dir = stage.path().to_path_buf();
-    // Corpus and held-out stories (different seeds).
-    let train = corpus::corpus(args.n_stories, args.common.seed);
-    let heldout = corpus::corpus(args.n_heldout, args.common.seed ^ 0xA5A5_5A5A);
-    scae::util::io::write_atomic(&dir.join("corpus.txt"), (train.join("\n") + "\n").as_bytes())?;
-    scae::util::io::write_atomic(&dir.join("heldout.txt"), (heldout.join("\n") + "\n").as_bytes())?;
-    let vocab = Vocab::build(&train);
-    let (stream, unigram_entropy) = (&vocab.stream, vocab.unigram_entropy);
-    let model_dir = dir.join("model");
-    std::fs::create_dir_all(&model_dir)?;
-    write_tokenizer(&model_dir, &vocab.words)?;
-    let n_ctx = 2 * args.ctx_len;
-    let mut rng = SplitMix(args.common.seed.wrapping_add(1));
-    let model = Model::new(vocab.words.len(), n_ctx, args.d_model, args.n_layers, args.n_heads, &mut rng)?;
-    let mut opt = AdamW::new(
-        model.vars.values().cloned().collect(),
-        ParamsAdamW { lr: args.lr, weight_decay: 0.01, ..Default::default() },
-    )?;
-    let mask = causal_mask(args.ctx_len)?;
-    let n_windows = stream.len().saturating_sub(args.ctx_len + 1);
-    if n_windows == 0 {
-        bail!("--n-stories {}: too few tokens for --ctx-len {}", args.n_stories, args.ctx_len);
-    }
-    let start = Instant::now();
-    let mut last = f64::NAN;
-    for step in 0..args.steps {
-        let mut rows = Vec::with_capacity(args.batch_size * args.ctx_len);
-        for _ in 0..args.batch_size {
-            let at = (rng.next_u64() % n_windows as u64) as usize;
-            rows.extend_from_slice(&stream[at..at + args.ctx_len]);
-        }
-        let tokens = Tensor::from_vec(rows, (args.batch_size, args.ctx_len), &Device::Cpu)?;
-        let loss = model.loss(&tokens, &mask)?;
-        opt.set_learning_rate(args.lr * (1.0 - 0.9 * step as f64 / args.steps as f64));
-        opt.backward_step(&loss)?;
-        last = loss.to_scalar::<f32>()? as f64;
-        if step % 100 == 0 || step + 1 == args.steps {
-            scae::note!("toy-lm: step {step:4} loss {last:.4} ({:.1}s)", start.elapsed().as_secs_f64());
-        }
-    }
-    save_hf(&model, &model_dir, vocab.words.len(), n_ctx, args.ctx_len)?;
-    // Check the saved folder through scae's own loader (TL processing) on held-out stories.
-    let loaded = scae::model::Model::load("toy", &model_dir, &Device::Cpu).context("reloading the saved model")?;
-    let tok = loaded.tokenizer()?;
-    let mut ids: Vec<u32> = Vec::new();
-    for st in &heldout {
-        ids.extend(tok.encode(st)?);
-        ids.push(0);
-    }
-    let n_eval = (ids.len() / args.ctx_len).min(64);
-    let eval = Tensor::from_vec(ids[..n_eval * args.ctx_len].to_vec(), (n_eval, args.ctx_len), &Device::Cpu)?;
-    let heldout_ce =
-        loaded.runtime.forward(&eval, false, false)?.ce.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?;
-    let report = serde_json::json!({
-        "format": "scae-toy-lm", "version": 1,
-        "vocab_size": vocab.words.len(), "n_tokens": stream.len(), "steps": args.steps,
-        "final_train_ce": last, "heldout_ce": heldout_ce, "unigram_entropy": unigram_entropy,
-        "seconds": start.elapsed().as_secs_f64(),
-    });
-    scae::util::io::write_atomic(&dir.join("report.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
-    let out = stage.commit()?;
+    let cfg = ToyConfig {
+        out: args.out,
+        overwrite: args.overwrite,
+        n_stories: args.n_stories,
+        n_heldout: args.n_heldout,
+        d_model: args.d_model,
+        n_layers: args.n_layers,
+        n_heads: args.n_heads,
+        ctx_len: args.ctx_len,
+        steps: args.steps,
+        batch_size: args.batch_size,
+        lr: args.lr,
+        seed: args.common.seed,
+    };
+    let t = run::train(&cfg)?;
     scae::say!(
-        "toy-lm: held-out CE {heldout_ce:.3} nats vs unigram entropy {unigram_entropy:.3} nats ({} words, {:.0}s) -> {}",
-        vocab.words.len(),
-        start.elapsed().as_secs_f64(),
-        out.join("model").display()
+        "toy-lm: held-out CE {:.3} nats vs unigram entropy {:.3} nats ({} words, {:.0}s) -> {}",
+        t.heldout_ce,
+        t.unigram_entropy,
+        t.n_words,
+        t.seconds,
+        t.model_dir.display()
     )?;
     Ok(())
 }

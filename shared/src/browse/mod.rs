@@ -1,8 +1,13 @@
-//! Feature statistics for the feature browser (`view-features`): one streaming pass over a
-//! cache through the pass the suite is evaluated with, keeping per feature its firing count,
-//! sum and max, the top-N activating contexts (with left and right context), a reservoir of
-//! activations (for the histogram) and a small reservoir of contexts (for examples from lower
-//! quantiles); then the logit lens of each decoder direction.
+//! The feature browser (`view-features`). [`collect`] makes one streaming pass over a cache
+//! through the pass the suite is evaluated with, keeping per feature its firing count, sum and
+//! max, the top-N activating contexts (with left and right context), a reservoir of activations
+//! (for the histogram) and a small reservoir of contexts (for examples from lower quantiles);
+//! then the logit lens of each decoder direction. [`page`] turns these into the page's data
+//! files; [`run`] does both into an output folder.
+
+pub mod page;
+
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -10,6 +15,7 @@ use crate::error::Result;
 use crate::formats::connections::Connections;
 use crate::inputs::Inputs;
 use crate::pass::{PassOptions, Plan, ValuePass, Wiring};
+use crate::util::io::StagedDir;
 use crate::util::rng::SplitMix;
 
 /// What to keep per feature.
@@ -166,6 +172,78 @@ pub fn collect(inputs: &Inputs, conns: Option<&Connections>, cfg: &BrowseConfig,
     }
     let lens = logit_lens(inputs, cfg.lens, device)?;
     Ok(Browse { n_tokens, n_seqs, stats, lens })
+}
+
+/// A validated `view-features` run.
+#[derive(Debug, Clone)]
+pub struct ViewConfig {
+    /// Activation cache folder.
+    pub acts: PathBuf,
+    /// Suite folder, file or hub id.
+    pub suite: PathBuf,
+    /// `--connections` (`None`: the suite's stored connections, else all).
+    pub connections: Option<PathBuf>,
+    /// An edges file whose scores are shown for connections that carry none.
+    pub edges: Option<PathBuf>,
+    /// Model folder or hub id (default: the cache manifest's).
+    pub model: Option<String>,
+    /// Output folder, and whether an existing, non-empty one is replaced.
+    pub out: PathBuf,
+    pub overwrite: bool,
+    pub browse: BrowseConfig,
+}
+
+/// What [`run`] wrote.
+#[derive(Debug, Clone)]
+pub struct ViewSummary {
+    /// Features of all modules, and how many of them fired.
+    pub n_features: usize,
+    pub firing: usize,
+    pub n_tokens: u64,
+    /// Bytes of the data files and `assets`.
+    pub bytes: usize,
+    /// The finished page (`<out>/index.html`).
+    pub index: PathBuf,
+}
+
+/// Collect every feature's statistics over `cfg.acts` and write the browser into `cfg.out`:
+/// the data files (see [`page`]) under `data/` and each `(file name, text)` of `assets` (the
+/// page itself: index.html, app.js, style.css).
+pub fn run(cfg: &ViewConfig, assets: &[(&str, &str)], device: &Device) -> Result<ViewSummary> {
+    let inputs = Inputs::open(&cfg.acts, &cfg.suite, cfg.model.as_deref(), device)?;
+    let chosen = inputs.choose_connections(cfg.connections.as_deref(), "view-features")?;
+    let conns = chosen.set.as_ref();
+    let scores = match &cfg.edges {
+        Some(p) => page::EdgeScores::new(&inputs.connections(p)?),
+        None => page::EdgeScores::default(),
+    };
+    let stage = StagedDir::create(&cfg.out, cfg.overwrite, "--out")?;
+    let browse = collect(&inputs, conns, &cfg.browse, device)?;
+    let tokenizer = inputs.model.tokenizer()?;
+    let page = page::Page {
+        browse: &browse,
+        suite: &inputs.suite,
+        conns,
+        scores: &scores,
+        tokenizer: &tokenizer,
+        suite_path: &cfg.suite,
+        acts_path: &cfg.acts,
+        connections: chosen.file.as_deref(),
+        pass_description: &chosen.pass,
+    };
+    let mut bytes = page::write_data(&stage.path().join("data"), &page)?;
+    for (name, body) in assets {
+        crate::util::io::write_atomic(&stage.path().join(name), body.as_bytes())?;
+        bytes += body.len();
+    }
+    let out = stage.commit()?;
+    Ok(ViewSummary {
+        n_features: inputs.suite.n_features * inputs.suite.modules.len(),
+        firing: browse.stats.iter().flatten().filter(|s| s.count > 0).count(),
+        n_tokens: browse.n_tokens,
+        bytes,
+        index: out.join("index.html"),
+    })
 }
 
 /// The `n` largest and smallest entries of `row` with their indices, largest first / smallest first.

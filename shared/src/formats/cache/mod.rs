@@ -7,16 +7,24 @@
 //!   (`blocks.0.hook_resid_pre`, `blocks.L.ln1.hook_scale`, ..., `blocks.L.attn.hook_pattern`)
 //!   with a leading sequence axis, plus `tokens` (int64, `(n, ctx_len)`).
 //!   `safetensors.torch.load_file` opens a shard as a dict that indexes like a TL cache.
+//!
+//! This file opens, checks and reads caches ([`Cache`], [`CacheReader`]); `manifest.rs` holds
+//! the manifest's types and `collect.rs` writes a cache (the shard writer and [`collect()`], the
+//! `collect-acts` runner).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use serde::{Deserialize, Serialize};
 
 use crate::data::Batch;
 use crate::error::{Error, IoContext, Result};
-use crate::model::{ForwardOutput, ModelConfig};
+
+mod collect;
+mod manifest;
+
+pub use collect::{collect, CollectConfig, Collected, ShardWriter};
+pub use manifest::{DataInfo, Manifest, ModelInfo, ShardInfo, StoreDType};
 
 /// `format` field of a cache manifest.
 pub const FORMAT: &str = "scae-acts";
@@ -24,283 +32,6 @@ pub const FORMAT: &str = "scae-acts";
 pub const VERSION: u32 = 1;
 /// File name of the manifest inside a cache folder.
 pub const MANIFEST: &str = "manifest.json";
-
-/// Floating-point storage types of cached tensors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StoreDType {
-    F32,
-    Bf16,
-    F16,
-}
-
-impl StoreDType {
-    /// The candle dtype.
-    pub fn dtype(self) -> DType {
-        match self {
-            StoreDType::F32 => DType::F32,
-            StoreDType::Bf16 => DType::BF16,
-            StoreDType::F16 => DType::F16,
-        }
-    }
-
-    /// The name used in flags and manifests.
-    pub fn name(self) -> &'static str {
-        match self {
-            StoreDType::F32 => "f32",
-            StoreDType::Bf16 => "bf16",
-            StoreDType::F16 => "f16",
-        }
-    }
-}
-
-/// The model a cache was computed with.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ModelInfo {
-    pub id: String,
-    /// The folder the model was read from (absolute), so later stages can reload it.
-    #[serde(default)]
-    pub path: Option<String>,
-    pub hash: String,
-    pub architecture: String,
-    pub n_layers: usize,
-    pub d_model: usize,
-    pub n_heads: usize,
-    pub d_head: usize,
-    pub d_mlp: usize,
-    pub d_vocab: usize,
-    pub n_ctx: usize,
-    pub parallel_attn_mlp: bool,
-}
-
-impl ModelInfo {
-    /// Describe `cfg` loaded from `id` with weights hash `hash`.
-    pub fn new(id: &str, dir: &Path, hash: &str, cfg: &ModelConfig) -> ModelInfo {
-        ModelInfo {
-            id: id.to_string(),
-            path: std::fs::canonicalize(dir).ok().map(|p| p.display().to_string()),
-            hash: hash.to_string(),
-            architecture: cfg.arch.hf_name().to_string(),
-            n_layers: cfg.n_layers,
-            d_model: cfg.d_model,
-            n_heads: cfg.n_heads,
-            d_head: cfg.d_head,
-            d_mlp: cfg.d_mlp,
-            d_vocab: cfg.d_vocab,
-            n_ctx: cfg.n_ctx,
-            parallel_attn_mlp: cfg.parallel_attn_mlp,
-        }
-    }
-}
-
-/// Where the tokens came from.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DataInfo {
-    /// The `--data` or `--tokens` path as given.
-    pub source: String,
-    /// `text` or `tokens`.
-    pub kind: String,
-    /// Column read from parquet/jsonl, if any.
-    pub column: Option<String>,
-    pub pack: bool,
-    pub docs_read: u64,
-    pub docs_skipped_short: u64,
-    /// A fingerprint of the data file's contents (`util::fingerprint::file_fingerprint`), so
-    /// that later stages can tell whether two caches read the same text (absent in caches
-    /// written before it was recorded).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fingerprint: Option<String>,
-    /// Sequences the data gave that were skipped before the cache's first (`--skip-seqs`: a
-    /// held-out cache from the text after a training cache's).
-    #[serde(default)]
-    pub skip_seqs: u64,
-}
-
-impl DataInfo {
-    /// Whether a cache of `n` sequences with these data settings and `other`'s `m` sequences
-    /// may share tokens: the same text (by fingerprint), and either other sequencing settings
-    /// or overlapping ranges of sequences. `None` when a fingerprint is missing.
-    pub fn overlaps(&self, n: u64, other: &DataInfo, m: u64, same_layout: bool) -> Option<bool> {
-        let (a, b) = (self.fingerprint.as_ref()?, other.fingerprint.as_ref()?);
-        // A column left unrecorded on one side (the default one) could be the other's.
-        let columns_differ = matches!((&self.column, &other.column), (Some(x), Some(y)) if x != y);
-        if a != b || self.kind != other.kind || columns_differ {
-            return Some(false);
-        }
-        if !same_layout || self.pack != other.pack {
-            return Some(true);
-        }
-        Some(self.skip_seqs < other.skip_seqs + m && other.skip_seqs < self.skip_seqs + n)
-    }
-}
-
-/// One shard file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ShardInfo {
-    pub file: String,
-    pub n_seqs: usize,
-    /// Mean next-token CE of the clean model over the shard's `n_seqs·(ctx_len-1)` predictions.
-    pub clean_ce: f64,
-}
-
-/// `manifest.json` of a cache folder.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Manifest {
-    pub format: String,
-    pub version: u32,
-    pub model: ModelInfo,
-    pub ctx_len: usize,
-    pub prepend_bos: bool,
-    pub dtype: StoreDType,
-    pub data: DataInfo,
-    pub n_seqs: usize,
-    pub hooks: Vec<String>,
-    pub shards: Vec<ShardInfo>,
-    /// Mean clean CE over all shards (weighted by sequences).
-    pub clean_ce: f64,
-    /// Tool and version that wrote the cache.
-    pub created_by: String,
-}
-
-impl Manifest {
-    /// Read and check `dir/manifest.json` (format and version).
-    pub fn read(dir: &Path) -> Result<Manifest> {
-        let path = dir.join(MANIFEST);
-        let text = std::fs::read_to_string(&path).map_err(|e| {
-            Error::input(&path, format!("cannot read cache manifest: {e}; hint: make one with collect-acts"))
-        })?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::input(&path, format!("not valid JSON: {e}")))?;
-        let format = v.get("format").and_then(|f| f.as_str()).unwrap_or("");
-        let version = v.get("version").and_then(|f| f.as_u64()).unwrap_or(0);
-        if format != FORMAT || version != VERSION as u64 {
-            return Err(Error::input(
-                &path,
-                format!(
-                    "format {format} v{version}, expected {FORMAT} v{VERSION}; hint: rebuild the cache with collect-acts"
-                ),
-            ));
-        }
-        serde_json::from_value(v).map_err(|e| Error::input(&path, format!("malformed manifest: {e}")))
-    }
-}
-
-/// Accumulates forward outputs and writes them as shards of about `shard_seqs` sequences.
-pub struct ShardWriter {
-    dir: PathBuf,
-    hooks: Vec<String>,
-    dtype: StoreDType,
-    shard_seqs: usize,
-    pending: Vec<HashMap<String, Tensor>>,
-    pending_seqs: usize,
-    pending_ce: Vec<Tensor>,
-    /// The shard being written in the background, so disk I/O overlaps the next batches.
-    writing: Option<std::thread::JoinHandle<Result<()>>>,
-    pub shards: Vec<ShardInfo>,
-}
-
-impl ShardWriter {
-    /// Write into `dir` (a staging folder) the hooks of `cfg`, cast to `dtype`.
-    pub fn new(dir: &Path, cfg: &ModelConfig, dtype: StoreDType, shard_seqs: usize) -> ShardWriter {
-        ShardWriter {
-            dir: dir.to_path_buf(),
-            hooks: cfg.hook_names(),
-            dtype,
-            shard_seqs: shard_seqs.max(1),
-            pending: Vec::new(),
-            pending_seqs: 0,
-            pending_ce: Vec::new(),
-            writing: None,
-            shards: Vec::new(),
-        }
-    }
-
-    /// The hook names written, in order.
-    pub fn hooks(&self) -> &[String] {
-        &self.hooks
-    }
-
-    /// Add one batch: its tokens `(batch, ctx)` and the forward pass (run with hooks).
-    pub fn push(&mut self, tokens: &Tensor, out: &ForwardOutput) -> Result<()> {
-        let dtype = self.dtype.dtype();
-        let mut map = HashMap::new();
-        map.insert("blocks.0.hook_resid_pre".to_string(), out.resid_pre0.to_dtype(dtype)?);
-        for (l, layer) in out.layers.iter().enumerate() {
-            for (suffix, t) in layer.named() {
-                map.insert(format!("blocks.{l}.{suffix}"), t.to_dtype(dtype)?);
-            }
-        }
-        let first = self.shards.iter().map(|s| s.n_seqs).sum::<usize>() + self.pending_seqs;
-        let mut names: Vec<&String> = map.keys().collect();
-        names.sort();
-        for name in names {
-            let t = &map[name];
-            // Checked as stored (f16 overflows at 65,504).
-            if !crate::util::all_finite(t)? {
-                return Err(Error::Usage(format!(
-                    "hook `{name}` has NaN or infinite values ({} storage) in sequences {first}..{}; \
-                     the model's activations overflow{}",
-                    self.dtype.name(),
-                    first + tokens.dim(0)?,
-                    if self.dtype == StoreDType::F32 { "" } else { "; hint: --dtype f32" }
-                )));
-            }
-        }
-        map.insert("tokens".to_string(), tokens.to_dtype(DType::I64)?);
-        self.pending_seqs += tokens.dim(0)?;
-        self.pending.push(map);
-        self.pending_ce.push(out.ce.clone());
-        if self.pending_seqs >= self.shard_seqs {
-            self.flush()?;
-        }
-        Ok(())
-    }
-
-    /// Wait for the shard being written, if any.
-    fn join_writer(&mut self) -> Result<()> {
-        match self.writing.take() {
-            Some(h) => h.join().map_err(|_| Error::Usage("the shard writer thread panicked".into()))?,
-            None => Ok(()),
-        }
-    }
-
-    /// Write whatever is pending as a shard and wait until every shard is on disk.
-    pub fn finish(&mut self) -> Result<()> {
-        self.flush()?;
-        self.join_writer()
-    }
-
-    /// Start writing whatever is pending as a shard (in the background).
-    fn flush(&mut self) -> Result<()> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        let mut names = self.hooks.clone();
-        names.push("tokens".into());
-        let mut tensors: Vec<(String, Tensor)> = Vec::with_capacity(names.len());
-        for name in names {
-            let parts: Vec<&Tensor> = self.pending.iter().map(|m| &m[&name]).collect();
-            let t = Tensor::cat(&parts, 0)?.to_device(&Device::Cpu)?;
-            tensors.push((name, t));
-        }
-        let ce = Tensor::cat(&self.pending_ce, 0)?.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?;
-        let file = format!("shard-{:05}.safetensors", self.shards.len());
-        let path = self.dir.join(&file);
-        let meta: std::collections::BTreeMap<String, String> = [
-            ("format".to_string(), format!("{FORMAT}-shard")),
-            ("version".to_string(), VERSION.to_string()),
-            ("dtype".to_string(), self.dtype.name().to_string()),
-        ]
-        .into();
-        self.join_writer()?;
-        self.writing = Some(std::thread::spawn(move || crate::util::io::write_safetensors(&path, tensors, &meta)));
-        self.shards.push(ShardInfo { file, n_seqs: self.pending_seqs, clean_ce: ce });
-        self.pending.clear();
-        self.pending_ce.clear();
-        self.pending_seqs = 0;
-        Ok(())
-    }
-}
 
 /// An opened cache folder.
 #[derive(Debug, Clone)]
