@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
+use scae::formats::edges_meta::{EdgesMeta, Key};
 use scae::formats::eval::EvalReport;
 
 /// `evaluate --compare`: load the runs in `dirs` (a folder named twice counts once), write
@@ -107,10 +108,9 @@ pub fn load_run(dir: &Path) -> Result<Run> {
     let r = EvalReport::read(dir)?;
     // select-edges --random records its seed; older eval.json files: look in the file.
     let random = r.random_connections
-        || r.connections.as_deref().is_some_and(|p| {
-            p.extension().is_some_and(|e| e == "parquet")
-                && scae::util::table::parquet_metadata(p).is_ok_and(|m| m.iter().any(|(k, _)| k == "random_seed"))
-        });
+        || r.connections
+            .as_deref()
+            .is_some_and(|p| EdgesMeta::of_file(p).is_ok_and(|m| m.get(Key::RandomSeed).is_some()));
     let training = r.suite_training.as_ref().filter(|_| r.finetuned());
     let flags = training.map(|t| &t["flags"]);
     let recipe = training.map(|t| {
