@@ -1,19 +1,25 @@
 //! scae: Sparsely Connected Autoencoder suites in Rust — the library behind the pipeline tools
-//! (`collect-acts`, `train-suite`, `score-edges`, `select-edges`, `finetune`, `evaluate`).
+//! (`collect-acts`, `train-suite`, `score-edges`, `select-edges`, `finetune`, `evaluate`,
+//! `view-features`, `convert-suite`).
 //!
-//! The crate follows the pipeline, each group using only the ones above it:
-//! - [`util`]: atomic output, parquet tables, dense kernels, a seeded generator (no SCAE concepts);
+//! The crate follows the pipeline, each group using only the ones before it (checked by
+//! `shared/tests/layering.rs`):
+//! - [`error`]: the error type; [`util`]: atomic output, parquet tables, dense kernels, a
+//!   seeded generator, progress and interrupts (no SCAE concepts);
 //! - [`model`]: the language model with TransformerLens-exact hooks, the suite's modules, hub
 //!   lookup and tokenizing;
 //! - [`data`]: documents -> token rows -> batches of cached clean-run tensors;
 //! - [`sae`]: the TopK autoencoder — parameters, top-k, FVU and AuxK, decoder normalisation,
 //!   initialisation, the pretraining step;
-//! - [`formats`]: every handoff file (caches, suites, connections, checkpoints, eval.json,
-//!   scores.json), read, checked and written;
+//! - [`formats`]: every handoff file (caches and the collect runner, suites, connections and
+//!   their metadata, eval.json, scores.json, the reference's files), read, checked and written;
+//! - [`inputs`]: opening a stage's inputs (hub ids included) and cross-checking them; which
+//!   connections a pass runs with;
 //! - [`pass`]: the pruned forward pass (autograd, the CPU engine, kernels) and its losses;
-//! - [`train`]: the pretraining and finetuning runners and what they share;
-//! - [`scores`] (edge scores and top-C selection), [`eval`] (the evaluation runner),
-//!   [`inputs`] (opening and cross-checking a stage's inputs);
+//! - [`train`]: the pretraining and finetuning runners, the finetuning step's forms, the
+//!   checkpoints;
+//! - [`scores`] (edge scores, top-C selection, their runners), [`eval`] (the evaluation
+//!   runner), [`browse`] (the feature browser's runner);
 //! - [`cli`]: command-line argument groups and the `main` wrapper (nothing else imports it).
 //!
 //! Every formula is stated in `docs/MATH.md`; `docs/ARCHITECTURE.md` lists the file that

@@ -254,7 +254,7 @@ impl Connections {
         self.edges.iter().flatten().map(Vec::len).max().unwrap_or(0).max(1)
     }
 
-    /// The reference's `[F, C]` per-pair index tables (C = [`Self::reference_width`]; each
+    /// The reference's `[F, C]` per-pair index tables (C = the most edges of any feature, at least 1; each
     /// module's picks left-packed, `-1` after), for every preceding (down, up) pair in suite order.
     pub fn reference_tables(&self, parallel: bool) -> Vec<Table> {
         let (f, width) = (self.n_features, self.reference_width());

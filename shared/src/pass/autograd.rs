@@ -292,7 +292,7 @@ fn edge_contrib(
 pub(crate) fn apply_edges(
     x: &Tensor,
     w: &Tensor,
-    index: &std::sync::Arc<super::kernels::EdgeIndex>,
+    index: &std::sync::Arc<super::plan::EdgeIndex>,
     cols: &Tensor,
     slot_mask: &Tensor,
     heads: usize,

@@ -134,6 +134,16 @@ fn unembed_logits(
 
 /// One position's CE term `lse(logits) − logits[target]` (f64) and its gradient
 /// `(softmax − onehot) / count` into `g`.
+/// LNPre of one residual row on the host: its mean and `σ = sqrt(var + eps)` (the row
+/// normalises to `(x − μ) / σ`; docs/MATH.md, "Spliced CE"). Every host CE (the dense one below,
+/// the engine's with unembed edges) reads its rows through this.
+pub(crate) fn ln_pre_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let d = x.len() as f32;
+    let mu = x.iter().sum::<f32>() / d;
+    let var = x.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / d;
+    (mu, (var + eps).sqrt())
+}
+
 pub(crate) fn softmax_ce_row(logits: &[f32], target: usize, count: f64, g: &mut [f32]) -> f64 {
     let mx = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let z: f64 = logits.iter().map(|x| ((x - mx) as f64).exp()).sum();
@@ -173,9 +183,7 @@ pub fn ce_loss_and_grad(rt: &Runtime, fb: &FlatBatch, recon: &[&[f32]], d: usize
             let mut sig = vec![0f32; rows];
             for r in 0..rows {
                 let x = &resid[(t0 + r) * d..(t0 + r + 1) * d];
-                let mu = x.iter().sum::<f32>() / d as f32;
-                let var = x.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / d as f32;
-                let sd = (var + eps).sqrt();
+                let (mu, sd) = ln_pre_stats(x, eps);
                 sig[r] = sd;
                 for j in 0..d {
                     normed[r * d + j] = (x[j] - mu) / sd;

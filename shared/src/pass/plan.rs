@@ -1,11 +1,12 @@
 //! Wiring a suite for a model: which upstream modules and features feed each downstream
-//! module ([`Plan`], built once per connection set), and the pass options.
+//! module ([`Plan`], built once per connection set), the index every sparse kernel and the
+//! engine walk ([`EdgeIndex`]: slots per downstream feature, and the reverse adjacency), and the
+//! pass options.
 
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
-use super::kernels::{EdgeIndex, EMPTY};
 use crate::error::{Error, Result};
 use crate::formats::connections::Connections;
 use crate::formats::suite::Suite;
@@ -191,5 +192,91 @@ impl Plan {
             _ => None,
         };
         Ok(Plan { downs, sparse, composed: !device.is_cpu(), unembed })
+    }
+}
+
+/// The wiring of one downstream module: for each of its `n_down` features, `width` slots
+/// holding a column of X (or [`EMPTY`]), plus the reverse adjacency.
+#[derive(Debug, Clone)]
+pub struct EdgeIndex {
+    pub n_down: usize,
+    pub width: usize,
+    /// Columns of X (`n_cols` of them: |U| · F).
+    pub n_cols: usize,
+    /// `slot_col[i·width + c]`: X column of slot (i, c), or EMPTY.
+    pub slot_col: Vec<u32>,
+    /// CSR: slots reading column m are `rev_slots[rev_ptr[m]..rev_ptr[m+1]]`.
+    pub rev_ptr: Vec<u32>,
+    pub rev_slots: Vec<u32>,
+    /// The downstream feature of each entry of `rev_slots` (`slot / width`, kept so that the
+    /// per-edge loops do no division).
+    pub rev_down: Vec<u32>,
+}
+
+/// Marks an unused slot.
+pub const EMPTY: u32 = u32::MAX;
+
+impl EdgeIndex {
+    /// Build from per-feature column lists (each at most `width` long).
+    pub fn new(cols: &[Vec<u32>], width: usize, n_cols: usize) -> EdgeIndex {
+        let n_down = cols.len();
+        let mut slot_col = vec![EMPTY; n_down * width];
+        let mut counts = vec![0u32; n_cols + 1];
+        for (i, cs) in cols.iter().enumerate() {
+            for (c, &m) in cs.iter().enumerate() {
+                slot_col[i * width + c] = m;
+                counts[m as usize + 1] += 1;
+            }
+        }
+        for m in 0..n_cols {
+            counts[m + 1] += counts[m];
+        }
+        let mut fill = counts.clone();
+        let mut rev_slots = vec![0u32; counts[n_cols] as usize];
+        for (slot, &m) in slot_col.iter().enumerate() {
+            if m != EMPTY {
+                rev_slots[fill[m as usize] as usize] = slot as u32;
+                fill[m as usize] += 1;
+            }
+        }
+        let rev_down = rev_slots.iter().map(|&slot| slot / width as u32).collect();
+        EdgeIndex { n_down, width, n_cols, slot_col, rev_ptr: counts, rev_slots, rev_down }
+    }
+
+    /// The slot columns with EMPTY replaced by 0 (for gathers; those slots get zero weight
+    /// gradient because no X column points at them).
+    pub fn gather_cols(&self) -> Vec<u32> {
+        self.slot_col.iter().map(|&m| if m == EMPTY { 0 } else { m }).collect()
+    }
+
+    /// Per-slot values `(slots, h)` re-laid in column order: entry `j` of `rev_slots` gets
+    /// slot `rev_slots[j]`'s `h` values (so the edges of one column are contiguous).
+    pub(crate) fn to_col_order(&self, w: &[f32], h: usize) -> Vec<f32> {
+        let mut out = vec![0f32; self.rev_slots.len() * h];
+        out.chunks_mut(h)
+            .zip(&self.rev_slots)
+            .for_each(|(o, &slot)| o.copy_from_slice(&w[slot as usize * h..(slot as usize + 1) * h]));
+        out
+    }
+
+    /// The inverse of [`to_col_order`](Self::to_col_order) (empty slots get zeros).
+    pub(crate) fn to_slot_order(&self, w_col: &[f32], h: usize) -> Vec<f32> {
+        let mut out = vec![0f32; self.slot_col.len() * h];
+        w_col
+            .chunks(h)
+            .zip(&self.rev_slots)
+            .for_each(|(v, &slot)| out[slot as usize * h..(slot as usize + 1) * h].copy_from_slice(v));
+        out
+    }
+
+    /// The entries of column `m` in column order (indices into `rev_slots`, `rev_down`).
+    pub(crate) fn col_range(&self, m: usize) -> std::ops::Range<usize> {
+        self.rev_ptr[m] as usize..self.rev_ptr[m + 1] as usize
+    }
+
+    /// The edges reading column `m`: `(slot, downstream feature)`.
+    pub(crate) fn edges(&self, m: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let r = self.rev_ptr[m] as usize..self.rev_ptr[m + 1] as usize;
+        self.rev_slots[r.clone()].iter().zip(&self.rev_down[r]).map(|(&slot, &i)| (slot as usize, i as usize))
     }
 }

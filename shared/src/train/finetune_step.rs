@@ -1,7 +1,7 @@
 //! One finetuning step, in each of its forms side by side: on the CPU engine (host buffers,
 //! hand-written backward, host optimizer) and through candle autograd on any device (the GPU
 //! path), whole batch or micro-batched. All three assemble the same loss, described by one
-//! [`LossSpec`] (docs/MATH.md, "Finetuning losses"):
+//! [`LossSpec`] (docs/MATH.md, "FVU", "AuxK", "Spliced CE"):
 //!
 //! `loss = Σ_m scale_m · FVU_m + α · Σ_m AuxK_m + w · CE`
 //!
@@ -167,7 +167,7 @@ pub fn engine_step(
 /// dtype, see [`Batch::with_pass_dtype`]): the loss values and every module's gradients.
 ///
 /// With `micro` below the batch size the graph is built for `micro` sequences at a time
-/// ([`micro_batch_grads`]), so memory follows `micro`, not the batch, and the gradients are
+/// (`micro_batch_grads`), so memory follows `micro`, not the batch, and the gradients are
 /// those of the whole batch's loss.
 pub fn autograd_grads(
     si: &StepInputs,

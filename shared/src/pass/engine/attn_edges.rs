@@ -13,8 +13,8 @@ use super::embed_edges::embed_values;
 use super::pair_kernels::{pull_slots, push_slots, ColValue, ColValues};
 use super::{active_ups, add_up_value_grads, ActiveRows, EdgeState, Engine, ModuleState, PreGrad, State};
 use crate::data::FlatBatch;
-use crate::pass::kernels::{EdgeIndex, EMPTY};
 use crate::pass::plan::EmbedPlan;
+use crate::pass::plan::{EdgeIndex, EMPTY};
 use crate::util::blas::{add_into, axpy, dot, sgemm, sgemm_ld};
 
 /// Key positions per block of the attention edge forward's mixing product (its inner dimension

@@ -13,8 +13,8 @@ use rayon::prelude::*;
 
 use super::{ActiveRows, Engine, PreGrad};
 use crate::data::FlatBatch;
-use crate::pass::kernels::EMPTY;
 use crate::pass::plan::EmbedPlan;
+use crate::pass::plan::EMPTY;
 use crate::util::blas::{axpy, dot, fold_rows};
 
 /// The model constants embed edges read: `W_E (V, D)` and `W_pos (n_ctx, D)` (empty for rotary

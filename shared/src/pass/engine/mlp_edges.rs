@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use super::{active_ups, add_up_value_grads, Engine, ModuleState, PreGrad, State};
 use crate::data::FlatBatch;
-use crate::pass::kernels::{EdgeIndex, EMPTY};
+use crate::pass::plan::{EdgeIndex, EMPTY};
 use crate::util::blas::{add_into, axpy, dot, fold_rows};
 
 impl Engine<'_> {

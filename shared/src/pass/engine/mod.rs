@@ -45,7 +45,7 @@ use crate::data::FlatBatch;
 use crate::error::{Error, Result};
 use crate::formats::suite::Suite;
 use crate::model::{Kind, Runtime};
-use crate::pass::kernels::EMPTY;
+use crate::pass::plan::EMPTY;
 use crate::pass::{PassOptions, Plan};
 use crate::sae::loss::{auxk_and_grad, auxk_select, AuxLatents};
 use crate::sae::AeParams;
@@ -145,7 +145,7 @@ struct LayerConsts {
 #[derive(Default)]
 struct EdgeState {
     /// Edge weights: for mlp targets in column order
-    /// ([`crate::pass::kernels::EdgeIndex::to_col_order`]: the edges reading one upstream column
+    /// ([`crate::pass::plan::EdgeIndex::to_col_order`]: the edges reading one upstream column
     /// are contiguous, as their loops walk upstream values), for attention targets in slot
     /// order `(F, C, H)` (their loops walk downstream features).
     w: Vec<f32>,

@@ -17,7 +17,7 @@
 //! loop, so the results are bit-identical whichever runs (`tests` below checks each against
 //! the plain loop).
 
-use crate::pass::kernels::EMPTY;
+use crate::pass::plan::EMPTY;
 
 /// One value an upstream column takes in a sequence: its position, where its gradient goes
 /// (`vid`, an index into the caller's value-gradient buffer), the factor the edge terms carry

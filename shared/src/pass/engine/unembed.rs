@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use super::{Engine, State};
 use crate::data::FlatBatch;
 use crate::error::Result;
-use crate::pass::loss::softmax_ce_row;
+use crate::pass::loss::{ln_pre_stats, softmax_ce_row};
 use crate::util::blas::{add_into, axpy, dot, sgemm};
 
 /// `W_U (D, V)`, its transpose and `b_U`, when the plan has unembed edges.
@@ -95,9 +95,8 @@ impl Engine<'_> {
                 for r in 0..rows {
                     let t = t0 + r;
                     let x = &resid[t * d..(t + 1) * d];
-                    let mu = x.iter().sum::<f32>() / d as f32;
-                    let var = x.iter().map(|q| (q - mu) * (q - mu)).sum::<f32>() / d as f32;
-                    sig[r] = (var + eps).sqrt();
+                    let (mu, sd) = ln_pre_stats(x, eps);
+                    sig[r] = sd;
                     for j in 0..d {
                         cen[r * d + j] = x[j] - mu;
                         dn[r * d + j] = (fb.r0[t * d + j] + ub[j]) / sig[r];
