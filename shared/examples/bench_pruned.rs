@@ -34,7 +34,7 @@ fn main() -> anyhow::Result<()> {
             let eng = scae::pass::engine::Engine::new(&suite, &model.runtime, &plan, PassOptions::default())?;
             let state = eng.forward(&fb)?;
             let f = t.elapsed().as_secs_f64() * 1e3;
-            let (_, g) = scae::pass::loss::mse_loss_and_grad(&fb, &state.recons(), suite.d_model);
+            let (_, g) = scae::pass::objective::mse_loss_and_grad(&fb, &state.recons(), suite.d_model);
             let grads = eng.backward(&fb, &state, g)?;
             let _t = scae::pass::engine::grads_to_tensors(&suite, &grads, &dev)?;
             if i > 0 {
@@ -48,7 +48,7 @@ fn main() -> anyhow::Result<()> {
         } else {
             pass::forward(&suite, &model.runtime, &plan, &batch, PassOptions::default())?
         };
-        let loss = pass::loss::mse_loss(&suite, &batch, &o)?;
+        let loss = pass::objective::mse_loss(&suite, &batch, &o)?;
         let f = t.elapsed().as_secs_f64() * 1e3;
         let _grads = loss.backward()?;
         let s = t.elapsed().as_secs_f64() * 1e3;

@@ -9,9 +9,9 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::formats::connections::Connections;
-use crate::formats::eval::{EvalReport, ModuleEval, FORMAT, VERSION};
+use crate::formats::eval_json::{EvalReport, ModuleEval, FORMAT, VERSION};
 use crate::inputs::Inputs;
-use crate::pass::loss::ce_per_token_planned;
+use crate::pass::objective::ce_per_token_planned;
 use crate::pass::{PassOptions, Plan, ValuePass, Wiring};
 use crate::sae::loss::{fvu_ref, Moments};
 

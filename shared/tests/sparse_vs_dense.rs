@@ -105,9 +105,15 @@ fn compare(name: &str, suite: &Suite, model: &Model, batch: &Batch, conns: Optio
         assert_outputs_close(name, suite, &fast, &slow);
         for loss_kind in ["mse", "ce"] {
             let (lf, ls) = if loss_kind == "mse" {
-                (pass::loss::mse_loss(suite, batch, &fast).unwrap(), pass::loss::mse_loss(suite, batch, &slow).unwrap())
+                (
+                    pass::objective::mse_loss(suite, batch, &fast).unwrap(),
+                    pass::objective::mse_loss(suite, batch, &slow).unwrap(),
+                )
             } else {
-                (pass::loss::ce_loss(rt, batch, &fast).unwrap(), pass::loss::ce_loss(rt, batch, &slow).unwrap())
+                (
+                    pass::objective::ce_loss(rt, batch, &fast).unwrap(),
+                    pass::objective::ce_loss(rt, batch, &slow).unwrap(),
+                )
             };
             let (gf, gs) = (lf.backward().unwrap(), ls.backward().unwrap());
             for (key, var) in suite.named_vars() {
@@ -178,13 +184,13 @@ fn compare_engine(
     for loss_kind in ["mse", "ce"] {
         let (auto_loss, (eng_loss, g_recon)) = if loss_kind == "mse" {
             (
-                pass::loss::mse_loss(suite, batch, &auto).unwrap(),
-                pass::loss::mse_loss_and_grad(&fb, &state.recons(), suite.d_model),
+                pass::objective::mse_loss(suite, batch, &auto).unwrap(),
+                pass::objective::mse_loss_and_grad(&fb, &state.recons(), suite.d_model),
             )
         } else {
             (
-                pass::loss::ce_loss(rt, batch, &auto).unwrap(),
-                pass::loss::ce_loss_and_grad(rt, &fb, &state.recons(), suite.d_model)
+                pass::objective::ce_loss(rt, batch, &auto).unwrap(),
+                pass::objective::ce_loss_and_grad(rt, &fb, &state.recons(), suite.d_model)
                     .map(|(l, g)| (l, vec![g; suite.modules.len()]))
                     .unwrap(),
             )
@@ -302,7 +308,7 @@ fn engine_auxk_gradient_matches_finite_differences() {
         suite.set_params(p).unwrap();
         let eng = Engine::new(&suite, &model.runtime, &plan, PassOptions::default()).unwrap();
         let mut st = eng.forward_with_dead(&fb, Some(&dead)).unwrap();
-        let (mse, _) = pass::loss::mse_loss_and_grad(&fb, &st.recons(), d);
+        let (mse, _) = pass::objective::mse_loss_and_grad(&fb, &st.recons(), d);
         let aux: f64 = eng.auxk_loss_and_grad(&fb, &mut st, alpha).iter().sum();
         mse + alpha * aux
     };
@@ -310,7 +316,7 @@ fn engine_auxk_gradient_matches_finite_differences() {
     let eng = Engine::new(&suite, &model.runtime, &plan, PassOptions::default()).unwrap();
     let mut st = eng.forward_with_dead(&fb, Some(&dead)).unwrap();
     assert!(st.modules.iter().all(|m| m.aux.as_ref().is_some_and(|a| a.k_aux > 0)));
-    let (_, g_rec) = pass::loss::mse_loss_and_grad(&fb, &st.recons(), d);
+    let (_, g_rec) = pass::objective::mse_loss_and_grad(&fb, &st.recons(), d);
     eng.auxk_loss_and_grad(&fb, &mut st, alpha);
     let grads = eng.backward(&fb, &st, g_rec).unwrap();
     let h = 1e-3f32;
@@ -389,7 +395,7 @@ fn oracle_with_every_end_edge_equals_the_dense_ends() {
         let every_feature: UnembedEdges =
             vec![(0..n_mod).flat_map(|m| (0..f as u32).map(move |j| (m, j))).collect(); vocab];
         let logits = dense_oracle::logits_with_ends(&suite, rt, &batch, &dense, &every_feature).unwrap();
-        let resid = pass::loss::spliced_resid(&batch, &dense).unwrap();
+        let resid = pass::objective::spliced_resid(&batch, &dense).unwrap();
         let want = rt.unembed(&resid).unwrap().reshape((n, vocab)).unwrap();
         let (diff, big) = (max_abs(&(&logits - &want).unwrap()), max_abs(&want));
         assert!(diff <= 1e-4 * big.max(1.0), "{name}: logits with every unembed edge differ by {diff} (max {big})");
@@ -690,11 +696,11 @@ fn unembed_edges_match_the_dense_oracle_and_the_engine() {
             plan.force_composed(composed);
             let label = format!("{name} composed={composed}");
             let out = pass::forward(&suite, rt, &plan, &batch, opts).unwrap();
-            let got = pass::loss::ce_loss_planned(&suite, rt, &plan, &batch, &out).unwrap();
+            let got = pass::objective::ce_loss_planned(&suite, rt, &plan, &batch, &out).unwrap();
             let want = oracle_ce(&out);
             let (g, w) = (got.to_scalar::<f32>().unwrap(), want.to_scalar::<f32>().unwrap());
             assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{label}: CE {g} vs oracle {w}");
-            let today = pass::loss::ce_loss(rt, &batch, &out).unwrap().to_scalar::<f32>().unwrap();
+            let today = pass::objective::ce_loss(rt, &batch, &out).unwrap().to_scalar::<f32>().unwrap();
             assert!((g - today).abs() > 1e-3, "{label}: the unembed edges change nothing ({g} vs {today})");
             let (gg, gw) = (got.backward().unwrap(), want.backward().unwrap());
             for (key, var) in suite.named_vars() {
@@ -704,7 +710,7 @@ fn unembed_edges_match_the_dense_oracle_and_the_engine() {
         // The engine's host CE and its gradients against autograd's.
         plan.force_composed(false);
         let out = pass::forward(&suite, rt, &plan, &batch, opts).unwrap();
-        let auto = pass::loss::ce_loss_planned(&suite, rt, &plan, &batch, &out).unwrap();
+        let auto = pass::objective::ce_loss_planned(&suite, rt, &plan, &batch, &out).unwrap();
         let ga = auto.backward().unwrap();
         let eng = Engine::new(&suite, rt, &plan, opts).unwrap();
         let fb = FlatBatch::new(&batch, &suite.modules).unwrap();
@@ -727,8 +733,9 @@ fn unembed_edges_match_the_dense_oracle_and_the_engine() {
         ];
         let plan = Plan::new(&suite, Wiring::Sparse(&full), parallel, &dev).unwrap();
         let out = pass::forward(&suite, rt, &plan, &batch, opts).unwrap();
-        let got = pass::loss::ce_loss_planned(&suite, rt, &plan, &batch, &out).unwrap().to_scalar::<f32>().unwrap();
-        let today = pass::loss::ce_loss(rt, &batch, &out).unwrap().to_scalar::<f32>().unwrap();
+        let got =
+            pass::objective::ce_loss_planned(&suite, rt, &plan, &batch, &out).unwrap().to_scalar::<f32>().unwrap();
+        let today = pass::objective::ce_loss(rt, &batch, &out).unwrap().to_scalar::<f32>().unwrap();
         assert!((got - today).abs() <= 1e-5 * today.abs().max(1.0), "{name}: every unembed edge: {got} vs {today}");
     }
 }
@@ -751,7 +758,7 @@ fn unembed_edge_scores_match_loops() {
         stats.accumulate(&suite, &batch, &out).unwrap();
         let got = stats.top_unembed_edges(&suite, rt, n_mod * f).unwrap();
         let toks: Vec<u32> = host(&batch.tokens).iter().map(|&x| x as u32).collect();
-        let r = host(&pass::loss::spliced_resid(&batch, &out).unwrap());
+        let r = host(&pass::objective::spliced_resid(&batch, &out).unwrap());
         let scale: Vec<f64> = r
             .chunks(d)
             .map(|x| {

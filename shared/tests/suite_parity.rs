@@ -75,8 +75,8 @@ fn run_family(name: &'static str) {
     let out = pass::forward(&c.suite, rt, &plan, &c.batch, PassOptions::default()).unwrap();
     let w_pruned = check_pass(&c, &out, "pruned", true);
     // Losses.
-    let mse = pass::loss::mse_loss(&c.suite, &c.batch, &out).unwrap();
-    let ce = pass::loss::ce_loss(rt, &c.batch, &out).unwrap();
+    let mse = pass::objective::mse_loss(&c.suite, &c.batch, &out).unwrap();
+    let ce = pass::objective::ce_loss(rt, &c.batch, &out).unwrap();
     let d_mse = diff(&mse.reshape(1).unwrap(), &c.golden["loss.mse"]);
     let d_ce = diff(&ce.reshape(1).unwrap(), &c.golden["loss.ce"]);
     assert!(d_mse <= 1e-4 && d_ce <= 1e-4, "{name}: loss diffs mse {d_mse} ce {d_ce}");

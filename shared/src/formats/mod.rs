@@ -1,7 +1,7 @@
 //! Every handoff file between the stages, read, checked and written in one place each
 //! (layouts in `shared/FORMATS.md`): activation caches ([`cache`]), suites ([`suite`]),
 //! connection and edge sets ([`connections`], their parquet metadata [`edges_meta`]),
-//! `eval.json` ([`eval`]) and `scores.json` ([`scores`]), a training run's configuration as
+//! `eval.json` ([`eval_json`]) and `scores.json` ([`scores_json`]), a training run's configuration as
 //! checkpoints and suites record it ([`runconfig`]); the Python reference's own files
 //! ([`reference`], over PyTorch's formats in [`torch`]). Training checkpoints are internal to
 //! a run, not a handoff: they live with the runners (`train::checkpoints`).
@@ -9,9 +9,9 @@
 pub mod cache;
 pub mod connections;
 pub mod edges_meta;
-pub mod eval;
+pub mod eval_json;
 pub mod reference;
 pub mod runconfig;
-pub mod scores;
+pub mod scores_json;
 pub mod suite;
 pub mod torch;

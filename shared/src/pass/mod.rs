@@ -8,12 +8,12 @@
 //! - [`kernels`]: the sparse CPU custom ops the autograd pass uses on the CPU;
 //! - `oracle` (feature `oracle`, tests only): the reference's dense masked algorithm.
 //!
-//! [`plan`] wires a suite for a connection set; [`loss`] holds the finetuning losses.
+//! [`plan`] wires a suite for a connection set; [`objective`] holds what finetuning and evaluation measure on the pass (Σ FVU, spliced CE).
 
 pub mod autograd;
 pub mod engine;
 pub mod kernels;
-pub mod loss;
+pub mod objective;
 #[cfg(feature = "oracle")]
 pub mod oracle;
 pub mod plan;

@@ -232,7 +232,7 @@ pub fn logits_with_ends(
     let dev = batch.resid_pre0.device();
     let (w_u, b_u) = (&rt.weights.w_u, &rt.weights.b_u);
     let vocab = w_u.dim(1)?;
-    let resid = crate::pass::loss::spliced_resid(batch, out)?.reshape((n, dm))?;
+    let resid = crate::pass::objective::spliced_resid(batch, out)?.reshape((n, dm))?;
     let centred = resid.broadcast_sub(&resid.mean_keepdim(1)?)?;
     let scale = (centred.sqr()?.mean_keepdim(1)? + rt.cfg.ln_eps)?.sqrt()?; // (N, 1)
     let mut dense = batch.resid_pre0.reshape((n, dm))?;

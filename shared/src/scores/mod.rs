@@ -122,7 +122,7 @@ impl ScoreStats {
             let host = |t: &Tensor| -> Result<Vec<f32>> { crate::util::to_vec(&t.to_dtype(DType::F32)?) };
             let toks = host(&batch.tokens)?;
             // LNPre's scale of the spliced residual of this (full) pass.
-            let resid = crate::pass::loss::spliced_resid(batch, out)?;
+            let resid = crate::pass::objective::spliced_resid(batch, out)?;
             let centred = resid.broadcast_sub(&resid.mean_keepdim(2)?)?;
             let scale = host(&(centred.sqr()?.mean_keepdim(2)? + self.ln_eps)?.sqrt()?)?;
             let feats: Vec<Vec<f32>> = out.feats.iter().map(|x| host(x)).collect::<Result<_>>()?;

@@ -11,7 +11,7 @@ use super::{select_top_c, ScoreStats};
 use crate::error::{Error, Result};
 use crate::formats::connections::{Connections, EDGES_FORMAT, FORMAT};
 use crate::formats::edges_meta::{EdgesMeta, Key};
-use crate::formats::scores::ScoresSummary;
+use crate::formats::scores_json::ScoresSummary;
 use crate::inputs::Inputs;
 use crate::pass::{PassOptions, Plan, ValuePass, Wiring};
 
@@ -103,8 +103,8 @@ pub fn run(inputs: &Inputs, cfg: &ScoreConfig, dir: &Path, device: &Device) -> R
     };
     let n_edges = edges.n_edges() + edges.n_embed_edges() + edges.n_unembed_edges();
     let summary = ScoresSummary {
-        format: crate::formats::scores::FORMAT.into(),
-        version: crate::formats::scores::VERSION,
+        format: crate::formats::scores_json::FORMAT.into(),
+        version: crate::formats::scores_json::VERSION,
         n_seqs,
         n_tokens: stats.n_tokens,
         keep: cfg.keep,

@@ -24,7 +24,7 @@ use crate::error::Result;
 use crate::formats::suite::Suite;
 use crate::model::Runtime;
 use crate::pass::engine::Engine;
-use crate::pass::loss::{ce_loss_and_grad, ce_loss_planned, mse_per_module};
+use crate::pass::objective::{ce_loss_and_grad, ce_loss_planned, mse_per_module};
 use crate::pass::{forward, PassOptions, Plan};
 use crate::sae::loss::{auxk_t, centered_sq_t, fvu_ref};
 use crate::sae::{fired_t, AeParams};

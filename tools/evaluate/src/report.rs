@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use scae::formats::edges_meta::{EdgesMeta, Key};
-use scae::formats::eval::EvalReport;
+use scae::formats::eval_json::EvalReport;
 
 /// `evaluate --compare`: load the runs in `dirs` (a folder named twice counts once), write
 /// `compare.md` (table and summary), `compare.png` and `compare.svg` into `out`; returns the

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use super::{Engine, State};
 use crate::data::FlatBatch;
 use crate::error::Result;
-use crate::pass::loss::{ln_pre_stats, softmax_ce_row};
+use crate::pass::objective::{ln_pre_stats, softmax_ce_row};
 use crate::util::blas::{add_into, axpy, dot, sgemm};
 
 /// `W_U (D, V)`, its transpose and `b_U`, when the plan has unembed edges.

@@ -1,4 +1,5 @@
-//! The finetuning losses of a pruned pass, each in its tensor form (autograd) and its host form
+//! The objectives of a pruned pass (what finetuning trains on and evaluation reports), each in
+//! its tensor form (autograd) and its host form
 //! (flat buffers with the gradient w.r.t. every reconstruction, for the CPU engine):
 //! `Σ_m FVU_m` with the reference's FVU (docs/MATH.md, "FVU"), and the CE with the suite
 //! spliced into the residual stream (docs/MATH.md, "Spliced CE").
