@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use super::attn_mix::pattern_qph;
 use super::embed_edges::embed_values;
 use super::pair_kernels::{pull_slots, push_slots, ColValue, ColValues};
-use super::{active_ups, add_up_value_grads, ActiveRows, EdgeState, Engine, ModuleState, PreGrad, State};
+use super::{active_ups, add_up_value_grads, ActiveRows, EdgeState, Engine, ModuleState, PreGrad, State, Target};
 use crate::data::FlatBatch;
 use crate::pass::plan::EmbedPlan;
 use crate::pass::plan::{EdgeIndex, EMPTY};
@@ -130,18 +130,16 @@ impl Engine<'_> {
     /// position's token through the embed edges' weights, value 1), then `a[q, i] += Σ_{p ≤ q}
     /// Σ_h P_h[q, p] Y[i][p][h]` in one causal product per key block. Weights are in slot
     /// order (`(F, C, H)`, the embed edges' `(F, C_e, H)`).
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn attn_edges_forward(
         &self,
         fb: &FlatBatch,
-        di: usize,
-        layer: usize,
-        index: &EdgeIndex,
-        w: &[f32],
+        tg: Target,
+        es: &EdgeState,
         states: &[ModuleState],
-        embed: Option<(&EmbedPlan, &[f32])>,
         a: &mut [f32],
     ) {
+        let (di, layer, index, w) = (tg.di, tg.layer, tg.index, &es.w[..]);
+        let embed = tg.embed.map(|ep| (ep, &es.embed_w[..]));
         let (s, f, h) = (fb.s, self.f, self.n_heads);
         let sh = s * h;
         let width = index.width;
@@ -200,19 +198,17 @@ impl Engine<'_> {
     /// for each slot and each value of its column, `gw += gY[i][p] · v / s1[p]` and the value's
     /// gradient `+= (Σ_h gY[i][p][h] · w_h) / s1[p]`. Parallel over fixed blocks of features,
     /// each owning its rows of gw; the value gradients are summed over blocks in order.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn attn_edges_backward(
         &self,
         fb: &FlatBatch,
-        di: usize,
-        layer: usize,
-        index: &EdgeIndex,
-        w: &[f32],
+        tg: Target,
+        es: &EdgeState,
         pg: &PreGrad,
         state: &State,
-        embed: Option<(&EmbedPlan, &[f32])>,
         g_val_up: &mut [Vec<f32>],
     ) -> (Vec<f32>, Vec<f32>) {
+        let (di, layer, index, w) = (tg.di, tg.layer, tg.index, &es.w[..]);
+        let embed = tg.embed.map(|ep| (ep, &es.embed_w[..]));
         let (b, s, f, k, h) = (fb.b, fb.s, self.f, self.k, self.n_heads);
         let (n, sh) = (b * s, s * h);
         let ups = &self.plan.down(di).ups;
@@ -326,20 +322,19 @@ impl Engine<'_> {
     /// Backward of [`attn_edge_weights`](Self::attn_edge_weights) through its two factors,
     /// given the edge weights' gradients in slot order: `E W_Oᵀ` into `gE`, `W_decᵀ W_V`
     /// into each upstream decoder's gradient.
-    /// With `embed` (its plan and its edges' gradients in slot order), the embed edges'
-    /// weights `ev[i, h] · (W_E[token] W_V)[h]` add into `g_ev` too (`W_E` is frozen).
-    #[allow(clippy::too_many_arguments)]
+    /// With embed edges (`gw_embed`: their gradients in slot order), the embed edges' weights
+    /// `ev[i, h] · (W_E[token] W_V)[h]` add into `g_ev` too (`W_E` is frozen).
     pub(super) fn attn_edge_weights_backward(
         &self,
-        di: usize,
-        layer: usize,
-        index: &EdgeIndex,
+        tg: Target,
         gw: &[f32],
         st: &EdgeState,
-        embed: Option<(&EmbedPlan, &[f32])>,
+        gw_embed: &[f32],
         g_enc: &mut [f32],
         g_dec_t_in: &mut [Vec<f32>],
     ) {
+        let (di, layer, index) = (tg.di, tg.layer, tg.index);
+        let embed = tg.embed.map(|ep| (ep, gw_embed));
         let (d, f, h, dh) = (self.d, self.f, self.n_heads, self.d_head);
         let hd = h * dh;
         let ups = &self.plan.down(di).ups;

@@ -7,7 +7,7 @@
 
 use rayon::prelude::*;
 
-use super::{active_ups, add_up_value_grads, Engine, ModuleState, PreGrad, State};
+use super::{active_ups, add_up_value_grads, Engine, ModuleState, PreGrad, State, Target};
 use crate::data::FlatBatch;
 use crate::pass::plan::{EdgeIndex, EMPTY};
 use crate::util::blas::{add_into, axpy, dot, fold_rows};
@@ -63,17 +63,16 @@ impl Engine<'_> {
     }
 
     /// Edge-term backward for an mlp target: returns `g w (F·C)`, adds into upstream `g_val`.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn mlp_edges_backward(
         &self,
         fb: &FlatBatch,
-        di: usize,
-        index: &EdgeIndex,
+        tg: Target,
         w_col: &[f32],
         pg: &PreGrad,
         state: &State,
         g_val_up: &mut [Vec<f32>],
     ) -> Vec<f32> {
+        let (di, index) = (tg.di, tg.index);
         let (n, f, k) = (fb.b * fb.s, self.f, self.k);
         let ups = &self.plan.down(di).ups;
         let sc = &fb.s2[self.suite.modules[di].layer];

@@ -45,7 +45,7 @@ use crate::data::FlatBatch;
 use crate::error::{Error, Result};
 use crate::formats::suite::Suite;
 use crate::model::{Kind, Runtime};
-use crate::pass::plan::EMPTY;
+use crate::pass::plan::{EdgeIndex, EmbedPlan, EMPTY};
 use crate::pass::{PassOptions, Plan};
 use crate::sae::loss::{auxk_and_grad, auxk_select, AuxLatents};
 use crate::sae::AeParams;
@@ -139,6 +139,25 @@ struct LayerConsts {
     w_o: Vec<f32>,      // (H·dh, D)
     b_o: Vec<f32>,      // (D)
     w_ov_sum: Vec<f32>, // (D, D)
+}
+
+/// The downstream module an edge term writes into, and its wiring: module `di` of layer
+/// `layer`, its edge index (slots per feature, columns `pu·F + j` over its upstream modules)
+/// and, with embed edges, their plan.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    di: usize,
+    layer: usize,
+    index: &'a EdgeIndex,
+    embed: Option<&'a EmbedPlan>,
+}
+
+/// The output gradients of one module's edge terms: upstream values `val[u] (N, K)`, this
+/// module's encoder `enc (F, D)`, and the upstream decoders `dec_t_in[u] (F, D)`.
+struct EdgeGrads<'a> {
+    val: &'a mut [Vec<f32>],
+    enc: &'a mut [f32],
+    dec_t_in: &'a mut [Vec<f32>],
 }
 
 /// What the edge terms' forward keeps for their backward (sparse wiring only).
@@ -371,10 +390,10 @@ impl<'a> Engine<'a> {
                     None => Default::default(),
                 };
                 prof.mark("attn w");
-                let embed_arg = embed.map(|ep| (ep, &embed_w[..]));
-                self.attn_edges_forward(fb, di, l, index, &w, states, embed_arg, a);
+                let es = EdgeState { w, ev, dv, embed_w, embed_dv };
+                self.attn_edges_forward(fb, Target { di, layer: l, index, embed }, &es, states, a);
                 prof.mark("attn edges");
-                EdgeState { w, ev, dv, embed_w, embed_dv }
+                es
             }
         }
     }
@@ -436,7 +455,8 @@ impl<'a> Engine<'a> {
             let (mut g_enc, g_benc, g_z) = self.encode_backward(di, st, &pg, &mut g_bdec);
             self.encoder_input_backward(fb, di, &g_z, &mut g_recon, &mut g_recon_nb, &mut g_bdec_extra);
             prof.mark("encoder");
-            self.edges_backward(fb, di, state, &pg, &mut g_val, &mut g_enc, &mut g_dec_t_in, &mut prof);
+            let g = EdgeGrads { val: &mut g_val, enc: &mut g_enc, dec_t_in: &mut g_dec_t_in };
+            self.edges_backward(fb, di, state, &pg, g, &mut prof);
             // Assemble this module's gradients (W_dec from its transpose).
             if !g_dec_t_in[di].is_empty() {
                 add_into(&mut g_dec_t, &g_dec_t_in[di]);
@@ -454,20 +474,9 @@ impl<'a> Engine<'a> {
         Ok(out)
     }
 
-    /// The edge terms' backward into module `di`: the upstream values' gradients into
-    /// `g_val`, the edge weights' into `g_enc` and the upstream decoders' `g_dec_t_in`.
-    #[allow(clippy::too_many_arguments)]
-    fn edges_backward(
-        &self,
-        fb: &FlatBatch,
-        di: usize,
-        state: &State,
-        pg: &PreGrad,
-        g_val: &mut [Vec<f32>],
-        g_enc: &mut [f32],
-        g_dec_t_in: &mut [Vec<f32>],
-        prof: &mut Profile,
-    ) {
+    /// The edge terms' backward into module `di`: the upstream values' gradients, the edge
+    /// weights' into this module's encoder and the upstream decoders (all into `g`).
+    fn edges_backward(&self, fb: &FlatBatch, di: usize, state: &State, pg: &PreGrad, g: EdgeGrads, prof: &mut Profile) {
         let plan_d = self.plan.down(di);
         let embed = plan_d.embed.as_ref();
         if !self.plan.sparse || (plan_d.ups.is_empty() && embed.is_none()) {
@@ -475,32 +484,29 @@ impl<'a> Engine<'a> {
         }
         let index = plan_d.index.as_ref().expect("sparse plan");
         let st = &state.modules[di];
-        let (before, _) = g_val.split_at_mut(di);
-        let l = self.suite.modules[di].layer;
+        let (before, _) = g.val.split_at_mut(di);
+        let tg = Target { di, layer: self.suite.modules[di].layer, index, embed };
         match self.suite.modules[di].kind {
             Kind::Mlp => {
                 let has_ups = !plan_d.ups.is_empty();
                 let gw = match has_ups {
-                    true => self.mlp_edges_backward(fb, di, index, &st.edges.w, pg, state, before),
+                    true => self.mlp_edges_backward(fb, tg, &st.edges.w, pg, state, before),
                     false => Vec::new(),
                 };
                 let gw_embed = embed.map(|ep| self.mlp_embed_backward(fb, di, ep, pg));
                 prof.mark("mlp edges");
                 if has_ups {
-                    self.mlp_edge_weights_backward(di, index, &gw, g_enc, g_dec_t_in);
+                    self.mlp_edge_weights_backward(di, index, &gw, g.enc, g.dec_t_in);
                 }
-                if let (Some(ep), Some(g)) = (embed, &gw_embed) {
-                    self.mlp_embed_weights_backward(ep, g, g_enc);
+                if let (Some(ep), Some(gwe)) = (embed, &gw_embed) {
+                    self.mlp_embed_weights_backward(ep, gwe, g.enc);
                 }
                 prof.mark("mlp w");
             }
             Kind::Attn => {
-                let embed_arg = embed.map(|ep| (ep, &st.edges.embed_w[..]));
-                let (gw, gw_embed) =
-                    self.attn_edges_backward(fb, di, l, index, &st.edges.w, pg, state, embed_arg, before);
+                let (gw, gw_embed) = self.attn_edges_backward(fb, tg, &st.edges, pg, state, before);
                 prof.mark("attn edges");
-                let embed_arg = embed.map(|ep| (ep, &gw_embed[..]));
-                self.attn_edge_weights_backward(di, l, index, &gw, &st.edges, embed_arg, g_enc, g_dec_t_in);
+                self.attn_edge_weights_backward(tg, &gw, &st.edges, &gw_embed, g.enc, g.dec_t_in);
                 prof.mark("attn w");
             }
         }
