@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use super::{Engine, State};
 use crate::data::FlatBatch;
 use crate::error::Result;
-use crate::pass::objective::{ln_pre_stats, softmax_ce_row};
+use crate::pass::objective::{ce_rows, ln_pre_stats};
 use crate::util::blas::{add_into, axpy, dot, sgemm};
 
 /// `W_U (D, V)`, its transpose and `b_U`, when the plan has unembed edges.
@@ -114,18 +114,10 @@ impl Engine<'_> {
                         }
                     }
                 }
-                let mut loss = 0f64;
                 let mut glog = vec![0f32; rows * v];
-                let mut logits = vec![0f32; v];
-                for r in 0..rows {
-                    let t = t0 + r;
-                    if t % s == s - 1 {
-                        continue; // the last position has no target
-                    }
-                    logits.iter_mut().zip(&pre[r * v..(r + 1) * v]).zip(&uc.b_u).for_each(|((o, p), bb)| *o = p + bb);
-                    let g = &mut glog[r * v..(r + 1) * v];
-                    loss += softmax_ce_row(&logits, fb.tokens[t + 1] as usize, count, g);
-                }
+                let loss = ce_rows(fb, t0, rows, count, &mut glog, |r, row| {
+                    row.iter_mut().zip(&pre[r * v..(r + 1) * v]).zip(&uc.b_u).for_each(|((o, p), bb)| *o = p + bb)
+                });
                 // Through the scale: ∂s/∂resid = (resid − μ) / (D s), ∂logit_v/∂s = −pre_v / s.
                 for r in 0..rows {
                     let gs: f32 =
