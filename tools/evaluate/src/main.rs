@@ -68,7 +68,8 @@ fn run(args: Args) -> Result<()> {
     inputs.extend(args.compare.iter().map(|c| ("--compare", Some(c.as_path()))));
     scae::util::io::refuse_overlap(&args.out, "--out", &inputs)?;
     if !args.compare.is_empty() {
-        let text = report::compare(&args.compare, &args.out)?;
+        let (text, runs) = report::compare(&args.compare, &args.out)?;
+        plot::plot(&runs, &args.out.join("compare"))?;
         scae::cli::say(format_args!("{text}"))?;
         scae::say!("plot: {} and .svg", args.out.join("compare.png").display())?;
         return Ok(());

@@ -1,7 +1,8 @@
 //! `evaluate --compare`: several evaluation runs side by side — a markdown table (held-out and
 //! training-token numbers in their own columns; runs of several seeds in one row as mean and
 //! range), what they say in words (every sentence computed from the numbers it states), and a
-//! plot (`plot.rs`). [`compare`] does the whole of `--compare`; the tests are in `report/tests.rs`.
+//! plot (`plot.rs`, which reads this file's runs). [`compare`] loads the runs and writes the table
+//! and verdicts (the tool then draws the plot); the tests are in `report/tests.rs`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,10 +11,10 @@ use anyhow::Result;
 use scae::formats::edges_meta::{EdgesMeta, Key};
 use scae::formats::eval_json::EvalReport;
 
-/// `evaluate --compare`: load the runs in `dirs` (a folder named twice counts once), write
-/// `compare.md` (table and summary), `compare.png` and `compare.svg` into `out`; returns the
-/// text of `compare.md`.
-pub fn compare(dirs: &[PathBuf], out: &Path) -> Result<String> {
+/// `evaluate --compare`: load the runs in `dirs` (a folder named twice counts once) and write
+/// `compare.md` (table and summary) into `out`; returns its text and the runs (the tool draws
+/// `compare.png` and `.svg` from them with `plot::plot`).
+pub fn compare(dirs: &[PathBuf], out: &Path) -> Result<(String, Vec<Run>)> {
     // A folder named twice (the same suite's evaluation in several seeds' lists) counts once.
     let mut unique: Vec<&PathBuf> = Vec::new();
     for d in dirs {
@@ -32,8 +33,7 @@ pub fn compare(dirs: &[PathBuf], out: &Path) -> Result<String> {
         None => md,
     };
     scae::util::io::write_atomic(&out.join("compare.md"), text.as_bytes())?;
-    crate::plot::plot(&runs, &out.join("compare"))?;
-    Ok(text)
+    Ok((text, runs))
 }
 
 /// One evaluation run (an `evaluate --out` folder).
