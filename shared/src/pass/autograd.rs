@@ -36,6 +36,24 @@ struct AttnConsts {
 
 /// The tensors the pass reads, in its compute dtype: every module's parameters (casts of the
 /// suite's variables, so gradients reach them) and every layer's attention constants.
+/// What every edge contribution reads: the suite, the model, the pass's weights (in its dtype)
+/// and whether the composed ops run (any device) instead of the CPU custom ops.
+#[derive(Clone, Copy)]
+struct EdgeCtx<'a> {
+    suite: &'a Suite,
+    rt: &'a Runtime,
+    wt: &'a Weights,
+    composed: bool,
+}
+
+/// The wiring [`apply_edges`] walks: the edge index, its slots' columns and the mask of used
+/// slots (the plan's tensors for one downstream module, its embed edges or the unembedding).
+pub(crate) struct Wires<'a> {
+    pub index: &'a std::sync::Arc<super::plan::EdgeIndex>,
+    pub cols: &'a Tensor,
+    pub slot_mask: &'a Tensor,
+}
+
 struct Weights {
     aes: Vec<AeParams<Tensor>>,
     attn: Vec<AttnConsts>,
@@ -85,6 +103,7 @@ pub fn forward(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, opts: Pa
     let composed = plan.composed || dtype != DType::F32;
     let any_embed = (0..suite.modules.len()).any(|d| plan.down(d).embed.is_some());
     let w = Weights::new(suite, rt, dtype, any_embed)?;
+    let cx = EdgeCtx { suite, rt, wt: &w, composed };
     // A module with embed edges reads r0's positional part densely: W_pos[0..S) (learned
     // positions) or 0 (rotary); docs/MATH.md, "Embed and unembed connections".
     let r_pos = match (&rt.weights.w_pos, any_embed) {
@@ -125,7 +144,7 @@ pub fn forward(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, opts: Pa
                 let x = x.broadcast_div(scale)?;
                 let mut a = x.reshape((n, dm))?.matmul(&enc_t)?;
                 if edges {
-                    let y = sparse_contrib(suite, rt, &w, plan_d, composed, &feats, d, None, batch)?; // (B, 1, S, F)
+                    let y = sparse_contrib(cx, plan_d, &feats, d, None, batch)?; // (B, 1, S, F)
                     a = (a + y.reshape((n, f))?.broadcast_div(&scale.reshape((n, 1))?)?)?;
                 }
                 a
@@ -145,7 +164,7 @@ pub fn forward(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, opts: Pa
                 let mixed = attn_mix(rt, &w.attn[l], &x.broadcast_div(scale)?, pattern)?;
                 let mut a = mixed.reshape((n, dm))?.matmul(&enc_t)?;
                 if edges {
-                    let y = sparse_contrib(suite, rt, &w, plan_d, composed, &feats, d, Some(l), batch)?; // (B, H, S, F)
+                    let y = sparse_contrib(cx, plan_d, &feats, d, Some(l), batch)?; // (B, H, S, F)
                     let y = y.broadcast_div(&scale.reshape((b, 1, s, 1))?)?;
                     let mixed = pattern.matmul(&y)?.sum(1)?; // (B, S, F)
                     a = (a + mixed.reshape((n, f))?)?;
@@ -178,13 +197,9 @@ pub fn forward(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, opts: Pa
 
 /// Every sparse contribution of module `d`'s edges `(B, H, S, F)` (H = 1 for mlp targets):
 /// from upstream features and from the token embedding.
-#[allow(clippy::too_many_arguments)]
 fn sparse_contrib(
-    suite: &Suite,
-    rt: &Runtime,
-    wt: &Weights,
+    cx: EdgeCtx,
     plan_d: &DownPlan,
-    composed: bool,
     feats: &[Tensor],
     d: usize,
     attn_layer: Option<usize>,
@@ -193,10 +208,10 @@ fn sparse_contrib(
     let s = batch.resid_pre0.dim(1)?;
     let from_ups = match plan_d.ups.is_empty() {
         true => None,
-        false => Some(edge_contrib(suite, rt, wt, plan_d, composed, feats, d, attn_layer, s)?),
+        false => Some(edge_contrib(cx, plan_d, feats, d, attn_layer, s)?),
     };
     let from_embed = match &plan_d.embed {
-        Some(ep) => Some(embed_contrib(rt, wt, ep, &wt.aes[d].w_enc, composed, &batch.tokens, attn_layer, s)?),
+        Some(ep) => Some(embed_contrib(cx, ep, &cx.wt.aes[d].w_enc, &batch.tokens, attn_layer, s)?),
         None => None,
     };
     Ok(match (from_ups, from_embed) {
@@ -208,17 +223,15 @@ fn sparse_contrib(
 
 /// The contribution of the embed edges `(B, H, S, F)`: each position's token is an upstream
 /// feature of value 1 whose decoder column is `W_E[token]`; `W_E` is a constant (no gradient).
-#[allow(clippy::too_many_arguments)]
 fn embed_contrib(
-    rt: &Runtime,
-    wt: &Weights,
+    cx: EdgeCtx,
     ep: &super::plan::EmbedPlan,
     enc: &Tensor,
-    composed: bool,
     tokens: &Tensor,
     attn_layer: Option<usize>,
     seq_len: usize,
 ) -> Result<Tensor> {
+    let (rt, wt) = (cx.rt, cx.wt);
     let (f, dm) = enc.dims2()?;
     let width = ep.index.width;
     let rows = wt.w_e.as_ref().expect("W_E loaded for embed edges").index_select(&ep.slot_tokens, 0)?; // (F·C_e, D)
@@ -242,22 +255,20 @@ fn embed_contrib(
         }
     }
     let x = Tensor::from_vec(x, (ids.len(), m), enc.device())?.to_dtype(enc.dtype())?;
-    apply_edges(&x, &w, &ep.index, &ep.cols, &ep.slot_mask, heads, seq_len, composed)
+    let wires = Wires { index: &ep.index, cols: &ep.cols, slot_mask: &ep.slot_mask };
+    apply_edges(&x, &w, wires, heads, seq_len, cx.composed)
 }
 
 /// The sparse upstream contribution `(B, H, S, F)` (H = 1 for mlp targets).
-#[allow(clippy::too_many_arguments)]
 fn edge_contrib(
-    suite: &Suite,
-    rt: &Runtime,
-    wt: &Weights,
+    cx: EdgeCtx,
     plan_d: &DownPlan,
-    composed: bool,
     feats: &[Tensor],
     d: usize,
     attn_layer: Option<usize>,
     seq_len: usize,
 ) -> Result<Tensor> {
+    let (suite, rt, wt) = (cx.suite, cx.rt, cx.wt);
     let index = plan_d.index.as_ref().expect("sparse plan");
     let cols = plan_d.cols.as_ref().expect("sparse plan");
     let f = suite.n_features;
@@ -282,23 +293,21 @@ fn edge_contrib(
             (dv.broadcast_mul(&ev)?.sum(3)?, h)
         }
     };
-    let mask = plan_d.slot_mask.as_ref().expect("sparse plan");
-    apply_edges(&x, &w, index, cols, mask, heads, seq_len, composed)
+    let slot_mask = plan_d.slot_mask.as_ref().expect("sparse plan");
+    apply_edges(&x, &w, Wires { index, cols, slot_mask }, heads, seq_len, cx.composed)
 }
 
 /// `Y (B, H, S, F)` from the upstream values `x (N, M)` and the edge weights `w (F, C, H)`
-/// over `index`: the CPU custom op, or composed ops on any device.
-#[allow(clippy::too_many_arguments)]
+/// over `wires`: the CPU custom op, or composed ops on any device.
 pub(crate) fn apply_edges(
     x: &Tensor,
     w: &Tensor,
-    index: &std::sync::Arc<super::plan::EdgeIndex>,
-    cols: &Tensor,
-    slot_mask: &Tensor,
+    wires: Wires,
     heads: usize,
     seq_len: usize,
     composed: bool,
 ) -> Result<Tensor> {
+    let Wires { index, cols, slot_mask } = wires;
     let (f, width) = (index.n_down, index.width);
     if composed {
         // Composed (any device): gather each slot's upstream feature row (tokens along the

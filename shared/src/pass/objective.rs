@@ -125,7 +125,8 @@ fn unembed_logits(
     let w_ut = w_u.t()?.narrow(0, 0, vn)?.contiguous()?; // (V_n, D)
     let w = rows.broadcast_mul(&w_ut.unsqueeze(1)?)?.sum(2)?.unsqueeze(2)?; // (V_n, C_u, 1)
     let x = Tensor::cat(&out.feats.iter().map(f32).collect::<candle_core::Result<Vec<_>>>()?, 1)?;
-    let y = super::autograd::apply_edges(&x, &w, &up.index, &up.cols, &up.slot_mask, 1, s, composed)?;
+    let wires = super::autograd::Wires { index: &up.index, cols: &up.cols, slot_mask: &up.slot_mask };
+    let y = super::autograd::apply_edges(&x, &w, wires, 1, s, composed)?;
     let mut y = y.reshape((n, vn))?;
     if vn < vocab {
         y = Tensor::cat(&[&y, &Tensor::zeros((n, vocab - vn), DType::F32, y.device())?], 1)?;
