@@ -205,7 +205,7 @@ impl Inputs {
         data: crate::formats::suite::TrainedOn,
         chosen: &Chosen,
     ) -> Result<crate::formats::suite::Lineage> {
-        crate::formats::suite::Lineage::child(&self.suite, &self.suite_path, data, self.connections_ref(chosen))
+        self.suite.child_lineage(&self.suite_path, data, self.connections_ref(chosen))
     }
 
     /// What a training stage on these inputs read, for the suite's lineage: `seqs_read`

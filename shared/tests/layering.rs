@@ -1,6 +1,7 @@
-//! The library's layering (docs/ARCHITECTURE.md, "Layering"), checked on the source: a file
-//! in one group names (`crate::<group>`) only groups of its own rank or below, so the groups
-//! form no circle. A new top-level module must be given a rank here and in the document.
+//! The house rules of docs/ARCHITECTURE.md, checked on the source: the library's layering (a
+//! file in one group names, as `crate::<group>`, only groups ranked below its own, so the
+//! groups form no circle; a new top-level module must be given a rank here and in the
+//! document), and the size limits of tools' `main.rs` and of library files.
 
 use std::path::{Path, PathBuf};
 
@@ -95,4 +96,34 @@ fn every_import_follows_the_layering() {
 fn the_checker_sees_imports_and_skips_comments() {
     let found = crate_paths("use crate::pass::Plan; // crate::cli\n/// [`crate::eval`]\nlet x = crate::note!(\"a\");");
     assert_eq!(found, vec![(1, "pass".to_string()), (3, "note".to_string())]);
+}
+
+/// Lines of a file.
+fn lines(path: &Path) -> usize {
+    std::fs::read_to_string(path).expect("readable source").lines().count()
+}
+
+/// docs/ARCHITECTURE.md, "Thin tools": every tool's `main.rs` at most 150 lines (flags, a
+/// validated config, a library runner, a printed summary), every library file at most 600.
+#[test]
+fn tools_stay_thin_and_library_files_short() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
+    let mut long = Vec::new();
+    let mut tools = 0;
+    for e in std::fs::read_dir(root.join("tools")).expect("tools folder") {
+        let main = e.expect("entry").path().join("src").join("main.rs");
+        if main.is_file() {
+            tools += 1;
+            if lines(&main) > 150 {
+                long.push(format!("{}: {} lines (at most 150)", main.display(), lines(&main)));
+            }
+        }
+    }
+    let mut files = Vec::new();
+    rust_files(&root.join("shared").join("src"), &mut files);
+    for f in files.iter().filter(|f| lines(f) > 600) {
+        long.push(format!("{}: {} lines (at most 600)", f.display(), lines(f)));
+    }
+    assert!(tools >= 9, "found only {tools} tools under {}", root.join("tools").display());
+    assert!(long.is_empty(), "{}", long.join("\n"));
 }

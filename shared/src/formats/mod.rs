@@ -1,5 +1,5 @@
 //! Every handoff file between the stages, read, checked and written in one place each
-//! (layouts in `shared/FORMATS.md`): activation caches ([`cache`]), suites ([`suite`]),
+//! (layouts in `shared/FORMATS.md`): activation caches ([`cache`]), suites ([`suite`], their [`lineage`]),
 //! connection and edge sets ([`connections`], their parquet metadata [`edges_meta`]),
 //! `eval.json` ([`eval_json`]) and `scores.json` ([`scores_json`]), a training run's configuration as
 //! checkpoints and suites record it ([`runconfig`]); the Python reference's own files
@@ -10,6 +10,7 @@ pub mod cache;
 pub mod connections;
 pub mod edges_meta;
 pub mod eval_json;
+pub mod lineage;
 pub mod reference;
 pub mod runconfig;
 pub mod scores_json;
