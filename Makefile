@@ -65,6 +65,9 @@ TOY_SEED ?= 0
 # Build the tools before running stages (1), or use the binaries in target/release as they are
 # (0; the tests do).
 BUILD ?= 1
+# Build the tools with the MPI collectives (1; needs an MPI library and libclang), or without (0).
+# Today every stage runs as one process and refuses to be launched as several ranks.
+MPI ?= 0
 
 # Where the tools are (another folder of the same tools, e.g. wrappers that run them under an
 # emulated CPU: scripts/toy-seeds.sh).
@@ -211,7 +214,7 @@ SWEEP := $(OUT)/sweep/$(MODEL_NAME)-$(FT_NAME)-$(call key,$(SWEEP_EVALS))
 # The feature browser of the finetuned suite, on held-out tokens.
 VIEW_DIR := $(OUT)/view/$(MODEL_NAME)-$(MAIN)-$(FT_NAME)$(if $(VIEW_SEQS),-n$(VIEW_SEQS),)-$(call key,$(FT) $(HELD_ARGS) $(EDGES) $(CONN_IDENT))
 
-.PHONY: all settings build toy acts heldout suite edges connections finetune eval view sweep test clean help \
+.PHONY: all settings build test-mpi toy acts heldout suite edges connections finetune eval view sweep test clean help \
     paths print-report-evals print-sweep-evals
 
 ## all: activations -> suite -> edge scores -> connections (C) -> finetune -> evaluation on
@@ -231,7 +234,7 @@ $(REPORT)/.done: $(addsuffix /.done,$(REPORT_EVALS)) | $(BUILD_DEP)
 ## settings: print the preset and the settings every stage runs with (`make all` starts so).
 HELP_VARS := PIPELINE MODEL DATA HELDOUT CTX N_SEQS N_HELDOUT BOS PACK DTYPE BATCH THREADS SEED \
     EXPANSION K SUITE_STEPS SUITE_LR DEAD_THRESHOLD SUITE CONNECTIONS C KEEP EMBED_C UNEMBED_C SELECT \
-    LOSS STEPS LR DECAY AUXK CKPT_EVERY DENSE_CONTROL CONTROL RANDOM_SEED VIEW VIEW_SEQS CS TOY_SEED OUT BIN BUILD
+    LOSS STEPS LR DECAY AUXK CKPT_EVERY DENSE_CONTROL CONTROL RANDOM_SEED VIEW VIEW_SEQS CS TOY_SEED OUT BIN BUILD MPI
 settings:
 	@echo "make: preset $(PIPELINE) (pipelines/$(PIPELINE).mk)$(if $(filter command line environment,$(origin MODEL)),$(comma) MODEL from the $(origin MODEL),)"
 	@echo "  data: MODEL=$(MODEL) DATA=$(DATA) HELDOUT=$(if $(HELDOUT),$(HELDOUT),<DATA after $(N_SEQS) sequences>) CTX=$(CTX) N_SEQS=$(N_SEQS) N_HELDOUT=$(N_HELDOUT) BOS=$(BOS) PACK=$(PACK) DTYPE=$(DTYPE)"
@@ -239,9 +242,13 @@ settings:
 	@echo "  connections: $(if $(CONNECTIONS),CONNECTIONS=$(CONNECTIONS),C=$(C) KEEP=$(KEEP) EMBED_C=$(EMBED_C) UNEMBED_C=$(UNEMBED_C) SELECT=$(SELECT))"
 	@echo "  finetune: LOSS=$(LOSS) STEPS=$(STEPS) LR=$(LR) DECAY=$(DECAY) AUXK=$(AUXK) CKPT_EVERY=$(CKPT_EVERY); controls: DENSE_CONTROL=$(DENSE_CONTROL) CONTROL=$(CONTROL)"
 
-## build: compile the tools (release).
+## build: compile the tools (release); MPI=1 with the MPI collectives (needs an MPI library and libclang).
 build:
-	cargo build --release --workspace
+	cargo build --release --workspace $(if $(filter 1,$(MPI)),--features scae/mpi,)
+
+## test-mpi: the MPI collectives on two ranks (needs mpirun, an MPI library and libclang).
+test-mpi:
+	cargo test --release -p scae --features mpi --test collective_mpi
 
 # The toy model and corpus (the toy preset's MODEL, DATA and HELDOUT).
 $(TOY)/.done: | $(BUILD_DEP)

@@ -60,6 +60,11 @@ pub fn open_device(name: &str) -> crate::error::Result<Device> {
 /// stdout was closed early (a broken pipe, e.g. `| head`).
 pub fn run_main(tool: &str, body: impl FnOnce() -> anyhow::Result<()>) -> ExitCode {
     crate::util::mem::keep_freed_memory();
+    // No stage runs on several ranks yet: under mpirun/srun -n N > 1, refuse before any work.
+    let body = || -> anyhow::Result<()> {
+        crate::util::collective::require_one_process(tool)?;
+        body()
+    };
     match body() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -108,3 +108,33 @@ fn every_help_states_what_an_optional_flag_defaults_to() {
     }
     assert!(silent.is_empty(), "--help does not say what these are when left out:\n{}", silent.join("\n"));
 }
+
+/// A tool launched as one of several ranks (mpirun / srun -n N) refuses before any work, in
+/// one line, instead of N copies writing one output; a lone process inside a multi-task Slurm
+/// allocation (SLURM_NTASKS set, no job step) runs.
+#[test]
+fn tools_launched_as_several_ranks_refuse_in_one_line() {
+    let tmp = scratch("cli-ranks");
+    let out = tmp.join("c.parquet");
+    let run = |env: &[(&str, &str)]| {
+        let mut cmd = std::process::Command::new(bin_dir().join("select-edges"));
+        cmd.args(["--edges", "missing.parquet", "--c", "2", "--out", s(&out)]);
+        for v in ["OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_SIZE", "PMI_RANK", "SLURM_STEP_NUM_TASKS"] {
+            cmd.env_remove(v);
+        }
+        cmd.envs(env.iter().copied()).output().unwrap()
+    };
+    for env in [[("OMPI_COMM_WORLD_SIZE", "2"), ("OMPI_COMM_WORLD_RANK", "1")], [("PMI_SIZE", "4"), ("PMI_RANK", "0")]]
+    {
+        let o = run(&env);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("select-edges: launched as rank") && err.contains(env[0].0), "{err}");
+        assert!(err.contains("hint:"), "{err}");
+        assert!(!out.exists());
+    }
+    let o = run(&[("SLURM_NTASKS", "8")]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("launched as rank") && err.contains("missing.parquet"), "it ran as one process: {err}");
+}

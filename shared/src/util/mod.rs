@@ -1,10 +1,11 @@
 //! Helpers with no SCAE concept in them: atomic file output ([`io`]), content fingerprints
 //! ([`fingerprint`]), memory estimates
 //! ([`mem`]), parquet tables ([`table`]), dense kernels on flat buffers ([`blas`]), a seeded
-//! generator ([`rng`]), phase timing ([`profile`]) and the run-time choice of vector unit
-//! ([`simd`]).
+//! generator ([`rng`]), phase timing ([`profile`]), the run-time choice of vector unit
+//! ([`simd`]) and collectives over the ranks of a job ([`collective`]).
 
 pub mod blas;
+pub mod collective;
 pub mod fingerprint;
 pub mod interrupt;
 pub mod io;
