@@ -340,10 +340,10 @@ print-report-evals:
 print-sweep-evals:
 	@echo $(SWEEP_EVALS)
 
-## test: check formatting, build, then run every test in release mode (the CI command).
+## test: check formatting, build, then run every test in release mode (the CI command; MPI=1 also tests the MPI collectives on two ranks).
 test: build
 	cargo fmt --all --check
-	cargo test --release --workspace
+	cargo test --release --workspace $(if $(filter 1,$(MPI)),--features scae/mpi,)
 
 ## clean: remove pipeline outputs (not the build).
 clean:
