@@ -52,10 +52,11 @@ pub struct Evaluation {
     pub dump: HashMap<String, Tensor>,
 }
 
-/// C as recorded in a connections parquet's metadata (`c`), else the most edges of any feature.
-pub fn connections_c(path: &Path, conns: &Connections) -> Result<u64> {
-    let c = crate::formats::edges_meta::EdgesMeta::of_file(path)?.c(path).ok().flatten();
-    Ok(c.unwrap_or_else(|| conns.edges.iter().flatten().map(Vec::len).max().unwrap_or(0) as u64))
+/// C as recorded in the connections file's metadata `meta` (`c`), else the most edges of any
+/// feature.
+pub fn connections_c(meta: &crate::formats::edges_meta::EdgesMeta, conns: &Connections) -> u64 {
+    let c = meta.get(crate::formats::edges_meta::Key::C).and_then(|v| v.parse().ok());
+    c.unwrap_or_else(|| conns.edges.iter().flatten().map(Vec::len).max().unwrap_or(0) as u64)
 }
 
 /// Whether `suite` was trained on the tokens of `cache`, from its lineage: `("training", why)`
@@ -136,7 +137,7 @@ pub fn run(inputs: &Inputs, conns: Option<&Connections>, cfg: &EvalConfig, devic
         )));
     }
     let c_value = match (&cfg.connections, conns) {
-        (Some(p), Some(c)) => Some(connections_c(p, c)?),
+        (Some(_), Some(c)) => Some(connections_c(&cfg.connections_meta, c)),
         _ => None,
     };
     let suite_created_by: Option<String> = std::fs::read_to_string(cfg.suite.join("config.json"))

@@ -230,18 +230,16 @@ impl Connections {
                 ),
             ));
         }
-        let tensors: Vec<(String, Vec<u8>)> = self
-            .reference_tables(parallel)
-            .into_iter()
-            .map(|t| (format!("{}.{}", t.down, t.up), t.values.iter().flat_map(|v| v.to_le_bytes()).collect()))
-            .collect();
-        let width = self.reference_width();
-        let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        let tables = self.reference_tables(parallel);
+        let bytes: Vec<Vec<u8>> =
+            tables.iter().map(|t| t.values.iter().flat_map(|v| v.to_le_bytes()).collect()).collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = tables
             .iter()
-            .map(|(n, b)| {
-                let v = safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![self.n_features, width], b)
+            .zip(&bytes)
+            .map(|(t, b)| {
+                let v = safetensors::tensor::TensorView::new(safetensors::Dtype::I64, t.shape.clone(), b)
                     .expect("sizes agree");
-                (n.clone(), v)
+                (format!("{}.{}", t.down, t.up), v)
             })
             .collect();
         crate::util::io::write_safetensors(path, views, &Default::default())

@@ -145,11 +145,6 @@ impl EdgesMeta {
         }
     }
 
-    /// Every entry, in order.
-    pub fn entries(&self) -> &[(String, String)] {
-        &self.entries
-    }
-
     /// The value of `key` parsed as `what` (e.g. "a whole number"); `path` names the file in
     /// the error.
     pub fn parse<T: FromStr>(&self, key: Key, what: &str, path: &Path) -> Result<Option<T>> {
@@ -160,11 +155,6 @@ impl EdgesMeta {
                 .map(Some)
                 .map_err(|_| Error::input(path, format!("metadata `{}`: expected {what}, found {v:?}", key.as_str()))),
         }
-    }
-
-    /// `parallel_attn_mlp`, if recorded.
-    pub fn parallel(&self, path: &Path) -> Result<Option<bool>> {
-        self.parse(Key::ParallelAttnMlp, "true or false", path)
     }
 
     /// `c`, if recorded.
@@ -217,7 +207,6 @@ mod tests {
         assert_eq!(m.pairs(), vec![("parallel_attn_mlp", "false".into()), ("c", "8".into()), ("suite", "s/".into())]);
         let p = Path::new("x.parquet");
         assert_eq!(m.c(p).unwrap(), Some(8));
-        assert_eq!(m.parallel(p).unwrap(), Some(false));
         assert_eq!(m.keep(p).unwrap(), None);
         m.set(Key::C, "many");
         let e = m.c(p).unwrap_err().to_string();

@@ -94,11 +94,10 @@ impl Suite {
     /// The lineage of a suite finetuned from this one (read from `path`) on `data` with
     /// `connections`.
     pub fn child_lineage(&self, path: &Path, data: TrainedOn, connections: ConnectionsRef) -> Result<Lineage> {
-        let parent = self;
-        let id = parent.id()?;
+        let id = self.id()?;
         let mut ancestors = vec![id.clone()];
-        ancestors.extend(parent.lineage.ancestors.iter().cloned());
-        let mut trained_on = parent.lineage.trained_on.clone();
+        ancestors.extend(self.lineage.ancestors.iter().cloned());
+        let mut trained_on = self.lineage.trained_on.clone();
         trained_on.push(data);
         Ok(Lineage {
             parent: Some(SuiteRef { id, path: path.display().to_string() }),
@@ -240,7 +239,7 @@ impl Suite {
             suite.k
         );
         suite.embedded = raw.connections.map(|t| Embedded { source: raw.checkpoint.clone(), tables: Some(t) });
-        if let Some(c) = SuiteConfig::of_reference(path) {
+        if let Some(c) = raw.scae.and_then(|v| serde_json::from_value::<SuiteConfig>(v).ok()) {
             suite.lineage = c.lineage;
         }
         Ok(suite)

@@ -34,8 +34,6 @@ struct AttnConsts {
     b_o: Tensor,      // (D)
 }
 
-/// The tensors the pass reads, in its compute dtype: every module's parameters (casts of the
-/// suite's variables, so gradients reach them) and every layer's attention constants.
 /// What every edge contribution reads: the suite, the model, the pass's weights (in its dtype)
 /// and whether the composed ops run (any device) instead of the CPU custom ops.
 #[derive(Clone, Copy)]
@@ -54,6 +52,8 @@ pub(crate) struct Wires<'a> {
     pub slot_mask: &'a Tensor,
 }
 
+/// The tensors the pass reads, in its compute dtype: every module's parameters (casts of the
+/// suite's variables, so gradients reach them) and every layer's attention constants.
 struct Weights {
     aes: Vec<AeParams<Tensor>>,
     attn: Vec<AttnConsts>,

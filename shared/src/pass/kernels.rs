@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
-pub use super::plan::{EdgeIndex, EMPTY};
+use super::plan::EdgeIndex;
 use rayon::prelude::*;
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {

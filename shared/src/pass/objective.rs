@@ -134,8 +134,6 @@ fn unembed_logits(
     Ok((dense.matmul(w_u)? + y)?.broadcast_div(&scale)?.broadcast_add(b_u)?)
 }
 
-/// One position's CE term `lse(logits) − logits[target]` (f64) and its gradient
-/// `(softmax − onehot) / count` into `g`.
 /// LNPre of one residual row on the host: its mean and `σ = sqrt(var + eps)` (the row
 /// normalises to `(x − μ) / σ`; docs/MATH.md, "Spliced CE"). Every host CE (the dense one below,
 /// the engine's with unembed edges) reads its rows through this.
@@ -147,31 +145,26 @@ pub(crate) fn ln_pre_stats(x: &[f32], eps: f32) -> (f32, f32) {
 }
 
 /// The host CE of `rows` flat positions from `t0` (each with a next token in its sequence;
-/// the last position of a sequence has none): `fill(r, row)` writes position `t0 + r`'s V
-/// logits into `row`; returns the sum of `CE / count` and writes its gradient w.r.t. the
-/// logits into `glog` (rows × V; rows without a target stay 0).
-pub(crate) fn ce_rows(
-    fb: &FlatBatch,
-    t0: usize,
-    rows: usize,
-    count: f64,
-    glog: &mut [f32],
-    fill: impl Fn(usize, &mut [f32]),
-) -> f64 {
-    let v = glog.len() / rows.max(1);
+/// the last position of a sequence has none), from their logits without the bias `pre` (rows ×
+/// V) and `b_u`: returns the sum of `CE / count` and writes its gradient w.r.t. the logits into
+/// `glog` (rows × V; rows without a target stay 0).
+pub(crate) fn ce_rows(fb: &FlatBatch, t0: usize, pre: &[f32], b_u: &[f32], count: f64, glog: &mut [f32]) -> f64 {
+    let v = b_u.len();
     let mut loss = 0f64;
     let mut logits = vec![0f32; v];
-    for r in 0..rows {
+    for (r, row) in pre.chunks_exact(v).enumerate() {
         let t = t0 + r;
         if t % fb.s == fb.s - 1 {
             continue; // the last position has no target
         }
-        fill(r, &mut logits);
+        logits.iter_mut().zip(row).zip(b_u).for_each(|((o, p), bb)| *o = p + bb);
         loss += softmax_ce_row(&logits, fb.tokens[t + 1] as usize, count, &mut glog[r * v..(r + 1) * v]);
     }
     loss
 }
 
+/// One position's CE term `lse(logits) − logits[target]` (f64) and its gradient
+/// `(softmax − onehot) / count` into `g`.
 pub(crate) fn softmax_ce_row(logits: &[f32], target: usize, count: f64, g: &mut [f32]) -> f64 {
     let mx = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let z: f64 = logits.iter().map(|x| ((x - mx) as f64).exp()).sum();
@@ -220,9 +213,7 @@ pub fn ce_loss_and_grad(rt: &Runtime, fb: &FlatBatch, recon: &[&[f32]], d: usize
             let mut logits = vec![0f32; rows * v];
             sgemm(rows, v, d, &normed, d, 1, &w_u, v, 1, &mut logits, false, false);
             let mut glog = vec![0f32; rows * v];
-            let loss = ce_rows(fb, t0, rows, count, &mut glog, |r, row| {
-                row.iter_mut().zip(&logits[r * v..(r + 1) * v]).zip(&b_u).for_each(|((o, x), bb)| *o = x + bb)
-            });
+            let loss = ce_rows(fb, t0, &logits, &b_u, count, &mut glog);
             // g_normed = glog W_Uᵀ; LNPre backward: gx = (gn − mean(gn) − n·mean(gn·n)) / σ
             let mut gn = vec![0f32; rows * d];
             sgemm(rows, d, v, &glog, v, 1, &w_u, 1, v, &mut gn, false, false);

@@ -161,7 +161,7 @@ pub fn run(
                 }
                 report
             }
-            None => engine_step(&si, &batch, &spec, &mut params, &mut opt, (cfg.schedule.clip, lr_t))?,
+            None => engine_step(&si, &batch, &spec, &mut params, &mut opt, cfg.schedule.clip, lr_t)?,
         };
         for (m, fired) in report.fired.iter().enumerate() {
             if scales[m] != 0.0 {

@@ -1,13 +1,14 @@
 //! One finetuning step, in each of its forms side by side: on the CPU engine (host buffers,
 //! hand-written backward, host optimizer) and through candle autograd on any device (the GPU
-//! path), whole batch or micro-batched. All three assemble the same loss, described by one
+//! path), whole batch or micro-batched. All three compute the same loss, described by one
 //! [`LossSpec`] (docs/MATH.md, "FVU", "AuxK", "Spliced CE"):
 //!
 //! `loss = Σ_m scale_m · FVU_m + α · Σ_m AuxK_m + w · CE`
 //!
 //! with `scale_m` the stagger factor of module m (0 during its delay), α the AuxK weight over
 //! the latents dead as of the previous step, and w the CE weight; [`LossSpec::total`] is that
-//! sum on the host, the autograd forms build the same terms as tensors for the backward.
+//! sum on the host (the engine step's), the autograd forms build the same terms as tensors for
+//! the backward and report their own sum of them.
 //!
 //! Autograd: everything stays on the parameters' device; per step only scalars (losses) and
 //! one `modules × F` firing mask come back to the host. Mixed precision (`--dtype bf16`):
@@ -105,7 +106,8 @@ pub fn engine_step(
     spec: &LossSpec,
     params: &mut [AeParams<Vec<f32>>],
     opt: &mut Optimizer,
-    (clip, lr): (Option<f64>, f64),
+    clip: Option<f64>,
+    lr: f64,
 ) -> Result<StepReport> {
     let (suite, rt) = (si.suite, si.rt);
     let mut prof = crate::util::profile::Profile::new();
@@ -266,6 +268,7 @@ fn micro_batch_grads(
     }
     let recons: Vec<Tensor> = recons.iter().map(|r| Tensor::cat(r, 0)).collect::<candle_core::Result<_>>()?;
     // ∂(Σ_m scale_m · FVU_m)/∂R_m over the whole batch.
+    let mut terms: Vec<Tensor> = Vec::new();
     let mut fvu = None;
     let mut g_recon: Vec<Option<Tensor>> = vec![None; n_mod];
     if let Some(scales) = &spec.fvu_scales {
@@ -276,6 +279,7 @@ fn micro_batch_grads(
             let weighted = (&v * scales[m] as f64)?;
             g_recon[m] = weighted.backward()?.get(r.as_tensor()).cloned();
             vals.push(scalar(&v)?);
+            terms.push(weighted.detach());
         }
         fvu = Some(vals);
     }
@@ -331,8 +335,11 @@ fn micro_batch_grads(
         });
     }
     let ce = spec.ce_weight.map(|_| ce_sum / b as f64);
+    let alpha = spec.auxk.as_ref().map_or(0.0, |(a, _)| *a);
+    let loss = terms.iter().map(scalar).sum::<Result<f64>>()?
+        + ce.map_or(0.0, |c| c * spec.ce_weight.unwrap_or(0.0))
+        + alpha * auxk_vals.iter().sum::<f64>();
     let auxk = spec.auxk.as_ref().map(|_| auxk_vals);
-    let loss = spec.total(fvu.as_deref(), auxk.as_deref(), ce);
     let values = StepReport { loss, fvu, ce, auxk, fired: fired_any };
     Ok((values, grads.expect("at least one chunk")))
 }

@@ -168,8 +168,8 @@ impl Session {
     ) -> Result<After> {
         let mut due = self.ckpt.due(step, schedule);
         let interrupted = crate::util::interrupt::requested() && step < schedule.steps;
-        if interrupted && !due.save.contains(&checkpoints::LATEST_NAME) {
-            due.save.push(checkpoints::LATEST_NAME);
+        if interrupted && !due.save.contains(&checkpoints::file::LATEST) {
+            due.save.push(checkpoints::file::LATEST);
         }
         if !due.save.is_empty() {
             self.metrics.flush().at(&self.metrics_path)?;
@@ -193,7 +193,7 @@ impl Session {
         let last = self.ckpt.last().map_or("none".to_string(), |s| s.to_string());
         Error::Interrupted(format!(
             "interrupted at step {step}; last checkpoint at step {last} ({}); rerun the same command with --resume",
-            self.ckpt.path().join(checkpoints::LATEST_NAME).display()
+            self.ckpt.path().join(checkpoints::file::LATEST).display()
         ))
     }
 

@@ -213,27 +213,15 @@ pub fn plot(runs: &[Run], stem: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::{Role, Run};
+    use crate::report::Run;
 
+    /// The report tests' run, on the split `tokens` (its own cache), without a recipe.
     fn run(finetuned: bool, c: Option<u64>, random: bool, tokens: &str, seed: &str, ce_diff: f64) -> Run {
-        Run {
-            dir: std::path::PathBuf::from(format!("e-{seed}-{tokens}")),
-            role: Role { finetuned, c, random, embed_c: None, unembed_c: None },
-            tokens: tokens.into(),
-            cache: tokens.into(),
-            unsure: false,
-            n_tokens: 100,
-            root: seed.into(),
-            seed_group: seed.into(),
-            recipe: None,
-            recipe_flags: None,
-            lineage_recorded: true,
-            ce_diff,
-            ce_recovered: 0.9,
-            mean_fvu: 0.1,
-            mean_l0: 8.0,
-            never_fired: 0.1,
-        }
+        let mut r = crate::report::tests::run(finetuned, c, random, seed, ce_diff);
+        r.dir = std::path::PathBuf::from(format!("e-{seed}-{tokens}"));
+        (r.tokens, r.cache, r.n_tokens) = (tokens.into(), tokens.into(), 100);
+        (r.recipe, r.recipe_flags) = (None, None);
+        r
     }
 
     /// Every line of the plot has one legend entry, in the strip below the panels (never over

@@ -537,4 +537,4 @@ pub fn summary(runs: &[Run]) -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

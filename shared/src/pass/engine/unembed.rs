@@ -115,9 +115,7 @@ impl Engine<'_> {
                     }
                 }
                 let mut glog = vec![0f32; rows * v];
-                let loss = ce_rows(fb, t0, rows, count, &mut glog, |r, row| {
-                    row.iter_mut().zip(&pre[r * v..(r + 1) * v]).zip(&uc.b_u).for_each(|((o, p), bb)| *o = p + bb)
-                });
+                let loss = ce_rows(fb, t0, &pre, &uc.b_u, count, &mut glog);
                 // Through the scale: ∂s/∂resid = (resid − μ) / (D s), ∂logit_v/∂s = −pre_v / s.
                 for r in 0..rows {
                     let gs: f32 =

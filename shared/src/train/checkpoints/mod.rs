@@ -13,12 +13,8 @@ use std::path::{Path, PathBuf};
 
 pub use run_dir::{complete_checkpoint, RunDir};
 
-use self::file as checkpoint;
 use self::file::{RunState, DECAY, LATEST};
 use crate::error::{Error, Result};
-
-/// The latest checkpoint's folder name (`checkpoint`).
-pub const LATEST_NAME: &str = LATEST;
 use crate::formats::runconfig::RunConfig;
 use crate::formats::suite::Suite;
 use crate::train::dead::DeadTracker;
@@ -141,8 +137,8 @@ impl Checkpoints {
             )));
         }
         let state = RunState {
-            format: checkpoint::FORMAT.into(),
-            version: checkpoint::VERSION,
+            format: file::FORMAT.into(),
+            version: file::VERSION,
             tool: self.tool.into(),
             step,
             seqs_seen,
@@ -151,7 +147,7 @@ impl Checkpoints {
         };
         let moments = (opt.kind == OptimizerKind::Adam).then_some((opt.m.as_slice(), opt.v.as_slice()));
         for name in std::mem::take(&mut self.targets) {
-            checkpoint::write(self.dir.path(), name, suite, moments, &dead.since, &state)?;
+            file::write(self.dir.path(), name, suite, moments, &dead.since, &state)?;
             if name == LATEST {
                 self.last = Some(step);
             }
@@ -229,10 +225,8 @@ pub fn resume(
     dead: &mut DeadTracker,
 ) -> Result<RunState> {
     let (dir, tool, run, schedule, batch_size) = (tr.out.as_path(), tr.tool, &tr.run, &tr.schedule, tr.batch_size);
-    // A swap of the decay checkpoint cut short by a crash: finish it (as RunDir does for the
-    // latest one).
-    crate::util::io::recover_swap(&dir.join(format!("{DECAY}.tmp")), &dir.join(DECAY), complete_checkpoint)?;
-    let latest = checkpoint::read_state(dir, LATEST, tool)?;
+    // Swaps cut short by a crash were finished when the folder was prepared (`RunDir::prepare`).
+    let latest = file::read_state(dir, LATEST, tool)?;
     let state_path = dir.join(LATEST).join("state.json");
     let diffs = run.differences(&latest.run);
     if !diffs.is_empty() {
@@ -247,7 +241,7 @@ pub fn resume(
     check_state(&latest, &state_path, batch_size)?;
     let mut candidates = vec![(LATEST, latest)];
     if dir.join(DECAY).join("state.json").is_file() {
-        let st = checkpoint::read_state(dir, DECAY, tool)?;
+        let st = file::read_state(dir, DECAY, tool)?;
         if run.differences(&st.run).is_empty() {
             candidates.push((DECAY, st));
         }
@@ -276,7 +270,7 @@ pub fn resume(
             ),
         ));
     };
-    let ck = checkpoint::read(dir, name, &suite.modules, opt.kind == OptimizerKind::Adam, tool)?;
+    let ck = file::read(dir, name, &suite.modules, opt.kind == OptimizerKind::Adam, tool)?;
     let st = &ck.state;
     check_state(st, &dir.join(name).join("state.json"), batch_size)?;
     if st.run.steps != schedule.steps {

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::file::{DECAY, LATEST};
 use crate::error::{Error, IoContext, Result};
 use crate::util::io::{recover_swap, sibling, OutputLock};
 
@@ -28,9 +29,11 @@ impl RunDir {
     pub fn prepare(out: &Path, resume: bool, overwrite: bool) -> Result<RunDir> {
         let lock = OutputLock::take(out, "--out")?;
         if resume {
-            // A checkpoint swap cut short by a crash: finish it (see [`super::file`]).
-            recover_swap(&out.join("checkpoint.tmp"), &out.join("checkpoint"), complete_checkpoint)?;
-            if !out.join("checkpoint").join("state.json").is_file() {
+            // Checkpoint swaps cut short by a crash: finish them (see [`super::file`]).
+            for name in [LATEST, DECAY] {
+                recover_swap(&out.join(format!("{name}.tmp")), &out.join(name), complete_checkpoint)?;
+            }
+            if !out.join(LATEST).join("state.json").is_file() {
                 return Err(Error::input(out, "--resume: no checkpoint to resume from; hint: run without --resume"));
             }
             return Ok(RunDir { out: out.to_path_buf(), _lock: lock, replaced: None, existed: true, kept: true });

@@ -2,7 +2,7 @@
 
 use super::*;
 
-fn run(finetuned: bool, c: Option<u64>, random: bool, seed: &str, ce_diff: f64) -> Run {
+pub(crate) fn run(finetuned: bool, c: Option<u64>, random: bool, seed: &str, ce_diff: f64) -> Run {
     Run {
         dir: PathBuf::from(format!("e-{seed}-{finetuned}-{c:?}-{random}")),
         role: Role { finetuned, c, random, embed_c: None, unembed_c: None },
