@@ -66,8 +66,15 @@ TOY_SEED ?= 0
 # (0; the tests do).
 BUILD ?= 1
 # Build the tools with the MPI collectives (1; needs an MPI library and libclang), or without (0).
-# Today every stage runs as one process and refuses to be launched as several ranks.
 MPI ?= 0
+# Ranks of the data-parallel stages (train-suite, finetune): above 1 they run under $(LAUNCH)
+# (needs MPI=1).
+# The result equals one process's up to the order of floating-point sums (README, "Beyond one
+# machine"); NP enters the output's key.
+NP ?= 1
+# How a stage is started on NP ranks (e.g. LAUNCH="srun -n 8" under Slurm, or mpirun with
+# --hostfile for several machines).
+LAUNCH ?= mpirun --bind-to none -n $(NP)
 
 # Where the tools are (another folder of the same tools, e.g. wrappers that run them under an
 # emulated CPU: scripts/toy-seeds.sh).
@@ -75,6 +82,7 @@ BIN ?= target/release
 BUILD_DEP := $(if $(filter 1,$(BUILD)),build,)
 MODEL_NAME := $(notdir $(patsubst %/,%,$(MODEL)))
 THREADS_FLAG := $(if $(THREADS),--threads $(THREADS),)
+RANKS := $(if $(filter-out 1,$(NP)),$(LAUNCH) ,)
 BOS_FLAG := $(if $(filter 1,$(BOS)),--prepend-bos,--no-prepend-bos)
 PACK_FLAG := $(if $(filter 1,$(PACK)),--pack,)
 CKPT_FLAG := $(if $(CKPT_EVERY),--checkpoint-every $(CKPT_EVERY),)
@@ -103,7 +111,7 @@ ACTS := $(OUT)/acts/$(MODEL_NAME)-n$(N_SEQS)-$(call key,$(ACTS_ARGS))
 HELD_ARGS := $(SEQ_ARGS) n=$(N_HELDOUT) $(if $(HELDOUT),data=$(call ident,$(HELDOUT)),data=$(DATA_ID) skip=$(N_SEQS))
 HACTS := $(OUT)/acts/$(MODEL_NAME)-heldout-n$(N_HELDOUT)-$(call key,$(HELD_ARGS))
 HELD_DATA := $(if $(HELDOUT),--data $(HELDOUT),--data $(DATA) --skip-seqs $(N_SEQS))
-TRAIN_ARGS := $(ACTS_ARGS) x=$(EXPANSION) k=$(K) steps=$(SUITE_STEPS) lr=$(SUITE_LR) batch=$(BATCH) seed=$(SEED) dead=$(DEAD_THRESHOLD)
+TRAIN_ARGS := $(ACTS_ARGS) x=$(EXPANSION) k=$(K) steps=$(SUITE_STEPS) lr=$(SUITE_LR) batch=$(BATCH) seed=$(SEED) dead=$(DEAD_THRESHOLD)$(if $(filter-out 1,$(NP)), np=$(NP))
 TRAINED := $(OUT)/suite/$(MODEL_NAME)-x$(EXPANSION)-k$(K)-s$(SUITE_STEPS)-$(call key,$(TRAIN_ARGS))
 SUITE_PATH := $(if $(SUITE),$(SUITE),$(TRAINED))
 SUITE_DEP := $(if $(SUITE),,$(TRAINED)/.done)
@@ -115,7 +123,7 @@ edges_dir = $(OUT)/edges/$(MODEL_NAME)-keep$(KEEP)$(if $(1),-embed,)$(if $(2),-u
 EDGES := $(call edges_dir,$(EMBED_C),$(UNEMBED_C))
 # A selection script's own file counts by identity (not the tools in BIN: a rebuild reruns nothing).
 SELECT_ID := select=$(SELECT)$(foreach w,$(filter-out $(BIN)/%,$(SELECT)),$(if $(wildcard $(w)),:$(call ident,$(w))))
-FT_ARGS := acts=$(ACTS_ARGS) loss=$(LOSS) steps=$(STEPS) lr=$(LR) decay=$(DECAY) batch=$(BATCH) seed=$(SEED) auxk=$(AUXK) dead=$(DEAD_THRESHOLD)
+FT_ARGS := acts=$(ACTS_ARGS) loss=$(LOSS) steps=$(STEPS) lr=$(LR) decay=$(DECAY) batch=$(BATCH) seed=$(SEED) auxk=$(AUXK) dead=$(DEAD_THRESHOLD)$(if $(filter-out 1,$(NP)), np=$(NP))
 FT_NAME := $(LOSS)-s$(STEPS)-lr$(LR)
 CONN_IDENT := $(if $(CONNECTIONS),conns=$(call ident,$(CONNECTIONS)),)
 ifeq ($(CONNECTIONS),all)
@@ -146,7 +154,7 @@ endef
 # with CKPT_EVERY, a run whose checkpoint is there resumes instead of starting over.
 define finetune
 @mkdir -p $(dir $(1))
-$(BIN)/finetune --acts $(ACTS) --suite $(SUITE_PATH) --connections $(2) --loss $(LOSS) \
+$(RANKS)$(BIN)/finetune --acts $(ACTS) --suite $(SUITE_PATH) --connections $(2) --loss $(LOSS) \
     --steps $(STEPS) --lr $(LR) --decay-start $(DECAY) --batch-size $(BATCH) --seed $(SEED) \
     --auxk-alpha $(AUXK) --dead-threshold $(DEAD_THRESHOLD) $(THREADS_FLAG) $(CKPT_FLAG) \
     --out $(1) $$(test -f $(1)/checkpoint/state.json -o -f $(1)/checkpoint.tmp/state.json && echo --resume || echo --overwrite)
@@ -234,13 +242,13 @@ $(REPORT)/.done: $(addsuffix /.done,$(REPORT_EVALS)) | $(BUILD_DEP)
 ## settings: print the preset and the settings every stage runs with (`make all` starts so).
 HELP_VARS := PIPELINE MODEL DATA HELDOUT CTX N_SEQS N_HELDOUT BOS PACK DTYPE BATCH THREADS SEED \
     EXPANSION K SUITE_STEPS SUITE_LR DEAD_THRESHOLD SUITE CONNECTIONS C KEEP EMBED_C UNEMBED_C SELECT \
-    LOSS STEPS LR DECAY AUXK CKPT_EVERY DENSE_CONTROL CONTROL RANDOM_SEED VIEW VIEW_SEQS CS TOY_SEED OUT BIN BUILD MPI
+    LOSS STEPS LR DECAY AUXK CKPT_EVERY DENSE_CONTROL CONTROL RANDOM_SEED VIEW VIEW_SEQS CS TOY_SEED OUT BIN BUILD MPI NP LAUNCH
 settings:
 	@echo "make: preset $(PIPELINE) (pipelines/$(PIPELINE).mk)$(if $(filter command line environment,$(origin MODEL)),$(comma) MODEL from the $(origin MODEL),)"
 	@echo "  data: MODEL=$(MODEL) DATA=$(DATA) HELDOUT=$(if $(HELDOUT),$(HELDOUT),<DATA after $(N_SEQS) sequences>) CTX=$(CTX) N_SEQS=$(N_SEQS) N_HELDOUT=$(N_HELDOUT) BOS=$(BOS) PACK=$(PACK) DTYPE=$(DTYPE)"
 	@echo "  suite: $(if $(SUITE),SUITE=$(SUITE),EXPANSION=$(EXPANSION) K=$(K) SUITE_STEPS=$(SUITE_STEPS) SUITE_LR=$(SUITE_LR)) BATCH=$(BATCH) SEED=$(SEED) DEAD_THRESHOLD=$(DEAD_THRESHOLD)"
 	@echo "  connections: $(if $(CONNECTIONS),CONNECTIONS=$(CONNECTIONS),C=$(C) KEEP=$(KEEP) EMBED_C=$(EMBED_C) UNEMBED_C=$(UNEMBED_C) SELECT=$(SELECT))"
-	@echo "  finetune: LOSS=$(LOSS) STEPS=$(STEPS) LR=$(LR) DECAY=$(DECAY) AUXK=$(AUXK) CKPT_EVERY=$(CKPT_EVERY); controls: DENSE_CONTROL=$(DENSE_CONTROL) CONTROL=$(CONTROL)"
+	@echo "  finetune: LOSS=$(LOSS) STEPS=$(STEPS) LR=$(LR) DECAY=$(DECAY) AUXK=$(AUXK) CKPT_EVERY=$(CKPT_EVERY); controls: DENSE_CONTROL=$(DENSE_CONTROL) CONTROL=$(CONTROL)$(if $(filter-out 1,$(NP)),; on NP=$(NP) ranks: $(LAUNCH))"
 
 ## build: compile the tools (release); MPI=1 with the MPI collectives (needs an MPI library and libclang).
 build:
@@ -279,7 +287,7 @@ $(HACTS)/.done: $(TOY_DEP) | $(BUILD_DEP)
 ## suite: pretrain a TopK suite on the cache (skipped when SUITE is set).
 suite: $(SUITE_DEP)
 $(TRAINED)/.done: $(ACTS)/.done | $(BUILD_DEP)
-	$(BIN)/train-suite --acts $(ACTS) --expansion $(EXPANSION) --k $(K) --steps $(SUITE_STEPS) \
+	$(RANKS)$(BIN)/train-suite --acts $(ACTS) --expansion $(EXPANSION) --k $(K) --steps $(SUITE_STEPS) \
 	    --lr $(SUITE_LR) --batch-size $(BATCH) --seed $(SEED) --dead-threshold $(DEAD_THRESHOLD) \
 	    $(THREADS_FLAG) $(CKPT_FLAG) --out $(@D) \
 	    $$(test -f $(@D)/checkpoint/state.json -o -f $(@D)/checkpoint.tmp/state.json && echo --resume || echo --overwrite)

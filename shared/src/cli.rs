@@ -57,42 +57,72 @@ pub fn open_device(name: &str) -> crate::error::Result<Device> {
 }
 
 /// Run a tool's body: print `tool: <error chain>` on failure and exit 1; exit 0 quietly when
-/// stdout was closed early (a broken pipe, e.g. `| head`).
+/// stdout was closed early (a broken pipe, e.g. `| head`). The tool runs as one process: under
+/// mpirun/srun -n N > 1 it refuses before any work.
 pub fn run_main(tool: &str, body: impl FnOnce() -> anyhow::Result<()>) -> ExitCode {
     crate::util::mem::keep_freed_memory();
-    // No stage runs on several ranks yet: under mpirun/srun -n N > 1, refuse before any work.
     let body = || -> anyhow::Result<()> {
         crate::util::collective::require_one_process(tool)?;
         body()
     };
     match body() {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            let is_pipe = |io: &std::io::Error| io.kind() == std::io::ErrorKind::BrokenPipe;
-            let broken_pipe = e.chain().any(|c| {
-                c.downcast_ref::<std::io::Error>().is_some_and(is_pipe)
-                    || matches!(c.downcast_ref::<crate::error::Error>(), Some(crate::error::Error::Io { err, .. }) if is_pipe(err))
-            });
-            if broken_pipe {
-                return ExitCode::SUCCESS;
-            }
-            if let Some(crate::error::Error::Interrupted(msg)) =
-                e.chain().find_map(|c| c.downcast_ref::<crate::error::Error>())
-            {
-                crate::note!("{tool}: {msg}");
-                return ExitCode::from(130);
-            }
-            // One line: each cause's first line (candle appends a backtrace on later lines
-            // when RUST_BACKTRACE is set).
-            let causes: Vec<String> = e
-                .chain()
-                .filter_map(|c| c.to_string().lines().next().map(|l| l.trim().to_string()))
-                .filter(|l| !l.is_empty())
-                .collect();
-            crate::note!("{tool}: {}", causes.join(": "));
-            ExitCode::from(1)
-        }
+        Err(e) => exit_for(tool, &e),
     }
+}
+
+/// [`run_main`] for a tool that runs on every rank of its job (`mpirun -n N tool ...`): the
+/// body gets the job's collective. Rank 0 speaks for the job (notes and progress; the other
+/// ranks are quiet), and an error on any rank is printed, prefixed with the rank when the job
+/// has several, and ends the whole job, so no rank is left waiting for a failed one.
+pub fn run_main_ranks(
+    tool: &str,
+    body: impl FnOnce(&dyn crate::util::collective::Collective) -> anyhow::Result<()>,
+) -> ExitCode {
+    crate::util::mem::keep_freed_memory();
+    let coll = match crate::util::collective::init() {
+        Ok(c) => c,
+        Err(e) => return exit_for(tool, &anyhow::Error::from(e)),
+    };
+    let (rank, size) = (coll.rank(), coll.size());
+    crate::util::set_quiet(rank > 0);
+    match body(coll.as_ref()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if size > 1 => {
+            crate::util::set_quiet(false);
+            let code = exit_for(&format!("{tool} (rank {rank} of {size})"), &e);
+            // 130 (interrupted) and 1 (failed) stay the job's status.
+            let status = if code == ExitCode::from(130) { 130 } else { 1 };
+            coll.abort(status)
+        }
+        Err(e) => exit_for(tool, &e),
+    }
+}
+
+/// Print a failed tool's error as one line and pick its exit code (see [`run_main`]).
+fn exit_for(tool: &str, e: &anyhow::Error) -> ExitCode {
+    let is_pipe = |io: &std::io::Error| io.kind() == std::io::ErrorKind::BrokenPipe;
+    let broken_pipe = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(is_pipe)
+            || matches!(c.downcast_ref::<crate::error::Error>(), Some(crate::error::Error::Io { err, .. }) if is_pipe(err))
+    });
+    if broken_pipe {
+        return ExitCode::SUCCESS;
+    }
+    if let Some(crate::error::Error::Interrupted(msg)) = e.chain().find_map(|c| c.downcast_ref::<crate::error::Error>())
+    {
+        crate::note!("{tool}: {msg}");
+        return ExitCode::from(130);
+    }
+    // One line: each cause's first line (candle appends a backtrace on later lines when
+    // RUST_BACKTRACE is set).
+    let causes: Vec<String> = e
+        .chain()
+        .filter_map(|c| c.to_string().lines().next().map(|l| l.trim().to_string()))
+        .filter(|l| !l.is_empty())
+        .collect();
+    crate::note!("{tool}: {}", causes.join(": "));
+    ExitCode::from(1)
 }
 
 /// Parse a tool's arguments like `A::parse()`, adding a hint where a flag was mistaken for a
@@ -118,7 +148,8 @@ pub fn parse_args<A: clap::Parser>() -> A {
 /// holds that cannot change a run. Both must be empty: every flag is part of the run unless it
 /// is one of the few that cannot change the result (marked `#[serde(skip)]`).
 pub fn run_config_mismatches(cmd: &clap::Command, args: &impl serde::Serialize) -> Vec<String> {
-    const NOT_RUN: [&str; 8] = [
+    const NOT_RUN: [&str; 9] = [
+        "--shard-modules",
         "--out",
         "--resume",
         "--overwrite",

@@ -23,6 +23,11 @@ fn as_rank() {
     let mut bytes = if r == 0 { b"rank zero".to_vec() } else { Vec::new() };
     c.broadcast(&mut bytes).unwrap();
     assert_eq!(bytes, b"rank zero");
+    let mut bytes = if r == 1 { b"from rank one".to_vec() } else { b"x".to_vec() };
+    c.broadcast_from(1, &mut bytes).unwrap();
+    assert_eq!(bytes, b"from rank one");
+    assert!(scae::util::collective::all_agree(c.as_ref(), 7).unwrap());
+    assert!(!scae::util::collective::all_agree(c.as_ref(), r as u64).unwrap());
     c.barrier().unwrap();
 }
 

@@ -80,7 +80,8 @@ fn train(
             let xt = Tensor::from_slice(&x, (256, D), &Device::Cpu).unwrap();
             update_device(&vars, &mut dopt, &[(xt.clone(), xt)], &[dead.dead(0)], cfg, lr, DType::F32).unwrap()
         } else {
-            update_host(&mut params, &mut opt, &[(&x, &x)], &[dead.dead(0)], cfg, lr)
+            update_host(&scae::util::collective::Single, &mut params, &mut opt, &[(&x, &x)], &[dead.dead(0)], cfg, lr)
+                .unwrap()
         };
         dead.update(0, 256, &out.fired[0]);
         dead_hist.push(dead.n_dead(0));

@@ -10,6 +10,7 @@ use scae::formats::suite::Suite;
 use scae::model::Model;
 use scae::pass::oracle as dense_oracle;
 use scae::pass::{self, PassOptions, PassOutput, Plan, Wiring};
+use scae::util::collective::Single;
 use scae_testkit::{fixtures, max_abs};
 
 /// The fixture model, its suite and a batch of the suite golden's tokens.
@@ -309,7 +310,7 @@ fn engine_auxk_gradient_matches_finite_differences() {
         let eng = Engine::new(&suite, &model.runtime, &plan, PassOptions::default()).unwrap();
         let mut st = eng.forward_with_dead(&fb, Some(&dead)).unwrap();
         let (mse, _) = pass::objective::mse_loss_and_grad(&fb, &st.recons(), d);
-        let aux: f64 = eng.auxk_loss_and_grad(&fb, &mut st, alpha).iter().sum();
+        let aux: f64 = eng.auxk_loss_and_grad(&Single, &fb, &mut st, alpha).unwrap().iter().sum();
         mse + alpha * aux
     };
     suite.set_params(&base).unwrap();
@@ -317,7 +318,7 @@ fn engine_auxk_gradient_matches_finite_differences() {
     let mut st = eng.forward_with_dead(&fb, Some(&dead)).unwrap();
     assert!(st.modules.iter().all(|m| m.aux.as_ref().is_some_and(|a| a.k_aux > 0)));
     let (_, g_rec) = pass::objective::mse_loss_and_grad(&fb, &st.recons(), d);
-    eng.auxk_loss_and_grad(&fb, &mut st, alpha);
+    eng.auxk_loss_and_grad(&Single, &fb, &mut st, alpha).unwrap();
     let grads = eng.backward(&fb, &st, g_rec).unwrap();
     let h = 1e-3f32;
     let (mut errors, mut checked, mut nonzero) = (Vec::new(), 0, 0);
@@ -715,7 +716,7 @@ fn unembed_edges_match_the_dense_oracle_and_the_engine() {
         let eng = Engine::new(&suite, rt, &plan, opts).unwrap();
         let fb = FlatBatch::new(&batch, &suite.modules).unwrap();
         let state = eng.forward(&fb).unwrap();
-        let (ce, g, extra) = eng.unembed_ce_loss_and_grad(&fb, &state).unwrap().expect("unembed edges");
+        let (ce, g, extra) = eng.unembed_ce_loss_and_grad(&Single, &fb, &state).unwrap().expect("unembed edges");
         let al = auto.to_scalar::<f32>().unwrap() as f64;
         assert!((ce - al).abs() <= 1e-4 * al.abs().max(1.0), "{name}: engine unembed CE {ce} vs autograd {al}");
         let grads = eng.backward_with(&fb, &state, vec![g; n_mod], Some(extra)).unwrap();

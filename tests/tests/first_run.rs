@@ -15,6 +15,8 @@ fn make(out: &Path, args: &[&str]) -> String {
     let o = Command::new("make")
         .current_dir(&root)
         .arg("--no-print-directory")
+        // The tools the test harness built (with the same features: MPI=1 keeps its MPI).
+        .arg("BUILD=0")
         .args(args)
         .arg(format!("OUT={}", s(out)))
         .env("HF_HUB_OFFLINE", "1")

@@ -315,6 +315,7 @@ fn make_all_takes_a_reference_suite_and_connections_offline() {
         .args([
             "--no-print-directory",
             "all",
+            "BUILD=0",
             &format!("MODEL={}", s(&fixture_model("tiny-neo"))),
             &format!("DATA={}", s(&data)),
             &format!("SUITE={}", s(&hf)),

@@ -17,6 +17,7 @@ use crate::formats::suite::Suite;
 use crate::model::Runtime;
 use crate::sae::loss::{fvu_ref, fvu_ref_and_grad};
 use crate::util::blas::{add_into, sgemm};
+use crate::util::collective::{Collective, Single};
 use crate::util::to_vec;
 
 /// `Σ_m FVU_m` (reference definition), the MSE-mode training loss.
@@ -34,15 +35,26 @@ pub fn mse_loss(suite: &Suite, batch: &Batch, out: &PassOutput) -> Result<Tensor
 
 /// [`mse_loss`] and its gradient w.r.t. every reconstruction `recon[m] (N, D)`, on host buffers.
 pub fn mse_loss_and_grad(fb: &FlatBatch, recon: &[&[f32]], d: usize) -> (f64, Vec<Vec<f32>>) {
-    let (fvus, grads) = mse_per_module(fb, recon, d);
+    let (fvus, grads) = mse_per_module(&Single, fb, recon, d).expect("one process");
     (fvus.iter().sum(), grads)
 }
 
 /// Each module's reference FVU and its gradient w.r.t. the module's reconstruction, given
-/// `recon[m] (N, D)` (host form of [`mse_loss`]'s terms).
-pub fn mse_per_module(fb: &FlatBatch, recon: &[&[f32]], d: usize) -> (Vec<f64>, Vec<Vec<f32>>) {
+/// `recon[m] (N, D)` (host form of [`mse_loss`]'s terms), of the batch whose sequences are
+/// spread over the ranks of `coll` (`fb` is this rank's part).
+pub fn mse_per_module(
+    coll: &dyn Collective,
+    fb: &FlatBatch,
+    recon: &[&[f32]],
+    d: usize,
+) -> Result<(Vec<f64>, Vec<Vec<f32>>)> {
     let sd = fb.s * d;
-    recon.iter().zip(&fb.targets).map(|(r, t)| fvu_ref_and_grad(t, r, fb.b, sd)).unzip()
+    recon
+        .iter()
+        .zip(&fb.targets)
+        .map(|(r, t)| fvu_ref_and_grad(coll, t, r, fb.b, sd))
+        .collect::<Result<Vec<_>>>()
+        .map(|v| v.into_iter().unzip())
 }
 
 /// The residual stream the suite implies: `Σ_m R_m + hook_resid_pre[0]`.
@@ -180,6 +192,19 @@ pub(crate) fn softmax_ce_row(logits: &[f32], target: usize, count: f64, g: &mut 
 /// the gradient w.r.t. every reconstruction (the residual is their sum). Returns (mean CE over
 /// batch·(pos−1), gradient `(N, D)`).
 pub fn ce_loss_and_grad(rt: &Runtime, fb: &FlatBatch, recon: &[&[f32]], d: usize) -> Result<(f64, Vec<f32>)> {
+    ce_loss_and_grad_over(&Single, rt, fb, recon, d)
+}
+
+/// [`ce_loss_and_grad`] of a batch whose sequences are spread over the ranks of `coll` (`fb`
+/// is this rank's part): the mean over the whole batch's positions, and the gradient w.r.t.
+/// this rank's rows.
+pub fn ce_loss_and_grad_over(
+    coll: &dyn Collective,
+    rt: &Runtime,
+    fb: &FlatBatch,
+    recon: &[&[f32]],
+    d: usize,
+) -> Result<(f64, Vec<f32>)> {
     let (b, s) = (fb.b, fb.s);
     let n = b * s;
     let mut resid = fb.r0.clone();
@@ -190,7 +215,7 @@ pub fn ce_loss_and_grad(rt: &Runtime, fb: &FlatBatch, recon: &[&[f32]], d: usize
     let b_u = to_vec(&rt.weights.b_u)?;
     let v = b_u.len();
     let eps = rt.cfg.ln_eps as f32;
-    let count = (b * (s - 1)) as f64;
+    let count = (b * coll.size() * (s - 1)) as f64;
     let mut g_resid = vec![0f32; n * d];
     // Rows in chunks so the logits never exist for the whole batch.
     let chunk = 64usize;
@@ -229,6 +254,7 @@ pub fn ce_loss_and_grad(rt: &Runtime, fb: &FlatBatch, recon: &[&[f32]], d: usize
             loss
         })
         .collect();
-    let loss = losses.iter().sum::<f64>() / count;
-    Ok((loss, g_resid))
+    let mut sum = [losses.iter().sum::<f64>()];
+    coll.sum_f64(&mut sum)?;
+    Ok((sum[0] / count, g_resid))
 }

@@ -8,35 +8,50 @@ use rayon::prelude::*;
 
 use super::topk::{topk_indices, topk_relu_device};
 use crate::error::Result;
+use crate::util::collective::{Collective, Single};
 
 // ---- FVU, the reference's definition (batch-axis variance) --------------------------------
 
 /// The reference's FVU of one module, `Σ var_b(T − R) / Σ var_b(T)` with the unbiased variance
 /// over the batch axis per (position, dim), and its gradient w.r.t. the reconstruction.
 /// `target` and `recon` are `(B, S·D)` row-major with `sd = S·D`; sums in f64.
-pub fn fvu_ref_and_grad(target: &[f32], recon: &[f32], b: usize, sd: usize) -> (f64, Vec<f32>) {
+///
+/// Over the ranks of `coll` (data-parallel training; one process: [`Single`]) each rank holds
+/// `b` sequences of the batch and the statistics are the whole batch's: the per-(position,
+/// dim) sums, then the two sums of squares, are added over the ranks, so every rank gets the
+/// batch's FVU and the gradient w.r.t. its own rows of the reconstruction.
+pub fn fvu_ref_and_grad(
+    coll: &dyn Collective,
+    target: &[f32],
+    recon: &[f32],
+    b: usize,
+    sd: usize,
+) -> Result<(f64, Vec<f32>)> {
     let e: Vec<f32> = target.iter().zip(recon).map(|(a, r)| a - r).collect();
-    let mean = |x: &[f32]| -> Vec<f64> {
-        let mut mu = vec![0f64; sd];
-        for bi in 0..b {
-            for (j, v) in x[bi * sd..(bi + 1) * sd].iter().enumerate() {
-                mu[j] += *v as f64;
-            }
-        }
-        mu.iter_mut().for_each(|v| *v /= b as f64);
-        mu
-    };
-    let (me, mt) = (mean(&e), mean(target));
-    let (mut num, mut den) = (0f64, 0f64);
+    let b_all = b * coll.size();
+    // Per-(position, dim) sums of the error and of the target, added over the ranks.
+    let mut sums = vec![0f64; 2 * sd];
     for bi in 0..b {
         for j in 0..sd {
-            num += (e[bi * sd + j] as f64 - me[j]).powi(2);
-            den += (target[bi * sd + j] as f64 - mt[j]).powi(2);
+            sums[j] += e[bi * sd + j] as f64;
+            sums[sd + j] += target[bi * sd + j] as f64;
         }
     }
+    coll.sum_f64(&mut sums)?;
+    sums.iter_mut().for_each(|v| *v /= b_all as f64);
+    let (me, mt) = sums.split_at(sd);
+    let mut nd = [0f64; 2];
+    for bi in 0..b {
+        for j in 0..sd {
+            nd[0] += (e[bi * sd + j] as f64 - me[j]).powi(2);
+            nd[1] += (target[bi * sd + j] as f64 - mt[j]).powi(2);
+        }
+    }
+    coll.sum_f64(&mut nd)?;
+    let [num, den] = nd;
     // FVU = num/den (the (B−1) factors cancel); dFVU/dR = −2 (e − ē) / den
     let grad = (0..b * sd).map(|x| (-2.0 * (e[x] as f64 - me[x % sd]) / den) as f32).collect();
-    (num / den, grad)
+    Ok((num / den, grad))
 }
 
 /// [`fvu_ref_and_grad`]'s value on tensors `(B, S, D)` (any float dtype; computed in f32).
@@ -55,12 +70,22 @@ pub fn fvu_ref(target: &Tensor, recon: &Tensor) -> Result<Tensor> {
 /// `Σ_{t,d} (x − mean_t x)²` of `x (N, D)` in f64, floored at 1e-30 (so a constant target
 /// cannot divide by zero).
 pub fn centered_sq(x: &[f32], d: usize) -> f64 {
-    let n = x.len() / d;
+    centered_sq_over(&Single, x, d).expect("one process")
+}
+
+/// [`centered_sq`] of the tokens spread over the ranks of `coll`, each holding as many rows
+/// as `x`: the mean and the sum of squares are the whole batch's, on every rank.
+pub fn centered_sq_over(coll: &dyn Collective, x: &[f32], d: usize) -> Result<f64> {
+    let n = x.len() / d * coll.size();
     let mut mean = vec![0f64; d];
     for r in x.chunks(d) {
         mean.iter_mut().zip(r).for_each(|(m, v)| *m += *v as f64 / n as f64);
     }
-    x.chunks(d).map(|r| r.iter().zip(&mean).map(|(v, m)| (*v as f64 - m).powi(2)).sum::<f64>()).sum::<f64>().max(1e-30)
+    coll.sum_f64(&mut mean)?;
+    let mut sq =
+        [x.chunks(d).map(|r| r.iter().zip(&mean).map(|(v, m)| (*v as f64 - m).powi(2)).sum::<f64>()).sum::<f64>()];
+    coll.sum_f64(&mut sq)?;
+    Ok(sq[0].max(1e-30))
 }
 
 /// [`centered_sq`] on a tensor `(.., D)` (f32 floor).
@@ -71,12 +96,14 @@ pub fn centered_sq_t(x: &Tensor) -> Result<Tensor> {
 }
 
 /// The pretraining FVU `Σ (ŷ − y)² / Σ (y − ȳ)²` (all tokens; the error is not centred) and its
-/// gradient `2 (ŷ − y) / den` w.r.t. `ŷ`; `y`, `yhat` are `(N, D)`.
-pub fn fvu_tokens_and_grad(yhat: &[f32], y: &[f32], d: usize) -> (f64, Vec<f32>) {
-    let den = centered_sq(y, d);
-    let num: f64 = yhat.iter().zip(y).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+/// gradient `2 (ŷ − y) / den` w.r.t. `ŷ`; `y`, `yhat` are `(N, D)`, this rank's rows of a
+/// batch spread over the ranks of `coll` (sums over the whole batch).
+pub fn fvu_tokens_and_grad(coll: &dyn Collective, yhat: &[f32], y: &[f32], d: usize) -> Result<(f64, Vec<f32>)> {
+    let den = centered_sq_over(coll, y, d)?;
+    let mut num = [yhat.iter().zip(y).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>()];
+    coll.sum_f64(&mut num)?;
     let g = yhat.iter().zip(y).map(|(a, b)| (2.0 * (a - b) as f64 / den) as f32).collect();
-    (num / den, g)
+    Ok((num[0] / den, g))
 }
 
 /// [`fvu_tokens_and_grad`]'s value on tensors `(N, D)`.
@@ -151,14 +178,23 @@ pub fn auxk_select(pre: &[f32], f: usize, dead: &[bool], d: usize) -> Option<Aux
 
 /// AuxK and `alpha ×` its gradient w.r.t. the AuxK reconstruction `ehat (N, D)` (the AuxK
 /// latents decoded without bias) of the detached residual `resid = T − R (N, D)`:
-/// `AuxK = scale · Σ (ê − r)² / Σ (r − r̄)²`.
-pub fn auxk_and_grad(ehat: &[f32], resid: &[f32], d: usize, n_dead: usize, alpha: f64) -> (f64, Vec<f32>) {
-    let den = centered_sq(resid, d);
-    let num: f64 = ehat.iter().zip(resid).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+/// `AuxK = scale · Σ (ê − r)² / Σ (r − r̄)²`, the sums over the whole batch when its tokens are
+/// spread over the ranks of `coll`.
+pub fn auxk_and_grad(
+    coll: &dyn Collective,
+    ehat: &[f32],
+    resid: &[f32],
+    d: usize,
+    n_dead: usize,
+    alpha: f64,
+) -> Result<(f64, Vec<f32>)> {
+    let den = centered_sq_over(coll, resid, d)?;
+    let mut num = [ehat.iter().zip(resid).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>()];
+    coll.sum_f64(&mut num)?;
     let scale = auxk_scale(n_dead, d);
     let coef = alpha * scale * 2.0 / den;
     let g = ehat.iter().zip(resid).map(|(a, b)| (coef * (a - b) as f64) as f32).collect();
-    (scale * num / den, g)
+    Ok((scale * num[0] / den, g))
 }
 
 /// AuxK on tensors: `pre (N, F)` pre-activations, `dead` latents, the module's `W_decᵀ (F, D)`

@@ -8,7 +8,7 @@
 /// [`each`](Self::each) visits the fields in *layout order* (w_enc, b_enc, w_dec, b_dec): every
 /// sum over a module's parameters (e.g. the clipping norm) runs in that order, so results do
 /// not depend on the representation.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct AeParams<T> {
     pub w_enc: T,
     pub b_enc: T,

@@ -17,6 +17,7 @@ use super::topk::{topk_indices, topk_relu_device};
 use super::{decode, fired_t};
 use crate::error::Result;
 use crate::util::blas::{add_into, axpy, by_feature, dot, gemm_nt, transpose};
+use crate::util::collective::Collective;
 
 /// What one host step of one module produced.
 pub struct StepOut {
@@ -29,9 +30,11 @@ pub struct StepOut {
 }
 
 /// Forward and backward of one module on `x (n, d)` -> `y (n, d)`; `dead` marks dead latents
-/// (AuxK applies when `auxk_alpha > 0` and some are dead).
+/// (AuxK applies when `auxk_alpha > 0` and some are dead). The tokens may be one rank's part of
+/// a batch spread over the ranks of `coll` (the losses are the whole batch's).
 #[allow(clippy::too_many_arguments)]
 pub fn step(
+    coll: &dyn Collective,
     p: &AeParams<Vec<f32>>,
     x: &[f32],
     y: &[f32],
@@ -40,7 +43,7 @@ pub fn step(
     k: usize,
     dead: &[bool],
     auxk_alpha: f64,
-) -> StepOut {
+) -> Result<StepOut> {
     let n = x.len() / d;
     let dec_t = transpose(&p.w_dec, d, f);
     let xc: Vec<f32> = x.chunks(d).flat_map(|r| r.iter().zip(p.b_dec.iter()).map(|(a, b)| a - b)).collect();
@@ -50,7 +53,7 @@ pub fn step(
     let idx = topk_indices(&pre, f, k);
     let val: Vec<f32> = idx.iter().enumerate().map(|(j, &i)| pre[(j / k) * f + i as usize].max(0.0)).collect();
     let yhat = decode(&idx, &val, k, &dec_t, d, Some(&p.b_dec));
-    let (fvu, g_y) = fvu_tokens_and_grad(&yhat, y, d);
+    let (fvu, g_y) = fvu_tokens_and_grad(coll, &yhat, y, d)?;
     // AuxK on dead latents' pre-top-k activations; its residual target is detached.
     let mut auxk = 0f64;
     let mut aux: Option<(Vec<u32>, Vec<f32>, Vec<f32>)> = None; // (idx, act, g_ehat)
@@ -58,7 +61,7 @@ pub fn step(
         if let Some(sel) = auxk_select(&pre, f, dead, d) {
             let resid: Vec<f32> = y.iter().zip(&yhat).map(|(a, b)| a - b).collect();
             let ehat = decode(&sel.idx, &sel.val, sel.k_aux, &dec_t, d, None);
-            let (a, g_e) = auxk_and_grad(&ehat, &resid, d, sel.n_dead, auxk_alpha);
+            let (a, g_e) = auxk_and_grad(coll, &ehat, &resid, d, sel.n_dead, auxk_alpha)?;
             auxk = a;
             aux = Some((sel.idx, sel.val, g_e));
         }
@@ -92,7 +95,7 @@ pub fn step(
         }
     }
     let g_dec = transpose(&g_dec_t, f, d);
-    StepOut { fvu, auxk, grads: AeParams { w_enc: g_enc, b_enc: g_benc, w_dec: g_dec, b_dec: g_bdec }, idx, val }
+    Ok(StepOut { fvu, auxk, grads: AeParams { w_enc: g_enc, b_enc: g_benc, w_dec: g_dec, b_dec: g_bdec }, idx, val })
 }
 
 /// The gradient `(N, width)` of each decoded value `val[t, j]` (zero where it is not positive)
@@ -174,6 +177,7 @@ pub fn step_t(
 mod tests {
     use super::*;
     use crate::sae::init::init_params;
+    use crate::util::collective::Single;
     use crate::util::rng::SplitMix;
 
     /// The hand-written gradients against central finite differences of the loss: all
@@ -191,15 +195,15 @@ mod tests {
         let y: Vec<f32> = (0..n * d).map(|_| rng.normal() as f32).collect();
         let h = 1e-3f32;
         for alpha in [0.0, 0.5] {
-            let base = step(&p, &x, &y, d, f, k, &vec![false; f], 0.0);
+            let base = step(&Single, &p, &x, &y, d, f, k, &vec![false; f], 0.0).unwrap();
             let selected: Vec<bool> = (0..f).map(|i| base.idx.iter().any(|&j| j as usize == i)).collect();
             let dead: Vec<bool> = if alpha > 0.0 { selected.iter().map(|s| !s).collect() } else { vec![false; f] };
             assert!(alpha == 0.0 || dead.iter().any(|&x| x), "need a dead latent");
             let loss = |p: &AeParams<Vec<f32>>| {
-                let o = step(p, &x, &y, d, f, k, &dead, alpha);
+                let o = step(&Single, p, &x, &y, d, f, k, &dead, alpha).unwrap();
                 o.fvu + alpha * o.auxk
             };
-            let out = step(&p, &x, &y, d, f, k, &dead, alpha);
+            let out = step(&Single, &p, &x, &y, d, f, k, &dead, alpha).unwrap();
             let mut worst = 0f64;
             let mut checked = 0;
             for which in 0..4 {

@@ -78,11 +78,17 @@ impl<'a> TrainData<'a> {
 
     /// The batch of `n` sequences starting after `seqs_seen` consumed ones.
     pub fn batch(&mut self, seqs_seen: u64, n: usize) -> Result<Batch> {
+        self.batch_part(seqs_seen, n, 0, n)
+    }
+
+    /// Sequences `first..first + len` of [`batch`](Self::batch)`(seqs_seen, n)` (one rank's
+    /// slice of a data-parallel step): read, or computed, only for those sequences.
+    pub fn batch_part(&mut self, seqs_seen: u64, n: usize, first: usize, len: usize) -> Result<Batch> {
         match self {
             TrainData::Cache { cache, reader, shuffle, seed, epoch, order } => {
                 let total = cache.manifest.n_seqs as u64;
-                let mut seqs = Vec::with_capacity(n);
-                for j in 0..n as u64 {
+                let mut seqs = Vec::with_capacity(len);
+                for j in first as u64..(first + len) as u64 {
                     let g = seqs_seen + j;
                     if g / total != *epoch {
                         *epoch = g / total;
@@ -113,12 +119,15 @@ impl<'a> TrainData<'a> {
                     *source = Some(s);
                 }
                 let s = source.as_mut().expect("opened");
-                let mut rows: Vec<u32> = Vec::with_capacity(n * opts.ctx_len);
-                for _ in 0..n {
-                    rows.extend(next_row(s)?);
+                let mut rows: Vec<u32> = Vec::with_capacity(len * opts.ctx_len);
+                for j in 0..n {
+                    let row = next_row(s)?;
+                    if (first..first + len).contains(&j) {
+                        rows.extend(row);
+                    }
                 }
                 *at = seqs_seen + n as u64;
-                let tokens = Tensor::from_vec(rows, (n, opts.ctx_len), device)?;
+                let tokens = Tensor::from_vec(rows, (len, opts.ctx_len), device)?;
                 let out = model.runtime.forward(&tokens, true, false)?;
                 Batch::from_forward(&tokens, &out)
             }

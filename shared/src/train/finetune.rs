@@ -7,17 +7,20 @@ use std::path::PathBuf;
 
 use candle_core::DType;
 
+use super::checkpoints::file::Replicas;
 use super::checkpoints::{resume, CheckpointPolicy, TrainRun};
 use super::data::TrainData;
 use super::dead::DeadTracker;
 use super::finetune_step::{autograd_grads, engine_step, LossSpec, StepInputs};
 use super::optim::{clip_module_t, DeviceOptimizer, Optimizer, OptimizerKind};
+use super::parallel::{agreed_hash, share_state};
 use super::schedule::stagger_scale;
 use super::{metrics_record, After, RunSummary, Schedule, Session};
 use crate::error::Result;
 use crate::formats::edges_meta::Key;
 use crate::inputs::{Chosen, Inputs};
 use crate::pass::{PassOptions, Plan, Wiring};
+use crate::util::collective::{my_slice, Collective};
 
 /// Which loss to train on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -99,17 +102,41 @@ pub fn footprint(inputs: &Inputs, seqs: f64, ctx: f64) -> f64 {
     4.0 * seqs * ctx * (4.0 * modules * f + l * (10.0 * d + 2.0 * h * ctx) + v)
 }
 
+/// The whole batch's rows of `part` (this rank's rows `(b, ..)` of a batch spread evenly over
+/// the ranks of `coll`), in rank order, on every rank: each rank's rows placed in a zero buffer
+/// and summed (adding zeros is exact).
+fn gather_rows(coll: &dyn Collective, part: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+    if coll.size() == 1 {
+        return Ok(part.clone());
+    }
+    let rows = crate::util::to_vec(part)?;
+    let mut all = vec![0f32; rows.len() * coll.size()];
+    all[coll.rank() * rows.len()..][..rows.len()].copy_from_slice(&rows);
+    coll.sum_f32(&mut all)?;
+    let mut dims = part.dims().to_vec();
+    dims[0] *= coll.size();
+    Ok(candle_core::Tensor::from_vec(all, dims, part.device())?)
+}
+
 /// Finetune `inputs.suite` on `data` with the connections `chosen` (all when it holds no set) and write
 /// it to `cfg.out`.
+///
+/// Data-parallel over the ranks of `coll` (`mpirun -n N finetune ...`): `cfg.batch_size` is the
+/// global batch, rank r computes its r-th slice of every step's sequences; the losses'
+/// statistics and the gradients are added over the ranks inside the step, so the replicas stay
+/// identical and the run is the one-process run up to the order of floating-point sums. Rank 0
+/// owns the output folder; on resume it reads the checkpoint and sends the state to the others.
 pub fn run(
     inputs: &Inputs,
     data: &mut TrainData,
     chosen: &Chosen,
     cfg: &FinetuneConfig,
     device: &candle_core::Device,
+    coll: &dyn Collective,
 ) -> Result<RunSummary> {
     let (suite, rt) = (&inputs.suite, &inputs.model.runtime);
     let ctx = data.ctx_len();
+    let (first, local) = my_slice(coll, cfg.batch_size, "--batch-size")?;
     let conns = chosen.set.as_ref();
     let wiring = match conns {
         Some(c) => Wiring::Sparse(c),
@@ -122,27 +149,31 @@ pub fn run(
         plan.force_composed(true);
     }
     let tr = cfg.train_run();
-    let dir = tr.prepare_dir()?;
+    let dir = if coll.rank() == 0 { Some(tr.prepare_dir()?) } else { None };
     let mut params = suite.host_params()?;
     let mut opt = Optimizer::new(cfg.optimizer, &params);
     let mut dead = DeadTracker::new(suite.modules.len(), suite.n_features, cfg.dead_threshold);
     let (mut step, mut seqs_seen) = (0u64, 0u64);
     let steps = cfg.schedule.steps;
     if cfg.checkpoints.resume {
-        let st = resume(&tr, suite, &mut params, &mut opt, &mut dead)?;
+        let mut position = [0u64; 2];
+        if coll.rank() == 0 {
+            let st = resume(&tr, suite, &mut params, &mut opt, &mut dead)?;
+            position = [st.step, st.seqs_seen];
+        }
+        share_state(coll, &mut params, &mut opt, &mut dead, &mut position)?;
         suite.set_params(&params)?;
-        step = st.step;
-        seqs_seen = st.seqs_seen;
+        [step, seqs_seen] = position;
         crate::note!("finetune: resuming at step {step} of {steps}");
     }
     let vars = &suite.aes;
     let mut dopt = if cfg.use_engine { None } else { Some(DeviceOptimizer::from_host(&opt, vars)?) };
     let tokens_per_step = (cfg.batch_size * ctx) as u64;
-    let mut session = Session::open(dir, &tr, step, tokens_per_step)?;
-    let si = StepInputs { suite, rt, plan: &plan, opts: cfg.pass };
+    let mut session = Session::open(dir, &tr, step, tokens_per_step, coll)?;
+    let si = StepInputs { suite, rt, plan: &plan, opts: cfg.pass, coll };
     while step < steps {
-        // Next batch in data order (wrapping over epochs).
-        let batch = data.batch(seqs_seen, cfg.batch_size)?;
+        // Next batch in data order (wrapping over epochs): this rank's slice of it.
+        let batch = data.batch_part(seqs_seen, cfg.batch_size, first, local)?;
         let scales: Vec<f32> = suite.modules.iter().map(|&m| stagger_scale(m, step, cfg.stagger_steps)).collect();
         let lr_t = cfg.schedule.lr_at(step);
         let spec =
@@ -171,7 +202,9 @@ pub fn run(
         session.check_step(step, &report, &suite.modules)?;
         let mut record = metrics_record(step, lr_t, &report, &suite.modules, &dead);
         if let Some(ce) = report.ce {
-            let clean = rt.forward(&batch.tokens, false, false)?.ce.mean_all()?.to_scalar::<f32>()? as f64;
+            // The clean CE of the whole batch, its mean formed as one process forms it.
+            let per_token = gather_rows(coll, &rt.forward(&batch.tokens, false, false)?.ce)?;
+            let clean = per_token.mean_all()?.to_scalar::<f32>()? as f64;
             record["ce_diff"] = serde_json::json!(ce - clean);
         }
         session.log(record, &report)?;
@@ -184,7 +217,14 @@ pub fn run(
             if dopt.is_none() {
                 suite.set_params(&params)?;
             }
-            ckpt.save(suite, &opt, &dead, step, seqs_seen)
+            let replicas = match coll.size() {
+                1 => None,
+                ranks => {
+                    let hash = agreed_hash(coll, &params, &opt, &dead, step)?;
+                    Some(Replicas { ranks, state_hash: format!("{hash:016x}") })
+                }
+            };
+            ckpt.save(suite, &opt, &dead, step, seqs_seen, replicas)
         })?;
         match next {
             After::Continue => {}

@@ -25,19 +25,22 @@ use crate::error::Result;
 use crate::formats::suite::Suite;
 use crate::model::Runtime;
 use crate::pass::engine::Engine;
-use crate::pass::objective::{ce_loss_and_grad, ce_loss_planned, mse_per_module};
+use crate::pass::objective::{ce_loss_and_grad_over, ce_loss_planned, mse_per_module};
 use crate::pass::{forward, PassOptions, Plan};
-use crate::sae::loss::{auxk_t, centered_sq_t, fvu_ref};
+use crate::sae::loss::{auxk_t, centered_sq_over, centered_sq_t, fvu_ref, fvu_ref_and_grad};
 use crate::sae::{fired_t, AeParams};
-use crate::util::scalar;
+use crate::util::collective::Collective;
+use crate::util::{scalar, to_vec};
 
 /// What every form of the step reads: the suite (its variables: the autograd forms' parameters),
-/// the model, the pass's wiring and options.
+/// the model, the pass's wiring and options, and the ranks the step's batch is spread over
+/// (data-parallel training; [`Single`](crate::util::collective::Single) for one process).
 pub struct StepInputs<'a> {
     pub suite: &'a Suite,
     pub rt: &'a Runtime,
     pub plan: &'a Plan,
     pub opts: PassOptions,
+    pub coll: &'a dyn Collective,
 }
 
 /// What a finetuning loss is made of.
@@ -100,6 +103,11 @@ fn dec_t(ae: &AeParams<Var>, pre: &Tensor) -> Result<Tensor> {
 /// reconstructions, backward, clipping (`clip`, per module), host optimizer step on `params`
 /// (the suite's variables are left as they were: the runner copies `params` into them before
 /// it saves).
+///
+/// Data-parallel (`si.coll` has several ranks, `batch` is this rank's slice): the losses'
+/// whole-batch statistics are added over the ranks before any gradient is formed, each rank
+/// backpropagates its slice, the gradients are added over the ranks, and every rank clips and
+/// updates the same sums, so the replicas stay identical; the firing masks are OR-ed.
 pub fn engine_step(
     si: &StepInputs,
     batch: &Batch,
@@ -120,28 +128,30 @@ pub fn engine_step(
         None => eng.forward(&fb)?,
     };
     let d = suite.d_model;
-    let mut report =
-        StepReport { fired: state.modules.iter().map(|st| st.fired.clone()).collect(), ..StepReport::default() };
+    let mut report = StepReport {
+        fired: super::parallel::any_fired(si.coll, state.modules.iter().map(|st| st.fired.clone()).collect())?,
+        ..StepReport::default()
+    };
     let mut g_recon: Vec<Vec<f32>> = vec![vec![0f32; fb.b * fb.s * d]; suite.modules.len()];
     if let Some(scales) = &spec.fvu_scales {
-        let (fvus, grads) = mse_per_module(&fb, &state.recons(), d);
+        let (fvus, grads) = mse_per_module(si.coll, &fb, &state.recons(), d)?;
         for (m, g) in grads.iter().enumerate() {
             g_recon[m].iter_mut().zip(g).for_each(|(a, b)| *a += scales[m] * b);
         }
         report.fvu = Some(fvus);
         if let Some((alpha, _)) = &spec.auxk {
-            report.auxk = Some(eng.auxk_loss_and_grad(&fb, &mut state, *alpha));
+            report.auxk = Some(eng.auxk_loss_and_grad(si.coll, &fb, &mut state, *alpha)?);
         }
     }
     let mut extra = None;
     if let Some(w) = spec.ce_weight {
         // With unembed edges the CE also sends gradient past the reconstructions.
-        let (ce, g) = match eng.unembed_ce_loss_and_grad(&fb, &state)? {
+        let (ce, g) = match eng.unembed_ce_loss_and_grad(si.coll, &fb, &state)? {
             Some((ce, g, rest)) => {
                 extra = Some(rest.scaled(w as f32));
                 (ce, g)
             }
-            None => ce_loss_and_grad(rt, &fb, &state.recons(), d)?,
+            None => ce_loss_and_grad_over(si.coll, rt, &fb, &state.recons(), d)?,
         };
         for gr in g_recon.iter_mut() {
             gr.iter_mut().zip(&g).for_each(|(a, b)| *a += w as f32 * b);
@@ -155,6 +165,8 @@ pub fn engine_step(
     }
     let mut grads = eng.backward_with(&fb, &state, g_recon, extra)?;
     prof.mark("backward");
+    super::parallel::sum_grads(si.coll, &mut grads)?;
+    prof.mark("all-reduce");
     if let Some(c) = clip {
         grads.iter_mut().for_each(|g| clip_module(g, c));
     }
@@ -171,6 +183,11 @@ pub fn engine_step(
 /// With `micro` below the batch size the graph is built for `micro` sequences at a time
 /// (`micro_batch_grads`), so memory follows `micro`, not the batch, and the gradients are
 /// those of the whole batch's loss.
+///
+/// Data-parallel (`si.coll` has several ranks, `batch` is this rank's slice) the step is
+/// always micro-batched (at most the slice at a time): its two passes are where the ranks add
+/// the losses' statistics (after the first) and the gradients (after the second, through host
+/// buffers).
 pub fn autograd_grads(
     si: &StepInputs,
     batch: &Batch,
@@ -179,7 +196,7 @@ pub fn autograd_grads(
 ) -> Result<(StepReport, Vec<AeParams<Tensor>>)> {
     let b = batch.tokens.dim(0)?;
     match micro.unwrap_or(b).clamp(1, b) {
-        m if m < b => micro_batch_grads(si, batch, spec, m),
+        m if m < b || si.coll.size() > 1 => micro_batch_grads(si, batch, spec, m),
         _ => whole_batch_grads(si, batch, spec),
     }
 }
@@ -251,6 +268,7 @@ fn micro_batch_grads(
 ) -> Result<(StepReport, Vec<AeParams<Tensor>>)> {
     let (suite, rt, vars) = (si.suite, si.rt, &si.suite.aes);
     let b = batch.tokens.dim(0)?;
+    let b_all = b * si.coll.size();
     let chunks: Vec<(usize, usize)> = (0..b).step_by(micro).map(|s| (s, micro.min(b - s))).collect();
     // Pass 1, no graph kept: reconstructions and firing.
     let n_mod = suite.modules.len();
@@ -266,31 +284,35 @@ fn micro_batch_grads(
             acc.iter_mut().zip(f).for_each(|(a, x)| *a |= x);
         }
     }
+    let fired_any = super::parallel::any_fired(si.coll, fired_any)?;
     let recons: Vec<Tensor> = recons.iter().map(|r| Tensor::cat(r, 0)).collect::<candle_core::Result<_>>()?;
-    // ∂(Σ_m scale_m · FVU_m)/∂R_m over the whole batch.
-    let mut terms: Vec<Tensor> = Vec::new();
+    // ∂(Σ_m scale_m · FVU_m)/∂R_m over the whole batch, from its statistics on the host (the
+    // CPU engine's function: the ranks add them there).
+    let (coll, d) = (si.coll, suite.d_model);
+    let mut terms: Vec<f64> = Vec::new();
     let mut fvu = None;
     let mut g_recon: Vec<Option<Tensor>> = vec![None; n_mod];
     if let Some(scales) = &spec.fvu_scales {
         let mut vals = Vec::with_capacity(n_mod);
         for (m, module) in suite.modules.iter().enumerate() {
-            let r = Var::from_tensor(&recons[m])?;
-            let v = fvu_ref(batch.target(module), r.as_tensor())?;
-            let weighted = (&v * scales[m] as f64)?;
-            g_recon[m] = weighted.backward()?.get(r.as_tensor()).cloned();
-            vals.push(scalar(&v)?);
-            terms.push(weighted.detach());
+            let (t, r) = (to_vec(batch.target(module))?, to_vec(&recons[m])?);
+            let (v, g) = fvu_ref_and_grad(coll, &t, &r, b, t.len() / b)?;
+            let g: Vec<f32> = g.iter().map(|x| x * scales[m]).collect();
+            g_recon[m] = Some(Tensor::from_vec(g, recons[m].shape(), recons[m].device())?);
+            vals.push(v);
+            terms.push(v * scales[m] as f64);
         }
         fvu = Some(vals);
     }
-    // AuxK: the detached residual of the whole batch and its centered sum of squares.
+    // AuxK: the detached residual of the whole batch and its centered sum of squares (over
+    // every rank's tokens).
     let mut aux_resid: Vec<Option<(Tensor, Tensor)>> = vec![None; n_mod];
     if let Some((_, dead)) = &spec.auxk {
         for (m, module) in suite.modules.iter().enumerate() {
             if dead[m].iter().any(|&x| x) {
                 let r = (batch.target(module).to_dtype(DType::F32)? - &recons[m])?;
-                let den = centered_sq_t(&r)?;
-                aux_resid[m] = Some((r, den));
+                let den = centered_sq_over(coll, &to_vec(&r)?, d)? as f32;
+                aux_resid[m] = Some((r, Tensor::new(den, recons[m].device())?));
             }
         }
     }
@@ -323,7 +345,7 @@ fn micro_batch_grads(
         if let Some(w) = spec.ce_weight {
             let c = ce_loss_planned(suite, rt, si.plan, &part, &out)?;
             ce_sum += scalar(&c)? * len as f64;
-            sur.push((c * (w * len as f64 / b as f64))?);
+            sur.push((c * (w * len as f64 / b_all as f64))?);
         }
         let store = sum_terms(sur)?.backward()?;
         let g = vars.iter().map(|v| v.grads(&store)).collect::<Result<Vec<_>>>()?;
@@ -334,14 +356,31 @@ fn micro_batch_grads(
             }
         });
     }
-    let ce = spec.ce_weight.map(|_| ce_sum / b as f64);
+    // The whole batch's CE and AuxK: every rank's sums added.
+    let mut sums = auxk_vals;
+    sums.push(ce_sum);
+    coll.sum_f64(&mut sums)?;
+    let ce_sum = sums.pop().expect("pushed");
+    let auxk_vals = sums;
+    let ce = spec.ce_weight.map(|_| ce_sum / b_all as f64);
     let alpha = spec.auxk.as_ref().map_or(0.0, |(a, _)| *a);
-    let loss = terms.iter().map(scalar).sum::<Result<f64>>()?
+    let loss = terms.iter().sum::<f64>()
         + ce.map_or(0.0, |c| c * spec.ce_weight.unwrap_or(0.0))
         + alpha * auxk_vals.iter().sum::<f64>();
     let auxk = spec.auxk.as_ref().map(|_| auxk_vals);
     let values = StepReport { loss, fvu, ce, auxk, fired: fired_any };
-    Ok((values, grads.expect("at least one chunk")))
+    let mut grads = grads.expect("at least one chunk");
+    if coll.size() > 1 {
+        // Through host buffers: the device's gradients out, summed over the ranks, back in.
+        let mut host = grads.iter().map(|g| g.try_map(to_vec)).collect::<Result<Vec<_>>>()?;
+        super::parallel::sum_grads(coll, &mut host)?;
+        grads = grads
+            .iter()
+            .zip(host)
+            .map(|(g, h)| g.try_zip(&h, |t, v| Ok(Tensor::from_vec(v.clone(), t.shape(), t.device())?)))
+            .collect::<Result<Vec<_>>>()?;
+    }
+    Ok((values, grads))
 }
 
 fn sum_terms(terms: Vec<Tensor>) -> Result<Tensor> {

@@ -15,6 +15,7 @@ pub mod dead;
 pub mod finetune;
 pub mod finetune_step;
 pub mod optim;
+pub mod parallel;
 pub mod pretrain;
 pub mod schedule;
 
@@ -24,6 +25,7 @@ use std::path::PathBuf;
 
 use crate::error::{Error, IoContext, Result};
 use crate::model::Module;
+use crate::util::collective::Collective;
 use checkpoints::{Checkpoints, RunDir, TrainRun};
 use dead::DeadTracker;
 
@@ -106,40 +108,61 @@ pub enum After {
 /// The parts of one training run that do not depend on what is trained: `metrics.jsonl`
 /// (one JSON object per step, appended; a resumed run first drops the lines at or after its
 /// checkpoint), progress on stderr, the checkpoints (also on Ctrl-C), and tokens per second.
-pub struct Session {
+///
+/// In a data-parallel run every rank holds a session, but only rank 0's has the folder: it
+/// alone writes metrics, checkpoints and the result; the decisions (checkpoint now, stop on
+/// Ctrl-C) are taken together, so every rank leaves the loop at the same step.
+pub struct Session<'c> {
     pub ckpt: Checkpoints,
     tool: &'static str,
-    metrics: File,
+    /// `metrics.jsonl` (rank 0 only).
+    metrics: Option<File>,
     metrics_path: PathBuf,
     progress: crate::util::progress::Progress,
     last: Option<serde_json::Value>,
+    coll: &'c dyn Collective,
 }
 
-impl Session {
-    /// Start (or continue at `start_step`) the run `tr` in `dir`, `tokens_per_step` tokens a
-    /// step; Ctrl-C and SIGTERM now stop it at the next step boundary.
-    pub fn open(dir: RunDir, tr: &TrainRun, start_step: u64, tokens_per_step: u64) -> Result<Session> {
-        let path = dir.path().join("metrics.jsonl");
-        if tr.policy.resume {
-            checkpoints::trim_metrics(&path, start_step)?;
-        }
-        let metrics = std::fs::OpenOptions::new().create(true).append(true).open(&path).at(&path)?;
+impl<'c> Session<'c> {
+    /// Start (or continue at `start_step`) the run `tr` in `dir` (`None` on the ranks of a job
+    /// other than rank 0), `tokens_per_step` tokens a step over the ranks of `coll`; Ctrl-C and
+    /// SIGTERM now stop it at the next step boundary.
+    pub fn open(
+        dir: Option<RunDir>,
+        tr: &TrainRun,
+        start_step: u64,
+        tokens_per_step: u64,
+        coll: &'c dyn Collective,
+    ) -> Result<Session<'c>> {
+        let path = tr.out.join("metrics.jsonl");
+        let metrics = match &dir {
+            Some(_) => {
+                if tr.policy.resume {
+                    checkpoints::trim_metrics(&path, start_step)?;
+                }
+                Some(std::fs::OpenOptions::new().create(true).append(true).open(&path).at(&path)?)
+            }
+            None => None,
+        };
         let unit = crate::util::progress::Unit::Steps { tokens_per_step };
         let progress = crate::util::progress::Progress::new(tr.tool, unit, Some(tr.run.steps), start_step);
         crate::util::interrupt::install();
         Ok(Session {
-            ckpt: Checkpoints::new(dir, tr.tool, tr.run.clone(), tr.policy, start_step),
+            ckpt: Checkpoints::new(dir, tr.out.clone(), tr.tool, tr.run.clone(), tr.policy, start_step),
             tool: tr.tool,
             metrics,
             metrics_path: path,
             progress,
             last: None,
+            coll,
         })
     }
 
     /// Append one step's metrics record; the progress shows the step's loss and mean FVU (or CE).
     pub fn log(&mut self, record: serde_json::Value, report: &StepReport) -> Result<()> {
-        writeln!(self.metrics, "{record}").at(&self.metrics_path)?;
+        if let Some(m) = &mut self.metrics {
+            writeln!(m, "{record}").at(&self.metrics_path)?;
+        }
         let mut msg = format!("loss {:.4}", report.loss);
         if let Some(f) = report.fvu.as_ref().filter(|f| !f.is_empty()) {
             msg.push_str(&format!(", FVU {:.4}", f.iter().sum::<f64>() / f.len() as f64));
@@ -158,8 +181,8 @@ impl Session {
     }
 
     /// After `step` steps of `schedule`: checkpoint when due (`save` writes it: it calls
-    /// [`Checkpoints::save`]) or when Ctrl-C / SIGTERM asked to stop, and say what the loop
-    /// does next.
+    /// [`Checkpoints::save`], on every rank: rank 0's writes) or when Ctrl-C / SIGTERM asked
+    /// any rank to stop, and say what the loop does next.
     pub fn after_step(
         &mut self,
         step: u64,
@@ -167,12 +190,14 @@ impl Session {
         save: impl FnOnce(&mut Checkpoints) -> Result<()>,
     ) -> Result<After> {
         let mut due = self.ckpt.due(step, schedule);
-        let interrupted = crate::util::interrupt::requested() && step < schedule.steps;
+        let mut stop = [crate::util::interrupt::requested()];
+        self.coll.any(&mut stop)?;
+        let interrupted = stop[0] && step < schedule.steps;
         if interrupted && !due.save.contains(&checkpoints::file::LATEST) {
             due.save.push(checkpoints::file::LATEST);
         }
         if !due.save.is_empty() {
-            self.metrics.flush().at(&self.metrics_path)?;
+            self.flush_metrics()?;
             self.ckpt.set_targets(due.save);
             save(&mut self.ckpt)?;
         }
@@ -229,11 +254,21 @@ impl Session {
         }
     }
 
-    /// The run is done and `write` has written its result into `out`: keep the folder.
+    fn flush_metrics(&mut self) -> Result<()> {
+        match &mut self.metrics {
+            Some(m) => m.flush().at(&self.metrics_path),
+            None => Ok(()),
+        }
+    }
+
+    /// The run is done: `write` writes its result into `out` (on rank 0 only), and the folder
+    /// is kept.
     pub fn finish(mut self, steps: u64, write: impl FnOnce() -> Result<()>) -> Result<RunSummary> {
         self.progress.finish();
-        self.metrics.flush().at(&self.metrics_path)?;
-        write()?;
+        self.flush_metrics()?;
+        if self.ckpt.writes() {
+            write()?;
+        }
         let summary = RunSummary {
             steps,
             tokens_per_s: self.progress.tokens_per_s(),

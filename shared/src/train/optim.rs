@@ -69,6 +69,11 @@ impl Optimizer {
         Optimizer { kind, beta1: 0.9, beta2: 0.999, eps: 1e-8, t: 0, m, v }
     }
 
+    /// The same kind, settings and step count, without moments (to be given some).
+    pub fn clone_settings(&self) -> Optimizer {
+        Optimizer { m: Vec::new(), v: Vec::new(), ..*self }
+    }
+
     /// One update of every parameter with learning rate `lr` (torch.optim.Adam / SGD order
     /// of operations).
     pub fn step(&mut self, params: &mut [AeParams<Vec<f32>>], grads: &[AeParams<Vec<f32>>], lr: f64) {

@@ -10,13 +10,15 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor, Var};
 use rayon::prelude::*;
 
+use super::checkpoints::file::Replicas;
 use super::checkpoints::{resume, CheckpointPolicy, TrainRun};
 use super::data::TrainData;
 use super::dead::DeadTracker;
 use super::optim::{clip_module, clip_module_t, DeviceOptimizer, Optimizer, OptimizerKind};
+use super::parallel::{agreed_hash, share_modules, share_state};
 use super::{metrics_record, After, RunSummary, Schedule, Session, StepReport};
 use crate::data::Batch;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::formats::suite::Suite;
 use crate::model::{Kind, Module};
 use crate::sae::decoder::{
@@ -25,6 +27,7 @@ use crate::sae::decoder::{
 use crate::sae::init::{geometric_median, init_params};
 use crate::sae::step::{step, step_t};
 use crate::sae::{fired, AeParams};
+use crate::util::collective::{my_slice, Collective, Single};
 use crate::util::rng::SplitMix;
 use crate::util::to_vec;
 
@@ -62,6 +65,9 @@ pub struct PretrainConfig {
     pub use_engine: bool,
     pub dtype: DType,
     pub seed: u64,
+    /// On several ranks: each rank trains its share of the modules on whole batches
+    /// (`--shard-modules`) instead of its share of every batch.
+    pub shard_modules: bool,
     pub checkpoints: CheckpointPolicy,
     pub overwrite: bool,
     /// What a resume must repeat (recorded in checkpoints and in the suite's config.json).
@@ -111,31 +117,33 @@ pub struct UpdateConfig {
 /// One host training step of every module on its `(x, y)` pair `(N, D)` (the CPU path): unit-norm
 /// decoders, forward and backward, clipping, removal of the decoder-gradient component parallel
 /// to each column, one optimizer step with `lr`. `loss` is left 0.
+///
+/// Data-parallel over the ranks of `coll` (the pairs are this rank's tokens of the batch): the
+/// modules run one after the other, each adding its losses' whole-batch statistics over the
+/// ranks; the gradients are added over the ranks before they are clipped.
 pub fn update_host(
+    coll: &dyn Collective,
     params: &mut [AeParams<Vec<f32>>],
     opt: &mut Optimizer,
     data: &[(&[f32], &[f32])],
     dead: &[Vec<bool>],
     cfg: UpdateConfig,
     lr: f64,
-) -> StepReport {
+) -> Result<StepReport> {
     let UpdateConfig { d, f, k, .. } = cfg;
-    // Modules are independent: their steps run side by side (each also parallel inside), so
-    // their serial parts overlap; every result is the same as one module at a time.
-    let outs: Vec<_> = params
-        .par_iter_mut()
-        .enumerate()
-        .map(|(m, p)| {
-            normalize_decoder(&mut p.w_dec, d, f);
-            let (x, y) = data[m];
-            let mut s = step(p, x, y, d, f, k, &dead[m], cfg.auxk_alpha);
-            if let Some(c) = cfg.clip {
-                clip_module(&mut s.grads, c);
-            }
-            remove_parallel_component(&p.w_dec, &mut s.grads.w_dec, d, f);
-            s
-        })
-        .collect();
+    let one = |m: usize, p: &mut AeParams<Vec<f32>>, c: &dyn Collective| {
+        normalize_decoder(&mut p.w_dec, d, f);
+        let (x, y) = data[m];
+        step(c, p, x, y, d, f, k, &dead[m], cfg.auxk_alpha)
+    };
+    // One process: modules are independent, their steps run side by side (each also parallel
+    // inside), so their serial parts overlap; every result is the same as one module at a
+    // time. On several ranks they run one after the other: each meets the ranks in its losses.
+    let outs: Vec<_> = if coll.size() == 1 {
+        params.par_iter_mut().enumerate().map(|(m, p)| one(m, p, &Single)).collect::<Result<_>>()?
+    } else {
+        params.iter_mut().enumerate().map(|(m, p)| one(m, p, coll)).collect::<Result<_>>()?
+    };
     let mut report = StepReport { fvu: Some(Vec::new()), auxk: Some(Vec::new()), ..StepReport::default() };
     let mut grads = Vec::with_capacity(params.len());
     for s in outs {
@@ -144,8 +152,16 @@ pub fn update_host(
         report.fired.push(fired(&s.idx, &s.val, f));
         grads.push(s.grads);
     }
+    super::parallel::sum_grads(coll, &mut grads)?;
+    report.fired = super::parallel::any_fired(coll, std::mem::take(&mut report.fired))?;
+    params.par_iter().zip(grads.par_iter_mut()).for_each(|(p, g)| {
+        if let Some(c) = cfg.clip {
+            clip_module(g, c);
+        }
+        remove_parallel_component(&p.w_dec, &mut g.w_dec, d, f);
+    });
     opt.step(params, &grads, lr);
-    report
+    Ok(report)
 }
 
 /// [`update_host`] on the device (the autograd path), the pass in `dtype`.
@@ -172,13 +188,124 @@ pub fn update_device(
     Ok(StepReport { fvu: Some(values.fvu), auxk: Some(values.auxk), fired: values.fired, ..StepReport::default() })
 }
 
+/// How the ranks of a job share a `train-suite` run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Split {
+    /// One process.
+    One,
+    /// Data-parallel: this rank computes sequences `first..first + len` of every batch.
+    Data { first: usize, len: usize },
+    /// `--shard-modules`: this rank trains the modules `owned` (m with m mod N = rank) on whole
+    /// batches.
+    Modules { owned: Vec<usize> },
+}
+
+impl Split {
+    fn of(coll: &dyn Collective, cfg: &PretrainConfig, n_modules: usize) -> Result<Split> {
+        let n = coll.size();
+        if n == 1 {
+            return Ok(Split::One);
+        }
+        if !cfg.use_engine {
+            return Err(Error::Usage(format!(
+                "train-suite on {n} ranks runs on the CPU engine; hint: --backend engine, or one process for the autograd path"
+            )));
+        }
+        if !cfg.shard_modules {
+            let (first, len) = my_slice(coll, cfg.batch_size, "--batch-size")?;
+            return Ok(Split::Data { first, len });
+        }
+        if n > n_modules {
+            return Err(Error::Usage(format!(
+                "--shard-modules: {n} ranks for {n_modules} modules would leave ranks idle; hint: launch at most {n_modules} ranks"
+            )));
+        }
+        Ok(Split::Modules { owned: (coll.rank()..n_modules).step_by(n).collect() })
+    }
+
+    /// The batch this rank trains on, from the whole batch `b`.
+    fn part(&self, b: Batch) -> Result<Batch> {
+        match self {
+            Split::Data { first, len } => b.narrow(*first, *len),
+            _ => Ok(b),
+        }
+    }
+}
+
+/// One host step of the modules `owned` only (`--shard-modules`): their parameters and Adam
+/// moments are moved out, stepped as a suite of their own and moved back, so each module's
+/// update is the one a single process makes. The report covers every module (the others'
+/// values 0, their features not fired) until [`merge_shards`] adds the ranks' reports.
+#[allow(clippy::too_many_arguments)]
+fn update_owned(
+    owned: &[usize],
+    params: &mut [AeParams<Vec<f32>>],
+    opt: &mut Optimizer,
+    data: &[(&[f32], &[f32])],
+    masks: &[Vec<bool>],
+    cfg: UpdateConfig,
+    lr: f64,
+) -> Result<StepReport> {
+    let mut sub_p: Vec<_> = owned.iter().map(|&m| std::mem::take(&mut params[m])).collect();
+    // (SGD has no moments: nothing to move.)
+    let take = |v: &mut Vec<AeParams<Vec<f32>>>| -> Vec<_> {
+        owned.iter().filter_map(|&m| v.get_mut(m).map(std::mem::take)).collect()
+    };
+    let mut sub_opt = Optimizer { m: take(&mut opt.m), v: take(&mut opt.v), ..opt.clone_settings() };
+    let sub_data: Vec<_> = owned.iter().map(|&m| data[m]).collect();
+    let sub_masks: Vec<_> = owned.iter().map(|&m| masks[m].clone()).collect();
+    let sub = update_host(&Single, &mut sub_p, &mut sub_opt, &sub_data, &sub_masks, cfg, lr)?;
+    opt.t = sub_opt.t;
+    let n = params.len();
+    let mut report = StepReport {
+        fvu: Some(vec![0.0; n]),
+        auxk: Some(vec![0.0; n]),
+        fired: vec![vec![false; cfg.f]; n],
+        ..StepReport::default()
+    };
+    for (j, &m) in owned.iter().enumerate() {
+        params[m] = std::mem::take(&mut sub_p[j]);
+        if let (Some(a), Some(b)) = (opt.m.get_mut(m), sub_opt.m.get_mut(j)) {
+            *a = std::mem::take(b);
+        }
+        if let (Some(a), Some(b)) = (opt.v.get_mut(m), sub_opt.v.get_mut(j)) {
+            *a = std::mem::take(b);
+        }
+        report.fvu.as_mut().expect("set")[m] = sub.fvu.as_ref().expect("set")[j];
+        report.auxk.as_mut().expect("set")[m] = sub.auxk.as_ref().expect("set")[j];
+        report.fired[m] = sub.fired[j].clone();
+    }
+    Ok(report)
+}
+
+/// Add the ranks' reports of a module-sharded step (each module's values come from its rank,
+/// the others add zeros, which is exact) and OR their firing masks.
+fn merge_shards(coll: &dyn Collective, report: &mut StepReport) -> Result<()> {
+    let fvu = report.fvu.take().unwrap_or_default();
+    let n = fvu.len();
+    let mut values = [fvu, report.auxk.take().unwrap_or_default()].concat();
+    coll.sum_f64(&mut values)?;
+    report.auxk = Some(values.split_off(n));
+    report.fvu = Some(values);
+    report.fired = super::parallel::any_fired(coll, std::mem::take(&mut report.fired))?;
+    Ok(())
+}
+
 /// Train a suite on `data` as `cfg` says and write it to `cfg.out`.
-pub fn run(data: &mut TrainData, cfg: &PretrainConfig, device: &Device) -> Result<RunSummary> {
+///
+/// On several ranks (`mpirun -n N train-suite ...`, CPU engine): data-parallel by default —
+/// `cfg.batch_size` is the global batch, each rank computes its slice, the losses' statistics
+/// and the gradients are added over the ranks (the result equals one process's up to the
+/// order of floating-point sums); with `cfg.shard_modules` rank r trains modules r, r+N, ...
+/// on whole batches, exchanging only each step's losses and firing masks, and the result is
+/// byte-identical to one process's. Rank 0 owns the output folder.
+pub fn run(data: &mut TrainData, cfg: &PretrainConfig, device: &Device, coll: &dyn Collective) -> Result<RunSummary> {
     let SuiteShape { d_model: d, n_layers, n_features: f, k, .. } = cfg.shape;
     let ctx = data.ctx_len();
     let modules = Module::all(n_layers);
+    let split = Split::of(coll, cfg, modules.len())?;
     let tr = cfg.train_run();
-    let dir = tr.prepare_dir()?;
+    let dir = if coll.rank() == 0 { Some(tr.prepare_dir()?) } else { None };
     let mut rng = SplitMix(cfg.seed);
     let mut params: Vec<AeParams<Vec<f32>>> = modules.iter().map(|_| init_params(d, f, &mut rng)).collect();
     let mut opt = Optimizer::new(OptimizerKind::Adam, &params);
@@ -188,23 +315,28 @@ pub fn run(data: &mut TrainData, cfg: &PretrainConfig, device: &Device) -> Resul
     // A fresh run reads its first batch before the loop (for b_dec) and trains on it first.
     let mut first_batch = None;
     if cfg.checkpoints.resume {
-        let suite = Suite::from_params(&params, &modules, k, d, f)?;
-        let st = resume(&tr, &suite, &mut params, &mut opt, &mut dead)?;
-        step = st.step;
-        seqs_seen = st.seqs_seen;
+        let mut position = [0u64; 2];
+        if coll.rank() == 0 {
+            let suite = Suite::from_params(&params, &modules, k, d, f)?;
+            let st = resume(&tr, &suite, &mut params, &mut opt, &mut dead)?;
+            position = [st.step, st.seqs_seen];
+        }
+        share_state(coll, &mut params, &mut opt, &mut dead, &mut position)?;
+        [step, seqs_seen] = position;
         crate::note!("train-suite: resuming at step {step} of {steps}");
     } else {
-        // b_dec = geometric median of the first batch's targets (up to 4096 tokens).
+        // b_dec = geometric median of the first batch's targets (up to 4096 tokens); every rank
+        // reads the whole first batch for it.
         let batch0 = data.batch(0, cfg.batch_size)?;
         for (p, m) in params.iter_mut().zip(&modules) {
             let y = to_vec(module_pair(&batch0, m).1)?;
             let take = (4096 * d).min(y.len());
             p.b_dec = geometric_median(&y[..take], d);
         }
-        first_batch = Some(batch0);
+        first_batch = Some(split.part(batch0)?);
     }
     let tokens_per_step = (cfg.batch_size * ctx) as u64;
-    let mut session = Session::open(dir, &tr, step, tokens_per_step)?;
+    let mut session = Session::open(dir, &tr, step, tokens_per_step, coll)?;
     // The autograd path keeps parameters and optimizer state on the device.
     let (vars, mut dopt) = if cfg.use_engine {
         (Vec::new(), None)
@@ -214,9 +346,10 @@ pub fn run(data: &mut TrainData, cfg: &PretrainConfig, device: &Device) -> Resul
         (vars, Some(dopt))
     };
     while step < steps {
-        let batch = match first_batch.take() {
-            Some(b) => b,
-            None => data.batch(seqs_seen, cfg.batch_size)?,
+        let batch = match (first_batch.take(), &split) {
+            (Some(b), _) => b,
+            (None, Split::Data { first, len }) => data.batch_part(seqs_seen, cfg.batch_size, *first, *len)?,
+            (None, _) => data.batch(seqs_seen, cfg.batch_size)?,
         };
         let masks: Vec<Vec<bool>> = (0..modules.len()).map(|mi| dead.dead(mi)).collect();
         let lr_t = cfg.schedule.lr_at(step);
@@ -234,17 +367,33 @@ pub fn run(data: &mut TrainData, cfg: &PretrainConfig, device: &Device) -> Resul
                 update_device(&vars, dopt, &data, &masks, ucfg, lr_t, cfg.dtype)?
             }
             None => {
-                // An SAE's input is its target: one host copy serves both.
+                // An SAE's input is its target: one host copy serves both (a module-sharded
+                // rank copies only its modules').
+                let mine = |m: usize| match &split {
+                    Split::Modules { owned } => owned.contains(&m),
+                    _ => true,
+                };
                 let data = modules
                     .iter()
-                    .map(|m| {
+                    .enumerate()
+                    .map(|(mi, m)| {
+                        if !mine(mi) {
+                            return Ok((Vec::new(), None));
+                        }
                         let (x, y) = module_pair(&batch, m);
                         Ok((to_vec(x)?, if m.kind == Kind::Attn { None } else { Some(to_vec(y)?) }))
                     })
                     .collect::<Result<Vec<_>>>()?;
                 let refs: Vec<(&[f32], &[f32])> =
                     data.iter().map(|(x, y)| (x.as_slice(), y.as_deref().unwrap_or(x))).collect();
-                update_host(&mut params, &mut opt, &refs, &masks, ucfg, lr_t)
+                match &split {
+                    Split::Modules { owned } => {
+                        let mut r = update_owned(owned, &mut params, &mut opt, &refs, &masks, ucfg, lr_t)?;
+                        merge_shards(coll, &mut r)?;
+                        r
+                    }
+                    _ => update_host(coll, &mut params, &mut opt, &refs, &masks, ucfg, lr_t)?,
+                }
             }
         };
         for (mi, fired) in report.fired.iter().enumerate() {
@@ -261,13 +410,29 @@ pub fn run(data: &mut TrainData, cfg: &PretrainConfig, device: &Device) -> Resul
                 params = vars.iter().map(AeParams::to_host).collect::<Result<Vec<_>>>()?;
                 opt = dopt.to_host()?;
             }
-            ckpt.save(&Suite::from_params(&params, &modules, k, d, f)?, &opt, &dead, step, seqs_seen)
+            let replicas = match &split {
+                Split::One => None,
+                Split::Data { .. } => {
+                    let hash = agreed_hash(coll, &params, &opt, &dead, step)?;
+                    Some(Replicas { ranks: coll.size(), state_hash: format!("{hash:016x}") })
+                }
+                Split::Modules { .. } => {
+                    // The checkpoint is the one a single process writes: every module's state
+                    // from the rank that trains it.
+                    share_modules(coll, &mut params, &mut opt)?;
+                    None
+                }
+            };
+            ckpt.save(&Suite::from_params(&params, &modules, k, d, f)?, &opt, &dead, step, seqs_seen, replicas)
         })?;
         match next {
             After::Continue => {}
             After::Halt => return Ok(session.halted(steps)),
             After::Interrupted => return Err(session.interrupted(step)),
         }
+    }
+    if matches!(split, Split::Modules { .. }) {
+        share_modules(coll, &mut params, &mut opt)?;
     }
     session.finish(steps, || {
         if dopt.is_some() {

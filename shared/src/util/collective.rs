@@ -12,6 +12,9 @@
 
 use crate::error::{Error, Result};
 
+/// Whether this build has the MPI collectives (the cargo feature `mpi`).
+pub const WITH_MPI: bool = cfg!(feature = "mpi");
+
 /// What a stage needs from the other ranks of its job.
 pub trait Collective {
     /// This process's rank, `0..size`.
@@ -24,10 +27,72 @@ pub trait Collective {
     fn sum_f32(&self, buf: &mut [f32]) -> Result<()>;
     /// Replace `flags` on every rank by the element-wise OR over ranks.
     fn any(&self, flags: &mut [bool]) -> Result<()>;
+    /// Replace `bytes` on every rank by rank `root`'s.
+    fn broadcast_from(&self, root: usize, bytes: &mut Vec<u8>) -> Result<()>;
     /// Replace `bytes` on every rank by rank 0's.
-    fn broadcast(&self, bytes: &mut Vec<u8>) -> Result<()>;
+    fn broadcast(&self, bytes: &mut Vec<u8>) -> Result<()> {
+        self.broadcast_from(0, bytes)
+    }
     /// Wait until every rank gets here.
     fn barrier(&self) -> Result<()>;
+    /// End the whole job now with exit status `code` (a rank that failed must not leave the
+    /// others waiting in a collective).
+    fn abort(&self, code: i32) -> !;
+}
+
+/// The rows `start..start + len` of a batch of `total` rows that this rank computes in a
+/// data-parallel step: equal slices in rank order, so the same command gives the same run on
+/// any number of ranks. `what` names the batch in the error when `total` does not divide.
+pub fn my_slice(coll: &dyn Collective, total: usize, what: &str) -> Result<(usize, usize)> {
+    let n = coll.size();
+    if !total.is_multiple_of(n) {
+        return Err(Error::Usage(format!(
+            "{what} {total} does not divide among {n} ranks; hint: use a multiple of {n}, or launch {} ranks",
+            (1..=n).rev().find(|k| total.is_multiple_of(*k)).unwrap_or(1)
+        )));
+    }
+    let len = total / n;
+    Ok((coll.rank() * len, len))
+}
+
+/// The part `start..end` of `0..total` that this rank handles when work is split as evenly as
+/// the ranks allow (the first `total % size` ranks take one more).
+pub fn my_share(coll: &dyn Collective, total: usize) -> std::ops::Range<usize> {
+    let (n, r) = (coll.size(), coll.rank());
+    let (base, extra) = (total / n, total % n);
+    let start = r * base + r.min(extra);
+    start..start + base + usize::from(r < extra)
+}
+
+/// Replace `values` on every rank by rank `root`'s (f32, bit for bit).
+pub fn broadcast_f32(coll: &dyn Collective, root: usize, values: &mut Vec<f32>) -> Result<()> {
+    if coll.size() == 1 {
+        return Ok(());
+    }
+    let mut bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    coll.broadcast_from(root, &mut bytes)?;
+    *values = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    Ok(())
+}
+
+/// Replace `values` on every rank by rank 0's.
+pub fn broadcast_u64(coll: &dyn Collective, values: &mut Vec<u64>) -> Result<()> {
+    if coll.size() == 1 {
+        return Ok(());
+    }
+    let mut bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    coll.broadcast(&mut bytes)?;
+    *values = bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+    Ok(())
+}
+
+/// Whether every rank holds the same `value` (e.g. a hash of its replica of the parameters).
+pub fn all_agree(coll: &dyn Collective, value: u64) -> Result<bool> {
+    let mut root = vec![value];
+    broadcast_u64(coll, &mut root)?;
+    let mut differs = [root[0] != value];
+    coll.any(&mut differs)?;
+    Ok(!differs[0])
 }
 
 /// One process: every collective is the identity.
@@ -50,11 +115,14 @@ impl Collective for Single {
     fn any(&self, _: &mut [bool]) -> Result<()> {
         Ok(())
     }
-    fn broadcast(&self, _: &mut Vec<u8>) -> Result<()> {
+    fn broadcast_from(&self, _: usize, _: &mut Vec<u8>) -> Result<()> {
         Ok(())
     }
     fn barrier(&self) -> Result<()> {
         Ok(())
+    }
+    fn abort(&self, code: i32) -> ! {
+        std::process::exit(code)
     }
 }
 
@@ -200,8 +268,8 @@ mod mpi_backend {
             flags.iter_mut().zip(all).for_each(|(f, x)| *f = x != 0);
             Ok(())
         }
-        fn broadcast(&self, bytes: &mut Vec<u8>) -> Result<()> {
-            let root = self.world.process_at_rank(0);
+        fn broadcast_from(&self, root: usize, bytes: &mut Vec<u8>) -> Result<()> {
+            let root = self.world.process_at_rank(root as i32);
             let mut len = bytes.len() as u64;
             root.broadcast_into(&mut len);
             bytes.resize(len as usize, 0);
@@ -211,6 +279,9 @@ mod mpi_backend {
         fn barrier(&self) -> Result<()> {
             self.world.barrier();
             Ok(())
+        }
+        fn abort(&self, code: i32) -> ! {
+            self.world.abort(code)
         }
     }
 }

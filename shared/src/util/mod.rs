@@ -32,7 +32,24 @@ macro_rules! note {
 #[doc(hidden)]
 pub fn write_note(args: std::fmt::Arguments) {
     use std::io::Write;
-    let _ = writeln!(std::io::stderr().lock(), "{args}");
+    if !quiet() {
+        // One write per line, so that the lines of several processes (the ranks of a job) do not
+        // interleave.
+        let _ = std::io::stderr().lock().write_all(format!("{args}\n").as_bytes());
+    }
+}
+
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Silence [`note!`] and progress in this process (the ranks of a job other than rank 0, which
+/// speaks for the job; errors are still printed).
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether [`set_quiet`] silenced this process.
+pub fn quiet() -> bool {
+    QUIET.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// A tensor's values as a host `Vec<f32>` (any device and float dtype, any layout).

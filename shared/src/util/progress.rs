@@ -68,7 +68,7 @@ impl Progress {
     /// A run named `what` (e.g. `finetune`) of `total` units (unknown: `None`) that starts at
     /// `start` (a resumed run).
     pub fn new(what: &str, unit: Unit, total: Option<u64>, start: u64) -> Progress {
-        let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = (std::io::stderr().is_terminal() && !super::quiet()).then(|| {
             let bar = match total {
                 Some(t) => indicatif::ProgressBar::new(t),
                 None => indicatif::ProgressBar::new_spinner(),

@@ -63,10 +63,11 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    scae::cli::run_main("finetune", || run(scae::cli::parse_args::<Args>()))
+    // Under mpirun/srun -n N: data-parallel over the N ranks (scae::train::finetune::run).
+    scae::cli::run_main_ranks("finetune", |coll| run(scae::cli::parse_args::<Args>(), coll))
 }
 
-fn run(args: Args) -> Result<()> {
+fn run(args: Args, coll: &dyn scae::util::collective::Collective) -> Result<()> {
     let device = args.common.setup()?;
     let named = [
         ("--acts", args.acts.as_deref()),
@@ -124,8 +125,8 @@ fn run(args: Args) -> Result<()> {
         run: run_config,
         lineage: inputs.child_lineage(trained_on, &chosen)?,
     };
-    let done = scae::train::finetune::run(&inputs, &mut source, &chosen, &cfg, &device)?;
-    if !done.halted {
+    let done = scae::train::finetune::run(&inputs, &mut source, &chosen, &cfg, &device, coll)?;
+    if !done.halted && coll.rank() == 0 {
         scae::say!("{}", scae::train::summary_line("finetune", &done, &args.out))?;
     }
     Ok(())

@@ -11,6 +11,7 @@ use clap::Parser;
 use scae::formats::cache::Cache;
 use scae::model::Model;
 use scae::train::pretrain::{PretrainConfig, SuiteShape};
+use scae::util::collective::Collective;
 
 /// Pretrain a TopK suite on an activation cache.
 #[derive(Debug, Parser, serde::Serialize)]
@@ -55,16 +56,21 @@ struct Args {
     #[command(flatten)]
     #[serde(flatten)]
     run: scae::cli::RunArgs,
+    /// On N ranks (mpirun/srun): rank r trains modules r, r+N, ... on whole batches (byte-
+    /// identical to one process) instead of every module on its share of each batch.
+    #[arg(long)]
+    #[serde(skip)]
+    shard_modules: bool,
     #[command(flatten)]
     #[serde(flatten)]
     common: scae::cli::Common,
 }
 
 fn main() -> ExitCode {
-    scae::cli::run_main("train-suite", || run(scae::cli::parse_args::<Args>()))
+    scae::cli::run_main_ranks("train-suite", |coll| run(scae::cli::parse_args::<Args>(), coll))
 }
 
-fn run(args: Args) -> Result<()> {
+fn run(args: Args, coll: &dyn Collective) -> Result<()> {
     let device = args.common.setup()?;
     let model_path = args.model.as_deref().map(Path::new);
     let inputs = [&[("--acts", args.acts.as_deref()), ("--model", model_path)][..], &args.data.paths()].concat();
@@ -103,12 +109,9 @@ fn run(args: Args) -> Result<()> {
         scae::sae::topk::check_topk_size(&device, k)?;
     }
     let (run, step) = (&args.run, &args.step);
-    // Every flag that changes the run, and the contents of its inputs: what --resume repeats.
-    let files = [
-        ("--acts", args.acts.as_deref()),
-        ("--data", args.data.data.as_deref()),
-        ("--tokens", args.data.tokens.as_deref()),
-    ];
+    // Every flag that changes the run, and its inputs' contents: what --resume repeats.
+    let files = [("--acts", args.acts.as_deref()), ("--data", args.data.data.as_deref())];
+    let files = [&files[..], &[("--tokens", args.data.tokens.as_deref())]].concat();
     let run_config = scae::formats::runconfig::RunConfig::new(&args, &files, steps)?;
     let seqs_read = steps * step.batch_size;
     let trained_on = match (&cache, &args.acts) {
@@ -125,6 +128,7 @@ fn run(args: Args) -> Result<()> {
         use_engine,
         dtype: args.compute.dtype(),
         seed,
+        shard_modules: args.shard_modules,
         checkpoints: run.checkpoints(),
         overwrite: run.overwrite,
         created_by: format!("train-suite {}", env!("CARGO_PKG_VERSION")),
@@ -134,8 +138,8 @@ fn run(args: Args) -> Result<()> {
         run: run_config,
         lineage: scae::formats::suite::Lineage { trained_on: vec![trained_on], ..Default::default() },
     };
-    let done = scae::train::pretrain::run(&mut source, &cfg, &device)?;
-    if !done.halted {
+    let done = scae::train::pretrain::run(&mut source, &cfg, &device, coll)?;
+    if !done.halted && coll.rank() == 0 {
         scae::say!("{} (F {f}, k {k})", scae::train::summary_line("train-suite", &done, &args.out))?;
     }
     Ok(())

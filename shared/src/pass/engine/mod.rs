@@ -50,6 +50,7 @@ use crate::pass::{PassOptions, Plan};
 use crate::sae::loss::{auxk_and_grad, auxk_select, AuxLatents};
 use crate::sae::AeParams;
 use crate::util::blas::{add_into, sgemm, transpose};
+use crate::util::collective::Collective;
 use crate::util::profile::Profile;
 use crate::util::to_vec;
 
@@ -399,8 +400,15 @@ impl<'a> Engine<'a> {
     }
 
     /// AuxK of every module with AuxK latents, storing `alpha ×` its gradient for
-    /// [`backward`](Self::backward). Returns AuxK per module (0 when no latent is dead).
-    pub fn auxk_loss_and_grad(&self, fb: &FlatBatch, state: &mut State, alpha: f64) -> Vec<f64> {
+    /// [`backward`](Self::backward). Returns AuxK per module (0 when no latent is dead), of the
+    /// whole batch when its sequences are spread over the ranks of `coll` (`fb`: this rank's).
+    pub fn auxk_loss_and_grad(
+        &self,
+        coll: &dyn Collective,
+        fb: &FlatBatch,
+        state: &mut State,
+        alpha: f64,
+    ) -> Result<Vec<f64>> {
         let d = self.d;
         let mut out = Vec::with_capacity(state.modules.len());
         for (m, st) in state.modules.iter_mut().enumerate() {
@@ -410,11 +418,11 @@ impl<'a> Engine<'a> {
             };
             let ehat = crate::sae::decode(&aux.idx, &aux.val, aux.k_aux, &self.params[m].dec_t, d, None);
             let r: Vec<f32> = fb.targets[m].iter().zip(&st.recon).map(|(t, x)| t - x).collect();
-            let (value, g) = auxk_and_grad(&ehat, &r, d, aux.n_dead, alpha);
+            let (value, g) = auxk_and_grad(coll, &ehat, &r, d, aux.n_dead, alpha)?;
             out.push(value);
             st.aux_g = g;
         }
-        out
+        Ok(out)
     }
 
     /// Backpropagate `g_recon[m] (N, D)` (the loss gradient w.r.t. every reconstruction)

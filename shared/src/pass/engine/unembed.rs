@@ -13,6 +13,7 @@ use crate::data::FlatBatch;
 use crate::error::Result;
 use crate::pass::objective::{ce_rows, ln_pre_stats};
 use crate::util::blas::{add_into, axpy, dot, sgemm};
+use crate::util::collective::Collective;
 
 /// `W_U (D, V)`, its transpose and `b_U`, when the plan has unembed edges.
 pub(super) struct UnembedConsts {
@@ -45,9 +46,11 @@ type ChunkGrads = (f64, Vec<f32>, Vec<f32>, Vec<f32>);
 impl Engine<'_> {
     /// The spliced CE (mean over B·(S−1)) with the plan's unembed edges, its gradient w.r.t.
     /// every reconstruction `(N, D)` (the same for all modules) and the rest of its gradient;
-    /// `None` when the plan has no unembed edges.
+    /// `None` when the plan has no unembed edges. The mean is over the whole batch when its
+    /// sequences are spread over the ranks of `coll` (`fb`: this rank's).
     pub fn unembed_ce_loss_and_grad(
         &self,
+        coll: &dyn Collective,
         fb: &FlatBatch,
         state: &State,
     ) -> Result<Option<(f64, Vec<f32>, UnembedGrads)>> {
@@ -73,7 +76,7 @@ impl Engine<'_> {
                 dot(&self.params[col / f].dec_t[(col % f) * d..(col % f + 1) * d], &uc.w_u_t[tok * d..(tok + 1) * d])
             })
             .collect();
-        let count = (b * (s - 1)) as f64;
+        let count = (b * coll.size() * (s - 1)) as f64;
         // Each active selected value at token t: (module, slot, value, column).
         let active = |t: usize| {
             state.modules.iter().enumerate().flat_map(move |(m, st)| {
@@ -177,6 +180,8 @@ impl Engine<'_> {
                 }
             }
         });
-        Ok(Some((loss / count, g_resid, UnembedGrads { g_val, g_dec_t, g_bdec })))
+        let mut sum = [loss];
+        coll.sum_f64(&mut sum)?;
+        Ok(Some((sum[0] / count, g_resid, UnembedGrads { g_val, g_dec_t, g_bdec })))
     }
 }

@@ -41,6 +41,19 @@ pub struct RunState {
     pub opt_t: u64,
     /// The run's configuration: what a resumed run must repeat.
     pub run: crate::formats::runconfig::RunConfig,
+    /// A data-parallel run's ranks and the hash of the state every replica agreed on (absent
+    /// for one process).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<Replicas>,
+}
+
+/// The replicas of a data-parallel run when a checkpoint was written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Replicas {
+    /// Ranks of the job.
+    pub ranks: usize,
+    /// `train::parallel::replica_hash` of the state, equal on every rank (16 hex digits).
+    pub state_hash: String,
 }
 
 /// Adam's first and second moments, per module.

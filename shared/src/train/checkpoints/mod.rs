@@ -57,9 +57,12 @@ impl TrainRun {
     }
 }
 
-/// The checkpoints of one run.
+/// The checkpoints of one run. In a data-parallel run only rank 0 holds the folder (`dir`) and
+/// writes; the other ranks keep the same account of what was written.
 pub struct Checkpoints {
-    dir: RunDir,
+    dir: Option<RunDir>,
+    /// The run's output folder (for messages on every rank).
+    out: PathBuf,
     tool: &'static str,
     run: RunConfig,
     policy: CheckpointPolicy,
@@ -87,10 +90,19 @@ pub fn decay_point(schedule: &Schedule) -> Option<u64> {
 }
 
 impl Checkpoints {
-    /// For a run of `tool` into `dir` that starts (or resumed) at `start_step`.
-    pub fn new(dir: RunDir, tool: &'static str, run: RunConfig, policy: CheckpointPolicy, start_step: u64) -> Self {
+    /// For a run of `tool` into `out` that starts (or resumed) at `start_step`; `dir` is the
+    /// prepared folder (`None` on the ranks of a job other than rank 0: they write nothing).
+    pub fn new(
+        dir: Option<RunDir>,
+        out: PathBuf,
+        tool: &'static str,
+        run: RunConfig,
+        policy: CheckpointPolicy,
+        start_step: u64,
+    ) -> Self {
         Checkpoints {
             dir,
+            out,
             tool,
             run,
             policy,
@@ -119,7 +131,8 @@ impl Checkpoints {
     }
 
     /// Write the checkpoints due after `step` steps and `seqs_seen` sequences (see
-    /// [`Session::after_step`](super::Session::after_step)).
+    /// [`Session::after_step`](super::Session::after_step)); a data-parallel run records its
+    /// `replicas` (ranks and the state hash they agreed on).
     pub fn save(
         &mut self,
         suite: &Suite,
@@ -127,6 +140,7 @@ impl Checkpoints {
         dead: &DeadTracker,
         step: u64,
         seqs_seen: u64,
+        replicas: Option<file::Replicas>,
     ) -> Result<()> {
         // A checkpoint is only ever a good one: parameters the last update made non-finite
         // stop the run here, before they replace the previous checkpoint.
@@ -144,15 +158,20 @@ impl Checkpoints {
             seqs_seen,
             opt_t: opt.t,
             run: self.run.clone(),
+            replicas,
         };
         let moments = (opt.kind == OptimizerKind::Adam).then_some((opt.m.as_slice(), opt.v.as_slice()));
         for name in std::mem::take(&mut self.targets) {
-            file::write(self.dir.path(), name, suite, moments, &dead.since, &state)?;
+            if let Some(dir) = &self.dir {
+                file::write(dir.path(), name, suite, moments, &dead.since, &state)?;
+            }
             if name == LATEST {
                 self.last = Some(step);
             }
         }
-        self.dir.keep();
+        if let Some(dir) = &mut self.dir {
+            dir.keep();
+        }
         Ok(())
     }
 
@@ -163,7 +182,14 @@ impl Checkpoints {
 
     /// The run's result is written: keep its folder.
     pub fn finish(mut self) {
-        self.dir.keep();
+        if let Some(dir) = &mut self.dir {
+            dir.keep();
+        }
+    }
+
+    /// Whether this process writes the run's files (rank 0 of a job, or the only process).
+    pub fn writes(&self) -> bool {
+        self.dir.is_some()
     }
 
     /// The step of the last checkpoint written or resumed from.
@@ -173,7 +199,7 @@ impl Checkpoints {
 
     /// The output folder.
     pub fn path(&self) -> &Path {
-        self.dir.path()
+        &self.out
     }
 
     /// Which checkpoint a stopped run leaves, for its error message.
@@ -182,7 +208,7 @@ impl Checkpoints {
             Some(s) => {
                 format!(
                     "the last checkpoint with finite parameters ({}, step {s}) is kept",
-                    self.dir.path().join(LATEST).display()
+                    self.out.join(LATEST).display()
                 )
             }
             None => "no checkpoint was written".to_string(),
