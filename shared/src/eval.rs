@@ -14,6 +14,7 @@ use crate::inputs::Inputs;
 use crate::pass::objective::ce_per_token_planned;
 use crate::pass::{PassOptions, Plan, ValuePass, Wiring};
 use crate::sae::loss::{fvu_ref, Moments};
+use crate::util::collective::Collective;
 
 /// A validated `evaluate` run.
 #[derive(Debug, Clone)]
@@ -119,7 +120,24 @@ pub fn suite_training(dir: &Path) -> Option<serde_json::Value> {
 }
 
 /// Evaluate `inputs.suite` with `conns` (all connections when `None`) on `inputs`' cache.
-pub fn run(inputs: &Inputs, conns: Option<&Connections>, cfg: &EvalConfig, device: &Device) -> Result<Evaluation> {
+///
+/// Sharded over the ranks of `coll` (`mpirun -n N evaluate ...`): rank r evaluates batches r,
+/// r+N, ... (the same batches as one process) and the sums (CE, moments, FVU (ref), counts,
+/// firing) are added over the ranks in f64, so every number equals one process's up to the
+/// order of the sums. `dump` runs as one process.
+pub fn run(
+    inputs: &Inputs,
+    conns: Option<&Connections>,
+    cfg: &EvalConfig,
+    device: &Device,
+    coll: &dyn Collective,
+) -> Result<Evaluation> {
+    if cfg.dump && coll.size() > 1 {
+        return Err(Error::Usage(format!(
+            "--dump writes every sequence's features from one process; hint: run it without mpirun/srun ({} ranks)",
+            coll.size()
+        )));
+    }
     let suite = &inputs.suite;
     let rt = &inputs.model.runtime;
     let available = inputs.cache().manifest.n_seqs;
@@ -160,43 +178,65 @@ pub fn run(inputs: &Inputs, conns: Option<&Connections>, cfg: &EvalConfig, devic
     let mut bar =
         crate::util::token_bar(Some((cfg.limit.unwrap_or(m.n_seqs).min(m.n_seqs) * m.ctx_len) as u64), "evaluate");
     let sum = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?) };
-    let n_seqs = cache.for_each_batch(cfg.batch_size, cfg.limit, device, |batch| {
-        let out = pass.run(&batch)?;
-        let (b, s, _) = batch.resid_pre0.dims3()?;
-        ce_sum += sum(&ce_per_token_planned(suite, rt, &plan, &batch, &out)?)?;
-        clean_sum += sum(&rt.forward(&batch.tokens, false, false)?.ce)?;
-        // Zero ablation: the residual stream replaced by layer 0's input alone.
-        zero_sum += sum(&rt.ce_from_resid(&batch.resid_pre0, &batch.tokens)?)?;
-        n_pred += (b * (s - 1)) as u64;
-        n_tok += (b * s) as u64;
-        // A last batch of one sequence has no batch-axis variance: it is left out of FVU (ref).
-        let ref_batch = b >= 2;
-        n_batches += ref_batch as u64;
-        for (i, module) in suite.modules.iter().enumerate() {
-            let st = &mut stats[i];
-            let target = batch.target(module);
-            st.target.add(target)?;
-            st.err.add(&(target - &out.recon[i])?)?;
-            if ref_batch {
-                st.fvu_ref_sum += fvu_ref(target, &out.recon[i])?.to_scalar::<f32>()? as f64;
-            }
-            let feats = out.feats[i].to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            for (j, v) in feats.iter().enumerate() {
-                if *v != 0.0 {
-                    st.nonzero += 1;
-                    st.fired[j % suite.n_features] = true;
+    let (rank, ranks) = (coll.rank(), coll.size());
+    let n_seqs = cache.for_each_batch_of(
+        cfg.batch_size,
+        cfg.limit,
+        device,
+        |i| i % ranks == rank,
+        |batch| {
+            let out = pass.run(&batch)?;
+            let (b, s, _) = batch.resid_pre0.dims3()?;
+            ce_sum += sum(&ce_per_token_planned(suite, rt, &plan, &batch, &out)?)?;
+            clean_sum += sum(&rt.forward(&batch.tokens, false, false)?.ce)?;
+            // Zero ablation: the residual stream replaced by layer 0's input alone.
+            zero_sum += sum(&rt.ce_from_resid(&batch.resid_pre0, &batch.tokens)?)?;
+            n_pred += (b * (s - 1)) as u64;
+            n_tok += (b * s) as u64;
+            // A last batch of one sequence has no batch-axis variance: it is left out of FVU (ref).
+            let ref_batch = b >= 2;
+            n_batches += ref_batch as u64;
+            for (i, module) in suite.modules.iter().enumerate() {
+                let st = &mut stats[i];
+                let target = batch.target(module);
+                st.target.add(target)?;
+                st.err.add(&(target - &out.recon[i])?)?;
+                if ref_batch {
+                    st.fvu_ref_sum += fvu_ref(target, &out.recon[i])?.to_scalar::<f32>()? as f64;
+                }
+                let feats = out.feats[i].to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                for (j, v) in feats.iter().enumerate() {
+                    if *v != 0.0 {
+                        st.nonzero += 1;
+                        st.fired[j % suite.n_features] = true;
+                    }
+                }
+                if cfg.dump {
+                    let f = out.feats[i].reshape((b, s, suite.n_features))?;
+                    dump.entry(format!("feats.{module}")).or_default().push(f);
+                    dump.entry(format!("recon.{module}")).or_default().push(out.recon[i].clone());
                 }
             }
-            if cfg.dump {
-                let f = out.feats[i].reshape((b, s, suite.n_features))?;
-                dump.entry(format!("feats.{module}")).or_default().push(f);
-                dump.entry(format!("recon.{module}")).or_default().push(out.recon[i].clone());
-            }
-        }
-        bar.inc((b * s) as u64);
-        Ok(())
-    })?;
+            // (Rank 0's share stands for the job's progress.)
+            bar.inc((b * s * ranks) as u64);
+            Ok(())
+        },
+    )?;
     bar.finish();
+    if ranks > 1 {
+        let mut sums = vec![ce_sum, clean_sum, zero_sum, n_pred as f64, n_tok as f64, n_batches as f64];
+        sums.extend(stats.iter().flat_map(|st| [st.fvu_ref_sum, st.nonzero as f64]));
+        coll.sum_f64(&mut sums)?;
+        [ce_sum, clean_sum, zero_sum] = [sums[0], sums[1], sums[2]];
+        (n_pred, n_tok, n_batches) = (sums[3] as u64, sums[4] as u64, sums[5] as u64);
+        for (st, v) in stats.iter_mut().zip(sums[6..].chunks(2)) {
+            (st.fvu_ref_sum, st.nonzero) = (v[0], v[1] as u64);
+            st.target.reduce(coll, suite.d_model)?;
+            st.err.reduce(coll, suite.d_model)?;
+        }
+        let fired = super::train::parallel::any_fired(coll, stats.iter().map(|st| st.fired.clone()).collect())?;
+        stats.iter_mut().zip(fired).for_each(|(st, f)| st.fired = f);
+    }
     let (ce, clean_ce, ce_zero) = (ce_sum / n_pred as f64, clean_sum / n_pred as f64, zero_sum / n_pred as f64);
     let mut modules = BTreeMap::new();
     let (mut mean_fvu, mut mean_l0, mut mean_dead) = (0.0, 0.0, 0.0);

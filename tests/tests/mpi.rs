@@ -354,3 +354,112 @@ fn make_all_np_2_runs_the_training_stages_on_two_ranks() {
         assert_eq!(state["replicas"]["ranks"], 2, "{stage} ran on two ranks: {state}");
     }
 }
+
+/// A cache of 16 sequences of 12 tokens of the fixture model tiny-neo (over a small corpus),
+/// and that model's fixture suite.
+fn sixteen_seqs(tmp: &Path) -> (PathBuf, PathBuf) {
+    let data = tmp.join("corpus.txt");
+    let line = "once upon a time there was a little cat who liked to play in the sun with her friends\n";
+    std::fs::write(&data, line.repeat(40)).unwrap();
+    let acts = tmp.join("acts16");
+    let model = scae_testkit::fixture_model("tiny-neo");
+    let a =
+        ["--model", s(&model), "--data", s(&data), "--ctx-len", "12", "--n-seqs", "16", "--pack", "--out", s(&acts)];
+    tool_ok("collect-acts", &a);
+    (acts, fixture_suite("tiny-neo"))
+}
+
+#[test]
+fn evaluate_on_ranks_shares_the_batches_and_reports_the_same_numbers() {
+    let Some(mpi) = mpirun() else { return };
+    let tmp = scratch("mpi-evaluate");
+    let (acts, suite) = sixteen_seqs(&tmp);
+    let conns = fixtures().join("suites/tiny-neo/connections-ref.safetensors");
+    let eval = |np: usize, out: &Path| -> serde_json::Value {
+        let a = [
+            "--acts",
+            s(&acts),
+            "--suite",
+            s(&suite),
+            "--connections",
+            s(&conns),
+            "--batch-size",
+            "4",
+            "--out",
+            s(out),
+        ];
+        let printed = if np == 1 {
+            tool_ok("evaluate", &a)
+        } else {
+            ran(launch(&mpi, np, false, "evaluate", &a).output().unwrap(), &format!("evaluate on {np} ranks"))
+        };
+        assert!(printed.contains("CE diff"), "rank 0 prints the report:\n{printed}");
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap()
+    };
+    let one = eval(1, &tmp.join("np1"));
+    // 4 batches: 2 per rank on 2 ranks, 2/1/1 on 3.
+    for np in [2, 3] {
+        let got = eval(np, &tmp.join(format!("np{np}")));
+        same_numbers(&one, &got, 1e-9, &format!("evaluate on {np} ranks"));
+    }
+}
+
+/// Every edge of an edges/connections file: (down module, down feature, up module, up feature)
+/// and its score, in file order.
+fn edge_rows(path: &Path) -> Vec<((String, i64, String, i64), f64)> {
+    use scae::util::table::{floats, ints, read_parquet, strings};
+    let mut out = Vec::new();
+    for b in &read_parquet(path).unwrap() {
+        let col = |name: &str| b.column_by_name(name).unwrap();
+        let (dm, um) = (
+            strings(path, "down_module", col("down_module")).unwrap(),
+            strings(path, "up_module", col("up_module")).unwrap(),
+        );
+        let (df, uf) = (
+            ints(path, "down_feature", col("down_feature")).unwrap(),
+            ints(path, "up_feature", col("up_feature")).unwrap(),
+        );
+        let score = floats(path, "score", col("score")).unwrap();
+        for r in 0..b.num_rows() {
+            out.push(((dm[r].clone(), df[r], um[r].clone(), uf[r]), score[r] as f64));
+        }
+    }
+    out
+}
+
+#[test]
+fn score_edges_on_ranks_shares_the_batches_and_keeps_the_same_edges() {
+    let Some(mpi) = mpirun() else { return };
+    let tmp = scratch("mpi-score");
+    let (acts, suite) = sixteen_seqs(&tmp);
+    let score = |np: usize, out: &Path| {
+        let a = ["--acts", s(&acts), "--suite", s(&suite), "--keep", "6", "--top-c", "3", "--embed", "--unembed"];
+        let a = [&a[..], &["--batch-size", "4", "--out", s(out)]].concat();
+        if np == 1 {
+            tool_ok("score-edges", &a);
+        } else {
+            ran(launch(&mpi, np, false, "score-edges", &a).output().unwrap(), &format!("score-edges on {np} ranks"));
+        }
+    };
+    let one = tmp.join("np1");
+    score(1, &one);
+    for np in [2, 3] {
+        let out = tmp.join(format!("np{np}"));
+        score(np, &out);
+        for file in ["edges.parquet", "connections.parquet"] {
+            let (a, b) = (edge_rows(&one.join(file)), edge_rows(&out.join(file)));
+            assert!(a.len() > 100 && a.len() == b.len(), "{file} on {np} ranks: {} vs {} edges", a.len(), b.len());
+            for ((ea, sa), (eb, sb)) in a.iter().zip(&b) {
+                assert_eq!(ea, eb, "{file} on {np} ranks: the same edges in the same order");
+                // Scores are stored in f32: statistics that agree to 1e-9 round to the same f32
+                // or to its neighbour.
+                assert!(close(*sa, *sb, f32::EPSILON as f64), "{file} on {np} ranks, {ea:?}: score {sa} vs {sb}");
+            }
+        }
+        let (j1, j2) = (
+            std::fs::read_to_string(one.join("scores.json")).unwrap(),
+            std::fs::read_to_string(out.join("scores.json")).unwrap(),
+        );
+        same_numbers(&serde_json::from_str(&j1).unwrap(), &serde_json::from_str(&j2).unwrap(), 0.0, "scores.json");
+    }
+}

@@ -121,6 +121,17 @@ pub struct Moments {
 }
 
 impl Moments {
+    /// Add the sums of every rank of `coll` (each over its own rows, `d` dimensions), in rank
+    /// order, so that every rank holds the sums over all rows.
+    pub fn reduce(&mut self, coll: &dyn Collective, d: usize) -> Result<()> {
+        if self.sum.is_empty() {
+            self.sum = vec![0.0; d];
+            self.sq = vec![0.0; d];
+        }
+        coll.sum_f64(&mut self.sum)?;
+        coll.sum_f64(&mut self.sq)
+    }
+
     /// Add the rows of `x (.., D)`.
     pub fn add(&mut self, x: &Tensor) -> Result<()> {
         let d = x.dim(D::Minus1)?;

@@ -33,6 +33,7 @@ use crate::formats::suite::Suite;
 use crate::model::Kind;
 use crate::model::Runtime;
 use crate::pass::PassOutput;
+use crate::util::collective::Collective;
 
 /// Token statistics for edge scores, accumulated batch by batch.
 #[derive(Debug, Clone)]
@@ -61,6 +62,48 @@ pub struct ScoreStats {
 struct UnembedStats {
     count: std::collections::HashMap<u32, u64>,
     sums: std::collections::HashMap<(u32, u32), f64>,
+}
+
+impl UnembedStats {
+    /// Every rank's maps added, key by key, in rank order: each rank sends its entries (sorted
+    /// by key) to all.
+    fn reduce(&mut self, coll: &dyn Collective) -> Result<()> {
+        let mut count: std::collections::HashMap<u32, u64> = Default::default();
+        let mut sums: std::collections::HashMap<(u32, u32), f64> = Default::default();
+        for root in 0..coll.size() {
+            let mut bytes = Vec::new();
+            if root == coll.rank() {
+                let mut c: Vec<_> = self.count.iter().collect();
+                c.sort();
+                let mut e: Vec<_> = self.sums.iter().collect();
+                e.sort_by_key(|(k, _)| **k);
+                bytes.extend((c.len() as u64).to_le_bytes());
+                for (k, v) in c {
+                    bytes.extend(k.to_le_bytes());
+                    bytes.extend(v.to_le_bytes());
+                }
+                for ((v, j), x) in e {
+                    bytes.extend(v.to_le_bytes());
+                    bytes.extend(j.to_le_bytes());
+                    bytes.extend(x.to_le_bytes());
+                }
+            }
+            coll.broadcast_from(root, &mut bytes)?;
+            let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+            let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+            let mut at = 8;
+            for _ in 0..u64_at(0) {
+                *count.entry(u32_at(at)).or_default() += u64_at(at + 4);
+                at += 12;
+            }
+            while at < bytes.len() {
+                *sums.entry((u32_at(at), u32_at(at + 4))).or_default() += f64::from_bits(u64_at(at + 8));
+                at += 16;
+            }
+        }
+        (self.count, self.sums) = (count, sums);
+        Ok(())
+    }
 }
 
 /// Token statistics of the embed edges (docs/MATH.md, "Embed and unembed connections").
@@ -180,6 +223,39 @@ impl ScoreStats {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Add the statistics of every rank of `coll` (each accumulated over its share of the
+    /// batches), in rank order, so that every rank holds the statistics of all batches.
+    pub fn reduce(&mut self, suite: &Suite, coll: &dyn Collective) -> Result<()> {
+        if coll.size() == 1 {
+            return Ok(());
+        }
+        let (f, h) = (self.n_features, self.n_heads);
+        let mut n = [self.n_tokens as f64];
+        coll.sum_f64(&mut n)?;
+        self.n_tokens = n[0] as u64;
+        for d in &suite.modules {
+            for (u, um) in suite.modules.iter().enumerate() {
+                if !um.precedes(d, self.parallel) {
+                    continue;
+                }
+                let (slot, len) = match d.kind {
+                    Kind::Mlp => (&mut self.mlp[d.layer][u], f),
+                    Kind::Attn => (&mut self.attn[d.layer][u], h * f),
+                };
+                coll.sum_f64(slot.get_or_insert_with(|| vec![0.0; len]))?;
+            }
+        }
+        if let Some(es) = &mut self.embed {
+            for v in es.mlp.iter_mut().chain(es.attn.iter_mut()) {
+                coll.sum_f64(v)?;
+            }
+        }
+        if let Some(us) = &mut self.unembed {
+            us.reduce(coll)?;
         }
         Ok(())
     }

@@ -14,6 +14,7 @@ use crate::formats::edges_meta::{EdgesMeta, Key};
 use crate::formats::scores_json::ScoresSummary;
 use crate::inputs::Inputs;
 use crate::pass::{PassOptions, Plan, ValuePass, Wiring};
+use crate::util::collective::Collective;
 
 /// What score-edges scores, and where the inputs came from (recorded in the files).
 #[derive(Debug, Clone)]
@@ -43,7 +44,18 @@ pub struct Scored {
 }
 
 /// Score every edge of `inputs.suite` on `inputs`' cache and write the files into `dir`.
-pub fn run(inputs: &Inputs, cfg: &ScoreConfig, dir: &Path, device: &Device) -> Result<Scored> {
+///
+/// Sharded over the ranks of `coll` (`mpirun -n N score-edges ...`): rank r accumulates
+/// batches r, r+N, ..., the statistics are added over the ranks (f64, rank order), and rank 0
+/// (`dir` is `Some` there only) forms and writes the edges; the scores equal one process's up
+/// to the order of the sums.
+pub fn run(
+    inputs: &Inputs,
+    cfg: &ScoreConfig,
+    dir: Option<&Path>,
+    device: &Device,
+    coll: &dyn Collective,
+) -> Result<Option<Scored>> {
     let suite = &inputs.suite;
     let rt = &inputs.model.runtime;
     let parallel = inputs.parallel();
@@ -59,13 +71,23 @@ pub fn run(inputs: &Inputs, cfg: &ScoreConfig, dir: &Path, device: &Device) -> R
     let manifest = &inputs.cache().manifest;
     let total = cfg.limit.unwrap_or(manifest.n_seqs).min(manifest.n_seqs);
     let mut bar = crate::util::token_bar(Some((total * manifest.ctx_len) as u64), "score-edges");
-    let n_seqs = inputs.cache().for_each_batch(cfg.batch_size, cfg.limit, device, |batch| {
-        let out = pass.run(&batch)?;
-        stats.accumulate(suite, &batch, &out)?;
-        bar.inc(batch.tokens.elem_count() as u64);
-        Ok(())
-    })?;
+    let (rank, ranks) = (coll.rank(), coll.size());
+    let n_seqs = inputs.cache().for_each_batch_of(
+        cfg.batch_size,
+        cfg.limit,
+        device,
+        |i| i % ranks == rank,
+        |batch| {
+            let out = pass.run(&batch)?;
+            stats.accumulate(suite, &batch, &out)?;
+            // (Rank 0's share stands for the job's progress.)
+            bar.inc((batch.tokens.elem_count() * ranks) as u64);
+            Ok(())
+        },
+    )?;
     bar.finish();
+    stats.reduce(suite, coll)?;
+    let Some(dir) = dir else { return Ok(None) };
     let mut edges = Connections::empty(&suite.modules, suite.n_features);
     for d in 0..suite.modules.len() {
         for (i, pooled) in stats.top_edges(suite, rt, d, cfg.keep)?.into_iter().enumerate() {
@@ -117,5 +139,5 @@ pub fn run(inputs: &Inputs, cfg: &ScoreConfig, dir: &Path, device: &Device) -> R
         suite: cfg.suite.clone(),
     };
     summary.write(&dir.join("scores.json"))?;
-    Ok(Scored { n_tokens: stats.n_tokens, n_edges, n_connections })
+    Ok(Some(Scored { n_tokens: stats.n_tokens, n_edges, n_connections }))
 }

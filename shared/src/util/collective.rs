@@ -3,8 +3,9 @@
 //! [`Collective`] is what a stage needs from its peers — sums of host buffers, an OR of flags,
 //! a broadcast from rank 0, a barrier — with two implementations: [`Single`] (one process, every
 //! operation the identity) and, with the cargo feature `mpi`, `Mpi` over the `mpi` crate
-//! (OpenMPI or MPICH). Sums are formed in rank order on rank 0 and broadcast, so every rank
-//! holds the same bits whatever reduction algorithm the MPI library would pick.
+//! (OpenMPI or MPICH). Sums are reduce-scatter + all-gather with each element added in rank
+//! order, so every rank holds the same bits whatever reduction algorithm the MPI library would
+//! pick, over any transport.
 //!
 //! [`launched_ranks`] reads the launcher's environment; [`init`] returns the collective for
 //! this process and refuses, with a one-line hint, a build without MPI that finds itself
@@ -208,7 +209,9 @@ mod mpi_backend {
     //! [`Collective`](super::Collective) over MPI's world communicator.
 
     use mpi::collective::SystemOperation;
+    use mpi::datatype::{Partition, PartitionMut};
     use mpi::traits::{Communicator, CommunicatorCollectives, Root};
+    use mpi::Count;
 
     use crate::error::{Error, Result};
 
@@ -227,23 +230,39 @@ mod mpi_backend {
             Ok(Mpi { _universe: universe, world })
         }
 
-        /// Gather `buf` of every rank on rank 0, add in rank order with `add`, broadcast.
+        /// Replace `buf` on every rank by the sum over ranks, each element added in rank order
+        /// with `add`: reduce-scatter, then all-gather. The buffer is cut into one segment per
+        /// rank; every rank sends each segment to its owner (all-to-all), each owner adds the
+        /// pieces of its segment in rank order, and the sums are gathered by all. Each rank
+        /// sends and receives about 2·(N−1)/N of the buffer (the bandwidth-optimal volume;
+        /// gathering on one rank made that rank move N times the buffer), and every element is `((x_0 + x_1) + x_2) + ...` whichever
+        /// rank adds it, so every rank and every run get the same bits.
         fn sum_in_rank_order<T>(&self, buf: &mut [T], add: impl Fn(&mut T, &T)) -> Result<()>
         where
             T: mpi::datatype::Equivalence + Copy + Default,
         {
-            let root = self.world.process_at_rank(0);
-            let n = buf.len();
-            if self.world.rank() == 0 {
-                let mut all = vec![T::default(); n * self.world.size() as usize];
-                root.gather_into_root(&buf[..], &mut all[..]);
-                for part in all.chunks_exact(n).skip(1) {
-                    buf.iter_mut().zip(part).for_each(|(a, b)| add(a, b));
-                }
-            } else {
-                root.gather_into(&buf[..]);
+            let (p, r, n) = (self.world.size() as usize, self.world.rank() as usize, buf.len());
+            if n > i32::MAX as usize {
+                return Err(Error::Usage(format!("an all-reduce of {n} values: above MPI's count limit")));
             }
-            root.broadcast_into(buf);
+            let start = |j: usize| j * (n / p) + j.min(n % p);
+            let counts: Vec<Count> = (0..p).map(|j| (start(j + 1) - start(j)) as Count).collect();
+            let displs: Vec<Count> = (0..p).map(|j| start(j) as Count).collect();
+            let mine = counts[r] as usize;
+            let mut pieces = vec![T::default(); mine * p];
+            {
+                let send = Partition::new(&buf[..], &counts[..], &displs[..]);
+                let recv_counts = vec![mine as Count; p];
+                let recv_displs: Vec<Count> = (0..p).map(|i| (i * mine) as Count).collect();
+                let mut recv = PartitionMut::new(&mut pieces[..], &recv_counts[..], &recv_displs[..]);
+                self.world.all_to_all_varcount_into(&send, &mut recv);
+            }
+            let (sum, rest) = pieces.split_at_mut(mine);
+            for piece in rest.chunks_exact(mine.max(1)) {
+                sum.iter_mut().zip(piece).for_each(|(a, b)| add(a, b));
+            }
+            let mut all = PartitionMut::new(buf, &counts[..], &displs[..]);
+            self.world.all_gather_varcount_into(&sum[..], &mut all);
             Ok(())
         }
     }

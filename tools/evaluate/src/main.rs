@@ -13,6 +13,7 @@ use anyhow::Result;
 use clap::Parser;
 use scae::eval::EvalConfig;
 use scae::inputs::Inputs;
+use scae::util::collective::Collective;
 use scae::util::io::StagedDir;
 
 /// Evaluate a suite (optionally with a connection set) on an activation cache.
@@ -54,10 +55,11 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    scae::cli::run_main("evaluate", || run(scae::cli::parse_args::<Args>()))
+    // Under mpirun/srun -n N the batches are shared among the ranks (scae::eval::run).
+    scae::cli::run_main_ranks("evaluate", |coll| run(scae::cli::parse_args::<Args>(), coll))
 }
 
-fn run(args: Args) -> Result<()> {
+fn run(args: Args, coll: &dyn Collective) -> Result<()> {
     let model_path = args.cache.model.as_deref().map(Path::new);
     let mut inputs = vec![
         ("--acts", args.acts.as_deref()),
@@ -68,6 +70,7 @@ fn run(args: Args) -> Result<()> {
     inputs.extend(args.compare.iter().map(|c| ("--compare", Some(c.as_path()))));
     scae::util::io::refuse_overlap(&args.out, "--out", &inputs)?;
     if !args.compare.is_empty() {
+        scae::util::collective::require_one_process("evaluate --compare")?;
         let (text, runs) = report::compare(&args.compare, &args.out)?;
         plot::plot(&runs, &args.out.join("compare"))?;
         scae::cli::say(format_args!("{text}"))?;
@@ -92,8 +95,11 @@ fn run(args: Args) -> Result<()> {
         pass: args.pass.options(),
         dump: args.dump,
     };
-    let stage = StagedDir::create(&args.out, args.cache.overwrite, "--out")?;
-    let ev = scae::eval::run(&inputs, chosen.set.as_ref(), &cfg, &device)?;
+    // On several ranks each evaluates its share of the batches; rank 0 writes.
+    let stage =
+        if coll.rank() == 0 { Some(StagedDir::create(&args.out, args.cache.overwrite, "--out")?) } else { None };
+    let ev = scae::eval::run(&inputs, chosen.set.as_ref(), &cfg, &device, coll)?;
+    let Some(stage) = stage else { return Ok(()) };
     ev.report.write(&stage.path().join("eval.json"))?;
     if args.dump {
         let path = stage.path().join("features.safetensors");

@@ -52,10 +52,11 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    scae::cli::run_main("score-edges", || run(scae::cli::parse_args::<Args>()))
+    // Under mpirun/srun -n N the batches are shared among the ranks (scae::scores::run).
+    scae::cli::run_main_ranks("score-edges", |coll| run(scae::cli::parse_args::<Args>(), coll))
 }
 
-fn run(args: Args) -> Result<()> {
+fn run(args: Args, coll: &dyn scae::util::collective::Collective) -> Result<()> {
     let device = args.common.setup()?;
     let model_path = args.cache.model.as_deref().map(Path::new);
     let inputs =
@@ -80,8 +81,11 @@ fn run(args: Args) -> Result<()> {
         batch_size: args.cache.batch_size as usize,
         options: args.pass.options(),
     };
-    let stage = StagedDir::create(&args.out, args.cache.overwrite, "--out")?;
-    let scored = scae::scores::run(&inputs, &cfg, stage.path(), &device)?;
+    // Rank 0 writes; the other ranks only add their statistics.
+    let stage =
+        if coll.rank() == 0 { Some(StagedDir::create(&args.out, args.cache.overwrite, "--out")?) } else { None };
+    let scored = scae::scores::run(&inputs, &cfg, stage.as_ref().map(|s| s.path()), &device, coll)?;
+    let (Some(stage), Some(scored)) = (stage, scored) else { return Ok(()) };
     let out = stage.commit()?;
     scae::say!(
         "score-edges: {} tokens, {} edges kept{} -> {}",

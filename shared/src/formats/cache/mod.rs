@@ -257,6 +257,21 @@ impl Cache {
         batch_size: usize,
         limit: Option<usize>,
         device: &Device,
+        f: impl FnMut(Batch) -> Result<()>,
+    ) -> Result<usize> {
+        self.for_each_batch_of(batch_size, limit, device, |_| true, f)
+    }
+
+    /// [`for_each_batch`](Self::for_each_batch) over the batches whose index (0, 1, ... in
+    /// cache order) `mine` picks: one rank's share of a sharded stage (batch i on rank i mod
+    /// N). The batches are the same as one process's; a shard none of whose batches is picked
+    /// is not read. Returns the sequences of all batches, picked or not.
+    pub fn for_each_batch_of(
+        &self,
+        batch_size: usize,
+        limit: Option<usize>,
+        device: &Device,
+        mine: impl Fn(usize) -> bool,
         mut f: impl FnMut(Batch) -> Result<()>,
     ) -> Result<usize> {
         let n_layers = self.manifest.model.n_layers;
@@ -268,18 +283,27 @@ impl Cache {
             );
         }
         let limit = limit.unwrap_or(usize::MAX);
-        let mut done = 0;
+        let (mut done, mut index) = (0, 0);
         for (i, shard) in self.manifest.shards.iter().enumerate() {
             if done >= limit {
                 break;
             }
-            let map = self.load_shard(i, device)?;
+            // This shard's batches: (start, length), in order.
+            let mut batches = Vec::new();
             let mut start = 0;
             while start < shard.n_seqs && done < limit {
                 let n = batch_size.min(shard.n_seqs - start).min(limit - done);
-                f(Batch::from_shard(&map, n_layers, start, n, device)?)?;
+                batches.push((index, start, n));
+                index += 1;
                 start += n;
                 done += n;
+            }
+            if !batches.iter().any(|&(bi, _, _)| mine(bi)) {
+                continue;
+            }
+            let map = self.load_shard(i, device)?;
+            for (_, start, n) in batches.into_iter().filter(|&(bi, _, _)| mine(bi)) {
+                f(Batch::from_shard(&map, n_layers, start, n, device)?)?;
             }
         }
         Ok(done)
