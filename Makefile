@@ -67,8 +67,8 @@ TOY_SEED ?= 0
 BUILD ?= 1
 # Build the tools with the MPI collectives (1; needs an MPI library and libclang), or without (0).
 MPI ?= 0
-# Ranks of the data-parallel stages (train-suite, finetune): above 1 they run under $(LAUNCH)
-# (needs MPI=1).
+# Ranks of every heavy stage (collect-acts, train-suite, score-edges, finetune, evaluate,
+# view-features): above 1 they run under $(LAUNCH) (needs MPI=1).
 # The result equals one process's up to the order of floating-point sums (README, "Beyond one
 # machine"); NP enters the output's key.
 NP ?= 1
@@ -83,6 +83,9 @@ BUILD_DEP := $(if $(filter 1,$(BUILD)),build,)
 MODEL_NAME := $(notdir $(patsubst %/,%,$(MODEL)))
 THREADS_FLAG := $(if $(THREADS),--threads $(THREADS),)
 RANKS := $(if $(filter-out 1,$(NP)),$(LAUNCH) ,)
+# NP in the keys of the stages whose results depend on the order of sums (not collect-acts and
+# view-features, which write one process's bytes on any NP).
+NP_KEY := $(if $(filter-out 1,$(NP)), np=$(NP))
 BOS_FLAG := $(if $(filter 1,$(BOS)),--prepend-bos,--no-prepend-bos)
 PACK_FLAG := $(if $(filter 1,$(PACK)),--pack,)
 CKPT_FLAG := $(if $(CKPT_EVERY),--checkpoint-every $(CKPT_EVERY),)
@@ -111,19 +114,19 @@ ACTS := $(OUT)/acts/$(MODEL_NAME)-n$(N_SEQS)-$(call key,$(ACTS_ARGS))
 HELD_ARGS := $(SEQ_ARGS) n=$(N_HELDOUT) $(if $(HELDOUT),data=$(call ident,$(HELDOUT)),data=$(DATA_ID) skip=$(N_SEQS))
 HACTS := $(OUT)/acts/$(MODEL_NAME)-heldout-n$(N_HELDOUT)-$(call key,$(HELD_ARGS))
 HELD_DATA := $(if $(HELDOUT),--data $(HELDOUT),--data $(DATA) --skip-seqs $(N_SEQS))
-TRAIN_ARGS := $(ACTS_ARGS) x=$(EXPANSION) k=$(K) steps=$(SUITE_STEPS) lr=$(SUITE_LR) batch=$(BATCH) seed=$(SEED) dead=$(DEAD_THRESHOLD)$(if $(filter-out 1,$(NP)), np=$(NP))
+TRAIN_ARGS := $(ACTS_ARGS) x=$(EXPANSION) k=$(K) steps=$(SUITE_STEPS) lr=$(SUITE_LR) batch=$(BATCH) seed=$(SEED) dead=$(DEAD_THRESHOLD)$(NP_KEY)
 TRAINED := $(OUT)/suite/$(MODEL_NAME)-x$(EXPANSION)-k$(K)-s$(SUITE_STEPS)-$(call key,$(TRAIN_ARGS))
 SUITE_PATH := $(if $(SUITE),$(SUITE),$(TRAINED))
 SUITE_DEP := $(if $(SUITE),,$(TRAINED)/.done)
 SUITE_ARGS := $(if $(SUITE),suite=$(call ident,$(SUITE)),$(TRAIN_ARGS))
 # Edge scores: with embed ($(1) non-empty) and unembed ($(2) non-empty) candidates, or without
 # (the dense-ends runs beside sparse ones score their own).
-edges_args = $(SUITE_ARGS) acts=$(ACTS_ARGS) keep=$(KEEP) embed=$(if $(1),1,0) unembed=$(if $(2),1,0)
+edges_args = $(SUITE_ARGS) acts=$(ACTS_ARGS) keep=$(KEEP) embed=$(if $(1),1,0) unembed=$(if $(2),1,0)$(NP_KEY)
 edges_dir = $(OUT)/edges/$(MODEL_NAME)-keep$(KEEP)$(if $(1),-embed,)$(if $(2),-unembed,)-$(call key,$(call edges_args,$(1),$(2)))
 EDGES := $(call edges_dir,$(EMBED_C),$(UNEMBED_C))
 # A selection script's own file counts by identity (not the tools in BIN: a rebuild reruns nothing).
 SELECT_ID := select=$(SELECT)$(foreach w,$(filter-out $(BIN)/%,$(SELECT)),$(if $(wildcard $(w)),:$(call ident,$(w))))
-FT_ARGS := acts=$(ACTS_ARGS) loss=$(LOSS) steps=$(STEPS) lr=$(LR) decay=$(DECAY) batch=$(BATCH) seed=$(SEED) auxk=$(AUXK) dead=$(DEAD_THRESHOLD)$(if $(filter-out 1,$(NP)), np=$(NP))
+FT_ARGS := acts=$(ACTS_ARGS) loss=$(LOSS) steps=$(STEPS) lr=$(LR) decay=$(DECAY) batch=$(BATCH) seed=$(SEED) auxk=$(AUXK) dead=$(DEAD_THRESHOLD)$(NP_KEY)
 FT_NAME := $(LOSS)-s$(STEPS)-lr$(LR)
 CONN_IDENT := $(if $(CONNECTIONS),conns=$(call ident,$(CONNECTIONS)),)
 ifeq ($(CONNECTIONS),all)
@@ -163,8 +166,8 @@ endef
 # Evaluate: $(1) name, $(2) suite, $(3) its prerequisite, $(4) --connections, $(5) its
 # prerequisite. Defines EV_<name>_heldout and EV_<name>_train (held-out and training tokens).
 define EVAL_RULES
-EV_$(1)_heldout := $(OUT)/eval/$(MODEL_NAME)-$(1)-heldout-$$(call key,$(2) $(4) $(HELD_ARGS) $(SUITE_ARGS) $(CONN_IDENT))
-EV_$(1)_train := $(OUT)/eval/$(MODEL_NAME)-$(1)-train-$$(call key,$(2) $(4) $(ACTS_ARGS) $(SUITE_ARGS) $(CONN_IDENT))
+EV_$(1)_heldout := $(OUT)/eval/$(MODEL_NAME)-$(1)-heldout-$$(call key,$(2) $(4) $(HELD_ARGS) $(SUITE_ARGS) $(CONN_IDENT)$(NP_KEY))
+EV_$(1)_train := $(OUT)/eval/$(MODEL_NAME)-$(1)-train-$$(call key,$(2) $(4) $(ACTS_ARGS) $(SUITE_ARGS) $(CONN_IDENT)$(NP_KEY))
 $$(EV_$(1)_heldout)/.done: $(3) $(5) $(HACTS)/.done | $(BUILD_DEP)
 	$$(call evaluate,$$(@D),$(HACTS),$(2),$(4))
 $$(EV_$(1)_train)/.done: $(3) $(5) $(ACTS)/.done | $(BUILD_DEP)
@@ -173,7 +176,7 @@ endef
 
 define evaluate
 @mkdir -p $(dir $(1))
-$(BIN)/evaluate --acts $(2) --suite $(3) $(if $(4),--connections $(4),) $(THREADS_FLAG) --out $(1) --overwrite > $(1).md.tmp
+$(RANKS)$(BIN)/evaluate --acts $(2) --suite $(3) $(if $(4),--connections $(4),) $(THREADS_FLAG) --out $(1) --overwrite > $(1).md.tmp
 mv $(1).md.tmp $(1)/table.md
 touch $(1)/.done
 endef
@@ -271,7 +274,7 @@ toy: $(TOY)/.done
 ## acts: cache activations of MODEL on DATA (training tokens).
 acts: $(ACTS)/.done
 $(ACTS)/.done: $(TOY_DEP) | $(BUILD_DEP)
-	$(BIN)/collect-acts --model $(MODEL) --data $(DATA) --ctx-len $(CTX) $(BOS_FLAG) $(PACK_FLAG) \
+	$(RANKS)$(BIN)/collect-acts --model $(MODEL) --data $(DATA) --ctx-len $(CTX) $(BOS_FLAG) $(PACK_FLAG) \
 	    --n-seqs $(N_SEQS) --batch-size $(BATCH) --dtype $(DTYPE) $(THREADS_FLAG) \
 	    --out $(@D) --overwrite
 	touch $@
@@ -279,7 +282,7 @@ $(ACTS)/.done: $(TOY_DEP) | $(BUILD_DEP)
 ## heldout: cache activations of MODEL on held-out text (HELDOUT, or DATA after N_SEQS).
 heldout: $(HACTS)/.done
 $(HACTS)/.done: $(TOY_DEP) | $(BUILD_DEP)
-	$(BIN)/collect-acts --model $(MODEL) $(HELD_DATA) --ctx-len $(CTX) $(BOS_FLAG) $(PACK_FLAG) \
+	$(RANKS)$(BIN)/collect-acts --model $(MODEL) $(HELD_DATA) --ctx-len $(CTX) $(BOS_FLAG) $(PACK_FLAG) \
 	    --n-seqs $(N_HELDOUT) --batch-size $(BATCH) --dtype $(DTYPE) $(THREADS_FLAG) \
 	    --out $(@D) --overwrite
 	touch $@
@@ -298,7 +301,7 @@ edges: $(EDGES)/.done
 # $(1): embed candidates, $(2): unembed candidates (non-empty: scored).
 define EDGES_RULE
 $(call edges_dir,$(1),$(2))/.done: $(ACTS)/.done $(SUITE_DEP) | $(BUILD_DEP)
-	$(BIN)/score-edges --acts $(ACTS) --suite $(SUITE_PATH) --keep $(KEEP) $(if $(1),--embed,) $(if $(2),--unembed,) \
+	$(RANKS)$(BIN)/score-edges --acts $(ACTS) --suite $(SUITE_PATH) --keep $(KEEP) $(if $(1),--embed,) $(if $(2),--unembed,) \
 	    $(THREADS_FLAG) --out $$(@D) --overwrite
 	touch $$@
 endef
@@ -323,7 +326,7 @@ eval: $(EVAL)/.done $(EV_$(MAIN)-finetuned_train)/.done
 view: $(VIEW_DIR)/.done
 	@echo "feature browser: $(VIEW_DIR)/index.html"
 $(VIEW_DIR)/.done: $(FT)/.done $(HACTS)/.done | $(BUILD_DEP)
-	$(BIN)/view-features --acts $(HACTS) --suite $(FT) \
+	$(RANKS)$(BIN)/view-features --acts $(HACTS) --suite $(FT) \
 	    $(if $(CONNECTIONS),,--edges $(EDGES)/edges.parquet) $(if $(VIEW_SEQS),--n-seqs $(VIEW_SEQS),) \
 	    $(THREADS_FLAG) --out $(@D) --overwrite
 	touch $@

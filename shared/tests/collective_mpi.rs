@@ -26,6 +26,9 @@ fn as_rank() {
     let mut bytes = if r == 1 { b"from rank one".to_vec() } else { b"x".to_vec() };
     c.broadcast_from(1, &mut bytes).unwrap();
     assert_eq!(bytes, b"from rank one");
+    let mut msg = if r == 1 { vec![7u8; 3000] } else { Vec::new() };
+    c.send_to_root(1, &mut msg).unwrap();
+    assert_eq!(msg, vec![7u8; 3000], "rank {r}: rank 1's message reached rank 0 and stayed on rank 1");
     assert!(scae::util::collective::all_agree(c.as_ref(), 7).unwrap());
     assert!(!scae::util::collective::all_agree(c.as_ref(), r as u64).unwrap());
     c.barrier().unwrap();

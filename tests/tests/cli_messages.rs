@@ -137,4 +137,16 @@ fn tools_launched_as_several_ranks_refuse_in_one_line() {
     let o = run(&[("SLURM_NTASKS", "8")]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!err.contains("launched as rank") && err.contains("missing.parquet"), "it ran as one process: {err}");
+    // A stage that runs on ranks, in a build without MPI, refuses the same way.
+    if !scae::util::collective::WITH_MPI {
+        let o = std::process::Command::new(bin_dir().join("finetune"))
+            .args(["--acts", "a", "--suite", "s", "--out", s(&tmp.join("ft")), "--steps", "1"])
+            .envs([("OMPI_COMM_WORLD_SIZE", "2"), ("OMPI_COMM_WORLD_RANK", "0")])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("finetune: launched as rank 0 of 2") && err.contains("make build MPI=1"), "{err}");
+    }
 }

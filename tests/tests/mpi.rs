@@ -309,7 +309,7 @@ fn train_suite_on_ranks_sharded_by_module_is_byte_identical_and_data_parallel_is
 }
 
 #[test]
-fn make_all_np_2_runs_the_training_stages_on_two_ranks() {
+fn make_all_np_2_runs_every_heavy_stage_on_two_ranks() {
     let Some(mpi) = mpirun() else { return };
     let tmp = scratch("mpi-make");
     let data = tmp.join("corpus.txt");
@@ -324,7 +324,7 @@ fn make_all_np_2_runs_the_training_stages_on_two_ranks() {
             .arg(format!("DATA={}", s(&data)))
             .arg(format!("OUT={}", s(out)))
             .args(["CTX=12", "N_SEQS=16", "N_HELDOUT=8", "BATCH=4", "BOS=0", "PACK=1", "STEPS=3", "SUITE_STEPS=3"])
-            .args(["EXPANSION=2", "K=4", "C=4", "CS=4", "DENSE_CONTROL=0", "CONTROL=0", "VIEW=0", "THREADS=1"])
+            .args(["EXPANSION=2", "K=4", "C=4", "CS=4", "DENSE_CONTROL=0", "CONTROL=0", "VIEW=1", "THREADS=1"])
             .env("HF_HUB_OFFLINE", "1")
             .output()
             .unwrap();
@@ -345,10 +345,14 @@ fn make_all_np_2_runs_the_training_stages_on_two_ranks() {
         v.sort();
         v
     };
-    assert_eq!(names(&one, "acts"), names(&two, "acts"), "collect-acts runs as one process either way");
-    for stage in ["suite", "finetune"] {
+    // collect-acts writes one process's bytes on any NP: the same caches serve both.
+    assert_eq!(names(&one, "acts"), names(&two, "acts"));
+    for stage in ["suite", "edges", "finetune", "eval", "view"] {
         let (a, b) = (names(&one, stage), names(&two, stage));
         assert!(!a.is_empty() && a.len() == b.len() && a.iter().all(|x| !b.contains(x)), "{stage}: {a:?} vs {b:?}");
+    }
+    for stage in ["suite", "finetune"] {
+        let b = names(&two, stage);
         let state = two.join(stage).join(&b[0]).join("checkpoint/state.json");
         let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
         assert_eq!(state["replicas"]["ranks"], 2, "{stage} ran on two ranks: {state}");
@@ -461,5 +465,99 @@ fn score_edges_on_ranks_shares_the_batches_and_keeps_the_same_edges() {
             std::fs::read_to_string(out.join("scores.json")).unwrap(),
         );
         same_numbers(&serde_json::from_str(&j1).unwrap(), &serde_json::from_str(&j2).unwrap(), 0.0, "scores.json");
+    }
+}
+
+/// Every file under `dir` (relative path, bytes), sorted by path.
+fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((p.strip_prefix(dir).unwrap().to_path_buf(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn view_features_on_ranks_shares_the_pass_and_writes_the_same_browser() {
+    let Some(mpi) = mpirun() else { return };
+    let tmp = scratch("mpi-view");
+    let (acts, suite) = sixteen_seqs(&tmp);
+    let conns = fixtures().join("suites/tiny-neo/connections-ref.safetensors");
+    let view = |np: usize, out: &Path| {
+        let a = [
+            "--acts",
+            s(&acts),
+            "--suite",
+            s(&suite),
+            "--connections",
+            s(&conns),
+            "--batch-size",
+            "4",
+            "--out",
+            s(out),
+        ];
+        if np == 1 {
+            tool_ok("view-features", &a);
+        } else {
+            ran(
+                launch(&mpi, np, false, "view-features", &a).output().unwrap(),
+                &format!("view-features on {np} ranks"),
+            );
+        }
+    };
+    let one = tmp.join("np1");
+    view(1, &one);
+    let want = files_under(&one);
+    assert!(want.len() > 3, "{want:?}");
+    for np in [2, 3] {
+        let out = tmp.join(format!("np{np}"));
+        view(np, &out);
+        let got = files_under(&out);
+        assert_eq!(got.iter().map(|f| &f.0).collect::<Vec<_>>(), want.iter().map(|f| &f.0).collect::<Vec<_>>());
+        for ((name, a), (_, b)) in want.iter().zip(&got) {
+            assert!(a == b, "view-features on {np} ranks: {} differs from one process's", name.display());
+        }
+    }
+}
+
+#[test]
+fn collect_acts_on_ranks_shares_the_forward_passes_and_writes_the_same_cache() {
+    let Some(mpi) = mpirun() else { return };
+    let tmp = scratch("mpi-collect");
+    let data = tmp.join("corpus.txt");
+    let line = "once upon a time there was a little cat who liked to play in the sun with her friends\n";
+    std::fs::write(&data, line.repeat(40)).unwrap();
+    let model = scae_testkit::fixture_model("tiny-neo");
+    let collect = |np: usize, out: &Path| {
+        let a = ["--model", s(&model), "--data", s(&data), "--ctx-len", "12", "--n-seqs", "16", "--pack"];
+        let a = [&a[..], &["--batch-size", "2", "--shard-seqs", "4", "--dtype", "bf16", "--out", s(out)]].concat();
+        if np == 1 {
+            tool_ok("collect-acts", &a);
+        } else {
+            ran(launch(&mpi, np, false, "collect-acts", &a).output().unwrap(), &format!("collect-acts on {np} ranks"));
+        }
+    };
+    let one = tmp.join("np1");
+    collect(1, &one);
+    let want = files_under(&one);
+    assert_eq!(want.len(), 5, "4 shards and the manifest: {:?}", want.iter().map(|f| &f.0).collect::<Vec<_>>());
+    for np in [2, 3] {
+        let out = tmp.join(format!("np{np}"));
+        collect(np, &out);
+        let got = files_under(&out);
+        assert_eq!(got.len(), want.len());
+        for ((name, a), (other, b)) in want.iter().zip(&got) {
+            assert_eq!(name, other);
+            assert!(a == b, "collect-acts on {np} ranks: {} differs from one process's", name.display());
+        }
     }
 }

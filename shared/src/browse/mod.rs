@@ -15,6 +15,7 @@ use crate::error::Result;
 use crate::formats::connections::Connections;
 use crate::inputs::Inputs;
 use crate::pass::{PassOptions, Plan, ValuePass, Wiring};
+use crate::util::collective::Collective;
 use crate::util::io::StagedDir;
 use crate::util::rng::SplitMix;
 
@@ -93,8 +94,60 @@ fn push_top(top: &mut Vec<Context>, n: usize, act: f32, make: impl FnOnce() -> C
     }
 }
 
+/// This batch's features `(b·s, F)` per module on the host: computed here, or on a job of
+/// several ranks by the batch's owner (batch `i` on rank `i mod N`) and sent to all (the
+/// values whose bits are not zero, with their places), so that rank 0 keeps the statistics of
+/// exactly the values one process would.
+fn batch_features(
+    coll: &dyn Collective,
+    owner: usize,
+    compute: impl FnOnce() -> Result<Vec<Vec<f32>>>,
+    len: usize,
+) -> Result<Vec<Vec<f32>>> {
+    if coll.size() == 1 {
+        return compute();
+    }
+    let mut bytes = Vec::new();
+    if coll.rank() == owner {
+        for v in compute()? {
+            let nz: Vec<(u32, f32)> =
+                v.iter().enumerate().filter(|(_, a)| a.to_bits() != 0).map(|(i, a)| (i as u32, *a)).collect();
+            bytes.extend((nz.len() as u64).to_le_bytes());
+            for (i, a) in nz {
+                bytes.extend(i.to_le_bytes());
+                bytes.extend(a.to_le_bytes());
+            }
+        }
+    }
+    coll.broadcast_from(owner, &mut bytes)?;
+    let word = |at: usize| -> [u8; 4] { bytes[at..at + 4].try_into().expect("4 bytes") };
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        let n = u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes")) as usize;
+        at += 8;
+        let mut v = vec![0f32; len];
+        for _ in 0..n {
+            v[u32::from_le_bytes(word(at)) as usize] = f32::from_le_bytes(word(at + 4));
+            at += 8;
+        }
+        out.push(v);
+    }
+    Ok(out)
+}
+
 /// Run the pass over `inputs`' cache and collect every feature's statistics.
-pub fn collect(inputs: &Inputs, conns: Option<&Connections>, cfg: &BrowseConfig, device: &Device) -> Result<Browse> {
+///
+/// On several ranks of `coll` the pass is shared (batch i on rank i mod N) and rank 0 keeps
+/// the statistics from every batch's features in cache order, so its result is the one
+/// process's, bit for bit; the other ranks return empty statistics.
+pub fn collect(
+    inputs: &Inputs,
+    conns: Option<&Connections>,
+    cfg: &BrowseConfig,
+    device: &Device,
+    coll: &dyn Collective,
+) -> Result<Browse> {
     let suite = &inputs.suite;
     let (f, n_mod) = (suite.n_features, suite.modules.len());
     let wiring = match conns {
@@ -109,13 +162,20 @@ pub fn collect(inputs: &Inputs, conns: Option<&Connections>, cfg: &BrowseConfig,
     let mut bar = crate::util::token_bar(Some((total * m.ctx_len) as u64), "view-features");
     let mut stats = vec![vec![FeatureStats::default(); f]; n_mod];
     let mut rng = SplitMix(cfg.seed ^ 0x5ca3_b20e);
-    let (mut n_tokens, mut seq0) = (0u64, 0usize);
+    let (mut n_tokens, mut seq0, mut index) = (0u64, 0usize, 0usize);
     let n_seqs = cache.for_each_batch(cfg.batch_size, cfg.limit, device, |batch| {
-        let out = pass.run(&batch)?;
         let (b, s) = batch.tokens.dims2()?;
+        let compute = || -> Result<Vec<Vec<f32>>> {
+            let out = pass.run(&batch)?;
+            out.feats.iter().map(|t| Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)).collect()
+        };
+        let feats = batch_features(coll, index % coll.size(), compute, b * s * f)?;
+        index += 1;
+        if coll.rank() != 0 {
+            return Ok(());
+        }
         let tokens: Vec<u32> = batch.tokens.flatten_all()?.to_vec1()?;
-        for (mi, feats) in out.feats.iter().enumerate() {
-            let v: Vec<f32> = feats.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        for (mi, v) in feats.into_iter().enumerate() {
             let st = &mut stats[mi];
             for row in 0..b * s {
                 let (bi, pos) = (row / s, row % s);
@@ -170,7 +230,7 @@ pub fn collect(inputs: &Inputs, conns: Option<&Connections>, cfg: &BrowseConfig,
         fs.top.sort_by(|a, b| b.act.total_cmp(&a.act));
         fs.sampled.sort_by(|a, b| b.act.total_cmp(&a.act));
     }
-    let lens = logit_lens(inputs, cfg.lens, device)?;
+    let lens = if coll.rank() == 0 { logit_lens(inputs, cfg.lens, device)? } else { Vec::new() };
     Ok(Browse { n_tokens, n_seqs, stats, lens })
 }
 
@@ -208,8 +268,14 @@ pub struct ViewSummary {
 
 /// Collect every feature's statistics over `cfg.acts` and write the browser into `cfg.out`:
 /// the data files (see [`page`]) under `data/` and each `(file name, text)` of `assets` (the
-/// page itself: index.html, app.js, style.css).
-pub fn run(cfg: &ViewConfig, assets: &[(&str, &str)], device: &Device) -> Result<ViewSummary> {
+/// page itself: index.html, app.js, style.css). On several ranks of `coll` the pass is shared
+/// and rank 0 writes (the others return `None`).
+pub fn run(
+    cfg: &ViewConfig,
+    assets: &[(&str, &str)],
+    device: &Device,
+    coll: &dyn Collective,
+) -> Result<Option<ViewSummary>> {
     let inputs = Inputs::open(&cfg.acts, &cfg.suite, cfg.model.as_deref(), device)?;
     let chosen = inputs.choose_connections(cfg.connections.as_deref(), "view-features")?;
     let conns = chosen.set.as_ref();
@@ -217,8 +283,9 @@ pub fn run(cfg: &ViewConfig, assets: &[(&str, &str)], device: &Device) -> Result
         Some(p) => page::EdgeScores::new(&inputs.connections(p)?),
         None => page::EdgeScores::default(),
     };
-    let stage = StagedDir::create(&cfg.out, cfg.overwrite, "--out")?;
-    let browse = collect(&inputs, conns, &cfg.browse, device)?;
+    let stage = if coll.rank() == 0 { Some(StagedDir::create(&cfg.out, cfg.overwrite, "--out")?) } else { None };
+    let browse = collect(&inputs, conns, &cfg.browse, device, coll)?;
+    let Some(stage) = stage else { return Ok(None) };
     let tokenizer = inputs.model.tokenizer()?;
     let page = page::Page {
         browse: &browse,
@@ -237,13 +304,13 @@ pub fn run(cfg: &ViewConfig, assets: &[(&str, &str)], device: &Device) -> Result
         bytes += body.len();
     }
     let out = stage.commit()?;
-    Ok(ViewSummary {
+    Ok(Some(ViewSummary {
         n_features: inputs.suite.n_features * inputs.suite.modules.len(),
         firing: browse.stats.iter().flatten().filter(|s| s.count > 0).count(),
         n_tokens: browse.n_tokens,
         bytes,
         index: out.join("index.html"),
-    })
+    }))
 }
 
 /// The `n` largest and smallest entries of `row` with their indices, largest first / smallest first.

@@ -30,6 +30,9 @@ pub trait Collective {
     fn any(&self, flags: &mut [bool]) -> Result<()>;
     /// Replace `bytes` on every rank by rank `root`'s.
     fn broadcast_from(&self, root: usize, bytes: &mut Vec<u8>) -> Result<()>;
+    /// Move rank `from`'s `bytes` to rank 0 (which must call this with the same `from`; its
+    /// `bytes` are replaced); other ranks do nothing. Messages arrive in the order sent.
+    fn send_to_root(&self, from: usize, bytes: &mut Vec<u8>) -> Result<()>;
     /// Replace `bytes` on every rank by rank 0's.
     fn broadcast(&self, bytes: &mut Vec<u8>) -> Result<()> {
         self.broadcast_from(0, bytes)
@@ -117,6 +120,9 @@ impl Collective for Single {
         Ok(())
     }
     fn broadcast_from(&self, _: usize, _: &mut Vec<u8>) -> Result<()> {
+        Ok(())
+    }
+    fn send_to_root(&self, _: usize, _: &mut Vec<u8>) -> Result<()> {
         Ok(())
     }
     fn barrier(&self) -> Result<()> {
@@ -210,7 +216,7 @@ mod mpi_backend {
 
     use mpi::collective::SystemOperation;
     use mpi::datatype::{Partition, PartitionMut};
-    use mpi::traits::{Communicator, CommunicatorCollectives, Root};
+    use mpi::traits::{Communicator, CommunicatorCollectives, Destination, Root, Source};
     use mpi::Count;
 
     use crate::error::{Error, Result};
@@ -297,6 +303,30 @@ mod mpi_backend {
         }
         fn barrier(&self) -> Result<()> {
             self.world.barrier();
+            Ok(())
+        }
+        fn send_to_root(&self, from: usize, bytes: &mut Vec<u8>) -> Result<()> {
+            // In pieces of at most 1 GiB (MPI counts are 32-bit), after the length.
+            const PIECE: usize = 1 << 30;
+            let (me, from) = (self.world.rank() as usize, from);
+            if from == 0 || (me != 0 && me != from) {
+                return Ok(());
+            }
+            if me == from {
+                let root = self.world.process_at_rank(0);
+                root.send(&(bytes.len() as u64));
+                for piece in bytes.chunks(PIECE) {
+                    root.send(piece);
+                }
+                return Ok(());
+            }
+            let src = self.world.process_at_rank(from as i32);
+            let (len, _) = src.receive::<u64>();
+            bytes.clear();
+            while bytes.len() < len as usize {
+                let (piece, _) = src.receive_vec::<u8>();
+                bytes.extend_from_slice(&piece);
+            }
             Ok(())
         }
         fn abort(&self, code: i32) -> ! {

@@ -55,10 +55,11 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    scae::cli::run_main("collect-acts", || run(scae::cli::parse_args::<Args>()))
+    // Under mpirun/srun -n N the forward passes are shared among the ranks; rank 0 writes.
+    scae::cli::run_main_ranks("collect-acts", |coll| run(scae::cli::parse_args::<Args>(), coll))
 }
 
-fn run(args: Args) -> Result<()> {
+fn run(args: Args, coll: &dyn scae::util::collective::Collective) -> Result<()> {
     let device = args.common.setup()?;
     let model_path = Path::new(&args.model);
     let inputs = [&[("--model", Some(model_path))][..], &args.data.paths()].concat();
@@ -77,7 +78,7 @@ fn run(args: Args) -> Result<()> {
         overwrite: args.overwrite,
         created_by: format!("collect-acts {}", env!("CARGO_PKG_VERSION")),
     };
-    let c = scae::formats::cache::collect(&cfg, &device)?;
+    let Some(c) = scae::formats::cache::collect(&cfg, &device, coll)? else { return Ok(()) };
     let (n_seqs, clean_ce) = (c.manifest.n_seqs, c.manifest.clean_ce);
     scae::say!(
         "collect-acts: {n_seqs} sequences ({} tokens) in {} shard(s) -> {}; clean CE {clean_ce:.4}; {:.0} tokens/s",

@@ -57,10 +57,11 @@ const ASSETS: [(&str, &str); 3] = [
 ];
 
 fn main() -> ExitCode {
-    scae::cli::run_main("view-features", || run(scae::cli::parse_args::<Args>()))
+    // Under mpirun/srun -n N the pass over the batches is shared among the ranks.
+    scae::cli::run_main_ranks("view-features", |coll| run(scae::cli::parse_args::<Args>(), coll))
 }
 
-fn run(args: Args) -> Result<()> {
+fn run(args: Args, coll: &dyn scae::util::collective::Collective) -> Result<()> {
     let named = [
         ("--acts", Some(args.acts.as_path())),
         ("--suite", Some(args.suite.as_path())),
@@ -91,7 +92,7 @@ fn run(args: Args) -> Result<()> {
             seed: args.common.seed,
         },
     };
-    let s = scae::browse::run(&cfg, &ASSETS, &device)?;
+    let Some(s) = scae::browse::run(&cfg, &ASSETS, &device, coll)? else { return Ok(()) };
     scae::say!(
         "view-features: {} features ({} firing) over {} tokens, {:.1} MB -> {}",
         s.n_features,

@@ -11,6 +11,7 @@ use super::{DataInfo, Manifest, ModelInfo, ShardInfo, StoreDType, FORMAT, MANIFE
 use crate::data::{BatchSource, SequenceOptions, SourceSpec};
 use crate::error::{Error, Result};
 use crate::model::{ForwardOutput, Model, ModelConfig};
+use crate::util::collective::Collective;
 use crate::util::io::StagedDir;
 
 /// A validated `collect-acts` run.
@@ -47,10 +48,17 @@ pub struct Collected {
     pub secs: f64,
 }
 
+/// The key under which a batch's per-token clean CE travels with its hooks between ranks.
+const CE_KEY: &str = "clean_ce";
+
 /// Run the model over the source and write a cache into `cfg.out`: shards of every hook the
 /// pipeline needs, then `manifest.json`. Warns on stderr when the data ran out before
 /// `cfg.limit`.
-pub fn collect(cfg: &CollectConfig, device: &Device) -> Result<Collected> {
+///
+/// On several ranks of `coll` (`mpirun -n N collect-acts ...`) every rank reads the data, batch
+/// i's forward pass runs on rank i mod N, and rank 0 receives the stored hooks and writes every
+/// shard and the manifest, byte-identical to one process's (the other ranks return `None`).
+pub fn collect(cfg: &CollectConfig, device: &Device, coll: &dyn Collective) -> Result<Option<Collected>> {
     let dir = crate::model::hub::resolve_model(&cfg.model)?;
     let model = Model::load(&cfg.model, &dir, device)?;
     let mcfg = model.cfg().clone();
@@ -75,16 +83,51 @@ pub fn collect(cfg: &CollectConfig, device: &Device) -> Result<Collected> {
         )));
     }
     let data_fingerprint = crate::util::fingerprint::file_fingerprint(spec.path())?;
-    let stage = StagedDir::create(&cfg.out, cfg.overwrite, "--out")?;
+    let stage = if coll.rank() == 0 { Some(StagedDir::create(&cfg.out, cfg.overwrite, "--out")?) } else { None };
     let shard_seqs = cfg.shard_seqs.unwrap_or_else(|| auto_shard_seqs(&mcfg, ctx_len, cfg.dtype, batch));
-    let mut writer = ShardWriter::new(stage.path(), &mcfg, cfg.dtype, shard_seqs);
+    // (Only rank 0 writes: the other ranks' writer never flushes.)
+    let stage_path = stage.as_ref().map_or_else(|| cfg.out.clone(), |s| s.path().to_path_buf());
+    let mut writer = ShardWriter::new(&stage_path, &mcfg, cfg.dtype, shard_seqs);
 
     let mut bar = crate::util::token_bar(limit.map(|l| (l * ctx_len) as u64), "collect-acts");
     let start = Instant::now();
+    let (rank, ranks) = (coll.rank(), coll.size());
+    let mut index = 0;
     while let Some(tokens) = source.next_batch(device)? {
-        let out = model.runtime.forward(&tokens, true, false)?;
-        writer.push(&tokens, &out)?;
+        // Batch i's forward pass on rank i mod N, its stored hooks sent to rank 0, which
+        // writes every shard in order (the shards one process writes).
+        let owner = index % ranks;
+        index += 1;
+        if ranks == 1 {
+            let out = model.runtime.forward(&tokens, true, false)?;
+            writer.push(&tokens, &out)?;
+        } else if rank == owner || rank == 0 {
+            let mut bytes = Vec::new();
+            let mut local = None;
+            if rank == owner {
+                let (mut map, ce) = writer.stored(&model.runtime.forward(&tokens, true, false)?)?;
+                map.insert(CE_KEY.into(), ce);
+                if owner == 0 {
+                    local = Some(map);
+                } else {
+                    bytes = safetensors::tensor::serialize(map.iter(), None)
+                        .map_err(|e| Error::Usage(format!("serializing a batch for rank 0: {e}")))?;
+                }
+            }
+            coll.send_to_root(owner, &mut bytes)?;
+            if rank == 0 {
+                let mut map = match local {
+                    Some(m) => m,
+                    None => candle_core::safetensors::load_buffer(&bytes, device)?,
+                };
+                let ce = map.remove(CE_KEY).ok_or_else(|| Error::Usage("a rank sent a batch without its CE".into()))?;
+                writer.push_stored(&tokens, map, ce)?;
+            }
+        }
         bar.inc(tokens.elem_count() as u64);
+    }
+    if rank != 0 {
+        return Ok(None);
     }
     writer.finish()?;
     bar.finish();
@@ -127,9 +170,10 @@ pub fn collect(cfg: &CollectConfig, device: &Device) -> Result<Collected> {
     };
     let json =
         serde_json::to_string_pretty(&manifest).map_err(|e| Error::Usage(format!("serializing the manifest: {e}")))?;
+    let stage = stage.expect("rank 0 holds the stage");
     crate::util::io::write_atomic(&stage.path().join(MANIFEST), json.as_bytes())?;
     let out = stage.commit()?;
-    Ok(Collected { out, manifest, secs: start.elapsed().as_secs_f64() })
+    Ok(Some(Collected { out, manifest, secs: start.elapsed().as_secs_f64() }))
 }
 
 /// Whole batches per shard, about 256 MiB each.
@@ -178,6 +222,13 @@ impl ShardWriter {
 
     /// Add one batch: its tokens `(batch, ctx)` and the forward pass (run with hooks).
     pub fn push(&mut self, tokens: &Tensor, out: &ForwardOutput) -> Result<()> {
+        let (map, ce) = self.stored(out)?;
+        self.push_stored(tokens, map, ce)
+    }
+
+    /// The hooks of a forward pass as they are stored (in the cache's dtype), and its per-token
+    /// clean CE.
+    pub fn stored(&self, out: &ForwardOutput) -> Result<(HashMap<String, Tensor>, Tensor)> {
         let dtype = self.dtype.dtype();
         let mut map = HashMap::new();
         map.insert("blocks.0.hook_resid_pre".to_string(), out.resid_pre0.to_dtype(dtype)?);
@@ -186,6 +237,12 @@ impl ShardWriter {
                 map.insert(format!("blocks.{l}.{suffix}"), t.to_dtype(dtype)?);
             }
         }
+        Ok((map, out.ce.clone()))
+    }
+
+    /// [`push`](Self::push) of a batch whose hooks were already made [`stored`](Self::stored)
+    /// (here or on another rank).
+    pub fn push_stored(&mut self, tokens: &Tensor, mut map: HashMap<String, Tensor>, ce: Tensor) -> Result<()> {
         let first = self.shards.iter().map(|s| s.n_seqs).sum::<usize>() + self.pending_seqs;
         let mut names: Vec<&String> = map.keys().collect();
         names.sort();
@@ -205,7 +262,7 @@ impl ShardWriter {
         map.insert("tokens".to_string(), tokens.to_dtype(DType::I64)?);
         self.pending_seqs += tokens.dim(0)?;
         self.pending.push(map);
-        self.pending_ce.push(out.ce.clone());
+        self.pending_ce.push(ce);
         if self.pending_seqs >= self.shard_seqs {
             self.flush()?;
         }
