@@ -43,14 +43,14 @@ fn parse_device_name(s: &str) -> Result<String, String> {
 }
 
 /// Open a device by name (`cpu`, `cuda`, `cuda:N`). Plain `cuda` in one of several ranks of a
-/// job is the GPU of the rank's place on its node ([`local_gpu`]).
+/// job is the GPU of the rank's place on its node ([`crate::util::collective::local_gpu`]).
 pub fn open_device(name: &str) -> crate::error::Result<Device> {
     if name == "cpu" {
         return Ok(Device::Cpu);
     }
     let ordinal = match name.strip_prefix("cuda:") {
         Some(n) => n.parse().unwrap_or(0),
-        None => local_gpu(|v| std::env::var(v).ok()),
+        None => crate::util::collective::local_gpu(|v| std::env::var(v).ok()),
     };
     if !candle_core::utils::cuda_is_available() {
         return Err(crate::error::Error::Usage(format!(
@@ -58,17 +58,6 @@ pub fn open_device(name: &str) -> crate::error::Result<Device> {
         )));
     }
     Device::new_cuda(ordinal).map_err(|e| crate::error::Error::Usage(format!("--device {name}: cannot open GPU: {e}")))
-}
-
-/// The GPU a rank of a multi-rank job takes with `--device cuda`: its rank among the ranks on
-/// its node (OpenMPI's `OMPI_COMM_WORLD_LOCAL_RANK`, MPICH's `MPI_LOCALRANKID`, Slurm's
-/// `SLURM_LOCALID`), so that `mpirun -n 8 finetune --device cuda` on an 8-GPU node puts one rank
-/// on each GPU; 0 for one process.
-pub fn local_gpu(var: impl Fn(&str) -> Option<String>) -> usize {
-    ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"]
-        .iter()
-        .find_map(|k| var(k).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0)
 }
 
 /// Run a tool's body: print `tool: <error chain>` on failure and exit 1; exit 0 quietly when
@@ -586,19 +575,5 @@ impl ComputeArgs {
             ComputeDType::F32 => DType::F32,
             ComputeDType::Bf16 => DType::BF16,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn each_rank_on_a_node_takes_its_own_gpu() {
-        let env = |pairs: &'static [(&'static str, &'static str)]| {
-            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
-        };
-        assert_eq!(super::local_gpu(env(&[("OMPI_COMM_WORLD_LOCAL_RANK", "3")])), 3);
-        assert_eq!(super::local_gpu(env(&[("SLURM_LOCALID", "5")])), 5);
-        assert_eq!(super::local_gpu(env(&[("MPI_LOCALRANKID", "1")])), 1);
-        assert_eq!(super::local_gpu(env(&[])), 0);
     }
 }

@@ -78,7 +78,17 @@ fn train(
         let lr = 2e-3 * scae::train::schedule::lr_factor(t as u64, steps as u64, 0.0, 0.8);
         let out = if autograd {
             let xt = Tensor::from_slice(&x, (256, D), &Device::Cpu).unwrap();
-            update_device(&vars, &mut dopt, &[(xt.clone(), xt)], &[dead.dead(0)], cfg, lr, DType::F32).unwrap()
+            update_device(
+                &scae::util::collective::Single,
+                &vars,
+                &mut dopt,
+                &[(xt.clone(), xt)],
+                &[dead.dead(0)],
+                cfg,
+                lr,
+                DType::F32,
+            )
+            .unwrap()
         } else {
             update_host(&scae::util::collective::Single, &mut params, &mut opt, &[(&x, &x)], &[dead.dead(0)], cfg, lr)
                 .unwrap()

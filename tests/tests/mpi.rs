@@ -306,6 +306,19 @@ fn train_suite_on_ranks_sharded_by_module_is_byte_identical_and_data_parallel_is
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dp.join("checkpoint/state.json")).unwrap()).unwrap();
     assert_eq!(state["replicas"]["ranks"], 2, "{state}");
+    // The autograd path (the GPU's), data-parallel through host buffers: the same contract
+    // against its own one-process run.
+    let (ag1, ag2) = (t.tmp.join("autograd-np1"), t.tmp.join("autograd-np2"));
+    let autograd = [&steps[..], &["--backend", "autograd"]].concat();
+    train_suite(&mpi, &t, &ag1, 1, &autograd);
+    train_suite(&mpi, &t, &ag2, 2, &autograd);
+    let (m1, m2) = (metrics(&ag1), metrics(&ag2));
+    same_numbers(&m1[0], &m2[0], 1e-9, "train-suite autograd step 1");
+    let (p1, p2) = (load(&ag1.join("suite.safetensors")), load(&ag2.join("suite.safetensors")));
+    for (key, x) in &p1 {
+        let rel = max_abs(&(x - &p2[key]).unwrap()) / max_abs(x).max(1e-12);
+        assert!(rel <= 1e-6, "train-suite autograd data-parallel {key}: parameters differ by {rel:.2e} relative");
+    }
 }
 
 #[test]

@@ -11,7 +11,7 @@
 use candle_core::{DType, Tensor, Var};
 use rayon::prelude::*;
 
-use super::loss::{auxk_and_grad, auxk_select, auxk_t, centered_sq_t, fvu_tokens, fvu_tokens_and_grad};
+use super::loss::{auxk_and_grad, auxk_select, auxk_t, fvu_tokens_and_grad};
 use super::params::AeParams;
 use super::topk::{topk_indices, topk_relu_device};
 use super::{decode, fired_t};
@@ -126,7 +126,12 @@ pub struct StepValues {
 /// [`step`] of every module at once through autograd, on the variables' device: each module's
 /// `(x, y)` pair `(tokens, d_model)`, the pass in `dtype` (bf16: mixed precision on f32
 /// master weights). Returns the values and every module's gradients.
+///
+/// On several ranks of `coll` (the pairs are this rank's tokens of the batch) the FVU's and
+/// AuxK's denominators are the whole batch's (from host sums over the ranks), the values are
+/// added over the ranks, and the gradients are this rank's share (the caller adds them).
 pub fn step_t(
+    coll: &dyn Collective,
     vars: &[AeParams<Var>],
     data: &[(Tensor, Tensor)],
     dead: &[Vec<bool>],
@@ -135,6 +140,7 @@ pub fn step_t(
     dtype: DType,
 ) -> Result<(StepValues, Vec<AeParams<Tensor>>)> {
     let mut total: Option<Tensor> = None;
+    // Per module: the FVU's value (f64, this rank's part), AuxK's tensor, the codes.
     let (mut fvus, mut auxks, mut feats) = (Vec::new(), Vec::new(), Vec::new());
     for (m, (vs, (x, y))) in vars.iter().zip(data).enumerate() {
         let p = vs.try_map(|v| v.as_tensor().to_dtype(dtype))?;
@@ -143,12 +149,16 @@ pub fn step_t(
         let f = topk_relu_device(&pre, k)?;
         let dec_t = p.w_dec.t()?.contiguous()?;
         let yhat = f.matmul(&dec_t)?.broadcast_add(&p.b_dec)?.to_dtype(DType::F32)?;
-        let fvu = fvu_tokens(&yhat, &y)?;
-        let mut loss = fvu.clone();
+        let den = centered_sq_over_t(coll, &y)?;
+        let fvu = ((&yhat - &y)?.sqr()?.sum_all()? / den)?;
+        let num = (yhat.to_dtype(DType::F64)? - y.to_dtype(DType::F64)?)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        fvus.push(num / den);
+        let mut loss = fvu;
         let mut auxk = None;
         if auxk_alpha > 0.0 {
             let resid = (&y - &yhat)?.detach();
-            if let Some(a) = auxk_t(&pre, &dead[m], &dec_t, &resid, &centered_sq_t(&resid)?)? {
+            let den = Tensor::new(centered_sq_over_t(coll, &resid)? as f32, resid.device())?;
+            if let Some(a) = auxk_t(&pre, &dead[m], &dec_t, &resid, &den)? {
                 loss = (loss + (&a * auxk_alpha)?)?;
                 auxk = Some(a);
             }
@@ -157,7 +167,6 @@ pub fn step_t(
             Some(t) => (t + loss)?,
             None => loss,
         });
-        fvus.push(fvu);
         auxks.push(auxk);
         feats.push(f);
     }
@@ -165,12 +174,25 @@ pub fn step_t(
     let store = total.backward()?;
     let grads = vars.iter().map(|v| v.grads(&store)).collect::<Result<Vec<_>>>()?;
     let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
-    let values = StepValues {
-        fvu: fvus.iter().map(scalar).collect::<Result<_>>()?,
-        auxk: auxks.iter().map(|a| a.as_ref().map_or(Ok(0.0), scalar)).collect::<Result<_>>()?,
-        fired: fired_t(&feats)?,
-    };
+    let n = fvus.len();
+    let mut sums = fvus;
+    sums.extend(auxks.iter().map(|a| a.as_ref().map_or(Ok(0.0), scalar)).collect::<Result<Vec<_>>>()?);
+    coll.sum_f64(&mut sums)?;
+    let values = StepValues { auxk: sums.split_off(n), fvu: sums, fired: fired_t(&feats)? };
     Ok((values, grads))
+}
+
+/// [`centered_sq_over`] of a tensor `(tokens, D)` on its device, in f64: the per-dimension sums
+/// and then the sum of squares come to the host (D + 1 values) to be added over the ranks.
+fn centered_sq_over_t(coll: &dyn Collective, x: &Tensor) -> Result<f64> {
+    let (n, d) = x.dims2()?;
+    let x = x.to_dtype(DType::F64)?;
+    let mut mean: Vec<f64> = (x.sum(0)? / (n * coll.size()) as f64)?.to_vec1()?;
+    coll.sum_f64(&mut mean)?;
+    let mean = Tensor::from_vec(mean, d, x.device())?;
+    let mut sq = [x.broadcast_sub(&mean)?.sqr()?.sum_all()?.to_scalar::<f64>()?];
+    coll.sum_f64(&mut sq)?;
+    Ok(sq[0].max(1e-30))
 }
 
 #[cfg(test)]

@@ -369,18 +369,7 @@ fn micro_batch_grads(
         + alpha * auxk_vals.iter().sum::<f64>();
     let auxk = spec.auxk.as_ref().map(|_| auxk_vals);
     let values = StepReport { loss, fvu, ce, auxk, fired: fired_any };
-    let mut grads = grads.expect("at least one chunk");
-    if coll.size() > 1 {
-        // Through host buffers: the device's gradients out, summed over the ranks, back in.
-        let mut host = grads.iter().map(|g| g.try_map(to_vec)).collect::<Result<Vec<_>>>()?;
-        super::parallel::sum_grads(coll, &mut host)?;
-        grads = grads
-            .iter()
-            .zip(host)
-            .map(|(g, h)| g.try_zip(&h, |t, v| Ok(Tensor::from_vec(v.clone(), t.shape(), t.device())?)))
-            .collect::<Result<Vec<_>>>()?;
-    }
-    Ok((values, grads))
+    Ok((values, super::parallel::sum_device_grads(coll, grads.expect("at least one chunk"))?))
 }
 
 fn sum_terms(terms: Vec<Tensor>) -> Result<Tensor> {

@@ -10,6 +10,8 @@ use super::optim::Optimizer;
 use crate::error::{Error, Result};
 use crate::sae::AeParams;
 use crate::util::collective::{all_agree, broadcast_f32, broadcast_u64, Collective};
+use crate::util::to_vec;
+use candle_core::Tensor;
 
 /// Floats per all-reduce of the gradients (32 MB): large enough that latency does not count,
 /// small enough that the packing buffers stay small next to the gradients.
@@ -51,6 +53,21 @@ pub fn sum_grads(coll: &dyn Collective, grads: &mut [AeParams<Vec<f32>>]) -> Res
         flush(&mut bucket, &mut pending, &mut fields)?;
     }
     Ok(())
+}
+
+/// [`sum_grads`] of gradients on a device, through host buffers (the device's gradients out,
+/// summed over the ranks, back in).
+pub fn sum_device_grads(coll: &dyn Collective, grads: Vec<AeParams<Tensor>>) -> Result<Vec<AeParams<Tensor>>> {
+    if coll.size() == 1 {
+        return Ok(grads);
+    }
+    let mut host = grads.iter().map(|g| g.try_map(to_vec)).collect::<Result<Vec<_>>>()?;
+    sum_grads(coll, &mut host)?;
+    grads
+        .iter()
+        .zip(host)
+        .map(|(g, h)| g.try_zip(&h, |t, v| Ok(Tensor::from_vec(v.clone(), t.shape(), t.device())?)))
+        .collect()
 }
 
 /// Which features fired anywhere in the batch: each module's mask OR-ed over the ranks.
@@ -148,9 +165,9 @@ pub fn share_modules(coll: &dyn Collective, params: &mut [AeParams<Vec<f32>>], o
     if n == 1 {
         return Ok(());
     }
-    for m in 0..params.len() {
+    for (m, own) in params.iter_mut().enumerate() {
         let moments = opt.m.get_mut(m).into_iter().chain(opt.v.get_mut(m));
-        for p in std::iter::once(&mut params[m]).chain(moments) {
+        for p in std::iter::once(own).chain(moments) {
             for v in p.each_mut() {
                 broadcast_f32(coll, m % n, v)?;
             }

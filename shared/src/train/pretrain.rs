@@ -164,8 +164,11 @@ pub fn update_host(
     Ok(report)
 }
 
-/// [`update_host`] on the device (the autograd path), the pass in `dtype`.
+/// [`update_host`] on the device (the autograd path), the pass in `dtype`; on several ranks
+/// the gradients are added over them through host buffers.
+#[allow(clippy::too_many_arguments)]
 pub fn update_device(
+    coll: &dyn Collective,
     vars: &[AeParams<Var>],
     opt: &mut DeviceOptimizer,
     data: &[(Tensor, Tensor)],
@@ -177,7 +180,9 @@ pub fn update_device(
     for v in vars {
         normalize_decoder_t(&v.w_dec)?;
     }
-    let (values, mut grads) = step_t(vars, data, dead, cfg.k, cfg.auxk_alpha, dtype)?;
+    let (mut values, mut grads) = step_t(coll, vars, data, dead, cfg.k, cfg.auxk_alpha, dtype)?;
+    grads = super::parallel::sum_device_grads(coll, grads)?;
+    values.fired = super::parallel::any_fired(coll, values.fired)?;
     for (vs, g) in vars.iter().zip(grads.iter_mut()) {
         if let Some(c) = cfg.clip {
             clip_module_t(g, c)?;
@@ -206,14 +211,14 @@ impl Split {
         if n == 1 {
             return Ok(Split::One);
         }
-        if !cfg.use_engine {
-            return Err(Error::Usage(format!(
-                "train-suite on {n} ranks runs on the CPU engine; hint: --backend engine, or one process for the autograd path"
-            )));
-        }
         if !cfg.shard_modules {
             let (first, len) = my_slice(coll, cfg.batch_size, "--batch-size")?;
             return Ok(Split::Data { first, len });
+        }
+        if !cfg.use_engine {
+            return Err(Error::Usage(format!(
+                "--shard-modules on {n} ranks runs on the CPU engine; hint: --backend engine, or data-parallel (without --shard-modules) for the autograd path"
+            )));
         }
         if n > n_modules {
             return Err(Error::Usage(format!(
@@ -364,7 +369,7 @@ pub fn run(data: &mut TrainData, cfg: &PretrainConfig, device: &Device, coll: &d
                         Ok((x.reshape((n, d))?, y.reshape((n, d))?))
                     })
                     .collect::<Result<Vec<_>>>()?;
-                update_device(&vars, dopt, &data, &masks, ucfg, lr_t, cfg.dtype)?
+                update_device(coll, &vars, dopt, &data, &masks, ucfg, lr_t, cfg.dtype)?
             }
             None => {
                 // An SAE's input is its target: one host copy serves both (a module-sharded

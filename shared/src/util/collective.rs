@@ -162,6 +162,17 @@ pub fn launched_ranks(var: impl Fn(&str) -> Option<String>) -> Option<Launch> {
     })
 }
 
+/// The GPU a rank of a multi-rank job takes with `--device cuda`: its rank among the ranks on
+/// its node (OpenMPI's `OMPI_COMM_WORLD_LOCAL_RANK`, MPICH's `MPI_LOCALRANKID`, Slurm's
+/// `SLURM_LOCALID`), so that `mpirun -n 8 finetune --device cuda` on an 8-GPU node puts one rank
+/// on each GPU; 0 for one process.
+pub fn local_gpu(var: impl Fn(&str) -> Option<String>) -> usize {
+    ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"]
+        .iter()
+        .find_map(|k| var(k).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
 /// The collective of this process: `Mpi` when built with the feature `mpi` and launched as
 /// several ranks, else [`Single`]. A build without MPI launched as several ranks is refused.
 pub fn init() -> Result<Box<dyn Collective>> {
@@ -353,6 +364,17 @@ mod tests {
         assert_eq!(launched_ranks(env(&[("SLURM_NTASKS", "8")])), None, "an allocation is not a job step");
         assert_eq!(launched_ranks(env(&[("OMPI_COMM_WORLD_SIZE", "1")])), None, "one rank runs as one process");
         assert_eq!(launched_ranks(env(&[])), None);
+    }
+
+    #[test]
+    fn each_rank_on_a_node_takes_its_own_gpu() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        };
+        assert_eq!(local_gpu(env(&[("OMPI_COMM_WORLD_LOCAL_RANK", "3")])), 3);
+        assert_eq!(local_gpu(env(&[("SLURM_LOCALID", "5")])), 5);
+        assert_eq!(local_gpu(env(&[("MPI_LOCALRANKID", "1")])), 1);
+        assert_eq!(local_gpu(env(&[])), 0);
     }
 
     #[test]
