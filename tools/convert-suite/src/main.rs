@@ -1,6 +1,6 @@
 //! `convert-suite`: a suite (and its connections) between scae's files and the Python
 //! reference's (`config.json` + `checkpoint.pt`, as `SCAESuite.upload_to_hf` writes and
-//! `from_pretrained` reads).
+//! `from_pretrained` reads), or out to SAELens (`--to saelens`, `scae::formats::saelens`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -20,6 +20,8 @@ enum To {
     Reference,
     /// suite.safetensors + config.json (+ connections.parquet).
     Scae,
+    /// One SAELens 6 folder per module (`topk`; transcoders with a README on what that means).
+    Saelens,
 }
 
 /// Convert a suite between scae's layout and the Python reference's.
@@ -84,6 +86,7 @@ fn run(args: Args) -> Result<()> {
             let scae_cfg = SuiteConfig::read(&args.suite);
             suite.write_reference(dir, scae_cfg.as_ref(), conns.as_ref(), parallel, parquet)?;
         }
+        To::Saelens => scae::formats::saelens::write(dir, &suite, &args.suite)?,
         To::Scae => {
             // A folder scae wrote keeps its own config: the round trip is exact.
             let kept = SuiteConfig::of_reference(&args.suite)
@@ -108,8 +111,8 @@ fn run(args: Args) -> Result<()> {
     }
     let out = stage.commit()?;
     let what = match &conns {
-        Some(c) => format!(" with {} connections", c.n_edges()),
-        None => String::new(),
+        Some(c) if args.to != To::Saelens => format!(" with {} connections", c.n_edges()),
+        _ => String::new(),
     };
     scae::say!(
         "convert-suite: {} modules, F {}, k {}{what} -> {}",
