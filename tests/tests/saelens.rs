@@ -66,3 +66,46 @@ fn saelens_computes_scae_features_from_the_export() {
         assert!(per_row > 0.0 && per_row <= k as f32, "{name}: {per_row} active features per row");
     }
 }
+
+#[test]
+fn the_export_carries_each_features_firing_frequency_over_a_cache() {
+    let tmp = scratch("saelens-sparsity");
+    let acts = scae_testkit::golden_cache(&tmp, "tiny-neo");
+    let out = tmp.join("saelens");
+    let suite_path = fixture_suite("tiny-neo");
+    tool_ok("convert-suite", &["--suite", s(&suite_path), "--to", "saelens", "--acts", s(&acts), "--out", s(&out)]);
+    // The same frequencies from the host pretraining step's encoder, token by token.
+    let suite = scae::formats::suite::Suite::load(&suite_path, &Device::Cpu).unwrap();
+    let (d, f, k) = (suite.d_model, suite.n_features, suite.k);
+    let params = suite.host_params().unwrap();
+    let cache = scae::formats::cache::Cache::open(&acts).unwrap();
+    let mut counts = vec![vec![0u64; f]; suite.modules.len()];
+    let mut n = 0u64;
+    cache
+        .for_each_batch(2, None, &Device::Cpu, |b| {
+            for (m, module) in suite.modules.iter().enumerate() {
+                let x = match module.kind {
+                    scae::model::Kind::Attn => &b.attn_out[module.layer],
+                    scae::model::Kind::Mlp => &b.ln2_normalized[module.layer],
+                };
+                let x: Vec<f32> = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+                let o = step(&Single, &params[m], &x, &x, d, f, k, &vec![false; f], 0.0)?;
+                for (&i, &v) in o.idx.iter().zip(&o.val) {
+                    counts[m][i as usize] += u64::from(v > 0.0);
+                }
+            }
+            n += b.tokens.elem_count() as u64;
+            Ok(())
+        })
+        .unwrap();
+    for (m, module) in suite.modules.iter().enumerate() {
+        let file = load(&out.join(module.name()).join("sparsity.safetensors"));
+        let got: Vec<f32> = file["sparsity"].to_vec1().unwrap();
+        let want: Vec<f32> = counts[m].iter().map(|&c| (c as f64 / n as f64 + 1e-10).log10() as f32).collect();
+        assert_eq!(got.len(), f);
+        for (j, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!((a - b).abs() <= 1e-5, "{module} feature {j}: log10 frequency {a} vs {b}");
+        }
+        assert!(want.iter().any(|&v| v > -10.0), "{module}: some feature fires");
+    }
+}

@@ -32,9 +32,10 @@ pub fn hooks(kind: Kind, layer: usize) -> (String, String) {
 }
 
 /// Write every module of `suite` (given as `given`: recorded with its id) as a SAELens folder
-/// `dir/<module>/`.
-pub fn write(dir: &Path, suite: &Suite, given: &Path) -> Result<()> {
+/// `dir/<module>/`; with `acts`, also each module's `sparsity.safetensors` over that cache.
+pub fn write(dir: &Path, suite: &Suite, given: &Path, acts: Option<&Path>) -> Result<()> {
     let suite_id = suite.id()?;
+    let sparsity = acts.map(|a| log_sparsity(suite, a)).transpose()?;
     let (d, f, k) = (suite.d_model, suite.n_features, suite.k);
     let params = suite.host_params()?;
     // Sequence layout and data of the suite's first training stage, when its lineage says.
@@ -53,6 +54,15 @@ pub fn write(dir: &Path, suite: &Suite, given: &Path) -> Result<()> {
             ("b_dec".to_string(), t(p.b_dec.clone(), &[d])?),
         ];
         write_safetensors(&folder.join("sae_weights.safetensors"), tensors, &Default::default())?;
+        if let Some(sp) = &sparsity {
+            let m = suite.modules.iter().position(|x| x == module).expect("a module of the suite");
+            let t = candle_core::Tensor::from_vec(sp[m].clone(), f, cpu)?;
+            write_safetensors(
+                &folder.join("sparsity.safetensors"),
+                [("sparsity".to_string(), t)],
+                &Default::default(),
+            )?;
+        }
         let mut metadata = serde_json::json!({
             "sae_lens_version": SAE_LENS_VERSION,
             "sae_lens_training_version": SAE_LENS_VERSION,
@@ -98,6 +108,51 @@ pub fn write(dir: &Path, suite: &Suite, given: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Each module's `log10(firing frequency + 1e-10)` per feature (SAELens' `sparsity`) over the
+/// tokens of the cache at `acts`: the module on its own input (`hook_attn_out`, or
+/// `ln2.hook_normalized` for a transcoder), its features those of its top-k encoder.
+pub fn log_sparsity(suite: &Suite, acts: &Path) -> Result<Vec<Vec<f32>>> {
+    let cache = crate::formats::cache::Cache::open(acts)?;
+    let (d, f) = (suite.d_model, suite.n_features);
+    if cache.manifest.model.d_model != d {
+        return Err(Error::input(
+            acts,
+            format!("--acts: the cache's d_model is {}, the suite's {d}", cache.manifest.model.d_model),
+        ));
+    }
+    let cpu = candle_core::Device::Cpu;
+    let enc = suite
+        .aes
+        .iter()
+        .map(|ae| {
+            Ok((ae.w_enc.as_tensor().t()?.contiguous()?, ae.b_enc.as_tensor().clone(), ae.b_dec.as_tensor().clone()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut counts = vec![vec![0u64; f]; suite.modules.len()];
+    let mut n_tokens = 0u64;
+    cache.for_each_batch(64, None, &cpu, |batch| {
+        for (m, module) in suite.modules.iter().enumerate() {
+            let x = match module.kind {
+                Kind::Attn => &batch.attn_out[module.layer],
+                Kind::Mlp => &batch.ln2_normalized[module.layer],
+            };
+            let x = x.to_dtype(candle_core::DType::F32)?.reshape(((), d))?;
+            let (w, b_enc, b_dec) = &enc[m];
+            let pre = x.broadcast_sub(b_dec)?.matmul(w)?.broadcast_add(b_enc)?;
+            let fired =
+                crate::sae::topk::topk_relu_device(&pre, suite.k)?.gt(0f32)?.to_dtype(candle_core::DType::F32)?;
+            let per: Vec<f32> = fired.sum(0)?.to_vec1()?;
+            counts[m].iter_mut().zip(per).for_each(|(c, p)| *c += p as u64);
+        }
+        n_tokens += batch.tokens.elem_count() as u64;
+        Ok(())
+    })?;
+    Ok(counts
+        .iter()
+        .map(|c| c.iter().map(|&n| (n as f64 / n_tokens.max(1) as f64 + 1e-10).log10() as f32).collect())
+        .collect())
 }
 
 /// What the folder of a transcoder says about SAELens' view of it.

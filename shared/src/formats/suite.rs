@@ -378,6 +378,24 @@ impl Suite {
         out
     }
 
+    /// Save this suite, read from the folder `from`, in scae's layout into `dir`: a folder scae
+    /// wrote keeps its own config (model, creator, arguments), so the round trip is exact;
+    /// otherwise `created_by` and this process's arguments are recorded.
+    pub fn save_converted(&self, dir: &Path, from: &Path, created_by: &str) -> Result<()> {
+        let kept = SuiteConfig::of_reference(from)
+            .filter(|c| c.k == self.k && c.n_features == self.n_features && c.d_model == self.d_model);
+        let mut suite = self.clone();
+        let (created_by, args) = match &kept {
+            Some(c) => {
+                suite.model_id = c.model_id.clone();
+                suite.model_hash = c.model_hash.clone();
+                (c.created_by.clone(), c.args.clone())
+            }
+            None => (created_by.to_string(), serde_json::json!({"argv": std::env::args().collect::<Vec<_>>()})),
+        };
+        suite.save(dir, &created_by, args)
+    }
+
     /// Every module's current parameter values as host buffers.
     pub fn host_params(&self) -> Result<Vec<AeParams<Vec<f32>>>> {
         self.aes.iter().map(AeParams::to_host).collect()

@@ -52,6 +52,10 @@ struct Args {
     /// Replace a non-empty --out.
     #[arg(long)]
     overwrite: bool,
+    /// With --to saelens: also write each module's sparsity.safetensors (log10 firing frequency
+    /// of its features) over this activation cache.
+    #[arg(long)]
+    acts: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -86,24 +90,10 @@ fn run(args: Args) -> Result<()> {
             let scae_cfg = SuiteConfig::read(&args.suite);
             suite.write_reference(dir, scae_cfg.as_ref(), conns.as_ref(), parallel, parquet)?;
         }
-        To::Saelens => scae::formats::saelens::write(dir, &suite, &args.suite)?,
+        To::Saelens => scae::formats::saelens::write(dir, &suite, &args.suite, args.acts.as_deref())?,
         To::Scae => {
-            // A folder scae wrote keeps its own config: the round trip is exact.
-            let kept = SuiteConfig::of_reference(&args.suite)
-                .filter(|c| c.k == suite.k && c.n_features == suite.n_features && c.d_model == suite.d_model);
-            let (created_by, cargs) = match &kept {
-                Some(c) => (c.created_by.clone(), c.args.clone()),
-                None => (
-                    format!("convert-suite {}", env!("CARGO_PKG_VERSION")),
-                    serde_json::json!({"argv": std::env::args().collect::<Vec<_>>()}),
-                ),
-            };
-            let mut suite = suite.clone();
-            if let Some(c) = &kept {
-                suite.model_id = c.model_id.clone();
-                suite.model_hash = c.model_hash.clone();
-            }
-            suite.save(dir, &created_by, cargs)?;
+            let created_by = format!("convert-suite {}", env!("CARGO_PKG_VERSION"));
+            suite.save_converted(dir, &args.suite, &created_by)?;
             if let Some(c) = &conns {
                 write_connections(&args, c, parallel, &dir.join("connections.parquet"))?;
             }
