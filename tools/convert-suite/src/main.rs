@@ -53,7 +53,7 @@ struct Args {
     #[arg(long)]
     overwrite: bool,
     /// With --to saelens: also write each module's sparsity.safetensors (log10 firing frequency
-    /// of its features) over this activation cache.
+    /// of its features) over this activation cache (default: none, no sparsity file).
     #[arg(long)]
     acts: Option<PathBuf>,
 }
