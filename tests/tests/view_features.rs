@@ -226,3 +226,65 @@ fn sparse_ends_render_in_headless_chromium() {
         "{html}"
     );
 }
+
+/// `view-features --neuronpedia`: one page per feature under features/, named by the feature's
+/// number in an attribution graph (Cantor pairing of the module's graph layer and the feature),
+/// with every field of the circuit-tracer / Neuronpedia feature model, of its type, and numbers
+/// that agree with the browser's own data.
+#[test]
+fn neuronpedia_feature_pages_have_the_ui_fields() {
+    let tmp = scratch("view-neuronpedia");
+    let acts = golden_cache(&tmp, "tiny-neo");
+    let fx = fixtures().join("suites/tiny-neo");
+    let (suite, conns) = (fx.join("suite.safetensors"), fx.join("connections-ref.safetensors"));
+    let dir = tmp.join("view");
+    let a = ["--acts", s(&acts), "--suite", s(&suite), "--connections", s(&conns), "--neuronpedia", "--out", s(&dir)];
+    tool_ok("view-features", &a);
+    let pages = std::fs::read_dir(dir.join("features")).unwrap().count();
+    assert_eq!(pages, 4 * 32, "one page per feature of the 4 modules");
+    let mut fired = 0;
+    for (li, module) in ["attn_0", "mlp_0", "attn_1", "mlp_1"].iter().enumerate() {
+        for j in 0..32u64 {
+            let id = (li as u64 + j) * (li as u64 + j + 1) / 2 + j;
+            let text = std::fs::read_to_string(dir.join(format!("features/{id}.json"))).unwrap();
+            let p: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(p["transcoder_id"], *module);
+            assert_eq!(p["index"], j);
+            for key in ["act_min", "act_max", "activation_frequency"] {
+                assert!(p[key].is_number(), "{module} {j}: {key} in {p}");
+            }
+            for key in ["top_logits", "bottom_logits"] {
+                assert!(p[key].as_array().unwrap().iter().all(|t| t.is_string()), "{key}");
+            }
+            for key in ["quantile_values", "histogram"] {
+                assert!(p[key].as_array().unwrap().iter().all(|t| t.is_number()), "{key}");
+            }
+            let quantiles = p["examples_quantiles"].as_array().unwrap();
+            assert_eq!(quantiles.len(), 2);
+            for q in quantiles {
+                assert!(q["quantile_name"].is_string());
+                for e in q["examples"].as_array().unwrap() {
+                    let (toks, acts) = (e["tokens"].as_array().unwrap(), e["tokens_acts_list"].as_array().unwrap());
+                    assert!(!toks.is_empty() && toks.len() == acts.len() && toks.iter().all(|t| t.is_string()));
+                    assert!((e["train_token_ind"].as_u64().unwrap() as usize) < toks.len());
+                    assert_eq!(e["is_repeated_datapoint"], false);
+                }
+            }
+            // The browser's own numbers for the same feature.
+            let own = feature_data(&dir, module, j as usize);
+            let n = own["n"].as_u64().unwrap();
+            if n > 0 {
+                fired += 1;
+                let top = &quantiles[0]["examples"][0];
+                let at = top["train_token_ind"].as_u64().unwrap() as usize;
+                let best = top["tokens_acts_list"][at].as_f64().unwrap();
+                assert!((best - p["act_max"].as_f64().unwrap()).abs() <= 1e-6 * best.abs().max(1.0), "{module} {j}");
+                assert!((best - own["max"].as_f64().unwrap()).abs() <= 1e-3 * best.abs().max(1.0), "{module} {j}");
+            } else {
+                assert_eq!(p["activation_frequency"], 0.0, "{module} {j}: a dead feature says so");
+                assert!(quantiles[0]["examples"].as_array().unwrap().is_empty());
+            }
+        }
+    }
+    assert!(fired > 10, "{fired} features fired");
+}

@@ -5,6 +5,7 @@
 //! then the logit lens of each decoder direction. [`page`] turns these into the page's data
 //! files; [`run`] does both into an output folder.
 
+pub mod neuronpedia;
 pub mod page;
 
 use std::path::PathBuf;
@@ -250,6 +251,9 @@ pub struct ViewConfig {
     /// Output folder, and whether an existing, non-empty one is replaced.
     pub out: PathBuf,
     pub overwrite: bool,
+    /// Also write each feature's page as the circuit-tracer / Neuronpedia graph UI loads it
+    /// (`features/<id>.json`, [`neuronpedia`]).
+    pub neuronpedia: bool,
     pub browse: BrowseConfig,
 }
 
@@ -299,6 +303,9 @@ pub fn run(
         pass_description: &chosen.pass,
     };
     let mut bytes = page::write_data(&stage.path().join("data"), &page)?;
+    if cfg.neuronpedia {
+        neuronpedia::write(&stage.path().join("features"), &browse, &inputs.suite, &tokenizer)?;
+    }
     for (name, body) in assets {
         crate::util::io::write_atomic(&stage.path().join(name), body.as_bytes())?;
         bytes += body.len();

@@ -38,6 +38,10 @@ struct Args {
     /// Top activating contexts per feature.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=100))]
     top: u64,
+    /// Also write features/<id>.json: each feature's page as the circuit-tracer / Neuronpedia
+    /// graph UI loads it (<id>: the feature's number in an attribution graph).
+    #[arg(long)]
+    neuronpedia: bool,
     /// Tokens of context left of the activating token (right: a third of it, at least 2).
     #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u64).range(1..=64))]
     context: u64,
@@ -79,6 +83,7 @@ fn run(args: Args, coll: &dyn scae::util::collective::Collective) -> Result<()> 
         model: args.cache.model.clone(),
         out: args.out,
         overwrite: args.cache.overwrite,
+        neuronpedia: args.neuronpedia,
         browse: BrowseConfig {
             batch_size: args.cache.batch_size as usize,
             limit: args.cache.limit(),
