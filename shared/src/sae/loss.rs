@@ -65,6 +65,32 @@ pub fn fvu_ref(target: &Tensor, recon: &Tensor) -> Result<Tensor> {
     Ok((var_b(&(target - recon)?)? / var_b(target)?)?)
 }
 
+/// [`fvu_ref_and_grad`] on the tensors' device, in f64: `target` and `recon` `(B, S, D)` (this
+/// rank's sequences), the per-(position, dim) sums and the two sums of squares added over the
+/// ranks of `coll` on the host (S·D and 2 values). Returns the batch's FVU and its gradient
+/// w.r.t. `recon` (f32, `recon`'s shape).
+pub fn fvu_ref_and_grad_t(coll: &dyn Collective, target: &Tensor, recon: &Tensor) -> Result<(f64, Tensor)> {
+    let t = target.to_dtype(DType::F64)?;
+    let e = (&t - recon.to_dtype(DType::F64)?)?;
+    let b_all = (e.dim(0)? * coll.size()) as f64;
+    // The mean over the batch axis of the error and of the target.
+    let mean = |x: &Tensor| -> Result<Tensor> {
+        let s = x.sum_keepdim(0)?;
+        if coll.size() == 1 {
+            return Ok((s / b_all)?);
+        }
+        let mut v: Vec<f64> = s.flatten_all()?.to_vec1()?;
+        coll.sum_f64(&mut v)?;
+        Ok((Tensor::from_vec(v, s.shape(), s.device())? / b_all)?)
+    };
+    let ec = e.broadcast_sub(&mean(&e)?)?;
+    let mut nd =
+        [ec.sqr()?.sum_all()?.to_scalar::<f64>()?, t.broadcast_sub(&mean(&t)?)?.sqr()?.sum_all()?.to_scalar::<f64>()?];
+    coll.sum_f64(&mut nd)?;
+    let [num, den] = nd;
+    Ok((num / den, (ec * (-2.0 / den))?.to_dtype(DType::F32)?))
+}
+
 // ---- Variance over all tokens: pretraining FVU, AuxK's normaliser, evaluation ---------------
 
 /// `Σ_{t,d} (x − mean_t x)²` of `x (N, D)` in f64, floored at 1e-30 (so a constant target
@@ -95,6 +121,19 @@ pub fn centered_sq_t(x: &Tensor) -> Result<Tensor> {
     Ok(x.broadcast_sub(&x.mean_keepdim(0)?)?.sqr()?.sum_all()?.maximum(1e-30f32)?)
 }
 
+/// [`centered_sq_over`] of a tensor `(tokens, D)` on its device, in f64: the per-dimension sums
+/// and then the sum of squares come to the host (D + 1 values) to be added over the ranks.
+pub fn centered_sq_over_t(coll: &dyn Collective, x: &Tensor) -> Result<f64> {
+    let (n, d) = x.dims2()?;
+    let x = x.to_dtype(DType::F64)?;
+    let mut mean: Vec<f64> = (x.sum(0)? / (n * coll.size()) as f64)?.to_vec1()?;
+    coll.sum_f64(&mut mean)?;
+    let mean = Tensor::from_vec(mean, d, x.device())?;
+    let mut sq = [x.broadcast_sub(&mean)?.sqr()?.sum_all()?.to_scalar::<f64>()?];
+    coll.sum_f64(&mut sq)?;
+    Ok(sq[0].max(1e-30))
+}
+
 /// The pretraining FVU `Σ (ŷ − y)² / Σ (y − ȳ)²` (all tokens; the error is not centred) and its
 /// gradient `2 (ŷ − y) / den` w.r.t. `ŷ`; `y`, `yhat` are `(N, D)`, this rank's rows of a
 /// batch spread over the ranks of `coll` (sums over the whole batch).
@@ -104,11 +143,6 @@ pub fn fvu_tokens_and_grad(coll: &dyn Collective, yhat: &[f32], y: &[f32], d: us
     coll.sum_f64(&mut num)?;
     let g = yhat.iter().zip(y).map(|(a, b)| (2.0 * (a - b) as f64 / den) as f32).collect();
     Ok((num[0] / den, g))
-}
-
-/// [`fvu_tokens_and_grad`]'s value on tensors `(N, D)`.
-pub fn fvu_tokens(yhat: &Tensor, y: &Tensor) -> Result<Tensor> {
-    Ok(((yhat - y)?.sqr()?.sum_all()? / centered_sq_t(y)?)?)
 }
 
 /// Streaming per-dimension sums for the evaluation FVU over all tokens,

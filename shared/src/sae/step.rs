@@ -11,7 +11,7 @@
 use candle_core::{DType, Tensor, Var};
 use rayon::prelude::*;
 
-use super::loss::{auxk_and_grad, auxk_select, auxk_t, fvu_tokens_and_grad};
+use super::loss::{auxk_and_grad, auxk_select, auxk_t, centered_sq_over_t, fvu_tokens_and_grad};
 use super::params::AeParams;
 use super::topk::{topk_indices, topk_relu_device};
 use super::{decode, fired_t};
@@ -180,19 +180,6 @@ pub fn step_t(
     coll.sum_f64(&mut sums)?;
     let values = StepValues { auxk: sums.split_off(n), fvu: sums, fired: fired_t(&feats)? };
     Ok((values, grads))
-}
-
-/// [`centered_sq_over`] of a tensor `(tokens, D)` on its device, in f64: the per-dimension sums
-/// and then the sum of squares come to the host (D + 1 values) to be added over the ranks.
-fn centered_sq_over_t(coll: &dyn Collective, x: &Tensor) -> Result<f64> {
-    let (n, d) = x.dims2()?;
-    let x = x.to_dtype(DType::F64)?;
-    let mut mean: Vec<f64> = (x.sum(0)? / (n * coll.size()) as f64)?.to_vec1()?;
-    coll.sum_f64(&mut mean)?;
-    let mean = Tensor::from_vec(mean, d, x.device())?;
-    let mut sq = [x.broadcast_sub(&mean)?.sqr()?.sum_all()?.to_scalar::<f64>()?];
-    coll.sum_f64(&mut sq)?;
-    Ok(sq[0].max(1e-30))
 }
 
 #[cfg(test)]

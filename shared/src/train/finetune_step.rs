@@ -27,10 +27,10 @@ use crate::model::Runtime;
 use crate::pass::engine::Engine;
 use crate::pass::objective::{ce_loss_and_grad_over, ce_loss_planned, mse_per_module};
 use crate::pass::{forward, PassOptions, Plan};
-use crate::sae::loss::{auxk_t, centered_sq_over, centered_sq_t, fvu_ref, fvu_ref_and_grad};
+use crate::sae::loss::{auxk_t, centered_sq_over_t, centered_sq_t, fvu_ref, fvu_ref_and_grad_t};
 use crate::sae::{fired_t, AeParams};
 use crate::util::collective::Collective;
-use crate::util::{scalar, to_vec};
+use crate::util::scalar;
 
 /// What every form of the step reads: the suite (its variables: the autograd forms' parameters),
 /// the model, the pass's wiring and options, and the ranks the step's batch is spread over
@@ -286,8 +286,8 @@ fn micro_batch_grads(
     }
     let fired_any = super::parallel::any_fired(si.coll, fired_any)?;
     let recons: Vec<Tensor> = recons.iter().map(|r| Tensor::cat(r, 0)).collect::<candle_core::Result<_>>()?;
-    // ∂(Σ_m scale_m · FVU_m)/∂R_m over the whole batch, from its statistics on the host (the
-    // CPU engine's function: the ranks add them there).
+    // ∂(Σ_m scale_m · FVU_m)/∂R_m over the whole batch, its statistics in f64 on the device
+    // (the ranks add them on the host).
     let (coll, d) = (si.coll, suite.d_model);
     let mut terms: Vec<f64> = Vec::new();
     let mut fvu = None;
@@ -295,10 +295,8 @@ fn micro_batch_grads(
     if let Some(scales) = &spec.fvu_scales {
         let mut vals = Vec::with_capacity(n_mod);
         for (m, module) in suite.modules.iter().enumerate() {
-            let (t, r) = (to_vec(batch.target(module))?, to_vec(&recons[m])?);
-            let (v, g) = fvu_ref_and_grad(coll, &t, &r, b, t.len() / b)?;
-            let g: Vec<f32> = g.iter().map(|x| x * scales[m]).collect();
-            g_recon[m] = Some(Tensor::from_vec(g, recons[m].shape(), recons[m].device())?);
+            let (v, g) = fvu_ref_and_grad_t(coll, batch.target(module), &recons[m])?;
+            g_recon[m] = Some((g * scales[m] as f64)?);
             vals.push(v);
             terms.push(v * scales[m] as f64);
         }
@@ -311,7 +309,7 @@ fn micro_batch_grads(
         for (m, module) in suite.modules.iter().enumerate() {
             if dead[m].iter().any(|&x| x) {
                 let r = (batch.target(module).to_dtype(DType::F32)? - &recons[m])?;
-                let den = centered_sq_over(coll, &to_vec(&r)?, d)? as f32;
+                let den = centered_sq_over_t(coll, &r.reshape(((), d))?)? as f32;
                 aux_resid[m] = Some((r, Tensor::new(den, recons[m].device())?));
             }
         }

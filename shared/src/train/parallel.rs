@@ -10,6 +10,7 @@ use super::optim::Optimizer;
 use crate::error::{Error, Result};
 use crate::sae::AeParams;
 use crate::util::collective::{all_agree, broadcast_f32, broadcast_u64, Collective};
+use crate::util::fingerprint::TensorHasher;
 use crate::util::to_vec;
 use candle_core::Tensor;
 
@@ -90,25 +91,24 @@ pub fn any_fired(coll: &dyn Collective, fired: Vec<Vec<bool>>) -> Result<Vec<Vec
 }
 
 /// A hash of a replica's training state: parameters, optimizer moments and count, dead-feature
-/// counters (BLAKE3 of their bytes, first 8 bytes). Replicas that agree bit for bit have equal
-/// hashes.
+/// counters (the project's content digest, [`TensorHasher`], first 8 bytes). Replicas that agree
+/// bit for bit have equal hashes.
 pub fn replica_hash(params: &[AeParams<Vec<f32>>], opt: &Optimizer, dead: &DeadTracker) -> u64 {
-    let mut h = blake3::Hasher::new();
-    let floats = |h: &mut blake3::Hasher, v: &[f32]| {
-        for x in v {
-            h.update(&x.to_le_bytes());
-        }
-    };
+    let mut h = TensorHasher::new("scae-replica-v1");
     for p in params.iter().chain(&opt.m).chain(&opt.v) {
-        p.each().into_iter().for_each(|v| floats(&mut h, v));
+        for (name, v) in p.named() {
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            h.add_raw(name, "f32", &[v.len()], &bytes);
+        }
     }
-    h.update(&opt.t.to_le_bytes());
+    h.add_str(&opt.t.to_string());
     for s in &dead.since {
-        s.iter().for_each(|x| {
-            h.update(&x.to_le_bytes());
-        });
+        let bytes: Vec<u8> = s.iter().flat_map(|x| x.to_le_bytes()).collect();
+        h.add_raw("since", "u64", &[s.len()], &bytes);
     }
-    u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
+    let digest = h.finish();
+    let hex = digest.trim_start_matches("blake3:");
+    u64::from_str_radix(&hex[..16], 16).expect("a hex digest")
 }
 
 /// The replicas' common hash ([`replica_hash`]), or an error naming the step when some rank's

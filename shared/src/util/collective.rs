@@ -59,15 +59,6 @@ pub fn my_slice(coll: &dyn Collective, total: usize, what: &str) -> Result<(usiz
     Ok((coll.rank() * len, len))
 }
 
-/// The part `start..end` of `0..total` that this rank handles when work is split as evenly as
-/// the ranks allow (the first `total % size` ranks take one more).
-pub fn my_share(coll: &dyn Collective, total: usize) -> std::ops::Range<usize> {
-    let (n, r) = (coll.size(), coll.rank());
-    let (base, extra) = (total / n, total % n);
-    let start = r * base + r.min(extra);
-    start..start + base + usize::from(r < extra)
-}
-
 /// Replace `values` on every rank by rank `root`'s (f32, bit for bit).
 pub fn broadcast_f32(coll: &dyn Collective, root: usize, values: &mut Vec<f32>) -> Result<()> {
     if coll.size() == 1 {
