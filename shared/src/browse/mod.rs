@@ -95,17 +95,17 @@ fn push_top(top: &mut Vec<Context>, n: usize, act: f32, make: impl FnOnce() -> C
     }
 }
 
-/// This batch's features `(b·s, F)` per module on the host: computed here, or on a job of
-/// several ranks by the batch's owner (batch `i` on rank `i mod N`) and sent to all (the
-/// values whose bits are not zero, with their places), so that rank 0 keeps the statistics of
-/// exactly the values one process would.
+/// This batch's features `(b·s, F)` per module on the host, for rank 0: computed here, or on a
+/// job of several ranks by the batch's owner and sent to rank 0 (the values whose bits are not
+/// zero, with their places), so that rank 0 keeps the statistics of exactly the values one
+/// process would. The owner gets its own features back; other ranks get none.
 fn batch_features(
     coll: &dyn Collective,
     owner: usize,
     compute: impl FnOnce() -> Result<Vec<Vec<f32>>>,
     len: usize,
 ) -> Result<Vec<Vec<f32>>> {
-    if coll.size() == 1 {
+    if coll.rank() == owner && owner == 0 {
         return compute();
     }
     let mut bytes = Vec::new();
@@ -120,7 +120,10 @@ fn batch_features(
             }
         }
     }
-    coll.broadcast_from(owner, &mut bytes)?;
+    coll.send_to_root(owner, &mut bytes)?;
+    if coll.rank() != 0 {
+        return Ok(Vec::new());
+    }
     let word = |at: usize| -> [u8; 4] { bytes[at..at + 4].try_into().expect("4 bytes") };
     let mut out = Vec::new();
     let mut at = 0;
@@ -164,15 +167,19 @@ pub fn collect(
     let mut stats = vec![vec![FeatureStats::default(); f]; n_mod];
     let mut rng = SplitMix(cfg.seed ^ 0x5ca3_b20e);
     let (mut n_tokens, mut seq0, mut index) = (0u64, 0usize, 0usize);
-    let n_seqs = cache.for_each_batch(cfg.batch_size, cfg.limit, device, |batch| {
+    // Rank 0 reads every batch (it keeps the statistics); another rank only the ones it owns.
+    let (rank, ranks) = (coll.rank(), coll.size());
+    let mine = |i: usize| rank == 0 || i % ranks == rank;
+    let n_seqs = cache.for_each_batch_of(cfg.batch_size, cfg.limit, device, mine, |batch| {
         let (b, s) = batch.tokens.dims2()?;
         let compute = || -> Result<Vec<Vec<f32>>> {
             let out = pass.run(&batch)?;
             out.feats.iter().map(|t| Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)).collect()
         };
-        let feats = batch_features(coll, index % coll.size(), compute, b * s * f)?;
+        let owner = if rank == 0 { index % ranks } else { rank };
+        let feats = batch_features(coll, owner, compute, b * s * f)?;
         index += 1;
-        if coll.rank() != 0 {
+        if rank != 0 {
             return Ok(());
         }
         let tokens: Vec<u32> = batch.tokens.flatten_all()?.to_vec1()?;
