@@ -25,6 +25,7 @@
 //! Every formula is stated in `docs/MATH.md`; `docs/ARCHITECTURE.md` lists the file that
 //! implements each; file layouts are in `shared/FORMATS.md`.
 
+pub mod attrib;
 pub mod browse;
 pub mod cli;
 pub mod data;

@@ -17,7 +17,7 @@ const RANKS: &[&[&str]] = &[
     &["inputs"],
     &["pass"],
     &["train"],
-    &["scores", "eval", "browse"],
+    &["scores", "eval", "browse", "attrib"],
     &["cli"],
 ];
 

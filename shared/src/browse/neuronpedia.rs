@@ -20,17 +20,8 @@ use super::{Browse, Context};
 use crate::error::Result;
 use crate::formats::suite::Suite;
 use crate::model::tokenize::TextTokenizer;
-use crate::model::{Kind, Module};
 
-/// A module's layer index in an attribution graph: attn_L → 2L, mlp_L → 2L + 1.
-pub fn graph_layer(m: &Module) -> u64 {
-    2 * m.layer as u64 + u64::from(m.kind == Kind::Mlp)
-}
-
-/// The graph's number of feature `f` of a module on graph layer `layer` (Cantor pairing).
-pub fn graph_feature(layer: u64, f: u64) -> u64 {
-    (layer + f) * (layer + f + 1) / 2 + f
-}
+pub use crate::model::{graph_feature, graph_layer};
 
 fn example(c: &Context, tok: &TextTokenizer) -> Value {
     json!({

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 pub use config::{Activation, Arch, ModelConfig};
 pub use forward::{ln_pre, token_ce, ForwardOutput, LayerHooks, Runtime};
-pub use hooks::{Kind, Module};
+pub use hooks::{graph_feature, graph_layer, Kind, Module};
 pub use weights::{weight_files, BlockWeights, Weights};
 
 use candle_core::Device;

@@ -99,6 +99,19 @@ pub fn ce_per_token_planned(
     }
 }
 
+/// The logits `(N, V)` of the spliced residual for a plan: with unembed edges each output token
+/// reads only its connected features, else the model's final LN and unembedding.
+pub fn logits_planned(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, out: &PassOutput) -> Result<Tensor> {
+    match &plan.unembed {
+        None => {
+            let logits = rt.unembed(&spliced_resid(batch, out)?)?;
+            let v = logits.dim(candle_core::D::Minus1)?;
+            Ok(logits.reshape((logits.elem_count() / v, v))?)
+        }
+        Some(up) => unembed_logits(suite, rt, up, plan.composed, batch, out),
+    }
+}
+
 /// [`ce_loss`] for a plan (see [`ce_per_token_planned`]).
 pub fn ce_loss_planned(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, out: &PassOutput) -> Result<Tensor> {
     Ok(ce_per_token_planned(suite, rt, plan, batch, out)?.mean_all()?)
