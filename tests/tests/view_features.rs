@@ -288,3 +288,83 @@ fn neuronpedia_feature_pages_have_the_ui_fields() {
     }
     assert!(fired > 10, "{fired} features fired");
 }
+
+/// `view-features --graphs`: an `attribute` graph drawn in graph.html from file:// by the
+/// vendored layout library — every node and link of the file drawn, tokens on the bottom row
+/// and logits on the top one, feature nodes opening their pages; graphs of another suite refused.
+#[test]
+fn graph_view_renders_attribute_graphs_in_headless_chromium() {
+    let tmp = scratch("view-graphs");
+    let acts = golden_cache(&tmp, "tiny-neo");
+    let fx = fixtures().join("suites/tiny-neo");
+    let (suite, conns) = (fx.join("suite.safetensors"), fx.join("connections-ref.safetensors"));
+    let g = tmp.join("graphs");
+    tool_ok(
+        "attribute",
+        &["--acts", s(&acts), "--seq", "1", "--suite", s(&suite), "--connections", s(&conns), "--out", s(&g)],
+    );
+    let graph: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(g.join("seq-1.json")).unwrap()).unwrap();
+    let dir = tmp.join("view");
+    let base = ["--acts", s(&acts), "--suite", s(&suite), "--connections", s(&conns)];
+    let mut a = base.to_vec();
+    a.extend(["--graphs", s(&g), "--out", s(&dir)]);
+    tool_ok("view-features", &a);
+    assert!(std::fs::read_to_string(dir.join("data/graphs.js")).unwrap().contains("\"seq-1\""));
+    // A graph made with another suite is refused, naming the file.
+    let other = tmp.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::copy(g.join("graph-metadata.json"), other.join("graph-metadata.json")).unwrap();
+    let text = std::fs::read_to_string(g.join("seq-1.json")).unwrap();
+    let id = graph["metadata"]["info"]["suite_id"].as_str().unwrap();
+    std::fs::write(other.join("seq-1.json"), text.replace(id, "blake3:0123456789abcdef")).unwrap();
+    let mut a = base.to_vec();
+    let out2 = tmp.join("view2");
+    a.extend(["--graphs", s(&other), "--out", s(&out2)]);
+    scae_testkit::tool_fails("view-features", &a, &["seq-1.json", "made for suite 0123456789ab"]);
+    assert!(!out2.exists(), "nothing written when a graph is refused");
+
+    let Some(chrome) = chromium() else {
+        eprintln!(
+            "SKIPPED graph_view_renders_attribute_graphs_in_headless_chromium (browser part): no chromium on PATH"
+        );
+        return;
+    };
+    let page = format!("file://{}", s(&dir.join("graph.html")));
+    let html = dom(&chrome, &format!("{page}#seq-1"));
+    assert!(html.contains(r#"data-laid-out="1""#), "laid out: {html}");
+    let n_nodes = graph["nodes"].as_array().unwrap().len();
+    let n_links = graph["links"].as_array().unwrap().len();
+    assert_eq!(html.matches(r#"<g class="node "#).count(), n_nodes, "every node drawn");
+    assert_eq!(html.matches("<line ").count(), n_links, "every link drawn");
+    // Rows: tokens (row 0) below every feature, logits above.
+    let ys = |row_is: &dyn Fn(u32) -> bool| -> Vec<f64> {
+        html.split(r#"<g class="node "#)
+            .skip(1)
+            .filter_map(|chunk| {
+                let row: u32 = chunk.split(r#"data-row=""#).nth(1)?.split('"').next()?.parse().ok()?;
+                let t = chunk.split("translate(").nth(1)?.split(')').next()?;
+                let y: f64 = t.split(',').nth(1)?.parse().ok()?;
+                row_is(row).then_some(y)
+            })
+            .collect()
+    };
+    let tokens = ys(&|r| r == 0);
+    let features = ys(&|r| r > 0 && r <= 4);
+    let logits = ys(&|r| r >= 5);
+    assert_eq!(tokens.len(), 12, "one token node per position");
+    assert!(!features.is_empty() && !logits.is_empty());
+    let min_tok = tokens.iter().cloned().fold(f64::MAX, f64::min);
+    let max_logit = logits.iter().cloned().fold(f64::MIN, f64::max);
+    assert!(features.iter().all(|&y| y < min_tok && y > max_logit), "tokens at the bottom, logits on top");
+    // A feature node opens its page in the browser.
+    let feature =
+        graph["nodes"].as_array().unwrap().iter().find(|n| n["feature_type"] == "cross layer transcoder").unwrap();
+    let href = format!("index.html#{}/{}", feature["module"].as_str().unwrap(), feature["index"]);
+    assert!(html.contains(&format!(r#"data-href="{href}""#)), "{href}");
+    let index = format!("file://{}", s(&dir.join("index.html")));
+    let fpage = dom(&chrome, &format!("{index}#{}/{}", feature["module"].as_str().unwrap(), feature["index"]));
+    assert!(fpage.contains(&format!(r#"data-feature="{}/{}""#, feature["module"].as_str().unwrap(), feature["index"])));
+    // The index lists the graph.
+    assert!(dom(&chrome, &index).contains(r##"href="graph.html#seq-1""##));
+}

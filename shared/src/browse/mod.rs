@@ -5,6 +5,7 @@
 //! then the logit lens of each decoder direction. [`page`] turns these into the page's data
 //! files; [`run`] does both into an output folder.
 
+pub mod graphs;
 pub mod neuronpedia;
 pub mod page;
 
@@ -261,6 +262,8 @@ pub struct ViewConfig {
     /// Also write each feature's page as the circuit-tracer / Neuronpedia graph UI loads it
     /// (`features/<id>.json`, [`neuronpedia`]).
     pub neuronpedia: bool,
+    /// A folder of attribution graphs (`attribute --out`) to draw in `graph.html`.
+    pub graphs: Option<PathBuf>,
     pub browse: BrowseConfig,
 }
 
@@ -294,6 +297,10 @@ pub fn run(
         Some(p) => page::EdgeScores::new(&inputs.connections(p)?),
         None => page::EdgeScores::default(),
     };
+    let graphs = match &cfg.graphs {
+        Some(dir) => graphs::read(dir, &inputs.suite.id()?)?,
+        None => Vec::new(),
+    };
     let stage = if coll.rank() == 0 { Some(StagedDir::create(&cfg.out, cfg.overwrite, "--out")?) } else { None };
     let browse = collect(&inputs, conns, &cfg.browse, device, coll)?;
     let Some(stage) = stage else { return Ok(None) };
@@ -310,11 +317,16 @@ pub fn run(
         pass_description: &chosen.pass,
     };
     let mut bytes = page::write_data(&stage.path().join("data"), &page)?;
+    bytes += graphs::write(&stage.path().join("data"), &graphs)?;
     if cfg.neuronpedia {
         neuronpedia::write(&stage.path().join("features"), &browse, &inputs.suite, &tokenizer)?;
     }
     for (name, body) in assets {
-        crate::util::io::write_atomic(&stage.path().join(name), body.as_bytes())?;
+        let path = stage.path().join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| crate::error::Error::io(parent, e))?;
+        }
+        crate::util::io::write_atomic(&path, body.as_bytes())?;
         bytes += body.len();
     }
     let out = stage.commit()?;

@@ -51,6 +51,17 @@
   // The index: modules, then the chosen module's features, sortable.
   function renderIndex(module, sortKey) {
     clear("index");
+    if (S.graphs && S.graphs.length) {
+      view.appendChild(el("h2", {}, "Attribution graphs"));
+      var gl = el("ul", { id: "graphs" });
+      S.graphs.forEach(function (g) {
+        var li = el("li");
+        li.appendChild(el("a", { href: "graph.html#" + g.slug }, g.slug));
+        li.appendChild(document.createTextNode(" — “" + g.prompt + "”, " + g.nodes + " nodes"));
+        gl.appendChild(li);
+      });
+      view.appendChild(gl);
+    }
     view.appendChild(el("h2", {}, "Modules"));
     var t = el("table", { id: "modules" });
     t.innerHTML = "<tr><th>module</th><th class='num'>firing</th><th class='num'>dead</th><th class='num'>mean freq /1e5 tokens</th></tr>";

@@ -42,6 +42,10 @@ struct Args {
     /// graph UI loads it (<id>: the feature's number in an attribution graph).
     #[arg(long)]
     neuronpedia: bool,
+    /// A folder of attribution graphs written by `attribute --out` (made with this suite), drawn
+    /// in graph.html (default: none; graph.html then says how to add some).
+    #[arg(long)]
+    graphs: Option<PathBuf>,
     /// Tokens of context left of the activating token (right: a third of it, at least 2).
     #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u64).range(1..=64))]
     context: u64,
@@ -54,10 +58,15 @@ struct Args {
 }
 
 /// The page itself; the library writes its data files beside it.
-const ASSETS: [(&str, &str); 3] = [
+const ASSETS: [(&str, &str); 8] = [
     ("index.html", include_str!("../assets/index.html")),
     ("app.js", include_str!("../assets/app.js")),
     ("style.css", include_str!("../assets/style.css")),
+    ("graph.html", include_str!("../assets/graph.html")),
+    ("graph.js", include_str!("../assets/graph.js")),
+    ("vendor/elk.bundled.js", include_str!("../assets/vendor/elk.bundled.js")),
+    ("vendor/elkjs-LICENSE.md", include_str!("../assets/vendor/elkjs-LICENSE.md")),
+    ("vendor/README.md", include_str!("../assets/vendor/README.md")),
 ];
 
 fn main() -> ExitCode {
@@ -71,6 +80,7 @@ fn run(args: Args, coll: &dyn scae::util::collective::Collective) -> Result<()> 
         ("--suite", Some(args.suite.as_path())),
         ("--connections", args.connections.as_deref()),
         ("--edges", args.edges.as_deref()),
+        ("--graphs", args.graphs.as_deref()),
     ];
     scae::util::io::refuse_overlap(&args.out, "--out", &named)?;
     let device = args.common.setup()?;
@@ -84,6 +94,7 @@ fn run(args: Args, coll: &dyn scae::util::collective::Collective) -> Result<()> 
         out: args.out,
         overwrite: args.cache.overwrite,
         neuronpedia: args.neuronpedia,
+        graphs: args.graphs,
         browse: BrowseConfig {
             batch_size: args.cache.batch_size as usize,
             limit: args.cache.limit(),

@@ -1,0 +1,92 @@
+//! Attribution graphs in the feature browser (`view-features --graphs DIR`): each graph that
+//! `attribute --out DIR` wrote, checked to belong to the browser's suite, becomes
+//! `data/graph-<slug>.js` (`SCAE.addGraph(<graph>)`), listed in `data/graphs.js`
+//! (`SCAE.graphs = [{slug, prompt, nodes, links}]`, written even when empty); `graph.html`
+//! draws them.
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use crate::attrib::json::{missing_field, GRAPH_METADATA};
+use crate::error::{Error, IoContext, Result};
+
+/// A graph read for the browser.
+pub struct BrowserGraph {
+    pub slug: String,
+    pub graph: Value,
+}
+
+/// The graphs listed in `dir/graph-metadata.json`, each checked: readable, with the format's
+/// required fields, made by `attribute` for the suite whose id is `suite_id`.
+pub fn read(dir: &Path, suite_id: &str) -> Result<Vec<BrowserGraph>> {
+    let list_path = dir.join(GRAPH_METADATA);
+    let text = std::fs::read_to_string(&list_path).map_err(|e| {
+        Error::input(
+            &list_path,
+            format!("--graphs: expected the folder's list of graphs, which `attribute --out` writes ({e})"),
+        )
+    })?;
+    let list: Value = serde_json::from_str(&text).map_err(|e| Error::input(&list_path, format!("not JSON: {e}")))?;
+    let entries = list["graphs"].as_array().ok_or_else(|| Error::input(&list_path, "expected {\"graphs\": [...]}"))?;
+    let mut out = Vec::new();
+    for entry in entries {
+        let slug = entry["slug"].as_str().unwrap_or_default();
+        if slug.is_empty()
+            || slug.starts_with('.')
+            || !slug.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(Error::input(
+                &list_path,
+                format!("graph slug `{slug}`: expected letters, digits, `-`, `_`, `.`"),
+            ));
+        }
+        let path = dir.join(format!("{slug}.json"));
+        let text = std::fs::read_to_string(&path).at(&path)?;
+        let graph: Value = serde_json::from_str(&text).map_err(|e| Error::input(&path, format!("not JSON: {e}")))?;
+        if let Some(field) = missing_field(&graph) {
+            return Err(Error::input(&path, format!("not an attribution graph: lacks {field}")));
+        }
+        match graph["metadata"]["info"]["suite_id"].as_str() {
+            Some(id) if id == suite_id => {}
+            Some(id) => {
+                return Err(Error::input(
+                    &path,
+                    format!(
+                        "made for suite {}, not this browser's suite {}; its nodes would open other features' pages (run attribute with this --suite)",
+                        crate::util::fingerprint::short(id),
+                        crate::util::fingerprint::short(suite_id)
+                    ),
+                ))
+            }
+            None => return Err(Error::input(&path, "metadata.info.suite_id: expected the suite that scae attribute records, found none")),
+        }
+        out.push(BrowserGraph { slug: slug.to_string(), graph });
+    }
+    Ok(out)
+}
+
+/// Write `data/graphs.js` and one `data/graph-<slug>.js` per graph into `data`; returns bytes.
+pub fn write(data: &Path, graphs: &[BrowserGraph]) -> Result<usize> {
+    let list: Vec<Value> = graphs
+        .iter()
+        .map(|g| {
+            json!({
+                "slug": g.slug,
+                "prompt": g.graph["metadata"]["prompt"],
+                "nodes": g.graph["nodes"].as_array().map_or(0, Vec::len),
+                "links": g.graph["links"].as_array().map_or(0, Vec::len),
+            })
+        })
+        .collect();
+    let mut bytes = 0;
+    let mut put = |name: String, body: String| -> Result<()> {
+        bytes += body.len();
+        crate::util::io::write_atomic(&data.join(name), body.as_bytes())
+    };
+    put("graphs.js".into(), format!("SCAE.graphs = {};\n", Value::Array(list)))?;
+    for g in graphs {
+        put(format!("graph-{}.js", g.slug), format!("SCAE.addGraph({});\n", g.graph))?;
+    }
+    Ok(bytes)
+}
