@@ -54,6 +54,8 @@ RANDOM_SEED ?= $(SEED)
 VIEW ?= 0
 # Sequences the feature browser reads (empty: the whole held-out cache).
 VIEW_SEQS ?=
+# The text `make circuit` attributes through the finetuned suite (the toy preset sets one).
+PROMPT ?=
 # Command that turns edges.parquet into connections.parquet; called as
 # `$(SELECT) --edges E --c C [--embed-c EMBED_C] [--unembed-c UNEMBED_C] --out F` (e.g.
 # SELECT="python3 pipelines/select_random.py").
@@ -224,8 +226,10 @@ SWEEP_EVALS := $(call both,all-before) $(call both,$(MAIN)-before) \
 SWEEP := $(OUT)/sweep/$(MODEL_NAME)-$(FT_NAME)-$(call key,$(SWEEP_EVALS))
 # The feature browser of the finetuned suite, on held-out tokens.
 VIEW_DIR := $(OUT)/view/$(MODEL_NAME)-$(MAIN)-$(FT_NAME)$(if $(VIEW_SEQS),-n$(VIEW_SEQS),)-$(call key,$(FT) $(HELD_ARGS) $(EDGES) $(CONN_IDENT))
+# The attribution graph of PROMPT through the finetuned suite, and a feature browser that draws it.
+CIRCUIT := $(OUT)/circuit/$(MODEL_NAME)-$(MAIN)-$(FT_NAME)$(if $(VIEW_SEQS),-n$(VIEW_SEQS),)-$(call key,$(FT) $(HELD_ARGS) $(EDGES) $(CONN_IDENT) prompt=$(PROMPT))
 
-.PHONY: all settings build test-mpi toy acts heldout suite edges connections finetune eval view sweep test clean help \
+.PHONY: all settings build test-mpi toy acts heldout suite edges connections finetune eval view circuit sweep test clean help \
     paths print-report-evals print-sweep-evals
 
 ## all: activations -> suite -> edge scores -> connections (C) -> finetune -> evaluation on
@@ -245,7 +249,7 @@ $(REPORT)/.done: $(addsuffix /.done,$(REPORT_EVALS)) | $(BUILD_DEP)
 ## settings: print the preset and the settings every stage runs with (`make all` starts so).
 HELP_VARS := PIPELINE MODEL DATA HELDOUT CTX N_SEQS N_HELDOUT BOS PACK DTYPE BATCH THREADS SEED \
     EXPANSION K SUITE_STEPS SUITE_LR DEAD_THRESHOLD SUITE CONNECTIONS C KEEP EMBED_C UNEMBED_C SELECT \
-    LOSS STEPS LR DECAY AUXK CKPT_EVERY DENSE_CONTROL CONTROL RANDOM_SEED VIEW VIEW_SEQS CS TOY_SEED OUT BIN BUILD MPI NP LAUNCH
+    LOSS STEPS LR DECAY AUXK CKPT_EVERY DENSE_CONTROL CONTROL RANDOM_SEED VIEW VIEW_SEQS PROMPT CS TOY_SEED OUT BIN BUILD MPI NP LAUNCH
 settings:
 	@echo "make: preset $(PIPELINE) (pipelines/$(PIPELINE).mk)$(if $(filter command line environment,$(origin MODEL)),$(comma) MODEL from the $(origin MODEL),)"
 	@echo "  data: MODEL=$(MODEL) DATA=$(DATA) HELDOUT=$(if $(HELDOUT),$(HELDOUT),<DATA after $(N_SEQS) sequences>) CTX=$(CTX) N_SEQS=$(N_SEQS) N_HELDOUT=$(N_HELDOUT) BOS=$(BOS) PACK=$(PACK) DTYPE=$(DTYPE)"
@@ -329,6 +333,21 @@ $(VIEW_DIR)/.done: $(FT)/.done $(HACTS)/.done | $(BUILD_DEP)
 	$(RANKS)$(BIN)/view-features --acts $(HACTS) --suite $(FT) \
 	    $(if $(CONNECTIONS),,--edges $(EDGES)/edges.parquet) $(if $(VIEW_SEQS),--n-seqs $(VIEW_SEQS),) \
 	    $(THREADS_FLAG) --out $(@D) --overwrite
+	touch $@
+
+## circuit: the exact attribution graph of PROMPT through the finetuned suite (attribute,
+## pruned as circuit-tracer prunes), drawn in a feature browser of held-out tokens (open the
+## printed graph.html).
+circuit: $(CIRCUIT)/.done
+	@echo "graph: $(CIRCUIT)/graphs/circuit.json"
+	@echo "graph view: $(CIRCUIT)/view/graph.html#circuit"
+$(CIRCUIT)/.done: $(FT)/.done $(HACTS)/.done | $(BUILD_DEP)
+	$(if $(PROMPT),,$(error make circuit: set PROMPT, e.g. make circuit PROMPT="Once upon a time"))
+	$(BIN)/attribute --suite $(FT) --prompt $(call squote,$(PROMPT)) $(if $(filter 1,$(BOS)),,--no-prepend-bos) \
+	    --slug circuit $(THREADS_FLAG) --out $(@D)/graphs
+	$(RANKS)$(BIN)/view-features --acts $(HACTS) --suite $(FT) --graphs $(@D)/graphs \
+	    $(if $(CONNECTIONS),,--edges $(EDGES)/edges.parquet) $(if $(VIEW_SEQS),--n-seqs $(VIEW_SEQS),) \
+	    $(THREADS_FLAG) --out $(@D)/view --overwrite
 	touch $@
 
 ## sweep: finetune and evaluate for every C in CS, then compare (table + plot).

@@ -46,3 +46,5 @@ CKPT_EVERY ?=
 CONTROL ?= 1
 # And write the feature browser (under a second on the toy).
 VIEW ?= 1
+# The toy's stories name their characters: which features predict a name?
+PROMPT ?= Once upon a time there was a little girl named

@@ -98,4 +98,39 @@ fn make_all_on_the_toy_default_shows_the_method_working() {
     let line = report.lines().find(|l| l.starts_with("feature browser: ")).expect("the browser's path");
     let index = Path::new(&fixtures().join("../..")).join(line.trim_start_matches("feature browser: "));
     assert!(index.is_file() || Path::new(line.trim_start_matches("feature browser: ")).is_file(), "{line}");
+    // And the circuit of the toy's prompt, as README "Circuits of a prompt" describes it.
+    let said = make(&out, &["circuit"]);
+    let line = said.lines().find(|l| l.starts_with("graph: ")).expect("the graph's path");
+    let path = line.trim_start_matches("graph: ");
+    let path =
+        if Path::new(path).is_file() { Path::new(path).to_path_buf() } else { fixtures().join("../..").join(path) };
+    let g: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert!(said.contains("graph view: ") && said.contains("view/graph.html#circuit"), "{said}");
+    let nodes = g["nodes"].as_array().unwrap();
+    let logits: Vec<&str> =
+        nodes.iter().filter(|n| n["feature_type"] == "logit").map(|n| n["clerp"].as_str().unwrap()).collect();
+    assert_eq!(logits.len(), 10, "{logits:?}");
+    // "the ten candidates are all names, each at about 8-9%"
+    for c in &logits {
+        let name = c.split('"').nth(1).unwrap();
+        assert!(name.chars().next().unwrap().is_uppercase() && name.chars().all(char::is_alphabetic), "{c}");
+        let p: f64 = c.split("(p=").nth(1).unwrap().trim_end_matches(')').parse().unwrap();
+        assert!((0.07..0.1).contains(&p), "{c}");
+    }
+    // "the token `named` drives mlp_0 features, which drive mlp_1 features, which write the names"
+    let last = g["metadata"]["prompt_tokens"].as_array().unwrap().len() - 1;
+    let feature_at = |module: &str| nodes.iter().filter(|n| n["module"] == module && n["ctx_idx"] == last).count();
+    assert!(feature_at("mlp_0") >= 2 && feature_at("mlp_1") >= 2, "features at the last position");
+    let links = g["links"].as_array().unwrap();
+    let from_named = links.iter().any(|l| {
+        l["source"].as_str().unwrap().ends_with(&format!("_{last}"))
+            && l["source"].as_str().unwrap().starts_with("E_")
+            && l["target"].as_str().unwrap().starts_with("1_")
+    });
+    assert!(from_named, "the last token feeds an mlp_0 feature");
+    let info = &g["metadata"]["info"]["before_pruning"];
+    eprintln!("circuit: {} of {} nodes, {} of {} links", nodes.len(), info["nodes"], links.len(), info["links"]);
+    // "kept under a tenth of the nodes and of the links"
+    assert!(nodes.len() < info["nodes"].as_u64().unwrap() as usize / 10, "pruning keeps a readable graph");
+    assert!(links.len() < info["links"].as_u64().unwrap() as usize / 10, "pruning keeps a readable graph");
 }
