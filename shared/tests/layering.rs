@@ -17,7 +17,8 @@ const RANKS: &[&[&str]] = &[
     &["inputs"],
     &["pass"],
     &["train"],
-    &["scores", "eval", "browse", "attrib"],
+    &["attrib"],
+    &["scores", "eval", "browse"],
     &["cli"],
 ];
 

@@ -165,9 +165,139 @@ fn site_renders_in_headless_chromium() {
     assert_eq!(text, token, "the first top context's marked token");
     let (um, uj) = &site.first_up;
     assert!(html.contains(&format!(r##"href="#{um}/{uj}" class="up""##)), "upstream link missing:\n{html}");
-    // Following the first upstream link navigates to that feature's page.
+    // Following the first upstream link on the page navigates to that feature's page.
+    let first = html.find(r#"" class="up""#).expect("an upstream link");
+    let target = &html[html[..first].rfind("href=\"#").unwrap() + 7..first];
     let html = dom(&chrome, &format!("{}?follow=up#{id}", index));
-    assert!(html.contains(&format!(r#"data-feature="{um}/{uj}""#)), "navigation failed:\n{html}");
+    assert!(html.contains(&format!(r#"data-feature="{target}""#)), "navigation to {target} failed:\n{html}");
+    // Each top context says why it fired; the histogram's axes are labelled.
+    let html = dom(&chrome, &format!("{index}#{id}"));
+    assert!(html.contains(r#"<div class="why""#) && html.contains("biases and position"), "{html}");
+    assert!(html.contains("activation (sampled when firing)") && html.contains(">count</text>"), "{html}");
+    // The index: density in % and a log10-density histogram with labelled axes.
+    let html = dom(&chrome, &format!("{index}#mlp_1"));
+    assert!(html.contains(r#"id="density""#) && html.contains("log10 density (share of tokens it fires on)"), "{html}");
+    assert!(html.contains("density %") && html.contains(">features</text>"), "{html}");
+    // Listeners sorted by score, those that never fired marked: a feature with a dead listener.
+    let meta = std::fs::read_to_string(site.dir.join("data/meta.js")).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(meta.lines().next().unwrap().trim_start_matches("SCAE.meta = ").trim_end_matches(';'))
+            .unwrap();
+    let modules: Vec<String> = scae::model::Module::all(2).iter().map(|m| m.name()).collect();
+    let dead = |m: usize, j: u64| meta["index"][&modules[m]]["freq"][j as usize].as_f64().unwrap() == 0.0;
+    let (m, j, down) = modules
+        .iter()
+        .enumerate()
+        .flat_map(|(m, name)| (0..32).map(move |j| (m, name, j)))
+        .find_map(|(m, name, j)| {
+            let d = feature_data(&site.dir, name, j);
+            let down = d["down"].as_array().unwrap().clone();
+            down.iter().any(|x| dead(x[0].as_u64().unwrap() as usize, x[1].as_u64().unwrap())).then_some((m, j, down))
+        })
+        .expect("a feature with a listener that never fires");
+    let html = dom(&chrome, &format!("{index}#{}/{j}", modules[m]));
+    let table = &html[html.find(r#"<table class="down">"#).unwrap()..];
+    let table = &table[..table.find("</table>").unwrap()];
+    assert_eq!(table_scores(table).len(), down.len());
+    assert!(table.contains(r#"<tr class="dead">"#) && table.contains("never fired"), "{table}");
+    // Search by token: a feature whose top context fires on a (plain-word) token is listed.
+    let vocab = std::fs::read_to_string(site.dir.join("data/meta.js")).unwrap();
+    let vocab = vocab.lines().nth(1).unwrap().trim_start_matches("SCAE.vocab = ").trim_end_matches(';').to_string();
+    let vocab: serde_json::Value = serde_json::from_str(&vocab).unwrap();
+    let (name, j, word) = modules
+        .iter()
+        .flat_map(|name| (0..32).map(move |j| (name, j)))
+        .find_map(|(name, j)| {
+            let d = feature_data(&site.dir, name, j);
+            let top = d["top"].as_array()?.first()?.clone();
+            let tok = top[4][top[3].as_u64()? as usize].as_u64()?;
+            let word = vocab[tok.to_string()].as_str()?.trim().to_string();
+            (word.len() > 1 && word.chars().all(|c| c.is_ascii_alphanumeric())).then_some((name, j, word))
+        })
+        .expect("a feature whose top context fires on a word");
+    let html = dom(&chrome, &format!("{index}#search/{word}"));
+    assert!(html.contains(r#"data-view="search""#), "{html}");
+    assert!(html.contains(&format!(r##"href="#{name}/{j}""##)), "search for {word} lists {name}/{j}: {html}");
+}
+
+/// Why a top context fired: the page's terms are the largest incoming links of that node in
+/// `attribute`'s graph of the same sequence, and they add up to its pre-activation.
+#[test]
+fn why_it_fired_agrees_with_attribute() {
+    let site = build("tiny-neo");
+    let d = feature_data(&site.dir, &site.module, site.feature);
+    let tmp = site.dir.parent().unwrap().to_path_buf();
+    let fx = fixtures().join("suites/tiny-neo");
+    let modules: Vec<scae::model::Module> = scae::model::Module::all(2);
+    let mut checked = 0;
+    for ctx in d["top"].as_array().unwrap().iter().take(3) {
+        let (seq, pos) = (ctx[1].as_u64().unwrap(), ctx[2].as_u64().unwrap() as i64);
+        let why = &ctx[6];
+        let g = tmp.join(format!("why-{seq}"));
+        tool_ok(
+            "attribute",
+            &[
+                "--acts",
+                s(&tmp.join("acts")),
+                "--seq",
+                &seq.to_string(),
+                "--suite",
+                s(&fx.join("suite.safetensors")),
+                "--connections",
+                s(&fx.join("connections-ref.safetensors")),
+                "--no-prune",
+                "--slug",
+                "g",
+                "--out",
+                s(&g),
+            ],
+        );
+        let graph: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(g.join("g.json")).unwrap()).unwrap();
+        let m = modules.iter().position(|x| x.name() == site.module).unwrap();
+        let layer = scae::model::graph_layer(&modules[m]);
+        let id = format!("{layer}_{}_{pos}", site.feature);
+        let node = graph["nodes"].as_array().unwrap().iter().find(|n| n["node_id"] == id.as_str()).unwrap();
+        let mut links: Vec<(String, f64)> = graph["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["target"] == id.as_str())
+            .map(|l| (l["source"].as_str().unwrap().to_string(), l["weight"].as_f64().unwrap()))
+            .collect();
+        links.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()));
+        let shown = why[3].as_array().unwrap();
+        assert_eq!(shown.len(), links.len().min(5));
+        for (t, (src, w)) in shown.iter().zip(&links) {
+            let p = pos + t[3].as_i64().unwrap();
+            let want = match t[0].as_u64().unwrap() {
+                0 => format!("{}_{}_{p}", scae::model::graph_layer(&modules[t[1].as_u64().unwrap() as usize]), t[2]),
+                _ => format!("E_{}_{p}", t[1]),
+            };
+            assert_eq!(&want, src);
+            assert!((t[4].as_f64().unwrap() - w).abs() < 1e-3, "{t} vs {w}");
+        }
+        let rest: f64 = links.iter().skip(5).map(|l| l.1).sum();
+        let fixed: f64 = ["bias", "upstream_bias", "position"].iter().map(|k| node[*k].as_f64().unwrap()).sum();
+        let pre = node["pre_activation"].as_f64().unwrap();
+        assert!((why[0].as_f64().unwrap() - pre).abs() < 1e-3 && (why[1].as_f64().unwrap() - fixed).abs() < 1e-3);
+        assert!((why[2].as_f64().unwrap() - rest).abs() < 1e-3);
+        assert!((pre - ctx[0].as_f64().unwrap()).abs() < 2e-3, "a selected activation is its pre-activation");
+        checked += 1;
+    }
+    assert!(checked > 0);
+}
+
+/// The score column of a rendered connection table (unknown scores as -inf), checked to be in
+/// decreasing order.
+fn table_scores(table: &str) -> Vec<f64> {
+    let scores: Vec<f64> = table
+        .split(r#"<td class="num">"#)
+        .skip(1)
+        .map(|c| c[..c.find('<').unwrap()].parse().unwrap_or(f64::NEG_INFINITY))
+        .collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "connections by score: {scores:?}");
+    scores
 }
 
 fn html_escape(s: &str) -> String {
@@ -221,6 +351,12 @@ fn sparse_ends_render_in_headless_chromium() {
     let index = format!("file://{}", s(&dir.join("index.html")));
     let html = dom(&chrome, &format!("{index}#{module}/{j}"));
     assert!(html.contains("Input tokens (embed connections, 3)") && html.contains(r#"<table id="emb">"#), "{html}");
+    // Scored connections are listed by score, highest first.
+    let j = (0..32).find(|&j| feature_data(&dir, "mlp_1", j)["up"].as_array().unwrap().len() >= 2).unwrap();
+    let scored = dom(&chrome, &format!("{index}#mlp_1/{j}"));
+    let table = &scored[scored.find(r#"<table class="up">"#).unwrap()..];
+    let scores = table_scores(&table[..table.find("</table>").unwrap()]);
+    assert!(scores.len() >= 2 && scores.iter().all(|x| x.is_finite()), "{scores:?}");
     assert!(
         html.contains(&format!("Output tokens (unembed connections, {n_out})")) && html.contains(r#"<table id="out">"#),
         "{html}"

@@ -149,9 +149,34 @@ struct Active {
     enc_t: Tensor,
 }
 
-/// The graph of sequence 0 of `batch` (one sequence), whose pass `out` was computed with the
-/// same setup (features from [`crate::pass::ValuePass`], as evaluate's).
+/// A feature node by (module, position, feature).
+pub type NodeKey = (usize, usize, u32);
+
+/// The graph of `batch` (one sequence), whose pass `out` was computed with the same setup
+/// (features from [`crate::pass::ValuePass`], as evaluate's).
 pub fn attribute(setup: &Setup, batch: &Batch, out: &PassOutput, logits: LogitChoice) -> Result<Graph> {
+    attribute_nodes(setup, batch, out, None, Some(logits))
+}
+
+/// Sequence `i` of a batch's pass output (`s` positions per sequence).
+pub fn sequence_output(out: &PassOutput, i: usize, s: usize) -> Result<PassOutput> {
+    let rows = |v: &[Tensor]| -> Result<Vec<Tensor>> { v.iter().map(|t| Ok(t.narrow(0, i * s, s)?)).collect() };
+    Ok(PassOutput {
+        feats: rows(&out.feats)?,
+        recon: out.recon.iter().map(|t| Ok(t.narrow(0, i, 1)?)).collect::<Result<_>>()?,
+        pre: rows(&out.pre)?,
+    })
+}
+
+/// [`attribute`], with incoming links only for the feature nodes in `wanted` (all when `None`)
+/// and logit nodes only when `logits` is given. Every active feature is still a node.
+pub fn attribute_nodes(
+    setup: &Setup,
+    batch: &Batch,
+    out: &PassOutput,
+    wanted: Option<&std::collections::HashSet<NodeKey>>,
+    logits: Option<LogitChoice>,
+) -> Result<Graph> {
     let (suite, rt) = (setup.suite, setup.rt);
     let (b, s, d) = batch.resid_pre0.dims3()?;
     if b != 1 {
@@ -236,12 +261,16 @@ pub fn attribute(setup: &Setup, batch: &Batch, out: &PassOutput, logits: LogitCh
             }
         };
         let act = &active[dm];
+        let skip = |q: usize, i: u32| wanted.is_some_and(|w| !w.contains(&(dm, q, i)));
+        if node_of[dm].keys().all(|&(q, i)| skip(q, i)) {
+            continue;
+        }
         match module.kind {
             Kind::Mlp => {
                 let s2 = to_vec(&batch.ln2_scale[l])?;
                 // Edge weights E_i · W_dec^u[:, j], per distinct feature.
                 let mut weights: HashMap<u32, Vec<(usize, u32, f64)>> = HashMap::new();
-                for (&(q, i), &n) in sorted(&node_of[dm]).iter() {
+                for (&(q, i), &n) in sorted(&node_of[dm]).iter().filter(|e| !skip(e.0 .0, e.0 .1)) {
                     let e = act.enc.row(act.row_of[&i]);
                     let ws = weights.entry(i).or_insert_with(|| {
                         sources(i)
@@ -303,7 +332,7 @@ pub fn attribute(setup: &Setup, batch: &Batch, out: &PassOutput, logits: LogitCh
                 };
                 let mix = |w: &[f64], q: usize, p: usize| -> f64 { (0..h).map(|hh| p_at(hh, q, p) * w[hh]).sum() };
                 let mut weights: HashMap<u32, Vec<(usize, u32, Vec<f64>)>> = HashMap::new();
-                for (&(q, i), &n) in sorted(&node_of[dm]).iter() {
+                for (&(q, i), &n) in sorted(&node_of[dm]).iter().filter(|e| !skip(e.0 .0, e.0 .1)) {
                     let r = act.row_of[&i];
                     let (e, evi) = (act.enc.row(r), ev.row(r));
                     let ws = weights.entry(i).or_insert_with(|| {
@@ -354,8 +383,10 @@ pub fn attribute(setup: &Setup, batch: &Batch, out: &PassOutput, logits: LogitCh
             }
         }
     }
-    let (logit_nodes, logit_links, coverage) =
-        logit_part(setup, batch, out, &active, &node_of, &feats, logits, &tokens)?;
+    let (logit_nodes, logit_links, coverage) = match logits {
+        Some(choice) => logit_part(setup, batch, out, &active, &node_of, &feats, choice, &tokens)?,
+        None => (Vec::new(), Vec::new(), 0.0),
+    };
     let first_logit = nodes.len();
     for (k, node) in logit_nodes.into_iter().enumerate() {
         nodes.push(node);

@@ -8,6 +8,7 @@
 pub mod graphs;
 pub mod neuronpedia;
 pub mod page;
+pub mod why;
 
 use std::path::PathBuf;
 
@@ -304,6 +305,7 @@ pub fn run(
     let stage = if coll.rank() == 0 { Some(StagedDir::create(&cfg.out, cfg.overwrite, "--out")?) } else { None };
     let browse = collect(&inputs, conns, &cfg.browse, device, coll)?;
     let Some(stage) = stage else { return Ok(None) };
+    let why = why::explain(&inputs, conns, &browse, &cfg.browse, 5, device)?;
     let tokenizer = inputs.model.tokenizer()?;
     let page = page::Page {
         browse: &browse,
@@ -315,6 +317,7 @@ pub fn run(
         acts_path: &cfg.acts,
         connections: chosen.file.as_deref(),
         pass_description: &chosen.pass,
+        why: &why,
     };
     let mut bytes = page::write_data(&stage.path().join("data"), &page)?;
     bytes += graphs::write(&stage.path().join("data"), &graphs)?;

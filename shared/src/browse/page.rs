@@ -16,6 +16,7 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
+use super::why::{Source, Why};
 use super::{Browse, Context, FeatureStats};
 use crate::error::{Error, Result};
 use crate::formats::connections::{Connections, EMBED_UP};
@@ -74,6 +75,9 @@ pub struct Page<'a> {
     pub acts_path: &'a Path,
     pub connections: Option<&'a Path>,
     pub pass_description: &'a str,
+    /// Per module, feature and top context, why it fired there ([`super::why`]); empty: not
+    /// computed.
+    pub why: &'a [Vec<Vec<Option<Why>>>],
 }
 
 /// `x` rounded to `digits` decimals (smaller files); null when not finite.
@@ -97,6 +101,26 @@ fn context(c: &Context, max: f32, vocab: &mut BTreeSet<u32>) -> Value {
     let pct: Vec<u32> =
         c.acts.iter().map(|a| ((a / max.max(1e-12)) * 100.0).round().clamp(0.0, 100.0) as u32).collect();
     json!([r3(c.act as f64), c.seq, c.pos, c.at, c.tokens, pct])
+}
+
+/// Why a context fired: `[pre, fixed, rest, [[kind, a, b, dpos, weight], ...]]`, kind 0 a
+/// feature (a = module index, b = feature), kind 1 a token (a = token id); `dpos` = the
+/// source's position − the context's (0 or less).
+fn why(w: &Why, pos: u32, vocab: &mut BTreeSet<u32>) -> Value {
+    let links: Vec<Value> = w
+        .links
+        .iter()
+        .map(|(src, weight)| match *src {
+            Source::Feature { module, feature, pos: p } => {
+                json!([0, module, feature, p as i64 - pos as i64, r3(*weight)])
+            }
+            Source::Token { token, pos: p } => {
+                vocab.insert(token);
+                json!([1, token, 0, p as i64 - pos as i64, r3(*weight)])
+            }
+        })
+        .collect();
+    json!([r3(w.pre), r3(w.fixed), r3(w.rest), links])
 }
 
 fn histogram(fs: &FeatureStats) -> Vec<u32> {
@@ -172,7 +196,18 @@ fn feature(page: &Page, links: &Links, mi: usize, j: usize, vocab: &mut BTreeSet
         "max": r3(fs.max as f64),
         "mean": r3(if fs.count > 0 { fs.sum / fs.count as f64 } else { 0.0 }),
         "hist": if fs.count > 0 { histogram(fs) } else { vec![] },
-        "top": fs.top.iter().map(|c| context(c, fs.max, vocab)).collect::<Vec<_>>(),
+        "top": fs
+            .top
+            .iter()
+            .enumerate()
+            .map(|(k, c)| {
+                let mut v = context(c, fs.max, vocab);
+                if let Some(w) = page.why.get(mi).and_then(|f| f[j].get(k)).and_then(Option::as_ref) {
+                    v.as_array_mut().expect("an array").push(why(w, c.pos, vocab));
+                }
+                v
+            })
+            .collect::<Vec<_>>(),
         "q": q,
         "lt": lens.top.iter().map(|(t, v)| json!([t, round(*v as f64, 2)])).collect::<Vec<_>>(),
         "lb": lens.bottom.iter().map(|(t, v)| json!([t, round(*v as f64, 2)])).collect::<Vec<_>>(),
@@ -187,6 +222,55 @@ fn feature(page: &Page, links: &Links, mi: usize, j: usize, vocab: &mut BTreeSet
             .collect::<Vec<_>>(),
         "down": down,
     })
+}
+
+/// Shards of the token search index (`data/search-<h>.js`).
+pub const SEARCH_SHARDS: u32 = 16;
+
+/// A token text as the search box matches it: trimmed, lower case.
+pub fn search_key(text: &str) -> String {
+    text.trim().to_lowercase()
+}
+
+/// The shard of a search key: `h = h·31 + code point` (mod 2³²) over its characters, mod
+/// [`SEARCH_SHARDS`] (app.js computes the same).
+pub fn search_shard(key: &str) -> u32 {
+    key.chars().fold(0u32, |h, c| h.wrapping_mul(31).wrapping_add(c as u32)) % SEARCH_SHARDS
+}
+
+/// The token search index: per token text, the features whose top contexts fire on it
+/// (`[module, feature, 0, contexts]`) or whose logit lens promotes it (`[module, feature, 1,
+/// rank]`), written as `SCAE.addSearch(shard, {key: [...]})`.
+fn write_search(dir: &Path, page: &Page) -> Result<usize> {
+    let mut index: Vec<std::collections::BTreeMap<String, Vec<Value>>> =
+        vec![Default::default(); SEARCH_SHARDS as usize];
+    let mut add = |token: u32, entry: Value| {
+        let key = search_key(&page.tokenizer.token_text(token));
+        if !key.is_empty() {
+            index[search_shard(&key) as usize].entry(key).or_default().push(entry);
+        }
+    };
+    for (mi, feats) in page.browse.stats.iter().enumerate() {
+        for (j, fs) in feats.iter().enumerate() {
+            let mut counts: std::collections::BTreeMap<u32, u32> = Default::default();
+            for c in &fs.top {
+                *counts.entry(c.tokens[c.at as usize]).or_default() += 1;
+            }
+            for (t, n) in counts {
+                add(t, json!([mi, j, 0, n]));
+            }
+            for (rank, (t, _)) in page.browse.lens[mi][j].top.iter().enumerate() {
+                add(*t, json!([mi, j, 1, rank + 1]));
+            }
+        }
+    }
+    let mut bytes = 0;
+    for (h, shard) in index.into_iter().enumerate() {
+        let text = format!("SCAE.addSearch({h}, {});\n", json!(shard));
+        bytes += text.len();
+        crate::util::io::write_atomic(&dir.join(format!("search-{h}.js")), text.as_bytes())?;
+    }
+    Ok(bytes)
 }
 
 /// Write the data files into `dir` (created here); returns the bytes written.
@@ -216,6 +300,7 @@ pub fn write_data(dir: &Path, page: &Page) -> Result<usize> {
             crate::util::io::write_atomic(&dir.join(format!("{}-{}.js", m.name(), start / CHUNK)), text.as_bytes())?;
         }
     }
+    bytes += write_search(dir, page)?;
     let vocab: serde_json::Map<String, Value> =
         vocab.into_iter().map(|t| (t.to_string(), json!(page.tokenizer.token_text(t)))).collect();
     let meta = json!({
@@ -224,6 +309,7 @@ pub fn write_data(dir: &Path, page: &Page) -> Result<usize> {
         "k": suite.k,
         "chunk": CHUNK,
         "bins": BINS,
+        "search_shards": SEARCH_SHARDS,
         "n_tokens": browse.n_tokens,
         "n_seqs": browse.n_seqs,
         "suite": page.suite_path.display().to_string(),

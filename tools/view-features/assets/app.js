@@ -64,7 +64,7 @@
     }
     view.appendChild(el("h2", {}, "Modules"));
     var t = el("table", { id: "modules" });
-    t.innerHTML = "<tr><th>module</th><th class='num'>firing</th><th class='num'>dead</th><th class='num'>mean freq /1e5 tokens</th></tr>";
+    t.innerHTML = "<tr><th>module</th><th class='num'>firing</th><th class='num'>dead</th><th class='num'>mean density %</th></tr>";
     meta.modules.forEach(function (m) {
       var ix = meta.index[m];
       var alive = ix.freq.filter(function (x) { return x > 0; }).length;
@@ -73,7 +73,7 @@
       var td = el("td"); td.appendChild(el("a", { href: "#" + m }, m)); r.appendChild(td);
       r.appendChild(el("td", { "class": "num" }, String(alive)));
       r.appendChild(el("td", { "class": "num" }, (100 * (1 - alive / ix.freq.length)).toFixed(1) + "%"));
-      r.appendChild(el("td", { "class": "num" }, mean.toFixed(1)));
+      r.appendChild(el("td", { "class": "num" }, (mean / 1e3).toFixed(3)));
       t.appendChild(r);
     });
     view.appendChild(t);
@@ -81,12 +81,22 @@
     var ix = meta.index[module];
     if (!ix) { view.appendChild(el("p", {}, "No module " + module)); return; }
     view.appendChild(el("h2", {}, "Features of " + module));
+    // Density: the share of tokens a feature fires on, as log10 over the firing features.
+    var lo = -6, hi = 0, nb = 24, counts = [], deadN = 0;
+    for (var b = 0; b < nb; b++) counts.push(0);
+    ix.freq.forEach(function (x) {
+      if (x <= 0) { deadN++; return; }
+      var l = Math.log10(x / 1e5), k = Math.floor((l - lo) / (hi - lo) * nb);
+      counts[Math.max(0, Math.min(nb - 1, k))]++;
+    });
+    view.appendChild(el("h3", {}, "Firing density of the " + (ix.freq.length - deadN) + " features that fire (" + deadN + " never fire)"));
+    view.appendChild(bars("density", counts, "1e" + lo, "1", "log10 density (share of tokens it fires on)", "features"));
     var order = ix.freq.map(function (_, i) { return i; });
     sortKey = sortKey || "freq";
     if (sortKey !== "feature") order.sort(function (a, b) { return ix[sortKey][b] - ix[sortKey][a] || a - b; });
     var ft = el("table", { id: "features" });
     var head = el("tr");
-    [["feature", "feature"], ["freq", "freq /1e5 tokens"], ["max", "max activation"]].forEach(function (c) {
+    [["feature", "feature"], ["freq", "density %"], ["max", "max activation"]].forEach(function (c) {
       var th = el("th", { "class": "sort" + (c[0] === "feature" ? "" : " num"), "data-sort": c[0] }, c[1]);
       th.addEventListener("click", function () { renderIndex(module, c[0]); });
       head.appendChild(th);
@@ -97,7 +107,7 @@
       var r = el("tr", dead ? { "class": "dead" } : {});
       var td = el("td"); td.appendChild(link(module, i)); if (dead) td.appendChild(el("span", { "class": "tag" }, " dead"));
       r.appendChild(td);
-      r.appendChild(el("td", { "class": "num" }, fmt(ix.freq[i], 1)));
+      r.appendChild(el("td", { "class": "num" }, fmt(ix.freq[i] / 1e3, 4)));
       r.appendChild(el("td", { "class": "num" }, fmt(ix.max[i], 3)));
       ft.appendChild(r);
     });
@@ -117,26 +127,69 @@
       d.appendChild(document.createTextNode(" "));
     });
     box.appendChild(d);
+    if (c[6]) whyLine(c[6], box);
   }
 
-  function histogram(f) {
-    var w = 320, h = 90, n = Math.max(1, f.hist.length), top = Math.max.apply(null, f.hist.concat([1]));
-    var svg = '<svg xmlns="http://www.w3.org/2000/svg" width="' + w + '" height="' + (h + 18) + '" id="hist">';
-    f.hist.forEach(function (c, i) {
-      var bh = Math.round(h * c / top);
-      svg += '<rect class="bar" x="' + (i * w / n + 1) + '" y="' + (h - bh) + '" width="' + (w / n - 2) + '" height="' + bh + '"><title>' + c + '</title></rect>';
+  function tokText(t) { return S.vocab[t] !== undefined ? S.vocab[t] : "<" + t + ">"; }
+  function signed(x) { return (x >= 0 ? "+" : "−") + fmt(Math.abs(x), 3); }
+  // Why a top context fired: w = [pre, fixed, rest, [[kind, a, b, dpos, weight], ...]], the
+  // exact terms of the pre-activation at that position (as an attribution graph's links).
+  function whyLine(w, box) {
+    var d = el("div", { "class": "why", title: "the exact terms of the pre-activation here: the largest links " +
+      "(an upstream feature or a token, @-n: n tokens earlier), the other links, and the feature's own biases " +
+      "and positional term; they add up to the pre-activation" });
+    d.appendChild(el("span", { "class": "act" }, "why:"));
+    w[3].forEach(function (t) {
+      var s = el("span", { "class": "term " + (t[4] >= 0 ? "plus" : "minus") });
+      if (t[0] === 0) s.appendChild(link(meta.modules[t[1]], t[2], "src"));
+      else s.appendChild(el("span", { "class": "tok" }, "“" + tokText(t[1]) + "”"));
+      s.appendChild(document.createTextNode((t[3] ? " @" + t[3] : "") + " " + signed(t[4])));
+      d.appendChild(s);
     });
-    svg += '<text x="0" y="' + (h + 14) + '" font-size="11">0</text><text x="' + (w - 40) + '" y="' + (h + 14) + '" font-size="11">' + fmt(f.max, 2) + '</text></svg>';
+    d.appendChild(el("span", { "class": "term" }, "other links " + signed(w[2])));
+    d.appendChild(el("span", { "class": "term" }, "biases and position " + signed(w[1])));
+    d.appendChild(el("span", { "class": "term" }, "= " + fmt(w[0], 3)));
+    box.appendChild(d);
+  }
+
+  // A bar chart with labelled axes: counts[i] over bins from lo to hi.
+  function bars(id, counts, lo, hi, xLabel, yLabel) {
+    var w = 320, h = 90, L = 34, n = Math.max(1, counts.length), top = Math.max.apply(null, counts.concat([1]));
+    var svg = '<svg xmlns="http://www.w3.org/2000/svg" width="' + (w + L + 4) + '" height="' + (h + 34) + '" id="' + id + '">';
+    counts.forEach(function (c, i) {
+      var bh = Math.round(h * c / top);
+      svg += '<rect class="bar" x="' + (L + i * w / n + 1) + '" y="' + (h - bh) + '" width="' + Math.max(1, w / n - 2) + '" height="' + bh + '"><title>' + c + '</title></rect>';
+    });
+    svg += '<line class="axis" x1="' + L + '" y1="' + h + '" x2="' + (L + w) + '" y2="' + h + '"/>';
+    svg += '<line class="axis" x1="' + L + '" y1="0" x2="' + L + '" y2="' + h + '"/>';
+    svg += '<text class="tick" x="' + (L - 3) + '" y="10" text-anchor="end">' + top + '</text>';
+    svg += '<text class="tick" x="' + (L - 3) + '" y="' + h + '" text-anchor="end">0</text>';
+    svg += '<text class="tick" x="' + L + '" y="' + (h + 13) + '">' + lo + '</text>';
+    svg += '<text class="tick" x="' + (L + w) + '" y="' + (h + 13) + '" text-anchor="end">' + hi + '</text>';
+    svg += '<text class="label x" x="' + (L + w / 2) + '" y="' + (h + 28) + '" text-anchor="middle">' + xLabel + '</text>';
+    svg += '<text class="label y" x="-' + (h / 2) + '" y="10" transform="rotate(-90)" text-anchor="middle">' + yLabel + '</text></svg>';
     var d = el("div"); d.innerHTML = svg; return d;
   }
+  function histogram(f) {
+    return bars("hist", f.hist, "0", fmt(f.max, 2), "activation (sampled when firing)", "count");
+  }
 
+  function isDead(module, i) { return meta.index[module] && meta.index[module].freq[i] === 0; }
+  // Connections by score, highest first (unknown scores last), features that never fired marked.
   function linkTable(rows, cls, head) {
     var t = el("table", { "class": cls });
     t.innerHTML = "<tr><th>" + head + "</th><th class='num'>score</th></tr>";
-    rows.forEach(function (r) {
+    var sorted = rows.slice().sort(function (a, b) {
+      var x = a[2] === null ? -Infinity : a[2], y = b[2] === null ? -Infinity : b[2];
+      return y - x || a[0] - b[0] || a[1] - b[1];
+    });
+    sorted.forEach(function (r) {
       // r = [module index, feature, score]
-      var tr = el("tr"), td = el("td");
-      td.appendChild(link(meta.modules[r[0]], r[1], cls)); tr.appendChild(td);
+      var m = meta.modules[r[0]], dead = isDead(m, r[1]);
+      var tr = el("tr", dead ? { "class": "dead" } : {}), td = el("td");
+      td.appendChild(link(m, r[1], cls));
+      if (dead) td.appendChild(el("span", { "class": "tag" }, " never fired"));
+      tr.appendChild(td);
       tr.appendChild(el("td", { "class": "num" }, fmt(r[2], 4)));
       t.appendChild(tr);
     });
@@ -220,9 +273,50 @@
     });
   }
 
+  // Token search: features whose top contexts fire on the token, or whose logit lens promotes it.
+  var shards = {};
+  S.addSearch = function (h, map) { shards[h] = map; (waiting["search/" + h] || []).forEach(function (f) { f(); }); };
+  function searchKey(t) { return t.trim().toLowerCase(); }
+  function shardOf(key) {
+    var h = 0;
+    for (var ch of key) h = (Math.imul(h, 31) + ch.codePointAt(0)) >>> 0;
+    return h % meta.search_shards;
+  }
+  function renderSearch(text) {
+    clear("search");
+    var key = searchKey(text), h = shardOf(key);
+    view.appendChild(el("h2", {}, "Features for the token “" + text + "”"));
+    var show = function () {
+      var hits = (shards[h] || {})[key] || [];
+      [[0, "Top contexts fire on it", function (x) { return x[3] + " of its top contexts"; }],
+       [1, "Logit lens promotes it", function (x) { return "rank " + x[3]; }]].forEach(function (kind) {
+        var rows = hits.filter(function (x) { return x[2] === kind[0]; });
+        // Most contexts first; best lens rank first.
+        rows.sort(function (a, b) { return (kind[0] === 0 ? b[3] - a[3] : a[3] - b[3]) || a[0] - b[0] || a[1] - b[1]; });
+        view.appendChild(el("h3", {}, kind[1] + " (" + rows.length + ")"));
+        var ul = el("ul", { "class": "hits" });
+        rows.forEach(function (x) {
+          var li = el("li"); li.appendChild(link(meta.modules[x[0]], x[1]));
+          li.appendChild(document.createTextNode(" — " + kind[2](x))); ul.appendChild(li);
+        });
+        view.appendChild(rows.length ? ul : el("p", { "class": "muted" }, "none"));
+      });
+    };
+    if (shards[h]) return show();
+    (waiting["search/" + h] = waiting["search/" + h] || []).push(show);
+    var sc = el("script", { src: "data/search-" + h + ".js" });
+    sc.onerror = function () { view.appendChild(el("p", {}, "Could not load data/search-" + h + ".js")); };
+    document.body.appendChild(sc);
+  }
+  document.getElementById("search").addEventListener("submit", function (ev) {
+    ev.preventDefault();
+    location.hash = "search/" + document.getElementById("search-for").value;
+  });
+
   function route() {
     var h = decodeURIComponent(location.hash.replace(/^#/, ""));
     if (!h) return renderIndex();
+    if (h.indexOf("search/") === 0) return renderSearch(h.slice(7));
     var parts = h.split("/");
     if (parts.length === 1) return renderIndex(parts[0]);
     renderFeature(parts[0], parseInt(parts[1], 10));

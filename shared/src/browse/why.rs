@@ -1,0 +1,115 @@
+//! "Why it fired here": for each top context of each feature, the exact terms of its
+//! pre-activation at that position, as an attribution graph writes them (docs/MATH.md,
+//! "Attribution graphs"): the largest links (an upstream feature at a position, or a token's
+//! embedding), the sum of the other links, and the node's own terms (bias, upstream decoder
+//! biases, position). They add up to the pre-activation. Computed by a second pass over the
+//! sequences that hold top contexts, with links only into the contexts' nodes.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use candle_core::Device;
+
+use super::{Browse, BrowseConfig};
+use crate::attrib::{attribute_nodes, sequence_output, NodeKey, NodeKind, Setup};
+use crate::error::Result;
+use crate::formats::cache::CacheReader;
+use crate::formats::connections::Connections;
+use crate::inputs::Inputs;
+use crate::pass::{Plan, ValuePass, Wiring};
+
+/// Where a term comes from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Source {
+    Feature { module: usize, feature: u32, pos: usize },
+    Token { token: u32, pos: usize },
+}
+
+/// The decomposition of one activation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Why {
+    /// The largest links, by size.
+    pub links: Vec<(Source, f64)>,
+    /// The sum of the other links.
+    pub rest: f64,
+    /// Bias + upstream decoder biases + position.
+    pub fixed: f64,
+    pub pre: f64,
+}
+
+/// Per module, feature and top context (in `browse`'s order), its decomposition, with the
+/// `keep` largest links.
+pub fn explain(
+    inputs: &Inputs,
+    conns: Option<&Connections>,
+    browse: &Browse,
+    cfg: &BrowseConfig,
+    keep: usize,
+    device: &Device,
+) -> Result<Vec<Vec<Vec<Option<Why>>>>> {
+    let suite = &inputs.suite;
+    let mut wanted: BTreeMap<usize, HashSet<NodeKey>> = BTreeMap::new();
+    for (m, feats) in browse.stats.iter().enumerate() {
+        for (j, fs) in feats.iter().enumerate() {
+            for c in &fs.top {
+                wanted.entry(c.seq as usize).or_default().insert((m, c.pos as usize, j as u32));
+            }
+        }
+    }
+    let wiring = match conns {
+        Some(c) => Wiring::Sparse(c),
+        None => Wiring::All,
+    };
+    let rt = &inputs.model.runtime;
+    let plan = Plan::new(suite, wiring, inputs.parallel(), device)?;
+    let pass = ValuePass::new(suite, rt, &plan, cfg.pass, device)?;
+    let setup = Setup { suite, rt, conns, parallel: inputs.parallel(), opts: cfg.pass };
+    let mut reader = CacheReader::new(inputs.cache(), device);
+    let seqs: Vec<usize> = wanted.keys().copied().collect();
+    let mut found: HashMap<(usize, u32, usize, usize), Why> = HashMap::new();
+    for chunk in seqs.chunks(cfg.batch_size.max(1)) {
+        let batch = reader.batch(chunk)?;
+        let out = pass.run(&batch)?;
+        let s = batch.tokens.dim(1)?;
+        for (i, &seq) in chunk.iter().enumerate() {
+            let want = &wanted[&seq];
+            let graph = attribute_nodes(&setup, &batch.narrow(i, 1)?, &sequence_output(&out, i, s)?, Some(want), None)?;
+            let mut incoming: HashMap<usize, Vec<(usize, f64)>> = HashMap::new();
+            for l in &graph.links {
+                incoming.entry(l.target).or_default().push((l.source, l.weight));
+            }
+            for (n, node) in graph.nodes.iter().enumerate() {
+                let NodeKind::Feature { module, feature } = node.kind else { continue };
+                if !want.contains(&(module, node.pos, feature)) {
+                    continue;
+                }
+                let mut links = incoming.remove(&n).unwrap_or_default();
+                links.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()).then(a.0.cmp(&b.0)));
+                let rest = links.iter().skip(keep).map(|l| l.1).sum();
+                let source = |src: usize| match graph.nodes[src].kind {
+                    NodeKind::Feature { module, feature } => {
+                        Source::Feature { module, feature, pos: graph.nodes[src].pos }
+                    }
+                    NodeKind::Token { token } => Source::Token { token, pos: graph.nodes[src].pos },
+                    NodeKind::Logit { .. } => unreachable!("logits feed nothing"),
+                };
+                let top = links.iter().take(keep).map(|&(src, w)| (source(src), w)).collect();
+                let why = Why { links: top, rest, fixed: node.terms.sum(), pre: node.pre };
+                found.insert((module, feature, seq, node.pos), why);
+            }
+        }
+    }
+    Ok(browse
+        .stats
+        .iter()
+        .enumerate()
+        .map(|(m, feats)| {
+            feats
+                .iter()
+                .enumerate()
+                .map(|(j, fs)| {
+                    fs.top.iter().map(|c| found.remove(&(m, j as u32, c.seq as usize, c.pos as usize))).collect()
+                })
+                .collect()
+        })
+        .collect())
+}
