@@ -90,6 +90,15 @@ for c in $CS; do
     run "evaluate F=$F C=$c" $((EVAL_SEQS * 128)) $BIN/evaluate --acts "$OUT/acts" --suite "$OUT/ft$c" \
         --connections "$OUT/c$c.parquet" --n-seqs "$EVAL_SEQS" --batch-size "$SEQS" --out "$OUT/eval$c" --overwrite
 done
+# The exact attribution graph of one 128-token sequence through the last C's finetuned suite
+# (pruned as circuit-tracer prunes, and not), and the feature browser with its why-it-fired pass.
+run "attribute C=$c, pruned" 128 $BIN/attribute --acts "$OUT/acts" --seq 0 --suite "$OUT/ft$c" \
+    --connections "$OUT/c$c.parquet" --slug pruned --out "$OUT/graphs"
+run "attribute C=$c, --no-prune" 128 $BIN/attribute --acts "$OUT/acts" --seq 0 --suite "$OUT/ft$c" \
+    --connections "$OUT/c$c.parquet" --no-prune --slug all --out "$OUT/graphs"
+run "view-features C=$c" $((EVAL_SEQS * 128)) $BIN/view-features --acts "$OUT/acts" --suite "$OUT/ft$c" \
+    --connections "$OUT/c$c.parquet" --n-seqs "$EVAL_SEQS" --batch-size "$SEQS" --graphs "$OUT/graphs" \
+    --out "$OUT/view$c" --overwrite
 floor=$($BIN/examples/gemm_floor "$D" "$F" "$HEADS" "$LAYERS" "$SEQS" 128)
 echo "shape: $SHAPE, d_model $D, $HEADS heads, $LAYERS layers, F $F, k $K, $SEQS x 128 tokens per step, $THREADS threads"
 echo

@@ -263,5 +263,23 @@ fn bad_requests_get_one_line_errors() {
         &["--slug", "letters"],
     );
     tool_fails("attribute", &["--prompt", "hi", "--suite", s(&suite), "--out", s(&g)], &["--prompt needs --model"]);
+    tool_fails(
+        "attribute",
+        &[
+            "--acts",
+            s(&acts),
+            "--seq",
+            "0",
+            "--suite",
+            s(&suite),
+            "--connections",
+            "all",
+            "--max-links",
+            "10",
+            "--out",
+            s(&g),
+        ],
+        &["more than 10 links", "--max-links"],
+    );
     assert!(!g.join("graph-metadata.json").exists(), "nothing written on a refused request");
 }

@@ -87,6 +87,7 @@ fn every_help_states_what_an_optional_flag_defaults_to() {
         "evaluate",
         "view-features",
         "convert-suite",
+        "attribute",
         "toy-lm",
     ];
     let mut silent = Vec::new();

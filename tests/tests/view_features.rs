@@ -444,9 +444,16 @@ fn graph_view_renders_attribute_graphs_in_headless_chromium() {
     let dir = tmp.join("view");
     let base = ["--acts", s(&acts), "--suite", s(&suite), "--connections", s(&conns)];
     let mut a = base.to_vec();
-    a.extend(["--graphs", s(&g), "--out", s(&dir)]);
+    a.extend(["--graphs", s(&g), "--neuronpedia", "--out", s(&dir)]);
     tool_ok("view-features", &a);
     assert!(std::fs::read_to_string(dir.join("data/graphs.js")).unwrap().contains("\"seq-1\""));
+    // Every feature node's number names its page in features/ (--neuronpedia), so a UI pointed
+    // there (metadata.scan) finds them.
+    for n in graph["nodes"].as_array().unwrap().iter().filter(|n| n["feature_type"] == "cross layer transcoder") {
+        let page = dir.join(format!("features/{}.json", n["feature"]));
+        let p: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&page).unwrap()).unwrap();
+        assert_eq!((&p["transcoder_id"], &p["index"]), (&n["module"], &n["index"]), "{}", page.display());
+    }
     // A graph made with another suite is refused, naming the file.
     let other = tmp.join("other");
     std::fs::create_dir_all(&other).unwrap();

@@ -9,6 +9,7 @@
 //! `upstream_bias`, `position`, and `pruned_links`, the sum of its incoming links that pruning
 //! left out), feature nodes their `module` and `index`.
 
+use std::fmt::Write as _;
 use std::path::Path;
 
 use serde_json::{json, Map, Value};
@@ -76,7 +77,7 @@ pub fn to_json(
     modules: &[Module],
     token_text: &dyn Fn(u32) -> String,
     meta: &Meta,
-) -> Value {
+) -> GraphFile {
     let n_graph_layers = 2 * modules.iter().map(|m| m.layer + 1).max().unwrap_or(0) as u64;
     let node_kept = |i: usize| keep_all || pruned.node_keep[i];
     let link_kept: Vec<bool> = graph
@@ -168,19 +169,44 @@ pub fn to_json(
         o.insert("influence".into(), finite(pruned.cumulative[i]));
         nodes.push(Value::Object(o));
     }
-    let links: Vec<Value> = graph
-        .links
-        .iter()
-        .zip(&link_kept)
-        .filter(|x| *x.1)
-        .map(|(l, _)| json!({"source": ids[l.source], "target": ids[l.target], "weight": l.weight}))
-        .collect();
-    json!({
+    // Links as JSON text directly: a graph can have millions (a Value per link would take
+    // several hundred bytes each).
+    let mut links = String::from("[");
+    let mut n_links = 0;
+    for (l, _) in graph.links.iter().zip(&link_kept).filter(|x| *x.1) {
+        if n_links > 0 {
+            links.push(',');
+        }
+        let w = serde_json::to_string(&finite(l.weight)).expect("a number serialises");
+        let _ = write!(links, r#"{{"source":"{}","target":"{}","weight":{w}}}"#, ids[l.source], ids[l.target]);
+        n_links += 1;
+    }
+    links.push(']');
+    let value = json!({
         "metadata": metadata(meta, modules),
         "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
         "nodes": nodes,
-        "links": links,
-    })
+        "links": [],
+    });
+    GraphFile { value, links, n_links }
+}
+
+/// A graph file: everything but the links as a JSON value (its `links` empty), and the links as
+/// JSON text.
+pub struct GraphFile {
+    pub value: Value,
+    pub links: String,
+    pub n_links: usize,
+}
+
+impl GraphFile {
+    /// The file's text.
+    pub fn text(&self) -> String {
+        let head = self.value.to_string();
+        // Only the top-level key has an empty array under `links` (metadata.info counts links
+        // with a number) and quotes inside strings are escaped: the one `"links":[]` is that key.
+        head.replacen(r#""links":[]"#, &format!(r#""links":{}"#, self.links), 1)
+    }
 }
 
 fn metadata(meta: &Meta, modules: &[Module]) -> Value {
@@ -198,7 +224,7 @@ fn metadata(meta: &Meta, modules: &[Module]) -> Value {
 
 /// Write `<dir>/<slug>.json` and add (or replace) its entry in `<dir>/graph-metadata.json`,
 /// each through a temporary file and a rename. An existing list that is not one is refused.
-pub fn write(dir: &Path, slug: &str, graph: &Value) -> Result<std::path::PathBuf> {
+pub fn write(dir: &Path, slug: &str, graph: &GraphFile) -> Result<std::path::PathBuf> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let list_path = dir.join(GRAPH_METADATA);
     let mut list = match std::fs::read_to_string(&list_path) {
@@ -209,11 +235,10 @@ pub fn write(dir: &Path, slug: &str, graph: &Value) -> Result<std::path::PathBuf
         Err(e) => return Err(Error::io(&list_path, e)),
     };
     let path = dir.join(format!("{slug}.json"));
-    let text = serde_json::to_string(graph).map_err(|e| Error::input(&path, e.to_string()))?;
-    crate::util::io::write_atomic(&path, text.as_bytes())?;
+    crate::util::io::write_atomic(&path, graph.text().as_bytes())?;
     let graphs = list["graphs"].as_array_mut().expect("checked above");
     graphs.retain(|g| g["slug"] != slug);
-    graphs.push(graph["metadata"].clone());
+    graphs.push(graph.value["metadata"].clone());
     let text = serde_json::to_string_pretty(&list).map_err(|e| Error::input(&list_path, e.to_string()))?;
     crate::util::io::write_atomic(&list_path, text.as_bytes())?;
     Ok(path)

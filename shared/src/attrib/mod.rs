@@ -115,6 +115,8 @@ pub struct Setup<'a> {
     pub conns: Option<&'a Connections>,
     pub parallel: bool,
     pub opts: PassOptions,
+    /// Refuse graphs with more links than this (all connections at real sizes can have billions).
+    pub max_links: usize,
 }
 
 /// Rows of a matrix on the host.
@@ -265,6 +267,9 @@ pub fn attribute_nodes(
         if node_of[dm].keys().all(|&(q, i)| skip(q, i)) {
             continue;
         }
+        if links.len() > setup.max_links {
+            return Err(too_many(setup.max_links));
+        }
         match module.kind {
             Kind::Mlp => {
                 let s2 = to_vec(&batch.ln2_scale[l])?;
@@ -301,6 +306,9 @@ pub fn attribute_nodes(
                     };
                     nodes[n].pre = sum + terms.sum();
                     nodes[n].terms = terms;
+                    if links.len() > setup.max_links {
+                        return Err(too_many(setup.max_links));
+                    }
                 }
             }
             Kind::Attn => {
@@ -324,8 +332,21 @@ pub fn attribute_nodes(
                             }
                         })
                         .collect::<Result<_>>()?;
-                let tv = Rows::of(&w_e_rows.matmul(&w_v)?)?;
-                let pv = Rows::of(&Tensor::new(pos_rows.data.as_slice(), &cpu)?.reshape((s, d))?.matmul(&w_v)?)?;
+                // Per head, every active feature's products with every position's token and
+                // positional values: (H, n, S), as batched products.
+                let n_act = act.ids.len();
+                let heads = |x: &Tensor, rows: usize| -> Result<Tensor> {
+                    Ok(x.reshape((rows, h, dh))?.transpose(0, 1)?.contiguous()?)
+                };
+                let evh = heads(&act.enc_t.matmul(&w_o.t()?)?, n_act)?;
+                let by_pos = |x: &Tensor| -> Result<Vec<f32>> {
+                    to_vec(&evh.matmul(&heads(&x.matmul(&w_v)?, s)?.transpose(1, 2)?.contiguous()?)?)
+                };
+                let tok_h = by_pos(&w_e_rows)?;
+                let pos_h = by_pos(&Tensor::new(pos_rows.data.as_slice(), &cpu)?.reshape((s, d))?)?;
+                let mix_at = |v: &[f32], r: usize, q: usize, p: usize| -> f64 {
+                    (0..h).map(|hh| p_at(hh, q, p) * v[(hh * n_act + r) * s + p] as f64).sum()
+                };
                 let ubv = Rows::of(&Tensor::new(ub.as_slice(), &cpu)?.reshape((1, d))?.matmul(&w_v)?)?;
                 let per_head = |a: &[f32], b: &[f32]| -> Vec<f64> {
                     (0..h).map(|hh| dot(&a[hh * dh..(hh + 1) * dh], &b[hh * dh..(hh + 1) * dh])).collect()
@@ -358,11 +379,11 @@ pub fn attribute_nodes(
                             }
                         }
                         if embeds(i, tokens[p]) {
-                            let weight = mix(&per_head(evi, tv.row(p)), q, p) / sc;
+                            let weight = mix_at(&tok_h, r, q, p) / sc;
                             links.push(Link { source: p, target: n, weight });
                             sum += weight;
                         }
-                        position += mix(&per_head(evi, pv.row(p)), q, p) / sc;
+                        position += mix_at(&pos_h, r, q, p) / sc;
                         consistent_ub += mix(&ubh, q, p) / sc;
                     }
                     let upstream_bias = if setup.opts.consistent_attn_bias {
@@ -379,6 +400,9 @@ pub fn attribute_nodes(
                     };
                     nodes[n].pre = sum + terms.sum();
                     nodes[n].terms = terms;
+                    if links.len() > setup.max_links {
+                        return Err(too_many(setup.max_links));
+                    }
                 }
             }
         }
@@ -395,6 +419,13 @@ pub fn attribute_nodes(
         }
     }
     Ok(Graph { tokens, nodes, links, logit_coverage: coverage })
+}
+
+fn too_many(max: usize) -> Error {
+    Error::Usage(format!(
+        "the graph has more than {max} links (--max-links; each takes 24 bytes before pruning): attribute through a \
+         connection set (--connections FILE), a shorter prompt, or raise --max-links"
+    ))
 }
 
 /// A node map's entries by (position, feature), so that links come out in a stable order.

@@ -36,6 +36,7 @@ pub struct Request {
     pub scan: Option<String>,
     pub pass: PassOptions,
     pub logits: LogitChoice,
+    pub max_links: usize,
 }
 
 /// What was written.
@@ -152,7 +153,7 @@ pub fn run(req: &Request, device: &Device) -> Result<Written> {
     };
     let plan = Plan::new(suite, wiring, parallel, device)?;
     let out = ValuePass::new(suite, rt, &plan, req.pass, device)?.run(&batch)?;
-    let setup = Setup { suite, rt, conns: chosen.set.as_ref(), parallel, opts: req.pass };
+    let setup = Setup { suite, rt, conns: chosen.set.as_ref(), parallel, opts: req.pass, max_links: req.max_links };
     let graph = attribute(&setup, &batch, &out, req.logits)?;
     let (node_t, edge_t) = req.prune.unwrap_or((1.0, 1.0));
     let pruned = prune(&graph, node_t, edge_t);
@@ -194,11 +195,11 @@ pub fn run(req: &Request, device: &Device) -> Result<Written> {
     };
     let value =
         graph_json::to_json(&graph, &pruned, req.prune.is_none(), &suite.modules, &|t| tok.token_text(t), &meta);
-    if let Some(field) = graph_json::missing_field(&value) {
+    if let Some(field) = graph_json::missing_field(&value.value) {
         return Err(Error::Usage(format!("internal: the graph lacks the required field {field}")));
     }
-    let nodes = value["nodes"].as_array().map_or(0, Vec::len);
-    let links = value["links"].as_array().map_or(0, Vec::len);
+    let nodes = value.value["nodes"].as_array().map_or(0, Vec::len);
+    let links = value.n_links;
     let path = graph_json::write(&req.out, &slug, &value)?;
     let top_logit = graph
         .nodes

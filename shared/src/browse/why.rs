@@ -62,7 +62,7 @@ pub fn explain(
     let rt = &inputs.model.runtime;
     let plan = Plan::new(suite, wiring, inputs.parallel(), device)?;
     let pass = ValuePass::new(suite, rt, &plan, cfg.pass, device)?;
-    let setup = Setup { suite, rt, conns, parallel: inputs.parallel(), opts: cfg.pass };
+    let setup = Setup { suite, rt, conns, parallel: inputs.parallel(), opts: cfg.pass, max_links: usize::MAX };
     let mut reader = CacheReader::new(inputs.cache(), device);
     let seqs: Vec<usize> = wanted.keys().copied().collect();
     let mut found: HashMap<(usize, u32, usize, usize), Why> = HashMap::new();

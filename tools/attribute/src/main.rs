@@ -62,6 +62,10 @@ struct Args {
     /// Logit nodes: at most this many.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1000))]
     max_logits: u64,
+    /// Refuse a graph with more links than this before pruning (24 bytes each; all connections
+    /// at real sizes can reach billions).
+    #[arg(long, default_value_t = 100_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    max_links: u64,
     /// metadata.scan: the UI's name for the feature set; `./DIR` makes circuit-tracer's UI read
     /// feature pages from DIR/<feature>.json (view-features --neuronpedia's features/) (default:
     /// scae-<suite id>).
@@ -103,6 +107,7 @@ fn run(args: Args) -> Result<()> {
         scan: args.scan,
         pass: args.pass.options(),
         logits: LogitChoice { cumulative: args.logit_probability, max: args.max_logits as usize },
+        max_links: args.max_links as usize,
     };
     scae::util::io::refuse_overlap(&req.out, "--out", &scae::attrib::run::named_inputs(&req))?;
     let device = args.common.setup()?;
