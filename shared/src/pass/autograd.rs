@@ -42,6 +42,25 @@ struct EdgeCtx<'a> {
     rt: &'a Runtime,
     wt: &'a Weights,
     composed: bool,
+    gates: Option<&'a Gates>,
+}
+
+/// Per-edge multipliers of a sparse pass (learned connections, docs/MATH.md, "Learned
+/// connections"): per downstream module, `(F, C)` over the plan's upstream slots and `(F, C_e)`
+/// over its embed slots (slot c of feature i is the c-th edge the connection set lists for i);
+/// `None` where a module has no such slots. An attention edge's one gate scales all its heads.
+#[derive(Debug, Clone)]
+pub struct Gates {
+    pub up: Vec<Option<Tensor>>,
+    pub embed: Vec<Option<Tensor>>,
+}
+
+/// `w (F, C, H)` times the gates `(F, C)` of its slots, if any.
+fn gated(w: Tensor, gate: Option<&Tensor>) -> Result<Tensor> {
+    Ok(match gate {
+        Some(z) => w.broadcast_mul(&z.to_dtype(w.dtype())?.unsqueeze(2)?)?,
+        None => w,
+    })
 }
 
 /// The wiring [`apply_edges`] walks: the edge index, its slots' columns and the mask of used
@@ -95,6 +114,19 @@ fn attn_mix(rt: &Runtime, attn: &AttnConsts, x: &Tensor, pattern: &Tensor) -> Re
 /// through the composed ops with the suite's f32 variables cast on the way in — see
 /// [`Batch::with_pass_dtype`]).
 pub fn forward(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, opts: PassOptions) -> Result<PassOutput> {
+    forward_gated(suite, rt, plan, batch, opts, None)
+}
+
+/// [`forward`] with each sparse edge's term multiplied by its gate (a sparse plan; gradients
+/// reach the gates through autograd).
+pub fn forward_gated(
+    suite: &Suite,
+    rt: &Runtime,
+    plan: &Plan,
+    batch: &Batch,
+    opts: PassOptions,
+    gates: Option<&Gates>,
+) -> Result<PassOutput> {
     let (b, s, dm) = batch.resid_pre0.dims3()?;
     let (n, f, k) = (b * s, suite.n_features, suite.k);
     let dtype = batch.pass_dtype();
@@ -103,7 +135,7 @@ pub fn forward(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, opts: Pa
     let composed = plan.composed || dtype != DType::F32;
     let any_embed = (0..suite.modules.len()).any(|d| plan.down(d).embed.is_some());
     let w = Weights::new(suite, rt, dtype, any_embed)?;
-    let cx = EdgeCtx { suite, rt, wt: &w, composed };
+    let cx = EdgeCtx { suite, rt, wt: &w, composed, gates };
     // A module with embed edges reads r0's positional part densely: W_pos[0..S) (learned
     // positions) or 0 (rotary); docs/MATH.md, "Embed and unembed connections".
     let r_pos = match (&rt.weights.w_pos, any_embed) {
@@ -211,7 +243,10 @@ fn sparse_contrib(
         false => Some(edge_contrib(cx, plan_d, feats, d, attn_layer, s)?),
     };
     let from_embed = match &plan_d.embed {
-        Some(ep) => Some(embed_contrib(cx, ep, &cx.wt.aes[d].w_enc, &batch.tokens, attn_layer, s)?),
+        Some(ep) => {
+            let gate = cx.gates.and_then(|g| g.embed[d].as_ref());
+            Some(embed_contrib(cx, ep, &cx.wt.aes[d].w_enc, &batch.tokens, attn_layer, s, gate)?)
+        }
         None => None,
     };
     Ok(match (from_ups, from_embed) {
@@ -230,6 +265,7 @@ fn embed_contrib(
     tokens: &Tensor,
     attn_layer: Option<usize>,
     seq_len: usize,
+    gate: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (rt, wt) = (cx.rt, cx.wt);
     let (f, dm) = enc.dims2()?;
@@ -256,7 +292,7 @@ fn embed_contrib(
     }
     let x = Tensor::from_vec(x, (ids.len(), m), enc.device())?.to_dtype(enc.dtype())?;
     let wires = Wires { index: &ep.index, cols: &ep.cols, slot_mask: &ep.slot_mask };
-    apply_edges(&x, &w, wires, heads, seq_len, cx.composed)
+    apply_edges(&x, &gated(w, gate)?, wires, heads, seq_len, cx.composed)
 }
 
 /// The sparse upstream contribution `(B, H, S, F)` (H = 1 for mlp targets).
@@ -294,6 +330,7 @@ fn edge_contrib(
         }
     };
     let slot_mask = plan_d.slot_mask.as_ref().expect("sparse plan");
+    let w = gated(w, cx.gates.and_then(|g| g.up[d].as_ref()))?;
     apply_edges(&x, &w, Wires { index, cols, slot_mask }, heads, seq_len, cx.composed)
 }
 

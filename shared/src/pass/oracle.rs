@@ -86,6 +86,32 @@ pub fn forward_with_ends(
     batch: &Batch,
     opts: PassOptions,
 ) -> Result<PassOutput> {
+    let dev = batch.resid_pre0.device();
+    let (f, vocab) = (suite.n_features, rt.weights.w_e.dim(0)?);
+    let masks = Masks {
+        up: &|d, u| conns.map(|c| mask(c, d, u, f, dev)).transpose(),
+        embed: &|d| embed.and_then(|e| e[d].as_ref()).map(|lists| list_mask(lists, vocab, dev)).transpose(),
+    };
+    forward_masked(suite, rt, parallel, &masks, batch, opts)
+}
+
+/// The masks of a dense pass: `up(d, u)` the `F×F` mask of edges from module u into d
+/// (`None`: all connections), `embed(d)` the `F×V` mask of d's embed edges (`None`: the dense
+/// `r0` term). Masks may hold any values (gates) and be variables (their gradients).
+pub struct Masks<'a> {
+    pub up: &'a dyn Fn(usize, usize) -> Result<Option<Tensor>>,
+    pub embed: &'a dyn Fn(usize) -> Result<Option<Tensor>>,
+}
+
+/// The pruned pass computed densely with any edge masks (see [`Masks`]).
+pub fn forward_masked(
+    suite: &Suite,
+    rt: &Runtime,
+    parallel: bool,
+    masks: &Masks,
+    batch: &Batch,
+    opts: PassOptions,
+) -> Result<PassOutput> {
     let (b, s, dm) = batch.resid_pre0.dims3()?;
     let (n, f) = (b * s, suite.n_features);
     let (h, dh) = (rt.cfg.n_heads, rt.cfg.d_head);
@@ -102,7 +128,7 @@ pub fn forward_with_ends(
         let ae = &suite.aes[d];
         let enc = ae.w_enc.as_tensor();
         let l = module.layer;
-        let embed_d = embed.and_then(|e| e[d].as_ref());
+        let embed_d = (masks.embed)(d)?;
         let r0 = if embed_d.is_some() { &r_pos } else { &batch.resid_pre0 };
         let ups: Vec<usize> =
             (0..suite.modules.len()).filter(|&u| suite.modules[u].precedes(module, parallel)).collect();
@@ -125,10 +151,9 @@ pub fn forward_with_ends(
                 acc.reshape((n, f))?
             }
         };
-        if let Some(lists) = embed_d {
+        if let Some(m) = embed_d {
             // The token edges, densely: V_e = (E W_Eᵀ) ⊙ M_e (F, V), per head through W_OV[h].
             let x = one_hot(&batch.tokens, vocab)?;
-            let m = list_mask(lists, vocab, dev)?;
             let w_e = &rt.weights.w_e;
             let contrib = match module.kind {
                 Kind::Mlp => {
@@ -152,7 +177,7 @@ pub fn forward_with_ends(
         for &u in &ups {
             ub = (ub + suite.aes[u].b_dec.as_tensor())?;
             let dec = suite.aes[u].w_dec.as_tensor();
-            let m = conns.map(|c| mask(c, d, u, f, dev)).transpose()?;
+            let m = (masks.up)(d, u)?;
             let contrib = match module.kind {
                 Kind::Mlp => {
                     let mut v = enc.matmul(dec)?; // (F_down, F_up)

@@ -14,6 +14,7 @@ pub mod data;
 pub mod dead;
 pub mod finetune;
 pub mod finetune_step;
+pub mod gates;
 pub mod optim;
 pub mod parallel;
 pub mod pretrain;

@@ -1,0 +1,265 @@
+//! Hard-concrete gates on candidate edges (docs/MATH.md, "Learned connections"): one `log α`
+//! per candidate slot of each downstream module (its upstream slots `(F, C)` and its embed slots
+//! `(F, C_e)`, in the plan's slot order), sampled per step into the gates the pruned pass
+//! multiplies each edge's term by; the expected-L0 penalty that pulls each feature towards C
+//! open gates; Adam on the `log α`; and the binarisation into a connection set.
+//!
+//! `s = σ((ln u − ln(1−u) + log α)/β)`, `z̄ = clamp(s(ζ−γ)+γ, 0, 1)` with γ = −0.1, ζ = 1.1;
+//! hard mode `z = 1[z̄ > 0.5] + z̄ − sg(z̄)` (straight-through), relaxed mode `z = z̄`;
+//! `p = σ(log α − β ln(−γ/ζ))` the probability that a gate is non-zero.
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::error::Result;
+use crate::formats::connections::{Connections, EmbedEdge};
+use crate::pass::autograd::Gates;
+use crate::pass::Plan;
+use crate::util::rng::SplitMix;
+
+pub const GAMMA: f64 = -0.1;
+pub const ZETA: f64 = 1.1;
+
+/// `1 / (1 + e^(−x))` from differentiable ops.
+fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    Ok((x.neg()?.exp()? + 1.0)?.recip()?)
+}
+
+/// How the forward pass uses a gate sample.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GateMode {
+    /// `1[z̄ > 0.5]` forward, the relaxed gate's gradient backward (the reference).
+    Hard,
+    /// The relaxed gate `z̄` forward and backward.
+    Relaxed,
+}
+
+/// How `log α` starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GateInit {
+    /// N(0, 0.01), the reference's.
+    Zero,
+    /// +1 for each feature's top-C candidates by score, −1 for the others (plus N(0, 0.01)).
+    Scores,
+}
+
+/// One module's gate parameters over a set of slots.
+pub struct SlotGates {
+    pub log_alpha: Var,
+    /// 1 for a used slot, 0 for an empty one `(F, C)`.
+    pub used: Tensor,
+    pub width: usize,
+}
+
+/// The gates of every downstream module.
+pub struct GateParams {
+    pub up: Vec<Option<SlotGates>>,
+    pub embed: Vec<Option<SlotGates>>,
+    /// Per feature of every module (in module order), how many candidates it has, capped at C:
+    /// its target count of open gates `(modules·F)`.
+    pub target: Tensor,
+    pub n_features: usize,
+}
+
+/// The top-C candidates of feature `i` of module `d` by score (ties by list order): the
+/// positions of its upstream and embed candidates that `--init scores` opens.
+fn top_by_score(cands: &Connections, d: usize, i: usize, c: usize) -> (Vec<bool>, Vec<bool>) {
+    let ups = &cands.edges[d][i];
+    let emb = &cands.embed[d][i];
+    let mut all: Vec<(f32, usize)> = ups.iter().map(|e| e.score).chain(emb.iter().map(|e| e.score)).zip(0..).collect();
+    all.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut open = vec![false; all.len()];
+    for &(_, k) in all.iter().take(c) {
+        open[k] = true;
+    }
+    let emb_open = open.split_off(ups.len());
+    (open, emb_open)
+}
+
+impl GateParams {
+    /// Gates on every candidate of `cands` as wired by `plan`, targeting `c` per feature.
+    pub fn new(
+        plan: &Plan,
+        cands: &Connections,
+        c: usize,
+        init: GateInit,
+        seed: u64,
+        device: &Device,
+    ) -> Result<GateParams> {
+        let f = cands.n_features;
+        let mut rng = SplitMix(seed ^ 0x9a7e_5eed);
+        let (mut up, mut embed) = (Vec::new(), Vec::new());
+        let mut target = Vec::with_capacity(cands.modules.len() * f);
+        for d in 0..cands.modules.len() {
+            let width_up = plan.down(d).index.as_ref().map(|ix| ix.width);
+            let width_e = plan.down(d).embed.as_ref().map(|ep| ep.index.width);
+            let mut make = |width: usize, lists: &dyn Fn(usize) -> (usize, Vec<bool>)| -> Result<SlotGates> {
+                let (mut la, mut used) = (vec![0f32; f * width], vec![0f32; f * width]);
+                for i in 0..f {
+                    let (n, open) = lists(i);
+                    for k in 0..n {
+                        let noise = 0.01 * rng.normal();
+                        la[i * width + k] = (match init {
+                            GateInit::Zero => 0.0,
+                            GateInit::Scores if open[k] => 1.0,
+                            GateInit::Scores => -1.0,
+                        } + noise) as f32;
+                        used[i * width + k] = 1.0;
+                    }
+                }
+                Ok(SlotGates {
+                    log_alpha: Var::from_tensor(&Tensor::from_vec(la, (f, width), device)?)?,
+                    used: Tensor::from_vec(used, (f, width), device)?,
+                    width,
+                })
+            };
+            let has_ups = cands.edges[d].iter().any(|e| !e.is_empty());
+            up.push(match width_up {
+                Some(w) if has_ups => Some(make(w, &|i| (cands.edges[d][i].len(), top_by_score(cands, d, i, c).0))?),
+                _ => None,
+            });
+            embed.push(match width_e {
+                Some(w) => Some(make(w, &|i| (cands.embed[d][i].len(), top_by_score(cands, d, i, c).1))?),
+                None => None,
+            });
+            for i in 0..f {
+                target.push((cands.edges[d][i].len() + cands.embed[d][i].len()).min(c) as f32);
+            }
+        }
+        let n = target.len();
+        Ok(GateParams { up, embed, target: Tensor::from_vec(target, n, device)?, n_features: f })
+    }
+
+    /// Every `log α` variable, upstream slots then embed slots, module by module.
+    pub fn vars(&self) -> Vec<&Var> {
+        self.up.iter().chain(&self.embed).flatten().map(|g| &g.log_alpha).collect()
+    }
+
+    /// The gates of one step at temperature `beta`, with uniform noise from `seed` (the same
+    /// seed gives the same gates: a resumed run draws what the uninterrupted one drew).
+    pub fn sample(&self, beta: f64, mode: GateMode, seed: u64) -> Result<Gates> {
+        let mut rng = SplitMix(seed);
+        let mut one = |g: &SlotGates| -> Result<Tensor> {
+            let la = g.log_alpha.as_tensor();
+            let n = la.elem_count();
+            let u: Vec<f32> = (0..n).map(|_| (rng.uniform() * (1.0 - 2e-7) + 1e-7) as f32).collect();
+            let u = Tensor::from_vec(u, la.dims(), la.device())?;
+            let noise = (u.log()? - u.affine(-1.0, 1.0)?.log()?)?;
+            let s = sigmoid(&((noise + la)? / beta)?)?;
+            let zbar = ((s * (ZETA - GAMMA))? + GAMMA)?.clamp(0f32, 1f32)?;
+            let z = match mode {
+                GateMode::Relaxed => zbar,
+                GateMode::Hard => {
+                    let hard = zbar.gt(0.5)?.to_dtype(DType::F32)?;
+                    ((hard + &zbar)? - zbar.detach())?
+                }
+            };
+            Ok((z * &g.used)?)
+        };
+        let up = self.up.iter().map(|g| g.as_ref().map(&mut one).transpose()).collect::<Result<_>>()?;
+        let embed = self.embed.iter().map(|g| g.as_ref().map(&mut one).transpose()).collect::<Result<_>>()?;
+        Ok(Gates { up, embed })
+    }
+
+    /// The probability that each gate is open, `σ(log α − β ln(−γ/ζ))`, on used slots (0 on
+    /// empty ones).
+    fn open_probability(g: &SlotGates, beta: f64) -> Result<Tensor> {
+        let shift = beta * (-GAMMA / ZETA).ln();
+        Ok((sigmoid(&(g.log_alpha.as_tensor() - shift)?)? * &g.used)?)
+    }
+
+    /// Each feature's expected number of open gates `(modules·F)`: its upstream and embed
+    /// slots' probabilities added.
+    pub fn expected_counts(&self, beta: f64) -> Result<Tensor> {
+        let f = self.n_features;
+        let dev = self.target.device();
+        let mut per = Vec::new();
+        for (u, e) in self.up.iter().zip(&self.embed) {
+            let mut count = Tensor::zeros(f, DType::F32, dev)?;
+            for g in [u, e].into_iter().flatten() {
+                count = (count + Self::open_probability(g, beta)?.sum(1)?)?;
+            }
+            per.push(count);
+        }
+        Ok(Tensor::cat(&per, 0)?)
+    }
+
+    /// The penalty `mean_i (Σ_j p_ij − t_i)²` over every feature of every module, `t_i` =
+    /// min(C, its candidates).
+    pub fn penalty(&self, beta: f64) -> Result<Tensor> {
+        Ok((self.expected_counts(beta)? - &self.target)?.sqr()?.mean_all()?)
+    }
+
+    /// The connection set: each feature's top-C candidates by `log α` (ties by list order),
+    /// pooled over its upstream and embed candidates; `log α` of every kept edge by
+    /// (module, feature, candidate index) for the `gate` column.
+    pub fn binarise(&self, cands: &Connections, c: usize) -> Result<(Connections, Vec<Vec<Vec<f32>>>)> {
+        let f = cands.n_features;
+        let mut out = Connections::empty(&cands.modules, f);
+        let mut gates = vec![vec![Vec::new(); f]; cands.modules.len()];
+        for d in 0..cands.modules.len() {
+            let host = |g: &Option<SlotGates>| -> Result<Option<(Vec<f32>, usize)>> {
+                g.as_ref().map(|g| Ok((crate::util::to_vec(g.log_alpha.as_tensor())?, g.width))).transpose()
+            };
+            let (up, emb) = (host(&self.up[d])?, host(&self.embed[d])?);
+            for i in 0..f {
+                let ups = &cands.edges[d][i];
+                let embs = &cands.embed[d][i];
+                let la = |g: &Option<(Vec<f32>, usize)>, k: usize| g.as_ref().map_or(0.0, |(v, w)| v[i * w + k]);
+                let mut all: Vec<(f32, usize)> = (0..ups.len())
+                    .map(|k| (la(&up, k), k))
+                    .chain((0..embs.len()).map(|k| (la(&emb, k), ups.len() + k)))
+                    .collect();
+                all.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                all.truncate(c);
+                all.sort_by_key(|x| x.1);
+                let mut kept = Vec::new();
+                for (a, k) in all {
+                    if k < ups.len() {
+                        out.edges[d][i].push(ups[k]);
+                    } else {
+                        let e: EmbedEdge = embs[k - ups.len()];
+                        out.embed[d][i].push(e);
+                    }
+                    kept.push(a);
+                }
+                gates[d][i] = kept;
+            }
+        }
+        Ok((out, gates))
+    }
+}
+
+/// Adam on the `log α` variables (torch's order of operations, as the suite's optimizer).
+pub struct GateAdam {
+    pub t: u64,
+    pub m: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+}
+
+impl GateAdam {
+    pub fn new(vars: &[&Var]) -> Result<GateAdam> {
+        let zeros = |v: &&Var| v.as_tensor().zeros_like();
+        Ok(GateAdam {
+            t: 0,
+            m: vars.iter().map(zeros).collect::<candle_core::Result<_>>()?,
+            v: vars.iter().map(zeros).collect::<candle_core::Result<_>>()?,
+        })
+    }
+
+    /// One update with gradients `grads` (one per variable) at learning rate `lr`.
+    pub fn step(&mut self, vars: &[&Var], grads: &[Tensor], lr: f64) -> Result<()> {
+        let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
+        self.t += 1;
+        let (c1, c2) = (1.0 - b1.powi(self.t as i32), 1.0 - b2.powi(self.t as i32));
+        for (k, (var, g)) in vars.iter().zip(grads).enumerate() {
+            self.m[k] = ((&self.m[k] * b1)? + (g * (1.0 - b1))?)?;
+            self.v[k] = ((&self.v[k] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let denom = ((&self.v[k] / c2)?.sqrt()? + eps)?;
+            let update = ((&self.m[k] / c1)? / denom)?;
+            var.set(&(var.as_tensor() - (update * lr)?)?)?;
+        }
+        Ok(())
+    }
+}

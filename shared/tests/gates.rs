@@ -1,0 +1,272 @@
+//! Learned connections' gates (docs/MATH.md, "Learned connections"): the gated sparse pass
+//! equals the dense oracle whose masks hold the gate values, and the gradients with respect to
+//! the gates agree (≤ 1e-4), on upstream and embed edges, mlp and attention targets, through
+//! the composed ops and the CPU custom ops; the sampled gates and the expected counts against a
+//! direct transcription of the formulas; the gradient with respect to `log α` against central
+//! differences of the loss.
+
+use candle_core::{DType, Device, Tensor, Var};
+use scae::data::Batch;
+use scae::formats::connections::{Connections, Edge, EmbedEdge};
+use scae::formats::suite::Suite;
+use scae::model::Model;
+use scae::pass::autograd::{forward_gated, Gates};
+use scae::pass::oracle::{forward_masked, Masks};
+use scae::pass::{PassOptions, PassOutput, Plan, Wiring};
+use scae::train::gates::{GateInit, GateMode, GateParams, GAMMA, ZETA};
+use scae::util::rng::SplitMix;
+use scae_testkit::{fixtures, max_abs};
+
+fn fixture_case(name: &str) -> (Model, Suite, Batch) {
+    let dev = Device::Cpu;
+    let model = Model::load(name, &fixtures().join("models").join(name), &dev).unwrap();
+    let suite = Suite::load(&fixtures().join("suites").join(name).join("suite.safetensors"), &dev).unwrap();
+    let g = candle_core::safetensors::load(fixtures().join(format!("golden/suite-{name}.safetensors")), &dev).unwrap();
+    let out = model.runtime.forward(&g["tokens"], true, false).unwrap();
+    let batch = Batch::from_forward(&g["tokens"], &out).unwrap();
+    (model, suite, batch)
+}
+
+/// Random candidates: up to `c` distinct upstream edges per feature, and embed edges (tokens of
+/// the batch) into the features of modules 0 and 3.
+fn candidates(suite: &Suite, tokens: &[u32], c: usize, seed: u64) -> Connections {
+    let mut rng = SplitMix(seed);
+    let mut below = |n: usize| (rng.next_u64() % n as u64) as usize;
+    let mut conns = Connections::empty(&suite.modules, suite.n_features);
+    for (d, dm) in suite.modules.iter().enumerate() {
+        let ups: Vec<usize> = (0..suite.modules.len()).filter(|&u| suite.modules[u].precedes(dm, false)).collect();
+        for i in 0..suite.n_features {
+            if !ups.is_empty() {
+                let want = below(c + 1);
+                while conns.edges[d][i].len() < want {
+                    let e = Edge { up: ups[below(ups.len())], feature: below(suite.n_features) as u32, score: 1.0 };
+                    if !conns.edges[d][i].iter().any(|x| x.up == e.up && x.feature == e.feature) {
+                        conns.edges[d][i].push(e);
+                    }
+                }
+            }
+            if d == 0 || d == 3 {
+                for _ in 0..below(3) {
+                    let t = tokens[below(tokens.len())];
+                    if !conns.embed[d][i].iter().any(|e| e.token == t) {
+                        conns.embed[d][i].push(EmbedEdge { token: t, score: 1.0 });
+                    }
+                }
+            }
+        }
+    }
+    conns
+}
+
+fn loss(suite: &Suite, batch: &Batch, out: &PassOutput) -> Tensor {
+    let mut l = Tensor::zeros((), DType::F32, &Device::Cpu).unwrap();
+    for (m, module) in suite.modules.iter().enumerate() {
+        let e = (&out.recon[m] - batch.target(module)).unwrap();
+        l = (l + e.sqr().unwrap().mean_all().unwrap()).unwrap();
+    }
+    l
+}
+
+#[test]
+fn gated_pass_and_its_gate_gradients_equal_the_dense_oracle_with_gate_valued_masks() {
+    let (model, suite, batch) = fixture_case("tiny-neo");
+    let rt = &model.runtime;
+    let dev = Device::Cpu;
+    let tokens: Vec<u32> = batch.tokens.flatten_all().unwrap().to_vec1().unwrap();
+    let cands = candidates(&suite, &tokens, 5, 7);
+    let f = suite.n_features;
+    let vocab = rt.weights.w_e.dim(0).unwrap();
+    for composed in [true, false] {
+        let mut plan = Plan::new(&suite, Wiring::Sparse(&cands), false, &dev).unwrap();
+        plan.force_composed(composed);
+        // Gate values in (0, 1) per slot, as variables.
+        let mut rng = SplitMix(11);
+        let mut var = |rows: usize, width: usize| {
+            let v: Vec<f32> = (0..rows * width).map(|_| 0.1 + 0.8 * rng.uniform() as f32).collect();
+            Var::from_tensor(&Tensor::from_vec(v, (rows, width), &dev).unwrap()).unwrap()
+        };
+        let up: Vec<Option<Var>> = (0..4).map(|d| plan.down(d).index.as_ref().map(|ix| var(f, ix.width))).collect();
+        let emb: Vec<Option<Var>> =
+            (0..4).map(|d| plan.down(d).embed.as_ref().map(|ep| var(f, ep.index.width))).collect();
+        let gates = Gates {
+            up: up.iter().map(|v| v.as_ref().map(|v| v.as_tensor().clone())).collect(),
+            embed: emb.iter().map(|v| v.as_ref().map(|v| v.as_tensor().clone())).collect(),
+        };
+        let opts = PassOptions::default();
+        let out = forward_gated(&suite, rt, &plan, &batch, opts, Some(&gates)).unwrap();
+        let l = loss(&suite, &batch, &out);
+        let store = l.backward().unwrap();
+        // The oracle: F×F masks (per upstream module) and F×V embed masks holding the gates.
+        let host = |v: &Option<Var>| v.as_ref().map(|v| v.as_tensor().to_vec2::<f32>().unwrap());
+        let (uh, eh): (Vec<_>, Vec<_>) = (up.iter().map(host).collect(), emb.iter().map(host).collect());
+        let up_masks: Vec<Vec<Option<Var>>> = (0..4)
+            .map(|d| {
+                (0..4)
+                    .map(|u| {
+                        let z = uh[d].as_ref()?;
+                        let mut m = vec![0f32; f * f];
+                        for (i, es) in cands.edges[d].iter().enumerate() {
+                            for (c, e) in es.iter().enumerate().filter(|(_, e)| e.up == u) {
+                                m[i * f + e.feature as usize] = z[i][c];
+                            }
+                        }
+                        Some(Var::from_tensor(&Tensor::from_vec(m, (f, f), &dev).unwrap()).unwrap())
+                    })
+                    .collect()
+            })
+            .collect();
+        let emb_masks: Vec<Option<Var>> = (0..4)
+            .map(|d| {
+                let z = eh[d].as_ref()?;
+                let mut m = vec![0f32; f * vocab];
+                for (i, es) in cands.embed[d].iter().enumerate() {
+                    for (c, e) in es.iter().enumerate() {
+                        m[i * vocab + e.token as usize] = z[i][c];
+                    }
+                }
+                Some(Var::from_tensor(&Tensor::from_vec(m, (f, vocab), &dev).unwrap()).unwrap())
+            })
+            .collect();
+        let masks = Masks {
+            up: &|d, u| {
+                Ok(Some(
+                    up_masks[d][u]
+                        .as_ref()
+                        .map_or_else(|| Tensor::zeros((f, f), DType::F32, &dev), |v| Ok(v.as_tensor().clone()))?,
+                ))
+            },
+            embed: &|d| Ok(emb_masks[d].as_ref().map(|v| v.as_tensor().clone())),
+        };
+        let want = forward_masked(&suite, rt, false, &masks, &batch, opts).unwrap();
+        for m in 0..4 {
+            let d = max_abs(&(&out.feats[m] - &want.feats[m]).unwrap());
+            assert!(d <= 1e-4, "composed {composed}: feats {m} differ by {d}");
+        }
+        let lw = loss(&suite, &batch, &want);
+        let ostore = lw.backward().unwrap();
+        let (mut worst, mut n, mut largest) = (0f32, 0, 0f32);
+        for d in 0..4 {
+            if let Some(z) = up[d].as_ref().filter(|_| cands.edges[d].iter().any(|e| !e.is_empty())) {
+                let g = store.get(z.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+                for (i, es) in cands.edges[d].iter().enumerate() {
+                    for (c, e) in es.iter().enumerate() {
+                        let m = up_masks[d][e.up].as_ref().unwrap();
+                        let og = ostore
+                            .get(m.as_tensor())
+                            .map(|t| t.to_vec2::<f32>().unwrap()[i][e.feature as usize])
+                            .unwrap_or(0.0);
+                        worst = worst.max((g[i][c] - og).abs());
+                        largest = largest.max(g[i][c].abs());
+                        n += 1;
+                    }
+                }
+            }
+            if let Some(z) = &emb[d] {
+                let g = store.get(z.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+                let om = ostore.get(emb_masks[d].as_ref().unwrap().as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+                for (i, es) in cands.embed[d].iter().enumerate() {
+                    for (c, e) in es.iter().enumerate() {
+                        worst = worst.max((g[i][c] - om[i][e.token as usize]).abs());
+                        largest = largest.max(g[i][c].abs());
+                        n += 1;
+                    }
+                }
+            }
+        }
+        assert!(n > 100 && largest > 1e-3, "{n} gates compared, largest gradient {largest}");
+        assert!(worst <= 1e-4, "composed {composed}: gate gradients differ by {worst}");
+        eprintln!("composed {composed}: {n} gate gradients up to {largest:.2e}, worst difference {worst:.2e}");
+    }
+}
+
+#[test]
+fn sampled_gates_and_expected_counts_follow_the_hard_concrete_formulas() {
+    let (_model, suite, batch) = fixture_case("tiny-neo");
+    let dev = Device::Cpu;
+    let tokens: Vec<u32> = batch.tokens.flatten_all().unwrap().to_vec1().unwrap();
+    let cands = candidates(&suite, &tokens, 5, 3);
+    let plan = Plan::new(&suite, Wiring::Sparse(&cands), false, &dev).unwrap();
+    let gp = GateParams::new(&plan, &cands, 3, GateInit::Scores, 5, &dev).unwrap();
+    let beta = 0.7;
+    for mode in [GateMode::Relaxed, GateMode::Hard] {
+        let gates = gp.sample(beta, mode, 99).unwrap();
+        let mut rng = SplitMix(99);
+        for (g, z) in gp.up.iter().chain(&gp.embed).zip(gates.up.iter().chain(&gates.embed)) {
+            let (Some(g), Some(z)) = (g, z) else { continue };
+            let la = g.log_alpha.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let used = g.used.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let z = z.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for k in 0..la.len() {
+                let u = rng.uniform() * (1.0 - 2e-7) + 1e-7;
+                let s = 1.0 / (1.0 + (-((u.ln() - (1.0 - u).ln() + la[k] as f64) / beta)).exp());
+                let zbar = (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0);
+                let want = used[k] as f64 * if mode == GateMode::Hard { (zbar > 0.5) as u8 as f64 } else { zbar };
+                assert!((z[k] as f64 - want).abs() < 1e-5, "{mode:?} gate {k}: {} vs {want}", z[k]);
+            }
+        }
+    }
+    // Expected open gates per feature: Σ_j σ(log α − β ln(−γ/ζ)) over its candidates.
+    let counts = gp.expected_counts(beta).unwrap().to_vec1::<f32>().unwrap();
+    let f = suite.n_features;
+    for d in 0..4 {
+        for i in 0..f {
+            let mut want = 0.0;
+            for (g, n) in [(&gp.up[d], cands.edges[d][i].len()), (&gp.embed[d], cands.embed[d][i].len())] {
+                if let Some(g) = g {
+                    let la = g.log_alpha.as_tensor().to_vec2::<f32>().unwrap();
+                    for k in 0..n {
+                        want += 1.0 / (1.0 + (-(la[i][k] as f64 - beta * (-GAMMA / ZETA).ln())).exp());
+                    }
+                }
+            }
+            assert!((counts[d * f + i] as f64 - want).abs() < 1e-4, "module {d} feature {i}");
+        }
+    }
+}
+
+#[test]
+fn the_gradient_with_respect_to_log_alpha_matches_central_differences() {
+    let (model, suite, batch) = fixture_case("tiny-neo");
+    let rt = &model.runtime;
+    let dev = Device::Cpu;
+    let tokens: Vec<u32> = batch.tokens.flatten_all().unwrap().to_vec1().unwrap();
+    let cands = candidates(&suite, &tokens, 4, 21);
+    let mut plan = Plan::new(&suite, Wiring::Sparse(&cands), false, &dev).unwrap();
+    plan.force_composed(true);
+    let gp = GateParams::new(&plan, &cands, 2, GateInit::Zero, 1, &dev).unwrap();
+    let (beta, seed) = (1.0, 17);
+    let value = |gp: &GateParams| -> (f64, Tensor) {
+        let gates = gp.sample(beta, GateMode::Relaxed, seed).unwrap();
+        let out = forward_gated(&suite, rt, &plan, &batch, PassOptions::default(), Some(&gates)).unwrap();
+        let l = (loss(&suite, &batch, &out) + (gp.penalty(beta).unwrap() * 0.01).unwrap()).unwrap();
+        (l.to_scalar::<f32>().unwrap() as f64, l)
+    };
+    let (_, l) = value(&gp);
+    let store = l.backward().unwrap();
+    // Module 3 (mlp_1): its upstream gates.
+    let g = gp.up[3].as_ref().unwrap();
+    let grad = store.get(g.log_alpha.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+    let base = g.log_alpha.as_tensor().to_vec2::<f32>().unwrap();
+    let mut checked = 0;
+    for i in 0..suite.n_features {
+        for c in 0..cands.edges[3][i].len().min(1) {
+            let eps = 1e-2f32;
+            let mut at = |delta: f32| {
+                let mut v = base.clone();
+                v[i][c] += delta;
+                let flat: Vec<f32> = v.concat();
+                g.log_alpha.set(&Tensor::from_vec(flat, (base.len(), base[0].len()), &dev).unwrap()).unwrap();
+                value(&gp).0
+            };
+            let fd = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+            let got = grad[i][c] as f64;
+            assert!(
+                (fd - got).abs() <= 2e-2 * got.abs().max(1e-2),
+                "gate ({i},{c}): autograd {got} vs differences {fd}"
+            );
+            checked += 1;
+        }
+    }
+    g.log_alpha.set(&Tensor::from_vec(base.concat(), (base.len(), base[0].len()), &dev).unwrap()).unwrap();
+    assert!(checked >= 10, "{checked}");
+}
