@@ -58,8 +58,12 @@ VIEW_SEQS ?=
 PROMPT ?=
 # Command that turns edges.parquet into connections.parquet; called as
 # `$(SELECT) --edges E --c C [--embed-c EMBED_C] [--unembed-c UNEMBED_C] --out F` (e.g.
-# SELECT="python3 pipelines/select_random.py").
+# SELECT="python3 pipelines/select_random.py"); or `learned`: learn-connections learns C of
+# the KEEP candidates with hard-concrete gates for the suite (frozen), LEARN_STEPS steps.
 SELECT ?= $(BIN)/select-edges
+# learn-connections (SELECT=learned): steps, and the weight of its expected-L0 penalty.
+LEARN_STEPS ?= $(STEPS)
+LAMBDA ?= 0.01
 # C values of `make sweep`.
 CS ?= 0 4 16 64
 # Seed of the toy corpus and toy model (toy preset).
@@ -127,7 +131,10 @@ edges_args = $(SUITE_ARGS) acts=$(ACTS_ARGS) keep=$(KEEP) embed=$(if $(1),1,0) u
 edges_dir = $(OUT)/edges/$(MODEL_NAME)-keep$(KEEP)$(if $(1),-embed,)$(if $(2),-unembed,)-$(call key,$(call edges_args,$(1),$(2)))
 EDGES := $(call edges_dir,$(EMBED_C),$(UNEMBED_C))
 # A selection script's own file counts by identity (not the tools in BIN: a rebuild reruns nothing).
-SELECT_ID := select=$(SELECT)$(foreach w,$(filter-out $(BIN)/%,$(SELECT)),$(if $(wildcard $(w)),:$(call ident,$(w))))
+LEARNED := $(filter learned,$(SELECT))
+SELECT_ID := select=$(SELECT)$(foreach w,$(filter-out $(BIN)/% learned,$(SELECT)),$(if $(wildcard $(w)),:$(call ident,$(w))))
+# What learned connections depend on besides the edges: the suite, its cache and the run.
+LEARN_ID := acts=$(ACTS_ARGS) suite=$(SUITE_ARGS) steps=$(LEARN_STEPS) lambda=$(LAMBDA) batch=$(BATCH) seed=$(SEED)
 FT_ARGS := acts=$(ACTS_ARGS) loss=$(LOSS) steps=$(STEPS) lr=$(LR) decay=$(DECAY) batch=$(BATCH) seed=$(SEED) auxk=$(AUXK) dead=$(DEAD_THRESHOLD)$(NP_KEY)
 FT_NAME := $(LOSS)-s$(STEPS)-lr$(LR)
 CONN_IDENT := $(if $(CONNECTIONS),conns=$(call ident,$(CONNECTIONS)),)
@@ -140,19 +147,27 @@ endif
 ends_tag = $(if $(2),-e$(2),)$(if $(3),-u$(3),)
 tag = $(4)$(1)$(call ends_tag,$(1),$(2),$(3))
 define CONN_RULES
-CONN_ARGS_$(call tag,$(1),$(2),$(3),$(4)) := $(call edges_args,$(2),$(3)) c=$(1) embed_c=$(2) unembed_c=$(3) $(if $(filter random,$(4)),random=$(RANDOM_SEED),$(SELECT_ID))
+CONN_ARGS_$(call tag,$(1),$(2),$(3),$(4)) := $(call edges_args,$(2),$(3)) c=$(1) embed_c=$(2) unembed_c=$(3) $(if $(filter random,$(4)),random=$(RANDOM_SEED),$(if $(filter learned,$(4)),learned $(LEARN_ID),$(SELECT_ID)))
 CONN_$(call tag,$(1),$(2),$(3),$(4)) := $(if $(CONNECTIONS),$(CONNECTIONS),$(OUT)/conns/$(MODEL_NAME)-$(call tag,$(1),$(2),$(3),$(4))-$$(call key,$$(CONN_ARGS_$(call tag,$(1),$(2),$(3),$(4)))).parquet)
 FT_$(call tag,$(1),$(2),$(3),$(4)) := $(OUT)/finetune/$(MODEL_NAME)-$(call tag,$(1),$(2),$(3),$(4))-$(FT_NAME)-$$(call key,$$(CONN_ARGS_$(call tag,$(1),$(2),$(3),$(4))) $(if $(CONNECTIONS),conns=$(call ident,$(CONNECTIONS)),) $(FT_ARGS))
 ifeq ($(CONNECTIONS),)
-$$(CONN_$(call tag,$(1),$(2),$(3),$(4))): $(call edges_dir,$(2),$(3))/.done | $(BUILD_DEP)
+$$(CONN_$(call tag,$(1),$(2),$(3),$(4))): $(call edges_dir,$(2),$(3))/.done $(if $(filter learned,$(4)),$(ACTS)/.done $(SUITE_DEP),) | $(BUILD_DEP)
 	@mkdir -p $$(@D)
-	rm -f $$@.tmp.parquet
-	$(if $(filter random,$(4)),$(BIN)/select-edges,$(SELECT)) --edges $(call edges_dir,$(2),$(3))/edges.parquet --c $(1) $(if $(2),--embed-c $(2),) $(if $(3),--unembed-c $(3),) $(if $(filter random,$(4)),--random $(RANDOM_SEED),) --out $$@.tmp.parquet
+	rm -rf $$@.tmp.parquet $$@.learn
+	$(if $(filter learned,$(4)),$(call learn,$(call edges_dir,$(2),$(3))/edges.parquet,$(1),$$@),$(if $(filter random,$(4)),$(BIN)/select-edges,$(SELECT)) --edges $(call edges_dir,$(2),$(3))/edges.parquet --c $(1) $(if $(2),--embed-c $(2),) $(if $(3),--unembed-c $(3),) $(if $(filter random,$(4)),--random $(RANDOM_SEED),) --out $$@.tmp.parquet)
 	mv $$@.tmp.parquet $$@
 endif
 $$(FT_$(call tag,$(1),$(2),$(3),$(4)))/.done: $$(CONN_$(call tag,$(1),$(2),$(3),$(4))) $(ACTS)/.done $(SUITE_DEP) | $(BUILD_DEP)
 	$$(call finetune,$$(@D),$$(CONN_$(call tag,$(1),$(2),$(3),$(4))))
 	touch $$@
+endef
+
+# Learn C=$(2) connections among the candidates of edges file $(1) for the suite (frozen) into
+# $(3).tmp.parquet (the run's folder $(3).learn is kept beside it for its metrics).
+define learn
+$(BIN)/learn-connections --acts $(ACTS) --suite $(SUITE_PATH) --edges $(1) --c $(2) --freeze-suite \
+    --steps $(LEARN_STEPS) --lambda $(LAMBDA) --batch-size $(BATCH) --seed $(SEED) $(THREADS_FLAG) \
+    --out $(3).learn > /dev/null && cp $(3).learn/connections.parquet $(3).tmp.parquet
 endef
 
 # Finetune the suite into $(1) with connections $(2) (a file, or `all`), the run's settings;
@@ -187,16 +202,18 @@ endef
 # ends when EMBED_C/UNEMBED_C are set, every C of CS, and the random control.
 WITH_DENSE := $(if $(EMBED_C)$(UNEMBED_C),$(if $(CONNECTIONS),,1),)
 WITH_CONTROL := $(and $(filter 1,$(CONTROL)),$(if $(CONNECTIONS),,1))
-CONFIGS := $(sort top:$(C):$(EMBED_C):$(UNEMBED_C) $(if $(WITH_DENSE),top:$(C)::) \
-    $(if $(CONNECTIONS),,$(foreach c,$(CS),top:$(c):$(EMBED_C):$(UNEMBED_C))) \
+# The main connections' kind: the top C by score, or learned (SELECT=learned).
+KIND := $(if $(LEARNED),learned,top)
+CONFIGS := $(sort $(KIND):$(C):$(EMBED_C):$(UNEMBED_C) $(if $(WITH_DENSE),$(KIND):$(C)::) \
+    $(if $(CONNECTIONS),,$(foreach c,$(CS),$(KIND):$(c):$(EMBED_C):$(UNEMBED_C))) \
     $(if $(WITH_CONTROL),random:$(C):$(EMBED_C):$(UNEMBED_C)))
 cfg = $(word $(2),$(subst :, ,$(subst ::,:-:,$(subst ::,:-:,$(1)))))
 cfg_arg = $(patsubst -,,$(call cfg,$(1),$(2)))
 tag_of = $(call tag,$(call cfg_arg,$(1),2),$(call cfg_arg,$(1),3),$(call cfg_arg,$(1),4),$(call cfg_arg,$(1),1))
 $(foreach x,$(CONFIGS),$(eval $(call CONN_RULES,$(call cfg_arg,$(x),2),$(call cfg_arg,$(x),3),$(call cfg_arg,$(x),4),$(call cfg_arg,$(x),1))))
 
-MAIN := $(call tag,$(C),$(EMBED_C),$(UNEMBED_C),top)
-DENSE := $(call tag,$(C),,,top)
+MAIN := $(call tag,$(C),$(EMBED_C),$(UNEMBED_C),$(KIND))
+DENSE := $(call tag,$(C),,,$(KIND))
 RAND := $(call tag,$(C),$(EMBED_C),$(UNEMBED_C),random)
 FT := $(FT_$(MAIN))
 CONN := $(CONN_$(MAIN))
@@ -222,7 +239,7 @@ REPORT_EVALS := $(call both,all-before) $(call both,$(MAIN)-before) $(call both,
 REPORT := $(OUT)/report/$(MODEL_NAME)-$(MAIN)-$(FT_NAME)-$(call key,$(REPORT_EVALS))
 SWEEP_EVALS := $(call both,all-before) $(call both,$(MAIN)-before) \
     $(if $(filter 1,$(DENSE_CONTROL)),$(call both,all-finetuned)) \
-    $(foreach c,$(CS),$(call both,$(call tag,$(c),$(EMBED_C),$(UNEMBED_C),top)-finetuned))
+    $(foreach c,$(CS),$(call both,$(call tag,$(c),$(EMBED_C),$(UNEMBED_C),$(KIND))-finetuned))
 SWEEP := $(OUT)/sweep/$(MODEL_NAME)-$(FT_NAME)-$(call key,$(SWEEP_EVALS))
 # The feature browser of the finetuned suite, on held-out tokens.
 VIEW_DIR := $(OUT)/view/$(MODEL_NAME)-$(MAIN)-$(FT_NAME)$(if $(VIEW_SEQS),-n$(VIEW_SEQS),)-$(call key,$(FT) $(HELD_ARGS) $(EDGES) $(CONN_IDENT))
@@ -249,7 +266,7 @@ $(REPORT)/.done: $(addsuffix /.done,$(REPORT_EVALS)) | $(BUILD_DEP)
 ## settings: print the preset and the settings every stage runs with (`make all` starts so).
 HELP_VARS := PIPELINE MODEL DATA HELDOUT CTX N_SEQS N_HELDOUT BOS PACK DTYPE BATCH THREADS SEED \
     EXPANSION K SUITE_STEPS SUITE_LR DEAD_THRESHOLD SUITE CONNECTIONS C KEEP EMBED_C UNEMBED_C SELECT \
-    LOSS STEPS LR DECAY AUXK CKPT_EVERY DENSE_CONTROL CONTROL RANDOM_SEED VIEW VIEW_SEQS PROMPT CS TOY_SEED OUT BIN BUILD MPI NP LAUNCH
+    LOSS STEPS LR DECAY AUXK CKPT_EVERY DENSE_CONTROL CONTROL RANDOM_SEED LEARN_STEPS LAMBDA VIEW VIEW_SEQS PROMPT CS TOY_SEED OUT BIN BUILD MPI NP LAUNCH
 settings:
 	@echo "make: preset $(PIPELINE) (pipelines/$(PIPELINE).mk)$(if $(filter command line environment,$(origin MODEL)),$(comma) MODEL from the $(origin MODEL),)"
 	@echo "  data: MODEL=$(MODEL) DATA=$(DATA) HELDOUT=$(if $(HELDOUT),$(HELDOUT),<DATA after $(N_SEQS) sequences>) CTX=$(CTX) N_SEQS=$(N_SEQS) N_HELDOUT=$(N_HELDOUT) BOS=$(BOS) PACK=$(PACK) DTYPE=$(DTYPE)"

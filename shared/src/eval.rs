@@ -260,6 +260,7 @@ pub fn run(
         cache_id: Some(inputs.cache().id()?),
         pass: cfg.pass_description.clone(),
         random_connections: cfg.connections_meta.get(crate::formats::edges_meta::Key::RandomSeed).is_some(),
+        learned_connections: cfg.connections_meta.get(crate::formats::edges_meta::Key::Learned).is_some(),
         connections_lineage: cfg.connections_lineage.clone(),
         suite_id: Some(suite_id),
         root_suite_id: Some(root_suite_id),

@@ -205,23 +205,46 @@ fn sampled_gates_and_expected_counts_follow_the_hard_concrete_formulas() {
             }
         }
     }
-    // Expected open gates per feature: Σ_j σ(log α − β ln(−γ/ζ)) over its candidates.
-    let counts = gp.expected_counts(beta).unwrap().to_vec1::<f32>().unwrap();
-    let f = suite.n_features;
-    for d in 0..4 {
-        for i in 0..f {
-            let mut want = 0.0;
-            for (g, n) in [(&gp.up[d], cands.edges[d][i].len()), (&gp.embed[d], cands.embed[d][i].len())] {
-                if let Some(g) = g {
-                    let la = g.log_alpha.as_tensor().to_vec2::<f32>().unwrap();
-                    for k in 0..n {
-                        want += 1.0 / (1.0 + (-(la[i][k] as f64 - beta * (-GAMMA / ZETA).ln())).exp());
+    // Expected open gates per feature: Σ_j σ(log α − β ln(−γ/ζ)) over its candidates (relaxed
+    // gates), Σ_j σ(log α) (hard gates: open when the logistic noise + log α > 0).
+    for mode in [GateMode::Relaxed, GateMode::Hard] {
+        let counts = gp.expected_counts(beta, mode).unwrap().to_vec1::<f32>().unwrap();
+        let shift = if mode == GateMode::Relaxed { beta * (-GAMMA / ZETA).ln() } else { 0.0 };
+        let f = suite.n_features;
+        for d in 0..4 {
+            for i in 0..f {
+                let mut want = 0.0;
+                for (g, n) in [(&gp.up[d], cands.edges[d][i].len()), (&gp.embed[d], cands.embed[d][i].len())] {
+                    if let Some(g) = g {
+                        let la = g.log_alpha.as_tensor().to_vec2::<f32>().unwrap();
+                        for k in 0..n {
+                            want += 1.0 / (1.0 + (-(la[i][k] as f64 - shift)).exp());
+                        }
                     }
                 }
+                assert!((counts[d * f + i] as f64 - want).abs() < 1e-4, "module {d} feature {i}");
             }
-            assert!((counts[d * f + i] as f64 - want).abs() < 1e-4, "module {d} feature {i}");
         }
     }
+    // Hard gates open with probability σ(log α): over many draws, the share of open gates.
+    let draws = 200;
+    let g = gp.up[3].as_ref().unwrap();
+    let la = g.log_alpha.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let used = g.used.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut open = vec![0f64; la.len()];
+    for s in 0..draws {
+        let z = gp.sample(beta, GateMode::Hard, 1000 + s).unwrap();
+        for (k, v) in z.up[3].as_ref().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().enumerate()
+        {
+            open[k] += v as f64 / draws as f64;
+        }
+    }
+    let (mut got, mut want) = (0.0, 0.0);
+    for k in 0..la.len() {
+        got += open[k];
+        want += used[k] as f64 / (1.0 + (-(la[k] as f64)).exp());
+    }
+    assert!((got - want).abs() < 0.05 * want, "open hard gates {got} vs Σ σ(log α) {want}");
 }
 
 #[test]
@@ -238,7 +261,7 @@ fn the_gradient_with_respect_to_log_alpha_matches_central_differences() {
     let value = |gp: &GateParams| -> (f64, Tensor) {
         let gates = gp.sample(beta, GateMode::Relaxed, seed).unwrap();
         let out = forward_gated(&suite, rt, &plan, &batch, PassOptions::default(), Some(&gates)).unwrap();
-        let l = (loss(&suite, &batch, &out) + (gp.penalty(beta).unwrap() * 0.01).unwrap()).unwrap();
+        let l = (loss(&suite, &batch, &out) + (gp.penalty(beta, GateMode::Relaxed).unwrap() * 0.01).unwrap()).unwrap();
         (l.to_scalar::<f32>().unwrap() as f64, l)
     };
     let (_, l) = value(&gp);

@@ -88,6 +88,7 @@ fn every_help_states_what_an_optional_flag_defaults_to() {
         "view-features",
         "convert-suite",
         "attribute",
+        "learn-connections",
         "toy-lm",
     ];
     let mut silent = Vec::new();

@@ -172,10 +172,33 @@ impl Connections {
     /// Write the parquet form via `<path>.tmp`; its key-value metadata: `format` (connections or
     /// edges), version, F and modules, then `meta` in its order.
     pub fn write_parquet(&self, path: &Path, format: &str, meta: &EdgesMeta) -> Result<()> {
+        self.write_parquet_gated(path, format, meta, None)
+    }
+
+    /// [`write_parquet`](Self::write_parquet) with a `gate` column (learned connections):
+    /// `gates[d][i]` holds one value per edge of feature i of module d, its module edges then
+    /// its embed edges, in list order; unembed rows get NaN.
+    pub fn write_parquet_gated(
+        &self,
+        path: &Path,
+        format: &str,
+        meta: &EdgesMeta,
+        gates: Option<&[Vec<Vec<f32>>]>,
+    ) -> Result<()> {
         let (mut dm, mut df, mut um, mut uf, mut sc) = (vec![], vec![], vec![], vec![], vec![]);
+        let mut gate = Vec::new();
         for (d, feats) in self.edges.iter().enumerate() {
             let dname = self.modules[d].name();
             for (i, es) in feats.iter().enumerate() {
+                if let Some(g) = gates {
+                    gate.extend(
+                        g[d][i]
+                            .iter()
+                            .copied()
+                            .chain(std::iter::repeat(f32::NAN))
+                            .take(es.len() + self.embed[d][i].len()),
+                    );
+                }
                 for e in es {
                     dm.push(dname.clone());
                     df.push(i as u32);
@@ -199,15 +222,21 @@ impl Connections {
                 um.push(self.modules[e.up].name());
                 uf.push(e.feature);
                 sc.push(e.score);
+                if gates.is_some() {
+                    gate.push(f32::NAN);
+                }
             }
         }
-        let cols: Vec<(&str, ArrayRef)> = vec![
+        let mut cols: Vec<(&str, ArrayRef)> = vec![
             ("down_module", Arc::new(StringArray::from(dm))),
             ("down_feature", Arc::new(UInt32Array::from(df))),
             ("up_module", Arc::new(StringArray::from(um))),
             ("up_feature", Arc::new(UInt32Array::from(uf))),
             ("score", Arc::new(Float32Array::from(sc))),
         ];
+        if gates.is_some() {
+            cols.push(("gate", Arc::new(Float32Array::from(gate))));
+        }
         let modules: Vec<String> = self.modules.iter().map(Module::name).collect();
         let mut all = EdgesMeta::new()
             .with(Key::Format, format)

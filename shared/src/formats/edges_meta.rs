@@ -51,6 +51,8 @@ pub enum Key {
     UnembedC,
     /// The file connections were copied from (finetune, convert-suite).
     Source,
+    /// How learned connections were learned (learn-connections: λ, steps, β schedule, ...).
+    Learned,
 }
 
 impl Key {
@@ -76,6 +78,7 @@ impl Key {
             Key::EmbedC => "embed_c",
             Key::UnembedC => "unembed_c",
             Key::Source => "source",
+            Key::Learned => "learned",
         }
     }
 

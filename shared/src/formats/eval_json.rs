@@ -75,6 +75,9 @@ pub struct EvalReport {
     /// The connections are the random control (`select-edges --random`).
     #[serde(default)]
     pub random_connections: bool,
+    /// The connections were learned (`learn-connections`).
+    #[serde(default)]
+    pub learned_connections: bool,
     /// Whether the connections file was scored for this suite or an ancestor (absent when the
     /// file does not record it).
     #[serde(default)]

@@ -6,7 +6,8 @@
 //!
 //! `s = σ((ln u − ln(1−u) + log α)/β)`, `z̄ = clamp(s(ζ−γ)+γ, 0, 1)` with γ = −0.1, ζ = 1.1;
 //! hard mode `z = 1[z̄ > 0.5] + z̄ − sg(z̄)` (straight-through), relaxed mode `z = z̄`;
-//! `p = σ(log α − β ln(−γ/ζ))` the probability that a gate is non-zero.
+//! `p = σ(log α − β ln(−γ/ζ))` the probability that a relaxed gate is non-zero, `σ(log α)`
+//! that a hard one is 1.
 
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -19,9 +20,10 @@ use crate::util::rng::SplitMix;
 pub const GAMMA: f64 = -0.1;
 pub const ZETA: f64 = 1.1;
 
-/// `1 / (1 + e^(−x))` from differentiable ops.
+/// `1 / (1 + e^(−x))`, its gradient `σ(1 − σ)` from the result (finite for any x, unlike the
+/// composed ops' `e^(−x) / (1 + e^(−x))²` once `e^(−x)` overflows).
 fn sigmoid(x: &Tensor) -> Result<Tensor> {
-    Ok((x.neg()?.exp()? + 1.0)?.recip()?)
+    Ok(candle_nn::ops::sigmoid(x)?)
 }
 
 /// How the forward pass uses a gate sample.
@@ -162,23 +164,29 @@ impl GateParams {
         Ok(Gates { up, embed })
     }
 
-    /// The probability that each gate is open, `σ(log α − β ln(−γ/ζ))`, on used slots (0 on
-    /// empty ones).
-    fn open_probability(g: &SlotGates, beta: f64) -> Result<Tensor> {
-        let shift = beta * (-GAMMA / ZETA).ln();
+    /// The probability that each gate is open in the forward pass, on used slots (0 on empty
+    /// ones): hard gates are 1 exactly when `ln u − ln(1−u) + log α > 0`, so `σ(log α)` at any
+    /// β; a relaxed gate is non-zero with probability `σ(log α − β ln(−γ/ζ))` (the reference's
+    /// expected L0, which it also uses for its hard gates, where it overstates the open gates
+    /// by a factor that grows with β).
+    fn open_probability(g: &SlotGates, beta: f64, mode: GateMode) -> Result<Tensor> {
+        let shift = match mode {
+            GateMode::Hard => 0.0,
+            GateMode::Relaxed => beta * (-GAMMA / ZETA).ln(),
+        };
         Ok((sigmoid(&(g.log_alpha.as_tensor() - shift)?)? * &g.used)?)
     }
 
     /// Each feature's expected number of open gates `(modules·F)`: its upstream and embed
     /// slots' probabilities added.
-    pub fn expected_counts(&self, beta: f64) -> Result<Tensor> {
+    pub fn expected_counts(&self, beta: f64, mode: GateMode) -> Result<Tensor> {
         let f = self.n_features;
         let dev = self.target.device();
         let mut per = Vec::new();
         for (u, e) in self.up.iter().zip(&self.embed) {
             let mut count = Tensor::zeros(f, DType::F32, dev)?;
             for g in [u, e].into_iter().flatten() {
-                count = (count + Self::open_probability(g, beta)?.sum(1)?)?;
+                count = (count + Self::open_probability(g, beta, mode)?.sum(1)?)?;
             }
             per.push(count);
         }
@@ -187,8 +195,8 @@ impl GateParams {
 
     /// The penalty `mean_i (Σ_j p_ij − t_i)²` over every feature of every module, `t_i` =
     /// min(C, its candidates).
-    pub fn penalty(&self, beta: f64) -> Result<Tensor> {
-        Ok((self.expected_counts(beta)? - &self.target)?.sqr()?.mean_all()?)
+    pub fn penalty(&self, beta: f64, mode: GateMode) -> Result<Tensor> {
+        Ok((self.expected_counts(beta, mode)? - &self.target)?.sqr()?.mean_all()?)
     }
 
     /// The connection set: each feature's top-C candidates by `log α` (ties by list order),

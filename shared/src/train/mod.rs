@@ -15,6 +15,7 @@ pub mod dead;
 pub mod finetune;
 pub mod finetune_step;
 pub mod gates;
+pub mod learn;
 pub mod optim;
 pub mod parallel;
 pub mod pretrain;

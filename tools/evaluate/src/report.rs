@@ -77,6 +77,8 @@ pub struct Role {
     pub c: Option<u64>,
     /// The random-connections control.
     pub random: bool,
+    /// Connections learned by learn-connections (not the top C by score).
+    pub learned: bool,
     pub embed_c: Option<u64>,
     pub unembed_c: Option<u64>,
 }
@@ -87,6 +89,7 @@ impl Role {
         let mut out = match (self.c, self.random) {
             (None, _) => "all".to_string(),
             (Some(c), true) => format!("random {c}"),
+            (Some(c), false) if self.learned => format!("learned {c}"),
             (Some(c), false) => format!("top {c}"),
         };
         if let Some(e) = self.embed_c {
@@ -139,7 +142,14 @@ pub fn load_run(dir: &Path) -> Result<Run> {
     };
     Ok(Run {
         dir: dir.to_path_buf(),
-        role: Role { finetuned: r.finetuned(), c: r.c, random, embed_c: r.embed_c, unembed_c: r.unembed_c },
+        role: Role {
+            finetuned: r.finetuned(),
+            c: r.c,
+            random,
+            learned: r.learned_connections,
+            embed_c: r.embed_c,
+            unembed_c: r.unembed_c,
+        },
         tokens: r.tokens.clone(),
         cache: r.cache_id.clone().unwrap_or_else(|| r.acts.display().to_string()),
         unsure: false,
@@ -245,6 +255,7 @@ pub fn roles(runs: &[Run]) -> Vec<Role> {
             r.finetuned,
             r.c.is_some(),
             r.random,
+            r.learned,
             r.c,
             r.embed_c.is_some() || r.unembed_c.is_some(),
             r.embed_c,
@@ -347,20 +358,20 @@ fn band(share: f64) -> u8 {
 pub fn summary(runs: &[Run]) -> Option<String> {
     let split = primary_split(runs);
     let on = |r: &Role| values(runs, r, split, |x| x.ce_diff);
-    let all0 = Role { finetuned: false, c: None, random: false, embed_c: None, unembed_c: None };
+    let all0 = Role { finetuned: false, c: None, random: false, learned: false, embed_c: None, unembed_c: None };
     let a = on(&all0)?;
     // With sparse ends, the runs that have them are the subject.
     let sparse = runs.iter().find(|r| r.role.c.is_some() && r.role.ends() != (None, None)).map(|r| r.role.ends());
     let (embed_c, unembed_c) = sparse.unwrap_or((None, None));
-    let c = runs
+    let main = &runs
         .iter()
         .find(|r| !r.role.finetuned && !r.role.random && r.role.c.is_some() && r.role.ends() == (embed_c, unembed_c))?
-        .role
-        .c?;
-    let top0 = Role { c: Some(c), embed_c, unembed_c, ..all0.clone() };
+        .role;
+    let (c, learned) = (main.c?, main.learned);
+    let top0 = Role { c: Some(c), embed_c, unembed_c, learned, ..all0.clone() };
     let top1 = Role { finetuned: true, ..top0.clone() };
     let all1 = Role { finetuned: true, ..all0.clone() };
-    let rand1 = Role { random: true, ..top1.clone() };
+    let rand1 = Role { random: true, learned: false, ..top1.clone() };
     let (b, x) = (on(&top0)?, on(&top1)?);
     let y = on(&all1);
     let r = on(&rand1);
@@ -376,8 +387,9 @@ pub fn summary(runs: &[Run]) -> Option<String> {
     let over = if seeds > 1 { format!(", mean (range) over {seeds} seeds") } else { String::new() };
     out.push_str(&format!("{where_}, CE diff{over}:\n"));
     out.push_str(&format!("- all connections, not finetuned: {}\n", a.show(4)));
-    out.push_str(&format!("- pruned to C={c}, not finetuned: {}\n", b.show(4)));
-    out.push_str(&format!("- pruned to C={c}, finetuned through the pruned pass ({recipe}): {}\n", x.show(4)));
+    let chosen = if learned { " (connections learned by learn-connections)" } else { "" };
+    out.push_str(&format!("- pruned to C={c}{chosen}, not finetuned: {}\n", b.show(4)));
+    out.push_str(&format!("- pruned to C={c}{chosen}, finetuned through the pruned pass ({recipe}): {}\n", x.show(4)));
     // Whether the controls really were finetuned the same way: every flag of their runs but
     // the connections, the suite and the seed.
     let flags_of = |role: &Role| -> Vec<&serde_json::Value> {

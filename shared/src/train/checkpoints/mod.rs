@@ -175,6 +175,16 @@ impl Checkpoints {
         Ok(())
     }
 
+    /// The checkpoint folders the next [`save`](Self::save) writes.
+    pub fn targets(&self) -> &[&'static str] {
+        &self.targets
+    }
+
+    /// The prepared output folder (rank 0 of a job, or the only process).
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_ref().map(|d| d.path())
+    }
+
     /// Ask the next [`save`](Self::save) to write these folders.
     pub fn set_targets(&mut self, targets: Vec<&'static str>) {
         self.targets = targets;

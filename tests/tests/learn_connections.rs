@@ -1,0 +1,178 @@
+//! learn-connections end to end on the tiny fixtures: candidates from score-edges, gates
+//! learned, exactly min(C, candidates) connections per feature written with their gates, the
+//! expected-L0 target met, the result usable by finetune and evaluate, and an interrupted run
+//! resumed bit for bit (frozen suite and joint training).
+
+use std::path::{Path, PathBuf};
+
+use scae_testkit::{fixture_suite, golden_cache, s, scratch, tool_fails, tool_ok};
+
+struct Case {
+    tmp: PathBuf,
+    acts: PathBuf,
+    suite: PathBuf,
+    edges: PathBuf,
+}
+
+fn case(name: &str) -> Case {
+    let tmp = scratch(name);
+    let acts = golden_cache(&tmp, "tiny-neo");
+    let suite = fixture_suite("tiny-neo");
+    let edges = tmp.join("edges");
+    tool_ok("score-edges", &["--acts", s(&acts), "--suite", s(&suite), "--embed", "--keep", "12", "--out", s(&edges)]);
+    Case { tmp, acts, suite, edges: edges.join("edges.parquet") }
+}
+
+impl Case {
+    fn learn(&self, out: &str, extra: &[&str]) -> PathBuf {
+        let dir = self.tmp.join(out);
+        let mut a = vec!["--acts", s(&self.acts), "--suite", s(&self.suite), "--edges", s(&self.edges), "--c", "4"];
+        a.extend(["--batch-size", "3", "--out", s(&dir)]);
+        a.extend(extra);
+        tool_ok("learn-connections", &a);
+        dir
+    }
+}
+
+fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// (down module, down feature, up module, up feature, gate) rows of a connections parquet.
+fn rows(path: &Path) -> Vec<(String, u32, String, u32, f32)> {
+    use arrow_array::{Float32Array, StringArray, UInt32Array};
+    let f = std::fs::File::open(path).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f).unwrap().build().unwrap();
+    let mut out = Vec::new();
+    for b in reader {
+        let b = b.unwrap();
+        let col = |n: &str| b.column_by_name(n).unwrap_or_else(|| panic!("column {n}")).clone();
+        let (dm, df, um, uf, g) =
+            (col("down_module"), col("down_feature"), col("up_module"), col("up_feature"), col("gate"));
+        let dm = dm.as_any().downcast_ref::<StringArray>().unwrap();
+        let um = um.as_any().downcast_ref::<StringArray>().unwrap();
+        let df = df.as_any().downcast_ref::<UInt32Array>().unwrap();
+        let uf = uf.as_any().downcast_ref::<UInt32Array>().unwrap();
+        let g = g.as_any().downcast_ref::<Float32Array>().unwrap();
+        for i in 0..b.num_rows() {
+            out.push((dm.value(i).to_string(), df.value(i), um.value(i).to_string(), uf.value(i), g.value(i)));
+        }
+    }
+    out
+}
+
+#[test]
+fn learned_connections_keep_c_per_feature_meet_the_target_and_feed_finetune_and_evaluate() {
+    let c = case("learn-e2e");
+    let dir =
+        c.learn("learned", &["--steps", "40", "--lambda", "1", "--gate-lr", "0.1", "--freeze-suite", "--beta", "0.5"]);
+    let conns = dir.join("connections.parquet");
+    let learned = rows(&conns);
+    let cands = rows_without_gate(&c.edges);
+    // Each feature keeps min(C, its candidates), all among its candidates, with finite gates.
+    let mut per: std::collections::BTreeMap<(String, u32), usize> = Default::default();
+    for r in &learned {
+        *per.entry((r.0.clone(), r.1)).or_default() += 1;
+        assert!(cands.contains(&(r.0.clone(), r.1, r.2.clone(), r.3)), "{r:?} is not a candidate");
+        assert!(r.4.is_finite(), "{r:?}");
+    }
+    let mut cand_per: std::collections::BTreeMap<(String, u32), usize> = Default::default();
+    for r in &cands {
+        *cand_per.entry((r.0.clone(), r.1)).or_default() += 1;
+    }
+    for (k, n) in &cand_per {
+        assert_eq!(per.get(k).copied().unwrap_or(0), (*n).min(4), "{k:?}");
+    }
+    assert!(learned.iter().any(|r| r.2 == "embed"), "embed candidates can be learned");
+    // The expected number of open gates per feature reached the target (min(C, candidates)).
+    let m = metrics(&dir);
+    assert_eq!(m.len(), 40);
+    let last = m.last().unwrap();
+    let (got, want) = (last["expected_edges_mean"].as_f64().unwrap(), last["target_edges_mean"].as_f64().unwrap());
+    assert!((got - want).abs() < 0.1 * want, "expected open gates {got} vs target {want}");
+    let first = &m[0];
+    assert!(first["penalty"].as_f64().unwrap() > 10.0 * last["penalty"].as_f64().unwrap(), "{first} -> {last}");
+    // The learned set is an ordinary connections file: evaluate and finetune take it.
+    let ev = c.tmp.join("ev");
+    tool_ok("evaluate", &["--acts", s(&c.acts), "--suite", s(&c.suite), "--connections", s(&conns), "--out", s(&ev)]);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ev.join("eval.json")).unwrap()).unwrap();
+    assert_eq!(report["learned_connections"], true);
+    let ft = c.tmp.join("ft");
+    tool_ok(
+        "finetune",
+        &[
+            "--acts",
+            s(&c.acts),
+            "--suite",
+            s(&c.suite),
+            "--connections",
+            s(&conns),
+            "--steps",
+            "1",
+            "--batch-size",
+            "3",
+            "--out",
+            s(&ft),
+        ],
+    );
+}
+
+fn rows_without_gate(path: &Path) -> Vec<(String, u32, String, u32)> {
+    use arrow_array::{StringArray, UInt32Array};
+    let f = std::fs::File::open(path).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f).unwrap().build().unwrap();
+    let mut out = Vec::new();
+    for b in reader {
+        let b = b.unwrap();
+        let dm = b.column_by_name("down_module").unwrap().as_any().downcast_ref::<StringArray>().unwrap().clone();
+        let um = b.column_by_name("up_module").unwrap().as_any().downcast_ref::<StringArray>().unwrap().clone();
+        let df = b.column_by_name("down_feature").unwrap().as_any().downcast_ref::<UInt32Array>().unwrap().clone();
+        let uf = b.column_by_name("up_feature").unwrap().as_any().downcast_ref::<UInt32Array>().unwrap().clone();
+        for i in 0..b.num_rows() {
+            if dm.value(i) != "unembed" {
+                out.push((dm.value(i).to_string(), df.value(i), um.value(i).to_string(), uf.value(i)));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn an_interrupted_run_resumes_bit_for_bit_frozen_and_joint() {
+    let c = case("learn-resume");
+    for (name, joint) in [("frozen", false), ("joint", true)] {
+        let mut base = vec!["--steps", "6", "--checkpoint-every", "2"];
+        if !joint {
+            base.push("--freeze-suite");
+        }
+        let whole = c.learn(&format!("{name}-whole"), &base);
+        let mut halted = base.clone();
+        halted.extend(["--halt-after", "3"]);
+        let cut = c.learn(&format!("{name}-cut"), &halted);
+        assert!(!cut.join("connections.parquet").exists(), "a halted run writes no result");
+        let mut resumed = base.clone();
+        resumed.push("--resume");
+        c.learn(&format!("{name}-cut"), &resumed);
+        let mut files = vec!["connections.parquet", "gates.safetensors", "metrics.jsonl"];
+        if joint {
+            files.push("suite.safetensors");
+        }
+        for f in files {
+            let (a, b) = (std::fs::read(whole.join(f)).unwrap(), std::fs::read(cut.join(f)).unwrap());
+            assert!(a == b, "{name}: {f} differs after resume");
+        }
+    }
+    // A resume with other flags is refused, naming the flag.
+    let mut other = vec!["--steps", "6", "--checkpoint-every", "2", "--freeze-suite", "--lambda", "2", "--resume"];
+    other.extend(["--batch-size", "3"]);
+    let dir = c.tmp.join("frozen-cut");
+    let mut a =
+        vec!["--acts", s(&c.acts), "--suite", s(&c.suite), "--edges", s(&c.edges), "--c", "4", "--out", s(&dir)];
+    a.extend(other);
+    tool_fails("learn-connections", &a, &["--lambda"]);
+}
