@@ -9,7 +9,7 @@
 # the toy corpus's ~100-word vocabulary).
 #
 #   bench/real-shapes.sh [OUT]   (env: SHAPE EXPANSION K CS SEQS THREADS TRAIN_STEPS FT_STEPS
-#                                  SCORE_SEQS EVAL_SEQS; D HEADS LAYERS for SHAPE=toy)
+#                                  SCORE_SEQS EVAL_SEQS LEARN_STEPS LEARN_SEQS; D HEADS LAYERS for SHAPE=toy)
 #
 # Prints a markdown table; needs `cargo build --release --workspace --bins --examples` (with
 # `--examples` alone cargo builds no tools).
@@ -90,6 +90,15 @@ for c in $CS; do
     run "evaluate F=$F C=$c" $((EVAL_SEQS * 128)) $BIN/evaluate --acts "$OUT/acts" --suite "$OUT/ft$c" \
         --connections "$OUT/c$c.parquet" --n-seqs "$EVAL_SEQS" --batch-size "$SEQS" --out "$OUT/eval$c" --overwrite
 done
+# With LEARN_STEPS: learn-connections at the last C over score-edges' candidates (keep 64), the
+# suite frozen, LEARN_SEQS sequences per step (needs SCORE_SEQS > 0 for the candidates). Its
+# autograd step holds F·keep·d_model-sized edge weights per attention module: at
+# TinyStories-33M, F 3072, 2 sequences per step take 19 GB (README, "Learned connections").
+if [ -n "${LEARN_STEPS:-}" ] && [ "$SCORE_SEQS" != 0 ]; then
+    run "learn-connections F=$F C=$c keep 64" $((LEARN_STEPS * ${LEARN_SEQS:-2} * 128)) \
+        $BIN/learn-connections --acts "$OUT/acts" --suite "$OUT/suite" --edges "$OUT/edges/edges.parquet" \
+        --c "$c" --freeze-suite --steps "$LEARN_STEPS" --batch-size "${LEARN_SEQS:-2}" --out "$OUT/learn$c" --overwrite
+fi
 # The exact attribution graph of one 128-token sequence through the last C's finetuned suite
 # (pruned as circuit-tracer prunes, and not), and the feature browser with its why-it-fired pass.
 run "attribute C=$c, pruned" 128 $BIN/attribute --acts "$OUT/acts" --seq 0 --suite "$OUT/ft$c" \

@@ -5,6 +5,9 @@
 # SELECT=learned`), each finetuned the same way; then one report over everything
 # (`evaluate --compare`: each row the mean and range over the seeds, on held-out tokens).
 #
+# The learned runs also train their gates for LEARN_STEPS (= STEPS) steps before finetuning, so
+# the top C is also finetuned for twice the steps, the compute-matched control (second table).
+#
 #   scripts/learned-vs-top.sh [SEED ...]   default: 0 1 2; CS (default "4 16"); outputs under OUT
 #                                          (default: out)
 set -euo pipefail
@@ -28,7 +31,24 @@ for s in "${seeds[@]}"; do
 done
 # Each all-connections run appears once per C and selection: keep one of each folder.
 mapfile -t evals < <(printf '%s\n' "${evals[@]}" | sort -u)
+# The top C finetuned for twice the steps (the toy preset's STEPS is 200).
+steps=$(make "${make_args[@]}" settings | grep -oE '(^| )STEPS=[0-9]+' | head -1 | cut -d= -f2)
+long=()
+for s in "${seeds[@]}"; do
+    for c in "${cs[@]}"; do
+        echo "learned-vs-top: seed $s, C $c, top, $((2 * steps)) steps" >&2
+        make "${make_args[@]}" eval C="$c" SEED="$s" STEPS=$((2 * steps)) > /dev/null
+        read -r -a r <<< "$(make "${make_args[@]}" print-report-evals C="$c" SEED="$s" STEPS=$((2 * steps)))"
+        for e in "${r[@]}"; do
+            case "$e" in *-top"$c"-finetuned-*) long+=("$e") ;; esac
+        done
+    done
+done
 tag=$(IFS=-; echo "${seeds[*]}")-c$(IFS=-; echo "${cs[*]}")
 echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(nproc) threads; seeds ${seeds[*]}; C ${cs[*]}"
 echo
 target/release/evaluate --compare "${evals[@]}" --out "$OUT/learned-vs-top-$tag" | sed '/^Runs:/,/^$/d'
+echo
+echo "## The top C finetuned for $((2 * steps)) steps (as many as learned connections' gates + finetuning)"
+echo
+target/release/evaluate --compare "${long[@]}" --out "$OUT/learned-vs-top-$tag-long" | sed '/^Runs:/,$d'
