@@ -5,7 +5,7 @@ use super::*;
 pub(crate) fn run(finetuned: bool, c: Option<u64>, random: bool, seed: &str, ce_diff: f64) -> Run {
     Run {
         dir: PathBuf::from(format!("e-{seed}-{finetuned}-{c:?}-{random}")),
-        role: Role { finetuned, c, random, embed_c: None, unembed_c: None },
+        role: Role { finetuned, c, random, learned: false, embed_c: None, unembed_c: None },
         tokens: "held-out".into(),
         cache: "h".into(),
         unsure: false,
@@ -114,4 +114,19 @@ fn a_suite_without_lineage_joins_its_caches_split() {
     runs[0].tokens = "unknown".into();
     assert_eq!(settle_splits(&mut runs), 0);
     assert_eq!(runs[0].tokens, "unknown");
+}
+
+/// Learned connections are their own role: labelled `learned C`, ordered after the top C, and
+/// the summary names them and still finds its random control.
+#[test]
+fn learned_connections_are_their_own_role() {
+    let mut runs = seed("0", 0.01, 0.5, 0.02, Some(0.005), Some(0.1));
+    for r in runs.iter_mut().filter(|r| r.role.c == Some(16) && !r.role.random) {
+        r.role.learned = true;
+    }
+    runs.push(run(true, Some(16), false, "0", 0.03));
+    let labels: Vec<String> = roles(&runs).iter().map(|r| r.connections()).collect();
+    assert!(labels.contains(&"learned 16".to_string()) && labels.contains(&"top 16".to_string()), "{labels:?}");
+    let text = summary(&runs).unwrap();
+    assert!(text.contains("connections learned by learn-connections") && text.contains("random C=16"), "{text}");
 }
