@@ -64,7 +64,11 @@ impl Inputs {
     /// Open a model (folder or hub id) and a suite for streaming: activations are computed
     /// from data by the tool. Fails when the suite does not fit the model.
     pub fn open_streaming(model_spec: &str, suite_path: &Path, device: &Device) -> Result<Inputs> {
-        let suite = load_suite(suite_path, device)?;
+        Inputs::with_model(load_suite(suite_path, device)?, model_spec, suite_path, device)
+    }
+
+    /// [`open_streaming`](Self::open_streaming) with the suite already loaded from `suite_path`.
+    pub fn with_model(suite: Suite, model_spec: &str, suite_path: &Path, device: &Device) -> Result<Inputs> {
         let dir = crate::model::hub::resolve_model(model_spec)?;
         let model = Model::load(model_spec, &dir, device)?;
         let cfg = model.cfg();

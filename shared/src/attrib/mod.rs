@@ -192,9 +192,7 @@ pub fn attribute_nodes(
     // Active features per module, with their parameters.
     let mut active = Vec::new();
     for (m, ae) in suite.aes.iter().enumerate() {
-        let mut ids: Vec<u32> =
-            (0..f as u32).filter(|&j| (0..s).any(|t| feats[m][t * f + j as usize] != 0.0)).collect();
-        ids.sort_unstable();
+        let ids: Vec<u32> = (0..f as u32).filter(|&j| (0..s).any(|t| feats[m][t * f + j as usize] != 0.0)).collect();
         let idx = Tensor::new(ids.as_slice(), &cpu)?;
         let enc_t = host(ae.w_enc.as_tensor())?.index_select(&idx, 0)?.contiguous()?;
         let dec_t = host(ae.w_dec.as_tensor())?.index_select(&idx, 1)?.t()?.contiguous()?;
@@ -267,9 +265,6 @@ pub fn attribute_nodes(
         if node_of[dm].keys().all(|&(q, i)| skip(q, i)) {
             continue;
         }
-        if links.len() > setup.max_links {
-            return Err(too_many(setup.max_links));
-        }
         match module.kind {
             Kind::Mlp => {
                 let s2 = to_vec(&batch.ln2_scale[l])?;
@@ -321,7 +316,8 @@ pub fn attribute_nodes(
                 let p_at = |hh: usize, q: usize, p: usize| pat[(hh * s + q) * s + p] as f64;
                 // ev = E W_Oᵀ per active feature; values through W_V of upstream decoders,
                 // tokens, positions and the upstream bias; all (.., H·d_h).
-                let ev = Rows::of(&act.enc_t.matmul(&w_o.t()?)?)?;
+                let ev_t = act.enc_t.matmul(&w_o.t()?)?;
+                let ev = Rows::of(&ev_t)?;
                 let dv: Vec<Option<Rows>> =
                     (0..suite.modules.len())
                         .map(|u| {
@@ -338,7 +334,7 @@ pub fn attribute_nodes(
                 let heads = |x: &Tensor, rows: usize| -> Result<Tensor> {
                     Ok(x.reshape((rows, h, dh))?.transpose(0, 1)?.contiguous()?)
                 };
-                let evh = heads(&act.enc_t.matmul(&w_o.t()?)?, n_act)?;
+                let evh = heads(&ev_t, n_act)?;
                 let by_pos = |x: &Tensor| -> Result<Vec<f32>> {
                     to_vec(&evh.matmul(&heads(&x.matmul(&w_v)?, s)?.transpose(1, 2)?.contiguous()?)?)
                 };
@@ -408,7 +404,13 @@ pub fn attribute_nodes(
         }
     }
     let (logit_nodes, logit_links, coverage) = match logits {
-        Some(choice) => logit_part(setup, batch, out, &active, &node_of, &feats, choice, &tokens)?,
+        Some(choice) => {
+            // The last position's token and positional rows (the dense term the unembedding
+            // reads), and every module's decoder bias.
+            let t = s - 1;
+            let ends = Ends { token: w_e.row(t), position: pos_dense_h.row(t), b_dec: &b_dec };
+            logit_part(setup, batch, out, &active, &node_of, &feats, choice, &ends)?
+        }
         None => (Vec::new(), Vec::new(), 0.0),
     };
     let first_logit = nodes.len();
@@ -437,6 +439,14 @@ fn sorted(map: &HashMap<(usize, u32), usize>) -> Vec<(&(usize, u32), &usize)> {
 
 type LogitPart = (Vec<Node>, Vec<Vec<(usize, f64)>>, f64);
 
+/// What the logits read besides features: the last position's token row `W_E[tok]` and
+/// positional part `r0 − W_E[tok]`, and every module's `b_dec`.
+struct Ends<'a> {
+    token: &'a [f32],
+    position: &'a [f32],
+    b_dec: &'a [Vec<f32>],
+}
+
 /// The logit nodes of the last position and their incoming links (docs/MATH.md, "Embed and
 /// unembed connections": with unembed edges a token reads only its connected features; the
 /// scale is LNPre's of the whole spliced residual).
@@ -449,7 +459,7 @@ fn logit_part(
     node_of: &[HashMap<(usize, u32), usize>],
     feats: &[Vec<f32>],
     choice: LogitChoice,
-    tokens: &[u32],
+    ends: &Ends,
 ) -> Result<LogitPart> {
     let (suite, rt) = (setup.suite, setup.rt);
     let cpu = candle_core::Device::Cpu;
@@ -463,15 +473,12 @@ fn logit_part(
     let w_u = rt.weights.w_u.to_device(&cpu)?.to_dtype(DType::F32)?;
     let vocab = w_u.dim(1)?;
     let b_u = to_vec(&rt.weights.b_u)?;
-    let r0 = to_vec(&batch.resid_pre0.flatten_all()?.narrow(0, t * d, d)?)?;
-    let tok_row = to_vec(&rt.weights.w_e.narrow(0, tokens[t] as usize, 1)?)?;
-    let pos: Vec<f32> = r0.iter().zip(&tok_row).map(|(a, b)| a - b).collect();
     let mut ub = vec![0f32; d];
-    for ae in &suite.aes {
-        ub.iter_mut().zip(to_vec(ae.b_dec.as_tensor())?).for_each(|(a, x)| *a += x);
+    for b in ends.b_dec {
+        ub.iter_mut().zip(b).for_each(|(a, &x)| *a += x);
     }
     let times_wu = |v: &[f32]| -> Result<Vec<f32>> { to_vec(&Tensor::new(v, &cpu)?.reshape((1, d))?.matmul(&w_u)?) };
-    let (tok_l, pos_l, ub_l) = (times_wu(&tok_row)?, times_wu(&pos)?, times_wu(&ub)?);
+    let (tok_l, pos_l, ub_l) = (times_wu(ends.token)?, times_wu(ends.position)?, times_wu(&ub)?);
     // Features active at the last position and their rows W_dec[:, j]ᵀ W_U.
     let unembed = setup.conns.map(|c| &c.unembed).filter(|u| !u.is_empty());
     let mut reads: Vec<(usize, usize, f64, Vec<f32>)> = Vec::new(); // (module, node, value, row over V)

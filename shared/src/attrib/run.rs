@@ -109,14 +109,14 @@ fn open(req: &Request, device: &Device) -> Result<(Inputs, Batch, String)> {
             Ok((inputs, batch, text))
         }
         Source::Prompt { text, bos } => {
-            let recorded = crate::inputs::load_suite(&req.suite, &Device::Cpu)?.model_id;
-            let Some(model) = req.model.clone().or(recorded) else {
+            let suite = crate::inputs::load_suite(&req.suite, device)?;
+            let Some(model) = req.model.clone().or_else(|| suite.model_id.clone()) else {
                 return Err(Error::Usage(format!(
                     "--prompt needs --model: {} does not record the model it belongs to",
                     req.suite.display()
                 )));
             };
-            let inputs = Inputs::open_streaming(&model, &req.suite, device)?;
+            let inputs = Inputs::with_model(suite, &model, &req.suite, device)?;
             let tok = inputs.model.tokenizer()?;
             let mut ids = tok.encode(text)?;
             if *bos {

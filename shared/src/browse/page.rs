@@ -244,8 +244,10 @@ pub fn search_shard(key: &str) -> u32 {
 fn write_search(dir: &Path, page: &Page) -> Result<usize> {
     let mut index: Vec<std::collections::BTreeMap<String, Vec<Value>>> =
         vec![Default::default(); SEARCH_SHARDS as usize];
+    // Each token decoded once (features share their tokens).
+    let mut keys: HashMap<u32, String> = HashMap::new();
     let mut add = |token: u32, entry: Value| {
-        let key = search_key(&page.tokenizer.token_text(token));
+        let key = keys.entry(token).or_insert_with(|| search_key(&page.tokenizer.token_text(token))).clone();
         if !key.is_empty() {
             index[search_shard(&key) as usize].entry(key).or_default().push(entry);
         }

@@ -33,6 +33,13 @@ pub fn mse_loss(suite: &Suite, batch: &Batch, out: &PassOutput) -> Result<Tensor
     total.ok_or_else(|| Error::Usage("empty suite".into()))
 }
 
+/// Each module's FVU (reference definition) as one tensor `(modules)`, for weighted sums.
+pub fn fvu_per_module(suite: &Suite, batch: &Batch, out: &PassOutput) -> Result<Tensor> {
+    let per =
+        suite.modules.iter().zip(&out.recon).map(|(m, r)| fvu_ref(batch.target(m), r)).collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&per, 0)?)
+}
+
 /// [`mse_loss`] and its gradient w.r.t. every reconstruction `recon[m] (N, D)`, on host buffers.
 pub fn mse_loss_and_grad(fb: &FlatBatch, recon: &[&[f32]], d: usize) -> (f64, Vec<Vec<f32>>) {
     let (fvus, grads) = mse_per_module(&Single, fb, recon, d).expect("one process");

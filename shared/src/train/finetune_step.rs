@@ -27,7 +27,7 @@ use crate::model::Runtime;
 use crate::pass::engine::Engine;
 use crate::pass::objective::{ce_loss_and_grad_over, ce_loss_planned, mse_per_module};
 use crate::pass::{forward, PassOptions, Plan};
-use crate::sae::loss::{auxk_t, centered_sq_over_t, centered_sq_t, fvu_ref, fvu_ref_and_grad_t};
+use crate::sae::loss::{auxk_t, centered_sq_over_t, centered_sq_t, fvu_ref_and_grad_t};
 use crate::sae::{fired_t, AeParams};
 use crate::util::collective::Collective;
 use crate::util::scalar;
@@ -208,13 +208,7 @@ fn whole_batch_grads(si: &StepInputs, batch: &Batch, spec: &LossSpec) -> Result<
     let mut terms: Vec<Tensor> = Vec::new();
     let mut fvu = None;
     if let Some(scales) = &spec.fvu_scales {
-        let per = suite
-            .modules
-            .iter()
-            .zip(&out.recon)
-            .map(|(m, r)| fvu_ref(batch.target(m), r))
-            .collect::<Result<Vec<_>>>()?;
-        let stacked = Tensor::stack(&per, 0)?;
+        let stacked = crate::pass::objective::fvu_per_module(suite, batch, &out)?;
         let w = Tensor::from_slice(scales, scales.len(), stacked.device())?;
         terms.push((&stacked * &w)?.sum_all()?);
         fvu = Some(stacked);

@@ -96,15 +96,17 @@ impl GateParams {
         for d in 0..cands.modules.len() {
             let width_up = plan.down(d).index.as_ref().map(|ix| ix.width);
             let width_e = plan.down(d).embed.as_ref().map(|ep| ep.index.width);
-            let mut make = |width: usize, lists: &dyn Fn(usize) -> (usize, Vec<bool>)| -> Result<SlotGates> {
+            // Each feature's candidates that `--init scores` opens: (module, embed) flags.
+            let (open_up, open_e): (Vec<Vec<bool>>, Vec<Vec<bool>>) =
+                (0..f).map(|i| top_by_score(cands, d, i, c)).unzip();
+            let mut make = |width: usize, open: &[Vec<bool>]| -> Result<SlotGates> {
                 let (mut la, mut used) = (vec![0f32; f * width], vec![0f32; f * width]);
-                for i in 0..f {
-                    let (n, open) = lists(i);
-                    for k in 0..n {
+                for (i, open) in open.iter().enumerate() {
+                    for (k, &top) in open.iter().enumerate() {
                         let noise = 0.01 * rng.normal();
                         la[i * width + k] = (match init {
                             GateInit::Zero => 0.0,
-                            GateInit::Scores if open[k] => 1.0,
+                            GateInit::Scores if top => 1.0,
                             GateInit::Scores => -1.0,
                         } + noise) as f32;
                         used[i * width + k] = 1.0;
@@ -118,11 +120,11 @@ impl GateParams {
             };
             let has_ups = cands.edges[d].iter().any(|e| !e.is_empty());
             up.push(match width_up {
-                Some(w) if has_ups => Some(make(w, &|i| (cands.edges[d][i].len(), top_by_score(cands, d, i, c).0))?),
+                Some(w) if has_ups => Some(make(w, &open_up)?),
                 _ => None,
             });
             embed.push(match width_e {
-                Some(w) => Some(make(w, &|i| (cands.embed[d][i].len(), top_by_score(cands, d, i, c).1))?),
+                Some(w) => Some(make(w, &open_e)?),
                 None => None,
             });
             for i in 0..f {

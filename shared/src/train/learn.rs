@@ -27,7 +27,6 @@ use crate::inputs::Inputs;
 use crate::pass::autograd::forward_gated;
 use crate::pass::{PassOptions, Plan, Wiring};
 use crate::sae::fired_t;
-use crate::sae::loss::fvu_ref;
 use crate::util::collective::Single;
 use crate::util::scalar;
 
@@ -258,13 +257,7 @@ pub fn run(
         let beta = cfg.beta.at(step, steps);
         let gates = gp.sample(beta, cfg.mode, cfg.seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15))?;
         let out = forward_gated(suite, rt, &plan, &batch, cfg.pass, Some(&gates))?;
-        let per = suite
-            .modules
-            .iter()
-            .zip(&out.recon)
-            .map(|(m, r)| fvu_ref(batch.target(m), r))
-            .collect::<Result<Vec<_>>>()?;
-        let fvu = Tensor::stack(&per, 0)?;
+        let fvu = crate::pass::objective::fvu_per_module(suite, &batch, &out)?;
         let penalty = gp.penalty(beta, cfg.mode)?;
         let loss = (fvu.sum_all()? + (&penalty * cfg.lambda)?)?;
         let store = loss.backward()?;
