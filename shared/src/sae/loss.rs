@@ -261,3 +261,40 @@ pub fn auxk_t(pre: &Tensor, dead: &[bool], dec_t: &Tensor, resid: &Tensor, den: 
     let num = (ehat - resid)?.sqr()?.sum_all()?;
     Ok(Some(((num / den)? * auxk_scale(n_dead, d))?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::collective::Single;
+    use crate::util::rng::SplitMix;
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = SplitMix(seed);
+        (0..n).map(|_| rng.normal() as f32).collect()
+    }
+
+    /// The device forms (f64 on the tensors' device) equal the host forms they replace in the
+    /// micro-batched step and the autograd pretraining step.
+    #[test]
+    fn device_statistics_equal_the_host_ones() {
+        let (b, s, d) = (5, 3, 7);
+        let dev = candle_core::Device::Cpu;
+        let (t, r) = (random(b * s * d, 1), random(b * s * d, 2));
+        let (tt, rt) = (
+            Tensor::from_vec(t.clone(), (b, s, d), &dev).unwrap(),
+            Tensor::from_vec(r.clone(), (b, s, d), &dev).unwrap(),
+        );
+        let (v_host, g_host) = fvu_ref_and_grad(&Single, &t, &r, b, s * d).unwrap();
+        let (v_dev, g_dev) = fvu_ref_and_grad_t(&Single, &tt, &rt).unwrap();
+        assert!((v_host - v_dev).abs() < 1e-6 * v_host, "{v_host} vs {v_dev}");
+        let g_dev = g_dev.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let worst = g_host.iter().zip(&g_dev).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let largest = g_host.iter().map(|x| x.abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-5 * largest && largest > 0.0, "gradients differ by {worst} (largest {largest})");
+        let v_f32 = fvu_ref(&tt, &rt).unwrap().to_scalar::<f32>().unwrap() as f64;
+        assert!((v_f32 - v_dev).abs() < 1e-5 * v_dev);
+        let x = Tensor::from_vec(t.clone(), (b * s, d), &dev).unwrap();
+        let (host, device) = (centered_sq_over(&Single, &t, d).unwrap(), centered_sq_over_t(&Single, &x).unwrap());
+        assert!((host - device).abs() < 1e-9 * host, "{host} vs {device}");
+    }
+}
