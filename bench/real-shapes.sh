@@ -78,7 +78,7 @@ if [ "$SCORE_SEQS" != 0 ]; then
 fi
 for c in $CS; do
     if [ "$SCORE_SEQS" != 0 ]; then
-        $BIN/select-edges --edges "$OUT/edges/edges.parquet" --c "$c" --out "$OUT/c$c.parquet" > /dev/null
+        $BIN/select-edges --edges "$OUT/edges/edges.parquet" --c "$c" --out "$OUT/c$c.parquet" --overwrite > /dev/null
     else
         $BIN/examples/random_connections "$OUT/suite/suite.safetensors" "$c" 1 "$OUT/c$c.parquet" \
             $([ "$SHAPE" = pythia-70m ] && echo parallel) 2> /dev/null

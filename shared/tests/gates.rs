@@ -6,11 +6,12 @@
 //! differences of the loss.
 
 use candle_core::{DType, Device, Tensor, Var};
-use scae::data::Batch;
+use scae::data::{Batch, FlatBatch};
 use scae::formats::connections::{Connections, Edge, EmbedEdge};
 use scae::formats::suite::Suite;
 use scae::model::Model;
 use scae::pass::autograd::{forward_gated, Gates};
+use scae::pass::engine::{self, Engine, SlotValues};
 use scae::pass::oracle::{forward_masked, Masks};
 use scae::pass::{PassOptions, PassOutput, Plan, Wiring};
 use scae::train::gates::{GateInit, GateMode, GateParams, GAMMA, ZETA};
@@ -29,12 +30,12 @@ fn fixture_case(name: &str) -> (Model, Suite, Batch) {
 
 /// Random candidates: up to `c` distinct upstream edges per feature, and embed edges (tokens of
 /// the batch) into the features of modules 0 and 3.
-fn candidates(suite: &Suite, tokens: &[u32], c: usize, seed: u64) -> Connections {
+fn candidates(suite: &Suite, tokens: &[u32], c: usize, seed: u64, parallel: bool) -> Connections {
     let mut rng = SplitMix(seed);
     let mut below = |n: usize| (rng.next_u64() % n as u64) as usize;
     let mut conns = Connections::empty(&suite.modules, suite.n_features);
     for (d, dm) in suite.modules.iter().enumerate() {
-        let ups: Vec<usize> = (0..suite.modules.len()).filter(|&u| suite.modules[u].precedes(dm, false)).collect();
+        let ups: Vec<usize> = (0..suite.modules.len()).filter(|&u| suite.modules[u].precedes(dm, parallel)).collect();
         for i in 0..suite.n_features {
             if !ups.is_empty() {
                 let want = below(c + 1);
@@ -67,115 +68,242 @@ fn loss(suite: &Suite, batch: &Batch, out: &PassOutput) -> Tensor {
     l
 }
 
+/// Gate values per slot of `plan` (`(F, width)` row-major, `None` where a module has none):
+/// uniform in (0.1, 0.9), with every fifth slot closed (0) and every fifth open (1) when `hard`.
+fn gate_values(plan: &Plan, f: usize, seed: u64, hard: bool) -> SlotValues {
+    let mut rng = SplitMix(seed);
+    let mut one = |width: usize| -> Vec<f32> {
+        (0..f * width)
+            .map(|k| match k % 5 {
+                1 if hard => 0.0,
+                3 if hard => 1.0,
+                _ => 0.1 + 0.8 * rng.uniform() as f32,
+            })
+            .collect()
+    };
+    SlotValues {
+        up: (0..4).map(|d| plan.down(d).index.as_ref().map(|ix| one(ix.width))).collect(),
+        embed: (0..4).map(|d| plan.down(d).embed.as_ref().map(|ep| one(ep.index.width))).collect(),
+    }
+}
+
+/// The values as variables `(F, width)` and as the autograd pass's gates.
+fn gate_vars(z: &SlotValues, f: usize) -> (Vec<Option<Var>>, Vec<Option<Var>>, Gates) {
+    let var = |v: &Option<Vec<f32>>| {
+        v.as_ref()
+            .map(|v| Var::from_tensor(&Tensor::from_vec(v.clone(), (f, v.len() / f), &Device::Cpu).unwrap()).unwrap())
+    };
+    let (up, emb): (Vec<_>, Vec<_>) = (z.up.iter().map(var).collect(), z.embed.iter().map(var).collect());
+    let t = |v: &Option<Var>| v.as_ref().map(|v| v.as_tensor().clone());
+    let gates = Gates { up: up.iter().map(t).collect(), embed: emb.iter().map(t).collect() };
+    (up, emb, gates)
+}
+
+/// The gradients of the gate variables in `store` as slot values (zeros where none reached them).
+fn grads_of(store: &candle_core::backprop::GradStore, up: &[Option<Var>], emb: &[Option<Var>]) -> SlotValues {
+    let host = |v: &Option<Var>| {
+        v.as_ref().map(|v| {
+            store
+                .get(v.as_tensor())
+                .map_or_else(|| vec![0f32; v.elem_count()], |g| g.flatten_all().unwrap().to_vec1().unwrap())
+        })
+    };
+    SlotValues { up: up.iter().map(host).collect(), embed: emb.iter().map(host).collect() }
+}
+
+/// The dense oracle with masks holding the gate values `z` (F×F per module pair, F×V for the
+/// embedding): its output and the loss's gradient with respect to each candidate's mask entry,
+/// by slot.
+fn oracle_gate_grads(
+    model: &Model,
+    suite: &Suite,
+    parallel: bool,
+    cands: &Connections,
+    z: &SlotValues,
+    batch: &Batch,
+) -> (PassOutput, SlotValues) {
+    let (f, dev) = (suite.n_features, Device::Cpu);
+    let vocab = model.runtime.weights.w_e.dim(0).unwrap();
+    let var = |m: Vec<f32>, cols: usize| Var::from_tensor(&Tensor::from_vec(m, (f, cols), &dev).unwrap()).unwrap();
+    let up_masks: Vec<Vec<Option<Var>>> = (0..4)
+        .map(|d| {
+            (0..4)
+                .map(|u| {
+                    let zd = z.up[d].as_ref()?;
+                    let w = zd.len() / f;
+                    let mut m = vec![0f32; f * f];
+                    for (i, es) in cands.edges[d].iter().enumerate() {
+                        for (c, e) in es.iter().enumerate().filter(|(_, e)| e.up == u) {
+                            m[i * f + e.feature as usize] = zd[i * w + c];
+                        }
+                    }
+                    Some(var(m, f))
+                })
+                .collect()
+        })
+        .collect();
+    let emb_masks: Vec<Option<Var>> = (0..4)
+        .map(|d| {
+            let zd = z.embed[d].as_ref()?;
+            let w = zd.len() / f;
+            let mut m = vec![0f32; f * vocab];
+            for (i, es) in cands.embed[d].iter().enumerate() {
+                for (c, e) in es.iter().enumerate() {
+                    m[i * vocab + e.token as usize] = zd[i * w + c];
+                }
+            }
+            Some(var(m, vocab))
+        })
+        .collect();
+    let masks = Masks {
+        up: &|d, u| {
+            Ok(Some(
+                up_masks[d][u]
+                    .as_ref()
+                    .map_or_else(|| Tensor::zeros((f, f), DType::F32, &dev), |v| Ok(v.as_tensor().clone()))?,
+            ))
+        },
+        embed: &|d| Ok(emb_masks[d].as_ref().map(|v| v.as_tensor().clone())),
+    };
+    let out = forward_masked(suite, &model.runtime, parallel, &masks, batch, PassOptions::default()).unwrap();
+    let store = loss(suite, batch, &out).backward().unwrap();
+    let grad = |v: &Var| store.get(v.as_tensor()).map(|t| t.to_vec2::<f32>().unwrap());
+    let mut g = z.clone();
+    for d in 0..4 {
+        if let Some(gd) = g.up[d].as_mut() {
+            let w = gd.len() / f;
+            gd.fill(0.0);
+            for (i, es) in cands.edges[d].iter().enumerate() {
+                for (c, e) in es.iter().enumerate() {
+                    let m = grad(up_masks[d][e.up].as_ref().unwrap());
+                    gd[i * w + c] = m.map_or(0.0, |m| m[i][e.feature as usize]);
+                }
+            }
+        }
+        if let Some(gd) = g.embed[d].as_mut() {
+            let w = gd.len() / f;
+            gd.fill(0.0);
+            let m = grad(emb_masks[d].as_ref().unwrap()).unwrap();
+            for (i, es) in cands.embed[d].iter().enumerate() {
+                for (c, e) in es.iter().enumerate() {
+                    gd[i * w + c] = m[i][e.token as usize];
+                }
+            }
+        }
+    }
+    (out, g)
+}
+
+/// The largest difference between two sets of slot values on the candidates' slots, the largest
+/// magnitude among `got`, and how many slots were compared.
+fn slot_diff(cands: &Connections, f: usize, got: &SlotValues, want: &SlotValues) -> (f32, f32, usize) {
+    let (mut worst, mut largest, mut n) = (0f32, 0f32, 0);
+    for d in 0..4 {
+        let lists = [
+            (&got.up[d], &want.up[d], &cands.edges[d].iter().map(Vec::len).collect::<Vec<_>>()),
+            (&got.embed[d], &want.embed[d], &cands.embed[d].iter().map(Vec::len).collect::<Vec<_>>()),
+        ];
+        for (g, w, lens) in lists {
+            let (Some(g), Some(w)) = (g, w) else { continue };
+            let width = g.len() / f;
+            for (i, &len) in lens.iter().enumerate() {
+                for c in 0..len {
+                    worst = worst.max((g[i * width + c] - w[i * width + c]).abs());
+                    largest = largest.max(g[i * width + c].abs());
+                    n += 1;
+                }
+            }
+        }
+    }
+    (worst, largest, n)
+}
+
 #[test]
 fn gated_pass_and_its_gate_gradients_equal_the_dense_oracle_with_gate_valued_masks() {
     let (model, suite, batch) = fixture_case("tiny-neo");
     let rt = &model.runtime;
     let dev = Device::Cpu;
     let tokens: Vec<u32> = batch.tokens.flatten_all().unwrap().to_vec1().unwrap();
-    let cands = candidates(&suite, &tokens, 5, 7);
+    let cands = candidates(&suite, &tokens, 5, 7, false);
     let f = suite.n_features;
-    let vocab = rt.weights.w_e.dim(0).unwrap();
     for composed in [true, false] {
         let mut plan = Plan::new(&suite, Wiring::Sparse(&cands), false, &dev).unwrap();
         plan.force_composed(composed);
-        // Gate values in (0, 1) per slot, as variables.
-        let mut rng = SplitMix(11);
-        let mut var = |rows: usize, width: usize| {
-            let v: Vec<f32> = (0..rows * width).map(|_| 0.1 + 0.8 * rng.uniform() as f32).collect();
-            Var::from_tensor(&Tensor::from_vec(v, (rows, width), &dev).unwrap()).unwrap()
-        };
-        let up: Vec<Option<Var>> = (0..4).map(|d| plan.down(d).index.as_ref().map(|ix| var(f, ix.width))).collect();
-        let emb: Vec<Option<Var>> =
-            (0..4).map(|d| plan.down(d).embed.as_ref().map(|ep| var(f, ep.index.width))).collect();
-        let gates = Gates {
-            up: up.iter().map(|v| v.as_ref().map(|v| v.as_tensor().clone())).collect(),
-            embed: emb.iter().map(|v| v.as_ref().map(|v| v.as_tensor().clone())).collect(),
-        };
+        let z = gate_values(&plan, f, 11, false);
+        let (up, emb, gates) = gate_vars(&z, f);
         let opts = PassOptions::default();
         let out = forward_gated(&suite, rt, &plan, &batch, opts, Some(&gates)).unwrap();
-        let l = loss(&suite, &batch, &out);
-        let store = l.backward().unwrap();
-        // The oracle: F×F masks (per upstream module) and F×V embed masks holding the gates.
-        let host = |v: &Option<Var>| v.as_ref().map(|v| v.as_tensor().to_vec2::<f32>().unwrap());
-        let (uh, eh): (Vec<_>, Vec<_>) = (up.iter().map(host).collect(), emb.iter().map(host).collect());
-        let up_masks: Vec<Vec<Option<Var>>> = (0..4)
-            .map(|d| {
-                (0..4)
-                    .map(|u| {
-                        let z = uh[d].as_ref()?;
-                        let mut m = vec![0f32; f * f];
-                        for (i, es) in cands.edges[d].iter().enumerate() {
-                            for (c, e) in es.iter().enumerate().filter(|(_, e)| e.up == u) {
-                                m[i * f + e.feature as usize] = z[i][c];
-                            }
-                        }
-                        Some(Var::from_tensor(&Tensor::from_vec(m, (f, f), &dev).unwrap()).unwrap())
-                    })
-                    .collect()
-            })
-            .collect();
-        let emb_masks: Vec<Option<Var>> = (0..4)
-            .map(|d| {
-                let z = eh[d].as_ref()?;
-                let mut m = vec![0f32; f * vocab];
-                for (i, es) in cands.embed[d].iter().enumerate() {
-                    for (c, e) in es.iter().enumerate() {
-                        m[i * vocab + e.token as usize] = z[i][c];
-                    }
-                }
-                Some(Var::from_tensor(&Tensor::from_vec(m, (f, vocab), &dev).unwrap()).unwrap())
-            })
-            .collect();
-        let masks = Masks {
-            up: &|d, u| {
-                Ok(Some(
-                    up_masks[d][u]
-                        .as_ref()
-                        .map_or_else(|| Tensor::zeros((f, f), DType::F32, &dev), |v| Ok(v.as_tensor().clone()))?,
-                ))
-            },
-            embed: &|d| Ok(emb_masks[d].as_ref().map(|v| v.as_tensor().clone())),
-        };
-        let want = forward_masked(&suite, rt, false, &masks, &batch, opts).unwrap();
+        let store = loss(&suite, &batch, &out).backward().unwrap();
+        let got = grads_of(&store, &up, &emb);
+        let (want_out, want) = oracle_gate_grads(&model, &suite, false, &cands, &z, &batch);
         for m in 0..4 {
-            let d = max_abs(&(&out.feats[m] - &want.feats[m]).unwrap());
+            let d = max_abs(&(&out.feats[m] - &want_out.feats[m]).unwrap());
             assert!(d <= 1e-4, "composed {composed}: feats {m} differ by {d}");
         }
-        let lw = loss(&suite, &batch, &want);
-        let ostore = lw.backward().unwrap();
-        let (mut worst, mut n, mut largest) = (0f32, 0, 0f32);
-        for d in 0..4 {
-            if let Some(z) = up[d].as_ref().filter(|_| cands.edges[d].iter().any(|e| !e.is_empty())) {
-                let g = store.get(z.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
-                for (i, es) in cands.edges[d].iter().enumerate() {
-                    for (c, e) in es.iter().enumerate() {
-                        let m = up_masks[d][e.up].as_ref().unwrap();
-                        let og = ostore
-                            .get(m.as_tensor())
-                            .map(|t| t.to_vec2::<f32>().unwrap()[i][e.feature as usize])
-                            .unwrap_or(0.0);
-                        worst = worst.max((g[i][c] - og).abs());
-                        largest = largest.max(g[i][c].abs());
-                        n += 1;
-                    }
-                }
-            }
-            if let Some(z) = &emb[d] {
-                let g = store.get(z.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
-                let om = ostore.get(emb_masks[d].as_ref().unwrap().as_tensor()).unwrap().to_vec2::<f32>().unwrap();
-                for (i, es) in cands.embed[d].iter().enumerate() {
-                    for (c, e) in es.iter().enumerate() {
-                        worst = worst.max((g[i][c] - om[i][e.token as usize]).abs());
-                        largest = largest.max(g[i][c].abs());
-                        n += 1;
-                    }
-                }
-            }
-        }
+        let (worst, largest, n) = slot_diff(&cands, f, &got, &want);
         assert!(n > 100 && largest > 1e-3, "{n} gates compared, largest gradient {largest}");
         assert!(worst <= 1e-4, "composed {composed}: gate gradients differ by {worst}");
         eprintln!("composed {composed}: {n} gate gradients up to {largest:.2e}, worst difference {worst:.2e}");
+    }
+}
+
+#[test]
+fn the_engines_gated_pass_and_gradients_equal_the_autograd_pass_and_the_oracle() {
+    let dev = Device::Cpu;
+    for name in ["tiny-neo", "tiny-pythia", "tiny-gpt2"] {
+        let (model, suite, batch) = fixture_case(name);
+        let rt = &model.runtime;
+        let parallel = model.cfg().parallel_attn_mlp;
+        let tokens: Vec<u32> = batch.tokens.flatten_all().unwrap().to_vec1().unwrap();
+        let cands = candidates(&suite, &tokens, 5, 13, parallel);
+        let f = suite.n_features;
+        let plan = Plan::new(&suite, Wiring::Sparse(&cands), parallel, &dev).unwrap();
+        let z = gate_values(&plan, f, 5, true);
+        // The engine: forward, the reference FVU's gradient, backward.
+        let eng = Engine::new(&suite, rt, &plan, PassOptions::default()).unwrap().gated(&z).unwrap();
+        let fb = FlatBatch::new(&batch, &suite.modules).unwrap();
+        let state = eng.forward(&fb).unwrap();
+        let (eng_loss, g_recon) = scae::pass::objective::mse_loss_and_grad(&fb, &state.recons(), suite.d_model);
+        let (grads, gz) = eng.backward_gated(&fb, &state, g_recon, None).unwrap();
+        // Autograd on the same gates.
+        let (up, emb, gates) = gate_vars(&z, f);
+        let out = forward_gated(&suite, rt, &plan, &batch, PassOptions::default(), Some(&gates)).unwrap();
+        let auto_loss = scae::pass::objective::mse_loss(&suite, &batch, &out).unwrap();
+        let al = auto_loss.to_scalar::<f32>().unwrap() as f64;
+        assert!((al - eng_loss).abs() <= 1e-4 * al.abs().max(1.0), "{name}: loss {al} vs engine {eng_loss}");
+        for m in 0..4 {
+            let dense = engine::dense_features(&state.modules[m], fb.b * fb.s, f, suite.k, &dev).unwrap();
+            let d = max_abs(&(&dense - &out.feats[m]).unwrap());
+            assert!(d <= 1e-4, "{name}: engine feats {m} differ by {d}");
+        }
+        let store = auto_loss.backward().unwrap();
+        let want = grads_of(&store, &up, &emb);
+        let (worst, largest, n) = slot_diff(&cands, f, &gz, &want);
+        assert!(n > 100 && largest > 1e-3, "{name}: {n} gates compared, largest gradient {largest}");
+        assert!(worst <= 1e-4, "{name}: engine gate gradients differ from autograd's by {worst}");
+        eprintln!("{name}: engine vs autograd, {n} gate gradients up to {largest:.2e}, worst {worst:.2e}");
+        // The suite's gradients through the gated weights.
+        let tensors = engine::grads_to_tensors(&suite, &grads, &dev).unwrap();
+        for ((key, var), got) in suite.named_vars().into_iter().zip(&tensors) {
+            let want = store.get(var.as_tensor()).unwrap();
+            let (d, scale) = (max_abs(&(got - want).unwrap()), max_abs(want));
+            assert!(d <= 1e-4 * scale.max(1.0), "{name}: engine gradient {key} differs by {d} (largest {scale})");
+        }
+        // The naive oracle (its loss: the mean squared errors, summed).
+        if name == "tiny-neo" {
+            let (_, want) = oracle_gate_grads(&model, &suite, parallel, &cands, &z, &batch);
+            let mse: Vec<Vec<f32>> = state
+                .recons()
+                .iter()
+                .zip(&fb.targets)
+                .map(|(r, t)| r.iter().zip(t).map(|(a, b)| 2.0 * (a - b) / r.len() as f32).collect())
+                .collect();
+            let (_, gz_mse) = eng.backward_gated(&fb, &state, mse, None).unwrap();
+            let (worst, largest, n) = slot_diff(&cands, f, &gz_mse, &want);
+            assert!(n > 100 && largest > 1e-4, "{name}: {n} gates, largest {largest}");
+            assert!(worst <= 1e-4, "{name}: engine vs oracle gate gradients differ by {worst}");
+            eprintln!("{name}: engine vs oracle, {n} gate gradients up to {largest:.2e}, worst {worst:.2e}");
+        }
     }
 }
 
@@ -184,7 +312,7 @@ fn sampled_gates_and_expected_counts_follow_the_hard_concrete_formulas() {
     let (_model, suite, batch) = fixture_case("tiny-neo");
     let dev = Device::Cpu;
     let tokens: Vec<u32> = batch.tokens.flatten_all().unwrap().to_vec1().unwrap();
-    let cands = candidates(&suite, &tokens, 5, 3);
+    let cands = candidates(&suite, &tokens, 5, 3, false);
     let plan = Plan::new(&suite, Wiring::Sparse(&cands), false, &dev).unwrap();
     let gp = GateParams::new(&plan, &cands, 3, GateInit::Scores, 5, &dev).unwrap();
     let beta = 0.7;
@@ -253,7 +381,7 @@ fn the_gradient_with_respect_to_log_alpha_matches_central_differences() {
     let rt = &model.runtime;
     let dev = Device::Cpu;
     let tokens: Vec<u32> = batch.tokens.flatten_all().unwrap().to_vec1().unwrap();
-    let cands = candidates(&suite, &tokens, 4, 21);
+    let cands = candidates(&suite, &tokens, 4, 21, false);
     let mut plan = Plan::new(&suite, Wiring::Sparse(&cands), false, &dev).unwrap();
     plan.force_composed(true);
     let gp = GateParams::new(&plan, &cands, 2, GateInit::Zero, 1, &dev).unwrap();
@@ -274,7 +402,7 @@ fn the_gradient_with_respect_to_log_alpha_matches_central_differences() {
     for i in 0..suite.n_features {
         for c in 0..cands.edges[3][i].len().min(1) {
             let eps = 1e-2f32;
-            let mut at = |delta: f32| {
+            let at = |delta: f32| {
                 let mut v = base.clone();
                 v[i][c] += delta;
                 let flat: Vec<f32> = v.concat();

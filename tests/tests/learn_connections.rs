@@ -122,6 +122,31 @@ fn learned_connections_keep_c_per_feature_meet_the_target_and_feed_finetune_and_
     );
 }
 
+#[test]
+fn the_engine_and_autograd_steps_compute_the_same_losses() {
+    let c = case("learn-backends");
+    let flags = ["--steps", "3", "--freeze-suite", "--init", "scores"];
+    let runs: Vec<Vec<serde_json::Value>> = ["engine", "autograd"]
+        .iter()
+        .map(|b| {
+            let mut a = flags.to_vec();
+            a.extend(["--backend", b]);
+            metrics(&c.learn(b, &a))
+        })
+        .collect();
+    // Same suite, batch and gate sample: the FVUs and penalty of each step agree to rounding
+    // (the gates after a step may differ by the float order of their gradients, so steps after
+    // the first are compared loosely).
+    for (step, (e, a)) in runs[0].iter().zip(&runs[1]).enumerate() {
+        for key in ["loss", "penalty"] {
+            let (x, y) = (e[key].as_f64().unwrap(), a[key].as_f64().unwrap());
+            let tol = if step == 0 { 1e-5 } else { 1e-2 };
+            assert!((x - y).abs() <= tol * y.abs().max(1e-3), "step {step} {key}: engine {x} vs autograd {y}");
+        }
+    }
+    assert_eq!(runs[0].len(), 3);
+}
+
 fn rows_without_gate(path: &Path) -> Vec<(String, u32, String, u32)> {
     use arrow_array::{StringArray, UInt32Array};
     let f = std::fs::File::open(path).unwrap();
@@ -145,8 +170,10 @@ fn rows_without_gate(path: &Path) -> Vec<(String, u32, String, u32)> {
 #[test]
 fn an_interrupted_run_resumes_bit_for_bit_frozen_and_joint() {
     let c = case("learn-resume");
-    for (name, joint) in [("frozen", false), ("joint", true)] {
-        let mut base = vec!["--steps", "6", "--checkpoint-every", "2"];
+    for (name, joint, backend) in
+        [("frozen", false, "engine"), ("joint", true, "engine"), ("joint-autograd", true, "autograd")]
+    {
+        let mut base = vec!["--steps", "6", "--checkpoint-every", "2", "--backend", backend];
         if !joint {
             base.push("--freeze-suite");
         }

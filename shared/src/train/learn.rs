@@ -4,9 +4,10 @@
 //! checkpoints and bit-identical resume as `finetune`'s; at the end each feature's top-C
 //! candidates by `log α` become a connection set.
 //!
-//! The step runs the composed autograd ops (on the CPU too: deterministic, so a resumed run
-//! repeats the uninterrupted one bit for bit). Its cost follows the candidates: `(F, keep)`
-//! gates and edge weights per module, no `F×F` tensor.
+//! The step runs on the CPU engine (f32 on the CPU: the gated pass and its exact gradients with
+//! respect to the gates, [`Engine::gated`]) or through the composed autograd ops on any device;
+//! both are deterministic, so a resumed run repeats the uninterrupted one bit for bit. Its cost
+//! follows the candidates: `(F, keep)` gates and edge weights per module, no `F×F` tensor.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -18,13 +19,16 @@ use super::checkpoints::{resume, CheckpointPolicy, TrainRun};
 use super::data::TrainData;
 use super::dead::DeadTracker;
 use super::gates::{GateAdam, GateInit, GateMode, GateParams};
-use super::optim::{DeviceOptimizer, Optimizer, OptimizerKind};
+use super::optim::{clip_module, DeviceOptimizer, Optimizer, OptimizerKind};
 use super::{metrics_record, After, RunSummary, Schedule, Session, StepReport};
+use crate::data::FlatBatch;
 use crate::error::{Error, Result};
 use crate::formats::connections::Connections;
 use crate::formats::edges_meta::{EdgesMeta, Key};
 use crate::inputs::Inputs;
 use crate::pass::autograd::forward_gated;
+use crate::pass::engine::{Engine, SlotValues};
+use crate::pass::objective::mse_per_module;
 use crate::pass::{PassOptions, Plan, Wiring};
 use crate::sae::fired_t;
 use crate::util::collective::Single;
@@ -70,6 +74,8 @@ pub struct LearnConfig {
     pub mode: GateMode,
     /// Train only the gates (else the suite too, with `schedule`'s learning rate).
     pub freeze_suite: bool,
+    /// The CPU engine (f32 on the CPU), else autograd on the device.
+    pub use_engine: bool,
     pub gate_lr: f64,
     pub schedule: Schedule,
     pub batch_size: usize,
@@ -217,7 +223,8 @@ pub fn run(
     let (suite, rt) = (&inputs.suite, &inputs.model.runtime);
     let modules: Vec<String> = suite.modules.iter().map(|m| m.name()).collect();
     let mut plan = Plan::new(suite, Wiring::Sparse(cands), inputs.parallel(), device)?;
-    plan.force_composed(true);
+    // Off the engine, the device-agnostic ops everywhere (deterministic on the CPU too).
+    plan.force_composed(!cfg.use_engine);
     let gp = GateParams::new(&plan, cands, cfg.c, cfg.init, cfg.seed, device)?;
     let vars = gp.vars();
     let mut gopt = GateAdam::new(&vars)?;
@@ -248,7 +255,10 @@ pub fn run(
         read_gates(&cfg.out.join(name).join(GATES_FILE), &gp, &mut gopt, &modules, step)?;
         crate::note!("learn-connections: resuming at step {step} of {steps}");
     }
-    let mut dopt = if cfg.freeze_suite { None } else { Some(DeviceOptimizer::from_host(&opt, &suite.aes)?) };
+    let mut dopt = match cfg.freeze_suite || cfg.use_engine {
+        true => None,
+        false => Some(DeviceOptimizer::from_host(&opt, &suite.aes)?),
+    };
     let tokens_per_step = (cfg.batch_size * data.ctx_len()) as u64;
     let coll = Single;
     let mut session = Session::open(dir, &tr, step, tokens_per_step, &coll)?;
@@ -256,25 +266,41 @@ pub fn run(
         let batch = data.batch_part(seqs_seen, cfg.batch_size, 0, cfg.batch_size)?;
         let beta = cfg.beta.at(step, steps);
         let gates = gp.sample(beta, cfg.mode, cfg.seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15))?;
-        let out = forward_gated(suite, rt, &plan, &batch, cfg.pass, Some(&gates))?;
-        let fvu = crate::pass::objective::fvu_per_module(suite, &batch, &out)?;
         let penalty = gp.penalty(beta, cfg.mode)?;
-        let loss = (fvu.sum_all()? + (&penalty * cfg.lambda)?)?;
-        let store = loss.backward()?;
+        let lr_t = cfg.schedule.lr_at(step);
+        let (report, store) = if cfg.use_engine {
+            // The gates' gradients from the engine, chained into log α through the sample's
+            // graph: ∂/∂log α of Σ z · sg(∂L/∂z) + λ · penalty.
+            let suite_opt = (!cfg.freeze_suite).then_some((&mut opt, cfg.schedule.clip, lr_t));
+            let (mut report, gz) = engine_gate_step(inputs, &plan, cfg.pass, &batch, &gates, &mut params, suite_opt)?;
+            report.loss += cfg.lambda * scalar(&penalty)?;
+            let mut sur = (&penalty * cfg.lambda)?;
+            let (zs, gs) = (gates.up.iter().chain(&gates.embed), gz.up.iter().chain(&gz.embed));
+            for (z, g) in zs.zip(gs) {
+                if let (Some(z), Some(g)) = (z, g) {
+                    sur = (sur + (z * Tensor::from_slice(g, z.dims(), z.device())?)?.sum_all()?)?;
+                }
+            }
+            (report, sur.backward()?)
+        } else {
+            let out = forward_gated(suite, rt, &plan, &batch, cfg.pass, Some(&gates))?;
+            let fvu = crate::pass::objective::fvu_per_module(suite, &batch, &out)?;
+            let loss = (fvu.sum_all()? + (&penalty * cfg.lambda)?)?;
+            let report = StepReport {
+                loss: scalar(&loss)?,
+                fvu: Some(fvu.to_dtype(DType::F64)?.to_vec1::<f64>()?),
+                ce: None,
+                auxk: None,
+                fired: fired_t(&out.feats)?,
+            };
+            (report, loss.backward()?)
+        };
         let grads: Vec<Tensor> = vars
             .iter()
             .map(|v| store.get(v.as_tensor()).cloned().map_or_else(|| v.as_tensor().zeros_like(), Ok))
             .collect::<candle_core::Result<_>>()?;
-        let report = StepReport {
-            loss: scalar(&loss)?,
-            fvu: Some(fvu.to_dtype(DType::F64)?.to_vec1::<f64>()?),
-            ce: None,
-            auxk: None,
-            fired: fired_t(&out.feats)?,
-        };
         session.check_step(step, &report, &suite.modules)?;
         gopt.step(&vars, &grads, cfg.gate_lr)?;
-        let lr_t = cfg.schedule.lr_at(step);
         if let Some(d) = dopt.as_mut() {
             let mut sg = suite.aes.iter().map(|v| v.grads(&store)).collect::<Result<Vec<_>>>()?;
             if let Some(c) = cfg.schedule.clip {
@@ -302,7 +328,9 @@ pub fn run(
                 Some(d) => opt = d.to_host()?,
                 // A frozen suite's optimizer takes no steps; the checkpoint counts the run's
                 // (the gates' optimizer has its own count in gates.safetensors).
-                None => opt.t = step,
+                None if cfg.freeze_suite => opt.t = step,
+                // The engine's: the host parameters are the current ones.
+                None => suite.set_params(&params)?,
             }
             let targets = ckpt.targets().to_vec();
             let folder = ckpt.dir().map(|p| p.to_path_buf());
@@ -319,6 +347,9 @@ pub fn run(
             After::Halt => return Ok(session.halted(steps)),
             After::Interrupted => return Err(session.interrupted(step)),
         }
+    }
+    if cfg.use_engine && !cfg.freeze_suite {
+        suite.set_params(&params)?;
     }
     session.finish(steps, || {
         let (learned, gate_values) = gp.binarise(cands, cfg.c)?;
@@ -354,6 +385,50 @@ pub fn run(
         }
         Ok(())
     })
+}
+
+/// One step of the gated pass on the CPU engine: forward, the modules' FVU (their sum is the
+/// returned report's loss, without the penalty), backward to the gates (returned) and, with
+/// `suite_opt` (optimizer, clipping, learning rate), to the suite, whose host parameters
+/// `params` then take an optimizer step.
+fn engine_gate_step(
+    inputs: &Inputs,
+    plan: &Plan,
+    opts: PassOptions,
+    batch: &crate::data::Batch,
+    gates: &crate::pass::autograd::Gates,
+    params: &mut [crate::sae::AeParams<Vec<f32>>],
+    suite_opt: Option<(&mut Optimizer, Option<f64>, f64)>,
+) -> Result<(StepReport, SlotValues)> {
+    let (suite, rt) = (&inputs.suite, &inputs.model.runtime);
+    let mut z = SlotValues::zeros(plan, suite.modules.len(), suite.n_features);
+    for (dst, src) in z.up.iter_mut().chain(z.embed.iter_mut()).zip(gates.up.iter().chain(&gates.embed)) {
+        if let (Some(dst), Some(src)) = (dst.as_mut(), src) {
+            *dst = crate::util::to_vec(src)?;
+        }
+    }
+    let fb = FlatBatch::new(batch, &suite.modules)?;
+    let eng = Engine::with_params(suite, rt, plan, opts, params)?.gated(&z)?;
+    let state = eng.forward(&fb)?;
+    let (fvu, g_recon) = mse_per_module(&Single, &fb, &state.recons(), suite.d_model)?;
+    let report = StepReport {
+        loss: fvu.iter().sum(),
+        fired: state.modules.iter().map(|st| st.fired.clone()).collect(),
+        fvu: Some(fvu),
+        ..StepReport::default()
+    };
+    if !report.loss.is_finite() {
+        return Ok((report, SlotValues::zeros(plan, suite.modules.len(), suite.n_features)));
+    }
+    let (mut grads, gz) = eng.backward_gated(&fb, &state, g_recon, None)?;
+    drop(eng); // it reads `params` in place
+    if let Some((opt, clip, lr)) = suite_opt {
+        if let Some(c) = clip {
+            grads.iter_mut().for_each(|g| clip_module(g, c));
+        }
+        opt.step(params, &grads, lr);
+    }
+    Ok((report, gz))
 }
 
 /// The open gates of a step's sample, divided by `n_features`.

@@ -47,6 +47,9 @@ struct Args {
     /// Train only the gates (default: the suite too, jointly).
     #[arg(long)]
     freeze_suite: bool,
+    /// Step implementation: auto (the CPU engine on the CPU, autograd on a GPU), engine, autograd.
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: scae::cli::Backend,
     /// Adam learning rate of log alpha.
     #[arg(long, default_value_t = 0.05, value_parser = scae::cli::positive_f64)]
     gate_lr: f64,
@@ -119,6 +122,8 @@ fn run(args: Args) -> Result<()> {
         init: args.init,
         mode: args.gates,
         freeze_suite: args.freeze_suite,
+        use_engine: scae::cli::ComputeArgs { dtype: scae::cli::ComputeDType::F32, backend: args.backend }
+            .use_engine(&device)?,
         gate_lr: args.gate_lr,
         schedule: args.run.schedule(steps, lr)?,
         batch_size: args.step.batch_size as usize,

@@ -64,7 +64,7 @@ impl Engine<'_> {
         x
     }
 
-    /// mlp targets: `w[i, c] = E_i · W_E[v_c]`, in column order.
+    /// mlp targets: `w[i, c] = E_i · W_E[v_c]`, in slot order.
     pub(super) fn mlp_embed_weights(&self, di: usize, ep: &EmbedPlan) -> Vec<f32> {
         let d = self.d;
         let ix = &ep.index;
@@ -78,7 +78,7 @@ impl Engine<'_> {
                 }
             }
         });
-        ix.to_col_order(&w, 1)
+        w
     }
 
     /// `a[t, i] += w[i, c] / s2[t]` for the edges reading the token at t.
@@ -118,10 +118,10 @@ impl Engine<'_> {
         })
     }
 
-    /// Backward of [`mlp_embed_weights`](Self::mlp_embed_weights): `∂E_i += Σ_c ∂w[i, c] W_E[v_c]`.
-    pub(super) fn mlp_embed_weights_backward(&self, ep: &EmbedPlan, gw_col: &[f32], g_enc: &mut [f32]) {
+    /// Backward of [`mlp_embed_weights`](Self::mlp_embed_weights): `∂E_i += Σ_c ∂w[i, c] W_E[v_c]`
+    /// (`gw` in slot order).
+    pub(super) fn mlp_embed_weights_backward(&self, ep: &EmbedPlan, gw: &[f32], g_enc: &mut [f32]) {
         let (d, ix) = (self.d, &ep.index);
-        let gw = ix.to_slot_order(gw_col, 1);
         g_enc.par_chunks_mut(d).enumerate().for_each(|(i, ge)| {
             for c in 0..ix.width {
                 let slot = i * ix.width + c;

@@ -30,11 +30,15 @@ mod attn_mix;
 mod decode;
 mod embed_edges;
 mod encoder;
+mod gated;
 mod mlp_edges;
 mod pair_kernels;
 mod unembed;
+mod upstream;
 
+pub use gated::SlotValues;
 pub use unembed::UnembedGrads;
+use upstream::{active_ups, add_up_value_grads, ActiveRows};
 
 use std::borrow::Cow;
 
@@ -45,84 +49,14 @@ use crate::data::FlatBatch;
 use crate::error::{Error, Result};
 use crate::formats::suite::Suite;
 use crate::model::{Kind, Runtime};
-use crate::pass::plan::{EdgeIndex, EmbedPlan, EMPTY};
+use crate::pass::plan::{EdgeIndex, EmbedPlan};
 use crate::pass::{PassOptions, Plan};
 use crate::sae::loss::{auxk_and_grad, auxk_select, AuxLatents};
 use crate::sae::AeParams;
-use crate::util::blas::{add_into, sgemm, transpose};
+use crate::util::blas::{add_into, transpose};
 use crate::util::collective::Collective;
 use crate::util::profile::Profile;
 use crate::util::to_vec;
-
-/// The non-zero selected values of the upstream modules `ups` at token `t`, in (module,
-/// top-k slot) order: `(pu, kk, v, col)` with `col = pu·F + feature`, the feature's column
-/// among the concatenated upstream features.
-pub(super) fn active_ups<'s>(
-    states: &'s [ModuleState],
-    ups: &'s [usize],
-    t: usize,
-    k: usize,
-    f: usize,
-) -> impl Iterator<Item = (usize, usize, f32, usize)> + 's {
-    ups.iter().enumerate().flat_map(move |(pu, &u)| {
-        let st = &states[u];
-        (0..k).filter_map(move |kk| {
-            let v = st.val[t * k + kk];
-            (v != 0.0).then(|| (pu, kk, v, pu * f + st.idx[t * k + kk] as usize))
-        })
-    })
-}
-
-/// Add `scratch (N, |U|, K)` — the gradient of every upstream module's selected values that
-/// one downstream module's edges produced — into the per-module totals `g_val_up[u] (N, K)`.
-pub(super) fn add_up_value_grads(ups: &[usize], scratch: &[f32], n: usize, k: usize, g_val_up: &mut [Vec<f32>]) {
-    for (pu, &u) in ups.iter().enumerate() {
-        let gvu = &mut g_val_up[u];
-        for t in 0..n {
-            let src = &scratch[(t * ups.len() + pu) * k..(t * ups.len() + pu + 1) * k];
-            add_into(&mut gvu[t * k..(t + 1) * k], src);
-        }
-    }
-}
-
-/// `W_decᵀ W_V (·, H·dh)` of one upstream module on the rows of its features active in the
-/// batch.
-#[derive(Default)]
-pub(super) struct ActiveRows {
-    /// The active features, ascending.
-    rows: Vec<u32>,
-    /// Feature -> its row in `vals`, or EMPTY.
-    map: Vec<u32>,
-    vals: Vec<f32>,
-}
-
-impl ActiveRows {
-    /// `dec_row(j) · W_V (D, H·dh)` for each of `rows` (ascending, below `n_cols`).
-    pub(super) fn build<'r>(
-        rows: Vec<u32>,
-        n_cols: usize,
-        dec_row: impl Fn(u32) -> &'r [f32],
-        w_v: &[f32],
-        d: usize,
-        hd: usize,
-    ) -> ActiveRows {
-        let mut map = vec![EMPTY; n_cols];
-        let mut dec = Vec::with_capacity(rows.len() * d);
-        for (m, &j) in rows.iter().enumerate() {
-            map[j as usize] = m as u32;
-            dec.extend_from_slice(dec_row(j));
-        }
-        let mut vals = vec![0f32; rows.len() * hd];
-        sgemm(rows.len(), hd, d, &dec, d, 1, w_v, hd, 1, &mut vals, false, true);
-        ActiveRows { rows, map, vals }
-    }
-
-    /// Feature `j`'s row (`width` values), if it is active.
-    pub(super) fn row(&self, j: usize, width: usize) -> Option<&[f32]> {
-        let m = self.map[j];
-        (m != EMPTY).then(|| &self.vals[m as usize * width..(m as usize + 1) * width])
-    }
-}
 
 /// One module's parameters as the engine reads them: the decoder transposed, so that a
 /// feature's decoder column is a contiguous row.
@@ -176,6 +110,9 @@ struct EdgeState {
     /// on the referenced tokens present in the batch.
     embed_w: Vec<f32>,
     embed_dv: ActiveRows,
+    /// With gates: the weights before gating, in slot order (upstream, embed).
+    raw: Vec<f32>,
+    embed_raw: Vec<f32>,
 }
 
 /// What the forward pass keeps for the backward pass, per module.
@@ -229,6 +166,8 @@ pub struct Engine<'a> {
     embed: Option<embed_edges::EmbedConsts>,
     /// `W_U` (and its transpose) and `b_U`, when the plan has unembed edges.
     unembed: Option<unembed::UnembedConsts>,
+    /// Gate values of the edge slots ([`Engine::gated`]).
+    gates: Option<&'a SlotValues>,
     ln_eps: f32,
     n_heads: usize,
     d_head: usize,
@@ -321,6 +260,7 @@ impl<'a> Engine<'a> {
             layers,
             embed,
             unembed,
+            gates: None,
             ln_eps: rt.cfg.ln_eps as f32,
             n_heads: rt.cfg.n_heads,
             d_head: rt.cfg.d_head,
@@ -374,24 +314,39 @@ impl<'a> Engine<'a> {
         let l = self.suite.modules[di].layer;
         match self.suite.modules[di].kind {
             Kind::Mlp => {
-                let w_col = index.to_col_order(&self.mlp_edge_weights(di, index, states), 1);
-                let embed_w_col = embed.map(|ep| self.mlp_embed_weights(di, ep)).unwrap_or_default();
+                let mut w = self.mlp_edge_weights(di, index, states);
+                let raw = self.gate(di, false, &mut w, 1);
+                let w_col = index.to_col_order(&w, 1);
+                let (embed_w_col, embed_raw) = match embed {
+                    Some(ep) => {
+                        let mut ew = self.mlp_embed_weights(di, ep);
+                        let raw = self.gate(di, true, &mut ew, 1);
+                        (ep.index.to_col_order(&ew, 1), raw)
+                    }
+                    None => Default::default(),
+                };
                 prof.mark("mlp w");
                 self.mlp_edges_forward(fb, di, index, &w_col, states, a);
                 if let Some(ep) = embed {
                     self.mlp_embed_forward(fb, di, ep, &embed_w_col, a);
                 }
                 prof.mark("mlp edges");
-                EdgeState { w: w_col, embed_w: embed_w_col, ..EdgeState::default() }
+                EdgeState { w: w_col, embed_w: embed_w_col, raw, embed_raw, ..EdgeState::default() }
             }
             Kind::Attn => {
-                let (w, ev, dv) = self.attn_edge_weights(di, l, index, states);
-                let (embed_w, embed_dv) = match embed {
-                    Some(ep) => self.attn_embed_weights(fb, l, ep, &ev),
+                let (mut w, ev, dv) = self.attn_edge_weights(di, l, index, states);
+                let h = self.n_heads;
+                let raw = self.gate(di, false, &mut w, h);
+                let (embed_w, embed_dv, embed_raw) = match embed {
+                    Some(ep) => {
+                        let (mut ew, edv) = self.attn_embed_weights(fb, l, ep, &ev);
+                        let raw = self.gate(di, true, &mut ew, h);
+                        (ew, edv, raw)
+                    }
                     None => Default::default(),
                 };
                 prof.mark("attn w");
-                let es = EdgeState { w, ev, dv, embed_w, embed_dv };
+                let es = EdgeState { w, ev, dv, embed_w, embed_dv, raw, embed_raw };
                 self.attn_edges_forward(fb, Target { di, layer: l, index, embed }, &es, states, a);
                 prof.mark("attn edges");
                 es
@@ -437,8 +392,33 @@ impl<'a> Engine<'a> {
         &self,
         fb: &FlatBatch,
         state: &State,
+        g_recon: Vec<Vec<f32>>,
+        extra: Option<UnembedGrads>,
+    ) -> Result<Vec<ModuleGrads>> {
+        self.backward_impl(fb, state, g_recon, extra, None)
+    }
+
+    /// [`backward_with`](Self::backward_with) of the gated pass ([`gated`](Self::gated)), also
+    /// returning the gates' gradients (zeros without gates).
+    pub fn backward_gated(
+        &self,
+        fb: &FlatBatch,
+        state: &State,
+        g_recon: Vec<Vec<f32>>,
+        extra: Option<UnembedGrads>,
+    ) -> Result<(Vec<ModuleGrads>, SlotValues)> {
+        let mut gz = SlotValues::zeros(self.plan, self.suite.modules.len(), self.f);
+        let grads = self.backward_impl(fb, state, g_recon, extra, Some(&mut gz))?;
+        Ok((grads, gz))
+    }
+
+    fn backward_impl(
+        &self,
+        fb: &FlatBatch,
+        state: &State,
         mut g_recon: Vec<Vec<f32>>,
         extra: Option<UnembedGrads>,
+        mut gz: Option<&mut SlotValues>,
     ) -> Result<Vec<ModuleGrads>> {
         let mut prof = Profile::new();
         let (n, d, f, k) = (fb.b * fb.s, self.d, self.f, self.k);
@@ -464,7 +444,7 @@ impl<'a> Engine<'a> {
             self.encoder_input_backward(fb, di, &g_z, &mut g_recon, &mut g_recon_nb, &mut g_bdec_extra);
             prof.mark("encoder");
             let g = EdgeGrads { val: &mut g_val, enc: &mut g_enc, dec_t_in: &mut g_dec_t_in };
-            self.edges_backward(fb, di, state, &pg, g, &mut prof);
+            self.edges_backward(fb, di, state, &pg, g, gz.as_deref_mut(), &mut prof);
             // Assemble this module's gradients (W_dec from its transpose).
             if !g_dec_t_in[di].is_empty() {
                 add_into(&mut g_dec_t, &g_dec_t_in[di]);
@@ -484,7 +464,19 @@ impl<'a> Engine<'a> {
 
     /// The edge terms' backward into module `di`: the upstream values' gradients, the edge
     /// weights' into this module's encoder and the upstream decoders (all into `g`).
-    fn edges_backward(&self, fb: &FlatBatch, di: usize, state: &State, pg: &PreGrad, g: EdgeGrads, prof: &mut Profile) {
+    /// With gates, the gated weights' gradients become the raw weights' ones and the gates'
+    /// (into `gz`).
+    #[allow(clippy::too_many_arguments)]
+    fn edges_backward(
+        &self,
+        fb: &FlatBatch,
+        di: usize,
+        state: &State,
+        pg: &PreGrad,
+        g: EdgeGrads,
+        mut gz: Option<&mut SlotValues>,
+        prof: &mut Profile,
+    ) {
         let plan_d = self.plan.down(di);
         let embed = plan_d.embed.as_ref();
         if !self.plan.sparse || (plan_d.ups.is_empty() && embed.is_none()) {
@@ -497,11 +489,17 @@ impl<'a> Engine<'a> {
         match self.suite.modules[di].kind {
             Kind::Mlp => {
                 let has_ups = !plan_d.ups.is_empty();
-                let gw = match has_ups {
+                let mut gw = match has_ups {
                     true => self.mlp_edges_backward(fb, tg, &st.edges.w, pg, state, before),
                     false => Vec::new(),
                 };
-                let gw_embed = embed.map(|ep| self.mlp_embed_backward(fb, di, ep, pg));
+                let mut gw_embed = embed.map(|ep| ep.index.to_slot_order(&self.mlp_embed_backward(fb, di, ep, pg), 1));
+                if has_ups {
+                    self.ungate(di, false, &mut gw, &st.edges.raw, 1, gz.as_deref_mut());
+                }
+                if let Some(gwe) = gw_embed.as_mut() {
+                    self.ungate(di, true, gwe, &st.edges.embed_raw, 1, gz.as_deref_mut());
+                }
                 prof.mark("mlp edges");
                 if has_ups {
                     self.mlp_edge_weights_backward(di, index, &gw, g.enc, g.dec_t_in);
@@ -512,7 +510,12 @@ impl<'a> Engine<'a> {
                 prof.mark("mlp w");
             }
             Kind::Attn => {
-                let (gw, gw_embed) = self.attn_edges_backward(fb, tg, &st.edges, pg, state, before);
+                let (mut gw, mut gw_embed) = self.attn_edges_backward(fb, tg, &st.edges, pg, state, before);
+                let h = self.n_heads;
+                self.ungate(di, false, &mut gw, &st.edges.raw, h, gz.as_deref_mut());
+                if embed.is_some() {
+                    self.ungate(di, true, &mut gw_embed, &st.edges.embed_raw, h, gz);
+                }
                 prof.mark("attn edges");
                 self.attn_edge_weights_backward(tg, &gw, &st.edges, &gw_embed, g.enc, g.dec_t_in);
                 prof.mark("attn w");
