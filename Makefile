@@ -61,9 +61,11 @@ PROMPT ?=
 # SELECT="python3 pipelines/select_random.py"); or `learned`: learn-connections learns C of
 # the KEEP candidates with hard-concrete gates for the suite (frozen), LEARN_STEPS steps.
 SELECT ?= $(BIN)/select-edges
-# learn-connections (SELECT=learned): steps, and the weight of its expected-L0 penalty.
+# learn-connections (SELECT=learned): steps, the weight of its expected-L0 penalty, and its
+# loss (with UNEMBED_C, mse+ce: the CE learns the unembed candidates; the FVU does not read them).
 LEARN_STEPS ?= $(STEPS)
 LAMBDA ?= 0.01
+LEARN_LOSS ?= $(if $(UNEMBED_C),mse+ce,mse)
 # C values of `make sweep`.
 CS ?= 0 4 16 64
 # Seed of the toy corpus and toy model (toy preset).
@@ -134,7 +136,7 @@ EDGES := $(call edges_dir,$(EMBED_C),$(UNEMBED_C))
 LEARNED := $(filter learned,$(SELECT))
 SELECT_ID := select=$(SELECT)$(foreach w,$(filter-out $(BIN)/% learned,$(SELECT)),$(if $(wildcard $(w)),:$(call ident,$(w))))
 # What learned connections depend on besides the edges: the suite, its cache and the run.
-LEARN_ID := acts=$(ACTS_ARGS) suite=$(SUITE_ARGS) steps=$(LEARN_STEPS) lambda=$(LAMBDA) batch=$(BATCH) seed=$(SEED)
+LEARN_ID := acts=$(ACTS_ARGS) suite=$(SUITE_ARGS) steps=$(LEARN_STEPS) lambda=$(LAMBDA) batch=$(BATCH) seed=$(SEED)$(if $(filter-out mse,$(LEARN_LOSS)), loss=$(LEARN_LOSS),)
 FT_ARGS := acts=$(ACTS_ARGS) loss=$(LOSS) steps=$(STEPS) lr=$(LR) decay=$(DECAY) batch=$(BATCH) seed=$(SEED) auxk=$(AUXK) dead=$(DEAD_THRESHOLD)$(NP_KEY)
 FT_NAME := $(LOSS)-s$(STEPS)-lr$(LR)
 CONN_IDENT := $(if $(CONNECTIONS),conns=$(call ident,$(CONNECTIONS)),)
@@ -154,7 +156,7 @@ ifeq ($(CONNECTIONS),)
 $$(CONN_$(call tag,$(1),$(2),$(3),$(4))): $(call edges_dir,$(2),$(3))/.done $(if $(filter learned,$(4)),$(ACTS)/.done $(SUITE_DEP),) | $(BUILD_DEP)
 	@mkdir -p $$(@D)
 	rm -rf $$@.tmp.parquet $$@.learn
-	$(if $(filter learned,$(4)),$(call learn,$(call edges_dir,$(2),$(3))/edges.parquet,$(1),$$@),$(if $(filter random,$(4)),$(BIN)/select-edges,$(SELECT)) --edges $(call edges_dir,$(2),$(3))/edges.parquet --c $(1) $(if $(2),--embed-c $(2),) $(if $(3),--unembed-c $(3),) $(if $(filter random,$(4)),--random $(RANDOM_SEED),) --out $$@.tmp.parquet)
+	$(if $(filter learned,$(4)),$(call learn,$(call edges_dir,$(2),$(3))/edges.parquet,$(1),$$@,$(3)),$(if $(filter random,$(4)),$(BIN)/select-edges,$(SELECT)) --edges $(call edges_dir,$(2),$(3))/edges.parquet --c $(1) $(if $(2),--embed-c $(2),) $(if $(3),--unembed-c $(3),) $(if $(filter random,$(4)),--random $(RANDOM_SEED),) --out $$@.tmp.parquet)
 	mv $$@.tmp.parquet $$@
 endif
 $$(FT_$(call tag,$(1),$(2),$(3),$(4)))/.done: $$(CONN_$(call tag,$(1),$(2),$(3),$(4))) $(ACTS)/.done $(SUITE_DEP) | $(BUILD_DEP)
@@ -162,10 +164,12 @@ $$(FT_$(call tag,$(1),$(2),$(3),$(4)))/.done: $$(CONN_$(call tag,$(1),$(2),$(3),
 	touch $$@
 endef
 
-# Learn C=$(2) connections among the candidates of edges file $(1) for the suite (frozen) into
-# $(3).tmp.parquet (the run's folder $(3).learn is kept beside it for its metrics).
+# Learn C=$(2) connections (and UNEMBED_C=$(4) per output token) among the candidates of edges
+# file $(1) for the suite (frozen) into $(3).tmp.parquet (the run's folder $(3).learn is kept
+# beside it for its metrics).
 define learn
 $(BIN)/learn-connections --acts $(ACTS) --suite $(SUITE_PATH) --edges $(1) --c $(2) --freeze-suite \
+    $(if $(4),--unembed-c $(4),) --loss $(LEARN_LOSS) \
     --steps $(LEARN_STEPS) --lambda $(LAMBDA) --batch-size $(BATCH) --seed $(SEED) $(THREADS_FLAG) \
     --out $(3).learn > /dev/null && cp $(3).learn/connections.parquet $(3).tmp.parquet
 endef
@@ -266,7 +270,7 @@ $(REPORT)/.done: $(addsuffix /.done,$(REPORT_EVALS)) | $(BUILD_DEP)
 ## settings: print the preset and the settings every stage runs with (`make all` starts so).
 HELP_VARS := PIPELINE MODEL DATA HELDOUT CTX N_SEQS N_HELDOUT BOS PACK DTYPE BATCH THREADS SEED \
     EXPANSION K SUITE_STEPS SUITE_LR DEAD_THRESHOLD SUITE CONNECTIONS C KEEP EMBED_C UNEMBED_C SELECT \
-    LOSS STEPS LR DECAY AUXK CKPT_EVERY DENSE_CONTROL CONTROL RANDOM_SEED LEARN_STEPS LAMBDA VIEW VIEW_SEQS PROMPT CS TOY_SEED OUT BIN BUILD MPI NP LAUNCH
+    LOSS STEPS LR DECAY AUXK CKPT_EVERY DENSE_CONTROL CONTROL RANDOM_SEED LEARN_STEPS LAMBDA LEARN_LOSS VIEW VIEW_SEQS PROMPT CS TOY_SEED OUT BIN BUILD MPI NP LAUNCH
 settings:
 	@echo "make: preset $(PIPELINE) (pipelines/$(PIPELINE).mk)$(if $(filter command line environment,$(origin MODEL)),$(comma) MODEL from the $(origin MODEL),)"
 	@echo "  data: MODEL=$(MODEL) DATA=$(DATA) HELDOUT=$(if $(HELDOUT),$(HELDOUT),<DATA after $(N_SEQS) sequences>) CTX=$(CTX) N_SEQS=$(N_SEQS) N_HELDOUT=$(N_HELDOUT) BOS=$(BOS) PACK=$(PACK) DTYPE=$(DTYPE)"

@@ -81,26 +81,47 @@ fn gate_values(plan: &Plan, f: usize, seed: u64, hard: bool) -> SlotValues {
             })
             .collect()
     };
-    SlotValues {
-        up: (0..4).map(|d| plan.down(d).index.as_ref().map(|ix| one(ix.width))).collect(),
-        embed: (0..4).map(|d| plan.down(d).embed.as_ref().map(|ep| one(ep.index.width))).collect(),
-    }
+    let up = (0..4).map(|d| plan.down(d).index.as_ref().map(|ix| one(ix.width))).collect();
+    let embed = (0..4).map(|d| plan.down(d).embed.as_ref().map(|ep| one(ep.index.width))).collect();
+    // Unembed slots: (V_n, C_u) rows, `f` above counts rows of module slots only.
+    let unembed = plan.unembed.as_ref().map(|u| {
+        let n = u.index.slot_col.len();
+        (0..n)
+            .map(|k| match k % 5 {
+                1 if hard => 0.0,
+                3 if hard => 1.0,
+                _ => 0.1 + 0.8 * rng.uniform() as f32,
+            })
+            .collect()
+    });
+    SlotValues { up, embed, unembed }
+}
+
+/// Gate variables of every slot set, and the autograd pass's gates made of them.
+struct GateVars {
+    up: Vec<Option<Var>>,
+    emb: Vec<Option<Var>>,
+    unembed: Option<Var>,
+    gates: Gates,
 }
 
 /// The values as variables `(F, width)` and as the autograd pass's gates.
-fn gate_vars(z: &SlotValues, f: usize) -> (Vec<Option<Var>>, Vec<Option<Var>>, Gates) {
-    let var = |v: &Option<Vec<f32>>| {
-        v.as_ref()
-            .map(|v| Var::from_tensor(&Tensor::from_vec(v.clone(), (f, v.len() / f), &Device::Cpu).unwrap()).unwrap())
+fn gate_vars(z: &SlotValues, f: usize, unembed_rows: usize) -> GateVars {
+    let var = |v: &Option<Vec<f32>>, rows: usize| {
+        v.as_ref().map(|v| {
+            Var::from_tensor(&Tensor::from_vec(v.clone(), (rows, v.len() / rows), &Device::Cpu).unwrap()).unwrap()
+        })
     };
-    let (up, emb): (Vec<_>, Vec<_>) = (z.up.iter().map(var).collect(), z.embed.iter().map(var).collect());
+    let (up, emb): (Vec<_>, Vec<_>) =
+        (z.up.iter().map(|v| var(v, f)).collect(), z.embed.iter().map(|v| var(v, f)).collect());
+    let unembed = var(&z.unembed, unembed_rows);
     let t = |v: &Option<Var>| v.as_ref().map(|v| v.as_tensor().clone());
-    let gates = Gates { up: up.iter().map(t).collect(), embed: emb.iter().map(t).collect() };
-    (up, emb, gates)
+    let gates = Gates { up: up.iter().map(t).collect(), embed: emb.iter().map(t).collect(), unembed: t(&unembed) };
+    GateVars { up, emb, unembed, gates }
 }
 
 /// The gradients of the gate variables in `store` as slot values (zeros where none reached them).
-fn grads_of(store: &candle_core::backprop::GradStore, up: &[Option<Var>], emb: &[Option<Var>]) -> SlotValues {
+fn grads_of(store: &candle_core::backprop::GradStore, v: &GateVars) -> SlotValues {
     let host = |v: &Option<Var>| {
         v.as_ref().map(|v| {
             store
@@ -108,7 +129,11 @@ fn grads_of(store: &candle_core::backprop::GradStore, up: &[Option<Var>], emb: &
                 .map_or_else(|| vec![0f32; v.elem_count()], |g| g.flatten_all().unwrap().to_vec1().unwrap())
         })
     };
-    SlotValues { up: up.iter().map(host).collect(), embed: emb.iter().map(host).collect() }
+    SlotValues {
+        up: v.up.iter().map(host).collect(),
+        embed: v.emb.iter().map(host).collect(),
+        unembed: host(&v.unembed),
+    }
 }
 
 /// The dense oracle with masks holding the gate values `z` (F×F per module pair, F×V for the
@@ -215,6 +240,14 @@ fn slot_diff(cands: &Connections, f: usize, got: &SlotValues, want: &SlotValues)
             }
         }
     }
+    // Unembed slots: every one (unused slots are 0 on both sides).
+    if let (Some(g), Some(w)) = (&got.unembed, &want.unembed) {
+        for (a, b) in g.iter().zip(w) {
+            worst = worst.max((a - b).abs());
+            largest = largest.max(a.abs());
+            n += usize::from(*a != 0.0);
+        }
+    }
     (worst, largest, n)
 }
 
@@ -230,11 +263,11 @@ fn gated_pass_and_its_gate_gradients_equal_the_dense_oracle_with_gate_valued_mas
         let mut plan = Plan::new(&suite, Wiring::Sparse(&cands), false, &dev).unwrap();
         plan.force_composed(composed);
         let z = gate_values(&plan, f, 11, false);
-        let (up, emb, gates) = gate_vars(&z, f);
+        let gv = gate_vars(&z, f, 0);
         let opts = PassOptions::default();
-        let out = forward_gated(&suite, rt, &plan, &batch, opts, Some(&gates)).unwrap();
+        let out = forward_gated(&suite, rt, &plan, &batch, opts, Some(&gv.gates)).unwrap();
         let store = loss(&suite, &batch, &out).backward().unwrap();
-        let got = grads_of(&store, &up, &emb);
+        let got = grads_of(&store, &gv);
         let (want_out, want) = oracle_gate_grads(&model, &suite, false, &cands, &z, &batch);
         for m in 0..4 {
             let d = max_abs(&(&out.feats[m] - &want_out.feats[m]).unwrap());
@@ -266,8 +299,8 @@ fn the_engines_gated_pass_and_gradients_equal_the_autograd_pass_and_the_oracle()
         let (eng_loss, g_recon) = scae::pass::objective::mse_loss_and_grad(&fb, &state.recons(), suite.d_model);
         let (grads, gz) = eng.backward_gated(&fb, &state, g_recon, None).unwrap();
         // Autograd on the same gates.
-        let (up, emb, gates) = gate_vars(&z, f);
-        let out = forward_gated(&suite, rt, &plan, &batch, PassOptions::default(), Some(&gates)).unwrap();
+        let gv = gate_vars(&z, f, 0);
+        let out = forward_gated(&suite, rt, &plan, &batch, PassOptions::default(), Some(&gv.gates)).unwrap();
         let auto_loss = scae::pass::objective::mse_loss(&suite, &batch, &out).unwrap();
         let al = auto_loss.to_scalar::<f32>().unwrap() as f64;
         assert!((al - eng_loss).abs() <= 1e-4 * al.abs().max(1.0), "{name}: loss {al} vs engine {eng_loss}");
@@ -277,7 +310,7 @@ fn the_engines_gated_pass_and_gradients_equal_the_autograd_pass_and_the_oracle()
             assert!(d <= 1e-4, "{name}: engine feats {m} differ by {d}");
         }
         let store = auto_loss.backward().unwrap();
-        let want = grads_of(&store, &up, &emb);
+        let want = grads_of(&store, &gv);
         let (worst, largest, n) = slot_diff(&cands, f, &gz, &want);
         assert!(n > 100 && largest > 1e-3, "{name}: {n} gates compared, largest gradient {largest}");
         assert!(worst <= 1e-4, "{name}: engine gate gradients differ from autograd's by {worst}");
@@ -308,13 +341,104 @@ fn the_engines_gated_pass_and_gradients_equal_the_autograd_pass_and_the_oracle()
 }
 
 #[test]
+fn the_engines_unembed_gates_and_ce_gradients_equal_autograds() {
+    use scae::util::collective::Single;
+    let dev = Device::Cpu;
+    for name in ["tiny-neo", "tiny-pythia", "tiny-gpt2"] {
+        let (model, suite, batch) = fixture_case(name);
+        let rt = &model.runtime;
+        let parallel = model.cfg().parallel_attn_mlp;
+        let tokens: Vec<u32> = batch.tokens.flatten_all().unwrap().to_vec1().unwrap();
+        let (f, n_mod) = (suite.n_features, suite.modules.len());
+        let vocab = rt.weights.w_e.dim(0).unwrap();
+        let mut cands = candidates(&suite, &tokens, 5, 23, parallel);
+        // Up to 6 features per token over the first 3/4 of the vocabulary.
+        let mut rng = SplitMix(29);
+        let mut below = |n: usize| (rng.next_u64() % n as u64) as usize;
+        cands.unembed = (0..vocab * 3 / 4)
+            .map(|_| {
+                let mut es: Vec<Edge> = Vec::new();
+                for _ in 0..below(7) {
+                    let e = Edge { up: below(n_mod), feature: below(f) as u32, score: 1.0 };
+                    if !es.iter().any(|x| x.up == e.up && x.feature == e.feature) {
+                        es.push(e);
+                    }
+                }
+                es
+            })
+            .collect();
+        let plan = Plan::new(&suite, Wiring::Sparse(&cands), parallel, &dev).unwrap();
+        let z = gate_values(&plan, f, 9, true);
+        let rows = plan.unembed.as_ref().unwrap().index.n_down;
+        // Autograd: FVU + the spliced CE with gated unembed edges.
+        let gv = gate_vars(&z, f, rows);
+        let opts = PassOptions::default();
+        let out = forward_gated(&suite, rt, &plan, &batch, opts, Some(&gv.gates)).unwrap();
+        let ce = scae::pass::objective::ce_per_token_gated(&suite, rt, &plan, &batch, &out, gv.gates.unembed.as_ref())
+            .unwrap()
+            .mean_all()
+            .unwrap();
+        let auto_ce = ce.to_scalar::<f32>().unwrap() as f64;
+        let auto_loss = (scae::pass::objective::mse_loss(&suite, &batch, &out).unwrap() + ce).unwrap();
+        let store = auto_loss.backward().unwrap();
+        let want = grads_of(&store, &gv);
+        // The engine.
+        let eng = Engine::new(&suite, rt, &plan, opts).unwrap().gated(&z).unwrap();
+        let fb = FlatBatch::new(&batch, &suite.modules).unwrap();
+        let state = eng.forward(&fb).unwrap();
+        let (_, mut g_recon) = scae::pass::objective::mse_loss_and_grad(&fb, &state.recons(), suite.d_model);
+        let (eng_ce, g, extra) = eng.unembed_ce_loss_and_grad(&Single, &fb, &state).unwrap().expect("unembed edges");
+        assert!((eng_ce - auto_ce).abs() <= 1e-4 * auto_ce.abs(), "{name}: CE {eng_ce} vs autograd {auto_ce}");
+        for gr in g_recon.iter_mut() {
+            gr.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
+        }
+        let (grads, gz) = eng.backward_gated(&fb, &state, g_recon, Some(extra)).unwrap();
+        let unembed_largest = gz.unembed.as_ref().unwrap().iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert!(unembed_largest > 1e-4, "{name}: unembed gate gradients all ~0 ({unembed_largest})");
+        let (worst, largest, n) = slot_diff(&cands, f, &gz, &want);
+        assert!(worst <= 1e-4, "{name}: gate gradients under FVU + CE differ from autograd's by {worst}");
+        eprintln!("{name}: FVU + CE, {n} gate gradients up to {largest:.2e} (unembed {unembed_largest:.2e}), worst {worst:.2e}");
+        let tensors = engine::grads_to_tensors(&suite, &grads, &dev).unwrap();
+        for ((key, var), got) in suite.named_vars().into_iter().zip(&tensors) {
+            let want = store.get(var.as_tensor()).unwrap();
+            let (d, scale) = (max_abs(&(got - want).unwrap()), max_abs(want));
+            assert!(d <= 1e-4 * scale.max(1.0), "{name}: engine gradient {key} differs by {d} (largest {scale})");
+        }
+        // Central differences of the engine's loss in the largest unembed gates (the logits
+        // are linear in them and the features do not depend on them).
+        let loss_at = |z: &SlotValues| -> f64 {
+            let eng = Engine::new(&suite, rt, &plan, opts).unwrap().gated(z).unwrap();
+            let st = eng.forward(&fb).unwrap();
+            let (mse, _) = scae::pass::objective::mse_loss_and_grad(&fb, &st.recons(), suite.d_model);
+            mse + eng.unembed_ce_loss_and_grad(&Single, &fb, &st).unwrap().unwrap().0
+        };
+        let gu = gz.unembed.as_ref().unwrap();
+        let mut order: Vec<usize> = (0..gu.len()).collect();
+        order.sort_by(|&a, &b| gu[b].abs().total_cmp(&gu[a].abs()));
+        for &k in order.iter().take(4) {
+            let eps = 1e-2f32;
+            let mut zp = z.clone();
+            zp.unembed.as_mut().unwrap()[k] += eps;
+            let mut zm = z.clone();
+            zm.unembed.as_mut().unwrap()[k] -= eps;
+            let fd = (loss_at(&zp) - loss_at(&zm)) / (2.0 * eps as f64);
+            assert!(
+                (fd - gu[k] as f64).abs() <= 1e-2 * (gu[k] as f64).abs(),
+                "{name}: unembed gate {k}: {} vs differences {fd}",
+                gu[k]
+            );
+        }
+    }
+}
+
+#[test]
 fn sampled_gates_and_expected_counts_follow_the_hard_concrete_formulas() {
     let (_model, suite, batch) = fixture_case("tiny-neo");
     let dev = Device::Cpu;
     let tokens: Vec<u32> = batch.tokens.flatten_all().unwrap().to_vec1().unwrap();
     let cands = candidates(&suite, &tokens, 5, 3, false);
     let plan = Plan::new(&suite, Wiring::Sparse(&cands), false, &dev).unwrap();
-    let gp = GateParams::new(&plan, &cands, 3, GateInit::Scores, 5, &dev).unwrap();
+    let gp = GateParams::new(&plan, &cands, (3, 3), GateInit::Scores, 5, &dev).unwrap();
     let beta = 0.7;
     for mode in [GateMode::Relaxed, GateMode::Hard] {
         let gates = gp.sample(beta, mode, 99).unwrap();
@@ -384,7 +508,7 @@ fn the_gradient_with_respect_to_log_alpha_matches_central_differences() {
     let cands = candidates(&suite, &tokens, 4, 21, false);
     let mut plan = Plan::new(&suite, Wiring::Sparse(&cands), false, &dev).unwrap();
     plan.force_composed(true);
-    let gp = GateParams::new(&plan, &cands, 2, GateInit::Zero, 1, &dev).unwrap();
+    let gp = GateParams::new(&plan, &cands, (2, 2), GateInit::Zero, 1, &dev).unwrap();
     let (beta, seed) = (1.0, 17);
     let value = |gp: &GateParams| -> (f64, Tensor) {
         let gates = gp.sample(beta, GateMode::Relaxed, seed).unwrap();

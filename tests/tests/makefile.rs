@@ -235,3 +235,18 @@ fn dense_ends_runs_select_from_edges_without_embed_candidates() {
     assert!(o.contains("score-edges") && o.matches("score-edges --acts").count() == 2, "{o}");
     assert!(!out.exists());
 }
+
+/// `SELECT=learned` learns the connections with learn-connections; with UNEMBED_C its loss has
+/// the CE term that learns the unembed candidates (and the output is keyed on that loss).
+#[test]
+fn select_learned_runs_learn_connections_with_ce_when_the_unembedding_is_sparse() {
+    let out = scratch("make-learned").join("out");
+    let o = ok(&["-n", "all", "SELECT=learned", "C=8", &format!("OUT={}", s(&out))]);
+    let learn: Vec<&str> = o.lines().filter(|l| l.contains("learn-connections --acts")).collect();
+    assert!(!learn.is_empty() && learn.iter().all(|l| l.contains("--loss mse ") && !l.contains("--unembed-c")), "{o}");
+    let o = ok(&["-n", "all", "SELECT=learned", "C=8", "UNEMBED_C=4", &format!("OUT={}", s(&out))]);
+    let learn: Vec<&str> = o.lines().filter(|l| l.contains("learn-connections --acts")).collect();
+    let sparse = learn.iter().find(|l| l.contains("--unembed-c 4")).expect("a learn run with unembed candidates");
+    assert!(sparse.contains("--loss mse+ce"), "{sparse}");
+    assert!(!out.exists());
+}

@@ -176,21 +176,22 @@ impl Connections {
     }
 
     /// [`write_parquet`](Self::write_parquet) with a `gate` column (learned connections):
-    /// `gates[d][i]` holds one value per edge of feature i of module d, its module edges then
-    /// its embed edges, in list order; unembed rows get NaN.
+    /// `gates.0[d][i]` holds one value per edge of feature i of module d, its module edges then
+    /// its embed edges, in list order; `gates.1[v]` one per unembed edge of token v (missing
+    /// values are NaN).
     pub fn write_parquet_gated(
         &self,
         path: &Path,
         format: &str,
         meta: &EdgesMeta,
-        gates: Option<&[Vec<Vec<f32>>]>,
+        gates: Option<(&[Vec<Vec<f32>>], &[Vec<f32>])>,
     ) -> Result<()> {
         let (mut dm, mut df, mut um, mut uf, mut sc) = (vec![], vec![], vec![], vec![], vec![]);
         let mut gate = Vec::new();
         for (d, feats) in self.edges.iter().enumerate() {
             let dname = self.modules[d].name();
             for (i, es) in feats.iter().enumerate() {
-                if let Some(g) = gates {
+                if let Some((g, _)) = gates {
                     gate.extend(
                         g[d][i]
                             .iter()
@@ -216,15 +217,16 @@ impl Connections {
             }
         }
         for (token, es) in self.unembed.iter().enumerate() {
+            if let Some((_, g)) = gates {
+                let g = g.get(token).map_or(&[][..], |v| &v[..]);
+                gate.extend(g.iter().copied().chain(std::iter::repeat(f32::NAN)).take(es.len()));
+            }
             for e in es {
                 dm.push(UNEMBED.to_string());
                 df.push(token as u32);
                 um.push(self.modules[e.up].name());
                 uf.push(e.feature);
                 sc.push(e.score);
-                if gates.is_some() {
-                    gate.push(f32::NAN);
-                }
             }
         }
         let mut cols: Vec<(&str, ArrayRef)> = vec![

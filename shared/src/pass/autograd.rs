@@ -49,10 +49,13 @@ struct EdgeCtx<'a> {
 /// connections"): per downstream module, `(F, C)` over the plan's upstream slots and `(F, C_e)`
 /// over its embed slots (slot c of feature i is the c-th edge the connection set lists for i);
 /// `None` where a module has no such slots. An attention edge's one gate scales all its heads.
+/// With unembed edges, `(V_n, C_u)` over the plan's unembed slots (they act in the spliced CE,
+/// [`crate::pass::objective::ce_per_token_gated`]).
 #[derive(Debug, Clone)]
 pub struct Gates {
     pub up: Vec<Option<Tensor>>,
     pub embed: Vec<Option<Tensor>>,
+    pub unembed: Option<Tensor>,
 }
 
 /// `w (F, C, H)` times the gates `(F, C)` of its slots, if any.

@@ -94,12 +94,25 @@ pub fn ce_per_token_planned(
     batch: &Batch,
     out: &PassOutput,
 ) -> Result<Tensor> {
+    ce_per_token_gated(suite, rt, plan, batch, out, None)
+}
+
+/// [`ce_per_token_planned`] with each unembed edge's term times its gate in `gate`
+/// `(V_n, C_u)` (the plan's unembed slots; learned connections).
+pub fn ce_per_token_gated(
+    suite: &Suite,
+    rt: &Runtime,
+    plan: &Plan,
+    batch: &Batch,
+    out: &PassOutput,
+    gate: Option<&Tensor>,
+) -> Result<Tensor> {
     match &plan.unembed {
         None => ce_per_token(rt, batch, out),
         Some(up) => {
             let tokens = &batch.tokens;
             let (b, s) = tokens.dims2()?;
-            let logits = unembed_logits(suite, rt, up, plan.composed, batch, out)?; // (N, V)
+            let logits = unembed_logits(suite, rt, up, plan.composed, batch, out, gate)?; // (N, V)
             let v = logits.dim(1)?;
             crate::model::token_ce(&logits.reshape((b, s, v))?, tokens)
         }
@@ -115,7 +128,7 @@ pub fn logits_planned(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, o
             let v = logits.dim(candle_core::D::Minus1)?;
             Ok(logits.reshape((logits.elem_count() / v, v))?)
         }
-        Some(up) => unembed_logits(suite, rt, up, plan.composed, batch, out),
+        Some(up) => unembed_logits(suite, rt, up, plan.composed, batch, out, None),
     }
 }
 
@@ -127,7 +140,8 @@ pub fn ce_loss_planned(suite: &Suite, rt: &Runtime, plan: &Plan, batch: &Batch, 
 /// Logits `(N, V)` with unembed edges: `(dense + Σ_{(m,j) ∈ U(v)} f_m[t,j] W_dec^m[:,j]) ·
 /// W_U[:,v] / s[t] + b_U[v]`, `dense = r0 + Σ_m b_dec^m`, `s` LNPre's scale of the whole
 /// spliced residual; the edge terms through the sparse edge product (weights
-/// `W_dec^m[:,j] · W_U[:,v]` per edge), never an `F × V` matrix.
+/// `W_dec^m[:,j] · W_U[:,v]` per edge, times its gate in `gate (V_n, C_u)` if any), never an
+/// `F × V` matrix.
 fn unembed_logits(
     suite: &Suite,
     rt: &Runtime,
@@ -135,6 +149,7 @@ fn unembed_logits(
     composed: bool,
     batch: &Batch,
     out: &PassOutput,
+    gate: Option<&Tensor>,
 ) -> Result<Tensor> {
     let f32 = |t: &Tensor| t.to_dtype(DType::F32);
     let resid = spliced_resid(batch, out)?;
@@ -155,7 +170,10 @@ fn unembed_logits(
             .contiguous()?; // (modules·F, D)
     let rows = dec_t.index_select(&up.cols, 0)?.reshape((vn, width, d))?;
     let w_ut = w_u.t()?.narrow(0, 0, vn)?.contiguous()?; // (V_n, D)
-    let w = rows.broadcast_mul(&w_ut.unsqueeze(1)?)?.sum(2)?.unsqueeze(2)?; // (V_n, C_u, 1)
+    let mut w = rows.broadcast_mul(&w_ut.unsqueeze(1)?)?.sum(2)?.unsqueeze(2)?; // (V_n, C_u, 1)
+    if let Some(z) = gate {
+        w = w.broadcast_mul(&z.unsqueeze(2)?)?;
+    }
     let x = Tensor::cat(&out.feats.iter().map(f32).collect::<candle_core::Result<Vec<_>>>()?, 1)?;
     let wires = super::autograd::Wires { index: &up.index, cols: &up.cols, slot_mask: &up.slot_mask };
     let y = super::autograd::apply_edges(&x, &w, wires, 1, s, composed)?;

@@ -145,18 +145,8 @@ pub fn engine_step(
     }
     let mut extra = None;
     if let Some(w) = spec.ce_weight {
-        // With unembed edges the CE also sends gradient past the reconstructions.
-        let (ce, g) = match eng.unembed_ce_loss_and_grad(si.coll, &fb, &state)? {
-            Some((ce, g, rest)) => {
-                extra = Some(rest.scaled(w as f32));
-                (ce, g)
-            }
-            None => ce_loss_and_grad_over(si.coll, rt, &fb, &state.recons(), d)?,
-        };
-        for gr in g_recon.iter_mut() {
-            gr.iter_mut().zip(&g).for_each(|(a, b)| *a += w as f32 * b);
-        }
-        report.ce = Some(ce);
+        let (ce, rest) = add_ce_term(si, &eng, &fb, &state, w, &mut g_recon)?;
+        (report.ce, extra) = (Some(ce), rest);
     }
     report.loss = spec.total(report.fvu.as_deref(), report.auxk.as_deref(), report.ce);
     prof.mark("forward, loss");
@@ -175,6 +165,31 @@ pub fn engine_step(
     prof.mark("clip, optimizer");
     prof.report("step");
     Ok(report)
+}
+
+/// The engine's spliced CE term with weight `w`: its value; `w ×` its gradient added into every
+/// reconstruction's `g_recon`, and with unembed edges, the rest of its gradient (into the
+/// selected values, decoders, biases and unembed gates) for [`Engine::backward_with`].
+pub(super) fn add_ce_term(
+    si: &StepInputs,
+    eng: &Engine,
+    fb: &FlatBatch,
+    state: &crate::pass::engine::State,
+    w: f64,
+    g_recon: &mut [Vec<f32>],
+) -> Result<(f64, Option<crate::pass::engine::UnembedGrads>)> {
+    let mut extra = None;
+    let (ce, g) = match eng.unembed_ce_loss_and_grad(si.coll, fb, state)? {
+        Some((ce, g, rest)) => {
+            extra = Some(rest.scaled(w as f32));
+            (ce, g)
+        }
+        None => ce_loss_and_grad_over(si.coll, si.rt, fb, &state.recons(), si.suite.d_model)?,
+    };
+    for gr in g_recon.iter_mut() {
+        gr.iter_mut().zip(&g).for_each(|(a, b)| *a += w as f32 * b);
+    }
+    Ok((ce, extra))
 }
 
 /// Forward and backward of the pruned pass through autograd on `batch` (already in the pass

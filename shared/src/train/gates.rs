@@ -1,8 +1,10 @@
 //! Hard-concrete gates on candidate edges (docs/MATH.md, "Learned connections"): one `log α`
 //! per candidate slot of each downstream module (its upstream slots `(F, C)` and its embed slots
-//! `(F, C_e)`, in the plan's slot order), sampled per step into the gates the pruned pass
+//! `(F, C_e)`, in the plan's slot order) and of each output token (the unembed slots `(V_n,
+//! C_u)`, when the candidates have them), sampled per step into the gates the pruned pass
 //! multiplies each edge's term by; the expected-L0 penalty that pulls each feature towards C
-//! open gates; Adam on the `log α`; and the binarisation into a connection set.
+//! open gates (each token towards its own C); Adam on the `log α`; and the binarisation into a
+//! connection set.
 //!
 //! `s = σ((ln u − ln(1−u) + log α)/β)`, `z̄ = clamp(s(ζ−γ)+γ, 0, 1)` with γ = −0.1, ζ = 1.1;
 //! hard mode `z = 1[z̄ > 0.5] + z̄ − sg(z̄)` (straight-through), relaxed mode `z = z̄`;
@@ -54,12 +56,14 @@ pub struct SlotGates {
     pub width: usize,
 }
 
-/// The gates of every downstream module.
+/// The gates of every downstream module, and of the unembedding.
 pub struct GateParams {
     pub up: Vec<Option<SlotGates>>,
     pub embed: Vec<Option<SlotGates>>,
-    /// Per feature of every module (in module order), how many candidates it has, capped at C:
-    /// its target count of open gates `(modules·F)`.
+    pub unembed: Option<SlotGates>,
+    /// Per feature of every module (in module order), then per output token of the unembed
+    /// slots, how many candidates it has, capped at its C: its target count of open gates
+    /// `(modules·F + V_n)`.
     pub target: Tensor,
     pub n_features: usize,
 }
@@ -80,11 +84,12 @@ fn top_by_score(cands: &Connections, d: usize, i: usize, c: usize) -> (Vec<bool>
 }
 
 impl GateParams {
-    /// Gates on every candidate of `cands` as wired by `plan`, targeting `c` per feature.
+    /// Gates on every candidate of `cands` as wired by `plan`, targeting `c` per feature (and
+    /// `unembed_c` per output token, on unembed candidates).
     pub fn new(
         plan: &Plan,
         cands: &Connections,
-        c: usize,
+        (c, unembed_c): (usize, usize),
         init: GateInit,
         seed: u64,
         device: &Device,
@@ -93,31 +98,34 @@ impl GateParams {
         let mut rng = SplitMix(seed ^ 0x9a7e_5eed);
         let (mut up, mut embed) = (Vec::new(), Vec::new());
         let mut target = Vec::with_capacity(cands.modules.len() * f);
+        // Gates over `width` slots of `open.len()` rows, `open[i][k]`: whether `--init scores`
+        // opens slot k of row i (the row's used slots).
+        let mut make = |width: usize, open: &[Vec<bool>]| -> Result<SlotGates> {
+            let rows = open.len();
+            let (mut la, mut used) = (vec![0f32; rows * width], vec![0f32; rows * width]);
+            for (i, open) in open.iter().enumerate() {
+                for (k, &top) in open.iter().enumerate() {
+                    let noise = 0.01 * rng.normal();
+                    la[i * width + k] = (match init {
+                        GateInit::Zero => 0.0,
+                        GateInit::Scores if top => 1.0,
+                        GateInit::Scores => -1.0,
+                    } + noise) as f32;
+                    used[i * width + k] = 1.0;
+                }
+            }
+            Ok(SlotGates {
+                log_alpha: Var::from_tensor(&Tensor::from_vec(la, (rows, width), device)?)?,
+                used: Tensor::from_vec(used, (rows, width), device)?,
+                width,
+            })
+        };
         for d in 0..cands.modules.len() {
             let width_up = plan.down(d).index.as_ref().map(|ix| ix.width);
             let width_e = plan.down(d).embed.as_ref().map(|ep| ep.index.width);
             // Each feature's candidates that `--init scores` opens: (module, embed) flags.
             let (open_up, open_e): (Vec<Vec<bool>>, Vec<Vec<bool>>) =
                 (0..f).map(|i| top_by_score(cands, d, i, c)).unzip();
-            let mut make = |width: usize, open: &[Vec<bool>]| -> Result<SlotGates> {
-                let (mut la, mut used) = (vec![0f32; f * width], vec![0f32; f * width]);
-                for (i, open) in open.iter().enumerate() {
-                    for (k, &top) in open.iter().enumerate() {
-                        let noise = 0.01 * rng.normal();
-                        la[i * width + k] = (match init {
-                            GateInit::Zero => 0.0,
-                            GateInit::Scores if top => 1.0,
-                            GateInit::Scores => -1.0,
-                        } + noise) as f32;
-                        used[i * width + k] = 1.0;
-                    }
-                }
-                Ok(SlotGates {
-                    log_alpha: Var::from_tensor(&Tensor::from_vec(la, (f, width), device)?)?,
-                    used: Tensor::from_vec(used, (f, width), device)?,
-                    width,
-                })
-            };
             let has_ups = cands.edges[d].iter().any(|e| !e.is_empty());
             up.push(match width_up {
                 Some(w) if has_ups => Some(make(w, &open_up)?),
@@ -131,13 +139,50 @@ impl GateParams {
                 target.push((cands.edges[d][i].len() + cands.embed[d][i].len()).min(c) as f32);
             }
         }
+        // The unembed slots: each token's top `unembed_c` candidates by score open under
+        // `--init scores`.
+        let unembed = match &plan.unembed {
+            Some(u) if cands.n_unembed_edges() > 0 => {
+                let open: Vec<Vec<bool>> = cands
+                    .unembed
+                    .iter()
+                    .map(|es| {
+                        let mut order: Vec<usize> = (0..es.len()).collect();
+                        order.sort_by(|&a, &b| es[b].score.total_cmp(&es[a].score).then(a.cmp(&b)));
+                        let mut open = vec![false; es.len()];
+                        order.iter().take(unembed_c).for_each(|&k| open[k] = true);
+                        open
+                    })
+                    .collect();
+                target.extend(cands.unembed.iter().map(|es| es.len().min(unembed_c) as f32));
+                Some(make(u.index.width, &open)?)
+            }
+            _ => None,
+        };
         let n = target.len();
-        Ok(GateParams { up, embed, target: Tensor::from_vec(target, n, device)?, n_features: f })
+        Ok(GateParams { up, embed, unembed, target: Tensor::from_vec(target, n, device)?, n_features: f })
+    }
+
+    /// Every gate set with its name (`up.<module>`, `embed.<module>`, `unembed`), in the order
+    /// of [`vars`](Self::vars).
+    pub fn named(&self, modules: &[String]) -> Vec<(String, &SlotGates)> {
+        let mut out = Vec::new();
+        for (kind, list) in [("up", &self.up), ("embed", &self.embed)] {
+            for (d, g) in list.iter().enumerate() {
+                if let Some(g) = g {
+                    out.push((format!("{kind}.{}", modules[d]), g));
+                }
+            }
+        }
+        if let Some(g) = &self.unembed {
+            out.push(("unembed".to_string(), g));
+        }
+        out
     }
 
     /// Every `log α` variable, upstream slots then embed slots, module by module.
     pub fn vars(&self) -> Vec<&Var> {
-        self.up.iter().chain(&self.embed).flatten().map(|g| &g.log_alpha).collect()
+        self.up.iter().chain(&self.embed).chain([&self.unembed]).flatten().map(|g| &g.log_alpha).collect()
     }
 
     /// The gates of one step at temperature `beta`, with uniform noise from `seed` (the same
@@ -163,7 +208,8 @@ impl GateParams {
         };
         let up = self.up.iter().map(|g| g.as_ref().map(&mut one).transpose()).collect::<Result<_>>()?;
         let embed = self.embed.iter().map(|g| g.as_ref().map(&mut one).transpose()).collect::<Result<_>>()?;
-        Ok(Gates { up, embed })
+        let unembed = self.unembed.as_ref().map(&mut one).transpose()?;
+        Ok(Gates { up, embed, unembed })
     }
 
     /// The probability that each gate is open in the forward pass, on used slots (0 on empty
@@ -179,8 +225,8 @@ impl GateParams {
         Ok((sigmoid(&(g.log_alpha.as_tensor() - shift)?)? * &g.used)?)
     }
 
-    /// Each feature's expected number of open gates `(modules·F)`: its upstream and embed
-    /// slots' probabilities added.
+    /// Each feature's expected number of open gates: its upstream and embed slots'
+    /// probabilities added, then each output token's over its unembed slots (`target`'s rows).
     pub fn expected_counts(&self, beta: f64, mode: GateMode) -> Result<Tensor> {
         let f = self.n_features;
         let dev = self.target.device();
@@ -192,19 +238,23 @@ impl GateParams {
             }
             per.push(count);
         }
+        if let Some(g) = &self.unembed {
+            per.push(Self::open_probability(g, beta, mode)?.sum(1)?);
+        }
         Ok(Tensor::cat(&per, 0)?)
     }
 
-    /// The penalty `mean_i (Σ_j p_ij − t_i)²` over every feature of every module, `t_i` =
-    /// min(C, its candidates).
+    /// The penalty `mean_i (Σ_j p_ij − t_i)²` over every feature of every module (and every
+    /// output token of the unembed slots), `t_i` = min(its C, its candidates).
     pub fn penalty(&self, beta: f64, mode: GateMode) -> Result<Tensor> {
         Ok((self.expected_counts(beta, mode)? - &self.target)?.sqr()?.mean_all()?)
     }
 
     /// The connection set: each feature's top-C candidates by `log α` (ties by list order),
-    /// pooled over its upstream and embed candidates; `log α` of every kept edge by
-    /// (module, feature, candidate index) for the `gate` column.
-    pub fn binarise(&self, cands: &Connections, c: usize) -> Result<(Connections, Vec<Vec<Vec<f32>>>)> {
+    /// pooled over its upstream and embed candidates, and each output token's top `unembed_c`
+    /// unembed candidates; `log α` of every kept edge for the `gate` column, by (module,
+    /// feature, kept edge) and by (token, kept edge).
+    pub fn binarise(&self, cands: &Connections, (c, unembed_c): (usize, usize)) -> Result<Binarised> {
         let f = cands.n_features;
         let mut out = Connections::empty(&cands.modules, f);
         let mut gates = vec![vec![Vec::new(); f]; cands.modules.len()];
@@ -237,9 +287,26 @@ impl GateParams {
                 gates[d][i] = kept;
             }
         }
-        Ok((out, gates))
+        let mut unembed_gates = vec![Vec::new(); cands.unembed.len()];
+        if let Some(g) = &self.unembed {
+            let (la, w) = (crate::util::to_vec(g.log_alpha.as_tensor())?, g.width);
+            out.unembed = vec![Vec::new(); cands.unembed.len()];
+            for (v, es) in cands.unembed.iter().enumerate() {
+                let mut all: Vec<(f32, usize)> = (0..es.len()).map(|k| (la[v * w + k], k)).collect();
+                all.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                all.truncate(unembed_c);
+                all.sort_by_key(|x| x.1);
+                out.unembed[v] = all.iter().map(|&(_, k)| es[k]).collect();
+                unembed_gates[v] = all.iter().map(|&(a, _)| a).collect();
+            }
+        }
+        Ok((out, gates, unembed_gates))
     }
 }
+
+/// [`GateParams::binarise`]'s result: the connections, and the kept edges' `log α` by
+/// (module, feature, edge) and by (token, unembed edge).
+pub type Binarised = (Connections, Vec<Vec<Vec<f32>>>, Vec<Vec<f32>>);
 
 /// Adam on the `log α` variables (torch's order of operations, as the suite's optimizer).
 pub struct GateAdam {

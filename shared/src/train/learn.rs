@@ -18,6 +18,8 @@ use super::checkpoints::file::{self as ckfile, DECAY, LATEST};
 use super::checkpoints::{resume, CheckpointPolicy, TrainRun};
 use super::data::TrainData;
 use super::dead::DeadTracker;
+use super::finetune::Loss;
+use super::finetune_step::{LossSpec, StepInputs};
 use super::gates::{GateAdam, GateInit, GateMode, GateParams};
 use super::optim::{clip_module, DeviceOptimizer, Optimizer, OptimizerKind};
 use super::{metrics_record, After, RunSummary, Schedule, Session, StepReport};
@@ -28,7 +30,7 @@ use crate::formats::edges_meta::{EdgesMeta, Key};
 use crate::inputs::Inputs;
 use crate::pass::autograd::forward_gated;
 use crate::pass::engine::{Engine, SlotValues};
-use crate::pass::objective::mse_per_module;
+use crate::pass::objective::{ce_per_token_gated, mse_per_module};
 use crate::pass::{PassOptions, Plan, Wiring};
 use crate::sae::fired_t;
 use crate::util::collective::Single;
@@ -68,6 +70,11 @@ pub struct LearnConfig {
     /// The edges file the candidates came from.
     pub edges: PathBuf,
     pub c: usize,
+    /// Connections to keep per output token among its unembed candidates.
+    pub unembed_c: usize,
+    /// The loss: the modules' FVU, the spliced CE, or FVU + `ce_weight` · CE.
+    pub loss: Loss,
+    pub ce_weight: f64,
     pub lambda: f64,
     pub beta: Beta,
     pub init: GateInit,
@@ -95,17 +102,11 @@ pub const GATES_FILE: &str = "gates.safetensors";
 /// moments `m.…` / `v.…`.
 fn gate_tensors(gp: &GateParams, adam: Option<&GateAdam>, modules: &[String]) -> HashMap<String, Tensor> {
     let mut out = HashMap::new();
-    let mut k = 0;
-    for (kind, list) in [("up", &gp.up), ("embed", &gp.embed)] {
-        for (d, g) in list.iter().enumerate() {
-            let Some(g) = g else { continue };
-            let name = format!("{kind}.{}", modules[d]);
-            out.insert(format!("log_alpha.{name}"), g.log_alpha.as_tensor().clone());
-            if let Some(a) = adam {
-                out.insert(format!("m.{name}"), a.m[k].clone());
-                out.insert(format!("v.{name}"), a.v[k].clone());
-            }
-            k += 1;
+    for (k, (name, g)) in gp.named(modules).into_iter().enumerate() {
+        out.insert(format!("log_alpha.{name}"), g.log_alpha.as_tensor().clone());
+        if let Some(a) = adam {
+            out.insert(format!("m.{name}"), a.m[k].clone());
+            out.insert(format!("v.{name}"), a.v[k].clone());
         }
     }
     out
@@ -148,43 +149,38 @@ fn read_gates(
     let get = |name: &String| -> Result<Tensor> {
         map.get(name).cloned().ok_or_else(|| Error::input(path, format!("tensor `{name}` is missing")))
     };
-    let mut k = 0;
-    for (kind, list) in [("up", &gp.up), ("embed", &gp.embed)] {
-        for (d, g) in list.iter().enumerate() {
-            let Some(g) = g else { continue };
-            let name = format!("{kind}.{}", modules[d]);
-            let la = get(&format!("log_alpha.{name}"))?;
-            if la.dims() != g.log_alpha.as_tensor().dims() {
-                return Err(Error::input(
-                    path,
-                    format!("`log_alpha.{name}` has another shape than this run's candidates"),
-                ));
-            }
-            g.log_alpha.set(&la)?;
-            adam.m[k] = get(&format!("m.{name}"))?;
-            adam.v[k] = get(&format!("v.{name}"))?;
-            k += 1;
+    for (k, (name, g)) in gp.named(modules).into_iter().enumerate() {
+        let la = get(&format!("log_alpha.{name}"))?;
+        if la.dims() != g.log_alpha.as_tensor().dims() {
+            return Err(Error::input(path, format!("`log_alpha.{name}` has another shape than this run's candidates")));
         }
+        g.log_alpha.set(&la)?;
+        adam.m[k] = get(&format!("m.{name}"))?;
+        adam.v[k] = get(&format!("v.{name}"))?;
     }
     adam.t = md.get("t").and_then(|s| s.parse().ok()).unwrap_or(0);
     Ok(())
 }
 
-/// The candidates of the edges file `edges` (checked against the suite and model), without
-/// unembed candidates (not learned: every token reads every feature); says which pass runs.
-pub fn candidates(inputs: &Inputs, edges: &std::path::Path) -> Result<Connections> {
+/// The candidates of the edges file `edges` (checked against the suite and model); its
+/// unembed candidates only with a CE term in the loss (`ce`: the FVU does not read the
+/// unembedding), else dropped with a note. Says which pass runs.
+pub fn candidates(inputs: &Inputs, edges: &std::path::Path, ce: bool) -> Result<Connections> {
     let mut cands = inputs.connections(edges)?;
-    if cands.n_unembed_edges() > 0 {
+    if cands.n_unembed_edges() > 0 && !ce {
         crate::note!(
-            "learn-connections: {} unembed candidates are not learned (every token reads every feature)",
+            "learn-connections: {} unembed candidates are not learned: the FVU does not read the unembedding (--loss ce or mse+ce learns them); every token reads every feature",
             cands.n_unembed_edges()
         );
         cands.unembed.clear();
     }
-    let embed = match cands.n_embed_edges() {
+    let mut embed = match cands.n_embed_edges() {
         0 => String::new(),
         n => format!(" + {n} from the embedding"),
     };
+    if cands.n_unembed_edges() > 0 {
+        embed += &format!(" + {} into the unembedding", cands.n_unembed_edges());
+    }
     crate::note!(
         "learn-connections: pass: pruned through gates on {} candidate edges{embed} from {}",
         cands.n_edges(),
@@ -225,7 +221,13 @@ pub fn run(
     let mut plan = Plan::new(suite, Wiring::Sparse(cands), inputs.parallel(), device)?;
     // Off the engine, the device-agnostic ops everywhere (deterministic on the CPU too).
     plan.force_composed(!cfg.use_engine);
-    let gp = GateParams::new(&plan, cands, cfg.c, cfg.init, cfg.seed, device)?;
+    let gp = GateParams::new(&plan, cands, (cfg.c, cfg.unembed_c), cfg.init, cfg.seed, device)?;
+    let ce_weight = match cfg.loss {
+        Loss::Mse => None,
+        Loss::Ce => Some(1.0),
+        Loss::MseCe => Some(cfg.ce_weight),
+    };
+    let mse = cfg.loss != Loss::Ce;
     let vars = gp.vars();
     let mut gopt = GateAdam::new(&vars)?;
     let tr = TrainRun {
@@ -272,10 +274,13 @@ pub fn run(
             // The gates' gradients from the engine, chained into log α through the sample's
             // graph: ∂/∂log α of Σ z · sg(∂L/∂z) + λ · penalty.
             let suite_opt = (!cfg.freeze_suite).then_some((&mut opt, cfg.schedule.clip, lr_t));
-            let (mut report, gz) = engine_gate_step(inputs, &plan, cfg.pass, &batch, &gates, &mut params, suite_opt)?;
+            let si = StepInputs { suite, rt, plan: &plan, opts: cfg.pass, coll: &Single };
+            let spec = LossSpec { fvu_scales: mse.then(|| vec![1.0; suite.modules.len()]), ce_weight, auxk: None };
+            let (mut report, gz) = engine_gate_step(&si, &spec, &batch, &gates, &mut params, suite_opt)?;
             report.loss += cfg.lambda * scalar(&penalty)?;
             let mut sur = (&penalty * cfg.lambda)?;
-            let (zs, gs) = (gates.up.iter().chain(&gates.embed), gz.up.iter().chain(&gz.embed));
+            let zs = gates.up.iter().chain(&gates.embed).chain([&gates.unembed]);
+            let gs = gz.up.iter().chain(&gz.embed).chain([&gz.unembed]);
             for (z, g) in zs.zip(gs) {
                 if let (Some(z), Some(g)) = (z, g) {
                     sur = (sur + (z * Tensor::from_slice(g, z.dims(), z.device())?)?.sum_all()?)?;
@@ -284,15 +289,19 @@ pub fn run(
             (report, sur.backward()?)
         } else {
             let out = forward_gated(suite, rt, &plan, &batch, cfg.pass, Some(&gates))?;
-            let fvu = crate::pass::objective::fvu_per_module(suite, &batch, &out)?;
-            let loss = (fvu.sum_all()? + (&penalty * cfg.lambda)?)?;
-            let report = StepReport {
-                loss: scalar(&loss)?,
-                fvu: Some(fvu.to_dtype(DType::F64)?.to_vec1::<f64>()?),
-                ce: None,
-                auxk: None,
-                fired: fired_t(&out.feats)?,
-            };
+            let mut loss = (&penalty * cfg.lambda)?;
+            let mut report = StepReport { fired: fired_t(&out.feats)?, ..StepReport::default() };
+            if mse {
+                let fvu = crate::pass::objective::fvu_per_module(suite, &batch, &out)?;
+                loss = (loss + fvu.sum_all()?)?;
+                report.fvu = Some(fvu.to_dtype(DType::F64)?.to_vec1::<f64>()?);
+            }
+            if let Some(w) = ce_weight {
+                let ce = ce_per_token_gated(suite, rt, &plan, &batch, &out, gates.unembed.as_ref())?.mean_all()?;
+                loss = (loss + (&ce * w)?)?;
+                report.ce = Some(scalar(&ce)?);
+            }
+            report.loss = scalar(&loss)?;
             (report, loss.backward()?)
         };
         let grads: Vec<Tensor> = vars
@@ -352,7 +361,7 @@ pub fn run(
         suite.set_params(&params)?;
     }
     session.finish(steps, || {
-        let (learned, gate_values) = gp.binarise(cands, cfg.c)?;
+        let (learned, gate_values, unembed_gates) = gp.binarise(cands, (cfg.c, cfg.unembed_c))?;
         let mut meta = EdgesMeta::new()
             .with(Key::ParallelAttnMlp, inputs.parallel())
             .with(Key::C, cfg.c)
@@ -374,7 +383,7 @@ pub fn run(
             &cfg.out.join("connections.parquet"),
             crate::formats::connections::FORMAT,
             &meta,
-            Some(&gate_values),
+            Some((&gate_values, &unembed_gates)),
         )?;
         write_gates(&cfg.out.join(GATES_FILE), &gp, None, &modules, steps)?;
         if !cfg.freeze_suite {
@@ -387,40 +396,47 @@ pub fn run(
     })
 }
 
-/// One step of the gated pass on the CPU engine: forward, the modules' FVU (their sum is the
-/// returned report's loss, without the penalty), backward to the gates (returned) and, with
-/// `suite_opt` (optimizer, clipping, learning rate), to the suite, whose host parameters
-/// `params` then take an optimizer step.
+/// One step of the gated pass on the CPU engine: forward, the loss of `spec` (its FVU and CE
+/// terms; the report's loss, without the penalty) and its gradients, backward to the gates
+/// (returned) and, with `suite_opt` (optimizer, clipping, learning rate), to the suite, whose
+/// host parameters `params` then take an optimizer step.
 fn engine_gate_step(
-    inputs: &Inputs,
-    plan: &Plan,
-    opts: PassOptions,
+    si: &StepInputs,
+    spec: &LossSpec,
     batch: &crate::data::Batch,
     gates: &crate::pass::autograd::Gates,
     params: &mut [crate::sae::AeParams<Vec<f32>>],
     suite_opt: Option<(&mut Optimizer, Option<f64>, f64)>,
 ) -> Result<(StepReport, SlotValues)> {
-    let (suite, rt) = (&inputs.suite, &inputs.model.runtime);
+    let (suite, plan, d) = (si.suite, si.plan, si.suite.d_model);
     let mut z = SlotValues::zeros(plan, suite.modules.len(), suite.n_features);
-    for (dst, src) in z.up.iter_mut().chain(z.embed.iter_mut()).zip(gates.up.iter().chain(&gates.embed)) {
+    let dst = z.up.iter_mut().chain(z.embed.iter_mut()).chain([&mut z.unembed]);
+    for (dst, src) in dst.zip(gates.up.iter().chain(&gates.embed).chain([&gates.unembed])) {
         if let (Some(dst), Some(src)) = (dst.as_mut(), src) {
             *dst = crate::util::to_vec(src)?;
         }
     }
     let fb = FlatBatch::new(batch, &suite.modules)?;
-    let eng = Engine::with_params(suite, rt, plan, opts, params)?.gated(&z)?;
+    let eng = Engine::with_params(suite, si.rt, plan, si.opts, params)?.gated(&z)?;
     let state = eng.forward(&fb)?;
-    let (fvu, g_recon) = mse_per_module(&Single, &fb, &state.recons(), suite.d_model)?;
-    let report = StepReport {
-        loss: fvu.iter().sum(),
-        fired: state.modules.iter().map(|st| st.fired.clone()).collect(),
-        fvu: Some(fvu),
-        ..StepReport::default()
-    };
+    let mut report =
+        StepReport { fired: state.modules.iter().map(|st| st.fired.clone()).collect(), ..StepReport::default() };
+    let mut g_recon: Vec<Vec<f32>> = vec![vec![0f32; fb.b * fb.s * d]; suite.modules.len()];
+    if spec.fvu_scales.is_some() {
+        let (fvu, g) = mse_per_module(si.coll, &fb, &state.recons(), d)?;
+        g_recon = g;
+        report.fvu = Some(fvu);
+    }
+    let mut extra = None;
+    if let Some(w) = spec.ce_weight {
+        let (ce, rest) = super::finetune_step::add_ce_term(si, &eng, &fb, &state, w, &mut g_recon)?;
+        (report.ce, extra) = (Some(ce), rest);
+    }
+    report.loss = spec.total(report.fvu.as_deref(), None, report.ce);
     if !report.loss.is_finite() {
         return Ok((report, SlotValues::zeros(plan, suite.modules.len(), suite.n_features)));
     }
-    let (mut grads, gz) = eng.backward_gated(&fb, &state, g_recon, None)?;
+    let (mut grads, gz) = eng.backward_gated(&fb, &state, g_recon, extra)?;
     drop(eng); // it reads `params` in place
     if let Some((opt, clip, lr)) = suite_opt {
         if let Some(c) = clip {
@@ -434,7 +450,7 @@ fn engine_gate_step(
 /// The open gates of a step's sample, divided by `n_features`.
 fn open_mean(gates: &crate::pass::autograd::Gates, n_features: usize) -> Result<f64> {
     let mut open = 0.0;
-    for z in gates.up.iter().chain(&gates.embed).flatten() {
+    for z in gates.up.iter().chain(&gates.embed).chain([&gates.unembed]).flatten() {
         open += z.gt(0f32)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as f64;
     }
     Ok(open / n_features as f64)

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::Parser;
 use scae::inputs::Inputs;
+use scae::train::finetune::Loss;
 use scae::train::gates::{GateInit, GateMode};
 use scae::train::learn::{Beta, LearnConfig};
 
@@ -15,7 +16,7 @@ use scae::train::learn::{Beta, LearnConfig};
 #[derive(Debug, Parser, serde::Serialize)]
 #[command(
     version,
-    after_help = "Example:\n  learn-connections --acts acts/ --suite suite/ --edges edges/edges.parquet --c 16 \\\n      --steps 200 --batch-size 16 --out learned/\n  then finetune --connections learned/connections.parquet as with any connections.\n\nLoss: the modules' FVU summed, plus lambda * mean over features of (expected open gates - C)^2."
+    after_help = "Example:\n  learn-connections --acts acts/ --suite suite/ --edges edges/edges.parquet --c 16 \\\n      --steps 200 --batch-size 16 --out learned/\n  then finetune --connections learned/connections.parquet as with any connections.\n\nLoss: the modules' FVU summed (and/or the spliced CE), plus lambda * mean over features of\n(expected open gates - C)^2."
 )]
 struct Args {
     /// Activation cache folder (from collect-acts).
@@ -25,12 +26,21 @@ struct Args {
     #[arg(long)]
     suite: PathBuf,
     /// Candidate edges: edges.parquet from score-edges (its `keep` per feature; embed candidates
-    /// too when it has them; unembed candidates are not learned).
+    /// too when it has them, unembed candidates with a CE term in the loss).
     #[arg(long)]
     edges: PathBuf,
     /// Connections to keep per feature (the target of the expected-L0 penalty).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     c: u64,
+    /// Connections to keep per output token among its unembed candidates (default: C).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    unembed_c: Option<u64>,
+    /// Loss: mse (the modules' FVU), ce (the spliced CE; learns unembed candidates too) or mse+ce.
+    #[arg(long, value_enum, default_value = "mse")]
+    loss: Loss,
+    /// Weight of CE in --loss mse+ce.
+    #[arg(long, default_value_t = 1.0, value_parser = scae::cli::non_negative_f64)]
+    ce_weight: f64,
     /// Weight of the penalty mean_i (expected open gates of feature i - min(C, its candidates))^2.
     #[arg(long, default_value_t = 0.01, value_parser = scae::cli::non_negative_f64)]
     lambda: f64,
@@ -84,39 +94,32 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<()> {
     scae::util::collective::require_one_process("learn-connections")?;
-    let named = [
+    let files = [
         ("--acts", Some(args.acts.as_path())),
         ("--suite", Some(args.suite.as_path())),
         ("--edges", Some(args.edges.as_path())),
     ];
-    scae::util::io::refuse_overlap(&args.out, "--out", &named)?;
+    scae::util::io::refuse_overlap(&args.out, "--out", &files)?;
     let beta = Beta::parse(&args.beta)?;
     let device = args.common.setup()?;
     if args.step.batch_size < 2 {
         anyhow::bail!("--batch-size 1: the reference's FVU needs a variance over at least 2 sequences");
     }
     let inputs = Inputs::open(&args.acts, &args.suite, None, &device)?;
-    let cands = scae::train::learn::candidates(&inputs, &args.edges)?;
-    let mut data = scae::train::learn::train_data(
-        &inputs,
-        args.step.batch_size as usize,
-        args.step.shuffle,
-        args.common.seed,
-        &device,
-    )?;
+    let cands = scae::train::learn::candidates(&inputs, &args.edges, args.loss != Loss::Mse)?;
+    let (batch, seed) = (args.step.batch_size as usize, args.common.seed);
+    let mut data = scae::train::learn::train_data(&inputs, batch, args.step.shuffle, seed, &device)?;
     let steps = args.step.steps(data.ctx_len())?;
     let lr =
         if args.no_scale_lr { args.lr } else { scae::train::schedule::scaled_lr(args.lr, inputs.suite.n_features) };
-    let files = [
-        ("--acts", Some(args.acts.as_path())),
-        ("--suite", Some(args.suite.as_path())),
-        ("--edges", Some(args.edges.as_path())),
-    ];
     let run_config = scae::formats::runconfig::RunConfig::new(&args, &files, steps)?;
     let cfg = LearnConfig {
         out: args.out.clone(),
         edges: args.edges.clone(),
         c: args.c as usize,
+        unembed_c: args.unembed_c.unwrap_or(args.c) as usize,
+        loss: args.loss,
+        ce_weight: args.ce_weight,
         lambda: args.lambda,
         beta,
         init: args.init,
@@ -126,8 +129,8 @@ fn run(args: Args) -> Result<()> {
             .use_engine(&device)?,
         gate_lr: args.gate_lr,
         schedule: args.run.schedule(steps, lr)?,
-        batch_size: args.step.batch_size as usize,
-        seed: args.common.seed,
+        batch_size: batch,
+        seed,
         pass: args.pass.options(),
         checkpoints: args.run.checkpoints(),
         overwrite: args.run.overwrite,
@@ -136,8 +139,8 @@ fn run(args: Args) -> Result<()> {
         run: run_config,
     };
     let done = scae::train::learn::run(&inputs, &mut data, &cands, &cfg, &device)?;
+    let path: &Path = &args.out.join("connections.parquet");
     if !done.halted {
-        let path: &Path = &args.out.join("connections.parquet");
         scae::say!("{} -> {}", scae::train::summary_line("learn-connections", &done, &args.out), path.display())?;
     }
     Ok(())

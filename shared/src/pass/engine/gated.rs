@@ -11,12 +11,13 @@ use crate::error::{Error, Result};
 use crate::pass::Plan;
 
 /// One value per edge slot of every downstream module in its plan's slot order (`(F, width)`
-/// row-major): upstream slots and embed slots, `None` where a module has none. Gate values in,
-/// their gradients out.
+/// row-major): upstream slots and embed slots, `None` where a module has none; and the unembed
+/// slots `(V_n, C_u)` when the plan has unembed edges. Gate values in, their gradients out.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SlotValues {
     pub up: Vec<Option<Vec<f32>>>,
     pub embed: Vec<Option<Vec<f32>>>,
+    pub unembed: Option<Vec<f32>>,
 }
 
 impl SlotValues {
@@ -24,7 +25,8 @@ impl SlotValues {
     pub fn zeros(plan: &Plan, n_mod: usize, f: usize) -> SlotValues {
         let up = (0..n_mod).map(|d| plan.down(d).index.as_ref().map(|ix| vec![0f32; f * ix.width])).collect();
         let embed = (0..n_mod).map(|d| plan.down(d).embed.as_ref().map(|ep| vec![0f32; f * ep.index.width])).collect();
-        SlotValues { up, embed }
+        let unembed = plan.unembed.as_ref().map(|u| vec![0f32; u.index.slot_col.len()]);
+        SlotValues { up, embed, unembed }
     }
 
     /// Check that these values cover exactly the slots of `plan` (`n_mod` modules of `f`
@@ -32,7 +34,7 @@ impl SlotValues {
     pub fn check(&self, plan: &Plan, n_mod: usize, f: usize) -> Result<()> {
         let want = SlotValues::zeros(plan, n_mod, f);
         let shape = |s: &SlotValues| -> Vec<Option<usize>> {
-            s.up.iter().chain(&s.embed).map(|v| v.as_ref().map(Vec::len)).collect()
+            s.up.iter().chain(&s.embed).chain([&s.unembed]).map(|v| v.as_ref().map(Vec::len)).collect()
         };
         if self.up.len() != n_mod || self.embed.len() != n_mod || shape(self) != shape(&want) {
             return Err(Error::Usage(format!(

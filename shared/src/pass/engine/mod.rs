@@ -399,7 +399,8 @@ impl<'a> Engine<'a> {
     }
 
     /// [`backward_with`](Self::backward_with) of the gated pass ([`gated`](Self::gated)), also
-    /// returning the gates' gradients (zeros without gates).
+    /// returning the gates' gradients (zeros without gates; the unembed gates' from `extra`,
+    /// [`unembed_ce_loss_and_grad`](Self::unembed_ce_loss_and_grad)'s).
     pub fn backward_gated(
         &self,
         fb: &FlatBatch,
@@ -408,6 +409,10 @@ impl<'a> Engine<'a> {
         extra: Option<UnembedGrads>,
     ) -> Result<(Vec<ModuleGrads>, SlotValues)> {
         let mut gz = SlotValues::zeros(self.plan, self.suite.modules.len(), self.f);
+        let mut extra = extra;
+        if let Some(x) = extra.as_mut().filter(|x| !x.g_gates.is_empty()) {
+            gz.unembed = Some(std::mem::take(&mut x.g_gates));
+        }
         let grads = self.backward_impl(fb, state, g_recon, extra, Some(&mut gz))?;
         Ok((grads, gz))
     }

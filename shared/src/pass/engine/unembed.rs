@@ -23,18 +23,21 @@ pub(super) struct UnembedConsts {
 }
 
 /// What the spliced CE with unembed edges sends past the reconstructions: into each module's
-/// selected values `(N, K)` and `W_decᵀ (F, D)`, and into every module's `b_dec (D)`.
+/// selected values `(N, K)` and `W_decᵀ (F, D)`, and into every module's `b_dec (D)`; with
+/// gates on the unembed edges ([`Engine::gated`]), into the gates (the plan's unembed slots,
+/// `(V_n, C_u)`; empty without).
 pub struct UnembedGrads {
     pub g_val: Vec<Vec<f32>>,
     pub g_dec_t: Vec<Vec<f32>>,
     pub g_bdec: Vec<f32>,
+    pub g_gates: Vec<f32>,
 }
 
 impl UnembedGrads {
     /// Every gradient times `w` (the CE's weight in the loss).
     pub fn scaled(mut self, w: f32) -> UnembedGrads {
         self.g_val.iter_mut().chain(self.g_dec_t.iter_mut()).flatten().for_each(|x| *x *= w);
-        self.g_bdec.iter_mut().for_each(|x| *x *= w);
+        self.g_bdec.iter_mut().chain(self.g_gates.iter_mut()).for_each(|x| *x *= w);
         self
     }
 }
@@ -67,8 +70,8 @@ impl Engine<'_> {
         for p in &self.params {
             add_into(&mut ub, &p.b_dec);
         }
-        // u[e] = W_dec^m[:, j] · W_U[:, v] per edge, in column order.
-        let u: Vec<f32> = (0..ix.rev_slots.len())
+        // u[e] = W_dec^m[:, j] · W_U[:, v] per edge, in column order (times its gate, if any).
+        let u_raw: Vec<f32> = (0..ix.rev_slots.len())
             .into_par_iter()
             .map(|e| {
                 let col = ix.slot_col[ix.rev_slots[e] as usize] as usize;
@@ -76,6 +79,10 @@ impl Engine<'_> {
                 dot(&self.params[col / f].dec_t[(col % f) * d..(col % f + 1) * d], &uc.w_u_t[tok * d..(tok + 1) * d])
             })
             .collect();
+        let gates = self.gates.and_then(|g| g.unembed.as_deref());
+        let u_gated: Option<Vec<f32>> =
+            gates.map(|z| u_raw.iter().zip(&ix.rev_slots).map(|(x, &slot)| x * z[slot as usize]).collect());
+        let u = u_gated.as_deref().unwrap_or(&u_raw);
         let count = (b * coll.size() * (s - 1)) as f64;
         // Each active selected value at token t: (module, slot, value, column).
         let active = |t: usize| {
@@ -168,6 +175,15 @@ impl Engine<'_> {
                 }
             }
         }
+        // The gates' gradient gu·u and the raw weights' gu·z (docs/MATH.md, "Learned connections").
+        let mut g_gates = Vec::new();
+        if let Some(z) = gates {
+            g_gates = vec![0f32; ix.slot_col.len()];
+            for ((g, &raw), &slot) in gu.iter_mut().zip(&u_raw).zip(&ix.rev_slots) {
+                g_gates[slot as usize] = *g * raw;
+                *g *= z[slot as usize];
+            }
+        }
         // g W_decᵀ_m[j] += Σ_{edges (m, j) -> v} gu[e] W_U[:, v].
         let mut g_dec_t: Vec<Vec<f32>> = (0..n_mod).map(|_| vec![0f32; f * d]).collect();
         g_dec_t.par_iter_mut().enumerate().for_each(|(m, gd)| {
@@ -182,6 +198,6 @@ impl Engine<'_> {
         });
         let mut sum = [loss];
         coll.sum_f64(&mut sum)?;
-        Ok(Some((sum[0] / count, g_resid, UnembedGrads { g_val, g_dec_t, g_bdec })))
+        Ok(Some((sum[0] / count, g_resid, UnembedGrads { g_val, g_dec_t, g_bdec, g_gates })))
     }
 }
