@@ -91,13 +91,18 @@ for c in $CS; do
         --connections "$OUT/c$c.parquet" --n-seqs "$EVAL_SEQS" --batch-size "$SEQS" --out "$OUT/eval$c" --overwrite
 done
 # With LEARN_STEPS: learn-connections at the last C over score-edges' candidates (keep 64), the
-# suite frozen, LEARN_SEQS sequences per step (needs SCORE_SEQS > 0 for the candidates). Its
-# autograd step holds F·keep·d_model-sized edge weights per attention module: at
-# TinyStories-33M, F 3072, 2 sequences per step take 19 GB (README, "Learned connections").
+# suite frozen, LEARN_SEQS (default SEQS) sequences per step (needs SCORE_SEQS > 0 for the
+# candidates), on the CPU engine; beside it, its floor: finetune through all 64 candidates (the
+# same edge terms, forward and backward) for as many steps.
 if [ -n "${LEARN_STEPS:-}" ] && [ "$SCORE_SEQS" != 0 ]; then
-    run "learn-connections F=$F C=$c keep 64" $((LEARN_STEPS * ${LEARN_SEQS:-2} * 128)) \
+    LS=${LEARN_SEQS:-$SEQS}
+    run "learn-connections F=$F C=$c keep 64" $((LEARN_STEPS * LS * 128)) \
         $BIN/learn-connections --acts "$OUT/acts" --suite "$OUT/suite" --edges "$OUT/edges/edges.parquet" \
-        --c "$c" --freeze-suite --steps "$LEARN_STEPS" --batch-size "${LEARN_SEQS:-2}" --out "$OUT/learn$c" --overwrite
+        --c "$c" --freeze-suite --steps "$LEARN_STEPS" --batch-size "$LS" --out "$OUT/learn$c" --overwrite
+    $BIN/select-edges --edges "$OUT/edges/edges.parquet" --c 64 --out "$OUT/keep64.parquet" --overwrite > /dev/null
+    run "finetune F=$F C=64 (learn's floor)" $((LEARN_STEPS * LS * 128)) $BIN/finetune --acts "$OUT/acts" \
+        --suite "$OUT/suite" --connections "$OUT/keep64.parquet" --steps "$LEARN_STEPS" --batch-size "$LS" \
+        --out "$OUT/ft-keep64" --overwrite
 fi
 # The exact attribution graph of one 128-token sequence through the last C's finetuned suite
 # (pruned as circuit-tracer prunes, and not), and the feature browser with its why-it-fired pass.
