@@ -5,7 +5,9 @@
 # lie inside the real vocabulary, so the unembedding has its real cost); a cache of its
 # activations, a suite, edge scores, finetuning at C and evaluation — each timed with its peak
 # RSS — and the dense-product floor of one finetuning step measured in the same run
-# (examples/gemm_floor). SHAPE=toy uses `toy-lm --steps 0` at D HEADS LAYERS instead (GPT-Neo,
+# (examples/gemm_floor), with evaluate's cost per further batch and collect-acts' time against
+# their own floors (the pruned forward's products + one unembedding; the model's products + two
+# unembeddings). SHAPE=toy uses `toy-lm --steps 0` at D HEADS LAYERS instead (GPT-Neo,
 # the toy corpus's ~100-word vocabulary).
 #
 #   bench/real-shapes.sh [OUT]   (env: SHAPE EXPANSION K CS SEQS THREADS TRAIN_STEPS FT_STEPS
@@ -18,10 +20,10 @@ cd "$(dirname "$0")/.."
 OUT=${1:-/tmp/scae-real-shapes}
 SHAPE=${SHAPE:-tinystories-33m}
 case $SHAPE in
-    tinystories-33m) D=768 HEADS=16 LAYERS=4 ;;
-    pythia-70m) D=512 HEADS=8 LAYERS=6 ;;
-    gpt2-small) D=768 HEADS=12 LAYERS=12 ;;
-    toy) D=${D:-768} HEADS=${HEADS:-16} LAYERS=${LAYERS:-4} ;;
+    tinystories-33m) D=768 HEADS=16 LAYERS=4 V=50257 ;;
+    pythia-70m) D=512 HEADS=8 LAYERS=6 V=50304 ;;
+    gpt2-small) D=768 HEADS=12 LAYERS=12 V=50257 ;;
+    toy) D=${D:-768} HEADS=${HEADS:-16} LAYERS=${LAYERS:-4} V=0 ;;
     *) echo "real-shapes.sh: SHAPE=$SHAPE: expected tinystories-33m, pythia-70m, gpt2-small or toy" >&2; exit 2 ;;
 esac
 EXPANSION=${EXPANSION:-4}
@@ -55,6 +57,11 @@ steady_step() {
         tail -n +2 | sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print "n/a"; else printf "%.0f ms", (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'
 }
 steps=()
+per_batch=()
+# row_secs NAME: the seconds of a timed row.
+row_secs() {
+    printf '%s\n' "${rows[@]}" | awk -F' [|] ' -v n="$1" '$1 == "| " n { print $3 }'
+}
 # The toy corpus and tokenizer (and, for SHAPE=toy, the model).
 TD=$D TH=$HEADS TL=$LAYERS
 [ "$SHAPE" = toy ] || TD=64 TH=4 TL=2
@@ -89,6 +96,11 @@ for c in $CS; do
     steps+=("C $c: $(steady_step "$OUT/finetune F=$F C=$c.err")")
     run "evaluate F=$F C=$c" $((EVAL_SEQS * 128)) $BIN/evaluate --acts "$OUT/acts" --suite "$OUT/ft$c" \
         --connections "$OUT/c$c.parquet" --n-seqs "$EVAL_SEQS" --batch-size "$SEQS" --out "$OUT/eval$c" --overwrite
+    # One batch alone: evaluate's cost per further batch is the difference over the batches.
+    run "evaluate F=$F C=$c, one batch" $((SEQS * 128)) $BIN/evaluate --acts "$OUT/acts" --suite "$OUT/ft$c" \
+        --connections "$OUT/c$c.parquet" --n-seqs "$SEQS" --batch-size "$SEQS" --out "$OUT/eval$c-1" --overwrite
+    per_batch+=("$(awk -v a="$(row_secs "evaluate F=$F C=$c")" -v b="$(row_secs "evaluate F=$F C=$c, one batch")" \
+        -v n=$((EVAL_SEQS / SEQS)) 'BEGIN { if (n > 1) printf "%.0f", (a - b) * 1000 / (n - 1); else print "n/a" }')")
 done
 # With LEARN_STEPS: learn-connections at the last C over score-edges' candidates (keep 64), the
 # suite frozen, LEARN_SEQS (default SEQS) sequences per step (needs SCORE_SEQS > 0 for the
@@ -113,7 +125,7 @@ run "attribute C=$c, --no-prune" 128 $BIN/attribute --acts "$OUT/acts" --seq 0 -
 run "view-features C=$c" $((EVAL_SEQS * 128)) $BIN/view-features --acts "$OUT/acts" --suite "$OUT/ft$c" \
     --connections "$OUT/c$c.parquet" --n-seqs "$EVAL_SEQS" --batch-size "$SEQS" --graphs "$OUT/graphs" \
     --out "$OUT/view$c" --overwrite
-floor=$($BIN/examples/gemm_floor "$D" "$F" "$HEADS" "$LAYERS" "$SEQS" 128)
+floor=$($BIN/examples/gemm_floor "$D" "$F" "$HEADS" "$LAYERS" "$SEQS" 128 "$V")
 echo "shape: $SHAPE, d_model $D, $HEADS heads, $LAYERS layers, F $F, k $K, $SEQS x 128 tokens per step, $THREADS threads"
 echo
 echo "| stage | tokens | seconds | tokens/s | peak RSS MB |"
@@ -122,3 +134,14 @@ printf '%s\n' "${rows[@]}"
 echo
 echo "steady finetuning step (median after the first): ${steps[*]}"
 echo "dense-product floor of one finetuning step ($((SEQS * 128)) tokens): $floor"
+if [ "$V" != 0 ]; then
+    ms() { echo "$floor" | grep -oE "\"$1\": [0-9.]+" | grep -oE '[0-9.]+$'; }
+    ev_floor=$(awk -v a="$(ms forward_ms)" -v b="$(ms unembed_ms)" 'BEGIN { printf "%.0f", a + b }')
+    i=0
+    for c in $CS; do
+        echo "evaluate C $c, per further batch of $((SEQS * 128)) tokens: ${per_batch[$i]} ms; its floor (the pruned forward's products + one unembedding): $ev_floor ms ($(awk -v a="${per_batch[$i]}" -v b="$ev_floor" 'BEGIN { printf "%.2f", a / b }')x)"
+        i=$((i + 1))
+    done
+    co_floor=$(awk -v a="$(ms model_ms)" -v n=$((64 / SEQS)) 'BEGIN { printf "%.1f", a * n / 1000 }')
+    echo "collect-acts: $(row_secs collect-acts) s; its floor (the model's products + two unembeddings, $((64 / SEQS)) batches): $co_floor s ($(awk -v a="$(row_secs collect-acts)" -v b="$co_floor" 'BEGIN { printf "%.2f", a / b }')x)"
+fi

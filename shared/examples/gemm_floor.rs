@@ -2,14 +2,21 @@
 //! shape — the GEMMs an exact pruned pass cannot avoid — timed on this machine with the
 //! library's own GEMM (the same kernel and threads the engine uses).
 //!
-//! `gemm_floor D F HEADS LAYERS SEQS CTX` prints one JSON line: milliseconds and multiply-adds
-//! of each product family per step, and their total:
+//! `gemm_floor D F HEADS LAYERS SEQS CTX [VOCAB]` prints one JSON line: milliseconds and
+//! multiply-adds of each product family per step, and their total:
 //! - `encoder`: `Z Eᵀ` per module, `N·D·F` (2·LAYERS modules);
 //! - `mixing`: the attention edge terms mixed by the pattern, `N·S·H·F/2` per attention module
 //!   with upstream modules (LAYERS − 1 of them);
 //! - `weights`: the attention edge weights' factors `E W_Oᵀ` and `W_decᵀ W_V` (`F·D·D` each,
 //!   one per attention module and one per (attention module, upstream module) pair), forward
 //!   and backward (×2).
+//!
+//! Also `forward_ms`, the products of the pruned forward alone (encoder, mixing, the weights
+//! once): the floor of a value pass; and with VOCAB, `unembed_ms`, one `(N, D) · (D, V)`
+//! unembedding of the N tokens (evaluate's floor per batch is `forward_ms + unembed_ms`), and
+//! `model_ms`, the model's own products per batch (per layer Q, K, V, O `(N, D)·(D, D)` and the
+//! MLP's `(N, D)·(D, 4D)`, `(N, 4D)·(4D, D)`) plus two unembeddings (the clean CE and the
+//! zero-ablation CE): collect-acts' floor.
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -28,8 +35,8 @@ fn best(reps: usize, mut f: impl FnMut()) -> f64 {
 
 fn main() {
     let a: Vec<usize> = std::env::args().skip(1).map(|x| x.parse().expect("integer argument")).collect();
-    let [d, f, h, layers, seqs, ctx] = a[..] else {
-        panic!("usage: gemm_floor D F HEADS LAYERS SEQS CTX");
+    let (&[d, f, h, layers, seqs, ctx], vocab) = (a.get(..6).unwrap_or(&[]), a.get(6).copied().unwrap_or(0)) else {
+        panic!("usage: gemm_floor D F HEADS LAYERS SEQS CTX [VOCAB]");
     };
     let n = seqs * ctx;
     let fill = |len: usize| -> Vec<f32> { (0..len).map(|i| ((i % 97) as f32 - 48.0) * 1e-3).collect() };
@@ -57,8 +64,29 @@ fn main() {
     let weights = ((2 * weight_products) as f64 * w_ms, (2 * weight_products * f * d * d) as f64);
     let total_ms = encoder.0 + mixing.0 + weights.0;
     let total_mac = encoder.1 + mixing.1 + weights.1;
+    let forward_ms = encoder.0 + mixing.0 + weights.0 / 2.0;
+    // (N, D) · (D, V), W_U as the model stores it.
+    let unembed_ms = match vocab {
+        0 => 0.0,
+        v => {
+            let (x, w_u) = (fill(n * d), fill(d * v));
+            let mut logits = vec![0f32; n * v];
+            best(2, || sgemm(n, v, d, &x, d, 1, &w_u, v, 1, &mut logits, false, false))
+        }
+    };
+    let model_ms = match vocab {
+        0 => 0.0,
+        _ => {
+            let (x, wdd, wd4, w4d) = (fill(n * d), fill(d * d), fill(d * 4 * d), fill(4 * d * d));
+            let (mut o, mut h4) = (vec![0f32; n * d], vec![0f32; n * 4 * d]);
+            let dd = best(2, || sgemm(n, d, d, &x, d, 1, &wdd, d, 1, &mut o, false, false));
+            let up = best(2, || sgemm(n, 4 * d, d, &x, d, 1, &wd4, 4 * d, 1, &mut h4, false, false));
+            let down = best(2, || sgemm(n, d, 4 * d, &h4, 4 * d, 1, &w4d, d, 1, &mut o, false, false));
+            layers as f64 * (4.0 * dd + up + down) + 2.0 * unembed_ms
+        }
+    };
     println!(
-        "{{\"encoder_ms\": {:.1}, \"encoder_gmac\": {:.2}, \"mixing_ms\": {:.1}, \"mixing_gmac\": {:.2}, \"weights_ms\": {:.1}, \"weights_gmac\": {:.2}, \"total_ms\": {total_ms:.1}, \"total_gmac\": {:.2}, \"gmac_per_s\": {:.1}}}",
+        "{{\"encoder_ms\": {:.1}, \"encoder_gmac\": {:.2}, \"mixing_ms\": {:.1}, \"mixing_gmac\": {:.2}, \"weights_ms\": {:.1}, \"weights_gmac\": {:.2}, \"total_ms\": {total_ms:.1}, \"total_gmac\": {:.2}, \"gmac_per_s\": {:.1}, \"forward_ms\": {forward_ms:.1}, \"unembed_ms\": {unembed_ms:.1}, \"unembed_gmac\": {:.2}, \"model_ms\": {model_ms:.1}}}",
         encoder.0,
         encoder.1 / 1e9,
         mixing.0,
@@ -66,6 +94,7 @@ fn main() {
         weights.0,
         weights.1 / 1e9,
         total_mac / 1e9,
-        total_mac / 1e9 / (total_ms / 1e3)
+        total_mac / 1e9 / (total_ms / 1e3),
+        (n * d * vocab) as f64 / 1e9
     );
 }

@@ -188,9 +188,17 @@ pub fn run(
             let out = pass.run(&batch)?;
             let (b, s, _) = batch.resid_pre0.dims3()?;
             ce_sum += sum(&ce_per_token_planned(suite, rt, &plan, &batch, &out)?)?;
-            clean_sum += sum(&rt.forward(&batch.tokens, false, false)?.ce)?;
+            // The clean and zero-ablation CEs do not depend on the suite: read from the cache
+            // where collect-acts stored them, else computed here.
+            clean_sum += match &batch.clean_ce {
+                Some(c) => sum(c)?,
+                None => sum(&rt.forward(&batch.tokens, false, false)?.ce)?,
+            };
             // Zero ablation: the residual stream replaced by layer 0's input alone.
-            zero_sum += sum(&rt.ce_from_resid(&batch.resid_pre0, &batch.tokens)?)?;
+            zero_sum += match &batch.zero_ce {
+                Some(z) => sum(z)?,
+                None => sum(&rt.ce_from_resid(&batch.resid_pre0, &batch.tokens)?)?,
+            };
             n_pred += (b * (s - 1)) as u64;
             n_tok += (b * s) as u64;
             // A last batch of one sequence has no batch-axis variance: it is left out of FVU (ref).

@@ -272,6 +272,11 @@ fn corrupt_caches_and_suites_are_clear_errors() {
     eval(&narrow, &su, &[shard, "tensor `blocks.1.hook_attn_out`: expected shape [3, 12, 16]", "found [3, 12, 8]"]);
     let nan = corrupt("blocks.0.hook_resid_pre", &|t| (t * f64::NAN).unwrap());
     eval(&nan, &su, &[shard, "tensor `blocks.0.hook_resid_pre`: expected finite values"]);
+    // The stored CEs: the wrong shape, or not finite.
+    let short = corrupt("clean_ce", &|t| t.narrow(1, 0, 5).unwrap());
+    eval(&short, &su, &[shard, "tensor `clean_ce`: expected F32 of shape [3, 11]", "[3, 5]"]);
+    let nan_ce = corrupt("zero_ce", &|t| (t * f64::NAN).unwrap());
+    eval(&nan_ce, &su, &[shard, "tensor `zero_ce`: expected finite values of shape [3, 11]"]);
     // A manifest pointing outside its folder.
     let manifest = std::fs::read_to_string(acts.join("manifest.json"))
         .unwrap()
@@ -494,4 +499,74 @@ fn unembed_connections_run_through_score_select_finetune_and_evaluate() {
         ],
         &["--unembed-c 3: the file has no unembed edges", "score-edges --unembed"],
     );
+}
+
+/// collect-acts stores each position's clean CE (equal to TransformerLens' per-token loss) and
+/// zero-ablation CE in the shards; evaluate reads them instead of running the model, and its
+/// report equals the one from the same cache without them (where it computes them again).
+#[test]
+fn evaluate_reads_the_clean_and_zero_ablation_ce_that_collect_acts_stored() {
+    for name in ["tiny-neo", "tiny-pythia", "tiny-gpt2"] {
+        let tmp = scratch(&format!("eval-stored-ce-{name}"));
+        let acts = tmp.join("acts");
+        let g = fixtures().join(format!("golden/{name}.safetensors"));
+        let m = scae_testkit::fixture_model(name);
+        tool_ok(
+            "collect-acts",
+            &["--model", s(&m), "--tokens", s(&g), "--ctx-len", "12", "--no-prepend-bos", "--out", s(&acts)],
+        );
+        let shard = candle_core::safetensors::load(acts.join("shard-00000.safetensors"), &Device::Cpu).unwrap();
+        let want = golden(name)["loss_per_token"].clone();
+        let clean = &shard["clean_ce"];
+        assert_eq!(clean.dims(), want.dims(), "{name}");
+        let d = (clean - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-5, "{name}: stored clean CE differs from TransformerLens' by {d}");
+        assert_eq!(shard["zero_ce"].dims(), want.dims());
+        // The same cache without the stored CEs, and with constants in their place.
+        let (bare, marked) = (tmp.join("bare"), tmp.join("marked"));
+        let rewrite = |dst_dir: &Path, mark: bool| {
+            std::fs::create_dir_all(dst_dir).unwrap();
+            for e in std::fs::read_dir(&acts).unwrap() {
+                let p = e.unwrap().path();
+                let dst = dst_dir.join(p.file_name().unwrap());
+                if p.extension().is_some_and(|x| x == "safetensors") {
+                    let mut map = candle_core::safetensors::load(&p, &Device::Cpu).unwrap();
+                    let bytes = std::fs::read(&p).unwrap();
+                    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+                    for (k, v) in [("clean_ce", 3.0), ("zero_ce", 7.0)] {
+                        let t = map.remove(k).unwrap();
+                        if mark {
+                            map.insert(k.to_string(), (t.zeros_like().unwrap() + v).unwrap());
+                        }
+                    }
+                    let mut kept: Vec<(String, Tensor)> = map.into_iter().collect();
+                    kept.sort_by(|a, b| a.0.cmp(&b.0));
+                    scae::util::io::write_safetensors(
+                        &dst,
+                        kept,
+                        &meta.metadata().clone().unwrap_or_default().into_iter().collect(),
+                    )
+                    .unwrap();
+                } else if p.is_file() {
+                    std::fs::copy(&p, &dst).unwrap();
+                }
+            }
+        };
+        rewrite(&bare, false);
+        rewrite(&marked, true);
+        let report = |cache: &Path, out: &str| -> serde_json::Value {
+            let out = tmp.join(out);
+            tool_ok("evaluate", &["--acts", s(cache), "--suite", s(&suite(name)), "--out", s(&out)]);
+            serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap()
+        };
+        let (stored, computed) = (report(&acts, "eval-stored"), report(&bare, "eval-computed"));
+        let read = report(&marked, "eval-marked");
+        assert_eq!((read["clean_ce"].as_f64(), read["ce_zero"].as_f64()), (Some(3.0), Some(7.0)), "{name}: not read");
+        for k in ["clean_ce", "ce_zero", "ce", "ce_recovered", "mean_fvu"] {
+            let (a, b) = (stored[k].as_f64().unwrap(), computed[k].as_f64().unwrap());
+            assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{name}: {k} {a} (stored) vs {b} (computed)");
+        }
+        // (Two different quantities: the random tiny models' zero ablation is not always worse.)
+        assert!((stored["ce_zero"].as_f64().unwrap() - stored["clean_ce"].as_f64().unwrap()).abs() > 1e-3, "{name}");
+    }
 }

@@ -21,6 +21,22 @@ pub struct Batch {
     pub pattern: Vec<Tensor>,        // per layer (batch, head, q, k)
     pub attn_out: Vec<Tensor>,       // per layer (batch, pos, d_model)
     pub mlp_out: Vec<Tensor>,        // per layer (batch, pos, d_model)
+    /// The clean model's CE and the zero-ablation CE per position `(batch, pos − 1)` f32, when
+    /// the cache stores them (collect-acts since December 2026).
+    pub clean_ce: Option<Tensor>,
+    pub zero_ce: Option<Tensor>,
+}
+
+/// Optional cache shard tensors `(n, ctx − 1)` f32 (written since collect-acts of December
+/// 2026; caches without them are read as before): the clean model's next-token CE per position,
+/// and the zero-ablation CE (layer 0's input alone through the final LN and unembedding).
+pub const CLEAN_CE: &str = "clean_ce";
+pub const ZERO_CE: &str = "zero_ce";
+
+/// The parts' optional tensors concatenated, when every part has one.
+fn cat_optional(parts: &[Batch], f: impl Fn(&Batch) -> Option<&Tensor>) -> Result<Option<Tensor>> {
+    let all: Option<Vec<&Tensor>> = parts.iter().map(f).collect();
+    all.map(|v| Ok(Tensor::cat(&v, 0)?)).transpose()
 }
 
 impl Batch {
@@ -39,6 +55,7 @@ impl Batch {
         let per_layer = |suffix: &str| -> Result<Vec<Tensor>> {
             (0..n_layers).map(|l| get(&format!("blocks.{l}.{suffix}"))).collect()
         };
+        let optional = |k: &str| map.contains_key(k).then(|| get(k)).transpose();
         Ok(Batch {
             tokens: get("tokens")?.to_dtype(DType::U32)?,
             resid_pre0: get("blocks.0.hook_resid_pre")?,
@@ -48,6 +65,8 @@ impl Batch {
             pattern: per_layer("attn.hook_pattern")?,
             attn_out: per_layer("hook_attn_out")?,
             mlp_out: per_layer("hook_mlp_out")?,
+            clean_ce: optional(CLEAN_CE)?,
+            zero_ce: optional(ZERO_CE)?,
         })
     }
 
@@ -72,6 +91,8 @@ impl Batch {
             pattern: per_layer(&|b, l| &b.pattern[l])?,
             attn_out: per_layer(&|b, l| &b.attn_out[l])?,
             mlp_out: per_layer(&|b, l| &b.mlp_out[l])?,
+            clean_ce: cat_optional(parts, |b| b.clean_ce.as_ref())?,
+            zero_ce: cat_optional(parts, |b| b.zero_ce.as_ref())?,
         })
     }
 
@@ -86,6 +107,8 @@ impl Batch {
             pattern: out.layers.iter().map(|l| l.pattern.clone()).collect(),
             attn_out: out.layers.iter().map(|l| l.attn_out.clone()).collect(),
             mlp_out: out.layers.iter().map(|l| l.mlp_out.clone()).collect(),
+            clean_ce: None,
+            zero_ce: None,
         })
     }
 
@@ -102,6 +125,8 @@ impl Batch {
             pattern: cut_all(&self.pattern)?,
             attn_out: cut_all(&self.attn_out)?,
             mlp_out: cut_all(&self.mlp_out)?,
+            clean_ce: self.clean_ce.as_ref().map(cut).transpose()?,
+            zero_ce: self.zero_ce.as_ref().map(cut).transpose()?,
         })
     }
 

@@ -6,6 +6,6 @@ pub mod batch;
 pub mod docs;
 pub mod source;
 
-pub use batch::{Batch, FlatBatch};
+pub use batch::{Batch, FlatBatch, CLEAN_CE, ZERO_CE};
 pub use docs::{Doc, DocStream, SequenceOptions, SequenceStats, Sequencer};
 pub use source::{BatchSource, SourceSpec};

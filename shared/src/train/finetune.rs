@@ -203,7 +203,12 @@ pub fn run(
         let mut record = metrics_record(step, lr_t, &report, &suite.modules, &dead);
         if let Some(ce) = report.ce {
             // The clean CE of the whole batch, its mean formed as one process forms it.
-            let per_token = gather_rows(coll, &rt.forward(&batch.tokens, false, false)?.ce)?;
+            // (Stored in the cache by collect-acts, else computed.)
+            let clean = match &batch.clean_ce {
+                Some(c) => c.clone(),
+                None => rt.forward(&batch.tokens, false, false)?.ce,
+            };
+            let per_token = gather_rows(coll, &clean)?;
             let clean = per_token.mean_all()?.to_scalar::<f32>()? as f64;
             record["ce_diff"] = serde_json::json!(ce - clean);
         }

@@ -50,7 +50,7 @@ fn cache_matches_transformer_lens_for_every_family() {
         for (i, shard) in m["shards"].as_array().unwrap().iter().enumerate() {
             let s = load(&out.join(shard["file"].as_str().unwrap()));
             let hooks = m["hooks"].as_array().unwrap();
-            assert_eq!(s.len(), hooks.len() + 1, "hooks + tokens");
+            assert_eq!(s.len(), hooks.len() + 3, "hooks + tokens + the clean and zero-ablation CEs");
             for h in hooks {
                 let h = h.as_str().unwrap();
                 let want = golden[h].narrow(0, i, 1).unwrap();
@@ -62,6 +62,11 @@ fn cache_matches_transformer_lens_for_every_family() {
             assert_eq!(s["tokens"].to_vec2::<i64>().unwrap(), want_tokens);
             let golden_ce = golden["loss_per_token"].narrow(0, i, 1).unwrap().mean_all().unwrap();
             let golden_ce = golden_ce.to_scalar::<f32>().unwrap() as f64;
+            // The stored per-position CE is TransformerLens' loss per token.
+            let want_ce = golden["loss_per_token"].narrow(0, i, 1).unwrap();
+            let d = max_abs_diff(&s["clean_ce"], &want_ce);
+            assert!(d <= 1e-4, "{name} shard {i} clean_ce: max abs diff {d}");
+            assert_eq!(s["zero_ce"].dims(), want_ce.dims());
             let ce = shard["clean_ce"].as_f64().unwrap();
             assert!((ce - golden_ce).abs() < 1e-4, "{name} shard {i} CE {ce} vs {golden_ce}");
             ce_sum += ce;

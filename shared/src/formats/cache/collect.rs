@@ -7,10 +7,10 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{DataInfo, Manifest, ModelInfo, ShardInfo, StoreDType, FORMAT, MANIFEST, VERSION};
+use super::{DataInfo, Manifest, ModelInfo, ShardInfo, StoreDType, CLEAN_CE, FORMAT, MANIFEST, VERSION, ZERO_CE};
 use crate::data::{BatchSource, SequenceOptions, SourceSpec};
 use crate::error::{Error, Result};
-use crate::model::{ForwardOutput, Model, ModelConfig};
+use crate::model::{ForwardOutput, Model, ModelConfig, Runtime};
 use crate::util::collective::Collective;
 use crate::util::io::StagedDir;
 
@@ -49,7 +49,6 @@ pub struct Collected {
 }
 
 /// The key under which a batch's per-token clean CE travels with its hooks between ranks.
-const CE_KEY: &str = "clean_ce";
 
 /// Run the model over the source and write a cache into `cfg.out`: shards of every hook the
 /// pipeline needs, then `manifest.json`. Warns on stderr when the data ran out before
@@ -100,13 +99,12 @@ pub fn collect(cfg: &CollectConfig, device: &Device, coll: &dyn Collective) -> R
         index += 1;
         if ranks == 1 {
             let out = model.runtime.forward(&tokens, true, false)?;
-            writer.push(&tokens, &out)?;
+            writer.push(&tokens, &out, &model.runtime)?;
         } else if rank == owner || rank == 0 {
             let mut bytes = Vec::new();
             let mut local = None;
             if rank == owner {
-                let (mut map, ce) = writer.stored(&model.runtime.forward(&tokens, true, false)?)?;
-                map.insert(CE_KEY.into(), ce);
+                let map = writer.stored(&model.runtime.forward(&tokens, true, false)?, &tokens, &model.runtime)?;
                 if owner == 0 {
                     local = Some(map);
                 } else {
@@ -116,12 +114,11 @@ pub fn collect(cfg: &CollectConfig, device: &Device, coll: &dyn Collective) -> R
             }
             coll.send_to_root(owner, &mut bytes)?;
             if rank == 0 {
-                let mut map = match local {
+                let map = match local {
                     Some(m) => m,
                     None => candle_core::safetensors::load_buffer(&bytes, device)?,
                 };
-                let ce = map.remove(CE_KEY).ok_or_else(|| Error::Usage("a rank sent a batch without its CE".into()))?;
-                writer.push_stored(&tokens, map, ce)?;
+                writer.push_stored(&tokens, map)?;
             }
         }
         bar.inc(tokens.elem_count() as u64);
@@ -220,15 +217,17 @@ impl ShardWriter {
         &self.hooks
     }
 
-    /// Add one batch: its tokens `(batch, ctx)` and the forward pass (run with hooks).
-    pub fn push(&mut self, tokens: &Tensor, out: &ForwardOutput) -> Result<()> {
-        let (map, ce) = self.stored(out)?;
-        self.push_stored(tokens, map, ce)
+    /// Add one batch: its tokens `(batch, ctx)` and the forward pass of `rt` (run with hooks).
+    pub fn push(&mut self, tokens: &Tensor, out: &ForwardOutput, rt: &Runtime) -> Result<()> {
+        let map = self.stored(out, tokens, rt)?;
+        self.push_stored(tokens, map)
     }
 
-    /// The hooks of a forward pass as they are stored (in the cache's dtype), and its per-token
-    /// clean CE.
-    pub fn stored(&self, out: &ForwardOutput) -> Result<(HashMap<String, Tensor>, Tensor)> {
+    /// The hooks of a forward pass as they are stored (in the cache's dtype), with the per-token
+    /// clean CE and the zero-ablation CE (the CE of layer 0's input alone through the final LN
+    /// and unembedding), both `(batch, ctx − 1)` f32: what evaluate reads instead of running
+    /// the model again.
+    pub fn stored(&self, out: &ForwardOutput, tokens: &Tensor, rt: &Runtime) -> Result<HashMap<String, Tensor>> {
         let dtype = self.dtype.dtype();
         let mut map = HashMap::new();
         map.insert("blocks.0.hook_resid_pre".to_string(), out.resid_pre0.to_dtype(dtype)?);
@@ -237,12 +236,17 @@ impl ShardWriter {
                 map.insert(format!("blocks.{l}.{suffix}"), t.to_dtype(dtype)?);
             }
         }
-        Ok((map, out.ce.clone()))
+        map.insert(CLEAN_CE.to_string(), out.ce.to_dtype(DType::F32)?);
+        let zero = rt.ce_from_resid(&out.resid_pre0, tokens)?;
+        map.insert(ZERO_CE.to_string(), zero.to_dtype(DType::F32)?);
+        Ok(map)
     }
 
     /// [`push`](Self::push) of a batch whose hooks were already made [`stored`](Self::stored)
     /// (here or on another rank).
-    pub fn push_stored(&mut self, tokens: &Tensor, mut map: HashMap<String, Tensor>, ce: Tensor) -> Result<()> {
+    pub fn push_stored(&mut self, tokens: &Tensor, mut map: HashMap<String, Tensor>) -> Result<()> {
+        let ce =
+            map.get(CLEAN_CE).cloned().ok_or_else(|| Error::Usage("a stored batch without its clean CE".into()))?;
         let first = self.shards.iter().map(|s| s.n_seqs).sum::<usize>() + self.pending_seqs;
         let mut names: Vec<&String> = map.keys().collect();
         names.sort();
@@ -289,7 +293,7 @@ impl ShardWriter {
             return Ok(());
         }
         let mut names = self.hooks.clone();
-        names.push("tokens".into());
+        names.extend(["tokens".into(), CLEAN_CE.into(), ZERO_CE.into()]);
         let mut tensors: Vec<(String, Tensor)> = Vec::with_capacity(names.len());
         for name in names {
             let parts: Vec<&Tensor> = self.pending.iter().map(|m| &m[&name]).collect();

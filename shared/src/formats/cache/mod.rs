@@ -32,6 +32,8 @@ pub const FORMAT: &str = "scae-acts";
 pub const VERSION: u32 = 1;
 /// File name of the manifest inside a cache folder.
 pub const MANIFEST: &str = "manifest.json";
+/// Optional shard tensors: the stored clean and zero-ablation CEs ([`crate::data::CLEAN_CE`]).
+pub use crate::data::{CLEAN_CE, ZERO_CE};
 
 /// An opened cache folder.
 #[derive(Debug, Clone)]
@@ -221,6 +223,25 @@ impl Cache {
                 return Err(Error::input(path, format!("tensor `{name}`: expected {want}, found dtype {dtype}")));
             }
         }
+        // The optional stored CEs (after the tensors every pass reads).
+        for name in [CLEAN_CE, ZERO_CE] {
+            let Some(entry) = header.get(name) else { continue };
+            let dtype = entry.get("dtype").and_then(|d| d.as_str()).unwrap_or("?");
+            let found: Option<Vec<usize>> = entry
+                .get("shape")
+                .and_then(|s| s.as_array())
+                .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect());
+            let want = [n, m.ctx_len.saturating_sub(1)];
+            if dtype != "F32" || found.as_deref() != Some(&want[..]) {
+                return Err(Error::input(
+                    path,
+                    format!(
+                        "tensor `{name}`: expected F32 of shape {want:?}, found {dtype} of shape {}",
+                        found.map_or_else(|| "none".to_string(), |f| format!("{f:?}"))
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -351,9 +372,19 @@ impl Cache {
     }
 
     /// Check that a shard holds every tensor a pass reads, with the manifest's shapes, token
-    /// ids inside the vocabulary and finite activations.
+    /// ids inside the vocabulary and finite activations (and finite stored CEs, when present).
     fn check_shard(&self, path: &Path, n: usize, map: &HashMap<String, Tensor>) -> Result<()> {
         let m = &self.manifest;
+        for name in [CLEAN_CE, ZERO_CE] {
+            if let Some(t) = map.get(name) {
+                if t.dims() != [n, m.ctx_len.saturating_sub(1)] || !crate::util::all_finite(t)? {
+                    return Err(Error::input(
+                        path,
+                        format!("tensor `{name}`: expected finite values of shape [{n}, {}]", m.ctx_len - 1),
+                    ));
+                }
+            }
+        }
         // Names and dtypes were checked from the header when the cache was opened; the shapes
         // again here, as the engine indexes by them (the file may have changed since).
         for (name, shape) in &self.expected_tensors(n) {
