@@ -45,15 +45,20 @@ pub fn step(
     auxk_alpha: f64,
 ) -> Result<StepOut> {
     let n = x.len() / d;
+    let mut prof = crate::util::profile::Profile::new();
     let dec_t = transpose(&p.w_dec, d, f);
     let xc: Vec<f32> = x.chunks(d).flat_map(|r| r.iter().zip(p.b_dec.iter()).map(|(a, b)| a - b)).collect();
     let mut pre = vec![0f32; n * f];
+    prof.mark("transpose, center");
     gemm_nt(n, f, d, &xc, &p.w_enc, &mut pre);
+    prof.mark("encoder product");
     pre.par_chunks_mut(f).for_each(|r| r.iter_mut().zip(p.b_enc.iter()).for_each(|(a, b)| *a += b));
     let idx = topk_indices(&pre, f, k);
+    prof.mark("bias, top-k");
     let val: Vec<f32> = idx.iter().enumerate().map(|(j, &i)| pre[(j / k) * f + i as usize].max(0.0)).collect();
     let yhat = decode(&idx, &val, k, &dec_t, d, Some(&p.b_dec));
     let (fvu, g_y) = fvu_tokens_and_grad(coll, &yhat, y, d)?;
+    prof.mark("decode, FVU");
     // AuxK on dead latents' pre-top-k activations; its residual target is detached.
     let mut auxk = 0f64;
     let mut aux: Option<(Vec<u32>, Vec<f32>, Vec<f32>)> = None; // (idx, act, g_ehat)
@@ -72,9 +77,11 @@ pub fn step(
     for gy in g_y.chunks(d) {
         g_bdec.iter_mut().zip(gy).for_each(|(a, b)| *a += b);
     }
+    prof.mark("AuxK");
     let g_val = value_grads(&g_y, &idx, &val, k, &dec_t, d);
     let mut g_dec_t = by_feature(&idx, k, f, d, |j| val[j], &g_y);
     let mut g_enc = by_feature(&idx, k, f, d, |j| g_val[j], &xc);
+    prof.mark("backward by feature");
     let mut g_benc = vec![0f32; f];
     for (&i, &g) in idx.iter().zip(&g_val) {
         g_benc[i as usize] += g;
@@ -95,6 +102,8 @@ pub fn step(
         }
     }
     let g_dec = transpose(&g_dec_t, f, d);
+    prof.mark("bias grads, transpose");
+    prof.report("sae step");
     Ok(StepOut { fvu, auxk, grads: AeParams { w_enc: g_enc, b_enc: g_benc, w_dec: g_dec, b_dec: g_bdec }, idx, val })
 }
 

@@ -131,6 +131,7 @@ pub fn update_host(
     lr: f64,
 ) -> Result<StepReport> {
     let UpdateConfig { d, f, k, .. } = cfg;
+    let mut prof = crate::util::profile::Profile::new();
     let one = |m: usize, p: &mut AeParams<Vec<f32>>, c: &dyn Collective| {
         normalize_decoder(&mut p.w_dec, d, f);
         let (x, y) = data[m];
@@ -144,6 +145,7 @@ pub fn update_host(
     } else {
         params.iter_mut().enumerate().map(|(m, p)| one(m, p, coll)).collect::<Result<_>>()?
     };
+    prof.mark("modules' forward and backward");
     let mut report = StepReport { fvu: Some(Vec::new()), auxk: Some(Vec::new()), ..StepReport::default() };
     let mut grads = Vec::with_capacity(params.len());
     for s in outs {
@@ -160,7 +162,10 @@ pub fn update_host(
         }
         remove_parallel_component(&p.w_dec, &mut g.w_dec, d, f);
     });
+    prof.mark("clip, projection");
     opt.step(params, &grads, lr);
+    prof.mark("optimizer");
+    prof.report("train-suite step");
     Ok(report)
 }
 
