@@ -17,9 +17,28 @@ pub struct BrowserGraph {
     pub graph: Value,
 }
 
+/// The most links of a graph the browser takes: the graph view lays out every link in the page
+/// (a pruned graph has thousands); an unpruned one (`attribute --no-prune`, millions of links,
+/// a GB of JSON) would take tens of GB to read and could not be drawn.
+pub const MAX_LINKS: usize = 200_000;
+
+/// The number of links of the graph file `path`, read as a stream (nothing of it kept).
+fn count_links(path: &Path) -> Result<usize> {
+    #[derive(serde::Deserialize)]
+    struct Links {
+        #[serde(default)]
+        links: Vec<serde::de::IgnoredAny>,
+    }
+    let file = std::fs::File::open(path).at(path)?;
+    let links: Links = serde_json::from_reader(std::io::BufReader::new(file))
+        .map_err(|e| Error::input(path, format!("not JSON: {e}")))?;
+    Ok(links.links.len())
+}
+
 /// The graphs listed in `dir/graph-metadata.json`, each checked: readable, with the format's
-/// required fields, made by `attribute` for the suite whose id is `suite_id`.
-pub fn read(dir: &Path, suite_id: &str) -> Result<Vec<BrowserGraph>> {
+/// required fields, made by `attribute` for the suite whose id is `suite_id`. A graph of more
+/// than `max_links` links is left out, said on stderr.
+pub fn read(dir: &Path, suite_id: &str, max_links: usize) -> Result<Vec<BrowserGraph>> {
     let list_path = dir.join(GRAPH_METADATA);
     let text = std::fs::read_to_string(&list_path).map_err(|e| {
         Error::input(
@@ -42,6 +61,14 @@ pub fn read(dir: &Path, suite_id: &str) -> Result<Vec<BrowserGraph>> {
             ));
         }
         let path = dir.join(format!("{slug}.json"));
+        let n_links = count_links(&path)?;
+        if n_links > max_links {
+            crate::note!(
+                "view-features: --graphs: {}: {n_links} links, more than the graph view draws ({max_links}); left out of the browser (hint: attribute without --no-prune keeps what matters)",
+                path.display()
+            );
+            continue;
+        }
         let text = std::fs::read_to_string(&path).at(&path)?;
         let graph: Value = serde_json::from_str(&text).map_err(|e| Error::input(&path, format!("not JSON: {e}")))?;
         if let Some(field) = missing_field(&graph) {
@@ -89,4 +116,38 @@ pub fn write(data: &Path, graphs: &[BrowserGraph]) -> Result<usize> {
         put(format!("graph-{}.js", g.slug), format!("SCAE.addGraph({});\n", g.graph))?;
     }
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attrib::json::REQUIRED;
+
+    /// A graph with every required field, made for suite `S`, with `links` links.
+    fn graph(links: usize) -> Value {
+        let obj = |fields: &[&str]| Value::Object(fields.iter().map(|f| (f.to_string(), json!(0))).collect());
+        let mut g = obj(REQUIRED.top);
+        g["metadata"] = obj(REQUIRED.metadata);
+        g["metadata"]["info"] = json!({"suite_id": "S"});
+        g["qParams"] = obj(REQUIRED.q_params);
+        g["nodes"] = json!([obj(REQUIRED.node)]);
+        g["links"] = Value::Array(vec![obj(REQUIRED.link); links]);
+        g
+    }
+
+    #[test]
+    fn graphs_with_more_links_than_the_view_draws_are_left_out() {
+        let dir = std::env::temp_dir().join(format!("scae-graphs-max-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (slug, n) in [("small", 3), ("big", 12)] {
+            std::fs::write(dir.join(format!("{slug}.json")), graph(n).to_string()).unwrap();
+        }
+        let list = json!({"graphs": [{"slug": "small"}, {"slug": "big"}]});
+        std::fs::write(dir.join(GRAPH_METADATA), list.to_string()).unwrap();
+        assert_eq!(count_links(&dir.join("big.json")).unwrap(), 12);
+        let kept = read(&dir, "S", 10).unwrap();
+        assert_eq!(kept.iter().map(|g| g.slug.as_str()).collect::<Vec<_>>(), ["small"]);
+        assert_eq!(read(&dir, "S", 12).unwrap().len(), 2);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

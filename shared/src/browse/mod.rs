@@ -299,7 +299,7 @@ pub fn run(
         None => page::EdgeScores::default(),
     };
     let graphs = match &cfg.graphs {
-        Some(dir) => graphs::read(dir, &inputs.suite.id()?)?,
+        Some(dir) => graphs::read(dir, &inputs.suite.id()?, graphs::MAX_LINKS)?,
         None => Vec::new(),
     };
     let stage = if coll.rank() == 0 { Some(StagedDir::create(&cfg.out, cfg.overwrite, "--out")?) } else { None };

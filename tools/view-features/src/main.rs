@@ -43,7 +43,8 @@ struct Args {
     #[arg(long)]
     neuronpedia: bool,
     /// A folder of attribution graphs written by `attribute --out` (made with this suite), drawn
-    /// in graph.html (default: none; graph.html then says how to add some).
+    /// in graph.html (default: none; graph.html then says how to add some). Graphs of more than
+    /// 200,000 links (unpruned ones) are left out, said on stderr.
     #[arg(long)]
     graphs: Option<PathBuf>,
     /// Tokens of context left of the activating token (right: a third of it, at least 2).
