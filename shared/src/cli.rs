@@ -552,21 +552,29 @@ pub struct ComputeArgs {
     pub backend: Backend,
 }
 
-impl ComputeArgs {
-    /// Whether the CPU engine runs the steps (else the autograd path), checking the choice
-    /// against `device`.
-    pub fn use_engine(&self, device: &Device) -> crate::error::Result<bool> {
-        let f32_cpu = device.is_cpu() && self.dtype == ComputeDType::F32;
-        match self.backend {
+impl Backend {
+    /// Whether the CPU engine runs the steps at `dtype` on `device` (else the autograd path),
+    /// checking the choice.
+    pub fn use_engine(self, device: &Device, dtype: ComputeDType) -> crate::error::Result<bool> {
+        let f32_cpu = device.is_cpu() && dtype == ComputeDType::F32;
+        match self {
             Backend::Engine if !f32_cpu => Err(crate::error::Error::Usage(format!(
                 "--backend engine: the CPU engine runs f32 on the CPU only (found {}, --dtype {:?}); hint: --backend autograd",
                 if device.is_cpu() { "cpu" } else { "a GPU" },
-                self.dtype
+                dtype
             ))),
             Backend::Engine => Ok(true),
             Backend::Autograd => Ok(false),
             Backend::Auto => Ok(f32_cpu),
         }
+    }
+}
+
+impl ComputeArgs {
+    /// Whether the CPU engine runs the steps (else the autograd path), checking the choice
+    /// against `device`.
+    pub fn use_engine(&self, device: &Device) -> crate::error::Result<bool> {
+        self.backend.use_engine(device, self.dtype)
     }
 
     /// The candle dtype of the pass.

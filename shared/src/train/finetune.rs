@@ -80,14 +80,21 @@ impl FinetuneConfig {
             overwrite: self.overwrite,
         }
     }
+}
 
-    /// The weight of the CE term, if the loss has one.
-    fn ce_weight(&self) -> Option<f64> {
-        match self.loss {
+impl Loss {
+    /// The weight of the CE term, if the loss has one (`ce_weight`: its weight in `mse+ce`).
+    pub fn ce_weight(self, ce_weight: f64) -> Option<f64> {
+        match self {
             Loss::Mse => None,
             Loss::Ce => Some(1.0),
-            Loss::MseCe => Some(self.ce_weight),
+            Loss::MseCe => Some(ce_weight),
         }
+    }
+
+    /// Whether the loss has the modules' FVU terms.
+    pub fn has_mse(self) -> bool {
+        self != Loss::Ce
     }
 }
 
@@ -176,8 +183,14 @@ pub fn run(
         let batch = data.batch_part(seqs_seen, cfg.batch_size, first, local)?;
         let scales: Vec<f32> = suite.modules.iter().map(|&m| stagger_scale(m, step, cfg.stagger_steps)).collect();
         let lr_t = cfg.schedule.lr_at(step);
-        let spec =
-            LossSpec::new(cfg.loss != Loss::Ce, cfg.ce_weight(), cfg.auxk_alpha, &scales, &dead, suite.n_features);
+        let spec = LossSpec::new(
+            cfg.loss.has_mse(),
+            cfg.loss.ce_weight(cfg.ce_weight),
+            cfg.auxk_alpha,
+            &scales,
+            &dead,
+            suite.n_features,
+        );
         let report = match dopt.as_mut() {
             Some(dopt) => {
                 let pass_batch = batch.with_pass_dtype(cfg.dtype)?;

@@ -24,7 +24,7 @@ use crate::data::{Batch, FlatBatch};
 use crate::error::Result;
 use crate::formats::suite::Suite;
 use crate::model::Runtime;
-use crate::pass::engine::Engine;
+use crate::pass::engine::{Engine, SlotValues};
 use crate::pass::objective::{ce_loss_and_grad_over, ce_loss_planned, mse_per_module};
 use crate::pass::{forward, PassOptions, Plan};
 use crate::sae::loss::{auxk_t, centered_sq_over_t, centered_sq_t, fvu_ref_and_grad_t};
@@ -117,11 +117,41 @@ pub fn engine_step(
     clip: Option<f64>,
     lr: f64,
 ) -> Result<StepReport> {
-    let (suite, rt) = (si.suite, si.rt);
     let mut prof = crate::util::profile::Profile::new();
+    let (report, grads) = engine_grads(si, batch, spec, params, None, &mut prof)?;
+    let Some((mut grads, _)) = grads else { return Ok(report) };
+    super::parallel::sum_grads(si.coll, &mut grads)?;
+    prof.mark("all-reduce");
+    if let Some(c) = clip {
+        grads.iter_mut().for_each(|g| clip_module(g, c));
+    }
+    opt.step(params, &grads, lr);
+    prof.mark("clip, optimizer");
+    prof.report("step");
+    Ok(report)
+}
+
+/// Every module's gradients and the gates' (empty without gates).
+pub(super) type EngineGrads = (Vec<AeParams<Vec<f32>>>, SlotValues);
+
+/// The forward, losses and backward of [`engine_step`] on `params` (this rank's gradients, not
+/// yet added over the ranks); with `gates`, of the gated pass ([`Engine::gated`]), also
+/// returning the gates' gradients (else empty). No gradients when the loss is not finite.
+pub(super) fn engine_grads(
+    si: &StepInputs,
+    batch: &Batch,
+    spec: &LossSpec,
+    params: &[AeParams<Vec<f32>>],
+    gates: Option<&SlotValues>,
+    prof: &mut crate::util::profile::Profile,
+) -> Result<(StepReport, Option<EngineGrads>)> {
+    let (suite, rt) = (si.suite, si.rt);
     let fb = FlatBatch::new(batch, &suite.modules)?;
     prof.mark("batch");
-    let eng = Engine::with_params(suite, rt, si.plan, si.opts, params)?;
+    let mut eng = Engine::with_params(suite, rt, si.plan, si.opts, params)?;
+    if let Some(z) = gates {
+        eng = eng.gated(z)?;
+    }
     prof.mark("engine");
     let mut state = match &spec.auxk {
         Some((_, masks)) => eng.forward_with_dead(&fb, Some(masks))?,
@@ -151,26 +181,20 @@ pub fn engine_step(
     report.loss = spec.total(report.fvu.as_deref(), report.auxk.as_deref(), report.ce);
     prof.mark("forward, loss");
     if !report.loss.is_finite() {
-        return Ok(report);
+        return Ok((report, None));
     }
-    let mut grads = eng.backward_with(&fb, &state, g_recon, extra)?;
+    let grads = match gates {
+        Some(_) => eng.backward_gated(&fb, &state, g_recon, extra)?,
+        None => (eng.backward_with(&fb, &state, g_recon, extra)?, SlotValues::default()),
+    };
     prof.mark("backward");
-    super::parallel::sum_grads(si.coll, &mut grads)?;
-    prof.mark("all-reduce");
-    if let Some(c) = clip {
-        grads.iter_mut().for_each(|g| clip_module(g, c));
-    }
-    drop(eng); // it reads `params` in place
-    opt.step(params, &grads, lr);
-    prof.mark("clip, optimizer");
-    prof.report("step");
-    Ok(report)
+    Ok((report, Some(grads)))
 }
 
 /// The engine's spliced CE term with weight `w`: its value; `w ×` its gradient added into every
 /// reconstruction's `g_recon`, and with unembed edges, the rest of its gradient (into the
 /// selected values, decoders, biases and unembed gates) for [`Engine::backward_with`].
-pub(super) fn add_ce_term(
+fn add_ce_term(
     si: &StepInputs,
     eng: &Engine,
     fb: &FlatBatch,

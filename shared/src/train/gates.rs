@@ -17,6 +17,7 @@ use crate::error::Result;
 use crate::formats::connections::{Connections, EmbedEdge};
 use crate::pass::autograd::Gates;
 use crate::pass::Plan;
+use crate::train::optim::AdamStep;
 use crate::util::rng::SplitMix;
 
 pub const GAMMA: f64 = -0.1;
@@ -68,17 +69,29 @@ pub struct GateParams {
     pub n_features: usize,
 }
 
+/// The positions of the `c` largest of `values` (ties by position), in position order.
+fn top_positions(values: impl Iterator<Item = f32>, c: usize) -> Vec<usize> {
+    let mut all: Vec<(f32, usize)> = values.zip(0..).collect();
+    all.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    all.truncate(c);
+    let mut kept: Vec<usize> = all.into_iter().map(|(_, k)| k).collect();
+    kept.sort_unstable();
+    kept
+}
+
+/// Flags of the `c` largest of `values` (ties by position).
+fn top_flags(values: impl ExactSizeIterator<Item = f32>, c: usize) -> Vec<bool> {
+    let mut open = vec![false; values.len()];
+    top_positions(values, c).into_iter().for_each(|k| open[k] = true);
+    open
+}
+
 /// The top-C candidates of feature `i` of module `d` by score (ties by list order): the
 /// positions of its upstream and embed candidates that `--init scores` opens.
 fn top_by_score(cands: &Connections, d: usize, i: usize, c: usize) -> (Vec<bool>, Vec<bool>) {
-    let ups = &cands.edges[d][i];
-    let emb = &cands.embed[d][i];
-    let mut all: Vec<(f32, usize)> = ups.iter().map(|e| e.score).chain(emb.iter().map(|e| e.score)).zip(0..).collect();
-    all.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-    let mut open = vec![false; all.len()];
-    for &(_, k) in all.iter().take(c) {
-        open[k] = true;
-    }
+    let (ups, emb) = (&cands.edges[d][i], &cands.embed[d][i]);
+    let scores: Vec<f32> = ups.iter().map(|e| e.score).chain(emb.iter().map(|e| e.score)).collect();
+    let mut open = top_flags(scores.into_iter(), c);
     let emb_open = open.split_off(ups.len());
     (open, emb_open)
 }
@@ -143,17 +156,8 @@ impl GateParams {
         // `--init scores`.
         let unembed = match &plan.unembed {
             Some(u) if cands.n_unembed_edges() > 0 => {
-                let open: Vec<Vec<bool>> = cands
-                    .unembed
-                    .iter()
-                    .map(|es| {
-                        let mut order: Vec<usize> = (0..es.len()).collect();
-                        order.sort_by(|&a, &b| es[b].score.total_cmp(&es[a].score).then(a.cmp(&b)));
-                        let mut open = vec![false; es.len()];
-                        order.iter().take(unembed_c).for_each(|&k| open[k] = true);
-                        open
-                    })
-                    .collect();
+                let open: Vec<Vec<bool>> =
+                    cands.unembed.iter().map(|es| top_flags(es.iter().map(|e| e.score), unembed_c)).collect();
                 target.extend(cands.unembed.iter().map(|es| es.len().min(unembed_c) as f32));
                 Some(make(u.index.width, &open)?)
             }
@@ -247,7 +251,12 @@ impl GateParams {
     /// The penalty `mean_i (Σ_j p_ij − t_i)²` over every feature of every module (and every
     /// output token of the unembed slots), `t_i` = min(its C, its candidates).
     pub fn penalty(&self, beta: f64, mode: GateMode) -> Result<Tensor> {
-        Ok((self.expected_counts(beta, mode)? - &self.target)?.sqr()?.mean_all()?)
+        self.penalty_of(&self.expected_counts(beta, mode)?)
+    }
+
+    /// [`penalty`](Self::penalty) from the expected counts already formed.
+    pub fn penalty_of(&self, counts: &Tensor) -> Result<Tensor> {
+        Ok((counts - &self.target)?.sqr()?.mean_all()?)
     }
 
     /// The connection set: each feature's top-C candidates by `log α` (ties by list order),
@@ -267,24 +276,17 @@ impl GateParams {
                 let ups = &cands.edges[d][i];
                 let embs = &cands.embed[d][i];
                 let la = |g: &Option<(Vec<f32>, usize)>, k: usize| g.as_ref().map_or(0.0, |(v, w)| v[i * w + k]);
-                let mut all: Vec<(f32, usize)> = (0..ups.len())
-                    .map(|k| (la(&up, k), k))
-                    .chain((0..embs.len()).map(|k| (la(&emb, k), ups.len() + k)))
-                    .collect();
-                all.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-                all.truncate(c);
-                all.sort_by_key(|x| x.1);
-                let mut kept = Vec::new();
-                for (a, k) in all {
+                let all: Vec<f32> =
+                    (0..ups.len()).map(|k| la(&up, k)).chain((0..embs.len()).map(|k| la(&emb, k))).collect();
+                for k in top_positions(all.iter().copied(), c) {
                     if k < ups.len() {
                         out.edges[d][i].push(ups[k]);
                     } else {
                         let e: EmbedEdge = embs[k - ups.len()];
                         out.embed[d][i].push(e);
                     }
-                    kept.push(a);
+                    gates[d][i].push(all[k]);
                 }
-                gates[d][i] = kept;
             }
         }
         let mut unembed_gates = vec![Vec::new(); cands.unembed.len()];
@@ -292,12 +294,10 @@ impl GateParams {
             let (la, w) = (crate::util::to_vec(g.log_alpha.as_tensor())?, g.width);
             out.unembed = vec![Vec::new(); cands.unembed.len()];
             for (v, es) in cands.unembed.iter().enumerate() {
-                let mut all: Vec<(f32, usize)> = (0..es.len()).map(|k| (la[v * w + k], k)).collect();
-                all.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-                all.truncate(unembed_c);
-                all.sort_by_key(|x| x.1);
-                out.unembed[v] = all.iter().map(|&(_, k)| es[k]).collect();
-                unembed_gates[v] = all.iter().map(|&(a, _)| a).collect();
+                let row = &la[v * w..v * w + es.len()];
+                let kept = top_positions(row.iter().copied(), unembed_c);
+                out.unembed[v] = kept.iter().map(|&k| es[k]).collect();
+                unembed_gates[v] = kept.iter().map(|&k| row[k]).collect();
             }
         }
         Ok((out, gates, unembed_gates))
@@ -308,7 +308,8 @@ impl GateParams {
 /// (module, feature, edge) and by (token, unembed edge).
 pub type Binarised = (Connections, Vec<Vec<Vec<f32>>>, Vec<Vec<f32>>);
 
-/// Adam on the `log α` variables (torch's order of operations, as the suite's optimizer).
+/// Adam on the `log α` variables (betas 0.9, 0.999, eps 1e-8; the suite's device optimizer's
+/// update, [`AdamStep`]).
 pub struct GateAdam {
     pub t: u64,
     pub m: Vec<Tensor>,
@@ -327,15 +328,11 @@ impl GateAdam {
 
     /// One update with gradients `grads` (one per variable) at learning rate `lr`.
     pub fn step(&mut self, vars: &[&Var], grads: &[Tensor], lr: f64) -> Result<()> {
-        let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
         self.t += 1;
-        let (c1, c2) = (1.0 - b1.powi(self.t as i32), 1.0 - b2.powi(self.t as i32));
+        let Some(first) = vars.first() else { return Ok(()) };
+        let adam = AdamStep::new((0.9, 0.999, 1e-8), self.t, lr, first.as_tensor().device())?;
         for (k, (var, g)) in vars.iter().zip(grads).enumerate() {
-            self.m[k] = ((&self.m[k] * b1)? + (g * (1.0 - b1))?)?;
-            self.v[k] = ((&self.v[k] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let denom = ((&self.v[k] / c2)?.sqrt()? + eps)?;
-            let update = ((&self.m[k] / c1)? / denom)?;
-            var.set(&(var.as_tensor() - (update * lr)?)?)?;
+            adam.apply(var, g, &mut self.m[k], &mut self.v[k])?;
         }
         Ok(())
     }

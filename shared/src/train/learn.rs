@@ -19,18 +19,17 @@ use super::checkpoints::{resume, CheckpointPolicy, TrainRun};
 use super::data::TrainData;
 use super::dead::DeadTracker;
 use super::finetune::Loss;
-use super::finetune_step::{LossSpec, StepInputs};
+use super::finetune_step::{engine_grads, LossSpec, StepInputs};
 use super::gates::{GateAdam, GateInit, GateMode, GateParams};
 use super::optim::{clip_module, DeviceOptimizer, Optimizer, OptimizerKind};
 use super::{metrics_record, After, RunSummary, Schedule, Session, StepReport};
-use crate::data::FlatBatch;
 use crate::error::{Error, Result};
 use crate::formats::connections::Connections;
 use crate::formats::edges_meta::{EdgesMeta, Key};
 use crate::inputs::Inputs;
 use crate::pass::autograd::forward_gated;
-use crate::pass::engine::{Engine, SlotValues};
-use crate::pass::objective::{ce_per_token_gated, mse_per_module};
+use crate::pass::engine::SlotValues;
+use crate::pass::objective::ce_per_token_gated;
 use crate::pass::{PassOptions, Plan, Wiring};
 use crate::sae::fired_t;
 use crate::util::collective::Single;
@@ -222,12 +221,7 @@ pub fn run(
     // Off the engine, the device-agnostic ops everywhere (deterministic on the CPU too).
     plan.force_composed(!cfg.use_engine);
     let gp = GateParams::new(&plan, cands, (cfg.c, cfg.unembed_c), cfg.init, cfg.seed, device)?;
-    let ce_weight = match cfg.loss {
-        Loss::Mse => None,
-        Loss::Ce => Some(1.0),
-        Loss::MseCe => Some(cfg.ce_weight),
-    };
-    let mse = cfg.loss != Loss::Ce;
+    let (mse, ce_weight) = (cfg.loss.has_mse(), cfg.loss.ce_weight(cfg.ce_weight));
     let vars = gp.vars();
     let mut gopt = GateAdam::new(&vars)?;
     let tr = TrainRun {
@@ -264,11 +258,16 @@ pub fn run(
     let tokens_per_step = (cfg.batch_size * data.ctx_len()) as u64;
     let coll = Single;
     let mut session = Session::open(dir, &tr, step, tokens_per_step, &coll)?;
+    // The metrics' means are over the rows that have candidates (a first module has none).
+    let has = gp.target.gt(0f32)?.to_dtype(DType::F32)?;
+    let n_has = scalar(&has.sum_all()?)?.max(1.0);
+    let target_sum = scalar(&gp.target.sum_all()?)?;
     while step < steps {
         let batch = data.batch_part(seqs_seen, cfg.batch_size, 0, cfg.batch_size)?;
         let beta = cfg.beta.at(step, steps);
         let gates = gp.sample(beta, cfg.mode, cfg.seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15))?;
-        let penalty = gp.penalty(beta, cfg.mode)?;
+        let counts = gp.expected_counts(beta, cfg.mode)?;
+        let penalty = gp.penalty_of(&counts)?;
         let lr_t = cfg.schedule.lr_at(step);
         let (report, store) = if cfg.use_engine {
             // The gates' gradients from the engine, chained into log α through the sample's
@@ -319,16 +318,12 @@ pub fn run(
             }
             d.step(&suite.aes, &sg, lr_t)?;
         }
-        let counts = gp.expected_counts(beta, cfg.mode)?;
         let mut record = metrics_record(step, lr_t, &report, &suite.modules, &dead);
         record["beta"] = serde_json::json!(beta);
         record["penalty"] = serde_json::json!(scalar(&penalty)?);
-        // Means over the features that have candidates (a first module has none).
-        let has = gp.target.gt(0f32)?.to_dtype(DType::F32)?;
-        let n_has = scalar(&has.sum_all()?)?.max(1.0);
         record["expected_edges_mean"] = serde_json::json!(scalar(&(counts * &has)?.sum_all()?)? / n_has);
-        record["target_edges_mean"] = serde_json::json!(scalar(&gp.target.sum_all()?)? / n_has);
-        record["open_gates_mean"] = serde_json::json!(open_mean(&gates, 1)? / n_has);
+        record["target_edges_mean"] = serde_json::json!(target_sum / n_has);
+        record["open_gates_mean"] = serde_json::json!(open_gates(&gates)? / n_has);
         session.log(record, &report)?;
         step += 1;
         seqs_seen += cfg.batch_size as u64;
@@ -396,10 +391,10 @@ pub fn run(
     })
 }
 
-/// One step of the gated pass on the CPU engine: forward, the loss of `spec` (its FVU and CE
-/// terms; the report's loss, without the penalty) and its gradients, backward to the gates
-/// (returned) and, with `suite_opt` (optimizer, clipping, learning rate), to the suite, whose
-/// host parameters `params` then take an optimizer step.
+/// One step of the gated pass on the CPU engine (finetune's engine step, with gates): the loss
+/// of `spec` (the report's loss, without the penalty), the gates' gradients (returned) and,
+/// with `suite_opt` (optimizer, clipping, learning rate), an optimizer step of the suite's host
+/// parameters `params`.
 fn engine_gate_step(
     si: &StepInputs,
     spec: &LossSpec,
@@ -408,7 +403,7 @@ fn engine_gate_step(
     params: &mut [crate::sae::AeParams<Vec<f32>>],
     suite_opt: Option<(&mut Optimizer, Option<f64>, f64)>,
 ) -> Result<(StepReport, SlotValues)> {
-    let (suite, plan, d) = (si.suite, si.plan, si.suite.d_model);
+    let (suite, plan) = (si.suite, si.plan);
     let mut z = SlotValues::zeros(plan, suite.modules.len(), suite.n_features);
     let dst = z.up.iter_mut().chain(z.embed.iter_mut()).chain([&mut z.unembed]);
     for (dst, src) in dst.zip(gates.up.iter().chain(&gates.embed).chain([&gates.unembed])) {
@@ -416,42 +411,26 @@ fn engine_gate_step(
             *dst = crate::util::to_vec(src)?;
         }
     }
-    let fb = FlatBatch::new(batch, &suite.modules)?;
-    let eng = Engine::with_params(suite, si.rt, plan, si.opts, params)?.gated(&z)?;
-    let state = eng.forward(&fb)?;
-    let mut report =
-        StepReport { fired: state.modules.iter().map(|st| st.fired.clone()).collect(), ..StepReport::default() };
-    let mut g_recon: Vec<Vec<f32>> = vec![vec![0f32; fb.b * fb.s * d]; suite.modules.len()];
-    if spec.fvu_scales.is_some() {
-        let (fvu, g) = mse_per_module(si.coll, &fb, &state.recons(), d)?;
-        g_recon = g;
-        report.fvu = Some(fvu);
-    }
-    let mut extra = None;
-    if let Some(w) = spec.ce_weight {
-        let (ce, rest) = super::finetune_step::add_ce_term(si, &eng, &fb, &state, w, &mut g_recon)?;
-        (report.ce, extra) = (Some(ce), rest);
-    }
-    report.loss = spec.total(report.fvu.as_deref(), None, report.ce);
-    if !report.loss.is_finite() {
+    let mut prof = crate::util::profile::Profile::new();
+    let (report, grads) = engine_grads(si, batch, spec, params, Some(&z), &mut prof)?;
+    let Some((mut grads, gz)) = grads else {
         return Ok((report, SlotValues::zeros(plan, suite.modules.len(), suite.n_features)));
-    }
-    let (mut grads, gz) = eng.backward_gated(&fb, &state, g_recon, extra)?;
-    drop(eng); // it reads `params` in place
+    };
     if let Some((opt, clip, lr)) = suite_opt {
         if let Some(c) = clip {
             grads.iter_mut().for_each(|g| clip_module(g, c));
         }
         opt.step(params, &grads, lr);
     }
+    prof.report("learn-connections step");
     Ok((report, gz))
 }
 
-/// The open gates of a step's sample, divided by `n_features`.
-fn open_mean(gates: &crate::pass::autograd::Gates, n_features: usize) -> Result<f64> {
+/// The open gates of a step's sample.
+fn open_gates(gates: &crate::pass::autograd::Gates) -> Result<f64> {
     let mut open = 0.0;
     for z in gates.up.iter().chain(&gates.embed).chain([&gates.unembed]).flatten() {
         open += z.gt(0f32)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as f64;
     }
-    Ok(open / n_features as f64)
+    Ok(open)
 }

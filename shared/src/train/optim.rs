@@ -181,27 +181,48 @@ impl DeviceOptimizer {
                 }
             }
             OptimizerKind::Adam => {
-                let (b1, b2) = (self.beta1, self.beta2);
-                let bc1 = 1.0 - b1.powi(self.t as i32);
-                let bc2_sqrt = (1.0 - b2.powi(self.t as i32)).sqrt();
-                let step_size = lr / bc1;
                 let Some(first) = vars.first() else { return Ok(()) };
-                let bc2 = Tensor::new(bc2_sqrt as f32, first.w_enc.as_tensor().device())?;
+                let adam =
+                    AdamStep::new((self.beta1, self.beta2, self.eps), self.t, lr, first.w_enc.as_tensor().device())?;
                 for (mi, (vs, gs)) in vars.iter().zip(grads).enumerate() {
                     let (ms, vvs) = (self.m[mi].each_mut(), self.v[mi].each_mut());
                     for (((var, g), m), v) in vs.each().into_iter().zip(gs.each()).zip(ms).zip(vvs) {
-                        // The host optimizer's (torch's) order of operations.
-                        let m_new = (&*m + ((g - &*m)? * (1.0 - b1))?)?;
-                        let v_new = ((&*v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-                        let denom = (v_new.sqrt()?.broadcast_div(&bc2)? + self.eps)?;
-                        let x = (var.as_tensor() - ((&m_new / denom)? * step_size)?)?;
-                        var.set(&x)?;
-                        *m = m_new;
-                        *v = v_new;
+                        adam.apply(var, g, m, v)?;
                     }
                 }
             }
         }
+        Ok(())
+    }
+}
+
+/// One Adam update on device tensors at step `t` (1-based), in the host optimizer's (torch's)
+/// order of operations: what [`DeviceOptimizer`] does to each variable, and the gates'
+/// optimizer to each `log α`.
+pub struct AdamStep {
+    b1: f64,
+    b2: f64,
+    eps: f64,
+    step_size: f64,
+    bc2: Tensor,
+}
+
+impl AdamStep {
+    /// The update of step `t` with betas, eps `(b1, b2, eps)` and learning rate `lr`.
+    pub fn new((b1, b2, eps): (f64, f64, f64), t: u64, lr: f64, device: &candle_core::Device) -> Result<AdamStep> {
+        let bc1 = 1.0 - b1.powi(t as i32);
+        let bc2_sqrt = (1.0 - b2.powi(t as i32)).sqrt();
+        Ok(AdamStep { b1, b2, eps, step_size: lr / bc1, bc2: Tensor::new(bc2_sqrt as f32, device)? })
+    }
+
+    /// Update `var` with gradient `g` and its moments `m`, `v` (replaced).
+    pub fn apply(&self, var: &Var, g: &Tensor, m: &mut Tensor, v: &mut Tensor) -> Result<()> {
+        let m_new = (&*m + ((g - &*m)? * (1.0 - self.b1))?)?;
+        let v_new = ((&*v * self.b2)? + (g.sqr()? * (1.0 - self.b2))?)?;
+        let denom = (v_new.sqrt()?.broadcast_div(&self.bc2)? + self.eps)?;
+        var.set(&(var.as_tensor() - ((&m_new / denom)? * self.step_size)?)?)?;
+        *m = m_new;
+        *v = v_new;
         Ok(())
     }
 }

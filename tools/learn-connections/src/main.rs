@@ -125,8 +125,7 @@ fn run(args: Args) -> Result<()> {
         init: args.init,
         mode: args.gates,
         freeze_suite: args.freeze_suite,
-        use_engine: scae::cli::ComputeArgs { dtype: scae::cli::ComputeDType::F32, backend: args.backend }
-            .use_engine(&device)?,
+        use_engine: args.backend.use_engine(&device, scae::cli::ComputeDType::F32)?,
         gate_lr: args.gate_lr,
         schedule: args.run.schedule(steps, lr)?,
         batch_size: batch,

@@ -406,10 +406,9 @@ impl<'a> Engine<'a> {
         fb: &FlatBatch,
         state: &State,
         g_recon: Vec<Vec<f32>>,
-        extra: Option<UnembedGrads>,
+        mut extra: Option<UnembedGrads>,
     ) -> Result<(Vec<ModuleGrads>, SlotValues)> {
         let mut gz = SlotValues::zeros(self.plan, self.suite.modules.len(), self.f);
-        let mut extra = extra;
         if let Some(x) = extra.as_mut().filter(|x| !x.g_gates.is_empty()) {
             gz.unembed = Some(std::mem::take(&mut x.g_gates));
         }
