@@ -15,7 +15,6 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
-use crate::formats::connections::Connections;
 use crate::inputs::Inputs;
 use crate::pass::{PassOptions, Plan, ValuePass, Wiring};
 use crate::util::collective::Collective;
@@ -142,26 +141,21 @@ fn batch_features(
     Ok(out)
 }
 
-/// Run the pass over `inputs`' cache and collect every feature's statistics.
+/// Run `pass` (the suite's value pass with the browser's connections) over `inputs`' cache and
+/// collect every feature's statistics.
 ///
 /// On several ranks of `coll` the pass is shared (batch i on rank i mod N) and rank 0 keeps
 /// the statistics from every batch's features in cache order, so its result is the one
 /// process's, bit for bit; the other ranks return empty statistics.
 pub fn collect(
     inputs: &Inputs,
-    conns: Option<&Connections>,
+    pass: &ValuePass,
     cfg: &BrowseConfig,
     device: &Device,
     coll: &dyn Collective,
 ) -> Result<Browse> {
     let suite = &inputs.suite;
     let (f, n_mod) = (suite.n_features, suite.modules.len());
-    let wiring = match conns {
-        Some(c) => Wiring::Sparse(c),
-        None => Wiring::All,
-    };
-    let plan = Plan::new(suite, wiring, inputs.parallel(), device)?;
-    let pass = ValuePass::new(suite, &inputs.model.runtime, &plan, cfg.pass, device)?;
     let cache = inputs.cache();
     let m = &cache.manifest;
     let total = cfg.limit.unwrap_or(m.n_seqs).min(m.n_seqs);
@@ -303,9 +297,16 @@ pub fn run(
         None => Vec::new(),
     };
     let stage = if coll.rank() == 0 { Some(StagedDir::create(&cfg.out, cfg.overwrite, "--out")?) } else { None };
-    let browse = collect(&inputs, conns, &cfg.browse, device, coll)?;
+    // One value pass for the statistics and the why-it-fired pass.
+    let wiring = match conns {
+        Some(c) => Wiring::Sparse(c),
+        None => Wiring::All,
+    };
+    let plan = Plan::new(&inputs.suite, wiring, inputs.parallel(), device)?;
+    let pass = ValuePass::new(&inputs.suite, &inputs.model.runtime, &plan, cfg.browse.pass, device)?;
+    let browse = collect(&inputs, &pass, &cfg.browse, device, coll)?;
     let Some(stage) = stage else { return Ok(None) };
-    let why = why::explain(&inputs, conns, &browse, &cfg.browse, 5, device)?;
+    let why = why::explain(&inputs, conns, &pass, &browse, &cfg.browse, 5, device)?;
     let tokenizer = inputs.model.tokenizer()?;
     let page = page::Page {
         browse: &browse,

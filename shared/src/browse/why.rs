@@ -15,7 +15,7 @@ use crate::error::Result;
 use crate::formats::cache::CacheReader;
 use crate::formats::connections::Connections;
 use crate::inputs::Inputs;
-use crate::pass::{Plan, ValuePass, Wiring};
+use crate::pass::ValuePass;
 
 /// Where a term comes from.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -37,10 +37,11 @@ pub struct Why {
 }
 
 /// Per module, feature and top context (in `browse`'s order), its decomposition, with the
-/// `keep` largest links.
+/// `keep` largest links; `pass` is the value pass `browse` was collected with (`conns`' wiring).
 pub fn explain(
     inputs: &Inputs,
     conns: Option<&Connections>,
+    pass: &ValuePass,
     browse: &Browse,
     cfg: &BrowseConfig,
     keep: usize,
@@ -55,13 +56,7 @@ pub fn explain(
             }
         }
     }
-    let wiring = match conns {
-        Some(c) => Wiring::Sparse(c),
-        None => Wiring::All,
-    };
     let rt = &inputs.model.runtime;
-    let plan = Plan::new(suite, wiring, inputs.parallel(), device)?;
-    let pass = ValuePass::new(suite, rt, &plan, cfg.pass, device)?;
     let setup = Setup { suite, rt, conns, parallel: inputs.parallel(), opts: cfg.pass, max_links: usize::MAX };
     let mut reader = CacheReader::new(inputs.cache(), device);
     let seqs: Vec<usize> = wanted.keys().copied().collect();
