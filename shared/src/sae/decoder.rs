@@ -58,8 +58,7 @@ mod tests {
     use candle_core::Device;
 
     fn random(n: usize, seed: u64) -> Vec<f32> {
-        let mut rng = SplitMix(seed);
-        (0..n).map(|_| rng.normal() as f32).collect()
+        SplitMix::normals(n, seed)
     }
 
     #[test]

@@ -269,8 +269,7 @@ mod tests {
     use crate::util::rng::SplitMix;
 
     fn random(n: usize, seed: u64) -> Vec<f32> {
-        let mut rng = SplitMix(seed);
-        (0..n).map(|_| rng.normal() as f32).collect()
+        SplitMix::normals(n, seed)
     }
 
     /// The device forms (f64 on the tensors' device) equal the host forms they replace in the

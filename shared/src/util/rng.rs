@@ -25,4 +25,10 @@ impl SplitMix {
         let v = self.uniform();
         (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
     }
+
+    /// `n` standard normal draws as f32 from a generator seeded with `seed` (test data).
+    pub fn normals(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = SplitMix(seed);
+        (0..n).map(|_| rng.normal() as f32).collect()
+    }
 }
