@@ -73,6 +73,8 @@ fn train(
     let mut dead_hist = Vec::new();
     let vars = vec![AeParams::<Var>::from_host(&params[0], D, f, &Device::Cpu).unwrap()];
     let mut dopt = DeviceOptimizer::from_host(&opt, &vars).unwrap();
+    // The host loop holds decoders decoder-major.
+    scae::train::pretrain::decoders_to_major(&mut params, &mut opt, D, f, true);
     for t in 0..steps {
         let x = sample(&mut rng, &atoms, 256, 3);
         let lr = 2e-3 * scae::train::schedule::lr_factor(t as u64, steps as u64, 0.0, 0.8);
@@ -96,6 +98,7 @@ fn train(
         dead.update(0, 256, &out.fired[0]);
         dead_hist.push(dead.n_dead(0));
     }
+    scae::train::pretrain::decoders_to_major(&mut params, &mut opt, D, f, false);
     if autograd {
         params[0] = vars[0].to_host().unwrap();
     }

@@ -20,7 +20,9 @@ fn saelens_computes_scae_features_from_the_export() {
             .unwrap();
     let suite = scae::formats::suite::Suite::load(&suite_path, &Device::Cpu).unwrap();
     let (d, f, k) = (suite.d_model, suite.n_features, suite.k);
-    let params = suite.host_params().unwrap();
+    // The host step reads decoders decoder-major.
+    let mut params = suite.host_params().unwrap();
+    params.iter_mut().for_each(|p| p.decoder_to_major(d, f));
     for (module, p) in suite.modules.iter().zip(&params) {
         let name = module.name();
         // What SAELens read from this folder (golden) is what the folder says now.
@@ -53,8 +55,7 @@ fn saelens_computes_scae_features_from_the_export() {
         for (j, (&i, &v)) in o.idx.iter().zip(&o.val).enumerate() {
             feats[(j / k) * f + i as usize] = v;
         }
-        let dec_t = scae::util::blas::transpose(&p.w_dec, d, f);
-        let recon = scae::sae::decode(&o.idx, &o.val, k, &dec_t, d, Some(&p.b_dec));
+        let recon = scae::sae::decode(&o.idx, &o.val, k, &p.w_dec, d, Some(&p.b_dec));
         for (what, mine, dims) in [("feats", feats, (n, f)), ("out", recon, (n, d))] {
             let want = &golden[&format!("{what}.{name}")];
             let mine = Tensor::from_vec(mine, dims, &Device::Cpu).unwrap();
@@ -77,7 +78,8 @@ fn the_export_carries_each_features_firing_frequency_over_a_cache() {
     // The same frequencies from the host pretraining step's encoder, token by token.
     let suite = scae::formats::suite::Suite::load(&suite_path, &Device::Cpu).unwrap();
     let (d, f, k) = (suite.d_model, suite.n_features, suite.k);
-    let params = suite.host_params().unwrap();
+    let mut params = suite.host_params().unwrap();
+    params.iter_mut().for_each(|p| p.decoder_to_major(d, f));
     let cache = scae::formats::cache::Cache::open(&acts).unwrap();
     let mut counts = vec![vec![0u64; f]; suite.modules.len()];
     let mut n = 0u64;

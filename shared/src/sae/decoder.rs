@@ -3,6 +3,7 @@
 //! device, side by side.
 
 use candle_core::{Tensor, Var};
+use rayon::prelude::*;
 
 use crate::error::Result;
 
@@ -19,6 +20,37 @@ pub fn normalize_decoder(w_dec: &mut [f32], d: usize, f: usize) {
             w_dec[j * f + i] /= (norms[i].sqrt() as f32) + f32::EPSILON;
         }
     }
+}
+
+/// Per row of `a` and `b` (rows of `d`), `Σ_j acc(a[j], b[j])` summed in `j` order from
+/// zero: eight rows side by side, so that the ordered (unvectorisable) sums overlap.
+fn ordered_row_sums<T: Copy + Default + std::ops::Add<Output = T> + Send>(
+    a: &[f32],
+    b: &[f32],
+    d: usize,
+    acc: impl Fn(f32, f32) -> T + Sync,
+) -> Vec<T> {
+    const R: usize = 8;
+    let mut out = vec![T::default(); a.len() / d.max(1)];
+    out.par_chunks_mut(R).with_min_len(16).enumerate().for_each(|(c, o)| {
+        let (a, b) = (&a[c * R * d..], &b[c * R * d..]);
+        for j in 0..d {
+            for (r, s) in o.iter_mut().enumerate() {
+                *s = *s + acc(a[r * d + j], b[r * d + j]);
+            }
+        }
+    });
+    out
+}
+
+/// [`normalize_decoder`] of a decoder held decoder-major, `w_dec_t (F, D)` (train-suite's host
+/// loop keeps it so): the same sums in the same order, so the same bits.
+pub fn normalize_decoder_rows(w_dec_t: &mut [f32], d: usize) {
+    let norms = ordered_row_sums(w_dec_t, w_dec_t, d, |x, _| (x as f64).powi(2));
+    w_dec_t.par_chunks_mut(d.max(1)).zip(norms).with_min_len(64).for_each(|(row, norm)| {
+        let div = (norm.sqrt() as f32) + f32::EPSILON;
+        row.iter_mut().for_each(|x| *x /= div);
+    });
 }
 
 /// [`normalize_decoder`] of a decoder variable, on its device.
@@ -43,6 +75,17 @@ pub fn remove_parallel_component(w_dec: &[f32], g_dec: &mut [f32], d: usize, f: 
             g_dec[j * f + i] -= dots[i] * w_dec[j * f + i];
         }
     }
+}
+
+/// [`remove_parallel_component`] with the decoder and its gradient decoder-major `(F, D)`: the
+/// same sums in the same order, so the same bits.
+pub fn remove_parallel_component_rows(w_dec_t: &[f32], g_dec_t: &mut [f32], d: usize) {
+    let dots = ordered_row_sums(g_dec_t, w_dec_t, d, |g, w| g * w);
+    g_dec_t.par_chunks_mut(d.max(1)).zip(w_dec_t.par_chunks(d.max(1))).zip(dots).with_min_len(64).for_each(
+        |((g, w), dot)| {
+            g.iter_mut().zip(w).for_each(|(x, y)| *x -= dot * y);
+        },
+    );
 }
 
 /// [`remove_parallel_component`] on the device: returns the projected gradient.
@@ -78,6 +121,13 @@ mod tests {
                 assert!((x - y).abs() < 1e-6, "{x} vs {y}");
             }
         };
+        // decoder-major: the same bits
+        let mut rows = crate::util::blas::transpose(&random(d * f, 1), d, f);
+        normalize_decoder_rows(&mut rows, d);
+        let mut g_rows = crate::util::blas::transpose(&random(d * f, 2), d, f);
+        remove_parallel_component_rows(&rows, &mut g_rows, d);
+        assert_eq!(crate::util::blas::transpose(&rows, f, d), w);
+        assert_eq!(crate::util::blas::transpose(&g_rows, f, d), g);
         close(var.as_tensor(), &w);
         close(&dev_g, &g);
         // and the formula itself: unit columns, and a gradient orthogonal to each column

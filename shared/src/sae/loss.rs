@@ -134,17 +134,6 @@ pub fn centered_sq_over_t(coll: &dyn Collective, x: &Tensor) -> Result<f64> {
     Ok(sq[0].max(1e-30))
 }
 
-/// The pretraining FVU `Σ (ŷ − y)² / Σ (y − ȳ)²` (all tokens; the error is not centred) and its
-/// gradient `2 (ŷ − y) / den` w.r.t. `ŷ`; `y`, `yhat` are `(N, D)`, this rank's rows of a
-/// batch spread over the ranks of `coll` (sums over the whole batch).
-pub fn fvu_tokens_and_grad(coll: &dyn Collective, yhat: &[f32], y: &[f32], d: usize) -> Result<(f64, Vec<f32>)> {
-    let den = centered_sq_over(coll, y, d)?;
-    let mut num = [yhat.iter().zip(y).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>()];
-    coll.sum_f64(&mut num)?;
-    let g = yhat.iter().zip(y).map(|(a, b)| (2.0 * (a - b) as f64 / den) as f32).collect();
-    Ok((num[0] / den, g))
-}
-
 /// Streaming per-dimension sums for the evaluation FVU over all tokens,
 /// `Σ_{t,d} (e − ē)² / Σ_{t,d} (T − T̄)²` (error and target both centred), accumulated batch by
 /// batch in f64.

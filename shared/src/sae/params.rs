@@ -85,6 +85,18 @@ impl AeParams<Vec<f32>> {
     pub fn zeros_like(&self) -> AeParams<Vec<f32>> {
         self.map(|v| vec![0f32; v.len()])
     }
+
+    /// Hold the decoder decoder-major, `(F, D)` (each feature's direction contiguous), as
+    /// `train-suite`'s host loop does between checkpoints; [`Self::decoder_to_standard`]
+    /// undoes it exactly.
+    pub fn decoder_to_major(&mut self, d: usize, f: usize) {
+        self.w_dec = crate::util::blas::transpose(&self.w_dec, d, f);
+    }
+
+    /// Back to the standard `(D, F)` decoder from [`Self::decoder_to_major`].
+    pub fn decoder_to_standard(&mut self, d: usize, f: usize) {
+        self.w_dec = crate::util::blas::transpose(&self.w_dec, f, d);
+    }
 }
 
 impl AeParams<candle_core::Var> {

@@ -11,12 +11,12 @@
 use candle_core::{DType, Tensor, Var};
 use rayon::prelude::*;
 
-use super::loss::{auxk_and_grad, auxk_select, auxk_t, centered_sq_over_t, fvu_tokens_and_grad};
+use super::loss::{auxk_and_grad, auxk_select, auxk_t, centered_sq_over, centered_sq_over_t};
 use super::params::AeParams;
 use super::topk::{topk_indices, topk_relu_device};
 use super::{decode, fired_t};
 use crate::error::Result;
-use crate::util::blas::{add_into, axpy, by_feature, dot, gemm_nt, transpose};
+use crate::util::blas::{add_into, axpy, by_feature, by_feature2, dot, gemm_nt};
 use crate::util::collective::Collective;
 
 /// What one host step of one module produced.
@@ -32,6 +32,10 @@ pub struct StepOut {
 /// Forward and backward of one module on `x (n, d)` -> `y (n, d)`; `dead` marks dead latents
 /// (AuxK applies when `auxk_alpha > 0` and some are dead). The tokens may be one rank's part of
 /// a batch spread over the ranks of `coll` (the losses are the whole batch's).
+///
+/// `p.w_dec` is held decoder-major, `(F, D)` ([`AeParams::decoder_to_major`]), as the decoding
+/// and the backward by feature read it, and so is the returned gradient's `w_dec`: the host
+/// loop keeps that layout for the whole run instead of transposing twice per step.
 #[allow(clippy::too_many_arguments)]
 pub fn step(
     coll: &dyn Collective,
@@ -46,26 +50,28 @@ pub fn step(
 ) -> Result<StepOut> {
     let n = x.len() / d;
     let mut prof = crate::util::profile::Profile::new();
-    let dec_t = transpose(&p.w_dec, d, f);
-    let xc: Vec<f32> = x.chunks(d).flat_map(|r| r.iter().zip(p.b_dec.iter()).map(|(a, b)| a - b)).collect();
+    let dec_t = &p.w_dec;
+    let mut xc = vec![0f32; n * d];
+    xc.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, r)| {
+        o.iter_mut().zip(r.iter().zip(&p.b_dec)).for_each(|(o, (a, b))| *o = a - b);
+    });
     let mut pre = vec![0f32; n * f];
-    prof.mark("transpose, center");
+    prof.mark("center");
     gemm_nt(n, f, d, &xc, &p.w_enc, &mut pre);
     prof.mark("encoder product");
     pre.par_chunks_mut(f).for_each(|r| r.iter_mut().zip(p.b_enc.iter()).for_each(|(a, b)| *a += b));
     let idx = topk_indices(&pre, f, k);
     prof.mark("bias, top-k");
     let val: Vec<f32> = idx.iter().enumerate().map(|(j, &i)| pre[(j / k) * f + i as usize].max(0.0)).collect();
-    let yhat = decode(&idx, &val, k, &dec_t, d, Some(&p.b_dec));
-    let (fvu, g_y) = fvu_tokens_and_grad(coll, &yhat, y, d)?;
-    prof.mark("decode, FVU");
+    let Decoded { yhat, g_y, g_val, fvu } = decode_with_grads(coll, &idx, &val, k, p, y, d)?;
+    prof.mark("decode, FVU, value grads");
     // AuxK on dead latents' pre-top-k activations; its residual target is detached.
     let mut auxk = 0f64;
     let mut aux: Option<(Vec<u32>, Vec<f32>, Vec<f32>)> = None; // (idx, act, g_ehat)
     if auxk_alpha > 0.0 {
         if let Some(sel) = auxk_select(&pre, f, dead, d) {
             let resid: Vec<f32> = y.iter().zip(&yhat).map(|(a, b)| a - b).collect();
-            let ehat = decode(&sel.idx, &sel.val, sel.k_aux, &dec_t, d, None);
+            let ehat = decode(&sel.idx, &sel.val, sel.k_aux, dec_t, d, None);
             let (a, g_e) = auxk_and_grad(coll, &ehat, &resid, d, sel.n_dead, auxk_alpha)?;
             auxk = a;
             aux = Some((sel.idx, sel.val, g_e));
@@ -78,9 +84,7 @@ pub fn step(
         g_bdec.iter_mut().zip(gy).for_each(|(a, b)| *a += b);
     }
     prof.mark("AuxK");
-    let g_val = value_grads(&g_y, &idx, &val, k, &dec_t, d);
-    let mut g_dec_t = by_feature(&idx, k, f, d, |j| val[j], &g_y);
-    let mut g_enc = by_feature(&idx, k, f, d, |j| g_val[j], &xc);
+    let (mut g_dec_t, mut g_enc) = by_feature2(&idx, k, f, d, |j| val[j], &g_y, |j| g_val[j], &xc);
     prof.mark("backward by feature");
     let mut g_benc = vec![0f32; f];
     for (&i, &g) in idx.iter().zip(&g_val) {
@@ -88,7 +92,7 @@ pub fn step(
     }
     if let Some((aidx, aval, g_e)) = &aux {
         let k_aux = aidx.len() / n.max(1);
-        let g_aux = value_grads(g_e, aidx, aval, k_aux, &dec_t, d);
+        let g_aux = value_grads(g_e, aidx, aval, k_aux, dec_t, d);
         add_into(&mut g_dec_t, &by_feature(aidx, k_aux, f, d, |j| aval[j], g_e));
         add_into(&mut g_enc, &by_feature(aidx, k_aux, f, d, |j| g_aux[j], &xc));
         for (&i, &g) in aidx.iter().zip(&g_aux) {
@@ -101,10 +105,54 @@ pub fn step(
             axpy(-g, &p.w_enc[i * d..(i + 1) * d], &mut g_bdec);
         }
     }
-    let g_dec = transpose(&g_dec_t, f, d);
-    prof.mark("bias grads, transpose");
+    prof.mark("bias grads");
     prof.report("sae step");
-    Ok(StepOut { fvu, auxk, grads: AeParams { w_enc: g_enc, b_enc: g_benc, w_dec: g_dec, b_dec: g_bdec }, idx, val })
+    Ok(StepOut { fvu, auxk, grads: AeParams { w_enc: g_enc, b_enc: g_benc, w_dec: g_dec_t, b_dec: g_bdec }, idx, val })
+}
+
+/// What [`decode_with_grads`] gives.
+struct Decoded {
+    yhat: Vec<f32>,
+    g_y: Vec<f32>,
+    g_val: Vec<f32>,
+    fvu: f64,
+}
+
+/// The decoding `ŷ = f W_decᵀ + b_dec` of the codes `(idx, val) (N, K)`, the pretraining FVU
+/// `Σ (ŷ − y)² / Σ (y − ȳ)²` (all tokens; the error is not centred) with its gradient
+/// `g_y = 2 (ŷ − y) / den`, and the decoded values' gradients ([`value_grads`]), token by token:
+/// a token's decoder rows are read once for its decoding and its values' gradients (the
+/// denominator depends on `y` alone). The rows may be one rank's part of a batch spread over
+/// the ranks of `coll` (sums over the whole batch). `p.w_dec` decoder-major.
+fn decode_with_grads(
+    coll: &dyn Collective,
+    idx: &[u32],
+    val: &[f32],
+    k: usize,
+    p: &AeParams<Vec<f32>>,
+    y: &[f32],
+    d: usize,
+) -> Result<Decoded> {
+    let den = centered_sq_over(coll, y, d)?;
+    let n = y.len() / d;
+    let (mut yhat, mut g_y, mut g_val) = (vec![0f32; n * d], vec![0f32; n * d], vec![0f32; n * k]);
+    let rows = yhat.par_chunks_mut(d).zip(g_y.par_chunks_mut(d)).zip(g_val.par_chunks_mut(k.max(1)));
+    rows.enumerate().for_each(|(t, ((yh, gy), gv))| {
+        let (idx, val) = (&idx[t * k..(t + 1) * k], &val[t * k..(t + 1) * k]);
+        yh.copy_from_slice(&p.b_dec);
+        for (&i, &v) in idx.iter().zip(val) {
+            if v != 0.0 {
+                axpy(v, &p.w_dec[i as usize * d..(i as usize + 1) * d], yh);
+            }
+        }
+        for ((g, a), b) in gy.iter_mut().zip(yh.iter()).zip(&y[t * d..(t + 1) * d]) {
+            *g = (2.0 * (a - b) as f64 / den) as f32;
+        }
+        row_value_grads(gy, idx, val, &p.w_dec, d, gv);
+    });
+    let mut num = [yhat.iter().zip(y).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>()];
+    coll.sum_f64(&mut num)?;
+    Ok(Decoded { fvu: num[0] / den, yhat, g_y, g_val })
 }
 
 /// The gradient `(N, width)` of each decoded value `val[t, j]` (zero where it is not positive)
@@ -112,15 +160,19 @@ pub fn step(
 fn value_grads(g_y: &[f32], idx: &[u32], val: &[f32], width: usize, dec_t: &[f32], d: usize) -> Vec<f32> {
     let mut out = vec![0f32; idx.len()];
     out.par_chunks_mut(width.max(1)).enumerate().for_each(|(t, o)| {
-        let gy = &g_y[t * d..(t + 1) * d];
-        for (j, g) in o.iter_mut().enumerate() {
-            if val[t * width + j] > 0.0 {
-                let i = idx[t * width + j] as usize;
-                *g = dot(gy, &dec_t[i * d..(i + 1) * d]);
-            }
-        }
+        let slots = t * width..(t + 1) * width;
+        row_value_grads(&g_y[t * d..(t + 1) * d], &idx[slots.clone()], &val[slots], dec_t, d, o);
     });
     out
+}
+
+/// [`value_grads`] of one token: `out[j] = g_y · dec_t[idx[j]]` where `val[j] > 0`.
+fn row_value_grads(gy: &[f32], idx: &[u32], val: &[f32], dec_t: &[f32], d: usize, out: &mut [f32]) {
+    for ((g, &i), &v) in out.iter_mut().zip(idx).zip(val) {
+        if v > 0.0 {
+            *g = dot(gy, &dec_t[i as usize * d..(i as usize + 1) * d]);
+        }
+    }
 }
 
 /// What [`step_t`] reports, per module.
@@ -209,6 +261,7 @@ mod tests {
         for v in p.each_mut().into_iter().flatten() {
             *v += (rng.normal() * 0.3) as f32;
         }
+        p.decoder_to_major(d, f);
         let x: Vec<f32> = (0..n * d).map(|_| rng.normal() as f32).collect();
         let y: Vec<f32> = (0..n * d).map(|_| rng.normal() as f32).collect();
         let h = 1e-3f32;
@@ -229,7 +282,7 @@ mod tests {
                     let latent = match which {
                         0 => Some(j / d),
                         1 => Some(j),
-                        2 => Some(j % f),
+                        2 => Some(j / d),
                         _ => None,
                     };
                     if alpha > 0.0 && !latent.is_some_and(|i| dead[i]) {

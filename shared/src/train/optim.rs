@@ -20,13 +20,34 @@ pub enum OptimizerKind {
 
 /// `g ← g · min(1, max_norm / (‖g‖₂ + 1e-6))` over all of one module's gradients
 /// (`torch.nn.utils.clip_grad_norm_` on `ae.parameters()`); the norm in f64, fields in layout
-/// order.
+/// order, each in a fixed order of partial sums ([`sq_sum`]) whatever the threads.
 pub fn clip_module(g: &mut AeParams<Vec<f32>>, max_norm: f64) {
-    let norm = g.each().into_iter().flatten().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt();
+    let norm = g.each().into_iter().map(|v| sq_sum(v)).sum::<f64>().sqrt();
     let coef = (max_norm / (norm + 1e-6)).min(1.0) as f32;
     if coef < 1.0 {
-        g.each_mut().into_iter().flatten().for_each(|x| *x *= coef);
+        for v in g.each_mut() {
+            v.par_iter_mut().for_each(|x| *x *= coef);
+        }
     }
+}
+
+/// `Σ x²` in f64 over blocks of 2¹⁶ values (in parallel), each summed in eight interleaved
+/// lanes, the blocks' sums added in order: the same value on any number of threads, and not
+/// bound by the latency of one long chain of additions.
+fn sq_sum(v: &[f32]) -> f64 {
+    let blocks: Vec<f64> = v
+        .par_chunks(1 << 16)
+        .map(|b| {
+            let mut lanes = [0f64; 8];
+            let mut it = b.chunks_exact(8);
+            for c in &mut it {
+                lanes.iter_mut().zip(c).for_each(|(l, &x)| *l += (x as f64) * (x as f64));
+            }
+            let tail: f64 = it.remainder().iter().map(|&x| (x as f64) * (x as f64)).sum();
+            lanes.iter().sum::<f64>() + tail
+        })
+        .collect();
+    blocks.iter().sum()
 }
 
 /// [`clip_module`] on the device (the norm in f64 as the host's).

@@ -22,7 +22,8 @@ use crate::error::{Error, Result};
 use crate::formats::suite::Suite;
 use crate::model::{Kind, Module};
 use crate::sae::decoder::{
-    normalize_decoder, normalize_decoder_t, remove_parallel_component, remove_parallel_component_t,
+    normalize_decoder, normalize_decoder_rows, normalize_decoder_t, remove_parallel_component_rows,
+    remove_parallel_component_t,
 };
 use crate::sae::init::{geometric_median, init_params};
 use crate::sae::step::{step, step_t};
@@ -114,9 +115,16 @@ pub struct UpdateConfig {
     pub clip: Option<f64>,
 }
 
+/// The largest working set of one module's host step (pre-activations, encoder, decoder and
+/// their gradients) at which [`update_host`] runs the modules side by side.
+const SIDE_BY_SIDE_BYTES: usize = 8 << 20;
+
 /// One host training step of every module on its `(x, y)` pair `(N, D)` (the CPU path): unit-norm
 /// decoders, forward and backward, clipping, removal of the decoder-gradient component parallel
 /// to each column, one optimizer step with `lr`. `loss` is left 0.
+///
+/// The decoders and their Adam moments are held decoder-major, `(F, D)` ([`decoders_to_major`]):
+/// the run keeps them so and turns them back only to save.
 ///
 /// Data-parallel over the ranks of `coll` (the pairs are this rank's tokens of the batch): the
 /// modules run one after the other, each adding its losses' whole-batch statistics over the
@@ -133,14 +141,19 @@ pub fn update_host(
     let UpdateConfig { d, f, k, .. } = cfg;
     let mut prof = crate::util::profile::Profile::new();
     let one = |m: usize, p: &mut AeParams<Vec<f32>>, c: &dyn Collective| {
-        normalize_decoder(&mut p.w_dec, d, f);
+        normalize_decoder_rows(&mut p.w_dec, d);
         let (x, y) = data[m];
         step(c, p, x, y, d, f, k, &dead[m], cfg.auxk_alpha)
     };
-    // One process: modules are independent, their steps run side by side (each also parallel
-    // inside), so their serial parts overlap; every result is the same as one module at a
-    // time. On several ranks they run one after the other: each meets the ranks in its losses.
-    let outs: Vec<_> = if coll.size() == 1 {
+    // Modules are independent: every result is the same in either order. Small modules run side
+    // by side (each also parallel inside), so that their serial parts overlap; large ones one
+    // after the other, each parallel inside: side by side, two working sets of ~50 MB (F 3072,
+    // 1,024 tokens) overflow the shared cache and the step took 1.4x as long (TinyStories-33M
+    // shape, 2 threads), while at the toy's size one at a time took 1.4x as long. On several
+    // ranks they run one after the other: each meets the ranks in its losses.
+    let n_tokens = data.first().map_or(0, |(x, _)| x.len() / d.max(1));
+    let working_set = 4 * (n_tokens * f + 4 * f * d);
+    let outs: Vec<_> = if coll.size() == 1 && working_set <= SIDE_BY_SIDE_BYTES {
         params.par_iter_mut().enumerate().map(|(m, p)| one(m, p, &Single)).collect::<Result<_>>()?
     } else {
         params.iter_mut().enumerate().map(|(m, p)| one(m, p, coll)).collect::<Result<_>>()?
@@ -160,13 +173,21 @@ pub fn update_host(
         if let Some(c) = cfg.clip {
             clip_module(g, c);
         }
-        remove_parallel_component(&p.w_dec, &mut g.w_dec, d, f);
+        remove_parallel_component_rows(&p.w_dec, &mut g.w_dec, d);
     });
     prof.mark("clip, projection");
     opt.step(params, &grads, lr);
     prof.mark("optimizer");
     prof.report("train-suite step");
     Ok(report)
+}
+
+/// Turn the host loop's decoders and their Adam moments decoder-major `(F, D)` (`major`), or
+/// back to the standard `(D, F)`. Exact either way (transposes), so a checkpoint written between
+/// the two is the one the standard layout would have written.
+pub fn decoders_to_major(params: &mut [AeParams<Vec<f32>>], opt: &mut Optimizer, d: usize, f: usize, major: bool) {
+    let all = params.par_iter_mut().chain(opt.m.par_iter_mut()).chain(opt.v.par_iter_mut());
+    all.for_each(|p| if major { p.decoder_to_major(d, f) } else { p.decoder_to_standard(d, f) });
 }
 
 /// [`update_host`] on the device (the autograd path), the pass in `dtype`; on several ranks
@@ -345,6 +366,9 @@ pub fn run(data: &mut TrainData, cfg: &PretrainConfig, device: &Device, coll: &d
         }
         first_batch = Some(split.part(batch0)?);
     }
+    if cfg.use_engine {
+        decoders_to_major(&mut params, &mut opt, d, f, true);
+    }
     let tokens_per_step = (cfg.batch_size * ctx) as u64;
     let mut session = Session::open(dir, &tr, step, tokens_per_step, coll)?;
     // The autograd path keeps parameters and optimizer state on the device.
@@ -416,9 +440,13 @@ pub fn run(data: &mut TrainData, cfg: &PretrainConfig, device: &Device, coll: &d
         step += 1;
         seqs_seen += cfg.batch_size as u64;
         let next = session.after_step(step, &cfg.schedule, |ckpt| {
-            if let Some(dopt) = &dopt {
-                params = vars.iter().map(AeParams::to_host).collect::<Result<Vec<_>>>()?;
-                opt = dopt.to_host()?;
+            match &dopt {
+                Some(dopt) => {
+                    params = vars.iter().map(AeParams::to_host).collect::<Result<Vec<_>>>()?;
+                    opt = dopt.to_host()?;
+                }
+                // Saved (and hashed) in the standard layout, in place, and turned back after.
+                None => decoders_to_major(&mut params, &mut opt, d, f, false),
             }
             let replicas = match &split {
                 Split::One => None,
@@ -433,7 +461,11 @@ pub fn run(data: &mut TrainData, cfg: &PretrainConfig, device: &Device, coll: &d
                     None
                 }
             };
-            ckpt.save(&Suite::from_params(&params, &modules, k, d, f)?, &opt, &dead, step, seqs_seen, replicas)
+            ckpt.save(&Suite::from_params(&params, &modules, k, d, f)?, &opt, &dead, step, seqs_seen, replicas)?;
+            if dopt.is_none() {
+                decoders_to_major(&mut params, &mut opt, d, f, true);
+            }
+            Ok(())
         })?;
         match next {
             After::Continue => {}
@@ -447,6 +479,8 @@ pub fn run(data: &mut TrainData, cfg: &PretrainConfig, device: &Device, coll: &d
     session.finish(steps, || {
         if dopt.is_some() {
             params = vars.iter().map(AeParams::to_host).collect::<Result<Vec<_>>>()?;
+        } else {
+            decoders_to_major(&mut params, &mut opt, d, f, false);
         }
         // The saved decoder has unit-norm columns, as every forward pass saw it.
         for p in params.iter_mut() {
