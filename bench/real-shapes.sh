@@ -14,7 +14,9 @@
 #                                  SCORE_SEQS EVAL_SEQS LEARN_STEPS LEARN_SEQS; D HEADS LAYERS for SHAPE=toy)
 #
 # Prints a markdown table; needs `cargo build --release --workspace --bins --examples` (with
-# `--examples` alone cargo builds no tools).
+# `--examples` alone cargo builds no tools). After `cargo build --release --example gemm_floor
+# --features scae/openblas` (libopenblas-dev) the floors are also timed with OpenBLAS, side by
+# side, and each ratio is taken against the faster of the two kernels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-/tmp/scae-real-shapes}
@@ -50,10 +52,11 @@ run() {
     read -r secs kb < "$OUT/time"
     rows+=("| $name | $tokens | $secs | $(awk "BEGIN {printf \"%.0f\", $tokens / $secs}") | $((kb / 1024)) |")
 }
-# steady_step ERR: the median of a finetune run's steps after the first, in ms, from its
-# SCAE_PROFILE step lines (the first step also pays first touches of the Adam state).
+# steady_step ERR [WHAT]: the median of a run's steps after the first, in ms, from its
+# SCAE_PROFILE step lines ("scae profile WHAT (ms): ..."; finetune's are "step"; the first step
+# also pays first touches of the Adam state).
 steady_step() {
-    awk '/^scae profile step/ { s = 0; n = split($0, a, /[ ,]+/); for (i = 1; i <= n; i++) if (a[i] ~ /^[0-9.]+$/) s += a[i]; print s }' "$1" |
+    awk -v what="^scae profile ${2:-step} [(]" '$0 ~ what { s = 0; n = split($0, a, /[ ,]+/); for (i = 1; i <= n; i++) if (a[i] ~ /^[0-9.]+$/) s += a[i]; print s }' "$1" |
         tail -n +2 | sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print "n/a"; else printf "%.0f ms", (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'
 }
 steps=()
@@ -75,7 +78,7 @@ if [ "$SHAPE" != toy ]; then
 fi
 run collect-acts $((64 * 128)) $BIN/collect-acts --model "$M" --data "$T/corpus.txt" --ctx-len 128 --pack \
     --n-seqs 64 --batch-size "$SEQS" --out "$OUT/acts" --overwrite
-run "train-suite F=$F" $((TRAIN_STEPS * SEQS * 128)) $BIN/train-suite --acts "$OUT/acts" --expansion "$EXPANSION" \
+SCAE_PROFILE=1 run "train-suite F=$F" $((TRAIN_STEPS * SEQS * 128)) $BIN/train-suite --acts "$OUT/acts" --expansion "$EXPANSION" \
     --k "$K" --steps "$TRAIN_STEPS" --batch-size "$SEQS" --lr 1e-3 --out "$OUT/suite" --overwrite
 # SCORE_SEQS=0: random connections (examples/random_connections) instead of scored ones, where
 # score-edges' F×F pair products would dominate the run.
@@ -125,7 +128,7 @@ run "attribute C=$c, --no-prune" 128 $BIN/attribute --acts "$OUT/acts" --seq 0 -
 run "view-features C=$c" $((EVAL_SEQS * 128)) $BIN/view-features --acts "$OUT/acts" --suite "$OUT/ft$c" \
     --connections "$OUT/c$c.parquet" --n-seqs "$EVAL_SEQS" --batch-size "$SEQS" --graphs "$OUT/graphs" \
     --out "$OUT/view$c" --overwrite
-floor=$($BIN/examples/gemm_floor "$D" "$F" "$HEADS" "$LAYERS" "$SEQS" 128 "$V")
+floor=$(OPENBLAS_NUM_THREADS=$THREADS $BIN/examples/gemm_floor "$D" "$F" "$HEADS" "$LAYERS" "$SEQS" 128 "$V")
 echo "shape: $SHAPE, d_model $D, $HEADS heads, $LAYERS layers, F $F, k $K, $SEQS x 128 tokens per step, $THREADS threads"
 echo
 echo "| stage | tokens | seconds | tokens/s | peak RSS MB |"
@@ -134,14 +137,24 @@ printf '%s\n' "${rows[@]}"
 echo
 echo "steady finetuning step (median after the first): ${steps[*]}"
 echo "dense-product floor of one finetuning step ($((SEQS * 128)) tokens): $floor"
+# ms KEY: the library GEMM's figure; best KEY: the faster of it and OpenBLAS's, where measured.
+ms() { echo "${floor%%, \"openblas\"*}" | grep -oE "\"$1\": [0-9.]+" | grep -oE '[0-9.]+$'; }
+best() {
+    local ob
+    ob=$(echo "$floor" | grep -oE "\"openblas\": [{][^}]*" | grep -oE "\"$1\": [0-9.]+" | grep -oE '[0-9.]+$' || true)
+    awk -v a="$(ms "$1")" -v b="${ob:-}" 'BEGIN { printf "%.1f", (b != "" && b + 0 < a + 0) ? b : a }'
+}
+ts_step=$(steady_step "$OUT/train-suite F=$F.err" train-suite.step | grep -oE '^[0-9]+' || echo 0)
+echo "train-suite, steady step: $ts_step ms; its floor (the encoder products, faster kernel): $(best encoder_ms) ms ($(awk -v a="$ts_step" -v b="$(best encoder_ms)" 'BEGIN { printf "%.2f", a / b }')x)"
 if [ "$V" != 0 ]; then
-    ms() { echo "$floor" | grep -oE "\"$1\": [0-9.]+" | grep -oE '[0-9.]+$'; }
-    ev_floor=$(awk -v a="$(ms forward_ms)" -v b="$(ms unembed_ms)" 'BEGIN { printf "%.0f", a + b }')
+    unembed=$(best unembed_ms)
+    ev_floor=$(awk -v a="$(ms forward_ms)" -v b="$unembed" 'BEGIN { printf "%.0f", a + b }')
     i=0
     for c in $CS; do
         echo "evaluate C $c, per further batch of $((SEQS * 128)) tokens: ${per_batch[$i]} ms; its floor (the pruned forward's products + one unembedding): $ev_floor ms ($(awk -v a="${per_batch[$i]}" -v b="$ev_floor" 'BEGIN { printf "%.2f", a / b }')x)"
         i=$((i + 1))
     done
-    co_floor=$(awk -v a="$(ms model_ms)" -v n=$((64 / SEQS)) 'BEGIN { printf "%.1f", a * n / 1000 }')
+    co_floor=$(awk -v a="$(ms model_ms)" -v u="$(ms unembed_ms)" -v b="$unembed" -v n=$((64 / SEQS)) \
+        'BEGIN { printf "%.1f", (a - 2 * u + 2 * b) * n / 1000 }')
     echo "collect-acts: $(row_secs collect-acts) s; its floor (the model's products + two unembeddings, $((64 / SEQS)) batches): $co_floor s ($(awk -v a="$(row_secs collect-acts)" -v b="$co_floor" 'BEGIN { printf "%.2f", a / b }')x)"
 fi

@@ -17,6 +17,11 @@
 //! `model_ms`, the model's own products per batch (per layer Q, K, V, O `(N, D)·(D, D)` and the
 //! MLP's `(N, D)·(D, 4D)`, `(N, 4D)·(4D, D)`) plus two unembeddings (the clean CE and the
 //! zero-ablation CE): collect-acts' floor.
+//!
+//! Built with `--features scae/openblas` (needs libopenblas-dev), it also times the encoder
+//! product and the unembedding with OpenBLAS's `cblas_sgemm` (threads from
+//! `OPENBLAS_NUM_THREADS`) and prints them under `"openblas"`, so that the floor is measured
+//! with the faster of the two kernels on this machine.
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -31,6 +36,86 @@ fn best(reps: usize, mut f: impl FnMut()) -> f64 {
             t.elapsed().as_secs_f64() * 1e3
         })
         .fold(f64::INFINITY, f64::min)
+}
+
+#[cfg(feature = "openblas")]
+mod openblas {
+    #[link(name = "openblas")]
+    extern "C" {
+        fn cblas_sgemm(
+            layout: i32,
+            trans_a: i32,
+            trans_b: i32,
+            m: i32,
+            n: i32,
+            k: i32,
+            alpha: f32,
+            a: *const f32,
+            lda: i32,
+            b: *const f32,
+            ldb: i32,
+            beta: f32,
+            c: *mut f32,
+            ldc: i32,
+        );
+    }
+    const ROW_MAJOR: i32 = 101;
+    const NO_TRANS: i32 = 111;
+    const TRANS: i32 = 112;
+
+    /// `C (m, n) = A (m, k) · B`, row-major; `B` is `(n, k)` used transposed when `b_t`, else
+    /// `(k, n)`.
+    pub fn sgemm(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], b_t: bool, c: &mut [f32]) {
+        assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
+        let (tb, ldb) = if b_t { (TRANS, k) } else { (NO_TRANS, n) };
+        // SAFETY: the lengths are checked above; C does not alias A or B.
+        unsafe {
+            cblas_sgemm(
+                ROW_MAJOR,
+                NO_TRANS,
+                tb,
+                m as i32,
+                n as i32,
+                k as i32,
+                1.0,
+                a.as_ptr(),
+                k as i32,
+                b.as_ptr(),
+                ldb as i32,
+                0.0,
+                c.as_mut_ptr(),
+                n as i32,
+            )
+        }
+    }
+}
+
+/// With the `openblas` feature: the encoder product (per module, times the modules) and the
+/// unembedding with OpenBLAS, as a JSON object; otherwise nothing.
+#[cfg(feature = "openblas")]
+fn openblas_side(n: usize, d: usize, f: usize, modules: usize, vocab: usize) -> String {
+    let fill = |len: usize| -> Vec<f32> { (0..len).map(|i| ((i % 97) as f32 - 48.0) * 1e-3).collect() };
+    let (z, e) = (fill(n * d), fill(f * d));
+    let mut out = vec![0f32; n * f];
+    let enc = best(3, || openblas::sgemm(n, f, d, &z, &e, true, &mut out));
+    let unembed = match vocab {
+        0 => 0.0,
+        v => {
+            let w_u = fill(d * v);
+            let mut logits = vec![0f32; n * v];
+            best(2, || openblas::sgemm(n, v, d, &z, &w_u, false, &mut logits))
+        }
+    };
+    format!(
+        ", \"openblas\": {{\"encoder_ms\": {:.1}, \"encoder_gmac_per_s\": {:.1}, \"unembed_ms\": {unembed:.1}}}",
+        modules as f64 * enc,
+        (n * d * f) as f64 / 1e9 / (enc / 1e3)
+    )
+}
+
+#[cfg(not(feature = "openblas"))]
+fn openblas_side(_: usize, _: usize, _: usize, _: usize, _: usize) -> String {
+    String::new()
 }
 
 fn main() {
@@ -71,7 +156,7 @@ fn main() {
         v => {
             let (x, w_u) = (fill(n * d), fill(d * v));
             let mut logits = vec![0f32; n * v];
-            best(2, || sgemm(n, v, d, &x, d, 1, &w_u, v, 1, &mut logits, false, false))
+            best(2, || sgemm(n, v, d, &x, d, 1, &w_u, v, 1, &mut logits, false, true))
         }
     };
     let model_ms = match vocab {
@@ -79,14 +164,14 @@ fn main() {
         _ => {
             let (x, wdd, wd4, w4d) = (fill(n * d), fill(d * d), fill(d * 4 * d), fill(4 * d * d));
             let (mut o, mut h4) = (vec![0f32; n * d], vec![0f32; n * 4 * d]);
-            let dd = best(2, || sgemm(n, d, d, &x, d, 1, &wdd, d, 1, &mut o, false, false));
-            let up = best(2, || sgemm(n, 4 * d, d, &x, d, 1, &wd4, 4 * d, 1, &mut h4, false, false));
-            let down = best(2, || sgemm(n, d, 4 * d, &h4, 4 * d, 1, &w4d, d, 1, &mut o, false, false));
+            let dd = best(2, || sgemm(n, d, d, &x, d, 1, &wdd, d, 1, &mut o, false, true));
+            let up = best(2, || sgemm(n, 4 * d, d, &x, d, 1, &wd4, 4 * d, 1, &mut h4, false, true));
+            let down = best(2, || sgemm(n, d, 4 * d, &h4, 4 * d, 1, &w4d, d, 1, &mut o, false, true));
             layers as f64 * (4.0 * dd + up + down) + 2.0 * unembed_ms
         }
     };
     println!(
-        "{{\"encoder_ms\": {:.1}, \"encoder_gmac\": {:.2}, \"mixing_ms\": {:.1}, \"mixing_gmac\": {:.2}, \"weights_ms\": {:.1}, \"weights_gmac\": {:.2}, \"total_ms\": {total_ms:.1}, \"total_gmac\": {:.2}, \"gmac_per_s\": {:.1}, \"forward_ms\": {forward_ms:.1}, \"unembed_ms\": {unembed_ms:.1}, \"unembed_gmac\": {:.2}, \"model_ms\": {model_ms:.1}}}",
+        "{{\"encoder_ms\": {:.1}, \"encoder_gmac\": {:.2}, \"mixing_ms\": {:.1}, \"mixing_gmac\": {:.2}, \"weights_ms\": {:.1}, \"weights_gmac\": {:.2}, \"total_ms\": {total_ms:.1}, \"total_gmac\": {:.2}, \"gmac_per_s\": {:.1}, \"forward_ms\": {forward_ms:.1}, \"unembed_ms\": {unembed_ms:.1}, \"unembed_gmac\": {:.2}, \"model_ms\": {model_ms:.1}, \"encoder_gmac_per_s\": {:.1}{}}}",
         encoder.0,
         encoder.1 / 1e9,
         mixing.0,
@@ -95,6 +180,8 @@ fn main() {
         weights.1 / 1e9,
         total_mac / 1e9,
         total_mac / 1e9 / (total_ms / 1e3),
-        (n * d * vocab) as f64 / 1e9
+        (n * d * vocab) as f64 / 1e9,
+        encoder.1 / 1e9 / (encoder.0 / 1e3),
+        openblas_side(n, d, f, modules, vocab)
     );
 }
