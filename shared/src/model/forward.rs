@@ -236,7 +236,16 @@ impl Runtime {
 
     /// Next-token CE per position `(batch, pos-1)` of a final residual stream, computed one
     /// sequence at a time so the logits never exist for the whole batch.
+    /// On the host (f32, outside an autograd graph) the unembedding and the CE are fused
+    /// ([`super::ce::host_ce`]).
     pub fn ce_from_resid(&self, resid: &Tensor, tokens: &Tensor) -> Result<Tensor> {
+        if resid.device().is_cpu() && resid.dtype() == DType::F32 && !resid.track_op() {
+            let (_, normalized) = ln_pre(resid, self.cfg.ln_eps)?;
+            let w = &self.weights;
+            if let Some(ce) = super::ce::host_ce(&normalized, &w.w_u, &w.b_u, tokens)? {
+                return Ok(ce);
+            }
+        }
         let b = resid.dim(0)?;
         let rows = (0..b)
             .map(|i| token_ce(&self.unembed(&resid.narrow(0, i, 1)?)?, &tokens.narrow(0, i, 1)?))

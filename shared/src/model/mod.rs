@@ -7,6 +7,7 @@
 //! configuration and the contents of its tensors, whatever the file layout) so that caches and
 //! suites can be tied to the exact model that made them.
 
+mod ce;
 mod config;
 mod forward;
 mod hooks;
