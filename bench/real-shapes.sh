@@ -65,6 +65,11 @@ per_batch=()
 row_secs() {
     printf '%s\n' "${rows[@]}" | awk -F' [|] ' -v n="$1" '$1 == "| " n { print $3 }'
 }
+# further NAME SEQS_IN_NAME: ms per further batch, from the rows NAME and "NAME, one batch".
+further() {
+    awk -v a="$(row_secs "$1")" -v b="$(row_secs "$1, one batch")" -v n=$(($2 / SEQS)) \
+        'BEGIN { if (n > 1) printf "%.0f", (a - b) * 1000 / (n - 1); else print "n/a" }'
+}
 # The toy corpus and tokenizer (and, for SHAPE=toy, the model).
 TD=$D TH=$HEADS TL=$LAYERS
 [ "$SHAPE" = toy ] || TD=64 TH=4 TL=2
@@ -85,6 +90,9 @@ SCAE_PROFILE=1 run "train-suite F=$F" $((TRAIN_STEPS * SEQS * 128)) $BIN/train-s
 if [ "$SCORE_SEQS" != 0 ]; then
     run "score-edges F=$F" $((SCORE_SEQS * 128)) $BIN/score-edges --acts "$OUT/acts" --suite "$OUT/suite" \
         --n-seqs "$SCORE_SEQS" --batch-size "$SEQS" --keep 64 --out "$OUT/edges" --overwrite
+    # One batch alone: the cost per further batch is the difference over the batches.
+    run "score-edges F=$F, one batch" $((SEQS * 128)) $BIN/score-edges --acts "$OUT/acts" --suite "$OUT/suite" \
+        --n-seqs "$SEQS" --batch-size "$SEQS" --keep 64 --out "$OUT/edges-1" --overwrite
 fi
 for c in $CS; do
     if [ "$SCORE_SEQS" != 0 ]; then
@@ -102,8 +110,7 @@ for c in $CS; do
     # One batch alone: evaluate's cost per further batch is the difference over the batches.
     run "evaluate F=$F C=$c, one batch" $((SEQS * 128)) $BIN/evaluate --acts "$OUT/acts" --suite "$OUT/ft$c" \
         --connections "$OUT/c$c.parquet" --n-seqs "$SEQS" --batch-size "$SEQS" --out "$OUT/eval$c-1" --overwrite
-    per_batch+=("$(awk -v a="$(row_secs "evaluate F=$F C=$c")" -v b="$(row_secs "evaluate F=$F C=$c, one batch")" \
-        -v n=$((EVAL_SEQS / SEQS)) 'BEGIN { if (n > 1) printf "%.0f", (a - b) * 1000 / (n - 1); else print "n/a" }')")
+    per_batch+=("$(further "evaluate F=$F C=$c" "$EVAL_SEQS")")
 done
 # With LEARN_STEPS: learn-connections at the last C over score-edges' candidates (keep 64), the
 # suite frozen, LEARN_SEQS (default SEQS) sequences per step (needs SCORE_SEQS > 0 for the
@@ -128,6 +135,8 @@ run "attribute C=$c, --no-prune" 128 $BIN/attribute --acts "$OUT/acts" --seq 0 -
 run "view-features C=$c" $((EVAL_SEQS * 128)) $BIN/view-features --acts "$OUT/acts" --suite "$OUT/ft$c" \
     --connections "$OUT/c$c.parquet" --n-seqs "$EVAL_SEQS" --batch-size "$SEQS" --graphs "$OUT/graphs" \
     --out "$OUT/view$c" --overwrite
+run "view-features C=$c, one batch" $((SEQS * 128)) $BIN/view-features --acts "$OUT/acts" --suite "$OUT/ft$c" \
+    --connections "$OUT/c$c.parquet" --n-seqs "$SEQS" --batch-size "$SEQS" --out "$OUT/view$c-1" --overwrite
 floor=$(OPENBLAS_NUM_THREADS=$THREADS $BIN/examples/gemm_floor "$D" "$F" "$HEADS" "$LAYERS" "$SEQS" 128 "$V")
 echo "shape: $SHAPE, d_model $D, $HEADS heads, $LAYERS layers, F $F, k $K, $SEQS x 128 tokens per step, $THREADS threads"
 echo
@@ -148,12 +157,20 @@ ts_step=$(steady_step "$OUT/train-suite F=$F.err" train-suite.step | grep -oE '^
 echo "train-suite, steady step: $ts_step ms; its floor (the encoder products, faster kernel): $(best encoder_ms) ms ($(awk -v a="$ts_step" -v b="$(best encoder_ms)" 'BEGIN { printf "%.2f", a / b }')x)"
 if [ "$V" != 0 ]; then
     unembed=$(best unembed_ms)
-    ev_floor=$(awk -v a="$(ms forward_ms)" -v b="$unembed" 'BEGIN { printf "%.0f", a + b }')
+    # The pruned forward's products, the encoder's from the faster kernel.
+    fwd=$(awk -v a="$(ms forward_ms)" -v e="$(ms encoder_ms)" -v b="$(best encoder_ms)" 'BEGIN { printf "%.0f", a - e + b }')
+    ev_floor=$(awk -v a="$fwd" -v b="$unembed" 'BEGIN { printf "%.0f", a + b }')
     i=0
     for c in $CS; do
         echo "evaluate C $c, per further batch of $((SEQS * 128)) tokens: ${per_batch[$i]} ms; its floor (the pruned forward's products + one unembedding): $ev_floor ms ($(awk -v a="${per_batch[$i]}" -v b="$ev_floor" 'BEGIN { printf "%.2f", a / b }')x)"
         i=$((i + 1))
     done
+    if [ "$SCORE_SEQS" != 0 ]; then
+        sc=$(further "score-edges F=$F" "$SCORE_SEQS")
+        echo "score-edges, per further batch: $sc ms; the pruned forward's products: $fwd ms ($(awk -v a="$sc" -v b="$fwd" 'BEGIN { printf "%.2f", a / b }')x)"
+    fi
+    vf=$(further "view-features C=$c" "$EVAL_SEQS")
+    echo "view-features C $c, per further batch: $vf ms; the pruned forward's products: $fwd ms ($(awk -v a="$vf" -v b="$fwd" 'BEGIN { printf "%.2f", a / b }')x)"
     co_floor=$(awk -v a="$(ms model_ms)" -v u="$(ms unembed_ms)" -v b="$unembed" -v n=$((64 / SEQS)) \
         'BEGIN { printf "%.1f", (a - 2 * u + 2 * b) * n / 1000 }')
     echo "collect-acts: $(row_secs collect-acts) s; its floor (the model's products + two unembeddings, $((64 / SEQS)) batches): $co_floor s ($(awk -v a="$(row_secs collect-acts)" -v b="$co_floor" 'BEGIN { printf "%.2f", a / b }')x)"
