@@ -13,6 +13,7 @@ pub mod why;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::inputs::Inputs;
@@ -343,23 +344,30 @@ pub fn run(
     }))
 }
 
-/// The `n` largest and smallest entries of `row` with their indices, largest first / smallest first.
+/// The `n` largest and smallest entries of `row` with their indices, largest first / smallest
+/// first (ties: the lower index first; `f32::total_cmp` order). One pass over the row, each
+/// side kept in a sorted buffer of `n` that a value enters only when it beats the buffer's last
+/// (rare after the first few: about `n·ln(len/n)` entries in a random row).
 fn extremes(row: &[f32], n: usize) -> (Vec<(u32, f32)>, Vec<(u32, f32)>) {
-    let mut idx: Vec<u32> = (0..row.len() as u32).collect();
     let n = n.min(row.len());
-    let by = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
+    let (mut top, mut low): (Vec<(u32, f32)>, Vec<(u32, f32)>) = (Vec::with_capacity(n + 1), Vec::with_capacity(n + 1));
     if n == 0 {
-        return (vec![], vec![]);
+        return (top, low);
     }
-    idx.select_nth_unstable_by(n - 1, by);
-    let mut top: Vec<u32> = idx[..n].to_vec();
-    top.sort_by(by);
-    let by_low = |a: &u32, b: &u32| row[*a as usize].total_cmp(&row[*b as usize]).then(a.cmp(b));
-    idx.select_nth_unstable_by(n - 1, by_low);
-    let mut low: Vec<u32> = idx[..n].to_vec();
-    low.sort_by(by_low);
-    let pick = |v: Vec<u32>| v.into_iter().map(|i| (i, row[i as usize])).collect();
-    (pick(top), pick(low))
+    // Scanning in index order, an equal value never beats an entry already kept.
+    let keep = |buf: &mut Vec<(u32, f32)>, i: u32, x: f32, before: fn(f32, f32) -> bool| {
+        if buf.len() == n && !before(x, buf[n - 1].1) {
+            return;
+        }
+        let at = buf.partition_point(|&(_, y)| !before(x, y));
+        buf.insert(at, (i, x));
+        buf.truncate(n);
+    };
+    for (i, &x) in row.iter().enumerate() {
+        keep(&mut top, i as u32, x, |a, b| a.total_cmp(&b).is_gt());
+        keep(&mut low, i as u32, x, |a, b| a.total_cmp(&b).is_lt());
+    }
+    (top, low)
 }
 
 /// Each decoder direction `W_dec[:, j]` through the unembedding `W_U` (as TransformerLens folds
@@ -375,11 +383,10 @@ fn logit_lens(inputs: &Inputs, n: usize, device: &Device) -> Result<Vec<Vec<Lens
         for start in (0..f).step_by(CHUNK) {
             let len = CHUNK.min(f - start);
             let logits: Tensor = dec_t.narrow(0, start, len)?.matmul(&w_u)?;
-            let rows: Vec<Vec<f32>> = logits.to_device(&Device::Cpu)?.to_vec2()?;
-            for row in rows {
-                let (top, bottom) = extremes(&row, n);
-                lens.push(Lens { top, bottom });
-            }
+            let v = logits.dim(1)?;
+            let flat: Vec<f32> = logits.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+            let rows: Vec<_> = flat.par_chunks(v.max(1)).map(|row| extremes(row, n)).collect();
+            lens.extend(rows.into_iter().map(|(top, bottom)| Lens { top, bottom }));
         }
         out.push(lens);
     }
@@ -396,6 +403,32 @@ mod tests {
         let (top, low) = extremes(&row, 3);
         assert_eq!(top, vec![(2, 3.0), (3, 3.0), (0, 0.5)]);
         assert_eq!(low, vec![(1, -2.0), (4, -2.0), (5, 0.0)]);
+    }
+
+    /// The one-pass extremes against a full sort, on rows with many ties, infinities and NaN.
+    #[test]
+    fn extremes_equal_a_full_sort() {
+        let mut rng = crate::util::rng::SplitMix(7);
+        for len in [1, 5, 40, 1000] {
+            let row: Vec<f32> = (0..len)
+                .map(|i| match i % 97 {
+                    3 => f32::NAN,
+                    5 => f32::INFINITY,
+                    7 => f32::NEG_INFINITY,
+                    _ => (rng.normal() * 4.0).round() as f32,
+                })
+                .collect();
+            for n in [0, 1, 3, 10, 2000] {
+                let mut idx: Vec<u32> = (0..len as u32).collect();
+                idx.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
+                let top: Vec<u32> = idx.iter().take(n).copied().collect();
+                idx.sort_by(|&a, &b| row[a as usize].total_cmp(&row[b as usize]).then(a.cmp(&b)));
+                let low: Vec<u32> = idx.iter().take(n).copied().collect();
+                let (t, l) = extremes(&row, n);
+                assert_eq!(t.iter().map(|x| x.0).collect::<Vec<_>>(), top, "len {len} n {n}");
+                assert_eq!(l.iter().map(|x| x.0).collect::<Vec<_>>(), low, "len {len} n {n}");
+            }
+        }
     }
 
     #[test]
