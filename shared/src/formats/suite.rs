@@ -406,6 +406,13 @@ impl Suite {
         self.aes.iter().zip(params).try_for_each(|(ae, p)| ae.set_host(p))
     }
 
+    /// This suite (modules, metadata, lineage) holding `params` instead, as host variables.
+    pub fn with_params(&self, params: &[AeParams<Vec<f32>>]) -> Result<Suite> {
+        let (d, f) = (self.d_model, self.n_features);
+        let aes = params.iter().map(|p| AeParams::<Var>::from_host(p, d, f, &Device::Cpu)).collect::<Result<_>>()?;
+        Ok(Suite { aes, ..self.clone() })
+    }
+
     /// A CPU suite of `modules` holding `params` (checked as a loaded suite is).
     pub fn from_params(
         params: &[AeParams<Vec<f32>>],

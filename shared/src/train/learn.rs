@@ -273,7 +273,7 @@ pub fn run(
             // The gates' gradients from the engine, chained into log α through the sample's
             // graph: ∂/∂log α of Σ z · sg(∂L/∂z) + λ · penalty.
             let suite_opt = (!cfg.freeze_suite).then_some((&mut opt, cfg.schedule.clip, lr_t));
-            let si = StepInputs { suite, rt, plan: &plan, opts: cfg.pass, coll: &Single };
+            let si = StepInputs { suite, rt, plan: &plan, opts: cfg.pass, coll: &Single, decoder_major: false };
             let spec = LossSpec { fvu_scales: mse.then(|| vec![1.0; suite.modules.len()]), ce_weight, auxk: None };
             let (mut report, gz) = engine_gate_step(&si, &spec, &batch, &gates, &mut params, suite_opt)?;
             report.loss += cfg.lambda * scalar(&penalty)?;
@@ -412,7 +412,7 @@ fn engine_gate_step(
         }
     }
     let mut prof = crate::util::profile::Profile::new();
-    let (report, grads) = engine_grads(si, batch, spec, params, Some(&z), &mut prof)?;
+    let (report, grads) = engine_grads(si, batch, spec, params, Some(&z), None, &mut prof)?;
     let Some((mut grads, gz)) = grads else {
         return Ok((report, SlotValues::zeros(plan, suite.modules.len(), suite.n_features)));
     };

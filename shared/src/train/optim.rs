@@ -108,32 +108,77 @@ impl Optimizer {
                 }
             }
             OptimizerKind::Adam => {
-                // torch.optim.Adam (single-tensor): m.lerp_(g, 1 − β1); v.mul_(β2).addcmul_(g, g,
-                // 1 − β2); denom = sqrt(v) / sqrt(bc2) + eps; p.addcdiv_(m, denom, −lr / bc1),
-                // with the scalars formed in f64 and applied in f32.
-                let b2 = self.beta2 as f32;
-                let (c1, c2) = ((1.0 - self.beta1) as f32, (1.0 - self.beta2) as f32);
-                let bc1 = 1.0 - self.beta1.powi(self.t as i32);
-                let bc2 = 1.0 - self.beta2.powi(self.t as i32);
-                let step_size = (lr / bc1) as f32;
-                let bc2_sqrt = bc2.sqrt() as f32;
-                let eps = self.eps as f32;
+                let (mc, pc) = (self.moment_consts(), self.param_consts(lr));
                 // Elementwise, so modules update in parallel with the same results.
                 let moments = self.m.par_iter_mut().zip(self.v.par_iter_mut());
                 params.par_iter_mut().zip(grads).zip(moments).for_each(|((p, g), (m, v))| {
                     let (ms, vs) = (m.each_mut(), v.each_mut());
                     for (((x, d), m), v) in p.each_mut().into_iter().zip(g.each()).zip(ms).zip(vs) {
                         for (((x, &d), mm), vv) in x.iter_mut().zip(d).zip(m.iter_mut()).zip(v.iter_mut()) {
-                            *mm += c1 * (d - *mm);
-                            *vv = *vv * b2 + c2 * (d * d);
-                            let denom = vv.sqrt() / bc2_sqrt + eps;
-                            *x -= step_size * (*mm / denom);
+                            adam_moments(mm, vv, d, mc);
+                            adam_param(x, *mm, *vv, pc);
                         }
                     }
                 });
             }
         }
     }
+
+    /// Adam in two halves, for a backward that hands over one module's gradients at a time
+    /// ([`crate::pass::engine::Engine::backward_each`]): fold module `m`'s gradients into its
+    /// moments (the gradients can then be dropped); later [`Self::step_from_moments`]. Per element
+    /// the same operations as [`Self::step`], so the same bits.
+    pub fn fold_moments(&mut self, m: usize, g: &AeParams<Vec<f32>>) {
+        let mc = self.moment_consts();
+        let (ms, vs) = (self.m[m].each_mut(), self.v[m].each_mut());
+        for ((d, m), v) in g.each().into_iter().zip(ms).zip(vs) {
+            m.par_iter_mut()
+                .zip(v.par_iter_mut())
+                .zip(d.par_iter())
+                .for_each(|((mm, vv), &d)| adam_moments(mm, vv, d, mc));
+        }
+    }
+
+    /// The second half of [`Self::fold_moments`]: count the step and move every parameter by
+    /// its moments with learning rate `lr`.
+    pub fn step_from_moments(&mut self, params: &mut [AeParams<Vec<f32>>], lr: f64) {
+        self.t += 1;
+        let pc = self.param_consts(lr);
+        let moments = self.m.par_iter().zip(self.v.par_iter());
+        params.par_iter_mut().zip(moments).for_each(|(p, (m, v))| {
+            for ((x, m), v) in p.each_mut().into_iter().zip(m.each()).zip(v.each()) {
+                x.iter_mut().zip(m).zip(v).for_each(|((x, &mm), &vv)| adam_param(x, mm, vv, pc));
+            }
+        });
+    }
+
+    /// torch.optim.Adam (single-tensor): m.lerp_(g, 1 − β1); v.mul_(β2).addcmul_(g, g, 1 − β2);
+    /// denom = sqrt(v) / sqrt(bc2) + eps; p.addcdiv_(m, denom, −lr / bc1), with the scalars
+    /// formed in f64 and applied in f32: (1 − β1, β2, 1 − β2).
+    fn moment_consts(&self) -> [f32; 3] {
+        [(1.0 - self.beta1) as f32, self.beta2 as f32, (1.0 - self.beta2) as f32]
+    }
+
+    /// (lr / bc1, sqrt(bc2), eps) at step `t` (already counted).
+    fn param_consts(&self, lr: f64) -> [f32; 3] {
+        let bc1 = 1.0 - self.beta1.powi(self.t as i32);
+        let bc2 = 1.0 - self.beta2.powi(self.t as i32);
+        [(lr / bc1) as f32, bc2.sqrt() as f32, self.eps as f32]
+    }
+}
+
+/// Adam's moment update of one element ([`Optimizer::moment_consts`]).
+#[inline]
+fn adam_moments(mm: &mut f32, vv: &mut f32, d: f32, [c1, b2, c2]: [f32; 3]) {
+    *mm += c1 * (d - *mm);
+    *vv = *vv * b2 + c2 * (d * d);
+}
+
+/// Adam's parameter update of one element ([`Optimizer::param_consts`]).
+#[inline]
+fn adam_param(x: &mut f32, mm: f32, vv: f32, [step_size, bc2_sqrt, eps]: [f32; 3]) {
+    let denom = vv.sqrt() / bc2_sqrt + eps;
+    *x -= step_size * (mm / denom);
 }
 
 /// Adam/SGD state on the parameters' device.
@@ -285,6 +330,35 @@ mod tests {
             assert_eq!(*m, 0.1f32 * x);
             assert_eq!(*v, 0.001f32 * (x * x));
         }
+    }
+
+    /// Adam in two halves (moments folded module by module as a backward hands them over,
+    /// then the parameters moved) is the same, bit for bit, as one step.
+    #[test]
+    fn adam_in_two_halves_is_one_step() {
+        let shapes = AeParams::shapes(3, 5);
+        let n = |s: &Vec<usize>| s.iter().product::<usize>();
+        let mut seed = 0;
+        let mut draw = || {
+            shapes.map(|s| {
+                seed += 1;
+                random(n(s), seed)
+            })
+        };
+        let mut one = vec![draw(), draw()];
+        let mut two = one.clone();
+        let (mut a, mut b) = (Optimizer::new(OptimizerKind::Adam, &one), Optimizer::new(OptimizerKind::Adam, &two));
+        for step in 0..3 {
+            let grads = vec![draw(), draw()];
+            let lr = 0.01 * (step + 1) as f64;
+            a.step(&mut one, &grads, lr);
+            for m in (0..2).rev() {
+                b.fold_moments(m, &grads[m]);
+            }
+            b.step_from_moments(&mut two, lr);
+        }
+        assert_eq!(one, two);
+        assert_eq!(a, b);
     }
 
     #[test]

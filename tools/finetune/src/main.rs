@@ -79,7 +79,7 @@ fn run(args: Args, coll: &dyn scae::util::collective::Collective) -> Result<()> 
     let (ft, step, run) = (&args.ft, &args.step, &args.run);
     let use_engine = args.compute.use_engine(&device)?;
     ft.check(use_engine, step.batch_size)?;
-    let inputs = Inputs::open_for(args.acts.as_deref(), args.model.as_deref(), &args.suite, &device)?;
+    let mut inputs = Inputs::open_for(args.acts.as_deref(), args.model.as_deref(), &args.suite, &device)?;
     let ctx_est = inputs.cache.as_ref().map_or(args.data.ctx_len as f64, |c| c.manifest.ctx_len as f64);
     let bytes = scae::train::finetune::footprint(&inputs, step.batch_size as f64, ctx_est);
     scae::util::mem::check_fits(bytes, &format!("--batch-size {}", step.batch_size))?;
@@ -125,7 +125,7 @@ fn run(args: Args, coll: &dyn scae::util::collective::Collective) -> Result<()> 
         run: run_config,
         lineage: inputs.child_lineage(trained_on, &chosen)?,
     };
-    let done = scae::train::finetune::run(&inputs, &mut source, &chosen, &cfg, &device, coll)?;
+    let done = scae::train::finetune::run(&inputs.model, &mut inputs.suite, &mut source, &chosen, &cfg, &device, coll)?;
     if !done.halted && coll.rank() == 0 {
         scae::say!("{}", scae::train::summary_line("finetune", &done, &args.out))?;
     }

@@ -63,9 +63,9 @@ use crate::util::to_vec;
 struct FlatAe<'a> {
     enc: Cow<'a, [f32]>, // (F, D); a training loop's own buffer, not copied
 
-    b_enc: Vec<f32>, // (F)
-    dec_t: Vec<f32>, // (F, D) = W_decᵀ
-    b_dec: Vec<f32>, // (D)
+    b_enc: Vec<f32>,       // (F)
+    dec_t: Cow<'a, [f32]>, // (F, D) = W_decᵀ; a decoder-major training loop's own buffer
+    b_dec: Vec<f32>,       // (D)
 }
 
 /// Model constants of one layer.
@@ -155,6 +155,9 @@ impl State {
 /// Gradients of one module's parameters (shapes as the suite's).
 pub type ModuleGrads = AeParams<Vec<f32>>;
 
+/// Where [`Engine::backward_each`] hands each module's final gradients (module index, grads).
+pub type GradSink<'s> = &'s mut dyn FnMut(usize, ModuleGrads) -> Result<()>;
+
 /// The fast pruned pass of a suite for one model and wiring.
 pub struct Engine<'a> {
     suite: &'a Suite,
@@ -168,6 +171,8 @@ pub struct Engine<'a> {
     unembed: Option<unembed::UnembedConsts>,
     /// Gate values of the edge slots ([`Engine::gated`]).
     gates: Option<&'a SlotValues>,
+    /// The parameters came decoder-major ([`Engine::with_params`]): so do the decoder gradients.
+    decoder_major: bool,
     ln_eps: f32,
     n_heads: usize,
     d_head: usize,
@@ -184,7 +189,7 @@ impl<'a> Engine<'a> {
             .host_params()?
             .into_par_iter()
             .map(|p| FlatAe {
-                dec_t: transpose(&p.w_dec, d, f),
+                dec_t: Cow::Owned(transpose(&p.w_dec, d, f)),
                 enc: Cow::Owned(p.w_enc),
                 b_enc: p.b_enc,
                 b_dec: p.b_dec,
@@ -195,13 +200,17 @@ impl<'a> Engine<'a> {
 
     /// As [`new`](Self::new), with the suite's parameter values given as host buffers (a
     /// training loop's current ones; the suite's own variables are not read). The encoders
-    /// are read in place, not copied (at GPT-2 small, F 24,576 that is 1.8 GB).
+    /// are read in place, not copied (at GPT-2 small, F 24,576 that is 1.8 GB), and so are the
+    /// decoders when `decoder_major` (each `w_dec` held `(F, D)`, as
+    /// [`AeParams::decoder_to_major`] makes it; then the backward's decoder gradients are
+    /// decoder-major too), else transposed into a copy.
     pub fn with_params(
         suite: &'a Suite,
         rt: &Runtime,
         plan: &'a Plan,
         opts: PassOptions,
         host: &'a [AeParams<Vec<f32>>],
+        decoder_major: bool,
     ) -> Result<Engine<'a>> {
         let (d, f) = (suite.d_model, suite.n_features);
         let params = host
@@ -209,11 +218,16 @@ impl<'a> Engine<'a> {
             .map(|p| FlatAe {
                 enc: Cow::Borrowed(&p.w_enc[..]),
                 b_enc: p.b_enc.clone(),
-                dec_t: transpose(&p.w_dec, d, f),
+                dec_t: match decoder_major {
+                    true => Cow::Borrowed(&p.w_dec[..]),
+                    false => Cow::Owned(transpose(&p.w_dec, d, f)),
+                },
                 b_dec: p.b_dec.clone(),
             })
             .collect();
-        Self::build(suite, rt, plan, opts, params)
+        let mut eng = Self::build(suite, rt, plan, opts, params)?;
+        eng.decoder_major = decoder_major;
+        Ok(eng)
     }
 
     fn build(
@@ -261,6 +275,7 @@ impl<'a> Engine<'a> {
             embed,
             unembed,
             gates: None,
+            decoder_major: false,
             ln_eps: rt.cfg.ln_eps as f32,
             n_heads: rt.cfg.n_heads,
             d_head: rt.cfg.d_head,
@@ -395,7 +410,22 @@ impl<'a> Engine<'a> {
         g_recon: Vec<Vec<f32>>,
         extra: Option<UnembedGrads>,
     ) -> Result<Vec<ModuleGrads>> {
-        self.backward_impl(fb, state, g_recon, extra, None)
+        self.backward_impl(fb, state, g_recon, extra, None, None)
+    }
+
+    /// [`backward_with`](Self::backward_with) handing each module's gradients to `sink` as soon
+    /// as they are final — once the backward has passed the module (downstream modules come
+    /// first, and a module only sends gradients upstream) — instead of holding every module's
+    /// until the end.
+    pub fn backward_each(
+        &self,
+        fb: &FlatBatch,
+        state: &State,
+        g_recon: Vec<Vec<f32>>,
+        extra: Option<UnembedGrads>,
+        sink: GradSink,
+    ) -> Result<()> {
+        self.backward_impl(fb, state, g_recon, extra, None, Some(sink)).map(|_| ())
     }
 
     /// [`backward_with`](Self::backward_with) of the gated pass ([`gated`](Self::gated)), also
@@ -412,7 +442,7 @@ impl<'a> Engine<'a> {
         if let Some(x) = extra.as_mut().filter(|x| !x.g_gates.is_empty()) {
             gz.unembed = Some(std::mem::take(&mut x.g_gates));
         }
-        let grads = self.backward_impl(fb, state, g_recon, extra, Some(&mut gz))?;
+        let grads = self.backward_impl(fb, state, g_recon, extra, Some(&mut gz), None)?;
         Ok((grads, gz))
     }
 
@@ -423,6 +453,7 @@ impl<'a> Engine<'a> {
         mut g_recon: Vec<Vec<f32>>,
         extra: Option<UnembedGrads>,
         mut gz: Option<&mut SlotValues>,
+        mut sink: Option<GradSink>,
     ) -> Result<Vec<ModuleGrads>> {
         let mut prof = Profile::new();
         let (n, d, f, k) = (fb.b * fb.s, self.d, self.f, self.k);
@@ -453,17 +484,22 @@ impl<'a> Engine<'a> {
             if !g_dec_t_in[di].is_empty() {
                 add_into(&mut g_dec_t, &g_dec_t_in[di]);
             }
-            let g_wdec = transpose(&g_dec_t, f, d);
+            let g_wdec = if self.decoder_major { g_dec_t } else { transpose(&g_dec_t, f, d) };
+            // Downstream modules have sent this one all they send (into ups only).
+            add_into(&mut g_bdec, &g_bdec_extra[di]);
             prof.mark("assemble");
-            grads[di] = Some(AeParams { w_enc: g_enc, b_enc: g_benc, w_dec: g_wdec, b_dec: g_bdec });
+            let g = AeParams { w_enc: g_enc, b_enc: g_benc, w_dec: g_wdec, b_dec: g_bdec };
+            match sink.as_mut() {
+                Some(s) => s(di, g)?,
+                None => grads[di] = Some(g),
+            }
         }
         prof.mark("assemble");
         prof.report("backward");
-        let mut out: Vec<ModuleGrads> = grads.into_iter().map(|g| g.expect("every module visited")).collect();
-        for (g, extra) in out.iter_mut().zip(&g_bdec_extra) {
-            add_into(&mut g.b_dec, extra);
+        match sink {
+            Some(_) => Ok(Vec::new()),
+            None => Ok(grads.into_iter().map(|g| g.expect("every module visited")).collect()),
         }
-        Ok(out)
     }
 
     /// The edge terms' backward into module `di`: the upstream values' gradients, the edge
