@@ -344,18 +344,21 @@ pub fn run(
     }))
 }
 
+/// Entries `(index, value)` in rank order.
+type Ranked = Vec<(u32, f32)>;
+
 /// The `n` largest and smallest entries of `row` with their indices, largest first / smallest
 /// first (ties: the lower index first; `f32::total_cmp` order). One pass over the row, each
 /// side kept in a sorted buffer of `n` that a value enters only when it beats the buffer's last
 /// (rare after the first few: about `n·ln(len/n)` entries in a random row).
-fn extremes(row: &[f32], n: usize) -> (Vec<(u32, f32)>, Vec<(u32, f32)>) {
+fn extremes(row: &[f32], n: usize) -> (Ranked, Ranked) {
     let n = n.min(row.len());
-    let (mut top, mut low): (Vec<(u32, f32)>, Vec<(u32, f32)>) = (Vec::with_capacity(n + 1), Vec::with_capacity(n + 1));
+    let (mut top, mut low): (Ranked, Ranked) = (Vec::with_capacity(n + 1), Vec::with_capacity(n + 1));
     if n == 0 {
         return (top, low);
     }
     // Scanning in index order, an equal value never beats an entry already kept.
-    let keep = |buf: &mut Vec<(u32, f32)>, i: u32, x: f32, before: fn(f32, f32) -> bool| {
+    let keep = |buf: &mut Ranked, i: u32, x: f32, before: fn(f32, f32) -> bool| {
         if buf.len() == n && !before(x, buf[n - 1].1) {
             return;
         }
