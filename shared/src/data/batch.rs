@@ -96,7 +96,8 @@ impl Batch {
         })
     }
 
-    /// Build from a clean forward pass run with hooks.
+    /// Build from a clean forward pass run with hooks (its per-token CE is the clean CE, so a
+    /// streamed batch carries it as a cached one does).
     pub fn from_forward(tokens: &Tensor, out: &crate::model::ForwardOutput) -> Result<Batch> {
         Ok(Batch {
             tokens: tokens.to_dtype(DType::U32)?,
@@ -107,7 +108,7 @@ impl Batch {
             pattern: out.layers.iter().map(|l| l.pattern.clone()).collect(),
             attn_out: out.layers.iter().map(|l| l.attn_out.clone()).collect(),
             mlp_out: out.layers.iter().map(|l| l.mlp_out.clone()).collect(),
-            clean_ce: None,
+            clean_ce: Some(out.ce.to_dtype(DType::F32)?),
             zero_ce: None,
         })
     }

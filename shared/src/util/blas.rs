@@ -199,54 +199,9 @@ pub fn by_feature(
     coef: impl Fn(usize) -> f32 + Sync,
     rows: &[f32],
 ) -> Vec<f32> {
-    let (ptr, entries) = feature_entries(idx, f, |j| coef(j) != 0.0);
-    let mut out = vec![0f32; f * d];
-    out.par_chunks_mut(d).enumerate().for_each(|(i, o)| {
-        for &j in &entries[ptr[i] as usize..ptr[i + 1] as usize] {
-            let t = j as usize / width;
-            axpy(coef(j as usize), &rows[t * d..(t + 1) * d], o);
-        }
-    });
-    out
-}
-
-/// Two [`by_feature`] sums over the same entries at once, `(Σ coef_a(j)·rows_a[t],
-/// Σ coef_b(j)·rows_b[t])`, from one column index (of the entries where either coefficient is
-/// non-zero; a zero coefficient adds nothing, as in [`by_feature`]): the same values.
-#[allow(clippy::too_many_arguments)]
-pub fn by_feature2(
-    idx: &[u32],
-    width: usize,
-    f: usize,
-    d: usize,
-    coef_a: impl Fn(usize) -> f32 + Sync,
-    rows_a: &[f32],
-    coef_b: impl Fn(usize) -> f32 + Sync,
-    rows_b: &[f32],
-) -> (Vec<f32>, Vec<f32>) {
-    let (ptr, entries) = feature_entries(idx, f, |j| coef_a(j) != 0.0 || coef_b(j) != 0.0);
-    let (mut out_a, mut out_b) = (vec![0f32; f * d], vec![0f32; f * d]);
-    out_a.par_chunks_mut(d).zip(out_b.par_chunks_mut(d)).enumerate().for_each(|(i, (oa, ob))| {
-        for &j in &entries[ptr[i] as usize..ptr[i + 1] as usize] {
-            let (j, t) = (j as usize, j as usize / width);
-            let (ca, cb) = (coef_a(j), coef_b(j));
-            if ca != 0.0 {
-                axpy(ca, &rows_a[t * d..(t + 1) * d], oa);
-            }
-            if cb != 0.0 {
-                axpy(cb, &rows_b[t * d..(t + 1) * d], ob);
-            }
-        }
-    });
-    (out_a, out_b)
-}
-
-/// The column index of the flat positions `j` with `keep(j)`: per feature `i`, its positions
-/// `entries[ptr[i]..ptr[i + 1]]` in increasing order.
-fn feature_entries(idx: &[u32], f: usize, keep: impl Fn(usize) -> bool) -> (Vec<u32>, Vec<u32>) {
     let mut ptr = vec![0u32; f + 1];
     for (j, &i) in idx.iter().enumerate() {
-        if keep(j) {
+        if coef(j) != 0.0 {
             ptr[i as usize + 1] += 1;
         }
     }
@@ -256,12 +211,19 @@ fn feature_entries(idx: &[u32], f: usize, keep: impl Fn(usize) -> bool) -> (Vec<
     let mut fill = ptr.clone();
     let mut entries = vec![0u32; ptr[f] as usize];
     for (j, &i) in idx.iter().enumerate() {
-        if keep(j) {
+        if coef(j) != 0.0 {
             entries[fill[i as usize] as usize] = j as u32;
             fill[i as usize] += 1;
         }
     }
-    (ptr, entries)
+    let mut out = vec![0f32; f * d];
+    out.par_chunks_mut(d).enumerate().for_each(|(i, o)| {
+        for &j in &entries[ptr[i] as usize..ptr[i + 1] as usize] {
+            let t = j as usize / width;
+            axpy(coef(j as usize), &rows[t * d..(t + 1) * d], o);
+        }
+    });
+    out
 }
 
 #[cfg(test)]

@@ -48,8 +48,6 @@ pub struct Collected {
     pub secs: f64,
 }
 
-/// The key under which a batch's per-token clean CE travels with its hooks between ranks.
-
 /// Run the model over the source and write a cache into `cfg.out`: shards of every hook the
 /// pipeline needs, then `manifest.json`. Warns on stderr when the data ran out before
 /// `cfg.limit`.
