@@ -16,7 +16,7 @@ use super::params::AeParams;
 use super::topk::{topk_indices, topk_relu_device};
 use super::{decode, fired_t};
 use crate::error::Result;
-use crate::util::blas::{add_into, axpy, by_feature, by_feature2, dot, gemm_nt};
+use crate::util::blas::{add_into, axpy, by_feature, dot, gemm_nt};
 use crate::util::collective::Collective;
 
 /// What one host step of one module produced.
@@ -84,7 +84,8 @@ pub fn step(
         g_bdec.iter_mut().zip(gy).for_each(|(a, b)| *a += b);
     }
     prof.mark("AuxK");
-    let (mut g_dec_t, mut g_enc) = by_feature2(&idx, k, f, d, |j| val[j], &g_y, |j| g_val[j], &xc);
+    let mut g_dec_t = by_feature(&idx, k, f, d, |j| val[j], &g_y);
+    let mut g_enc = by_feature(&idx, k, f, d, |j| g_val[j], &xc);
     prof.mark("backward by feature");
     let mut g_benc = vec![0f32; f];
     for (&i, &g) in idx.iter().zip(&g_val) {
