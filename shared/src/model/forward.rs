@@ -96,6 +96,55 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     Ok(y.reshape(out_dims)?)
 }
 
+/// `act(pre + b)` for `pre (.., n)`, `b (n)`. Candle's activations run on one thread; on the
+/// host (contiguous f32, outside an autograd graph) the bias and the activation are applied in
+/// one pass over rows in parallel, with candle's own per-value formulas (the same bits).
+fn bias_act(pre: &Tensor, b: &Tensor, act: Activation) -> Result<Tensor> {
+    use candle_core::{CpuStorage, Storage};
+    use rayon::prelude::*;
+    let n = b.elem_count();
+    if pre.device().is_cpu() && pre.dtype() == DType::F32 && b.dtype() == DType::F32 && !pre.track_op() {
+        let (ps, pl) = pre.storage_and_layout();
+        let (bs, bl) = b.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::F32(p)), Storage::Cpu(CpuStorage::F32(bv)), Some((p0, p1)), Some((b0, b1))) =
+            (&*ps, &*bs, pl.contiguous_offsets(), bl.contiguous_offsets())
+        {
+            let (p, bv) = (&p[p0..p1], &bv[b0..b1]);
+            let mut out = vec![0f32; p.len()];
+            let f: fn(f32) -> f32 = match act {
+                Activation::Gelu => gelu_erf_f32,
+                Activation::GeluNew => gelu_tanh_f32,
+                Activation::Relu => |v| v.max(0f32),
+            };
+            out.par_chunks_mut(n * 64).zip(p.par_chunks(n * 64)).for_each(|(o, x)| {
+                for (orow, xrow) in o.chunks_mut(n).zip(x.chunks(n)) {
+                    for ((o, &x), &b) in orow.iter_mut().zip(xrow).zip(bv) {
+                        *o = f(x + b);
+                    }
+                }
+            });
+            return Ok(Tensor::from_vec(out, pre.shape(), pre.device())?);
+        }
+    }
+    let y = pre.broadcast_add(b)?;
+    Ok(match act {
+        Activation::Gelu => y.gelu_erf()?,
+        Activation::GeluNew => y.gelu()?,
+        Activation::Relu => y.relu()?,
+    })
+}
+
+/// Candle's `gelu` (tanh form) of one value, written as candle writes it.
+fn gelu_tanh_f32(v: f32) -> f32 {
+    const SQRT_TWO_OVER_PI: f32 = 0.797_884_6; // the f32 of candle's 0.79788456080286535…
+    0.5 * v * (1.0 + f32::tanh(SQRT_TWO_OVER_PI * v * (1.0 + 0.044715 * v * v)))
+}
+
+/// Candle's `gelu_erf` of one value, written as candle writes it.
+fn gelu_erf_f32(v: f32) -> f32 {
+    (candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.) * 0.5 * v
+}
+
 /// TL's GPT-NeoX rotary tables: `θ_j = p / base^(j/(r/2))`, duplicated as `[θ, θ]` (half split).
 fn rotary_tables(n_ctx: usize, rotary_dim: usize, base: f64, device: &Device) -> Result<(Tensor, Tensor)> {
     let half = rotary_dim / 2;
@@ -219,12 +268,7 @@ impl Runtime {
 
     fn mlp(&self, l: usize, x: &Tensor) -> Result<Tensor> {
         let bw = &self.weights.blocks[l];
-        let pre = linear(x, &bw.w_in, Some(&bw.b_in))?;
-        let post = match self.cfg.act {
-            Activation::Gelu => pre.gelu_erf()?,
-            Activation::GeluNew => pre.gelu()?,
-            Activation::Relu => pre.relu()?,
-        };
+        let post = bias_act(&linear(x, &bw.w_in, None)?, &bw.b_in, self.cfg.act)?;
         linear(&post, &bw.w_out, Some(&bw.b_out))
     }
 
@@ -342,5 +386,38 @@ impl Weights {
             w_u: mv(&self.w_u)?,
             b_u: mv(&self.b_u)?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The host bias + activation pass gives candle's bits for each activation, on values that
+    /// reach the activations' tails (and a strided input takes candle's path).
+    #[test]
+    fn host_bias_act_is_candles() {
+        let dev = Device::Cpu;
+        let (rows, n) = (130, 7);
+        let pre: Vec<f32> = crate::util::rng::SplitMix::normals(rows * n, 4).iter().map(|z| 6.0 * z).collect();
+        let pre = Tensor::from_vec(pre, (2, rows / 2, n), &dev).unwrap();
+        let b = Tensor::from_vec(crate::util::rng::SplitMix::normals(n, 5), n, &dev).unwrap();
+        for act in [Activation::Gelu, Activation::GeluNew, Activation::Relu] {
+            let y = pre.broadcast_add(&b).unwrap();
+            let want = match act {
+                Activation::Gelu => y.gelu_erf(),
+                Activation::GeluNew => y.gelu(),
+                Activation::Relu => y.relu(),
+            }
+            .unwrap();
+            let got = bias_act(&pre, &b, act).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let bits = |t: &Tensor| -> Vec<u32> {
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+            };
+            assert_eq!(bits(&got), bits(&want), "{act:?}");
+            let strided = bias_act(&pre.transpose(0, 1).unwrap(), &b, act).unwrap();
+            assert_eq!(bits(&strided.transpose(0, 1).unwrap()), bits(&want), "{act:?} strided");
+        }
     }
 }

@@ -138,7 +138,14 @@ fn shards_from_index(index_path: &Path) -> Result<Vec<PathBuf>> {
 fn read_tensor_file(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let is_st = path.extension().is_some_and(|e| e == "safetensors");
     let loaded = if is_st {
-        candle_core::safetensors::load(path, &Device::Cpu).map(|m| m.into_iter().collect())
+        // Mapped (one copy of the bytes, not two) and converted tensor by tensor on all threads.
+        // SAFETY: the file is only read, and not expected to change while it is (as for the
+        // model hash's mapping of it).
+        unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.and_then(|st| {
+            use rayon::prelude::*;
+            let names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
+            names.into_par_iter().map(|n| st.load(&n, &Device::Cpu).map(|t| (n, t))).collect()
+        })
     } else {
         candle_core::pickle::read_all(path)
     };
@@ -146,6 +153,74 @@ fn read_tensor_file(path: &Path) -> Result<Vec<(String, Tensor)>> {
         let kind = if is_st { "safetensors" } else { "PyTorch checkpoint" };
         Error::input(path, format!("not a readable {kind} file: {e}"))
     })
+}
+
+/// A 2-D tensor transposed into a contiguous one: on the host (f32) by tiles on all threads,
+/// where candle's strided copy runs on one (the unembedding's took ~0.25 s of every load).
+trait Transposed {
+    fn transposed(&self) -> Result<Tensor>;
+}
+
+impl Transposed for Tensor {
+    fn transposed(&self) -> Result<Tensor> {
+        let (r, c) = self.dims2()?;
+        match with_host_f32(self, |v| crate::util::blas::transpose(v, r, c)) {
+            Some(t) => Ok(Tensor::from_vec(t, (c, r), &Device::Cpu)?),
+            None => Ok(self.t()?.contiguous()?),
+        }
+    }
+}
+
+/// `f` of the values of a contiguous host f32 tensor, read in place.
+fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    use candle_core::{CpuStorage, Storage};
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Some(f(&v[a..b])),
+        _ => None,
+    }
+}
+
+/// `s − mean₀(s)` for `s = w · gain[:, None]`, `w (D, N)`, `gain (D)`: an LN gain folded into
+/// the weight it feeds, then centred over its input axis — candle's
+/// `broadcast_mul`, `mean_keepdim(0)`, `broadcast_sub` with their order of operations (column
+/// sums in row order from 0, times `1/D` plus 0, as candle's mean), so the same bits, on all
+/// threads where candle's reduction over the first axis runs on one.
+fn scale_rows_center_columns(w: &Tensor, gain: &Tensor) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let (d, n) = w.dims2()?;
+    let scaled = with_host_f32(gain, |g| {
+        with_host_f32(w, |w| {
+            let mut s = vec![0f32; w.len()];
+            s.par_chunks_mut(n.max(1)).zip(w.par_chunks(n.max(1))).zip(g).for_each(|((s, w), &g)| {
+                s.iter_mut().zip(w).for_each(|(s, w)| *s = w * g);
+            });
+            s
+        })
+    });
+    let Some(Some(mut s)) = scaled else {
+        let scaled = w.broadcast_mul(&gain.unsqueeze(1)?)?;
+        return Ok(scaled.broadcast_sub(&scaled.mean_keepdim(0)?)?);
+    };
+    if n == 0 {
+        return Ok(w.clone());
+    }
+    const COLS: usize = 256;
+    let (mul, add) = ((1f64 / d as f64) as f32, 0f32);
+    let mean: Vec<f32> = (0..n)
+        .into_par_iter()
+        .step_by(COLS)
+        .flat_map_iter(|c0| {
+            let c1 = (c0 + COLS).min(n);
+            let mut acc = vec![0f32; c1 - c0];
+            for row in s.chunks_exact(n) {
+                acc.iter_mut().zip(&row[c0..c1]).for_each(|(a, x)| *a += x);
+            }
+            acc.into_iter().map(move |a| a * mul + add)
+        })
+        .collect();
+    s.par_chunks_mut(n).for_each(|row| row.iter_mut().zip(&mean).for_each(|(x, m)| *x -= m));
+    Ok(Tensor::from_vec(s, (d, n), &Device::Cpu)?)
 }
 
 impl Weights {
@@ -192,12 +267,10 @@ impl Weights {
             }
             // W_in: (D, d_mlp)
             b.b_in = (&b.b_in + l2.b.unsqueeze(0)?.matmul(&b.w_in)?.squeeze(0)?)?;
-            let scaled = b.w_in.broadcast_mul(&l2.w.unsqueeze(1)?)?;
-            b.w_in = scaled.broadcast_sub(&scaled.mean_keepdim(0)?)?;
+            b.w_in = scale_rows_center_columns(&b.w_in, &l2.w)?;
         }
         self.b_u = (&self.b_u + ln_f.b.unsqueeze(0)?.matmul(&self.w_u)?.squeeze(0)?)?;
-        let scaled = self.w_u.broadcast_mul(&ln_f.w.unsqueeze(1)?)?;
-        self.w_u = scaled.broadcast_sub(&scaled.mean_keepdim(0)?)?;
+        self.w_u = scale_rows_center_columns(&self.w_u, &ln_f.w)?;
         Ok(())
     }
 
@@ -259,7 +332,7 @@ fn unembed(raw: &RawTensors, cfg: &ModelConfig, lm_head: &str, w_e: &Tensor) -> 
     // HF ties the head to the embedding when the config says so, whatever the file holds
     // (safetensors checkpoints of tied models usually store only the embedding).
     let w = if cfg.tie_word_embeddings { w_e.clone() } else { raw.get_shaped(lm_head, &[cfg.d_vocab, cfg.d_model])? };
-    Ok(w.t()?.contiguous()?)
+    w.transposed()
 }
 
 fn convert_gpt_neo(raw: &RawTensors, cfg: &ModelConfig) -> Result<Converted> {
@@ -283,9 +356,9 @@ fn convert_gpt_neo(raw: &RawTensors, cfg: &ModelConfig) -> Result<Converted> {
             b_v: zeros_heads.clone(),
             w_o: w_o_from_linear(&raw.get_shaped(&format!("{a}.out_proj.weight"), &[d, d])?, cfg)?,
             b_o: raw.get_shaped(&format!("{a}.out_proj.bias"), &[d])?,
-            w_in: raw.get_shaped(&format!("{p}.mlp.c_fc.weight"), &[m, d])?.t()?.contiguous()?,
+            w_in: raw.get_shaped(&format!("{p}.mlp.c_fc.weight"), &[m, d])?.transposed()?,
             b_in: raw.get_shaped(&format!("{p}.mlp.c_fc.bias"), &[m])?,
-            w_out: raw.get_shaped(&format!("{p}.mlp.c_proj.weight"), &[d, m])?.t()?.contiguous()?,
+            w_out: raw.get_shaped(&format!("{p}.mlp.c_proj.weight"), &[d, m])?.transposed()?,
             b_out: raw.get_shaped(&format!("{p}.mlp.c_proj.bias"), &[d])?,
         });
         ln1.push(ln(raw, &format!("{p}.ln_1"), d)?);
@@ -354,9 +427,9 @@ fn convert_gpt_neox(raw: &RawTensors, cfg: &ModelConfig) -> Result<Converted> {
             b_v: pick(&qkv_b, 2)?,
             w_o: w_o_from_linear(&raw.get_shaped(&format!("{p}.attention.dense.weight"), &[d, d])?, cfg)?,
             b_o: raw.get_shaped(&format!("{p}.attention.dense.bias"), &[d])?,
-            w_in: raw.get_shaped(&format!("{p}.mlp.dense_h_to_4h.weight"), &[m, d])?.t()?.contiguous()?,
+            w_in: raw.get_shaped(&format!("{p}.mlp.dense_h_to_4h.weight"), &[m, d])?.transposed()?,
             b_in: raw.get_shaped(&format!("{p}.mlp.dense_h_to_4h.bias"), &[m])?,
-            w_out: raw.get_shaped(&format!("{p}.mlp.dense_4h_to_h.weight"), &[d, m])?.t()?.contiguous()?,
+            w_out: raw.get_shaped(&format!("{p}.mlp.dense_4h_to_h.weight"), &[d, m])?.transposed()?,
             b_out: raw.get_shaped(&format!("{p}.mlp.dense_4h_to_h.bias"), &[d])?,
         });
         ln1.push(ln(raw, &format!("{p}.input_layernorm"), d)?);
@@ -366,4 +439,29 @@ fn convert_gpt_neox(raw: &RawTensors, cfg: &ModelConfig) -> Result<Converted> {
     let w_u = unembed(raw, cfg, "embed_out.weight", &w_e)?;
     let b_u = Tensor::zeros(cfg.d_vocab, DType::F32, &Device::Cpu)?;
     Ok((Weights { w_e, w_pos: None, blocks, w_u, b_u }, ln1, ln2, ln_f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The host fold and transpose give candle's bits (uneven column blocks, a strided input
+    /// through candle's path).
+    #[test]
+    fn host_fold_and_transpose_are_candles() {
+        let (d, n) = (37, 600);
+        let w = Tensor::from_vec(crate::util::rng::SplitMix::normals(d * n, 7), (d, n), &Device::Cpu).unwrap();
+        let g = Tensor::from_vec(crate::util::rng::SplitMix::normals(d, 8), d, &Device::Cpu).unwrap();
+        let scaled = w.broadcast_mul(&g.unsqueeze(1).unwrap()).unwrap();
+        let want = scaled.broadcast_sub(&scaled.mean_keepdim(0).unwrap()).unwrap();
+        let bits = |t: &Tensor| -> Vec<u32> {
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+        };
+        assert_eq!(bits(&scale_rows_center_columns(&w, &g).unwrap()), bits(&want));
+        let wt = w.t().unwrap();
+        assert_eq!(bits(&w.transposed().unwrap()), bits(&wt.contiguous().unwrap()));
+        assert_eq!(w.transposed().unwrap().dims(), &[n, d]);
+        // a strided (non-contiguous) input takes candle's path
+        assert_eq!(bits(&wt.transposed().unwrap()), bits(&w));
+    }
 }
