@@ -173,7 +173,9 @@ mod tests {
             let want = (x as f64).exp();
             worst = worst.max(((exp_le0(x) as f64) - want).abs() / want);
         }
-        for x in [0.0f32, -0.0, -1e-30, -0.5, -0.34657359, -0.34657360, -1.0, -86.99] {
+        let half_ln2 = -std::f32::consts::LN_2 / 2.0; // where the rounding of n changes
+        let near = [half_ln2, f32::from_bits(half_ln2.to_bits() - 1), f32::from_bits(half_ln2.to_bits() + 1)];
+        for x in [0.0f32, -0.0, -1e-30, -0.5, -1.0, -86.99].into_iter().chain(near) {
             let want = (x as f64).exp();
             worst = worst.max(((exp_le0(x) as f64) - want).abs() / want);
         }
