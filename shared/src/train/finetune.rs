@@ -188,6 +188,7 @@ pub fn run(
     if cfg.use_engine {
         suite.aes = Vec::new();
         // The engine reads the decoders in place, decoder-major (no per-step transposed copy).
+        crate::util::release_freed_memory();
         super::pretrain::decoders_to_major(&mut params, &mut opt, d, f, true);
     }
     let suite = &*suite;
@@ -275,6 +276,9 @@ pub fn run(
             After::Interrupted => return Err(session.interrupted(step)),
         }
     }
+    // Adam's moments (twice the suite) are not saved with the result: gone before the suite to
+    // save is built (at GPT-2 small, F 24,576: 7.2 GB).
+    drop(opt);
     if dopt.is_none() {
         params.iter_mut().for_each(|p| p.decoder_to_standard(d, f));
     }

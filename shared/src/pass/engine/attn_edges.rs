@@ -63,23 +63,20 @@ impl Engine<'_> {
         index: &EdgeIndex,
         states: &[ModuleState],
     ) -> (Vec<f32>, Vec<f32>, Vec<ActiveRows>) {
-        let (d, f, h, dh) = (self.d, self.f, self.n_heads, self.d_head);
+        let (f, h, dh) = (self.f, self.n_heads, self.d_head);
         let hd = h * dh;
-        let lc = &self.layers[layer];
         let ups = &self.plan.down(di).ups;
-        let mut ev = vec![0f32; f * hd];
-        sgemm(f, hd, d, &self.params[di].enc, d, 1, &lc.w_o, 1, d, &mut ev, false, true);
-        let dv: Vec<ActiveRows> = ups
+        let ev = self.attn_ev(di, layer);
+        let rows = ups
             .iter()
             .enumerate()
             .map(|(pu, &u)| {
-                let rows: Vec<u32> = (0..f as u32)
+                (0..f as u32)
                     .filter(|&j| states[u].fired[j as usize] && !index.col_range(pu * f + j as usize).is_empty())
-                    .collect();
-                let dec_t = &self.params[u].dec_t;
-                ActiveRows::build(rows, f, |j| &dec_t[j as usize * d..(j as usize + 1) * d], &lc.w_v, d, hd)
+                    .collect()
             })
             .collect();
+        let dv = self.attn_dv(di, layer, rows);
         let width = index.width;
         let mut w = vec![0f32; f * width * h];
         w.par_chunks_mut(width * h).enumerate().for_each(|(i, wrow)| {
@@ -96,6 +93,27 @@ impl Engine<'_> {
             }
         });
         (w, ev, dv)
+    }
+
+    /// `E W_Oᵀ (F, H·dh)` of attention module `di` (at `layer`).
+    fn attn_ev(&self, di: usize, layer: usize) -> Vec<f32> {
+        let (d, f, hd) = (self.d, self.f, self.n_heads * self.d_head);
+        let mut ev = vec![0f32; f * hd];
+        sgemm(f, hd, d, &self.params[di].enc, d, 1, &self.layers[layer].w_o, 1, d, &mut ev, false, true);
+        ev
+    }
+
+    /// `W_decᵀ W_V` of each upstream module of `di` (at `layer`) on its `rows`.
+    fn attn_dv(&self, di: usize, layer: usize, rows: Vec<Vec<u32>>) -> Vec<ActiveRows> {
+        let (d, f, hd) = (self.d, self.f, self.n_heads * self.d_head);
+        let w_v = &self.layers[layer].w_v;
+        rows.into_iter()
+            .zip(&self.plan.down(di).ups)
+            .map(|(rows, &u)| {
+                let dec_t = &self.params[u].dec_t;
+                ActiveRows::build(rows, f, |j| &dec_t[j as usize * d..(j as usize + 1) * d], w_v, d, hd)
+            })
+            .collect()
     }
 
     /// The values of the upstream columns of module `di` in sequence `bi` (value ids index the
@@ -339,6 +357,15 @@ impl Engine<'_> {
         let hd = h * dh;
         let ups = &self.plan.down(di).ups;
         let lc = &self.layers[layer];
+        // Factors the forward let go of (EdgeState::fit_budget) are formed again, the same bits.
+        let again = st.factors_dropped.then(|| {
+            let rows = st.dv.iter().map(|a| a.rows.clone()).collect();
+            (self.attn_ev(di, layer), self.attn_dv(di, layer, rows))
+        });
+        let (ev, dv) = match &again {
+            Some((ev, dv)) => (ev.as_slice(), dv.as_slice()),
+            None => (st.ev.as_slice(), st.dv.as_slice()),
+        };
         // g_ev[i, h] = Σ_c gw[i, c, h] · dv[j, h], parallel over downstream features i; g_dv[u][j, h] =
         // Σ_{slots reading (u, j)} gw[slot, h] · ev[i, h], parallel over the active upstream
         // columns (u, j), each column's slots in index order (deterministic). Edges from silent
@@ -371,7 +398,7 @@ impl Engine<'_> {
             }
         }
         g_ev.par_chunks_mut(hd).enumerate().for_each(|(i, gev)| {
-            add_slots(gev, i, index, gw, (h, dh), |col| st.dv[col as usize / f].row(col as usize % f, hd));
+            add_slots(gev, i, index, gw, (h, dh), |col| dv[col as usize / f].row(col as usize % f, hd));
             if let (Some((ep, _)), Some(g)) = (embed, gw_e) {
                 add_slots(gev, i, &ep.index, g, (h, dh), |col| st.embed_dv.row(col as usize, hd));
             }
@@ -380,7 +407,7 @@ impl Engine<'_> {
         sgemm(f, d, hd, &g_ev, hd, 1, &lc.w_o, d, 1, g_enc, true, true);
         // dv_u = W_decᵀ_u W_V -> g W_decᵀ_u += g_dv W_Vᵀ, on the active rows only
         for (pu, &u) in ups.iter().enumerate() {
-            let rows = &st.dv[pu].rows;
+            let rows = &dv[pu].rows;
             let mut g_dv = vec![0f32; rows.len() * hd];
             g_dv.par_chunks_mut(hd).zip(rows.par_iter()).for_each(|(gdv, &j)| {
                 let r = index.col_range(pu * f + j as usize);
@@ -390,7 +417,7 @@ impl Engine<'_> {
                         let g = gw[slot * h + hh];
                         if g != 0.0 {
                             let r = hh * dh..(hh + 1) * dh;
-                            axpy(g, &st.ev[i * hd + r.start..i * hd + r.end], &mut gdv[r]);
+                            axpy(g, &ev[i * hd + r.start..i * hd + r.end], &mut gdv[r]);
                         }
                     }
                 }

@@ -113,6 +113,34 @@ struct EdgeState {
     /// With gates: the weights before gating, in slot order (upstream, embed).
     raw: Vec<f32>,
     embed_raw: Vec<f32>,
+    /// `ev` and `dv`'s values were let go of after the forward (their rows kept), to be formed
+    /// again by the backward ([`EdgeState::fit_budget`]).
+    factors_dropped: bool,
+}
+
+/// Bytes of attention edge factors (`ev`, `dv`) a forward pass keeps for the backward; beyond
+/// them, a module's factors are let go of and formed again in its backward — the same bits, one
+/// more product per module. 2 GiB keeps every factor at TinyStories-33M (F ≤ 12,288),
+/// Pythia-70M (F ≤ 8192) and GPT-2 small at F 3072 (≤ 1.3 GB); at GPT-2 small F 24,576 they
+/// come to ~6 GB.
+const FACTOR_BUDGET: usize = 2 << 30;
+
+impl EdgeState {
+    /// Keep this module's attention factors if they fit in what is left of the budget (`kept`:
+    /// bytes kept so far), else let go of their values.
+    fn fit_budget(&mut self, kept: &mut usize, budget: usize) {
+        let bytes = self.ev.len() * std::mem::size_of::<f32>() + self.dv.iter().map(|a| a.value_bytes()).sum::<usize>();
+        if bytes == 0 {
+            return;
+        }
+        if *kept + bytes <= budget {
+            *kept += bytes;
+        } else {
+            self.ev = Vec::new();
+            self.dv.iter_mut().for_each(|a| a.drop_values());
+            self.factors_dropped = true;
+        }
+    }
 }
 
 /// What the forward pass keeps for the backward pass, per module.
@@ -173,6 +201,8 @@ pub struct Engine<'a> {
     gates: Option<&'a SlotValues>,
     /// The parameters came decoder-major ([`Engine::with_params`]): so do the decoder gradients.
     decoder_major: bool,
+    /// Bytes of attention edge factors a forward keeps for the backward ([`FACTOR_BUDGET`]).
+    factor_budget: usize,
     ln_eps: f32,
     n_heads: usize,
     d_head: usize,
@@ -276,6 +306,7 @@ impl<'a> Engine<'a> {
             unembed,
             gates: None,
             decoder_major: false,
+            factor_budget: FACTOR_BUDGET,
             ln_eps: rt.cfg.ln_eps as f32,
             n_heads: rt.cfg.n_heads,
             d_head: rt.cfg.d_head,
@@ -283,6 +314,13 @@ impl<'a> Engine<'a> {
             f: suite.n_features,
             k: suite.k,
         })
+    }
+
+    /// Keep at most `bytes` of attention edge factors from a forward for its backward (default
+    /// [`FACTOR_BUDGET`]); the gradients do not depend on it.
+    pub fn with_factor_budget(mut self, bytes: usize) -> Self {
+        self.factor_budget = bytes;
+        self
     }
 
     /// Run the pruned pass on a batch.
@@ -295,12 +333,14 @@ impl<'a> Engine<'a> {
     pub fn forward_with_dead(&self, fb: &FlatBatch, dead: Option<&[Vec<bool>]>) -> Result<State> {
         let mut prof = Profile::new();
         let mut states: Vec<ModuleState> = Vec::with_capacity(self.suite.modules.len());
+        let mut factors_kept = 0;
         for di in 0..self.suite.modules.len() {
             let z = self.encoder_input(fb, di, &states);
             prof.mark("Z");
             let mut a = self.encode(di, &z);
             prof.mark("Z·Eᵀ");
-            let edges = self.edges_forward(fb, di, &states, &mut a, &mut prof);
+            let mut edges = self.edges_forward(fb, di, &states, &mut a, &mut prof);
+            edges.fit_budget(&mut factors_kept, self.factor_budget);
             let (idx, val, recon) = self.decode(di, &a, &mut prof);
             let fired = crate::sae::fired(&idx, &val, self.f);
             let aux = dead.and_then(|m| auxk_select(&a, self.f, &m[di], self.d));
@@ -361,7 +401,7 @@ impl<'a> Engine<'a> {
                     None => Default::default(),
                 };
                 prof.mark("attn w");
-                let es = EdgeState { w, ev, dv, embed_w, embed_dv, raw, embed_raw };
+                let es = EdgeState { w, ev, dv, embed_w, embed_dv, raw, embed_raw, factors_dropped: false };
                 self.attn_edges_forward(fb, Target { di, layer: l, index, embed }, &es, states, a);
                 prof.mark("attn edges");
                 es
@@ -480,10 +520,14 @@ impl<'a> Engine<'a> {
             prof.mark("encoder");
             let g = EdgeGrads { val: &mut g_val, enc: &mut g_enc, dec_t_in: &mut g_dec_t_in };
             self.edges_backward(fb, di, state, &pg, g, gz.as_deref_mut(), &mut prof);
-            // Assemble this module's gradients (W_dec from its transpose).
-            if !g_dec_t_in[di].is_empty() {
-                add_into(&mut g_dec_t, &g_dec_t_in[di]);
+            // Assemble this module's gradients (W_dec from its transpose). What downstream
+            // modules sent (all they send) is let go of once added.
+            let sent = std::mem::take(&mut g_dec_t_in[di]);
+            if !sent.is_empty() {
+                add_into(&mut g_dec_t, &sent);
             }
+            drop(sent);
+            drop(std::mem::take(&mut g_recon_nb[di]));
             let g_wdec = if self.decoder_major { g_dec_t } else { transpose(&g_dec_t, f, d) };
             // Downstream modules have sent this one all they send (into ups only).
             add_into(&mut g_bdec, &g_bdec_extra[di]);

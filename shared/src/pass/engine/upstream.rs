@@ -68,6 +68,18 @@ impl ActiveRows {
         ActiveRows { rows, map, vals }
     }
 
+    /// Let go of the values, keeping which rows they were (to [`build`](Self::build) them
+    /// again, the same bits: the same product on the same rows).
+    pub(super) fn drop_values(&mut self) {
+        self.vals = Vec::new();
+        self.map = Vec::new();
+    }
+
+    /// Bytes the values hold.
+    pub(super) fn value_bytes(&self) -> usize {
+        self.vals.len() * std::mem::size_of::<f32>()
+    }
+
     /// Feature `j`'s row (`width` values), if it is active.
     pub(super) fn row(&self, j: usize, width: usize) -> Option<&[f32]> {
         let m = self.map[j];
