@@ -286,6 +286,25 @@ fn why_it_fired_agrees_with_attribute() {
         checked += 1;
     }
     assert!(checked > 0);
+    // The why-it-fired pass reads the statistics pass's kept features; with no room to keep
+    // them it runs those sequences through the pass again: the same pages.
+    let again = tmp.join("view-keep0");
+    let acts = tmp.join("acts");
+    let (suite, conns) = (fx.join("suite.safetensors"), fx.join("connections-ref.safetensors"));
+    let a = ["--acts", s(&acts), "--suite", s(&suite), "--connections", s(&conns)];
+    tool_ok("view-features", &[&a[..], &["--keep-mb", "0", "--out", s(&again)]].concat());
+    let data = |dir: &Path| -> Vec<(std::ffi::OsString, Vec<u8>)> {
+        let mut files: Vec<_> = std::fs::read_dir(dir.join("data"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .map(|p| (p.file_name().unwrap().to_owned(), std::fs::read(&p).unwrap()))
+            .collect();
+        files.sort();
+        files
+    };
+    let (kept, rerun) = (data(&site.dir), data(&again));
+    assert!(!kept.is_empty());
+    assert!(kept == rerun, "view-features --keep-mb 0 wrote different data files");
 }
 
 /// The score column of a rendered connection table (unknown scores as -inf), checked to be in

@@ -151,6 +151,32 @@ struct Active {
     enc_t: Tensor,
 }
 
+/// Some of a module's active features (ascending), and their rows among them.
+struct Subset {
+    ids: Vec<u32>,
+    /// Their rows in the module's active features.
+    rows: Vec<u32>,
+    /// Feature -> its row in the subset.
+    row_of: HashMap<u32, usize>,
+}
+
+impl Subset {
+    /// The features of `ids` that are active (`active_row`), each once, ascending.
+    fn of(ids: impl Iterator<Item = u32>, active_row: &HashMap<u32, usize>) -> Subset {
+        let set: std::collections::BTreeSet<u32> = ids.filter(|j| active_row.contains_key(j)).collect();
+        let ids: Vec<u32> = set.into_iter().collect();
+        let rows = ids.iter().map(|j| active_row[j] as u32).collect();
+        let row_of = ids.iter().enumerate().map(|(r, &j)| (j, r)).collect();
+        Subset { ids, rows, row_of }
+    }
+
+    /// The subset's rows of `t` (the module's active features' rows).
+    fn select(&self, t: &Tensor) -> Result<Tensor> {
+        let idx = Tensor::new(self.rows.as_slice(), t.device())?;
+        Ok(t.index_select(&idx, 0)?.contiguous()?)
+    }
+}
+
 /// A feature node by (module, position, feature).
 pub type NodeKey = (usize, usize, u32);
 
@@ -315,22 +341,46 @@ pub fn attribute_nodes(
                 let pat = to_vec(&batch.pattern[l])?; // (1, H, S, S)
                 let p_at = |hh: usize, q: usize, p: usize| pat[(hh * s + q) * s + p] as f64;
                 // ev = E W_Oᵀ per active feature; values through W_V of upstream decoders,
-                // tokens, positions and the upstream bias; all (.., H·d_h).
-                let ev_t = act.enc_t.matmul(&w_o.t()?)?;
+                // tokens, positions and the upstream bias; all (.., H·d_h). With `wanted`, only
+                // for the wanted features and the upstream features their links read (a few
+                // rows of each module's active ones, where view-features' why-it-fired pass
+                // formed them all per sequence).
+                let mine = match wanted {
+                    Some(_) => Some(Subset::of(
+                        node_of[dm].keys().filter(|&&(q, i)| !skip(q, i)).map(|&(_, i)| i),
+                        &act.row_of,
+                    )),
+                    None => None,
+                };
+                let ev_t = match &mine {
+                    Some(sub) => sub.select(&act.enc_t)?,
+                    None => act.enc_t.clone(),
+                }
+                .matmul(&w_o.t()?)?;
+                let ev_row = |i: u32| mine.as_ref().map_or(act.row_of[&i], |sub| sub.row_of[&i]);
                 let ev = Rows::of(&ev_t)?;
-                let dv: Vec<Option<Rows>> =
-                    (0..suite.modules.len())
-                        .map(|u| {
-                            if ups.contains(&u) {
-                                Rows::of(&active[u].dec_t.matmul(&w_v)?).map(Some)
-                            } else {
-                                Ok(None)
+                let dv: Vec<Option<(Rows, HashMap<u32, usize>)>> = (0..suite.modules.len())
+                    .map(|u| {
+                        if !ups.contains(&u) {
+                            return Ok(None);
+                        }
+                        let (dec, row_of) = match &mine {
+                            Some(sub) => {
+                                let read = sub.ids.iter().flat_map(|&i| sources(i)).filter(|&(uu, _)| uu == u);
+                                let up = Subset::of(read.map(|(_, j)| j), &active[u].row_of);
+                                if up.ids.is_empty() {
+                                    return Ok(Some((Rows { data: Vec::new(), width: h * dh }, HashMap::new())));
+                                }
+                                (up.select(&active[u].dec_t)?, up.row_of)
                             }
-                        })
-                        .collect::<Result<_>>()?;
+                            None => (active[u].dec_t.clone(), active[u].row_of.clone()),
+                        };
+                        Ok(Some((Rows::of(&dec.matmul(&w_v)?)?, row_of)))
+                    })
+                    .collect::<Result<_>>()?;
                 // Per head, every active feature's products with every position's token and
                 // positional values: (H, n, S), as batched products.
-                let n_act = act.ids.len();
+                let n_act = ev_t.dim(0)?;
                 let heads = |x: &Tensor, rows: usize| -> Result<Tensor> {
                     Ok(x.reshape((rows, h, dh))?.transpose(0, 1)?.contiguous()?)
                 };
@@ -350,14 +400,14 @@ pub fn attribute_nodes(
                 let mix = |w: &[f64], q: usize, p: usize| -> f64 { (0..h).map(|hh| p_at(hh, q, p) * w[hh]).sum() };
                 let mut weights: HashMap<u32, Vec<(usize, u32, Vec<f64>)>> = HashMap::new();
                 for (&(q, i), &n) in sorted(&node_of[dm]).iter().filter(|e| !skip(e.0 .0, e.0 .1)) {
-                    let r = act.row_of[&i];
-                    let (e, evi) = (act.enc.row(r), ev.row(r));
+                    let r = ev_row(i);
+                    let (e, evi) = (act.enc.row(act.row_of[&i]), ev.row(r));
                     let ws = weights.entry(i).or_insert_with(|| {
                         sources(i)
                             .into_iter()
                             .filter_map(|(u, j)| {
-                                let rows = dv[u].as_ref()?;
-                                active[u].row_of.get(&j).map(|&ru| (u, j, per_head(evi, rows.row(ru))))
+                                let (rows, row_of) = dv[u].as_ref()?;
+                                row_of.get(&j).map(|&ru| (u, j, per_head(evi, rows.row(ru))))
                             })
                             .collect()
                     });

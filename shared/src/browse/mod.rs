@@ -10,6 +10,7 @@ pub mod neuronpedia;
 pub mod page;
 pub mod why;
 
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
@@ -40,6 +41,8 @@ pub struct BrowseConfig {
     pub lens: usize,
     pub pass: PassOptions,
     pub seed: u64,
+    /// At most this many feature values (8 bytes each) kept in [`Browse::kept`].
+    pub keep_entries: usize,
 }
 
 /// One activating context: the window's tokens and this feature's activations on them.
@@ -81,6 +84,10 @@ pub struct Browse {
     pub n_seqs: usize,
     pub stats: Vec<Vec<FeatureStats>>,
     pub lens: Vec<Vec<Lens>>,
+    /// The pass's features of the sequences holding top contexts (per module, the nonzero
+    /// `(pos·F + feature, value)`), for the why-it-fired pass; a sequence left out (beyond
+    /// [`BrowseConfig::keep_entries`]) is run again there.
+    pub kept: HashMap<usize, Vec<Vec<(u32, f32)>>>,
 }
 
 /// Insert into a top-N list kept unsorted (the minimum is replaced); `make` builds the context
@@ -164,6 +171,7 @@ pub fn collect(
     let mut stats = vec![vec![FeatureStats::default(); f]; n_mod];
     let mut rng = SplitMix(cfg.seed ^ 0x5ca3_b20e);
     let (mut n_tokens, mut seq0, mut index) = (0u64, 0usize, 0usize);
+    let (mut kept, mut kept_entries) = (HashMap::new(), 0usize);
     // Rank 0 reads every batch (it keeps the statistics); another rank only the ones it owns.
     let (rank, ranks) = (coll.rank(), coll.size());
     let mine = |i: usize| rank == 0 || i % ranks == rank;
@@ -180,6 +188,20 @@ pub fn collect(
             return Ok(());
         }
         let tokens: Vec<u32> = batch.tokens.flatten_all()?.to_vec1()?;
+        for bi in 0..b {
+            let sparse: Vec<Vec<(u32, f32)>> = feats
+                .iter()
+                .map(|v| {
+                    let seq = &v[bi * s * f..(bi + 1) * s * f];
+                    seq.iter().enumerate().filter(|(_, &a)| a != 0.0).map(|(c, &a)| (c as u32, a)).collect()
+                })
+                .collect();
+            let n: usize = sparse.iter().map(Vec::len).sum();
+            if kept_entries + n <= cfg.keep_entries {
+                kept_entries += n;
+                kept.insert(seq0 + bi, sparse);
+            }
+        }
         for (mi, v) in feats.into_iter().enumerate() {
             let st = &mut stats[mi];
             for row in 0..b * s {
@@ -225,6 +247,16 @@ pub fn collect(
                 }
             }
         }
+        // Keep only the sequences some top context is still in.
+        let held: HashSet<usize> =
+            stats.iter().flatten().flat_map(|fs| fs.top.iter().map(|c| c.seq as usize)).collect();
+        kept.retain(|seq, v| {
+            let keep = held.contains(seq);
+            if !keep {
+                kept_entries -= v.iter().map(Vec::len).sum::<usize>();
+            }
+            keep
+        });
         seq0 += b;
         n_tokens += (b * s) as u64;
         bar.inc((b * s) as u64);
@@ -236,7 +268,7 @@ pub fn collect(
         fs.sampled.sort_by(|a, b| b.act.total_cmp(&a.act));
     }
     let lens = if coll.rank() == 0 { logit_lens(inputs, cfg.lens, device)? } else { Vec::new() };
-    Ok(Browse { n_tokens, n_seqs, stats, lens })
+    Ok(Browse { n_tokens, n_seqs, stats, lens, kept })
 }
 
 /// A validated `view-features` run.

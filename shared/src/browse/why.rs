@@ -2,12 +2,14 @@
 //! pre-activation at that position, as an attribution graph writes them (docs/MATH.md,
 //! "Attribution graphs"): the largest links (an upstream feature at a position, or a token's
 //! embedding), the sum of the other links, and the node's own terms (bias, upstream decoder
-//! biases, position). They add up to the pre-activation. Computed by a second pass over the
-//! sequences that hold top contexts, with links only into the contexts' nodes.
+//! biases, position). They add up to the pre-activation. Computed from the features of the
+//! sequences that hold top contexts (kept by the statistics pass, [`super::Browse::kept`], else
+//! run through the pass again), with links only into the contexts' nodes and products only for
+//! the features those links read.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 
 use super::{Browse, BrowseConfig};
 use crate::attrib::{attribute_nodes, sequence_output, NodeKey, NodeKind, Setup};
@@ -15,7 +17,7 @@ use crate::error::Result;
 use crate::formats::cache::CacheReader;
 use crate::formats::connections::Connections;
 use crate::inputs::Inputs;
-use crate::pass::ValuePass;
+use crate::pass::{PassOutput, ValuePass};
 
 /// Where a term comes from.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -61,36 +63,57 @@ pub fn explain(
     let mut reader = CacheReader::new(inputs.cache(), device);
     let seqs: Vec<usize> = wanted.keys().copied().collect();
     let mut found: HashMap<(usize, u32, usize, usize), Why> = HashMap::new();
-    for chunk in seqs.chunks(cfg.batch_size.max(1)) {
+    let mut explain_one = |batch: &crate::data::Batch, out: &PassOutput, seq: usize| -> Result<()> {
+        let want = &wanted[&seq];
+        let graph = attribute_nodes(&setup, batch, out, Some(want), None)?;
+        let mut incoming: HashMap<usize, Vec<(usize, f64)>> = HashMap::new();
+        for l in &graph.links {
+            incoming.entry(l.target).or_default().push((l.source, l.weight));
+        }
+        for (n, node) in graph.nodes.iter().enumerate() {
+            let NodeKind::Feature { module, feature } = node.kind else { continue };
+            if !want.contains(&(module, node.pos, feature)) {
+                continue;
+            }
+            let mut links = incoming.remove(&n).unwrap_or_default();
+            links.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()).then(a.0.cmp(&b.0)));
+            let rest = links.iter().skip(keep).map(|l| l.1).sum();
+            let source = |src: usize| match graph.nodes[src].kind {
+                NodeKind::Feature { module, feature } => Source::Feature { module, feature, pos: graph.nodes[src].pos },
+                NodeKind::Token { token } => Source::Token { token, pos: graph.nodes[src].pos },
+                NodeKind::Logit { .. } => unreachable!("logits feed nothing"),
+            };
+            let top = links.iter().take(keep).map(|&(src, w)| (source(src), w)).collect();
+            let why = Why { links: top, rest, fixed: node.terms.sum(), pre: node.pre };
+            found.insert((module, feature, seq, node.pos), why);
+        }
+        Ok(())
+    };
+    // Sequences whose features the statistics pass kept are not run again.
+    let (stored, again): (Vec<usize>, Vec<usize>) = seqs.iter().partition(|s| browse.kept.contains_key(s));
+    let f = suite.n_features;
+    for chunk in stored.chunks(cfg.batch_size.max(1)) {
+        let batch = reader.batch(chunk)?;
+        let s = batch.tokens.dim(1)?;
+        for (i, &seq) in chunk.iter().enumerate() {
+            let feats = browse.kept[&seq]
+                .iter()
+                .map(|nz| {
+                    let mut dense = vec![0f32; s * f];
+                    nz.iter().for_each(|&(c, a)| dense[c as usize] = a);
+                    Ok(Tensor::from_vec(dense, (s, f), &Device::Cpu)?)
+                })
+                .collect::<Result<_>>()?;
+            let out = PassOutput { feats, recon: Vec::new(), pre: Vec::new() };
+            explain_one(&batch.narrow(i, 1)?, &out, seq)?;
+        }
+    }
+    for chunk in again.chunks(cfg.batch_size.max(1)) {
         let batch = reader.batch(chunk)?;
         let out = pass.run(&batch)?;
         let s = batch.tokens.dim(1)?;
         for (i, &seq) in chunk.iter().enumerate() {
-            let want = &wanted[&seq];
-            let graph = attribute_nodes(&setup, &batch.narrow(i, 1)?, &sequence_output(&out, i, s)?, Some(want), None)?;
-            let mut incoming: HashMap<usize, Vec<(usize, f64)>> = HashMap::new();
-            for l in &graph.links {
-                incoming.entry(l.target).or_default().push((l.source, l.weight));
-            }
-            for (n, node) in graph.nodes.iter().enumerate() {
-                let NodeKind::Feature { module, feature } = node.kind else { continue };
-                if !want.contains(&(module, node.pos, feature)) {
-                    continue;
-                }
-                let mut links = incoming.remove(&n).unwrap_or_default();
-                links.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()).then(a.0.cmp(&b.0)));
-                let rest = links.iter().skip(keep).map(|l| l.1).sum();
-                let source = |src: usize| match graph.nodes[src].kind {
-                    NodeKind::Feature { module, feature } => {
-                        Source::Feature { module, feature, pos: graph.nodes[src].pos }
-                    }
-                    NodeKind::Token { token } => Source::Token { token, pos: graph.nodes[src].pos },
-                    NodeKind::Logit { .. } => unreachable!("logits feed nothing"),
-                };
-                let top = links.iter().take(keep).map(|&(src, w)| (source(src), w)).collect();
-                let why = Why { links: top, rest, fixed: node.terms.sum(), pre: node.pre };
-                found.insert((module, feature, seq, node.pos), why);
-            }
+            explain_one(&batch.narrow(i, 1)?, &sequence_output(&out, i, s)?, seq)?;
         }
     }
     Ok(browse

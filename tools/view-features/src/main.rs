@@ -50,6 +50,11 @@ struct Args {
     /// Tokens of context left of the activating token (right: a third of it, at least 2).
     #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u64).range(1..=64))]
     context: u64,
+    /// Memory (MB) for the features of the sequences holding top contexts, kept from the
+    /// statistics pass for the why-it-fired pass; sequences beyond it are run through the pass
+    /// again there (the same page, more time).
+    #[arg(long, default_value_t = 512)]
+    keep_mb: u64,
     #[command(flatten)]
     cache: scae::cli::CacheRunArgs,
     #[command(flatten)]
@@ -107,6 +112,7 @@ fn run(args: Args, coll: &dyn scae::util::collective::Collective) -> Result<()> 
             lens: 10,
             pass: args.pass.options(),
             seed: args.common.seed,
+            keep_entries: (args.keep_mb as usize) << 17,
         },
     };
     let Some(s) = scae::browse::run(&cfg, &ASSETS, &device, coll)? else { return Ok(()) };
