@@ -345,19 +345,15 @@ pub fn attribute_nodes(
                 // for the wanted features and the upstream features their links read (a few
                 // rows of each module's active ones, where view-features' why-it-fired pass
                 // formed them all per sequence).
-                let mine = match wanted {
-                    Some(_) => Some(Subset::of(
-                        node_of[dm].keys().filter(|&&(q, i)| !skip(q, i)).map(|&(_, i)| i),
-                        &act.row_of,
-                    )),
-                    None => None,
-                };
+                let mine = wanted.map(|_| {
+                    Subset::of(node_of[dm].keys().filter(|&&(q, i)| !skip(q, i)).map(|&(_, i)| i), &act.row_of)
+                });
                 let ev_t = match &mine {
                     Some(sub) => sub.select(&act.enc_t)?,
                     None => act.enc_t.clone(),
                 }
                 .matmul(&w_o.t()?)?;
-                let ev_row = |i: u32| mine.as_ref().map_or(act.row_of[&i], |sub| sub.row_of[&i]);
+                let ev_row = |i: u32| mine.as_ref().map_or_else(|| act.row_of[&i], |sub| sub.row_of[&i]);
                 let ev = Rows::of(&ev_t)?;
                 let dv: Vec<Option<(Rows, HashMap<u32, usize>)>> = (0..suite.modules.len())
                     .map(|u| {
