@@ -135,8 +135,10 @@ run "attribute C=$c, --no-prune" 128 $BIN/attribute --acts "$OUT/acts" --seq 0 -
 run "view-features C=$c" $((EVAL_SEQS * 128)) $BIN/view-features --acts "$OUT/acts" --suite "$OUT/ft$c" \
     --connections "$OUT/c$c.parquet" --n-seqs "$EVAL_SEQS" --batch-size "$SEQS" --graphs "$OUT/graphs" \
     --out "$OUT/view$c" --overwrite
+# (--graphs in both runs: reading them is a fixed cost, not one per batch.)
 run "view-features C=$c, one batch" $((SEQS * 128)) $BIN/view-features --acts "$OUT/acts" --suite "$OUT/ft$c" \
-    --connections "$OUT/c$c.parquet" --n-seqs "$SEQS" --batch-size "$SEQS" --out "$OUT/view$c-1" --overwrite
+    --connections "$OUT/c$c.parquet" --n-seqs "$SEQS" --batch-size "$SEQS" --graphs "$OUT/graphs" \
+    --out "$OUT/view$c-1" --overwrite
 floor=$(OPENBLAS_NUM_THREADS=$THREADS $BIN/examples/gemm_floor "$D" "$F" "$HEADS" "$LAYERS" "$SEQS" 128 "$V")
 echo "shape: $SHAPE, d_model $D, $HEADS heads, $LAYERS layers, F $F, k $K, $SEQS x 128 tokens per step, $THREADS threads"
 echo

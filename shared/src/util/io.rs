@@ -49,6 +49,50 @@ pub fn write_safetensors<V: safetensors::View>(
     })
 }
 
+/// A host array to write with [`write_safetensors`], f32 values borrowed (no copy on
+/// little-endian machines: a checkpoint of GPT-2 small at F 24,576 writes 7.2 GB of Adam
+/// moments) or i64 values owned.
+pub enum HostArray<'a> {
+    F32(&'a [f32], Vec<usize>),
+    I64(Vec<i64>, Vec<usize>),
+}
+
+impl safetensors::View for HostArray<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        match self {
+            HostArray::F32(..) => safetensors::Dtype::F32,
+            HostArray::I64(..) => safetensors::Dtype::I64,
+        }
+    }
+
+    fn shape(&self) -> &[usize] {
+        match self {
+            HostArray::F32(_, s) | HostArray::I64(_, s) => s,
+        }
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        match self {
+            #[cfg(target_endian = "little")]
+            // SAFETY: f32 has no padding and u8 no alignment; the bytes are the values' own, in
+            // the little-endian order safetensors stores.
+            HostArray::F32(v, _) => {
+                std::borrow::Cow::Borrowed(unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), v.len() * 4) })
+            }
+            #[cfg(not(target_endian = "little"))]
+            HostArray::F32(v, _) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            HostArray::I64(v, _) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+
+    fn data_len(&self) -> usize {
+        match self {
+            HostArray::F32(v, _) => v.len() * 4,
+            HostArray::I64(v, _) => v.len() * 8,
+        }
+    }
+}
+
 fn sort_safetensors_header(path: &Path) -> Result<()> {
     use std::io::{Read, Seek, Write};
     let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path).at(path)?;

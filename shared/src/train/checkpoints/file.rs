@@ -15,6 +15,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::formats::suite::Suite;
 use crate::model::Module;
 use crate::sae::AeParams;
+use crate::util::io::HostArray;
 
 /// `format` of a checkpoint's state.json.
 pub const FORMAT: &str = "scae-checkpoint";
@@ -91,17 +92,17 @@ pub fn write(
     crate::util::io::recover_swap(&tmp, &final_dir, super::complete_checkpoint)?;
     std::fs::create_dir_all(&tmp).at(&tmp)?;
     suite.save(&tmp, &state.tool, serde_json::json!({"checkpoint_step": state.step}))?;
-    let dev = Device::Cpu;
-    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    // The moments are written from where they are (no copy).
+    let mut tensors: HashMap<String, HostArray> = HashMap::new();
     for (mi, module) in suite.modules.iter().enumerate() {
         if let Some((m, v)) = moments {
             for ((name, mt), (_, vt)) in m[mi].named().into_iter().zip(v[mi].named()) {
-                tensors.insert(format!("m.{}", key(module, name)), Tensor::from_vec(mt.clone(), mt.len(), &dev)?);
-                tensors.insert(format!("v.{}", key(module, name)), Tensor::from_vec(vt.clone(), vt.len(), &dev)?);
+                tensors.insert(format!("m.{}", key(module, name)), HostArray::F32(mt, vec![mt.len()]));
+                tensors.insert(format!("v.{}", key(module, name)), HostArray::F32(vt, vec![vt.len()]));
             }
         }
         let s: Vec<i64> = since[mi].iter().map(|&s| s as i64).collect();
-        tensors.insert(format!("dead.{module}"), Tensor::from_vec(s, since[mi].len(), &dev)?);
+        tensors.insert(format!("dead.{module}"), HostArray::I64(s, vec![since[mi].len()]));
     }
     crate::util::io::write_safetensors(&tmp.join("optimizer.safetensors"), tensors, &Default::default())?;
     let json = serde_json::to_string_pretty(state).expect("state serializes");
