@@ -215,10 +215,31 @@ pub fn attribute_nodes(
     let host = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(&cpu)?.to_dtype(DType::F32)?) };
     let tokens: Vec<u32> = batch.tokens.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
     let feats: Vec<Vec<f32>> = out.feats.iter().map(to_vec).collect::<Result<_>>()?;
-    // Active features per module, with their parameters.
+    // With wanted nodes (and no logits), the parameters of the features their links read: the
+    // wanted features and their connections' upstream features (all of them when every
+    // connection is kept), not of every active one.
+    let needed: Option<Vec<std::collections::HashSet<u32>>> = match (wanted, setup.conns) {
+        (Some(w), Some(c)) if logits.is_none() => {
+            let mut need = vec![std::collections::HashSet::new(); suite.modules.len()];
+            for &(dm, _, i) in w {
+                need[dm].insert(i);
+                for e in &c.edges[dm][i as usize] {
+                    if let Some(n) = need.get_mut(e.up) {
+                        n.insert(e.feature);
+                    }
+                }
+            }
+            Some(need)
+        }
+        _ => None,
+    };
+    // Active features per module (those needed), with their parameters.
     let mut active = Vec::new();
     for (m, ae) in suite.aes.iter().enumerate() {
-        let ids: Vec<u32> = (0..f as u32).filter(|&j| (0..s).any(|t| feats[m][t * f + j as usize] != 0.0)).collect();
+        let ids: Vec<u32> = (0..f as u32)
+            .filter(|&j| needed.as_ref().is_none_or(|n| n[m].contains(&j)))
+            .filter(|&j| (0..s).any(|t| feats[m][t * f + j as usize] != 0.0))
+            .collect();
         let idx = Tensor::new(ids.as_slice(), &cpu)?;
         let enc_t = host(ae.w_enc.as_tensor())?.index_select(&idx, 0)?.contiguous()?;
         let dec_t = host(ae.w_dec.as_tensor())?.index_select(&idx, 1)?.t()?.contiguous()?;
