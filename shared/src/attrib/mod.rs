@@ -13,6 +13,7 @@
 pub mod json;
 pub mod prune;
 pub mod run;
+mod subset;
 
 use std::collections::HashMap;
 
@@ -25,6 +26,7 @@ use crate::formats::suite::Suite;
 use crate::model::{Kind, Runtime};
 use crate::pass::{PassOptions, PassOutput};
 use crate::util::to_vec;
+use subset::Subset;
 
 /// What a node is.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -149,32 +151,6 @@ struct Active {
     /// `dec` as a tensor (for products with model matrices).
     dec_t: Tensor,
     enc_t: Tensor,
-}
-
-/// Some of a module's active features (ascending), and their rows among them.
-struct Subset {
-    ids: Vec<u32>,
-    /// Their rows in the module's active features.
-    rows: Vec<u32>,
-    /// Feature -> its row in the subset.
-    row_of: HashMap<u32, usize>,
-}
-
-impl Subset {
-    /// The features of `ids` that are active (`active_row`), each once, ascending.
-    fn of(ids: impl Iterator<Item = u32>, active_row: &HashMap<u32, usize>) -> Subset {
-        let set: std::collections::BTreeSet<u32> = ids.filter(|j| active_row.contains_key(j)).collect();
-        let ids: Vec<u32> = set.into_iter().collect();
-        let rows = ids.iter().map(|j| active_row[j] as u32).collect();
-        let row_of = ids.iter().enumerate().map(|(r, &j)| (j, r)).collect();
-        Subset { ids, rows, row_of }
-    }
-
-    /// The subset's rows of `t` (the module's active features' rows).
-    fn select(&self, t: &Tensor) -> Result<Tensor> {
-        let idx = Tensor::new(self.rows.as_slice(), t.device())?;
-        Ok(t.index_select(&idx, 0)?.contiguous()?)
-    }
 }
 
 /// A feature node by (module, position, feature).

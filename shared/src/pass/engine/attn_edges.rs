@@ -30,6 +30,31 @@ const FEATURE_TILE: usize = 64;
 /// sums do not depend on the thread count).
 const FEATURE_BLOCKS: usize = 16;
 
+/// Bytes of attention edge factors (`ev`, `dv`) a forward pass keeps for the backward; beyond
+/// them, a module's factors are let go of and formed again in its backward — the same bits, one
+/// more product per module. 2 GiB keeps every factor at TinyStories-33M (F ≤ 12,288),
+/// Pythia-70M (F ≤ 8192) and GPT-2 small at F 3072 (≤ 1.3 GB); at GPT-2 small F 24,576 they
+/// come to ~6 GB.
+pub(super) const FACTOR_BUDGET: usize = 2 << 30;
+
+impl EdgeState {
+    /// Keep this module's attention factors if they fit in what is left of the budget (`kept`:
+    /// bytes kept so far), else let go of their values.
+    pub(super) fn fit_budget(&mut self, kept: &mut usize, budget: usize) {
+        let bytes = self.ev.len() * std::mem::size_of::<f32>() + self.dv.iter().map(|a| a.value_bytes()).sum::<usize>();
+        if bytes == 0 {
+            return;
+        }
+        if *kept + bytes <= budget {
+            *kept += bytes;
+        } else {
+            self.ev = Vec::new();
+            self.dv.iter_mut().for_each(|a| a.drop_values());
+            self.factors_dropped = true;
+        }
+    }
+}
+
 /// The embed columns read in sequence `bi` (value 1, so only `x = 1 / s1[p]`).
 fn fill_embed_values(fb: &FlatBatch, ep: &EmbedPlan, scale: &[f32], bi: usize, table: &mut ColValues) {
     let items =
@@ -51,6 +76,13 @@ fn row_blocks(buf: &mut [f32], len: usize, n: usize) -> Vec<&mut [f32]> {
 }
 
 impl Engine<'_> {
+    /// Keep at most `bytes` of attention edge factors from a forward for its backward (default
+    /// `FACTOR_BUDGET`, 2 GiB); the gradients do not depend on it.
+    pub fn with_factor_budget(mut self, bytes: usize) -> Self {
+        self.factor_budget = bytes;
+        self
+    }
+
     /// Attention edge weights `w_h[i,c] = (E W_Oᵀ)[i, h] · (W_decᵀ W_V)[j, h]` (d_head dots),
     /// with the two factors. `W_decᵀ W_V` is formed only for the upstream features that have
     /// an edge into this module and are active somewhere in the batch (`states`): an edge from

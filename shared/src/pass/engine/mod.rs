@@ -118,31 +118,6 @@ struct EdgeState {
     factors_dropped: bool,
 }
 
-/// Bytes of attention edge factors (`ev`, `dv`) a forward pass keeps for the backward; beyond
-/// them, a module's factors are let go of and formed again in its backward — the same bits, one
-/// more product per module. 2 GiB keeps every factor at TinyStories-33M (F ≤ 12,288),
-/// Pythia-70M (F ≤ 8192) and GPT-2 small at F 3072 (≤ 1.3 GB); at GPT-2 small F 24,576 they
-/// come to ~6 GB.
-const FACTOR_BUDGET: usize = 2 << 30;
-
-impl EdgeState {
-    /// Keep this module's attention factors if they fit in what is left of the budget (`kept`:
-    /// bytes kept so far), else let go of their values.
-    fn fit_budget(&mut self, kept: &mut usize, budget: usize) {
-        let bytes = self.ev.len() * std::mem::size_of::<f32>() + self.dv.iter().map(|a| a.value_bytes()).sum::<usize>();
-        if bytes == 0 {
-            return;
-        }
-        if *kept + bytes <= budget {
-            *kept += bytes;
-        } else {
-            self.ev = Vec::new();
-            self.dv.iter_mut().for_each(|a| a.drop_values());
-            self.factors_dropped = true;
-        }
-    }
-}
-
 /// What the forward pass keeps for the backward pass, per module.
 pub struct ModuleState {
     /// Top-k indices `(N, K)` and ReLU'd values `(N, K)`.
@@ -201,7 +176,7 @@ pub struct Engine<'a> {
     gates: Option<&'a SlotValues>,
     /// The parameters came decoder-major ([`Engine::with_params`]): so do the decoder gradients.
     decoder_major: bool,
-    /// Bytes of attention edge factors a forward keeps for the backward ([`FACTOR_BUDGET`]).
+    /// Bytes of attention edge factors a forward keeps for the backward ([`attn_edges::FACTOR_BUDGET`]).
     factor_budget: usize,
     ln_eps: f32,
     n_heads: usize,
@@ -306,7 +281,7 @@ impl<'a> Engine<'a> {
             unembed,
             gates: None,
             decoder_major: false,
-            factor_budget: FACTOR_BUDGET,
+            factor_budget: attn_edges::FACTOR_BUDGET,
             ln_eps: rt.cfg.ln_eps as f32,
             n_heads: rt.cfg.n_heads,
             d_head: rt.cfg.d_head,
@@ -314,13 +289,6 @@ impl<'a> Engine<'a> {
             f: suite.n_features,
             k: suite.k,
         })
-    }
-
-    /// Keep at most `bytes` of attention edge factors from a forward for its backward (default
-    /// [`FACTOR_BUDGET`]); the gradients do not depend on it.
-    pub fn with_factor_budget(mut self, bytes: usize) -> Self {
-        self.factor_budget = bytes;
-        self
     }
 
     /// Run the pruned pass on a batch.
