@@ -10,7 +10,7 @@ pub mod neuronpedia;
 pub mod page;
 pub mod why;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
@@ -92,16 +92,19 @@ pub struct Browse {
 
 /// Insert into a top-N list kept unsorted (the minimum is replaced); `make` builds the context
 /// only when `act` enters the list.
-fn push_top(top: &mut Vec<Context>, n: usize, act: f32, make: impl FnOnce() -> Context) {
+/// Returns whether `act` entered, and the sequence of the context it replaced.
+fn push_top(top: &mut Vec<Context>, n: usize, act: f32, make: impl FnOnce() -> Context) -> (bool, Option<u32>) {
     if top.len() < n {
         top.push(make());
-        return;
+        return (true, None);
     }
     let (mi, mv) =
         top.iter().enumerate().fold((0, f32::INFINITY), |m, (i, x)| if x.act < m.1 { (i, x.act) } else { m });
     if act > mv {
-        top[mi] = make();
+        let out = std::mem::replace(&mut top[mi], make());
+        return (true, Some(out.seq));
     }
+    (false, None)
 }
 
 /// This batch's features `(b·s, F)` per module on the host, for rank 0: computed here, or on a
@@ -172,6 +175,8 @@ pub fn collect(
     let mut rng = SplitMix(cfg.seed ^ 0x5ca3_b20e);
     let (mut n_tokens, mut seq0, mut index) = (0u64, 0usize, 0usize);
     let (mut kept, mut kept_entries) = (HashMap::new(), 0usize);
+    // How many top contexts each sequence holds (over all features).
+    let mut holding: HashMap<usize, u32> = HashMap::new();
     // Rank 0 reads every batch (it keeps the statistics); another rank only the ones it owns.
     let (rank, ranks) = (coll.rank(), coll.size());
     let mine = |i: usize| rank == 0 || i % ranks == rank;
@@ -225,7 +230,17 @@ pub fn collect(
                             acts: (lo..hi).map(|q| v[(bi * s + q) * f + j]).collect(),
                         }
                     };
-                    push_top(&mut fs.top, cfg.top_n, a, || window(a));
+                    let (entered, replaced) = push_top(&mut fs.top, cfg.top_n, a, || window(a));
+                    if entered {
+                        *holding.entry(seq0 + bi).or_insert(0) += 1;
+                    }
+                    if let Some(r) = replaced {
+                        let c = holding.get_mut(&(r as usize)).expect("a held sequence is counted");
+                        *c -= 1;
+                        if *c == 0 {
+                            holding.remove(&(r as usize));
+                        }
+                    }
                     // Reservoir sampling (Algorithm R) of values and of contexts.
                     let seen = fs.count;
                     if fs.samples.len() < cfg.hist_samples {
@@ -248,10 +263,8 @@ pub fn collect(
             }
         }
         // Keep only the sequences some top context is still in.
-        let held: HashSet<usize> =
-            stats.iter().flatten().flat_map(|fs| fs.top.iter().map(|c| c.seq as usize)).collect();
         kept.retain(|seq, v| {
-            let keep = held.contains(seq);
+            let keep = holding.contains_key(seq);
             if !keep {
                 kept_entries -= v.iter().map(Vec::len).sum::<usize>();
             }

@@ -5,11 +5,12 @@
 //! of `log_softmax` (max, shift, exp, sum, log) and a gather. [`Runtime::ce_from_resid`](super::Runtime::ce_from_resid)
 //! takes it for f32 tensors on the CPU outside an autograd graph.
 
-use candle_core::{DType, Storage, Tensor};
+use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::util::blas::sgemm_ld;
+use crate::util::with_host_f32;
 
 /// Rows (positions) and vocabulary columns per task: a `(ROWS, COLS)` logits buffer per thread
 /// (8 MB), and `W_U`'s columns packed once per row block rather than once per few rows.
@@ -32,21 +33,17 @@ thread_local! {
 pub fn host_ce(normalized: &Tensor, w_u: &Tensor, b_u: &Tensor, tokens: &Tensor) -> Result<Option<Tensor>> {
     let (b, s, d) = normalized.dims3()?;
     let v = w_u.dim(1)?;
-    let (ws, wl) = w_u.storage_and_layout();
-    let (bs, bl) = b_u.storage_and_layout();
-    let (Storage::Cpu(candle_core::CpuStorage::F32(w)), Storage::Cpu(candle_core::CpuStorage::F32(bias))) =
-        (&*ws, &*bs)
-    else {
-        return Ok(None);
-    };
-    let (Some((w0, w1)), Some((b0, b1))) = (wl.contiguous_offsets(), bl.contiguous_offsets()) else {
-        return Ok(None);
-    };
-    let (w, bias) = (&w[w0..w1], &bias[b0..b1]);
-    let x = crate::util::to_vec(normalized)?;
-    let tok: Vec<u32> = tokens.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
-    let ce = fused_ce(&x, w, bias, &tok, (b, s, d, v), (ROWS, COLS));
-    Ok(Some(Tensor::from_vec(ce, (b, s.saturating_sub(1)), normalized.device())?))
+    let ce = with_host_f32(w_u, |w| {
+        with_host_f32(b_u, |bias| -> Result<Vec<f32>> {
+            let x = crate::util::to_vec(normalized)?;
+            let tok: Vec<u32> = tokens.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
+            Ok(fused_ce(&x, w, bias, &tok, (b, s, d, v), (ROWS, COLS)))
+        })
+    });
+    match ce {
+        Some(Some(ce)) => Ok(Some(Tensor::from_vec(ce?, (b, s.saturating_sub(1)), normalized.device())?)),
+        _ => Ok(None),
+    }
 }
 
 /// [`host_ce`] on host buffers, in tasks of `(rows, cols)`.

@@ -100,29 +100,29 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 /// host (contiguous f32, outside an autograd graph) the bias and the activation are applied in
 /// one pass over rows in parallel, with candle's own per-value formulas (the same bits).
 fn bias_act(pre: &Tensor, b: &Tensor, act: Activation) -> Result<Tensor> {
-    use candle_core::{CpuStorage, Storage};
+    use crate::util::with_host_f32;
     use rayon::prelude::*;
     let n = b.elem_count();
-    if pre.device().is_cpu() && pre.dtype() == DType::F32 && b.dtype() == DType::F32 && !pre.track_op() {
-        let (ps, pl) = pre.storage_and_layout();
-        let (bs, bl) = b.storage_and_layout();
-        if let (Storage::Cpu(CpuStorage::F32(p)), Storage::Cpu(CpuStorage::F32(bv)), Some((p0, p1)), Some((b0, b1))) =
-            (&*ps, &*bs, pl.contiguous_offsets(), bl.contiguous_offsets())
-        {
-            let (p, bv) = (&p[p0..p1], &bv[b0..b1]);
-            let mut out = vec![0f32; p.len()];
-            let f: fn(f32) -> f32 = match act {
-                Activation::Gelu => gelu_erf_f32,
-                Activation::GeluNew => gelu_tanh_f32,
-                Activation::Relu => |v| v.max(0f32),
-            };
-            out.par_chunks_mut(n * 64).zip(p.par_chunks(n * 64)).for_each(|(o, x)| {
-                for (orow, xrow) in o.chunks_mut(n).zip(x.chunks(n)) {
-                    for ((o, &x), &b) in orow.iter_mut().zip(xrow).zip(bv) {
-                        *o = f(x + b);
+    let f: fn(f32) -> f32 = match act {
+        Activation::Gelu => gelu_erf_f32,
+        Activation::GeluNew => gelu_tanh_f32,
+        Activation::Relu => |v| v.max(0f32),
+    };
+    if !pre.track_op() {
+        let host = with_host_f32(b, |bv| {
+            with_host_f32(pre, |p| {
+                let mut out = vec![0f32; p.len()];
+                out.par_chunks_mut(n * 64).zip(p.par_chunks(n * 64)).for_each(|(o, x)| {
+                    for (orow, xrow) in o.chunks_mut(n).zip(x.chunks(n)) {
+                        for ((o, &x), &b) in orow.iter_mut().zip(xrow).zip(bv) {
+                            *o = f(x + b);
+                        }
                     }
-                }
-            });
+                });
+                out
+            })
+        });
+        if let Some(Some(out)) = host {
             return Ok(Tensor::from_vec(out, pre.shape(), pre.device())?);
         }
     }

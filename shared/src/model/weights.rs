@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::config::{Arch, ModelConfig};
 use crate::error::{Error, Result};
+use crate::util::with_host_f32;
 
 /// One transformer block in TL layout after processing (LayerNorms are folded away).
 #[derive(Debug, Clone)]
@@ -168,16 +169,6 @@ impl Transposed for Tensor {
             Some(t) => Ok(Tensor::from_vec(t, (c, r), &Device::Cpu)?),
             None => Ok(self.t()?.contiguous()?),
         }
-    }
-}
-
-/// `f` of the values of a contiguous host f32 tensor, read in place.
-fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-    use candle_core::{CpuStorage, Storage};
-    let (storage, layout) = t.storage_and_layout();
-    match (&*storage, layout.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Some(f(&v[a..b])),
-        _ => None,
     }
 }
 

@@ -68,19 +68,24 @@ pub fn release_freed_memory() {
     }
 }
 
+/// `f` of the values of a contiguous host f32 tensor, read in place (`None` for any other
+/// tensor).
+pub fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => Some(f(&v[a..b])),
+        _ => None,
+    }
+}
+
 /// Whether every value of a float tensor is finite. Off the host fast path: each value times 0
 /// is 0, or NaN for NaN and infinities, so the sum is 0 exactly when all are finite (a plain sum
 /// would overflow on large finite values).
 pub fn all_finite(t: &Tensor) -> Result<bool> {
     // A contiguous host f32 tensor is read in place, in parallel (cache shards are large).
-    if t.device().is_cpu() && t.dtype() == DType::F32 {
-        use rayon::prelude::*;
-        let (storage, layout) = t.storage_and_layout();
-        if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) =
-            (&*storage, layout.contiguous_offsets())
-        {
-            return Ok(v[a..b].par_chunks(1 << 16).all(|c| c.iter().all(|x| x.is_finite())));
-        }
+    use rayon::prelude::*;
+    if let Some(ok) = with_host_f32(t, |v| v.par_chunks(1 << 16).all(|c| c.iter().all(|x| x.is_finite()))) {
+        return Ok(ok);
     }
     Ok(t.to_dtype(DType::F32)?.affine(0.0, 0.0)?.sum_all()?.to_scalar::<f32>()? == 0.0)
 }
