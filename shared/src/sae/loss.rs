@@ -103,15 +103,39 @@ pub fn centered_sq(x: &[f32], d: usize) -> f64 {
 /// as `x`: the mean and the sum of squares are the whole batch's, on every rank.
 pub fn centered_sq_over(coll: &dyn Collective, x: &[f32], d: usize) -> Result<f64> {
     let n = x.len() / d * coll.size();
+    // Each dimension's mean summed over the rows in order, blocks of dimensions in parallel;
+    // each row's squares summed in order, eight rows side by side, rows in parallel, and the
+    // rows' sums added in order: the sums of one pass over the rows, on any number of threads.
     let mut mean = vec![0f64; d];
-    for r in x.chunks(d) {
-        mean.iter_mut().zip(r).for_each(|(m, v)| *m += *v as f64 / n as f64);
-    }
+    const COLS: usize = 64;
+    mean.par_chunks_mut(COLS).enumerate().for_each(|(c, m)| column_means(x, d, c * COLS, n as f64, m));
     coll.sum_f64(&mut mean)?;
-    let mut sq =
-        [x.chunks(d).map(|r| r.iter().zip(&mean).map(|(v, m)| (*v as f64 - m).powi(2)).sum::<f64>()).sum::<f64>()];
+    let mut rows = vec![0f64; x.len() / d.max(1)];
+    rows.par_chunks_mut(8).with_min_len(8).enumerate().for_each(|(c, o)| row_squares(&x[c * 8 * d..], &mean, d, o));
+    let mut sq = [rows.iter().sum::<f64>()];
     coll.sum_f64(&mut sq)?;
     Ok(sq[0].max(1e-30))
+}
+
+crate::widest! {
+    /// `m[j] += x[r, start + j] / n` over the rows `r` of `x (.., d)` in order.
+    fn column_means(x: &[f32], d: usize, start: usize, n: f64, m: &mut [f64]) {
+        let w = m.len();
+        for r in x.chunks_exact(d) {
+            m.iter_mut().zip(&r[start..start + w]).for_each(|(m, v)| *m += *v as f64 / n);
+        }
+    }
+}
+
+crate::widest! {
+    /// `o[r] = Σ_j (x[r, j] − mean[j])²` in `j` order for the first `o.len()` rows of `x (.., d)`.
+    fn row_squares(x: &[f32], mean: &[f64], d: usize, o: &mut [f64]) {
+        for (j, &m) in mean.iter().enumerate() {
+            for (r, s) in o.iter_mut().enumerate() {
+                *s += (x[r * d + j] as f64 - m).powi(2);
+            }
+        }
+    }
 }
 
 /// [`centered_sq`] on a tensor `(.., D)` (f32 floor).
@@ -266,6 +290,25 @@ mod tests {
 
     fn random(n: usize, seed: u64) -> Vec<f32> {
         SplitMix::normals(n, seed)
+    }
+
+    /// The parallel, vectorized sum of squares is the one-pass definition bit for bit (means
+    /// summed over the rows in order, each row's squares in order, the rows' sums in order).
+    #[test]
+    fn centered_sq_is_the_ordered_definition() {
+        for (n, d) in [(1, 5), (13, 70), (40, 129), (9, 1)] {
+            let x: Vec<f32> = random(n * d, n as u64).iter().map(|v| v * 3.0 + 1.5).collect();
+            let mut mean = vec![0f64; d];
+            for r in x.chunks(d) {
+                mean.iter_mut().zip(r).for_each(|(m, v)| *m += *v as f64 / n as f64);
+            }
+            let want = x
+                .chunks(d)
+                .map(|r| r.iter().zip(&mean).map(|(v, m)| (*v as f64 - m).powi(2)).sum::<f64>())
+                .sum::<f64>()
+                .max(1e-30);
+            assert_eq!(centered_sq(&x, d).to_bits(), want.to_bits(), "{n} x {d}");
+        }
     }
 
     /// The device forms (f64 on the tensors' device) equal the host forms they replace in the

@@ -13,10 +13,10 @@ use rayon::prelude::*;
 
 use super::loss::{auxk_and_grad, auxk_select, auxk_t, centered_sq_over, centered_sq_over_t};
 use super::params::AeParams;
-use super::topk::{topk_indices, topk_relu_device};
+use super::topk::{topk_indices_biased, topk_relu_device};
 use super::{decode, fired_t};
 use crate::error::Result;
-use crate::util::blas::{add_into, axpy, by_feature, dot, gemm_nt};
+use crate::util::blas::{add_into, axpy, by_feature, dot, dot4, gemm_nt};
 use crate::util::collective::Collective;
 
 /// What one host step of one module produced.
@@ -59,11 +59,13 @@ pub fn step(
     prof.mark("center");
     gemm_nt(n, f, d, &xc, &p.w_enc, &mut pre);
     prof.mark("encoder product");
-    pre.par_chunks_mut(f).for_each(|r| r.iter_mut().zip(p.b_enc.iter()).for_each(|(a, b)| *a += b));
-    let idx = topk_indices(&pre, f, k);
+    let idx = topk_indices_biased(&mut pre, &p.b_enc, k);
     prof.mark("bias, top-k");
     let val: Vec<f32> = idx.iter().enumerate().map(|(j, &i)| pre[(j / k) * f + i as usize].max(0.0)).collect();
-    let Decoded { yhat, g_y, g_val, fvu } = decode_with_grads(coll, &idx, &val, k, p, y, d)?;
+    let Decoded { yhat, g_y, g_val, den } = decode_with_grads(coll, &idx, &val, k, p, y, d)?;
+    let mut num = [sq_error(&yhat, y)];
+    coll.sum_f64(&mut num)?;
+    let fvu = num[0] / den;
     prof.mark("decode, FVU, value grads");
     // AuxK on dead latents' pre-top-k activations; its residual target is detached.
     let mut auxk = 0f64;
@@ -116,11 +118,12 @@ struct Decoded {
     yhat: Vec<f32>,
     g_y: Vec<f32>,
     g_val: Vec<f32>,
-    fvu: f64,
+    /// The FVU's denominator (the whole batch's).
+    den: f64,
 }
 
-/// The decoding `ŷ = f W_decᵀ + b_dec` of the codes `(idx, val) (N, K)`, the pretraining FVU
-/// `Σ (ŷ − y)² / Σ (y − ȳ)²` (all tokens; the error is not centred) with its gradient
+/// The decoding `ŷ = f W_decᵀ + b_dec` of the codes `(idx, val) (N, K)`, the pretraining FVU's
+/// denominator (`Σ (ŷ − y)² / Σ (y − ȳ)²`, all tokens; the error is not centred), its gradient
 /// `g_y = 2 (ŷ − y) / den`, and the decoded values' gradients ([`value_grads`]), token by token:
 /// a token's decoder rows are read once for its decoding and its values' gradients (the
 /// denominator depends on `y` alone). The rows may be one rank's part of a batch spread over
@@ -140,20 +143,58 @@ fn decode_with_grads(
     let rows = yhat.par_chunks_mut(d).zip(g_y.par_chunks_mut(d)).zip(g_val.par_chunks_mut(k.max(1)));
     rows.enumerate().for_each(|(t, ((yh, gy), gv))| {
         let (idx, val) = (&idx[t * k..(t + 1) * k], &val[t * k..(t + 1) * k]);
-        yh.copy_from_slice(&p.b_dec);
-        for (&i, &v) in idx.iter().zip(val) {
-            if v != 0.0 {
-                axpy(v, &p.w_dec[i as usize * d..(i as usize + 1) * d], yh);
+        decode_row(idx, val, p, &y[t * d..(t + 1) * d], den, yh, gy, gv);
+    });
+    Ok(Decoded { den, yhat, g_y, g_val })
+}
+
+crate::widest! {
+    /// One token of [`decode_with_grads`]: its decoding `yh`, `g_y` and its values' gradients.
+    fn decode_row(
+        idx: &[u32],
+        val: &[f32],
+        p: &AeParams<Vec<f32>>,
+        y: &[f32],
+        den: f64,
+        yh: &mut [f32],
+        gy: &mut [f32],
+        gv: &mut [f32],
+    ) {
+        let d = y.len();
+        // Blocks of columns summed in registers over the token's rows, in the rows' order
+        // (the same sums as adding each row to the whole decoding in turn).
+        const B: usize = 128;
+        let mut c0 = 0;
+        while c0 + B <= d {
+            let mut acc = [0f32; B];
+            acc.copy_from_slice(&p.b_dec[c0..c0 + B]);
+            for (&i, &v) in idx.iter().zip(val) {
+                if v != 0.0 {
+                    let row = &p.w_dec[i as usize * d + c0..i as usize * d + c0 + B];
+                    acc.iter_mut().zip(row).for_each(|(a, x)| *a += v * x);
+                }
+            }
+            yh[c0..c0 + B].copy_from_slice(&acc);
+            c0 += B;
+        }
+        if c0 < d {
+            yh[c0..].copy_from_slice(&p.b_dec[c0..]);
+            for (&i, &v) in idx.iter().zip(val) {
+                if v != 0.0 {
+                    axpy(v, &p.w_dec[i as usize * d + c0..(i as usize + 1) * d], &mut yh[c0..]);
+                }
             }
         }
-        for ((g, a), b) in gy.iter_mut().zip(yh.iter()).zip(&y[t * d..(t + 1) * d]) {
+        for ((g, a), b) in gy.iter_mut().zip(yh.iter()).zip(y) {
             *g = (2.0 * (a - b) as f64 / den) as f32;
         }
         row_value_grads(gy, idx, val, &p.w_dec, d, gv);
-    });
-    let mut num = [yhat.iter().zip(y).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>()];
-    coll.sum_f64(&mut num)?;
-    Ok(Decoded { fvu: num[0] / den, yhat, g_y, g_val })
+    }
+}
+
+/// `Σ (ŷ − y)²` in f64, in order (one chain: the FVU's numerator).
+fn sq_error(yhat: &[f32], y: &[f32]) -> f64 {
+    yhat.iter().zip(y).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>()
 }
 
 /// The gradient `(N, width)` of each decoded value `val[t, j]` (zero where it is not positive)
@@ -168,11 +209,22 @@ fn value_grads(g_y: &[f32], idx: &[u32], val: &[f32], width: usize, dec_t: &[f32
 }
 
 /// [`value_grads`] of one token: `out[j] = g_y · dec_t[idx[j]]` where `val[j] > 0`.
+/// Four rows at a time ([`dot4`]: the same bits as [`dot`] one by one).
 fn row_value_grads(gy: &[f32], idx: &[u32], val: &[f32], dec_t: &[f32], d: usize, out: &mut [f32]) {
-    for ((g, &i), &v) in out.iter_mut().zip(idx).zip(val) {
-        if v > 0.0 {
-            *g = dot(gy, &dec_t[i as usize * d..(i as usize + 1) * d]);
+    let row = |j: usize| &dec_t[idx[j] as usize * d..(idx[j] as usize + 1) * d];
+    let mut live = [0usize; 4];
+    let mut n = 0;
+    for (j, _) in val.iter().enumerate().take(out.len().min(idx.len())).filter(|(_, &v)| v > 0.0) {
+        live[n] = j;
+        n += 1;
+        if n == 4 {
+            let dots = dot4(gy, live.map(row));
+            live.iter().zip(dots).for_each(|(&j, g)| out[j] = g);
+            n = 0;
         }
+    }
+    for &j in &live[..n] {
+        out[j] = dot(gy, row(j));
     }
 }
 
@@ -250,6 +302,36 @@ mod tests {
     use crate::sae::init::init_params;
     use crate::util::collective::Single;
     use crate::util::rng::SplitMix;
+
+    /// The decoding in column blocks and the values' gradients four at a time are the plain
+    /// row-by-row decoding and dots bit for bit (a width of one block and a tail; zero values).
+    #[test]
+    fn blocked_decoding_is_row_by_row() {
+        let (d, f, k, n) = (200, 30, 6, 5);
+        let mut rng = SplitMix(5);
+        let mut p = init_params(d, f, &mut rng);
+        p.decoder_to_major(d, f);
+        p.b_dec = (0..d).map(|_| rng.normal() as f32).collect();
+        let idx: Vec<u32> = (0..n * k).map(|j| ((j * 7 + j / k) % f) as u32).collect();
+        let val: Vec<f32> = (0..n * k).map(|j| if j % 4 == 1 { 0.0 } else { rng.normal().abs() as f32 }).collect();
+        let y: Vec<f32> = (0..n * d).map(|_| rng.normal() as f32).collect();
+        let out = decode_with_grads(&Single, &idx, &val, k, &p, &y, d).unwrap();
+        for t in 0..n {
+            let mut yh = p.b_dec.clone();
+            for j in t * k..(t + 1) * k {
+                if val[j] != 0.0 {
+                    axpy(val[j], &p.w_dec[idx[j] as usize * d..(idx[j] as usize + 1) * d], &mut yh);
+                }
+            }
+            assert_eq!(&out.yhat[t * d..(t + 1) * d], &yh[..], "token {t}");
+            let gy = &out.g_y[t * d..(t + 1) * d];
+            for j in t * k..(t + 1) * k {
+                let want =
+                    if val[j] > 0.0 { dot(gy, &p.w_dec[idx[j] as usize * d..(idx[j] as usize + 1) * d]) } else { 0.0 };
+                assert_eq!(out.g_val[j].to_bits(), want.to_bits(), "value {j}");
+            }
+        }
+    }
 
     /// The hand-written gradients against central finite differences of the loss: all
     /// parameters without AuxK; with AuxK, the parameters of dead latents that the main top-k

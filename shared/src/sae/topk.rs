@@ -27,36 +27,80 @@ pub fn topk_indices(a: &[f32], cols: usize, k: usize) -> Vec<u32> {
     if k == 0 || cols == 0 {
         return out;
     }
-    // About 8 entries per group, between k and 4k groups (more groups: a tighter bound).
-    let n_groups = (cols / 8).clamp(k, 4 * k).min(cols);
-    let order = |x: &(i32, u32), y: &(i32, u32)| y.0.cmp(&x.0).then(x.1.cmp(&y.1));
-    out.par_chunks_mut(k).enumerate().for_each_init(
-        || (vec![0i32; cols], vec![(0i32, 0u32); cols], vec![0i32; n_groups]),
-        |(keys, cand, maxima): &mut (Vec<i32>, Vec<(i32, u32)>, Vec<i32>), (r, o)| {
-            let row = &a[r * cols..(r + 1) * cols];
-            keys.iter_mut().zip(row).for_each(|(key, &x)| *key = order_key(x));
-            maxima.copy_from_slice(&keys[..n_groups]);
-            for blk in keys[n_groups..].chunks_exact(n_groups) {
-                maxima.iter_mut().zip(blk).for_each(|(m, &v)| *m = (*m).max(v));
-            }
-            let bound = *maxima.select_nth_unstable_by(k - 1, |x, y| y.cmp(x)).1;
-            let mut n = 0;
-            for (i, &v) in keys.iter().enumerate() {
-                cand[n] = (v, i as u32);
-                n += usize::from(v >= bound);
-            }
-            let cand = &mut cand[..n];
-            let top = if n > k {
-                cand.select_nth_unstable_by(k - 1, order);
-                &mut cand[..k]
-            } else {
-                cand
-            };
-            top.sort_unstable_by(order);
-            o.iter_mut().zip(top.iter()).for_each(|(dst, &(_, i))| *dst = i);
+    let n_groups = n_groups(cols, k);
+    out.par_chunks_mut(k)
+        .zip(a.par_chunks(cols))
+        .for_each_init(|| Scratch::new(cols, n_groups), |s, (o, row)| select_row(row, k, n_groups, s, o));
+    out
+}
+
+/// [`topk_indices`] of `a + bias` (each row of `a (rows, cols)` plus `bias (cols)`), leaving
+/// the biased values in `a`: the addition done row by row as each is selected.
+pub fn topk_indices_biased(a: &mut [f32], bias: &[f32], k: usize) -> Vec<u32> {
+    let cols = bias.len();
+    let rows = a.len() / cols.max(1);
+    let mut out = vec![0u32; rows * k];
+    if k == 0 || cols == 0 {
+        return out;
+    }
+    let n_groups = n_groups(cols, k);
+    out.par_chunks_mut(k).zip(a.par_chunks_mut(cols)).for_each_init(
+        || Scratch::new(cols, n_groups),
+        |s, (o, row)| {
+            add_row(row, bias);
+            select_row(row, k, n_groups, s, o)
         },
     );
     out
+}
+
+/// About 8 entries per group, between k and 4k groups (more groups: a tighter bound).
+fn n_groups(cols: usize, k: usize) -> usize {
+    (cols / 8).clamp(k, 4 * k).min(cols)
+}
+
+/// One thread's buffers for [`select_row`]: order keys, candidates, group maxima.
+struct Scratch(Vec<i32>, Vec<(i32, u32)>, Vec<i32>);
+
+impl Scratch {
+    fn new(cols: usize, n_groups: usize) -> Scratch {
+        Scratch(vec![0i32; cols], vec![(0i32, 0u32); cols], vec![0i32; n_groups])
+    }
+}
+
+crate::widest! {
+    /// `row += bias`, elementwise.
+    fn add_row(row: &mut [f32], bias: &[f32]) {
+        row.iter_mut().zip(bias).for_each(|(a, b)| *a += b);
+    }
+}
+
+crate::widest! {
+    /// The `k` largest of one row into `o`, as [`topk_indices`] describes.
+    fn select_row(row: &[f32], k: usize, n_groups: usize, s: &mut Scratch, o: &mut [u32]) {
+        let order = |x: &(i32, u32), y: &(i32, u32)| y.0.cmp(&x.0).then(x.1.cmp(&y.1));
+        let Scratch(keys, cand, maxima) = s;
+        keys.iter_mut().zip(row).for_each(|(key, &x)| *key = order_key(x));
+        maxima.copy_from_slice(&keys[..n_groups]);
+        for blk in keys[n_groups..].chunks_exact(n_groups) {
+            maxima.iter_mut().zip(blk).for_each(|(m, &v)| *m = (*m).max(v));
+        }
+        let bound = *maxima.select_nth_unstable_by(k - 1, |x, y| y.cmp(x)).1;
+        let mut n = 0;
+        for (i, &v) in keys.iter().enumerate() {
+            cand[n] = (v, i as u32);
+            n += usize::from(v >= bound);
+        }
+        let cand = &mut cand[..n];
+        let top = if n > k {
+            cand.select_nth_unstable_by(k - 1, order);
+            &mut cand[..k]
+        } else {
+            cand
+        };
+        top.sort_unstable_by(order);
+        o.iter_mut().zip(top.iter()).for_each(|(dst, &(_, i))| *dst = i);
+    }
 }
 
 /// `f = scatter(topk_idx(a), ReLU(gather(a, idx)))`: gradients reach the selected positive
@@ -132,6 +176,19 @@ pub fn topk_relu_device(pre: &Tensor, k: usize) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The biased selection is the selection of `a + bias`, and leaves `a + bias` in `a`.
+    #[test]
+    fn biased_topk_is_topk_of_the_sum() {
+        for (rows, cols, k) in [(7, 300, 16), (5, 37, 9), (3, 8, 8)] {
+            let a: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 97) as f32 - 40.0).collect();
+            let bias: Vec<f32> = (0..cols).map(|i| ((i * 31) % 13) as f32 * 0.5).collect();
+            let summed: Vec<f32> = a.chunks(cols).flat_map(|r| r.iter().zip(&bias).map(|(x, b)| x + b)).collect();
+            let mut biased = a.clone();
+            assert_eq!(topk_indices_biased(&mut biased, &bias, k), topk_indices(&summed, cols, k));
+            assert_eq!(biased, summed);
+        }
+    }
 
     /// The fast top-k against a full sort on random rows with many ties (short rows: direct
     /// selection; long rows: the sampled lower bound, including rows where it fails).

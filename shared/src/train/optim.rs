@@ -22,8 +22,7 @@ pub enum OptimizerKind {
 /// (`torch.nn.utils.clip_grad_norm_` on `ae.parameters()`); the norm in f64, fields in layout
 /// order, each in a fixed order of partial sums ([`sq_sum`]) whatever the threads.
 pub fn clip_module(g: &mut AeParams<Vec<f32>>, max_norm: f64) {
-    let norm = g.each().into_iter().map(|v| sq_sum(v)).sum::<f64>().sqrt();
-    let coef = (max_norm / (norm + 1e-6)).min(1.0) as f32;
+    let coef = clip_coef(g, max_norm);
     if coef < 1.0 {
         for v in g.each_mut() {
             v.par_iter_mut().for_each(|x| *x *= coef);
@@ -31,23 +30,31 @@ pub fn clip_module(g: &mut AeParams<Vec<f32>>, max_norm: f64) {
     }
 }
 
+/// [`clip_module`]'s factor, `min(1, max_norm / (‖g‖₂ + 1e-6))` in f32.
+fn clip_coef(g: &AeParams<Vec<f32>>, max_norm: f64) -> f32 {
+    let norm = g.each().into_iter().map(|v| sq_sum(v)).sum::<f64>().sqrt();
+    (max_norm / (norm + 1e-6)).min(1.0) as f32
+}
+
 /// `Σ x²` in f64 over blocks of 2¹⁶ values (in parallel), each summed in eight interleaved
 /// lanes, the blocks' sums added in order: the same value on any number of threads, and not
 /// bound by the latency of one long chain of additions.
 fn sq_sum(v: &[f32]) -> f64 {
-    let blocks: Vec<f64> = v
-        .par_chunks(1 << 16)
-        .map(|b| {
-            let mut lanes = [0f64; 8];
-            let mut it = b.chunks_exact(8);
-            for c in &mut it {
-                lanes.iter_mut().zip(c).for_each(|(l, &x)| *l += (x as f64) * (x as f64));
-            }
-            let tail: f64 = it.remainder().iter().map(|&x| (x as f64) * (x as f64)).sum();
-            lanes.iter().sum::<f64>() + tail
-        })
-        .collect();
+    let blocks: Vec<f64> = v.par_chunks(1 << 16).map(sq_sum_block).collect();
     blocks.iter().sum()
+}
+
+crate::widest! {
+    /// One block of [`sq_sum`]: eight interleaved f64 lanes, then the tail.
+    fn sq_sum_block(b: &[f32]) -> f64 {
+        let mut lanes = [0f64; 8];
+        let mut it = b.chunks_exact(8);
+        for c in &mut it {
+            lanes.iter_mut().zip(c).for_each(|(l, &x)| *l += (x as f64) * (x as f64));
+        }
+        let tail: f64 = it.remainder().iter().map(|&x| (x as f64) * (x as f64)).sum();
+        lanes.iter().sum::<f64>() + tail
+    }
 }
 
 /// [`clip_module`] on the device (the norm in f64 as the host's).
@@ -124,6 +131,54 @@ impl Optimizer {
         }
     }
 
+    /// Per module: [`clip_module`] (with `clip`), [`remove_parallel_component_rows`] on the
+    /// decoder held decoder-major (rows of `d`), then [`Self::step`] — for Adam in one pass over
+    /// each module's parameters, gradients and moments instead of three, with per element the
+    /// same operations in the same order (so the same bits). `grads` are left as they came for
+    /// Adam (clipped and projected in place for SGD).
+    ///
+    /// [`remove_parallel_component_rows`]: crate::sae::decoder::remove_parallel_component_rows
+    pub fn step_clipped(
+        &mut self,
+        params: &mut [AeParams<Vec<f32>>],
+        grads: &mut [AeParams<Vec<f32>>],
+        lr: f64,
+        clip: Option<f64>,
+        d: usize,
+    ) {
+        if self.kind != OptimizerKind::Adam {
+            params.par_iter().zip(grads.par_iter_mut()).for_each(|(p, g)| {
+                if let Some(c) = clip {
+                    clip_module(g, c);
+                }
+                crate::sae::decoder::remove_parallel_component_rows(&p.w_dec, &mut g.w_dec, d);
+            });
+            return self.step(params, grads, lr);
+        }
+        self.t += 1;
+        let (mc, pc) = (self.moment_consts(), self.param_consts(lr));
+        // Tasks of about 64 K elements (whole decoder rows for the projection).
+        let (chunk, rows) = (1 << 16, (1usize << 16).div_ceil(d.max(1)) * d.max(1));
+        let moments = self.m.par_iter_mut().zip(self.v.par_iter_mut());
+        params.par_iter_mut().zip(grads.par_iter()).zip(moments).for_each(|((p, g), (m, v))| {
+            // A coefficient of 1 (no clipping) leaves every gradient as it is.
+            let coef = clip.map_or(1.0, |c| clip_coef(g, c));
+            let fields = [(&mut p.w_enc, &g.w_enc, &mut m.w_enc, &mut v.w_enc, chunk, false)];
+            let fields = fields.into_iter().chain([
+                (&mut p.b_enc, &g.b_enc, &mut m.b_enc, &mut v.b_enc, chunk, false),
+                (&mut p.w_dec, &g.w_dec, &mut m.w_dec, &mut v.w_dec, rows, true),
+                (&mut p.b_dec, &g.b_dec, &mut m.b_dec, &mut v.b_dec, chunk, false),
+            ]);
+            for (x, g, m, v, size, project) in fields {
+                let parts = x.par_chunks_mut(size).zip(g.par_chunks(size)).zip(m.par_chunks_mut(size));
+                parts.zip(v.par_chunks_mut(size)).for_each(|(((x, g), m), v)| match project {
+                    true => adam_rows_projected(x, g, m, v, d, coef, mc, pc),
+                    false => adam_slice(x, g, m, v, coef, mc, pc),
+                });
+            }
+        });
+    }
+
     /// Adam in two halves, for a backward that hands over one module's gradients at a time
     /// ([`crate::pass::engine::Engine::backward_each`]): fold module `m`'s gradients into its
     /// moments (the gradients can then be dropped); later [`Self::step_from_moments`]. Per element
@@ -179,6 +234,53 @@ fn adam_moments(mm: &mut f32, vv: &mut f32, d: f32, [c1, b2, c2]: [f32; 3]) {
 fn adam_param(x: &mut f32, mm: f32, vv: f32, [step_size, bc2_sqrt, eps]: [f32; 3]) {
     let denom = vv.sqrt() / bc2_sqrt + eps;
     *x -= step_size * (mm / denom);
+}
+
+crate::widest! {
+    /// [`adam_moments`] and [`adam_param`] of every element, the gradient `g · coef` (the clip).
+    fn adam_slice(x: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], coef: f32, mc: [f32; 3], pc: [f32; 3]) {
+        for (((x, &g), mm), vv) in x.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            adam_moments(mm, vv, g * coef, mc);
+            adam_param(x, *mm, *vv, pc);
+        }
+    }
+}
+
+crate::widest! {
+    /// [`adam_slice`] of decoder rows `x (.., d)` (decoder-major) whose gradient `g · coef` first
+    /// loses its component along the row: `g −= (g · x) x`, the dot summed in `j` order from
+    /// zero as [`crate::sae::decoder::remove_parallel_component_rows`] (eight rows side by side).
+    fn adam_rows_projected(
+        x: &mut [f32],
+        g: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        d: usize,
+        coef: f32,
+        mc: [f32; 3],
+        pc: [f32; 3],
+    ) {
+        const R: usize = 8;
+        let block = R * d.max(1);
+        let parts = x.chunks_mut(block).zip(g.chunks(block)).zip(m.chunks_mut(block)).zip(v.chunks_mut(block));
+        for (((x, g), m), v) in parts {
+            let n = x.len() / d.max(1);
+            let mut dots = [0f32; R];
+            for j in 0..d {
+                for (r, s) in dots[..n].iter_mut().enumerate() {
+                    *s += (g[r * d + j] * coef) * x[r * d + j];
+                }
+            }
+            for (r, &dot) in dots[..n].iter().enumerate() {
+                let s = r * d..(r + 1) * d;
+                let row = x[s.clone()].iter_mut().zip(&g[s.clone()]).zip(m[s.clone()].iter_mut()).zip(v[s].iter_mut());
+                for (((x, &g), mm), vv) in row {
+                    adam_moments(mm, vv, g * coef - dot * *x, mc);
+                    adam_param(x, *mm, *vv, pc);
+                }
+            }
+        }
+    }
 }
 
 /// Adam/SGD state on the parameters' device.
@@ -369,6 +471,45 @@ mod tests {
         let mut small = params([vec![0.1f32], vec![], vec![], vec![]]);
         clip_module(&mut small, 1.0);
         assert_eq!(small.w_enc[0], 0.1);
+    }
+
+    /// The one-pass clip + projection + Adam equals the three passes one after the other, bit
+    /// for bit: with the clip binding and not, decoders of rows not a multiple of eight and
+    /// widths not a multiple of the vector, over a few steps; SGD goes the three-pass way.
+    #[test]
+    fn one_pass_clip_projection_adam_is_the_three_passes() {
+        use crate::sae::decoder::{normalize_decoder_rows, remove_parallel_component_rows};
+        let (d, f) = (13, 21);
+        for kind in [OptimizerKind::Adam, OptimizerKind::Sgd] {
+            for clip in [None, Some(1e-3), Some(1e3)] {
+                let mut p: Vec<_> = (0..2)
+                    .map(|m| params([random(f * d, m), random(f, m + 10), random(f * d, m + 20), random(d, m + 30)]))
+                    .collect();
+                p.iter_mut().for_each(|p| normalize_decoder_rows(&mut p.w_dec, d));
+                let (mut q, mut o1) = (p.clone(), Optimizer::new(kind, &p));
+                let mut o2 = o1.clone();
+                for step in 0..3u64 {
+                    let g: Vec<_> = (0..2u64)
+                        .map(|m| {
+                            let s = 100 * step + 7 * m;
+                            params([random(f * d, s + 1), random(f, s + 2), random(f * d, s + 3), random(d, s + 4)])
+                        })
+                        .collect();
+                    let mut g1 = g.clone();
+                    for (p, g) in p.iter().zip(g1.iter_mut()) {
+                        if let Some(c) = clip {
+                            clip_module(g, c);
+                        }
+                        remove_parallel_component_rows(&p.w_dec, &mut g.w_dec, d);
+                    }
+                    o1.step(&mut p, &g1, 1e-2);
+                    let mut g2 = g.clone();
+                    o2.step_clipped(&mut q, &mut g2, 1e-2, clip, d);
+                    assert_eq!(p, q, "{kind:?} clip {clip:?} step {step}");
+                    assert_eq!(o1, o2, "{kind:?} clip {clip:?} step {step}");
+                }
+            }
+        }
     }
 
     /// The device optimizer and clipping against the host ones (the CPU engine's), over a few

@@ -14,7 +14,7 @@ use super::checkpoints::file::Replicas;
 use super::checkpoints::{resume, CheckpointPolicy, TrainRun};
 use super::data::TrainData;
 use super::dead::DeadTracker;
-use super::optim::{clip_module, clip_module_t, DeviceOptimizer, Optimizer, OptimizerKind};
+use super::optim::{clip_module_t, DeviceOptimizer, Optimizer, OptimizerKind};
 use super::parallel::{agreed_hash, share_modules, share_state};
 use super::{metrics_record, After, RunSummary, Schedule, Session, StepReport};
 use crate::data::Batch;
@@ -22,8 +22,7 @@ use crate::error::{Error, Result};
 use crate::formats::suite::Suite;
 use crate::model::{Kind, Module};
 use crate::sae::decoder::{
-    normalize_decoder, normalize_decoder_rows, normalize_decoder_t, remove_parallel_component_rows,
-    remove_parallel_component_t,
+    normalize_decoder, normalize_decoder_rows, normalize_decoder_t, remove_parallel_component_t,
 };
 use crate::sae::init::{geometric_median, init_params};
 use crate::sae::step::{step, step_t};
@@ -169,15 +168,8 @@ pub fn update_host(
     }
     super::parallel::sum_grads(coll, &mut grads)?;
     report.fired = super::parallel::any_fired(coll, std::mem::take(&mut report.fired))?;
-    params.par_iter().zip(grads.par_iter_mut()).for_each(|(p, g)| {
-        if let Some(c) = cfg.clip {
-            clip_module(g, c);
-        }
-        remove_parallel_component_rows(&p.w_dec, &mut g.w_dec, d);
-    });
-    prof.mark("clip, projection");
-    opt.step(params, &grads, lr);
-    prof.mark("optimizer");
+    opt.step_clipped(params, &mut grads, lr, cfg.clip, d);
+    prof.mark("clip, projection, optimizer");
     prof.report("train-suite step");
     Ok(report)
 }
