@@ -16,7 +16,7 @@ use super::params::AeParams;
 use super::topk::{topk_indices_biased, topk_relu_device};
 use super::{decode, fired_t};
 use crate::error::Result;
-use crate::util::blas::{add_into, axpy, by_feature, dot, dot4, gemm_nt};
+use crate::util::blas::{add_into, add_scaled_rows, axpy, by_feature, dot, dot4, gemm_nt};
 use crate::util::collective::Collective;
 
 /// What one host step of one module produced.
@@ -161,29 +161,15 @@ crate::widest! {
         gv: &mut [f32],
     ) {
         let d = y.len();
-        // Blocks of columns summed in registers over the token's rows, in the rows' order
-        // (the same sums as adding each row to the whole decoding in turn).
-        const B: usize = 128;
-        let mut c0 = 0;
-        while c0 + B <= d {
-            let mut acc = [0f32; B];
-            acc.copy_from_slice(&p.b_dec[c0..c0 + B]);
-            for (&i, &v) in idx.iter().zip(val) {
-                if v != 0.0 {
-                    let row = &p.w_dec[i as usize * d + c0..i as usize * d + c0 + B];
-                    acc.iter_mut().zip(row).for_each(|(a, x)| *a += v * x);
-                }
+        let mut terms = [(0u32, 0f32); 64];
+        yh.copy_from_slice(&p.b_dec);
+        for (idx, val) in idx.chunks(terms.len()).zip(val.chunks(terms.len())) {
+            let mut n = 0;
+            for (&i, &v) in idx.iter().zip(val).filter(|(_, &v)| v != 0.0) {
+                terms[n] = (i, v);
+                n += 1;
             }
-            yh[c0..c0 + B].copy_from_slice(&acc);
-            c0 += B;
-        }
-        if c0 < d {
-            yh[c0..].copy_from_slice(&p.b_dec[c0..]);
-            for (&i, &v) in idx.iter().zip(val) {
-                if v != 0.0 {
-                    axpy(v, &p.w_dec[i as usize * d + c0..(i as usize + 1) * d], &mut yh[c0..]);
-                }
-            }
+            add_scaled_rows(yh, &p.w_dec, &terms[..n]);
         }
         for ((g, a), b) in gy.iter_mut().zip(yh.iter()).zip(y) {
             *g = (2.0 * (a - b) as f64 / den) as f32;

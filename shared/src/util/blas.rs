@@ -262,13 +262,41 @@ pub fn by_feature(
         }
     }
     let mut out = vec![0f32; f * d];
-    out.par_chunks_mut(d).enumerate().for_each(|(i, o)| {
-        for &j in &entries[ptr[i] as usize..ptr[i + 1] as usize] {
-            let t = j as usize / width;
-            axpy(coef(j as usize), &rows[t * d..(t + 1) * d], o);
-        }
+    out.par_chunks_mut(d).enumerate().for_each_init(Vec::new, |terms, (i, o)| {
+        terms.clear();
+        terms.extend(
+            entries[ptr[i] as usize..ptr[i + 1] as usize]
+                .iter()
+                .map(|&j| ((j as usize / width) as u32, coef(j as usize))),
+        );
+        add_scaled_rows(o, rows, terms);
     });
     out
+}
+
+crate::widest! {
+    /// `o += Σ c · rows[r]` over `terms` `(r, c)` in their order, rows of `o.len()`: per element
+    /// the additions one row after the other (the bits of an [`axpy`] per term), in blocks of
+    /// 128 columns held in registers over all the terms.
+    pub fn add_scaled_rows(o: &mut [f32], rows: &[f32], terms: &[(u32, f32)]) {
+        const B: usize = 128;
+        let d = o.len();
+        let mut c0 = 0;
+        while c0 + B <= d {
+            let mut acc = [0f32; B];
+            acc.copy_from_slice(&o[c0..c0 + B]);
+            for &(r, c) in terms {
+                let row = &rows[r as usize * d + c0..r as usize * d + c0 + B];
+                acc.iter_mut().zip(row).for_each(|(a, x)| *a += c * x);
+            }
+            o[c0..c0 + B].copy_from_slice(&acc);
+            c0 += B;
+        }
+        for &(r, c) in terms {
+            let row = &rows[r as usize * d + c0..(r as usize + 1) * d];
+            o[c0..].iter_mut().zip(row).for_each(|(a, x)| *a += c * x);
+        }
+    }
 }
 
 #[cfg(test)]
