@@ -204,6 +204,20 @@ pub fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
+/// [`transpose`] of `src (rows, cols)` into `dst (cols, rows)` on this thread, in tiles.
+pub fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    const T: usize = 16;
+    for r0 in (0..rows).step_by(T) {
+        let r1 = (r0 + T).min(rows);
+        for c0 in (0..cols).step_by(T) {
+            for c in c0..(c0 + T).min(cols) {
+                let out = &mut dst[c * rows + r0..c * rows + r1];
+                out.iter_mut().zip(r0..r1).for_each(|(o, r)| *o = src[r * cols + c]);
+            }
+        }
+    }
+}
+
 /// Blocks of a deterministic parallel fold.
 const BLOCKS: usize = 16;
 
@@ -344,13 +358,16 @@ mod tests {
         }
     }
 
-    /// The tiled parallel transpose against the definition, on shapes that are and are not
-    /// multiples of the tile (and single rows or columns).
+    /// The tiled parallel and one-thread transposes against the definition, on shapes that are
+    /// and are not multiples of the tiles (and single rows or columns).
     #[test]
     fn transpose_matches_the_definition() {
         for (rows, cols) in [(1, 1), (1, 70), (70, 1), (32, 32), (33, 65), (100, 37), (3072, 40)] {
             let src: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
             let out = transpose(&src, rows, cols);
+            let mut one = vec![0f32; rows * cols];
+            transpose_into(&src, rows, cols, &mut one);
+            assert_eq!(one, out, "{rows}x{cols} on one thread");
             for r in 0..rows {
                 for c in 0..cols {
                     assert_eq!(out[c * rows + r], src[r * cols + c], "{rows}x{cols} at ({r}, {c})");
