@@ -350,9 +350,12 @@ pub fn run(
     };
     let plan = Plan::new(&inputs.suite, wiring, inputs.parallel(), device)?;
     let pass = ValuePass::new(&inputs.suite, &inputs.model.runtime, &plan, cfg.browse.pass, device)?;
+    let mut prof = crate::util::profile::Profile::new();
     let browse = collect(&inputs, &pass, &cfg.browse, device, coll)?;
+    prof.mark("statistics, logit lens");
     let Some(stage) = stage else { return Ok(None) };
     let why = why::explain(&inputs, conns, &pass, &browse, &cfg.browse, 5, device)?;
+    prof.mark("why it fired");
     let tokenizer = inputs.model.tokenizer()?;
     let page = page::Page {
         browse: &browse,
@@ -380,6 +383,8 @@ pub fn run(
         bytes += body.len();
     }
     let out = stage.commit()?;
+    prof.mark("pages");
+    prof.report("view-features");
     Ok(Some(ViewSummary {
         n_features: inputs.suite.n_features * inputs.suite.modules.len(),
         firing: browse.stats.iter().flatten().filter(|s| s.count > 0).count(),
