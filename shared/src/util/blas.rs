@@ -1,6 +1,6 @@
 //! Dense kernels on flat row-major `f32` buffers, shared by the CPU engine and the host
-//! pretraining step: a strided GEMM (parallel over fixed row blocks, so results do not depend
-//! on the thread count), dot/axpy, a tiled transpose, and a deterministic parallel fold.
+//! pretraining step: a strided GEMM (parallel over one block of rows per thread, the same bits on
+//! any thread count), dot/axpy, sums of scaled rows, a tiled transpose, and a deterministic fold.
 
 use rayon::prelude::*;
 
