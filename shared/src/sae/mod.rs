@@ -21,7 +21,7 @@ use rayon::prelude::*;
 pub use params::AeParams;
 
 use crate::error::Result;
-use crate::util::blas::axpy;
+use crate::util::blas::add_scaled_rows;
 
 /// Decode sparse codes: row `t` of the result `(N, D)` is `bias + Σ_j val[t, j] · dec_t[idx[t, j]]`
 /// over the `width` entries of the row with a non-zero value (`bias` zero when `None`);
@@ -30,18 +30,29 @@ pub fn decode(idx: &[u32], val: &[f32], width: usize, dec_t: &[f32], d: usize, b
     let n = idx.len() / width.max(1);
     let mut out = vec![0f32; n * d];
     out.par_chunks_mut(d).enumerate().for_each(|(t, r)| {
-        if let Some(b) = bias {
-            r.copy_from_slice(b);
-        }
-        for j in 0..width {
-            let v = val[t * width + j];
-            if v != 0.0 {
-                let i = idx[t * width + j] as usize;
-                axpy(v, &dec_t[i * d..(i + 1) * d], r);
-            }
-        }
+        let slots = t * width..(t + 1) * width;
+        decode_row(&idx[slots.clone()], &val[slots], dec_t, bias, r)
     });
     out
+}
+
+/// One row of [`decode`] into `out` (rows of `out.len()`): `bias` (else zero), then each
+/// non-zero `val[j] · dec_t[idx[j]]` added in `j` order ([`add_scaled_rows`], 64 terms at a time:
+/// per element the additions of one `axpy` per term).
+pub fn decode_row(idx: &[u32], val: &[f32], dec_t: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
+    match bias {
+        Some(b) => out.copy_from_slice(b),
+        None => out.fill(0.0),
+    }
+    let mut terms = [(0u32, 0f32); 64];
+    for (idx, val) in idx.chunks(terms.len()).zip(val.chunks(terms.len())) {
+        let mut n = 0;
+        for (&i, &v) in idx.iter().zip(val).filter(|(_, &v)| v != 0.0) {
+            terms[n] = (i, v);
+            n += 1;
+        }
+        add_scaled_rows(out, dec_t, &terms[..n]);
+    }
 }
 
 /// Which of `f` latents have a non-zero value on some token, given the sparse codes.

@@ -16,7 +16,7 @@ use super::params::AeParams;
 use super::topk::{topk_indices_biased, topk_relu_device};
 use super::{decode, fired_t};
 use crate::error::Result;
-use crate::util::blas::{add_into, add_scaled_rows, axpy, by_feature, dot, dot4, gemm_nt};
+use crate::util::blas::{add_into, axpy, by_feature, dot, dot4, gemm_nt};
 use crate::util::collective::Collective;
 
 /// What one host step of one module produced.
@@ -161,16 +161,7 @@ crate::widest! {
         gv: &mut [f32],
     ) {
         let d = y.len();
-        let mut terms = [(0u32, 0f32); 64];
-        yh.copy_from_slice(&p.b_dec);
-        for (idx, val) in idx.chunks(terms.len()).zip(val.chunks(terms.len())) {
-            let mut n = 0;
-            for (&i, &v) in idx.iter().zip(val).filter(|(_, &v)| v != 0.0) {
-                terms[n] = (i, v);
-                n += 1;
-            }
-            add_scaled_rows(yh, &p.w_dec, &terms[..n]);
-        }
+        super::decode_row(idx, val, &p.w_dec, Some(&p.b_dec), yh);
         for ((g, a), b) in gy.iter_mut().zip(yh.iter()).zip(y) {
             *g = (2.0 * (a - b) as f64 / den) as f32;
         }

@@ -40,7 +40,11 @@ pub fn topk_indices_biased(a: &mut [f32], bias: &[f32], k: usize) -> Vec<u32> {
     let cols = bias.len();
     let rows = a.len() / cols.max(1);
     let mut out = vec![0u32; rows * k];
-    if k == 0 || cols == 0 {
+    if cols == 0 {
+        return out;
+    }
+    if k == 0 {
+        a.par_chunks_mut(cols).for_each(|row| add_row(row, bias));
         return out;
     }
     let n_groups = n_groups(cols, k);
@@ -180,7 +184,7 @@ mod tests {
     /// The biased selection is the selection of `a + bias`, and leaves `a + bias` in `a`.
     #[test]
     fn biased_topk_is_topk_of_the_sum() {
-        for (rows, cols, k) in [(7, 300, 16), (5, 37, 9), (3, 8, 8)] {
+        for (rows, cols, k) in [(7, 300, 16), (5, 37, 9), (3, 8, 8), (4, 10, 0)] {
             let a: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 97) as f32 - 40.0).collect();
             let bias: Vec<f32> = (0..cols).map(|i| ((i * 31) % 13) as f32 * 0.5).collect();
             let summed: Vec<f32> = a.chunks(cols).flat_map(|r| r.iter().zip(&bias).map(|(x, b)| x + b)).collect();

@@ -7,16 +7,20 @@ use rayon::prelude::*;
 /// The fewest output rows per task of a parallel [`sgemm`].
 const GEMM_ROWS: usize = 128;
 
-/// Output rows per task of a parallel [`sgemm`] of `m ≥ 2·GEMM_ROWS` rows: one block per
-/// thread (at most 64), blocks of nearly equal size and at least [`GEMM_ROWS`] rows. Each task
-/// packs all of B, so fewer, larger blocks pack it fewer times (the encoder product at
-/// TinyStories-33M shape, 1,024 × 3,072 × 768 on 2 threads: 30 → 24 ms with 512 rows instead
-/// of 128).
-///
-/// The result does not depend on the blocks, so not on the threads: the kernel's depth
-/// blocking (each output's order of additions) depends on `k` and the caches only, and no
-/// block is small enough (one row, or at most 64 rows and 64 columns) for its special paths.
-fn gemm_rows(m: usize) -> usize {
+/// Output rows per task of a parallel [`sgemm`] of `m ≥ 2·GEMM_ROWS` rows and `n` columns.
+/// Above 64 columns: one block per thread (at most 64), blocks of nearly equal size and at
+/// least [`GEMM_ROWS`] rows. Each task packs all of B, so fewer, larger blocks pack it fewer
+/// times (the encoder product at TinyStories-33M shape, 1,024 × 3,072 × 768 on 2 threads:
+/// 30 → 24 ms with 512 rows instead of 128). The result does not depend on the blocks, so not
+/// on the threads: the kernel's depth blocking (each output's order of additions) depends on
+/// `k` and the caches only, and its other paths — one row (blocks here have at least 66), at
+/// most 64 rows and 64 columns, at most 256 outputs — are out of reach above 64 columns.
+/// Up to 64 columns the blocks stay fixed at [`GEMM_ROWS`] rows (a last short block can take
+/// those paths; fixed blocks keep it the same on any thread count).
+fn gemm_rows(m: usize, n: usize) -> usize {
+    if n <= 64 {
+        return GEMM_ROWS;
+    }
     let blocks = rayon::current_num_threads().clamp(1, 64).min(m / GEMM_ROWS).max(1);
     m.div_ceil(blocks)
 }
@@ -44,7 +48,7 @@ pub fn sgemm(
     // Bounds and k = 0 are checked by `sgemm_ld`, per block of rows.
     if par && m >= 2 * GEMM_ROWS {
         // Parallel over blocks of output rows, each a single-threaded product.
-        let block = gemm_rows(m);
+        let block = gemm_rows(m, n);
         c[..m * n].par_chunks_mut(block * n).enumerate().for_each(|(blk, cb)| {
             let rows = cb.len() / n;
             sgemm(rows, n, k, &a[blk * block * a_rs..], a_rs, a_cs, b, b_rs, b_cs, cb, acc, false);
@@ -331,13 +335,26 @@ mod tests {
         }
     }
 
-    /// A parallel product equals one single-threaded call bit for bit whatever the thread count,
-    /// and so do 2–4 nearly equal blocks of rows: shapes around the kernel's register and cache
-    /// blocks and its small-matrix path (64 × 64).
+    /// Above 64 columns a parallel product equals one single-threaded call bit for bit whatever
+    /// the thread count, and so do 2–4 nearly equal blocks of rows (shapes around the kernel's
+    /// register and cache blocks); up to 64 columns (the kernel's small-product paths) it is the
+    /// same on any thread count.
     #[test]
     fn sgemm_rows_blocks_do_not_change_bits() {
         let mut rng = crate::util::rng::SplitMix(7);
-        for (m, n, k) in [(1000, 300, 768), (1024, 3072, 100), (513, 60, 1500), (300, 2048, 512), (1025, 40, 64)] {
+        for (m, n, k) in [(513, 1, 300), (512, 2, 64), (700, 3, 40), (513, 60, 1500), (1025, 40, 768)] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
+            let b: Vec<f32> = (0..n * k).map(|_| rng.normal() as f32).collect();
+            let mut one = vec![0f32; m * n];
+            sgemm(m, n, k, &a, k, 1, &b, 1, k, &mut one, false, true);
+            for threads in [2, 3, 8] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let mut c = vec![0f32; m * n];
+                pool.install(|| sgemm(m, n, k, &a, k, 1, &b, 1, k, &mut c, false, true));
+                assert!(c == one, "{m}x{n}x{k} on {threads} threads");
+            }
+        }
+        for (m, n, k) in [(1000, 300, 768), (1024, 3072, 100), (513, 65, 1500), (300, 2048, 512), (1025, 70, 64)] {
             let a: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
             let b: Vec<f32> = (0..n * k).map(|_| rng.normal() as f32).collect();
             let mut whole = vec![0f32; m * n];

@@ -239,8 +239,15 @@ impl Engine<'_> {
                 transpose_into(yt, ft, sh, y_t);
                 for p0 in (0..s).step_by(KEY_BLOCK) {
                     let kn = KEY_BLOCK.min(s - p0) * h;
-                    let pa = &pq[(p0 * s + p0) * h..];
-                    sgemm_ld(s - p0, ft, kn, pa, sh, 1, &y_t[p0 * h * ft..], ft, 1, &mut ab[p0 * f + i0..], f, true);
+                    let (pa, c) = (&pq[(p0 * s + p0) * h..], &mut ab[p0 * f + i0..]);
+                    // A product of at most 256 outputs takes the kernel's small-product paths,
+                    // whose order of additions depends on the operands' layout: those few keep
+                    // the untransposed one (the bits of earlier versions at every shape).
+                    if (s - p0) * ft <= 256 {
+                        sgemm_ld(s - p0, ft, kn, pa, sh, 1, &yt[p0 * h..], 1, sh, c, f, true);
+                    } else {
+                        sgemm_ld(s - p0, ft, kn, pa, sh, 1, &y_t[p0 * h * ft..], ft, 1, c, f, true);
+                    }
                 }
             }
         });
