@@ -140,7 +140,7 @@ crate::widest! {
 /// (where `exp` < 1.7e−38, nothing beside the row's largest term `exp(0) = 1` in an f64 sum)
 /// it returns `exp(−87)`; NaN stays NaN.
 #[inline(always)]
-fn exp_le0(x: f32) -> f32 {
+pub(super) fn exp_le0(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5·2²³: adding it rounds to an integer
     let x = if x < -87.0 { -87.0 } else { x };
     let t = x * std::f32::consts::LOG2_E + MAGIC;
