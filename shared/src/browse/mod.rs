@@ -194,6 +194,10 @@ pub fn collect(
         }
         let tokens: Vec<u32> = batch.tokens.flatten_all()?.to_vec1()?;
         for bi in 0..b {
+            // Once the budget is full, nothing more is kept until sequences leave it.
+            if kept_entries >= cfg.keep_entries {
+                break;
+            }
             let sparse: Vec<Vec<(u32, f32)>> = feats
                 .iter()
                 .map(|v| {

@@ -105,18 +105,20 @@ fn bias_act(pre: &Tensor, b: &Tensor, act: Activation) -> Result<Tensor> {
     use crate::util::with_host_f32;
     use rayon::prelude::*;
     let n = b.elem_count();
-    let f: fn(f32) -> f32 = match act {
-        Activation::Gelu => gelu_erf_f32,
-        Activation::GeluNew => gelu_tanh_f32,
-        Activation::Relu => |v| v.max(0f32),
+    // Candle's per-value formula where the host pass keeps candle's bits; GELU's tanh form has
+    // its own vector kernel.
+    let f: Option<fn(f32) -> f32> = match act {
+        Activation::Gelu => Some(gelu_erf_f32),
+        Activation::GeluNew => None,
+        Activation::Relu => Some(|v| v.max(0f32)),
     };
     if !pre.track_op() {
         let host = with_host_f32(b, |bv| {
             with_host_f32(pre, |p| {
                 let mut out = vec![0f32; p.len()];
-                out.par_chunks_mut(n * 64).zip(p.par_chunks(n * 64)).for_each(|(o, x)| match act {
-                    Activation::GeluNew => bias_gelu_new(o, x, bv),
-                    _ => {
+                out.par_chunks_mut(n * 64).zip(p.par_chunks(n * 64)).for_each(|(o, x)| match f {
+                    None => bias_gelu_new(o, x, bv),
+                    Some(f) => {
                         for (orow, xrow) in o.chunks_mut(n).zip(x.chunks(n)) {
                             for ((o, &x), &b) in orow.iter_mut().zip(xrow).zip(bv) {
                                 *o = f(x + b);
@@ -142,13 +144,9 @@ fn bias_act(pre: &Tensor, b: &Tensor, act: Activation) -> Result<Tensor> {
 /// The f32 of candle's `sqrt(2/π)` = 0.79788456080286535….
 const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
 
-/// Candle's `gelu` (tanh form) of one value, written as candle writes it.
-fn gelu_tanh_f32(v: f32) -> f32 {
-    0.5 * v * (1.0 + f32::tanh(SQRT_TWO_OVER_PI * v * (1.0 + 0.044715 * v * v)))
-}
-
 crate::widest! {
-    /// `o = gelu(x + b)` (tanh form, [`tanh_f32`]) for rows of `b.len()`.
+    /// `o = gelu(x + b)` (tanh form, as candle writes it, with [`tanh_f32`] for libm's `tanh`)
+    /// for rows of `b.len()`.
     fn bias_gelu_new(o: &mut [f32], x: &[f32], b: &[f32]) {
         for (orow, xrow) in o.chunks_mut(b.len().max(1)).zip(x.chunks(b.len().max(1))) {
             for ((o, &x), &b) in orow.iter_mut().zip(xrow).zip(b) {

@@ -16,7 +16,7 @@ use super::params::AeParams;
 use super::topk::{topk_indices_biased, topk_relu_device};
 use super::{decode, fired_t};
 use crate::error::Result;
-use crate::util::blas::{add_into, axpy, by_feature, dot, dot4, gemm_nt};
+use crate::util::blas::{add_into, axpy, by_feature, dot, gemm_nt};
 use crate::util::collective::Collective;
 
 /// What one host step of one module produced.
@@ -143,14 +143,14 @@ fn decode_with_grads(
     let rows = yhat.par_chunks_mut(d).zip(g_y.par_chunks_mut(d)).zip(g_val.par_chunks_mut(k.max(1)));
     rows.enumerate().for_each(|(t, ((yh, gy), gv))| {
         let (idx, val) = (&idx[t * k..(t + 1) * k], &val[t * k..(t + 1) * k]);
-        decode_row(idx, val, p, &y[t * d..(t + 1) * d], den, yh, gy, gv);
+        decode_token(idx, val, p, &y[t * d..(t + 1) * d], den, yh, gy, gv);
     });
     Ok(Decoded { den, yhat, g_y, g_val })
 }
 
 crate::widest! {
     /// One token of [`decode_with_grads`]: its decoding `yh`, `g_y` and its values' gradients.
-    fn decode_row(
+    fn decode_token(
         idx: &[u32],
         val: &[f32],
         p: &AeParams<Vec<f32>>,
@@ -186,22 +186,11 @@ fn value_grads(g_y: &[f32], idx: &[u32], val: &[f32], width: usize, dec_t: &[f32
 }
 
 /// [`value_grads`] of one token: `out[j] = g_y · dec_t[idx[j]]` where `val[j] > 0`.
-/// Four rows at a time ([`dot4`]: the same bits as [`dot`] one by one).
 fn row_value_grads(gy: &[f32], idx: &[u32], val: &[f32], dec_t: &[f32], d: usize, out: &mut [f32]) {
-    let row = |j: usize| &dec_t[idx[j] as usize * d..(idx[j] as usize + 1) * d];
-    let mut live = [0usize; 4];
-    let mut n = 0;
-    for (j, _) in val.iter().enumerate().take(out.len().min(idx.len())).filter(|(_, &v)| v > 0.0) {
-        live[n] = j;
-        n += 1;
-        if n == 4 {
-            let dots = dot4(gy, live.map(row));
-            live.iter().zip(dots).for_each(|(&j, g)| out[j] = g);
-            n = 0;
+    for ((g, &i), &v) in out.iter_mut().zip(idx).zip(val) {
+        if v > 0.0 {
+            *g = dot(gy, &dec_t[i as usize * d..(i as usize + 1) * d]);
         }
-    }
-    for &j in &live[..n] {
-        out[j] = dot(gy, row(j));
     }
 }
 
@@ -280,8 +269,8 @@ mod tests {
     use crate::util::collective::Single;
     use crate::util::rng::SplitMix;
 
-    /// The decoding in column blocks and the values' gradients four at a time are the plain
-    /// row-by-row decoding and dots bit for bit (a width of one block and a tail; zero values).
+    /// The decoding in column blocks is the plain row-by-row decoding bit for bit, and the
+    /// values' gradients are the dots with its rows (a width of one block and a tail; zero values).
     #[test]
     fn blocked_decoding_is_row_by_row() {
         let (d, f, k, n) = (200, 30, 6, 5);

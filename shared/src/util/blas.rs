@@ -155,36 +155,6 @@ crate::widest! {
     }
 }
 
-crate::widest! {
-    /// [`dot`] of `a` with four rows at once: for each the same sums in the same order (so the
-    /// same bits), four independent chains of additions instead of one.
-    pub fn dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
-        let n = b.iter().fold(a.len(), |n, r| n.min(r.len()));
-        let [b0, b1, b2, b3] = b.map(|r| &r[..n]);
-        let a = &a[..n];
-        let mut acc = [[0f32; 8]; 4];
-        let rows = b0.chunks_exact(8).zip(b1.chunks_exact(8)).zip(b2.chunks_exact(8)).zip(b3.chunks_exact(8));
-        for (x, (((y0, y1), y2), y3)) in a.chunks_exact(8).zip(rows) {
-            for l in 0..8 {
-                acc[0][l] += x[l] * y0[l];
-                acc[1][l] += x[l] * y1[l];
-                acc[2][l] += x[l] * y2[l];
-                acc[3][l] += x[l] * y3[l];
-            }
-        }
-        let start = n - n % 8;
-        let mut out = [0f32; 4];
-        for (r, (o, acc)) in out.iter_mut().zip(&acc).enumerate() {
-            let mut tail = 0f32;
-            for (x, y) in a[start..].iter().zip(&[b0, b1, b2, b3][r][start..]) {
-                tail += x * y;
-            }
-            *o = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
-        }
-        out
-    }
-}
-
 /// `(rows, cols)` row-major to `(cols, rows)` row-major, in cache-sized tiles, parallel over
 /// blocks of output rows (each a contiguous run of memory).
 pub fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
@@ -320,20 +290,6 @@ crate::widest! {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Four dots at once are the four [`dot`]s bit for bit (lengths with and without a tail).
-    #[test]
-    fn dot4_is_four_dots() {
-        let mut rng = crate::util::rng::SplitMix(3);
-        for n in [0, 5, 8, 13, 64, 777] {
-            let a: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
-            let rows: Vec<Vec<f32>> = (0..4).map(|_| (0..n).map(|_| rng.normal() as f32).collect()).collect();
-            let got = dot4(&a, [&rows[0], &rows[1], &rows[2], &rows[3]]);
-            for (r, g) in rows.iter().zip(got) {
-                assert_eq!(g.to_bits(), dot(&a, r).to_bits(), "n {n}");
-            }
-        }
-    }
 
     /// Above 64 columns a parallel product equals one single-threaded call bit for bit whatever
     /// the thread count, and so do 2–4 nearly equal blocks of rows (shapes around the kernel's
