@@ -10,10 +10,13 @@
 //!
 //! [`prune`] keeps the part of the graph that matters for the logits, as circuit-tracer does.
 
+mod feats;
 pub mod json;
+mod logits;
+mod memo;
 pub mod prune;
+mod rows;
 pub mod run;
-mod subset;
 
 use std::collections::HashMap;
 
@@ -26,7 +29,11 @@ use crate::formats::suite::Suite;
 use crate::model::{Kind, Runtime};
 use crate::pass::{PassOptions, PassOutput};
 use crate::util::to_vec;
-use subset::Subset;
+pub use feats::SeqFeats;
+use logits::{logit_part, Ends};
+use memo::Key;
+pub use memo::Products;
+use rows::{dot, head_dots, Rows};
 
 /// What a node is.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -79,7 +86,7 @@ pub struct Link {
 
 /// A sequence's graph. Nodes are in topological order: tokens by position, then features by
 /// module (suite order), position and feature, then logits by probability; every link goes
-/// from a lower index to a higher one.
+/// from a lower index to a higher one, and each node's incoming links are contiguous.
 #[derive(Debug, Clone)]
 pub struct Graph {
     pub tokens: Vec<u32>,
@@ -119,26 +126,8 @@ pub struct Setup<'a> {
     pub opts: PassOptions,
     /// Refuse graphs with more links than this (all connections at real sizes can have billions).
     pub max_links: usize,
-}
-
-/// Rows of a matrix on the host.
-struct Rows {
-    data: Vec<f32>,
-    width: usize,
-}
-
-impl Rows {
-    fn of(t: &Tensor) -> Result<Rows> {
-        let width = t.dim(1)?;
-        Ok(Rows { data: to_vec(t)?, width })
-    }
-    fn row(&self, r: usize) -> &[f32] {
-        &self.data[r * self.width..(r + 1) * self.width]
-    }
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+    /// Where the sequence-independent product rows come from (kept across graphs or not).
+    pub products: &'a Products,
 }
 
 /// Per module, the features active anywhere in the sequence and their encoder rows and
@@ -148,9 +137,6 @@ struct Active {
     row_of: HashMap<u32, usize>,
     enc: Rows,
     dec: Rows,
-    /// `dec` as a tensor (for products with model matrices).
-    dec_t: Tensor,
-    enc_t: Tensor,
 }
 
 /// A feature node by (module, position, feature).
@@ -159,7 +145,7 @@ pub type NodeKey = (usize, usize, u32);
 /// The graph of `batch` (one sequence), whose pass `out` was computed with the same setup
 /// (features from [`crate::pass::ValuePass`], as evaluate's).
 pub fn attribute(setup: &Setup, batch: &Batch, out: &PassOutput, logits: LogitChoice) -> Result<Graph> {
-    attribute_nodes(setup, batch, out, None, Some(logits))
+    attribute_nodes(setup, batch, out, &SeqFeats::of_output(out)?, None, Some(logits))
 }
 
 /// Sequence `i` of a batch's pass output (`s` positions per sequence).
@@ -173,11 +159,13 @@ pub fn sequence_output(out: &PassOutput, i: usize, s: usize) -> Result<PassOutpu
 }
 
 /// [`attribute`], with incoming links only for the feature nodes in `wanted` (all when `None`)
-/// and logit nodes only when `logits` is given. Every active feature is still a node.
+/// and logit nodes only when `logits` is given. Every active feature is still a node. `feats`
+/// are `out`'s features (`out` itself is read only for logits).
 pub fn attribute_nodes(
     setup: &Setup,
     batch: &Batch,
     out: &PassOutput,
+    feats: &SeqFeats,
     wanted: Option<&std::collections::HashSet<NodeKey>>,
     logits: Option<LogitChoice>,
 ) -> Result<Graph> {
@@ -186,11 +174,13 @@ pub fn attribute_nodes(
     if b != 1 {
         return Err(Error::Usage(format!("attribution reads one sequence, found a batch of {b}")));
     }
-    let f = suite.n_features;
     let cpu = candle_core::Device::Cpu;
     let host = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(&cpu)?.to_dtype(DType::F32)?) };
+    // Rows (dim 0) or columns (dim 1) `ids` of a matrix, on the host.
+    let select = |t: &Tensor, ids: &[u32], dim: usize| -> Result<Tensor> {
+        Ok(host(t)?.index_select(&Tensor::new(ids, &cpu)?, dim)?)
+    };
     let tokens: Vec<u32> = batch.tokens.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
-    let feats: Vec<Vec<f32>> = out.feats.iter().map(to_vec).collect::<Result<_>>()?;
     // With wanted nodes (and no logits), the parameters of the features their links read: the
     // wanted features and their connections' upstream features (all of them when every
     // connection is kept), not of every active one.
@@ -212,15 +202,14 @@ pub fn attribute_nodes(
     // Active features per module (those needed), with their parameters.
     let mut active = Vec::new();
     for (m, ae) in suite.aes.iter().enumerate() {
-        let ids: Vec<u32> = (0..f as u32)
-            .filter(|&j| needed.as_ref().is_none_or(|n| n[m].contains(&j)))
-            .filter(|&j| (0..s).any(|t| feats[m][t * f + j as usize] != 0.0))
-            .collect();
-        let idx = Tensor::new(ids.as_slice(), &cpu)?;
-        let enc_t = host(ae.w_enc.as_tensor())?.index_select(&idx, 0)?.contiguous()?;
-        let dec_t = host(ae.w_dec.as_tensor())?.index_select(&idx, 1)?.t()?.contiguous()?;
+        let ids: Vec<u32> =
+            feats.active(m).into_iter().filter(|j| needed.as_ref().is_none_or(|n| n[m].contains(j))).collect();
+        let enc = setup.products.rows(Key::Enc(m), &ids, |ids| select(ae.w_enc.as_tensor(), ids, 0))?;
+        let dec = setup
+            .products
+            .rows(Key::Dec(m), &ids, |ids| Ok(select(ae.w_dec.as_tensor(), ids, 1)?.t()?.contiguous()?))?;
         let row_of = ids.iter().enumerate().map(|(r, &j)| (j, r)).collect();
-        active.push(Active { enc: Rows::of(&enc_t)?, dec: Rows::of(&dec_t)?, ids, row_of, dec_t, enc_t });
+        active.push(Active { enc, dec, ids, row_of });
     }
     let tok_idx = Tensor::new(tokens.as_slice(), &cpu)?;
     let w_e_rows = host(&rt.weights.w_e)?.index_select(&tok_idx, 0)?.contiguous()?; // (S, D)
@@ -248,17 +237,16 @@ pub fn attribute_nodes(
             terms: Terms::default(),
         })
         .collect();
-    let mut node_of: Vec<HashMap<(usize, u32), usize>> = vec![HashMap::new(); suite.modules.len()];
-    for m in 0..suite.modules.len() {
-        for t in 0..s {
-            for j in 0..f {
-                let v = feats[m][t * f + j];
-                if v != 0.0 {
-                    node_of[m].insert((t, j as u32), nodes.len());
-                    let kind = NodeKind::Feature { module: m, feature: j as u32 };
-                    nodes.push(Node { kind, pos: t, activation: v as f64, pre: 0.0, terms: Terms::default() });
-                }
-            }
+    let mut node_of: Vec<NodeOf> = vec![NodeOf::default(); suite.modules.len()];
+    // Module m's k-th value is node first[m] + k.
+    let mut first = Vec::with_capacity(suite.modules.len());
+    for (m, values) in feats.modules.iter().enumerate() {
+        first.push(nodes.len());
+        for &(t, j, v) in values {
+            let t = t as usize;
+            node_of[m].insert((t, j), nodes.len());
+            let kind = NodeKind::Feature { module: m, feature: j };
+            nodes.push(Node { kind, pos: t, activation: v as f64, pre: 0.0, terms: Terms::default() });
         }
     }
     let mut links = Vec::new();
@@ -285,7 +273,12 @@ pub fn attribute_nodes(
         };
         let act = &active[dm];
         let skip = |q: usize, i: u32| wanted.is_some_and(|w| !w.contains(&(dm, q, i)));
-        if node_of[dm].keys().all(|&(q, i)| skip(q, i)) {
+        // The nodes whose links are wanted, by position, then feature: (position, feature, node).
+        let targets: Vec<(usize, u32, usize)> = (feats.modules[dm].iter().enumerate())
+            .map(|(k, &(q, i, _))| (q as usize, i, first[dm] + k))
+            .filter(|&(q, i, _)| !skip(q, i))
+            .collect();
+        if targets.is_empty() {
             continue;
         }
         match module.kind {
@@ -293,7 +286,7 @@ pub fn attribute_nodes(
                 let s2 = to_vec(&batch.ln2_scale[l])?;
                 // Edge weights E_i · W_dec^u[:, j], per distinct feature.
                 let mut weights: HashMap<u32, Vec<(usize, u32, f64)>> = HashMap::new();
-                for (&(q, i), &n) in sorted(&node_of[dm]).iter().filter(|e| !skip(e.0 .0, e.0 .1)) {
+                for &(q, i, n) in &targets {
                     let e = act.enc.row(act.row_of[&i]);
                     let ws = weights.entry(i).or_insert_with(|| {
                         sources(i)
@@ -307,7 +300,7 @@ pub fn attribute_nodes(
                     let mut sum = 0.0;
                     for &(u, j, w) in ws.iter() {
                         if let Some(&src) = node_of[u].get(&(q, j)) {
-                            let weight = w * feats[u][q * f + j as usize] as f64 / sc;
+                            let weight = w * nodes[src].activation / sc;
                             links.push(Link { source: src, target: n, weight });
                             sum += weight;
                         }
@@ -342,57 +335,92 @@ pub fn attribute_nodes(
                 // for the wanted features and the upstream features their links read (a few
                 // rows of each module's active ones, where view-features' why-it-fired pass
                 // formed them all per sequence).
-                let mine = wanted.map(|_| {
-                    Subset::of(node_of[dm].keys().filter(|&&(q, i)| !skip(q, i)).map(|&(_, i)| i), &act.row_of)
-                });
-                let ev_t = match &mine {
-                    Some(sub) => sub.select(&act.enc_t)?,
-                    None => act.enc_t.clone(),
-                }
-                .matmul(&w_o.t()?)?;
-                let ev_row = |i: u32| mine.as_ref().map_or_else(|| act.row_of[&i], |sub| sub.row_of[&i]);
-                let ev = Rows::of(&ev_t)?;
+                let mine: Vec<u32> = match wanted {
+                    Some(_) => {
+                        let mut ids: Vec<u32> = targets.iter().map(|t| t.1).collect();
+                        ids.sort_unstable();
+                        ids.dedup();
+                        ids
+                    }
+                    None => act.ids.clone(),
+                };
+                let w_enc = suite.aes[dm].w_enc.as_tensor();
+                let ev =
+                    setup.products.rows(Key::EncWo(dm), &mine, |ids| Ok(select(w_enc, ids, 0)?.matmul(&w_o.t()?)?))?;
+                let ev_rows: HashMap<u32, usize> = mine.iter().enumerate().map(|(r, &i)| (i, r)).collect();
+                let ev_row = |i: u32| ev_rows[&i];
                 let dv: Vec<Option<(Rows, HashMap<u32, usize>)>> = (0..suite.modules.len())
                     .map(|u| {
                         if !ups.contains(&u) {
                             return Ok(None);
                         }
-                        let (dec, row_of) = match &mine {
-                            Some(sub) => {
-                                let read = sub.ids.iter().flat_map(|&i| sources(i)).filter(|&(uu, _)| uu == u);
-                                let up = Subset::of(read.map(|(_, j)| j), &active[u].row_of);
-                                if up.ids.is_empty() {
-                                    return Ok(Some((Rows { data: Vec::new(), width: h * dh }, HashMap::new())));
-                                }
-                                (up.select(&active[u].dec_t)?, up.row_of)
+                        let read: Vec<u32> = match wanted {
+                            Some(_) => {
+                                let read = mine.iter().flat_map(|&i| sources(i)).filter(|&(uu, _)| uu == u);
+                                let mut read: Vec<u32> =
+                                    read.map(|(_, j)| j).filter(|j| active[u].row_of.contains_key(j)).collect();
+                                read.sort_unstable();
+                                read.dedup();
+                                read
                             }
-                            None => (active[u].dec_t.clone(), active[u].row_of.clone()),
+                            None => active[u].ids.clone(),
                         };
-                        Ok(Some((Rows::of(&dec.matmul(&w_v)?)?, row_of)))
+                        let row_of = read.iter().enumerate().map(|(r, &j)| (j, r)).collect();
+                        if read.is_empty() {
+                            return Ok(Some((Rows { data: Vec::new(), width: h * dh }, row_of)));
+                        }
+                        let w_dec = suite.aes[u].w_dec.as_tensor();
+                        let form = |ids: &[u32]| Ok(select(w_dec, ids, 1)?.t()?.contiguous()?.matmul(&w_v)?);
+                        Ok(Some((setup.products.rows(Key::DecWv(u, dm), &read, form)?, row_of)))
                     })
                     .collect::<Result<_>>()?;
                 // Per head, every active feature's products with every position's token and
                 // positional values: (H, n, S), as batched products.
-                let n_act = ev_t.dim(0)?;
+                let n_act = mine.len();
                 let heads = |x: &Tensor, rows: usize| -> Result<Tensor> {
                     Ok(x.reshape((rows, h, dh))?.transpose(0, 1)?.contiguous()?)
                 };
-                let evh = heads(&ev_t, n_act)?;
-                let by_pos = |x: &Tensor| -> Result<Vec<f32>> {
-                    to_vec(&evh.matmul(&heads(&x.matmul(&w_v)?, s)?.transpose(1, 2)?.contiguous()?)?)
+                let evh = heads(&ev.tensor(0..n_act)?, n_act)?;
+                // `x W_V` of the S token rows, and of the S positional rows (kept by position where
+                // they are the positional embedding's, the same in every sequence).
+                let by_pos = |xv: Rows| -> Result<Vec<f32>> {
+                    to_vec(&evh.matmul(&heads(&xv.tensor(0..s)?, s)?.transpose(1, 2)?.contiguous()?)?)
                 };
-                let tok_h = by_pos(&w_e_rows)?;
-                let pos_h = by_pos(&Tensor::new(pos_rows.data.as_slice(), &cpu)?.reshape((s, d))?)?;
-                let mix_at = |v: &[f32], r: usize, q: usize, p: usize| -> f64 {
-                    (0..h).map(|hh| p_at(hh, q, p) * v[(hh * n_act + r) * s + p] as f64).sum()
+                let w_e = &rt.weights.w_e;
+                let tok_v =
+                    setup.products.rows(Key::TokWv(dm), &tokens, |ids| Ok(select(w_e, ids, 0)?.matmul(&w_v)?))?;
+                let tok_h = by_pos(tok_v)?;
+                let pos_v = match (&rt.weights.w_pos, sparse_embed) {
+                    (Some(w_pos), true) => {
+                        let at: Vec<u32> = (0..s as u32).collect();
+                        setup.products.rows(Key::PosWv(dm), &at, |ids| Ok(select(w_pos, ids, 0)?.matmul(&w_v)?))?
+                    }
+                    _ => Rows::of(&Tensor::new(pos_rows.data.as_slice(), &cpu)?.reshape((s, d))?.matmul(&w_v)?)?,
+                };
+                let pos_h = by_pos(pos_v)?;
+                // Per position p ≤ q, values `v` of row r mixed by the heads' pattern at q (each
+                // sum over heads in head order, from −0, as `Iterator::sum`).
+                let mix_at = |v: &[f32], r: usize, q: usize, out: &mut [f64]| {
+                    out[..=q].fill(-0.0);
+                    for hh in 0..h {
+                        let (pr, vr) = (&pat[(hh * s + q) * s..][..=q], &v[(hh * n_act + r) * s..][..=q]);
+                        out.iter_mut().zip(pr.iter().zip(vr)).for_each(|(o, (&a, &b))| *o += a as f64 * b as f64);
+                    }
                 };
                 let ubv = Rows::of(&Tensor::new(ub.as_slice(), &cpu)?.reshape((1, d))?.matmul(&w_v)?)?;
-                let per_head = |a: &[f32], b: &[f32]| -> Vec<f64> {
-                    (0..h).map(|hh| dot(&a[hh * dh..(hh + 1) * dh], &b[hh * dh..(hh + 1) * dh])).collect()
+                let per_head = |a: &[f32], b: &[f32]| -> Vec<f64> { head_dots(a, b, h) };
+                // The pattern at q, by position then head.
+                let (mut at_q, mut pq) = (usize::MAX, Vec::new());
+                let mix = |w: &[f64], pq: &[f64], p: usize| -> f64 {
+                    pq[p * h..(p + 1) * h].iter().zip(w).map(|(&a, &b)| a * b).sum()
                 };
-                let mix = |w: &[f64], q: usize, p: usize| -> f64 { (0..h).map(|hh| p_at(hh, q, p) * w[hh]).sum() };
+                let (mut tok_q, mut pos_q) = (vec![0f64; s], vec![0f64; s]);
                 let mut weights: HashMap<u32, Vec<(usize, u32, Vec<f64>)>> = HashMap::new();
-                for (&(q, i), &n) in sorted(&node_of[dm]).iter().filter(|e| !skip(e.0 .0, e.0 .1)) {
+                for &(q, i, n) in &targets {
+                    if at_q != q {
+                        pq = (0..=q).flat_map(|p| (0..h).map(move |hh| p_at(hh, q, p))).collect();
+                        at_q = q;
+                    }
                     let r = ev_row(i);
                     let (e, evi) = (act.enc.row(act.row_of[&i]), ev.row(r));
                     let ws = weights.entry(i).or_insert_with(|| {
@@ -408,22 +436,24 @@ pub fn attribute_nodes(
                     let mut position = 0.0;
                     let mut consistent_ub = 0.0;
                     let ubh = per_head(evi, ubv.row(0));
+                    mix_at(&tok_h, r, q, &mut tok_q);
+                    mix_at(&pos_h, r, q, &mut pos_q);
                     for p in 0..=q {
                         let sc = s1[p] as f64;
                         for (u, j, w) in ws.iter() {
                             if let Some(&src) = node_of[*u].get(&(p, *j)) {
-                                let weight = mix(w, q, p) * feats[*u][p * f + *j as usize] as f64 / sc;
+                                let weight = mix(w, &pq, p) * nodes[src].activation / sc;
                                 links.push(Link { source: src, target: n, weight });
                                 sum += weight;
                             }
                         }
                         if embeds(i, tokens[p]) {
-                            let weight = mix_at(&tok_h, r, q, p) / sc;
+                            let weight = tok_q[p] / sc;
                             links.push(Link { source: p, target: n, weight });
                             sum += weight;
                         }
-                        position += mix_at(&pos_h, r, q, p) / sc;
-                        consistent_ub += mix(&ubh, q, p) / sc;
+                        position += pos_q[p] / sc;
+                        consistent_ub += mix(&ubh, &pq, p) / sc;
                     }
                     let upstream_bias = if setup.opts.consistent_attn_bias {
                         consistent_ub
@@ -452,7 +482,7 @@ pub fn attribute_nodes(
             // reads), and every module's decoder bias.
             let t = s - 1;
             let ends = Ends { token: w_e.row(t), position: pos_dense_h.row(t), b_dec: &b_dec };
-            logit_part(setup, batch, out, &active, &node_of, &feats, choice, &ends)?
+            logit_part(setup, batch, out, &active, &node_of, &nodes, choice, &ends)?
         }
         None => (Vec::new(), Vec::new(), 0.0),
     };
@@ -473,109 +503,5 @@ fn too_many(max: usize) -> Error {
     ))
 }
 
-/// A node map's entries by (position, feature), so that links come out in a stable order.
-fn sorted(map: &HashMap<(usize, u32), usize>) -> Vec<(&(usize, u32), &usize)> {
-    let mut v: Vec<_> = map.iter().collect();
-    v.sort_unstable_by_key(|e| *e.0);
-    v
-}
-
-type LogitPart = (Vec<Node>, Vec<Vec<(usize, f64)>>, f64);
-
-/// What the logits read besides features: the last position's token row `W_E[tok]` and
-/// positional part `r0 − W_E[tok]`, and every module's `b_dec`.
-struct Ends<'a> {
-    token: &'a [f32],
-    position: &'a [f32],
-    b_dec: &'a [Vec<f32>],
-}
-
-/// The logit nodes of the last position and their incoming links (docs/MATH.md, "Embed and
-/// unembed connections": with unembed edges a token reads only its connected features; the
-/// scale is LNPre's of the whole spliced residual).
-#[allow(clippy::too_many_arguments)]
-fn logit_part(
-    setup: &Setup,
-    batch: &Batch,
-    out: &PassOutput,
-    active: &[Active],
-    node_of: &[HashMap<(usize, u32), usize>],
-    feats: &[Vec<f32>],
-    choice: LogitChoice,
-    ends: &Ends,
-) -> Result<LogitPart> {
-    let (suite, rt) = (setup.suite, setup.rt);
-    let cpu = candle_core::Device::Cpu;
-    let (_, s, d) = batch.resid_pre0.dims3()?;
-    let f = suite.n_features;
-    let t = s - 1;
-    let resid = to_vec(&crate::pass::objective::spliced_resid(batch, out)?.reshape((s, d))?.narrow(0, t, 1)?)?;
-    let mean = resid.iter().map(|&x| x as f64).sum::<f64>() / d as f64;
-    let var = resid.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / d as f64;
-    let scale = (var + rt.cfg.ln_eps).sqrt();
-    let w_u = rt.weights.w_u.to_device(&cpu)?.to_dtype(DType::F32)?;
-    let vocab = w_u.dim(1)?;
-    let b_u = to_vec(&rt.weights.b_u)?;
-    let mut ub = vec![0f32; d];
-    for b in ends.b_dec {
-        ub.iter_mut().zip(b).for_each(|(a, &x)| *a += x);
-    }
-    let times_wu = |v: &[f32]| -> Result<Vec<f32>> { to_vec(&Tensor::new(v, &cpu)?.reshape((1, d))?.matmul(&w_u)?) };
-    let (tok_l, pos_l, ub_l) = (times_wu(ends.token)?, times_wu(ends.position)?, times_wu(&ub)?);
-    // Features active at the last position and their rows W_dec[:, j]ᵀ W_U.
-    let unembed = setup.conns.map(|c| &c.unembed).filter(|u| !u.is_empty());
-    let mut reads: Vec<(usize, usize, f64, Vec<f32>)> = Vec::new(); // (module, node, value, row over V)
-    let mut readers: HashMap<(usize, u32), usize> = HashMap::new();
-    for (m, a) in active.iter().enumerate() {
-        let here: Vec<usize> = (0..a.ids.len()).filter(|&r| feats[m][t * f + a.ids[r] as usize] != 0.0).collect();
-        if here.is_empty() {
-            continue;
-        }
-        let idx = Tensor::new(here.iter().map(|&r| r as u32).collect::<Vec<_>>().as_slice(), &cpu)?;
-        let rows = Rows::of(&a.dec_t.index_select(&idx, 0)?.matmul(&w_u)?)?;
-        for (k, &r) in here.iter().enumerate() {
-            let j = a.ids[r];
-            readers.insert((m, j), reads.len());
-            reads.push((m, node_of[m][&(t, j)], feats[m][t * f + j as usize] as f64, rows.row(k).to_vec()));
-        }
-    }
-    // Which features token v reads.
-    let reads_of = |v: usize| -> Vec<usize> {
-        match unembed {
-            Some(u) => u
-                .get(v)
-                .map_or(Vec::new(), |es| es.iter().filter_map(|e| readers.get(&(e.up, e.feature)).copied()).collect()),
-            None => (0..reads.len()).collect(),
-        }
-    };
-    let logit = |v: usize| -> f64 {
-        let feats: f64 = reads_of(v).iter().map(|&k| reads[k].2 * reads[k].3[v] as f64).sum();
-        (tok_l[v] as f64 + pos_l[v] as f64 + ub_l[v] as f64 + feats) / scale + b_u[v] as f64
-    };
-    let all: Vec<f64> = (0..vocab).map(logit).collect();
-    let max = all.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let z: f64 = all.iter().map(|&x| (x - max).exp()).sum();
-    let mut order: Vec<usize> = (0..vocab).collect();
-    order.sort_by(|&a, &b| all[b].total_cmp(&all[a]).then(a.cmp(&b)));
-    let (mut nodes, mut links, mut covered) = (Vec::new(), Vec::new(), 0.0);
-    for &v in order.iter().take(choice.max.max(1)) {
-        let prob = (all[v] - max).exp() / z;
-        let mut incoming = vec![(t, tok_l[v] as f64 / scale)];
-        incoming.extend(reads_of(v).into_iter().map(|k| (reads[k].1, reads[k].2 * reads[k].3[v] as f64 / scale)));
-        let terms =
-            Terms { bias: b_u[v] as f64, upstream_bias: ub_l[v] as f64 / scale, position: pos_l[v] as f64 / scale };
-        nodes.push(Node {
-            kind: NodeKind::Logit { token: v as u32, prob },
-            pos: t,
-            activation: all[v],
-            pre: all[v],
-            terms,
-        });
-        links.push(incoming);
-        covered += prob;
-        if covered >= choice.cumulative {
-            break;
-        }
-    }
-    Ok((nodes, links, covered))
-}
+/// A module's feature nodes by (position, feature).
+type NodeOf = rustc_hash::FxHashMap<(usize, u32), usize>;

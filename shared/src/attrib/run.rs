@@ -153,7 +153,9 @@ pub fn run(req: &Request, device: &Device) -> Result<Written> {
     };
     let plan = Plan::new(suite, wiring, parallel, device)?;
     let out = ValuePass::new(suite, rt, &plan, req.pass, device)?.run(&batch)?;
-    let setup = Setup { suite, rt, conns: chosen.set.as_ref(), parallel, opts: req.pass, max_links: req.max_links };
+    let products = super::Products::fresh();
+    let conns = chosen.set.as_ref();
+    let setup = Setup { suite, rt, conns, parallel, opts: req.pass, max_links: req.max_links, products: &products };
     let graph = attribute(&setup, &batch, &out, req.logits)?;
     let (node_t, edge_t) = req.prune.unwrap_or((1.0, 1.0));
     let pruned = prune(&graph, node_t, edge_t);

@@ -9,10 +9,10 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 
 use super::{Browse, BrowseConfig};
-use crate::attrib::{attribute_nodes, sequence_output, NodeKey, NodeKind, Setup};
+use crate::attrib::{attribute_nodes, sequence_output, NodeKey, NodeKind, Products, SeqFeats, Setup};
 use crate::error::Result;
 use crate::formats::cache::CacheReader;
 use crate::formats::connections::Connections;
@@ -59,23 +59,34 @@ pub fn explain(
         }
     }
     let rt = &inputs.model.runtime;
-    let setup = Setup { suite, rt, conns, parallel: inputs.parallel(), opts: cfg.pass, max_links: usize::MAX };
+    // The parameter and product rows the contexts read are formed once for all of them, in as
+    // much memory again as the kept features may take.
+    let products = Products::kept(cfg.keep_entries * 8);
+    let setup = Setup {
+        suite,
+        rt,
+        conns,
+        parallel: inputs.parallel(),
+        opts: cfg.pass,
+        max_links: usize::MAX,
+        products: &products,
+    };
     let mut reader = CacheReader::new(inputs.cache(), device);
     let seqs: Vec<usize> = wanted.keys().copied().collect();
     let mut found: HashMap<(usize, u32, usize, usize), Why> = HashMap::new();
-    let mut explain_one = |batch: &crate::data::Batch, out: &PassOutput, seq: usize| -> Result<()> {
+    let mut explain_one = |batch: &crate::data::Batch, out: &PassOutput, feats: &SeqFeats, seq: usize| -> Result<()> {
         let want = &wanted[&seq];
-        let graph = attribute_nodes(&setup, batch, out, Some(want), None)?;
-        let mut incoming: HashMap<usize, Vec<(usize, f64)>> = HashMap::new();
-        for l in &graph.links {
-            incoming.entry(l.target).or_default().push((l.source, l.weight));
-        }
+        let graph = attribute_nodes(&setup, batch, out, feats, Some(want), None)?;
+        // Each node's incoming links are pushed together.
+        let incoming: HashMap<usize, &[crate::attrib::Link]> =
+            graph.links.chunk_by(|a, b| a.target == b.target).map(|run| (run[0].target, run)).collect();
         for (n, node) in graph.nodes.iter().enumerate() {
             let NodeKind::Feature { module, feature } = node.kind else { continue };
             if !want.contains(&(module, node.pos, feature)) {
                 continue;
             }
-            let mut links = incoming.remove(&n).unwrap_or_default();
+            let mut links: Vec<(usize, f64)> =
+                incoming.get(&n).map_or(Vec::new(), |run| run.iter().map(|l| (l.source, l.weight)).collect());
             links.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()).then(a.0.cmp(&b.0)));
             let rest = links.iter().skip(keep).map(|l| l.1).sum();
             let source = |src: usize| match graph.nodes[src].kind {
@@ -94,18 +105,9 @@ pub fn explain(
     let f = suite.n_features;
     for chunk in stored.chunks(cfg.batch_size.max(1)) {
         let batch = reader.batch(chunk)?;
-        let s = batch.tokens.dim(1)?;
+        let none = PassOutput { feats: Vec::new(), recon: Vec::new(), pre: Vec::new() };
         for (i, &seq) in chunk.iter().enumerate() {
-            let feats = browse.kept[&seq]
-                .iter()
-                .map(|nz| {
-                    let mut dense = vec![0f32; s * f];
-                    nz.iter().for_each(|&(c, a)| dense[c as usize] = a);
-                    Ok(Tensor::from_vec(dense, (s, f), &Device::Cpu)?)
-                })
-                .collect::<Result<_>>()?;
-            let out = PassOutput { feats, recon: Vec::new(), pre: Vec::new() };
-            explain_one(&batch.narrow(i, 1)?, &out, seq)?;
+            explain_one(&batch.narrow(i, 1)?, &none, &SeqFeats::of_flat(&browse.kept[&seq], f), seq)?;
         }
     }
     for chunk in again.chunks(cfg.batch_size.max(1)) {
@@ -113,7 +115,8 @@ pub fn explain(
         let out = pass.run(&batch)?;
         let s = batch.tokens.dim(1)?;
         for (i, &seq) in chunk.iter().enumerate() {
-            explain_one(&batch.narrow(i, 1)?, &sequence_output(&out, i, s)?, seq)?;
+            let out = sequence_output(&out, i, s)?;
+            explain_one(&batch.narrow(i, 1)?, &out, &SeqFeats::of_output(&out)?, seq)?;
         }
     }
     Ok(browse

@@ -1,0 +1,146 @@
+//! Rows attribution reads from model and suite matrices alone — features' encoder rows and
+//! decoder columns, `E W_Oᵀ` of an attention module's features, `W_decᵀ W_V` of an upstream
+//! module's features and token and positional rows through an attention layer's `W_V` — which
+//! no sequence changes. view-features
+//! explains thousands of top contexts with the same few thousand rows; [`Products::kept`] forms
+//! each row once per run (within a memory budget).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use candle_core::Tensor;
+
+use super::Rows;
+use crate::error::Result;
+
+/// Which rows, one per feature of a module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum Key {
+    /// Module `m`'s encoder rows `E_i`.
+    Enc(usize),
+    /// Module `m`'s decoder columns `W_dec[:, j]`.
+    Dec(usize),
+    /// `E_i W_Oᵀ` of attention module `m`.
+    EncWo(usize),
+    /// `W_dec^u[:, j]ᵀ W_V` from module `u` into attention module `m`: `(u, m)`.
+    DecWv(usize, usize),
+    /// `W_E[t] W_V` of token `t` into attention module `m`.
+    TokWv(usize),
+    /// `W_pos[p] W_V` of position `p` into attention module `m`.
+    PosWv(usize),
+}
+
+/// Rows formed on demand and, when kept, remembered.
+pub struct Products {
+    kept: Option<RefCell<Kept>>,
+}
+
+struct Kept {
+    rows: HashMap<Key, HashMap<u32, Vec<f32>>>,
+    /// Bytes still free for rows; rows formed beyond the budget are not kept.
+    free: usize,
+}
+
+impl Products {
+    /// Form every row again each time (one graph).
+    pub fn fresh() -> Products {
+        Products { kept: None }
+    }
+
+    /// Remember the rows formed, up to `max_bytes` of them (many graphs of one suite and model).
+    pub fn kept(max_bytes: usize) -> Products {
+        Products { kept: Some(RefCell::new(Kept { rows: HashMap::new(), free: max_bytes })) }
+    }
+
+    /// Rows `ids` of `key`, one per id; `form(ids)` forms rows of it as an `(ids.len(), width)`
+    /// tensor. A single row is formed beside a copy of itself: the GEMM
+    /// kernel takes another path for one row, and a row's bits must not depend on which other
+    /// rows were formed with it.
+    pub(super) fn rows(&self, key: Key, ids: &[u32], form: impl Fn(&[u32]) -> Result<Tensor>) -> Result<Rows> {
+        let form = |ids: &[u32]| -> Result<Rows> {
+            match ids {
+                [one] => Rows::of(&form(&[*one, *one])?.narrow(0, 0, 1)?),
+                _ => Rows::of(&form(ids)?),
+            }
+        };
+        let Some(kept) = self.kept.as_ref().filter(|_| !ids.is_empty()) else { return form(ids) };
+        let mut kept = kept.borrow_mut();
+        let Kept { rows, free } = &mut *kept;
+        let memo = rows.entry(key).or_default();
+        let mut missing: Vec<u32> = ids.iter().copied().filter(|j| !memo.contains_key(j)).collect();
+        missing.sort_unstable();
+        missing.dedup();
+        let new = if missing.is_empty() { Rows { data: Vec::new(), width: 0 } } else { form(&missing)? };
+        let width = ids.first().map_or(0, |j| memo.get(j).map_or(new.width, Vec::len));
+        let mut data = Vec::with_capacity(ids.len() * width);
+        for j in ids {
+            match memo.get(j) {
+                Some(r) => data.extend_from_slice(r),
+                None => data.extend_from_slice(new.row(missing.binary_search(j).expect("formed"))),
+            }
+        }
+        for (r, &j) in missing.iter().enumerate() {
+            if *free < width * 4 {
+                break;
+            }
+            *free -= width * 4;
+            memo.insert(j, new.row(r).to_vec());
+        }
+        Ok(Rows { data, width })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    /// `x · w` over rows `ids` of `x`.
+    fn product<'a>(x: &'a Tensor, w: &'a Tensor) -> impl Fn(&[u32]) -> Result<Tensor> + 'a {
+        move |ids| {
+            let idx = Tensor::new(ids, &Device::Cpu)?;
+            Ok(x.index_select(&idx, 0)?.matmul(w)?)
+        }
+    }
+
+    #[test]
+    fn kept_rows_are_bit_equal_to_rows_formed_all_at_once() {
+        let (f, d) = (40usize, 96usize);
+        let wave = |n: usize, a: f32| -> Vec<f32> { (0..n).map(|i| ((i as f32) * a).sin()).collect() };
+        let x = Tensor::from_vec(wave(f * d, 0.37), (f, d), &Device::Cpu).unwrap();
+        let w = Tensor::from_vec(wave(d * d, 0.11), (d, d), &Device::Cpu).unwrap();
+        let all: Vec<u32> = (0..f as u32).collect();
+        let whole = crate::util::to_vec(&product(&x, &w)(&all).unwrap()).unwrap();
+        let kept = Products::kept(usize::MAX);
+        // Formed in pieces of 1, 3 and the rest (one row alone is formed beside its copy).
+        for ids in [vec![7u32], vec![2, 30, 7], all.clone(), vec![39, 0]] {
+            let got = kept.rows(Key::Enc(0), &ids, product(&x, &w)).unwrap().data;
+            let want: Vec<f32> =
+                ids.iter().flat_map(|&j| whole[j as usize * d..(j as usize + 1) * d].to_vec()).collect();
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+            let fresh = Products::fresh().rows(Key::Enc(0), &ids, product(&x, &w)).unwrap().data;
+            assert_eq!(fresh, got);
+        }
+        // A kept row is not formed again; beyond the budget (room for 2 rows here) rows are
+        // formed and returned, not kept.
+        let formed = std::cell::Cell::new(0);
+        let counted = |ids: &[u32]| {
+            formed.set(formed.get() + ids.len());
+            product(&x, &w)(ids)
+        };
+        assert_eq!(kept.rows(Key::Enc(0), &[5, 6], counted).unwrap().data.len(), 2 * d);
+        assert_eq!(formed.get(), 0);
+        let small = Products::kept(2 * d * 4 + 1);
+        let got = small.rows(Key::Dec(1), &[4, 9, 1], counted).unwrap().data;
+        let want: Vec<f32> = [4usize, 9, 1].iter().flat_map(|&j| whole[j * d..(j + 1) * d].to_vec()).collect();
+        assert_eq!((got, formed.get()), (want, 3));
+        small.rows(Key::Dec(1), &[1, 4], counted).unwrap();
+        assert_eq!(formed.get(), 3);
+        // Row 9 was not kept; alone it is formed beside its copy.
+        small.rows(Key::Dec(1), &[9], counted).unwrap();
+        assert_eq!(formed.get(), 5);
+    }
+}
