@@ -152,6 +152,20 @@ fn batch_features(
     Ok(out)
 }
 
+/// `f(i, v[i])` for each value of `v` whose bits are not all zero, in order (runs of +0, most
+/// of a top-k feature row, are skipped 16 at a time).
+fn each_set(v: &[f32], mut f: impl FnMut(usize, f32)) {
+    let mut chunks = v.chunks_exact(16);
+    let mut at = 0;
+    for c in &mut chunks {
+        if c.iter().fold(0u32, |a, x| a | x.to_bits()) != 0 {
+            c.iter().enumerate().filter(|(_, x)| x.to_bits() != 0).for_each(|(k, &x)| f(at + k, x));
+        }
+        at += 16;
+    }
+    chunks.remainder().iter().enumerate().filter(|(_, x)| x.to_bits() != 0).for_each(|(k, &x)| f(at + k, x));
+}
+
 /// Run `pass` (the suite's value pass with the browser's connections) over `inputs`' cache and
 /// collect every feature's statistics.
 ///
@@ -201,8 +215,13 @@ pub fn collect(
             let sparse: Vec<Vec<(u32, f32)>> = feats
                 .iter()
                 .map(|v| {
-                    let seq = &v[bi * s * f..(bi + 1) * s * f];
-                    seq.iter().enumerate().filter(|(_, &a)| a != 0.0).map(|(c, &a)| (c as u32, a)).collect()
+                    let mut nz = Vec::new();
+                    each_set(&v[bi * s * f..(bi + 1) * s * f], |c, a| {
+                        if a != 0.0 {
+                            nz.push((c as u32, a))
+                        }
+                    });
+                    nz
                 })
                 .collect();
             let n: usize = sparse.iter().map(Vec::len).sum();
@@ -215,9 +234,9 @@ pub fn collect(
             let st = &mut stats[mi];
             for row in 0..b * s {
                 let (bi, pos) = (row / s, row % s);
-                for (j, &a) in v[row * f..(row + 1) * f].iter().enumerate() {
+                each_set(&v[row * f..(row + 1) * f], |j, a| {
                     if a <= 0.0 {
-                        continue;
+                        return;
                     }
                     let fs = &mut st[j];
                     fs.count += 1;
@@ -263,7 +282,7 @@ pub fn collect(
                             fs.sampled[r] = window(a);
                         }
                     }
-                }
+                });
             }
         }
         // Keep only the sequences some top context is still in.
@@ -453,6 +472,28 @@ fn logit_lens(inputs: &Inputs, n: usize, device: &Device) -> Result<Vec<Vec<Lens
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `each_set` visits exactly the values whose bits are not zero (−0 and NaN included), in
+    /// order, across whole 16-value chunks, partly set ones and a tail.
+    #[test]
+    fn each_set_visits_every_value_with_bits_set() {
+        for len in [0, 5, 16, 37, 64] {
+            let mut v = vec![0f32; len];
+            for (i, x) in v.iter_mut().enumerate() {
+                *x = match i % 11 {
+                    3 => 1.5,
+                    7 => -0.0,
+                    9 if i > 30 => f32::NAN,
+                    _ => 0.0,
+                };
+            }
+            let mut got = Vec::new();
+            each_set(&v, |i, x| got.push((i, x.to_bits())));
+            let want: Vec<(usize, u32)> =
+                v.iter().enumerate().filter(|(_, x)| x.to_bits() != 0).map(|(i, x)| (i, x.to_bits())).collect();
+            assert_eq!(got, want, "length {len}");
+        }
+    }
 
     #[test]
     fn extremes_are_the_largest_and_smallest_with_ties_by_index() {
