@@ -155,8 +155,8 @@ crate::widest! {
     }
 }
 
-/// `(rows, cols)` row-major to `(cols, rows)` row-major, in cache-sized tiles, parallel over
-/// blocks of output rows (each a contiguous run of memory).
+/// `(rows, cols)` row-major to `(cols, rows)` row-major, parallel over blocks of 32 output rows
+/// (each a contiguous run of memory).
 pub fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     const T: usize = 32;
     let mut out = vec![0f32; rows * cols];
@@ -166,28 +166,40 @@ pub fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out.par_chunks_mut(T * rows).enumerate().for_each(|(b, ob)| {
         // Output rows c0.. of this block are the source columns c0..c0 + ob.len() / rows.
         let c0 = b * T;
-        for r0 in (0..rows).step_by(T) {
-            let r1 = (r0 + T).min(rows);
-            for (c, orow) in ob.chunks_exact_mut(rows).enumerate() {
-                for (o, r) in orow[r0..r1].iter_mut().zip(r0..r1) {
-                    *o = src[r * cols + c0 + c];
-                }
-            }
-        }
+        transpose_block(&src[c0..], cols, rows, ob.len() / rows, ob, rows);
     });
     out
 }
 
-/// [`transpose`] of `src (rows, cols)` into `dst (cols, rows)` on this thread, in tiles.
+/// [`transpose`] of `src (rows, cols)` into `dst (cols, rows)` on this thread.
 pub fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    const T: usize = 16;
-    for r0 in (0..rows).step_by(T) {
-        let r1 = (r0 + T).min(rows);
-        for c0 in (0..cols).step_by(T) {
-            for c in c0..(c0 + T).min(cols) {
-                let out = &mut dst[c * rows + r0..c * rows + r1];
-                out.iter_mut().zip(r0..r1).for_each(|(o, r)| *o = src[r * cols + c]);
+    transpose_block(src, cols, rows, cols, dst, rows);
+}
+
+/// `dst[c · dst_stride + r] = src[r · src_stride + c]` for `r < rows`, `c < cols`: 8 × 8
+/// blocks through registers (8 source rows read along, each block's 8 output rows written
+/// whole), the edges value by value.
+fn transpose_block(src: &[f32], src_stride: usize, rows: usize, cols: usize, dst: &mut [f32], dst_stride: usize) {
+    const B: usize = 8;
+    let (rb, cb) = (rows / B * B, cols / B * B);
+    for r0 in (0..rb).step_by(B) {
+        let s: [&[f32]; B] = std::array::from_fn(|i| &src[(r0 + i) * src_stride..][..cols]);
+        for c0 in (0..cb).step_by(B) {
+            let mut t = [[0f32; B]; B];
+            for (i, row) in s.iter().enumerate() {
+                let row: &[f32; B] = row[c0..c0 + B].try_into().expect("8 values");
+                for (j, &v) in row.iter().enumerate() {
+                    t[j][i] = v;
+                }
             }
+            for (j, tj) in t.iter().enumerate() {
+                dst[(c0 + j) * dst_stride + r0..][..B].copy_from_slice(tj);
+            }
+        }
+    }
+    for r in 0..rows {
+        for c in if r < rb { cb } else { 0 }..cols {
+            dst[c * dst_stride + r] = src[r * src_stride + c];
         }
     }
 }
@@ -335,7 +347,7 @@ mod tests {
     /// and are not multiples of the tiles (and single rows or columns).
     #[test]
     fn transpose_matches_the_definition() {
-        for (rows, cols) in [(1, 1), (1, 70), (70, 1), (32, 32), (33, 65), (100, 37), (3072, 40)] {
+        for (rows, cols) in [(1, 1), (1, 70), (70, 1), (8, 8), (32, 32), (33, 65), (100, 37), (64, 2048), (3072, 40)] {
             let src: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
             let out = transpose(&src, rows, cols);
             let mut one = vec![0f32; rows * cols];
