@@ -166,20 +166,16 @@ pub fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out.par_chunks_mut(T * rows).enumerate().for_each(|(b, ob)| {
         // Output rows c0.. of this block are the source columns c0..c0 + ob.len() / rows.
         let c0 = b * T;
-        transpose_block(&src[c0..], cols, rows, ob.len() / rows, ob, rows);
+        transpose_strided(&src[c0..], cols, rows, ob.len() / rows, ob, rows);
     });
     out
 }
 
-/// [`transpose`] of `src (rows, cols)` into `dst (cols, rows)` on this thread.
-pub fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    transpose_block(src, cols, rows, cols, dst, rows);
-}
-
-/// `dst[c · dst_stride + r] = src[r · src_stride + c]` for `r < rows`, `c < cols`: 8 × 8
+/// `dst[c · dst_stride + r] = src[r · src_stride + c]` for `r < rows`, `c < cols`, on this
+/// thread (a block of a transpose, e.g. the attention edges' key-block operands): 8 × 8
 /// blocks through registers (8 source rows read along, each block's 8 output rows written
 /// whole), the edges value by value.
-fn transpose_block(src: &[f32], src_stride: usize, rows: usize, cols: usize, dst: &mut [f32], dst_stride: usize) {
+pub fn transpose_strided(src: &[f32], src_stride: usize, rows: usize, cols: usize, dst: &mut [f32], dst_stride: usize) {
     const B: usize = 8;
     let (rb, cb) = (rows / B * B, cols / B * B);
     for r0 in (0..rb).step_by(B) {
@@ -351,7 +347,7 @@ mod tests {
             let src: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
             let out = transpose(&src, rows, cols);
             let mut one = vec![0f32; rows * cols];
-            transpose_into(&src, rows, cols, &mut one);
+            transpose_strided(&src, cols, rows, cols, &mut one, rows);
             assert_eq!(one, out, "{rows}x{cols} on one thread");
             for r in 0..rows {
                 for c in 0..cols {
@@ -359,5 +355,12 @@ mod tests {
                 }
             }
         }
+        // A block of columns (as the attention edges take one key block's): its rows of the
+        // whole transpose.
+        let (rows, cols, c0, w) = (64, 2048, 136, 131);
+        let src: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
+        let mut part = vec![0f32; w * rows];
+        transpose_strided(&src[c0..], cols, rows, w, &mut part, rows);
+        assert_eq!(part, transpose(&src, rows, cols)[c0 * rows..(c0 + w) * rows]);
     }
 }

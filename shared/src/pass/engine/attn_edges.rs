@@ -15,7 +15,7 @@ use super::{active_ups, add_up_value_grads, ActiveRows, EdgeState, Engine, Modul
 use crate::data::FlatBatch;
 use crate::pass::plan::EmbedPlan;
 use crate::pass::plan::{EdgeIndex, EMPTY};
-use crate::util::blas::{add_into, axpy, dot, sgemm, sgemm_ld, transpose_into};
+use crate::util::blas::{add_into, axpy, dot, sgemm, sgemm_ld, transpose_strided};
 
 /// Key positions per block of the attention edge forward's mixing product (its inner dimension
 /// is `KEY_BLOCK · H`; the product covers the queries at or after the block, so a block wastes
@@ -195,14 +195,16 @@ impl Engine<'_> {
         let width = index.width;
         let sc = &fb.s1[layer];
         let p = &fb.pattern[layer];
-        // Per-thread buffers, reused across sequences: a tile's rows of Y and their transpose
-        // (the right operand of the mixing products: [p][h] rows of the tile's features, which
-        // the kernel packs 3x faster than feature rows 8 KB apart), the pattern as [q][p][h]
+        // Per-thread buffers, reused across sequences: a tile's rows of Y and a key block's part
+        // of their transpose (the right operand of a mixing product: [p][h] rows of the tile's
+        // features, which the kernel packs 3x faster than feature rows 8 KB apart; formed just
+        // before its product, from the nearest caches), the pattern as [q][p][h]
         // (zero above the diagonal; a key block's rows for the queries at or after it are the
         // left operand of its mixing product), the sequence's value tables.
         let init = || {
             let y = vec![0f32; FEATURE_TILE * sh];
-            (y.clone(), y, vec![0f32; s * sh], (ColValues::default(), ColValues::default()))
+            let y_t = vec![0f32; KEY_BLOCK * h * FEATURE_TILE];
+            (y, y_t, vec![0f32; s * sh], (ColValues::default(), ColValues::default()))
         };
         a.par_chunks_mut(s * f).enumerate().for_each_init(init, |(y, y_t, pq, (table, etable)), (bi, ab)| {
             pattern_qph(&p[bi * h * s * s..(bi + 1) * h * s * s], s, h, pq);
@@ -235,8 +237,6 @@ impl Engine<'_> {
                 }
                 // a[q, tile] += Σ_{p in block} Σ_h P_h[q, p] Y[tile][p][h] for the queries at or
                 // after each key block.
-                let y_t = &mut y_t[..ft * sh];
-                transpose_into(yt, ft, sh, y_t);
                 for p0 in (0..s).step_by(KEY_BLOCK) {
                     let kn = KEY_BLOCK.min(s - p0) * h;
                     let (pa, c) = (&pq[(p0 * s + p0) * h..], &mut ab[p0 * f + i0..]);
@@ -246,7 +246,8 @@ impl Engine<'_> {
                     if (s - p0) * ft <= 256 {
                         sgemm_ld(s - p0, ft, kn, pa, sh, 1, &yt[p0 * h..], 1, sh, c, f, true);
                     } else {
-                        sgemm_ld(s - p0, ft, kn, pa, sh, 1, &y_t[p0 * h * ft..], ft, 1, c, f, true);
+                        transpose_strided(&yt[p0 * h..], sh, ft, kn, y_t, ft);
+                        sgemm_ld(s - p0, ft, kn, pa, sh, 1, y_t, ft, 1, c, f, true);
                     }
                 }
             }
