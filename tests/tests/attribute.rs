@@ -283,3 +283,43 @@ fn bad_requests_get_one_line_errors() {
     );
     assert!(!g.join("graph-metadata.json").exists(), "nothing written on a refused request");
 }
+
+/// The reader attribute and the why-it-fired pass use reads only the sequences asked for; its
+/// batches equal the whole-shard reader's bit for bit (runs within a shard, across shards, out of
+/// order), and a sequence past a shard's rows is refused.
+#[test]
+fn sequences_read_alone_equal_the_whole_shards_rows() {
+    use scae::formats::cache::{Cache, CacheReader};
+    let tmp = scratch("attribute-read-by-sequence");
+    let (g, acts) = (fixtures().join("golden/suite-tiny-neo.safetensors"), tmp.join("acts"));
+    let m = scae_testkit::fixture_model("tiny-neo");
+    let args = ["--model", s(&m), "--tokens", s(&g), "--ctx-len", "6", "--batch-size", "1", "--shard-seqs", "2"];
+    tool_ok("collect-acts", &[&args[..], &["--no-prepend-bos", "--out", s(&acts)]].concat());
+    let cache = Cache::open(&acts).unwrap();
+    assert!(cache.manifest.shards.len() >= 2, "several shards");
+    let n = cache.manifest.n_seqs;
+    let bits = |t: &candle_core::Tensor| -> Vec<u64> {
+        let t = t.to_dtype(candle_core::DType::F64).unwrap().flatten_all().unwrap();
+        t.to_vec1::<f64>().unwrap().iter().map(|x| x.to_bits()).collect()
+    };
+    let shard = cache.load_shard(0, &Device::Cpu).unwrap();
+    let part = cache.load_seqs(0, 1, 1, &Device::Cpu).unwrap();
+    assert_eq!(part.len(), shard.len());
+    for (name, t) in &shard {
+        assert_eq!(bits(&part[name]), bits(&t.narrow(0, 1, 1).unwrap()), "{name}");
+    }
+    for seqs in [vec![0, 1], vec![1, 2], vec![n - 1, 0, 1], (0..n).collect()] {
+        let a = CacheReader::new(&cache, &Device::Cpu).batch(&seqs).unwrap();
+        let b = CacheReader::by_sequence(&cache, &Device::Cpu).batch(&seqs).unwrap();
+        let each = |b: &scae::data::Batch| -> Vec<Vec<u64>> {
+            let mut v = vec![bits(&b.tokens), bits(&b.resid_pre0)];
+            for l in [&b.ln1_scale, &b.ln2_scale, &b.ln2_normalized, &b.pattern, &b.attn_out, &b.mlp_out] {
+                v.extend(l.iter().map(bits));
+            }
+            v
+        };
+        assert_eq!(each(&a), each(&b), "sequences {seqs:?}");
+    }
+    let err = cache.load_seqs(0, 1, 2, &Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("shard-00000.safetensors") && err.contains("no rows 1..3"), "{err}");
+}

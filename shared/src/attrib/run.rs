@@ -102,7 +102,7 @@ fn open(req: &Request, device: &Device) -> Result<(Inputs, Batch, String)> {
                     n.saturating_sub(1)
                 )));
             }
-            let batch = CacheReader::new(inputs.cache(), device).batch(&[*seq])?;
+            let batch = CacheReader::by_sequence(inputs.cache(), device).batch(&[*seq])?;
             let tokens: Vec<u32> = batch.tokens.flatten_all()?.to_vec1()?;
             let tok = inputs.model.tokenizer()?;
             let text: String = tokens.iter().map(|&t| tok.token_text(t)).collect();

@@ -71,7 +71,7 @@ pub fn explain(
         max_links: usize::MAX,
         products: &products,
     };
-    let mut reader = CacheReader::new(inputs.cache(), device);
+    let mut reader = CacheReader::by_sequence(inputs.cache(), device);
     let seqs: Vec<usize> = wanted.keys().copied().collect();
     let mut found: HashMap<(usize, u32, usize, usize), Why> = HashMap::new();
     let mut explain_one = |batch: &crate::data::Batch, out: &PassOutput, feats: &SeqFeats, seq: usize| -> Result<()> {

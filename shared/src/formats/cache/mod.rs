@@ -145,20 +145,7 @@ impl Cache {
     /// Check a shard's header (names, dtypes, shapes; no tensor data is read) against the
     /// manifest, so a cache that disagrees with itself is refused when opened, not mid-run.
     fn check_header(&self, path: &Path, n: usize) -> Result<()> {
-        use std::io::Read;
-        let unreadable = |what: &str| Error::input(path, format!("not a readable cache shard: {what}"));
-        let mut f = std::fs::File::open(path).at(path)?;
-        let mut len = [0u8; 8];
-        f.read_exact(&mut len).map_err(|_| unreadable("shorter than a safetensors header"))?;
-        let len = u64::from_le_bytes(len);
-        let file_len = f.metadata().at(path)?.len();
-        if len > file_len.saturating_sub(8) || len > 1 << 30 {
-            return Err(unreadable(&format!("header length {len} exceeds the file ({file_len} bytes)")));
-        }
-        let mut header = vec![0u8; len as usize];
-        f.read_exact(&mut header).map_err(|_| unreadable("truncated header"))?;
-        let header: serde_json::Value =
-            serde_json::from_slice(&header).map_err(|e| unreadable(&format!("header is not JSON: {e}")))?;
+        let (_, header, _) = shard_header(path)?;
         let m = &self.manifest;
         let shard_format = format!("{FORMAT}-shard");
         let meta = |k: &str| header.get("__metadata__").and_then(|x| x.get(k)).and_then(|x| x.as_str());
@@ -371,6 +358,44 @@ impl Cache {
         Ok(map)
     }
 
+    /// Sequences `first..first + len` of shard `i` (every tensor's rows, as [`Cache::load_shard`]
+    /// gives them, checked as it checks them), reading only their bytes: a few sequences of a
+    /// 256 MB shard (the why-it-fired pass, `attribute`) cost what they hold.
+    pub fn load_seqs(&self, i: usize, first: usize, len: usize, device: &Device) -> Result<HashMap<String, Tensor>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let path = self.dir.join(&self.manifest.shards[i].file);
+        let unreadable = |what: String| Error::input(&path, format!("not a readable cache shard: {what}"));
+        let (n, header, mut f) = shard_header(&path)?;
+        let mut map = HashMap::new();
+        let tensors = header.as_object().into_iter().flatten().filter(|(k, _)| k.as_str() != "__metadata__");
+        for (name, entry) in tensors {
+            let info: safetensors::tensor::TensorInfo =
+                serde_json::from_value(entry.clone()).map_err(|e| unreadable(format!("tensor `{name}`: {e}")))?;
+            let (start, end) = info.data_offsets;
+            let rows = info.shape.first().copied().unwrap_or(0);
+            if rows == 0 || end < start || (end - start) % rows != 0 || first + len > rows {
+                return Err(unreadable(format!(
+                    "tensor `{name}`: no rows {first}..{} in shape {:?}",
+                    first + len,
+                    info.shape
+                )));
+            }
+            let row = (end - start) / rows;
+            let mut bytes = vec![0u8; row * len];
+            f.seek(SeekFrom::Start(8 + n + (start + first * row) as u64)).at(&path)?;
+            f.read_exact(&mut bytes).map_err(|_| unreadable(format!("tensor `{name}` is cut short")))?;
+            let mut shape = info.shape.clone();
+            shape[0] = len;
+            let view = safetensors::tensor::TensorView::new(info.dtype, shape, &bytes)
+                .map_err(|e| unreadable(format!("tensor `{name}`: {e}")))?;
+            let t = candle_core::safetensors::Load::load(&view, device)?;
+            let t = if t.dtype().is_float() { t.to_dtype(DType::F32)? } else { t };
+            map.insert(name.clone(), t);
+        }
+        self.check_shard(&path, len, &map)?;
+        Ok(map)
+    }
+
     /// Check that a shard holds every tensor a pass reads, with the manifest's shapes, token
     /// ids inside the vocabulary and finite activations (and finite stored CEs, when present).
     fn check_shard(&self, path: &Path, n: usize, map: &HashMap<String, Tensor>) -> Result<()> {
@@ -432,12 +457,32 @@ impl Cache {
     }
 }
 
+/// A shard's header: its length, its JSON, and the file, positioned after it.
+fn shard_header(path: &Path) -> Result<(u64, serde_json::Value, std::fs::File)> {
+    use std::io::Read;
+    let unreadable = |what: &str| Error::input(path, format!("not a readable cache shard: {what}"));
+    let mut f = std::fs::File::open(path).at(path)?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|_| unreadable("shorter than a safetensors header"))?;
+    let len = u64::from_le_bytes(len);
+    let file_len = f.metadata().at(path)?.len();
+    if len > file_len.saturating_sub(8) || len > 1 << 30 {
+        return Err(unreadable(&format!("header length {len} exceeds the file ({file_len} bytes)")));
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).map_err(|_| unreadable("truncated header"))?;
+    let header = serde_json::from_slice(&header).map_err(|e| unreadable(&format!("header is not JSON: {e}")))?;
+    Ok((len, header, f))
+}
+
 /// Random access to cached sequences, keeping the last shard loaded.
 pub struct CacheReader<'a> {
     cache: &'a Cache,
     device: Device,
     starts: Vec<usize>,
     loaded: Option<(usize, HashMap<String, Tensor>)>,
+    /// Read each batch's sequences alone ([`Cache::load_seqs`]) instead of whole shards.
+    by_sequence: bool,
 }
 
 impl<'a> CacheReader<'a> {
@@ -449,7 +494,13 @@ impl<'a> CacheReader<'a> {
             starts.push(s);
             s += sh.n_seqs;
         }
-        CacheReader { cache, device: device.clone(), starts, loaded: None }
+        CacheReader { cache, device: device.clone(), starts, loaded: None, by_sequence: false }
+    }
+
+    /// A reader that reads only the sequences asked for (a few scattered sequences: the same
+    /// batches, less reading), not whole shards.
+    pub fn by_sequence(cache: &'a Cache, device: &Device) -> CacheReader<'a> {
+        CacheReader { by_sequence: true, ..CacheReader::new(cache, device) }
     }
 
     /// The batch made of sequences `seqs` (global indices), in that order.
@@ -465,6 +516,12 @@ impl<'a> CacheReader<'a> {
             let shard_len = self.cache.manifest.shards[shard].n_seqs;
             while i + len < seqs.len() && seqs[i + len] == seqs[i] + len && local + len < shard_len {
                 len += 1;
+            }
+            if self.by_sequence {
+                let map = self.cache.load_seqs(shard, local, len, &self.device)?;
+                parts.push(Batch::from_shard(&map, n_layers, 0, len, &self.device)?);
+                i += len;
+                continue;
             }
             if self.loaded.as_ref().map(|(s, _)| *s) != Some(shard) {
                 self.loaded = None;
