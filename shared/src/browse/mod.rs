@@ -83,6 +83,7 @@ pub struct Browse {
     pub n_tokens: u64,
     pub n_seqs: usize,
     pub stats: Vec<Vec<FeatureStats>>,
+    /// Per module and feature (empty until [`run`] forms them after the statistics).
     pub lens: Vec<Vec<Lens>>,
     /// The pass's features of the sequences holding top contexts (per module, the nonzero
     /// `(pos·F + feature, value)`), for the why-it-fired pass; a sequence left out (beyond
@@ -167,7 +168,7 @@ fn each_set(v: &[f32], mut f: impl FnMut(usize, f32)) {
 }
 
 /// Run `pass` (the suite's value pass with the browser's connections) over `inputs`' cache and
-/// collect every feature's statistics.
+/// collect every feature's statistics (the logit lens is [`run`]'s, after).
 ///
 /// On several ranks of `coll` the pass is shared (batch i on rank i mod N) and rank 0 keeps
 /// the statistics from every batch's features in cache order, so its result is the one
@@ -303,8 +304,7 @@ pub fn collect(
         fs.top.sort_by(|a, b| b.act.total_cmp(&a.act));
         fs.sampled.sort_by(|a, b| b.act.total_cmp(&a.act));
     }
-    let lens = if coll.rank() == 0 { logit_lens(inputs, cfg.lens, device)? } else { Vec::new() };
-    Ok(Browse { n_tokens, n_seqs, stats, lens, kept })
+    Ok(Browse { n_tokens, n_seqs, stats, lens: Vec::new(), kept })
 }
 
 /// A validated `view-features` run.
@@ -374,8 +374,12 @@ pub fn run(
     let plan = Plan::new(&inputs.suite, wiring, inputs.parallel(), device)?;
     let pass = ValuePass::new(&inputs.suite, &inputs.model.runtime, &plan, cfg.browse.pass, device)?;
     let mut prof = crate::util::profile::Profile::new();
-    let browse = collect(&inputs, &pass, &cfg.browse, device, coll)?;
-    prof.mark("statistics, logit lens");
+    let mut browse = collect(&inputs, &pass, &cfg.browse, device, coll)?;
+    prof.mark("statistics");
+    if coll.rank() == 0 {
+        browse.lens = logit_lens(&inputs, cfg.browse.lens, device)?;
+    }
+    prof.mark("logit lens");
     let Some(stage) = stage else { return Ok(None) };
     let why = why::explain(&inputs, conns, &pass, &browse, &cfg.browse, 5, device)?;
     prof.mark("why it fired");
