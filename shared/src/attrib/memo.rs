@@ -52,16 +52,25 @@ impl Products {
         Products { kept: Some(RefCell::new(Kept { rows: HashMap::new(), free: max_bytes })) }
     }
 
-    /// Rows `ids` of `key`, one per id; `form(ids)` forms rows of it as an `(ids.len(), width)`
-    /// tensor. A single row is formed beside a copy of itself: the GEMM
-    /// kernel takes another path for one row, and a row's bits must not depend on which other
-    /// rows were formed with it.
-    pub(super) fn rows(&self, key: Key, ids: &[u32], form: impl Fn(&[u32]) -> Result<Tensor>) -> Result<Rows> {
+    /// Rows `ids` of `key`, one per id, `width` floats each; `form(ids)` forms rows of it as an
+    /// `(ids.len(), width)` tensor. Too few rows are formed beside copies of the first: the GEMM
+    /// kernel sums in another order for one row, for products of at most 256 outputs and for
+    /// both sides at most 64, and a row's bits must not depend on which rows it was formed with.
+    pub(super) fn rows(
+        &self,
+        key: Key,
+        ids: &[u32],
+        width: usize,
+        form: impl Fn(&[u32]) -> Result<Tensor>,
+    ) -> Result<Rows> {
+        let least = if width <= 64 { 65 } else { 257usize.div_ceil(width).max(2) };
         let form = |ids: &[u32]| -> Result<Rows> {
-            match ids {
-                [one] => Rows::of(&form(&[*one, *one])?.narrow(0, 0, 1)?),
-                _ => Rows::of(&form(ids)?),
+            if ids.is_empty() || ids.len() >= least {
+                return Rows::of(&form(ids)?);
             }
+            let mut padded = ids.to_vec();
+            padded.resize(least, ids[0]);
+            Rows::of(&form(&padded)?.narrow(0, 0, ids.len())?)
         };
         let Some(kept) = self.kept.as_ref().filter(|_| !ids.is_empty()) else { return form(ids) };
         let mut kept = kept.borrow_mut();
@@ -110,37 +119,46 @@ mod tests {
         let x = Tensor::from_vec(wave(f * d, 0.37), (f, d), &Device::Cpu).unwrap();
         let w = Tensor::from_vec(wave(d * d, 0.11), (d, d), &Device::Cpu).unwrap();
         let all: Vec<u32> = (0..f as u32).collect();
-        let whole = crate::util::to_vec(&product(&x, &w)(&all).unwrap()).unwrap();
-        let kept = Products::kept(usize::MAX);
-        // Formed in pieces of 1, 3 and the rest (one row alone is formed beside its copy).
-        for ids in [vec![7u32], vec![2, 30, 7], all.clone(), vec![39, 0]] {
-            let got = kept.rows(Key::Enc(0), &ids, product(&x, &w)).unwrap().data;
-            let want: Vec<f32> =
-                ids.iter().flat_map(|&j| whole[j as usize * d..(j as usize + 1) * d].to_vec()).collect();
-            assert_eq!(
-                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-            );
-            let fresh = Products::fresh().rows(Key::Enc(0), &ids, product(&x, &w)).unwrap().data;
-            assert_eq!(fresh, got);
+        // A square right operand, and a narrow transposed one (`E W_Oᵀ` at a toy width, where the
+        // kernel's small-product paths would round a few rows otherwise).
+        let narrow = Tensor::from_vec(wave(24 * d, 0.23), (24, d), &Device::Cpu).unwrap().t().unwrap();
+        for (w, width) in [(&w, d), (&narrow, 24)] {
+            let whole = crate::util::to_vec(&product(&x, w)(&all).unwrap()).unwrap();
+            let kept = Products::kept(usize::MAX);
+            // Formed in pieces of 1, 3 and the rest.
+            for ids in [vec![7u32], vec![2, 30, 7], all.clone(), vec![39, 0]] {
+                let got = kept.rows(Key::Enc(0), &ids, width, product(&x, w)).unwrap().data;
+                let want: Vec<f32> =
+                    ids.iter().flat_map(|&j| whole[j as usize * width..(j as usize + 1) * width].to_vec()).collect();
+                assert_eq!(
+                    got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "width {width}, rows {ids:?}"
+                );
+                let fresh = Products::fresh().rows(Key::Enc(0), &ids, width, product(&x, w)).unwrap().data;
+                assert_eq!(fresh, got);
+            }
         }
         // A kept row is not formed again; beyond the budget (room for 2 rows here) rows are
         // formed and returned, not kept.
+        let whole = crate::util::to_vec(&product(&x, &w)(&all).unwrap()).unwrap();
+        let kept = Products::kept(usize::MAX);
+        kept.rows(Key::Enc(0), &[5, 6], d, product(&x, &w)).unwrap();
         let formed = std::cell::Cell::new(0);
         let counted = |ids: &[u32]| {
             formed.set(formed.get() + ids.len());
             product(&x, &w)(ids)
         };
-        assert_eq!(kept.rows(Key::Enc(0), &[5, 6], counted).unwrap().data.len(), 2 * d);
+        assert_eq!(kept.rows(Key::Enc(0), &[5, 6], d, counted).unwrap().data.len(), 2 * d);
         assert_eq!(formed.get(), 0);
         let small = Products::kept(2 * d * 4 + 1);
-        let got = small.rows(Key::Dec(1), &[4, 9, 1], counted).unwrap().data;
+        let got = small.rows(Key::Dec(1), &[4, 9, 1], d, counted).unwrap().data;
         let want: Vec<f32> = [4usize, 9, 1].iter().flat_map(|&j| whole[j * d..(j + 1) * d].to_vec()).collect();
         assert_eq!((got, formed.get()), (want, 3));
-        small.rows(Key::Dec(1), &[1, 4], counted).unwrap();
+        small.rows(Key::Dec(1), &[1, 4], d, counted).unwrap();
         assert_eq!(formed.get(), 3);
-        // Row 9 was not kept; alone it is formed beside its copy.
-        small.rows(Key::Dec(1), &[9], counted).unwrap();
-        assert_eq!(formed.get(), 5);
+        // Row 9 was not kept; alone it is formed beside copies (3 rows: 257 outputs at width 96).
+        small.rows(Key::Dec(1), &[9], d, counted).unwrap();
+        assert_eq!(formed.get(), 6);
     }
 }

@@ -176,9 +176,9 @@ pub fn attribute_nodes(
     }
     let cpu = candle_core::Device::Cpu;
     let host = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(&cpu)?.to_dtype(DType::F32)?) };
-    // Rows (dim 0) or columns (dim 1) `ids` of a matrix, on the host.
+    // Rows (dim 0) or columns (dim 1) `ids` of a matrix, selected where it is, on the host.
     let select = |t: &Tensor, ids: &[u32], dim: usize| -> Result<Tensor> {
-        Ok(host(t)?.index_select(&Tensor::new(ids, &cpu)?, dim)?)
+        host(&t.index_select(&Tensor::new(ids, t.device())?, dim)?)
     };
     let tokens: Vec<u32> = batch.tokens.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
     // With wanted nodes (and no logits), the parameters of the features their links read: the
@@ -204,10 +204,10 @@ pub fn attribute_nodes(
     for (m, ae) in suite.aes.iter().enumerate() {
         let ids: Vec<u32> =
             feats.active(m).into_iter().filter(|j| needed.as_ref().is_none_or(|n| n[m].contains(j))).collect();
-        let enc = setup.products.rows(Key::Enc(m), &ids, |ids| select(ae.w_enc.as_tensor(), ids, 0))?;
+        let enc = setup.products.rows(Key::Enc(m), &ids, d, |ids| select(ae.w_enc.as_tensor(), ids, 0))?;
         let dec = setup
             .products
-            .rows(Key::Dec(m), &ids, |ids| Ok(select(ae.w_dec.as_tensor(), ids, 1)?.t()?.contiguous()?))?;
+            .rows(Key::Dec(m), &ids, d, |ids| Ok(select(ae.w_dec.as_tensor(), ids, 1)?.t()?.contiguous()?))?;
         let row_of = ids.iter().enumerate().map(|(r, &j)| (j, r)).collect();
         active.push(Active { enc, dec, ids, row_of });
     }
@@ -345,8 +345,9 @@ pub fn attribute_nodes(
                     None => act.ids.clone(),
                 };
                 let w_enc = suite.aes[dm].w_enc.as_tensor();
-                let ev =
-                    setup.products.rows(Key::EncWo(dm), &mine, |ids| Ok(select(w_enc, ids, 0)?.matmul(&w_o.t()?)?))?;
+                let ev = setup
+                    .products
+                    .rows(Key::EncWo(dm), &mine, h * dh, |ids| Ok(select(w_enc, ids, 0)?.matmul(&w_o.t()?)?))?;
                 let ev_rows: HashMap<u32, usize> = mine.iter().enumerate().map(|(r, &i)| (i, r)).collect();
                 let ev_row = |i: u32| ev_rows[&i];
                 let dv: Vec<Option<(Rows, HashMap<u32, usize>)>> = (0..suite.modules.len())
@@ -371,7 +372,7 @@ pub fn attribute_nodes(
                         }
                         let w_dec = suite.aes[u].w_dec.as_tensor();
                         let form = |ids: &[u32]| Ok(select(w_dec, ids, 1)?.t()?.contiguous()?.matmul(&w_v)?);
-                        Ok(Some((setup.products.rows(Key::DecWv(u, dm), &read, form)?, row_of)))
+                        Ok(Some((setup.products.rows(Key::DecWv(u, dm), &read, h * dh, form)?, row_of)))
                     })
                     .collect::<Result<_>>()?;
                 // Per head, every active feature's products with every position's token and
@@ -387,13 +388,16 @@ pub fn attribute_nodes(
                     to_vec(&evh.matmul(&heads(&xv.tensor(0..s)?, s)?.transpose(1, 2)?.contiguous()?)?)
                 };
                 let w_e = &rt.weights.w_e;
-                let tok_v =
-                    setup.products.rows(Key::TokWv(dm), &tokens, |ids| Ok(select(w_e, ids, 0)?.matmul(&w_v)?))?;
+                let tok_v = setup
+                    .products
+                    .rows(Key::TokWv(dm), &tokens, h * dh, |ids| Ok(select(w_e, ids, 0)?.matmul(&w_v)?))?;
                 let tok_h = by_pos(tok_v)?;
                 let pos_v = match (&rt.weights.w_pos, sparse_embed) {
                     (Some(w_pos), true) => {
                         let at: Vec<u32> = (0..s as u32).collect();
-                        setup.products.rows(Key::PosWv(dm), &at, |ids| Ok(select(w_pos, ids, 0)?.matmul(&w_v)?))?
+                        setup
+                            .products
+                            .rows(Key::PosWv(dm), &at, h * dh, |ids| Ok(select(w_pos, ids, 0)?.matmul(&w_v)?))?
                     }
                     _ => Rows::of(&Tensor::new(pos_rows.data.as_slice(), &cpu)?.reshape((s, d))?.matmul(&w_v)?)?,
                 };

@@ -61,7 +61,7 @@ pub fn explain(
     let rt = &inputs.model.runtime;
     // The parameter and product rows the contexts read are formed once for all of them, in as
     // much memory again as the kept features may take.
-    let products = Products::kept(cfg.keep_entries * 8);
+    let products = Products::kept(cfg.keep_entries.saturating_mul(8));
     let setup = Setup {
         suite,
         rt,
@@ -80,6 +80,7 @@ pub fn explain(
         // Each node's incoming links are pushed together.
         let incoming: HashMap<usize, &[crate::attrib::Link]> =
             graph.links.chunk_by(|a, b| a.target == b.target).map(|run| (run[0].target, run)).collect();
+        debug_assert_eq!(incoming.len(), graph.links.chunk_by(|a, b| a.target == b.target).count());
         for (n, node) in graph.nodes.iter().enumerate() {
             let NodeKind::Feature { module, feature } = node.kind else { continue };
             if !want.contains(&(module, node.pos, feature)) {

@@ -366,20 +366,33 @@ impl Cache {
         let path = self.dir.join(&self.manifest.shards[i].file);
         let unreadable = |what: String| Error::input(&path, format!("not a readable cache shard: {what}"));
         let (n, header, mut f) = shard_header(&path)?;
+        let data_len = f.metadata().at(&path)?.len().saturating_sub(8 + n);
+        // The tensors a pass reads, and the stored CEs where present (as load_shard keeps them).
+        let shard_seqs = self.manifest.shards[i].n_seqs;
+        let mut names: Vec<String> = self.expected_tensors(shard_seqs).into_iter().map(|(name, _)| name).collect();
+        names.extend([CLEAN_CE, ZERO_CE].iter().filter(|c| header.get(**c).is_some()).map(|c| c.to_string()));
         let mut map = HashMap::new();
-        let tensors = header.as_object().into_iter().flatten().filter(|(k, _)| k.as_str() != "__metadata__");
-        for (name, entry) in tensors {
+        for name in names {
+            let entry = header.get(&name).ok_or_else(|| unreadable(format!("lacks tensor `{name}`")))?;
             let info: safetensors::tensor::TensorInfo =
                 serde_json::from_value(entry.clone()).map_err(|e| unreadable(format!("tensor `{name}`: {e}")))?;
             let (start, end) = info.data_offsets;
+            let bits = info.shape.iter().try_fold(info.dtype.bitsize(), |a, &x| a.checked_mul(x));
+            let bytes_len = bits.filter(|b| b % 8 == 0).map(|b| b / 8);
             let rows = info.shape.first().copied().unwrap_or(0);
-            if rows == 0 || end < start || (end - start) % rows != 0 || first + len > rows {
+            if bytes_len != end.checked_sub(start) || end as u64 > data_len {
                 return Err(unreadable(format!(
-                    "tensor `{name}`: no rows {first}..{} in shape {:?}",
-                    first + len,
-                    info.shape
+                    "tensor `{name}`: offsets {start}..{end} disagree with its shape or the file"
                 )));
             }
+            if rows == 0 || first.checked_add(len).is_none_or(|last| last > rows) {
+                let shape = &info.shape;
+                return Err(unreadable(format!(
+                    "tensor `{name}`: no rows {first}..{} in shape {shape:?}",
+                    first.saturating_add(len)
+                )));
+            }
+            // Within the file: start + rows · row = end ≤ data_len.
             let row = (end - start) / rows;
             let mut bytes = vec![0u8; row * len];
             f.seek(SeekFrom::Start(8 + n + (start + first * row) as u64)).at(&path)?;
@@ -390,7 +403,7 @@ impl Cache {
                 .map_err(|e| unreadable(format!("tensor `{name}`: {e}")))?;
             let t = candle_core::safetensors::Load::load(&view, device)?;
             let t = if t.dtype().is_float() { t.to_dtype(DType::F32)? } else { t };
-            map.insert(name.clone(), t);
+            map.insert(name, t);
         }
         self.check_shard(&path, len, &map)?;
         Ok(map)
