@@ -462,10 +462,14 @@ fn logit_lens(inputs: &Inputs, n: usize, device: &Device) -> Result<Vec<Vec<Lens
         let mut lens = Vec::with_capacity(f);
         for start in (0..f).step_by(CHUNK) {
             let len = CHUNK.min(f - start);
-            let logits: Tensor = dec_t.narrow(0, start, len)?.matmul(&w_u)?;
+            let logits: Tensor = dec_t.narrow(0, start, len)?.matmul(&w_u)?.to_device(&Device::Cpu)?;
             let v = logits.dim(1)?;
-            let flat: Vec<f32> = logits.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
-            let rows: Vec<_> = flat.par_chunks(v.max(1)).map(|row| extremes(row, n)).collect();
+            // Read in place (a chunk's logits are 51 MB at GPT-2's vocabulary), else copied.
+            let of = |flat: &[f32]| -> Vec<_> { flat.par_chunks(v.max(1)).map(|row| extremes(row, n)).collect() };
+            let rows = match crate::util::with_host_f32(&logits, of) {
+                Some(rows) => rows,
+                None => of(&logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+            };
             lens.extend(rows.into_iter().map(|(top, bottom)| Lens { top, bottom }));
         }
         out.push(lens);
