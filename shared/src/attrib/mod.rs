@@ -211,8 +211,7 @@ pub fn attribute_nodes(
         let row_of = ids.iter().enumerate().map(|(r, &j)| (j, r)).collect();
         active.push(Active { enc, dec, ids, row_of });
     }
-    let tok_idx = Tensor::new(tokens.as_slice(), &cpu)?;
-    let w_e_rows = host(&rt.weights.w_e)?.index_select(&tok_idx, 0)?.contiguous()?; // (S, D)
+    let w_e_rows = select(&rt.weights.w_e, &tokens, 0)?.contiguous()?; // (S, D)
     let r0 = host(&batch.resid_pre0)?.reshape((s, d))?;
     // The positional part: exactly what the pass adds besides the tokens. A module reading the
     // whole embedding reads the cached r0 = W_E[tok] + r_pos; one with embed edges reads r_pos.
@@ -385,7 +384,8 @@ pub fn attribute_nodes(
                 // `x W_V` of the S token rows, and of the S positional rows (kept by position where
                 // they are the positional embedding's, the same in every sequence).
                 let by_pos = |xv: Rows| -> Result<Vec<f32>> {
-                    to_vec(&evh.matmul(&heads(&xv.tensor(0..s)?, s)?.transpose(1, 2)?.contiguous()?)?)
+                    let xv = Tensor::from_vec(xv.data, (s, xv.width), &cpu)?;
+                    to_vec(&evh.matmul(&heads(&xv, s)?.transpose(1, 2)?.contiguous()?)?)
                 };
                 let w_e = &rt.weights.w_e;
                 let tok_v = setup
@@ -412,7 +412,6 @@ pub fn attribute_nodes(
                     }
                 };
                 let ubv = Rows::of(&Tensor::new(ub.as_slice(), &cpu)?.reshape((1, d))?.matmul(&w_v)?)?;
-                let per_head = |a: &[f32], b: &[f32]| -> Vec<f64> { head_dots(a, b, h) };
                 // The pattern at q, by position then head.
                 let (mut at_q, mut pq) = (usize::MAX, Vec::new());
                 let mix = |w: &[f64], pq: &[f64], p: usize| -> f64 {
@@ -432,14 +431,14 @@ pub fn attribute_nodes(
                             .into_iter()
                             .filter_map(|(u, j)| {
                                 let (rows, row_of) = dv[u].as_ref()?;
-                                row_of.get(&j).map(|&ru| (u, j, per_head(evi, rows.row(ru))))
+                                row_of.get(&j).map(|&ru| (u, j, head_dots(evi, rows.row(ru), h)))
                             })
                             .collect()
                     });
                     let mut sum = 0.0;
                     let mut position = 0.0;
                     let mut consistent_ub = 0.0;
-                    let ubh = per_head(evi, ubv.row(0));
+                    let ubh = head_dots(evi, ubv.row(0), h);
                     mix_at(&tok_h, r, q, &mut tok_q);
                     mix_at(&pos_h, r, q, &mut pos_q);
                     for p in 0..=q {

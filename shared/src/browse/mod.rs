@@ -173,7 +173,7 @@ fn each_set(v: &[f32], mut f: impl FnMut(usize, f32)) {
 /// On several ranks of `coll` the pass is shared (batch i on rank i mod N) and rank 0 keeps
 /// the statistics from every batch's features in cache order, so its result is the one
 /// process's, bit for bit; the other ranks return empty statistics.
-pub fn collect(
+fn collect(
     inputs: &Inputs,
     pass: &ValuePass,
     cfg: &BrowseConfig,
