@@ -52,7 +52,8 @@ struct Args {
     context: u64,
     /// Memory (MB) for the features of the sequences holding top contexts, kept from the
     /// statistics pass for the why-it-fired pass; sequences beyond it are run through the pass
-    /// again there (the same page, more time).
+    /// again there (the same page, more time). The why-it-fired pass keeps up to as much again
+    /// of the suite's and model's rows it reads (formed again beyond it: the same page).
     #[arg(long, default_value_t = 512)]
     keep_mb: u64,
     #[command(flatten)]
