@@ -11,7 +11,8 @@
 # the toy corpus's ~100-word vocabulary).
 #
 #   bench/real-shapes.sh [OUT]   (env: SHAPE EXPANSION K CS SEQS THREADS TRAIN_STEPS FT_STEPS
-#                                  SCORE_SEQS EVAL_SEQS LEARN_STEPS LEARN_SEQS; D HEADS LAYERS for SHAPE=toy)
+#                                  SCORE_SEQS EVAL_SEQS LEARN_STEPS LEARN_SEQS BROWSE; D HEADS LAYERS
+#                                  for SHAPE=toy)
 #
 # Prints a markdown table; needs `cargo build --release --workspace --bins --examples` (with
 # `--examples` alone cargo builds no tools). After `cargo build --release --example gemm_floor
@@ -39,6 +40,9 @@ FT_STEPS=${FT_STEPS:-6}
 # Sequences scored by score-edges (0: random connections instead) and evaluated by evaluate.
 SCORE_SEQS=${SCORE_SEQS:-16}
 EVAL_SEQS=${EVAL_SEQS:-16}
+# BROWSE=0: no attribute or view-features runs (at GPT-2 small F 24,576 the logit lens alone is
+# ~11 T multiply-adds).
+BROWSE=${BROWSE:-1}
 BIN=target/release
 F=$((EXPANSION * D))
 export RAYON_NUM_THREADS=$THREADS
@@ -128,17 +132,19 @@ if [ -n "${LEARN_STEPS:-}" ] && [ "$SCORE_SEQS" != 0 ]; then
 fi
 # The exact attribution graph of one 128-token sequence through the last C's finetuned suite
 # (pruned as circuit-tracer prunes, and not), and the feature browser with its why-it-fired pass.
-run "attribute C=$c, pruned" 128 $BIN/attribute --acts "$OUT/acts" --seq 0 --suite "$OUT/ft$c" \
-    --connections "$OUT/c$c.parquet" --slug pruned --out "$OUT/graphs"
-run "attribute C=$c, --no-prune" 128 $BIN/attribute --acts "$OUT/acts" --seq 0 --suite "$OUT/ft$c" \
-    --connections "$OUT/c$c.parquet" --no-prune --slug all --out "$OUT/graphs"
-run "view-features C=$c" $((EVAL_SEQS * 128)) $BIN/view-features --acts "$OUT/acts" --suite "$OUT/ft$c" \
-    --connections "$OUT/c$c.parquet" --n-seqs "$EVAL_SEQS" --batch-size "$SEQS" --graphs "$OUT/graphs" \
-    --out "$OUT/view$c" --overwrite
-# (--graphs in both runs: reading them is a fixed cost, not one per batch.)
-run "view-features C=$c, one batch" $((SEQS * 128)) $BIN/view-features --acts "$OUT/acts" --suite "$OUT/ft$c" \
-    --connections "$OUT/c$c.parquet" --n-seqs "$SEQS" --batch-size "$SEQS" --graphs "$OUT/graphs" \
-    --out "$OUT/view$c-1" --overwrite
+if [ "$BROWSE" != 0 ]; then
+    run "attribute C=$c, pruned" 128 $BIN/attribute --acts "$OUT/acts" --seq 0 --suite "$OUT/ft$c" \
+        --connections "$OUT/c$c.parquet" --slug pruned --out "$OUT/graphs"
+    run "attribute C=$c, --no-prune" 128 $BIN/attribute --acts "$OUT/acts" --seq 0 --suite "$OUT/ft$c" \
+        --connections "$OUT/c$c.parquet" --no-prune --slug all --out "$OUT/graphs"
+    run "view-features C=$c" $((EVAL_SEQS * 128)) $BIN/view-features --acts "$OUT/acts" --suite "$OUT/ft$c" \
+        --connections "$OUT/c$c.parquet" --n-seqs "$EVAL_SEQS" --batch-size "$SEQS" --graphs "$OUT/graphs" \
+        --out "$OUT/view$c" --overwrite
+    # (--graphs in both runs: reading them is a fixed cost, not one per batch.)
+    run "view-features C=$c, one batch" $((SEQS * 128)) $BIN/view-features --acts "$OUT/acts" --suite "$OUT/ft$c" \
+        --connections "$OUT/c$c.parquet" --n-seqs "$SEQS" --batch-size "$SEQS" --graphs "$OUT/graphs" \
+        --out "$OUT/view$c-1" --overwrite
+fi
 floor=$(OPENBLAS_NUM_THREADS=$THREADS $BIN/examples/gemm_floor "$D" "$F" "$HEADS" "$LAYERS" "$SEQS" 128 "$V")
 echo "shape: $SHAPE, d_model $D, $HEADS heads, $LAYERS layers, F $F, k $K, $SEQS x 128 tokens per step, $THREADS threads"
 echo
@@ -171,8 +177,10 @@ if [ "$V" != 0 ]; then
         sc=$(further "score-edges F=$F" "$SCORE_SEQS")
         echo "score-edges, per further batch: $sc ms; the pruned forward's products: $fwd ms ($(awk -v a="$sc" -v b="$fwd" 'BEGIN { printf "%.2f", a / b }')x)"
     fi
-    vf=$(further "view-features C=$c" "$EVAL_SEQS")
-    echo "view-features C $c, per further batch: $vf ms; the pruned forward's products: $fwd ms ($(awk -v a="$vf" -v b="$fwd" 'BEGIN { printf "%.2f", a / b }')x)"
+    if [ "$BROWSE" != 0 ]; then
+        vf=$(further "view-features C=$c" "$EVAL_SEQS")
+        echo "view-features C $c, per further batch: $vf ms; the pruned forward's products: $fwd ms ($(awk -v a="$vf" -v b="$fwd" 'BEGIN { printf "%.2f", a / b }')x)"
+    fi
     co_floor=$(awk -v a="$(ms model_ms)" -v u="$(ms unembed_ms)" -v b="$unembed" -v n=$((64 / SEQS)) \
         'BEGIN { printf "%.1f", (a - 2 * u + 2 * b) * n / 1000 }')
     echo "collect-acts: $(row_secs collect-acts) s; its floor (the model's products + two unembeddings, $((64 / SEQS)) batches): $co_floor s ($(awk -v a="$(row_secs collect-acts)" -v b="$co_floor" 'BEGIN { printf "%.2f", a / b }')x)"
