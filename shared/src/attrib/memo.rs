@@ -5,8 +5,8 @@
 //! explains thousands of top contexts with the same few thousand rows; [`Products::kept`] forms
 //! each row once per run (within a memory budget).
 
-use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
 
 use candle_core::Tensor;
 
@@ -30,9 +30,12 @@ pub(super) enum Key {
     PosWv(usize),
 }
 
-/// Rows formed on demand and, when kept, remembered.
+/// Rows formed on demand and, when kept, remembered. Graphs may be formed on several threads
+/// at once: the lock is never held while rows are formed (a product runs on the thread pool,
+/// whose waiting threads may pick up another graph's task); two threads may then form the same
+/// rows, with the same bits.
 pub struct Products {
-    kept: Option<RefCell<Kept>>,
+    kept: Option<Mutex<Kept>>,
 }
 
 struct Kept {
@@ -49,7 +52,12 @@ impl Products {
 
     /// Remember the rows formed, up to `max_bytes` of them (many graphs of one suite and model).
     pub fn kept(max_bytes: usize) -> Products {
-        Products { kept: Some(RefCell::new(Kept { rows: HashMap::new(), free: max_bytes })) }
+        Products { kept: Some(Mutex::new(Kept { rows: HashMap::new(), free: max_bytes })) }
+    }
+
+    fn lock(kept: &Mutex<Kept>) -> MutexGuard<'_, Kept> {
+        // A thread that panicked holding it left whole rows or none.
+        kept.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Rows `ids` of `key`, one per id, `width` floats each; `form(ids)` forms rows of it as an
@@ -73,27 +81,34 @@ impl Products {
             Rows::of(&form(&padded)?.narrow(0, 0, ids.len())?)
         };
         let Some(kept) = self.kept.as_ref().filter(|_| !ids.is_empty()) else { return form(ids) };
-        let mut kept = kept.borrow_mut();
-        let Kept { rows, free } = &mut *kept;
-        let memo = rows.entry(key).or_default();
-        let mut missing: Vec<u32> = ids.iter().copied().filter(|j| !memo.contains_key(j)).collect();
+        let mut missing: Vec<u32> = {
+            let k = Self::lock(kept);
+            let memo = k.rows.get(&key);
+            ids.iter().copied().filter(|j| memo.is_none_or(|m| !m.contains_key(j))).collect()
+        };
         missing.sort_unstable();
         missing.dedup();
         let new = if missing.is_empty() { Rows { data: Vec::new(), width: 0 } } else { form(&missing)? };
+        let mut kept = Self::lock(kept);
+        let Kept { rows, free } = &mut *kept;
+        let memo = rows.entry(key).or_default();
         let width = ids.first().map_or(0, |j| memo.get(j).map_or(new.width, Vec::len));
         let mut data = Vec::with_capacity(ids.len() * width);
         for j in ids {
-            match memo.get(j) {
-                Some(r) => data.extend_from_slice(r),
-                None => data.extend_from_slice(new.row(missing.binary_search(j).expect("formed"))),
+            match missing.binary_search(j) {
+                Ok(r) => data.extend_from_slice(new.row(r)),
+                Err(_) => data.extend_from_slice(&memo[j]),
             }
         }
         for (r, &j) in missing.iter().enumerate() {
             if *free < width * 4 {
                 break;
             }
-            *free -= width * 4;
-            memo.insert(j, new.row(r).to_vec());
+            // (Another thread may have kept it meanwhile, with the same bits.)
+            if let std::collections::hash_map::Entry::Vacant(e) = memo.entry(j) {
+                *free -= width * 4;
+                e.insert(new.row(r).to_vec());
+            }
         }
         Ok(Rows { data, width })
     }
@@ -139,9 +154,22 @@ mod tests {
                 assert_eq!(fresh, got);
             }
         }
+        // Formed from several threads at once (graphs side by side): the same bits, each row
+        // kept once.
+        let whole = crate::util::to_vec(&product(&x, &w)(&all).unwrap()).unwrap();
+        let shared = Products::kept(usize::MAX);
+        let sets: Vec<Vec<u32>> = (0..16u32).map(|t| (0..12).map(|i| (t * 7 + i * 5) % f as u32).collect()).collect();
+        use rayon::prelude::*;
+        sets.par_iter().for_each(|ids| {
+            let got = shared.rows(Key::Dec(2), ids, d, product(&x, &w)).unwrap().data;
+            let want: Vec<f32> =
+                ids.iter().flat_map(|&j| whole[j as usize * d..(j as usize + 1) * d].to_vec()).collect();
+            assert_eq!(got, want, "rows {ids:?}");
+        });
+        let kept_rows = shared.kept.as_ref().unwrap().lock().unwrap().rows[&Key::Dec(2)].len();
+        assert_eq!(kept_rows, f);
         // A kept row is not formed again; beyond the budget (room for 2 rows here) rows are
         // formed and returned, not kept.
-        let whole = crate::util::to_vec(&product(&x, &w)(&all).unwrap()).unwrap();
         let kept = Products::kept(usize::MAX);
         kept.rows(Key::Enc(0), &[5, 6], d, product(&x, &w)).unwrap();
         let formed = std::cell::Cell::new(0);

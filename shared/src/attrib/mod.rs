@@ -248,6 +248,14 @@ pub fn attribute_nodes(
             nodes.push(Node { kind, pos: t, activation: v as f64, pre: 0.0, terms: Terms::default() });
         }
     }
+    // Per module, each feature's nodes with their positions, by position: an attention
+    // target's links from feature j are its places up to the target's position.
+    let mut places: Vec<rustc_hash::FxHashMap<u32, Vec<(usize, usize)>>> = vec![Default::default(); first.len()];
+    for (m, values) in feats.modules.iter().enumerate() {
+        for (k, &(t, j, _)) in values.iter().enumerate() {
+            places[m].entry(j).or_default().push((t as usize, first[m] + k));
+        }
+    }
     let mut links = Vec::new();
     // Per downstream module: incoming links of each of its nodes.
     for (dm, module) in suite.modules.iter().enumerate() {
@@ -419,6 +427,8 @@ pub fn attribute_nodes(
                 };
                 let (mut tok_q, mut pos_q) = (vec![0f64; s], vec![0f64; s]);
                 let mut weights: HashMap<u32, Vec<(usize, u32, Vec<f64>)>> = HashMap::new();
+                // A target's links from features, as (position · sources + source, node).
+                let mut hits: Vec<(usize, usize)> = Vec::new();
                 for &(q, i, n) in &targets {
                     if at_q != q {
                         pq = (0..=q).flat_map(|p| (0..h).map(move |hh| p_at(hh, q, p))).collect();
@@ -441,14 +451,22 @@ pub fn attribute_nodes(
                     let ubh = head_dots(evi, ubv.row(0), h);
                     mix_at(&tok_h, r, q, &mut tok_q);
                     mix_at(&pos_h, r, q, &mut pos_q);
+                    // The sources' places up to q, in the order of a scan by position, then
+                    // source: each source's few places, not every position of every source.
+                    let n_ws = ws.len();
+                    hits.clear();
+                    for (si, (u, j, _)) in ws.iter().enumerate() {
+                        let at = places[*u].get(j).map_or(&[][..], |v| v.as_slice());
+                        hits.extend(at.iter().take_while(|&&(p, _)| p <= q).map(|&(p, src)| (p * n_ws + si, src)));
+                    }
+                    hits.sort_unstable();
+                    let mut hit = hits.iter().peekable();
                     for p in 0..=q {
                         let sc = s1[p] as f64;
-                        for (u, j, w) in ws.iter() {
-                            if let Some(&src) = node_of[*u].get(&(p, *j)) {
-                                let weight = mix(w, &pq, p) * nodes[src].activation / sc;
-                                links.push(Link { source: src, target: n, weight });
-                                sum += weight;
-                            }
+                        while let Some(&(key, src)) = hit.next_if(|h| h.0 / n_ws == p) {
+                            let weight = mix(&ws[key % n_ws].2, &pq, p) * nodes[src].activation / sc;
+                            links.push(Link { source: src, target: n, weight });
+                            sum += weight;
                         }
                         if embeds(i, tokens[p]) {
                             let weight = tok_q[p] / sc;

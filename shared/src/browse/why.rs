@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use candle_core::Device;
+use rayon::prelude::*;
 
 use super::{Browse, BrowseConfig};
 use crate::attrib::{attribute_nodes, sequence_output, NodeKey, NodeKind, Products, SeqFeats, Setup};
@@ -73,9 +74,10 @@ pub fn explain(
     };
     let mut reader = CacheReader::by_sequence(inputs.cache(), device);
     let seqs: Vec<usize> = wanted.keys().copied().collect();
-    let mut found: HashMap<(usize, u32, usize, usize), Why> = HashMap::new();
-    let mut explain_one = |batch: &crate::data::Batch, out: &PassOutput, feats: &SeqFeats, seq: usize| -> Result<()> {
+    type Found = Vec<((usize, u32, usize, usize), Why)>;
+    let explain_one = |batch: &crate::data::Batch, out: &PassOutput, feats: &SeqFeats, seq: usize| -> Result<Found> {
         let want = &wanted[&seq];
+        let mut found = Vec::new();
         let graph = attribute_nodes(&setup, batch, out, feats, Some(want), None)?;
         // Each node's incoming links are pushed together.
         let incoming: HashMap<usize, &[crate::attrib::Link]> =
@@ -97,28 +99,49 @@ pub fn explain(
             };
             let top = links.iter().take(keep).map(|&(src, w)| (source(src), w)).collect();
             let why = Why { links: top, rest, fixed: node.terms.sum(), pre: node.pre };
-            found.insert((module, feature, seq, node.pos), why);
+            found.push(((module, feature, seq, node.pos), why));
         }
-        Ok(())
+        Ok(found)
     };
+    let mut found: HashMap<(usize, u32, usize, usize), Why> = HashMap::new();
     // Sequences whose features the statistics pass kept are not run again.
     let (stored, again): (Vec<usize>, Vec<usize>) = seqs.iter().partition(|s| browse.kept.contains_key(s));
     let f = suite.n_features;
+    // A batch's sequences are explained side by side (most of a graph's work is per-link
+    // arithmetic on one thread); each sequence's result does not depend on which ran first.
+    let mut gather = |parts: Vec<Result<Found>>| -> Result<()> {
+        for part in parts {
+            found.extend(part?);
+        }
+        Ok(())
+    };
     for chunk in stored.chunks(cfg.batch_size.max(1)) {
         let batch = reader.batch(chunk)?;
         let none = PassOutput { feats: Vec::new(), recon: Vec::new(), pre: Vec::new() };
-        for (i, &seq) in chunk.iter().enumerate() {
-            explain_one(&batch.narrow(i, 1)?, &none, &SeqFeats::of_flat(&browse.kept[&seq], f), seq)?;
-        }
+        gather(
+            chunk
+                .par_iter()
+                .enumerate()
+                .map(|(i, &seq)| {
+                    explain_one(&batch.narrow(i, 1)?, &none, &SeqFeats::of_flat(&browse.kept[&seq], f), seq)
+                })
+                .collect(),
+        )?;
     }
     for chunk in again.chunks(cfg.batch_size.max(1)) {
         let batch = reader.batch(chunk)?;
         let out = pass.run(&batch)?;
         let s = batch.tokens.dim(1)?;
-        for (i, &seq) in chunk.iter().enumerate() {
-            let out = sequence_output(&out, i, s)?;
-            explain_one(&batch.narrow(i, 1)?, &out, &SeqFeats::of_output(&out)?, seq)?;
-        }
+        gather(
+            chunk
+                .par_iter()
+                .enumerate()
+                .map(|(i, &seq)| {
+                    let out = sequence_output(&out, i, s)?;
+                    explain_one(&batch.narrow(i, 1)?, &out, &SeqFeats::of_output(&out)?, seq)
+                })
+                .collect(),
+        )?;
     }
     Ok(browse
         .stats
