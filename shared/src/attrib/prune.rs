@@ -34,15 +34,25 @@ pub fn influence(n_nodes: usize, links: &[Link], keep: Option<&[bool]>, w: &[f64
     for (_, l) in links.iter().enumerate().filter(|(k, _)| kept(*k)) {
         row_sum[l.target] += l.weight.abs();
     }
-    // Incoming links per source, to sweep from the last node down.
-    let mut out_of: Vec<Vec<usize>> = vec![Vec::new(); n_nodes];
+    // Outgoing links per source in link order, to sweep from the last node down: one array
+    // by source (counts, offsets, then the links), not a growing list per node.
+    let mut start = vec![0usize; n_nodes + 1];
+    for (_, l) in links.iter().enumerate().filter(|(k, _)| kept(*k)) {
+        start[l.source + 1] += 1;
+    }
+    for i in 0..n_nodes {
+        start[i + 1] += start[i];
+    }
+    let mut next = start.clone();
+    let mut out_of = vec![0usize; start[n_nodes]];
     for (k, l) in links.iter().enumerate().filter(|(k, _)| kept(*k)) {
-        out_of[l.source].push(k);
+        out_of[next[l.source]] = k;
+        next[l.source] += 1;
     }
     // total[n] = w[n] + Σ_{links n→t} total[t]·Â[t, n]; influence = total − w.
     let mut total = w.to_vec();
     for n in (0..n_nodes).rev() {
-        let add: f64 = out_of[n]
+        let add: f64 = out_of[start[n]..start[n + 1]]
             .iter()
             .map(|&k| {
                 let l = &links[k];
