@@ -9,7 +9,6 @@
 //! `upstream_bias`, `position`, and `pruned_links`, the sum of its incoming links that pruning
 //! left out), feature nodes their `module` and `index`.
 
-use std::fmt::Write as _;
 use std::path::Path;
 
 use serde_json::{json, Map, Value};
@@ -70,14 +69,14 @@ fn finite(x: f64) -> Value {
 /// The graph file: the nodes and links `pruned` keeps, where nodes without a kept link are left
 /// out except tokens and logits, as circuit-tracer writes them; or, with `keep_all`, every
 /// node and link.
-pub fn to_json(
-    graph: &Graph,
+pub fn to_json<'a>(
+    graph: &'a Graph,
     pruned: &Pruned,
     keep_all: bool,
     modules: &[Module],
     token_text: &dyn Fn(u32) -> String,
     meta: &Meta,
-) -> GraphFile {
+) -> GraphFile<'a> {
     let n_graph_layers = 2 * modules.iter().map(|m| m.layer + 1).max().unwrap_or(0) as u64;
     let node_kept = |i: usize| keep_all || pruned.node_keep[i];
     let link_kept: Vec<bool> = graph
@@ -169,43 +168,47 @@ pub fn to_json(
         o.insert("influence".into(), finite(pruned.cumulative[i]));
         nodes.push(Value::Object(o));
     }
-    // Links as JSON text directly: a graph can have millions (a Value per link would take
-    // several hundred bytes each).
-    let mut links = String::from("[");
-    let mut n_links = 0;
-    for (l, _) in graph.links.iter().zip(&link_kept).filter(|x| *x.1) {
-        if n_links > 0 {
-            links.push(',');
-        }
-        let w = serde_json::to_string(&finite(l.weight)).expect("a number serialises");
-        let _ = write!(links, r#"{{"source":"{}","target":"{}","weight":{w}}}"#, ids[l.source], ids[l.target]);
-        n_links += 1;
-    }
-    links.push(']');
+    let n_links = link_kept.iter().filter(|&&k| k).count();
     let value = json!({
         "metadata": metadata(meta, modules),
         "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
         "nodes": nodes,
         "links": [],
     });
-    GraphFile { value, links, n_links }
+    GraphFile { value, graph, ids, link_kept, n_links }
 }
 
-/// A graph file: everything but the links as a JSON value (its `links` empty), and the links as
-/// JSON text.
-pub struct GraphFile {
+/// A graph file: everything but the links as a JSON value (its `links` empty), and what the
+/// links' text is written from when the file is (a graph can have millions of links: a Value
+/// per link would take several hundred bytes, and even their text runs to gigabytes).
+pub struct GraphFile<'a> {
     pub value: Value,
-    pub links: String,
+    graph: &'a Graph,
+    ids: Vec<String>,
+    link_kept: Vec<bool>,
     pub n_links: usize,
 }
 
-impl GraphFile {
-    /// The file's text.
-    pub fn text(&self) -> String {
+impl GraphFile<'_> {
+    /// Write the file's text to `w`: the value's text with the kept links in place of its
+    /// empty `links` array.
+    pub fn write_to(&self, w: &mut impl std::io::Write) -> std::io::Result<()> {
         let head = self.value.to_string();
         // Only the top-level key has an empty array under `links` (metadata.info counts links
         // with a number) and quotes inside strings are escaped: the one `"links":[]` is that key.
-        head.replacen(r#""links":[]"#, &format!(r#""links":{}"#, self.links), 1)
+        const EMPTY: &str = r#""links":[]"#;
+        let at = head.find(EMPTY).ok_or_else(|| std::io::Error::other("internal: a graph value without its links"))?;
+        w.write_all(&head.as_bytes()[..at])?;
+        w.write_all(br#""links":["#)?;
+        let kept = self.graph.links.iter().zip(&self.link_kept).filter(|x| *x.1);
+        for (k, (l, _)) in kept.enumerate() {
+            let comma = if k > 0 { "," } else { "" };
+            write!(w, r#"{comma}{{"source":"{}","target":"{}","weight":"#, self.ids[l.source], self.ids[l.target])?;
+            serde_json::to_writer(&mut *w, &finite(l.weight))?;
+            w.write_all(b"}")?;
+        }
+        w.write_all(b"]")?;
+        w.write_all(&head.as_bytes()[at + EMPTY.len()..])
     }
 }
 
@@ -235,7 +238,11 @@ pub fn write(dir: &Path, slug: &str, graph: &GraphFile) -> Result<std::path::Pat
         Err(e) => return Err(Error::io(&list_path, e)),
     };
     let path = dir.join(format!("{slug}.json"));
-    crate::util::io::write_atomic(&path, graph.text().as_bytes())?;
+    crate::util::io::write_via_tmp(&path, |tmp| {
+        use crate::error::IoContext;
+        let mut w = std::io::BufWriter::new(std::fs::File::create(tmp).at(tmp)?);
+        graph.write_to(&mut w).and_then(|()| std::io::Write::flush(&mut w)).at(tmp)
+    })?;
     let graphs = list["graphs"].as_array_mut().expect("checked above");
     graphs.retain(|g| g["slug"] != slug);
     graphs.push(graph.value["metadata"].clone());
