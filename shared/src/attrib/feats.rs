@@ -27,9 +27,11 @@ impl SeqFeats {
         Ok(SeqFeats { modules })
     }
 
-    /// From each module's values of one sequence by place `position·F + feature` (ascending,
-    /// zeros may be left out), `f` features per position.
+    /// From each module's values of one sequence by place `position·F + feature` (strictly
+    /// ascending, zeros may be left out), `f` features per position.
     pub fn of_flat(values: &[Vec<(u32, f32)>], f: usize) -> SeqFeats {
+        // (Attribution reads each feature's places in this order.)
+        debug_assert!(values.iter().all(|v| v.windows(2).all(|w| w[0].0 < w[1].0)), "places must ascend");
         SeqFeats { modules: values.iter().map(|v| Self::nonzero(v.iter().copied(), f)).collect() }
     }
 

@@ -107,9 +107,14 @@ pub fn explain(
     // Sequences whose features the statistics pass kept are not run again.
     let (stored, again): (Vec<usize>, Vec<usize>) = seqs.iter().partition(|s| browse.kept.contains_key(s));
     let f = suite.n_features;
-    // A batch's sequences are explained side by side (most of a graph's work is per-link
-    // arithmetic on one thread); each sequence's result does not depend on which ran first.
-    let mut gather = |parts: Vec<Result<Found>>| -> Result<()> {
+    // On the CPU a batch's sequences are explained side by side (most of a graph's work is
+    // per-link arithmetic on one thread; at most one graph per thread is alive at once); each
+    // sequence's result does not depend on which ran first. On a GPU one after the other, on
+    // the thread that holds the device.
+    let side_by_side = device.is_cpu();
+    let mut gather = |n: usize, one: &(dyn Fn(usize) -> Result<Found> + Sync)| -> Result<()> {
+        let parts: Vec<Result<Found>> =
+            if side_by_side { (0..n).into_par_iter().map(one).collect() } else { (0..n).map(one).collect() };
         for part in parts {
             found.extend(part?);
         }
@@ -118,30 +123,19 @@ pub fn explain(
     for chunk in stored.chunks(cfg.batch_size.max(1)) {
         let batch = reader.batch(chunk)?;
         let none = PassOutput { feats: Vec::new(), recon: Vec::new(), pre: Vec::new() };
-        gather(
-            chunk
-                .par_iter()
-                .enumerate()
-                .map(|(i, &seq)| {
-                    explain_one(&batch.narrow(i, 1)?, &none, &SeqFeats::of_flat(&browse.kept[&seq], f), seq)
-                })
-                .collect(),
-        )?;
+        gather(chunk.len(), &|i| {
+            let seq = chunk[i];
+            explain_one(&batch.narrow(i, 1)?, &none, &SeqFeats::of_flat(&browse.kept[&seq], f), seq)
+        })?;
     }
     for chunk in again.chunks(cfg.batch_size.max(1)) {
         let batch = reader.batch(chunk)?;
         let out = pass.run(&batch)?;
         let s = batch.tokens.dim(1)?;
-        gather(
-            chunk
-                .par_iter()
-                .enumerate()
-                .map(|(i, &seq)| {
-                    let out = sequence_output(&out, i, s)?;
-                    explain_one(&batch.narrow(i, 1)?, &out, &SeqFeats::of_output(&out)?, seq)
-                })
-                .collect(),
-        )?;
+        gather(chunk.len(), &|i| {
+            let out = sequence_output(&out, i, s)?;
+            explain_one(&batch.narrow(i, 1)?, &out, &SeqFeats::of_output(&out)?, chunk[i])
+        })?;
     }
     Ok(browse
         .stats
