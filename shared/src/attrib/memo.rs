@@ -92,7 +92,6 @@ impl Products {
         let mut kept = Self::lock(kept);
         let Kept { rows, free } = &mut *kept;
         let memo = rows.entry(key).or_default();
-        let width = ids.first().map_or(0, |j| memo.get(j).map_or(new.width, Vec::len));
         let mut data = Vec::with_capacity(ids.len() * width);
         for j in ids {
             match missing.binary_search(j) {
