@@ -7,7 +7,9 @@
 # RSS — and the dense-product floor of one finetuning step measured in the same run
 # (examples/gemm_floor), with evaluate's cost per further batch and collect-acts' time against
 # their own floors (the pruned forward's products + one unembedding; the model's products + two
-# unembeddings). SHAPE=toy uses `toy-lm --steps 0` at D HEADS LAYERS instead (GPT-Neo,
+# unembeddings). A cost per further batch is measured inside the process (SCAE_PROFILE's batch
+# lines, the batches after the first), the difference of a whole run and a one-batch run
+# printed beside it. SHAPE=toy uses `toy-lm --steps 0` at D HEADS LAYERS instead (GPT-Neo,
 # the toy corpus's ~100-word vocabulary).
 #
 #   bench/real-shapes.sh [OUT]   (env: SHAPE EXPANSION K CS SEQS THREADS TRAIN_STEPS FT_STEPS
@@ -65,6 +67,7 @@ steady_step() {
 }
 steps=()
 per_batch=()
+per_batch_diff=()
 # row_secs NAME: the seconds of a timed row.
 row_secs() {
     printf '%s\n' "${rows[@]}" | awk -F' [|] ' -v n="$1" '$1 == "| " n { print $3 }'
@@ -73,6 +76,19 @@ row_secs() {
 further() {
     awk -v a="$(row_secs "$1")" -v b="$(row_secs "$1, one batch")" -v n=$(($2 / SEQS)) \
         'BEGIN { if (n > 1) printf "%.0f", (a - b) * 1000 / (n - 1); else print "n/a" }'
+}
+# batch_mean ERR: a run's cost per further batch in ms, measured inside the process: the mean
+# of its SCAE_PROFILE batch lines ("scae profile batch (ms): shard, batch, pass"; a shard's
+# reading is charged to its first batch) after the first, which also pays first touches. Free
+# of the fixed costs (startup, reading the suite, the logit lens) whose noise the difference of
+# two whole runs (`further`, printed beside it) carries.
+batch_mean() {
+    awk '/^scae profile batch [(]/ { s = 0; n = split($0, a, /[ ,]+/); for (i = 1; i <= n; i++) if (a[i] ~ /^[0-9.]+$/) s += a[i]; if (++k > 1) { t += s; m++ } }
+        END { if (m == 0) print "n/a"; else printf "%.0f", t / m }' "$1"
+}
+# phase ERR WHAT PHASE: the ms of PHASE in a run's "scae profile WHAT (ms): ..." line (0 if none).
+phase() {
+    { grep -E "^scae profile $2 [(]" "$1" || true; } | tail -n 1 | { grep -oE "$3 [0-9.]+" || echo "x 0"; } | grep -oE '[0-9.]+$'
 }
 # The toy corpus and tokenizer (and, for SHAPE=toy, the model).
 TD=$D TH=$HEADS TL=$LAYERS
@@ -92,10 +108,10 @@ SCAE_PROFILE=1 run "train-suite F=$F" $((TRAIN_STEPS * SEQS * 128)) $BIN/train-s
 # SCORE_SEQS=0: random connections (examples/random_connections) instead of scored ones, where
 # score-edges' F×F pair products would dominate the run.
 if [ "$SCORE_SEQS" != 0 ]; then
-    run "score-edges F=$F" $((SCORE_SEQS * 128)) $BIN/score-edges --acts "$OUT/acts" --suite "$OUT/suite" \
+    SCAE_PROFILE=1 run "score-edges F=$F" $((SCORE_SEQS * 128)) $BIN/score-edges --acts "$OUT/acts" --suite "$OUT/suite" \
         --n-seqs "$SCORE_SEQS" --batch-size "$SEQS" --keep 64 --out "$OUT/edges" --overwrite
     # One batch alone: the cost per further batch is the difference over the batches.
-    run "score-edges F=$F, one batch" $((SEQS * 128)) $BIN/score-edges --acts "$OUT/acts" --suite "$OUT/suite" \
+    SCAE_PROFILE=1 run "score-edges F=$F, one batch" $((SEQS * 128)) $BIN/score-edges --acts "$OUT/acts" --suite "$OUT/suite" \
         --n-seqs "$SEQS" --batch-size "$SEQS" --keep 64 --out "$OUT/edges-1" --overwrite
 fi
 for c in $CS; do
@@ -109,12 +125,13 @@ for c in $CS; do
         --suite "$OUT/suite" --connections "$OUT/c$c.parquet" --steps "$FT_STEPS" --batch-size "$SEQS" \
         --out "$OUT/ft$c" --overwrite
     steps+=("C $c: $(steady_step "$OUT/finetune F=$F C=$c.err")")
-    run "evaluate F=$F C=$c" $((EVAL_SEQS * 128)) $BIN/evaluate --acts "$OUT/acts" --suite "$OUT/ft$c" \
+    SCAE_PROFILE=1 run "evaluate F=$F C=$c" $((EVAL_SEQS * 128)) $BIN/evaluate --acts "$OUT/acts" --suite "$OUT/ft$c" \
         --connections "$OUT/c$c.parquet" --n-seqs "$EVAL_SEQS" --batch-size "$SEQS" --out "$OUT/eval$c" --overwrite
     # One batch alone: evaluate's cost per further batch is the difference over the batches.
-    run "evaluate F=$F C=$c, one batch" $((SEQS * 128)) $BIN/evaluate --acts "$OUT/acts" --suite "$OUT/ft$c" \
+    SCAE_PROFILE=1 run "evaluate F=$F C=$c, one batch" $((SEQS * 128)) $BIN/evaluate --acts "$OUT/acts" --suite "$OUT/ft$c" \
         --connections "$OUT/c$c.parquet" --n-seqs "$SEQS" --batch-size "$SEQS" --out "$OUT/eval$c-1" --overwrite
-    per_batch+=("$(further "evaluate F=$F C=$c" "$EVAL_SEQS")")
+    per_batch+=("$(batch_mean "$OUT/evaluate F=$F C=$c.err")")
+    per_batch_diff+=("$(further "evaluate F=$F C=$c" "$EVAL_SEQS")")
 done
 # With LEARN_STEPS: learn-connections at the last C over score-edges' candidates (keep 64), the
 # suite frozen, LEARN_SEQS (default SEQS) sequences per step (needs SCORE_SEQS > 0 for the
@@ -137,11 +154,11 @@ if [ "$BROWSE" != 0 ]; then
         --connections "$OUT/c$c.parquet" --slug pruned --out "$OUT/graphs"
     run "attribute C=$c, --no-prune" 128 $BIN/attribute --acts "$OUT/acts" --seq 0 --suite "$OUT/ft$c" \
         --connections "$OUT/c$c.parquet" --no-prune --slug all --out "$OUT/graphs"
-    run "view-features C=$c" $((EVAL_SEQS * 128)) $BIN/view-features --acts "$OUT/acts" --suite "$OUT/ft$c" \
+    SCAE_PROFILE=1 run "view-features C=$c" $((EVAL_SEQS * 128)) $BIN/view-features --acts "$OUT/acts" --suite "$OUT/ft$c" \
         --connections "$OUT/c$c.parquet" --n-seqs "$EVAL_SEQS" --batch-size "$SEQS" --graphs "$OUT/graphs" \
         --out "$OUT/view$c" --overwrite
     # (--graphs in both runs: reading them is a fixed cost, not one per batch.)
-    run "view-features C=$c, one batch" $((SEQS * 128)) $BIN/view-features --acts "$OUT/acts" --suite "$OUT/ft$c" \
+    SCAE_PROFILE=1 run "view-features C=$c, one batch" $((SEQS * 128)) $BIN/view-features --acts "$OUT/acts" --suite "$OUT/ft$c" \
         --connections "$OUT/c$c.parquet" --n-seqs "$SEQS" --batch-size "$SEQS" --graphs "$OUT/graphs" \
         --out "$OUT/view$c-1" --overwrite
 fi
@@ -170,16 +187,22 @@ if [ "$V" != 0 ]; then
     ev_floor=$(awk -v a="$fwd" -v b="$unembed" 'BEGIN { printf "%.0f", a + b }')
     i=0
     for c in $CS; do
-        echo "evaluate C $c, per further batch of $((SEQS * 128)) tokens: ${per_batch[$i]} ms; its floor (the pruned forward's products + one unembedding): $ev_floor ms ($(awk -v a="${per_batch[$i]}" -v b="$ev_floor" 'BEGIN { printf "%.2f", a / b }')x)"
+        echo "evaluate C $c, per further batch of $((SEQS * 128)) tokens: ${per_batch[$i]} ms (whole runs' difference: ${per_batch_diff[$i]} ms); its floor (the pruned forward's products + one unembedding): $ev_floor ms ($(awk -v a="${per_batch[$i]}" -v b="$ev_floor" 'BEGIN { printf "%.2f", a / b }')x)"
         i=$((i + 1))
     done
     if [ "$SCORE_SEQS" != 0 ]; then
-        sc=$(further "score-edges F=$F" "$SCORE_SEQS")
-        echo "score-edges, per further batch: $sc ms; the pruned forward's products: $fwd ms ($(awk -v a="$sc" -v b="$fwd" 'BEGIN { printf "%.2f", a / b }')x)"
+        sc=$(batch_mean "$OUT/score-edges F=$F.err")
+        echo "score-edges, per further batch: $sc ms (whole runs' difference: $(further "score-edges F=$F" "$SCORE_SEQS") ms); the pruned forward's products: $fwd ms ($(awk -v a="$sc" -v b="$fwd" 'BEGIN { printf "%.2f", a / b }')x)"
     fi
     if [ "$BROWSE" != 0 ]; then
-        vf=$(further "view-features C=$c" "$EVAL_SEQS")
-        echo "view-features C $c, per further batch: $vf ms; the pruned forward's products: $fwd ms ($(awk -v a="$vf" -v b="$fwd" 'BEGIN { printf "%.2f", a / b }')x)"
+        # Its batches' mean, plus the growth per batch of what runs after them over the sequences
+        # holding top contexts (why-it-fired) and of writing the pages.
+        e32="$OUT/view-features C=$c.err" e8="$OUT/view-features C=$c, one batch.err"
+        vf=$(awk -v b="$(batch_mean "$e32")" -v w="$(phase "$e32" view-features "why it fired")" \
+            -v w1="$(phase "$e8" view-features "why it fired")" -v p="$(phase "$e32" view-features pages)" \
+            -v p1="$(phase "$e8" view-features pages)" -v n=$((EVAL_SEQS / SEQS)) \
+            'BEGIN { if (n > 1) printf "%.0f (batches %.0f + why-it-fired %.0f + pages %.0f)", b + (w - w1 + p - p1) / (n - 1), b, (w - w1) / (n - 1), (p - p1) / (n - 1); else print "n/a" }')
+        echo "view-features C $c, per further batch: $vf ms (whole runs' difference: $(further "view-features C=$c" "$EVAL_SEQS") ms); the pruned forward's products: $fwd ms ($(awk -v a="${vf%% *}" -v b="$fwd" 'BEGIN { printf "%.2f", a / b }')x)"
     fi
     co_floor=$(awk -v a="$(ms model_ms)" -v u="$(ms unembed_ms)" -v b="$unembed" -v n=$((64 / SEQS)) \
         'BEGIN { printf "%.1f", (a - 2 * u + 2 * b) * n / 1000 }')

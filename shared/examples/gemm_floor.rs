@@ -9,10 +9,13 @@
 //!   with upstream modules (LAYERS − 1 of them);
 //! - `weights`: the attention edge weights' factors `E W_Oᵀ` and `W_decᵀ W_V` (`F·D·D` each,
 //!   one per attention module and one per (attention module, upstream module) pair), forward
-//!   and backward (×2).
+//!   and backward (×2);
+//! - `attn_dense`: each attention module's dense input term `mix(X W_V) W_O` with the cached
+//!   pattern (`X W_V` and `M W_O`, `N·D·D` each, and per sequence and head `(S, S)·(S, d_h)`,
+//!   LAYERS modules), forward only (its input is the clean run's).
 //!
 //! Also `forward_ms`, the products of the pruned forward alone (encoder, mixing, the weights
-//! once): the floor of a value pass; and with VOCAB, `unembed_ms`, one `(N, D) · (D, V)`
+//! once, the dense attention terms): the floor of a value pass; and with VOCAB, `unembed_ms`, one `(N, D) · (D, V)`
 //! unembedding of the N tokens (evaluate's floor per batch is `forward_ms + unembed_ms`), and
 //! `model_ms`, the model's own products per batch (per layer Q, K, V, O `(N, D)·(D, D)` and the
 //! MLP's `(N, D)·(D, 4D)`, `(N, 4D)·(4D, D)`) plus two unembeddings (the clean CE and the
@@ -140,6 +143,24 @@ fn main() {
     let (ew, wo) = (fill(f * d), fill(d * d));
     let mut ev = vec![0f32; f * d];
     let w_ms = best(3, || sgemm(f, d, d, &ew, d, 1, &wo, d, 1, &mut ev, false, true));
+    // mix(X W_V) W_O: (N, D)·(D, D), per sequence and head (S, S)·(S, d_h), (N, D)·(D, D).
+    let dh = d / h;
+    let (x, wv) = (fill(n * d), fill(d * d));
+    let (mut v, mut m) = (vec![0f32; n * d], vec![0f32; n * d]);
+    let pat = fill(ctx * ctx);
+    let dense_ms = best(3, || {
+        sgemm(n, d, d, &x, d, 1, &wv, d, 1, &mut v, false, true);
+        m.par_chunks_mut(ctx * d).zip(v.par_chunks(ctx * d)).for_each(|(mb, vb)| {
+            let mut out = vec![0f32; ctx * dh];
+            for hh in 0..h {
+                sgemm(ctx, dh, ctx, &pat, ctx, 1, &vb[hh * dh..], d, 1, &mut out, false, false);
+                for q in 0..ctx {
+                    mb[q * d + hh * dh..q * d + (hh + 1) * dh].copy_from_slice(&out[q * dh..(q + 1) * dh]);
+                }
+            }
+        });
+        sgemm(n, d, d, &m, d, 1, &wv, d, 1, &mut v, false, true);
+    });
     let modules = 2 * layers;
     let attn_with_ups = layers.saturating_sub(1);
     // Attention module of layer L: one E W_Oᵀ and one W_decᵀ W_V per upstream module (2L).
@@ -147,9 +168,10 @@ fn main() {
     let encoder = (modules as f64 * enc_ms, (modules * n * d * f) as f64);
     let mixing = (attn_with_ups as f64 * mix_all_ms, (attn_with_ups * n * kk * f) as f64);
     let weights = ((2 * weight_products) as f64 * w_ms, (2 * weight_products * f * d * d) as f64);
-    let total_ms = encoder.0 + mixing.0 + weights.0;
-    let total_mac = encoder.1 + mixing.1 + weights.1;
-    let forward_ms = encoder.0 + mixing.0 + weights.0 / 2.0;
+    let dense = (layers as f64 * dense_ms, (layers * (2 * n * d * d + seqs * ctx * ctx * d)) as f64);
+    let total_ms = encoder.0 + mixing.0 + weights.0 + dense.0;
+    let total_mac = encoder.1 + mixing.1 + weights.1 + dense.1;
+    let forward_ms = encoder.0 + mixing.0 + weights.0 / 2.0 + dense.0;
     // (N, D) · (D, V), W_U as the model stores it.
     let unembed_ms = match vocab {
         0 => 0.0,
@@ -171,13 +193,15 @@ fn main() {
         }
     };
     println!(
-        "{{\"encoder_ms\": {:.1}, \"encoder_gmac\": {:.2}, \"mixing_ms\": {:.1}, \"mixing_gmac\": {:.2}, \"weights_ms\": {:.1}, \"weights_gmac\": {:.2}, \"total_ms\": {total_ms:.1}, \"total_gmac\": {:.2}, \"gmac_per_s\": {:.1}, \"forward_ms\": {forward_ms:.1}, \"unembed_ms\": {unembed_ms:.1}, \"unembed_gmac\": {:.2}, \"model_ms\": {model_ms:.1}, \"encoder_gmac_per_s\": {:.1}{}}}",
+        "{{\"encoder_ms\": {:.1}, \"encoder_gmac\": {:.2}, \"mixing_ms\": {:.1}, \"mixing_gmac\": {:.2}, \"weights_ms\": {:.1}, \"weights_gmac\": {:.2}, \"attn_dense_ms\": {:.1}, \"attn_dense_gmac\": {:.2}, \"total_ms\": {total_ms:.1}, \"total_gmac\": {:.2}, \"gmac_per_s\": {:.1}, \"forward_ms\": {forward_ms:.1}, \"unembed_ms\": {unembed_ms:.1}, \"unembed_gmac\": {:.2}, \"model_ms\": {model_ms:.1}, \"encoder_gmac_per_s\": {:.1}{}}}",
         encoder.0,
         encoder.1 / 1e9,
         mixing.0,
         mixing.1 / 1e9,
         weights.0,
         weights.1 / 1e9,
+        dense.0,
+        dense.1 / 1e9,
         total_mac / 1e9,
         total_mac / 1e9 / (total_ms / 1e3),
         (n * d * vocab) as f64 / 1e9,

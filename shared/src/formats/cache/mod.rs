@@ -19,6 +19,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::data::Batch;
 use crate::error::{Error, IoContext, Result};
+use crate::util::profile::Profile;
 
 mod collect;
 mod manifest;
@@ -259,7 +260,8 @@ impl Cache {
     }
 
     /// Call `f` on consecutive batches of at most `batch_size` sequences, over the first
-    /// `limit` sequences (all when `None`), loading one shard at a time.
+    /// `limit` sequences (all when `None`), loading one shard at a time. With `SCAE_PROFILE` set,
+    /// each batch reports its reading and pass (`scae profile batch (ms): ...` on stderr).
     pub fn for_each_batch(
         &self,
         batch_size: usize,
@@ -309,9 +311,17 @@ impl Cache {
             if !batches.iter().any(|&(bi, _, _)| mine(bi)) {
                 continue;
             }
+            // With SCAE_PROFILE, one line per batch (the shard's reading charged to its first).
+            let mut prof = Profile::new();
             let map = self.load_shard(i, device)?;
+            prof.mark("shard");
             for (_, start, n) in batches.into_iter().filter(|&(bi, _, _)| mine(bi)) {
-                f(Batch::from_shard(&map, n_layers, start, n, device)?)?;
+                let batch = Batch::from_shard(&map, n_layers, start, n, device)?;
+                prof.mark("batch");
+                f(batch)?;
+                prof.mark("pass");
+                prof.report("batch");
+                prof = Profile::new();
             }
         }
         Ok(done)
