@@ -101,7 +101,7 @@ if [ "$SHAPE" != toy ]; then
     M=$OUT/$SHAPE
     [ -f "$M/.done" ] || { $BIN/examples/random_model "$SHAPE" "$T/model" "$M" && touch "$M/.done"; }
 fi
-run collect-acts $((64 * 128)) $BIN/collect-acts --model "$M" --data "$T/corpus.txt" --ctx-len 128 --pack \
+SCAE_PROFILE=1 run collect-acts $((64 * 128)) $BIN/collect-acts --model "$M" --data "$T/corpus.txt" --ctx-len 128 --pack \
     --n-seqs 64 --batch-size "$SEQS" --out "$OUT/acts" --overwrite
 SCAE_PROFILE=1 run "train-suite F=$F" $((TRAIN_STEPS * SEQS * 128)) $BIN/train-suite --acts "$OUT/acts" --expansion "$EXPANSION" \
     --k "$K" --steps "$TRAIN_STEPS" --batch-size "$SEQS" --lr 1e-3 --out "$OUT/suite" --overwrite
@@ -207,4 +207,9 @@ if [ "$V" != 0 ]; then
     co_floor=$(awk -v a="$(ms model_ms)" -v u="$(ms unembed_ms)" -v b="$unembed" -v n=$((64 / SEQS)) \
         'BEGIN { printf "%.1f", (a - 2 * u + 2 * b) * n / 1000 }')
     echo "collect-acts: $(row_secs collect-acts) s; its floor (the model's products + two unembeddings, $((64 / SEQS)) batches): $co_floor s ($(awk -v a="$(row_secs collect-acts)" -v b="$co_floor" 'BEGIN { printf "%.2f", a / b }')x)"
+    # Per further batch inside the process (startup, reading the model and the corpus, and the
+    # last shard's write left out; the other shards are written in the background meanwhile).
+    co_batch=$(batch_mean "$OUT/collect-acts.err")
+    co_bfloor=$(awk -v c="$co_floor" -v n=$((64 / SEQS)) 'BEGIN { printf "%.0f", c * 1000 / n }')
+    echo "collect-acts, per further batch: $co_batch ms; its floor: $co_bfloor ms ($(awk -v a="$co_batch" -v b="$co_bfloor" 'BEGIN { printf "%.2f", a / b }')x)"
 fi
