@@ -212,13 +212,13 @@ pub fn run(
                 if ref_batch {
                     st.fvu_ref_sum += fvu_ref(target, &out.recon[i])?.to_scalar::<f32>()? as f64;
                 }
-                let feats = out.feats[i].to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                for (j, v) in feats.iter().enumerate() {
-                    if *v != 0.0 {
-                        st.nonzero += 1;
-                        st.fired[j % suite.n_features] = true;
-                    }
-                }
+                // Read in place where the features are a host f32 tensor (the CPU engine's).
+                let count = |v: &[f32]| count_nonzero(v, &mut st.fired);
+                let nonzero = match crate::util::with_host_f32(&out.feats[i], count) {
+                    Some(c) => c,
+                    None => count_nonzero(&out.feats[i].to_dtype(DType::F32)?.flatten_all()?.to_vec1()?, &mut st.fired),
+                };
+                st.nonzero += nonzero;
                 if cfg.dump {
                     let f = out.feats[i].reshape((b, s, suite.n_features))?;
                     dump.entry(format!("feats.{module}")).or_default().push(f);
@@ -303,4 +303,29 @@ pub fn run(
     };
     let dump = dump.into_iter().map(|(k, v)| Ok((k, Tensor::cat(&v, 0)?))).collect::<Result<_>>()?;
     Ok(Evaluation { report, dump })
+}
+
+/// The non-zero values of features `(N, F)` (`F = fired.len()`), marking each feature with one
+/// as fired; blocks of 64 rows in parallel.
+fn count_nonzero(v: &[f32], fired: &mut [bool]) -> u64 {
+    use rayon::prelude::*;
+    let f = fired.len().max(1);
+    let rows = v.par_chunks(f * 64).map(|block| {
+        let mut seen = Vec::new();
+        let mut n = 0;
+        for (j, x) in block.iter().enumerate() {
+            if *x != 0.0 {
+                n += 1;
+                seen.push((j % f) as u32);
+            }
+        }
+        (n, seen)
+    });
+    let parts: Vec<(u64, Vec<u32>)> = rows.collect();
+    let mut total = 0;
+    for (n, seen) in parts {
+        total += n;
+        seen.into_iter().for_each(|j| fired[j as usize] = true);
+    }
+    total
 }
