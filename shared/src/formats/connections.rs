@@ -18,7 +18,7 @@
 //! same-layer attn->mlp pairs on parallel (Pythia) models are dropped with a warning, because
 //! the reference writes them although its pruned pass ignores them (docs/MATH.md, "Where scae departs from the reference").
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -367,7 +367,6 @@ struct Builder<'a> {
     parallel: bool,
     by_name: HashMap<String, usize>,
     conns: Connections,
-    seen: HashSet<(usize, u32, usize, u32)>,
 }
 
 impl<'a> Builder<'a> {
@@ -379,7 +378,6 @@ impl<'a> Builder<'a> {
             parallel,
             by_name: modules.iter().enumerate().map(|(i, m)| (m.name(), i)).collect(),
             conns: Connections::empty(modules, n_features),
-            seen: HashSet::new(),
         }
     }
 
@@ -409,9 +407,6 @@ impl<'a> Builder<'a> {
             let why = if self.parallel { " (parallel attn/MLP blocks: only earlier layers feed a module)" } else { "" };
             return Err(Error::input(self.path, format!("edge {um}:{j} -> {dm}:{i}: {um} does not precede {dm}{why}")));
         }
-        if !self.seen.insert((d, i, u, j)) {
-            return Err(Error::input(self.path, format!("duplicate edge {um}:{j} -> {dm}:{i}")));
-        }
         self.conns.edges[d][i as usize].push(Edge { up: u, feature: j, score });
         Ok(())
     }
@@ -419,12 +414,6 @@ impl<'a> Builder<'a> {
     /// An edge from feature `j` of module `u` into output token `token` (any module feeds
     /// the unembedding).
     fn add_unembed(&mut self, token: u32, u: usize, j: u32, score: f32) -> Result<()> {
-        if !self.seen.insert((usize::MAX, token, u, j)) {
-            return Err(Error::input(
-                self.path,
-                format!("duplicate edge {}:{j} -> {UNEMBED}:{token}", self.modules[u]),
-            ));
-        }
         let t = token as usize;
         if self.conns.unembed.len() <= t {
             self.conns.unembed.resize(t + 1, Vec::new());
@@ -433,14 +422,50 @@ impl<'a> Builder<'a> {
         Ok(())
     }
 
+    /// The connections, refused when an edge is listed twice (each edge list checked on its own,
+    /// modules side by side: the duplicate named is the first list's smallest).
+    fn finish(self) -> Result<Connections> {
+        use rayon::prelude::*;
+        let c = &self.conns;
+        let modules = self.modules;
+        let dup = (0..c.edges.len()).into_par_iter().find_map_first(|d| {
+            let mut keys = Vec::new();
+            let dm = modules[d];
+            (0..c.edges[d].len()).find_map(|i| {
+                let up = c.edges[d][i].iter().map(|e| (e.up, e.feature));
+                if let Some((u, j)) = first_duplicate(&mut keys, up) {
+                    return Some(format!("duplicate edge {}:{j} -> {dm}:{i}", modules[u]));
+                }
+                let tokens = c.embed[d][i].iter().map(|e| (0, e.token));
+                first_duplicate(&mut keys, tokens).map(|(_, t)| format!("duplicate edge {EMBED}:{t} -> {dm}:{i}"))
+            })
+        });
+        let dup = dup.or_else(|| {
+            let mut keys = Vec::new();
+            c.unembed.iter().enumerate().find_map(|(token, es)| {
+                first_duplicate(&mut keys, es.iter().map(|e| (e.up, e.feature)))
+                    .map(|(u, j)| format!("duplicate edge {}:{j} -> {UNEMBED}:{token}", modules[u]))
+            })
+        });
+        match dup {
+            Some(msg) => Err(Error::input(self.path, msg)),
+            None => Ok(self.conns),
+        }
+    }
+
     /// An edge from vocabulary item `token` of the embedding (any module may read it).
     fn add_embed(&mut self, d: usize, i: u32, token: u32, score: f32) -> Result<()> {
-        if !self.seen.insert((d, i, usize::MAX, token)) {
-            return Err(Error::input(self.path, format!("duplicate edge {EMBED}:{token} -> {}:{i}", self.modules[d])));
-        }
         self.conns.embed[d][i as usize].push(EmbedEdge { token, score });
         Ok(())
     }
+}
+
+/// The smallest key that `keys` lists twice (`buf`: scratch).
+fn first_duplicate(buf: &mut Vec<(usize, u32)>, keys: impl Iterator<Item = (usize, u32)>) -> Option<(usize, u32)> {
+    buf.clear();
+    buf.extend(keys);
+    buf.sort_unstable();
+    buf.windows(2).find(|w| w[0] == w[1]).map(|w| w[0])
 }
 
 fn read_parquet(path: &Path, modules: &[Module], n_features: usize, parallel: bool) -> Result<Connections> {
@@ -473,8 +498,12 @@ fn read_parquet(path: &Path, modules: &[Module], n_features: usize, parallel: bo
         let col = |name: &str| -> Result<&ArrayRef> {
             batch.column_by_name(name).ok_or_else(|| Error::input(path, format!("missing column `{name}`")))
         };
-        let dm = crate::util::table::strings(path, "down_module", col("down_module")?)?;
-        let um = crate::util::table::strings(path, "up_module", col("up_module")?)?;
+        // Module names as codes into the batch's distinct names, each resolved once (an unknown
+        // name is refused at its first row, as before).
+        let (dnames, dm) = crate::util::table::string_codes(path, "down_module", col("down_module")?)?;
+        let (unames, um) = crate::util::table::string_codes(path, "up_module", col("up_module")?)?;
+        let resolve = |names: &[String]| names.iter().map(|n| b.module(n, "").ok()).collect::<Vec<_>>();
+        let (dmod, umod) = (resolve(&dnames), resolve(&unames));
         let df = crate::util::table::ints(path, "down_feature", col("down_feature")?)?;
         let uf = crate::util::table::ints(path, "up_feature", col("up_feature")?)?;
         let score = match batch.column_by_name("score") {
@@ -482,30 +511,32 @@ fn read_parquet(path: &Path, modules: &[Module], n_features: usize, parallel: bo
             None => vec![f32::NAN; batch.num_rows()],
         };
         for r in 0..batch.num_rows() {
-            if dm[r] == UNEMBED {
+            let (dc, uc) = (dm[r] as usize, um[r] as usize);
+            let up = |b: &Builder| umod[uc].map_or_else(|| b.module(&unames[uc], "up_module"), Ok);
+            if dnames[dc] == UNEMBED {
                 let token = u32::try_from(df[r]).map_err(|_| {
                     Error::input(path, format!("down_feature {} of an {UNEMBED} edge: expected a token id", df[r]))
                 })?;
-                let u = b.module(&um[r], "up_module")?;
+                let u = up(&b)?;
                 let j = b.feature(uf[r], "up_feature")?;
                 b.add_unembed(token, u, j, score[r])?;
                 continue;
             }
-            let d = b.module(&dm[r], "down_module")?;
+            let d = dmod[dc].map_or_else(|| b.module(&dnames[dc], "down_module"), Ok)?;
             let i = b.feature(df[r], "down_feature")?;
-            if um[r] == EMBED {
+            if unames[uc] == EMBED {
                 let token = u32::try_from(uf[r]).map_err(|_| {
                     Error::input(path, format!("up_feature {} of an {EMBED} edge: expected a token id", uf[r]))
                 })?;
                 b.add_embed(d, i, token, score[r])?;
                 continue;
             }
-            let u = b.module(&um[r], "up_module")?;
+            let u = up(&b)?;
             let j = b.feature(uf[r], "up_feature")?;
             b.add(d, i, u, j, score[r])?;
         }
     }
-    Ok(b.conns)
+    b.finish()
 }
 
 fn read_reference(path: &Path, modules: &[Module], n_features: usize, parallel: bool) -> Result<Connections> {
@@ -581,5 +612,5 @@ pub fn from_tables(
             path.display()
         );
     }
-    Ok(b.conns)
+    b.finish()
 }

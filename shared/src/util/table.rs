@@ -75,6 +75,38 @@ pub fn strings(path: &Path, name: &str, c: &ArrayRef) -> Result<Vec<String>> {
     }
 }
 
+/// A string column as codes into its distinct values (in order of first appearance): a column of
+/// a few names over many rows (module names of millions of edges) without a String per row.
+pub fn string_codes(path: &Path, name: &str, c: &ArrayRef) -> Result<(Vec<String>, Vec<u32>)> {
+    no_nulls(path, name, c)?;
+    Ok(match c.data_type() {
+        DataType::Utf8 => codes_of(c.as_string::<i32>().iter()),
+        DataType::LargeUtf8 => codes_of(c.as_string::<i64>().iter()),
+        DataType::Utf8View => codes_of(c.as_string_view().iter()),
+        DataType::Dictionary(_, _) => {
+            let casted = arrow_cast_dict(c).map_err(|e| Error::input(path, format!("column `{name}`: {e}")))?;
+            return string_codes(path, name, &casted);
+        }
+        other => return Err(Error::input(path, format!("column `{name}`: expected strings, found {other}"))),
+    })
+}
+
+/// [`string_codes`] of the values of a column.
+fn codes_of<'a>(values: impl Iterator<Item = Option<&'a str>>) -> (Vec<String>, Vec<u32>) {
+    let mut index: rustc_hash::FxHashMap<&'a str, u32> = Default::default();
+    let mut distinct = Vec::new();
+    let codes = values
+        .map(|s| {
+            let s = s.unwrap_or("");
+            *index.entry(s).or_insert_with(|| {
+                distinct.push(s.to_string());
+                distinct.len() as u32 - 1
+            })
+        })
+        .collect();
+    (distinct, codes)
+}
+
 /// Pandas writes categorical columns as dictionaries; decode them to plain strings.
 fn arrow_cast_dict(c: &ArrayRef) -> std::result::Result<ArrayRef, String> {
     let dict = c.as_any_dictionary_opt().ok_or("expected a dictionary")?;
