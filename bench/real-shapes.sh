@@ -9,7 +9,8 @@
 # their own floors (the pruned forward's products + one unembedding; the model's products + two
 # unembeddings). A cost per further batch is measured inside the process (SCAE_PROFILE's batch
 # lines, the batches after the first), the difference of a whole run and a one-batch run
-# printed beside it. SHAPE=toy uses `toy-lm --steps 0` at D HEADS LAYERS instead (GPT-Neo,
+# printed beside it. (Those runs print a few profile lines per batch; their cost is nil beside
+# a batch's.) SHAPE=toy uses `toy-lm --steps 0` at D HEADS LAYERS instead (GPT-Neo,
 # the toy corpus's ~100-word vocabulary).
 #
 #   bench/real-shapes.sh [OUT]   (env: SHAPE EXPANSION K CS SEQS THREADS TRAIN_STEPS FT_STEPS
@@ -202,7 +203,7 @@ if [ "$V" != 0 ]; then
             -v w1="$(phase "$e8" view-features "why it fired")" -v p="$(phase "$e32" view-features pages)" \
             -v p1="$(phase "$e8" view-features pages)" -v n=$((EVAL_SEQS / SEQS)) \
             'BEGIN { if (n > 1) printf "%.0f (batches %.0f + why-it-fired %.0f + pages %.0f)", b + (w - w1 + p - p1) / (n - 1), b, (w - w1) / (n - 1), (p - p1) / (n - 1); else print "n/a" }')
-        echo "view-features C $c, per further batch: $vf ms (whole runs' difference: $(further "view-features C=$c" "$EVAL_SEQS") ms); the pruned forward's products: $fwd ms ($(awk -v a="${vf%% *}" -v b="$fwd" 'BEGIN { printf "%.2f", a / b }')x)"
+        echo "view-features C $c, per further batch: $vf ms (whole runs' difference: $(further "view-features C=$c" "$EVAL_SEQS") ms); the pruned forward's products: $fwd ms ($(awk -v a="${vf%% *}" -v b="$fwd" 'BEGIN { if (a == "n/a") print "n/a"; else printf "%.2f", a / b }')x)"
     fi
     co_floor=$(awk -v a="$(ms model_ms)" -v u="$(ms unembed_ms)" -v b="$unembed" -v n=$((64 / SEQS)) \
         'BEGIN { printf "%.1f", (a - 2 * u + 2 * b) * n / 1000 }')

@@ -12,7 +12,8 @@
 //!   and backward (×2);
 //! - `attn_dense`: each attention module's dense input term `mix(X W_V) W_O` with the cached
 //!   pattern (`X W_V` and `M W_O`, `N·D·D` each, and per sequence and head `(S, S)·(S, d_h)`,
-//!   LAYERS modules), forward only (its input is the clean run's).
+//!   the whole pattern as the engine multiplies it (its causal half would be 1% of the term
+//!   less); LAYERS modules), forward only (its input is the clean run's).
 //!
 //! Also `forward_ms`, the products of the pruned forward alone (encoder, mixing, the weights
 //! once, the dense attention terms): the floor of a value pass; and with VOCAB, `unembed_ms`, one `(N, D) · (D, V)`
@@ -159,6 +160,7 @@ fn main() {
                 }
             }
         });
+        // (W_V's buffer stands for W_O: the same shape.)
         sgemm(n, d, d, &m, d, 1, &wv, d, 1, &mut v, false, true);
     });
     let modules = 2 * layers;

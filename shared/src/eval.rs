@@ -306,26 +306,28 @@ pub fn run(
 }
 
 /// The non-zero values of features `(N, F)` (`F = fired.len()`), marking each feature with one
-/// as fired; blocks of 64 rows in parallel.
+/// as fired; blocks of 64 rows in parallel, each thread's flags joined at the end.
 fn count_nonzero(v: &[f32], fired: &mut [bool]) -> u64 {
     use rayon::prelude::*;
     let f = fired.len().max(1);
-    let rows = v.par_chunks(f * 64).map(|block| {
-        let mut seen = Vec::new();
-        let mut n = 0;
-        for (j, x) in block.iter().enumerate() {
-            if *x != 0.0 {
-                n += 1;
-                seen.push((j % f) as u32);
-            }
-        }
-        (n, seen)
-    });
-    let parts: Vec<(u64, Vec<u32>)> = rows.collect();
-    let mut total = 0;
-    for (n, seen) in parts {
-        total += n;
-        seen.into_iter().for_each(|j| fired[j as usize] = true);
-    }
-    total
+    let (n, seen) = v
+        .par_chunks(f * 64)
+        .fold(
+            || (0u64, vec![false; f]),
+            |(mut n, mut seen), block| {
+                for row in block.chunks(f) {
+                    for (s, x) in seen.iter_mut().zip(row) {
+                        n += u64::from(*x != 0.0);
+                        *s |= *x != 0.0;
+                    }
+                }
+                (n, seen)
+            },
+        )
+        .reduce(
+            || (0, vec![false; f]),
+            |(a, sa), (b, sb)| (a + b, sa.iter().zip(&sb).map(|(x, y)| *x || *y).collect()),
+        );
+    fired.iter_mut().zip(&seen).for_each(|(o, s)| *o |= *s);
+    n
 }

@@ -180,6 +180,14 @@ fn bad_connections_and_mismatched_inputs_are_clear_errors() {
     eval(&c, &["down_feature 40: out of range, the suite has 32 features"]);
     write_conn_parquet(&c, &[("mlp_1", 1, "attn_0", 2), ("mlp_1", 1, "attn_0", 2)]);
     eval(&c, &["duplicate edge attn_0:2 -> mlp_1:1"]);
+    // Duplicates are found once the file is read, per edge list: the first list's is named.
+    let rows =
+        [("mlp_1", 3, "attn_0", 5), ("attn_1", 0, "mlp_0", 1), ("mlp_1", 3, "attn_0", 5), ("attn_1", 0, "mlp_0", 1)];
+    write_conn_parquet(&c, &rows);
+    eval(&c, &["duplicate edge mlp_0:1 -> attn_1:0"]);
+    // An unembed edge's token id is bounded before any list is sized by it.
+    write_conn_parquet(&c, &[("unembed", 4_000_000_000, "attn_0", 0)]);
+    eval(&c, &["down_feature 4000000000 of an unembed edge: above any vocabulary"]);
     // Pythia has parallel blocks: attn_1 does not feed mlp_1.
     write_conn_parquet(&c, &[("mlp_1", 1, "attn_1", 2)]);
     eval(&c, &["attn_1 does not precede mlp_1", "parallel"]);

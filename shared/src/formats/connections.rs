@@ -14,7 +14,9 @@
 //!   `connections.pt` (`torch.save`), read by [`crate::formats::reference`].
 //!
 //! Validation: unknown modules, features out of range, duplicate edges and edges from a
-//! module that does not precede its target are errors; except that the reference layout's
+//! module that does not precede its target are errors (each row's checks as it is read, the
+//! duplicates once the file is read, per edge list: the first list's smallest repeated edge is
+//! named); except that the reference layout's
 //! same-layer attn->mlp pairs on parallel (Pythia) models are dropped with a warning, because
 //! the reference writes them although its pruned pass ignores them (docs/MATH.md, "Where scae departs from the reference").
 
@@ -415,6 +417,12 @@ impl<'a> Builder<'a> {
     /// the unembedding).
     fn add_unembed(&mut self, token: u32, u: usize, j: u32, score: f32) -> Result<()> {
         let t = token as usize;
+        if t >= MAX_VOCAB {
+            return Err(Error::input(
+                self.path,
+                format!("down_feature {token} of an {UNEMBED} edge: above any vocabulary (at most {MAX_VOCAB} tokens)"),
+            ));
+        }
         if self.conns.unembed.len() <= t {
             self.conns.unembed.resize(t + 1, Vec::new());
         }
@@ -460,6 +468,10 @@ impl<'a> Builder<'a> {
     }
 }
 
+/// Token ids of unembed edges are refused from here on before any list is sized by them (the
+/// model's vocabulary is checked later; no model's comes near 2²⁴).
+const MAX_VOCAB: usize = 1 << 24;
+
 /// The smallest key that `keys` lists twice (`buf`: scratch).
 fn first_duplicate(buf: &mut Vec<(usize, u32)>, keys: impl Iterator<Item = (usize, u32)>) -> Option<(usize, u32)> {
     buf.clear();
@@ -502,7 +514,7 @@ fn read_parquet(path: &Path, modules: &[Module], n_features: usize, parallel: bo
         // name is refused at its first row, as before).
         let (dnames, dm) = crate::util::table::string_codes(path, "down_module", col("down_module")?)?;
         let (unames, um) = crate::util::table::string_codes(path, "up_module", col("up_module")?)?;
-        let resolve = |names: &[String]| names.iter().map(|n| b.module(n, "").ok()).collect::<Vec<_>>();
+        let resolve = |names: &[String]| names.iter().map(|n| b.by_name.get(n).copied()).collect::<Vec<_>>();
         let (dmod, umod) = (resolve(&dnames), resolve(&unames));
         let df = crate::util::table::ints(path, "down_feature", col("down_feature")?)?;
         let uf = crate::util::table::ints(path, "up_feature", col("up_feature")?)?;

@@ -70,19 +70,24 @@ mod tests {
 /// passes allocate and drop buffers of tens of MB every step, which glibc by default maps and
 /// unmaps each time, so every step paid the page faults of fresh pages again (at
 /// TinyStories-33M shape, 2.3 M faults and a quarter of the CPU time in the kernel over six
-/// finetuning steps). A request larger than a thread arena's heap (64 MB) cannot come from a
-/// worker thread's arena, and glibc maps it fresh whatever the threshold unless mapping is off:
-/// at GPT-2 small shape, F 24,576, the passes' 100 MB buffers per module came back as fresh
-/// pages every batch (kernel page clearing was a third of evaluate's time); with mapping off they
-/// come from the main heap and are reused. Called once by every tool's `main`.
+/// finetuning steps). Requests of the threshold and more were still mapped on their own and
+/// unmapped when freed: at GPT-2 small, F 24,576 a suite file's 3.4 GB of bytes, freed once its
+/// tensors are made, and the engine's copy of the suite then faulted in 3.4 GB of fresh pages
+/// (a host fault each on a virtual machine); with mapping off (`M_MMAP_MAX` 0) the freed bytes
+/// stay in the main heap and the copy reuses them. (A worker thread's request larger than its
+/// arena's 64 MB heap is still mapped: glibc does so whatever `M_MMAP_MAX` says.) Called once by
+/// every tool's `main`; `util::release_freed_memory` hands free heap pages back where a stage
+/// drops much for good.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; called before the tool allocates much.
     unsafe {
-        // Requests below 1 GiB come from the heap, and a free heap top is never given back;
-        // no request is mapped on its own (those a thread's arena cannot hold fall back to
-        // the main heap).
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        // Requests below 1 GiB come from the heap (glibc before 2.26 caps the threshold at
+        // 32 MiB: then that), a free heap top is given back only beyond 2 GiB, and no request
+        // is mapped on its own by the main arena.
+        if libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30) == 0 {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        }
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
         libc::mallopt(libc::M_MMAP_MAX, 0);
     }

@@ -2,7 +2,6 @@
 //! `<path>.tmp`, read whole, and pull typed columns with errors that name the column.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use arrow_array::cast::AsArray;
 use arrow_array::{Array, ArrayRef, RecordBatch};
@@ -62,17 +61,8 @@ fn no_nulls(path: &Path, name: &str, c: &ArrayRef) -> Result<()> {
 
 /// A utf8 column as strings.
 pub fn strings(path: &Path, name: &str, c: &ArrayRef) -> Result<Vec<String>> {
-    no_nulls(path, name, c)?;
-    match c.data_type() {
-        DataType::Utf8 => Ok(c.as_string::<i32>().iter().map(|s| s.unwrap_or("").to_string()).collect()),
-        DataType::LargeUtf8 => Ok(c.as_string::<i64>().iter().map(|s| s.unwrap_or("").to_string()).collect()),
-        DataType::Utf8View => Ok(c.as_string_view().iter().map(|s| s.unwrap_or("").to_string()).collect()),
-        DataType::Dictionary(_, _) => {
-            let casted = arrow_cast_dict(c).map_err(|e| Error::input(path, format!("column `{name}`: {e}")))?;
-            strings(path, name, &casted)
-        }
-        other => Err(Error::input(path, format!("column `{name}`: expected strings, found {other}"))),
-    }
+    let (names, codes) = string_codes(path, name, c)?;
+    Ok(codes.into_iter().map(|k| names[k as usize].clone()).collect())
 }
 
 /// A string column as codes into its distinct values (in order of first appearance): a column of
@@ -83,9 +73,12 @@ pub fn string_codes(path: &Path, name: &str, c: &ArrayRef) -> Result<(Vec<String
         DataType::Utf8 => codes_of(c.as_string::<i32>().iter()),
         DataType::LargeUtf8 => codes_of(c.as_string::<i64>().iter()),
         DataType::Utf8View => codes_of(c.as_string_view().iter()),
+        // Pandas writes categorical columns as dictionaries: their values are the names.
         DataType::Dictionary(_, _) => {
-            let casted = arrow_cast_dict(c).map_err(|e| Error::input(path, format!("column `{name}`: {e}")))?;
-            return string_codes(path, name, &casted);
+            let fail = |e: String| Error::input(path, format!("column `{name}`: {e}"));
+            let dict = c.as_any_dictionary_opt().ok_or_else(|| fail("expected a dictionary".into()))?;
+            let names = strings_plain(dict.values()).map_err(fail)?;
+            (names, dict.normalized_keys().into_iter().map(|k| k as u32).collect())
         }
         other => return Err(Error::input(path, format!("column `{name}`: expected strings, found {other}"))),
     })
@@ -105,14 +98,6 @@ fn codes_of<'a>(values: impl Iterator<Item = Option<&'a str>>) -> (Vec<String>, 
         })
         .collect();
     (distinct, codes)
-}
-
-/// Pandas writes categorical columns as dictionaries; decode them to plain strings.
-fn arrow_cast_dict(c: &ArrayRef) -> std::result::Result<ArrayRef, String> {
-    let dict = c.as_any_dictionary_opt().ok_or("expected a dictionary")?;
-    let strs = strings_plain(dict.values())?;
-    let out: Vec<String> = dict.normalized_keys().iter().map(|&k| strs[k].clone()).collect();
-    Ok(Arc::new(arrow_array::StringArray::from(out)))
 }
 
 fn strings_plain(c: &ArrayRef) -> std::result::Result<Vec<String>, String> {
@@ -165,4 +150,31 @@ pub fn floats(path: &Path, name: &str, c: &ArrayRef) -> Result<Vec<f32>> {
         other => return Err(Error::input(path, format!("column `{name}`: expected floats, found {other}"))),
     };
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A column's codes name its rows' strings, plain or as pandas' dictionary (categorical)
+    /// columns write them; nulls are refused with the column named.
+    #[test]
+    fn string_codes_name_every_row() {
+        let rows = ["mlp_1", "attn_0", "mlp_1", "embed", "attn_0"];
+        let plain: ArrayRef = std::sync::Arc::new(arrow_array::StringArray::from(rows.to_vec()));
+        let dict: ArrayRef = std::sync::Arc::new(
+            rows.iter().copied().collect::<arrow_array::DictionaryArray<arrow_array::types::Int32Type>>(),
+        );
+        let path = Path::new("t.parquet");
+        for c in [&plain, &dict] {
+            let (names, codes) = string_codes(path, "m", c).unwrap();
+            let back: Vec<&str> = codes.iter().map(|&k| names[k as usize].as_str()).collect();
+            assert_eq!(back, rows);
+            assert_eq!(strings(path, "m", c).unwrap(), rows);
+        }
+        assert_eq!(string_codes(path, "m", &plain).unwrap().0, ["mlp_1", "attn_0", "embed"]);
+        let nulls: ArrayRef = std::sync::Arc::new(arrow_array::StringArray::from(vec![Some("a"), None]));
+        let e = string_codes(path, "m", &nulls).unwrap_err().to_string();
+        assert!(e.contains("column `m`: 1 null values"), "{e}");
+    }
 }

@@ -337,6 +337,16 @@ impl Stacked {
     /// Parts of one dtype and the same shape past the first axis (host tensors).
     fn new(parts: Vec<Tensor>) -> Result<Stacked> {
         let first = parts.first().ok_or_else(|| Error::Usage("an empty shard tensor".into()))?;
+        if let Some(t) = parts.iter().find(|t| t.dtype() != first.dtype() || t.dims().get(1..) != first.dims().get(1..))
+        {
+            return Err(Error::Usage(format!(
+                "a shard's batches disagree: {:?} {:?} beside {:?} {:?}",
+                first.dtype(),
+                first.dims(),
+                t.dtype(),
+                t.dims()
+            )));
+        }
         let mut shape = first.dims().to_vec();
         shape[0] = parts.iter().map(|t| t.dim(0)).sum::<candle_core::Result<usize>>()?;
         Ok(Stacked { parts, shape })
