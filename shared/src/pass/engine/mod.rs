@@ -191,15 +191,25 @@ impl<'a> Engine<'a> {
     pub fn new(suite: &'a Suite, rt: &Runtime, plan: &'a Plan, opts: PassOptions) -> Result<Engine<'a>> {
         let (d, f) = (suite.d_model, suite.n_features);
         let params = suite
-            .host_params()?
-            .into_par_iter()
-            .map(|p| FlatAe {
-                dec_t: Cow::Owned(transpose(&p.w_dec, d, f)),
-                enc: Cow::Owned(p.w_enc),
-                b_enc: p.b_enc,
-                b_dec: p.b_dec,
+            .aes
+            .par_iter()
+            .map(|ae| {
+                // The decoder transposed straight from the suite's host values where they are a
+                // contiguous f32 tensor, without copying them first (1.8 GB at GPT-2 small,
+                // F 24,576).
+                let w_dec = ae.w_dec.as_tensor();
+                let dec_t = match crate::util::with_host_f32(w_dec, |v| transpose(v, d, f)) {
+                    Some(t) => t,
+                    None => transpose(&to_vec(w_dec)?, d, f),
+                };
+                Ok(FlatAe {
+                    dec_t: Cow::Owned(dec_t),
+                    enc: Cow::Owned(to_vec(ae.w_enc.as_tensor())?),
+                    b_enc: to_vec(ae.b_enc.as_tensor())?,
+                    b_dec: to_vec(ae.b_dec.as_tensor())?,
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
         Self::build(suite, rt, plan, opts, params)
     }
 
