@@ -27,7 +27,7 @@ use crate::data::{Batch, FlatBatch};
 use crate::error::Result;
 use crate::formats::suite::Suite;
 use crate::model::Runtime;
-use engine::{dense_features, Engine};
+use engine::{Engine, ModuleState};
 
 /// Features and reconstructions of every module.
 #[derive(Debug, Clone)]
@@ -82,4 +82,15 @@ impl<'a> ValuePass<'a> {
         }
         Ok(out)
     }
+}
+
+/// Features of a module as a dense `(N, F)` tensor (for inspection and tests).
+pub fn dense_features(state: &ModuleState, n: usize, f: usize, k: usize, device: &Device) -> Result<Tensor> {
+    let mut dense = vec![0f32; n * f];
+    for t in 0..n {
+        for kk in 0..k {
+            dense[t * f + state.idx[t * k + kk] as usize] = state.val[t * k + kk];
+        }
+    }
+    Ok(Tensor::from_vec(dense, (n, f), device)?)
 }

@@ -36,6 +36,7 @@ mod pair_kernels;
 mod unembed;
 mod upstream;
 
+pub use super::dense_features;
 pub use gated::SlotValues;
 pub use unembed::UnembedGrads;
 use upstream::{active_ups, add_up_value_grads, ActiveRows};
@@ -194,16 +195,11 @@ impl<'a> Engine<'a> {
             .aes
             .par_iter()
             .map(|ae| {
-                // The decoder transposed straight from the suite's host values where they are a
-                // contiguous f32 tensor, without copying them first (1.8 GB at GPT-2 small,
-                // F 24,576).
+                // Each decoder transposed from the suite's host values in place (no copy first).
                 let w_dec = ae.w_dec.as_tensor();
-                let dec_t = match crate::util::with_host_f32(w_dec, |v| transpose(v, d, f)) {
-                    Some(t) => t,
-                    None => transpose(&to_vec(w_dec)?, d, f),
-                };
+                let dec_t = crate::util::with_host_f32(w_dec, |v| transpose(v, d, f));
                 Ok(FlatAe {
-                    dec_t: Cow::Owned(dec_t),
+                    dec_t: Cow::Owned(dec_t.map_or_else(|| to_vec(w_dec).map(|v| transpose(&v, d, f)), Ok)?),
                     enc: Cow::Owned(to_vec(ae.w_enc.as_tensor())?),
                     b_enc: to_vec(ae.b_enc.as_tensor())?,
                     b_dec: to_vec(ae.b_dec.as_tensor())?,
@@ -596,15 +592,4 @@ pub fn grads_to_tensors(suite: &Suite, grads: &[ModuleGrads], device: &Device) -
         }
     }
     Ok(out)
-}
-
-/// Features of a module as a dense `(N, F)` tensor (for inspection and tests).
-pub fn dense_features(state: &ModuleState, n: usize, f: usize, k: usize, device: &Device) -> Result<Tensor> {
-    let mut dense = vec![0f32; n * f];
-    for t in 0..n {
-        for kk in 0..k {
-            dense[t * f + state.idx[t * k + kk] as usize] = state.val[t * k + kk];
-        }
-    }
-    Ok(Tensor::from_vec(dense, (n, f), device)?)
 }
