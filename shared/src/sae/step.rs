@@ -13,10 +13,10 @@ use rayon::prelude::*;
 
 use super::loss::{auxk_and_grad, auxk_select, auxk_t, centered_sq_over, centered_sq_over_t};
 use super::params::AeParams;
-use super::topk::{topk_indices_biased, topk_relu_device};
+use super::topk::{relu_at, topk_indices_biased, topk_relu_device};
 use super::{decode, fired_t};
 use crate::error::Result;
-use crate::util::blas::{add_into, axpy, by_feature, dot, gemm_nt};
+use crate::util::blas::{add_by_feature, add_into, axpy, by_feature, dots_of_slots, gemm_nt};
 use crate::util::collective::Collective;
 
 /// What one host step of one module produced.
@@ -60,57 +60,76 @@ pub fn step(
     gemm_nt(n, f, d, &xc, &p.w_enc, &mut pre);
     prof.mark("encoder product");
     let idx = topk_indices_biased(&mut pre, &p.b_enc, k);
+    let val = relu_at(&pre, f, &idx, k);
     prof.mark("bias, top-k");
-    let val: Vec<f32> = idx.iter().enumerate().map(|(j, &i)| pre[(j / k) * f + i as usize].max(0.0)).collect();
     let Decoded { yhat, g_y, g_val, den } = decode_with_grads(coll, &idx, &val, k, p, y, d)?;
-    let mut num = [sq_error(&yhat, y)];
-    coll.sum_f64(&mut num)?;
-    let fvu = num[0] / den;
-    prof.mark("decode, FVU, value grads");
+    prof.mark("decode, value grads");
     // AuxK on dead latents' pre-top-k activations; its residual target is detached.
     let mut auxk = 0f64;
-    let mut aux: Option<(Vec<u32>, Vec<f32>, Vec<f32>)> = None; // (idx, act, g_ehat)
+    let mut aux: Option<AuxCodes> = None;
     if auxk_alpha > 0.0 {
         if let Some(sel) = auxk_select(&pre, f, dead, d) {
             let resid: Vec<f32> = y.iter().zip(&yhat).map(|(a, b)| a - b).collect();
             let ehat = decode(&sel.idx, &sel.val, sel.k_aux, dec_t, d, None);
             let (a, g_e) = auxk_and_grad(coll, &ehat, &resid, d, sel.n_dead, auxk_alpha)?;
             auxk = a;
-            aux = Some((sel.idx, sel.val, g_e));
+            let g_aux = value_grads(&g_e, &sel.idx, &sel.val, sel.k_aux, dec_t, d);
+            aux = Some(AuxCodes { idx: sel.idx, val: sel.val, g_ehat: g_e, g_val: g_aux });
         }
-    }
-    // Backward: the values' gradients in parallel over tokens, the parameters' over features
-    // (through a column index of the sparse codes).
-    let mut g_bdec = vec![0f32; d];
-    for gy in g_y.chunks(d) {
-        g_bdec.iter_mut().zip(gy).for_each(|(a, b)| *a += b);
     }
     prof.mark("AuxK");
-    let mut g_dec_t = by_feature(&idx, k, f, d, |j| val[j], &g_y);
-    let mut g_enc = by_feature(&idx, k, f, d, |j| g_val[j], &xc);
-    prof.mark("backward by feature");
-    let mut g_benc = vec![0f32; f];
-    for (&i, &g) in idx.iter().zip(&g_val) {
-        g_benc[i as usize] += g;
-    }
-    if let Some((aidx, aval, g_e)) = &aux {
-        let k_aux = aidx.len() / n.max(1);
-        let g_aux = value_grads(g_e, aidx, aval, k_aux, dec_t, d);
-        add_into(&mut g_dec_t, &by_feature(aidx, k_aux, f, d, |j| aval[j], g_e));
-        add_into(&mut g_enc, &by_feature(aidx, k_aux, f, d, |j| g_aux[j], &xc));
-        for (&i, &g) in aidx.iter().zip(&g_aux) {
+    // Backward: the parameters' gradients by feature (through a column index of the sparse
+    // codes), in parallel; beside them on one thread the ordered sums (the FVU's numerator, the
+    // biases' gradients), so that they do not leave the other thread idle.
+    // (The buffers are this thread's: allocated on a pool thread they would come from its own
+    // heap, and train-suite's peak grew by ~0.2 GB at TinyStories-33M shape.)
+    let (mut g_dec_t, mut g_enc) = (vec![0f32; f * d], vec![0f32; f * d]);
+    let (mut g_bdec, mut g_benc) = (vec![0f32; d], vec![0f32; f]);
+    let serial = || {
+        for gy in g_y.chunks(d) {
+            g_bdec.iter_mut().zip(gy).for_each(|(a, b)| *a += b);
+        }
+        for (&i, &g) in idx.iter().zip(&g_val) {
             g_benc[i as usize] += g;
         }
-    }
-    // pre depends on x − b_dec: g b_dec −= Σ_i g_benc[i] E[i]
-    for (i, &g) in g_benc.iter().enumerate() {
-        if g != 0.0 {
-            axpy(-g, &p.w_enc[i * d..(i + 1) * d], &mut g_bdec);
+        if let Some(a) = &aux {
+            for (&i, &g) in a.idx.iter().zip(&a.g_val) {
+                g_benc[i as usize] += g;
+            }
         }
-    }
-    prof.mark("bias grads");
+        // pre depends on x − b_dec: g b_dec −= Σ_i g_benc[i] E[i]
+        for (i, &g) in g_benc.iter().enumerate() {
+            if g != 0.0 {
+                axpy(-g, &p.w_enc[i * d..(i + 1) * d], &mut g_bdec);
+            }
+        }
+        sq_error(&yhat, y)
+    };
+    let by_feat = || {
+        add_by_feature(&mut g_dec_t, &idx, k, d, |j| val[j], &g_y);
+        add_by_feature(&mut g_enc, &idx, k, d, |j| g_val[j], &xc);
+        if let Some(a) = &aux {
+            let k_aux = a.idx.len() / n.max(1);
+            add_into(&mut g_dec_t, &by_feature(&a.idx, k_aux, f, d, |j| a.val[j], &a.g_ehat));
+            add_into(&mut g_enc, &by_feature(&a.idx, k_aux, f, d, |j| a.g_val[j], &xc));
+        }
+    };
+    let ((), num) = rayon::join(by_feat, serial);
+    let mut num = [num];
+    coll.sum_f64(&mut num)?;
+    let fvu = num[0] / den;
+    prof.mark("backward");
     prof.report("sae step");
     Ok(StepOut { fvu, auxk, grads: AeParams { w_enc: g_enc, b_enc: g_benc, w_dec: g_dec_t, b_dec: g_bdec }, idx, val })
+}
+
+/// The AuxK latents of a step: their codes `(N, k_aux)`, the gradient of their decoding
+/// `(N, D)` and their values' gradients.
+struct AuxCodes {
+    idx: Vec<u32>,
+    val: Vec<f32>,
+    g_ehat: Vec<f32>,
+    g_val: Vec<f32>,
 }
 
 /// What [`decode_with_grads`] gives.
@@ -160,12 +179,11 @@ crate::widest! {
         gy: &mut [f32],
         gv: &mut [f32],
     ) {
-        let d = y.len();
         super::decode_row(idx, val, &p.w_dec, Some(&p.b_dec), yh);
         for ((g, a), b) in gy.iter_mut().zip(yh.iter()).zip(y) {
             *g = (2.0 * (a - b) as f64 / den) as f32;
         }
-        row_value_grads(gy, idx, val, &p.w_dec, d, gv);
+        row_value_grads(gy, idx, val, &p.w_dec, gv);
     }
 }
 
@@ -180,18 +198,15 @@ fn value_grads(g_y: &[f32], idx: &[u32], val: &[f32], width: usize, dec_t: &[f32
     let mut out = vec![0f32; idx.len()];
     out.par_chunks_mut(width.max(1)).enumerate().for_each(|(t, o)| {
         let slots = t * width..(t + 1) * width;
-        row_value_grads(&g_y[t * d..(t + 1) * d], &idx[slots.clone()], &val[slots], dec_t, d, o);
+        row_value_grads(&g_y[t * d..(t + 1) * d], &idx[slots.clone()], &val[slots], dec_t, o);
     });
     out
 }
 
-/// [`value_grads`] of one token: `out[j] = g_y · dec_t[idx[j]]` where `val[j] > 0`.
-fn row_value_grads(gy: &[f32], idx: &[u32], val: &[f32], dec_t: &[f32], d: usize, out: &mut [f32]) {
-    for ((g, &i), &v) in out.iter_mut().zip(idx).zip(val) {
-        if v > 0.0 {
-            *g = dot(gy, &dec_t[i as usize * d..(i as usize + 1) * d]);
-        }
-    }
+/// [`value_grads`] of one token: `out[j] = g_y · dec_t[idx[j]]` where `val[j] > 0` (rows of
+/// `gy.len()`).
+fn row_value_grads(gy: &[f32], idx: &[u32], val: &[f32], dec_t: &[f32], out: &mut [f32]) {
+    dots_of_slots(gy, dec_t, idx, |j| val[j] > 0.0, |j, g| out[j] = g);
 }
 
 /// What [`step_t`] reports, per module.
@@ -266,6 +281,7 @@ pub fn step_t(
 mod tests {
     use super::*;
     use crate::sae::init::init_params;
+    use crate::util::blas::dot;
     use crate::util::collective::Single;
     use crate::util::rng::SplitMix;
 

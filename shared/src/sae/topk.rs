@@ -58,6 +58,18 @@ pub fn topk_indices_biased(a: &mut [f32], bias: &[f32], k: usize) -> Vec<u32> {
     out
 }
 
+/// The selected values `ReLU(a[t, idx[t, j]])` `(rows, k)` of `a (rows, cols)`, rows in parallel.
+pub fn relu_at(a: &[f32], cols: usize, idx: &[u32], k: usize) -> Vec<f32> {
+    let mut val = vec![0f32; idx.len()];
+    if k == 0 {
+        return val;
+    }
+    val.par_chunks_mut(k).zip(idx.par_chunks(k)).zip(a.par_chunks(cols.max(1))).for_each(|((v, ix), row)| {
+        v.iter_mut().zip(ix).for_each(|(v, &i)| *v = row[i as usize].max(0.0));
+    });
+    val
+}
+
 /// About 8 entries per group, between k and 4k groups (more groups: a tighter bound).
 fn n_groups(cols: usize, k: usize) -> usize {
     (cols / 8).clamp(k, 4 * k).min(cols)

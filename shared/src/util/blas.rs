@@ -155,6 +155,81 @@ crate::widest! {
     }
 }
 
+/// `out[j] = dot(a, rows[sel[j]])` for every `j` (rows of `a.len()`), each the bits of [`dot`]:
+/// with AVX four rows side by side, so that four chains of partial sums overlap (one [`dot`]
+/// is bound by its additions' latency: 65,536 dots of 768 at F 3072, 2 threads, 3.8 → 1.4 ms).
+pub fn dots(a: &[f32], rows: &[f32], sel: &[u32], out: &mut [f32]) {
+    let d = a.len();
+    let row = |i: u32| &rows[i as usize * d..(i as usize + 1) * d];
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx") {
+        for (s, o) in sel.chunks_exact(4).zip(out.chunks_exact_mut(4)) {
+            let four = [row(s[0]), row(s[1]), row(s[2]), row(s[3])];
+            // SAFETY: the CPU has AVX.
+            unsafe { dots4_avx(a, four, o) };
+        }
+        done = sel.len() / 4 * 4;
+    }
+    for (&i, o) in sel[done..].iter().zip(&mut out[done..]) {
+        *o = dot(a, row(i));
+    }
+}
+
+/// `put(j, dot(a, rows[idx[j]]))` for every slot `j` of `idx` with `keep(j)`, in slot order
+/// ([`dots`] on up to 64 slots at a time; rows of `a.len()`).
+pub fn dots_of_slots(
+    a: &[f32],
+    rows: &[f32],
+    idx: &[u32],
+    keep: impl Fn(usize) -> bool,
+    mut put: impl FnMut(usize, f32),
+) {
+    let (mut sel, mut slot, mut got) = ([0u32; 64], [0usize; 64], [0f32; 64]);
+    for (c, part) in idx.chunks(64).enumerate() {
+        let mut n = 0;
+        for (j, &i) in part.iter().enumerate().filter(|&(j, _)| keep(c * 64 + j)) {
+            (sel[n], slot[n]) = (i, c * 64 + j);
+            n += 1;
+        }
+        dots(a, rows, &sel[..n], &mut got[..n]);
+        for (&s, &g) in slot[..n].iter().zip(&got) {
+            put(s, g);
+        }
+    }
+}
+
+/// Four [`dot`]s of `a` with rows of its length: per row the eight partial sums of `dot` in one
+/// register (a product rounded, then added: `dot`'s operations lane by lane), the tail and the
+/// final combination in `dot`'s order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn dots4_avx(a: &[f32], rows: [&[f32]; 4], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let d = a.len();
+    let body = d / 8 * 8;
+    assert!(rows.iter().all(|r| r.len() == d) && out.len() == 4);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for c in (0..body).step_by(8) {
+        // SAFETY: c + 8 <= d, the length of `a` and of every row.
+        let x = unsafe { _mm256_loadu_ps(a.as_ptr().add(c)) };
+        for (acc, r) in acc.iter_mut().zip(&rows) {
+            let y = unsafe { _mm256_loadu_ps(r.as_ptr().add(c)) };
+            *acc = _mm256_add_ps(*acc, _mm256_mul_ps(x, y));
+        }
+    }
+    for ((o, acc), r) in out.iter_mut().zip(acc).zip(rows) {
+        let mut l = [0f32; 8];
+        // SAFETY: `l` holds eight floats.
+        unsafe { _mm256_storeu_ps(l.as_mut_ptr(), acc) };
+        let mut tail = 0f32;
+        for (x, y) in a[body..].iter().zip(&r[body..]) {
+            tail += x * y;
+        }
+        *o = ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7])) + tail;
+    }
+}
+
 /// `(rows, cols)` row-major to `(cols, rows)` row-major, parallel over blocks of 32 output rows
 /// (each a contiguous run of memory).
 pub fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
@@ -240,6 +315,21 @@ pub fn by_feature(
     coef: impl Fn(usize) -> f32 + Sync,
     rows: &[f32],
 ) -> Vec<f32> {
+    let mut out = vec![0f32; f * d];
+    add_by_feature(&mut out, idx, width, d, coef, rows);
+    out
+}
+
+/// [`by_feature`] added into `out (F, D)` (e.g. a buffer its caller's thread allocated).
+pub fn add_by_feature(
+    out: &mut [f32],
+    idx: &[u32],
+    width: usize,
+    d: usize,
+    coef: impl Fn(usize) -> f32 + Sync,
+    rows: &[f32],
+) {
+    let f = out.len() / d.max(1);
     let mut ptr = vec![0u32; f + 1];
     for (j, &i) in idx.iter().enumerate() {
         if coef(j) != 0.0 {
@@ -257,7 +347,6 @@ pub fn by_feature(
             fill[i as usize] += 1;
         }
     }
-    let mut out = vec![0f32; f * d];
     out.par_chunks_mut(d).enumerate().for_each_init(Vec::new, |terms, (i, o)| {
         terms.clear();
         terms.extend(
@@ -267,7 +356,6 @@ pub fn by_feature(
         );
         add_scaled_rows(o, rows, terms);
     });
-    out
 }
 
 crate::widest! {
@@ -335,6 +423,24 @@ mod tests {
                     sgemm(cb.len() / n, n, k, &a[blk * rows * k..], k, 1, &b, 1, k, cb, false, false)
                 });
                 assert!(c == whole, "{m}x{n}x{k} in blocks of {rows} rows");
+            }
+        }
+    }
+
+    /// Four rows side by side give each row's [`dot`] bit for bit (lengths with and without a
+    /// tail, a number of rows with a remainder, repeated rows).
+    #[test]
+    fn dots_are_dot_bit_for_bit() {
+        let mut rng = crate::util::rng::SplitMix(11);
+        for (d, n_sel) in [(768, 64), (13, 7), (5, 9), (64, 3), (200, 4)] {
+            let rows: Vec<f32> = (0..10 * d).map(|_| rng.normal() as f32).collect();
+            let a: Vec<f32> = (0..d).map(|_| rng.normal() as f32).collect();
+            let sel: Vec<u32> = (0..n_sel).map(|j| ((j * 7 + 3) % 10) as u32).collect();
+            let mut out = vec![0f32; n_sel];
+            dots(&a, &rows, &sel, &mut out);
+            for (j, &i) in sel.iter().enumerate() {
+                let want = dot(&a, &rows[i as usize * d..(i as usize + 1) * d]);
+                assert_eq!(out[j].to_bits(), want.to_bits(), "d {d}, slot {j}");
             }
         }
     }

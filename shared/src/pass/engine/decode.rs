@@ -6,8 +6,8 @@
 use rayon::prelude::*;
 
 use super::{Engine, ModuleState, PreGrad};
-use crate::sae::topk::topk_indices;
-use crate::util::blas::{add_into, axpy, by_feature, dot};
+use crate::sae::topk::{relu_at, topk_indices};
+use crate::util::blas::{add_into, axpy, by_feature, dot, dots_of_slots};
 use crate::util::profile::Profile;
 
 impl Engine<'_> {
@@ -17,7 +17,7 @@ impl Engine<'_> {
         let pd = &self.params[di];
         let idx = topk_indices(a, f, k);
         prof.mark("top-k");
-        let val: Vec<f32> = idx.iter().enumerate().map(|(j, &i)| a[(j / k) * f + i as usize].max(0.0)).collect();
+        let val = relu_at(a, f, &idx, k);
         let recon = crate::sae::decode(&idx, &val, k, &pd.dec_t, d, Some(&pd.b_dec));
         (idx, val, recon)
     }
@@ -44,13 +44,8 @@ impl Engine<'_> {
             add_into(&mut g_rec, g_rec_nb);
         }
         g_val.par_chunks_mut(k).enumerate().for_each(|(t, gvr)| {
-            let gr = &g_rec[t * d..(t + 1) * d];
-            for kk in 0..k {
-                if st.val[t * k + kk] != 0.0 {
-                    let i = st.idx[t * k + kk] as usize;
-                    gvr[kk] += dot(gr, &pd.dec_t[i * d..(i + 1) * d]);
-                }
-            }
+            let (gr, val) = (&g_rec[t * d..(t + 1) * d], &st.val[t * k..(t + 1) * k]);
+            dots_of_slots(gr, &pd.dec_t, &st.idx[t * k..(t + 1) * k], |kk| val[kk] != 0.0, |kk, g| gvr[kk] += g);
         });
         let g_dec_t = by_feature(&st.idx, k, f, d, |j| st.val[j], &g_rec);
         (g_dec_t, g_bdec)
