@@ -51,8 +51,8 @@ pub fn topk_indices_biased(a: &mut [f32], bias: &[f32], k: usize) -> Vec<u32> {
     out.par_chunks_mut(k).zip(a.par_chunks_mut(cols)).for_each_init(
         || Scratch::new(cols, n_groups),
         |s, (o, row)| {
-            add_row(row, bias);
-            select_row(row, k, n_groups, s, o)
+            add_row_keys(row, bias, &mut s.0);
+            select_keys(k, n_groups, s, o)
         },
     );
     out
@@ -75,13 +75,61 @@ fn n_groups(cols: usize, k: usize) -> usize {
     (cols / 8).clamp(k, 4 * k).min(cols)
 }
 
-/// One thread's buffers for [`select_row`]: order keys, candidates, group maxima.
-struct Scratch(Vec<i32>, Vec<(i32, u32)>, Vec<i32>);
+/// One thread's buffers for [`select_row`]: order keys, candidates' indices (16 spare: the
+/// vector scan stores 16 at a time), candidates packed ([`pack`]), group maxima.
+struct Scratch(Vec<i32>, Vec<u32>, Vec<u64>, Vec<i32>);
 
 impl Scratch {
     fn new(cols: usize, n_groups: usize) -> Scratch {
-        Scratch(vec![0i32; cols], vec![(0i32, 0u32); cols], vec![0i32; n_groups])
+        Scratch(vec![0i32; cols], vec![0u32; cols + 16], vec![0u64; cols], vec![0i32; n_groups])
     }
+}
+
+/// A candidate as one integer whose descending order is the selection's: order key
+/// descending, then index ascending.
+#[inline]
+fn pack(key: i32, i: u32) -> u64 {
+    ((((key as u32) ^ 0x8000_0000) as u64) << 32) | (!i) as u64
+}
+
+/// The indices `i` with `keys[i] >= bound`, ascending, into `out` (at least `keys.len() + 16`
+/// long); returns how many. With AVX-512 sixteen keys per comparison, the indices of those
+/// that pass compressed into a register and stored whole (the next store overwrites the
+/// rest).
+fn scan(keys: &[i32], bound: i32, out: &mut [u32]) -> usize {
+    assert!(out.len() >= keys.len() + 16);
+    let mut n = 0;
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F; `out` has room for 16 past the last candidate.
+        (n, done) = unsafe { scan_avx512(keys, bound, out) };
+    }
+    for (i, &v) in keys.iter().enumerate().skip(done) {
+        out[n] = i as u32;
+        n += usize::from(v >= bound);
+    }
+    n
+}
+
+/// [`scan`]'s whole blocks of 16 keys: `(candidates, keys scanned)`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn scan_avx512(keys: &[i32], bound: i32, out: &mut [u32]) -> (usize, usize) {
+    use std::arch::x86_64::*;
+    let body = keys.len() / 16 * 16;
+    let (b, step) = (_mm512_set1_epi32(bound), _mm512_set1_epi32(16));
+    let mut iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let mut n = 0;
+    for c in (0..body).step_by(16) {
+        // SAFETY: c + 16 <= keys.len(); n <= c, so n + 16 <= out.len().
+        let v = unsafe { _mm512_loadu_si512(keys.as_ptr().add(c).cast()) };
+        let m = _mm512_cmpge_epi32_mask(v, b);
+        unsafe { _mm512_storeu_si512(out.as_mut_ptr().add(n).cast(), _mm512_maskz_compress_epi32(m, iota)) };
+        n += m.count_ones() as usize;
+        iota = _mm512_add_epi32(iota, step);
+    }
+    (n, body)
 }
 
 crate::widest! {
@@ -94,28 +142,41 @@ crate::widest! {
 crate::widest! {
     /// The `k` largest of one row into `o`, as [`topk_indices`] describes.
     fn select_row(row: &[f32], k: usize, n_groups: usize, s: &mut Scratch, o: &mut [u32]) {
-        let order = |x: &(i32, u32), y: &(i32, u32)| y.0.cmp(&x.0).then(x.1.cmp(&y.1));
-        let Scratch(keys, cand, maxima) = s;
-        keys.iter_mut().zip(row).for_each(|(key, &x)| *key = order_key(x));
+        s.0.iter_mut().zip(row).for_each(|(key, &x)| *key = order_key(x));
+        select_keys(k, n_groups, s, o)
+    }
+}
+
+crate::widest! {
+    /// `row += bias` and the order keys of the sums into `keys`, in one pass.
+    fn add_row_keys(row: &mut [f32], bias: &[f32], keys: &mut [i32]) {
+        row.iter_mut().zip(bias).zip(keys.iter_mut()).for_each(|((a, b), key)| {
+            *a += b;
+            *key = order_key(*a);
+        });
+    }
+}
+
+crate::widest! {
+    /// [`select_row`] from the row's order keys (in the scratch).
+    fn select_keys(k: usize, n_groups: usize, s: &mut Scratch, o: &mut [u32]) {
+        let Scratch(keys, found, cand, maxima) = s;
         maxima.copy_from_slice(&keys[..n_groups]);
         for blk in keys[n_groups..].chunks_exact(n_groups) {
             maxima.iter_mut().zip(blk).for_each(|(m, &v)| *m = (*m).max(v));
         }
         let bound = *maxima.select_nth_unstable_by(k - 1, |x, y| y.cmp(x)).1;
-        let mut n = 0;
-        for (i, &v) in keys.iter().enumerate() {
-            cand[n] = (v, i as u32);
-            n += usize::from(v >= bound);
-        }
+        let n = scan(keys, bound, found);
         let cand = &mut cand[..n];
+        cand.iter_mut().zip(&found[..n]).for_each(|(c, &i)| *c = pack(keys[i as usize], i));
         let top = if n > k {
-            cand.select_nth_unstable_by(k - 1, order);
+            cand.select_nth_unstable_by(k - 1, |x, y| y.cmp(x));
             &mut cand[..k]
         } else {
             cand
         };
-        top.sort_unstable_by(order);
-        o.iter_mut().zip(top.iter()).for_each(|(dst, &(_, i))| *dst = i);
+        top.sort_unstable_by(|x, y| y.cmp(x));
+        o.iter_mut().zip(top.iter()).for_each(|(dst, &c)| *dst = !(c as u32));
     }
 }
 
@@ -192,6 +253,21 @@ pub fn topk_relu_device(pre: &Tensor, k: usize) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The candidates' scan finds every key at or above the bound, in index order, on lengths
+    /// with and without a partial block of 16 (none, some or all passing).
+    #[test]
+    fn scan_finds_the_keys_at_or_above_the_bound() {
+        for len in [0, 5, 16, 17, 40, 3072] {
+            let keys: Vec<i32> = (0..len).map(|i| ((i * 7919) % 23) as i32 - 11).collect();
+            for bound in [-20, 0, 5, 11, 12] {
+                let mut out = vec![0u32; len + 16];
+                let n = scan(&keys, bound, &mut out);
+                let want: Vec<u32> = (0..len as u32).filter(|&i| keys[i as usize] >= bound).collect();
+                assert_eq!(&out[..n], &want[..], "len {len} bound {bound}");
+            }
+        }
+    }
 
     /// The biased selection is the selection of `a + bias`, and leaves `a + bias` in `a`.
     #[test]
