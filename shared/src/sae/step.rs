@@ -18,6 +18,7 @@ use super::{decode, fired_t};
 use crate::error::Result;
 use crate::util::blas::{add_by_feature, add_into, axpy, by_feature, dots_of_slots, gemm_nt};
 use crate::util::collective::Collective;
+use crate::util::mem::{recycle, scratch};
 
 /// What one host step of one module produced.
 pub struct StepOut {
@@ -48,14 +49,16 @@ pub fn step(
     dead: &[bool],
     auxk_alpha: f64,
 ) -> Result<StepOut> {
+    assert!(k > 0, "sae::step: k is at least 1 (the tools refuse 0)");
     let n = x.len() / d;
     let mut prof = crate::util::profile::Profile::new();
     let dec_t = &p.w_dec;
-    let mut xc = vec![0f32; n * d];
+    // Buffers written whole before they are read come from this thread's scratch.
+    let mut xc = scratch(n * d);
     xc.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, r)| {
         o.iter_mut().zip(r.iter().zip(&p.b_dec)).for_each(|(o, (a, b))| *o = a - b);
     });
-    let mut pre = vec![0f32; n * f];
+    let mut pre = scratch(n * f);
     prof.mark("center");
     gemm_nt(n, f, d, &xc, &p.w_enc, &mut pre);
     prof.mark("encoder product");
@@ -118,6 +121,9 @@ pub fn step(
     let mut num = [num];
     coll.sum_f64(&mut num)?;
     let fvu = num[0] / den;
+    for v in [xc, pre, yhat, g_y] {
+        recycle(v);
+    }
     prof.mark("backward");
     prof.report("sae step");
     Ok(StepOut { fvu, auxk, grads: AeParams { w_enc: g_enc, b_enc: g_benc, w_dec: g_dec_t, b_dec: g_bdec }, idx, val })
@@ -158,7 +164,7 @@ fn decode_with_grads(
 ) -> Result<Decoded> {
     let den = centered_sq_over(coll, y, d)?;
     let n = y.len() / d;
-    let (mut yhat, mut g_y, mut g_val) = (vec![0f32; n * d], vec![0f32; n * d], vec![0f32; n * k]);
+    let (mut yhat, mut g_y, mut g_val) = (scratch(n * d), scratch(n * d), vec![0f32; n * k]);
     let rows = yhat.par_chunks_mut(d).zip(g_y.par_chunks_mut(d)).zip(g_val.par_chunks_mut(k.max(1)));
     rows.enumerate().for_each(|(t, ((yh, gy), gv))| {
         let (idx, val) = (&idx[t * k..(t + 1) * k], &val[t * k..(t + 1) * k]);
