@@ -16,7 +16,7 @@ use super::params::AeParams;
 use super::topk::{relu_at, topk_indices_biased, topk_relu_device};
 use super::{decode, fired_t};
 use crate::error::Result;
-use crate::util::blas::{add_by_feature, add_into, axpy, by_feature, dots_of_slots, gemm_nt};
+use crate::util::blas::{add_into, axpy, by_feature, by_feature_into, dots_of_slots, gemm_nt};
 use crate::util::collective::Collective;
 use crate::util::mem::{recycle, scratch};
 
@@ -85,8 +85,9 @@ pub fn step(
     // codes), in parallel; beside them on one thread the ordered sums (the FVU's numerator, the
     // biases' gradients), so that they do not leave the other thread idle.
     // (The buffers are this thread's: allocated on a pool thread they would come from its own
-    // heap, and train-suite's peak grew by ~0.2 GB at TinyStories-33M shape.)
-    let (mut g_dec_t, mut g_enc) = (vec![0f32; f * d], vec![0f32; f * d]);
+    // heap, and train-suite's peak grew by ~0.2 GB at TinyStories-33M shape. The caller may
+    // give the gradients back to this thread's scratch once it has applied them.)
+    let (mut g_dec_t, mut g_enc) = (scratch(f * d), scratch(f * d));
     let (mut g_bdec, mut g_benc) = (vec![0f32; d], vec![0f32; f]);
     let serial = || {
         for gy in g_y.chunks(d) {
@@ -109,8 +110,8 @@ pub fn step(
         sq_error(&yhat, y)
     };
     let by_feat = || {
-        add_by_feature(&mut g_dec_t, &idx, k, d, |j| val[j], &g_y);
-        add_by_feature(&mut g_enc, &idx, k, d, |j| g_val[j], &xc);
+        by_feature_into(&mut g_dec_t, &idx, k, d, |j| val[j], &g_y);
+        by_feature_into(&mut g_enc, &idx, k, d, |j| g_val[j], &xc);
         if let Some(a) = &aux {
             let k_aux = a.idx.len() / n.max(1);
             add_into(&mut g_dec_t, &by_feature(&a.idx, k_aux, f, d, |j| a.val[j], &a.g_ehat));

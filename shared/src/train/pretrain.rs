@@ -28,6 +28,7 @@ use crate::sae::init::{geometric_median, init_params};
 use crate::sae::step::{step, step_t};
 use crate::sae::{fired, AeParams};
 use crate::util::collective::{my_slice, Collective, Single};
+use crate::util::mem::{drop_scratch, recycle};
 use crate::util::rng::SplitMix;
 use crate::util::to_vec;
 
@@ -152,7 +153,8 @@ pub fn update_host(
     // ranks they run one after the other: each meets the ranks in its losses.
     let n_tokens = data.first().map_or(0, |(x, _)| x.len() / d.max(1));
     let working_set = 4 * (n_tokens * f + 4 * f * d);
-    let outs: Vec<_> = if coll.size() == 1 && working_set <= SIDE_BY_SIDE_BYTES {
+    let side_by_side = coll.size() == 1 && working_set <= SIDE_BY_SIDE_BYTES;
+    let outs: Vec<_> = if side_by_side {
         params.par_iter_mut().enumerate().map(|(m, p)| one(m, p, &Single)).collect::<Result<_>>()?
     } else {
         params.iter_mut().enumerate().map(|(m, p)| one(m, p, coll)).collect::<Result<_>>()?
@@ -169,6 +171,13 @@ pub fn update_host(
     super::parallel::sum_grads(coll, &mut grads)?;
     report.fired = super::parallel::any_fired(coll, std::mem::take(&mut report.fired))?;
     opt.step_clipped(params, &mut grads, lr, cfg.clip, d);
+    if !side_by_side {
+        // The weights' gradients came from this thread's scratch: the next step's reuse them.
+        for g in grads {
+            recycle(g.w_enc);
+            recycle(g.w_dec);
+        }
+    }
     prof.mark("clip, projection, optimizer");
     prof.report("train-suite step");
     Ok(report)
@@ -439,6 +448,7 @@ pub fn run(data: &mut TrainData, cfg: &PretrainConfig, device: &Device, coll: &d
         step += 1;
         seqs_seen += cfg.batch_size as u64;
         let next = session.after_step(step, &cfg.schedule, |ckpt| {
+            drop_scratch();
             match &dopt {
                 Some(dopt) => {
                     params = vars.iter().map(AeParams::to_host).collect::<Result<Vec<_>>>()?;
@@ -475,6 +485,7 @@ pub fn run(data: &mut TrainData, cfg: &PretrainConfig, device: &Device, coll: &d
     if matches!(split, Split::Modules { .. }) {
         share_modules(coll, &mut params, &mut opt)?;
     }
+    drop_scratch();
     session.finish(steps, || {
         if dopt.is_some() {
             params = vars.iter().map(AeParams::to_host).collect::<Result<Vec<_>>>()?;

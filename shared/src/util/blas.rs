@@ -316,12 +316,13 @@ pub fn by_feature(
     rows: &[f32],
 ) -> Vec<f32> {
     let mut out = vec![0f32; f * d];
-    add_by_feature(&mut out, idx, width, d, coef, rows);
+    by_feature_into(&mut out, idx, width, d, coef, rows);
     out
 }
 
-/// [`by_feature`] added into `out (F, D)` (e.g. a buffer its caller's thread allocated).
-pub fn add_by_feature(
+/// [`by_feature`] into `out (F, D)`, whatever it held (e.g. a [`crate::util::mem::scratch`]
+/// buffer): each row is zeroed just before its sum, while it is in cache.
+pub fn by_feature_into(
     out: &mut [f32],
     idx: &[u32],
     width: usize,
@@ -354,6 +355,7 @@ pub fn add_by_feature(
                 .iter()
                 .map(|&j| ((j as usize / width) as u32, coef(j as usize))),
         );
+        o.fill(0.0);
         add_scaled_rows(o, rows, terms);
     });
 }
