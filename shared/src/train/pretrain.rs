@@ -30,7 +30,7 @@ use crate::sae::{fired, AeParams};
 use crate::util::collective::{my_slice, Collective, Single};
 use crate::util::mem::{drop_scratch, recycle};
 use crate::util::rng::SplitMix;
-use crate::util::to_vec;
+use crate::util::{to_vec, HostF32};
 
 /// What the suite is trained for.
 #[derive(Debug, Clone)]
@@ -409,8 +409,8 @@ pub fn run(data: &mut TrainData, cfg: &PretrainConfig, device: &Device, coll: &d
                 update_device(coll, &vars, dopt, &data, &masks, ucfg, lr_t, cfg.dtype)?
             }
             None => {
-                // An SAE's input is its target: one host copy serves both (a module-sharded
-                // rank copies only its modules').
+                // Read in place where the batch is on the host in f32 (else copied); an SAE's
+                // input is its target (a module-sharded rank reads only its modules').
                 let mine = |m: usize| match &split {
                     Split::Modules { owned } => owned.contains(&m),
                     _ => true,
@@ -420,14 +420,14 @@ pub fn run(data: &mut TrainData, cfg: &PretrainConfig, device: &Device, coll: &d
                     .enumerate()
                     .map(|(mi, m)| {
                         if !mine(mi) {
-                            return Ok((Vec::new(), None));
+                            return Ok((HostF32::Copied(Vec::new()), None));
                         }
                         let (x, y) = module_pair(&batch, m);
-                        Ok((to_vec(x)?, if m.kind == Kind::Attn { None } else { Some(to_vec(y)?) }))
+                        Ok((HostF32::of(x)?, if m.kind == Kind::Attn { None } else { Some(HostF32::of(y)?) }))
                     })
                     .collect::<Result<Vec<_>>>()?;
                 let refs: Vec<(&[f32], &[f32])> =
-                    data.iter().map(|(x, y)| (x.as_slice(), y.as_deref().unwrap_or(x))).collect();
+                    data.iter().map(|(x, y)| (x.as_slice(), y.as_ref().unwrap_or(x).as_slice())).collect();
                 match &split {
                     Split::Modules { owned } => {
                         let mut r = update_owned(owned, &mut params, &mut opt, &refs, &masks, ucfg, lr_t)?;

@@ -78,6 +78,36 @@ pub fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     }
 }
 
+/// A tensor's values on the host as `f32`: read in place when it is a contiguous host `f32`
+/// tensor (the lock on its storage held while this lives), else a copy ([`to_vec`]).
+pub enum HostF32<'a> {
+    InPlace(candle_core::StorageRef<'a>, std::ops::Range<usize>),
+    Copied(Vec<f32>),
+}
+
+impl HostF32<'_> {
+    pub fn of(t: &Tensor) -> Result<HostF32<'_>> {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(_)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(HostF32::InPlace(storage, a..b));
+        }
+        drop(storage);
+        Ok(HostF32::Copied(to_vec(t)?))
+    }
+
+    pub fn as_slice(&self) -> &[f32] {
+        match self {
+            HostF32::InPlace(storage, r) => match &**storage {
+                candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => &v[r.clone()],
+                _ => unreachable!("HostF32::of keeps only host f32 storage in place"),
+            },
+            HostF32::Copied(v) => v,
+        }
+    }
+}
+
 /// Whether every value of a float tensor is finite. Off the host fast path: each value times 0
 /// is 0, or NaN for NaN and infinities, so the sum is 0 exactly when all are finite (a plain sum
 /// would overflow on large finite values).
