@@ -45,12 +45,31 @@ fn ordered_row_sums<T: Copy + Default + std::ops::Add<Output = T> + Send>(
 
 /// [`normalize_decoder`] of a decoder held decoder-major, `w_dec_t (F, D)` (train-suite's host
 /// loop keeps it so): the same sums in the same order, so the same bits.
+/// Eight rows at a time: their norms ([`ordered_row_sums`]' sums), then their division while
+/// they are in cache (one pass over the decoder instead of two; 9.4 MB per module per step at
+/// TinyStories-33M shape).
 pub fn normalize_decoder_rows(w_dec_t: &mut [f32], d: usize) {
-    let norms = ordered_row_sums(w_dec_t, w_dec_t, d, |x, _| (x as f64).powi(2));
-    w_dec_t.par_chunks_mut(d.max(1)).zip(norms).with_min_len(64).for_each(|(row, norm)| {
-        let div = (norm.sqrt() as f32) + f32::EPSILON;
-        row.iter_mut().for_each(|x| *x /= div);
-    });
+    if d == 0 {
+        return;
+    }
+    w_dec_t.par_chunks_mut(8 * d).with_min_len(8).for_each(|blk| normalize_rows_block(blk, d));
+}
+
+crate::widest! {
+    /// [`normalize_decoder_rows`] of up to eight rows of `d`.
+    fn normalize_rows_block(blk: &mut [f32], d: usize) {
+        let mut norms = [0f64; 8];
+        let rows = blk.len() / d;
+        for j in 0..d {
+            for (r, s) in norms[..rows].iter_mut().enumerate() {
+                *s += (blk[r * d + j] as f64).powi(2);
+            }
+        }
+        for (row, norm) in blk.chunks_mut(d).zip(norms) {
+            let div = (norm.sqrt() as f32) + f32::EPSILON;
+            row.iter_mut().for_each(|x| *x /= div);
+        }
+    }
 }
 
 /// [`normalize_decoder`] of a decoder variable, on its device.
@@ -102,6 +121,19 @@ mod tests {
 
     fn random(n: usize, seed: u64) -> Vec<f32> {
         SplitMix::normals(n, seed)
+    }
+
+    /// Decoder-major normalisation in blocks of eight rows (several blocks and a partial one)
+    /// gives the standard layout's bits.
+    #[test]
+    fn row_blocks_normalise_as_the_columns() {
+        for (d, f) in [(37, 21), (5, 8), (64, 3)] {
+            let mut w = random(d * f, 7);
+            let mut rows = crate::util::blas::transpose(&w, d, f);
+            normalize_decoder(&mut w, d, f);
+            normalize_decoder_rows(&mut rows, d);
+            assert_eq!(crate::util::blas::transpose(&rows, f, d), w, "d {d}, f {f}");
+        }
     }
 
     #[test]
