@@ -157,26 +157,32 @@ impl Optimizer {
         }
         self.t += 1;
         let (mc, pc) = (self.moment_consts(), self.param_consts(lr));
-        // Tasks of about 64 K elements (whole decoder rows for the projection).
-        let (chunk, rows) = (1 << 16, (1usize << 16).div_ceil(d.max(1)) * d.max(1));
         let moments = self.m.par_iter_mut().zip(self.v.par_iter_mut());
         params.par_iter_mut().zip(grads.par_iter()).zip(moments).for_each(|((p, g), (m, v))| {
-            // A coefficient of 1 (no clipping) leaves every gradient as it is.
-            let coef = clip.map_or(1.0, |c| clip_coef(g, c));
-            let fields = [(&mut p.w_enc, &g.w_enc, &mut m.w_enc, &mut v.w_enc, chunk, false)];
-            let fields = fields.into_iter().chain([
-                (&mut p.b_enc, &g.b_enc, &mut m.b_enc, &mut v.b_enc, chunk, false),
-                (&mut p.w_dec, &g.w_dec, &mut m.w_dec, &mut v.w_dec, rows, true),
-                (&mut p.b_dec, &g.b_dec, &mut m.b_dec, &mut v.b_dec, chunk, false),
-            ]);
-            for (x, g, m, v, size, project) in fields {
-                let parts = x.par_chunks_mut(size).zip(g.par_chunks(size)).zip(m.par_chunks_mut(size));
-                parts.zip(v.par_chunks_mut(size)).for_each(|(((x, g), m), v)| match project {
-                    true => adam_rows_projected(x, g, m, v, d, coef, mc, pc),
-                    false => adam_slice(x, g, m, v, coef, mc, pc),
-                });
-            }
+            adam_module(p, g, m, v, clip, d, mc, pc);
         });
+    }
+
+    /// [`Self::step_clipped`] (Adam) for a loop that hands over one module's gradients at a
+    /// time while they are still in cache: [`Self::begin_step`] once, then this per module —
+    /// the same operations per element, so the same bits.
+    pub fn step_clipped_module(
+        &mut self,
+        mi: usize,
+        p: &mut AeParams<Vec<f32>>,
+        g: &AeParams<Vec<f32>>,
+        lr: f64,
+        clip: Option<f64>,
+        d: usize,
+    ) {
+        assert_eq!(self.kind, OptimizerKind::Adam, "step_clipped_module is Adam's");
+        let (mc, pc) = (self.moment_consts(), self.param_consts(lr));
+        adam_module(p, g, &mut self.m[mi], &mut self.v[mi], clip, d, mc, pc);
+    }
+
+    /// Count a step whose modules [`Self::step_clipped_module`] then updates.
+    pub fn begin_step(&mut self) {
+        self.t += 1;
     }
 
     /// Adam in two halves, for a backward that hands over one module's gradients at a time
@@ -219,6 +225,38 @@ impl Optimizer {
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
         let bc2 = 1.0 - self.beta2.powi(self.t as i32);
         [(lr / bc1) as f32, bc2.sqrt() as f32, self.eps as f32]
+    }
+}
+
+/// One module of [`Optimizer::step_clipped`] (Adam): clipping factor, then per element the
+/// moments and the parameter, the decoder's gradient projected row by row.
+#[allow(clippy::too_many_arguments)]
+fn adam_module(
+    p: &mut AeParams<Vec<f32>>,
+    g: &AeParams<Vec<f32>>,
+    m: &mut AeParams<Vec<f32>>,
+    v: &mut AeParams<Vec<f32>>,
+    clip: Option<f64>,
+    d: usize,
+    mc: [f32; 3],
+    pc: [f32; 3],
+) {
+    // Tasks of about 64 K elements (whole decoder rows for the projection).
+    let (chunk, rows) = (1 << 16, (1usize << 16).div_ceil(d.max(1)) * d.max(1));
+    // A coefficient of 1 (no clipping) leaves every gradient as it is.
+    let coef = clip.map_or(1.0, |c| clip_coef(g, c));
+    let fields = [(&mut p.w_enc, &g.w_enc, &mut m.w_enc, &mut v.w_enc, chunk, false)];
+    let fields = fields.into_iter().chain([
+        (&mut p.b_enc, &g.b_enc, &mut m.b_enc, &mut v.b_enc, chunk, false),
+        (&mut p.w_dec, &g.w_dec, &mut m.w_dec, &mut v.w_dec, rows, true),
+        (&mut p.b_dec, &g.b_dec, &mut m.b_dec, &mut v.b_dec, chunk, false),
+    ]);
+    for (x, g, m, v, size, project) in fields {
+        let parts = x.par_chunks_mut(size).zip(g.par_chunks(size)).zip(m.par_chunks_mut(size));
+        parts.zip(v.par_chunks_mut(size)).for_each(|(((x, g), m), v)| match project {
+            true => adam_rows_projected(x, g, m, v, d, coef, mc, pc),
+            false => adam_slice(x, g, m, v, coef, mc, pc),
+        });
     }
 }
 
@@ -487,7 +525,8 @@ mod tests {
                     .collect();
                 p.iter_mut().for_each(|p| normalize_decoder_rows(&mut p.w_dec, d));
                 let (mut q, mut o1) = (p.clone(), Optimizer::new(kind, &p));
-                let mut o2 = o1.clone();
+                let (mut r, mut o2) = (p.clone(), o1.clone());
+                let mut o3 = o1.clone();
                 for step in 0..3u64 {
                     let g: Vec<_> = (0..2u64)
                         .map(|m| {
@@ -507,6 +546,15 @@ mod tests {
                     o2.step_clipped(&mut q, &mut g2, 1e-2, clip, d);
                     assert_eq!(p, q, "{kind:?} clip {clip:?} step {step}");
                     assert_eq!(o1, o2, "{kind:?} clip {clip:?} step {step}");
+                    if kind == OptimizerKind::Adam {
+                        // and one module at a time
+                        o3.begin_step();
+                        for (m, (r, g)) in r.iter_mut().zip(&g).enumerate() {
+                            o3.step_clipped_module(m, r, g, 1e-2, clip, d);
+                        }
+                        assert_eq!(p, r, "module by module, clip {clip:?} step {step}");
+                        assert_eq!(o1, o3, "module by module, clip {clip:?} step {step}");
+                    }
                 }
             }
         }

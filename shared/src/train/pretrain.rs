@@ -154,12 +154,27 @@ pub fn update_host(
     let n_tokens = data.first().map_or(0, |(x, _)| x.len() / d.max(1));
     let working_set = 4 * (n_tokens * f + 4 * f * d);
     let side_by_side = coll.size() == 1 && working_set <= SIDE_BY_SIDE_BYTES;
+    // One process, modules one after the other, Adam: each module's update follows its
+    // backward, while its gradients are still partly in cache (the same operations per
+    // element: the same bits); its weights' gradients then go back to this thread's scratch.
+    let each = !side_by_side && coll.size() == 1 && opt.kind == OptimizerKind::Adam;
     let outs: Vec<_> = if side_by_side {
         params.par_iter_mut().enumerate().map(|(m, p)| one(m, p, &Single)).collect::<Result<_>>()?
+    } else if each {
+        opt.begin_step();
+        let mut outs = Vec::with_capacity(params.len());
+        for (m, p) in params.iter_mut().enumerate() {
+            let mut s = one(m, p, coll)?;
+            opt.step_clipped_module(m, p, &s.grads, lr, cfg.clip, d);
+            recycle(std::mem::take(&mut s.grads.w_enc));
+            recycle(std::mem::take(&mut s.grads.w_dec));
+            outs.push(s);
+        }
+        outs
     } else {
         params.iter_mut().enumerate().map(|(m, p)| one(m, p, coll)).collect::<Result<_>>()?
     };
-    prof.mark("modules' forward and backward");
+    prof.mark(if each { "modules' forward, backward and optimizer" } else { "modules' forward and backward" });
     let mut report = StepReport { fvu: Some(Vec::new()), auxk: Some(Vec::new()), ..StepReport::default() };
     let mut grads = Vec::with_capacity(params.len());
     for s in outs {
@@ -168,17 +183,21 @@ pub fn update_host(
         report.fired.push(fired(&s.idx, &s.val, f));
         grads.push(s.grads);
     }
-    super::parallel::sum_grads(coll, &mut grads)?;
-    report.fired = super::parallel::any_fired(coll, std::mem::take(&mut report.fired))?;
-    opt.step_clipped(params, &mut grads, lr, cfg.clip, d);
-    if !side_by_side {
-        // The weights' gradients came from this thread's scratch: the next step's reuse them.
-        for g in grads {
-            recycle(g.w_enc);
-            recycle(g.w_dec);
-        }
+    if !each {
+        super::parallel::sum_grads(coll, &mut grads)?;
     }
-    prof.mark("clip, projection, optimizer");
+    report.fired = super::parallel::any_fired(coll, std::mem::take(&mut report.fired))?;
+    if !each {
+        opt.step_clipped(params, &mut grads, lr, cfg.clip, d);
+        if !side_by_side {
+            // The weights' gradients came from this thread's scratch: the next step's reuse them.
+            for g in grads {
+                recycle(g.w_enc);
+                recycle(g.w_dec);
+            }
+        }
+        prof.mark("clip, projection, optimizer");
+    }
     prof.report("train-suite step");
     Ok(report)
 }
