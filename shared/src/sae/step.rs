@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use super::loss::{auxk_and_grad, auxk_select, auxk_t, centered_sq_over, centered_sq_over_t};
 use super::params::AeParams;
-use super::topk::{relu_at, topk_indices_biased, topk_relu_device};
+use super::topk::{topk_relu_biased, topk_relu_device};
 use super::{decode, fired_t};
 use crate::error::Result;
 use crate::util::blas::{add_into, axpy, by_feature, by_feature_into, dots_of_slots, gemm_nt};
@@ -62,8 +62,7 @@ pub fn step(
     prof.mark("center");
     gemm_nt(n, f, d, &xc, &p.w_enc, &mut pre);
     prof.mark("encoder product");
-    let idx = topk_indices_biased(&mut pre, &p.b_enc, k);
-    let val = relu_at(&pre, f, &idx, k);
+    let (idx, val) = topk_relu_biased(&mut pre, &p.b_enc, k);
     prof.mark("bias, top-k");
     let Decoded { yhat, g_y, g_val, den } = decode_with_grads(coll, &idx, &val, k, p, y, d)?;
     prof.mark("decode, value grads");

@@ -35,27 +35,30 @@ pub fn topk_indices(a: &[f32], cols: usize, k: usize) -> Vec<u32> {
 }
 
 /// [`topk_indices`] of `a + bias` (each row of `a (rows, cols)` plus `bias (cols)`), leaving
-/// the biased values in `a`: the addition done row by row as each is selected.
-pub fn topk_indices_biased(a: &mut [f32], bias: &[f32], k: usize) -> Vec<u32> {
+/// the biased values in `a`: the addition done row by row as each is selected. Also returns
+/// the selected values' ReLU `(rows, k)` ([`relu_at`], read while each row is in cache).
+pub fn topk_relu_biased(a: &mut [f32], bias: &[f32], k: usize) -> (Vec<u32>, Vec<f32>) {
     let cols = bias.len();
     let rows = a.len() / cols.max(1);
-    let mut out = vec![0u32; rows * k];
+    let (mut out, mut val) = (vec![0u32; rows * k], vec![0f32; rows * k]);
     if cols == 0 {
-        return out;
+        return (out, val);
     }
     if k == 0 {
         a.par_chunks_mut(cols).for_each(|row| add_row(row, bias));
-        return out;
+        return (out, val);
     }
     let n_groups = n_groups(cols, k);
-    out.par_chunks_mut(k).zip(a.par_chunks_mut(cols)).for_each_init(
+    let out_rows = out.par_chunks_mut(k).zip(val.par_chunks_mut(k));
+    out_rows.zip(a.par_chunks_mut(cols)).for_each_init(
         || Scratch::new(cols, n_groups),
-        |s, (o, row)| {
+        |s, ((o, v), row)| {
             add_row_keys(row, bias, &mut s.0);
-            select_keys(k, n_groups, s, o)
+            select_keys(k, n_groups, s, o);
+            v.iter_mut().zip(o.iter()).for_each(|(v, &i)| *v = row[i as usize].max(0.0));
         },
     );
-    out
+    (out, val)
 }
 
 /// The selected values `ReLU(a[t, idx[t, j]])` `(rows, k)` of `a (rows, cols)`, rows in parallel.
@@ -277,7 +280,9 @@ mod tests {
             let bias: Vec<f32> = (0..cols).map(|i| ((i * 31) % 13) as f32 * 0.5).collect();
             let summed: Vec<f32> = a.chunks(cols).flat_map(|r| r.iter().zip(&bias).map(|(x, b)| x + b)).collect();
             let mut biased = a.clone();
-            assert_eq!(topk_indices_biased(&mut biased, &bias, k), topk_indices(&summed, cols, k));
+            let (idx, val) = topk_relu_biased(&mut biased, &bias, k);
+            assert_eq!(idx, topk_indices(&summed, cols, k));
+            assert_eq!(val, relu_at(&summed, cols, &idx, k));
             assert_eq!(biased, summed);
         }
     }
