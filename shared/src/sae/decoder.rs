@@ -45,7 +45,8 @@ fn ordered_row_sums<T: Copy + Default + std::ops::Add<Output = T> + Send>(
 
 /// [`normalize_decoder`] of a decoder held decoder-major, `w_dec_t (F, D)` (train-suite's host
 /// loop keeps it so): the same sums in the same order, so the same bits.
-/// Eight rows at a time: their norms ([`ordered_row_sums`]' sums), then their division while
+/// Eight rows at a time: their norms (the same f64 sums in the same order as
+/// [`normalize_decoder`]'s), then their division while
 /// they are in cache (one pass over the decoder instead of two; 9.4 MB per module per step at
 /// TinyStories-33M shape).
 pub fn normalize_decoder_rows(w_dec_t: &mut [f32], d: usize) {

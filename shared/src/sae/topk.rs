@@ -102,6 +102,7 @@ fn pack(key: i32, i: u32) -> u64 {
 fn scan(keys: &[i32], bound: i32, out: &mut [u32]) -> usize {
     assert!(out.len() >= keys.len() + 16);
     let mut n = 0;
+    #[allow(unused_mut)] // assigned on x86-64 only
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {

@@ -161,6 +161,7 @@ crate::widest! {
 pub fn dots(a: &[f32], rows: &[f32], sel: &[u32], out: &mut [f32]) {
     let d = a.len();
     let row = |i: u32| &rows[i as usize * d..(i as usize + 1) * d];
+    #[allow(unused_mut)] // assigned on x86-64 only
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx") {

@@ -96,8 +96,8 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// The most buffers a thread keeps for [`scratch`] (a host training step's two gradient
-/// buffers per module and its four per-module buffers, up to 30 modules).
+/// The most buffers a thread keeps for [`scratch`] (a host training step keeps up to six:
+/// four per-module buffers and the previous module's two weight gradients).
 const SCRATCH_KEPT: usize = 64;
 
 /// A buffer of `len` floats for a kernel that writes every element before it reads one: the
@@ -137,9 +137,11 @@ pub fn recycle(v: Vec<f32>) {
     });
 }
 
-/// Free this thread's buffers kept for [`scratch`] (e.g. at the end of a training loop).
+/// Free the buffers kept for [`scratch`] by this thread and by every thread of rayon's pool
+/// (a step run there keeps its own), e.g. before a save.
 pub fn drop_scratch() {
     SCRATCH.with(|s| s.borrow_mut().clear());
+    rayon::broadcast(|_| SCRATCH.with(|s| s.borrow_mut().clear()));
 }
 
 /// Keep freed memory in the process for the next allocation of the same size (glibc): the

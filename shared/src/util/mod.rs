@@ -79,7 +79,8 @@ pub fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
 }
 
 /// A tensor's values on the host as `f32`: read in place when it is a contiguous host `f32`
-/// tensor (the lock on its storage held while this lives), else a copy ([`to_vec`]).
+/// tensor (the read lock on its storage held while this lives, so nothing may write that
+/// storage meanwhile — a batch's activations are only read), else a copy ([`to_vec`]).
 pub enum HostF32<'a> {
     InPlace(candle_core::StorageRef<'a>, std::ops::Range<usize>),
     Copied(Vec<f32>),
