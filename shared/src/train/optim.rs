@@ -166,15 +166,7 @@ impl Optimizer {
     /// [`Self::step_clipped`] (Adam) for a loop that hands over one module's gradients at a
     /// time while they are still in cache: [`Self::begin_step`] once, then this per module —
     /// the same operations per element, so the same bits.
-    pub fn step_clipped_module(
-        &mut self,
-        mi: usize,
-        p: &mut AeParams<Vec<f32>>,
-        g: &AeParams<Vec<f32>>,
-        lr: f64,
-        clip: Option<f64>,
-        d: usize,
-    ) {
+    pub fn step_clipped_module(&mut self, mi: usize, p: &mut Host, g: &Host, lr: f64, clip: Option<f64>, d: usize) {
         assert_eq!(self.kind, OptimizerKind::Adam, "step_clipped_module is Adam's");
         let (mc, pc) = (self.moment_consts(), self.param_consts(lr));
         adam_module(p, g, &mut self.m[mi], &mut self.v[mi], clip, d, mc, pc);
@@ -228,14 +220,16 @@ impl Optimizer {
     }
 }
 
-/// One module of [`Optimizer::step_clipped`] (Adam): clipping factor, then per element the
-/// moments and the parameter, the decoder's gradient projected row by row.
+type Host = AeParams<Vec<f32>>;
+
+/// One module of [`Optimizer::step_clipped`] (Adam): clipping factor, then per element the moments
+/// and the parameter, the decoder's gradient projected row by row.
 #[allow(clippy::too_many_arguments)]
 fn adam_module(
-    p: &mut AeParams<Vec<f32>>,
-    g: &AeParams<Vec<f32>>,
-    m: &mut AeParams<Vec<f32>>,
-    v: &mut AeParams<Vec<f32>>,
+    p: &mut Host,
+    g: &Host,
+    m: &mut Host,
+    v: &mut Host,
     clip: Option<f64>,
     d: usize,
     mc: [f32; 3],
@@ -547,8 +541,7 @@ mod tests {
                     assert_eq!(p, q, "{kind:?} clip {clip:?} step {step}");
                     assert_eq!(o1, o2, "{kind:?} clip {clip:?} step {step}");
                     if kind == OptimizerKind::Adam {
-                        // and one module at a time
-                        o3.begin_step();
+                        o3.begin_step(); // and one module at a time
                         for (m, (r, g)) in r.iter_mut().zip(&g).enumerate() {
                             o3.step_clipped_module(m, r, g, 1e-2, clip, d);
                         }
