@@ -55,7 +55,7 @@ pub fn topk_relu_biased(a: &mut [f32], bias: &[f32], k: usize) -> (Vec<u32>, Vec
         |s, ((o, v), row)| {
             add_row_keys(row, bias, &mut s.0);
             select_keys(k, n_groups, s, o);
-            v.iter_mut().zip(o.iter()).for_each(|(v, &i)| *v = row[i as usize].max(0.0));
+            relu_row(v, o, row);
         },
     );
     (out, val)
@@ -67,10 +67,16 @@ pub fn relu_at(a: &[f32], cols: usize, idx: &[u32], k: usize) -> Vec<f32> {
     if k == 0 {
         return val;
     }
-    val.par_chunks_mut(k).zip(idx.par_chunks(k)).zip(a.par_chunks(cols.max(1))).for_each(|((v, ix), row)| {
-        v.iter_mut().zip(ix).for_each(|(v, &i)| *v = row[i as usize].max(0.0));
-    });
+    val.par_chunks_mut(k)
+        .zip(idx.par_chunks(k))
+        .zip(a.par_chunks(cols.max(1)))
+        .for_each(|((v, ix), row)| relu_row(v, ix, row));
     val
+}
+
+/// `v[j] = ReLU(row[ix[j]])`: one row of [`relu_at`].
+fn relu_row(v: &mut [f32], ix: &[u32], row: &[f32]) {
+    v.iter_mut().zip(ix).for_each(|(v, &i)| *v = row[i as usize].max(0.0));
 }
 
 /// About 8 entries per group, between k and 4k groups (more groups: a tighter bound).

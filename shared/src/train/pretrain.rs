@@ -183,7 +183,9 @@ pub fn update_host(
         report.fvu.as_mut().expect("set").push(s.fvu);
         report.auxk.as_mut().expect("set").push(s.auxk);
         report.fired.push(fired(&s.idx, &s.val, f));
-        grads.push(s.grads);
+        if !each {
+            grads.push(s.grads);
+        }
     }
     if !each {
         super::parallel::sum_grads(coll, &mut grads)?;

@@ -98,7 +98,7 @@ thread_local! {
 
 /// The most buffers a thread keeps for [`scratch`] (a host training step keeps up to six:
 /// four per-module buffers and the previous module's two weight gradients).
-const SCRATCH_KEPT: usize = 64;
+const SCRATCH_KEPT: usize = 8;
 
 /// A buffer of `len` floats for a kernel that writes every element before it reads one: the
 /// smallest large enough that this thread gave back with [`recycle`] (its old values left in

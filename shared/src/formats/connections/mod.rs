@@ -192,6 +192,13 @@ impl Connections {
         gates: Option<(&[Vec<Vec<f32>>], &[Vec<f32>])>,
     ) -> Result<()> {
         let (mut dm, mut df, mut um, mut uf, mut sc) = (vec![], vec![], vec![], vec![], vec![]);
+        let mut row = |d: String, i: u32, u: String, j: u32, score: f32| {
+            dm.push(d);
+            df.push(i);
+            um.push(u);
+            uf.push(j);
+            sc.push(score);
+        };
         let mut gate = Vec::new();
         for (d, feats) in self.edges.iter().enumerate() {
             let dname = self.modules[d].name();
@@ -206,18 +213,10 @@ impl Connections {
                     );
                 }
                 for e in es {
-                    dm.push(dname.clone());
-                    df.push(i as u32);
-                    um.push(self.modules[e.up].name());
-                    uf.push(e.feature);
-                    sc.push(e.score);
+                    row(dname.clone(), i as u32, self.modules[e.up].name(), e.feature, e.score);
                 }
                 for e in &self.embed[d][i] {
-                    dm.push(dname.clone());
-                    df.push(i as u32);
-                    um.push(EMBED.to_string());
-                    uf.push(e.token);
-                    sc.push(e.score);
+                    row(dname.clone(), i as u32, EMBED.to_string(), e.token, e.score);
                 }
             }
         }
@@ -227,11 +226,7 @@ impl Connections {
                 gate.extend(g.iter().copied().chain(std::iter::repeat(f32::NAN)).take(es.len()));
             }
             for e in es {
-                dm.push(UNEMBED.to_string());
-                df.push(token as u32);
-                um.push(self.modules[e.up].name());
-                uf.push(e.feature);
-                sc.push(e.score);
+                row(UNEMBED.to_string(), token as u32, self.modules[e.up].name(), e.feature, e.score);
             }
         }
         let mut cols: Vec<(&str, ArrayRef)> = vec![

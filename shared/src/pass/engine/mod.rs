@@ -196,10 +196,8 @@ impl<'a> Engine<'a> {
             .par_iter()
             .map(|ae| {
                 // Each decoder transposed from the suite's host values in place (no copy first).
-                let w_dec = ae.w_dec.as_tensor();
-                let dec_t = crate::util::with_host_f32(w_dec, |v| transpose(v, d, f));
                 Ok(FlatAe {
-                    dec_t: Cow::Owned(dec_t.map_or_else(|| to_vec(w_dec).map(|v| transpose(&v, d, f)), Ok)?),
+                    dec_t: Cow::Owned(transpose(crate::util::HostF32::of(ae.w_dec.as_tensor())?.as_slice(), d, f)),
                     enc: Cow::Owned(to_vec(ae.w_enc.as_tensor())?),
                     b_enc: to_vec(ae.b_enc.as_tensor())?,
                     b_dec: to_vec(ae.b_dec.as_tensor())?,
