@@ -22,31 +22,10 @@ pub fn normalize_decoder(w_dec: &mut [f32], d: usize, f: usize) {
     }
 }
 
-/// Per row of `a` and `b` (rows of `d`), `Σ_j acc(a[j], b[j])` summed in `j` order from
-/// zero: eight rows side by side, so that the ordered (unvectorisable) sums overlap.
-fn ordered_row_sums<T: Copy + Default + std::ops::Add<Output = T> + Send>(
-    a: &[f32],
-    b: &[f32],
-    d: usize,
-    acc: impl Fn(f32, f32) -> T + Sync,
-) -> Vec<T> {
-    const R: usize = 8;
-    let mut out = vec![T::default(); a.len() / d.max(1)];
-    out.par_chunks_mut(R).with_min_len(16).enumerate().for_each(|(c, o)| {
-        let (a, b) = (&a[c * R * d..], &b[c * R * d..]);
-        for j in 0..d {
-            for (r, s) in o.iter_mut().enumerate() {
-                *s = *s + acc(a[r * d + j], b[r * d + j]);
-            }
-        }
-    });
-    out
-}
-
 /// [`normalize_decoder`] of a decoder held decoder-major, `w_dec_t (F, D)` (train-suite's host
 /// loop keeps it so): the same sums in the same order, so the same bits.
 /// Eight rows at a time: their norms (the same f64 sums in the same order as
-/// [`normalize_decoder`]'s), then their division while
+/// [`normalize_decoder`]'s, [`crate::util::rows8::sq_sums`]), then their division while
 /// they are in cache (one pass over the decoder instead of two; 9.4 MB per module per step at
 /// TinyStories-33M shape).
 pub fn normalize_decoder_rows(w_dec_t: &mut [f32], d: usize) {
@@ -59,13 +38,7 @@ pub fn normalize_decoder_rows(w_dec_t: &mut [f32], d: usize) {
 crate::widest! {
     /// [`normalize_decoder_rows`] of up to eight rows of `d`.
     fn normalize_rows_block(blk: &mut [f32], d: usize) {
-        let mut norms = [0f64; 8];
-        let rows = blk.len() / d;
-        for j in 0..d {
-            for (r, s) in norms[..rows].iter_mut().enumerate() {
-                *s += (blk[r * d + j] as f64).powi(2);
-            }
-        }
+        let norms = crate::util::rows8::sq_sums(blk, d);
         for (row, norm) in blk.chunks_mut(d).zip(norms) {
             let div = (norm.sqrt() as f32) + f32::EPSILON;
             row.iter_mut().for_each(|x| *x /= div);
@@ -100,12 +73,16 @@ pub fn remove_parallel_component(w_dec: &[f32], g_dec: &mut [f32], d: usize, f: 
 /// [`remove_parallel_component`] with the decoder and its gradient decoder-major `(F, D)`: the
 /// same sums in the same order, so the same bits.
 pub fn remove_parallel_component_rows(w_dec_t: &[f32], g_dec_t: &mut [f32], d: usize) {
-    let dots = ordered_row_sums(g_dec_t, w_dec_t, d, |g, w| g * w);
-    g_dec_t.par_chunks_mut(d.max(1)).zip(w_dec_t.par_chunks(d.max(1))).zip(dots).with_min_len(64).for_each(
-        |((g, w), dot)| {
+    if d == 0 {
+        return;
+    }
+    // Eight rows at a time: their dots ((g · 1) · w is g · w), then the subtraction.
+    g_dec_t.par_chunks_mut(8 * d).zip(w_dec_t.par_chunks(8 * d)).with_min_len(8).for_each(|(g, w)| {
+        let dots = crate::util::rows8::scaled_dots(g, w, d, 1.0);
+        for ((g, w), dot) in g.chunks_mut(d).zip(w.chunks(d)).zip(dots) {
             g.iter_mut().zip(w).for_each(|(x, y)| *x -= dot * y);
-        },
-    );
+        }
+    });
 }
 
 /// [`remove_parallel_component`] on the device: returns the projected gradient.

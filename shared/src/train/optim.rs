@@ -281,7 +281,8 @@ crate::widest! {
 crate::widest! {
     /// [`adam_slice`] of decoder rows `x (.., d)` (decoder-major) whose gradient `g · coef` first
     /// loses its component along the row: `g −= (g · x) x`, the dot summed in `j` order from
-    /// zero as [`crate::sae::decoder::remove_parallel_component_rows`] (eight rows side by side).
+    /// zero as [`crate::sae::decoder::remove_parallel_component_rows`] (eight rows at once,
+    /// [`crate::util::rows8::scaled_dots`]).
     fn adam_rows_projected(
         x: &mut [f32],
         g: &[f32],
@@ -296,13 +297,7 @@ crate::widest! {
         let block = R * d.max(1);
         let parts = x.chunks_mut(block).zip(g.chunks(block)).zip(m.chunks_mut(block)).zip(v.chunks_mut(block));
         for (((x, g), m), v) in parts {
-            let n = x.len() / d.max(1);
-            let mut dots = [0f32; R];
-            for j in 0..d {
-                for (r, s) in dots[..n].iter_mut().enumerate() {
-                    *s += (g[r * d + j] * coef) * x[r * d + j];
-                }
-            }
+            let (n, dots) = (x.len() / d.max(1), crate::util::rows8::scaled_dots(g, x, d, coef));
             for (r, &dot) in dots[..n].iter().enumerate() {
                 let s = r * d..(r + 1) * d;
                 let row = x[s.clone()].iter_mut().zip(&g[s.clone()]).zip(m[s.clone()].iter_mut()).zip(v[s].iter_mut());

@@ -1,7 +1,8 @@
 //! Helpers with no SCAE concept in them: atomic file output ([`io`]), content fingerprints
 //! ([`fingerprint`]), memory estimates
 //! ([`mem`]), parquet tables ([`table`]), dense kernels on flat buffers ([`blas`]), a seeded
-//! generator ([`rng`]), phase timing ([`profile`]), the run-time choice of vector unit
+//! generator ([`rng`]), phase timing ([`profile`]), ordered sums along eight rows at once
+//! ([`rows8`]), the run-time choice of vector unit
 //! ([`simd`]) and collectives over the ranks of a job ([`collective`]).
 
 pub mod blas;
@@ -13,6 +14,7 @@ pub mod mem;
 pub mod profile;
 pub mod progress;
 pub mod rng;
+pub mod rows8;
 pub mod simd;
 pub mod table;
 
