@@ -25,6 +25,10 @@ pub struct StepOut {
     pub fvu: f64,
     pub auxk: f64,
     pub grads: AeParams<Vec<f32>>,
+    /// Each row's [`crate::util::blas::sq_sum`] of the weights' gradients `(w_enc's, w_dec's)`,
+    /// taken as the backward wrote them (for the clipping norm); `None` when AuxK added to them
+    /// afterwards.
+    pub row_sq: Option<[Vec<f64>; 2]>,
     /// Top-k indices and ReLU'd values `(N, K)` (for dead-feature tracking).
     pub idx: Vec<u32>,
     pub val: Vec<f32>,
@@ -108,9 +112,14 @@ pub fn step(
         }
         sq_error(&yhat, y)
     };
+    let mut row_sq = aux.is_none().then(|| [vec![0f64; f], vec![0f64; f]]);
     let by_feat = || {
-        by_feature_into(&mut g_dec_t, &idx, k, d, |j| val[j], &g_y);
-        by_feature_into(&mut g_enc, &idx, k, d, |j| g_val[j], &xc);
+        let (sq_enc, sq_dec) = match row_sq.as_mut() {
+            Some([e, dd]) => (Some(&mut e[..]), Some(&mut dd[..])),
+            None => (None, None),
+        };
+        by_feature_into(&mut g_dec_t, sq_dec, &idx, k, d, |j| val[j], &g_y);
+        by_feature_into(&mut g_enc, sq_enc, &idx, k, d, |j| g_val[j], &xc);
         if let Some(a) = &aux {
             let k_aux = a.idx.len() / n.max(1);
             add_into(&mut g_dec_t, &by_feature(&a.idx, k_aux, f, d, |j| a.val[j], &a.g_ehat));
@@ -126,7 +135,8 @@ pub fn step(
     }
     prof.mark("backward");
     prof.report("sae step");
-    Ok(StepOut { fvu, auxk, grads: AeParams { w_enc: g_enc, b_enc: g_benc, w_dec: g_dec_t, b_dec: g_bdec }, idx, val })
+    let grads = AeParams { w_enc: g_enc, b_enc: g_benc, w_dec: g_dec_t, b_dec: g_bdec };
+    Ok(StepOut { fvu, auxk, grads, row_sq, idx, val })
 }
 
 /// The AuxK latents of a step: their codes `(N, k_aux)`, the gradient of their decoding

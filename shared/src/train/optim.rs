@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::sae::AeParams;
+use crate::util::blas::sq_sum;
 
 /// Which optimizer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
@@ -19,10 +20,9 @@ pub enum OptimizerKind {
 }
 
 /// `g ← g · min(1, max_norm / (‖g‖₂ + 1e-6))` over all of one module's gradients
-/// (`torch.nn.utils.clip_grad_norm_` on `ae.parameters()`); the norm in f64, fields in layout
-/// order, each in a fixed order of partial sums ([`sq_sum`]) whatever the threads.
+/// (`torch.nn.utils.clip_grad_norm_` on `ae.parameters()`); the norm [`grad_sq`]'s.
 pub fn clip_module(g: &mut AeParams<Vec<f32>>, max_norm: f64) {
-    let coef = clip_coef(g, max_norm);
+    let coef = clip_coef(grad_sq(g), max_norm);
     if coef < 1.0 {
         for v in g.each_mut() {
             v.par_iter_mut().for_each(|x| *x *= coef);
@@ -30,31 +30,25 @@ pub fn clip_module(g: &mut AeParams<Vec<f32>>, max_norm: f64) {
     }
 }
 
-/// [`clip_module`]'s factor, `min(1, max_norm / (‖g‖₂ + 1e-6))` in f32.
-fn clip_coef(g: &AeParams<Vec<f32>>, max_norm: f64) -> f32 {
-    let norm = g.each().into_iter().map(|v| sq_sum(v)).sum::<f64>().sqrt();
-    (max_norm / (norm + 1e-6)).min(1.0) as f32
+/// [`clip_module`]'s factor from the squared norm: `min(1, max_norm / (‖g‖₂ + 1e-6))` in f32.
+fn clip_coef(sq: f64, max_norm: f64) -> f32 {
+    (max_norm / (sq.sqrt() + 1e-6)).min(1.0) as f32
 }
 
-/// `Σ x²` in f64 over blocks of 2¹⁶ values (in parallel), each summed in eight interleaved
-/// lanes, the blocks' sums added in order: the same value on any number of threads, and not
-/// bound by the latency of one long chain of additions.
-fn sq_sum(v: &[f32]) -> f64 {
-    let blocks: Vec<f64> = v.par_chunks(1 << 16).map(sq_sum_block).collect();
-    blocks.iter().sum()
+/// `‖g‖²` of one module's gradients in f64, fields in layout order: each weight in runs of
+/// `d_model` values (`b_dec`'s length; rows when the decoder is held decoder-major), each run
+/// one [`sq_sum`], the runs' sums added in order; each bias one [`sq_sum`]. The same value on
+/// any number of threads, and what a backward that takes each row's [`sq_sum`] as it writes the
+/// row gives ([`grad_sq_of_rows`]).
+pub fn grad_sq(g: &AeParams<Vec<f32>>) -> f64 {
+    let d = g.b_dec.len().max(1);
+    let rows = |v: &[f32]| -> Vec<f64> { v.par_chunks(d).with_min_len(64).map(sq_sum).collect() };
+    grad_sq_of_rows(g, &rows(&g.w_enc), &rows(&g.w_dec))
 }
 
-crate::widest! {
-    /// One block of [`sq_sum`]: eight interleaved f64 lanes, then the tail.
-    fn sq_sum_block(b: &[f32]) -> f64 {
-        let mut lanes = [0f64; 8];
-        let mut it = b.chunks_exact(8);
-        for c in &mut it {
-            lanes.iter_mut().zip(c).for_each(|(l, &x)| *l += (x as f64) * (x as f64));
-        }
-        let tail: f64 = it.remainder().iter().map(|&x| (x as f64) * (x as f64)).sum();
-        lanes.iter().sum::<f64>() + tail
-    }
+/// [`grad_sq`] given its weight rows' sums (`enc`, `dec`: per row of `w_enc`, `w_dec`).
+pub fn grad_sq_of_rows(g: &AeParams<Vec<f32>>, enc: &[f64], dec: &[f64]) -> f64 {
+    enc.iter().sum::<f64>() + sq_sum(&g.b_enc) + dec.iter().sum::<f64>() + sq_sum(&g.b_dec)
 }
 
 /// [`clip_module`] on the device (the norm in f64 as the host's).
@@ -159,17 +153,27 @@ impl Optimizer {
         let (mc, pc) = (self.moment_consts(), self.param_consts(lr));
         let moments = self.m.par_iter_mut().zip(self.v.par_iter_mut());
         params.par_iter_mut().zip(grads.par_iter()).zip(moments).for_each(|((p, g), (m, v))| {
-            adam_module(p, g, m, v, clip, d, mc, pc);
+            adam_module(p, g, m, v, clip.map(|c| (c, None)), d, mc, pc);
         });
     }
 
     /// [`Self::step_clipped`] (Adam) for a loop that hands over one module's gradients at a
     /// time while they are still in cache: [`Self::begin_step`] once, then this per module —
-    /// the same operations per element, so the same bits.
-    pub fn step_clipped_module(&mut self, mi: usize, p: &mut Host, g: &Host, lr: f64, clip: Option<f64>, d: usize) {
+    /// the same operations per element, so the same bits. `sq`: [`grad_sq`] of `g` if known.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step_clipped_module(
+        &mut self,
+        mi: usize,
+        p: &mut Host,
+        g: &Host,
+        lr: f64,
+        clip: Option<f64>,
+        sq: Option<f64>,
+        d: usize,
+    ) {
         assert_eq!(self.kind, OptimizerKind::Adam, "step_clipped_module is Adam's");
         let (mc, pc) = (self.moment_consts(), self.param_consts(lr));
-        adam_module(p, g, &mut self.m[mi], &mut self.v[mi], clip, d, mc, pc);
+        adam_module(p, g, &mut self.m[mi], &mut self.v[mi], clip.map(|c| (c, sq)), d, mc, pc);
     }
 
     /// Count a step whose modules [`Self::step_clipped_module`] then updates.
@@ -222,15 +226,16 @@ impl Optimizer {
 
 type Host = AeParams<Vec<f32>>;
 
-/// One module of [`Optimizer::step_clipped`] (Adam): clipping factor, then per element the moments
-/// and the parameter, the decoder's gradient projected row by row.
+/// One module of [`Optimizer::step_clipped`] (Adam): clipping factor (`clip`: the bound and
+/// [`grad_sq`] if known), then per element the moments and the parameter, the decoder's
+/// gradient projected row by row.
 #[allow(clippy::too_many_arguments)]
 fn adam_module(
     p: &mut Host,
     g: &Host,
     m: &mut Host,
     v: &mut Host,
-    clip: Option<f64>,
+    clip: Option<(f64, Option<f64>)>,
     d: usize,
     mc: [f32; 3],
     pc: [f32; 3],
@@ -238,7 +243,7 @@ fn adam_module(
     // Tasks of about 64 K elements (whole decoder rows for the projection).
     let (chunk, rows) = (1 << 16, (1usize << 16).div_ceil(d.max(1)) * d.max(1));
     // A coefficient of 1 (no clipping) leaves every gradient as it is.
-    let coef = clip.map_or(1.0, |c| clip_coef(g, c));
+    let coef = clip.map_or(1.0, |(c, sq)| clip_coef(sq.unwrap_or_else(|| grad_sq(g)), c));
     let fields = [(&mut p.w_enc, &g.w_enc, &mut m.w_enc, &mut v.w_enc, chunk, false)];
     let fields = fields.into_iter().chain([
         (&mut p.b_enc, &g.b_enc, &mut m.b_enc, &mut v.b_enc, chunk, false),
@@ -538,7 +543,7 @@ mod tests {
                     if kind == OptimizerKind::Adam {
                         o3.begin_step(); // and one module at a time
                         for (m, (r, g)) in r.iter_mut().zip(&g).enumerate() {
-                            o3.step_clipped_module(m, r, g, 1e-2, clip, d);
+                            o3.step_clipped_module(m, r, g, 1e-2, clip, None, d);
                         }
                         assert_eq!(p, r, "module by module, clip {clip:?} step {step}");
                         assert_eq!(o1, o3, "module by module, clip {clip:?} step {step}");

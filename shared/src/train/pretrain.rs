@@ -14,7 +14,7 @@ use super::checkpoints::file::Replicas;
 use super::checkpoints::{resume, CheckpointPolicy, TrainRun};
 use super::data::TrainData;
 use super::dead::DeadTracker;
-use super::optim::{clip_module_t, DeviceOptimizer, Optimizer, OptimizerKind};
+use super::optim::{clip_module_t, grad_sq_of_rows, DeviceOptimizer, Optimizer, OptimizerKind};
 use super::parallel::{agreed_hash, share_modules, share_state};
 use super::{metrics_record, After, RunSummary, Schedule, Session, StepReport};
 use crate::data::Batch;
@@ -167,7 +167,8 @@ pub fn update_host(
         let mut outs = Vec::with_capacity(params.len());
         for (m, p) in params.iter_mut().enumerate() {
             let mut s = one(m, p, coll)?;
-            opt.step_clipped_module(m, p, &s.grads, lr, cfg.clip, d);
+            let sq = s.row_sq.as_ref().map(|[e, dd]| grad_sq_of_rows(&s.grads, e, dd));
+            opt.step_clipped_module(m, p, &s.grads, lr, cfg.clip, sq, d);
             recycle(std::mem::take(&mut s.grads.w_enc));
             recycle(std::mem::take(&mut s.grads.w_dec));
             outs.push(s);
@@ -530,7 +531,8 @@ mod tests {
     /// Above the side-by-side bound, one process, Adam: each module's update follows its
     /// backward and its gradients' buffers serve the next module (from the scratch, their old
     /// values in place). The same bits as every module's step followed by the whole-step
-    /// update, over several steps, with AuxK and clipping.
+    /// update, over several steps, with clipping binding: one module with AuxK, one without
+    /// (whose clipping norm comes from the backward's row sums).
     #[test]
     fn module_by_module_update_is_the_whole_step() {
         let (d, f, k, n) = (64, 8192, 8, 64);
@@ -545,8 +547,8 @@ mod tests {
             .collect();
         let mut b = a.clone();
         let (mut oa, mut ob) = (Optimizer::new(OptimizerKind::Adam, &a), Optimizer::new(OptimizerKind::Adam, &b));
-        let cfg = UpdateConfig { d, f, k, auxk_alpha: 1.0 / 32.0, clip: Some(1.0) };
-        let dead: Vec<Vec<bool>> = (0..2).map(|m| (0..f).map(|i| (i + m) % 3 == 0).collect()).collect();
+        let cfg = UpdateConfig { d, f, k, auxk_alpha: 1.0 / 32.0, clip: Some(1e-3) };
+        let dead: Vec<Vec<bool>> = (0..2).map(|m| (0..f).map(|i| m == 0 && i % 3 == 0).collect()).collect();
         for s in 0..3u64 {
             let data: Vec<(Vec<f32>, Vec<f32>)> = (0..2)
                 .map(|m| (SplitMix::normals(n * d, 100 * s + m), SplitMix::normals(n * d, 100 * s + m + 50)))
@@ -557,11 +559,17 @@ mod tests {
             for (m, p) in b.iter_mut().enumerate() {
                 normalize_decoder_rows(&mut p.w_dec, d);
                 let out = step(&Single, p, refs[m].0, refs[m].1, d, f, k, &dead[m], cfg.auxk_alpha).unwrap();
+                let sq = super::super::optim::grad_sq(&out.grads);
+                assert!(sq.sqrt() > 1e-3, "the clip binds");
+                match &out.row_sq {
+                    Some([e, dd]) => assert_eq!(grad_sq_of_rows(&out.grads, e, dd).to_bits(), sq.to_bits()),
+                    None => assert!(m == 0, "row sums without AuxK"),
+                }
                 fvu.push(out.fvu);
                 auxk.push(out.auxk);
                 grads.push(out.grads);
             }
-            assert!(auxk.iter().all(|&x| x > 0.0), "AuxK applies");
+            assert!(auxk[0] > 0.0 && auxk[1] == 0.0, "AuxK applies to module 0 only");
             ob.step_clipped(&mut b, &mut grads, 1e-3, cfg.clip, d);
             assert_eq!(a, b, "parameters, step {s}");
             assert_eq!(oa, ob, "moments, step {s}");

@@ -317,14 +317,17 @@ pub fn by_feature(
     rows: &[f32],
 ) -> Vec<f32> {
     let mut out = vec![0f32; f * d];
-    by_feature_into(&mut out, idx, width, d, coef, rows);
+    by_feature_into(&mut out, None, idx, width, d, coef, rows);
     out
 }
 
 /// [`by_feature`] into `out (F, D)`, whatever it held (e.g. a [`crate::util::mem::scratch`]
-/// buffer): each row is zeroed just before its sum, while it is in cache.
+/// buffer): each row is zeroed just before its sum, while it is in cache. With `row_sq`, also
+/// each finished row's [`sq_sum`] (read while the row is in cache).
+#[allow(clippy::too_many_arguments)]
 pub fn by_feature_into(
     out: &mut [f32],
+    row_sq: Option<&mut [f64]>,
     idx: &[u32],
     width: usize,
     d: usize,
@@ -349,16 +352,36 @@ pub fn by_feature_into(
             fill[i as usize] += 1;
         }
     }
-    out.par_chunks_mut(d).enumerate().for_each_init(Vec::new, |terms, (i, o)| {
+    let row = |terms: &mut Vec<(u32, f32)>, i: usize, o: &mut [f32]| {
         terms.clear();
-        terms.extend(
-            entries[ptr[i] as usize..ptr[i + 1] as usize]
-                .iter()
-                .map(|&j| ((j as usize / width) as u32, coef(j as usize))),
-        );
+        let mine = &entries[ptr[i] as usize..ptr[i + 1] as usize];
+        terms.extend(mine.iter().map(|&j| ((j as usize / width) as u32, coef(j as usize))));
         o.fill(0.0);
         add_scaled_rows(o, rows, terms);
-    });
+    };
+    let out_rows = out.par_chunks_mut(d.max(1)).enumerate();
+    match row_sq {
+        Some(sq) => out_rows.zip(sq.par_iter_mut()).for_each_init(Vec::new, |terms, ((i, o), s)| {
+            row(terms, i, o);
+            *s = sq_sum(o);
+        }),
+        None => out_rows.for_each_init(Vec::new, |terms, (i, o)| row(terms, i, o)),
+    }
+}
+
+crate::widest! {
+    /// `Σ x²` in f64: eight interleaved lanes (element `j` in lane `j mod 8`, each summed in
+    /// order from zero), then the lanes in order, then the tail in order; not bound by the
+    /// latency of one chain of additions.
+    pub fn sq_sum(v: &[f32]) -> f64 {
+        let mut lanes = [0f64; 8];
+        let mut it = v.chunks_exact(8);
+        for c in &mut it {
+            lanes.iter_mut().zip(c).for_each(|(l, &x)| *l += (x as f64) * (x as f64));
+        }
+        let tail: f64 = it.remainder().iter().map(|&x| (x as f64) * (x as f64)).sum();
+        lanes.iter().sum::<f64>() + tail
+    }
 }
 
 crate::widest! {
