@@ -16,7 +16,7 @@ use super::params::AeParams;
 use super::topk::{topk_relu_biased, topk_relu_device};
 use super::{decode, fired_t};
 use crate::error::Result;
-use crate::util::blas::{add_into, axpy, by_feature, by_feature_into, dots_of_slots, gemm_nt};
+use crate::util::blas::{add_into, axpy, by_feature, dots_of_slots, gemm_nt, FeatureIndex};
 use crate::util::collective::Collective;
 use crate::util::mem::{recycle, scratch};
 
@@ -118,8 +118,10 @@ pub fn step(
             Some([e, dd]) => (Some(&mut e[..]), Some(&mut dd[..])),
             None => (None, None),
         };
-        by_feature_into(&mut g_dec_t, sq_dec, &idx, k, d, |j| val[j], &g_y);
-        by_feature_into(&mut g_enc, sq_enc, &idx, k, d, |j| g_val[j], &xc);
+        // One index for both sums: a value of zero has a zero gradient.
+        let index = FeatureIndex::new(&idx, k, f, |j| val[j] != 0.0);
+        index.sum_into(&mut g_dec_t, sq_dec, d, |j| val[j], &g_y);
+        index.sum_into(&mut g_enc, sq_enc, d, |j| g_val[j], &xc);
         if let Some(a) = &aux {
             let k_aux = a.idx.len() / n.max(1);
             add_into(&mut g_dec_t, &by_feature(&a.idx, k_aux, f, d, |j| a.val[j], &a.g_ehat));

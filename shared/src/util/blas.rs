@@ -317,55 +317,66 @@ pub fn by_feature(
     rows: &[f32],
 ) -> Vec<f32> {
     let mut out = vec![0f32; f * d];
-    by_feature_into(&mut out, None, idx, width, d, coef, rows);
+    FeatureIndex::new(idx, width, f, |j| coef(j) != 0.0).sum_into(&mut out, None, d, coef, rows);
     out
 }
 
-/// [`by_feature`] into `out (F, D)`, whatever it held (e.g. a [`crate::util::mem::scratch`]
-/// buffer): each row is zeroed just before its sum, while it is in cache. With `row_sq`, also
-/// each finished row's [`sq_sum`] (read while the row is in cache).
-#[allow(clippy::too_many_arguments)]
-pub fn by_feature_into(
-    out: &mut [f32],
-    row_sq: Option<&mut [f64]>,
-    idx: &[u32],
-    width: usize,
-    d: usize,
-    coef: impl Fn(usize) -> f32 + Sync,
-    rows: &[f32],
-) {
-    let f = out.len() / d.max(1);
-    let mut ptr = vec![0u32; f + 1];
-    for (j, &i) in idx.iter().enumerate() {
-        if coef(j) != 0.0 {
-            ptr[i as usize + 1] += 1;
+/// The column index of sparse codes `idx (N, width)` over `f` features: per feature its
+/// entries `(token, flat position)` in position order, those with `keep(position)`. One index
+/// serves every sum over the same codes ([`Self::sum_into`]).
+pub struct FeatureIndex {
+    ptr: Vec<u32>,
+    entries: Vec<(u32, u32)>,
+}
+
+impl FeatureIndex {
+    pub fn new(idx: &[u32], width: usize, f: usize, keep: impl Fn(usize) -> bool) -> FeatureIndex {
+        let mut ptr = vec![0u32; f + 1];
+        for (j, &i) in idx.iter().enumerate() {
+            ptr[i as usize + 1] += u32::from(keep(j));
         }
-    }
-    for i in 0..f {
-        ptr[i + 1] += ptr[i];
-    }
-    let mut fill = ptr.clone();
-    let mut entries = vec![0u32; ptr[f] as usize];
-    for (j, &i) in idx.iter().enumerate() {
-        if coef(j) != 0.0 {
-            entries[fill[i as usize] as usize] = j as u32;
-            fill[i as usize] += 1;
+        for i in 0..f {
+            ptr[i + 1] += ptr[i];
         }
+        let mut fill = ptr.clone();
+        let mut entries = vec![(0u32, 0u32); ptr[f] as usize];
+        for (t, row) in idx.chunks(width.max(1)).enumerate() {
+            for (s, &i) in row.iter().enumerate() {
+                let j = t * width + s;
+                if keep(j) {
+                    entries[fill[i as usize] as usize] = (t as u32, j as u32);
+                    fill[i as usize] += 1;
+                }
+            }
+        }
+        FeatureIndex { ptr, entries }
     }
-    let row = |terms: &mut Vec<(u32, f32)>, i: usize, o: &mut [f32]| {
-        terms.clear();
-        let mine = &entries[ptr[i] as usize..ptr[i + 1] as usize];
-        terms.extend(mine.iter().map(|&j| ((j as usize / width) as u32, coef(j as usize))));
-        o.fill(0.0);
-        add_scaled_rows(o, rows, terms);
-    };
-    let out_rows = out.par_chunks_mut(d.max(1)).enumerate();
-    match row_sq {
-        Some(sq) => out_rows.zip(sq.par_iter_mut()).for_each_init(Vec::new, |terms, ((i, o), s)| {
-            row(terms, i, o);
-            *s = sq_sum(o);
-        }),
-        None => out_rows.for_each_init(Vec::new, |terms, (i, o)| row(terms, i, o)),
+
+    /// [`by_feature`] over the index's entries (those with `coef(j) != 0`) into `out (F, D)`,
+    /// whatever it held (e.g. a [`crate::util::mem::scratch`] buffer): every row is written
+    /// whole. With `row_sq`, also each finished row's [`sq_sum`] (read while the row is in cache).
+    pub fn sum_into(
+        &self,
+        out: &mut [f32],
+        row_sq: Option<&mut [f64]>,
+        d: usize,
+        coef: impl Fn(usize) -> f32 + Sync,
+        rows: &[f32],
+    ) {
+        let row = |terms: &mut Vec<(u32, f32)>, i: usize, o: &mut [f32]| {
+            terms.clear();
+            let mine = &self.entries[self.ptr[i] as usize..self.ptr[i + 1] as usize];
+            terms.extend(mine.iter().map(|&(t, j)| (t, coef(j as usize))).filter(|&(_, c)| c != 0.0));
+            scaled_rows(o, rows, terms, true);
+        };
+        let out_rows = out.par_chunks_mut(d.max(1)).enumerate();
+        match row_sq {
+            Some(sq) => out_rows.zip(sq.par_iter_mut()).for_each_init(Vec::new, |terms, ((i, o), s)| {
+                row(terms, i, o);
+                *s = sq_sum(o);
+            }),
+            None => out_rows.for_each_init(Vec::new, |terms, (i, o)| row(terms, i, o)),
+        }
     }
 }
 
@@ -384,23 +395,33 @@ crate::widest! {
     }
 }
 
+/// `o += Σ c · rows[r]` over `terms` `(r, c)` in their order, rows of `o.len()`: per element
+/// the additions one row after the other (the bits of an [`axpy`] per term), in blocks of
+/// 128 columns held in registers over all the terms.
+pub fn add_scaled_rows(o: &mut [f32], rows: &[f32], terms: &[(u32, f32)]) {
+    scaled_rows(o, rows, terms, false)
+}
+
 crate::widest! {
-    /// `o += Σ c · rows[r]` over `terms` `(r, c)` in their order, rows of `o.len()`: per element
-    /// the additions one row after the other (the bits of an [`axpy`] per term), in blocks of
-    /// 128 columns held in registers over all the terms.
-    pub fn add_scaled_rows(o: &mut [f32], rows: &[f32], terms: &[(u32, f32)]) {
+    /// [`add_scaled_rows`] onto `o`, or onto zeros with `from_zero` (`o`'s values unread).
+    fn scaled_rows(o: &mut [f32], rows: &[f32], terms: &[(u32, f32)], from_zero: bool) {
         const B: usize = 128;
         let d = o.len();
         let mut c0 = 0;
         while c0 + B <= d {
             let mut acc = [0f32; B];
-            acc.copy_from_slice(&o[c0..c0 + B]);
+            if !from_zero {
+                acc.copy_from_slice(&o[c0..c0 + B]);
+            }
             for &(r, c) in terms {
                 let row = &rows[r as usize * d + c0..r as usize * d + c0 + B];
                 acc.iter_mut().zip(row).for_each(|(a, x)| *a += c * x);
             }
             o[c0..c0 + B].copy_from_slice(&acc);
             c0 += B;
+        }
+        if from_zero {
+            o[c0..].fill(0.0);
         }
         for &(r, c) in terms {
             let row = &rows[r as usize * d + c0..(r as usize + 1) * d];
