@@ -66,14 +66,16 @@ pub fn step(
     prof.mark("center");
     gemm_nt(n, f, d, &xc, &p.w_enc, &mut pre);
     prof.mark("encoder product");
-    let (idx, val) = topk_relu_biased(&mut pre, &p.b_enc, k);
+    // The biased pre-activations are kept only for AuxK's dead latents.
+    let auxk_on = auxk_alpha > 0.0 && dead.iter().any(|&x| x);
+    let (idx, val) = topk_relu_biased(&mut pre, &p.b_enc, k, auxk_on);
     prof.mark("bias, top-k");
     let Decoded { yhat, g_y, g_val, den } = decode_with_grads(coll, &idx, &val, k, p, y, d)?;
     prof.mark("decode, value grads");
     // AuxK on dead latents' pre-top-k activations; its residual target is detached.
     let mut auxk = 0f64;
     let mut aux: Option<AuxCodes> = None;
-    if auxk_alpha > 0.0 {
+    if auxk_on {
         if let Some(sel) = auxk_select(&pre, f, dead, d) {
             let resid: Vec<f32> = y.iter().zip(&yhat).map(|(a, b)| a - b).collect();
             let ehat = decode(&sel.idx, &sel.val, sel.k_aux, dec_t, d, None);

@@ -34,10 +34,11 @@ pub fn topk_indices(a: &[f32], cols: usize, k: usize) -> Vec<u32> {
     out
 }
 
-/// [`topk_indices`] of `a + bias` (each row of `a (rows, cols)` plus `bias (cols)`), leaving
-/// the biased values in `a`: the addition done row by row as each is selected. Also returns
-/// the selected values' ReLU `(rows, k)` ([`relu_at`], read while each row is in cache).
-pub fn topk_relu_biased(a: &mut [f32], bias: &[f32], k: usize) -> (Vec<u32>, Vec<f32>) {
+/// [`topk_indices`] of `a + bias` (each row of `a (rows, cols)` plus `bias (cols)`), with
+/// `keep` leaving the biased values in `a` (the addition done row by row as each is selected;
+/// without, `a` is only read). Also returns the selected values' ReLU `(rows, k)` ([`relu_at`],
+/// read while each row is in cache).
+pub fn topk_relu_biased(a: &mut [f32], bias: &[f32], k: usize, keep: bool) -> (Vec<u32>, Vec<f32>) {
     let cols = bias.len();
     let rows = a.len() / cols.max(1);
     let (mut out, mut val) = (vec![0u32; rows * k], vec![0f32; rows * k]);
@@ -45,7 +46,9 @@ pub fn topk_relu_biased(a: &mut [f32], bias: &[f32], k: usize) -> (Vec<u32>, Vec
         return (out, val);
     }
     if k == 0 {
-        a.par_chunks_mut(cols).for_each(|row| add_row(row, bias));
+        if keep {
+            a.par_chunks_mut(cols).for_each(|row| add_row(row, bias));
+        }
         return (out, val);
     }
     let n_groups = n_groups(cols, k);
@@ -53,9 +56,18 @@ pub fn topk_relu_biased(a: &mut [f32], bias: &[f32], k: usize) -> (Vec<u32>, Vec
     out_rows.zip(a.par_chunks_mut(cols)).for_each_init(
         || Scratch::new(cols, n_groups),
         |s, ((o, v), row)| {
-            add_row_keys(row, bias, &mut s.0);
+            if keep {
+                add_row_keys(row, bias, &mut s.0);
+            } else {
+                sum_keys(row, bias, &mut s.0);
+            }
             select_keys(k, n_groups, s, o);
-            relu_row(v, o, row);
+            match keep {
+                true => relu_row(v, o, row),
+                false => {
+                    v.iter_mut().zip(o.iter()).for_each(|(v, &i)| *v = (row[i as usize] + bias[i as usize]).max(0.0))
+                }
+            }
         },
     );
     (out, val)
@@ -164,6 +176,13 @@ crate::widest! {
             *a += b;
             *key = order_key(*a);
         });
+    }
+}
+
+crate::widest! {
+    /// The order keys of `row + bias` into `keys` (the sums not stored).
+    fn sum_keys(row: &[f32], bias: &[f32], keys: &mut [i32]) {
+        row.iter().zip(bias).zip(keys.iter_mut()).for_each(|((a, b), key)| *key = order_key(a + b));
     }
 }
 
@@ -279,18 +298,21 @@ mod tests {
         }
     }
 
-    /// The biased selection is the selection of `a + bias`, and leaves `a + bias` in `a`.
+    /// The biased selection is the selection of `a + bias`, and leaves `a + bias` in `a` (or `a`
+    /// as it was, without `keep`).
     #[test]
     fn biased_topk_is_topk_of_the_sum() {
         for (rows, cols, k) in [(7, 300, 16), (5, 37, 9), (3, 8, 8), (4, 10, 0)] {
             let a: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 97) as f32 - 40.0).collect();
             let bias: Vec<f32> = (0..cols).map(|i| ((i * 31) % 13) as f32 * 0.5).collect();
             let summed: Vec<f32> = a.chunks(cols).flat_map(|r| r.iter().zip(&bias).map(|(x, b)| x + b)).collect();
-            let mut biased = a.clone();
-            let (idx, val) = topk_relu_biased(&mut biased, &bias, k);
-            assert_eq!(idx, topk_indices(&summed, cols, k));
-            assert_eq!(val, relu_at(&summed, cols, &idx, k));
-            assert_eq!(biased, summed);
+            for keep in [true, false] {
+                let mut biased = a.clone();
+                let (idx, val) = topk_relu_biased(&mut biased, &bias, k, keep);
+                assert_eq!(idx, topk_indices(&summed, cols, k));
+                assert_eq!(val, relu_at(&summed, cols, &idx, k));
+                assert_eq!(&biased, if keep { &summed } else { &a });
+            }
         }
     }
 
