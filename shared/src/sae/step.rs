@@ -207,9 +207,22 @@ crate::widest! {
     }
 }
 
-/// `Σ (ŷ − y)²` in f64, in order (one chain: the FVU's numerator).
-fn sq_error(yhat: &[f32], y: &[f32]) -> f64 {
-    yhat.iter().zip(y).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>()
+crate::widest! {
+    /// `Σ (ŷ − y)²` in f64 (the FVU's numerator): eight interleaved lanes (element `j` in lane
+    /// `j mod 8`, each summed in order), the lanes added in order, then the tail in order: a
+    /// fixed order, and not bound by the latency of one chain (0.65 → ~0.1 ms per module at
+    /// TinyStories-33M shape, on the thread beside the backward's sums).
+    fn sq_error(yhat: &[f32], y: &[f32]) -> f64 {
+        let mut lanes = [0f64; 8];
+        let (a, b) = (yhat.chunks_exact(8), y.chunks_exact(8));
+        let tail: f64 = a.remainder().iter().zip(b.remainder()).map(|(p, q)| ((p - q) as f64).powi(2)).sum();
+        for (p, q) in a.zip(b) {
+            for l in 0..8 {
+                lanes[l] += ((p[l] - q[l]) as f64).powi(2);
+            }
+        }
+        lanes.iter().sum::<f64>() + tail
+    }
 }
 
 /// The gradient `(N, width)` of each decoded value `val[t, j]` (zero where it is not positive)
