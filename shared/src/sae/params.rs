@@ -97,6 +97,30 @@ impl AeParams<Vec<f32>> {
     pub fn decoder_to_standard(&mut self, d: usize, f: usize) {
         self.w_dec = crate::util::blas::transpose(&self.w_dec, f, d);
     }
+
+    /// Hold the encoder input-major, `(D, F)` (its transpose), as `train-suite`'s host loop does
+    /// between checkpoints: the encoder product reads it row-major, which its kernel packs
+    /// faster than the transposed view (same bits). [`Self::encoder_to_standard`] undoes it.
+    pub fn encoder_to_major(&mut self, d: usize, f: usize) {
+        self.w_enc = crate::util::blas::transpose(&self.w_enc, f, d);
+    }
+
+    /// Back to the standard `(F, D)` encoder from [`Self::encoder_to_major`].
+    pub fn encoder_to_standard(&mut self, d: usize, f: usize) {
+        self.w_enc = crate::util::blas::transpose(&self.w_enc, d, f);
+    }
+
+    /// [`Self::encoder_to_major`] and [`Self::decoder_to_major`]: the host pretraining layout.
+    pub fn to_host_layout(&mut self, d: usize, f: usize) {
+        self.encoder_to_major(d, f);
+        self.decoder_to_major(d, f);
+    }
+
+    /// Back from [`Self::to_host_layout`].
+    pub fn to_standard_layout(&mut self, d: usize, f: usize) {
+        self.encoder_to_standard(d, f);
+        self.decoder_to_standard(d, f);
+    }
 }
 
 impl AeParams<candle_core::Var> {

@@ -16,9 +16,10 @@ use super::params::AeParams;
 use super::topk::{topk_relu_biased, topk_relu_device};
 use super::{decode, fired_t};
 use crate::error::Result;
-use crate::util::blas::{add_into, axpy, by_feature, dots_of_slots, gemm_nt, FeatureIndex};
+use crate::util::blas::{add_into, by_feature, dots_of_slots, sgemm, FeatureIndex};
 use crate::util::collective::Collective;
 use crate::util::mem::{recycle, scratch};
+use crate::util::rows8::axpy_columns;
 
 /// What one host step of one module produced.
 pub struct StepOut {
@@ -38,9 +39,10 @@ pub struct StepOut {
 /// (AuxK applies when `auxk_alpha > 0` and some are dead). The tokens may be one rank's part of
 /// a batch spread over the ranks of `coll` (the losses are the whole batch's).
 ///
-/// `p.w_dec` is held decoder-major, `(F, D)` ([`AeParams::decoder_to_major`]), as the decoding
-/// and the backward by feature read it, and so is the returned gradient's `w_dec`: the host
-/// loop keeps that layout for the whole run instead of transposing twice per step.
+/// `p` is held in the host pretraining layout ([`AeParams::to_host_layout`]): `w_enc`
+/// input-major `(D, F)`, as the encoder product reads it fastest, and `w_dec` decoder-major
+/// `(F, D)`, as the decoding and the backward by feature read it. The returned gradients are
+/// by feature: `w_enc`'s `(F, D)` (the standard layout), `w_dec`'s decoder-major.
 #[allow(clippy::too_many_arguments)]
 pub fn step(
     coll: &dyn Collective,
@@ -64,7 +66,7 @@ pub fn step(
     });
     let mut pre = scratch(n * f);
     prof.mark("center");
-    gemm_nt(n, f, d, &xc, &p.w_enc, &mut pre);
+    sgemm(n, f, d, &xc, d, 1, &p.w_enc, f, 1, &mut pre, false, true);
     prof.mark("encoder product");
     // The biased pre-activations are kept only for AuxK's dead latents.
     let auxk_on = auxk_alpha > 0.0 && dead.iter().any(|&x| x);
@@ -106,12 +108,9 @@ pub fn step(
                 g_benc[i as usize] += g;
             }
         }
-        // pre depends on x − b_dec: g b_dec −= Σ_i g_benc[i] E[i]
-        for (i, &g) in g_benc.iter().enumerate() {
-            if g != 0.0 {
-                axpy(-g, &p.w_enc[i * d..(i + 1) * d], &mut g_bdec);
-            }
-        }
+        // pre depends on x − b_dec: g b_dec −= Σ_i g_benc[i] E[i] (E's rows are w_enc's columns)
+        let minus: Vec<f32> = g_benc.iter().map(|g| -g).collect();
+        axpy_columns(&mut g_bdec, &p.w_enc, &minus);
         sq_error(&yhat, y)
     };
     let mut row_sq = aux.is_none().then(|| [vec![0f64; f], vec![0f64; f]]);
@@ -314,7 +313,7 @@ pub fn step_t(
 mod tests {
     use super::*;
     use crate::sae::init::init_params;
-    use crate::util::blas::dot;
+    use crate::util::blas::{axpy, dot};
     use crate::util::collective::Single;
     use crate::util::rng::SplitMix;
 
@@ -359,7 +358,7 @@ mod tests {
         for v in p.each_mut().into_iter().flatten() {
             *v += (rng.normal() * 0.3) as f32;
         }
-        p.decoder_to_major(d, f);
+        p.to_host_layout(d, f);
         let x: Vec<f32> = (0..n * d).map(|_| rng.normal() as f32).collect();
         let y: Vec<f32> = (0..n * d).map(|_| rng.normal() as f32).collect();
         let h = 1e-3f32;
@@ -386,10 +385,12 @@ mod tests {
                     if alpha > 0.0 && !latent.is_some_and(|i| dead[i]) {
                         continue;
                     }
+                    // (w_enc is held (D, F), its gradient (F, D).)
+                    let pj = if which == 0 { (j % d) * f + j / d } else { j };
                     let mut pp = p.clone();
-                    pp.each_mut()[which][j] += h;
+                    pp.each_mut()[which][pj] += h;
                     let up = loss(&pp);
-                    pp.each_mut()[which][j] -= 2.0 * h;
+                    pp.each_mut()[which][pj] -= 2.0 * h;
                     let down = loss(&pp);
                     let fd = (up - down) / (2.0 * h as f64);
                     let an = out.grads.each()[which][j] as f64;

@@ -9,6 +9,7 @@
 //! or candle autograd with the optimizer on the device (any device and dtype); both report a
 //! [`StepReport`] and write the same checkpoints.
 
+mod adam_enc;
 pub mod checkpoints;
 pub mod data;
 pub mod dead;

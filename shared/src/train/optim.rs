@@ -125,13 +125,10 @@ impl Optimizer {
         }
     }
 
-    /// Per module: [`clip_module`] (with `clip`), [`remove_parallel_component_rows`] on the
-    /// decoder held decoder-major (rows of `d`), then [`Self::step`] — for Adam in one pass over
-    /// each module's parameters, gradients and moments instead of three, with per element the
-    /// same operations in the same order (so the same bits). `grads` are left as they came for
-    /// Adam (clipped and projected in place for SGD).
-    ///
-    /// [`remove_parallel_component_rows`]: crate::sae::decoder::remove_parallel_component_rows
+    /// Per module of train-suite's host layout (encoder input-major, its gradient `(F, D)`):
+    /// [`clip_module`], `remove_parallel_component_rows` on the decoder-major decoder, then
+    /// [`Self::step`] — for Adam in one pass, per element the same operations (the same bits).
+    /// `grads` are left as they came for Adam (clipped, projected and turned for SGD).
     pub fn step_clipped(
         &mut self,
         params: &mut [AeParams<Vec<f32>>],
@@ -146,6 +143,7 @@ impl Optimizer {
                     clip_module(g, c);
                 }
                 crate::sae::decoder::remove_parallel_component_rows(&p.w_dec, &mut g.w_dec, d);
+                g.w_enc = crate::util::blas::transpose(&g.w_enc, g.b_enc.len(), d);
             });
             return self.step(params, grads, lr);
         }
@@ -242,14 +240,15 @@ fn adam_module(
 ) {
     // Tasks of about 64 K elements (whole decoder rows for the projection).
     let (chunk, rows) = (1 << 16, (1usize << 16).div_ceil(d.max(1)) * d.max(1));
-    // A coefficient of 1 (no clipping) leaves every gradient as it is.
+    // A coefficient of 1 (no clipping) leaves every gradient as it is. The encoder is held
+    // input-major, its gradient by feature (`sae::step`).
     let coef = clip.map_or(1.0, |(c, sq)| clip_coef(sq.unwrap_or_else(|| grad_sq(g)), c));
-    let fields = [(&mut p.w_enc, &g.w_enc, &mut m.w_enc, &mut v.w_enc, chunk, false)];
-    let fields = fields.into_iter().chain([
+    super::adam_enc::adam_input_major(&mut p.w_enc, &g.w_enc, &mut m.w_enc, &mut v.w_enc, d, coef, mc, pc);
+    let fields = [
         (&mut p.b_enc, &g.b_enc, &mut m.b_enc, &mut v.b_enc, chunk, false),
         (&mut p.w_dec, &g.w_dec, &mut m.w_dec, &mut v.w_dec, rows, true),
         (&mut p.b_dec, &g.b_dec, &mut m.b_dec, &mut v.b_dec, chunk, false),
-    ]);
+    ];
     for (x, g, m, v, size, project) in fields {
         let parts = x.par_chunks_mut(size).zip(g.par_chunks(size)).zip(m.par_chunks_mut(size));
         parts.zip(v.par_chunks_mut(size)).for_each(|(((x, g), m), v)| match project {
@@ -261,14 +260,14 @@ fn adam_module(
 
 /// Adam's moment update of one element ([`Optimizer::moment_consts`]).
 #[inline]
-fn adam_moments(mm: &mut f32, vv: &mut f32, d: f32, [c1, b2, c2]: [f32; 3]) {
+pub(super) fn adam_moments(mm: &mut f32, vv: &mut f32, d: f32, [c1, b2, c2]: [f32; 3]) {
     *mm += c1 * (d - *mm);
     *vv = *vv * b2 + c2 * (d * d);
 }
 
 /// Adam's parameter update of one element ([`Optimizer::param_consts`]).
 #[inline]
-fn adam_param(x: &mut f32, mm: f32, vv: f32, [step_size, bc2_sqrt, eps]: [f32; 3]) {
+pub(super) fn adam_param(x: &mut f32, mm: f32, vv: f32, [step_size, bc2_sqrt, eps]: [f32; 3]) {
     let denom = vv.sqrt() / bc2_sqrt + eps;
     *x -= step_size * (mm / denom);
 }
@@ -534,6 +533,7 @@ mod tests {
                             clip_module(g, c);
                         }
                         remove_parallel_component_rows(&p.w_dec, &mut g.w_dec, d);
+                        g.w_enc = crate::util::blas::transpose(&g.w_enc, f, d); // p's input-major layout
                     }
                     o1.step(&mut p, &g1, 1e-2);
                     let mut g2 = g.clone();

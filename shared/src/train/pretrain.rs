@@ -123,8 +123,9 @@ const SIDE_BY_SIDE_BYTES: usize = 8 << 20;
 /// decoders, forward and backward, clipping, removal of the decoder-gradient component parallel
 /// to each column, one optimizer step with `lr`. `loss` is left 0.
 ///
-/// The decoders and their Adam moments are held decoder-major, `(F, D)` ([`decoders_to_major`]):
-/// the run keeps them so and turns them back only to save.
+/// The parameters and their Adam moments are held in the host layout ([`host_layout`]: encoders
+/// input-major `(D, F)`, decoders decoder-major `(F, D)`): the run keeps them so and turns them
+/// back only to save.
 ///
 /// Data-parallel over the ranks of `coll` (the pairs are this rank's tokens of the batch): the
 /// modules run one after the other, each adding its losses' whole-batch statistics over the
@@ -208,13 +209,18 @@ pub fn update_host(
 /// One tensor at a time (each transpose is parallel inside): nested in a parallel loop, waiting
 /// threads start further transposes and their buffers pile up (+1.1 GB at GPT-2 small, F 24,576).
 pub fn decoders_to_major(params: &mut [AeParams<Vec<f32>>], opt: &mut Optimizer, d: usize, f: usize, major: bool) {
-    for p in params.iter_mut().chain(opt.m.iter_mut()).chain(opt.v.iter_mut()) {
-        if major {
-            p.decoder_to_major(d, f)
-        } else {
-            p.decoder_to_standard(d, f)
-        }
-    }
+    relayout(params, opt, |p| if major { p.decoder_to_major(d, f) } else { p.decoder_to_standard(d, f) });
+}
+
+/// [`decoders_to_major`] for the host pretraining layout ([`AeParams::to_host_layout`]: also
+/// the encoders input-major, `(D, F)`), or back to the standard one.
+pub fn host_layout(params: &mut [AeParams<Vec<f32>>], opt: &mut Optimizer, d: usize, f: usize, host: bool) {
+    relayout(params, opt, |p| if host { p.to_host_layout(d, f) } else { p.to_standard_layout(d, f) });
+}
+
+/// `each` on every module's parameters and Adam moments, one at a time.
+fn relayout(params: &mut [AeParams<Vec<f32>>], opt: &mut Optimizer, each: impl Fn(&mut AeParams<Vec<f32>>)) {
+    params.iter_mut().chain(opt.m.iter_mut()).chain(opt.v.iter_mut()).for_each(each);
 }
 
 /// [`update_host`] on the device (the autograd path), the pass in `dtype`; on several ranks
@@ -394,7 +400,7 @@ pub fn run(data: &mut TrainData, cfg: &PretrainConfig, device: &Device, coll: &d
         first_batch = Some(split.part(batch0)?);
     }
     if cfg.use_engine {
-        decoders_to_major(&mut params, &mut opt, d, f, true);
+        host_layout(&mut params, &mut opt, d, f, true);
     }
     let tokens_per_step = (cfg.batch_size * ctx) as u64;
     let mut session = Session::open(dir, &tr, step, tokens_per_step, coll)?;
@@ -474,7 +480,7 @@ pub fn run(data: &mut TrainData, cfg: &PretrainConfig, device: &Device, coll: &d
                     opt = dopt.to_host()?;
                 }
                 // Saved (and hashed) in the standard layout, in place, and turned back after.
-                None => decoders_to_major(&mut params, &mut opt, d, f, false),
+                None => host_layout(&mut params, &mut opt, d, f, false),
             }
             let replicas = match &split {
                 Split::One => None,
@@ -491,7 +497,7 @@ pub fn run(data: &mut TrainData, cfg: &PretrainConfig, device: &Device, coll: &d
             };
             ckpt.save(&Suite::from_params(&params, &modules, k, d, f)?, &opt, &dead, step, seqs_seen, replicas)?;
             if dopt.is_none() {
-                decoders_to_major(&mut params, &mut opt, d, f, true);
+                host_layout(&mut params, &mut opt, d, f, true);
             }
             Ok(())
         })?;
@@ -510,7 +516,7 @@ pub fn run(data: &mut TrainData, cfg: &PretrainConfig, device: &Device, coll: &d
             params = vars.iter().map(AeParams::to_host).collect::<Result<Vec<_>>>()?;
         } else {
             // (The moments are not saved here: only the parameters are turned back.)
-            params.iter_mut().for_each(|p| p.decoder_to_standard(d, f));
+            params.iter_mut().for_each(|p| p.to_standard_layout(d, f));
         }
         // The saved decoder has unit-norm columns, as every forward pass saw it.
         for p in params.iter_mut() {
@@ -541,7 +547,7 @@ mod tests {
         let mut a: Vec<_> = (0..2)
             .map(|_| {
                 let mut p = init_params(d, f, &mut rng);
-                p.decoder_to_major(d, f);
+                p.to_host_layout(d, f);
                 p
             })
             .collect();
