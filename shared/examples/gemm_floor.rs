@@ -4,7 +4,8 @@
 //!
 //! `gemm_floor D F HEADS LAYERS SEQS CTX [VOCAB]` prints one JSON line: milliseconds and
 //! multiply-adds of each product family per step, and their total:
-//! - `encoder`: `Z Eᵀ` per module, `N·D·F` (2·LAYERS modules);
+//! - `encoder`: `Z Eᵀ` per module, `N·D·F` (2·LAYERS modules; E read transposed or held
+//!   transposed, the faster);
 //! - `mixing`: the attention edge terms mixed by the pattern, `N·S·H·F/2` per attention module
 //!   with upstream modules (LAYERS − 1 of them);
 //! - `weights`: the attention edge weights' factors `E W_Oᵀ` and `W_decᵀ W_V` (`F·D·D` each,
@@ -129,10 +130,13 @@ fn main() {
     };
     let n = seqs * ctx;
     let fill = |len: usize| -> Vec<f32> { (0..len).map(|i| ((i % 97) as f32 - 48.0) * 1e-3).collect() };
-    // Z (N, D) · Eᵀ, E (F, D).
+    // Z (N, D) · Eᵀ, E (F, D): read through strides, or held transposed, `(D, F)` row-major
+    // (train-suite's layout; the kernel packs it faster), whichever is faster here.
     let (z, e) = (fill(n * d), fill(f * d));
+    let e_t = scae::util::blas::transpose(&e, f, d);
     let mut out = vec![0f32; n * f];
-    let enc_ms = best(3, || sgemm(n, f, d, &z, d, 1, &e, 1, d, &mut out, false, true));
+    let enc_ms = best(3, || sgemm(n, f, d, &z, d, 1, &e, 1, d, &mut out, false, true))
+        .min(best(3, || sgemm(n, f, d, &z, d, 1, &e_t, f, 1, &mut out, false, true)));
     // Per sequence (S, S·H/2) · (S·H/2, F): the causal mixing's multiply-adds as one product.
     let kk = ctx * h / 2;
     // Sequences in parallel, as the engine runs them.
