@@ -20,9 +20,9 @@ fn saelens_computes_scae_features_from_the_export() {
             .unwrap();
     let suite = scae::formats::suite::Suite::load(&suite_path, &Device::Cpu).unwrap();
     let (d, f, k) = (suite.d_model, suite.n_features, suite.k);
-    // The host step reads decoders decoder-major.
+    // The host step reads its parameters in the host pretraining layout.
     let mut params = suite.host_params().unwrap();
-    params.iter_mut().for_each(|p| p.decoder_to_major(d, f));
+    params.iter_mut().for_each(|p| p.to_host_layout(d, f));
     for (module, p) in suite.modules.iter().zip(&params) {
         let name = module.name();
         // What SAELens read from this folder (golden) is what the folder says now.
@@ -79,7 +79,7 @@ fn the_export_carries_each_features_firing_frequency_over_a_cache() {
     let suite = scae::formats::suite::Suite::load(&suite_path, &Device::Cpu).unwrap();
     let (d, f, k) = (suite.d_model, suite.n_features, suite.k);
     let mut params = suite.host_params().unwrap();
-    params.iter_mut().for_each(|p| p.decoder_to_major(d, f));
+    params.iter_mut().for_each(|p| p.to_host_layout(d, f));
     let cache = scae::formats::cache::Cache::open(&acts).unwrap();
     let mut counts = vec![vec![0u64; f]; suite.modules.len()];
     let mut n = 0u64;

@@ -117,7 +117,7 @@ pub(crate) unsafe fn columns8(p: *const f32, d: usize, j: usize) -> [std::arch::
 /// The 8 × 8 transpose of eight vectors: vector `c` of the result holds element `c` of each.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx")]
-pub(crate) fn transpose8(r: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::__m256; 8] {
+fn transpose8(r: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::__m256; 8] {
     use std::arch::x86_64::*;
     // Pairs of rows interleaved, then quadruples, then the 128-bit halves exchanged.
     let t = [
