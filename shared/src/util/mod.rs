@@ -1,11 +1,10 @@
-//! Helpers with no SCAE concept in them: the process's allocator ([`alloc`]), atomic file output ([`io`]), content fingerprints
+//! Helpers with no SCAE concept in them: atomic file output ([`io`]), content fingerprints
 //! ([`fingerprint`]), memory estimates
 //! ([`mem`]), parquet tables ([`table`]), dense kernels on flat buffers ([`blas`]), a seeded
 //! generator ([`rng`]), phase timing ([`profile`]), ordered sums along eight rows at once
 //! ([`rows8`]), the run-time choice of vector unit
 //! ([`simd`]) and collectives over the ranks of a job ([`collective`]).
 
-pub mod alloc;
 pub mod blas;
 pub mod collective;
 pub mod fingerprint;
