@@ -62,12 +62,7 @@ pub fn topk_relu_biased(a: &mut [f32], bias: &[f32], k: usize, keep: bool) -> (V
                 sum_keys(row, bias, &mut s.0);
             }
             select_keys(k, n_groups, s, o);
-            match keep {
-                true => relu_row(v, o, row),
-                false => {
-                    v.iter_mut().zip(o.iter()).for_each(|(v, &i)| *v = (row[i as usize] + bias[i as usize]).max(0.0))
-                }
-            }
+            relu_row(v, o, row, (!keep).then_some(bias));
         },
     );
     (out, val)
@@ -82,13 +77,16 @@ pub fn relu_at(a: &[f32], cols: usize, idx: &[u32], k: usize) -> Vec<f32> {
     val.par_chunks_mut(k)
         .zip(idx.par_chunks(k))
         .zip(a.par_chunks(cols.max(1)))
-        .for_each(|((v, ix), row)| relu_row(v, ix, row));
+        .for_each(|((v, ix), row)| relu_row(v, ix, row, None));
     val
 }
 
-/// `v[j] = ReLU(row[ix[j]])`: one row of [`relu_at`].
-fn relu_row(v: &mut [f32], ix: &[u32], row: &[f32]) {
-    v.iter_mut().zip(ix).for_each(|(v, &i)| *v = row[i as usize].max(0.0));
+/// `v[j] = ReLU(row[ix[j]] (+ bias[ix[j]]))`: one row of [`relu_at`] (of a row not yet biased).
+fn relu_row(v: &mut [f32], ix: &[u32], row: &[f32], bias: Option<&[f32]>) {
+    match bias {
+        None => v.iter_mut().zip(ix).for_each(|(v, &i)| *v = row[i as usize].max(0.0)),
+        Some(b) => v.iter_mut().zip(ix).for_each(|(v, &i)| *v = (row[i as usize] + b[i as usize]).max(0.0)),
+    }
 }
 
 /// About 8 entries per group, between k and 4k groups (more groups: a tighter bound).

@@ -114,11 +114,6 @@ pub fn sgemm_ld(
     }
 }
 
-/// `C (m, n) = A (m, k) · B (n, k)ᵀ`, all row-major (e.g. activations times an encoder).
-pub fn gemm_nt(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
-    sgemm(m, n, k, a, k, 1, b, 1, k, c, false, true);
-}
-
 crate::widest! {
     /// `a += b`, elementwise.
     pub fn add_into(a: &mut [f32], b: &[f32]) {
@@ -515,5 +510,26 @@ mod tests {
         let mut part = vec![0f32; w * rows];
         transpose_strided(&src[c0..], cols, rows, w, &mut part, rows);
         assert_eq!(part, transpose(&src, rows, cols)[c0 * rows..(c0 + w) * rows]);
+    }
+
+    /// The product with B held row-major `(k, n)` is the product with B `(n, k)` read through
+    /// strides, bit for bit (the kernel packs either into the same panels): train-suite's
+    /// input-major encoder relies on it. Deep k (the kernel's depth blocking), the parallel
+    /// path and shapes off the kernel's blocks.
+    #[test]
+    fn sgemm_bits_do_not_depend_on_the_layout_of_b() {
+        let mut rng = crate::util::rng::SplitMix(17);
+        for (m, n, k) in [(300, 200, 768), (1024, 96, 40), (70, 33, 130)] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
+            let b_nk: Vec<f32> = (0..n * k).map(|_| rng.normal() as f32).collect();
+            let b_kn = transpose(&b_nk, n, k);
+            let (mut c1, mut c2) = (vec![0f32; m * n], vec![0f32; m * n]);
+            sgemm(m, n, k, &a, k, 1, &b_nk, 1, k, &mut c1, false, true);
+            sgemm(m, n, k, &a, k, 1, &b_kn, n, 1, &mut c2, false, true);
+            assert!(c1.iter().zip(&c2).all(|(x, y)| x.to_bits() == y.to_bits()), "{m} x {n} x {k}");
+            // and both are the product
+            let want: f64 = (0..k).map(|j| a[j] as f64 * b_nk[j] as f64).sum();
+            assert!((c1[0] as f64 - want).abs() < 1e-3 * (1.0 + want.abs()), "{m} x {n} x {k}: {} vs {want}", c1[0]);
+        }
     }
 }
