@@ -303,6 +303,12 @@ fn sequences_read_alone_equal_the_whole_shards_rows() {
         t.to_vec1::<f64>().unwrap().iter().map(|x| x.to_bits()).collect()
     };
     let shard = cache.load_shard(0, &Device::Cpu).unwrap();
+    // Every tensor as candle's safetensors loader reads the whole file (an independent reader).
+    let whole = candle_core::safetensors::load(acts.join(&cache.manifest.shards[0].file), &Device::Cpu).unwrap();
+    assert!(shard.len() >= 2 + 6 * cache.manifest.model.n_layers, "every tensor a pass reads");
+    for (name, t) in &shard {
+        assert_eq!(bits(t), bits(&whole[name]), "{name}: load_shard vs candle");
+    }
     let part = cache.load_seqs(0, 1, 1, &Device::Cpu).unwrap();
     assert!(part.contains_key("tokens") && part.contains_key("blocks.0.attn.hook_pattern"));
     for (name, t) in &part {
