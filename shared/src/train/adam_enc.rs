@@ -1,13 +1,21 @@
 //! Adam on an encoder held input-major, `(D, F)` (train-suite's host layout, which the encoder
 //! product reads fastest), from its gradient by feature, `(F, D)` (as the backward's by-feature
 //! sums write it): per element the operations of [`super::optim`]'s Adam, so the same bits as
-//! on matching layouts. Eight rows of the encoder at a time: their parameters and moments
-//! stream front to back, and the gradient's matching 8 × 8 tiles are transposed in registers
-//! (each gradient line is read for two blocks of rows, the second time from cache).
+//! on matching layouts.
+//!
+//! By bands of [`BAND`] rows of the encoder: the gradient's matching columns are first gathered
+//! into a band-sized buffer (a few hundred KB, in cache; 8 × 8 tiles transposed in registers,
+//! the gradient's rows fetched ahead), then each row is updated as a contiguous slice. For 8
+//! encoders of 768 × 3072 (TinyStories-33M shape, 2 threads, from memory) this takes ~17 ms,
+//! where updating eight rows at a time straight from the tiles took ~29 (24 parameter and
+//! moment streams beside the strided gradient) and matching layouts take ~11.
 
 use rayon::prelude::*;
 
-use super::optim::{adam_moments, adam_param};
+use super::optim::adam_slice;
+
+/// Encoder rows (input dimensions) per band.
+const BAND: usize = 32;
 
 /// Adam's update of `x (D, F)` and its moments `m`, `v` (same layout) from `g (F, D)` scaled by
 /// `coef`; `mc`, `pc` are [`super::optim::Optimizer`]'s moment and parameter constants.
@@ -27,65 +35,63 @@ pub(super) fn adam_input_major(
     if f == 0 {
         return;
     }
-    let blocks = x.par_chunks_mut(8 * f).zip(m.par_chunks_mut(8 * f)).zip(v.par_chunks_mut(8 * f));
-    blocks.enumerate().for_each(|(b, ((x, m), v))| {
-        let j0 = 8 * b;
-        #[allow(unused_mut)] // assigned on x86-64 only
-        let mut done = 0;
-        #[cfg(target_arch = "x86_64")]
-        if x.len() == 8 * f && d >= j0 + 8 && std::is_x86_feature_detected!("avx") {
-            // SAFETY: the CPU has AVX; eight rows of F; g is (F, D) with j0 + 8 <= D.
-            unsafe { block_avx(x, g, m, v, d, j0, coef, mc, pc) };
-            done = f / 8 * 8;
-        }
-        for c in 0..x.len() / f {
-            for i in done..f {
-                let at = c * f + i;
-                adam_moments(&mut m[at], &mut v[at], g[i * d + j0 + c] * coef, mc);
-                adam_param(&mut x[at], m[at], v[at], pc);
-            }
-        }
-    });
+    let bands = x.par_chunks_mut(BAND * f).zip(m.par_chunks_mut(BAND * f)).zip(v.par_chunks_mut(BAND * f));
+    bands.enumerate().for_each_init(
+        || vec![0f32; BAND * f],
+        |gt, (b, ((x, m), v))| {
+            let gt = &mut gt[..x.len()];
+            gather_columns(g, d, BAND * b, gt);
+            adam_slice(x, gt, m, v, coef, mc, pc);
+        },
+    );
 }
 
-/// [`adam_input_major`] of eight rows over their whole blocks of eight features.
+/// `gt (rows, F)` gets columns `j0..j0 + rows` of `g (F, D)`: `gt[c · F + i] = g[i · D + j0 + c]`.
+fn gather_columns(g: &[f32], d: usize, j0: usize, gt: &mut [f32]) {
+    let f = g.len() / d;
+    let rows = gt.len() / f.max(1);
+    assert!(j0 + rows <= d && gt.len() == rows * f);
+    #[allow(unused_mut)] // assigned on x86-64 only
+    let (mut rows_done, mut feats_done) = (0, 0);
+    #[cfg(target_arch = "x86_64")]
+    if rows >= 8 && f >= 8 && std::is_x86_feature_detected!("avx") {
+        // SAFETY: the CPU has AVX; the bounds are checked above.
+        unsafe { gather_avx(g, d, j0, gt, rows / 8 * 8) };
+        (rows_done, feats_done) = (rows / 8 * 8, f / 8 * 8);
+    }
+    for (c, row) in gt.chunks_mut(f).enumerate() {
+        let from = if c < rows_done { feats_done } else { 0 };
+        for (i, o) in row.iter_mut().enumerate().skip(from) {
+            *o = g[i * d + j0 + c];
+        }
+    }
+}
+
+/// [`gather_columns`]' whole 8 × 8 tiles: the first `rows` (a multiple of 8) rows of `gt` over
+/// the whole blocks of eight features.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn block_avx(
-    x: &mut [f32],
-    g: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    d: usize,
-    j0: usize,
-    coef: f32,
-    [c1, b2, c2]: [f32; 3],
-    [step, bc2, eps]: [f32; 3],
-) {
+unsafe fn gather_avx(g: &[f32], d: usize, j0: usize, gt: &mut [f32], rows: usize) {
     use std::arch::x86_64::*;
-    let f = x.len() / 8;
-    assert!(x.len() == 8 * f && m.len() == x.len() && v.len() == x.len() && g.len() == f * d && j0 + 8 <= d);
-    let (coef, c1, b2, c2) = (_mm256_set1_ps(coef), _mm256_set1_ps(c1), _mm256_set1_ps(b2), _mm256_set1_ps(c2));
-    let (step, bc2, eps) = (_mm256_set1_ps(step), _mm256_set1_ps(bc2), _mm256_set1_ps(eps));
+    // Rows of g fetched this many features ahead (strided by D: the hardware's streams do not
+    // follow them; ~1.5x faster in this pass).
+    const AHEAD: usize = 32;
+    let f = g.len() / d;
+    assert!(j0 + rows <= d && gt.len() >= rows * f && rows % 8 == 0);
     for f0 in (0..f / 8 * 8).step_by(8) {
-        // SAFETY: rows f0..f0 + 8 of g have D values and j0 + 8 <= D.
-        let gt = unsafe { crate::util::rows8::columns8(g.as_ptr().add(f0 * d), d, j0) };
-        for (c, gv) in gt.into_iter().enumerate() {
-            let at = c * f + f0;
-            // SAFETY: row c of the block has F values and f0 + 8 <= F.
-            unsafe {
-                let (xp, mp, vp) = (x.as_mut_ptr().add(at), m.as_mut_ptr().add(at), v.as_mut_ptr().add(at));
-                let gi = _mm256_mul_ps(gv, coef);
-                let mm = _mm256_loadu_ps(mp);
-                let mm = _mm256_add_ps(mm, _mm256_mul_ps(c1, _mm256_sub_ps(gi, mm)));
-                let vv =
-                    _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(vp), b2), _mm256_mul_ps(c2, _mm256_mul_ps(gi, gi)));
-                let denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(vv), bc2), eps);
-                let xv = _mm256_sub_ps(_mm256_loadu_ps(xp), _mm256_mul_ps(step, _mm256_div_ps(mm, denom)));
-                _mm256_storeu_ps(mp, mm);
-                _mm256_storeu_ps(vp, vv);
-                _mm256_storeu_ps(xp, xv);
+        for r in (f0 + AHEAD..f0 + AHEAD + 8).filter(|&r| r < f) {
+            // SAFETY: row r < F of g; its columns j0.. are inside it (the prefetch reads nothing).
+            // (Every line of the row's band: one per 16 values, and the last value's.)
+            for c in (0..rows).step_by(16).chain([rows - 1]) {
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(g.as_ptr().add(r * d + j0 + c).cast()) };
+            }
+        }
+        for c0 in (0..rows).step_by(8) {
+            // SAFETY: rows f0..f0 + 8 of g have D values and j0 + c0 + 8 <= D.
+            let cols = unsafe { crate::util::rows8::columns8(g.as_ptr().add(f0 * d), d, j0 + c0) };
+            for (c, col) in cols.into_iter().enumerate() {
+                // SAFETY: row c0 + c of gt has F values and f0 + 8 <= F.
+                unsafe { _mm256_storeu_ps(gt.as_mut_ptr().add((c0 + c) * f + f0), col) };
             }
         }
     }
@@ -93,6 +99,7 @@ unsafe fn block_avx(
 
 #[cfg(test)]
 mod tests {
+    use super::super::optim::{adam_moments, adam_param};
     use super::*;
     use crate::util::rng::SplitMix;
 
@@ -101,7 +108,7 @@ mod tests {
     #[test]
     fn input_major_adam_is_the_elementwise_adam() {
         let (mc, pc) = ([0.1f32, 0.999, 0.001], [0.01f32, 0.3, 1e-8]);
-        for (d, f) in [(16, 24), (13, 21), (8, 8), (5, 3), (24, 40)] {
+        for (d, f) in [(16, 24), (13, 21), (8, 8), (5, 3), (24, 40), (45, 83), (40, 7)] {
             let x0 = SplitMix::normals(d * f, 1);
             let g = SplitMix::normals(f * d, 2);
             let m0 = SplitMix::normals(d * f, 3);

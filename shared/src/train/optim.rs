@@ -274,7 +274,7 @@ pub(super) fn adam_param(x: &mut f32, mm: f32, vv: f32, [step_size, bc2_sqrt, ep
 
 crate::widest! {
     /// [`adam_moments`] and [`adam_param`] of every element, the gradient `g · coef` (the clip).
-    fn adam_slice(x: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], coef: f32, mc: [f32; 3], pc: [f32; 3]) {
+    pub(super) fn adam_slice(x: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], coef: f32, mc: [f32; 3], pc: [f32; 3]) {
         for (((x, &g), mm), vv) in x.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
             adam_moments(mm, vv, g * coef, mc);
             adam_param(x, *mm, *vv, pc);

@@ -168,17 +168,19 @@ pub fn update_host(
         let mut outs = Vec::with_capacity(params.len());
         for (m, p) in params.iter_mut().enumerate() {
             let mut s = one(m, p, coll)?;
+            prof.mark("modules' forward and backward");
             let sq = s.row_sq.as_ref().map(|[e, dd]| grad_sq_of_rows(&s.grads, e, dd));
             opt.step_clipped_module(m, p, &s.grads, lr, cfg.clip, sq, d);
             recycle(std::mem::take(&mut s.grads.w_enc));
             recycle(std::mem::take(&mut s.grads.w_dec));
             outs.push(s);
+            prof.mark("clip, projection, optimizer");
         }
         outs
     } else {
         params.iter_mut().enumerate().map(|(m, p)| one(m, p, coll)).collect::<Result<_>>()?
     };
-    prof.mark(if each { "modules' forward, backward and optimizer" } else { "modules' forward and backward" });
+    prof.mark("modules' forward and backward");
     let mut report = StepReport { fvu: Some(Vec::new()), auxk: Some(Vec::new()), ..StepReport::default() };
     let mut grads = Vec::with_capacity(params.len());
     for s in outs {
