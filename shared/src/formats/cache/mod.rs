@@ -20,7 +20,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::data::Batch;
 use crate::error::{Error, IoContext, Result};
 use crate::util::profile::Profile;
-use read::{read_tensor, shard_header};
+use read::{shard_header, Buffer};
 
 mod collect;
 mod manifest;
@@ -403,12 +403,22 @@ impl Cache {
             let row = (end - start) / rows;
             parts.push((name, info, 8 + n + (start + first * row) as u64, row * len));
         }
+        // Buffers made here, filled several at a time (see read::Buffer::new).
+        let mut bufs: Vec<Buffer> = parts.iter().map(|(_, info, _, bytes)| Buffer::new(info.dtype, *bytes)).collect();
+        bufs.par_iter_mut()
+            .zip(&parts)
+            .map(|(b, (name, _, at, _))| {
+                b.read(&f, &path, *at).map_err(|e| unreadable(format!("tensor `{name}`: {e}")))
+            })
+            .collect::<Result<()>>()?;
         let map = parts
-            .into_par_iter()
-            .map(|(name, info, at, bytes)| {
+            .into_iter()
+            .zip(bufs)
+            .map(|((name, info, _, _), b)| {
                 let mut shape = info.shape.clone();
                 shape[0] = len;
-                let t = read_tensor(&f, &path, at, bytes, info.dtype, shape, device)
+                let t = b
+                    .into_tensor(info.dtype, shape, device)
                     .map_err(|e| unreadable(format!("tensor `{name}`: {e}")))?;
                 let t = if t.dtype().is_float() { t.to_dtype(DType::F32)? } else { t };
                 Ok((name, t))

@@ -25,31 +25,51 @@ pub(super) fn shard_header(path: &Path) -> Result<(u64, serde_json::Value, std::
     Ok((len, header, f))
 }
 
-/// `bytes` bytes at offset `at` of shard file `f` (at `path`) as a tensor of `dtype` and `shape` on
-/// `device`: f32 (on a little-endian host) read into its buffer in place, other dtypes through
-/// safetensors' view. The error says what was wrong, without the file (the caller names it).
-pub(super) fn read_tensor(
-    f: &std::fs::File,
-    path: &Path,
-    at: u64,
-    bytes: usize,
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    device: &Device,
-) -> std::result::Result<Tensor, String> {
-    let cut_short = |_| "cut short".to_string();
-    if dtype == safetensors::Dtype::F32 && cfg!(target_endian = "little") {
-        let mut v = vec![0f32; bytes / 4];
-        // SAFETY: the byte view covers `v` exactly (bytes is 4 per value: checked against the
-        // shape by the caller), and any bits are a valid f32.
-        let raw = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), v.len() * 4) };
-        read_exact_at(f, path, raw, at).map_err(cut_short)?;
-        return Tensor::from_vec(v, shape, device).map_err(|e| e.to_string());
+/// One tensor's bytes: f32 (on a little-endian host) read straight into the tensor's own buffer,
+/// other dtypes as bytes for safetensors' view.
+pub(super) enum Buffer {
+    F32(Vec<f32>),
+    Raw(Vec<u8>),
+}
+
+impl Buffer {
+    /// A zeroed buffer of `bytes` bytes for a tensor of `dtype` (`bytes` checked against its
+    /// shape by the caller). Allocated on the calling thread: the tensors outlive the reading,
+    /// and memory a pool thread allocates comes from its own arena, which the main heap's large
+    /// allocations later cannot reuse.
+    pub(super) fn new(dtype: safetensors::Dtype, bytes: usize) -> Buffer {
+        match dtype == safetensors::Dtype::F32 && cfg!(target_endian = "little") {
+            true => Buffer::F32(vec![0f32; bytes / 4]),
+            false => Buffer::Raw(vec![0u8; bytes]),
+        }
     }
-    let mut raw = vec![0u8; bytes];
-    read_exact_at(f, path, &mut raw, at).map_err(cut_short)?;
-    let view = safetensors::tensor::TensorView::new(dtype, shape, &raw).map_err(|e| e.to_string())?;
-    candle_core::safetensors::Load::load(&view, device).map_err(|e| e.to_string())
+
+    /// Fill the buffer from offset `at` of shard file `f` (at `path`); may run on any thread.
+    pub(super) fn read(&mut self, f: &std::fs::File, path: &Path, at: u64) -> std::result::Result<(), String> {
+        let raw = match self {
+            // SAFETY: the byte view covers the values exactly, and any bits are a valid f32.
+            Buffer::F32(v) => unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), v.len() * 4) },
+            Buffer::Raw(v) => &mut v[..],
+        };
+        read_exact_at(f, path, raw, at).map_err(|_| "cut short".to_string())
+    }
+
+    /// The tensor of `dtype` and `shape` on `device` (an f32 buffer becomes its storage as it
+    /// is). The error says what was wrong, without the file (the caller names it).
+    pub(super) fn into_tensor(
+        self,
+        dtype: safetensors::Dtype,
+        shape: Vec<usize>,
+        device: &Device,
+    ) -> std::result::Result<Tensor, String> {
+        match self {
+            Buffer::F32(v) => Tensor::from_vec(v, shape, device).map_err(|e| e.to_string()),
+            Buffer::Raw(raw) => {
+                let view = safetensors::tensor::TensorView::new(dtype, shape, &raw).map_err(|e| e.to_string())?;
+                candle_core::safetensors::Load::load(&view, device).map_err(|e| e.to_string())
+            }
+        }
+    }
 }
 
 /// `buf.len()` bytes of `f` (at `path`) from offset `at`, without moving a shared cursor (so
