@@ -334,4 +334,22 @@ fn sequences_read_alone_equal_the_whole_shards_rows() {
     std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
     let err = cache.load_seqs(1, 0, 1, &Device::Cpu).unwrap_err().to_string();
     assert!(err.contains("shard-00001.safetensors") && err.contains("not a readable cache shard"), "{err}");
+    // A bf16 cache (read through safetensors' view, not straight into f32 buffers): each tensor
+    // as candle's loader reads it and converts it to f32, whole shards and single sequences.
+    let acts16 = tmp.join("acts-bf16");
+    let a16 = ["--dtype", "bf16", "--no-prepend-bos", "--out", s(&acts16)];
+    tool_ok("collect-acts", &[&args[..], &a16[..]].concat());
+    let cache = Cache::open(&acts16).unwrap();
+    let whole = candle_core::safetensors::load(acts16.join(&cache.manifest.shards[0].file), &Device::Cpu).unwrap();
+    assert_eq!(whole["blocks.0.hook_attn_out"].dtype(), candle_core::DType::BF16, "a bf16 cache");
+    let (shard, part) = (cache.load_shard(0, &Device::Cpu).unwrap(), cache.load_seqs(0, 1, 1, &Device::Cpu).unwrap());
+    for (name, t) in &shard {
+        let want = match whole[name].dtype().is_float() {
+            true => whole[name].to_dtype(candle_core::DType::F32).unwrap(),
+            false => whole[name].clone(),
+        };
+        assert_eq!(t.dtype(), want.dtype(), "{name}");
+        assert_eq!(bits(t), bits(&want), "{name}: bf16 load_shard vs candle");
+        assert_eq!(bits(&part[name]), bits(&want.narrow(0, 1, 1).unwrap()), "{name}: bf16 load_seqs");
+    }
 }
