@@ -427,8 +427,16 @@ type Ranked = Vec<(u32, f32)>;
 /// The `n` largest and smallest entries of `row` with their indices, largest first / smallest
 /// first (ties: the lower index first; `f32::total_cmp` order). One pass over the row, each
 /// side kept in a sorted buffer of `n` that a value enters only when it beats the buffer's last
-/// (rare after the first few: about `n·ln(len/n)` entries in a random row).
+/// (rare after the first few: about `n·ln(len/n)` entries in a random row). Once both buffers
+/// are full, a block of 16 values none of which beats either last is passed over in one
+/// branch-free test of their order keys (the buffers cannot change inside it).
 fn extremes(row: &[f32], n: usize) -> (Ranked, Ranked) {
+    extremes_blocked(row, n)
+}
+
+crate::widest! {
+    /// [`extremes`]' body, compiled for the widest vector unit (the blocks' test).
+    fn extremes_blocked(row: &[f32], n: usize) -> (Ranked, Ranked) {
     let n = n.min(row.len());
     let (mut top, mut low): (Ranked, Ranked) = (Vec::with_capacity(n + 1), Vec::with_capacity(n + 1));
     if n == 0 {
@@ -443,11 +451,22 @@ fn extremes(row: &[f32], n: usize) -> (Ranked, Ranked) {
         buf.insert(at, (i, x));
         buf.truncate(n);
     };
-    for (i, &x) in row.iter().enumerate() {
-        keep(&mut top, i as u32, x, |a, b| a.total_cmp(&b).is_gt());
-        keep(&mut low, i as u32, x, |a, b| a.total_cmp(&b).is_lt());
+    use crate::sae::topk::order_key;
+    for (b, block) in row.chunks(16).enumerate() {
+        if top.len() == n && low.len() == n {
+            let (hi, lo) = (order_key(top[n - 1].1), order_key(low[n - 1].1));
+            if !block.iter().fold(false, |any, &x| any | (order_key(x) > hi) | (order_key(x) < lo)) {
+                continue;
+            }
+        }
+        for (j, &x) in block.iter().enumerate() {
+            let i = (16 * b + j) as u32;
+            keep(&mut top, i, x, |a, b| a.total_cmp(&b).is_gt());
+            keep(&mut low, i, x, |a, b| a.total_cmp(&b).is_lt());
+        }
     }
     (top, low)
+    }
 }
 
 /// Each decoder direction `W_dec[:, j]` through the unembedding `W_U` (as TransformerLens folds
@@ -515,7 +534,7 @@ mod tests {
     #[test]
     fn extremes_equal_a_full_sort() {
         let mut rng = crate::util::rng::SplitMix(7);
-        for len in [1, 5, 40, 1000] {
+        for len in [1, 5, 40, 1000, 5003] {
             let row: Vec<f32> = (0..len)
                 .map(|i| match i % 97 {
                     3 => f32::NAN,

@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 
 /// `x`'s position in [`f32::total_cmp`]'s order, as an integer (so comparisons vectorize).
 #[inline]
-fn order_key(x: f32) -> i32 {
+pub(crate) fn order_key(x: f32) -> i32 {
     let b = x.to_bits() as i32;
     b ^ (((b >> 31) as u32) >> 1) as i32
 }
