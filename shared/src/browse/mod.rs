@@ -19,6 +19,7 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::inputs::Inputs;
 use crate::pass::{PassOptions, Plan, ValuePass, Wiring};
+use crate::sae::topk::order_key;
 use crate::util::collective::Collective;
 use crate::util::io::StagedDir;
 use crate::util::rng::SplitMix;
@@ -424,48 +425,42 @@ pub fn run(
 /// Entries `(index, value)` in rank order.
 type Ranked = Vec<(u32, f32)>;
 
-/// The `n` largest and smallest entries of `row` with their indices, largest first / smallest
-/// first (ties: the lower index first; `f32::total_cmp` order). One pass over the row, each
-/// side kept in a sorted buffer of `n` that a value enters only when it beats the buffer's last
-/// (rare after the first few: about `n·ln(len/n)` entries in a random row). Once both buffers
-/// are full, a block of 16 values none of which beats either last is passed over in one
-/// branch-free test of their order keys (the buffers cannot change inside it).
-fn extremes(row: &[f32], n: usize) -> (Ranked, Ranked) {
-    extremes_blocked(row, n)
-}
-
 crate::widest! {
-    /// [`extremes`]' body, compiled for the widest vector unit (the blocks' test).
-    fn extremes_blocked(row: &[f32], n: usize) -> (Ranked, Ranked) {
-    let n = n.min(row.len());
-    let (mut top, mut low): (Ranked, Ranked) = (Vec::with_capacity(n + 1), Vec::with_capacity(n + 1));
-    if n == 0 {
-        return (top, low);
-    }
-    // Scanning in index order, an equal value never beats an entry already kept.
-    let keep = |buf: &mut Ranked, i: u32, x: f32, before: fn(f32, f32) -> bool| {
-        if buf.len() == n && !before(x, buf[n - 1].1) {
-            return;
+    /// The `n` largest and smallest entries of `row` with their indices, largest first / smallest
+    /// first (ties: the lower index first; `f32::total_cmp` order). One pass over the row, each
+    /// side kept in a sorted buffer of `n` that a value enters only when it beats the buffer's last
+    /// (rare after the first few: about `n·ln(len/n)` entries in a random row). Once both buffers
+    /// are full, a block of 16 values none of which beats either last is passed over in one
+    /// branch-free test of their order keys (the buffers cannot change inside it).
+    fn extremes(row: &[f32], n: usize) -> (Ranked, Ranked) {
+        let n = n.min(row.len());
+        let (mut top, mut low): (Ranked, Ranked) = (Vec::with_capacity(n + 1), Vec::with_capacity(n + 1));
+        if n == 0 {
+            return (top, low);
         }
-        let at = buf.partition_point(|&(_, y)| !before(x, y));
-        buf.insert(at, (i, x));
-        buf.truncate(n);
-    };
-    use crate::sae::topk::order_key;
-    for (b, block) in row.chunks(16).enumerate() {
-        if top.len() == n && low.len() == n {
-            let (hi, lo) = (order_key(top[n - 1].1), order_key(low[n - 1].1));
-            if !block.iter().fold(false, |any, &x| any | (order_key(x) > hi) | (order_key(x) < lo)) {
-                continue;
+        // Scanning in index order, an equal value never beats an entry already kept.
+        let keep = |buf: &mut Ranked, i: u32, x: f32, before: fn(f32, f32) -> bool| {
+            if buf.len() == n && !before(x, buf[n - 1].1) {
+                return;
+            }
+            let at = buf.partition_point(|&(_, y)| !before(x, y));
+            buf.insert(at, (i, x));
+            buf.truncate(n);
+        };
+        for (b, block) in row.chunks(16).enumerate() {
+            if top.len() == n && low.len() == n {
+                let (hi, lo) = (order_key(top[n - 1].1), order_key(low[n - 1].1));
+                if !block.iter().fold(false, |any, &x| any | (order_key(x) > hi) | (order_key(x) < lo)) {
+                    continue;
+                }
+            }
+            for (j, &x) in block.iter().enumerate() {
+                let i = (16 * b + j) as u32;
+                keep(&mut top, i, x, |a, b| a.total_cmp(&b).is_gt());
+                keep(&mut low, i, x, |a, b| a.total_cmp(&b).is_lt());
             }
         }
-        for (j, &x) in block.iter().enumerate() {
-            let i = (16 * b + j) as u32;
-            keep(&mut top, i, x, |a, b| a.total_cmp(&b).is_gt());
-            keep(&mut low, i, x, |a, b| a.total_cmp(&b).is_lt());
-        }
-    }
-    (top, low)
+        (top, low)
     }
 }
 

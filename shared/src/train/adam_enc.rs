@@ -4,15 +4,16 @@
 //! on matching layouts.
 //!
 //! By bands of [`BAND`] rows of the encoder: the gradient's matching columns are first gathered
-//! into a band-sized buffer (a few hundred KB, in cache; 8 × 8 tiles transposed in registers,
-//! the gradient's rows fetched ahead), then each row is updated as a contiguous slice. For 8
-//! encoders of 768 × 3072 (TinyStories-33M shape, 2 threads, from memory) this takes ~17 ms,
-//! where updating eight rows at a time straight from the tiles took ~29 (24 parameter and
-//! moment streams beside the strided gradient) and matching layouts take ~11.
+//! into a band-sized buffer (a few hundred KB, in cache; [`transpose_strided`]: 8 × 8 tiles
+//! transposed in registers, the gradient's rows fetched ahead), then each row is updated as a
+//! contiguous slice. For 8 encoders of 768 × 3072 (TinyStories-33M shape, 2 threads, from
+//! memory) this takes ~17 ms, where updating eight rows at a time straight from the tiles took
+//! ~29 (24 parameter and moment streams beside the strided gradient) and matching layouts ~11.
 
 use rayon::prelude::*;
 
 use super::optim::adam_slice;
+use crate::util::blas::transpose_strided;
 
 /// Encoder rows (input dimensions) per band.
 const BAND: usize = 32;
@@ -39,62 +40,12 @@ pub(super) fn adam_input_major(
     bands.enumerate().for_each_init(
         || vec![0f32; BAND * f],
         |gt, (b, ((x, m), v))| {
-            let gt = &mut gt[..x.len()];
-            gather_columns(g, d, BAND * b, gt);
+            // gt (rows, F): the band's columns of g (F, D).
+            let (gt, rows) = (&mut gt[..x.len()], x.len() / f);
+            transpose_strided(&g[BAND * b..], d, f, rows, gt, f);
             adam_slice(x, gt, m, v, coef, mc, pc);
         },
     );
-}
-
-/// `gt (rows, F)` gets columns `j0..j0 + rows` of `g (F, D)`: `gt[c · F + i] = g[i · D + j0 + c]`.
-fn gather_columns(g: &[f32], d: usize, j0: usize, gt: &mut [f32]) {
-    let f = g.len() / d;
-    let rows = gt.len() / f.max(1);
-    assert!(j0 + rows <= d && gt.len() == rows * f);
-    #[allow(unused_mut)] // assigned on x86-64 only
-    let (mut rows_done, mut feats_done) = (0, 0);
-    #[cfg(target_arch = "x86_64")]
-    if rows >= 8 && f >= 8 && std::is_x86_feature_detected!("avx") {
-        // SAFETY: the CPU has AVX; the bounds are checked above.
-        unsafe { gather_avx(g, d, j0, gt, rows / 8 * 8) };
-        (rows_done, feats_done) = (rows / 8 * 8, f / 8 * 8);
-    }
-    for (c, row) in gt.chunks_mut(f).enumerate() {
-        let from = if c < rows_done { feats_done } else { 0 };
-        for (i, o) in row.iter_mut().enumerate().skip(from) {
-            *o = g[i * d + j0 + c];
-        }
-    }
-}
-
-/// [`gather_columns`]' whole 8 × 8 tiles: the first `rows` (a multiple of 8) rows of `gt` over
-/// the whole blocks of eight features.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx")]
-unsafe fn gather_avx(g: &[f32], d: usize, j0: usize, gt: &mut [f32], rows: usize) {
-    use std::arch::x86_64::*;
-    // Rows of g fetched this many features ahead (strided by D: the hardware's streams do not
-    // follow them; ~1.5x faster in this pass).
-    const AHEAD: usize = 32;
-    let f = g.len() / d;
-    assert!(j0 + rows <= d && gt.len() >= rows * f && rows % 8 == 0);
-    for f0 in (0..f / 8 * 8).step_by(8) {
-        for r in (f0 + AHEAD..f0 + AHEAD + 8).filter(|&r| r < f) {
-            // SAFETY: row r < F of g; its columns j0.. are inside it (the prefetch reads nothing).
-            // (Every line of the row's band: one per 16 values, and the last value's.)
-            for c in (0..rows).step_by(16).chain([rows - 1]) {
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(g.as_ptr().add(r * d + j0 + c).cast()) };
-            }
-        }
-        for c0 in (0..rows).step_by(8) {
-            // SAFETY: rows f0..f0 + 8 of g have D values and j0 + c0 + 8 <= D.
-            let cols = unsafe { crate::util::rows8::columns8(g.as_ptr().add(f0 * d), d, j0 + c0) };
-            for (c, col) in cols.into_iter().enumerate() {
-                // SAFETY: row c0 + c of gt has F values and f0 + 8 <= F.
-                unsafe { _mm256_storeu_ps(gt.as_mut_ptr().add((c0 + c) * f + f0), col) };
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -243,13 +243,29 @@ pub fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 }
 
 /// `dst[c · dst_stride + r] = src[r · src_stride + c]` for `r < rows`, `c < cols`, on this
-/// thread (a block of a transpose, e.g. the attention edges' key-block operands): 8 × 8
-/// blocks through registers (8 source rows read along, each block's 8 output rows written
-/// whole), the edges value by value.
+/// thread (a block of a transpose, e.g. the attention edges' key-block operands, or a band of
+/// a gradient's columns for train-suite's encoder Adam): 8 × 8 blocks through registers (8
+/// source rows read along, each block's 8 output rows written whole), the edges value by value.
+/// With AVX the blocks are register transposes ([`crate::util::rows8`]'s) and the source rows
+/// 32 ahead are prefetched: read a band at a time, rows `src_stride` apart are not streams the
+/// hardware follows (a 32-column band of a 3,072 × 768 gradient: ~1.5x faster with the
+/// prefetch).
 pub fn transpose_strided(src: &[f32], src_stride: usize, rows: usize, cols: usize, dst: &mut [f32], dst_stride: usize) {
     const B: usize = 8;
     let (rb, cb) = (rows / B * B, cols / B * B);
-    for r0 in (0..rb).step_by(B) {
+    #[allow(unused_mut)] // assigned on x86-64 only
+    let mut tiled = false;
+    #[cfg(target_arch = "x86_64")]
+    if rb > 0 && cb > 0 && std::is_x86_feature_detected!("avx") {
+        assert!(
+            src.len() >= (rb - 1) * src_stride + cb && dst.len() >= (cb - 1) * dst_stride + rb,
+            "transpose_strided: bounds"
+        );
+        // SAFETY: the CPU has AVX; the bounds are checked above.
+        unsafe { blocks_avx(src, src_stride, rb, cb, dst, dst_stride) };
+        tiled = true;
+    }
+    for r0 in (0..rb).step_by(B).filter(|_| !tiled) {
         let s: [&[f32]; B] = std::array::from_fn(|i| &src[(r0 + i) * src_stride..][..cols]);
         for c0 in (0..cb).step_by(B) {
             let mut t = [[0f32; B]; B];
@@ -267,6 +283,32 @@ pub fn transpose_strided(src: &[f32], src_stride: usize, rows: usize, cols: usiz
     for r in 0..rows {
         for c in if r < rb { cb } else { 0 }..cols {
             dst[c * dst_stride + r] = src[r * src_stride + c];
+        }
+    }
+}
+
+/// [`transpose_strided`]'s whole 8 × 8 blocks: source rows `0..rb`, columns `0..cb` (multiples
+/// of 8, inside `src` and `dst` as the caller checked).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn blocks_avx(src: &[f32], src_stride: usize, rb: usize, cb: usize, dst: &mut [f32], dst_stride: usize) {
+    use std::arch::x86_64::*;
+    const AHEAD: usize = 32;
+    for r0 in (0..rb).step_by(8) {
+        for r in (r0 + AHEAD..r0 + AHEAD + 8).filter(|&r| r < rb) {
+            // Every line of the row's span: one per 16 values, and the last value's.
+            for c in (0..cb).step_by(16).chain([cb - 1]) {
+                // SAFETY: row r < rb, column c < cb: inside `src` (a prefetch reads nothing).
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(src.as_ptr().add(r * src_stride + c).cast()) };
+            }
+        }
+        for c0 in (0..cb).step_by(8) {
+            // SAFETY: rows r0..r0 + 8 of the source hold columns c0..c0 + 8 (r0 + 8 <= rb, c0 + 8 <= cb).
+            let cols = unsafe { crate::util::rows8::columns8(src.as_ptr().add(r0 * src_stride), src_stride, c0) };
+            for (j, col) in cols.into_iter().enumerate() {
+                // SAFETY: output row c0 + j < cb holds columns r0..r0 + 8 <= rb.
+                unsafe { _mm256_storeu_ps(dst.as_mut_ptr().add((c0 + j) * dst_stride + r0), col) };
+            }
         }
     }
 }
